@@ -86,6 +86,8 @@ class QArray:
       axis: the contraction axis of the logical tensor, counted from the end (< 0).
       group_size: elements per group along the axis, or None for one group.
       dtype: dtype that ``dequantize()`` returns by default (the original's).
+      activation: format that ``jquant.ops`` quantizes the activations into before
+        a matmul with this weight (dynamic, per token: W8A8-style recipes), or None.
     """
 
     qvalue: jax.Array
@@ -96,6 +98,7 @@ class QArray:
     axis: int = dataclasses.field(metadata=dict(static=True), default=-2)
     group_size: int | None = dataclasses.field(metadata=dict(static=True), default=None)
     dtype: Any = dataclasses.field(metadata=dict(static=True), default=np.dtype(np.float32))
+    activation: str | None = dataclasses.field(metadata=dict(static=True), default=None)
 
     # ---- shape and size ----------------------------------------------------------
 
@@ -176,7 +179,7 @@ class QArray:
 jax.tree_util.register_dataclass(
     QArray,
     data_fields=["qvalue", "scale", "zero_point"],
-    meta_fields=["qtype", "k", "axis", "group_size", "dtype"],
+    meta_fields=["qtype", "k", "axis", "group_size", "dtype", "activation"],
 )
 
 
@@ -440,6 +443,7 @@ def quantize_array(
     scale_dtype=jnp.bfloat16,
     clip_ratio=1.0,
     double_quant: bool = False,
+    activation: str | None = None,
     name: str = "weight",
 ) -> QArray:
     """Quantizes a float tensor by round-to-nearest.
@@ -456,6 +460,8 @@ def quantize_array(
         or an array broadcastable to the scale shape ``(*other_axes, G)``.
       double_quant: store the scales themselves as uint8 (groups of 256 along the
         output axis, float32 second-level scales), as QLoRA does for NF4.
+      activation: format for dynamic per-token activation quantization in
+        ``jquant.ops`` (e.g. ``"int8"``, ``"fp8_e4m3"``), or None (weight-only).
       name: what error messages call this tensor (a parameter path).
 
     Returns:
@@ -473,6 +479,8 @@ def quantize_array(
     if not -w.ndim <= axis < w.ndim:
         raise ValueError(f"{name}: axis={axis} is out of range for shape {tuple(w.shape)}")
     validate_group_size(qt, group_size, name=name)
+    if activation is not None and qtypes.get(activation).packed:
+        raise ValueError(f"{name}: activation format {activation!r} must be 8-bit")
     if per_tensor and group_size is not None:
         raise ValueError(f"{name}: per_tensor=True excludes group_size={group_size}")
     axis = axis - w.ndim if axis >= 0 else axis
@@ -505,6 +513,7 @@ def quantize_array(
         axis=axis,
         group_size=group_size,
         dtype=np.dtype(w.dtype),
+        activation=activation,
     )
 
 
