@@ -37,6 +37,7 @@ axis. This order is the same on every platform and in every checkpoint.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from typing import Any
 
@@ -371,14 +372,16 @@ def compute_scale(
     target = jnp.float32(qt.scale_target)
     if not qt.asymmetric:
         amax = reduce(lambda v, axis=None: jnp.max(jnp.abs(v), axis=axis)) * ratio
-        scale = jnp.where(amax > 0, amax / target, jnp.float32(1.0))
+        scale = amax / target
+        scale = jnp.where(scale > 0, scale, jnp.float32(1.0))  # zero (or underflowing) groups
         return _round_up_to(scale, scale_dtype), None
     lo = reduce(lambda v, axis=None: jnp.min(v, axis=axis))
     hi = reduce(lambda v, axis=None: jnp.max(v, axis=axis))
     mid = (hi + lo) / 2
     lo, hi = mid + (lo - mid) * ratio, mid + (hi - mid) * ratio
     amax = jnp.maximum(jnp.abs(lo), jnp.abs(hi))
-    scale = jnp.where(hi > lo, (hi - lo) / target, jnp.where(amax > 0, amax / target, 1.0))
+    scale = jnp.where(hi > lo, (hi - lo) / target, amax / target)
+    scale = jnp.where(scale > 0, scale, 1.0)  # constant, zero or underflowing groups
     scale = _round_up_to(scale.astype(jnp.float32), scale_dtype)
     zero_point = (-lo / scale.astype(jnp.float32)).astype(scale_dtype)
     return scale, zero_point
@@ -484,37 +487,52 @@ def quantize_array(
     if per_tensor and group_size is not None:
         raise ValueError(f"{name}: per_tensor=True excludes group_size={group_size}")
     axis = axis - w.ndim if axis >= 0 else axis
-    w_t = jnp.moveaxis(jnp.asarray(w, jnp.float32), axis, -1)
-    k = w_t.shape[-1]
-    scale, zero_point = compute_scale(
-        w_t, qt, group_size, per_tensor=per_tensor, clip_ratio=clip_ratio,
-        scale_dtype=scale_dtype,
+    if double_quant and (w.ndim < 2 or per_tensor):
+        raise ValueError(f"{name}: double_quant needs per-channel or per-group scales of a "
+                         "weight with an output axis")
+    qvalue, stored_scale, zero_point = _quantize_core(
+        jnp.asarray(w), jnp.asarray(clip_ratio, jnp.float32), qtype=qt.name, axis=axis,
+        group_size=group_size, per_tensor=per_tensor, scale_dtype=np.dtype(scale_dtype),
+        double_quant=double_quant,
     )  # fmt: skip
-    codes = encode_groups(w_t, scale, zero_point, qt, None if per_tensor else group_size)
-    stored_scale = scale
-    if double_quant:
-        if scale.ndim < 2 or scale.shape[-2] == 1:
-            raise ValueError(f"{name}: double_quant needs scales with an output axis")
-        stored_scale = quantize_array(
-            scale.astype(jnp.float32), "uint8", axis=-2, group_size=256,
-            scale_dtype=jnp.float32, name=f"{name} (scales)",
-        )  # fmt: skip
-        stored_scale = dataclasses.replace(stored_scale, dtype=np.dtype(scale.dtype))
-        # Codes were chosen against the exact scales; re-encode against the stored ones
-        # so that dequantize() is the best fit to what is actually kept.
-        codes = encode_groups(w_t, stored_scale.dequantize(jnp.float32), zero_point, qt,
-                              None if per_tensor else group_size)
     return QArray(
-        qvalue=pack(codes, qt, group_size),
+        qvalue=qvalue,
         scale=stored_scale,
         zero_point=zero_point,
         qtype=qt.name,
-        k=k,
+        k=w.shape[axis],
         axis=axis,
         group_size=group_size,
         dtype=np.dtype(w.dtype),
         activation=activation,
     )
+
+
+@functools.partial(
+    jax.jit,
+    static_argnames=("qtype", "axis", "group_size", "per_tensor", "scale_dtype", "double_quant"),
+)
+def _quantize_core(w, clip_ratio, *, qtype, axis, group_size, per_tensor, scale_dtype,
+                   double_quant):
+    """The traced body of :func:`quantize_array`: one compilation per shape and setting."""
+    qt = qtypes.get(qtype)
+    w_t = jnp.moveaxis(w.astype(jnp.float32), axis, -1)
+    group = None if per_tensor else group_size
+    scale, zero_point = compute_scale(
+        w_t, qt, group_size, per_tensor=per_tensor, clip_ratio=clip_ratio,
+        scale_dtype=scale_dtype,
+    )  # fmt: skip
+    stored_scale = scale
+    if double_quant:
+        stored_scale = quantize_array(
+            scale.astype(jnp.float32), "uint8", axis=-2, group_size=256,
+            scale_dtype=jnp.float32, name="(scales)",
+        )  # fmt: skip
+        stored_scale = dataclasses.replace(stored_scale, dtype=np.dtype(scale.dtype))
+        # Encode against the scales actually kept, so dequantize() is the best fit to them.
+        scale = stored_scale.dequantize(jnp.float32)
+    codes = encode_groups(w_t, scale, zero_point, qt, group)
+    return pack(codes, qt, group_size), stored_scale, zero_point
 
 
 def from_codes(
