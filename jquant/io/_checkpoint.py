@@ -1,0 +1,170 @@
+"""The interchange format every importer returns, and the checks every importer shares.
+
+Terminology: "HF layout" means tensor names and shapes exactly as Hugging Face transformers'
+`LlamaForCausalLM` (or `Qwen2ForCausalLM`) state dict has them: linear weights are (out, in),
+the embedding is (vocab, hidden). Importers convert whatever the file stores into that layout,
+so the model code only ever sees one.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+
+#: Model types the importers accept (the Llama family: same blocks, different details).
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
+
+#: Keys every `Checkpoint.config` has, HF `config.json` style.
+CONFIG_KEYS = (
+    "model_type",
+    "vocab_size",
+    "hidden_size",
+    "intermediate_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "num_key_value_heads",
+    "head_dim",
+    "rms_norm_eps",
+    "rope_theta",
+    "rope_scaling",
+    "max_position_embeddings",
+    "tie_word_embeddings",
+    "attention_bias",
+    "sliding_window",
+    "bos_token_id",
+    "eos_token_id",
+)
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Checkpoint:
+    """A float model as read from disk: config, HF-layout tensors, tokenizer.
+
+    Attributes:
+      config: HF `config.json`-style dict with exactly the keys of `CONFIG_KEYS`. `rope_scaling`
+        is None or a dict with a `"rope_type"` key (`"linear"`, `"yarn"`, `"llama3"`, ...).
+        `attention_bias` is True when q/k/v carry biases; for `"qwen2"` that is q/k/v only (no
+        `o_proj.bias`), for `"llama"` it is q/k/v/o. `sliding_window` is None unless the model
+        really uses one.
+      tensors: float32 numpy arrays in HF layout (see `expected_shapes`). `lm_head.weight` is
+        absent when `config["tie_word_embeddings"]` is True.
+      tokenizer: a `jquant.io.Tokenizer`, or None when the source carries none.
+      source: where the checkpoint came from (a path or a hub id), for messages and reports.
+    """
+
+    config: dict[str, Any]  # HF config.json-style keys, see CONFIG_KEYS
+    tensors: dict[str, np.ndarray]  # float32, HF names and (out, in) layout
+    tokenizer: Any  # jquant.io.Tokenizer or None
+    source: str  # a path or hub id
+
+    @property
+    def num_parameters(self) -> int:
+        """Number of stored float values (tied embeddings counted once)."""
+        return sum(int(t.size) for t in self.tensors.values())
+
+
+def expected_shapes(config: dict[str, Any]) -> dict[str, tuple[int, ...]]:
+    """Every tensor name a checkpoint with this config must have, with its HF-layout shape.
+
+    Args:
+      config: a dict with the keys of `CONFIG_KEYS`.
+
+    Returns:
+      `{name: shape}`; linear weights are (out_features, in_features).
+
+    >>> cfg = dict(vocab_size=10, hidden_size=8, intermediate_size=16, num_hidden_layers=1,
+    ...            num_attention_heads=2, num_key_value_heads=1, head_dim=4,
+    ...            tie_word_embeddings=True, attention_bias=False, model_type="llama")
+    >>> expected_shapes(cfg)["model.layers.0.self_attn.k_proj.weight"]
+    (4, 8)
+    """
+    d, f, v = config["hidden_size"], config["intermediate_size"], config["vocab_size"]
+    q_out = config["num_attention_heads"] * config["head_dim"]
+    kv_out = config["num_key_value_heads"] * config["head_dim"]
+    shapes: dict[str, tuple[int, ...]] = {
+        "model.embed_tokens.weight": (v, d),
+        "model.norm.weight": (d,),
+    }
+    if not config["tie_word_embeddings"]:
+        shapes["lm_head.weight"] = (v, d)
+    for i in range(config["num_hidden_layers"]):
+        p = f"model.layers.{i}."
+        attn = {
+            "q_proj": (q_out, d),
+            "k_proj": (kv_out, d),
+            "v_proj": (kv_out, d),
+            "o_proj": (d, q_out),
+        }
+        for proj, shape in attn.items():
+            shapes[f"{p}self_attn.{proj}.weight"] = shape
+        if config["attention_bias"]:
+            biased = ("q_proj", "k_proj", "v_proj")
+            if config["model_type"] != "qwen2":
+                biased += ("o_proj",)
+            for proj in biased:
+                shapes[f"{p}self_attn.{proj}.bias"] = attn[proj][:1]
+        shapes[f"{p}mlp.gate_proj.weight"] = (f, d)
+        shapes[f"{p}mlp.up_proj.weight"] = (f, d)
+        shapes[f"{p}mlp.down_proj.weight"] = (d, f)
+        shapes[f"{p}input_layernorm.weight"] = (d,)
+        shapes[f"{p}post_attention_layernorm.weight"] = (d,)
+    return shapes
+
+
+def check_tensors(
+    tensors: dict[str, np.ndarray],
+    config: dict[str, Any],
+    source: str,
+    *,
+    file_name: Callable[[str], str] | None = None,
+) -> None:
+    """Raise a `ValueError` unless `tensors` has exactly the names and shapes `config` implies.
+
+    Args:
+      tensors: HF-named arrays.
+      config: the checkpoint config.
+      source: the file or directory, named in the message.
+      file_name: maps an HF name to what the file calls that tensor, for messages.
+    """
+    file_name = file_name or (lambda name: name)
+    expected = expected_shapes(config)
+    missing = sorted(set(expected) - set(tensors))
+    if missing:
+        shown = ", ".join(file_name(n) for n in missing[:5])
+        raise ValueError(
+            f"{source}: {len(missing)} tensor(s) the config requires are missing, e.g. {shown}. "
+            "The file is incomplete or does not match its config; re-download or re-export it."
+        )
+    unexpected = sorted(set(tensors) - set(expected))
+    if unexpected:
+        shown = ", ".join(file_name(n) for n in unexpected[:5])
+        raise ValueError(
+            f"{source}: unexpected tensor(s) {shown}: this architecture variant is not supported "
+            "by jquant's Llama-family importer."
+        )
+    for name, shape in expected.items():
+        if tuple(tensors[name].shape) != shape:
+            raise ValueError(
+                f"{source}: tensor {file_name(name)} has shape {tuple(tensors[name].shape)}, "
+                f"but the config implies {shape} (as {name}); the config and weights disagree."
+            )
+
+
+def normalize_rope(raw: dict[str, Any]) -> tuple[float, dict[str, Any] | None]:
+    """`(rope_theta, rope_scaling)` from either transformers 4 or 5 style config keys.
+
+    transformers 5 writes `rope_parameters: {"rope_type", "rope_theta", ...}`; 4.x writes
+    `rope_theta` plus `rope_scaling` (which older files spell with `"type"`).
+    """
+    params = dict(raw.get("rope_parameters") or {})
+    theta = params.pop("rope_theta", raw.get("rope_theta", 10000.0))
+    scaling = params or dict(raw.get("rope_scaling") or {})
+    if "type" in scaling and "rope_type" not in scaling:
+        scaling["rope_type"] = scaling.pop("type")
+    scaling.pop("rope_theta", None)
+    if scaling.get("rope_type", "default") == "default":
+        return float(theta), None
+    return float(theta), scaling

@@ -1,0 +1,280 @@
+"""Reading llama.cpp GGUF files into float32, HF-layout checkpoints.
+
+Three things differ from an HF checkpoint and are undone here:
+
+- names: llama.cpp's `blk.N.attn_q.weight` is HF's `model.layers.N.self_attn.q_proj.weight`;
+- shapes: GGUF lists dimensions fastest-first (ggml's `ne`), so a (out, in) matrix is listed as
+  `[in, out]`; the numpy view `gguf.GGUFReader` gives is already (out, in);
+- rotary layout: for `llama`/`mistral`, llama.cpp's converter permutes the rows of the Q and K
+  projections so that rotary pairs are interleaved (GPT-J style) rather than split in halves
+  (HF style). `unpermute_rope_rows` restores HF's order. `qwen2` files are not permuted.
+
+Quantized tensors (Q4_1, Q8_0, ...) are dequantized with `gguf.quants.dequantize`; that float
+copy is the checkpoint.
+"""
+
+from __future__ import annotations
+
+import re
+import warnings
+from pathlib import Path
+from typing import Any
+
+import gguf
+import numpy as np
+
+from ._checkpoint import SUPPORTED_MODEL_TYPES, Checkpoint, check_tensors
+from .tokenizer import tokenizer_from_gguf_fields
+
+# llama.cpp tensor name -> HF name, per block ("{}" is the block index) and global.
+_GLOBAL_NAMES = {
+    "token_embd": "model.embed_tokens",
+    "output_norm": "model.norm",
+    "output": "lm_head",
+}
+_BLOCK_NAMES = {
+    "attn_q": "self_attn.q_proj",
+    "attn_k": "self_attn.k_proj",
+    "attn_v": "self_attn.v_proj",
+    "attn_output": "self_attn.o_proj",
+    "ffn_gate": "mlp.gate_proj",
+    "ffn_up": "mlp.up_proj",
+    "ffn_down": "mlp.down_proj",
+    "attn_norm": "input_layernorm",
+    "ffn_norm": "post_attention_layernorm",
+}
+_BLOCK_RE = re.compile(r"blk\.(\d+)\.(\w+)\.(weight|bias)")
+_GLOBAL_RE = re.compile(r"(\w+)\.(weight|bias)")
+# Architectures whose converter permuted Q/K rows (convert_hf_to_gguf.py LlamaModel.permute).
+_PERMUTED_ARCHS = ("llama", "mistral")
+
+
+def hf_name(name: str) -> str:
+    """The HF state-dict name of a llama.cpp tensor name; unknown names come back unchanged.
+
+    >>> hf_name("blk.3.attn_output.weight")
+    'model.layers.3.self_attn.o_proj.weight'
+    """
+    if m := _BLOCK_RE.fullmatch(name):
+        block, part, kind = m.groups()
+        if part in _BLOCK_NAMES:
+            return f"model.layers.{block}.{_BLOCK_NAMES[part]}.{kind}"
+    elif (m := _GLOBAL_RE.fullmatch(name)) and m.group(1) in _GLOBAL_NAMES:
+        return f"{_GLOBAL_NAMES[m.group(1)]}.{m.group(2)}"
+    return name
+
+
+def gguf_name(hf: str) -> str:
+    """The llama.cpp name of an HF tensor name (inverse of `hf_name`), for messages.
+
+    >>> gguf_name("model.layers.3.self_attn.o_proj.weight")
+    'blk.3.attn_output.weight'
+    """
+    stem, kind = hf.rsplit(".", 1)
+    if m := re.fullmatch(r"model\.layers\.(\d+)\.(.+)", stem):
+        part = {v: k for k, v in _BLOCK_NAMES.items()}.get(m.group(2))
+        return f"blk.{m.group(1)}.{part}.{kind}" if part else hf
+    part = {v: k for k, v in _GLOBAL_NAMES.items()}.get(stem)
+    return f"{part}.{kind}" if part else hf
+
+
+def unpermute_rope_rows(w: np.ndarray, n_head: int) -> np.ndarray:
+    """Undo llama.cpp's Q/K row permutation (interleaved rotary pairs -> HF's split halves).
+
+    llama.cpp's converter applies, per head of `hd` rows, `reshape(n_head, 2, hd // 2, ...)
+    .swapaxes(1, 2)`: row `j` of the first half and row `j` of the second half become rows
+    `2j` and `2j + 1`. This is its inverse.
+
+    Args:
+      w: a Q or K weight (n_head * hd, in) or bias (n_head * hd,), rows in llama.cpp order.
+      n_head: heads of this projection (the kv-head count for K).
+
+    Returns:
+      `w` with rows in HF order.
+    """
+    rows = w.shape[0]
+    if rows % (2 * n_head):
+        raise ValueError(f"cannot un-permute {rows} rows into {n_head} heads of even size")
+    half = rows // n_head // 2
+    return w.reshape(n_head, half, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def _open(path: Path) -> gguf.GGUFReader:
+    if not path.is_file():
+        raise FileNotFoundError(f"GGUF file not found: {path}")
+    try:
+        reader = gguf.GGUFReader(path)
+    except (ValueError, IndexError, KeyError, OSError, UnicodeDecodeError, OverflowError) as err:
+        raise ValueError(
+            f"{path} is not a readable GGUF file ({type(err).__name__}: {err}). It is not GGUF, "
+            "or it is truncated or corrupt: download it again."
+        ) from err
+    size = path.stat().st_size
+    for t in reader.tensors:
+        if t.data_offset + t.n_bytes > size:
+            raise ValueError(f"{path} is truncated: tensor {t.name} ends past the end of the file")
+    return reader
+
+
+def read_metadata(path: str | Path) -> dict[str, Any]:
+    """All GGUF metadata of `path` as plain Python values (str, int, float, bool, lists).
+
+    Raises:
+      ValueError: the file is not GGUF, or is truncated or corrupt.
+    """
+    return _metadata(_open(Path(path)))
+
+
+def _metadata(reader: gguf.GGUFReader) -> dict[str, Any]:
+    return {name: field.contents() for name, field in reader.fields.items()}
+
+
+def _f32(x: float) -> float:
+    """A float32 metadata value written as its shortest decimal (9.9999997e-06 -> 1e-05)."""
+    return float(str(np.float32(x)))
+
+
+def _rope_scaling(meta: dict[str, Any], arch: str) -> dict[str, Any] | None:
+    kind = meta.get(f"{arch}.rope.scaling.type")
+    factor = meta.get(f"{arch}.rope.scaling.factor", meta.get(f"{arch}.rope.scale_linear"))
+    if kind is None and factor is not None:
+        kind = "linear"
+    if kind in (None, "none"):
+        return None
+    if kind == "linear":
+        return {"rope_type": "linear", "factor": _f32(factor)}
+    if kind == "yarn":
+        original = meta.get(f"{arch}.rope.scaling.original_context_length")
+        return {
+            "rope_type": "yarn",
+            "factor": _f32(factor),
+            "original_max_position_embeddings": original,
+        }
+    raise ValueError(f"rope scaling type {kind!r} is not supported (linear, yarn)")
+
+
+def config_from_metadata(
+    meta: dict[str, Any], tensor_names: set[str], source: str = "<gguf>"
+) -> dict[str, Any]:
+    """HF-style config (keys of `jquant.io.CONFIG_KEYS`) from GGUF metadata.
+
+    Args:
+      meta: `read_metadata` output.
+      tensor_names: the file's tensor names (GGUF spelling); they decide tied embeddings
+        (no `output.weight`) and attention biases (`blk.0.attn_q.bias`).
+      source: the file, named in errors.
+
+    Raises:
+      ValueError: unsupported architecture, missing keys, or a feature jquant cannot represent.
+    """
+    arch = meta.get("general.architecture")
+    if arch not in SUPPORTED_MODEL_TYPES:
+        raise ValueError(
+            f"{source}: architecture {arch!r} is not supported; jquant imports "
+            f"{', '.join(SUPPORTED_MODEL_TYPES)}."
+        )
+
+    def get(key: str, default: Any = KeyError) -> Any:
+        value = meta.get(f"{arch}.{key}", default)
+        if value is KeyError:
+            raise ValueError(f"{source}: metadata key {arch}.{key} is missing; the file is damaged")
+        if isinstance(value, list):
+            raise ValueError(f"{source}: per-layer {arch}.{key} is not supported")
+        return value
+
+    if "rope_freqs.weight" in tensor_names:
+        raise ValueError(
+            f"{source}: rope frequency factors (rope_freqs.weight, Llama-3.1-style rope scaling) "
+            "are not supported from GGUF; load the model's HF directory instead."
+        )
+    hidden, heads = get("embedding_length"), get("attention.head_count")
+    head_dim = get("attention.key_length", hidden // heads)
+    rotary = get("rope.dimension_count", head_dim)
+    if rotary != head_dim:
+        raise ValueError(f"{source}: partial rotary ({rotary} of {head_dim} dims) is not supported")
+    tokens = meta.get("tokenizer.ggml.tokens")
+    vocab = get("vocab_size", len(tokens) if tokens else None)
+    if vocab is None:
+        raise ValueError(f"{source}: no vocabulary size ({arch}.vocab_size or token list)")
+    return {
+        "model_type": arch,
+        "vocab_size": vocab,
+        "hidden_size": hidden,
+        "intermediate_size": get("feed_forward_length"),
+        "num_hidden_layers": get("block_count"),
+        "num_attention_heads": heads,
+        "num_key_value_heads": get("attention.head_count_kv", heads),
+        "head_dim": head_dim,
+        "rms_norm_eps": _f32(get("attention.layer_norm_rms_epsilon")),
+        "rope_theta": _f32(get("rope.freq_base", 10000.0)),
+        "rope_scaling": _rope_scaling(meta, arch),
+        "max_position_embeddings": get("context_length"),
+        "tie_word_embeddings": "output.weight" not in tensor_names,
+        "attention_bias": "blk.0.attn_q.bias" in tensor_names,
+        "sliding_window": None,
+        "bos_token_id": meta.get("tokenizer.ggml.bos_token_id"),
+        "eos_token_id": meta.get("tokenizer.ggml.eos_token_id"),
+    }
+
+
+def _dequantize(t: gguf.ReaderTensor, source: Path) -> np.ndarray:
+    try:
+        w = gguf.quants.dequantize(t.data, t.tensor_type)
+    except NotImplementedError as err:
+        raise ValueError(
+            f"{source}: tensor {t.name} has type {t.tensor_type.name}, which the installed gguf "
+            "package cannot dequantize; upgrade gguf (pip install -U gguf)."
+        ) from err
+    shape = tuple(int(n) for n in reversed(t.shape.tolist()))
+    # A view into the file's memory map for F32: copy so the checkpoint owns its memory.
+    return np.array(w, dtype=np.float32, copy=True).reshape(shape)
+
+
+def _unpermute_qk(tensors: dict[str, np.ndarray], config: dict[str, Any]) -> None:
+    heads = {"q_proj": config["num_attention_heads"], "k_proj": config["num_key_value_heads"]}
+    for name in tensors:
+        for proj, n_head in heads.items():
+            if f".self_attn.{proj}." in name:
+                tensors[name] = unpermute_rope_rows(tensors[name], n_head)
+
+
+def load_gguf(path: str | Path, *, tokenizer: bool = True) -> Checkpoint:
+    """Read a GGUF file into a float32 `Checkpoint` in HF layout.
+
+    Args:
+      path: a `.gguf` file (llama, mistral or qwen2 architecture).
+      tokenizer: build the tokenizer from the file's metadata (byte-level BPE only; other
+        kinds warn and give None).
+
+    Returns:
+      The checkpoint; `tensors` are dequantized float32, Q/K rows in HF order.
+
+    Raises:
+      FileNotFoundError: no such file.
+      ValueError: not GGUF, truncated or corrupt; unsupported architecture; missing tensors or
+        shapes that disagree with the metadata.
+
+    >>> ckpt = load_gguf("SmolLM2-135M-Instruct.Q4_1.gguf")  # doctest: +SKIP
+    >>> ckpt.tensors["model.layers.0.self_attn.q_proj.weight"].shape  # doctest: +SKIP
+    (576, 576)
+    """
+    path = Path(path)
+    reader = _open(path)
+    meta = _metadata(reader)
+    config = config_from_metadata(meta, {t.name for t in reader.tensors}, str(path))
+    tensors = {}
+    for t in reader.tensors:
+        name = hf_name(t.name)
+        if name in tensors:
+            raise ValueError(f"{path}: tensor {t.name} appears twice; the file is corrupt")
+        tensors[name] = _dequantize(t, path)
+    check_tensors(tensors, config, str(path), file_name=gguf_name)
+    if config["model_type"] in _PERMUTED_ARCHS:
+        _unpermute_qk(tensors, config)
+    tok = None
+    if tokenizer and "tokenizer.ggml.model" in meta:
+        try:
+            tok = tokenizer_from_gguf_fields(meta, str(path))
+        except ValueError as err:
+            warnings.warn(f"no tokenizer: {err}", stacklevel=2)
+    return Checkpoint(config=config, tensors=tensors, tokenizer=tok, source=str(path))

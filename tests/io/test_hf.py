@@ -1,0 +1,250 @@
+"""HF directory import: safetensors (single, sharded, bf16), config variants, errors, hub ids."""
+
+from __future__ import annotations
+
+import json
+
+import ml_dtypes
+import numpy as np
+import pytest
+from safetensors.numpy import save_file
+
+from jquant import io as jio
+from jquant.io import hf as jhf
+
+
+def hf_config_json(tiny, *, arch="llama", tied=True, **overrides) -> dict:
+    """A transformers-5-style config.json for the tiny model."""
+    c = tiny.config(arch=arch, tied=tied)
+    raw = {k: c[k] for k in c if k not in ("rope_theta", "rope_scaling", "sliding_window")}
+    raw["rope_parameters"] = {"rope_type": "default", "rope_theta": c["rope_theta"]}
+    raw.pop("attention_bias")
+    raw.update(hidden_act="silu", **overrides)
+    return raw
+
+
+def write_hf_dir(path, tiny, tensors, *, shards=1, config=None, dtype=np.float32):
+    path.mkdir(exist_ok=True)
+    (path / "config.json").write_text(json.dumps(config or hf_config_json(tiny)))
+    names = sorted(tensors)
+    cast = {k: tensors[k].astype(dtype) for k in names}
+    if shards == 1:
+        save_file(cast, str(path / "model.safetensors"))
+        return path
+    weight_map = {}
+    for s in range(shards):
+        file = f"model-{s + 1:05d}-of-{shards:05d}.safetensors"
+        part = {k: cast[k] for k in names[s::shards]}
+        save_file(part, str(path / file))
+        weight_map.update(dict.fromkeys(part, file))
+    (path / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    return path
+
+
+@pytest.mark.parametrize("shards", [1, 3])
+def test_round_trip(tmp_path, tiny, shards):
+    tensors = tiny.tensors(tied=True)
+    ckpt = jio.load_hf_dir(write_hf_dir(tmp_path / "m", tiny, tensors, shards=shards))
+    assert set(ckpt.tensors) == set(tensors)
+    for name, want in tensors.items():
+        assert ckpt.tensors[name].dtype == np.float32
+        np.testing.assert_array_equal(ckpt.tensors[name], want, err_msg=name)
+    want_config = tiny.config(tied=True)
+    assert ckpt.config == want_config
+    assert ckpt.tokenizer is None
+
+
+@pytest.mark.parametrize("dtype", [ml_dtypes.bfloat16, np.float16])
+def test_half_precision_weights(tmp_path, tiny, dtype):
+    tensors = tiny.tensors(tied=True)
+    ckpt = jio.load_hf_dir(write_hf_dir(tmp_path / "m", tiny, tensors, dtype=dtype))
+    name = "model.layers.1.mlp.up_proj.weight"
+    np.testing.assert_array_equal(
+        ckpt.tensors[name], tensors[name].astype(dtype).astype(np.float32)
+    )
+
+
+def test_raw_reader_matches_safe_open(tmp_path):
+    rng = np.random.default_rng(0)
+    arrays = {
+        "a": rng.standard_normal((3, 5)).astype(ml_dtypes.bfloat16),
+        "b": rng.standard_normal(7).astype(np.float32),
+    }
+    save_file(arrays, str(tmp_path / "x.safetensors"))
+    raw = jhf._read_raw(tmp_path / "x.safetensors", ["a", "b"])
+    for k, v in arrays.items():
+        np.testing.assert_array_equal(raw[k], v.astype(np.float32))
+
+
+def test_untied_needs_lm_head_and_tied_drops_it(tmp_path, tiny):
+    untied = tiny.tensors(tied=False)
+    config = hf_config_json(tiny, tied=False)
+    ckpt = jio.load_hf_dir(write_hf_dir(tmp_path / "u", tiny, untied, config=config))
+    assert "lm_head.weight" in ckpt.tensors
+    tied = jio.load_hf_dir(write_hf_dir(tmp_path / "t", tiny, untied))  # tied config
+    assert "lm_head.weight" not in tied.tensors
+    missing = {k: v for k, v in untied.items() if k != "lm_head.weight"}
+    with pytest.raises(ValueError, match="missing, e.g. lm_head.weight"):
+        jio.load_hf_dir(write_hf_dir(tmp_path / "m", tiny, missing, config=config))
+
+
+def test_qwen2_has_qkv_biases(tmp_path, tiny):
+    tensors = tiny.tensors(arch="qwen2", tied=False)
+    config = hf_config_json(tiny, arch="qwen2", tied=False)
+    ckpt = jio.load_hf_dir(write_hf_dir(tmp_path / "q", tiny, tensors, config=config))
+    assert ckpt.config["attention_bias"] is True
+    assert "model.layers.0.self_attn.v_proj.bias" in ckpt.tensors
+    assert "model.layers.0.self_attn.o_proj.bias" not in ckpt.tensors
+
+
+def test_config_variants():
+    base = dict(
+        model_type="llama",
+        vocab_size=10,
+        hidden_size=8,
+        intermediate_size=16,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        max_position_embeddings=64,
+    )
+    c = jhf.config_from_hf(
+        dict(
+            base,
+            rope_theta=5e5,
+            rope_scaling={
+                "type": "llama3",
+                "factor": 8.0,
+                "low_freq_factor": 1.0,
+                "high_freq_factor": 4.0,
+                "original_max_position_embeddings": 8192,
+            },
+        )
+    )
+    assert c["rope_theta"] == 5e5
+    assert c["rope_scaling"]["rope_type"] == "llama3" and c["rope_scaling"]["factor"] == 8.0
+    assert c["num_key_value_heads"] == 2 and c["head_dim"] == 4
+    assert c["tie_word_embeddings"] is False and c["attention_bias"] is False
+    v5 = jhf.config_from_hf(dict(base, rope_parameters={"rope_type": "default", "rope_theta": 7.0}))
+    assert (v5["rope_theta"], v5["rope_scaling"]) == (7.0, None)
+    mistral = jhf.config_from_hf(dict(base, model_type="mistral", sliding_window=4096))
+    assert mistral["sliding_window"] == 4096
+    with pytest.raises(ValueError, match="model_type 'gpt2' is not supported"):
+        jhf.config_from_hf(dict(base, model_type="gpt2"))
+    with pytest.raises(ValueError, match="'intermediate_size' is missing"):
+        jhf.config_from_hf({k: v for k, v in base.items() if k != "intermediate_size"})
+    with pytest.raises(ValueError, match="SiLU"):
+        jhf.config_from_hf(dict(base, hidden_act="gelu"))
+
+
+def test_missing_config(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no config.json"):
+        jio.load_hf_dir(tmp_path)
+
+
+def test_no_weights(tmp_path, tiny):
+    (tmp_path / "config.json").write_text(json.dumps(hf_config_json(tiny)))
+    with pytest.raises(ValueError, match="neither model.safetensors"):
+        jio.load_hf_dir(tmp_path)
+
+
+def test_missing_shard(tmp_path, tiny):
+    path = write_hf_dir(tmp_path / "m", tiny, tiny.tensors(), shards=2)
+    (path / "model-00002-of-00002.safetensors").unlink()
+    with pytest.raises(ValueError, match="lists shard model-00002-of-00002.safetensors"):
+        jio.load_hf_dir(path)
+
+
+def test_truncated_safetensors(tmp_path, tiny):
+    path = write_hf_dir(tmp_path / "m", tiny, tiny.tensors())
+    data = (path / "model.safetensors").read_bytes()
+    (path / "model.safetensors").write_bytes(data[: len(data) // 2])
+    with pytest.raises(ValueError, match="model.safetensors is not a readable safetensors"):
+        jio.load_hf_dir(path)
+
+
+def test_unexpected_tensor(tmp_path, tiny):
+    tensors = dict(tiny.tensors(), **{"model.layers.0.mlp.up_proj.bias": np.zeros(96, np.float32)})
+    with pytest.raises(ValueError, match="unexpected tensor.*up_proj.bias"):
+        jio.load_hf_dir(write_hf_dir(tmp_path / "m", tiny, tensors))
+
+
+def test_hub_id_uses_snapshot_download(tmp_path, tiny, monkeypatch):
+    huggingface_hub = pytest.importorskip("huggingface_hub")
+    local = write_hf_dir(tmp_path / "snap", tiny, tiny.tensors())
+    calls = []
+
+    def fake_snapshot_download(repo_id, **kwargs):
+        calls.append((repo_id, kwargs))
+        return str(local)
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", fake_snapshot_download)
+    ckpt = jio.load_checkpoint("someorg/tiny-llama")
+    assert ckpt.source == "someorg/tiny-llama"
+    assert calls[0][0] == "someorg/tiny-llama" and "*.safetensors" in calls[0][1]["allow_patterns"]
+
+
+def test_hub_failure_is_an_oserror(monkeypatch):
+    huggingface_hub = pytest.importorskip("huggingface_hub")
+
+    def offline(repo_id, **kwargs):
+        raise ConnectionError("no network")
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", offline)
+    with pytest.raises(OSError, match="could not fetch 'someorg/tiny'.*no network"):
+        jio.load_checkpoint("someorg/tiny")
+
+
+# --- reference: tiny random transformers models saved with save_pretrained ---------------------
+
+
+@pytest.mark.reference
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_transformers_save_pretrained_round_trip(tmp_path, arch):
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    kwargs = dict(
+        vocab_size=96,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=128,
+        rms_norm_eps=1e-5,
+        tie_word_embeddings=arch == "qwen2",
+    )
+    if arch == "llama":
+        config = transformers.LlamaConfig(
+            **kwargs,
+            rope_scaling={
+                "rope_type": "llama3",
+                "factor": 8.0,
+                "low_freq_factor": 1.0,
+                "high_freq_factor": 4.0,
+                "original_max_position_embeddings": 64,
+            },
+        )
+        model_cls = transformers.LlamaForCausalLM
+    else:
+        config = transformers.Qwen2Config(**kwargs)
+        model_cls = transformers.Qwen2ForCausalLM
+    torch.manual_seed(0)
+    model = model_cls(config).to(torch.bfloat16 if arch == "llama" else torch.float32)
+    model.save_pretrained(tmp_path, safe_serialization=True)
+
+    ckpt = jio.load_hf_dir(tmp_path)
+    state = {k: v.float().numpy() for k, v in model.state_dict().items()}
+    if config.tie_word_embeddings:
+        state.pop("lm_head.weight")
+    assert set(ckpt.tensors) == set(state)
+    for name, want in state.items():
+        np.testing.assert_array_equal(ckpt.tensors[name], want, err_msg=name)
+    c = ckpt.config
+    assert c["model_type"] == arch and c["head_dim"] == 8
+    assert c["tie_word_embeddings"] is config.tie_word_embeddings
+    assert c["attention_bias"] is (arch == "qwen2")
+    if arch == "llama":
+        assert c["rope_scaling"]["rope_type"] == "llama3"
+        assert c["rope_scaling"]["original_max_position_embeddings"] == 64
+    else:
+        assert c["rope_scaling"] is None

