@@ -1,0 +1,165 @@
+"""Time the quantized matmul kernels against bf16 `jnp.dot` and the XLA dequantize path.
+
+    python benchmarks/kernels.py --out docs/kernels.json          # on a GPU or TPU
+    python benchmarks/kernels.py --shapes small                   # CPU smoke run
+
+Per (qtype, K, N, M) and method it reports the median time after warmup, TFLOP/s, achieved
+GB/s (weight + scale + zero point + activation + output bytes, once each), the fraction of
+the device's HBM peak, and the speedup over a bf16 `jnp.dot` with a (K, N) bf16 weight on
+the same device. Methods: `bf16_dot`, `xla` (jquant.kernels' XLA fallback, which
+dequantizes each call) and `kernel` (the Pallas kernel of the backend). On CPU the kernels
+only run in interpret mode, whose timings mean nothing, so only `bf16_dot` and `xla` are
+timed there. Weights are random codes with random scales: speed does not depend on values.
+It prints a table and never asserts speed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import statistics
+import time
+
+import jax
+import jax.numpy as jnp
+from jquant.kernels._formats import PACKED_QTYPES, STORAGE_DTYPES, num_groups, packed_k
+
+from jquant import kernels
+
+FULL_SHAPES = ((4096, 4096), (4096, 14336), (14336, 4096), (8192, 28672))
+FULL_MS = (1, 8, 16, 32, 64, 128, 512, 2048)
+SMALL_SHAPES = ((512, 512), (1024, 2048))
+SMALL_MS = (1, 8, 64)
+
+# Peak HBM bandwidth in bytes/s by device_kind substring (first match wins).
+HBM_PEAK = (
+    ("H100 PCIe", 2.0e12),
+    ("H100", 3.35e12),  # SXM, "NVIDIA H100 80GB HBM3"
+    ("H200", 4.8e12),
+    ("A100", 2.0e12),
+    ("TPU v5 lite", 8.19e11),
+    ("TPU v5e", 8.19e11),
+    ("TPU v5p", 2.765e12),
+    ("TPU v6", 1.64e12),
+    ("TPU v4", 1.2e12),
+)
+
+
+def hbm_peak(device_kind: str) -> float | None:
+    for key, peak in HBM_PEAK:
+        if key in device_kind:
+            return peak
+    return None
+
+
+def random_weight(key, qtype: str, k: int, n: int, group_size: int | None):
+    """Random codes and scales in the storage layout, generated on the device."""
+    kq, ks, kz = jax.random.split(key, 3)
+    bits = jax.random.bits(kq, (n, packed_k(qtype, k, group_size)), jnp.uint8)
+    storage = STORAGE_DTYPES[qtype]
+    if qtype in PACKED_QTYPES:
+        q = bits
+    elif storage == jnp.int8:
+        q = jax.lax.bitcast_convert_type(bits, jnp.int8)
+    else:  # fp8: keep codes finite by drawing small floats instead of raw bits
+        q = (jax.random.normal(kq, bits.shape, jnp.float32) * 4).astype(storage)
+    g = num_groups(k, group_size)
+    scale = (jax.random.uniform(ks, (n, g), jnp.float32, 1e-3, 2e-3)).astype(jnp.bfloat16)
+    zp = (jax.random.uniform(kz, (n, g), jnp.float32, 0, 15).astype(jnp.bfloat16)
+          if qtype == "uint4" else None)
+    return q, scale, zp
+
+
+def time_fn(fn, args, warmup: int, iters: int) -> float:
+    """Median seconds of `fn(*args)` after warmup, each call waited on."""
+    for _ in range(warmup):
+        jax.block_until_ready(fn(*args))
+    times = []
+    for _ in range(iters):
+        t0 = time.perf_counter()
+        jax.block_until_ready(fn(*args))
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def nbytes(*arrays) -> int:
+    return sum(a.size * a.dtype.itemsize for a in arrays if a is not None)
+
+
+def bench_shape(qtype, k, n, ms, group_size, backend, peak, warmup, iters):
+    key = jax.random.key(0)
+    q, scale, zp = random_weight(key, qtype, k, n, group_size)
+    w_bf16 = jax.random.normal(key, (k, n), jnp.bfloat16)
+    rows = []
+    for m in ms:
+        x = jax.random.normal(jax.random.key(m), (m, k), jnp.bfloat16)
+        out_bytes = m * n * 2
+        methods = {"bf16_dot": (jax.jit(lambda x, w: jnp.dot(x, w)), (x, w_bf16),
+                                nbytes(x, w_bf16) + out_bytes)}
+        common = dict(qtype=qtype, k=k, group_size=group_size)
+        qbytes = nbytes(x, q, scale, zp) + out_bytes
+        paths = {"xla": "xla", "kernel": backend} if backend in ("tpu", "gpu") else {"xla": "xla"}
+        for name, path in paths.items():
+            fn = functools.partial(kernels.quantized_matmul, backend=path, **common)
+            methods[name] = (jax.jit(fn), (x, q, scale, zp), qbytes)
+        base = None
+        for name, (fn, args, moved) in methods.items():
+            t = time_fn(fn, args, warmup, iters)
+            base = t if name == "bf16_dot" else base
+            gbs = moved / t / 1e9
+            rows.append(dict(qtype=qtype, group_size=group_size, k=k, n=n, m=m, method=name,
+                             ms=t * 1e3, tflops=2 * m * k * n / t / 1e12, gb_s=gbs,
+                             hbm_frac=None if peak is None else gbs * 1e9 / peak,
+                             speedup_vs_bf16=base / t))
+            print(format_row(rows[-1]), flush=True)
+    return rows
+
+
+HEADER = (f"{'qtype':>8} {'g':>5} {'K':>6} {'N':>6} {'M':>5} {'method':>9} {'ms':>9} "
+          f"{'TFLOP/s':>8} {'GB/s':>8} {'HBM%':>6} {'vs bf16':>8}")
+
+
+def format_row(r) -> str:
+    frac = "-" if r["hbm_frac"] is None else f"{100 * r['hbm_frac']:.1f}"
+    return (f"{r['qtype']:>8} {str(r['group_size']):>5} {r['k']:>6} {r['n']:>6} {r['m']:>5} "
+            f"{r['method']:>9} {r['ms']:>9.4f} {r['tflops']:>8.3f} {r['gb_s']:>8.1f} "
+            f"{frac:>6} {r['speedup_vs_bf16']:>7.2f}x")
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--shapes", choices=("full", "small"), default="full")
+    p.add_argument("--qtypes", default="int4,int8,uint4,nf4,fp8_e4m3")
+    p.add_argument("--group-size", type=int, default=128, help="0 means per-channel")
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--iters", type=int, default=20)
+    p.add_argument("--out", help="write the rows and device info as JSON here")
+    args = p.parse_args(argv)
+
+    device = jax.devices()[0]
+    backend = {"cuda": "gpu", "rocm": "gpu"}.get(jax.default_backend(), jax.default_backend())
+    peak = hbm_peak(device.device_kind)
+    shapes, ms = (FULL_SHAPES, FULL_MS) if args.shapes == "full" else (SMALL_SHAPES, SMALL_MS)
+    group_size = args.group_size or None
+    print(f"device: {device.device_kind} ({backend}), jax {jax.__version__}, "
+          f"HBM peak: {'unknown' if peak is None else f'{peak / 1e12:.2f} TB/s'}")
+    if backend not in ("tpu", "gpu"):
+        print("no TPU/GPU: timing only bf16_dot and the XLA path (kernels would run in "
+              "interpret mode, which is not a speed)")
+    print(HEADER)
+    rows = []
+    for qtype in args.qtypes.split(","):
+        g = None if qtype.startswith("fp8") else group_size
+        for k, n in shapes:
+            rows += bench_shape(qtype, k, n, ms, g, backend, peak, args.warmup, args.iters)
+    if args.out:
+        info = dict(device_kind=device.device_kind, backend=backend, jax=jax.__version__,
+                    hbm_peak_bytes_s=peak, shapes=args.shapes, rows=rows)
+        with open(args.out, "w") as f:
+            json.dump(info, f, indent=1)
+        print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,19 @@
+"""Pallas kernels for jquant's quantized matmuls (installed as `jquant.kernels`).
+
+Imports only jax and numpy, never jquant: the kernels are a leaf that jquant.ops calls.
+"""
+
+from ._formats import NF4_CODEBOOK as NF4_CODEBOOK
+from ._formats import QTYPES as QTYPES
+from .quantized_matmul import can_use_gpu_kernel as can_use_gpu_kernel
+from .quantized_matmul import can_use_tpu_kernel as can_use_tpu_kernel
+from .quantized_matmul import dequantize as dequantize
+from .quantized_matmul import planes_matmul_xla as planes_matmul_xla
+from .quantized_matmul import quantized_matmul as quantized_matmul
+from .quantized_matmul import quantized_matmul_reference as quantized_matmul_reference
+from .quantized_matmul import validate_inputs as validate_inputs
+from .tuned_block_sizes import BlockSizes as BlockSizes
+from .tuned_block_sizes import get_block_sizes as get_block_sizes
+from .w8a8 import quantize_activations as quantize_activations
+from .w8a8 import quantized_matmul_w8a8 as quantized_matmul_w8a8
+from .w8a8 import quantized_matmul_w8a8_reference as quantized_matmul_w8a8_reference

@@ -1,0 +1,170 @@
+"""Storage formats the kernels consume: qtypes, nibble order, group geometry, code decoding.
+
+Terminology used across `kernels/`:
+
+* **group**: `group_size` consecutive elements along K that share one scale (and zero
+  point). The last group is short when `group_size` does not divide K. Per-channel
+  quantization is one group of length K (`group_size=None`, or any value >= K).
+* **plane**: packed 4-bit storage is read as two byte-aligned planes, the low nibbles and
+  the high nibbles of `qvalue`. Plane p, byte b holds one element of W; `plane_indices`
+  says which. 8-bit formats have a single plane (the bytes themselves).
+* **block**: the tile of a kernel's grid (`block_m`, `block_n`, `block_k`), counted in
+  elements of K for `block_k`. Blocks always hold whole groups, so no block straddles a
+  scale boundary.
+
+Kernels never reorder the weight: they reorder the (much smaller) activations instead, so
+that activation column `plane_indices(...)[p][b]` meets weight plane p, byte b.
+
+Only jax and numpy are imported here: `kernels/` must stay a leaf of jquant.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+
+# The 16 QLoRA NormalFloat-4 values, indexed by code.
+NF4_CODEBOOK = (
+    -1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453,
+    -0.28444138169288635, -0.18477343022823334, -0.09105003625154495, 0.0,
+    0.07958029955625534, 0.16093020141124725, 0.24611230194568634, 0.33791524171829224,
+    0.44070982933044434, 0.5626170039176941, 0.7229568362236023, 1.0,
+)
+
+# qtype -> storage dtype of `qvalue`.
+STORAGE_DTYPES = {
+    "int8": jnp.dtype(jnp.int8),
+    "fp8_e4m3": jnp.dtype(jnp.float8_e4m3fn),
+    "fp8_e5m2": jnp.dtype(jnp.float8_e5m2),
+    "int4": jnp.dtype(jnp.uint8),
+    "uint4": jnp.dtype(jnp.uint8),
+    "nf4": jnp.dtype(jnp.uint8),
+}
+QTYPES = tuple(STORAGE_DTYPES)
+PACKED_QTYPES = frozenset({"int4", "uint4", "nf4"})
+ZERO_POINT_QTYPES = frozenset({"uint4"})
+SCALE_DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16), jnp.dtype(jnp.float32))
+
+
+def is_per_channel(k: int, group_size: int | None) -> bool:
+    """One group spans all of K (a group size >= K means the same thing)."""
+    return group_size is None or group_size >= k
+
+
+def group_starts_and_lengths(k: int, group_size: int | None) -> list[tuple[int, int]]:
+    """(start, length) of every group along K; only the last one may be short."""
+    g = k if is_per_channel(k, group_size) else group_size
+    return [(s, min(g, k - s)) for s in range(0, k, g)]
+
+
+def num_groups(k: int, group_size: int | None) -> int:
+    return len(group_starts_and_lengths(k, group_size))
+
+
+def packed_k(qtype: str, k: int, group_size: int | None) -> int:
+    """Length of `qvalue`'s last axis: K for 8-bit formats, sum of ceil(L/2) for 4-bit."""
+    if qtype not in PACKED_QTYPES:
+        return k
+    return sum((length + 1) // 2 for _, length in group_starts_and_lengths(k, group_size))
+
+
+@functools.lru_cache(maxsize=256)
+def plane_indices(qtype: str, k: int, group_size: int | None) -> tuple[np.ndarray, ...]:
+    """Element index (into K) held by each byte of each plane, K meaning "padding code".
+
+    Returns one int32 array of length `packed_k` per plane. Packing is per group: a group
+    of L elements (L rounded up to even) has its element j in the low nibble of its byte
+    j, and element j + L/2 in the high nibble.
+    """
+    if qtype not in PACKED_QTYPES:
+        return (np.arange(k, dtype=np.int32),)
+    low, high = [], []
+    for start, length in group_starts_and_lengths(k, group_size):
+        half = (length + 1) // 2
+        j = np.arange(half)
+        low.append(start + j)
+        high.append(np.where(half + j < length, start + half + j, k))
+    return (np.concatenate(low).astype(np.int32), np.concatenate(high).astype(np.int32))
+
+
+@functools.lru_cache(maxsize=256)
+def byte_groups(qtype: str, k: int, group_size: int | None) -> np.ndarray:
+    """Group index of every byte of `qvalue`'s last axis (the same for both planes)."""
+    groups = np.zeros(packed_k(qtype, k, group_size), np.int32)
+    pos = 0
+    for t, (_, length) in enumerate(group_starts_and_lengths(k, group_size)):
+        n = (length + 1) // 2 if qtype in PACKED_QTYPES else length
+        groups[pos:pos + n] = t
+        pos += n
+    return groups
+
+
+def code_planes(qvalue: jnp.ndarray, qtype: str) -> tuple[jnp.ndarray, ...]:
+    """Split storage into planes of raw codes: int32 nibbles for 4-bit, as stored otherwise.
+
+    Works on jnp arrays and inside Pallas kernels alike (bitwise ops on int32 only, since
+    sub-32-bit integer vector ops are the least portable part of Mosaic).
+    """
+    if qtype not in PACKED_QTYPES:
+        return (qvalue,)
+    b = qvalue.astype(jnp.int32)
+    return (b & 0xF, (b >> 4) & 0xF)
+
+
+def decode(codes: jnp.ndarray, qtype: str) -> jnp.ndarray:
+    """Raw codes of one plane -> float32 values before scale and zero point."""
+    if qtype == "int4":
+        return ((codes ^ 8) - 8).astype(jnp.float32)  # two's complement nibble
+    if qtype == "nf4":
+        # A select chain rather than a gather: TPU vector units have no gather.
+        out = jnp.zeros(codes.shape, jnp.float32)
+        for c, v in enumerate(NF4_CODEBOOK):
+            out = jnp.where(codes == c, np.float32(v), out)
+        return out
+    return codes.astype(jnp.float32)
+
+
+def split_activations(x: jnp.ndarray, qtype: str, k: int, group_size: int | None,
+                      kb: int | None = None) -> list[jnp.ndarray]:
+    """Reorder x (M, K) into planes (M, Kbytes) matching `plane_indices`, first `kb` bytes.
+
+    Whole groups are split with a reshape (a strided copy of x that XLA fuses); only a
+    short last group or an odd per-channel K needs a gather. Padding positions read zeros.
+    """
+    kbytes = packed_k(qtype, k, group_size)
+    kb = kbytes if kb is None else kb
+    if qtype not in PACKED_QTYPES:
+        return [x[:, :kb]]
+    m = x.shape[0]
+    per_channel = is_per_channel(k, group_size)
+    if per_channel and k % 2 == 0:
+        return [x[:, :kb], x[:, k // 2:k // 2 + kb]]
+    if not per_channel and kb % (group_size // 2) == 0:
+        full = kb // (group_size // 2) * group_size
+        xg = x[:, :full].reshape(m, -1, 2, group_size // 2)
+        return [xg[:, :, 0, :].reshape(m, kb), xg[:, :, 1, :].reshape(m, kb)]
+    xpad = jnp.concatenate([x, jnp.zeros((m, 1), x.dtype)], axis=1)
+    return [jnp.take(xpad, idx[:kb], axis=1) for idx in plane_indices(qtype, k, group_size)]
+
+
+_NT = (((1,), (1,)), ((), ()))
+
+
+def dot_nt(a: jnp.ndarray, b: jnp.ndarray) -> jnp.ndarray:
+    """a (M, K) . b (N, K) -> (M, N) float32, for the XLA paths (not inside kernels).
+
+    On CPU both operands are cast to float32 first: XLA:CPU computes 16-bit dots in f32
+    anyway, and some bf16 x bf16 -> f32 dots have no CPU implementation at all
+    ("Unsupported element type for DotThunk"). Products of 16-bit floats are exact in f32,
+    so only the summation order can differ from the native 16-bit dot used elsewhere.
+    """
+    def native(a, b):
+        return lax.dot_general(a, b, _NT, preferred_element_type=jnp.float32)
+
+    def upcast(a, b):
+        return native(a.astype(jnp.float32), b.astype(jnp.float32))
+
+    return lax.platform_dependent(a, b, cpu=upcast, default=native)

@@ -1,0 +1,385 @@
+"""Quantized matmul kernels against their references, in Pallas interpret mode on CPU.
+
+The weights come from `quantize_np` below, a NumPy quantizer written from the storage
+contract, not from jquant's quantizer. The reference itself is checked against an independent NumPy
+dequantization first, so a kernel that matches it matches the contract.
+"""
+
+from __future__ import annotations
+
+import itertools
+
+import jax
+import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
+import pytest
+from jax.experimental.pallas import tpu as pltpu
+from jquant.kernels import (
+    NF4_CODEBOOK,
+    BlockSizes,
+    quantized_matmul,
+    quantized_matmul_reference,
+)
+
+from jquant import kernels
+
+# ---- A NumPy quantizer written from the storage contract (not jquant's quantizer), so the
+# kernels are checked against the documented layout rather than against the library.
+
+_FP8 = {"fp8_e4m3": (ml_dtypes.float8_e4m3fn, 448.0), "fp8_e5m2": (ml_dtypes.float8_e5m2, 57344.0)}
+
+
+def _groups(k, group_size):
+    g = k if group_size is None or group_size >= k else group_size
+    return [(s, min(g, k - s)) for s in range(0, k, g)]
+
+
+def _quantize_group(block, qtype):
+    """block (N, L) float32 -> codes (N, L), scale (N,), zero point (N,) or None."""
+    amax = np.maximum(np.abs(block).max(axis=1), 1e-8)
+    if qtype == "int8":
+        s = amax / 127
+        return np.clip(np.round(block / s[:, None]), -127, 127).astype(np.int8), s, None
+    if qtype == "int4":
+        s = amax / 7
+        return np.clip(np.round(block / s[:, None]), -8, 7).astype(np.int8), s, None
+    if qtype == "uint4":
+        lo, hi = block.min(axis=1), block.max(axis=1)
+        s = np.maximum(hi - lo, 1e-8) / 15
+        zp = -lo / s  # float, generally not an integer
+        return np.clip(np.round(block / s[:, None] + zp[:, None]), 0, 15).astype(np.int8), s, zp
+    if qtype == "nf4":
+        book = np.asarray(NF4_CODEBOOK, np.float32)
+        codes = np.abs(block[..., None] / amax[:, None, None] - book).argmin(-1)
+        return codes.astype(np.int8), amax, None
+    dtype, fmax = _FP8[qtype]
+    s = amax / fmax
+    return (block / s[:, None]).astype(dtype), s, None
+
+
+def _pack_nibbles(codes):
+    """(N, L) codes in [-8, 15] -> (N, ceil(L/2)) uint8: element j low, j + L/2 high."""
+    codes = codes.astype(np.uint8) & 0xF
+    if codes.shape[1] % 2:
+        codes = np.pad(codes, ((0, 0), (0, 1)))
+    half = codes.shape[1] // 2
+    return codes[:, :half] | (codes[:, half:] << 4)
+
+
+def quantize_np(w, qtype, group_size, scale_dtype=np.float32):
+    """Float weight (K, N) -> (qvalue (N, Kbytes), scale (N, G), zero_point or None)."""
+    k = w.shape[0]
+    wt = np.asarray(w, np.float32).T
+    qs, ss, zs = [], [], []
+    for start, length in _groups(k, group_size):
+        codes, s, zp = _quantize_group(wt[:, start:start + length], qtype)
+        qs.append(_pack_nibbles(codes) if qtype in ("int4", "uint4", "nf4") else codes)
+        ss.append(s)
+        zs.append(zp)
+    qvalue = np.concatenate(qs, axis=1)
+    scale = np.stack(ss, axis=1).astype(scale_dtype)
+    zero_point = None if zs[0] is None else np.stack(zs, axis=1).astype(scale_dtype)
+    return qvalue, scale, zero_point
+
+
+def dequantize_np(qvalue, scale, zero_point, qtype, k, group_size):
+    """Independent NumPy dequantization, element by group, for checking the jnp reference."""
+    n = qvalue.shape[0]
+    out = np.zeros((n, k), np.float32)
+    pos = 0
+    for t, (start, length) in enumerate(_groups(k, group_size)):
+        if qtype in ("int4", "uint4", "nf4"):
+            nbytes = (length + 1) // 2
+            b = qvalue[:, pos:pos + nbytes]
+            codes = np.concatenate([b & 0xF, b >> 4], axis=1)[:, :length].astype(np.int32)
+            pos += nbytes
+            if qtype == "int4":
+                codes = np.where(codes >= 8, codes - 16, codes)
+            vals = (np.asarray(NF4_CODEBOOK, np.float32)[codes] if qtype == "nf4"
+                    else codes.astype(np.float32))
+        else:
+            vals = qvalue[:, pos:pos + length].astype(np.float32)
+            pos += length
+        if zero_point is not None:
+            vals = vals - zero_point[:, t:t + 1].astype(np.float32)
+        out[:, start:start + length] = vals * scale[:, t:t + 1].astype(np.float32)
+    return out.T
+
+
+# ---- Tests
+
+QTYPES = ("int8", "int4", "uint4", "nf4", "fp8_e4m3", "fp8_e5m2")
+# (K, group_size): whole groups, a short last group (576 = 4 * 128 + 64), per-channel.
+GEOMETRIES = ((256, 64), (576, 128), (576, None))
+# (M, N, x dtype): decode rows, odd M and N, a block of rows.
+PROBLEMS = ((1, 128, jnp.bfloat16), (7, 200, jnp.float32), (16, 128, jnp.float32),
+            (128, 200, jnp.bfloat16))
+# Kernel and reference round the weight identically; they differ only in summation order,
+# plus one final rounding of y for 16-bit outputs. Relative to max |y|.
+TOLERANCE = {jnp.dtype(jnp.float32): 2e-5, jnp.dtype(jnp.bfloat16): 1.6e-2}
+
+
+def make_inputs(qtype, k, group_size, m, n, x_dtype=jnp.float32, seed=0,
+                scale_dtype=np.float32):
+    rng = np.random.default_rng(seed)
+    w = rng.standard_normal((k, n)).astype(np.float32)
+    q, s, zp = quantize_np(w, qtype, group_size, scale_dtype)
+    x = jnp.asarray(rng.standard_normal((m, k)), x_dtype)
+    return x, jnp.asarray(q), jnp.asarray(s), None if zp is None else jnp.asarray(zp)
+
+
+def assert_close(y, ref):
+    assert y.shape == ref.shape and y.dtype == ref.dtype, (y.shape, y.dtype, ref.dtype)
+    tol = TOLERANCE[jnp.dtype(y.dtype)]
+    y, ref = np.asarray(y, np.float32), np.asarray(ref, np.float32)
+    assert np.all(np.isfinite(y))
+    err = np.abs(y - ref).max() / max(np.abs(ref).max(), 1e-6)
+    assert err <= tol, err
+
+
+def _cases():
+    """Every qtype x geometry, each with one (M, N, dtype) problem, rotating through them."""
+    problems = itertools.cycle(PROBLEMS)
+    return [(q, k, g, *next(problems)) for q in QTYPES for k, g in GEOMETRIES]
+
+
+class TestReference:
+    @pytest.mark.parametrize("qtype", QTYPES)
+    @pytest.mark.parametrize("k,group_size", GEOMETRIES + ((129, 32), (65, None)))
+    def test_dequantize_matches_numpy(self, qtype, k, group_size):
+        x, q, s, zp = make_inputs(qtype, k, group_size, 1, 24)
+        got = kernels.dequantize(q, s, zp, qtype=qtype, k=k, group_size=group_size)
+        want = dequantize_np(np.asarray(q), np.asarray(s),
+                                      None if zp is None else np.asarray(zp),
+                                      qtype, k, group_size)
+        np.testing.assert_allclose(np.asarray(got), want, rtol=0, atol=1e-6)
+
+    @pytest.mark.parametrize("qtype", QTYPES)
+    def test_quantization_error_is_small(self, qtype):
+        # Pins the quantizer + reference pair: relative error of y vs the float matmul.
+        rng = np.random.default_rng(1)
+        w = rng.standard_normal((576, 64)).astype(np.float32)
+        x = rng.standard_normal((8, 576)).astype(np.float32)
+        q, s, zp = quantize_np(w, qtype, 64)
+        y = quantized_matmul_reference(jnp.asarray(x), jnp.asarray(q), jnp.asarray(s),
+                                       None if zp is None else jnp.asarray(zp),
+                                       qtype=qtype, k=576, group_size=64)
+        err = np.linalg.norm(np.asarray(y) - x @ w) / np.linalg.norm(x @ w)
+        bound = {"int8": 0.01, "fp8_e4m3": 0.04, "fp8_e5m2": 0.08}.get(qtype, 0.15)
+        assert err < bound, err
+
+    @pytest.mark.parametrize("qtype", ("int4", "uint4"))
+    def test_xla_path_matches_reference(self, qtype):
+        x, q, s, zp = make_inputs(qtype, 576, 128, 5, 40)
+        ref = quantized_matmul_reference(x, q, s, zp, qtype=qtype, k=576, group_size=128)
+        assert_close(quantized_matmul(x, q, s, zp, qtype=qtype, k=576, group_size=128,
+                                      backend="cpu"), ref)
+
+
+class KernelTest:
+    """Run one backend's kernel in interpret mode; subclasses set BACKEND / INTERPRET."""
+
+    BACKEND = ""
+    INTERPRET = True
+
+    def run(self, x, q, s, zp, qtype, k, group_size, **kw):
+        return quantized_matmul(x, q, s, zp, qtype=qtype, k=k, group_size=group_size,
+                                backend=self.BACKEND, interpret=self.INTERPRET, **kw)
+
+    @pytest.mark.parametrize("qtype,k,group_size,m,n,x_dtype", _cases())
+    def test_matches_reference(self, qtype, k, group_size, m, n, x_dtype):
+        x, q, s, zp = make_inputs(qtype, k, group_size, m, n, x_dtype)
+        ref = quantized_matmul_reference(x, q, s, zp, qtype=qtype, k=k, group_size=group_size)
+        assert_close(self.run(x, q, s, zp, qtype, k, group_size), ref)
+
+    @pytest.mark.parametrize("k,group_size", GEOMETRIES)
+    @pytest.mark.parametrize("qtype", ("int8", "int4"))
+    def test_kernel_is_used(self, qtype, k, group_size):
+        # Guards the tests above: the geometries must reach the kernel, not only XLA.
+        x, q, s, zp = make_inputs(qtype, k, group_size, 4, 128)
+        jaxpr = jax.make_jaxpr(lambda x: self.run(x, q, s, zp, qtype, k, group_size))(x)
+        assert "pallas_call" in str(jaxpr)
+
+    @pytest.mark.parametrize("qtype,group_size", (("int4", 64), ("uint4", None), ("int8", 64)))
+    def test_many_blocks(self, qtype, group_size):
+        # Small explicit blocks: several M, N and K steps, so accumulation across K steps
+        # and the index maps are exercised (the default blocks cover these K in one step).
+        x, q, s, zp = make_inputs(qtype, 1088, group_size, 40, 256, jnp.float32, seed=3)
+        ref = quantized_matmul_reference(x, q, s, zp, qtype=qtype, k=1088,
+                                         group_size=group_size)
+        sizes = BlockSizes(block_m=16, block_n=128, block_k=256)
+        assert_close(self.run(x, q, s, zp, qtype, 1088, group_size, block_sizes=sizes), ref)
+
+    def test_bf16_scales_and_batch_dims(self):
+        x, q, s, zp = make_inputs("uint4", 256, 64, 6, 128, jnp.bfloat16,
+                                  scale_dtype=jnp.bfloat16)
+        x = x.reshape(2, 3, 256)
+        ref = quantized_matmul_reference(x, q, s, zp, qtype="uint4", k=256, group_size=64)
+        y = self.run(x, q, s, zp, "uint4", 256, 64)
+        assert y.shape == (2, 3, 128)
+        assert_close(y, ref)
+
+    def test_k_below_one_block_falls_back_to_xla(self):
+        x, q, s, zp = make_inputs("int4", 96, 32, 3, 128)
+        ref = quantized_matmul_reference(x, q, s, zp, qtype="int4", k=96, group_size=32)
+        assert_close(self.run(x, q, s, zp, "int4", 96, 32), ref)
+
+    @pytest.mark.parametrize("qtype,group_size", (("int4", 128), ("uint4", 64)))
+    def test_grad_matches_reference(self, qtype, group_size):
+        x, q, s, zp = make_inputs(qtype, 576, group_size, 8, 128)
+        cot = jnp.asarray(np.random.default_rng(2).standard_normal((8, 128)), jnp.float32)
+
+        def loss(fn):
+            return lambda x, s: jnp.sum(fn(x, q, s, zp, qtype=qtype, k=576,
+                                           group_size=group_size) * cot)
+
+        run = lambda *a, **kw: quantized_matmul(*a, backend=self.BACKEND,
+                                                interpret=self.INTERPRET, **kw)
+        got = jax.grad(loss(run), argnums=(0, 1))(x, s)
+        want = jax.grad(loss(quantized_matmul_reference), argnums=(0, 1))(x, s)
+        for g, w in zip(got, want):
+            np.testing.assert_allclose(np.asarray(g), np.asarray(w), rtol=1e-5, atol=1e-4)
+
+
+class TestTpuKernel(KernelTest):
+    BACKEND = "tpu"
+
+
+class TestTpuKernelSimulated:
+    """TPU interpret mode with `pltpu.InterpretParams`: simulated VMEM, DMAs, NaN-poisoned
+    uninitialized memory and out-of-bounds checks. Slower, so a few cases only."""
+
+    @pytest.mark.parametrize("qtype,k,group_size", (("int4", 576, 128), ("uint4", 512, None),
+                                                    ("nf4", 1088, 64)))
+    def test_matches_reference(self, qtype, k, group_size):
+        x, q, s, zp = make_inputs(qtype, k, group_size, 7, 200, jnp.bfloat16)
+        ref = quantized_matmul_reference(x, q, s, zp, qtype=qtype, k=k, group_size=group_size)
+        y = quantized_matmul(x, q, s, zp, qtype=qtype, k=k, group_size=group_size,
+                             backend="tpu", interpret=pltpu.InterpretParams(),
+                             block_sizes=BlockSizes(block_m=16, block_n=200, block_k=256))
+        assert_close(y, ref)
+
+
+class TestGpuKernel(KernelTest):
+    BACKEND = "gpu"
+
+    @pytest.mark.parametrize("m", (1, 3, 8, 9, 33))
+    def test_decode_and_prefill_paths(self, m):
+        # M <= 8 takes the FMA path, M > 8 the dot path; both pad M to a power of two.
+        x, q, s, zp = make_inputs("int4", 512, 128, m, 192, jnp.bfloat16)
+        ref = quantized_matmul_reference(x, q, s, zp, qtype="int4", k=512, group_size=128)
+        assert_close(self.run(x, q, s, zp, "int4", 512, 128), ref)
+
+
+class TestW8A8:
+    @pytest.mark.parametrize("m,k,n", ((1, 576, 200), (40, 1088, 256)))
+    @pytest.mark.parametrize("interpret", (True, pltpu.InterpretParams()))
+    def test_tpu_kernel_matches_reference(self, m, k, n, interpret):
+        rng = np.random.default_rng(4)
+        x = jnp.asarray(rng.standard_normal((m, k)), jnp.float32)
+        q, s, _ = quantize_np(rng.standard_normal((k, n)), "int8", None)
+        xq, xs = kernels.quantize_activations(x)
+        q, s = jnp.asarray(q), jnp.asarray(s)
+        ref = kernels.quantized_matmul_w8a8_reference(xq, xs, q, s, out_dtype=jnp.float32)
+        y = kernels.quantized_matmul_w8a8(
+            xq, xs, q, s, out_dtype=jnp.float32, backend="tpu", interpret=interpret,
+            block_sizes=BlockSizes(block_m=32, block_n=128, block_k=256))
+        assert_close(y, ref)
+        # and W8A8 stays close to the float product it approximates
+        w = np.asarray(q, np.float32) * np.asarray(s)
+        exact = np.asarray(x) @ w.T
+        assert np.linalg.norm(np.asarray(y) - exact) / np.linalg.norm(exact) < 0.02
+
+    def test_rejects_group_scales(self):
+        xq = jnp.zeros((2, 256), jnp.int8)
+        with pytest.raises(ValueError, match="per-channel"):
+            kernels.quantized_matmul_w8a8(xq, jnp.ones((2, 1)), jnp.zeros((8, 256), jnp.int8),
+                                          jnp.ones((8, 2)), backend="tpu")
+
+
+class TestErrors:
+    def _inputs(self, qtype="int4"):
+        return make_inputs(qtype, 256, 64, 2, 128)
+
+    def _call(self, x, q, s, zp, qtype="int4", k=256, group_size=64, **kw):
+        return quantized_matmul(x, q, s, zp, qtype=qtype, k=k, group_size=group_size, **kw)
+
+    def test_x_k_mismatch(self):
+        x, q, s, zp = self._inputs()
+        with pytest.raises(ValueError, match="x has 256 elements along K"):
+            self._call(x, q, s, zp, k=512)
+
+    def test_qvalue_bytes_mismatch(self):
+        x, q, s, zp = self._inputs()
+        with pytest.raises(ValueError, match="qvalue has 120 bytes"):
+            self._call(x, q[:, :120], s, zp)
+
+    def test_scale_shape(self):
+        x, q, s, zp = self._inputs()
+        with pytest.raises(ValueError, match=r"scale.shape=\(128, 2\)"):
+            self._call(x, q, s[:, :2], zp)
+
+    def test_qvalue_dtype(self):
+        x, q, s, zp = self._inputs()
+        with pytest.raises(ValueError, match="stored as uint8"):
+            self._call(x, q.astype(jnp.int8), s, zp)
+
+    def test_zero_point_rules(self):
+        x, q, s, _ = self._inputs("uint4")
+        with pytest.raises(ValueError, match="needs a zero_point"):
+            self._call(x, q, s, None, qtype="uint4")
+        x, q, s, _ = self._inputs("int4")
+        with pytest.raises(ValueError, match="zero_point must be None"):
+            self._call(x, q, s, s)
+
+    def test_unknown_qtype(self):
+        x, q, s, zp = self._inputs()
+        with pytest.raises(ValueError, match="unknown qtype='int3'"):
+            self._call(x, q, s, zp, qtype="int3")
+
+    def test_float16_x_has_no_tpu_kernel(self):
+        x, q, s, zp = self._inputs()
+        x = x.astype(jnp.float16)
+        assert not kernels.can_use_tpu_kernel(x, q, s, zp, qtype="int4", k=256, group_size=64,
+                                              backend="tpu")
+        with pytest.raises(ValueError, match="no TPU kernel"):
+            self._call(x, q, s, zp, backend="tpu", interpret=True)
+
+    def test_gpu_rejects_tiny_groups(self):
+        x, q, s, zp = make_inputs("int4", 256, 16, 2, 128)
+        assert not kernels.can_use_gpu_kernel(x, q, s, zp, qtype="int4", k=256, group_size=16,
+                                              backend="gpu")
+        with pytest.raises(ValueError, match="power of two"):
+            self._call(x, q, s, zp, group_size=16, backend="gpu", interpret=True)
+
+    def test_illegal_explicit_block_sizes(self):
+        x, q, s, zp = self._inputs()
+        with pytest.raises(ValueError, match="block_k=64 must give a multiple of 128 bytes"):
+            self._call(x, q, s, zp, backend="tpu", interpret=True,
+                       block_sizes=BlockSizes(block_m=16, block_n=128, block_k=64))
+        with pytest.raises(ValueError, match="block_n=96 must be a power of two"):
+            self._call(x, q, s, zp, backend="gpu", interpret=True,
+                       block_sizes=BlockSizes(block_m=16, block_n=96, block_k=64))
+
+    def test_block_sizes_validate(self):
+        with pytest.raises(ValueError, match="block_k must be a positive int"):
+            BlockSizes(block_m=8, block_n=128, block_k=0)
+
+
+class TestPredicates:
+    def test_backend_selects(self):
+        x, q, s, zp = make_inputs("int4", 256, 64, 2, 128, jnp.bfloat16)
+        kw = dict(qtype="int4", k=256, group_size=64)
+        assert kernels.can_use_tpu_kernel(x, q, s, zp, backend="tpu", **kw)
+        assert not kernels.can_use_tpu_kernel(x, q, s, zp, backend="cpu", **kw)
+        assert kernels.can_use_gpu_kernel(x, q, s, zp, backend="cuda", **kw)
+        assert not kernels.can_use_gpu_kernel(x, q, s, zp, backend="tpu", **kw)
+        # invalid inputs are never "usable"
+        assert not kernels.can_use_tpu_kernel(x, q[:, :8], s, zp, backend="tpu", **kw)
+
+    def test_package_exports(self):
+        for name in ("quantized_matmul", "quantized_matmul_reference", "can_use_tpu_kernel",
+                     "can_use_gpu_kernel", "BlockSizes", "quantized_matmul_w8a8"):
+            assert hasattr(kernels, name)
+        assert kernels.get_block_sizes("tpu", 1).block_m == 16
