@@ -1,9 +1,17 @@
 """jquant: quantize JAX/Flax models and run them with fused kernels on TPU, GPU and CPU."""
 
+from jquant import algorithms as algorithms
 from jquant import ops as ops
+from jquant.memory import MemoryReport as MemoryReport
+from jquant.memory import memory_report as memory_report
 from jquant import qtypes as qtypes
 from jquant.qarray import QArray as QArray
 from jquant.qarray import quantize_array as quantize_array
 from jquant.qtypes import QType as QType
+from jquant.recipe import Recipe as Recipe
+from jquant.recipe import Rule as Rule
+from jquant.transform import ReportRow as ReportRow
+from jquant.transform import format_report as format_report
+from jquant.transform import quantize as quantize
 
 __version__ = "0.1.0"

@@ -1,1 +1,82 @@
-"""jquant.algorithms."""
+"""The algorithm registry: how a matched weight becomes a QArray.
+
+An *algorithm* is a function::
+
+    fn(weight, rule, *, path: str, calibration=None) -> QArray
+
+* ``weight``: the float array of one parameter, in its logical layout.
+* ``rule``: the :class:`jquant.recipe.Rule` that matched, already *resolved* for
+  this leaf (``rule.axis`` and ``rule.clip`` are concrete, see ``Rule.resolve``);
+  its ``algorithm_args`` carry the algorithm's own settings.
+* ``path``: the parameter path; pass it on as ``name=`` so errors name the parameter.
+* ``calibration``: whatever the caller of ``jquant.quantize`` supplied for this
+  path (layer inputs, Hessians, ...), or None. Round-to-nearest ignores it.
+
+Register one with ``@register("name")``; recipes then refer to it by name and
+``jquant.quantize`` runs it, so new algorithms (GPTQ, AWQ, SmoothQuant, ...) need
+no change to the transform. ``check_args`` lets an algorithm reject bad
+``algorithm_args`` when the recipe is loaded rather than halfway through a model.
+
+>>> "rtn" in names()
+True
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import Any
+
+Algorithm = Callable[..., Any]
+ArgsCheck = Callable[[Mapping[str, Any]], None]
+
+_REGISTRY: dict[str, tuple[Algorithm, ArgsCheck | None]] = {}
+
+
+def register(name: str, *, check_args: ArgsCheck | None = None):
+    """Decorator registering an algorithm under ``name``.
+
+    Args:
+      name: the name recipes use (``algorithm: name``).
+      check_args: optional ``fn(algorithm_args)`` raising ValueError on bad settings;
+        run when a rule naming this algorithm is built.
+
+    >>> @register("identity-demo")
+    ... def _identity(weight, rule, *, path, calibration=None):
+    ...     return weight
+    >>> get("identity-demo") is _identity
+    True
+    """
+    if not isinstance(name, str) or not name:
+        raise ValueError(f"algorithm name must be a non-empty string, got {name!r}")
+
+    def decorate(fn: Algorithm) -> Algorithm:
+        if name in _REGISTRY and _REGISTRY[name][0] is not fn:
+            raise ValueError(f"algorithm {name!r} is already registered")
+        _REGISTRY[name] = (fn, check_args)
+        return fn
+
+    return decorate
+
+
+def get(name: str) -> Algorithm:
+    """The algorithm registered as ``name``; ValueError listing the known ones otherwise."""
+    try:
+        return _REGISTRY[name][0]
+    except (KeyError, TypeError):
+        raise ValueError(f"unknown algorithm {name!r}; known: {', '.join(names())}") from None
+
+
+def names() -> list[str]:
+    """Registered algorithm names, sorted."""
+    return sorted(_REGISTRY)
+
+
+def check_args(name: str, args: Mapping[str, Any]) -> None:
+    """Runs ``name``'s argument check on ``args`` (no-op for algorithms without one)."""
+    get(name)
+    check = _REGISTRY[name][1]
+    if check is not None:
+        check(args)
+
+
+from jquant.algorithms import rtn as rtn  # noqa: E402  (registers "rtn")

@@ -1,0 +1,229 @@
+"""Memory math: what a parameter tree weighs, and what serving it needs.
+
+The serving estimate follows the usual back-of-the-envelope rule:
+
+    total = weights + KV cache + overhead
+    KV cache = 2 (K and V) * layers * batch * context * kv_heads * head_dim * bytes/elem
+               (+ one scale per token, head and layer for a quantized cache)
+    overhead = ``overhead`` (a fraction, default 10%) * (weights + KV cache)
+
+``fits_on`` compares ``total`` with the memory of one accelerator of each kind.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+from collections.abc import Mapping
+
+import jax
+import numpy as np
+
+from jquant.qarray import QArray
+from jquant.transform import _is_leaf, path_str
+
+GB = 1e9
+
+# Memory of one device, in bytes (vendor figures, decimal gigabytes).
+ACCELERATORS: dict[str, float] = {
+    "H100 80GB": 80 * GB,
+    "A100 80GB": 80 * GB,
+    "A100 40GB": 40 * GB,
+    "L4 24GB": 24 * GB,
+    "RTX 4090 24GB": 24 * GB,
+    "TPU v5e (16GB/chip)": 16 * GB,
+    "TPU v6e (32GB/chip)": 32 * GB,
+}
+
+# Bytes per element of a KV cache, and whether it carries per-token scales.
+KV_FORMATS: dict[str, tuple[float, bool]] = {
+    "float32": (4, False),
+    "bfloat16": (2, False),
+    "float16": (2, False),
+    "fp8": (1, True),
+    "int8": (1, True),
+    "int4": (0.5, True),
+}
+# A quantized cache keeps one bf16 scale per 64 elements of each token's K and V vectors
+# (one per head at head_dim 64).
+_KV_SCALE_GROUP, _KV_SCALE_BYTES = 64, 2
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class FormatUsage:
+    """Bytes held by all leaves of one format."""
+
+    # Number of leaves (tensors) in this format.
+    tensors: int
+    # Logical elements (weights) they hold.
+    elements: int
+    # True storage bytes (packed values + scales + zero points).
+    nbytes: int
+
+    @property
+    def bits_per_weight(self) -> float:
+        return 8.0 * self.nbytes / max(self.elements, 1)
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class MemoryReport:
+    """Weights by format plus the serving estimate for one batch/context setting."""
+
+    # Format name ("int4", "float32", ...) → usage. Float leaves are keyed by dtype.
+    by_format: dict[str, FormatUsage]
+    # Batch size and context length the KV cache is sized for.
+    batch: int
+    context: int
+    # KV cache format (a key of KV_FORMATS) and its bytes.
+    kv_cache: str
+    kv_cache_bytes: int
+    # Layers and K/V width (kv_heads * head_dim) the cache was sized from; 0 if unknown.
+    layers: int
+    kv_width: int
+    # Fraction of (weights + KV cache) added for activations, workspace and runtime.
+    overhead: float
+
+    @property
+    def weight_bytes(self) -> int:
+        return sum(u.nbytes for u in self.by_format.values())
+
+    @property
+    def weight_elements(self) -> int:
+        return sum(u.elements for u in self.by_format.values())
+
+    @property
+    def bits_per_weight(self) -> float:
+        return 8.0 * self.weight_bytes / max(self.weight_elements, 1)
+
+    @property
+    def overhead_bytes(self) -> int:
+        return int(self.overhead * (self.weight_bytes + self.kv_cache_bytes))
+
+    @property
+    def total_bytes(self) -> int:
+        return self.weight_bytes + self.kv_cache_bytes + self.overhead_bytes
+
+    @property
+    def fits_on(self) -> dict[str, bool]:
+        return {name: self.total_bytes <= cap for name, cap in ACCELERATORS.items()}
+
+    def format(self) -> str:
+        """A readable multi-line summary."""
+        lines = [f"{'format':<12}{'tensors':>8}{'weights':>14}{'MB':>10}{'bits/w':>8}"]
+        for name, u in sorted(self.by_format.items(), key=lambda kv: -kv[1].nbytes):
+            lines.append(
+                f"{name:<12}{u.tensors:>8}{u.elements:>14,}{u.nbytes / 1e6:>10.2f}"
+                f"{u.bits_per_weight:>8.3f}"
+            )
+        lines.append(
+            f"{'total':<12}{sum(u.tensors for u in self.by_format.values()):>8}"
+            f"{self.weight_elements:>14,}{self.weight_bytes / 1e6:>10.2f}"
+            f"{self.bits_per_weight:>8.3f}"
+        )
+        kv = (
+            f"KV cache ({self.kv_cache}, batch {self.batch}, context {self.context}, "
+            f"{self.layers} layers x {self.kv_width} K/V width): "
+            f"{self.kv_cache_bytes / 1e6:.2f} MB"
+        )
+        lines += [
+            "",
+            kv if self.layers else "KV cache: unknown (no attention layers recognised)",
+            f"overhead ({self.overhead:.0%}): {self.overhead_bytes / 1e6:.2f} MB",
+            f"total: {self.total_bytes / 1e9:.3f} GB",
+            "fits on: " + ", ".join(
+                f"{name} {'yes' if ok else 'no'}" for name, ok in self.fits_on.items()),
+        ]  # fmt: skip
+        return "\n".join(lines)
+
+
+def _leaf_usage(leaf) -> tuple[str, int, int]:
+    leaf = getattr(leaf, "get_value", lambda: leaf)()  # an NNX Variable holds its array
+    if isinstance(leaf, QArray):
+        return leaf.qtype, leaf.size, leaf.nbytes
+    shape = getattr(leaf, "shape", None)
+    if shape is None:
+        return "", 0, 0
+    dtype = np.dtype(leaf.dtype)
+    return dtype.name, math.prod(shape), math.prod(shape) * dtype.itemsize
+
+
+_K_PROJ = re.compile(r"(?:^|/)layers/(\d+)/.*k_proj/kernel$")
+
+
+def _infer_kv(paths_and_leaves) -> tuple[int, int]:
+    """(layers, kv_width) from ``layers/{i}/.../k_proj/kernel`` leaves, or (0, 0)."""
+    layers, width = set(), 0
+    for path, leaf in paths_and_leaves:
+        m = _K_PROJ.search(path)
+        if m:
+            layers.add(int(m.group(1)))
+            width = leaf.shape[-1]
+    return len(layers), width
+
+
+def memory_report(
+    params,
+    *,
+    batch: int = 1,
+    context: int = 4096,
+    kv_cache: str = "bfloat16",
+    layers: int | None = None,
+    kv_width: int | None = None,
+    config: Mapping | None = None,
+    overhead: float = 0.1,
+) -> MemoryReport:
+    """Weighs a parameter tree (QArrays at their true storage) and sizes serving it.
+
+    Args:
+      params: a Linen dict, an NNX State or any pytree of arrays and QArrays.
+      batch: sequences served at once.
+      context: tokens per sequence held in the KV cache.
+      kv_cache: KV cache format, one of ``KV_FORMATS``.
+      layers, kv_width: attention layers and K/V width (kv_heads * head_dim); taken
+        from ``config`` (HF keys) if given, else inferred from ``layers/{i}/.../k_proj``.
+      config: a Hugging Face style config dict (num_hidden_layers,
+        num_key_value_heads, head_dim or hidden_size / num_attention_heads).
+      overhead: fraction of (weights + KV cache) added for runtime overhead.
+
+    >>> r = memory_report({"w": np.zeros((4096, 4096), np.float16)})
+    >>> r.weight_bytes, r.by_format["float16"].bits_per_weight
+    (33554432, 16.0)
+    """
+    if kv_cache not in KV_FORMATS:
+        raise ValueError(f"kv_cache={kv_cache!r} is unknown; use one of {', '.join(KV_FORMATS)}")
+    for field, value in (("batch", batch), ("context", context)):
+        if not isinstance(value, int) or value < 1:
+            raise ValueError(f"{field} must be a positive integer, got {value!r}")
+    if not 0 <= overhead < 10:
+        raise ValueError(f"overhead={overhead!r} must be a fraction >= 0")
+    flat, _ = jax.tree_util.tree_flatten_with_path(params, is_leaf=_is_leaf)
+    leaves = [(path_str(keys), leaf) for keys, leaf in flat]
+    usage: dict[str, list[int]] = {}
+    for _, leaf in leaves:
+        name, elements, nbytes = _leaf_usage(leaf)
+        if elements:
+            u = usage.setdefault(name, [0, 0, 0])
+            u[0], u[1], u[2] = u[0] + 1, u[1] + elements, u[2] + nbytes
+    if config is not None:
+        heads = config["num_attention_heads"]
+        head_dim = config.get("head_dim") or config["hidden_size"] // heads
+        layers = config["num_hidden_layers"] if layers is None else layers
+        kv_width = config.get("num_key_value_heads", heads) * head_dim if kv_width is None else (
+            kv_width)
+    if layers is None or kv_width is None:
+        inferred = _infer_kv(leaves)
+        layers = inferred[0] if layers is None else layers
+        kv_width = inferred[1] if kv_width is None else kv_width
+    elem_bytes, scaled = KV_FORMATS[kv_cache]
+    kv_elems = 2 * layers * batch * context * kv_width
+    kv_bytes = int(kv_elems * elem_bytes)
+    if scaled:
+        kv_bytes += -(-kv_elems // _KV_SCALE_GROUP) * _KV_SCALE_BYTES
+    return MemoryReport(
+        by_format={k: FormatUsage(tensors=v[0], elements=v[1], nbytes=v[2])
+                   for k, v in usage.items()},
+        batch=batch, context=context, kv_cache=kv_cache, kv_cache_bytes=kv_bytes,
+        layers=layers, kv_width=kv_width, overhead=overhead,
+    )  # fmt: skip
+

@@ -1,0 +1,244 @@
+"""``quantize``: the tree rewrite from float parameters to QArrays.
+
+``quantize(params, recipe)`` walks any parameter tree — a Flax Linen param dict
+(``{"params": {"Dense_0": {"kernel": ...}}}``, FrozenDict too), a Flax NNX
+``nnx.State`` (whose leaves are ``nnx.Variable``s) or nested dicts/lists of
+arrays — and returns the same structure with every leaf that a rule quantizes
+replaced by a QArray (inside a new Variable of the same type for NNX, so
+``nnx.merge(graphdef, qstate)`` works). Every other leaf is returned as the very
+same object. It runs on the host, leaf by leaf: do not ``jit`` it.
+
+Paths join dict keys (and NNX state keys) with ``"/"`` and write list indices as
+numbers: ``"params/Dense_0/kernel"``, ``"layers/3/mlp/down_proj/kernel"``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from jquant import algorithms
+from jquant.qarray import QArray
+from jquant.recipe import Recipe, Rule
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class ReportRow:
+    """What ``quantize`` did to one array leaf."""
+
+    # Parameter path, e.g. "params/Dense_0/kernel".
+    path: str
+    # Logical shape.
+    shape: tuple[int, ...]
+    # Format name, or "skip" (a rule or min_size kept it float), or "float" (no rule / rank < 2).
+    qtype: str
+    # Group size of the QArray (None: per-channel / per-tensor / not quantized).
+    group_size: int | None
+    # Storage bits per element, scales and zero points included.
+    bits_per_weight: float
+    # Storage bytes after quantize.
+    nbytes: int
+    # Storage bytes of the leaf as given.
+    float_nbytes: int
+    # ||w - dequantize(q)||_F / ||w||_F (0.0 for leaves left float).
+    rel_error: float
+    # Algorithm that produced the QArray, or None.
+    algorithm: str | None
+
+
+def quantize(
+    params,
+    recipe: Recipe | str,
+    *,
+    calibration: Mapping[str, Any] | Callable[[str], Any] | None = None,
+    report: bool = False,
+):
+    """Returns ``params`` with the weights that ``recipe`` selects replaced by QArrays.
+
+    Args:
+      params: a Linen param dict, an ``nnx.State``, or nested dicts/lists of arrays.
+      recipe: a :class:`Recipe`, a shipped recipe name or a path to a YAML file.
+      calibration: per-parameter data for calibrated algorithms: a mapping from
+        path to data, or a function of the path; None for none. Each algorithm
+        receives the entry for its path (or None).
+      report: also return one :class:`ReportRow` per array leaf.
+
+    Returns:
+      The new tree, or ``(tree, rows)`` when ``report`` is true.
+
+    Raises:
+      ValueError: naming the parameter path and the rule, for a weight that cannot be
+        quantized as asked (integer dtype, NaN/inf, bad axis), or a rule that matches
+        nothing under ``require_match``.
+
+    >>> params = {"params": {"Dense_0": {"kernel": jnp.ones((256, 4)), "bias": jnp.zeros(4)}}}
+    >>> q = quantize(params, "w4a16-rtn-g128")
+    >>> dense = q["params"]["Dense_0"]
+    >>> dense["kernel"].qtype, dense["bias"] is params["params"]["Dense_0"]["bias"]
+    ('int4', True)
+    """
+    recipe = recipe if isinstance(recipe, Recipe) else Recipe.load(recipe)
+    flat, treedef = jax.tree_util.tree_flatten_with_path(params, is_leaf=_is_leaf)
+    paths = [path_str(keys) for keys, _ in flat]
+    recipe.check_matches(paths)
+    leaves, rows = [], []
+    for path, (_, leaf) in zip(paths, flat):
+        new, row = _quantize_leaf(path, leaf, recipe, calibration, report)
+        leaves.append(new)
+        if row is not None:
+            rows.append(row)
+    tree = jax.tree_util.tree_unflatten(treedef, leaves)
+    return (tree, rows) if report else tree
+
+
+def path_str(keys) -> str:
+    """A JAX key path as a recipe path: ``(DictKey('a'), SequenceKey(0))`` → ``"a/0"``.
+
+    >>> path_str(jax.tree_util.tree_flatten_with_path({"a": [1]})[0][0][0])
+    'a/0'
+    """
+    parts = []
+    for k in keys:
+        if isinstance(k, jax.tree_util.DictKey):
+            parts.append(str(k.key))
+        elif isinstance(k, jax.tree_util.SequenceKey):
+            parts.append(str(k.idx))
+        elif isinstance(k, jax.tree_util.GetAttrKey):
+            parts.append(k.name)
+        elif isinstance(k, jax.tree_util.FlattenedIndexKey):
+            parts.append(str(k.key))
+        else:
+            parts.append(str(k))
+    return "/".join(parts)
+
+
+def _is_leaf(x) -> bool:
+    return isinstance(x, nnx.Variable | QArray)
+
+
+def _unwrap(leaf):
+    return leaf.get_value() if isinstance(leaf, nnx.Variable) else leaf
+
+
+def _rewrap(leaf, value):
+    return leaf.replace(value=value) if isinstance(leaf, nnx.Variable) else value
+
+
+def _is_array(x) -> bool:
+    """A numeric array (PRNG key arrays and other extended dtypes are not weights)."""
+    if isinstance(x, QArray) or not (hasattr(x, "shape") and hasattr(x, "dtype")):
+        return False
+    return not jax.dtypes.issubdtype(x.dtype, jax.dtypes.extended)
+
+
+def _quantize_leaf(path, leaf, recipe, calibration, report):
+    """(new leaf, report row or None) for one leaf."""
+    value = _unwrap(leaf)
+    if isinstance(value, QArray):  # already quantized: leave it, report what it is
+        return leaf, _row(path, value, value, None) if report else None
+    if not _is_array(value):
+        return leaf, None
+    rule = recipe.match(path)
+    status = _decide(rule, value)
+    if status is not None:
+        return leaf, _row(path, value, value, None, status=status) if report else None
+    resolved = _resolve(rule, path, value, recipe)
+    data = calibration(path) if callable(calibration) else (calibration or {}).get(path)
+    try:
+        q = algorithms.get(resolved.algorithm)(value, resolved, path=path, calibration=data)
+    except ValueError as e:
+        msg = str(e) if path in str(e) else f"{path}: {e}"
+        raise ValueError(f"{msg} [{rule.where} of recipe {recipe.name!r}]") from None
+    return _rewrap(leaf, q), _row(path, value, q, resolved.algorithm) if report else None
+
+
+def _decide(rule: Rule | None, value) -> str | None:
+    """"float"/"skip" when the leaf stays as it is, None when it is quantized."""
+    if rule is None or value.ndim < 2:
+        return "float"
+    if rule.skip or math.prod(value.shape) < rule.min_size:
+        return "skip"
+    return None
+
+
+def _resolve(rule: Rule, path: str, value, recipe: Recipe) -> Rule:
+    try:
+        return rule.resolve(path, value.ndim)
+    except ValueError as e:
+        raise ValueError(f"{e} [recipe {recipe.name!r}]") from None
+
+
+def _row(path, value, q, algorithm, *, status=None) -> ReportRow:
+    float_nbytes = _nbytes(value)
+    if isinstance(q, QArray):
+        shape, nbytes = tuple(q.shape), q.nbytes
+        err = _rel_error(value, q) if value is not q else float("nan")
+        return ReportRow(
+            path=path, shape=shape, qtype=q.qtype, group_size=q.group_size,
+            bits_per_weight=q.bits_per_weight, nbytes=nbytes,
+            float_nbytes=float_nbytes if value is not q else nbytes, rel_error=err,
+            algorithm=algorithm,
+        )  # fmt: skip
+    size = math.prod(value.shape)
+    return ReportRow(
+        path=path, shape=tuple(value.shape), qtype=status, group_size=None,
+        bits_per_weight=8.0 * float_nbytes / size if size else 0.0, nbytes=float_nbytes,
+        float_nbytes=float_nbytes, rel_error=0.0, algorithm=None,
+    )  # fmt: skip
+
+
+def _nbytes(x) -> int:
+    if isinstance(x, QArray):
+        return x.nbytes
+    return math.prod(x.shape) * np.dtype(x.dtype).itemsize
+
+
+def _rel_error(w, q: QArray) -> float:
+    w = jnp.asarray(w, jnp.float32)
+    err = float(jnp.linalg.norm((w - q.dequantize(jnp.float32)).ravel()))
+    norm = float(jnp.linalg.norm(w.ravel()))
+    if norm == 0.0:
+        return 0.0 if err == 0.0 else math.inf
+    return err / norm
+
+
+def format_report(rows: list[ReportRow]) -> str:
+    """A readable table of report rows, with a total line.
+
+    >>> _, rows = quantize({"w": jnp.ones((64, 8))}, "w8a16", report=True)
+    >>> print(format_report(rows).splitlines()[0].split())
+    ['path', 'shape', 'qtype', 'group', 'bits/w', 'bytes', 'float', 'rel_err', 'algorithm']
+    """
+    header = ("path", "shape", "qtype", "group", "bits/w", "bytes", "float", "rel_err",
+              "algorithm")
+    body = [
+        (r.path, "x".join(map(str, r.shape)) or "()", r.qtype, "-" if r.group_size is None
+         else str(r.group_size), f"{r.bits_per_weight:.3f}", _human(r.nbytes),
+         _human(r.float_nbytes), f"{r.rel_error:.2e}", r.algorithm or "-")
+        for r in rows
+    ]
+    total, total_float = sum(r.nbytes for r in rows), sum(r.float_nbytes for r in rows)
+    n = sum(math.prod(r.shape) for r in rows)
+    ratio = f"{total_float / total:.2f}x smaller" if total else ""
+    body.append(("total", f"{n} params", "", "", f"{8.0 * total / n:.3f}" if n else "-",
+                 _human(total), _human(total_float), "", ratio))
+    widths = [max(len(line[i]) for line in [header, *body]) for i in range(len(header))]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(line, widths)).rstrip()
+             for line in [header, *body]]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    lines.insert(len(lines) - 1, lines[1])
+    return "\n".join(lines)
+
+
+def _human(n: int) -> str:
+    for unit, size in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if n >= size:
+            return f"{n / size:.2f} {unit}"
+    return f"{n} B"

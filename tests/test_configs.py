@@ -1,0 +1,103 @@
+"""The shipped recipes: they load, round-trip, and select the right parameters of both
+jquant's Llama layout and stock Flax models."""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jquant.qarray import QArray
+from jquant.recipe import Recipe
+from jquant.transform import quantize
+
+SHIPPED = ["fp8", "mixed", "nf4", "w4a16-rtn-g128", "w4a16-rtn-g64", "w4a16-uint4-g64",
+           "w8a16", "w8a8"]  # fmt: skip
+
+# recipe → (qtype, group_size, activation, double-quantized) of an MLP projection.
+EXPECT = {
+    "w8a16": ("int8", None, None, False),
+    "w4a16-rtn-g128": ("int4", 128, None, False),
+    "w4a16-rtn-g64": ("int4", 64, None, False),
+    "w4a16-uint4-g64": ("uint4", 64, None, False),
+    "w8a8": ("int8", None, "int8", False),
+    "fp8": ("fp8_e4m3", None, "fp8_e4m3", False),
+    "nf4": ("nf4", 64, None, True),
+    "mixed": ("int4", 128, None, False),
+}
+
+D, F, V, LAYERS = 64, 96, 80, 2
+
+
+def llama_params():
+    """A tiny tree with the parameter paths of jquant's Llama model (tied head omitted)."""
+    rng = np.random.default_rng(0)
+    normal = lambda *shape: jnp.asarray(rng.standard_normal(shape, np.float32))
+    attn = {f"{p}_proj": {"kernel": normal(D, D), "bias": jnp.zeros(D)} for p in "qkvo"}
+    mlp = {"gate_proj": {"kernel": normal(D, F)}, "up_proj": {"kernel": normal(D, F)},
+           "down_proj": {"kernel": normal(F, D)}}  # fmt: skip
+    layer = lambda: {"self_attn": attn, "mlp": mlp, "input_layernorm": {"scale": jnp.ones(D)},
+                     "post_attention_layernorm": {"scale": jnp.ones(D)}}  # fmt: skip
+    return {"embed_tokens": {"embedding": normal(V, D)},
+            "layers": {i: layer() for i in range(LAYERS)},
+            "norm": {"scale": jnp.ones(D)}, "lm_head": {"kernel": normal(D, V)}}  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def llama():
+    return llama_params()
+
+
+def test_list_shipped():
+    assert Recipe.list_shipped() == SHIPPED
+
+
+@pytest.mark.parametrize("name", SHIPPED)
+def test_shipped_loads_and_round_trips(name):
+    r = Recipe.load(name)
+    assert r.name == name and r.description
+    assert Recipe.from_yaml(r.to_yaml()) == r
+    assert r.rules[0].skip and r.rules[0].matches("embed_tokens/embedding")
+    assert r.rules[1].skip and r.rules[1].matches("lm_head/kernel")
+
+
+@pytest.mark.parametrize("name", SHIPPED)
+def test_shipped_on_llama_paths(name, llama):
+    q = quantize(llama, name)
+    assert q["embed_tokens"]["embedding"] is llama["embed_tokens"]["embedding"]
+    assert q["lm_head"]["kernel"] is llama["lm_head"]["kernel"]
+    assert q["norm"]["scale"] is llama["norm"]["scale"]
+    qtype, group, act, dq = EXPECT[name]
+    for i in range(LAYERS):
+        layer, qlayer = llama["layers"][i], q["layers"][i]
+        assert qlayer["input_layernorm"]["scale"] is layer["input_layernorm"]["scale"]
+        assert qlayer["self_attn"]["q_proj"]["bias"] is layer["self_attn"]["q_proj"]["bias"]
+        for proj in ("gate_proj", "up_proj", "down_proj"):
+            w = qlayer["mlp"][proj]["kernel"]
+            assert isinstance(w, QArray) and w.axis == -2
+            assert (w.qtype, w.group_size, w.activation) == (qtype, group, act)
+            assert isinstance(w.scale, QArray) == dq
+        attn_q = qlayer["self_attn"]["o_proj"]["kernel"]
+        assert attn_q.qtype == ("fp8_e4m3" if name == "mixed" else qtype)
+    assert sum(isinstance(x, QArray) for x in jax.tree.leaves(q, is_leaf=is_q)) == 7 * LAYERS
+
+
+def is_q(x):
+    return isinstance(x, QArray)
+
+
+class Stock(nn.Module):
+    @nn.compact
+    def __call__(self, ids):
+        h = nn.Embed(V, D)(ids)
+        return nn.Dense(V, name="lm_head")(nn.Dense(D)(nn.Dense(F)(h)))
+
+
+@pytest.mark.parametrize("name", ["w4a16-rtn-g128", "mixed", "fp8"])
+def test_shipped_on_stock_linen(name):
+    params = Stock().init(jax.random.key(0), jnp.zeros((1, 2), jnp.int32))
+    q = quantize(params, name)["params"]
+    assert q["Embed_0"]["embedding"] is params["params"]["Embed_0"]["embedding"]
+    assert q["lm_head"]["kernel"] is params["params"]["lm_head"]["kernel"]
+    assert isinstance(q["Dense_0"]["kernel"], QArray) and isinstance(q["Dense_1"]["kernel"], QArray)
+    assert q["Dense_0"]["bias"] is params["params"]["Dense_0"]["bias"]

@@ -1,0 +1,74 @@
+"""Memory report: true storage bytes and the serving estimate."""
+
+import numpy as np
+import pytest
+
+from jquant.memory import ACCELERATORS, memory_report
+from jquant.qarray import quantize_array
+
+
+def _llama_like(layers=2, d=256, kv=64):
+    return {
+        "layers": {
+            str(i): {
+                "self_attn": {
+                    "k_proj": {"kernel": np.zeros((d, kv), np.float32)},
+                    "q_proj": {"kernel": np.zeros((d, d), np.float32)},
+                }
+            }
+            for i in range(layers)
+        }
+    }
+
+
+def test_int4_g128_bf16_4096_square_bytes():
+    w = np.random.default_rng(0).standard_normal((4096, 4096)).astype(np.float32)
+    report = memory_report({"w": quantize_array(w, "int4", group_size=128)})
+    assert report.weight_bytes == 4096 * 4096 // 2 + 4096 * 32 * 2
+    assert report.by_format["int4"].bits_per_weight == pytest.approx(4.125)
+    assert report.by_format["int4"].tensors == 1
+
+
+def test_float_and_quantized_leaves_are_counted_apart():
+    params = {"a": np.zeros((64, 64), np.float16), "b": quantize_array(np.ones((64, 64),
+                                                                       np.float32), "int8")}
+    r = memory_report(params)
+    assert r.by_format["float16"].nbytes == 64 * 64 * 2
+    assert r.by_format["int8"].nbytes == 64 * 64 + 64 * 2  # codes + one bf16 scale per column
+    assert r.weight_elements == 2 * 64 * 64
+
+
+def test_kv_cache_math_from_inferred_layers():
+    r = memory_report(_llama_like(layers=3, kv=64), batch=2, context=100, kv_cache="bfloat16",
+                      overhead=0.0)
+    assert (r.layers, r.kv_width) == (3, 64)
+    assert r.kv_cache_bytes == 2 * 3 * 2 * 100 * 64 * 2
+    assert r.total_bytes == r.weight_bytes + r.kv_cache_bytes
+
+
+def test_kv_cache_from_config_and_quantized_cache_scales():
+    config = {"num_hidden_layers": 30, "num_attention_heads": 9, "num_key_value_heads": 3,
+              "hidden_size": 576}
+    r = memory_report({}, batch=8, context=8192, kv_cache="int8", config=config, overhead=0)
+    elems = 2 * 30 * 8 * 8192 * 3 * 64
+    assert r.kv_cache_bytes == elems + elems // 64 * 2
+
+
+def test_fits_on_compares_total_with_each_device():
+    big = {"w": np.zeros((1,), np.float32)}
+    r = memory_report(big, batch=1, context=90, layers=80, kv_width=1024 * 1024,
+                      kv_cache="float32", overhead=0)
+    assert r.total_bytes > 40e9 and r.total_bytes < 80e9
+    assert r.fits_on["H100 80GB"] and not r.fits_on["A100 40GB"]
+    assert set(r.fits_on) == set(ACCELERATORS)
+    assert "fits on: H100 80GB yes" in r.format()
+
+
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [(dict(kv_cache="int3"), "kv_cache='int3' is unknown"), (dict(batch=0), "batch"),
+     (dict(context=-1), "context"), (dict(overhead=-0.5), "overhead")],
+)
+def test_bad_arguments(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        memory_report({}, **kwargs)
