@@ -2,35 +2,311 @@
 
 Each op takes the weight in its *logical* layout (a Dense kernel is ``(K, N)``)
 whatever its storage, so the same model code runs float and quantized params.
-For a QArray the XLA path dequantizes in storage layout (contraction axis last)
-and contracts there, so no transposed float copy of the weight is made.
+
+For a QArray every op reduces to ``dot_general`` against the weight in **storage
+layout** (contraction axis last, see ``jquant.qarray``), so no transposed float
+copy of the weight is ever made. When the contraction is a plain matmul (one
+contracted axis, no batch axes) it goes through a single internal function,
+``_matmul(x2d, w2d)``, which is where fused kernels plug in; everything else
+dequantizes and calls ``lax.dot_general``.
+
+Numerics of the XLA path: the weight is dequantized to the activation dtype and
+the dot accumulates in float32 (``preferred_element_type``), so bf16 inputs are
+not summed in bf16. A QArray with ``activation`` set quantizes the activations
+per token first (see ``jquant._act``).
+
+Which path runs is ``"auto"`` (a fused kernel where one applies, else XLA),
+``"xla"`` or ``"kernel"`` (fail rather than fall back): ``set_matmul_path`` sets it,
+else the ``JQUANT_MATMUL`` environment variable, else ``"auto"``.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import functools
+import math
+import os
+
 import jax
 import jax.numpy as jnp
+import numpy as np
 
+from jquant import _act
 from jquant.qarray import QArray
 
+MATMUL_PATHS = ("auto", "xla", "kernel")
+_matmul_path: str | None = None
 
-def _check_contraction(x, w, name: str):
-    k = w.shape[0]
-    if x.shape[-1] != k:
+
+def set_matmul_path(path: str | None) -> str | None:
+    """Chooses how quantized matmuls run: ``"auto"``, ``"xla"`` or ``"kernel"``.
+
+    ``None`` clears the choice (back to ``$JQUANT_MATMUL``, else ``"auto"``). The
+    choice is read while tracing, so it applies to functions jitted afterwards.
+
+    Args:
+      path: ``"auto"`` (a fused kernel where one applies, else XLA), ``"xla"``
+        (always dequantize-then-dot), ``"kernel"`` (a fused kernel or a ValueError).
+
+    Returns:
+      The previous setting, so a caller can restore it.
+
+    >>> old = set_matmul_path("xla"); matmul_path()
+    'xla'
+    >>> _ = set_matmul_path(old)
+    """
+    global _matmul_path
+    if path is not None and path not in MATMUL_PATHS:
+        raise ValueError(f"set_matmul_path: unknown path {path!r}; use one of {MATMUL_PATHS}")
+    old, _matmul_path = _matmul_path, path
+    return old
+
+
+def matmul_path() -> str:
+    """The matmul path in effect: ``set_matmul_path``'s, else ``$JQUANT_MATMUL``, else auto."""
+    path = _matmul_path or os.environ.get("JQUANT_MATMUL") or "auto"
+    if path not in MATMUL_PATHS:
+        raise ValueError(f"JQUANT_MATMUL={path!r} is not one of {MATMUL_PATHS}")
+    return path
+
+
+# ---- the dispatch hook ------------------------------------------------------------
+
+
+def _kernel_matmul(x, w: QArray, out_dtype, precision):
+    """The fused kernel for ``x @ w``, or None where none applies.
+
+    Issue 5 wires ``jquant.kernels.quantized_matmul`` here: return None unless its
+    ``can_use_*`` predicate accepts (platform, qtype, group size, shapes, activation),
+    else call ``quantized_matmul(x, w.qvalue, w.scales(), w.zero_point, qtype=w.qtype,
+    k=w.k, group_size=w.group_size)`` and cast to ``out_dtype``.
+    """
+    del x, w, out_dtype, precision
+    return None
+
+
+def _matmul(x, w: QArray, *, out_dtype, precision=None):
+    """``x (M, K) @ w`` for a 2-D QArray stored as ``(N, Kbytes)``: the dispatch point."""
+    path = matmul_path()
+    if path != "xla":
+        y = _kernel_matmul(x, w, out_dtype, precision)
+        if y is not None:
+            return y
+        if path == "kernel":
+            raise ValueError(
+                f"matmul path is 'kernel' but no fused kernel applies to x {tuple(x.shape)} "
+                f"{jnp.dtype(x.dtype).name} @ {w!r}; use set_matmul_path('auto')"
+            )
+    return _matmul_xla(x, w, out_dtype=out_dtype, precision=precision)
+
+
+def _int8_epilogue_applies(w: QArray) -> bool:
+    return (
+        w.activation == "int8" and w.qtype == "int8" and w.zero_point is None
+        and w.num_groups == 1
+    )  # fmt: skip
+
+
+def _matmul_xla(x, w: QArray, *, out_dtype, precision=None):
+    if _int8_epilogue_applies(w):
+        return _act.int8_matmul(x, w.qvalue, w.scales()).astype(out_dtype)
+    if w.activation is not None:
+        x = _act.fake_quant(x, w.activation, (-1,))
+    if w.qvalue.shape[0] < 2 * _CPU_BLOCK_N or _rows_sharded(w.qvalue):
+        return _dequant_dot(x, w, precision).astype(out_dtype)
+    y = jax.lax.platform_dependent(
+        x, w, cpu=functools.partial(_dequant_dot_blocked, precision=precision),
+        default=functools.partial(_dequant_dot, precision=precision),
+    )  # fmt: skip
+    return y.astype(out_dtype)
+
+
+# Output rows dequantized at a time on CPU. Dequantizing the whole (N, K) weight and
+# then dotting makes XLA's CPU backend write and re-read a float copy of it (~10x
+# slower than an f32 dot for a decode matvec); row blocks of 256 stay in cache and
+# match or beat the f32 dot (DESIGN.md, Platforms).
+_CPU_BLOCK_N = 256
+
+
+def _rows_sharded(a) -> bool:
+    # lax.map cannot scan over a sharded axis; a weight split over devices by its
+    # output rows takes the unblocked path (sharded setups have accelerators anyway).
+    spec = getattr(jax.typeof(a).sharding, "spec", None)
+    return bool(spec) and spec[0] is not None
+
+
+def _dequant_dot(x, w: QArray, precision=None):
+    """``x (M, K) @ w.T`` for w stored ``(N, K)``, accumulated in float32."""
+    return jax.lax.dot_general(
+        x, w.dequantize_stored(x.dtype), (((1,), (1,)), ((), ())), precision=precision,
+        preferred_element_type=_accumulator(x.dtype),
+    )  # fmt: skip
+
+
+def _dequant_dot_blocked(x, w: QArray, precision=None):
+    """:func:`_dequant_dot` one block of ``_CPU_BLOCK_N`` output rows at a time."""
+    n, bn = w.qvalue.shape[0], _CPU_BLOCK_N
+    nb = n // bn
+    scale = w.scales()
+
+    def rows(a, start, stop):  # per-tensor scales (one row) serve every block
+        return None if a is None else (a[start:stop] if a.shape[0] > 1 else a)
+
+    def blocked(a):
+        return None if a is None or a.shape[0] == 1 else a[: nb * bn].reshape(nb, bn, -1)
+
+    def one(blocks):
+        v, s, z = blocks
+        blk = dataclasses.replace(
+            w, qvalue=v, scale=scale if s is None else s,
+            zero_point=w.zero_point if z is None else z,
+        )  # fmt: skip
+        return _dequant_dot(x, blk, precision)
+
+    out = jax.lax.map(one, (blocked(w.qvalue), blocked(scale), blocked(w.zero_point)))
+    y = jnp.moveaxis(out, 0, 1).reshape(x.shape[0], nb * bn)
+    if n % bn:
+        tail = dataclasses.replace(
+            w, qvalue=w.qvalue[nb * bn :], scale=rows(scale, nb * bn, n),
+            zero_point=rows(w.zero_point, nb * bn, n),
+        )  # fmt: skip
+        y = jnp.concatenate([y, _dequant_dot(x, tail, precision)], axis=1)
+    return y
+
+
+def _accumulator(dtype):
+    return jnp.float32 if np.dtype(dtype).itemsize <= 4 else dtype
+
+
+def _as_2d(w: QArray) -> QArray:
+    """The same QArray with its non-contraction axes merged: storage ``(N, Kbytes)``."""
+    if w.qvalue.ndim == 2:
+        return w
+    scale = w.scales()  # a double-quantized scale cannot be reshaped; its values can
+
+    def flat(a):
+        return None if a is None else a.reshape(-1, a.shape[-1])
+
+    return dataclasses.replace(
+        w, qvalue=flat(w.qvalue), scale=flat(scale), zero_point=flat(w.zero_point), axis=-2
+    )
+
+
+# ---- validation -------------------------------------------------------------------
+
+
+def _describe(w) -> str:
+    if isinstance(w, QArray):
+        return f"QArray {w.qtype} of shape {tuple(w.shape)} quantized along axis {w.axis}"
+    return f"array of shape {tuple(w.shape)}"
+
+
+def _check_dims(op, x, w, dimension_numbers):
+    (lc, rc), (lb, rb) = dimension_numbers
+    for a, b in zip((*lc, *lb), (*rc, *rb)):
+        if not (0 <= a < x.ndim and 0 <= b < w.ndim) or x.shape[a] != w.shape[b]:
+            raise ValueError(
+                f"{op}: x of shape {tuple(x.shape)} (axis {a}) does not match the weight "
+                f"({_describe(w)}) on axis {b}; contracting axes {tuple(lc)}/{tuple(rc)}, "
+                f"batch axes {tuple(lb)}/{tuple(rb)}"
+            )
+    if isinstance(w, QArray) and w.ndim + w.axis not in rc:
         raise ValueError(
-            f"{name}: x has {x.shape[-1]} features on its last axis but the weight "
-            f"{'QArray' if isinstance(w, QArray) else 'array'} of shape {tuple(w.shape)} "
-            f"contracts over {k}"
+            f"{op}: the weight ({_describe(w)}, i.e. axis {w.ndim + w.axis}) must be "
+            f"quantized along a contracted axis, but this op contracts axes {tuple(rc)} "
+            f"(x of shape {tuple(x.shape)}); re-quantize with axis set to the contraction axis"
         )
 
 
-def qdot(x: jax.Array, w, *, preferred_element_type=None) -> jax.Array:
+def _normalize_dims(dimension_numbers, x_ndim, w_ndim):
+    (lc, rc), (lb, rb) = dimension_numbers
+    return (
+        (tuple(a % x_ndim for a in lc), tuple(b % w_ndim for b in rc)),
+        (tuple(a % x_ndim for a in lb), tuple(b % w_ndim for b in rb)),
+    )
+
+
+# ---- dot_general ------------------------------------------------------------------
+
+
+def qdot_general(
+    x, w, dimension_numbers, precision=None, preferred_element_type=None, *, op="qdot_general"
+):
+    """``lax.dot_general(x, w, ...)`` where ``w`` may be a QArray: Flax's ``dot_general`` hook.
+
+    Args:
+      x: activations.
+      w: weight in its logical layout: an array, or a QArray quantized along one of
+        the contracted axes (``rhs_contracting``).
+      dimension_numbers: ``((lhs_contracting, rhs_contracting), (lhs_batch, rhs_batch))``.
+      precision: passed to ``lax.dot_general``.
+      preferred_element_type: output dtype (default ``x.dtype`` for a QArray, lax's
+        rule for arrays). Accumulation is float32 for a QArray whatever this is.
+      op: name used in error messages.
+
+    Returns:
+      The ``lax.dot_general`` result: ``(*batch, *x_free, *w_free)``.
+
+    >>> from jquant.qarray import quantize_array
+    >>> w = quantize_array(jnp.ones((4, 3)), "int8")
+    >>> qdot_general(jnp.ones((2, 4)), w, (((1,), (0,)), ((), ()))).shape
+    (2, 3)
+    """
+    if not isinstance(w, QArray):
+        return jax.lax.dot_general(
+            x, w, dimension_numbers, precision=precision,
+            preferred_element_type=preferred_element_type,
+        )  # fmt: skip
+    dims = _normalize_dims(dimension_numbers, x.ndim, w.ndim)
+    _check_dims(op, x, w, dims)
+    out_dtype = preferred_element_type or x.dtype
+    (lc, rc), (lb, _) = dims
+    if len(lc) == 1 and not lb:
+        return _qdot_2d(x, w, lc[0], out_dtype, precision)
+    return _qdot_general_xla(x, w, dims, out_dtype, precision)
+
+
+def _qdot_2d(x, w: QArray, x_axis: int, out_dtype, precision):
+    """One contracted axis, no batch: flatten to ``(M, K) @ (N, K)^T`` and dispatch."""
+    x = jnp.moveaxis(x, x_axis, -1)
+    free_x = x.shape[:-1]
+    free_w = tuple(d for i, d in enumerate(w.shape) if i != w.ndim + w.axis)
+    y = _matmul(
+        x.reshape(math.prod(free_x), w.k), _as_2d(w), out_dtype=out_dtype, precision=precision
+    )
+    return y.reshape(*free_x, *free_w)
+
+
+def _qdot_general_xla(x, w: QArray, dims, out_dtype, precision):
+    """Several contracted axes or batch axes: dequantize in storage layout, then dot."""
+    (lc, rc), (lb, rb) = dims
+    if w.activation is not None:
+        x = _act.fake_quant(x, w.activation, lc)
+    axis = w.ndim + w.axis
+
+    def storage(d):  # logical axis of w -> axis of the storage layout (axis moved last)
+        return w.ndim - 1 if d == axis else d - (d > axis)
+
+    y = jax.lax.dot_general(
+        x, w.dequantize_stored(x.dtype),
+        ((lc, tuple(map(storage, rc))), (lb, tuple(map(storage, rb)))),
+        precision=precision, preferred_element_type=_accumulator(x.dtype),
+    )  # fmt: skip
+    return y.astype(out_dtype)
+
+
+# ---- the ops --------------------------------------------------------------------------
+
+
+def qdot(x: jax.Array, w, *, precision=None, preferred_element_type=None) -> jax.Array:
     """``x @ w`` over the last axis of ``x`` and the first axis of ``w``.
 
     Args:
       x: activations ``(..., K)``.
-      w: weight ``(K, *out)``: an array, or a QArray whose contraction axis is its first.
-      preferred_element_type: accumulation/output dtype (default: ``x.dtype``).
+      w: weight ``(K, *out)``: an array (cast to ``x.dtype``), or a QArray whose
+        contraction axis is its first (``quantize_array(w, ..., axis=0)``).
+      precision: passed to ``lax.dot_general``.
+      preferred_element_type: output dtype (default: ``x.dtype``).
 
     Returns:
       ``(..., *out)`` in ``preferred_element_type`` or ``x.dtype``.
@@ -39,21 +315,91 @@ def qdot(x: jax.Array, w, *, preferred_element_type=None) -> jax.Array:
     (2, 4)
     """
     out_dtype = preferred_element_type or x.dtype
-    _check_contraction(x, w, "qdot")
+    if w.ndim < 1:
+        raise ValueError(f"qdot: the weight must have an axis to contract, got {_describe(w)}")
+    dims = (((x.ndim - 1,), (0,)), ((), ()))
     if isinstance(w, QArray):
-        if w.axis != -w.ndim:
-            raise ValueError(
-                f"qdot: the QArray's contraction axis is {w.axis}, but qdot contracts the "
-                f"first axis of a weight of shape {w.shape}; use qeinsum"
-            )
-        wt = w.dequantize_stored(x.dtype)  # (*out, K)
-        return jax.lax.dot_general(
-            x, wt, (((x.ndim - 1,), (wt.ndim - 1,)), ((), ())),
-            preferred_element_type=out_dtype,
-        ).astype(out_dtype)  # fmt: skip
+        return qdot_general(x, w, dims, precision, out_dtype, op="qdot")
+    _check_dims("qdot", x, w, dims)
     return jax.lax.dot_general(
-        x, w.astype(x.dtype), (((x.ndim - 1,), (0,)), ((), ())), preferred_element_type=out_dtype
-    ).astype(out_dtype)
+        x, w.astype(x.dtype), dims, precision=precision,
+        preferred_element_type=_accumulator(x.dtype),
+    ).astype(out_dtype)  # fmt: skip
+
+
+def qeinsum(spec: str, x, w, *, precision=None, preferred_element_type=None) -> jax.Array:
+    """``jnp.einsum(spec, x, w)`` where the second operand ``w`` may be a QArray.
+
+    A QArray must be quantized along an index that is contracted (in ``x`` and
+    ``w`` but not in the output); ``spec`` must be explicit (``->``). Ellipses and
+    indices that only ``x`` sums over are supported; repeated indices within one
+    operand (diagonals) are not, for a QArray.
+
+    Args:
+      spec: a two-operand einsum equation, e.g. ``"btd,dhk->bthk"``.
+      x: the first operand (activations).
+      w: the second operand (weight) in its logical layout.
+      precision: passed to the dot.
+      preferred_element_type: output dtype (default ``x.dtype`` for a QArray).
+
+    Returns:
+      The einsum result.
+
+    >>> from jquant.qarray import quantize_array
+    >>> w = quantize_array(jnp.ones((4, 2, 3)), "int8", axis=0)
+    >>> qeinsum("btd,dhk->bthk", jnp.ones((1, 5, 4)), w).shape
+    (1, 5, 2, 3)
+    """
+    if not isinstance(w, QArray):
+        return jnp.einsum(
+            spec, x, w, precision=precision, preferred_element_type=preferred_element_type
+        )
+    xs, ws, outs = _parse_einsum(spec, x.ndim, w.ndim, w)
+    summed = [i for i, c in enumerate(xs) if c not in ws and c not in outs]
+    if summed:  # indices only x carries and the output drops: sum them out first
+        x = jnp.sum(x, axis=tuple(summed))
+        xs = "".join(c for c in xs if c in ws or c in outs)
+    batch = [c for c in xs if c in ws and c in outs]
+    contract = [c for c in xs if c in ws and c not in outs]
+    dims = (
+        (tuple(xs.index(c) for c in contract), tuple(ws.index(c) for c in contract)),
+        (tuple(xs.index(c) for c in batch), tuple(ws.index(c) for c in batch)),
+    )
+    y = qdot_general(x, w, dims, precision, preferred_element_type, op=f"qeinsum({spec!r})")
+    result = (
+        "".join(batch)
+        + "".join(c for c in xs if c not in ws)
+        + "".join(c for c in ws if c not in xs)
+    )
+    return jnp.transpose(y, [result.index(c) for c in outs])
+
+
+def _parse_einsum(spec: str, x_ndim: int, w_ndim: int, w) -> tuple[str, str, str]:
+    """Splits ``spec`` into (x, w, out) index strings with ellipses expanded."""
+    op = f"qeinsum({spec!r})"
+    spec = spec.replace(" ", "")
+    if "->" not in spec or spec.count(",") != 1:
+        raise ValueError(f"{op}: a QArray operand needs an explicit two-operand spec 'ab,bc->ac'")
+    ins, outs = spec.split("->")
+    xs, ws = ins.split(",")
+    terms = [xs, ws]
+    if any("..." in t for t in (*terms, outs)):
+        free = [c for c in "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ" if c not in spec]
+        ell = [n - (len(t) - 3) if "..." in t else 0 for t, n in zip(terms, (x_ndim, w_ndim))]
+        letters = "".join(free[: max(ell)])
+        xs, ws = (t.replace("...", letters[len(letters) - e :]) for t, e in zip(terms, ell))
+        outs = outs.replace("...", letters)
+    for name, term, ndim in (("x", xs, x_ndim), ("w", ws, w_ndim)):
+        if len(term) != ndim or len(set(term)) != len(term):
+            raise ValueError(
+                f"{op}: operand {name} has {ndim} axes but its indices are {term!r} "
+                "(each index once per operand, one per axis)"
+            )
+    if dropped := [c for c in ws if c not in xs and c not in outs]:
+        raise ValueError(f"{op}: cannot sum the quantized weight ({_describe(w)}) over {dropped}")
+    if unknown := [c for c in outs if c not in xs and c not in ws]:
+        raise ValueError(f"{op}: output indices {unknown} appear in no operand")
+    return xs, ws, outs
 
 
 def qembed(ids: jax.Array, table, *, dtype=None) -> jax.Array:
@@ -61,6 +407,17 @@ def qembed(ids: jax.Array, table, *, dtype=None) -> jax.Array:
 
     A QArray table must be quantized along D (``axis=-1``); only the gathered rows
     are dequantized.
+
+    Args:
+      ids: integer indices of any shape.
+      table: ``(V, D)`` array or QArray.
+      dtype: output dtype (default: the table's).
+
+    Returns:
+      ``(*ids.shape, D)``.
+
+    >>> qembed(jnp.array([0, 2]), jnp.eye(3)).tolist()
+    [[1.0, 0.0, 0.0], [0.0, 0.0, 1.0]]
     """
     if not isinstance(table, QArray):
         out = jnp.take(table, ids, axis=0)
@@ -68,33 +425,44 @@ def qembed(ids: jax.Array, table, *, dtype=None) -> jax.Array:
     if table.ndim != 2 or table.axis != -1:
         raise ValueError(
             f"qembed: a quantized table must be 2-D and quantized along its feature axis "
-            f"(axis=-1); got shape {table.shape}, axis={table.axis}"
+            f"(axis=-1); got {_describe(table)}"
         )
     scale = table.scales()
-    rows = QArray(
-        qvalue=jnp.take(table.qvalue, ids, axis=0),
-        scale=jnp.take(scale, ids, axis=0) if scale.shape[0] > 1 else scale,
-        zero_point=None if table.zero_point is None else (
-            jnp.take(table.zero_point, ids, axis=0) if table.zero_point.shape[0] > 1
-            else table.zero_point),
-        qtype=table.qtype, k=table.k, axis=-1, group_size=table.group_size, dtype=table.dtype,
+
+    def rows(a):  # per-tensor scales (one row) broadcast to every id
+        return None if a is None else (jnp.take(a, ids, axis=0) if a.shape[0] > 1 else a)
+
+    gathered = dataclasses.replace(
+        table, qvalue=jnp.take(table.qvalue, ids, axis=0), scale=rows(scale),
+        zero_point=rows(table.zero_point),
     )  # fmt: skip
-    return rows.dequantize_stored(dtype)
+    return gathered.dequantize_stored(dtype)
 
 
-def qattend(x: jax.Array, table, *, preferred_element_type=None) -> jax.Array:
-    """``x @ table.T`` for a tied LM head: logits over the rows of an embedding table."""
+def qattend(x: jax.Array, table, *, precision=None, preferred_element_type=None) -> jax.Array:
+    """``x @ table.T`` for a tied LM head: logits over the rows of an embedding table.
+
+    Args:
+      x: activations ``(..., D)``.
+      table: ``(V, D)`` array, or QArray quantized along D (``axis=-1``), which is
+        then already in matmul storage layout.
+      precision: passed to the dot.
+      preferred_element_type: output dtype (default: ``x.dtype``).
+
+    Returns:
+      ``(..., V)``.
+
+    >>> qattend(jnp.ones((1, 3)), jnp.eye(3)).tolist()
+    [[1.0, 1.0, 1.0]]
+    """
     out_dtype = preferred_element_type or x.dtype
-    if x.shape[-1] != table.shape[-1]:
-        raise ValueError(
-            f"qattend: x has {x.shape[-1]} features but the table has {table.shape[-1]}"
-        )
+    dims = (((x.ndim - 1,), (1,)), ((), ()))
     if isinstance(table, QArray):
-        if table.axis != -1:
-            raise ValueError("qattend: a quantized table must be quantized along axis=-1")
-        t = table.dequantize_stored(x.dtype)
-    else:
-        t = table.astype(x.dtype)
+        if table.ndim != 2:
+            raise ValueError(f"qattend: the table must be 2-D, got {_describe(table)}")
+        return qdot_general(x, table, dims, precision, out_dtype, op="qattend")
+    _check_dims("qattend", x, table, dims)
     return jax.lax.dot_general(
-        x, t, (((x.ndim - 1,), (1,)), ((), ())), preferred_element_type=out_dtype
-    ).astype(out_dtype)
+        x, table.astype(x.dtype), dims, precision=precision,
+        preferred_element_type=_accumulator(x.dtype),
+    ).astype(out_dtype)  # fmt: skip

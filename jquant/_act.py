@@ -1,0 +1,126 @@
+"""Dynamic activation quantization (W8A8-style), with straight-through gradients.
+
+When a weight's ``QArray.activation`` names a format, ``jquant.ops`` quantizes the
+activations into it right before the matmul, **per token**: one absmax scale per
+row, taken over the contracted axes (``K``), so that no calibration is needed.
+
+* ``int8`` against an int8 symmetric per-channel (or per-tensor) weight runs as a
+  true integer matmul, int8 x int8 with int32 accumulation, and applies
+  ``row_scale * channel_scale`` in an epilogue (:func:`int8_matmul`).
+* Every other combination (fp8 activations, grouped or 4-bit weights) fake-quantizes
+  the activations (quantize, then dequantize: :func:`fake_quant`) and runs the
+  ordinary dequantize-then-dot path.
+
+Both are differentiable w.r.t. the activations with a straight-through estimator:
+the rounding counts as the identity in the backward pass (QAT relies on this).
+Absmax scaling never clips, so the identity is the exact derivative between steps.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+
+from jquant import qtypes
+
+# Formats an activation may be quantized into (8-bit: 4-bit activations lose too much).
+ACTIVATION_FORMATS = ("int8", "fp8_e4m3", "fp8_e5m2")
+
+
+def check_format(fmt: str) -> None:
+    """Raises ValueError unless ``fmt`` is an activation format."""
+    if fmt not in ACTIVATION_FORMATS:
+        raise ValueError(
+            f"activation format {fmt!r} is not supported; use one of {ACTIVATION_FORMATS}"
+        )
+
+
+def quantize_rows(x, fmt: str, axes=(-1,)):
+    """Per-token absmax quantization of ``x`` over ``axes``.
+
+    Args:
+      x: float activations.
+      fmt: an activation format (``"int8"``, ``"fp8_e4m3"``, ``"fp8_e5m2"``).
+      axes: the contracted axes; each row over them gets one scale.
+
+    Returns:
+      ``(codes, scale)``: codes of ``fmt``'s code dtype, shape of ``x``; float32
+      scales with ``axes`` kept as size 1. ``x ≈ decode(codes) * scale``.
+
+    >>> codes, scale = quantize_rows(jnp.array([[1.0, -2.0]]), "int8")
+    >>> codes.tolist(), scale.shape
+    ([[64, -127]], (1, 1))
+    """
+    check_format(fmt)
+    qt = qtypes.get(fmt)
+    xf = x.astype(jnp.float32)
+    amax = jnp.max(jnp.abs(xf), axis=axes, keepdims=True)
+    scale = jnp.where(amax > 0, amax / jnp.float32(qt.scale_target), jnp.float32(1.0))
+    return qtypes.encode(qt, xf / scale), scale
+
+
+def _fake_quant(x, fmt, axes):
+    codes, scale = quantize_rows(x, fmt, axes)
+    return (qtypes.decode(fmt, codes) * scale).astype(x.dtype)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2))
+def fake_quant(x, fmt: str, axes=(-1,)):
+    """Quantizes ``x`` per token into ``fmt`` and back (same dtype), with an identity gradient.
+
+    >>> y = fake_quant(jnp.array([[1.0, -2.0]]), "int8")
+    >>> round(y[0, 0].item(), 4), y[0, 1].item()
+    (1.0079, -2.0)
+    """
+    return _fake_quant(x, fmt, axes)
+
+
+def _fake_quant_fwd(x, fmt, axes):
+    return _fake_quant(x, fmt, axes), None
+
+
+def _fake_quant_bwd(fmt, axes, _, g):
+    return (g,)
+
+
+fake_quant.defvjp(_fake_quant_fwd, _fake_quant_bwd)
+
+
+@jax.custom_vjp
+def int8_matmul(x, codes, scale):
+    """``x @ (codes * scale).T`` with ``x`` quantized per row to int8, accumulated in int32.
+
+    Args:
+      x: activations ``(M, K)``, any float dtype.
+      codes: int8 weight codes in storage layout ``(N, K)``.
+      scale: float32 weight scales ``(N, 1)`` (per channel) or ``(1, 1)`` (per tensor).
+
+    Returns:
+      ``(M, N)`` float32. Gradients flow to ``x`` only (straight-through); the
+      weight is treated as a constant.
+
+    >>> y = int8_matmul(jnp.ones((1, 4)), jnp.ones((2, 4), jnp.int8), jnp.ones((2, 1)))
+    >>> y.tolist()
+    [[4.0, 4.0]]
+    """
+    xq, xs = quantize_rows(x, "int8")
+    acc = jax.lax.dot_general(xq, codes, (((1,), (1,)), ((), ())), preferred_element_type=jnp.int32)
+    # The epilogue: exact int32 sums, then the two scales (row x channel) in float32.
+    return acc.astype(jnp.float32) * xs * scale.reshape(1, -1)
+
+
+def _int8_matmul_fwd(x, codes, scale):
+    # A zero-size array carries x's dtype into the backward pass.
+    return int8_matmul(x, codes, scale), (codes, scale, jnp.zeros((0,), x.dtype))
+
+
+def _int8_matmul_bwd(res, g):
+    codes, scale, like = res
+    w = codes.astype(jnp.float32) * scale  # (N, K)
+    gx = jax.lax.dot_general(g, w, (((1,), (0,)), ((), ())))
+    return gx.astype(like.dtype), None, None
+
+
+int8_matmul.defvjp(_int8_matmul_fwd, _int8_matmul_bwd)

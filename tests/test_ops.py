@@ -1,0 +1,192 @@
+"""jquant.ops against plain-jnp references on the dequantized weights."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jquant import _act, ops, qtypes
+from jquant.qarray import quantize_array
+
+FORMATS = [("int8", None), ("int4", 32), ("uint4", 32), ("nf4", 32), ("fp8_e4m3", None)]
+
+
+def _rand(shape, seed=0, dtype=jnp.float32):
+    return jnp.asarray(np.random.default_rng(seed).standard_normal(shape), dtype)
+
+
+def _close(a, b, rtol=1e-5):
+    a, b = np.asarray(a, np.float32), np.asarray(b, np.float32)
+    np.testing.assert_allclose(a, b, rtol=rtol, atol=rtol * np.abs(b).max())
+
+
+@pytest.mark.parametrize("qtype,group", FORMATS)
+def test_qdot_matches_dequantized_reference(qtype, group):
+    w = quantize_array(_rand((96, 5, 3)), qtype, axis=0, group_size=group)
+    x = _rand((2, 4, 96), seed=1)
+    y = ops.qdot(x, w)
+    assert y.shape == (2, 4, 5, 3) and y.dtype == jnp.float32
+    _close(y, jnp.einsum("stk,kab->stab", x, w.dequantize()))
+
+
+def test_qdot_plain_array_and_bf16_activations():
+    w = _rand((64, 8))
+    x = _rand((3, 64), seed=1)
+    _close(ops.qdot(x, w), x @ w)
+    q = quantize_array(w, "int4", group_size=32)
+    y = ops.qdot(x.astype(jnp.bfloat16), q)
+    assert y.dtype == jnp.bfloat16
+    _close(y, x @ q.dequantize(), rtol=2e-2)
+    y32 = ops.qdot(x.astype(jnp.bfloat16), q, preferred_element_type=jnp.float32)
+    assert y32.dtype == jnp.float32
+
+
+@pytest.mark.parametrize(
+    "spec,x_shape,w_shape,axis",
+    [
+        ("btd,dhk->bthk", (2, 3, 64), (64, 2, 3), 0),
+        ("bthd,hdf->btf", (2, 3, 2, 32), (2, 32, 6), 1),  # two contracted indices
+        ("bhd,hdk->bhk", (3, 2, 64), (2, 64, 3), 1),  # h is a batch index
+        ("...d,df->...f", (2, 3, 64), (64, 6), 0),
+        ("btd,fd->bft", (2, 3, 64), (6, 64), 1),  # weight stored (out, in), output transposed
+        ("btd,df->f", (2, 3, 64), (64, 6), 0),  # b, t summed on x only
+    ],
+)
+def test_qeinsum_matches_einsum_on_dequantized(spec, x_shape, w_shape, axis):
+    x = _rand(x_shape, seed=2)
+    w = quantize_array(_rand(w_shape), "int4", axis=axis, group_size=32)
+    _close(ops.qeinsum(spec, x, w), jnp.einsum(spec, x, w.dequantize()))
+
+
+def test_qdot_general_with_batch_dims():
+    w = quantize_array(_rand((4, 32, 6)), "int8", axis=1)
+    x = _rand((4, 5, 32), seed=3)
+    dims = (((2,), (1,)), ((0,), (0,)))
+    ref = jax.lax.dot_general(x, w.dequantize(), dims)
+    _close(ops.qdot_general(x, w, dims), ref)
+
+
+def test_qembed_and_qattend():
+    table = _rand((10, 64))
+    q = quantize_array(table, "int4", axis=-1, group_size=32)
+    ids = jnp.array([[0, 9, 3]])
+    np.testing.assert_array_equal(ops.qembed(ids, q), q.dequantize()[ids])
+    x = _rand((2, 64), seed=4)
+    _close(ops.qattend(x, q), x @ q.dequantize().T)
+    _close(ops.qattend(x, table), x @ table.T)
+
+
+@pytest.mark.parametrize(
+    "call,match",
+    [
+        (lambda: ops.qdot(_rand((2, 64)), quantize_array(_rand((64, 8)), "int8", axis=1)),
+         r"qdot.*\(64, 8\).*axis"),
+        (lambda: ops.qdot(_rand((2, 32)), quantize_array(_rand((64, 8)), "int8")),
+         r"qdot.*\(2, 32\).*\(64, 8\)"),
+        (lambda: ops.qattend(_rand((2, 64)), quantize_array(_rand((10, 64)), "int8", axis=0)),
+         r"qattend.*\(10, 64\).*axis"),
+        (lambda: ops.qembed(jnp.array([0]), quantize_array(_rand((10, 64)), "int8", axis=0)),
+         r"qembed.*\(10, 64\).*axis"),
+        (lambda: ops.qeinsum("td,df->tf", _rand((2, 64)),
+                             quantize_array(_rand((64, 8)), "int8", axis=1)),
+         r"qeinsum.*\(64, 8\).*axis"),
+        (lambda: ops.qeinsum("td,df", _rand((2, 64)), quantize_array(_rand((64, 8)), "int8")),
+         "explicit"),
+    ],
+)  # fmt: skip
+def test_wrong_weight_is_one_clear_error(call, match):
+    with pytest.raises(ValueError, match=match):
+        call()
+
+
+# ---- activation quantization -----------------------------------------------------------
+
+
+def _has_int32_dot(fn, *args):
+    jaxpr = jax.make_jaxpr(fn)(*args)
+    return "preferred_element_type=int32" in str(jaxpr)
+
+
+@pytest.mark.parametrize("per_tensor", [False, True])
+def test_int8_activations_run_integer_matmul_exactly(per_tensor):
+    w = quantize_array(_rand((128, 16)), "int8", activation="int8", per_tensor=per_tensor)
+    x = _rand((3, 7, 128), seed=5) * 3
+    y = ops.qdot(x, w)
+    assert _has_int32_dot(ops.qdot, x, w)
+    xq, xs = _act.quantize_rows(x, "int8")
+    ref = (xq.astype(jnp.float32) * xs) @ w.dequantize(jnp.float32)
+    _close(y, ref, rtol=1e-6)
+    # ... which is not the unquantized-activation result.
+    assert not np.allclose(y, x @ w.dequantize(), rtol=1e-6)
+
+
+@pytest.mark.parametrize(
+    "qtype,group,act",
+    [("int8", 32, "int8"), ("int4", 32, "int8"), ("int8", None, "fp8_e4m3"),
+     ("fp8_e4m3", None, "fp8_e5m2")],
+)  # fmt: skip
+def test_fake_quant_activation_paths(qtype, group, act):
+    w = quantize_array(_rand((64, 8)), qtype, group_size=group, activation=act)
+    x = _rand((4, 64), seed=6)
+    assert not _has_int32_dot(ops.qdot, x, w)
+    codes, scale = _act.quantize_rows(x, act)
+    ref = (qtypes.decode(act, codes) * scale) @ w.dequantize()
+    _close(ops.qdot(x, w), ref)
+
+
+@pytest.mark.parametrize("act", ["int8", "fp8_e4m3"])
+def test_activation_quantization_has_straight_through_gradient(act):
+    w = quantize_array(_rand((64, 8)), "int8", activation=act)
+    x = _rand((4, 64), seed=7)
+    g = jax.grad(lambda x: jnp.sum(ops.qdot(x, w) ** 2))(x)
+    y = ops.qdot(x, w)
+    _close(g, (2 * y) @ w.dequantize().T)
+
+
+def test_quantize_rows_rejects_packed_formats():
+    with pytest.raises(ValueError, match="int4"):
+        _act.quantize_rows(jnp.ones((2, 4)), "int4")
+
+
+# ---- the dispatch switch ------------------------------------------------------------------
+
+
+def test_matmul_path_switch(monkeypatch):
+    w = quantize_array(_rand((64, 8)), "int8")
+    x = _rand((2, 64))
+    old = ops.set_matmul_path("kernel")
+    try:
+        with pytest.raises(ValueError, match="no fused kernel"):
+            ops.qdot(x, w)
+        ops.set_matmul_path("xla")
+        _close(ops.qdot(x, w), x @ w.dequantize())
+        ops.set_matmul_path(None)
+        monkeypatch.setenv("JQUANT_MATMUL", "kernel")
+        assert ops.matmul_path() == "kernel"
+        monkeypatch.setenv("JQUANT_MATMUL", "fast")
+        with pytest.raises(ValueError, match="JQUANT_MATMUL"):
+            ops.matmul_path()
+        with pytest.raises(ValueError, match="unknown path"):
+            ops.set_matmul_path("gpu")
+    finally:
+        ops.set_matmul_path(old)
+
+
+@pytest.mark.parametrize(
+    "qtype,kw",
+    [("int4", dict(group_size=32)), ("uint4", dict(group_size=32)),
+     ("int8", dict(per_tensor=True)), ("nf4", dict(group_size=32, double_quant=True)),
+     ("int8", dict(activation="fp8_e4m3"))],
+)  # fmt: skip
+def test_cpu_row_blocked_path_with_a_short_tail(qtype, kw):
+    # N = 600 = 2 blocks of 256 + a tail of 88: the blocked CPU path and its tail.
+    w = quantize_array(_rand((64, 600)), qtype, **kw)
+    x = _rand((3, 64), seed=8)
+    assert "scan" in str(jax.make_jaxpr(ops.qdot)(x, w))
+    if w.activation is not None:
+        x_ref = _act.fake_quant(x, w.activation)
+    else:
+        x_ref = x
+    _close(jax.jit(ops.qdot)(x, w), x_ref @ w.dequantize())
+    g = jax.grad(lambda x: jnp.sum(ops.qdot(x, w)))(x)
+    _close(g, jnp.broadcast_to(jnp.sum(w.dequantize(), axis=1), x.shape))
