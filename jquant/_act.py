@@ -23,7 +23,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from jquant import qtypes
+from jquant import kernels, qtypes
 
 # Formats an activation may be quantized into (8-bit: 4-bit activations lose too much).
 ACTIVATION_FORMATS = ("int8", "fp8_e4m3", "fp8_e5m2")
@@ -106,9 +106,10 @@ def int8_matmul(x, codes, scale):
     [[4.0, 4.0]]
     """
     xq, xs = quantize_rows(x, "int8")
-    acc = jax.lax.dot_general(xq, codes, (((1,), (1,)), ((), ())), preferred_element_type=jnp.int32)
-    # The epilogue: exact int32 sums, then the two scales (row x channel) in float32.
-    return acc.astype(jnp.float32) * xs * scale.reshape(1, -1)
+    # Exact int32 sums, then the two scales (row x channel) in float32: the TPU kernel
+    # on TPU, the same computation in XLA elsewhere.
+    scale = jnp.broadcast_to(scale.reshape(-1, 1), (codes.shape[0], 1)).astype(jnp.float32)
+    return kernels.quantized_matmul_w8a8(xq, xs, codes, scale, out_dtype=jnp.float32)
 
 
 def _int8_matmul_fwd(x, codes, scale):

@@ -31,7 +31,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jquant import _act
+from jquant import _act, kernels
 from jquant.qarray import QArray
 
 MATMUL_PATHS = ("auto", "xla", "kernel")
@@ -74,14 +74,29 @@ def matmul_path() -> str:
 
 
 def _kernel_matmul(x, w: QArray, out_dtype, precision):
-    """The fused kernel for ``x @ w``, or None where none applies.
+    """The fused Pallas kernel for ``x @ w``, or None where none applies.
 
-    Issue 5 wires ``jquant.kernels.quantized_matmul`` here: return None unless its
-    ``can_use_*`` predicate accepts (platform, qtype, group size, shapes, activation),
-    else call ``quantized_matmul(x, w.qvalue, w.scales(), w.zero_point, qtype=w.qtype,
-    k=w.k, group_size=w.group_size)`` and cast to ``out_dtype``.
+    On TPU and GPU the kernel runs when ``jquant.kernels``' ``can_use_*`` predicate
+    accepts the inputs. Weights with activation quantization or double-quantized
+    scales stay on XLA here. Forcing the path to ``"kernel"`` on CPU runs the TPU
+    kernel in Pallas interpret mode: slow, but it exercises the same dispatch and
+    the same kernel code as a TPU does, which is how it is tested without one.
     """
-    del x, w, out_dtype, precision
+    del precision  # the kernels accumulate in float32 regardless
+    if w.activation is not None or isinstance(w.scale, QArray) or w.qtype not in kernels.QTYPES:
+        return None
+    n = w.qvalue.shape[0]
+    scale = jnp.broadcast_to(w.scale, (n, w.scale.shape[-1]))  # per-tensor → per-row
+    zp = None if w.zero_point is None else jnp.broadcast_to(w.zero_point, scale.shape)
+    args, kw = (x, w.qvalue, scale, zp), dict(qtype=w.qtype, k=w.k, group_size=w.group_size)
+    backend = jax.default_backend()
+    if kernels.can_use_tpu_kernel(*args, **kw) or kernels.can_use_gpu_kernel(*args, **kw):
+        return kernels.quantized_matmul(*args, **kw).astype(out_dtype)
+    if backend == "cpu" and matmul_path() == "kernel" and kernels.can_use_tpu_kernel(
+        *args, **kw, backend="tpu"
+    ):
+        y = kernels.quantized_matmul(*args, **kw, backend="tpu", interpret=True)
+        return y.astype(out_dtype)
     return None
 
 

@@ -157,7 +157,7 @@ def test_matmul_path_switch(monkeypatch):
     old = ops.set_matmul_path("kernel")
     try:
         with pytest.raises(ValueError, match="no fused kernel"):
-            ops.qdot(x, w)
+            ops.qdot(x, quantize_array(_rand((64, 8)), "int8", activation="fp8_e4m3"))
         ops.set_matmul_path("xla")
         _close(ops.qdot(x, w), x @ w.dequantize())
         ops.set_matmul_path(None)
@@ -190,3 +190,22 @@ def test_cpu_row_blocked_path_with_a_short_tail(qtype, kw):
     _close(jax.jit(ops.qdot)(x, w), x_ref @ w.dequantize())
     g = jax.grad(lambda x: jnp.sum(ops.qdot(x, w)))(x)
     _close(g, jnp.broadcast_to(jnp.sum(w.dequantize(), axis=1), x.shape))
+
+
+@pytest.mark.parametrize(
+    "qtype,kw",
+    [("int4", dict(group_size=128)), ("uint4", dict(group_size=64)), ("int8", {}),
+     ("nf4", dict(group_size=64)), ("fp8_e4m3", {})],
+)
+def test_forced_kernel_path_runs_the_pallas_kernel_on_cpu(qtype, kw):
+    # K = 576 leaves a short last group at g128: the kernel covers whole blocks, XLA the rest.
+    w = quantize_array(_rand((576, 128)), qtype, **kw)
+    x = _rand((3, 576))
+    old = ops.set_matmul_path("kernel")
+    try:
+        jaxpr = str(jax.make_jaxpr(ops.qdot)(x, w))
+        y = ops.qdot(x, w)
+    finally:
+        ops.set_matmul_path(old)
+    assert "pallas_call" in jaxpr
+    _close(y, ops.qdot(x, w))
