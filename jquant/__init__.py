@@ -1,7 +1,9 @@
 """jquant: quantize JAX/Flax models and run them with fused kernels on TPU, GPU and CPU."""
 
 from jquant import algorithms as algorithms
+from jquant import eval as eval
 from jquant import intercept as intercept
+from jquant import models as models
 from jquant import ops as ops
 from jquant import qtypes as qtypes
 from jquant import sharding as sharding

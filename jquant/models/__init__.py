@@ -1,1 +1,23 @@
-"""jquant.models."""
+"""Reference Flax NNX models (the Llama family), loading, and generation.
+
+>>> model, params, tokenizer = jquant.models.load("smollm2-135m")  # doctest: +SKIP
+>>> logits, _ = jquant.models.forward(model, params, tokens)  # doctest: +SKIP
+>>> out = jquant.models.generate(model, qparams, [ids], max_new_tokens=32)  # doctest: +SKIP
+"""
+
+from jquant.models.config import LlamaConfig as LlamaConfig
+from jquant.models.config import rope_inv_freq as rope_inv_freq
+from jquant.models.convert import hf_name as hf_name
+from jquant.models.convert import params_from_hf as params_from_hf
+from jquant.models.generate import Generation as Generation
+from jquant.models.generate import Sampler as Sampler
+from jquant.models.generate import chat_prompt as chat_prompt
+from jquant.models.generate import generate as generate
+from jquant.models.llama import KVCache as KVCache
+from jquant.models.llama import Llama as Llama
+from jquant.models.llama import abstract_model as abstract_model
+from jquant.models.llama import forward as forward
+from jquant.models.llama import init_cache as init_cache
+from jquant.models.llama import init_model as init_model
+from jquant.models.load import default_dtype as default_dtype
+from jquant.models.load import load as load

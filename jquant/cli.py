@@ -1,0 +1,316 @@
+"""The ``jquant`` command.
+
+    jquant recipes [show NAME]
+    jquant inspect MODEL [--recipe R] [--batch B --context T --kv-cache F] [--report]
+    jquant eval MODEL [--recipe R] [--corpus pydoc-eval | --text FILE] [--seq-len 512]
+                      [--max-tokens N] [--json]
+    jquant generate MODEL [--recipe R] --prompt TEXT [--max-new-tokens N] [--json]
+    jquant compare MODEL --recipes a,b,c [--corpus ...] [--plot out.png] [--json]
+
+MODEL is a registry name (``smollm2-135m``), a local Hugging Face directory, a
+``.gguf`` file or a hub id.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+
+def _add_model_args(p: argparse.ArgumentParser, *, recipe: bool = True) -> None:
+    p.add_argument("model", help="registry name (smollm2-135m), HF directory, .gguf file or hub id")
+    if recipe:
+        p.add_argument("--recipe", help="shipped recipe name or YAML path (default: float)")
+
+
+def _add_memory_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--batch", type=int, default=1, help="sequences served at once")
+    p.add_argument("--context", type=int, default=4096, help="tokens per sequence in the cache")
+    p.add_argument("--kv-cache", default="bfloat16", help="KV cache format (bfloat16, int8, ...)")
+
+
+def _add_eval_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--corpus", default="pydoc-eval", help="pydoc-eval, pydoc-calib or a file")
+    p.add_argument("--text", help="a text file to evaluate on (overrides --corpus)")
+    p.add_argument("--seq-len", type=int, default=512, help="tokens per window")
+    p.add_argument("--max-tokens", type=int, default=16384, help="tokens of the text to use")
+    p.add_argument("--batch-size", type=int, default=4, help="windows per forward pass")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="jquant",
+        description="Quantize JAX/Flax models and measure what it costs and saves.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("recipes", help="list the shipped recipes, or show one")
+    p.add_argument("action", nargs="?", choices=["list", "show"], default="list")
+    p.add_argument("name", nargs="?", help="recipe name or YAML path (with show)")
+
+    p = sub.add_parser("inspect", help="memory report of a model, float or quantized")
+    _add_model_args(p)
+    _add_memory_args(p)
+    p.add_argument("--report", action="store_true", help="print one row per parameter")
+    p.add_argument("--json", action="store_true", help="print JSON")
+
+    p = sub.add_parser("eval", help="perplexity, weight bytes and bits per weight")
+    _add_model_args(p)
+    _add_eval_args(p)
+    p.add_argument("--json", action="store_true", help="print JSON")
+
+    p = sub.add_parser("generate", help="generate text and report tokens/s")
+    _add_model_args(p)
+    p.add_argument("--prompt", required=True, help="the prompt (chat template applied if any)")
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--raw", action="store_true", help="do not apply the chat template")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", action="store_true", help="print JSON")
+
+    p = sub.add_parser("compare", help="one table: recipes vs float on quality, size, speed")
+    _add_model_args(p, recipe=False)
+    p.add_argument(
+        "--recipes",
+        default="w8a16,w4a16-rtn-g128,w4a16-rtn-g64,w4a16-uint4-g64,nf4,fp8,mixed",
+        help="comma-separated recipe names or paths (float is always included)",
+    )
+    _add_eval_args(p)
+    p.add_argument("--decode-tokens", type=int, default=32, help="new tokens for tokens/s")
+    p.add_argument("--plot", help="write perplexity vs weight size to this PNG")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    return parser
+
+
+def _cmd_recipes(args) -> int:
+    from jquant.recipe import Recipe
+
+    if args.action == "list":
+        for name in Recipe.list_shipped():
+            print(f"{name:<18} {Recipe.load(name).description}")
+        return 0
+    if not args.name:
+        raise ValueError("jquant recipes show NAME: give a recipe name or a YAML path")
+    print(Recipe.load(args.name).to_yaml(), end="")
+    return 0
+
+
+def _cmd_inspect(args) -> int:
+    from jquant.memory import memory_report
+    from jquant.transform import format_report, quantize
+
+    _, params, _, config = _load(args)
+    rows = None
+    if args.recipe:
+        params, rows = quantize(params, args.recipe, report=True)
+    report = memory_report(
+        params, batch=args.batch, context=args.context, kv_cache=args.kv_cache, config=config
+    )
+    if args.json:
+        print(json.dumps({
+            "weight_bytes": report.weight_bytes,
+            "bits_per_weight": report.bits_per_weight,
+            "kv_cache_bytes": report.kv_cache_bytes,
+            "total_bytes": report.total_bytes,
+            "fits_on": report.fits_on,
+        }, indent=2))  # fmt: skip
+        return 0
+    if rows is not None and args.report:
+        print(format_report(rows), end="\n\n")
+    print(report.format())
+    return 0
+
+
+def _load(args):
+    """(model, float params, tokenizer, config) of ``args.model``."""
+    from jquant import models
+
+    return models.load(args.model, with_config=True)
+
+
+def _text(args) -> str:
+    from jquant.eval import load_corpus
+
+    if args.text:
+        with open(args.text, encoding="utf-8") as f:
+            return f.read()
+    return load_corpus(args.corpus)
+
+
+def _quantized(params, recipe):
+    from jquant.transform import quantize
+
+    return params if recipe in (None, "float") else quantize(params, recipe)
+
+
+def _weights(params) -> tuple[int, float]:
+    from jquant.memory import memory_report
+
+    r = memory_report(params)
+    return r.weight_bytes, r.bits_per_weight
+
+
+def _evaluate(model, params, tokenizer, text, args, *, progress: bool) -> dict:
+    from jquant.eval import perplexity
+
+    result = perplexity(
+        model, params, text, tokenizer=tokenizer, seq_len=args.seq_len,
+        max_tokens=args.max_tokens, batch_size=args.batch_size, progress=progress,
+    )  # fmt: skip
+    weight_bytes, bits = _weights(params)
+    return {"perplexity": result.perplexity, "weight_bytes": weight_bytes,
+            "bits_per_weight": bits, "tokens": result.tokens}  # fmt: skip
+
+
+def _cmd_eval(args) -> int:
+    model, params, tokenizer, _ = _load(args)
+    out = _evaluate(model, _quantized(params, args.recipe), tokenizer, _text(args), args,
+                    progress=not args.json)  # fmt: skip
+    if args.json:
+        print(json.dumps(out))
+    else:
+        print(
+            f"{args.model} [{args.recipe or 'float'}]: perplexity {out['perplexity']:.3f} over "
+            f"{out['tokens']} tokens (seq_len {args.seq_len}); weights "
+            f"{out['weight_bytes'] / 1e6:.2f} MB, {out['bits_per_weight']:.3f} bits/weight"
+        )
+    return 0
+
+
+def _prompt_ids(tokenizer, prompt: str, raw: bool) -> list[int]:
+    from jquant.models import chat_prompt
+
+    if not raw and getattr(tokenizer, "chat_template", None):
+        return chat_prompt(tokenizer, prompt)
+    return list(tokenizer.encode(prompt, add_special_tokens=False))
+
+
+def _decode_speed(model, params, tokenizer, new_tokens: int) -> float:
+    """Greedy decode tokens/s at batch 1 (compilation excluded)."""
+    from jquant.models import generate
+
+    ids = _prompt_ids(tokenizer, "Explain what a Python decorator is.", raw=False)
+    # Stop tokens disabled so every run decodes the same number of tokens.
+    out = generate(model, params, [ids], max_new_tokens=new_tokens, stop_tokens=())
+    return out.decode_tokens_per_second
+
+
+def _cmd_generate(args) -> int:
+    from jquant.models import generate
+
+    model, params, tokenizer, _ = _load(args)
+    if tokenizer is None:
+        raise ValueError(f"{args.model} has no tokenizer; generate needs one")
+    params = _quantized(params, args.recipe)
+    ids = _prompt_ids(tokenizer, args.prompt, args.raw)
+    out = generate(
+        model, params, [ids], max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+        top_k=args.top_k or None, top_p=args.top_p if args.top_p < 1 else None, seed=args.seed,
+    )  # fmt: skip
+    text = out.texts(tokenizer)[0]
+    if args.json:
+        print(json.dumps({
+            "text": text, "tokens": out.sequences()[0],
+            "decode_tokens_per_second": out.decode_tokens_per_second,
+            "prefill_seconds": out.prefill_seconds, "compile_seconds": out.compile_seconds,
+        }))  # fmt: skip
+    else:
+        print(text)
+        print(
+            f"\n[{int(out.lengths[0])} tokens, {out.decode_tokens_per_second:.1f} tokens/s "
+            f"decode, prefill {out.prefill_seconds * 1e3:.0f} ms, compile "
+            f"{out.compile_seconds:.1f} s]",
+            file=sys.stderr,
+        )
+    return 0
+
+
+def _cmd_compare(args) -> int:
+    from jquant.recipe import Recipe
+
+    recipes = ["float"] + [r.strip() for r in args.recipes.split(",") if r.strip()]
+    for r in recipes[1:]:
+        Recipe.load(r)  # fail on a bad name before the slow part
+    model, params, tokenizer, _ = _load(args)
+    text = _text(args)
+    rows = []
+    for name in recipes:
+        qparams = _quantized(params, name)
+        row = {"recipe": name, **_evaluate(model, qparams, tokenizer, text, args,
+                                           progress=False)}  # fmt: skip
+        row["decode_tokens_per_second"] = (
+            _decode_speed(model, qparams, tokenizer, args.decode_tokens)
+            if args.decode_tokens > 0 else None
+        )
+        rows.append(row)
+        if not args.json:
+            print(f"  {name}: perplexity {row['perplexity']:.3f}", file=sys.stderr)
+    base = rows[0]["perplexity"]
+    for row in rows:
+        row["delta_percent"] = 100.0 * (row["perplexity"] / base - 1.0)
+    if args.plot:
+        _plot(rows, args.plot, title=f"{args.model}: perplexity vs weight size")
+    if args.json:
+        print(json.dumps(rows, indent=2))
+    else:
+        print(format_compare(rows, args))
+    return 0
+
+
+def format_compare(rows: list[dict], args) -> str:
+    """The compare table (Markdown, so it pastes into a README)."""
+    lines = [
+        f"Perplexity: {args.corpus if not args.text else args.text}, first "
+        f"{rows[0]['tokens'] + rows[0]['tokens'] // (args.seq_len - 1)} tokens, "
+        f"seq_len {args.seq_len}. Decode: greedy, batch 1, {args.decode_tokens} new tokens.",
+        "",
+        "| recipe | bits/weight | weights MB | perplexity | Δ vs float | decode tokens/s |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
+    for r in rows:
+        speed = r["decode_tokens_per_second"]
+        lines.append(
+            f"| {r['recipe']} | {r['bits_per_weight']:.2f} | {r['weight_bytes'] / 1e6:.1f} | "
+            f"{r['perplexity']:.3f} | {r['delta_percent']:+.1f}% | "
+            f"{'-' if speed is None else f'{speed:.1f}'} |"
+        )
+    return "\n".join(lines)
+
+
+def _plot(rows: list[dict], path: str, *, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for r in rows:
+        ax.scatter(r["weight_bytes"] / 1e6, r["perplexity"])
+        ax.annotate(r["recipe"], (r["weight_bytes"] / 1e6, r["perplexity"]),
+                    textcoords="offset points", xytext=(4, 4), fontsize=8)  # fmt: skip
+    ax.set_xlabel("weight storage (MB)")
+    ax.set_ylabel("perplexity (lower is better)")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``jquant`` command; returns the exit status."""
+    args = build_parser().parse_args(argv)
+    handlers = {"recipes": _cmd_recipes, "inspect": _cmd_inspect, "eval": _cmd_eval,
+                "generate": _cmd_generate, "compare": _cmd_compare}
+    try:
+        return handlers[args.command](args)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"jquant {args.command}: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

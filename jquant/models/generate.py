@@ -1,0 +1,284 @@
+"""Text generation: one jitted prefill, then a decode loop that stays on the device.
+
+The decode loop is a `lax.while_loop` inside one compiled function: no Python dispatch per
+token, and it exits early once every row has produced a stop token. Prompts of different
+lengths are left-padded to one bucketed length (a multiple of 16), so the last column is every
+row's last prompt token and prompt lengths in the same bucket share one compilation.
+
+Sampling: ``temperature == 0`` is greedy; otherwise logits are divided by the temperature,
+restricted to the ``top_k`` largest, then to the smallest set whose probability reaches
+``top_p``, and sampled.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import time
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from jquant.models.llama import graphdef_of, init_cache
+
+_BUCKET = 16
+
+
+@dataclasses.dataclass(frozen=True)
+class Sampler:
+    """How the next token is chosen (hashable: it is a static argument of the jitted loop)."""
+
+    temperature: float = 0.0  # 0 = greedy (argmax)
+    top_k: int | None = None  # keep the k most likely tokens; None = all
+    top_p: float | None = None  # keep the smallest set with this much probability; None = all
+
+    def __post_init__(self):
+        if self.temperature < 0:
+            raise ValueError(f"temperature={self.temperature} must be >= 0")
+        if self.top_k is not None and self.top_k < 1:
+            raise ValueError(f"top_k={self.top_k} must be >= 1 or None")
+        if self.top_p is not None and not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p={self.top_p} must be in (0, 1] or None")
+
+
+def sample(logits: jax.Array, key: jax.Array, sampler: Sampler) -> jax.Array:
+    """Next token ids ``(B,)`` int32 from float32 ``logits (B, V)``."""
+    if sampler.temperature == 0:
+        return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    logits = logits.astype(jnp.float32) / jnp.float32(sampler.temperature)
+    neg = jnp.float32(-jnp.inf)
+    if sampler.top_k is not None and sampler.top_k < logits.shape[-1]:
+        kth = jax.lax.top_k(logits, sampler.top_k)[0][..., -1:]
+        logits = jnp.where(logits < kth, neg, logits)
+    if sampler.top_p is not None and sampler.top_p < 1:
+        ordered = -jnp.sort(-logits, axis=-1)
+        probs = jax.nn.softmax(ordered, axis=-1)
+        # A token is kept while the probability before it has not yet reached top_p,
+        # so the most likely token is always kept.
+        before = jnp.cumsum(probs, axis=-1) - probs
+        count = jnp.sum(before < jnp.float32(sampler.top_p), axis=-1, keepdims=True)
+        threshold = jnp.take_along_axis(ordered, count - 1, axis=-1)
+        logits = jnp.where(logits < threshold, neg, logits)
+    return jax.random.categorical(key, logits, axis=-1).astype(jnp.int32)
+
+
+@dataclasses.dataclass(frozen=True)
+class Generation:
+    """What `generate` returns.
+
+    Attributes:
+      tokens: ``(B, max_new_tokens)`` int32 generated ids; after a row's stop token (which
+        is included) and after the loop ended early, entries are ``pad_id``.
+      lengths: ``(B,)`` generated tokens per row, stop token included.
+      prompt_lengths: ``(B,)`` prompt tokens per row (without padding).
+      prefill_seconds: prompt processing (and first token), compilation excluded.
+      decode_seconds: the decode loop, compilation excluded.
+      compile_seconds: time spent compiling (0 when both programs were cached).
+      decode_steps: model calls the decode loop made (``max(lengths) - 1``).
+    """
+
+    tokens: np.ndarray
+    lengths: np.ndarray
+    prompt_lengths: np.ndarray
+    prefill_seconds: float
+    decode_seconds: float
+    compile_seconds: float
+    decode_steps: int
+
+    @property
+    def decode_tokens_per_second(self) -> float:
+        """Tokens produced by the decode loop (all rows, after the first) per second."""
+        produced = int(np.maximum(self.lengths - 1, 0).sum())
+        return produced / self.decode_seconds if self.decode_seconds > 0 else float("nan")
+
+    def sequences(self) -> list[list[int]]:
+        """Each row's generated ids, up to and including its stop token."""
+        return [row[:n].tolist() for row, n in zip(self.tokens, self.lengths)]
+
+    def texts(self, tokenizer, *, skip_special_tokens: bool = True) -> list[str]:
+        """Each row's generated text."""
+        return [tokenizer.decode(s, skip_special_tokens=skip_special_tokens)
+                for s in self.sequences()]  # fmt: skip
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "max_len", "sampler"))
+def _prefill(graphdef, params, tokens, mask, key, *, max_len, sampler):
+    model = nnx.merge(graphdef, params)
+    cache = init_cache(model.config, tokens.shape[0], max_len, model.dtype)
+    logits, cache = model(tokens, None, cache, mask, last_only=True)
+    key, sub = jax.random.split(key)
+    return sample(logits[:, -1], sub, sampler), cache, key
+
+
+def _is_stop(tokens: jax.Array, stop_tokens: tuple[int, ...]) -> jax.Array:
+    hit = jnp.zeros(tokens.shape, jnp.bool_)
+    for t in stop_tokens:
+        hit = hit | (tokens == t)
+    return hit
+
+
+@functools.partial(
+    jax.jit, static_argnames=("graphdef", "sampler", "max_new_tokens", "stop_tokens")
+)
+def _decode(graphdef, params, first, cache, key, pad_id, *, sampler, max_new_tokens,
+            stop_tokens):  # fmt: skip
+    model = nnx.merge(graphdef, params)
+    b = first.shape[0]
+    out = jnp.full((b, max_new_tokens), pad_id, jnp.int32).at[:, 0].set(first)
+    done = _is_stop(first, stop_tokens)
+    lengths = jnp.ones((b,), jnp.int32)
+
+    def cond(carry):
+        step, _, done, *_ = carry
+        return (step < max_new_tokens) & ~jnp.all(done)
+
+    def body(carry):
+        step, out, done, lengths, cache, key = carry
+        prev = jax.lax.dynamic_slice_in_dim(out, step - 1, 1, axis=1)
+        logits, cache = model(prev, None, cache, None)
+        key, sub = jax.random.split(key)
+        token = jnp.where(done, pad_id, sample(logits[:, -1], sub, sampler))
+        out = jax.lax.dynamic_update_slice_in_dim(out, token[:, None], step, axis=1)
+        lengths = lengths + (~done).astype(jnp.int32)
+        done = done | _is_stop(token, stop_tokens)
+        return step + 1, out, done, lengths, cache, key
+
+    carry = (jnp.int32(1), out, done, lengths, cache, key)
+    step, out, _, lengths, _, _ = jax.lax.while_loop(cond, body, carry)
+    return out, lengths, step - 1
+
+
+def _left_pad(prompts: list[list[int]], length: int, pad_id: int):
+    tokens = np.full((len(prompts), length), pad_id, np.int32)
+    mask = np.zeros((len(prompts), length), bool)
+    for i, p in enumerate(prompts):
+        tokens[i, length - len(p) :] = p
+        mask[i, length - len(p) :] = True
+    return jnp.asarray(tokens), jnp.asarray(mask)
+
+
+def _as_batch(prompts) -> list[list[int]]:
+    prompts = list(prompts)
+    if prompts and np.ndim(prompts[0]) == 0:  # a single prompt of ids
+        prompts = [prompts]
+    batch = [[int(t) for t in p] for p in prompts]
+    if not batch or any(len(p) == 0 for p in batch):
+        raise ValueError("generate needs at least one prompt, and no empty prompt")
+    return batch
+
+
+def _check_context(longest: int, max_new_tokens: int, context: int, max_len: int | None):
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens={max_new_tokens} must be >= 1")
+    limits = [(context, "max_position_embeddings")]
+    if max_len is not None:
+        limits.append((max_len, "the cache length max_len"))
+    for limit, what in limits:
+        if longest > limit:
+            raise ValueError(
+                f"the prompt has {longest} tokens, longer than the context: {what} is {limit}"
+            )
+        if longest + max_new_tokens > limit:
+            raise ValueError(
+                f"the prompt has {longest} tokens and max_new_tokens={max_new_tokens}: "
+                f"{longest + max_new_tokens} > {what} = {limit}; shorten the prompt or ask "
+                f"for at most {limit - longest} new tokens"
+            )
+
+
+def _compile(fn, *args, **static):
+    """AOT-compiles ``fn`` (cached by JAX across calls) and times it."""
+    start = time.perf_counter()
+    compiled = fn.lower(*args, **static).compile()
+    return compiled, time.perf_counter() - start
+
+
+def generate(
+    model,
+    params: nnx.State,
+    prompts: Sequence[Sequence[int]] | Sequence[int],
+    *,
+    max_new_tokens: int = 64,
+    temperature: float = 0.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    stop_tokens: Sequence[int] | None = None,
+    seed: int = 0,
+    max_len: int | None = None,
+    pad_id: int = 0,
+) -> Generation:
+    """Generates continuations of a batch of token-id prompts.
+
+    Args:
+      model: a `Llama` module or its GraphDef.
+      params: its parameter State, float or quantized.
+      prompts: a list of prompts (lists of ids; lengths may differ) or one prompt.
+      max_new_tokens: most tokens to generate per row (the stop token counts).
+      temperature, top_k, top_p: sampling (see the module docstring); temperature 0 = greedy.
+      stop_tokens: ids that end a row; default the config's ``eos_token_ids``.
+      seed: PRNG seed for sampling.
+      max_len: KV cache length (slots); default the bucketed prompt length + max_new_tokens.
+      pad_id: id written after a row stops (and used as left padding, never attended to).
+
+    Returns:
+      A `Generation` with the ids and timings.
+
+    Raises:
+      ValueError: a prompt is empty, or prompt + max_new_tokens exceeds the context
+        (``max_position_embeddings``) or ``max_len``; the message gives the numbers.
+
+    >>> out = generate(model, params, [tokenizer.encode("Hi")], max_new_tokens=8)  # doctest: +SKIP
+    >>> out.texts(tokenizer)  # doctest: +SKIP
+    """
+    graphdef = graphdef_of(model)
+    config = nnx.merge(graphdef, params).config if not hasattr(model, "config") else model.config
+    batch = _as_batch(prompts)
+    longest = max(len(p) for p in batch)
+    context = config.max_position_embeddings
+    _check_context(longest, max_new_tokens, context, max_len)
+    room = min(context, max_len or context) - max_new_tokens
+    length = max(longest, min(-(-longest // _BUCKET) * _BUCKET, room))
+    max_len = max_len or length + max_new_tokens
+    tokens, mask = _left_pad(batch, length, pad_id)
+    sampler = Sampler(temperature, top_k, top_p)
+    stops = tuple(config.eos_token_ids if stop_tokens is None else (int(t) for t in stop_tokens))
+
+    key = jax.random.key(seed)
+    prefill, compile_s = _compile(_prefill, graphdef, params, tokens, mask, key,
+                                  max_len=max_len, sampler=sampler)  # fmt: skip
+    start = time.perf_counter()
+    first, cache, key = jax.block_until_ready(prefill(params, tokens, mask, key))
+    prefill_s = time.perf_counter() - start
+
+    pad = jnp.int32(pad_id)
+    decode, seconds = _compile(_decode, graphdef, params, first, cache, key, pad,
+                               sampler=sampler, max_new_tokens=max_new_tokens,
+                               stop_tokens=stops)  # fmt: skip
+    start = time.perf_counter()
+    out, lengths, steps = jax.block_until_ready(decode(params, first, cache, key, pad))
+    decode_s = time.perf_counter() - start
+    return Generation(
+        tokens=np.asarray(out),
+        lengths=np.asarray(lengths),
+        prompt_lengths=np.array([len(p) for p in batch]),
+        prefill_seconds=prefill_s,
+        decode_seconds=decode_s,
+        compile_seconds=compile_s + seconds,
+        decode_steps=int(steps),
+    )
+
+
+def chat_prompt(tokenizer, message: str, *, system: str | None = None) -> list[int]:
+    """Token ids of a one-turn chat, rendered by the tokenizer's own chat template.
+
+    Works with a `jquant.io.Tokenizer` or a transformers tokenizer. The template writes its
+    own special tokens, so none are added when encoding.
+    """
+    messages = ([{"role": "system", "content": system}] if system else []) + [
+        {"role": "user", "content": message}
+    ]
+    text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    return list(tokenizer.encode(text, add_special_tokens=False))

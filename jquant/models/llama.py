@@ -1,0 +1,370 @@
+"""The Llama-family decoder in Flax NNX, and a functional `forward` for jit.
+
+Every weight matmul goes through `jquant.ops` (`qdot`, `qembed`, `qattend`), so the same code
+runs float parameters and quantized ones: `nnx.merge(graphdef, qparams)` with QArrays in the
+State is all it takes.
+
+Parameter paths (recipes match them; keep them stable)::
+
+    embed_tokens/embedding                      (V, D)
+    layers/{i}/self_attn/{q,k,v,o}_proj/kernel  (K, N)  + bias (N,): q/k/v if qkv_bias, o if o_bias
+    layers/{i}/mlp/{gate,up,down}_proj/kernel   (K, N)
+    layers/{i}/input_layernorm/scale            (D,)
+    layers/{i}/post_attention_layernorm/scale   (D,)
+    norm/scale                                  (D,)
+    lm_head/kernel                              (D, V)   only when the head is not tied
+
+Terminology: a **slot** is a column of the KV cache; a **position** is what RoPE rotates by.
+In a left-padded batch, row ``b``'s first real token sits in slot ``pad_b`` but has position 0.
+Slots are shared by the batch (one write index); positions are per sequence.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from jquant import ops
+from jquant.models.config import LlamaConfig, rope_inv_freq
+from jquant.qarray import QArray
+
+# Finite rather than -inf, so a query with nothing to attend to (a padding row) gives a
+# uniform softmax instead of NaNs that would poison the batch.
+_MASKED = -1e30
+
+
+class KVCache(NamedTuple):
+    """Preallocated keys and values of every layer, plus which slots hold real tokens.
+
+    Attributes:
+      k: keys ``(layers, batch, max_len, kv_heads, head_dim)`` in the compute dtype.
+      v: values, same shape and dtype.
+      valid: ``(batch, max_len)`` bool; True where a slot holds a real (non-padding) token.
+      index: ``()`` int32; the next slot to write (slots ``< index`` are filled).
+    """
+
+    k: jax.Array
+    v: jax.Array
+    valid: jax.Array
+    index: jax.Array
+
+    @property
+    def max_len(self) -> int:
+        return self.k.shape[2]
+
+
+def init_cache(config: LlamaConfig, batch: int, max_len: int, dtype=jnp.float32) -> KVCache:
+    """An empty cache for ``batch`` sequences of up to ``max_len`` slots.
+
+    >>> cfg = LlamaConfig(vocab_size=8, hidden_size=8, intermediate_size=8, num_layers=1,
+    ...                   num_heads=2, num_kv_heads=1)
+    >>> init_cache(cfg, 2, 16).k.shape
+    (1, 2, 16, 1, 4)
+    """
+    shape = (config.num_layers, batch, max_len, config.num_kv_heads, config.head_dim)
+    return KVCache(
+        k=jnp.zeros(shape, dtype),
+        v=jnp.zeros(shape, dtype),
+        valid=jnp.zeros((batch, max_len), jnp.bool_),
+        index=jnp.zeros((), jnp.int32),
+    )
+
+
+def _as_array(value, dtype):
+    """A small parameter (bias, norm scale) as an array, whether or not a recipe quantized it."""
+    if isinstance(value, QArray):
+        return value.dequantize(dtype)
+    return value.astype(dtype)
+
+
+class Dense(nnx.Module):
+    """``y = x @ kernel (+ bias)`` with the kernel ``(K, N)``, an array or a QArray."""
+
+    def __init__(self, k: int, n: int, *, bias: bool, param_dtype, rngs: nnx.Rngs):
+        init = jax.nn.initializers.normal(0.02)
+        self.kernel = nnx.Param(init(rngs.params(), (k, n), param_dtype))
+        self.bias = nnx.Param(jnp.zeros((n,), param_dtype)) if bias else None
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        y = ops.qdot(x, self.kernel.get_value())
+        if self.bias is not None:
+            y = y + _as_array(self.bias.get_value(), y.dtype)
+        return y
+
+
+class Embed(nnx.Module):
+    """Token embedding ``(V, D)``; `attend` is the tied LM head."""
+
+    def __init__(self, vocab: int, dim: int, *, param_dtype, rngs: nnx.Rngs):
+        init = jax.nn.initializers.normal(0.02)
+        self.embedding = nnx.Param(init(rngs.params(), (vocab, dim), param_dtype))
+
+    def __call__(self, ids: jax.Array, dtype) -> jax.Array:
+        return ops.qembed(ids, self.embedding.get_value(), dtype=dtype)
+
+    def attend(self, x: jax.Array) -> jax.Array:
+        return ops.qattend(x, self.embedding.get_value(), preferred_element_type=jnp.float32)
+
+
+class RMSNorm(nnx.Module):
+    """``x / rms(x) * scale``, normalized in float32 (as transformers does)."""
+
+    def __init__(self, dim: int, *, eps: float, param_dtype):
+        self.scale = nnx.Param(jnp.ones((dim,), param_dtype))
+        self.eps = eps
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        x32 = x.astype(jnp.float32)
+        var = jnp.mean(x32 * x32, axis=-1, keepdims=True)
+        y = (x32 * jax.lax.rsqrt(var + jnp.float32(self.eps))).astype(x.dtype)
+        return _as_array(self.scale.get_value(), x.dtype) * y
+
+
+def _rotate_half(x: jax.Array) -> jax.Array:
+    half = x.shape[-1] // 2
+    return jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
+
+
+def _apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
+    """Rotates ``x (B, S, H, Dh)`` by float32 ``cos``/``sin (B, S, Dh)`` (HF rotate_half)."""
+    x32 = x.astype(jnp.float32)
+    out = x32 * cos[:, :, None, :] + _rotate_half(x32) * sin[:, :, None, :]
+    return out.astype(x.dtype)
+
+
+def rope_tables(config: LlamaConfig, positions: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """``cos, sin`` of shape ``(B, S, head_dim)`` float32 for integer ``positions (B, S)``."""
+    inv_freq = jnp.asarray(rope_inv_freq(config))
+    angles = positions.astype(jnp.float32)[..., None] * inv_freq
+    angles = jnp.concatenate([angles, angles], axis=-1)
+    return jnp.cos(angles), jnp.sin(angles)
+
+
+class Attention(nnx.Module):
+    """Grouped-query self-attention with RoPE; reads and writes one layer of a KV cache."""
+
+    def __init__(self, config: LlamaConfig, *, param_dtype, rngs: nnx.Rngs):
+        d, h, kv, dh = config.hidden_size, config.num_heads, config.num_kv_heads, config.head_dim
+        kw = dict(param_dtype=param_dtype, rngs=rngs)
+        self.q_proj = Dense(d, h * dh, bias=config.qkv_bias, **kw)
+        self.k_proj = Dense(d, kv * dh, bias=config.qkv_bias, **kw)
+        self.v_proj = Dense(d, kv * dh, bias=config.qkv_bias, **kw)
+        self.o_proj = Dense(h * dh, d, bias=config.o_bias, **kw)
+        self.num_kv_heads, self.num_groups, self.head_dim = kv, config.num_groups, dh
+
+    def __call__(self, x, cos, sin, allowed, cache: KVCache | None, layer: int):
+        """Args: x (B, S, D); cos/sin (B, S, Dh); allowed (B, S, T) bool, T = keys (the
+        cache length, or S without a cache). Returns (B, S, D) and the updated cache."""
+        b, s, _ = x.shape
+        kv, g, dh = self.num_kv_heads, self.num_groups, self.head_dim
+        q = _apply_rope(self.q_proj(x).reshape(b, s, kv * g, dh), cos, sin)
+        k = _apply_rope(self.k_proj(x).reshape(b, s, kv, dh), cos, sin)
+        v = self.v_proj(x).reshape(b, s, kv, dh)
+        if cache is not None:
+            start = (layer, 0, cache.index, 0, 0)
+            cache = cache._replace(
+                k=jax.lax.dynamic_update_slice(cache.k, k[None].astype(cache.k.dtype), start),
+                v=jax.lax.dynamic_update_slice(cache.v, v[None].astype(cache.v.dtype), start),
+            )
+            k, v = cache.k[layer].astype(x.dtype), cache.v[layer].astype(x.dtype)
+        # Query head h uses key/value head h // g (transformers' repeat_kv order).
+        q = q.reshape(b, s, kv, g, dh)
+        scores = jnp.einsum("bskgd,btkd->bkgst", q, k, preferred_element_type=jnp.float32)
+        scores = scores * jnp.float32(dh**-0.5)
+        scores = jnp.where(allowed[:, None, None], scores, jnp.float32(_MASKED))
+        probs = jax.nn.softmax(scores, axis=-1).astype(x.dtype)
+        out = jnp.einsum("bkgst,btkd->bskgd", probs, v, preferred_element_type=jnp.float32)
+        return self.o_proj(out.astype(x.dtype).reshape(b, s, kv * g * dh)), cache
+
+
+class MLP(nnx.Module):
+    """SwiGLU: ``down(silu(gate(x)) * up(x))``."""
+
+    def __init__(self, config: LlamaConfig, *, param_dtype, rngs: nnx.Rngs):
+        d, f = config.hidden_size, config.intermediate_size
+        kw = dict(bias=False, param_dtype=param_dtype, rngs=rngs)
+        self.gate_proj = Dense(d, f, **kw)
+        self.up_proj = Dense(d, f, **kw)
+        self.down_proj = Dense(f, d, **kw)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return self.down_proj(jax.nn.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class DecoderLayer(nnx.Module):
+    """Pre-norm block: ``x + attn(norm(x))``, then ``x + mlp(norm(x))``."""
+
+    def __init__(self, config: LlamaConfig, *, param_dtype, rngs: nnx.Rngs):
+        norm = functools.partial(RMSNorm, config.hidden_size, eps=config.rms_norm_eps,
+                                 param_dtype=param_dtype)  # fmt: skip
+        self.input_layernorm = norm()
+        self.self_attn = Attention(config, param_dtype=param_dtype, rngs=rngs)
+        self.post_attention_layernorm = norm()
+        self.mlp = MLP(config, param_dtype=param_dtype, rngs=rngs)
+
+    def __call__(self, x, cos, sin, allowed, cache, layer):
+        h, cache = self.self_attn(self.input_layernorm(x), cos, sin, allowed, cache, layer)
+        x = x + h
+        return x + self.mlp(self.post_attention_layernorm(x)), cache
+
+
+class Llama(nnx.Module):
+    """A Llama-family causal LM.
+
+    Args:
+      config: the architecture.
+      dtype: compute dtype of activations and the KV cache (float32 on CPU, where XLA's bf16
+        dots are ~20x slower; bfloat16 on GPU/TPU). Logits are always float32.
+      param_dtype: dtype of freshly initialized parameters.
+      rngs: initializers' randomness (normal(0.02) weights, unit norms, zero biases).
+
+    >>> cfg = LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=32, num_layers=1,
+    ...                   num_heads=2, num_kv_heads=1)
+    >>> model = Llama(cfg, rngs=nnx.Rngs(0))
+    >>> logits, _ = model(jnp.zeros((1, 5), jnp.int32))
+    >>> logits.shape
+    (1, 5, 32)
+    """
+
+    def __init__(self, config: LlamaConfig, *, dtype=jnp.float32, param_dtype=jnp.float32,
+                 rngs: nnx.Rngs):  # fmt: skip
+        self.config = config
+        self.dtype = dtype
+        kw = dict(param_dtype=param_dtype, rngs=rngs)
+        self.embed_tokens = Embed(config.vocab_size, config.hidden_size, **kw)
+        self.layers = nnx.List([DecoderLayer(config, **kw) for _ in range(config.num_layers)])
+        self.norm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps, param_dtype=param_dtype)
+        if not config.tie_word_embeddings:
+            self.lm_head = Dense(config.hidden_size, config.vocab_size, bias=False, **kw)
+
+    def __call__(
+        self,
+        tokens: jax.Array,
+        positions: jax.Array | None = None,
+        cache: KVCache | None = None,
+        mask: jax.Array | None = None,
+        *,
+        last_only: bool = False,
+    ) -> tuple[jax.Array, KVCache | None]:
+        """Runs ``tokens (B, S)``; with a cache, continues from its `index` (prefill or decode).
+
+        Args:
+          tokens: int token ids ``(B, S)``.
+          positions: RoPE positions ``(B, S)``; default: each row's count of real tokens so
+            far (cache included), so a left-padded row starts at 0 on its first real token.
+          cache: a `KVCache` to read and extend, or None (attend within ``tokens`` only).
+            Writes slots ``index .. index + S - 1``; keeping them below ``max_len`` is the
+            caller's job (`generate` sizes the cache so they are).
+          mask: ``(B, S)`` True for real tokens, False for padding (never attended to);
+            default all real.
+          last_only: return logits of the last column only (``(B, 1, V)``): all a
+            left-padded prefill needs before sampling.
+
+        Returns:
+          ``(logits (B, S, V) float32, cache)``; the cache is None when none was given.
+        """
+        b, s = tokens.shape
+        if cache is not None and s > cache.max_len:
+            raise ValueError(f"{s} tokens do not fit a KV cache of max_len={cache.max_len}")
+        mask = jnp.ones((b, s), jnp.bool_) if mask is None else mask.astype(jnp.bool_)
+        if positions is None:
+            positions = _default_positions(mask, cache)
+        allowed, cache = _attention_mask(mask, cache)
+        cos, sin = rope_tables(self.config, positions)
+        x = self.embed_tokens(tokens, self.dtype)
+        for i, layer in enumerate(self.layers):
+            x, cache = layer(x, cos, sin, allowed, cache, i)
+        if cache is not None:
+            cache = cache._replace(index=cache.index + jnp.int32(s))
+        if last_only:
+            x = x[:, -1:]
+        x = self.norm(x)
+        if self.config.tie_word_embeddings:
+            return self.embed_tokens.attend(x), cache
+        kernel = self.lm_head.kernel.get_value()
+        return ops.qdot(x, kernel, preferred_element_type=jnp.float32), cache
+
+
+def _default_positions(mask: jax.Array, cache: KVCache | None) -> jax.Array:
+    seen = jnp.cumsum(mask.astype(jnp.int32), axis=1) - 1
+    if cache is not None:
+        seen = seen + jnp.sum(cache.valid.astype(jnp.int32), axis=1, keepdims=True)
+    return jnp.maximum(seen, 0)
+
+
+def _attention_mask(mask: jax.Array, cache: KVCache | None):
+    """``allowed (B, S, T)``: causal, and only real tokens as keys. Marks the new slots
+    valid in the cache (which is returned)."""
+    b, s = mask.shape
+    if cache is None:
+        causal = jnp.tril(jnp.ones((s, s), jnp.bool_))
+        return causal[None] & mask[:, None, :], None
+    valid = jax.lax.dynamic_update_slice(cache.valid, mask, (0, cache.index))
+    query_slot = cache.index + jnp.arange(s, dtype=jnp.int32)
+    key_slot = jnp.arange(cache.max_len, dtype=jnp.int32)
+    causal = key_slot[None, :] <= query_slot[:, None]
+    return causal[None] & valid[:, None, :], cache._replace(valid=valid)
+
+
+# ---- functional API -----------------------------------------------------------------
+
+
+def graphdef_of(model) -> nnx.GraphDef:
+    """The GraphDef of a model (a `Llama` module, or a GraphDef passed through)."""
+    return model if isinstance(model, nnx.GraphDef) else nnx.graphdef(model)
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "last_only"))
+def _forward(graphdef, params, tokens, positions, cache, mask, last_only):
+    return nnx.merge(graphdef, params)(tokens, positions, cache, mask, last_only=last_only)
+
+
+def forward(
+    model,
+    params: nnx.State,
+    tokens: jax.Array,
+    positions: jax.Array | None = None,
+    cache: KVCache | None = None,
+    mask: jax.Array | None = None,
+    *,
+    last_only: bool = False,
+) -> tuple[jax.Array, KVCache | None]:
+    """Jitted ``Llama.__call__`` on a parameter State: float, or quantized (QArrays inside).
+
+    Compiled once per (model structure, input shapes); the parameters are ordinary
+    arguments, so float and quantized States each compile once and are never baked in.
+
+    Args:
+      model: a `Llama` module or its `nnx.GraphDef` (only its structure is used).
+      params: an `nnx.State` with the model's parameter paths (e.g. `jquant.quantize`'s output).
+      tokens, positions, cache, mask, last_only: as in `Llama.__call__`.
+
+    >>> logits, cache = forward(model, params, tokens)  # doctest: +SKIP
+    """
+    tokens = jnp.asarray(tokens, jnp.int32)
+    if positions is not None:
+        positions = jnp.asarray(positions, jnp.int32)
+    return _forward(graphdef_of(model), params, tokens, positions, cache, mask, last_only)
+
+
+def init_model(config: LlamaConfig, *, seed: int = 0, dtype=jnp.float32) -> Llama:
+    """A randomly initialized `Llama` (tests and examples)."""
+    return Llama(config, dtype=dtype, rngs=nnx.Rngs(seed))
+
+
+def abstract_model(config: LlamaConfig, *, dtype=jnp.float32, param_dtype=jnp.float32) -> Llama:
+    """A `Llama` whose parameters are shape/dtype placeholders: no memory, no init compute."""
+    return nnx.eval_shape(
+        lambda: Llama(config, dtype=dtype, param_dtype=param_dtype, rngs=nnx.Rngs(0))
+    )
+
+
+def num_params(params: nnx.State) -> int:
+    """Logical element count of a parameter State (QArrays counted by their logical shape)."""
+    leaves = jax.tree.leaves(params, is_leaf=lambda x: isinstance(x, QArray))
+    return int(sum(np.prod(x.shape) for x in leaves))

@@ -1,0 +1,50 @@
+"""`load`: any supported source → ``(model, params, tokenizer)``."""
+
+from __future__ import annotations
+
+import os
+
+import jax
+import jax.numpy as jnp
+
+from jquant.models.config import LlamaConfig
+from jquant.models.convert import params_from_hf
+
+
+def default_dtype():
+    """float32 on CPU (XLA's CPU bf16 dots are ~20x slower than f32), bfloat16 elsewhere."""
+    return jnp.float32 if jax.default_backend() == "cpu" else jnp.bfloat16
+
+
+def load(source, *, dtype=None, param_dtype=jnp.float32, with_config: bool = False) -> tuple:
+    """Loads a Llama-family model from a registry name, HF directory, ``.gguf`` or hub id.
+
+    Args:
+      source: anything `jquant.io.load_checkpoint` accepts, or a `jquant.io.Checkpoint`.
+      dtype: compute dtype (activations, KV cache); default `default_dtype()`.
+      param_dtype: dtype of the float parameters (float32 keeps the baseline exact; a
+        quantization recipe starts from these).
+      with_config: also return the checkpoint's HF-style config dict (what
+        `jquant.memory_report(config=...)` reads) as a fourth element.
+
+    Returns:
+      ``(model, params, tokenizer)``: the `Llama` module, its parameter ``nnx.State`` (the
+      tree `jquant.quantize` rewrites; paths like ``layers/0/mlp/up_proj/kernel``), and the
+      checkpoint's tokenizer (None if it has none); plus the HF config dict with
+      ``with_config=True``. The module holds the same arrays as
+      ``params``; to run other parameters use ``jquant.models.forward(model, qparams, ...)``.
+
+    >>> model, params, tokenizer = load("smollm2-135m")  # doctest: +SKIP
+    >>> model.config.num_layers  # doctest: +SKIP
+    30
+    """
+    from jquant.io import Checkpoint, load_checkpoint  # io is optional until first use
+
+    ckpt = source if isinstance(source, Checkpoint) else load_checkpoint(os.fspath(source))
+    config = LlamaConfig.from_hf(ckpt.config)
+    model, params = params_from_hf(
+        ckpt.tensors, config, dtype=dtype or default_dtype(), param_dtype=param_dtype
+    )
+    if with_config:
+        return model, params, ckpt.tokenizer, dict(ckpt.config)
+    return model, params, ckpt.tokenizer
