@@ -423,6 +423,12 @@ def validate_group_size(qtype: str | QType, group_size: int | None, *, name: str
 
 def check_float_weight(w, *, name: str = "weight"):
     """Raises ValueError if ``w`` is not a float array or (when concrete) holds NaN/inf."""
+    if isinstance(w, jax.ShapeDtypeStruct):
+        raise ValueError(
+            f"{name}: is abstract (a ShapeDtypeStruct) and holds no values to quantize; "
+            "to size a quantized tree without data, run jax.eval_shape(lambda p: "
+            "jquant.quantize(p, recipe), params)"
+        )
     dtype = np.dtype(w.dtype)
     if not jnp.issubdtype(dtype, jnp.floating):
         raise ValueError(f"{name}: only float weights can be quantized, got dtype {dtype.name}")
@@ -475,7 +481,8 @@ def quantize_array(
     ((8, 128), (8, 2))
     """
     qt = qtypes.get(qtype)
-    w = jnp.asarray(w) if not isinstance(w, jax.Array | np.ndarray) else w
+    if not isinstance(w, jax.Array | np.ndarray | jax.ShapeDtypeStruct):
+        w = jnp.asarray(w)
     check_float_weight(w, name=name)
     if w.ndim < 1:
         raise ValueError(f"{name}: cannot quantize a scalar")

@@ -219,6 +219,11 @@ def test_bad_weights_name_the_parameter():
         quantize_array(w, "int8", name="layers/2/kernel")
 
 
+def test_abstract_weights_get_a_pointer_to_eval_shape():
+    with pytest.raises(ValueError, match="layers/3/kernel: is abstract.*eval_shape"):
+        quantize_array(jax.ShapeDtypeStruct((64, 8), jnp.float32), "int4", name="layers/3/kernel")
+
+
 def test_unpack_rejects_wrong_storage_length():
     with pytest.raises(ValueError, match="needs 288"):
         unpack(jnp.zeros((4, 300), jnp.uint8), "int4", 576, 128)
