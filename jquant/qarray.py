@@ -393,12 +393,15 @@ def encode_groups(w_t, scale, zero_point, qtype: str | QType, group_size: int | 
     qt = qtypes.get(qtype)
     w_t = jnp.asarray(w_t, jnp.float32)
     s = scale.astype(jnp.float32)
-    inv = jnp.where(s != 0, 1.0 / jnp.where(s != 0, s, 1.0), 0.0)
+
+    def divide(v, s):  # true division, as references do; a zero scale encodes zeros
+        return jnp.where(s != 0, v / jnp.where(s != 0, s, 1.0), 0.0)
+
     if zero_point is None:
-        scaled = _per_group(w_t, group_size, lambda v, i: v * i, inv)
+        scaled = _per_group(w_t, group_size, divide, s)
     else:
         zp = zero_point.astype(jnp.float32)
-        scaled = _per_group(w_t, group_size, lambda v, i, z: v * i + z, inv, zp)
+        scaled = _per_group(w_t, group_size, lambda v, s, z: divide(v, s) + z, s, zp)
     return qtypes.encode(qt, scaled)
 
 
