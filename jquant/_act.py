@@ -7,7 +7,10 @@ row, taken over the contracted axes (``K``), so that no calibration is needed.
 * ``int8`` against an int8 symmetric per-channel (or per-tensor) weight runs as a
   true integer matmul, int8 x int8 with int32 accumulation, and applies
   ``row_scale * channel_scale`` in an epilogue (:func:`int8_matmul`).
-* Every other combination (fp8 activations, grouped or 4-bit weights) fake-quantizes
+* ``fp8_e4m3`` against an fp8_e4m3 per-channel weight runs as a true fp8 x fp8
+  matmul on GPU (:func:`fp8_matmul`, the Pallas GPU kernel, f32 accumulation);
+  elsewhere it fake-quantizes like the combinations below.
+* Every other combination (other fp8 pairs, grouped or 4-bit weights) fake-quantizes
   the activations (quantize, then dequantize: :func:`fake_quant`) and runs the
   ordinary dequantize-then-dot path.
 
@@ -88,14 +91,45 @@ def _fake_quant_bwd(fmt, axes, _, g):
 fake_quant.defvjp(_fake_quant_fwd, _fake_quant_bwd)
 
 
-@jax.custom_vjp
-def int8_matmul(x, codes, scale):
+# Activation format -> the weight qtype of a true 8-bit matmul (same code dtype).
+W8A8_FORMATS = {"int8": "int8", "fp8_e4m3": "fp8_e4m3"}
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
+def _w8a8_matmul(x, codes, scale, fmt, backend, interpret):
+    xq, xs = quantize_rows(x, fmt)
+    # Exact int32 sums (fp8: float32 sums of exact products), then the two scales (row x
+    # channel) in float32: the backend's kernel on TPU (int8) and GPU, XLA elsewhere.
+    scale = jnp.broadcast_to(scale.reshape(-1, 1), (codes.shape[0], 1)).astype(jnp.float32)
+    return kernels.quantized_matmul_w8a8(xq, xs, codes, scale, out_dtype=jnp.float32,
+                                         backend=backend, interpret=interpret)
+
+
+def _w8a8_matmul_fwd(x, codes, scale, fmt, backend, interpret):
+    # A zero-size array carries x's dtype into the backward pass.
+    y = _w8a8_matmul(x, codes, scale, fmt, backend, interpret)
+    return y, (codes, scale, jnp.zeros((0,), x.dtype))
+
+
+def _w8a8_matmul_bwd(fmt, backend, interpret, res, g):
+    codes, scale, like = res
+    w = codes.astype(jnp.float32) * scale  # (N, K)
+    gx = jax.lax.dot_general(g, w, (((1,), (0,)), ((), ())))
+    return gx.astype(like.dtype), None, None
+
+
+_w8a8_matmul.defvjp(_w8a8_matmul_fwd, _w8a8_matmul_bwd)
+
+
+def int8_matmul(x, codes, scale, *, backend=None, interpret=False):
     """``x @ (codes * scale).T`` with ``x`` quantized per row to int8, accumulated in int32.
 
     Args:
       x: activations ``(M, K)``, any float dtype.
       codes: int8 weight codes in storage layout ``(N, K)``.
       scale: float32 weight scales ``(N, 1)`` (per channel) or ``(1, 1)`` (per tensor).
+      backend, interpret: passed to ``kernels.quantized_matmul_w8a8`` (default: the
+        kernel of ``jax.default_backend()``, XLA on CPU).
 
     Returns:
       ``(M, N)`` float32. Gradients flow to ``x`` only (straight-through); the
@@ -105,23 +139,17 @@ def int8_matmul(x, codes, scale):
     >>> y.tolist()
     [[4.0, 4.0]]
     """
-    xq, xs = quantize_rows(x, "int8")
-    # Exact int32 sums, then the two scales (row x channel) in float32: the TPU kernel
-    # on TPU, the same computation in XLA elsewhere.
-    scale = jnp.broadcast_to(scale.reshape(-1, 1), (codes.shape[0], 1)).astype(jnp.float32)
-    return kernels.quantized_matmul_w8a8(xq, xs, codes, scale, out_dtype=jnp.float32)
+    return _w8a8_matmul(x, codes, scale, "int8", backend, interpret)
 
 
-def _int8_matmul_fwd(x, codes, scale):
-    # A zero-size array carries x's dtype into the backward pass.
-    return int8_matmul(x, codes, scale), (codes, scale, jnp.zeros((0,), x.dtype))
+def fp8_matmul(x, codes, scale, *, backend=None, interpret=False):
+    """``x @ (codes * scale).T`` with ``x`` quantized per row to fp8 e4m3, f32 accumulation.
 
+    Like :func:`int8_matmul` for ``float8_e4m3fn`` weight codes: a real fp8 x fp8 matmul
+    (the GPU kernel; the XLA reference where no kernel applies), straight-through for ``x``.
 
-def _int8_matmul_bwd(res, g):
-    codes, scale, like = res
-    w = codes.astype(jnp.float32) * scale  # (N, K)
-    gx = jax.lax.dot_general(g, w, (((1,), (0,)), ((), ())))
-    return gx.astype(like.dtype), None, None
-
-
-int8_matmul.defvjp(_int8_matmul_fwd, _int8_matmul_bwd)
+    >>> y = fp8_matmul(jnp.ones((1, 4)), jnp.ones((2, 4), jnp.float8_e4m3fn), jnp.ones((2, 1)))
+    >>> y.tolist()
+    [[4.0, 4.0]]
+    """
+    return _w8a8_matmul(x, codes, scale, "fp8_e4m3", backend, interpret)

@@ -14,6 +14,7 @@ from .quantized_matmul import quantized_matmul_reference as quantized_matmul_ref
 from .quantized_matmul import validate_inputs as validate_inputs
 from .tuned_block_sizes import BlockSizes as BlockSizes
 from .tuned_block_sizes import get_block_sizes as get_block_sizes
+from .w8a8 import can_use_gpu_w8a8 as can_use_gpu_w8a8
 from .w8a8 import quantize_activations as quantize_activations
 from .w8a8 import quantized_matmul_w8a8 as quantized_matmul_w8a8
 from .w8a8 import quantized_matmul_w8a8_reference as quantized_matmul_w8a8_reference

@@ -61,6 +61,10 @@ def _next_pow2(v: int) -> int:
     return 1 << (max(v, 1) - 1).bit_length()
 
 
+def _floor_pow2(v: int) -> int:
+    return 1 << (max(v, 1).bit_length() - 1)
+
+
 def _group_bytes(qtype: str, k: int, group_size: int | None) -> int | None:
     if is_per_channel(k, group_size):
         return None
@@ -199,3 +203,79 @@ def weight_only_matmul_gpu(x_planes, qvalue, scale, zero_point, *, plan: GpuPlan
         name=f"quantized_matmul_{qtype}",
     )(*x_planes, qvalue, *scales)
     return out[:m, :n]
+
+
+# ---- W8A8: int8 x int8 (int32 accumulation) or fp8 x fp8 (f32 accumulation) -------------
+
+W8A8_MIN_BLOCK_K = 32  # K of one int8 / fp8 MMA instruction (mma.m16n8k32, wgmma k32)
+
+
+def plan_w8a8_gpu(m: int, n: int, k: int, block_sizes: BlockSizes, *,
+                  strict: bool) -> tuple[int, int, int]:
+    """(block_m, block_n, block_k), powers of two: block_m >= 16 (one MMA tile; M is padded),
+    block_n and block_k halved until they divide N and K or reach their minimum (16, 32);
+    what is left over (rows of N past the last block, K past the last block) goes to XLA."""
+    for name in ("block_m", "block_n", "block_k"):
+        value = getattr(block_sizes, name)
+        if strict and not _is_pow2(value):
+            raise ValueError(f"{name}={value} must be a power of two on GPU (Triton tiles)")
+    bm = max(_MIN_TILE, min(_next_pow2(block_sizes.block_m), _next_pow2(m)))
+    bn = max(_MIN_TILE, _floor_pow2(block_sizes.block_n))
+    while bn > _MIN_TILE and n % bn:
+        bn //= 2
+    bk = max(W8A8_MIN_BLOCK_K, _floor_pow2(block_sizes.block_k))
+    while bk > W8A8_MIN_BLOCK_K and k % bk:
+        bk //= 2
+    return bm, bn, bk
+
+
+def _w8a8_kernel(x_ref, xs_ref, w_ref, ws_ref, o_ref, *, block_k, n_steps, acc_dtype):
+    bm, bn = o_ref.shape
+
+    def body(t, acc):
+        off = pl.multiple_of(t * block_k, block_k)
+        return acc + lax.dot_general(x_ref[:, pl.ds(off, block_k)],
+                                     w_ref[:, pl.ds(off, block_k)], _NT,
+                                     preferred_element_type=acc_dtype)
+
+    acc = lax.fori_loop(0, n_steps, body, jnp.zeros((bm, bn), acc_dtype))
+    y = acc.astype(jnp.float32) * xs_ref[...][:, None] * ws_ref[...][None, :]
+    o_ref[...] = y.astype(o_ref.dtype)
+
+
+@functools.partial(jax.jit, static_argnames=(
+    "block_m", "block_n", "block_k", "out_dtype", "interpret"))
+def w8a8_matmul_gpu(xq, x_scale, qvalue, w_scale, *, block_m: int, block_n: int,
+                    block_k: int, out_dtype, interpret=False):
+    """(xq (M, K) @ qvalue[:n_main, :K].T) * x_scale (M,)[:, None] * w_scale (N,)[None, :n_main].
+
+    Both operands int8 (int32 accumulator) or both float8_e4m3fn (f32 accumulator, a
+    native fp8 `tt.dot`: Ada / Hopper fp8 tensor cores). M and K must be multiples of the
+    blocks (the caller pads x, which is small); the weight is never copied: it may be wider
+    than K (columns past K are not read) and only its first n_main = N // block_n * block_n
+    rows are computed, the caller adds the rest. Returns (M, n_main).
+    """
+    (m, k), n = xq.shape, qvalue.shape[0]
+    if m % block_m:
+        raise ValueError(f"{m=} must be a multiple of {block_m=}")
+    if k % block_k or k > qvalue.shape[1]:
+        raise ValueError(f"{k=} must be a multiple of {block_k=} and <= {qvalue.shape[1]=}")
+    n_main = n // block_n * block_n
+    acc_dtype = jnp.int32 if xq.dtype == jnp.int8 else jnp.float32
+    kernel = functools.partial(_w8a8_kernel, block_k=block_k, n_steps=k // block_k,
+                               acc_dtype=acc_dtype)
+    return pl.pallas_call(
+        kernel,
+        out_shape=jax.ShapeDtypeStruct((m, n_main), out_dtype),
+        grid=(m // block_m, n_main // block_n),
+        in_specs=[
+            pl.BlockSpec((block_m, k), lambda i, j: (i, 0)),
+            pl.BlockSpec((block_m,), lambda i, j: (i,)),
+            pl.BlockSpec((block_n, qvalue.shape[1]), lambda i, j: (j, 0)),
+            pl.BlockSpec((block_n,), lambda i, j: (j,)),
+        ],
+        out_specs=pl.BlockSpec((block_m, block_n), lambda i, j: (i, j)),
+        compiler_params=pltr.CompilerParams(num_warps=4, num_stages=3),
+        interpret=interpret,
+        name=f"quantized_matmul_w8a8_{jnp.dtype(xq.dtype).name}",
+    )(xq, x_scale.astype(jnp.float32), qvalue, w_scale.astype(jnp.float32))

@@ -1,10 +1,26 @@
-"""W8A8: int8 activations (one scale per row/token) times int8 weights (one scale per column).
+"""W8A8: 8-bit activations (one scale per row/token) times 8-bit weights (one per column).
 
-Products accumulate exactly in int32; the two scales are applied once, in the epilogue.
-This only works with per-channel weight scales: with group-wise scales the int32 partial
+Two formats, both operands in the same one:
+
+* int8 x int8: products accumulate exactly in int32.
+* fp8 x fp8 (`float8_e4m3fn`, scales onto +-448): products accumulate in float32.
+
+The two scales are applied once, in the epilogue: `y = (xq @ qvalue.T) * x_scale *
+scale.T`. This only works with per-channel weight scales: with group-wise scales the partial
 sums of different groups would need rescaling before they could be added.
 
-Kernel: TPU only (`_tpu.w8a8_matmul_tpu`). Other backends run the XLA reference.
+Kernels, chosen by `backend` (default `jax.default_backend()`):
+
+* "tpu": `_tpu.w8a8_matmul_tpu`, int8 only (fp8 runs the XLA reference there).
+* "gpu" / "cuda": `_gpu.w8a8_matmul_gpu` (Pallas, Triton lowering), int8 and fp8. The fp8
+  kernel is a native fp8 `tt.dot` (it exports for "cuda" with float8 operands, so no
+  upcast to bf16 in the kernel); Triton's fp8 MMA needs compute capability >= 8.9, which
+  `can_use_gpu_w8a8` checks when a GPU is attached. Validated in interpret mode and by
+  export only: it has never run on a GPU.
+* anything else: the XLA reference.
+
+Every shape gives the reference's answer: M is padded to a whole block; rows of N past the
+last whole block and K past the last whole block are computed by XLA and added.
 """
 
 from __future__ import annotations
@@ -13,28 +29,39 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from . import _tpu
+from . import _gpu, _tpu
+from .quantized_matmul import _normalize_backend
 from .tuned_block_sizes import BlockSizes, get_block_sizes
 
 _NT = (((1,), (1,)), ((), ()))
 _FLOAT_DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16), jnp.dtype(jnp.float32))
+# Code dtype -> the magnitude a row's absmax is scaled onto.
+W8A8_DTYPES = {jnp.dtype(jnp.int8): 127.0, jnp.dtype(jnp.float8_e4m3fn): 448.0}
 
 
-def quantize_activations(x: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """Per-row absmax int8: x (..., K) -> (xq int8 (..., K), x_scale float32 (..., 1)).
+def quantize_activations(x: jax.Array, dtype=jnp.int8) -> tuple[jax.Array, jax.Array]:
+    """Per-row absmax: x (..., K) -> (xq (..., K) in `dtype`, x_scale float32 (..., 1)).
+
+    `dtype` is int8 (round to nearest) or float8_e4m3fn (round to nearest in fp8).
 
     >>> xq, xs = quantize_activations(x)   # x ~= xq * xs
     """
+    dtype = jnp.dtype(dtype)
+    if dtype not in W8A8_DTYPES:
+        raise ValueError(f"{dtype=} must be int8 or float8_e4m3fn")
+    target = W8A8_DTYPES[dtype]
     x = x.astype(jnp.float32)
     amax = jnp.max(jnp.abs(x), axis=-1, keepdims=True)
-    x_scale = jnp.where(amax > 0, amax / 127, jnp.ones_like(amax))
-    xq = jnp.clip(jnp.round(x / x_scale), -127, 127).astype(jnp.int8)
+    x_scale = jnp.where(amax > 0, amax / target, jnp.ones_like(amax))
+    xs = jnp.clip(x / x_scale, -target, target)
+    xq = (jnp.round(xs) if dtype == jnp.int8 else xs).astype(dtype)
     return xq, x_scale
 
 
 def _validate(xq, x_scale, qvalue, scale) -> None:
-    if xq.dtype != jnp.int8 or qvalue.dtype != jnp.int8:
-        raise ValueError(f"W8A8 needs int8 xq and qvalue, got {xq.dtype} and {qvalue.dtype}")
+    if xq.dtype != qvalue.dtype or jnp.dtype(xq.dtype) not in W8A8_DTYPES:
+        raise ValueError(f"W8A8 needs int8 or float8_e4m3fn xq and qvalue of the same dtype, "
+                         f"got {xq.dtype} and {qvalue.dtype}")
     if qvalue.ndim != 2 or xq.shape[-1] != qvalue.shape[1]:
         raise ValueError(f"xq (..., K)={xq.shape} and qvalue (N, K)={qvalue.shape} disagree "
                          "on K")
@@ -49,50 +76,115 @@ def _validate(xq, x_scale, qvalue, scale) -> None:
             raise ValueError(f"{name}.dtype={a.dtype} must be bfloat16, float16 or float32")
 
 
-def _int_dot(xq, qvalue) -> jax.Array:
-    return lax.dot_general(xq, qvalue, _NT, preferred_element_type=jnp.int32)
+def _dot(xq, qvalue) -> jax.Array:
+    """Exact int32 for int8, float32 for fp8; returned as float32."""
+    acc = jnp.int32 if xq.dtype == jnp.int8 else jnp.float32
+    return lax.dot_general(xq, qvalue, _NT, preferred_element_type=acc).astype(jnp.float32)
+
+
+def _epilogue(acc, xs2, scale):
+    return acc * xs2.astype(jnp.float32) * scale.astype(jnp.float32).T
 
 
 def quantized_matmul_w8a8_reference(xq, x_scale, qvalue, scale, *, out_dtype=jnp.bfloat16):
-    """(xq @ qvalue.T, exact in int32) * x_scale * scale.T, in `out_dtype`."""
+    """(xq @ qvalue.T, in int32 or f32) * x_scale * scale.T, in `out_dtype`."""
     _validate(xq, x_scale, qvalue, scale)
     lead = xq.shape[:-1]
-    acc = _int_dot(xq.reshape(-1, xq.shape[-1]), qvalue).astype(jnp.float32)
-    y = acc * x_scale.reshape(-1, 1).astype(jnp.float32) * scale.astype(jnp.float32).T
+    y = _epilogue(_dot(xq.reshape(-1, xq.shape[-1]), qvalue), x_scale.reshape(-1, 1), scale)
     return y.astype(out_dtype).reshape(*lead, qvalue.shape[0])
+
+
+def _fp8_mma_supported() -> bool:
+    """False only when a GPU is attached and it predates fp8 MMA (sm_89)."""
+    try:
+        devices = jax.devices("gpu")
+    except RuntimeError:
+        return True
+    cc = getattr(devices[0], "compute_capability", None) if devices else None
+    try:
+        return cc is None or tuple(int(v) for v in str(cc).split(".")) >= (8, 9)
+    except ValueError:
+        return True
+
+
+def can_use_gpu_w8a8(xq, x_scale, qvalue, scale, *, backend: str | None = None) -> bool:
+    """True when the backend is a GPU and the GPU W8A8 kernel takes these inputs."""
+    if _normalize_backend(backend) != "gpu":
+        return False
+    try:
+        _validate(xq, x_scale, qvalue, scale)
+    except ValueError:
+        return False
+    return xq.dtype == jnp.int8 or _fp8_mma_supported()
+
+
+def _tpu_forward(xq2, xs2, qvalue, scale, out_dtype, interpret, block_sizes):
+    m, k = xq2.shape
+    n = qvalue.shape[0]
+    sizes = block_sizes or get_block_sizes("tpu", m)
+    plan = _tpu.plan_tpu("int8", k, None, m, n, jnp.int8, sizes, strict=block_sizes is not None)
+    if plan.kb_main == 0:
+        return _epilogue(_dot(xq2, qvalue), xs2, scale)
+    y = _tpu.w8a8_matmul_tpu(xq2[:, :plan.kb_main], xs2, qvalue, scale, plan=plan,
+                             out_dtype=jnp.dtype(jnp.float32), interpret=interpret)
+    if plan.kb_main < k:
+        y = y + _epilogue(_dot(xq2[:, plan.kb_main:], qvalue[:, plan.kb_main:]), xs2, scale)
+    return y
+
+
+def _gpu_forward(xq2, xs2, qvalue, scale, out_dtype, interpret, block_sizes):
+    m, k = xq2.shape
+    n = qvalue.shape[0]
+    sizes = block_sizes or get_block_sizes("gpu", m)
+    bm, bn, bk = _gpu.plan_w8a8_gpu(m, n, k, sizes, strict=block_sizes is not None)
+    k_main, n_main = k // bk * bk, n // bn * bn
+    if k_main == 0 or n_main == 0:
+        return _epilogue(_dot(xq2, qvalue), xs2, scale)
+    m_pad = -(-m // bm) * bm
+    xp = jnp.pad(xq2[:, :k_main], ((0, m_pad - m), (0, 0)))
+    xsp = jnp.pad(xs2.reshape(-1).astype(jnp.float32), (0, m_pad - m))
+    y = _gpu.w8a8_matmul_gpu(xp, xsp, qvalue, scale.reshape(-1), block_m=bm, block_n=bn,
+                             block_k=bk, out_dtype=jnp.dtype(jnp.float32),
+                             interpret=interpret)[:m]
+    if k_main < k:
+        y = y + _epilogue(_dot(xq2[:, k_main:], qvalue[:n_main, k_main:]), xs2,
+                          scale[:n_main])
+    if n_main < n:
+        tail = _epilogue(_dot(xq2, qvalue[n_main:]), xs2, scale[n_main:])
+        y = jnp.concatenate([y, tail], axis=1)
+    return y
 
 
 def quantized_matmul_w8a8(xq, x_scale, qvalue, scale, *, out_dtype=jnp.bfloat16,
                           backend: str | None = None, interpret=False,
                           block_sizes: BlockSizes | None = None):
-    """W8A8 matmul: the TPU kernel on TPU (or when interpreting), else the XLA reference.
+    """W8A8 matmul: the backend's kernel (see the module docstring), else the XLA reference.
 
     Args:
-      xq, x_scale: from `quantize_activations` (or any per-row int8 scheme).
-      qvalue, scale: int8 weight (N, K) and its per-channel scale (N, 1).
-      backend: "tpu" runs the kernel; default `jax.default_backend()`.
+      xq, x_scale: from `quantize_activations` (or any per-row 8-bit scheme): (..., K)
+        int8 or float8_e4m3fn, and (..., 1).
+      qvalue, scale: the weight (N, K) in xq's dtype and its per-channel scale (N, 1).
+      out_dtype: dtype of the result (..., N).
+      backend: "tpu", "gpu" / "cuda" run the kernel, anything else (e.g. "cpu") the
+        reference; default `jax.default_backend()`.
+      interpret: run the kernel in Pallas interpret mode (how it is tested on CPU).
+      block_sizes: override the tuned `BlockSizes`; then they must be legal as given.
 
     Raises:
       ValueError: dtypes or shapes break the contract above, or explicit block sizes are
-        illegal on TPU.
+        illegal for the backend.
+
+    >>> xq, xs = quantize_activations(x)
+    >>> y = quantized_matmul_w8a8(xq, xs, q, s, backend="gpu")   # q int8 (N, K), s (N, 1)
     """
     _validate(xq, x_scale, qvalue, scale)
-    backend = jax.default_backend() if backend is None else backend
-    if backend != "tpu":
-        return quantized_matmul_w8a8_reference(xq, x_scale, qvalue, scale, out_dtype=out_dtype)
+    backend = _normalize_backend(backend)
     lead, k = xq.shape[:-1], xq.shape[-1]
     xq2, xs2 = xq.reshape(-1, k), x_scale.reshape(-1, 1)
-    m, n = xq2.shape[0], qvalue.shape[0]
-    sizes = block_sizes or get_block_sizes("tpu", m)
-    plan = _tpu.plan_tpu("int8", k, None, m, n, jnp.int8, sizes, strict=block_sizes is not None)
-    if plan.kb_main == 0:
+    if backend == "gpu":
+        y = _gpu_forward(xq2, xs2, qvalue, scale, out_dtype, interpret, block_sizes)
+    elif backend == "tpu" and xq.dtype == jnp.int8:
+        y = _tpu_forward(xq2, xs2, qvalue, scale, out_dtype, interpret, block_sizes)
+    else:
         return quantized_matmul_w8a8_reference(xq, x_scale, qvalue, scale, out_dtype=out_dtype)
-    has_tail = plan.kb_main < k
-    y = _tpu.w8a8_matmul_tpu(
-        xq2[:, :plan.kb_main], xs2, qvalue, scale, plan=plan,
-        out_dtype=jnp.dtype(jnp.float32) if has_tail else jnp.dtype(out_dtype),
-        interpret=interpret)
-    if has_tail:
-        tail = _int_dot(xq2[:, plan.kb_main:], qvalue[:, plan.kb_main:]).astype(jnp.float32)
-        y = y + tail * xs2.astype(jnp.float32) * scale.astype(jnp.float32).T
-    return y.astype(out_dtype).reshape(*lead, n)
+    return y.astype(out_dtype).reshape(*lead, qvalue.shape[0])

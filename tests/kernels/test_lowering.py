@@ -69,6 +69,17 @@ def test_w8a8_tpu_kernel_lowers(m):
     assert "tpu_custom_call" in targets
 
 
+@pytest.mark.parametrize("dtype", (jnp.int8, jnp.float8_e4m3fn))
+@pytest.mark.parametrize("m", (1, 256))
+def test_w8a8_gpu_kernel_lowers(m, dtype):
+    # fp8 operands lower to a native fp8 dot (no upcast); K = 4160 and N = 200 leave tails.
+    q, s = jnp.zeros((200, 4160), dtype), jnp.ones((200, 1), jnp.float32)
+    fn = lambda xq, xs: kernels.quantized_matmul_w8a8(xq, xs, q, s, backend="cuda")
+    targets = _export(fn, jax.ShapeDtypeStruct((m, 4160), dtype),
+                      jax.ShapeDtypeStruct((m, 1), jnp.float32), platform="cuda")
+    assert _gpu.TRITON_CUSTOM_CALL in targets, targets
+
+
 def test_tpu_block_rule_is_enforced():
     # The (8, 128) rule is what export checks on CPU: a 64-byte K block must not lower.
     # plan_tpu never produces one, so build the call by hand.

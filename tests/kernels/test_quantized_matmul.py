@@ -298,6 +298,61 @@ class TestW8A8:
                                           jnp.ones((8, 2)), backend="tpu")
 
 
+class TestW8A8Gpu:
+    """The GPU W8A8 kernel (Triton lowering) in interpret mode, int8 and fp8 e4m3."""
+
+    # K = 1000: a K tail of 8 past the last 32-wide block; N = 201: 9 rows past the last
+    # 16-wide block (both finished by XLA); M from decode (padded to 16 rows) to prefill.
+    @pytest.mark.parametrize("dtype", (jnp.int8, jnp.float8_e4m3fn))
+    @pytest.mark.parametrize("m", (1, 7, 16, 128))
+    def test_matches_reference(self, m, dtype):
+        k, n = 1000, 201
+        rng = np.random.default_rng(m)
+        x = jnp.asarray(rng.standard_normal((m, k)), jnp.float32)
+        w = jnp.asarray(rng.standard_normal((n, k)), jnp.float32)
+        q, s = kernels.quantize_activations(w, dtype)  # per row of (N, K): per channel
+        xq, xs = kernels.quantize_activations(x, dtype)
+        ref = kernels.quantized_matmul_w8a8_reference(xq, xs, q, s, out_dtype=jnp.float32)
+        y = kernels.quantized_matmul_w8a8(xq, xs, q, s, out_dtype=jnp.float32, backend="cuda",
+                                          interpret=True)
+        assert_close(y, ref)
+        exact = np.asarray(x) @ np.asarray(w).T  # and close to the float product
+        bound = 0.02 if dtype == jnp.int8 else 0.06
+        assert np.linalg.norm(np.asarray(y) - exact) / np.linalg.norm(exact) < bound
+
+    def test_bf16_output_batch_dims_and_explicit_blocks(self):
+        rng = np.random.default_rng(9)
+        xq, xs = kernels.quantize_activations(jnp.asarray(rng.standard_normal((2, 3, 256))))
+        q, s = kernels.quantize_activations(jnp.asarray(rng.standard_normal((64, 256))))
+        ref = kernels.quantized_matmul_w8a8_reference(xq, xs, q, s)
+        y = kernels.quantized_matmul_w8a8(xq, xs, q, s, backend="gpu", interpret=True,
+                                          block_sizes=BlockSizes(block_m=16, block_n=32,
+                                                                 block_k=64))
+        assert_close(y, ref)
+        with pytest.raises(ValueError, match="power of two"):
+            kernels.quantized_matmul_w8a8(xq, xs, q, s, backend="gpu", interpret=True,
+                                          block_sizes=BlockSizes(block_m=16, block_n=48,
+                                                                 block_k=64))
+
+    def test_wrapper_rejects_unpadded_shapes(self):
+        from jquant.kernels import _gpu
+
+        with pytest.raises(ValueError, match="k=100 must be a multiple of block_k=32"):
+            _gpu.w8a8_matmul_gpu(jnp.zeros((16, 100), jnp.int8), jnp.ones(16),
+                                 jnp.zeros((32, 100), jnp.int8), jnp.ones(32), block_m=16,
+                                 block_n=16, block_k=32, out_dtype=jnp.float32)
+
+    def test_predicate_and_dtype_rules(self):
+        xq, xs = jnp.zeros((2, 64), jnp.int8), jnp.ones((2, 1))
+        q, s = jnp.zeros((32, 64), jnp.int8), jnp.ones((32, 1))
+        assert kernels.can_use_gpu_w8a8(xq, xs, q, s, backend="cuda")
+        assert not kernels.can_use_gpu_w8a8(xq, xs, q, s, backend="cpu")
+        assert not kernels.can_use_gpu_w8a8(xq, xs, q, jnp.ones((32, 2)), backend="gpu")
+        with pytest.raises(ValueError, match="same dtype"):
+            kernels.quantized_matmul_w8a8(xq, xs, q.astype(jnp.float8_e4m3fn), s,
+                                          backend="gpu")
+
+
 class TestErrors:
     def _inputs(self, qtype="int4"):
         return make_inputs(qtype, 256, 64, 2, 128)
@@ -380,6 +435,7 @@ class TestPredicates:
 
     def test_package_exports(self):
         for name in ("quantized_matmul", "quantized_matmul_reference", "can_use_tpu_kernel",
-                     "can_use_gpu_kernel", "BlockSizes", "quantized_matmul_w8a8"):
+                     "can_use_gpu_kernel", "BlockSizes", "quantized_matmul_w8a8",
+                     "can_use_gpu_w8a8"):
             assert hasattr(kernels, name)
         assert kernels.get_block_sizes("tpu", 1).block_m == 16
