@@ -71,7 +71,8 @@ class QArray:
 
     where ``decode`` is the identity for integer formats, a float8 → float cast
     for fp8 and a table lookup for codebook formats (nf4); ``zero_point`` is
-    present only for asymmetric (``uint*``) formats and is float-valued.
+    present only for asymmetric (``uint*``) formats; ``quantize_array`` makes it an
+    integer (stored in the scale dtype), while ``from_codes`` accepts any float.
 
     ``scale`` may itself be a QArray (double quantization, as in QLoRA).
     Instances are pytrees: ``qvalue``, ``scale`` and ``zero_point`` are leaves and
@@ -351,9 +352,10 @@ def compute_scale(
 
     Symmetric formats: ``scale = clip_ratio * absmax / target`` where target is
     the largest code magnitude (``qmax``, the fp8 max, or 1.0 for nf4).
-    Asymmetric formats (min/max): ``scale = clip_ratio * (max - min) / qmax`` and
-    ``zero_point = -min / scale`` (float; min/max shrink around their midpoint
-    with ``clip_ratio``). All-zero groups get scale 1. ``clip_ratio`` may be an
+    Asymmetric formats (min/max over the group and zero):
+    ``scale = clip_ratio * (max - min) / qmax`` and
+    ``zero_point = clip(round(-min / scale), 0, qmax)``, an integer stored in the
+    scale dtype (min/max shrink around their midpoint with ``clip_ratio``). All-zero groups get scale 1. ``clip_ratio`` may be an
     array broadcastable to the scale shape (searched clipping).
 
     Returns:
@@ -375,16 +377,20 @@ def compute_scale(
         scale = amax / target
         scale = jnp.where(scale > 0, scale, jnp.float32(1.0))  # zero (or underflowing) groups
         return _round_up_to(scale, scale_dtype), None
-    lo = reduce(lambda v, axis=None: jnp.min(v, axis=axis))
-    hi = reduce(lambda v, axis=None: jnp.max(v, axis=axis))
+    # The range always includes zero (as GPTQ's quantizer does), so the integer zero point
+    # below lies in [0, qmax] and zero itself is exactly representable.
+    lo = jnp.minimum(reduce(lambda v, axis=None: jnp.min(v, axis=axis)), 0.0)
+    hi = jnp.maximum(reduce(lambda v, axis=None: jnp.max(v, axis=axis)), 0.0)
     mid = (hi + lo) / 2
     lo, hi = mid + (lo - mid) * ratio, mid + (hi - mid) * ratio
     amax = jnp.maximum(jnp.abs(lo), jnp.abs(hi))
     scale = jnp.where(hi > lo, (hi - lo) / target, amax / target)
     scale = jnp.where(scale > 0, scale, 1.0)  # constant, zero or underflowing groups
     scale = _round_up_to(scale.astype(jnp.float32), scale_dtype)
-    zero_point = (-lo / scale.astype(jnp.float32)).astype(scale_dtype)
-    return scale, zero_point
+    # An integer zero point, as GPTQ/AWQ checkpoints and kernels use: zero is then exactly
+    # representable and the round trip w -> code -> w never depends on the zero point's dtype.
+    zero_point = jnp.clip(jnp.round(-lo / scale.astype(jnp.float32)), qt.qmin, qt.qmax)
+    return scale, zero_point.astype(scale_dtype)
 
 
 def encode_groups(w_t, scale, zero_point, qtype: str | QType, group_size: int | None):
