@@ -355,8 +355,9 @@ def compute_scale(
     Asymmetric formats (min/max over the group and zero):
     ``scale = clip_ratio * (max - min) / qmax`` and
     ``zero_point = clip(round(-min / scale), 0, qmax)``, an integer stored in the
-    scale dtype (min/max shrink around their midpoint with ``clip_ratio``). All-zero groups get scale 1. ``clip_ratio`` may be an
-    array broadcastable to the scale shape (searched clipping).
+    scale dtype (min/max shrink around their midpoint with ``clip_ratio``). All-zero
+    groups get scale 1. ``clip_ratio`` may be an array broadcastable to the scale shape
+    (searched clipping).
 
     Returns:
       ``(scale, zero_point)``; ``zero_point`` is None for symmetric formats. Both

@@ -3,7 +3,6 @@
 import hypothesis.extra.numpy as hnp
 import jax
 import jax.numpy as jnp
-import ml_dtypes
 import numpy as np
 import pytest
 from hypothesis import given, settings
