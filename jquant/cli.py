@@ -146,11 +146,16 @@ def _quantized(params, recipe):
     return params if recipe in (None, "float") else quantize(params, recipe)
 
 
-def _weights(params) -> tuple[int, float]:
+def _weights(params) -> tuple[int, float, float | None]:
+    """(weight bytes, bits/weight over all weights, bits/weight of the quantized ones)."""
     from jquant.memory import memory_report
+    from jquant.qtypes import QTYPES
 
     r = memory_report(params)
-    return r.weight_bytes, r.bits_per_weight
+    quantized = [u for name, u in r.by_format.items() if name in QTYPES]
+    elements = sum(u.elements for u in quantized)
+    q_bits = 8.0 * sum(u.nbytes for u in quantized) / elements if elements else None
+    return r.weight_bytes, r.bits_per_weight, q_bits
 
 
 def _evaluate(model, params, tokenizer, text, args, *, progress: bool) -> dict:
@@ -160,9 +165,10 @@ def _evaluate(model, params, tokenizer, text, args, *, progress: bool) -> dict:
         model, params, text, tokenizer=tokenizer, seq_len=args.seq_len,
         max_tokens=args.max_tokens, batch_size=args.batch_size, progress=progress,
     )  # fmt: skip
-    weight_bytes, bits = _weights(params)
+    weight_bytes, bits, q_bits = _weights(params)
     return {"perplexity": result.perplexity, "weight_bytes": weight_bytes,
-            "bits_per_weight": bits, "tokens": result.tokens}  # fmt: skip
+            "bits_per_weight": bits, "quantized_bits_per_weight": q_bits,
+            "tokens": result.tokens}  # fmt: skip
 
 
 def _cmd_eval(args) -> int:
@@ -267,13 +273,18 @@ def format_compare(rows: list[dict], args) -> str:
         f"{rows[0]['tokens'] + rows[0]['tokens'] // (args.seq_len - 1)} tokens, "
         f"seq_len {args.seq_len}. Decode: greedy, batch 1, {args.decode_tokens} new tokens.",
         "",
-        "| recipe | bits/weight | weights MB | perplexity | Δ vs float | decode tokens/s |",
-        "|---|---:|---:|---:|---:|---:|",
+        "bits/w: all weights (float ones at their stored dtype); quantized: the quantized "
+        "tensors alone, scales and zero points included.",
+        "",
+        "| recipe | bits/w | quantized bits/w | weights MB | perplexity | Δ vs float "
+        "| decode tokens/s |",
+        "|---|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
-        speed = r["decode_tokens_per_second"]
+        speed, q_bits = r["decode_tokens_per_second"], r["quantized_bits_per_weight"]
         lines.append(
-            f"| {r['recipe']} | {r['bits_per_weight']:.2f} | {r['weight_bytes'] / 1e6:.1f} | "
+            f"| {r['recipe']} | {r['bits_per_weight']:.2f} | "
+            f"{'-' if q_bits is None else f'{q_bits:.2f}'} | {r['weight_bytes'] / 1e6:.1f} | "
             f"{r['perplexity']:.3f} | {r['delta_percent']:+.1f}% | "
             f"{'-' if speed is None else f'{speed:.1f}'} |"
         )

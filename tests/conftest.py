@@ -1,5 +1,204 @@
-"""Test-wide settings: strict dtype promotion so silent upcasts fail loudly."""
+"""Test-wide settings and fixtures.
 
+Strict dtype promotion, so silent upcasts fail loudly; the real embedded model; and tiny
+synthetic model files (GGUF with a byte-level BPE tokenizer) that any test can write.
+"""
+
+from __future__ import annotations
+
+import types
+
+import gguf
 import jax
+import numpy as np
+import pytest
+
+from jquant import io as jio
+from jquant.io.tokenizer import _bytes_to_unicode
 
 jax.config.update("jax_numpy_dtype_promotion", "strict")
+
+# Shapes of the tiny synthetic model: 2 layers, 4 query heads and 2 kv heads of size 16.
+TINY = dict(hidden=64, ffn=96, layers=2, heads=4, kv_heads=2, head_dim=16)
+# Merges of the tiny byte-level vocabulary, in priority order.
+TINY_MERGES = ["h e", "l l", "he ll", "Ġ w", "o r", "Ġw or"]
+TINY_CONTROL = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+TINY_TEMPLATE = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
+    "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+@pytest.fixture(scope="session")
+def smollm_path():
+    """The embedded SmolLM2-135M-Instruct GGUF (downloaded into the cache on first use)."""
+    return jio.model_path("smollm2-135m")
+
+
+@pytest.fixture(scope="session")
+def smollm(smollm_path):
+    """The embedded model as a Checkpoint, loaded once per session."""
+    return jio.load_gguf(smollm_path)
+
+
+def llama_cpp_permute(w: np.ndarray, n_head: int) -> np.ndarray:
+    """llama.cpp's convert_hf_to_gguf.py `LlamaModel.permute`, written independently here."""
+    return (
+        w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:])
+        .swapaxes(1, 2)
+        .reshape(w.shape)
+    )
+
+
+def tiny_vocab() -> list[str]:
+    """Control tokens, the 256 byte-level characters, then one token per merge."""
+    merged = ["".join(m.split(" ")) for m in TINY_MERGES]
+    return TINY_CONTROL + sorted(_bytes_to_unicode().values()) + merged
+
+
+def tiny_hf_tensors(
+    *, arch: str = "llama", tied: bool = True, seed: int = 0
+) -> dict[str, np.ndarray]:
+    """Random float32 tensors in HF layout for the tiny config."""
+    config = tiny_config(arch=arch, tied=tied)
+    rng = np.random.default_rng(seed)
+    return {
+        name: rng.standard_normal(shape).astype(np.float32)
+        for name, shape in jio.expected_shapes(config).items()
+    }
+
+
+def tiny_config(*, arch: str = "llama", tied: bool = True) -> dict:
+    t = TINY
+    return {
+        "model_type": arch,
+        "vocab_size": len(tiny_vocab()),
+        "hidden_size": t["hidden"],
+        "intermediate_size": t["ffn"],
+        "num_hidden_layers": t["layers"],
+        "num_attention_heads": t["heads"],
+        "num_key_value_heads": t["kv_heads"],
+        "head_dim": t["head_dim"],
+        "rms_norm_eps": 1e-5,
+        "rope_theta": 10000.0,
+        "rope_scaling": None,
+        "max_position_embeddings": 256,
+        "tie_word_embeddings": tied,
+        "attention_bias": arch == "qwen2",
+        "sliding_window": None,
+        "bos_token_id": 1,
+        "eos_token_id": 2,
+    }
+
+
+_TO_GGUF = {
+    "model.embed_tokens": "token_embd",
+    "model.norm": "output_norm",
+    "lm_head": "output",
+    "self_attn.q_proj": "attn_q",
+    "self_attn.k_proj": "attn_k",
+    "self_attn.v_proj": "attn_v",
+    "self_attn.o_proj": "attn_output",
+    "mlp.gate_proj": "ffn_gate",
+    "mlp.up_proj": "ffn_up",
+    "mlp.down_proj": "ffn_down",
+    "input_layernorm": "attn_norm",
+    "post_attention_layernorm": "ffn_norm",
+}
+
+
+def gguf_name(hf: str) -> str:
+    """The llama.cpp name of an HF tensor name (the test's own, independent mapping)."""
+    stem, kind = hf.rsplit(".", 1)
+    if stem.startswith("model.layers."):
+        _, _, block, rest = stem.split(".", 3)
+        return f"blk.{block}.{_TO_GGUF[rest]}.{kind}"
+    return f"{_TO_GGUF[stem]}.{kind}"
+
+
+def write_tiny_gguf(
+    path,
+    tensors: dict[str, np.ndarray],
+    *,
+    arch: str = "llama",
+    quantize: dict[str, gguf.GGMLQuantizationType] | None = None,
+    skip: tuple[str, ...] = (),
+    ffn: int | None = None,
+    add_bos: bool = False,
+    template: str | None = TINY_TEMPLATE,
+    extra: dict | None = None,
+):
+    """Write HF-layout `tensors` as a llama.cpp-style GGUF (names, Q/K permutation, quants).
+
+    Args:
+      quantize: `{hf_name: quant type}` for tensors to store quantized; others are F32.
+      skip: HF names to leave out (to make a file with a missing tensor).
+      ffn: feed_forward_length to write (to make a config that disagrees with the tensors).
+      extra: more `{key: float}` metadata, written as float32 under the architecture prefix.
+    """
+    t = TINY
+    w = gguf.GGUFWriter(str(path), arch=arch)
+    w.add_block_count(t["layers"])
+    w.add_context_length(256)
+    w.add_embedding_length(t["hidden"])
+    w.add_feed_forward_length(ffn or t["ffn"])
+    w.add_head_count(t["heads"])
+    w.add_head_count_kv(t["kv_heads"])
+    w.add_layer_norm_rms_eps(1e-5)
+    w.add_rope_freq_base(10000.0)
+    w.add_rope_dimension_count(t["head_dim"])
+    for key, value in (extra or {}).items():
+        w.add_float32(f"{arch}.{key}", value)
+    vocab = tiny_vocab()
+    w.add_tokenizer_model("gpt2")
+    w.add_tokenizer_pre("smollm")
+    w.add_token_list(vocab)
+    w.add_token_types([3 if v in TINY_CONTROL else 1 for v in vocab])
+    w.add_token_merges(TINY_MERGES)
+    w.add_bos_token_id(1)
+    w.add_eos_token_id(2)
+    w.add_add_bos_token(add_bos)
+    if template:
+        w.add_chat_template(template)
+    quantize = quantize or {}
+    for name, value in tensors.items():
+        if name in skip:
+            continue
+        if arch != "qwen2" and ".q_proj." in name:
+            value = llama_cpp_permute(value, t["heads"])
+        elif arch != "qwen2" and ".k_proj." in name:
+            value = llama_cpp_permute(value, t["kv_heads"])
+        if name in quantize:
+            qtype = quantize[name]
+            # uint8 block data: the writer derives the element shape from the byte shape.
+            w.add_tensor(gguf_name(name), gguf.quants.quantize(value, qtype), raw_dtype=qtype)
+        else:
+            w.add_tensor(gguf_name(name), value)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path
+
+
+@pytest.fixture
+def tiny_gguf(tmp_path):
+    """A tiny untied llama GGUF (F32) and the HF-layout tensors it was written from."""
+    tensors = tiny_hf_tensors(tied=False)
+    return write_tiny_gguf(tmp_path / "tiny.gguf", tensors), tensors
+
+
+@pytest.fixture(scope="session")
+def tiny():
+    """The helpers above, for tests (a test directory without __init__.py cannot import them)."""
+    return types.SimpleNamespace(
+        shape=TINY,
+        merges=TINY_MERGES,
+        control=TINY_CONTROL,
+        template=TINY_TEMPLATE,
+        vocab=tiny_vocab,
+        config=tiny_config,
+        tensors=tiny_hf_tensors,
+        permute=llama_cpp_permute,
+        write_gguf=write_tiny_gguf,
+    )
