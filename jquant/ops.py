@@ -77,12 +77,16 @@ def _kernel_matmul(x, w: QArray, out_dtype, precision):
     """The fused Pallas kernel for ``x @ w``, or None where none applies.
 
     On TPU and GPU the kernel runs when ``jquant.kernels``' ``can_use_*`` predicate
-    accepts the inputs. Weights with activation quantization or double-quantized
-    scales stay on XLA here. Forcing the path to ``"kernel"`` on CPU runs the TPU
-    kernel in Pallas interpret mode: slow, but it exercises the same dispatch and
-    the same kernel code as a TPU does, which is how it is tested without one.
+    accepts the inputs. fp8_e4m3 activations against a per-channel fp8_e4m3 weight
+    run the GPU W8A8 kernel; other weights with activation quantization (int8 W8A8
+    goes through ``_matmul_xla``) or double-quantized scales stay on XLA here.
+    Forcing the path to ``"kernel"`` on CPU runs the TPU kernel (the GPU one for
+    fp8 W8A8) in Pallas interpret mode: slow, but it exercises the same dispatch and
+    the same kernel code as the device does, which is how it is tested without one.
     """
     del precision  # the kernels accumulate in float32 regardless
+    if _fp8_w8a8_applies(w):
+        return _fp8_kernel_matmul(x, w, out_dtype)
     if w.activation is not None or isinstance(w.scale, QArray) or w.qtype not in kernels.QTYPES:
         return None
     n = w.qvalue.shape[0]
@@ -96,6 +100,28 @@ def _kernel_matmul(x, w: QArray, out_dtype, precision):
         *args, **kw, backend="tpu"
     ):
         y = kernels.quantized_matmul(*args, **kw, backend="tpu", interpret=True)
+        return y.astype(out_dtype)
+    return None
+
+
+def _fp8_w8a8_applies(w: QArray) -> bool:
+    return (
+        w.activation == "fp8_e4m3" and w.qtype == "fp8_e4m3" and w.zero_point is None
+        and w.num_groups == 1 and not isinstance(w.scale, QArray)
+    )  # fmt: skip
+
+
+def _fp8_kernel_matmul(x, w: QArray, out_dtype):
+    """fp8 x fp8 through the GPU W8A8 kernel: on a GPU, or interpreted on CPU when the
+    path is forced to ``"kernel"``; None elsewhere (XLA fake-quantizes x instead)."""
+    scale = w.scales()
+    xq = jax.ShapeDtypeStruct(x.shape, jnp.float8_e4m3fn)
+    xs = jax.ShapeDtypeStruct((x.shape[0], 1), jnp.float32)
+    scale_n = jax.ShapeDtypeStruct((w.qvalue.shape[0], 1), jnp.float32)
+    if kernels.can_use_gpu_w8a8(xq, xs, w.qvalue, scale_n):
+        return _act.fp8_matmul(x, w.qvalue, scale).astype(out_dtype)
+    if jax.default_backend() == "cpu" and matmul_path() == "kernel":
+        y = _act.fp8_matmul(x, w.qvalue, scale, backend="gpu", interpret=True)
         return y.astype(out_dtype)
     return None
 
@@ -158,9 +184,18 @@ def _dequant_dot(x, w: QArray, precision=None):
     )  # fmt: skip
 
 
+def _block_rows(n: int) -> int:
+    """Rows per block for ``n`` output rows: near ``_CPU_BLOCK_N`` and dividing ``n`` if
+    such a size is close, because a leftover tail costs a slice, a separate dequantize and
+    dot, and a concatenation of the outputs (SmolLM2's N = 576 splits as 2 x 288)."""
+    nb = max(1, round(n / _CPU_BLOCK_N))
+    return n // nb if n % nb == 0 else _CPU_BLOCK_N
+
+
 def _dequant_dot_blocked(x, w: QArray, precision=None):
-    """:func:`_dequant_dot` one block of ``_CPU_BLOCK_N`` output rows at a time."""
-    n, bn = w.qvalue.shape[0], _CPU_BLOCK_N
+    """:func:`_dequant_dot` one block of output rows (:func:`_block_rows`) at a time."""
+    n = w.qvalue.shape[0]
+    bn = _block_rows(n)
     nb = n // bn
     scale = w.scales()
 

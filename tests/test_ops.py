@@ -209,3 +209,24 @@ def test_forced_kernel_path_runs_the_pallas_kernel_on_cpu(qtype, kw):
         ops.set_matmul_path(old)
     assert "pallas_call" in jaxpr
     _close(y, ops.qdot(x, w))
+
+
+def test_fp8_activations_run_the_gpu_w8a8_kernel_when_forced_on_cpu():
+    # fp8_e4m3 x fp8_e4m3 per channel: the GPU kernel (interpreted) under "kernel", fake
+    # quantization under "auto" on CPU; same numbers up to f32 summation order.
+    w = quantize_array(_rand((96, 40)), "fp8_e4m3", activation="fp8_e4m3")
+    x = _rand((3, 96), seed=9)
+    auto = ops.qdot(x, w)
+    # fresh lambdas: make_jaxpr caches traces per function, and the path is read at trace
+    assert "pallas_call" not in str(jax.make_jaxpr(lambda x: ops.qdot(x, w))(x))
+    old = ops.set_matmul_path("kernel")
+    try:
+        assert "pallas_call" in str(jax.make_jaxpr(lambda x: ops.qdot(x, w))(x))
+        y = ops.qdot(x, w)
+        g = jax.grad(lambda x: jnp.sum(ops.qdot(x, w) ** 2))(x)
+    finally:
+        ops.set_matmul_path(old)
+    codes, scale = _act.quantize_rows(x, "fp8_e4m3")
+    _close(y, (qtypes.decode("fp8_e4m3", codes) * scale) @ w.dequantize())
+    _close(y, auto)
+    _close(g, (2 * y) @ w.dequantize().T)  # straight-through for x
