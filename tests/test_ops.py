@@ -230,3 +230,24 @@ def test_fp8_activations_run_the_gpu_w8a8_kernel_when_forced_on_cpu():
     _close(y, (qtypes.decode("fp8_e4m3", codes) * scale) @ w.dequantize())
     _close(y, auto)
     _close(g, (2 * y) @ w.dequantize().T)  # straight-through for x
+
+
+@pytest.mark.parametrize("qtype", ["int4", "uint4", "nf4"])
+@pytest.mark.parametrize(
+    "k,n,group",
+    [(576, 40, 128),  # 4 groups of 128 + a short last group of 64
+     (77, 24, None),  # per-channel, odd K: the high plane ends in a padding code
+     (576, 601, 128)],  # N = 601: CPU row blocks (2 x 256 + a tail of 89)
+)  # fmt: skip
+def test_4bit_nibble_planes_match_dequantize_then_dot(qtype, k, n, group):
+    w = quantize_array(_rand((k, n)), qtype, group_size=group)
+    x = _rand((3, k), seed=2)
+    y = jax.jit(ops.qdot)(x, w)
+    assert ("scan" in str(jax.make_jaxpr(ops.qdot)(x, w))) == (n > 512)
+    # no unpacking to element order: the nibble planes are contracted separately
+    assert "concatenate" not in str(jax.make_jaxpr(ops._dequant_dot)(x, w))
+    _close(y, x @ w.dequantize())
+    # the planes path itself, unblocked, against the element-order dequantize
+    _close(ops._dequant_dot(x, w), x @ w.dequantize_stored().T)
+    g = jax.grad(lambda x: jnp.sum(ops.qdot(x, w)))(x)
+    _close(g, jnp.broadcast_to(jnp.sum(w.dequantize(), axis=1), x.shape))
