@@ -29,10 +29,16 @@ import os
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
-from jquant import _act, kernels, qtypes
-from jquant.qarray import QArray, _segments
+from jquant import _act, kernels
+from jquant._dequant_dot import (
+    _CPU_BLOCK_N,
+    _accumulator,
+    _dequant_dot,
+    _dequant_dot_blocked,
+    _rows_sharded,
+)
+from jquant.qarray import QArray
 
 MATMUL_PATHS = ("auto", "xla", "kernel")
 _matmul_path: str | None = None
@@ -160,158 +166,6 @@ def _matmul_xla(x, w: QArray, *, out_dtype, precision=None):
         default=functools.partial(_dequant_dot, precision=precision),
     )  # fmt: skip
     return y.astype(out_dtype)
-
-
-# Output rows dequantized at a time on CPU. Dequantizing the whole (N, K) weight and
-# then dotting makes XLA's CPU backend write and re-read a float copy of it (~10x
-# slower than an f32 dot for a decode matvec); row blocks of 256 stay in cache and
-# match or beat the f32 dot (DESIGN.md, Platforms).
-_CPU_BLOCK_N = 256
-
-
-def _rows_sharded(a) -> bool:
-    # lax.map cannot scan over a sharded axis; a weight split over devices by its
-    # output rows takes the unblocked path (sharded setups have accelerators anyway).
-    spec = getattr(jax.typeof(a).sharding, "spec", None)
-    return bool(spec) and spec[0] is not None
-
-
-def _dequant_dot(x, w: QArray, precision=None):
-    """``x (M, K) @ w.T`` for w stored ``(N, K)``, accumulated in float32."""
-    if _planes_apply(w):
-        return _planes_dot(_split_planes(x, w), w, precision)
-    return jax.lax.dot_general(
-        x, w.dequantize_stored(x.dtype), (((1,), (1,)), ((), ())), precision=precision,
-        preferred_element_type=_accumulator(x.dtype),
-    )  # fmt: skip
-
-
-# ---- 4-bit: contract the two nibble planes separately --------------------------------
-# A packed 4-bit group of L codes is L/2 bytes: byte j holds element j (low nibble) and
-# element j + L/2 (high nibble). Unpacking to element order needs a concatenation of
-# the two halves that XLA:CPU does not fuse into the dequantize (it materialises them);
-# instead x is split the same way (x_lo, x_hi: M x K, cheap) and each plane is decoded
-# and dotted on its own: x @ w.T = x_lo @ lo.T + x_hi @ hi.T. Whole groups split with a
-# reshape; a short last group (or an odd per-channel K, whose high half ends in a
-# padding code that a zero column of x cancels) is its own segment.
-
-
-def _planes_apply(w: QArray) -> bool:
-    return w.qtype in ("int4", "uint4", "nf4") and w.qvalue.ndim == 2
-
-
-def _split_planes(x, w: QArray):
-    """x (M, K) -> per segment of equal groups (count, half, (x_lo, x_hi)), each
-    x plane ``(M, count * half)`` in the byte order of that segment of ``w.qvalue``."""
-    m = x.shape[0]
-    out = []
-    for start, length, count in _segments(w.k, w.group_size):
-        half = (length + 1) // 2
-        xs = x[:, start : start + count * length]
-        if length % 2:  # only a lone group (count == 1): pad its high half
-            xs = jnp.pad(xs, ((0, 0), (0, 1)))
-        xs = xs.reshape(m, count, 2, half)
-        out.append((count, half, (xs[:, :, 0].reshape(m, -1), xs[:, :, 1].reshape(m, -1))))
-    return out
-
-
-def _nf4_decode(codes):
-    """NF4 codebook lookup as a tree of 15 selects on the code's bits: XLA:CPU vectorizes
-    it, where ``codebook[codes]`` is a per-element gather."""
-    vals = [np.float32(v) for v in qtypes.get("nf4").codebook]
-    for bit in range(4):
-        on = (codes & (1 << bit)) != 0
-        vals = [jnp.where(on, vals[i + 1], vals[i]) for i in range(0, len(vals), 2)]
-    return vals[0]
-
-
-def _decode_plane(codes, qtype: str):
-    """Nibbles (uint8 in [0, 16)) of one plane -> float32 values before scale."""
-    if qtype == "int4":  # two's complement nibble
-        return (codes ^ 8).astype(jnp.float32) - 8.0
-    if qtype == "nf4":
-        return _nf4_decode(codes)
-    return codes.astype(jnp.float32)
-
-
-def _planes_dot(x_planes, w: QArray, precision=None):
-    """``x @ w.T`` from :func:`_split_planes` of x, one dot per plane and segment."""
-    n = w.qvalue.shape[0]
-    scale = w.scales()
-    zp = None if w.zero_point is None else w.zero_point.astype(jnp.float32)
-    dtype = x_planes[0][2][0].dtype
-    y = None
-    offset = gi = 0
-    for count, half, xs in x_planes:
-        b = w.qvalue[:, offset : offset + count * half].reshape(n, count, half)
-
-        def per_group(a, gi=gi, count=count):  # (N or 1, G or 1) -> (N or 1, count, 1)
-            return a[:, :1, None] if a.shape[-1] == 1 else a[:, gi : gi + count, None]
-
-        s = per_group(scale)
-        z = None if zp is None else per_group(zp)
-        for xp, codes in zip(xs, (b & 0xF, b >> 4)):
-            v = _decode_plane(codes, w.qtype)
-            v = ((v if z is None else v - z) * s).astype(dtype).reshape(n, count * half)
-            d = jax.lax.dot_general(
-                xp, v, (((1,), (1,)), ((), ())), precision=precision,
-                preferred_element_type=_accumulator(dtype),
-            )  # fmt: skip
-            y = d if y is None else y + d
-        offset += count * half
-        gi += count
-    return y
-
-
-def _block_rows(n: int) -> int:
-    """Rows per block for ``n`` output rows: near ``_CPU_BLOCK_N`` and dividing ``n`` if
-    such a size is close, because a leftover tail costs a slice, a separate dequantize and
-    dot, and a concatenation of the outputs (SmolLM2's N = 576 splits as 2 x 288)."""
-    nb = max(1, round(n / _CPU_BLOCK_N))
-    return n // nb if n % nb == 0 else _CPU_BLOCK_N
-
-
-def _dequant_dot_blocked(x, w: QArray, precision=None):
-    """:func:`_dequant_dot` one block of output rows (:func:`_block_rows`) at a time."""
-    n = w.qvalue.shape[0]
-    bn = _block_rows(n)
-    nb = n // bn
-    scale = w.scales()
-
-    def rows(a, start, stop):  # per-tensor scales (one row) serve every block
-        return None if a is None else (a[start:stop] if a.shape[0] > 1 else a)
-
-    def blocked(a):
-        return None if a is None or a.shape[0] == 1 else a[: nb * bn].reshape(nb, bn, -1)
-
-    x_planes = _split_planes(x, w) if _planes_apply(w) else None  # once, not per block
-
-    def dot(blk):
-        if x_planes is None:
-            return _dequant_dot(x, blk, precision)
-        return _planes_dot(x_planes, blk, precision)
-
-    def one(blocks):
-        v, s, z = blocks
-        blk = dataclasses.replace(
-            w, qvalue=v, scale=scale if s is None else s,
-            zero_point=w.zero_point if z is None else z,
-        )  # fmt: skip
-        return dot(blk)
-
-    out = jax.lax.map(one, (blocked(w.qvalue), blocked(scale), blocked(w.zero_point)))
-    y = jnp.moveaxis(out, 0, 1).reshape(x.shape[0], nb * bn)
-    if n % bn:
-        tail = dataclasses.replace(
-            w, qvalue=w.qvalue[nb * bn :], scale=rows(scale, nb * bn, n),
-            zero_point=rows(w.zero_point, nb * bn, n),
-        )  # fmt: skip
-        y = jnp.concatenate([y, dot(tail)], axis=1)
-    return y
-
-
-def _accumulator(dtype):
-    return jnp.float32 if np.dtype(dtype).itemsize <= 4 else dtype
 
 
 def _as_2d(w: QArray) -> QArray:

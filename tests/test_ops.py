@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jquant import _act, ops, qtypes
+from jquant import _act, _dequant_dot, ops, qtypes
 from jquant.qarray import quantize_array
 
 FORMATS = [("int8", None), ("int4", 32), ("uint4", 32), ("nf4", 32), ("fp8_e4m3", None)]
@@ -181,7 +181,7 @@ def test_matmul_path_switch(monkeypatch):
 def test_cpu_row_blocked_path_with_a_short_tail(qtype, kw):
     # N = 601 (no block size near 256 divides it) = 2 blocks of 256 + a tail of 89: the
     # blocked CPU path and its tail.
-    assert ops._block_rows(601) == 256
+    assert _dequant_dot._block_rows(601) == 256
     w = quantize_array(_rand((64, 601)), qtype, **kw)
     x = _rand((3, 64), seed=8)
     assert "scan" in str(jax.make_jaxpr(ops.qdot)(x, w))
@@ -247,9 +247,9 @@ def test_4bit_nibble_planes_match_dequantize_then_dot(qtype, k, n, group):
     y = jax.jit(ops.qdot)(x, w)
     assert ("scan" in str(jax.make_jaxpr(ops.qdot)(x, w))) == (n > 512)
     # no unpacking to element order: the nibble planes are contracted separately
-    assert "concatenate" not in str(jax.make_jaxpr(ops._dequant_dot)(x, w))
+    assert "concatenate" not in str(jax.make_jaxpr(_dequant_dot._dequant_dot)(x, w))
     _close(y, x @ w.dequantize())
     # the planes path itself, unblocked, against the element-order dequantize
-    _close(ops._dequant_dot(x, w), x @ w.dequantize_stored().T)
+    _close(_dequant_dot._dequant_dot(x, w), x @ w.dequantize_stored().T)
     g = jax.grad(lambda x: jnp.sum(ops.qdot(x, w)))(x)
     _close(g, jnp.broadcast_to(jnp.sum(w.dequantize(), axis=1), x.shape))
