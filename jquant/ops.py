@@ -288,6 +288,15 @@ def _qdot_general_xla(x, w: QArray, dims, out_dtype, precision):
 # ---- the ops --------------------------------------------------------------------------
 
 
+def _array_dot(x, w, dims, precision, out_dtype, *, op: str):
+    """A float weight: the dot in the activation dtype, accumulated in float32."""
+    _check_dims(op, x, w, dims)
+    return jax.lax.dot_general(
+        x, w.astype(x.dtype), dims, precision=precision,
+        preferred_element_type=_accumulator(x.dtype),
+    ).astype(out_dtype)  # fmt: skip
+
+
 def qdot(x: jax.Array, w, *, precision=None, preferred_element_type=None) -> jax.Array:
     """``x @ w`` over the last axis of ``x`` and the first axis of ``w``.
 
@@ -310,11 +319,7 @@ def qdot(x: jax.Array, w, *, precision=None, preferred_element_type=None) -> jax
     dims = (((x.ndim - 1,), (0,)), ((), ()))
     if isinstance(w, QArray):
         return qdot_general(x, w, dims, precision, out_dtype, op="qdot")
-    _check_dims("qdot", x, w, dims)
-    return jax.lax.dot_general(
-        x, w.astype(x.dtype), dims, precision=precision,
-        preferred_element_type=_accumulator(x.dtype),
-    ).astype(out_dtype)  # fmt: skip
+    return _array_dot(x, w, dims, precision, out_dtype, op="qdot")
 
 
 def qeinsum(spec: str, x, w, *, precision=None, preferred_element_type=None) -> jax.Array:
@@ -451,8 +456,4 @@ def qattend(x: jax.Array, table, *, precision=None, preferred_element_type=None)
         if table.ndim != 2:
             raise ValueError(f"qattend: the table must be 2-D, got {_describe(table)}")
         return qdot_general(x, table, dims, precision, out_dtype, op="qattend")
-    _check_dims("qattend", x, table, dims)
-    return jax.lax.dot_general(
-        x, table.astype(x.dtype), dims, precision=precision,
-        preferred_element_type=_accumulator(x.dtype),
-    ).astype(out_dtype)  # fmt: skip
+    return _array_dot(x, table, dims, precision, out_dtype, op="qattend")
