@@ -1,22 +1,25 @@
-"""Time the quantized matmul kernels against bf16 `jnp.dot` and the XLA dequantize path.
+"""Time the quantized matmuls against bf16 `jnp.dot`: XLA path, Pallas kernel, dispatched.
 
     python benchmarks/kernels.py --out docs/kernels.json          # on a GPU or TPU
     python benchmarks/kernels.py --shapes small                   # CPU smoke run
 
-Per (qtype, K, N, M) and method it reports the median time after warmup, TFLOP/s, achieved
+Per (kind, K, N, M) and method it reports the median time after warmup, TFLOP/s, achieved
 GB/s (weight + scale + zero point + activation + output bytes, once each), the fraction of
 the device's HBM peak, and the speedup over a bf16 `jnp.dot` with a (K, N) bf16 weight on
-the same device. Methods: `bf16_dot`, `xla` (jquant.kernels' XLA fallback, which
-dequantizes each call) and `kernel` (the Pallas kernel of the backend). On CPU the kernels
-only run in interpret mode, whose timings mean nothing, so only `bf16_dot` and `xla` are
-timed there. Weights are random codes with random scales: speed does not depend on values.
-It prints a table and never asserts speed.
+the same device. A kind is a weight qtype (weight-only, bf16 activations) or `w8a8_int8` /
+`w8a8_fp8` (activations quantized per token inside the timed call). Every method is
+`jquant.ops.qdot` on a QArray, with the matmul path fixed: `xla` (the XLA fallback),
+`kernel` (the backend's Pallas kernel) and `qdot` (`"auto"`: what users get, the kernel
+or XLA as the dispatch table in `jquant.kernels.dispatch_table` picks by M). On CPU the
+kernels only run in interpret mode, whose timings mean nothing, so `kernel` is not timed
+there. Weights are random codes with random scales: speed does not depend on values.
+It prints a table and never asserts speed. The JSON it writes is also a dispatch table:
+`JQUANT_DISPATCH_TABLE=docs/kernels.json` makes `qdot` use the measured crossovers.
 """
 
 from __future__ import annotations
 
 import argparse
-import functools
 import json
 import statistics
 import time
@@ -25,7 +28,10 @@ import jax
 import jax.numpy as jnp
 from jquant.kernels._formats import PACKED_QTYPES, STORAGE_DTYPES, num_groups, packed_k
 
-from jquant import kernels
+from jquant import ops
+from jquant.qarray import QArray
+
+KINDS = ("int4", "int8", "uint4", "nf4", "fp8_e4m3", "w8a8_int8", "w8a8_fp8")
 
 FULL_SHAPES = ((4096, 4096), (4096, 14336), (14336, 4096), (8192, 28672))
 FULL_MS = (1, 8, 16, 32, 64, 128, 512, 2048)
@@ -87,28 +93,48 @@ def nbytes(*arrays) -> int:
     return sum(a.size * a.dtype.itemsize for a in arrays if a is not None)
 
 
-def bench_shape(qtype, k, n, ms, group_size, backend, peak, warmup, iters):
-    key = jax.random.key(0)
-    q, scale, zp = random_weight(key, qtype, k, n, group_size)
-    w_bf16 = jax.random.normal(key, (k, n), jnp.bfloat16)
+def _qdot_on_path(path: str):
+    """`jquant.ops.qdot` jitted with the matmul path fixed while it traces."""
+    def f(x, w):
+        old = ops.set_matmul_path(path)
+        try:
+            return ops.qdot(x, w)
+        finally:
+            ops.set_matmul_path(old)
+    return jax.jit(f)
+
+
+def _methods(kind, k, n, group_size, backend):
+    """name -> (jitted fn, QArray) for one kind: "xla", "kernel" (on a device), "qdot"."""
+    w8a8 = kind.startswith("w8a8_")
+    qtype = {"w8a8_int8": "int8", "w8a8_fp8": "fp8_e4m3"}.get(kind, kind)
+    q, scale, zp = random_weight(jax.random.key(0), qtype, k, n, group_size)
+    w = QArray(qvalue=q, scale=scale, zero_point=zp, qtype=qtype, k=k, axis=-2,
+               group_size=group_size, dtype=jnp.dtype(jnp.bfloat16),
+               activation=qtype if w8a8 else None)
+    paths = ("xla", "kernel", "auto") if backend in ("tpu", "gpu") else ("xla", "auto")
+    return {{"auto": "qdot"}.get(p, p): (_qdot_on_path(p), w) for p in paths}
+
+
+def bench_shape(kind, k, n, ms, group_size, backend, peak, warmup, iters):
+    """Rows for one kind (a weight qtype, or w8a8_int8 / w8a8_fp8) and one (K, N)."""
+    w_bf16 = jax.random.normal(jax.random.key(0), (k, n), jnp.bfloat16)
+    methods = _methods(kind, k, n, group_size, backend)
     rows = []
     for m in ms:
         x = jax.random.normal(jax.random.key(m), (m, k), jnp.bfloat16)
         out_bytes = m * n * 2
-        methods = {"bf16_dot": (jax.jit(lambda x, w: jnp.dot(x, w)), (x, w_bf16),
-                                nbytes(x, w_bf16) + out_bytes)}
-        common = dict(qtype=qtype, k=k, group_size=group_size)
-        qbytes = nbytes(x, q, scale, zp) + out_bytes
-        paths = {"xla": "xla", "kernel": backend} if backend in ("tpu", "gpu") else {"xla": "xla"}
-        for name, path in paths.items():
-            fn = functools.partial(kernels.quantized_matmul, backend=path, **common)
-            methods[name] = (jax.jit(fn), (x, q, scale, zp), qbytes)
+        timed = {"bf16_dot": (jax.jit(jnp.dot), w_bf16), **methods}
         base = None
-        for name, (fn, args, moved) in methods.items():
-            t = time_fn(fn, args, warmup, iters)
+        for name, (fn, w) in timed.items():
+            try:
+                t = time_fn(fn, (x, w), warmup, iters)
+            except ValueError as e:  # e.g. path "kernel" where no kernel takes this shape
+                print(f"{kind} K={k} N={n} M={m} {name}: not run ({e})", flush=True)
+                continue
             base = t if name == "bf16_dot" else base
-            gbs = moved / t / 1e9
-            rows.append(dict(qtype=qtype, group_size=group_size, k=k, n=n, m=m, method=name,
+            gbs = (nbytes(x, *jax.tree.leaves(w)) + out_bytes) / t / 1e9
+            rows.append(dict(kind=kind, group_size=group_size, k=k, n=n, m=m, method=name,
                              ms=t * 1e3, tflops=2 * m * k * n / t / 1e12, gb_s=gbs,
                              hbm_frac=None if peak is None else gbs * 1e9 / peak,
                              speedup_vs_bf16=base / t))
@@ -116,13 +142,13 @@ def bench_shape(qtype, k, n, ms, group_size, backend, peak, warmup, iters):
     return rows
 
 
-HEADER = (f"{'qtype':>8} {'g':>5} {'K':>6} {'N':>6} {'M':>5} {'method':>9} {'ms':>9} "
+HEADER = (f"{'kind':>9} {'g':>5} {'K':>6} {'N':>6} {'M':>5} {'method':>9} {'ms':>9} "
           f"{'TFLOP/s':>8} {'GB/s':>8} {'HBM%':>6} {'vs bf16':>8}")
 
 
 def format_row(r) -> str:
     frac = "-" if r["hbm_frac"] is None else f"{100 * r['hbm_frac']:.1f}"
-    return (f"{r['qtype']:>8} {str(r['group_size']):>5} {r['k']:>6} {r['n']:>6} {r['m']:>5} "
+    return (f"{r['kind']:>9} {str(r['group_size']):>5} {r['k']:>6} {r['n']:>6} {r['m']:>5} "
             f"{r['method']:>9} {r['ms']:>9.4f} {r['tflops']:>8.3f} {r['gb_s']:>8.1f} "
             f"{frac:>6} {r['speedup_vs_bf16']:>7.2f}x")
 
@@ -130,7 +156,8 @@ def format_row(r) -> str:
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--shapes", choices=("full", "small"), default="full")
-    p.add_argument("--qtypes", default="int4,int8,uint4,nf4,fp8_e4m3")
+    p.add_argument("--kinds", default=",".join(KINDS),
+                   help="weight qtypes (weight-only) and w8a8_int8 / w8a8_fp8")
     p.add_argument("--group-size", type=int, default=128, help="0 means per-channel")
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--iters", type=int, default=20)
@@ -149,10 +176,14 @@ def main(argv=None):
               "interpret mode, which is not a speed)")
     print(HEADER)
     rows = []
-    for qtype in args.qtypes.split(","):
-        g = None if qtype.startswith("fp8") else group_size
+    kinds = args.kinds.split(",")
+    unknown = sorted(set(kinds) - set(KINDS))
+    if unknown:
+        p.error(f"unknown --kinds {unknown}; choose from {KINDS}")
+    for kind in kinds:
+        g = None if kind.startswith(("fp8", "w8a8")) else group_size  # per-channel formats
         for k, n in shapes:
-            rows += bench_shape(qtype, k, n, ms, g, backend, peak, args.warmup, args.iters)
+            rows += bench_shape(kind, k, n, ms, g, backend, peak, args.warmup, args.iters)
     if args.out:
         info = dict(device_kind=device.device_kind, backend=backend, jax=jax.__version__,
                     hbm_peak_bytes_s=peak, shapes=args.shapes, rows=rows)

@@ -79,56 +79,75 @@ def matmul_path() -> str:
 # ---- the dispatch hook ------------------------------------------------------------
 
 
-def _kernel_matmul(x, w: QArray, out_dtype, precision):
-    """The fused Pallas kernel for ``x @ w``, or None where none applies.
+def _device_backend() -> str:
+    backend = jax.default_backend()
+    return {"cuda": "gpu", "rocm": "gpu"}.get(backend, backend)
 
-    On TPU and GPU the kernel runs when ``jquant.kernels``' ``can_use_*`` predicate
-    accepts the inputs. fp8_e4m3 activations against a per-channel fp8_e4m3 weight
-    run the GPU W8A8 kernel; other weights with activation quantization (int8 W8A8
-    goes through ``_matmul_xla``) or double-quantized scales stay on XLA here.
-    Forcing the path to ``"kernel"`` on CPU runs the TPU kernel (the GPU one for
-    fp8 W8A8) in Pallas interpret mode: slow, but it exercises the same dispatch and
-    the same kernel code as the device does, which is how it is tested without one.
+
+def _kernel_matmul(x, w: QArray, out_dtype, precision):
+    """The fused Pallas kernel for ``x (M, K) @ w``, or None where none applies.
+
+    On TPU and GPU a kernel runs when ``jquant.kernels``' ``can_use_*`` predicate accepts
+    the inputs and, unless the path is forced to ``"kernel"``, when the dispatch table
+    (``jquant.kernels.dispatch_table``) says it beats XLA at this M. Weight-only
+    matmuls use ``quantized_matmul``; an int8 (fp8_e4m3) weight with int8 (fp8_e4m3)
+    per-token activations and per-channel scales uses the W8A8 kernel. Other weights
+    with activation quantization, and double-quantized scales, stay on XLA.
+    Forcing the path to ``"kernel"`` on CPU runs the TPU kernel (the GPU one for fp8
+    W8A8) in Pallas interpret mode: slow, but it exercises the same dispatch and the
+    same kernel code as the device does, which is how it is tested without one.
     """
     del precision  # the kernels accumulate in float32 regardless
-    if _fp8_w8a8_applies(w):
-        return _fp8_kernel_matmul(x, w, out_dtype)
+    forced, backend, m = matmul_path() == "kernel", _device_backend(), x.shape[0]
+    fmt = _w8a8_format(w)
+    if fmt is not None:
+        return _w8a8_kernel_matmul(x, w, out_dtype, fmt, backend, forced)
     if w.activation is not None or isinstance(w.scale, QArray) or w.qtype not in kernels.QTYPES:
         return None
     n = w.qvalue.shape[0]
     scale = jnp.broadcast_to(w.scale, (n, w.scale.shape[-1]))  # per-tensor → per-row
     zp = None if w.zero_point is None else jnp.broadcast_to(w.zero_point, scale.shape)
     args, kw = (x, w.qvalue, scale, zp), dict(qtype=w.qtype, k=w.k, group_size=w.group_size)
-    backend = jax.default_backend()
-    if kernels.can_use_tpu_kernel(*args, **kw) or kernels.can_use_gpu_kernel(*args, **kw):
-        return kernels.quantized_matmul(*args, **kw).astype(out_dtype)
-    if backend == "cpu" and matmul_path() == "kernel" and kernels.can_use_tpu_kernel(
-        *args, **kw, backend="tpu"
-    ):
+    if backend in ("tpu", "gpu"):
+        can_use = kernels.can_use_tpu_kernel if backend == "tpu" else kernels.can_use_gpu_kernel
+        if (forced or kernels.prefer_kernel(backend, w.qtype, m)) and can_use(*args, **kw):
+            return kernels.quantized_matmul(*args, **kw).astype(out_dtype)
+        return None
+    if backend == "cpu" and forced and kernels.can_use_tpu_kernel(*args, **kw, backend="tpu"):
         y = kernels.quantized_matmul(*args, **kw, backend="tpu", interpret=True)
         return y.astype(out_dtype)
     return None
 
 
-def _fp8_w8a8_applies(w: QArray) -> bool:
-    return (
-        w.activation == "fp8_e4m3" and w.qtype == "fp8_e4m3" and w.zero_point is None
-        and w.num_groups == 1 and not isinstance(w.scale, QArray)
+def _w8a8_format(w: QArray) -> str | None:
+    """``"int8"`` / ``"fp8_e4m3"`` for a W8A8 weight (same 8-bit format for activations and
+    weight, per-channel scales, possibly double-quantized), else None."""
+    ok = (
+        w.activation is not None and w.activation == w.qtype and w.qtype in ("int8", "fp8_e4m3")
+        and w.zero_point is None and w.num_groups == 1
     )  # fmt: skip
+    return w.qtype if ok else None
 
 
-def _fp8_kernel_matmul(x, w: QArray, out_dtype):
-    """fp8 x fp8 through the GPU W8A8 kernel: on a GPU, or interpreted on CPU when the
-    path is forced to ``"kernel"``; None elsewhere (XLA fake-quantizes x instead)."""
-    scale = w.scales()
-    xq = jax.ShapeDtypeStruct(x.shape, jnp.float8_e4m3fn)
+def _w8a8_kernel_matmul(x, w: QArray, out_dtype, fmt: str, backend: str, forced: bool):
+    """W8A8 through the backend's kernel (int8 on TPU and GPU, fp8 on TPU and GPU); on
+    CPU, when the path is forced, the TPU int8 / GPU fp8 kernel interpreted."""
+    code_dtype = jnp.int8 if fmt == "int8" else jnp.float8_e4m3fn
+    xq = jax.ShapeDtypeStruct(x.shape, code_dtype)
     xs = jax.ShapeDtypeStruct((x.shape[0], 1), jnp.float32)
     scale_n = jax.ShapeDtypeStruct((w.qvalue.shape[0], 1), jnp.float32)
-    if kernels.can_use_gpu_w8a8(xq, xs, w.qvalue, scale_n):
-        return _act.fp8_matmul(x, w.qvalue, scale).astype(out_dtype)
-    if jax.default_backend() == "cpu" and matmul_path() == "kernel":
-        y = _act.fp8_matmul(x, w.qvalue, scale, backend="gpu", interpret=True)
-        return y.astype(out_dtype)
+    matmul = _act.int8_matmul if fmt == "int8" else _act.fp8_matmul
+    if backend in ("tpu", "gpu"):
+        can_use = kernels.can_use_tpu_w8a8 if backend == "tpu" else kernels.can_use_gpu_w8a8
+        kind = "w8a8_int8" if fmt == "int8" else "w8a8_fp8"
+        if (forced or kernels.prefer_kernel(backend, kind, x.shape[0])) and can_use(
+            xq, xs, w.qvalue, scale_n, backend=backend
+        ):
+            return matmul(x, w.qvalue, w.scales(), backend=backend).astype(out_dtype)
+        return None
+    if backend == "cpu" and forced:
+        interp = "tpu" if fmt == "int8" else "gpu"
+        return matmul(x, w.qvalue, w.scales(), backend=interp, interpret=True).astype(out_dtype)
     return None
 
 
@@ -147,16 +166,9 @@ def _matmul(x, w: QArray, *, out_dtype, precision=None):
     return _matmul_xla(x, w, out_dtype=out_dtype, precision=precision)
 
 
-def _int8_epilogue_applies(w: QArray) -> bool:
-    return (
-        w.activation == "int8" and w.qtype == "int8" and w.zero_point is None
-        and w.num_groups == 1
-    )  # fmt: skip
-
-
 def _matmul_xla(x, w: QArray, *, out_dtype, precision=None):
-    if _int8_epilogue_applies(w):
-        return _act.int8_matmul(x, w.qvalue, w.scales()).astype(out_dtype)
+    if _w8a8_format(w) == "int8":  # int8 x int8 in XLA, exact int32 sums
+        return _act.int8_matmul(x, w.qvalue, w.scales(), backend="cpu").astype(out_dtype)
     if w.activation is not None:
         x = _act.fake_quant(x, w.activation, (-1,))
     if w.qvalue.shape[0] < 2 * _CPU_BLOCK_N or _rows_sharded(w.qvalue):

@@ -5,6 +5,9 @@ Imports only jax and numpy, never jquant: the kernels are a leaf that jquant.ops
 
 from ._formats import NF4_CODEBOOK as NF4_CODEBOOK
 from ._formats import QTYPES as QTYPES
+from .dispatch_table import kernel_max_m as kernel_max_m
+from .dispatch_table import prefer_kernel as prefer_kernel
+from .dispatch_table import set_dispatch_table as set_dispatch_table
 from .quantized_matmul import can_use_gpu_kernel as can_use_gpu_kernel
 from .quantized_matmul import can_use_tpu_kernel as can_use_tpu_kernel
 from .quantized_matmul import dequantize as dequantize
@@ -15,6 +18,7 @@ from .quantized_matmul import validate_inputs as validate_inputs
 from .tuned_block_sizes import BlockSizes as BlockSizes
 from .tuned_block_sizes import get_block_sizes as get_block_sizes
 from .w8a8 import can_use_gpu_w8a8 as can_use_gpu_w8a8
+from .w8a8 import can_use_tpu_w8a8 as can_use_tpu_w8a8
 from .w8a8 import quantize_activations as quantize_activations
 from .w8a8 import quantized_matmul_w8a8 as quantized_matmul_w8a8
 from .w8a8 import quantized_matmul_w8a8_reference as quantized_matmul_w8a8_reference

@@ -1,13 +1,13 @@
-"""Pallas TPU (Mosaic) kernels: weight-only W{8,4}A16 and W8A8 int8 x int8.
+"""Pallas TPU (Mosaic) kernels: weight-only W{8,4}A16 and W8A8 (int8 x int8, fp8 x fp8).
 
 Validated only on CPU: numerics in Pallas interpret mode (plain and `pltpu.InterpretParams`),
 lowering with `jax.export(..., platforms=["tpu"])`. Export runs the Pallas -> Mosaic
 lowering, not Mosaic's own layout passes, so an unsupported in-kernel layout would first
 show on a real TPU.
 
-Grid (M blocks, N blocks, K blocks), K innermost and "arbitrary", an f32 (int32 for W8A8)
-VMEM accumulator. Each step decodes a (block_n, block_k) weight tile in VMEM and feeds the
-MXU with `x_tile @ w_tile.T` (the weight is stored (N, K), contraction last). Why the
+Grid (M blocks, N blocks, K blocks), K innermost and "arbitrary", an f32 (int32 for int8
+W8A8) VMEM accumulator. Each step decodes a (block_n, block_k) weight tile in VMEM and feeds
+the MXU with `x_tile @ w_tile.T` (the weight is stored (N, K), contraction last). Why the
 activations arrive pre-split into planes, and scales pre-transposed, is explained in
 `_formats.py` and `_scale_blocks`.
 """
@@ -194,15 +194,29 @@ def weight_only_matmul_tpu(x_planes, qvalue, scale, zero_point, *, plan: TpuPlan
     return out[:m, :n]
 
 
-def _w8a8_kernel(x_ref, xs_ref, w_ref, ws_ref, o_ref, acc_ref, *, n_k):
+# W8A8 code dtype -> (MXU operand dtype, accumulator dtype). int8 feeds the MXU as is and
+# accumulates exactly in int32. fp8 e4m3 is upcast to bf16 in VMEM: exact (every e4m3 value,
+# subnormals included, is a bf16 value: 3 mantissa bits < 8, exponents -9..8 well inside
+# bf16's range), and bf16 x bf16 -> f32 is the MXU's bf16 path. The
+# products of two bf16-held e4m3 values are exact in f32 (4 + 4 significant bits); only the
+# order of the f32 accumulation can differ from XLA's.
+_W8A8_COMPUTE = {
+    jnp.dtype(jnp.int8): (jnp.dtype(jnp.int8), jnp.dtype(jnp.int32)),
+    jnp.dtype(jnp.float8_e4m3fn): (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float32)),
+}
+
+
+def _w8a8_kernel(x_ref, xs_ref, w_ref, ws_ref, o_ref, acc_ref, *, n_k, compute_dtype):
     step = pl.program_id(2)
 
     @pl.when(step == 0)
     def _init():
         acc_ref[...] = jnp.zeros_like(acc_ref)
 
-    acc_ref[...] += lax.dot_general(x_ref[...], w_ref[...], _NT,
-                                    preferred_element_type=jnp.int32)
+    x, w = x_ref[...], w_ref[...]
+    if x.dtype != compute_dtype:  # fp8 -> bf16, exact
+        x, w = x.astype(compute_dtype), w.astype(compute_dtype)
+    acc_ref[...] += lax.dot_general(x, w, _NT, preferred_element_type=acc_ref.dtype)
 
     @pl.when(step == n_k - 1)
     def _store():
@@ -213,7 +227,23 @@ def _w8a8_kernel(x_ref, xs_ref, w_ref, ws_ref, o_ref, acc_ref, *, n_k):
 @functools.partial(jax.jit, static_argnames=("plan", "out_dtype", "interpret"))
 def w8a8_matmul_tpu(xq, x_scale, qvalue, w_scale, *, plan: TpuPlan, out_dtype,
                     interpret=False):
-    """(xq[:, :kb] @ qvalue[:, :kb].T in int32) * x_scale (M, 1) * w_scale (1, N)."""
+    """(xq[:, :kb] @ qvalue[:, :kb].T) * x_scale (M, 1) * w_scale (1, N), kb = plan.kb_main.
+
+    xq and qvalue are both int8 (MXU int8 dot, exact int32 accumulator) or both
+    float8_e4m3fn (each tile upcast to bf16 in VMEM, exactly, then a bf16 MXU dot with an
+    f32 accumulator). The fp8 operands reach the kernel as fp8 memrefs, no bitcast to int8
+    needed (export shows `memref<..xf8E4M3FN>`, `arith.extf` to bf16, a bf16 `tpu.matmul`);
+    they are tiled in 1-byte (32, 128) tiles like int8, so the plan's blocks (`plan_tpu`
+    with the fp8 dtype) are legal for both.
+
+    TPU v7-class chips (Ironwood) have a native fp8 MXU; a variant that feeds it the fp8
+    tiles directly, skipping the upcast, is future work. The bf16 upcast runs on any TPU,
+    at bf16 MXU rate; like the rest of this module it has been lowered, never run on one.
+    """
+    if xq.dtype != qvalue.dtype or jnp.dtype(xq.dtype) not in _W8A8_COMPUTE:
+        raise ValueError(f"W8A8 TPU kernel needs int8 or float8_e4m3fn xq and qvalue of one "
+                         f"dtype, got {xq.dtype} and {qvalue.dtype}")
+    compute_dtype, acc_dtype = _W8A8_COMPUTE[jnp.dtype(xq.dtype)]
     m, n = xq.shape[0], qvalue.shape[0]
     n_k = plan.kb_main // plan.bkb
     xq = _pad_rows(xq, plan.m_pad)
@@ -221,7 +251,7 @@ def w8a8_matmul_tpu(xq, x_scale, qvalue, w_scale, *, plan: TpuPlan, out_dtype,
     qvalue = _pad_rows(qvalue, plan.n_pad)
     w_scale = _pad_rows(w_scale.astype(jnp.float32), plan.n_pad).reshape(1, plan.n_pad)
     out = pl.pallas_call(
-        functools.partial(_w8a8_kernel, n_k=n_k),
+        functools.partial(_w8a8_kernel, n_k=n_k, compute_dtype=compute_dtype),
         out_shape=jax.ShapeDtypeStruct((plan.m_pad, plan.n_pad), out_dtype),
         grid=(plan.m_pad // plan.bm, plan.n_pad // plan.bn, n_k),
         in_specs=[
@@ -231,10 +261,10 @@ def w8a8_matmul_tpu(xq, x_scale, qvalue, w_scale, *, plan: TpuPlan, out_dtype,
             pl.BlockSpec((1, plan.bn), lambda i, j, kk: (0, j)),
         ],
         out_specs=pl.BlockSpec((plan.bm, plan.bn), lambda i, j, kk: (i, j)),
-        scratch_shapes=[pltpu.VMEM((plan.bm, plan.bn), jnp.int32)],
+        scratch_shapes=[pltpu.VMEM((plan.bm, plan.bn), acc_dtype)],
         compiler_params=pltpu.CompilerParams(
             dimension_semantics=("parallel", "parallel", "arbitrary")),
         interpret=interpret,
-        name="quantized_matmul_w8a8",
+        name="quantized_matmul_w8a8" if acc_dtype == jnp.int32 else "quantized_matmul_w8a8_fp8",
     )(xq, x_scale, qvalue, w_scale)
     return out[:m, :n]

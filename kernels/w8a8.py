@@ -11,7 +11,12 @@ sums of different groups would need rescaling before they could be added.
 
 Kernels, chosen by `backend` (default `jax.default_backend()`):
 
-* "tpu": `_tpu.w8a8_matmul_tpu`, int8 only (fp8 runs the XLA reference there).
+* "tpu": `_tpu.w8a8_matmul_tpu` (Pallas, Mosaic), int8 and fp8. int8 is an int8 MXU dot
+  with an exact int32 accumulator. fp8 tiles are upcast to bf16 in VMEM (exact: every e4m3
+  value is a bf16 value) and multiplied on the MXU with an f32 accumulator (the MXU's bf16 path);
+  TPU v7-class chips have a native fp8 MXU, and a kernel that feeds it fp8
+  directly is future work. `can_use_tpu_w8a8` says when it applies. Validated in
+  interpret mode and by export only: it has never run on a TPU.
 * "gpu" / "cuda": `_gpu.w8a8_matmul_gpu` (Pallas, Triton lowering), int8 and fp8. The fp8
   kernel is a native fp8 `tt.dot` (it exports for "cuda" with float8 operands, so no
   upcast to bf16 in the kernel); Triton's fp8 MMA needs compute capability >= 8.9, which
@@ -118,11 +123,29 @@ def can_use_gpu_w8a8(xq, x_scale, qvalue, scale, *, backend: str | None = None) 
     return xq.dtype == jnp.int8 or _fp8_mma_supported()
 
 
+def can_use_tpu_w8a8(xq, x_scale, qvalue, scale, *, backend: str | None = None) -> bool:
+    """True when the backend is a TPU and the TPU W8A8 kernel takes these inputs.
+
+    Both formats (int8 and fp8 e4m3) qualify: fp8 runs as exact bf16 on the MXU, so no
+    chip check is made (unlike `can_use_gpu_w8a8`); this has never run on a TPU.
+    """
+    if _normalize_backend(backend) != "tpu":
+        return False
+    try:
+        _validate(xq, x_scale, qvalue, scale)
+    except ValueError:
+        return False
+    return True
+
+
 def _tpu_forward(xq2, xs2, qvalue, scale, out_dtype, interpret, block_sizes):
     m, k = xq2.shape
     n = qvalue.shape[0]
     sizes = block_sizes or get_block_sizes("tpu", m)
-    plan = _tpu.plan_tpu("int8", k, None, m, n, jnp.int8, sizes, strict=block_sizes is not None)
+    # qtype "int8" only selects the unpacked, per-channel byte geometry; the row tiling
+    # comes from xq's dtype (int8 and fp8 both pack 32 rows per native tile).
+    plan = _tpu.plan_tpu("int8", k, None, m, n, xq2.dtype, sizes,
+                         strict=block_sizes is not None)
     if plan.kb_main == 0:
         return _epilogue(_dot(xq2, qvalue), xs2, scale)
     y = _tpu.w8a8_matmul_tpu(xq2[:, :plan.kb_main], xs2, qvalue, scale, plan=plan,
@@ -165,8 +188,8 @@ def quantized_matmul_w8a8(xq, x_scale, qvalue, scale, *, out_dtype=jnp.bfloat16,
         int8 or float8_e4m3fn, and (..., 1).
       qvalue, scale: the weight (N, K) in xq's dtype and its per-channel scale (N, 1).
       out_dtype: dtype of the result (..., N).
-      backend: "tpu", "gpu" / "cuda" run the kernel, anything else (e.g. "cpu") the
-        reference; default `jax.default_backend()`.
+      backend: "tpu", "gpu" / "cuda" run the kernel (int8 or fp8), anything else (e.g.
+        "cpu") the reference; default `jax.default_backend()`.
       interpret: run the kernel in Pallas interpret mode (how it is tested on CPU).
       block_sizes: override the tuned `BlockSizes`; then they must be legal as given.
 
@@ -183,7 +206,7 @@ def quantized_matmul_w8a8(xq, x_scale, qvalue, scale, *, out_dtype=jnp.bfloat16,
     xq2, xs2 = xq.reshape(-1, k), x_scale.reshape(-1, 1)
     if backend == "gpu":
         y = _gpu_forward(xq2, xs2, qvalue, scale, out_dtype, interpret, block_sizes)
-    elif backend == "tpu" and xq.dtype == jnp.int8:
+    elif backend == "tpu":
         y = _tpu_forward(xq2, xs2, qvalue, scale, out_dtype, interpret, block_sizes)
     else:
         return quantized_matmul_w8a8_reference(xq, x_scale, qvalue, scale, out_dtype=out_dtype)

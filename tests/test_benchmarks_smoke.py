@@ -4,6 +4,7 @@ No torch: the transformers column is skipped. Speed is never asserted.
 """
 
 import importlib.util
+import json
 import sys
 from pathlib import Path
 
@@ -48,3 +49,38 @@ def test_decode_benchmark_rejects_one_token(decode_bench):
     with pytest.raises(ValueError, match="new_tokens=1"):
         decode_bench.run_benchmark(model, nnx.state(model), [5], recipes=["float"], batches=[1],
                                    new_tokens=1, repeats=1, log=None)  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def kernels_bench():
+    path = Path(__file__).parents[1] / "benchmarks" / "kernels.py"
+    spec = importlib.util.spec_from_file_location("kernels_bench", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_kernels_benchmark_writes_rows(kernels_bench, tmp_path, capsys):
+    out = tmp_path / "k.json"
+    kernels_bench.main(["--shapes", "small", "--kinds", "int4,w8a8_fp8", "--warmup", "0",
+                        "--iters", "1", "--out", str(out)])  # fmt: skip
+    data = json.loads(out.read_text())
+    assert data["backend"] == "cpu" and data["shapes"] == "small"
+    rows = data["rows"]
+    # CPU: no kernel timing (interpret mode is not a speed); qdot runs the dispatched path
+    keys = {(r["kind"], r["k"], r["n"], r["m"], r["method"]) for r in rows}
+    want = {(kind, k, n, m, method) for kind in ("int4", "w8a8_fp8")
+            for k, n in kernels_bench.SMALL_SHAPES for m in kernels_bench.SMALL_MS
+            for method in ("bf16_dot", "xla", "qdot")}  # fmt: skip
+    assert keys == want and len(rows) == len(want)
+    for r in rows:
+        assert r["ms"] > 0 and r["gb_s"] > 0 and r["hbm_frac"] is None
+        assert r["group_size"] == (None if r["kind"] == "w8a8_fp8" else 128)
+        if r["method"] == "bf16_dot":
+            assert r["speedup_vs_bf16"] == 1.0
+    assert "w8a8_fp8" in capsys.readouterr().out
+
+
+def test_kernels_benchmark_rejects_unknown_kind(kernels_bench):
+    with pytest.raises(SystemExit):
+        kernels_bench.main(["--kinds", "int5"])
