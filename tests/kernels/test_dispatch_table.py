@@ -154,3 +154,19 @@ def test_w8a8_limit_and_xla_path(fake_gpu):
     # the kernel on the device, then XLA's int8 x int8 (the reference backend)
     assert fake_gpu == [("w8a8", 16, "gpu"), ("w8a8", 16, "cpu")]
     np.testing.assert_allclose(y_kernel, y_xla, rtol=1e-6)
+
+
+@pytest.mark.parametrize("qtype", ["int8", "fp8_e4m3"])
+def test_forced_w8a8_kernel_on_cpu_matches_xla(qtype):
+    """Path "kernel" on CPU interprets the W8A8 kernel (TPU int8, GPU fp8) through ops."""
+    w = jax.random.normal(jax.random.key(3), (512, 256), jnp.float32)
+    w = qarray.quantize_array(w, qtype, axis=0, activation=qtype, scale_dtype=jnp.float32)
+    x = jax.random.normal(jax.random.key(4), (7, 512), jnp.float32)
+    y_xla = ops.qdot(x, w)
+    old = ops.set_matmul_path("kernel")
+    try:
+        y_kernel = ops.qdot(x, w)
+        assert "pallas_call" in str(jax.make_jaxpr(ops.qdot)(x, w))
+    finally:
+        ops.set_matmul_path(old)
+    np.testing.assert_allclose(y_kernel, y_xla, rtol=1e-5, atol=1e-4)
