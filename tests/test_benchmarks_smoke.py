@@ -84,3 +84,31 @@ def test_kernels_benchmark_writes_rows(kernels_bench, tmp_path, capsys):
 def test_kernels_benchmark_rejects_unknown_kind(kernels_bench):
     with pytest.raises(SystemExit):
         kernels_bench.main(["--kinds", "int5"])
+
+
+def _load(name):
+    path = Path(__file__).parents[1] / "benchmarks" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_tune_blocks_smoke_sweep(tmp_path, capsys):
+    tune = _load("tune_blocks")
+    out = tmp_path / "t.json"
+    results = tune.main(["--smoke", "--out", str(out)])
+    assert [m for m, *_ in results] == [1, 16]
+    for _, best, seconds, timings in results:
+        assert seconds == min(t for t, _ in timings) and best in [b for _, b in timings]
+        # bf16 x on TPU: block_m 8 breaks the (16, 128) tile rule, so it is never a candidate
+        assert all(b.block_m % 16 == 0 for _, b in timings) and len(timings) == 4
+    printed = capsys.readouterr().out
+    assert '"tpu": (' in printed and "(1 << 62, BlockSizes(" in printed
+    data = json.loads(out.read_text())
+    assert data["interpret"] is True and len(data["results"][0]["timings"]) == 4
+
+
+def test_tune_blocks_needs_a_device_or_smoke():
+    with pytest.raises(SystemExit):
+        _load("tune_blocks").main([])
