@@ -1,8 +1,9 @@
 """Block sizes for the quantized matmul kernels, and the table of defaults.
 
 The table is a starting point, not a measurement: no TPU or GPU was available when it was
-written. `benchmarks/kernels.py` is the tool to replace these rows with tuned ones; keep
-one row per (backend, M bucket) and say on the row which device measured it.
+written. `python benchmarks/tune_blocks.py` on the device sweeps the legal sizes per M and
+prints replacement rows; keep one row per (backend, M bucket) and say which device
+measured it. (Whether the kernel or XLA runs at a given M is `dispatch_table.py`'s call.)
 """
 
 from __future__ import annotations
