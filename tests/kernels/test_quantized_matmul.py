@@ -177,8 +177,19 @@ class TestReference:
                                       backend="cpu"), ref)
 
 
+def _interpret_for(backend: str) -> bool:
+    """Interpret mode unless pytest runs on that backend's hardware: on a GPU (TPU) machine
+    the GPU (TPU) kernels below compile and run for real, against the same references."""
+    here = {"cuda": "gpu", "rocm": "gpu"}.get(jax.default_backend(), jax.default_backend())
+    return here != backend
+
+
+GPU_INTERPRET = _interpret_for("gpu")
+
+
 class KernelTest:
-    """Run one backend's kernel in interpret mode; subclasses set BACKEND / INTERPRET."""
+    """Run one backend's kernel (interpreted off its hardware); subclasses set BACKEND /
+    INTERPRET."""
 
     BACKEND = ""
     INTERPRET = True
@@ -244,6 +255,7 @@ class KernelTest:
 
 class TestTpuKernel(KernelTest):
     BACKEND = "tpu"
+    INTERPRET = _interpret_for("tpu")
 
 
 class TestTpuKernelSimulated:
@@ -263,6 +275,7 @@ class TestTpuKernelSimulated:
 
 class TestGpuKernel(KernelTest):
     BACKEND = "gpu"
+    INTERPRET = GPU_INTERPRET
 
     @pytest.mark.parametrize("m", (1, 3, 8, 9, 33))
     def test_decode_and_prefill_paths(self, m):
@@ -314,7 +327,7 @@ class TestW8A8Gpu:
         xq, xs = kernels.quantize_activations(x, dtype)
         ref = kernels.quantized_matmul_w8a8_reference(xq, xs, q, s, out_dtype=jnp.float32)
         y = kernels.quantized_matmul_w8a8(xq, xs, q, s, out_dtype=jnp.float32, backend="cuda",
-                                          interpret=True)
+                                          interpret=GPU_INTERPRET)
         assert_close(y, ref)
         exact = np.asarray(x) @ np.asarray(w).T  # and close to the float product
         bound = 0.02 if dtype == jnp.int8 else 0.06
@@ -325,12 +338,12 @@ class TestW8A8Gpu:
         xq, xs = kernels.quantize_activations(jnp.asarray(rng.standard_normal((2, 3, 256))))
         q, s = kernels.quantize_activations(jnp.asarray(rng.standard_normal((64, 256))))
         ref = kernels.quantized_matmul_w8a8_reference(xq, xs, q, s)
-        y = kernels.quantized_matmul_w8a8(xq, xs, q, s, backend="gpu", interpret=True,
+        y = kernels.quantized_matmul_w8a8(xq, xs, q, s, backend="gpu", interpret=GPU_INTERPRET,
                                           block_sizes=BlockSizes(block_m=16, block_n=32,
                                                                  block_k=64))
         assert_close(y, ref)
         with pytest.raises(ValueError, match="power of two"):
-            kernels.quantized_matmul_w8a8(xq, xs, q, s, backend="gpu", interpret=True,
+            kernels.quantized_matmul_w8a8(xq, xs, q, s, backend="gpu", interpret=GPU_INTERPRET,
                                           block_sizes=BlockSizes(block_m=16, block_n=48,
                                                                  block_k=64))
 
