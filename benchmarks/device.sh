@@ -1,0 +1,34 @@
+#!/usr/bin/env bash
+# The kernel checks that need the accelerator, in one go, from the repository root of a GPU
+# or TPU machine that has jax (with its CUDA/TPU plugin), flax, pyyaml, rich, tqdm, pytest:
+#
+#     bash benchmarks/device.sh [OUT_DIR]       # default: ./device-out
+#
+# 1. the kernel tests, run natively (tests/kernels picks the device, not interpret mode),
+# 2. the speed table (benchmarks/kernels.py -> OUT_DIR/kernels.json, also a dispatch
+#    table: JQUANT_DISPATCH_TABLE=OUT_DIR/kernels.json),
+# 3. the block-size sweep (benchmarks/tune_blocks.py -> OUT_DIR/tune.json).
+# Each step logs to OUT_DIR; a failing step is reported and the next one still runs.
+# The full table compiles ~900 programs; where one call has a time limit, split it with
+# BENCH_ARGS="--kinds int4,int8" (passed to benchmarks/kernels.py) and STEPS="bench".
+set -u -o pipefail
+out="${1:-device-out}"
+mkdir -p "$out"
+export PYTHONUNBUFFERED=1
+# The installed layout, without pip: jquant.kernels and jquant.configs live in kernels/
+# and configs/ (pyproject maps them), so assemble the package in a temporary directory.
+src="$(mktemp -d)"
+cp -r jquant "$src/" && cp -r kernels "$src/jquant/kernels" && cp -r configs "$src/jquant/configs"
+export PYTHONPATH="$src${PYTHONPATH:+:$PYTHONPATH}"
+python3 -c "import jax; print('jax', jax.__version__, jax.devices())" | tee "$out/device.txt"
+status=0
+steps="${STEPS:-tests bench tune}"
+[[ " $steps " == *" tests "* ]] && { python3 -m pytest -q -p no:cacheprovider tests/kernels \
+  2>&1 | tee "$out/kernel_tests.log" || { echo "kernel tests FAILED"; status=1; }; }
+# shellcheck disable=SC2086  # BENCH_ARGS is a list of arguments
+[[ " $steps " == *" bench "* ]] && { python3 benchmarks/kernels.py ${BENCH_ARGS:-} \
+  --out "$out/kernels.json" 2>&1 | tee "$out/kernels.log" \
+  || { echo "benchmarks/kernels.py FAILED"; status=1; }; }
+[[ " $steps " == *" tune "* ]] && { python3 benchmarks/tune_blocks.py --out "$out/tune.json" \
+  2>&1 | tee "$out/tune.log" || { echo "benchmarks/tune_blocks.py FAILED"; status=1; }; }
+exit $status
