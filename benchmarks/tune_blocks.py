@@ -24,7 +24,8 @@ from pathlib import Path
 
 import jax
 import jax.numpy as jnp
-from jquant.kernels import BlockSizes, _gpu, _tpu
+from jquant.kernels import BlockSizes, _gpu, _mgpu, _tpu
+from jquant.kernels.quantized_matmul import select_gpu_kernel
 
 from jquant import kernels
 
@@ -48,22 +49,24 @@ BLOCK_N = (64, 128, 256, 512)
 BLOCK_K = (128, 256, 512, 1024)
 
 
-def _plan(backend, qtype, k, group_size, m, n, bs):
+def _plan(backend, qtype, k, group_size, m, n, bs, gpu_kernel=None):
     """The kernel's plan for these sizes (strict: raises ValueError when illegal)."""
     if backend == "tpu":
         return _tpu.plan_tpu(qtype, k, group_size, m, n, jnp.bfloat16, bs, strict=True)
+    if gpu_kernel == "mosaic":
+        return _mgpu.plan_mgpu(qtype, k, group_size, m, n, bs, strict=True)
     return _gpu.plan_gpu(qtype, k, group_size, m, n, bs, strict=True)
 
 
 def candidates(backend, qtype, k, group_size, m, n, block_m=BLOCK_M, block_n=BLOCK_N,
-               block_k=BLOCK_K) -> list[BlockSizes]:
+               block_k=BLOCK_K, gpu_kernel=None) -> list[BlockSizes]:
     """Legal tiles for this problem, one per distinct plan (the planner shrinks a block
     larger than the problem, so many requests give the same kernel)."""
     seen, out = set(), []
     for a, b, c in itertools.product(block_m, block_n, block_k):
         bs = BlockSizes(block_m=a, block_n=b, block_k=c)
         try:
-            plan = _plan(backend, qtype, k, group_size, m, n, bs)
+            plan = _plan(backend, qtype, k, group_size, m, n, bs, gpu_kernel)
         except ValueError:
             continue
         if plan not in seen:
@@ -77,11 +80,19 @@ def sweep(backend, qtype, group_size, shapes, ms, *, block_m=BLOCK_M, block_n=BL
     """[(m, best BlockSizes, best seconds summed over shapes, all timings)] per M."""
     weights = {(k, n): random_weight(jax.random.key(0), qtype, k, n, group_size)
                for k, n in shapes}
+    gpu_kernel = None
+    if backend == "gpu":  # the kernel users get: Mosaic GPU on Hopper where it applies
+        (k0, n0), = shapes[:1]
+        x0 = jax.ShapeDtypeStruct((1, k0), jnp.bfloat16)
+        gpu_kernel = select_gpu_kernel(x0, weights[(k0, n0)][0], qtype=qtype, k=k0,
+                                       group_size=group_size)
+        log(f"GPU kernel: {gpu_kernel}")
     results = []
     for m in ms:
         timings = []
         k0, n0 = shapes[0]
-        for bs in candidates(backend, qtype, k0, group_size, m, n0, block_m, block_n, block_k):
+        for bs in candidates(backend, qtype, k0, group_size, m, n0, block_m, block_n, block_k,
+                             gpu_kernel):
             total = 0.0
             try:
                 for k, n in shapes:
@@ -89,7 +100,7 @@ def sweep(backend, qtype, group_size, shapes, ms, *, block_m=BLOCK_M, block_n=BL
                     x = jax.random.normal(jax.random.key(m), (m, k), jnp.bfloat16)
                     fn = jax.jit(lambda x, q, s, zp, k=k, bs=bs: kernels.quantized_matmul(
                         x, q, s, zp, qtype=qtype, k=k, group_size=group_size, backend=backend,
-                        interpret=interpret, block_sizes=bs))
+                        interpret=interpret, block_sizes=bs, gpu_kernel=gpu_kernel))
                     total += time_fn(fn, (x, q, s, zp), warmup, iters)
             except ValueError:  # illegal on this backend for this problem: not a candidate
                 continue

@@ -14,6 +14,7 @@ from .quantized_matmul import dequantize as dequantize
 from .quantized_matmul import planes_matmul_xla as planes_matmul_xla
 from .quantized_matmul import quantized_matmul as quantized_matmul
 from .quantized_matmul import quantized_matmul_reference as quantized_matmul_reference
+from .quantized_matmul import select_gpu_kernel as select_gpu_kernel
 from .quantized_matmul import validate_inputs as validate_inputs
 from .tuned_block_sizes import BlockSizes as BlockSizes
 from .tuned_block_sizes import get_block_sizes as get_block_sizes

@@ -13,7 +13,8 @@ contraction axis last.
   where decode is two's complement for int4, the NF4 codebook for nf4, the value itself
   otherwise.
 
-`quantized_matmul` picks the Pallas kernel of the backend (`_tpu.py`, `_gpu.py`); the part
+`quantized_matmul` picks the Pallas kernel of the backend (`_tpu.py`; on GPU `_mgpu.py`,
+Mosaic GPU for Hopper, or `_gpu.py`, Triton lowering, see `select_gpu_kernel`); the part
 of K that does not fill whole kernel blocks of whole groups (a short last group, K below
 one block) is added by XLA, so every shape gives the reference's answer.
 """
@@ -21,13 +22,14 @@ one block) is added by XLA, so every shape gives the reference's answer.
 from __future__ import annotations
 
 import functools
+import os
 from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from . import _gpu, _tpu
+from . import _gpu, _mgpu, _tpu
 from ._formats import (
     PACKED_QTYPES,
     QTYPES,
@@ -50,6 +52,7 @@ X_DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16), jnp.dtype(jnp.float
 TPU_X_DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float32))
 TPU_QTYPES = QTYPES
 GPU_QTYPES = QTYPES
+GPU_KERNELS = ("mosaic", "triton")
 
 
 def validate_inputs(x, qvalue, scale, zero_point, *, qtype: str, k: int,
@@ -167,7 +170,7 @@ def _normalize_backend(backend: str | None) -> str:
 
 
 def _kernel_problem(x, qvalue, scale, zero_point, *, qtype, k, group_size,
-                    backend: str) -> str | None:
+                    backend: str, gpu_kernel: str = "triton") -> str | None:
     """Why the kernel of `backend` cannot take these inputs, or None if it can."""
     try:
         validate_inputs(x, qvalue, scale, zero_point, qtype=qtype, k=k, group_size=group_size)
@@ -182,8 +185,44 @@ def _kernel_problem(x, qvalue, scale, zero_point, *, qtype, k, group_size,
     if backend == "gpu":
         if qtype not in GPU_QTYPES:
             return f"{qtype=} has no GPU kernel; supported: {GPU_QTYPES}"
+        if gpu_kernel == "mosaic":
+            return _mgpu.unsupported_reason(qtype, k, group_size, x_dtype=x.dtype,
+                                            n=qvalue.shape[0])
         return _gpu.unsupported_reason(qtype, k, group_size)
     return f"{backend=} has no Pallas kernel (only 'tpu' and 'gpu')"
+
+
+def _is_hopper_or_newer() -> bool:
+    """True when a GPU is attached and its compute capability is 9.0 or more."""
+    try:
+        devices = jax.devices("gpu")
+    except RuntimeError:
+        return False
+    cc = getattr(devices[0], "compute_capability", None) if devices else None
+    try:
+        return cc is not None and tuple(int(v) for v in str(cc).split(".")) >= (9, 0)
+    except ValueError:
+        return False
+
+
+def select_gpu_kernel(x, qvalue, *, qtype: str, k: int, group_size: int | None,
+                      gpu_kernel: str | None = None) -> str:
+    """Which GPU kernel runs: "mosaic" (Mosaic GPU, Hopper wgmma) or "triton".
+
+    `gpu_kernel` (else `$JQUANT_GPU_KERNEL`) forces one. Otherwise: Mosaic GPU on a Hopper
+    or newer GPU when it takes the problem (bf16/f16 x, its group and shape rules), else
+    the Triton-lowered kernel (Ampere and Ada, f32 x, small groups). Off a GPU the default
+    is "triton" (what interpret-mode tests of `backend="gpu"` exercise).
+    """
+    choice = gpu_kernel or os.environ.get("JQUANT_GPU_KERNEL") or None
+    if choice is not None:
+        if choice not in GPU_KERNELS:
+            raise ValueError(f"gpu_kernel={choice!r} must be one of {GPU_KERNELS}")
+        return choice
+    if _is_hopper_or_newer() and _mgpu.unsupported_reason(
+            qtype, k, group_size, x_dtype=x.dtype, n=qvalue.shape[0]) is None:
+        return "mosaic"
+    return "triton"
 
 
 def can_use_tpu_kernel(x, qvalue, scale, zero_point=None, *, qtype: str, k: int,
@@ -196,12 +235,20 @@ def can_use_tpu_kernel(x, qvalue, scale, zero_point=None, *, qtype: str, k: int,
 
 
 def can_use_gpu_kernel(x, qvalue, scale, zero_point=None, *, qtype: str, k: int,
-                       group_size: int | None, backend: str | None = None) -> bool:
-    """True when the backend is a GPU and the Pallas GPU kernel takes these inputs."""
+                       group_size: int | None, backend: str | None = None,
+                       gpu_kernel: str | None = None) -> bool:
+    """True when the backend is a GPU and the Pallas GPU kernel that `select_gpu_kernel`
+    picks (or `gpu_kernel` names) takes these inputs."""
     if _normalize_backend(backend) != "gpu":
         return False
+    try:
+        validate_inputs(x, qvalue, scale, zero_point, qtype=qtype, k=k, group_size=group_size)
+    except ValueError:
+        return False
+    impl = select_gpu_kernel(x, qvalue, qtype=qtype, k=k, group_size=group_size,
+                             gpu_kernel=gpu_kernel)
     return _kernel_problem(x, qvalue, scale, zero_point, qtype=qtype, k=k,
-                           group_size=group_size, backend="gpu") is None
+                           group_size=group_size, backend="gpu", gpu_kernel=impl) is None
 
 
 class _Config(NamedTuple):
@@ -211,6 +258,7 @@ class _Config(NamedTuple):
     backend: str
     interpret: Any
     block_sizes: BlockSizes | None
+    gpu_kernel: str = "triton"
 
 
 def _forward(x, qvalue, scale, zero_point, cfg: _Config) -> jax.Array:
@@ -222,17 +270,21 @@ def _forward(x, qvalue, scale, zero_point, cfg: _Config) -> jax.Array:
     m, n = x.shape[0], qvalue.shape[0]
     strict = cfg.block_sizes is not None
     sizes = cfg.block_sizes or get_block_sizes(cfg.backend, m)
-    mod, plan = (
-        (_tpu, _tpu.plan_tpu(qtype, k, g, m, n, x.dtype, sizes, strict=strict))
-        if cfg.backend == "tpu" else
-        (_gpu, _gpu.plan_gpu(qtype, k, g, m, n, sizes, strict=strict)))
+    if cfg.backend == "tpu":
+        call = _tpu.weight_only_matmul_tpu
+        plan = _tpu.plan_tpu(qtype, k, g, m, n, x.dtype, sizes, strict=strict)
+    elif cfg.gpu_kernel == "mosaic":
+        call = _mgpu.weight_only_matmul_mgpu
+        plan = _mgpu.plan_mgpu(qtype, k, g, m, n, sizes, strict=strict)
+    else:
+        call = _gpu.weight_only_matmul_gpu
+        plan = _gpu.plan_gpu(qtype, k, g, m, n, sizes, strict=strict)
     kbytes = qvalue.shape[1]
     if plan.kb_main == 0:  # K smaller than one block: nothing for the kernel to do
         y = planes_matmul_xla(x, qvalue, scale, zero_point, qtype=qtype, k=k, group_size=g)
         return y.astype(x.dtype)
     has_tail = plan.kb_main < kbytes
     planes = split_activations(x, qtype, k, g, plan.kb_main)
-    call = mod.weight_only_matmul_tpu if mod is _tpu else mod.weight_only_matmul_gpu
     y = call(planes, qvalue, scale, zero_point, plan=plan, qtype=qtype, k=k, group_size=g,
              out_dtype=jnp.dtype(jnp.float32) if has_tail else jnp.dtype(x.dtype),
              interpret=cfg.interpret)
@@ -269,7 +321,8 @@ _quantized_matmul_2d.defvjp(_fwd, _bwd)
 
 def quantized_matmul(x, qvalue, scale, zero_point=None, *, qtype: str, k: int,
                      group_size: int | None, backend: str | None = None,
-                     interpret: Any = False, block_sizes: BlockSizes | None = None):
+                     interpret: Any = False, block_sizes: BlockSizes | None = None,
+                     gpu_kernel: str | None = None):
     """x (..., K) @ dequantize(W), W stored as described in this module's docstring.
 
     Args:
@@ -281,8 +334,11 @@ def quantized_matmul(x, qvalue, scale, zero_point=None, *, qtype: str, k: int,
       backend: "tpu" or "gpu" run the Pallas kernel, anything else (e.g. "cpu") the XLA
         path; default `jax.default_backend()`.
       interpret: run the kernel in Pallas interpret mode (True, or a
-        `pltpu.InterpretParams` for TPU), which is how it is tested on CPU.
+        `pltpu.InterpretParams` for TPU / an `InterpretGPUParams` for Mosaic GPU), which
+        is how it is tested on CPU.
       block_sizes: override the tuned `BlockSizes`; then they must be legal as given.
+      gpu_kernel: "mosaic" (Mosaic GPU, Hopper) or "triton"; default `select_gpu_kernel`
+        (Mosaic GPU on Hopper+ where it applies, else Triton).
 
     Raises:
       ValueError: inputs break the storage contract, or the backend's kernel cannot take
@@ -291,16 +347,21 @@ def quantized_matmul(x, qvalue, scale, zero_point=None, *, qtype: str, k: int,
     >>> y = quantized_matmul(x, q, s, qtype="int4", k=4096, group_size=128, backend="tpu")
     """
     backend = _normalize_backend(backend)
+    impl = "triton"
     if backend in ("tpu", "gpu"):
+        validate_inputs(x, qvalue, scale, zero_point, qtype=qtype, k=k, group_size=group_size)
+        if backend == "gpu":
+            impl = select_gpu_kernel(x, qvalue, qtype=qtype, k=k, group_size=group_size,
+                                     gpu_kernel=gpu_kernel)
         problem = _kernel_problem(x, qvalue, scale, zero_point, qtype=qtype, k=k,
-                                  group_size=group_size, backend=backend)
+                                  group_size=group_size, backend=backend, gpu_kernel=impl)
         if problem is not None:
             raise ValueError(problem)
     else:
         validate_inputs(x, qvalue, scale, zero_point, qtype=qtype, k=k, group_size=group_size)
     if isinstance(interpret, bool) or interpret is None:
         interpret = bool(interpret)
-    cfg = _Config(qtype, k, group_size, backend, interpret, block_sizes)
+    cfg = _Config(qtype, k, group_size, backend, interpret, block_sizes, impl)
     lead = x.shape[:-1]
     y = _quantized_matmul_2d(x.reshape(-1, k), qvalue, scale, zero_point, cfg)
     return y.reshape(*lead, qvalue.shape[0])
