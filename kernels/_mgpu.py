@@ -429,7 +429,8 @@ def weight_only_matmul_mgpu(x_planes, qvalue, scale, zero_point, *, plan: MgpuPl
              for _ in range(0 if plan.lhs_in_registers else n_planes)]
             + [plgpu.SMEM((tn, tm), jnp.float32, transforms=_tiled(_swizzle(tm * 4), 4))]),
         compiler_params=plgpu.CompilerParams(),
-        interpret=interpret_params,
+        # only when interpreting: a compiled call passes nothing a newer JAX might rename
+        **({} if interpret_params is None else dict(interpret=interpret_params)),
     )
     yt = call(*xt, qvalue, *rows)  # (k_splits, n_main, m_pad) f32
     y = y.at[:, :plan.n_main].set(jnp.sum(yt, axis=0).T[:m])
