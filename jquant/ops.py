@@ -322,6 +322,14 @@ def qdot(x: jax.Array, w, *, precision=None, preferred_element_type=None) -> jax
     Returns:
       ``(..., *out)`` in ``preferred_element_type`` or ``x.dtype``.
 
+    Raises:
+      ValueError: ``x``'s last axis is not ``w``'s contraction length (the message names
+        both shapes), ``w`` has no axis, ``w`` is a QArray quantized along another axis
+        than the contracted one, or the path is forced to ``"kernel"`` and no kernel takes
+        these inputs. Where a kernel cannot take a weight (a qtype or dtype the backend
+        lacks, groups its tiles cannot hold, double-quantized scales) ``"auto"`` falls
+        back to XLA, which is correct for every QArray.
+
     >>> qdot(jnp.ones((2, 3)), jnp.ones((3, 4))).shape
     (2, 4)
     """
