@@ -23,3 +23,4 @@ from .w8a8 import can_use_tpu_w8a8 as can_use_tpu_w8a8
 from .w8a8 import quantize_activations as quantize_activations
 from .w8a8 import quantized_matmul_w8a8 as quantized_matmul_w8a8
 from .w8a8 import quantized_matmul_w8a8_reference as quantized_matmul_w8a8_reference
+from .w8a8 import select_gpu_w8a8_kernel as select_gpu_w8a8_kernel

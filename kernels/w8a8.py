@@ -17,7 +17,11 @@ Kernels, chosen by `backend` (default `jax.default_backend()`):
   TPU v7-class chips have a native fp8 MXU, and a kernel that feeds it fp8
   directly is future work. `can_use_tpu_w8a8` says when it applies. Validated in
   interpret mode and by export only: it has never run on a TPU.
-* "gpu" / "cuda": `_gpu.w8a8_matmul_gpu` (Pallas, Triton lowering), int8 and fp8. The fp8
+* "gpu" / "cuda" on Hopper (sm_90+), where K is a multiple of 32 and N of 8:
+  `_mgpu_w8a8.w8a8_matmul_mgpu` (Pallas Mosaic GPU, 8-bit `wgmma`, int8 -> int32 and
+  fp8 -> f32 accumulators), checked in the Mosaic GPU interpreter and by export only.
+  `select_gpu_w8a8_kernel` / `gpu_kernel=` / `$JQUANT_GPU_KERNEL` choose.
+* "gpu" / "cuda" otherwise: `_gpu.w8a8_matmul_gpu` (Pallas, Triton lowering), int8 and fp8. The fp8
   kernel is a native fp8 `tt.dot` (it exports for "cuda" with float8 operands, so no
   upcast to bf16 in the kernel); Triton's fp8 MMA needs compute capability >= 8.9, which
   `can_use_gpu_w8a8` checks when a GPU is attached. Validated in interpret mode and by
@@ -30,12 +34,15 @@ last whole block and K past the last whole block are computed by XLA and added.
 
 from __future__ import annotations
 
+import os
+
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 
-from . import _gpu, _tpu
-from .quantized_matmul import _normalize_backend
+from . import _gpu, _mgpu_w8a8, _tpu
+from .quantized_matmul import GPU_KERNELS, _is_hopper_or_newer, _normalize_backend
 from .tuned_block_sizes import BlockSizes, get_block_sizes
 
 _NT = (((1,), (1,)), ((), ()))
@@ -112,14 +119,39 @@ def _fp8_mma_supported() -> bool:
         return True
 
 
-def can_use_gpu_w8a8(xq, x_scale, qvalue, scale, *, backend: str | None = None) -> bool:
-    """True when the backend is a GPU and the GPU W8A8 kernel takes these inputs."""
+def select_gpu_w8a8_kernel(xq, qvalue, *, gpu_kernel: str | None = None) -> str:
+    """Which GPU W8A8 kernel runs: "mosaic" (Mosaic GPU, Hopper 8-bit wgmma) or "triton".
+
+    `gpu_kernel` (else `$JQUANT_GPU_KERNEL`) forces one; otherwise Mosaic GPU on a GPU of
+    compute capability >= 9.0 when its shape rules hold (`_mgpu_w8a8.unsupported_reason`),
+    else Triton. Off a GPU the default is "triton".
+    """
+    choice = gpu_kernel or os.environ.get("JQUANT_GPU_KERNEL") or None
+    if choice is not None:
+        if choice not in GPU_KERNELS:
+            raise ValueError(f"gpu_kernel={choice!r} must be one of {GPU_KERNELS}")
+        return choice
+    m = 1 if xq.ndim == 1 else int(np.prod(xq.shape[:-1]))
+    if _is_hopper_or_newer() and _mgpu_w8a8.unsupported_reason(
+            max(m, 1), qvalue.shape[0], xq.shape[-1], xq.dtype) is None:
+        return "mosaic"
+    return "triton"
+
+
+def can_use_gpu_w8a8(xq, x_scale, qvalue, scale, *, backend: str | None = None,
+                     gpu_kernel: str | None = None) -> bool:
+    """True when the backend is a GPU and the GPU W8A8 kernel `select_gpu_w8a8_kernel`
+    picks (or `gpu_kernel` names) takes these inputs."""
     if _normalize_backend(backend) != "gpu":
         return False
     try:
         _validate(xq, x_scale, qvalue, scale)
     except ValueError:
         return False
+    if select_gpu_w8a8_kernel(xq, qvalue, gpu_kernel=gpu_kernel) == "mosaic":
+        m = int(np.prod(xq.shape[:-1]))
+        return _mgpu_w8a8.unsupported_reason(max(m, 1), qvalue.shape[0], xq.shape[-1],
+                                             xq.dtype) is None
     return xq.dtype == jnp.int8 or _fp8_mma_supported()
 
 
@@ -180,7 +212,8 @@ def _gpu_forward(xq2, xs2, qvalue, scale, out_dtype, interpret, block_sizes):
 
 def quantized_matmul_w8a8(xq, x_scale, qvalue, scale, *, out_dtype=jnp.bfloat16,
                           backend: str | None = None, interpret=False,
-                          block_sizes: BlockSizes | None = None):
+                          block_sizes: BlockSizes | None = None,
+                          gpu_kernel: str | None = None):
     """W8A8 matmul: the backend's kernel (see the module docstring), else the XLA reference.
 
     Args:
@@ -192,10 +225,12 @@ def quantized_matmul_w8a8(xq, x_scale, qvalue, scale, *, out_dtype=jnp.bfloat16,
         "cpu") the reference; default `jax.default_backend()`.
       interpret: run the kernel in Pallas interpret mode (how it is tested on CPU).
       block_sizes: override the tuned `BlockSizes`; then they must be legal as given.
+      gpu_kernel: "mosaic" or "triton" on GPU; default `select_gpu_w8a8_kernel`.
 
     Raises:
-      ValueError: dtypes or shapes break the contract above, or explicit block sizes are
-        illegal for the backend.
+      ValueError: dtypes or shapes break the contract above, explicit block sizes are
+        illegal for the backend, or `gpu_kernel="mosaic"` names a kernel that cannot take
+        the shapes (K a multiple of 32, N of 8).
 
     >>> xq, xs = quantize_activations(x)
     >>> y = quantized_matmul_w8a8(xq, xs, q, s, backend="gpu")   # q int8 (N, K), s (N, 1)
@@ -204,7 +239,11 @@ def quantized_matmul_w8a8(xq, x_scale, qvalue, scale, *, out_dtype=jnp.bfloat16,
     backend = _normalize_backend(backend)
     lead, k = xq.shape[:-1], xq.shape[-1]
     xq2, xs2 = xq.reshape(-1, k), x_scale.reshape(-1, 1)
-    if backend == "gpu":
+    if backend == "gpu" and select_gpu_w8a8_kernel(xq2, qvalue,
+                                                   gpu_kernel=gpu_kernel) == "mosaic":
+        y = _mgpu_w8a8.w8a8_matmul_mgpu(xq2, xs2, qvalue, scale, out_dtype=jnp.float32,
+                                        interpret=interpret, block_sizes=block_sizes)
+    elif backend == "gpu":
         y = _gpu_forward(xq2, xs2, qvalue, scale, out_dtype, interpret, block_sizes)
     elif backend == "tpu":
         y = _tpu_forward(xq2, xs2, qvalue, scale, out_dtype, interpret, block_sizes)
