@@ -64,6 +64,27 @@ def num_groups(k: int, group_size: int | None) -> int:
     return len(group_starts_and_lengths(k, group_size))
 
 
+def is_pow2(v: int) -> bool:
+    return v > 0 and v & (v - 1) == 0
+
+
+def next_pow2(v: int) -> int:
+    """The smallest power of two >= v (1 for v <= 1)."""
+    return 1 << (max(v, 1) - 1).bit_length()
+
+
+def floor_pow2(v: int) -> int:
+    """The largest power of two <= v (1 for v <= 1)."""
+    return 1 << (max(v, 1).bit_length() - 1)
+
+
+def group_bytes(qtype: str, k: int, group_size: int | None) -> int | None:
+    """Bytes of one group in one plane (4-bit: half the group), None when per-channel."""
+    if is_per_channel(k, group_size):
+        return None
+    return group_size // 2 if qtype in PACKED_QTYPES else group_size
+
+
 def packed_k(qtype: str, k: int, group_size: int | None) -> int:
     """Length of `qvalue`'s last axis: K for 8-bit formats, sum of ceil(L/2) for 4-bit."""
     if qtype not in PACKED_QTYPES:

@@ -32,7 +32,16 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltr
 
-from ._formats import PACKED_QTYPES, code_planes, decode, is_per_channel, packed_k
+from ._formats import (
+    PACKED_QTYPES,
+    code_planes,
+    decode,
+    floor_pow2,
+    group_bytes,
+    is_pow2,
+    next_pow2,
+    packed_k,
+)
 from .tuned_block_sizes import BlockSizes
 
 TRITON_CUSTOM_CALL = "__gpu$xla.gpu.triton"
@@ -53,28 +62,18 @@ class GpuPlan(NamedTuple):
     small_m: bool
 
 
-def _is_pow2(v: int) -> bool:
-    return v > 0 and v & (v - 1) == 0
 
 
-def _next_pow2(v: int) -> int:
-    return 1 << (max(v, 1) - 1).bit_length()
 
 
-def _floor_pow2(v: int) -> int:
-    return 1 << (max(v, 1).bit_length() - 1)
 
 
-def _group_bytes(qtype: str, k: int, group_size: int | None) -> int | None:
-    if is_per_channel(k, group_size):
-        return None
-    return group_size // 2 if qtype in PACKED_QTYPES else group_size
 
 
 def unsupported_reason(qtype: str, k: int, group_size: int | None) -> str | None:
     """Triton tiles are powers of two: a grouped step must be one such tile of >= 16 bytes."""
-    gb = _group_bytes(qtype, k, group_size)
-    if gb is not None and not (_is_pow2(gb) and gb >= _MIN_TILE):
+    gb = group_bytes(qtype, k, group_size)
+    if gb is not None and not (is_pow2(gb) and gb >= _MIN_TILE):
         return (f"{group_size=} gives {gb} bytes per group and plane; the GPU kernel needs a "
                 f"power of two >= {_MIN_TILE} (group sizes 32..256 for 4-bit, 16.. for 8-bit)")
     return None
@@ -85,25 +84,25 @@ def plan_gpu(qtype: str, k: int, group_size: int | None, m: int, n: int,
     """Fit `block_sizes` to the problem. `strict` (user-given sizes) raises instead of fixing."""
     for name in ("block_m", "block_n", "block_k"):
         value = getattr(block_sizes, name)
-        if strict and not _is_pow2(value):
+        if strict and not is_pow2(value):
             raise ValueError(f"{name}={value} must be a power of two on GPU (Triton tiles)")
-    gb = _group_bytes(qtype, k, group_size)
+    gb = group_bytes(qtype, k, group_size)
     kbytes = packed_k(qtype, k, group_size)
     if gb is not None:
         step, kb_main = gb, (k // group_size) * gb
     else:
         step = block_sizes.block_k // 2 if qtype in PACKED_QTYPES else block_sizes.block_k
-        step = max(_MIN_TILE, step if _is_pow2(step) else _next_pow2(step) // 2)
+        step = max(_MIN_TILE, step if is_pow2(step) else next_pow2(step) // 2)
         while step > _MIN_TILE and step > kbytes:
             step //= 2
         kb_main = kbytes // step * step
     small_m = m <= _SMALL_M
     if small_m:
-        bm = _next_pow2(m)
+        bm = next_pow2(m)
     else:
-        bm = max(_MIN_TILE, min(_next_pow2(block_sizes.block_m), _next_pow2(m)))
+        bm = max(_MIN_TILE, min(next_pow2(block_sizes.block_m), next_pow2(m)))
     bn = block_sizes.block_n
-    bn = max(_MIN_TILE, bn if _is_pow2(bn) else _next_pow2(bn) // 2)
+    bn = max(_MIN_TILE, bn if is_pow2(bn) else next_pow2(bn) // 2)
     while bn > _MIN_TILE and n % bn:
         bn //= 2
     return GpuPlan(bm=bm, bn=bn, step=step, kb_main=kb_main, m_pad=-(-m // bm) * bm,
@@ -176,7 +175,7 @@ def weight_only_matmul_gpu(x_planes, qvalue, scale, zero_point, *, plan: GpuPlan
     Scales are passed transposed, (G, N), so a step reads one contiguous row of them.
     """
     m, n = x_planes[0].shape[0], qvalue.shape[0]
-    grouped = _group_bytes(qtype, k, group_size) is not None
+    grouped = group_bytes(qtype, k, group_size) is not None
     n_groups = plan.kb_main // plan.step if grouped else 1
     x_planes = [_pad_rows(xp, plan.m_pad) for xp in x_planes]
     qvalue = _pad_rows(qvalue, plan.n_pad)
@@ -217,13 +216,13 @@ def plan_w8a8_gpu(m: int, n: int, k: int, block_sizes: BlockSizes, *,
     what is left over (rows of N past the last block, K past the last block) goes to XLA."""
     for name in ("block_m", "block_n", "block_k"):
         value = getattr(block_sizes, name)
-        if strict and not _is_pow2(value):
+        if strict and not is_pow2(value):
             raise ValueError(f"{name}={value} must be a power of two on GPU (Triton tiles)")
-    bm = max(_MIN_TILE, min(_next_pow2(block_sizes.block_m), _next_pow2(m)))
-    bn = max(_MIN_TILE, _floor_pow2(block_sizes.block_n))
+    bm = max(_MIN_TILE, min(next_pow2(block_sizes.block_m), next_pow2(m)))
+    bn = max(_MIN_TILE, floor_pow2(block_sizes.block_n))
     while bn > _MIN_TILE and n % bn:
         bn //= 2
-    bk = max(W8A8_MIN_BLOCK_K, _floor_pow2(block_sizes.block_k))
+    bk = max(W8A8_MIN_BLOCK_K, floor_pow2(block_sizes.block_k))
     while bk > W8A8_MIN_BLOCK_K and k % bk:
         bk //= 2
     return bm, bn, bk

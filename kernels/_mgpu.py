@@ -74,7 +74,10 @@ from ._formats import (
     NF4_CODEBOOK,
     PACKED_QTYPES,
     QTYPES,
-    is_per_channel,
+    floor_pow2,
+    group_bytes,
+    is_pow2,
+    next_pow2,
     packed_k,
 )
 from .tuned_block_sizes import BlockSizes
@@ -104,22 +107,12 @@ class MgpuPlan(NamedTuple):
     lhs_in_registers: bool = False  # see `plan_mgpu`
 
 
-def _is_pow2(v: int) -> bool:
-    return v > 0 and v & (v - 1) == 0
 
 
-def _next_pow2(v: int) -> int:
-    return 1 << (max(v, 1) - 1).bit_length()
 
 
-def _floor_pow2(v: int) -> int:
-    return 1 << (max(v, 1).bit_length() - 1)
 
 
-def _group_bytes(qtype: str, k: int, group_size: int | None) -> int | None:
-    if is_per_channel(k, group_size):
-        return None
-    return group_size // 2 if qtype in PACKED_QTYPES else group_size
 
 
 def unsupported_reason(qtype: str, k: int, group_size: int | None, *, x_dtype: Any = None,
@@ -136,8 +129,8 @@ def unsupported_reason(qtype: str, k: int, group_size: int | None, *, x_dtype: A
     if x_dtype is not None and jnp.dtype(x_dtype) not in MGPU_X_DTYPES:
         return (f"x.dtype={jnp.dtype(x_dtype)} has no Mosaic GPU kernel; use bfloat16 or "
                 "float16 (wgmma takes 16-bit floats; f32 would run as tf32)")
-    gb = _group_bytes(qtype, k, group_size)
-    if gb is not None and not (_is_pow2(gb) and gb >= MIN_STEP):
+    gb = group_bytes(qtype, k, group_size)
+    if gb is not None and not (is_pow2(gb) and gb >= MIN_STEP):
         return (f"{group_size=} gives {gb} bytes per group and plane; the Mosaic GPU kernel "
                 f"needs a power of two >= {MIN_STEP} (group sizes 64, 128, ... for 4-bit, "
                 "32, 64, ... for 8-bit)")
@@ -178,27 +171,27 @@ def plan_mgpu(qtype: str, k: int, group_size: int | None, m: int, n: int,
                              f"{WGMMA_ROWS} up to {4 * WGMMA_ROWS} on Mosaic GPU (wgmma rows)")
         for name in ("block_m", "block_k"):
             value = getattr(block_sizes, name)
-            if not _is_pow2(value):
+            if not is_pow2(value):
                 raise ValueError(f"{name}={value} must be a power of two on Mosaic GPU")
     tn = min(4 * WGMMA_ROWS, max(WGMMA_ROWS, block_sizes.block_n // WGMMA_ROWS * WGMMA_ROWS))
     while tn > WGMMA_ROWS and tn > n:
         tn -= WGMMA_ROWS
     # Registers: the f32 accumulator and the f32 dequantized tile, <= 64 per thread each.
-    max_tm = min(MAX_TM, _floor_pow2(_TILE_ELEMS // tn))
-    max_step = max(MIN_STEP, min(MAX_STEP, _floor_pow2(_TILE_ELEMS // tn)))
-    tm = max(MIN_TM, min(max_tm, _floor_pow2(block_sizes.block_m), _next_pow2(m)))
+    max_tm = min(MAX_TM, floor_pow2(_TILE_ELEMS // tn))
+    max_step = max(MIN_STEP, min(MAX_STEP, floor_pow2(_TILE_ELEMS // tn)))
+    tm = max(MIN_TM, min(max_tm, floor_pow2(block_sizes.block_m), next_pow2(m)))
     kbytes = packed_k(qtype, k, group_size)
-    gb = _group_bytes(qtype, k, group_size)
+    gb = group_bytes(qtype, k, group_size)
     if gb is not None:
         tkb = min(gb, max_step)
         kb_main = (k // group_size) * gb
     else:
         step = block_sizes.block_k // 2 if qtype in PACKED_QTYPES else block_sizes.block_k
-        tkb = min(max_step, max(MIN_STEP, _floor_pow2(step)))
+        tkb = min(max_step, max(MIN_STEP, floor_pow2(step)))
         while tkb > MIN_STEP and (tkb > kbytes or kbytes % tkb):
             tkb //= 2  # prefer a step that divides K: no tail for XLA to read
         if kbytes % tkb:
-            tkb = min(max_step, max(MIN_STEP, _floor_pow2(min(step, kbytes))))
+            tkb = min(max_step, max(MIN_STEP, floor_pow2(min(step, kbytes))))
         kb_main = kbytes // tkb * tkb
     n_planes = 2 if qtype in PACKED_QTYPES else 1
     staged_planes = 0 if lhs_in_registers else n_planes
@@ -390,8 +383,8 @@ def weight_only_matmul_mgpu(x_planes, qvalue, scale, zero_point, *, plan: MgpuPl
     if any(xp.shape != (m, plan.kb_main) for xp in x_planes):
         raise ValueError(f"x planes must be (M, kb_main={plan.kb_main}), got "
                          f"{[xp.shape for xp in x_planes]}")
-    grouped = _group_bytes(qtype, k, group_size) is not None
-    gb = _group_bytes(qtype, k, group_size)
+    grouped = group_bytes(qtype, k, group_size) is not None
+    gb = group_bytes(qtype, k, group_size)
     y = jnp.zeros((m, n), jnp.float32)
     if plan.n_main < n:
         y = y.at[:, plan.n_main:].set(_rows_matmul_xla(

@@ -68,6 +68,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
+from ._formats import floor_pow2, is_pow2, next_pow2
 from .tuned_block_sizes import BlockSizes
 
 MGPU_CUSTOM_CALL = "mosaic_gpu_v2"
@@ -98,16 +99,10 @@ class W8A8Plan(NamedTuple):
     k_splits: int  # CTAs along K; scaled partial results added by XLA
 
 
-def _is_pow2(v: int) -> bool:
-    return v > 0 and v & (v - 1) == 0
 
 
-def _next_pow2(v: int) -> int:
-    return 1 << (max(v, 1) - 1).bit_length()
 
 
-def _floor_pow2(v: int) -> int:
-    return 1 << (max(v, 1).bit_length() - 1)
 
 
 def unsupported_reason(m: int, n: int, k: int, dtype: Any) -> str | None:
@@ -166,7 +161,7 @@ def plan_w8a8_mgpu(m: int, n: int, k: int, dtype: Any, block_sizes: BlockSizes, 
             raise ValueError(f"{r_name}={b_r} must be 64 or 128 on Mosaic GPU W8A8 (the "
                              "wgmma M side)")
         for name, value in ((c_name, b_c), ("block_k", block_sizes.block_k)):
-            if not _is_pow2(value):
+            if not is_pow2(value):
                 raise ValueError(f"{name}={value} must be a power of two on Mosaic GPU")
     c_size = m if swap else n
     tr = 2 * WGMMA_ROWS if b_r >= 2 * WGMMA_ROWS else WGMMA_ROWS
@@ -175,10 +170,10 @@ def plan_w8a8_mgpu(m: int, n: int, k: int, dtype: Any, block_sizes: BlockSizes, 
     if not swap:
         tr = min(tr, max(WGMMA_ROWS, -(-m // WGMMA_ROWS) * WGMMA_ROWS))
     c_cap = 64 if swap else MAX_TC
-    tc = max(MIN_TC, min(c_cap, _floor_pow2(b_c)))
-    tc = min(tc, max(MIN_TC, _next_pow2(c_size) if swap else _floor_pow2(c_size)))
+    tc = max(MIN_TC, min(c_cap, floor_pow2(b_c)))
+    tc = min(tc, max(MIN_TC, next_pow2(c_size) if swap else floor_pow2(c_size)))
     tc = min(tc, MAX_ACC // tr)
-    tk = max(MIN_TK, min(MAX_TK, _floor_pow2(block_sizes.block_k)))
+    tk = max(MIN_TK, min(MAX_TK, floor_pow2(block_sizes.block_k)))
     if not strict:
         while tk > MIN_TK and (tk > k or k % tk):
             tk //= 2

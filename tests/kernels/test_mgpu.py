@@ -17,13 +17,14 @@ from __future__ import annotations
 import importlib
 import itertools
 import re
+import runpy
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
-import ml_dtypes
 import numpy as np
 import pytest
-from jquant.kernels import NF4_CODEBOOK, BlockSizes, _mgpu
+from jquant.kernels import BlockSizes, _mgpu
 from jquant.kernels._formats import STORAGE_DTYPES, num_groups, packed_k, split_activations
 from jquant.kernels.tuned_block_sizes import get_block_sizes
 
@@ -40,67 +41,25 @@ if not ON_HOPPER:
 def _interpret():
     return False if ON_HOPPER else InterpretGPUParams()
 
+
 QTYPES = ("int8", "int4", "uint4", "nf4", "fp8_e4m3", "fp8_e5m2")
 F32_TOL = 2e-5  # max |y - ref| / max |ref|, f32 outputs (see the module docstring)
 BF16_TOL = 2 ** -7  # plus one bf16 rounding of the output
 
-# ---- A NumPy quantizer written from the storage contract (as in test_quantized_matmul).
-
-_FP8 = {"fp8_e4m3": (ml_dtypes.float8_e4m3fn, 448.0), "fp8_e5m2": (ml_dtypes.float8_e5m2, 57344.0)}
+# ---- The NumPy quantizer of tests/kernels/np_quant.py (written from the storage contract).
 
 
-def _groups(k, group_size):
-    g = k if group_size is None or group_size >= k else group_size
-    return [(s, min(g, k - s)) for s in range(0, k, g)]
-
-
-def _quantize_group(block, qtype):
-    """block (N, L) float32 -> codes (N, L), scale (N,), zero point (N,) or None."""
-    amax = np.maximum(np.abs(block).max(axis=1), 1e-8)
-    if qtype == "int8":
-        s = amax / 127
-        return np.clip(np.round(block / s[:, None]), -127, 127).astype(np.int8), s, None
-    if qtype == "int4":
-        s = amax / 7
-        return np.clip(np.round(block / s[:, None]), -8, 7).astype(np.int8), s, None
-    if qtype == "uint4":
-        lo, hi = block.min(axis=1), block.max(axis=1)
-        s = np.maximum(hi - lo, 1e-8) / 15
-        zp = -lo / s  # float, generally not an integer
-        return np.clip(np.round(block / s[:, None] + zp[:, None]), 0, 15).astype(np.int8), s, zp
-    if qtype == "nf4":
-        book = np.asarray(NF4_CODEBOOK, np.float32)
-        codes = np.abs(block[..., None] / amax[:, None, None] - book).argmin(-1)
-        return codes.astype(np.int8), amax, None
-    dtype, fmax = _FP8[qtype]
-    s = amax / fmax
-    return (block / s[:, None]).astype(dtype), s, None
-
-
-def _pack_nibbles(codes):
-    """(N, L) codes in [-8, 15] -> (N, ceil(L/2)) uint8: element j low, j + L/2 high."""
-    codes = codes.astype(np.uint8) & 0xF
-    if codes.shape[1] % 2:
-        codes = np.pad(codes, ((0, 0), (0, 1)))
-    half = codes.shape[1] // 2
-    return codes[:, :half] | (codes[:, half:] << 4)
+_npq = runpy.run_path(str(Path(__file__).with_name("np_quant.py")))
+quantize_np = _npq["quantize_np"]
 
 
 def make_inputs(qtype, k, group_size, m, n, x_dtype=jnp.bfloat16, seed=0,
                 scale_dtype=np.float32):
     rng = np.random.default_rng(seed)
     wt = rng.standard_normal((n, k)).astype(np.float32)
-    qs, ss, zs = [], [], []
-    for start, length in _groups(k, group_size):
-        codes, s, zp = _quantize_group(wt[:, start:start + length], qtype)
-        qs.append(_pack_nibbles(codes) if qtype in ("int4", "uint4", "nf4") else codes)
-        ss.append(s)
-        zs.append(zp)
-    q = jnp.asarray(np.concatenate(qs, axis=1))
-    s = jnp.asarray(np.stack(ss, axis=1).astype(scale_dtype))
-    zp = None if zs[0] is None else jnp.asarray(np.stack(zs, axis=1).astype(scale_dtype))
+    q, s, zp = quantize_np(wt.T, qtype, group_size, scale_dtype)
     x = jnp.asarray(rng.standard_normal((m, k)), x_dtype)
-    return x, q, s, zp
+    return x, jnp.asarray(q), jnp.asarray(s), None if zp is None else jnp.asarray(zp)
 
 
 # ---- The caller's side: what `quantized_matmul._forward` does around `_gpu` / `_tpu`.
