@@ -192,17 +192,24 @@ def _kernel_problem(x, qvalue, scale, zero_point, *, qtype, k, group_size,
     return f"{backend=} has no Pallas kernel (only 'tpu' and 'gpu')"
 
 
-def _is_hopper_or_newer() -> bool:
-    """True when a GPU is attached and its compute capability is 9.0 or more."""
+def gpu_compute_capability() -> tuple[int, ...] | None:
+    """The attached GPU's compute capability, e.g. (9, 0); None without a GPU (or when
+    the runtime does not say)."""
     try:
         devices = jax.devices("gpu")
     except RuntimeError:
-        return False
+        return None
     cc = getattr(devices[0], "compute_capability", None) if devices else None
     try:
-        return cc is not None and tuple(int(v) for v in str(cc).split(".")) >= (9, 0)
+        return None if cc is None else tuple(int(v) for v in str(cc).split("."))
     except ValueError:
-        return False
+        return None
+
+
+def _is_hopper_or_newer() -> bool:
+    """True when a GPU is attached and its compute capability is 9.0 or more."""
+    cc = gpu_compute_capability()
+    return cc is not None and cc >= (9, 0)
 
 
 def select_gpu_kernel(x, qvalue, *, qtype: str, k: int, group_size: int | None,

@@ -42,7 +42,12 @@ import numpy as np
 from jax import lax
 
 from . import _gpu, _mgpu_w8a8, _tpu
-from .quantized_matmul import GPU_KERNELS, _is_hopper_or_newer, _normalize_backend
+from .quantized_matmul import (
+    GPU_KERNELS,
+    _is_hopper_or_newer,
+    _normalize_backend,
+    gpu_compute_capability,
+)
 from .tuned_block_sizes import BlockSizes, get_block_sizes
 
 _NT = (((1,), (1,)), ((), ()))
@@ -108,15 +113,8 @@ def quantized_matmul_w8a8_reference(xq, x_scale, qvalue, scale, *, out_dtype=jnp
 
 def _fp8_mma_supported() -> bool:
     """False only when a GPU is attached and it predates fp8 MMA (sm_89)."""
-    try:
-        devices = jax.devices("gpu")
-    except RuntimeError:
-        return True
-    cc = getattr(devices[0], "compute_capability", None) if devices else None
-    try:
-        return cc is None or tuple(int(v) for v in str(cc).split(".")) >= (8, 9)
-    except ValueError:
-        return True
+    cc = gpu_compute_capability()
+    return cc is None or cc >= (8, 9)
 
 
 def select_gpu_w8a8_kernel(xq, qvalue, *, gpu_kernel: str | None = None) -> str:
