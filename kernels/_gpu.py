@@ -4,11 +4,11 @@ Validated only on CPU: numerics in Pallas interpret mode, lowering with
 `jax.export(..., platforms=["cuda"])` (which needs the Triton custom call allowed, see
 `TRITON_CUSTOM_CALL`). It has never run on a GPU, so its speed is unknown.
 
-Why Triton and not Mosaic GPU: Mosaic GPU is the default Pallas GPU backend and Triton's
-is deprecated from JAX 0.11, but under Mosaic GPU a Hopper matmul has to go through the
-warpgroup API (`plgpu.wgmma` on swizzled SMEM tiles, see jax's
-`ops/gpu/hopper_mixed_type_matmul_mgpu.py`) and cannot be checked without a GPU. The
-Triton kernel is the version that can be validated here; a Mosaic GPU port is follow-up.
+Triton and Mosaic GPU: Mosaic GPU is the default Pallas GPU backend and Triton's is
+deprecated from JAX 0.11. On Hopper the Mosaic GPU kernels (`_mgpu.py`, `_mgpu_w8a8.py`)
+run where their rules hold; this kernel serves other GPUs (Ampere, Ada) and the shapes
+those do not take. If a JAX without Pallas's Triton backend is installed, this module
+still imports and `unsupported_reason` says why it cannot run (`TRITON_AVAILABLE`).
 
 Each program owns a (block_m, block_n) output tile and loops over K inside (GPU grid
 programs run concurrently, so the reduction cannot be a grid axis). A grouped weight is
@@ -30,7 +30,6 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
-from jax.experimental.pallas import triton as pltr
 
 from ._formats import (
     PACKED_QTYPES,
@@ -44,6 +43,12 @@ from ._formats import (
 )
 from .tuned_block_sizes import BlockSizes
 
+try:
+    from jax.experimental.pallas import triton as pltr
+except ImportError:  # a JAX whose Pallas has no Triton backend any more
+    pltr = None
+
+TRITON_AVAILABLE = pltr is not None
 TRITON_CUSTOM_CALL = "__gpu$xla.gpu.triton"
 _NT = (((1,), (1,)), ((), ()))
 _SMALL_M = 8
@@ -72,6 +77,8 @@ class GpuPlan(NamedTuple):
 
 def unsupported_reason(qtype: str, k: int, group_size: int | None) -> str | None:
     """Triton tiles are powers of two: a grouped step must be one such tile of >= 16 bytes."""
+    if not TRITON_AVAILABLE:
+        return f"this JAX ({jax.__version__}) has no Pallas Triton backend"
     gb = group_bytes(qtype, k, group_size)
     if gb is not None and not (is_pow2(gb) and gb >= _MIN_TILE):
         return (f"{group_size=} gives {gb} bytes per group and plane; the GPU kernel needs a "
@@ -254,6 +261,8 @@ def w8a8_matmul_gpu(xq, x_scale, qvalue, w_scale, *, block_m: int, block_n: int,
     than K (columns past K are not read) and only its first n_main = N // block_n * block_n
     rows are computed, the caller adds the rest. Returns (M, n_main).
     """
+    if not TRITON_AVAILABLE:
+        raise ValueError(f"this JAX ({jax.__version__}) has no Pallas Triton backend")
     (m, k), n = xq.shape, qvalue.shape[0]
     if m % block_m:
         raise ValueError(f"{m=} must be a multiple of {block_m=}")

@@ -150,7 +150,7 @@ def can_use_gpu_w8a8(xq, x_scale, qvalue, scale, *, backend: str | None = None,
         m = int(np.prod(xq.shape[:-1]))
         return _mgpu_w8a8.unsupported_reason(max(m, 1), qvalue.shape[0], xq.shape[-1],
                                              xq.dtype) is None
-    return xq.dtype == jnp.int8 or _fp8_mma_supported()
+    return _gpu.TRITON_AVAILABLE and (xq.dtype == jnp.int8 or _fp8_mma_supported())
 
 
 def can_use_tpu_w8a8(xq, x_scale, qvalue, scale, *, backend: str | None = None) -> bool:

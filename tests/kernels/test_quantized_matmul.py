@@ -377,3 +377,22 @@ class TestPredicates:
                      "can_use_gpu_w8a8"):
             assert hasattr(kernels, name)
         assert kernels.get_block_sizes("tpu", 1).block_m == 16
+
+
+def test_jax_without_triton_backend_is_a_clear_no(monkeypatch):
+    """A JAX whose Pallas lost its Triton backend: the GPU predicates say no, and forcing
+    the Triton kernel raises with the reason instead of failing inside Pallas."""
+    from jquant.kernels import _gpu
+
+    monkeypatch.setattr(_gpu, "TRITON_AVAILABLE", False)
+    x, q, s, zp = make_inputs("int4", 256, 64, 2, 128)
+    kw = dict(qtype="int4", k=256, group_size=64, backend="gpu", gpu_kernel="triton")
+    assert not kernels.can_use_gpu_kernel(x, q, s, zp, **kw)
+    with pytest.raises(ValueError, match="no Pallas Triton backend"):
+        quantized_matmul(x, q, s, zp, interpret=True, **kw)
+    xq, xs = kernels.quantize_activations(jnp.ones((2, 256)))
+    wq, ws = kernels.quantize_activations(jnp.ones((128, 256)))
+    assert not kernels.can_use_gpu_w8a8(xq, xs, wq, ws, backend="gpu", gpu_kernel="triton")
+    with pytest.raises(ValueError, match="no Pallas Triton backend"):
+        kernels.quantized_matmul_w8a8(xq, xs, wq, ws, backend="gpu", gpu_kernel="triton",
+                                      interpret=True)
