@@ -64,6 +64,11 @@ def num_groups(k: int, group_size: int | None) -> int:
     return len(group_starts_and_lengths(k, group_size))
 
 
+def pad_rows(a: jnp.ndarray, rows: int) -> jnp.ndarray:
+    """`a` with zero rows appended up to `rows` (itself when it has them already)."""
+    return a if a.shape[0] == rows else jnp.pad(a, ((0, rows - a.shape[0]), (0, 0)))
+
+
 def is_pow2(v: int) -> bool:
     return v > 0 and v & (v - 1) == 0
 

@@ -40,6 +40,7 @@ from ._formats import (
     is_pow2,
     next_pow2,
     packed_k,
+    pad_rows,
 )
 from .tuned_block_sizes import BlockSizes
 
@@ -168,10 +169,6 @@ def _weight_only_kernel(*refs, qtype, n_planes, step, n_steps, grouped, has_zp, 
     o_ref[...] = acc.astype(o_ref.dtype)
 
 
-def _pad_rows(a: jax.Array, rows: int) -> jax.Array:
-    return a if a.shape[0] == rows else jnp.pad(a, ((0, rows - a.shape[0]), (0, 0)))
-
-
 @functools.partial(jax.jit, static_argnames=(
     "plan", "qtype", "k", "group_size", "out_dtype", "interpret"))
 def weight_only_matmul_gpu(x_planes, qvalue, scale, zero_point, *, plan: GpuPlan, qtype: str,
@@ -184,9 +181,9 @@ def weight_only_matmul_gpu(x_planes, qvalue, scale, zero_point, *, plan: GpuPlan
     m, n = x_planes[0].shape[0], qvalue.shape[0]
     grouped = group_bytes(qtype, k, group_size) is not None
     n_groups = plan.kb_main // plan.step if grouped else 1
-    x_planes = [_pad_rows(xp, plan.m_pad) for xp in x_planes]
-    qvalue = _pad_rows(qvalue, plan.n_pad)
-    scales = [_pad_rows(s, plan.n_pad)[:, :n_groups].T
+    x_planes = [pad_rows(xp, plan.m_pad) for xp in x_planes]
+    qvalue = pad_rows(qvalue, plan.n_pad)
+    scales = [pad_rows(s, plan.n_pad)[:, :n_groups].T
               for s in ([scale] if zero_point is None else [scale, zero_point])]
     kbytes = qvalue.shape[1]
     in_specs = (

@@ -24,7 +24,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
-from ._formats import PACKED_QTYPES, code_planes, decode, is_per_channel, packed_k
+from ._formats import PACKED_QTYPES, code_planes, decode, is_per_channel, packed_k, pad_rows
 from .tuned_block_sizes import BlockSizes
 
 _NT = (((1,), (1,)), ((), ()))  # contract the last dims: x (m, k) . w (n, k) -> (m, n)
@@ -150,10 +150,6 @@ def _scale_blocks(s: jax.Array, kb_main: int, gb: int | None, bkb: int) -> jax.A
     return s[:, :g_main].reshape(n, g_main // gpb, gpb).transpose(1, 0, 2)
 
 
-def _pad_rows(a: jax.Array, rows: int) -> jax.Array:
-    return a if a.shape[0] == rows else jnp.pad(a, ((0, rows - a.shape[0]), (0, 0)))
-
-
 @functools.partial(jax.jit, static_argnames=(
     "plan", "qtype", "k", "group_size", "out_dtype", "interpret"))
 def weight_only_matmul_tpu(x_planes, qvalue, scale, zero_point, *, plan: TpuPlan, qtype: str,
@@ -167,10 +163,10 @@ def weight_only_matmul_tpu(x_planes, qvalue, scale, zero_point, *, plan: TpuPlan
     gb = None if is_per_channel(k, group_size) else (group_size // 2 if packed else group_size)
     gpb = 1 if gb is None else plan.bkb // gb
     n_k = plan.kb_main // plan.bkb
-    x_planes = [_pad_rows(xp, plan.m_pad) for xp in x_planes]
-    scales = [_scale_blocks(_pad_rows(s, plan.n_pad), plan.kb_main, gb, plan.bkb)
+    x_planes = [pad_rows(xp, plan.m_pad) for xp in x_planes]
+    scales = [_scale_blocks(pad_rows(s, plan.n_pad), plan.kb_main, gb, plan.bkb)
               for s in ([scale] if zero_point is None else [scale, zero_point])]
-    qvalue = _pad_rows(qvalue, plan.n_pad)
+    qvalue = pad_rows(qvalue, plan.n_pad)
     s_index = (lambda i, j, kk: (kk, j, 0)) if gb is not None else (lambda i, j, kk: (0, j, 0))
     in_specs = (
         [pl.BlockSpec((plan.bm, plan.bkb), lambda i, j, kk: (i, kk)) for _ in x_planes]
@@ -246,10 +242,10 @@ def w8a8_matmul_tpu(xq, x_scale, qvalue, w_scale, *, plan: TpuPlan, out_dtype,
     compute_dtype, acc_dtype = _W8A8_COMPUTE[jnp.dtype(xq.dtype)]
     m, n = xq.shape[0], qvalue.shape[0]
     n_k = plan.kb_main // plan.bkb
-    xq = _pad_rows(xq, plan.m_pad)
-    x_scale = _pad_rows(x_scale.astype(jnp.float32), plan.m_pad)
-    qvalue = _pad_rows(qvalue, plan.n_pad)
-    w_scale = _pad_rows(w_scale.astype(jnp.float32), plan.n_pad).reshape(1, plan.n_pad)
+    xq = pad_rows(xq, plan.m_pad)
+    x_scale = pad_rows(x_scale.astype(jnp.float32), plan.m_pad)
+    qvalue = pad_rows(qvalue, plan.n_pad)
+    w_scale = pad_rows(w_scale.astype(jnp.float32), plan.n_pad).reshape(1, plan.n_pad)
     out = pl.pallas_call(
         functools.partial(_w8a8_kernel, n_k=n_k, compute_dtype=compute_dtype),
         out_shape=jax.ShapeDtypeStruct((plan.m_pad, plan.n_pad), out_dtype),

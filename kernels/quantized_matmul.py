@@ -192,9 +192,10 @@ def _kernel_problem(x, qvalue, scale, zero_point, *, qtype, k, group_size,
     return f"{backend=} has no Pallas kernel (only 'tpu' and 'gpu')"
 
 
+@functools.cache
 def gpu_compute_capability() -> tuple[int, ...] | None:
     """The attached GPU's compute capability, e.g. (9, 0); None without a GPU (or when
-    the runtime does not say)."""
+    the runtime does not say). Asked once per process: dispatch calls it per matmul."""
     try:
         devices = jax.devices("gpu")
     except RuntimeError:

@@ -129,11 +129,15 @@ def select_gpu_w8a8_kernel(xq, qvalue, *, gpu_kernel: str | None = None) -> str:
         if choice not in GPU_KERNELS:
             raise ValueError(f"gpu_kernel={choice!r} must be one of {GPU_KERNELS}")
         return choice
-    m = 1 if xq.ndim == 1 else int(np.prod(xq.shape[:-1]))
-    if _is_hopper_or_newer() and _mgpu_w8a8.unsupported_reason(
-            max(m, 1), qvalue.shape[0], xq.shape[-1], xq.dtype) is None:
+    if _is_hopper_or_newer() and _mgpu_reason(xq, qvalue) is None:
         return "mosaic"
     return "triton"
+
+
+def _mgpu_reason(xq, qvalue) -> str | None:
+    """Why the Mosaic GPU W8A8 kernel cannot take xq (..., K) x qvalue (N, K), or None."""
+    m = max(1, int(np.prod(xq.shape[:-1])))
+    return _mgpu_w8a8.unsupported_reason(m, qvalue.shape[0], xq.shape[-1], xq.dtype)
 
 
 def can_use_gpu_w8a8(xq, x_scale, qvalue, scale, *, backend: str | None = None,
@@ -147,9 +151,7 @@ def can_use_gpu_w8a8(xq, x_scale, qvalue, scale, *, backend: str | None = None,
     except ValueError:
         return False
     if select_gpu_w8a8_kernel(xq, qvalue, gpu_kernel=gpu_kernel) == "mosaic":
-        m = int(np.prod(xq.shape[:-1]))
-        return _mgpu_w8a8.unsupported_reason(max(m, 1), qvalue.shape[0], xq.shape[-1],
-                                             xq.dtype) is None
+        return _mgpu_reason(xq, qvalue) is None
     return _gpu.TRITON_AVAILABLE and (xq.dtype == jnp.int8 or _fp8_mma_supported())
 
 
