@@ -1,4 +1,4 @@
-"""Sweep the weight-only kernels' block sizes on a device; print rows for tuned_block_sizes.py.
+"""Sweep the weight-only kernels' block sizes on a device; print rows for block_sizes.py.
 
     python benchmarks/tune_blocks.py                       # on a GPU or TPU
     python benchmarks/tune_blocks.py --out tune.json       # also keep every timing
@@ -7,11 +7,11 @@
 For each M of `--ms` it times `jquant.kernels.quantized_matmul` with every candidate
 `BlockSizes` that is legal on the backend (the planner's strict rules: TPU (8, 128) tiles
 and whole groups per K step, GPU powers of two), summed over the `--shapes` (K, N) layer
-shapes, and keeps the fastest. It prints the winners as `TUNED_BLOCK_SIZES` rows, one
+shapes, and keeps the fastest. It prints the winners as `DEFAULT_BLOCK_SIZES` rows, one
 bucket per measured M (a bucket covers the Ms up to and including it), to paste into
-`kernels/tuned_block_sizes.py` with the device named. It never asserts speed. `--smoke`
-runs the same sweep in Pallas interpret mode on a tiny problem, so its timings mean
-nothing; it exists to check the sweep itself.
+`kernels/block_sizes.py` with the device named (until then those rows are unmeasured).
+It never asserts speed. `--smoke` runs the same sweep in Pallas interpret mode on a tiny
+problem, so its timings mean nothing; it exists to check the sweep itself.
 """
 
 from __future__ import annotations
@@ -115,7 +115,7 @@ def sweep(backend, qtype, group_size, shapes, ms, *, block_m=BLOCK_M, block_n=BL
 
 
 def format_rows(backend: str, results, device: str) -> str:
-    """The winners as TUNED_BLOCK_SIZES rows (the last bucket open-ended)."""
+    """The winners as DEFAULT_BLOCK_SIZES rows (the last bucket open-ended)."""
     lines = [f'    "{backend}": (  # measured on {device} by benchmarks/tune_blocks.py']
     for i, (m, bs, _, _) in enumerate(results):
         bound = "1 << 62" if i == len(results) - 1 else str(m)

@@ -5,6 +5,8 @@ Imports only jax and numpy, never jquant: the kernels are a leaf that jquant.ops
 
 from ._formats import NF4_CODEBOOK as NF4_CODEBOOK
 from ._formats import QTYPES as QTYPES
+from .block_sizes import BlockSizes as BlockSizes
+from .block_sizes import get_block_sizes as get_block_sizes
 from .dispatch_table import kernel_max_m as kernel_max_m
 from .dispatch_table import prefer_kernel as prefer_kernel
 from .dispatch_table import set_dispatch_table as set_dispatch_table
@@ -16,8 +18,6 @@ from .quantized_matmul import quantized_matmul as quantized_matmul
 from .quantized_matmul import quantized_matmul_reference as quantized_matmul_reference
 from .quantized_matmul import select_gpu_kernel as select_gpu_kernel
 from .quantized_matmul import validate_inputs as validate_inputs
-from .tuned_block_sizes import BlockSizes as BlockSizes
-from .tuned_block_sizes import get_block_sizes as get_block_sizes
 from .w8a8 import can_use_gpu_w8a8 as can_use_gpu_w8a8
 from .w8a8 import can_use_tpu_w8a8 as can_use_tpu_w8a8
 from .w8a8 import quantize_activations as quantize_activations

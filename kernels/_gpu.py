@@ -42,7 +42,7 @@ from ._formats import (
     packed_k,
     pad_rows,
 )
-from .tuned_block_sizes import BlockSizes
+from .block_sizes import BlockSizes
 
 try:
     from jax.experimental.pallas import triton as pltr

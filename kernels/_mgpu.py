@@ -80,7 +80,7 @@ from ._formats import (
     next_pow2,
     packed_k,
 )
-from .tuned_block_sizes import BlockSizes
+from .block_sizes import BlockSizes
 
 MGPU_CUSTOM_CALL = "mosaic_gpu_v2"
 MGPU_X_DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))

@@ -69,7 +69,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from ._formats import floor_pow2, is_pow2, next_pow2
-from .tuned_block_sizes import BlockSizes
+from .block_sizes import BlockSizes
 
 MGPU_CUSTOM_CALL = "mosaic_gpu_v2"
 W8A8_MGPU_DTYPES = (jnp.dtype(jnp.int8), jnp.dtype(jnp.float8_e4m3fn))

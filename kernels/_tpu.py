@@ -25,7 +25,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
 from ._formats import PACKED_QTYPES, code_planes, decode, is_per_channel, packed_k, pad_rows
-from .tuned_block_sizes import BlockSizes
+from .block_sizes import BlockSizes
 
 _NT = (((1,), (1,)), ((), ()))  # contract the last dims: x (m, k) . w (n, k) -> (m, n)
 _LANES = 128

@@ -46,7 +46,7 @@ from ._formats import (
     plane_indices,
     split_activations,
 )
-from .tuned_block_sizes import BlockSizes, get_block_sizes
+from .block_sizes import BlockSizes, get_block_sizes
 
 X_DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16), jnp.dtype(jnp.float32))
 TPU_X_DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float32))
@@ -344,7 +344,7 @@ def quantized_matmul(x, qvalue, scale, zero_point=None, *, qtype: str, k: int,
       interpret: run the kernel in Pallas interpret mode (True, or a
         `pltpu.InterpretParams` for TPU / an `InterpretGPUParams` for Mosaic GPU), which
         is how it is tested on CPU.
-      block_sizes: override the tuned `BlockSizes`; then they must be legal as given.
+      block_sizes: override the default `BlockSizes`; then they must be legal as given.
       gpu_kernel: "mosaic" (Mosaic GPU, Hopper) or "triton"; default `select_gpu_kernel`
         (Mosaic GPU on Hopper+ where it applies, else Triton).
 

@@ -42,13 +42,13 @@ import numpy as np
 from jax import lax
 
 from . import _gpu, _mgpu_w8a8, _tpu
+from .block_sizes import BlockSizes, get_block_sizes
 from .quantized_matmul import (
     GPU_KERNELS,
     _is_hopper_or_newer,
     _normalize_backend,
     gpu_compute_capability,
 )
-from .tuned_block_sizes import BlockSizes, get_block_sizes
 
 _NT = (((1,), (1,)), ((), ()))
 _FLOAT_DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16), jnp.dtype(jnp.float32))

@@ -26,7 +26,7 @@ import numpy as np
 import pytest
 from jquant.kernels import BlockSizes, _mgpu
 from jquant.kernels._formats import STORAGE_DTYPES, num_groups, packed_k, split_activations
-from jquant.kernels.tuned_block_sizes import get_block_sizes
+from jquant.kernels.block_sizes import get_block_sizes
 
 qm = importlib.import_module("jquant.kernels.quantized_matmul")
 

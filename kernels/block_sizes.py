@@ -1,9 +1,11 @@
-"""Block sizes for the quantized matmul kernels, and the table of defaults.
+"""Block sizes for the quantized matmul kernels, and the table of unmeasured defaults.
 
-The table is a starting point, not a measurement: no TPU or GPU was available when it was
-written. `python benchmarks/tune_blocks.py` on the device sweeps the legal sizes per M and
-prints replacement rows; keep one row per (backend, M bucket) and say which device
-measured it. (Whether the kernel or XLA runs at a given M is `dispatch_table.py`'s call.)
+`DEFAULT_BLOCK_SIZES` is a starting point, not a measurement: no TPU or GPU was available
+when it was written, so its rows are reasoned from the hardware rules, never timed. They
+stay unmeasured defaults until `python benchmarks/tune_blocks.py` runs on the device: it
+sweeps the legal sizes per M and prints replacement rows; paste them with the device that
+measured them named. (Whether the kernel or XLA runs at a given M is `dispatch_table.py`'s
+call.)
 """
 
 from __future__ import annotations
@@ -36,10 +38,11 @@ class BlockSizes:
 
 
 # (backend, largest M of the bucket) -> block sizes; the first bucket with m <= max_m wins.
+# Unmeasured (see the module docstring).
 # TPU: block_k = 512 elements is 256 bytes of a 4-bit row (two 128-lane vregs), and a
 # multiple of every supported group size. GPU: block_k only matters per-channel (a
 # grouped kernel steps one group at a time); M <= 8 takes the FMA (no tensor core) path.
-TUNED_BLOCK_SIZES: dict[str, tuple[tuple[int, BlockSizes], ...]] = {
+DEFAULT_BLOCK_SIZES: dict[str, tuple[tuple[int, BlockSizes], ...]] = {
     "tpu": (
         (16, BlockSizes(block_m=16, block_n=512, block_k=1024)),
         (128, BlockSizes(block_m=128, block_n=256, block_k=512)),
@@ -56,10 +59,10 @@ TUNED_BLOCK_SIZES: dict[str, tuple[tuple[int, BlockSizes], ...]] = {
 def get_block_sizes(backend: str, m: int) -> BlockSizes:
     """Default block sizes for `backend` ("tpu" or "gpu") and M rows of activations."""
     try:
-        rows = TUNED_BLOCK_SIZES[backend]
+        rows = DEFAULT_BLOCK_SIZES[backend]
     except KeyError:
         raise ValueError(f"no block sizes for {backend=}; expected one of "
-                         f"{sorted(TUNED_BLOCK_SIZES)}") from None
+                         f"{sorted(DEFAULT_BLOCK_SIZES)}") from None
     for max_m, sizes in rows:
         if m <= max_m:
             return sizes
