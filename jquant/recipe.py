@@ -112,10 +112,21 @@ class Rule:
         if not _is_int(self.min_size) or self.min_size < 0:
             self._fail(f"min_size must be a non-negative integer, got {self.min_size!r}")
         if self.skip:
+            self._validate_skip()
             return
         self._validate_format()
         self._validate_numerics()
         self._validate_algorithm()
+
+    def _validate_skip(self):
+        # A skip rule keeps parameters float, so any setting beside it would be ignored.
+        ignored = [f.name for f in dataclasses.fields(self)
+                   if f.name not in ("pattern", "skip", "index") and getattr(self, f.name)
+                   != (f.default_factory() if f.default_factory is not dataclasses.MISSING
+                       else f.default)]  # fmt: skip
+        if ignored:
+            self._fail(f"skip: true excludes {', '.join(ignored)} (a skip rule keeps the "
+                       "parameters float); drop skip or those keys")
 
     def _validate_format(self):
         if self.weight is None:
@@ -250,8 +261,9 @@ class Recipe:
     name: str
     # One line saying what the recipe is for.
     description: str = ""
-    # Rules in priority order; the first whose pattern matches a path wins.
-    rules: tuple[Rule, ...] = ()
+    # Rules in priority order; the first whose pattern matches a path wins. At least one
+    # rule must quantize something: a recipe that quantizes nothing is an error, not float.
+    rules: tuple[Rule, ...]
     # Raise when a rule's pattern matches no parameter of the tree being quantized.
     require_match: bool = False
 
@@ -274,6 +286,12 @@ class Recipe:
             except RuleError as e:
                 raise RuleError(f"recipe {self.name!r}: {e}") from None
             rules.append(rule)
+        if not rules:
+            raise ValueError(f"recipe {self.name!r}: no rules; give at least one rule under "
+                             "'rules' (no recipe at all means float)")
+        if all(rule.skip for rule in rules):
+            raise ValueError(f"recipe {self.name!r}: every rule is skip: true, so it would "
+                             "quantize nothing; add a rule with a weight format")
         object.__setattr__(self, "rules", tuple(rules))
 
     # ---- matching ------------------------------------------------------------------
@@ -309,8 +327,16 @@ class Recipe:
 
     @classmethod
     def from_yaml(cls, text: str) -> Recipe:
-        """Parses a recipe from YAML text."""
-        return cls.from_dict(yaml.safe_load(text))
+        """Parses a recipe from YAML text.
+
+        Raises:
+          ValueError: the text is not valid YAML, or not a valid recipe.
+        """
+        try:
+            data = yaml.safe_load(text)
+        except yaml.YAMLError as e:
+            raise ValueError(f"recipe: not valid YAML: {_yaml_problem(e)}") from None
+        return cls.from_dict(data)
 
     @classmethod
     def load(cls, name_or_path: str | os.PathLike) -> Recipe:
@@ -321,11 +347,7 @@ class Recipe:
         """
         text = os.fspath(name_or_path)
         if os.path.exists(text) or text.endswith((".yaml", ".yml")) or os.sep in text:
-            try:
-                with open(text, encoding="utf-8") as f:
-                    return cls.from_yaml(f.read())
-            except FileNotFoundError:
-                raise ValueError(f"recipe file {text!r} does not exist") from None
+            return cls._load_file(text)
         resource = _configs() / f"{text}.yaml"
         if not resource.is_file():
             raise ValueError(
@@ -333,6 +355,36 @@ class Recipe:
                 f"({', '.join(cls.list_shipped())})"
             )
         return cls.from_yaml(resource.read_text(encoding="utf-8"))
+
+    @classmethod
+    def _load_file(cls, path: str) -> Recipe:
+        """A recipe from a YAML file; every error is one ValueError line naming the file."""
+        where = f"recipe file {path!r}"
+        try:
+            with open(path, encoding="utf-8") as f:
+                text = f.read()
+        except FileNotFoundError:
+            raise ValueError(f"{where} does not exist") from None
+        except IsADirectoryError:
+            raise ValueError(f"{where} is a directory; give a .yaml file") from None
+        except UnicodeDecodeError as e:
+            raise ValueError(f"{where} is not UTF-8 text (byte {e.start}: {e.reason}); "
+                             "is it a recipe?") from None
+        except OSError as e:
+            raise ValueError(f"{where} cannot be read: {e.strerror or e}") from None
+        try:
+            data = yaml.safe_load(text)
+        except yaml.YAMLError as e:
+            raise ValueError(f"{where} is not valid YAML: {_yaml_problem(e)}") from None
+        if data is None:
+            raise ValueError(f"{where} is empty; a recipe needs 'name' and 'rules'")
+        if not isinstance(data, Mapping):
+            raise ValueError(f"{where}: expected a mapping with 'name' and 'rules', "
+                             f"got a {type(data).__name__}")
+        try:
+            return cls.from_dict(data)
+        except ValueError as e:
+            raise type(e)(f"{where}: {e}") from None
 
     @staticmethod
     def list_shipped() -> list[str]:
@@ -368,6 +420,14 @@ def _format_clip(qt: qtypes.QType) -> str:
 
 def _is_int(x) -> bool:
     return isinstance(x, int) and not isinstance(x, bool)
+
+
+def _yaml_problem(e: yaml.YAMLError) -> str:
+    """One line from PyYAML's multi-line message: the problem and where (1-based)."""
+    if isinstance(e, yaml.MarkedYAMLError) and e.problem_mark is not None:
+        mark = e.problem_mark
+        return f"{e.problem} at line {mark.line + 1}, column {mark.column + 1}"
+    return " ".join(str(e).split())
 
 
 def _check_keys(d: Mapping, allowed: tuple[str, ...], where: str):

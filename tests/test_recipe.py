@@ -10,7 +10,7 @@ FULL = {
     "description": "every field set",
     "require_match": True,
     "rules": [
-        {"pattern": "embed", "skip": True, "min_size": 10},
+        {"pattern": "embed", "skip": True},
         {
             "pattern": r"layers/\d+/mlp/.*kernel$",
             "weight": "uint4",
@@ -110,6 +110,10 @@ BAD_RULES = [
     ({"skip": "yes"}, "skip must be true or false"),
     ({"weight": "int4", "min_size": -1}, "min_size"),
     ({}, "weight .a qtype name. is required"),
+    ({"skip": True, "weight": "int8"}, "skip: true excludes weight"),
+    ({"skip": True, "group_size": 64, "activation": "int8"},
+     "skip: true excludes group_size, activation"),
+    ({"skip": True, "min_size": 10}, "skip: true excludes min_size"),
     ({"weight": "nf4", "per_tensor": True, "double_quant": True}, "double_quant needs"),
 ]
 
@@ -143,7 +147,14 @@ def test_unknown_recipe_key_lists_allowed():
 @pytest.mark.parametrize("d, message", [
     ({"rules": []}, "'name' is required"),
     ({"name": "x", "rules": {"pattern": "a"}}, "rules must be a list"),
-    ({"name": "x", "require_match": "yes"}, "require_match must be true or false"),
+    ({"name": "x", "require_match": "yes", "rules": [{"pattern": "a", "weight": "int8"}]},
+     "require_match must be true or false"),
+    ({"name": "x"}, "recipe 'x': no rules"),
+    ({"name": "x", "rules": None}, "recipe 'x': no rules"),
+    ({"name": "x", "rules": []}, "recipe 'x': no rules"),
+    ({"name": "x", "require_match": True, "rules": []}, "recipe 'x': no rules"),
+    ({"name": "x", "rules": [{"pattern": "a", "skip": True}, {"pattern": "b", "skip": True}]},
+     "recipe 'x': every rule is skip: true"),
 ])  # fmt: skip
 def test_bad_recipe(d, message):
     with pytest.raises(ValueError, match=message):
@@ -164,3 +175,30 @@ def test_registry(monkeypatch):
         algorithms.register("demo")(lambda w, r, *, path, calibration=None: w)
     with pytest.raises(ValueError, match="unknown algorithm 'gone'; known: .*rtn"):
         algorithms.get("gone")
+
+
+@pytest.mark.parametrize("content, message", [
+    ("name: x\nrules: [\n  - pattern: a\n", r"is not valid YAML: .* line \d+, column \d+"),
+    ("name: x\n\tbad: 1\n", "is not valid YAML"),
+    (b"name: \xff\n", "is not UTF-8 text"),
+    ("", "is empty"),
+    ("- a list\n", "expected a mapping"),
+    ("name: x\nrules:\n", "no rules"),
+    ("name: x\nrules:\n  - {pattern: a, weight: int5}\n", r"rules\[0\].*unknown qtype"),
+])  # fmt: skip
+def test_bad_recipe_file_is_a_value_error_naming_the_file(tmp_path, content, message):
+    path = tmp_path / "bad.yaml"
+    path.write_bytes(content if isinstance(content, bytes) else content.encode())
+    with pytest.raises(ValueError, match=message) as e:
+        Recipe.load(path)
+    assert str(path) in str(e.value) and "\n" not in str(e.value)
+
+
+def test_recipe_path_that_is_a_directory(tmp_path):
+    with pytest.raises(ValueError, match=f"{tmp_path}.* is a directory"):
+        Recipe.load(tmp_path)
+
+
+def test_from_yaml_bad_yaml_is_a_value_error():
+    with pytest.raises(ValueError, match="not valid YAML"):
+        Recipe.from_yaml("name: [unclosed\n")
