@@ -89,3 +89,21 @@ def dequantize_np(qvalue, scale, zero_point, qtype, k, group_size):
     return out.T
 
 
+def grad_np(x, cot, qvalue, scale, zero_point, qtype, k, group_size):
+    """Gradients of sum((x @ W) * cot) in float64: (d x, d scale[, d zero_point]).
+
+    W = (v - zero_point) * scale with v the decoded codes, so dW/dscale = v - zero_point and
+    dW/dzero_point = -scale, each summed over the group's elements.
+    """
+    x, cot = np.asarray(x, np.float64), np.asarray(cot, np.float64)
+    w = dequantize_np(qvalue, scale, zero_point, qtype, k, group_size).astype(np.float64)
+    unit = np.ones_like(scale)
+    v = dequantize_np(qvalue, unit, zero_point, qtype, k, group_size).astype(np.float64)
+    members = np.zeros((k, scale.shape[1]))  # element k -> its group
+    for t, (start, length) in enumerate(_groups(k, group_size)):
+        members[start:start + length, t] = 1.0
+    dw = x.T @ cot  # (K, N)
+    grads = [cot @ w.T, (v * dw).T @ members]
+    if zero_point is not None:
+        grads.append(-np.asarray(scale, np.float64) * (dw.T @ members))
+    return tuple(grads)
