@@ -9,13 +9,52 @@
 
 MODEL is a registry name (``smollm2-135m``), a local Hugging Face directory, a
 ``.gguf`` file or a hub id.
+
+Every argument that can be checked without the model (numbers, recipes, the text, the
+plot's directory) is checked before the model loads; an error is one line,
+``jquant COMMAND: error: ...``, and exit status 2.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
+import os
 import sys
+
+
+def _int_at_least(low: int):
+    """An argparse ``type``: an integer >= ``low``."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"must be >= {low}, got {value}")
+        return value
+
+    return parse
+
+
+def _float_in(low: float, high: float = math.inf, *, open_low: bool = False):
+    """An argparse ``type``: a finite float in ``[low, high]`` (``(low, high]`` if open_low)."""
+
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+        if not math.isfinite(value) or value < low or (open_low and value == low) or value > high:
+            interval = f"in {'(' if open_low else '['}{low}, {high}]"
+            if high == math.inf:
+                interval = f"> {low}" if open_low else f">= {low}"
+            raise argparse.ArgumentTypeError(f"must be {interval}, got {text}")
+        return value
+
+    return parse
 
 
 def _add_model_args(p: argparse.ArgumentParser, *, recipe: bool = True) -> None:
@@ -25,17 +64,20 @@ def _add_model_args(p: argparse.ArgumentParser, *, recipe: bool = True) -> None:
 
 
 def _add_memory_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--batch", type=int, default=1, help="sequences served at once")
-    p.add_argument("--context", type=int, default=4096, help="tokens per sequence in the cache")
+    p.add_argument("--batch", type=_int_at_least(1), default=1, help="sequences served at once")
+    p.add_argument("--context", type=_int_at_least(1), default=4096,
+                   help="tokens per sequence in the cache")
     p.add_argument("--kv-cache", default="bfloat16", help="KV cache format (bfloat16, int8, ...)")
 
 
 def _add_eval_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--corpus", default="pydoc-eval", help="pydoc-eval, pydoc-calib or a file")
     p.add_argument("--text", help="a text file to evaluate on (overrides --corpus)")
-    p.add_argument("--seq-len", type=int, default=512, help="tokens per window")
-    p.add_argument("--max-tokens", type=int, default=16384, help="tokens of the text to use")
-    p.add_argument("--batch-size", type=int, default=4, help="windows per forward pass")
+    p.add_argument("--seq-len", type=_int_at_least(2), default=512, help="tokens per window")
+    p.add_argument("--max-tokens", type=_int_at_least(1), default=16384,
+                   help="tokens of the text to use (at least --seq-len)")
+    p.add_argument("--batch-size", type=_int_at_least(1), default=4,
+                   help="windows per forward pass")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -63,10 +105,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("generate", help="generate text and report tokens/s")
     _add_model_args(p)
     p.add_argument("--prompt", required=True, help="the prompt (chat template applied if any)")
-    p.add_argument("--max-new-tokens", type=int, default=64)
-    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
-    p.add_argument("--top-k", type=int, default=0)
-    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--max-new-tokens", type=_int_at_least(1), default=64)
+    p.add_argument("--temperature", type=_float_in(0.0), default=0.0, help="0 = greedy")
+    p.add_argument("--top-k", type=_int_at_least(0), default=0, help="0 = off")
+    p.add_argument("--top-p", type=_float_in(0.0, 1.0, open_low=True), default=1.0,
+                   help="in (0, 1]; 1 = off")
     p.add_argument("--raw", action="store_true", help="do not apply the chat template")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", action="store_true", help="print JSON")
@@ -79,7 +122,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="comma-separated recipe names or paths (float is always included)",
     )
     _add_eval_args(p)
-    p.add_argument("--decode-tokens", type=int, default=32, help="new tokens for tokens/s")
+    p.add_argument("--decode-tokens", type=_int_at_least(0), default=32,
+                   help="new tokens for tokens/s (0 = skip decoding)")
     p.add_argument("--plot", help="write perplexity vs weight size to this PNG")
     p.add_argument("--json", action="store_true", help="print JSON")
     return parser
@@ -99,13 +143,17 @@ def _cmd_recipes(args) -> int:
 
 
 def _cmd_inspect(args) -> int:
-    from jquant.memory import memory_report
+    from jquant.memory import KV_FORMATS, memory_report
     from jquant.transform import format_report, quantize
 
+    recipe = _recipe(args.recipe)
+    if args.kv_cache not in KV_FORMATS:
+        raise ValueError(f"--kv-cache {args.kv_cache!r} is unknown; use one of "
+                         f"{', '.join(KV_FORMATS)}")
     _, params, _, config = _load(args)
     rows = None
-    if args.recipe:
-        params, rows = quantize(params, args.recipe, report=True)
+    if recipe is not None:
+        params, rows = quantize(params, recipe, report=True)
     report = memory_report(
         params, batch=args.batch, context=args.context, kv_cache=args.kv_cache, config=config
     )
@@ -131,19 +179,36 @@ def _load(args):
     return models.load(args.model, with_config=True)
 
 
+def _recipe(name: str | None):
+    """The recipe ``name`` loaded (None for float), so that a bad one fails before the model
+    loads."""
+    from jquant.recipe import Recipe
+
+    return None if name in (None, "float") else Recipe.load(name)
+
+
 def _text(args) -> str:
+    """The text to evaluate, after the window arguments are checked against each other."""
     from jquant.eval import load_corpus
 
+    if args.max_tokens < args.seq_len:
+        raise ValueError(f"--max-tokens {args.max_tokens} is less than --seq-len "
+                         f"{args.seq_len}: not one window fits")
     if args.text:
-        with open(args.text, encoding="utf-8") as f:
-            return f.read()
+        try:
+            with open(args.text, encoding="utf-8") as f:
+                return f.read()
+        except UnicodeDecodeError as e:
+            raise ValueError(f"--text {args.text!r} is not UTF-8 text ({e.reason})") from None
+        except OSError as e:
+            raise ValueError(f"--text {args.text!r}: {e.strerror or e}") from None
     return load_corpus(args.corpus)
 
 
 def _quantized(params, recipe):
     from jquant.transform import quantize
 
-    return params if recipe in (None, "float") else quantize(params, recipe)
+    return params if recipe is None else quantize(params, recipe)
 
 
 def _weights(params) -> tuple[int, float, float | None]:
@@ -172,8 +237,9 @@ def _evaluate(model, params, tokenizer, text, args, *, progress: bool) -> dict:
 
 
 def _cmd_eval(args) -> int:
+    recipe, text = _recipe(args.recipe), _text(args)
     model, params, tokenizer, _ = _load(args)
-    out = _evaluate(model, _quantized(params, args.recipe), tokenizer, _text(args), args,
+    out = _evaluate(model, _quantized(params, recipe), tokenizer, text, args,
                     progress=not args.json)  # fmt: skip
     if args.json:
         print(json.dumps(out))
@@ -207,10 +273,11 @@ def _decode_speed(model, params, tokenizer, new_tokens: int) -> float:
 def _cmd_generate(args) -> int:
     from jquant.models import generate
 
+    recipe = _recipe(args.recipe)
     model, params, tokenizer, _ = _load(args)
     if tokenizer is None:
         raise ValueError(f"{args.model} has no tokenizer; generate needs one")
-    params = _quantized(params, args.recipe)
+    params = _quantized(params, recipe)
     ids = _prompt_ids(tokenizer, args.prompt, args.raw)
     out = generate(
         model, params, [ids], max_new_tokens=args.max_new_tokens, temperature=args.temperature,
@@ -235,16 +302,18 @@ def _cmd_generate(args) -> int:
 
 
 def _cmd_compare(args) -> int:
-    from jquant.recipe import Recipe
-
-    recipes = ["float"] + [r.strip() for r in args.recipes.split(",") if r.strip()]
-    for r in recipes[1:]:
-        Recipe.load(r)  # fail on a bad name before the slow part
-    model, params, tokenizer, _ = _load(args)
+    names = [r.strip() for r in args.recipes.split(",") if r.strip()]
+    if not names:
+        raise ValueError(f"--recipes {args.recipes!r} names no recipe")
+    names = ["float"] + [n for n in dict.fromkeys(names) if n != "float"]
+    recipes = [_recipe(n) for n in names]  # fail on a bad name before the slow part
+    if args.plot:
+        _check_plot_path(args.plot)
     text = _text(args)
+    model, params, tokenizer, _ = _load(args)
     rows = []
-    for name in recipes:
-        qparams = _quantized(params, name)
+    for name, recipe in zip(names, recipes):
+        qparams = _quantized(params, recipe)
         row = {"recipe": name, **_evaluate(model, qparams, tokenizer, text, args,
                                            progress=False)}  # fmt: skip
         row["decode_tokens_per_second"] = (
@@ -291,6 +360,20 @@ def format_compare(rows: list[dict], args) -> str:
     return "\n".join(lines)
 
 
+def _check_plot_path(path: str) -> None:
+    """Raises ValueError if matplotlib could not write ``path`` (checked before the slow part)."""
+    import matplotlib.figure
+
+    folder = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(folder):
+        raise ValueError(f"--plot {path!r}: no such directory {folder!r}")
+    ext = os.path.splitext(path)[1].lstrip(".").lower()
+    supported = matplotlib.figure.Figure().canvas.get_supported_filetypes()
+    if ext and ext not in supported:
+        raise ValueError(f"--plot {path!r}: unknown image type {ext!r}; use one of "
+                         f"{', '.join(sorted(supported))}")
+
+
 def _plot(rows: list[dict], path: str, *, title: str) -> None:
     import matplotlib
 
@@ -318,8 +401,9 @@ def main(argv: list[str] | None = None) -> int:
                 "generate": _cmd_generate, "compare": _cmd_compare}
     try:
         return handlers[args.command](args)
-    except (ValueError, FileNotFoundError) as e:
-        print(f"jquant {args.command}: error: {e}", file=sys.stderr)
+    except (ValueError, OSError) as e:  # bad input, missing files, failed downloads
+        message = " ".join(str(e).split())  # one line, whatever the message's layout
+        print(f"jquant {args.command}: error: {message}", file=sys.stderr)
         return 2
 
 

@@ -81,3 +81,111 @@ def test_unknown_model_is_one_clear_error(capsys):
     assert main(["eval", "no-such-model-xyz"]) == 2
     err = capsys.readouterr().err
     assert "no-such-model-xyz" in err
+
+
+# --- bad input: checked before the model loads, one line, exit status 2 ------------------------
+
+
+@pytest.fixture
+def no_load(monkeypatch):
+    """Replaces the model loader with one that records calls: bad arguments must not reach it."""
+    import jquant.cli as cli
+
+    calls = []
+
+    def load(args):
+        calls.append(args.model)
+        raise AssertionError("the model was loaded before the arguments were checked")
+
+    monkeypatch.setattr(cli, "_load", load)
+    return calls
+
+
+def _one_line_error(capsys, argv, *expected):
+    """Runs `main(argv)`; asserts exit status 2 and one stderr line containing `expected`."""
+    try:
+        status = main(argv)
+    except SystemExit as e:  # argparse's own errors (the usage line comes first)
+        status = e.code
+    err = capsys.readouterr().err
+    assert status == 2, err
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("jquant") and "error:" in last, err
+    for text in expected:
+        assert text in last, err
+    assert "Traceback" not in err
+    return last
+
+
+@pytest.mark.parametrize("argv, expected", [
+    (["eval", "m", "--max-tokens", "-1"], ["--max-tokens", "-1"]),
+    (["eval", "m", "--max-tokens", "0"], ["--max-tokens", "0"]),
+    (["eval", "m", "--seq-len", "1"], ["--seq-len", "1"]),
+    (["eval", "m", "--batch-size", "0"], ["--batch-size", "0"]),
+    (["eval", "m", "--seq-len", "512", "--max-tokens", "100"], ["--max-tokens 100", "512"]),
+    (["inspect", "m", "--batch", "0"], ["--batch", "0"]),
+    (["inspect", "m", "--context", "-5"], ["--context", "-5"]),
+    (["inspect", "m", "--kv-cache", "int3"], ["int3"]),
+    (["generate", "m", "--prompt", "hi", "--max-new-tokens", "0"], ["--max-new-tokens", "0"]),
+    (["generate", "m", "--prompt", "hi", "--temperature", "-1"], ["--temperature", "-1"]),
+    (["generate", "m", "--prompt", "hi", "--top-p", "0"], ["--top-p", "0"]),
+    (["generate", "m", "--prompt", "hi", "--top-k", "-2"], ["--top-k", "-2"]),
+    (["compare", "m", "--decode-tokens", "-1"], ["--decode-tokens", "-1"]),
+    (["compare", "m", "--recipes", " , "], ["--recipes"]),
+    (["compare", "m", "--plot", "/no/such/dir/p.png"], ["/no/such/dir"]),
+    (["eval", "m", "--recipe", "w3a16-nope"], ["w3a16-nope"]),
+    (["inspect", "m", "--recipe", "w3a16-nope"], ["w3a16-nope"]),
+    (["generate", "m", "--prompt", "hi", "--recipe", "w3a16-nope"], ["w3a16-nope"]),
+    (["eval", "m", "--text", "/no/such/text.txt"], ["/no/such/text.txt"]),
+    (["eval", "m", "--corpus", "no-such-corpus"], ["no-such-corpus"]),
+])  # fmt: skip
+def test_bad_arguments_fail_before_the_model_loads(capsys, no_load, argv, expected):
+    _one_line_error(capsys, argv, *expected)
+    assert no_load == []
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("name: x\nrules: [\n  - pattern: a\n", "not valid YAML"),
+    ("name: x\n\tbad: 1\n", "not valid YAML"),
+    (b"name: \xff\xfe\n", "not UTF-8"),
+    ("", "is empty"),
+    ("- just\n- a list\n", "mapping"),
+    ("name: x\nrules:\n", "rules"),
+])  # fmt: skip
+def test_bad_recipe_file_is_one_line(capsys, no_load, tmp_path, text, expected):
+    path = tmp_path / "bad.yaml"
+    path.write_bytes(text if isinstance(text, bytes) else text.encode())
+    _one_line_error(capsys, ["eval", "m", "--recipe", str(path)], str(path), expected)
+    _one_line_error(capsys, ["recipes", "show", str(path)], str(path), expected)
+
+
+def test_recipe_directory_is_one_line(capsys, no_load, tmp_path):
+    (tmp_path / "d.yaml").mkdir()
+    _one_line_error(capsys, ["recipes", "show", str(tmp_path / "d.yaml")], "d.yaml", "directory")
+
+
+def test_unfetchable_hub_id_is_one_line(capsys, monkeypatch):
+    from jquant.io import registry
+
+    def offline(repo_id, *, tokenizer=True):
+        raise OSError(f"could not fetch {repo_id!r} from the Hugging Face hub (no network)")
+
+    monkeypatch.setattr(registry, "load_hub", offline)
+    _one_line_error(capsys, ["eval", "someorg/some-model"], "someorg/some-model", "no network")
+
+
+@pytest.mark.parametrize("source", ["./models/x", "models/missing.gguf", "../x/y", "~/nope/m"])
+def test_missing_path_is_not_a_hub_id(capsys, monkeypatch, tmp_path, source):
+    from jquant.io import registry
+
+    def hub(repo_id, *, tokenizer=True):
+        raise AssertionError(f"{repo_id!r} was taken for a hub id")
+
+    monkeypatch.setattr(registry, "load_hub", hub)
+    monkeypatch.chdir(tmp_path)
+    _one_line_error(capsys, ["eval", source], "no such file or directory", source)
+
+
+def test_unsupported_gguf_architecture_is_one_line(capsys, tmp_path, tiny):
+    path = tiny.write_gguf(tmp_path / "f.gguf", tiny.tensors(), arch="falcon")
+    _one_line_error(capsys, ["inspect", str(path)], "architecture 'falcon' is not supported")
