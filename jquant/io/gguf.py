@@ -11,11 +11,16 @@ Three things differ from an HF checkpoint and are undone here:
 
 Quantized tensors (Q4_1, Q8_0, ...) are dequantized with `gguf.quants.dequantize`; that float
 copy is the checkpoint.
+
+`gguf.GGUFReader` parses every metadata field before any can be read (seconds for a
+49,152-token vocabulary), so `load_gguf` first reads `general.architecture` straight from the
+header (`read_architecture`) and rejects an unsupported model before that.
 """
 
 from __future__ import annotations
 
 import re
+import struct
 import warnings
 from pathlib import Path
 from typing import Any
@@ -47,6 +52,13 @@ _BLOCK_RE = re.compile(r"blk\.(\d+)\.(\w+)\.(weight|bias)")
 _GLOBAL_RE = re.compile(r"(\w+)\.(weight|bias)")
 # Architectures whose converter permuted Q/K rows (convert_hf_to_gguf.py LlamaModel.permute).
 _PERMUTED_ARCHS = ("llama", "mistral")
+# Bytes of the fixed-size GGUF metadata value types (strings and arrays are sized inline).
+_VALUE_SIZES = {
+    gguf.GGUFValueType.UINT8: 1, gguf.GGUFValueType.INT8: 1, gguf.GGUFValueType.BOOL: 1,
+    gguf.GGUFValueType.UINT16: 2, gguf.GGUFValueType.INT16: 2,
+    gguf.GGUFValueType.UINT32: 4, gguf.GGUFValueType.INT32: 4, gguf.GGUFValueType.FLOAT32: 4,
+    gguf.GGUFValueType.UINT64: 8, gguf.GGUFValueType.INT64: 8, gguf.GGUFValueType.FLOAT64: 8,
+}  # fmt: skip
 
 
 def hf_name(name: str) -> str:
@@ -116,6 +128,71 @@ def _open(path: Path) -> gguf.GGUFReader:
     return reader
 
 
+def read_architecture(path: str | Path) -> str | None:
+    """`general.architecture` of a GGUF file, read from the header alone, in milliseconds.
+
+    Walks the metadata key/value pairs in file order, skipping values, and stops at the
+    architecture (writers put it first). Returns None when the file is missing, not GGUF, cut
+    short, or has no such key: `load_gguf`'s full parse then reports what is wrong.
+    """
+    try:
+        with open(path, "rb") as f:
+            return _header_architecture(f)
+    except (OSError, ValueError, struct.error, EOFError):  # UnicodeDecodeError is a ValueError
+        return None
+
+
+def _header_architecture(f) -> str | None:
+    def read(n: int) -> bytes:
+        data = f.read(n)
+        if len(data) != n:
+            raise EOFError
+        return data
+
+    if read(4) != b"GGUF":  # the magic is written little-endian whatever the byte order
+        return None
+    order = "<"
+    (version,) = struct.unpack(order + "I", read(4))
+    if version & 0xFFFF == 0:  # a big-endian file (gguf.GGUFReader's test)
+        order, version = ">", struct.unpack(">I", struct.pack("<I", version))[0]
+    if version < 2:
+        return None
+
+    def unpack(fmt: str) -> int:
+        return struct.unpack(order + fmt, read(struct.calcsize(fmt)))[0]
+
+    def skip(vtype: int) -> None:
+        if vtype in _VALUE_SIZES:
+            f.seek(_VALUE_SIZES[vtype], 1)
+        elif vtype == gguf.GGUFValueType.STRING:
+            f.seek(unpack("Q"), 1)
+        elif vtype == gguf.GGUFValueType.ARRAY:
+            item, count = unpack("I"), unpack("Q")
+            if item in _VALUE_SIZES:
+                f.seek(count * _VALUE_SIZES[item], 1)
+            else:
+                for _ in range(count):
+                    skip(item)
+        else:
+            raise ValueError(f"unknown GGUF value type {vtype}")
+
+    _, n_kv = unpack("Q"), unpack("Q")
+    for _ in range(n_kv):
+        key, vtype = read(unpack("Q")), unpack("I")
+        if key == b"general.architecture":
+            return read(unpack("Q")).decode() if vtype == gguf.GGUFValueType.STRING else None
+        skip(vtype)
+    return None
+
+
+def _check_architecture(arch: Any, source: str) -> None:
+    if arch not in SUPPORTED_MODEL_TYPES:
+        raise ValueError(
+            f"{source}: architecture {arch!r} is not supported; jquant imports "
+            f"{', '.join(SUPPORTED_MODEL_TYPES)}."
+        )
+
+
 def read_metadata(path: str | Path) -> dict[str, Any]:
     """All GGUF metadata of `path` as plain Python values (str, int, float, bool, lists).
 
@@ -168,11 +245,7 @@ def config_from_metadata(
       ValueError: unsupported architecture, missing keys, or a feature jquant cannot represent.
     """
     arch = meta.get("general.architecture")
-    if arch not in SUPPORTED_MODEL_TYPES:
-        raise ValueError(
-            f"{source}: architecture {arch!r} is not supported; jquant imports "
-            f"{', '.join(SUPPORTED_MODEL_TYPES)}."
-        )
+    _check_architecture(arch, source)
 
     def get(key: str, default: Any = KeyError) -> Any:
         value = meta.get(f"{arch}.{key}", default)
@@ -259,6 +332,9 @@ def load_gguf(path: str | Path, *, tokenizer: bool = True) -> Checkpoint:
     (576, 576)
     """
     path = Path(path)
+    arch = read_architecture(path)
+    if arch is not None:
+        _check_architecture(arch, str(path))  # before the slow full parse
     reader = _open(path)
     meta = _metadata(reader)
     config = config_from_metadata(meta, {t.name for t in reader.tensors}, str(path))

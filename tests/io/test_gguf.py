@@ -132,6 +132,57 @@ def test_unsupported_architecture(tmp_path, tiny):
         jio.load_gguf(path)
 
 
+def test_unsupported_architecture_is_rejected_before_the_full_parse(tmp_path, tiny, monkeypatch):
+    path = tiny.write_gguf(tmp_path / "f.gguf", tiny.tensors(), arch="falcon")
+
+    def slow_reader(*args, **kwargs):
+        raise AssertionError("GGUFReader parsed the whole file before the architecture check")
+
+    monkeypatch.setattr(jgguf.gguf, "GGUFReader", slow_reader)
+    with pytest.raises(ValueError, match="f.gguf: architecture 'falcon' is not supported"):
+        jio.load_gguf(path)
+
+
+def _write_header_only(path, kv: dict, *, arch_last: bool, endianess=gguf.GGUFEndian.LITTLE):
+    """A GGUF with metadata only; `arch_last` moves general.architecture behind the rest."""
+    w = gguf.GGUFWriter(str(path), arch="qwen2", endianess=endianess)
+    w.add_uint32("x.u32", 7)
+    w.add_float64("x.f64", 1.5)
+    w.add_bool("x.bool", True)
+    w.add_string("x.str", "héllo")
+    w.add_array("x.strings", ["a", "bc", ""])
+    w.add_array("x.ints", [1, 2, 3])
+    w.add_array("x.nested", [[1, 2], [3]])
+    for key, value in kv.items():
+        w.add_string(key, value)
+    if arch_last:
+        data = w.kv_data[0]
+        data["general.architecture"] = data.pop("general.architecture")
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path
+
+
+@pytest.mark.parametrize("arch_last", [False, True])
+@pytest.mark.parametrize("endianess", [gguf.GGUFEndian.LITTLE, gguf.GGUFEndian.BIG])
+def test_read_architecture_from_the_header(tmp_path, arch_last, endianess):
+    path = _write_header_only(tmp_path / "h.gguf", {"general.name": "n"}, arch_last=arch_last,
+                              endianess=endianess)  # fmt: skip
+    assert jgguf.read_architecture(path) == "qwen2"
+
+
+def test_read_architecture_of_a_non_gguf(tmp_path, tiny_gguf):
+    junk = tmp_path / "junk.gguf"
+    junk.write_bytes(b"definitely not a gguf file" * 10)
+    assert jgguf.read_architecture(junk) is None
+    cut = tmp_path / "cut.gguf"
+    cut.write_bytes(tiny_gguf[0].read_bytes()[:30])
+    assert jgguf.read_architecture(cut) is None
+    assert jgguf.read_architecture(tiny_gguf[0]) == "llama"
+
+
 def test_missing_tensor_is_named(tmp_path, tiny):
     path = tiny.write_gguf(
         tmp_path / "m.gguf", tiny.tensors(), skip=("model.layers.1.mlp.up_proj.weight",)
