@@ -8,14 +8,20 @@ cannot promise the kernel compiles; it catches the mistakes that can be caught h
 from __future__ import annotations
 
 import re
+import runpy
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import pytest
 from jquant.kernels import _gpu
 from jquant.kernels._formats import STORAGE_DTYPES, num_groups, packed_k
 
 from jquant import kernels
+
+_npq = runpy.run_path(str(Path(__file__).with_name("np_quant.py")))
+quantize_np, dequantize_np, grad_np = _npq["quantize_np"], _npq["dequantize_np"], _npq["grad_np"]
 
 QTYPES = ("int8", "int4", "uint4", "nf4", "fp8_e4m3", "fp8_e5m2")
 # Decode and prefill: M = 1 (the GPU FMA path), M = 256 (the GPU dot path, two M blocks).
@@ -24,11 +30,18 @@ SHAPES = ((1, 4160, 128), (256, 4160, 384))
 PLATFORMS = {"tpu": "tpu", "gpu": "cuda"}
 
 
-def _export(fn, *args, platform):
+def _exported(fn, *args, platform):
     disabled = [jax.export.DisabledSafetyCheck.custom_call(_gpu.TRITON_CUSTOM_CALL)]
-    exported = jax.export.export(jax.jit(fn), platforms=[platform],
-                                 disabled_checks=disabled)(*args)
+    return jax.export.export(jax.jit(fn), platforms=[platform],
+                             disabled_checks=disabled)(*args)
+
+
+def _custom_calls(exported):
     return set(re.findall(r"custom_call @([\w$.]+)", exported.mlir_module()))
+
+
+def _export(fn, *args, platform):
+    return _custom_calls(_exported(fn, *args, platform=platform))
 
 
 def _weight(qtype, k, n, group_size):
@@ -54,10 +67,34 @@ def test_weight_only_kernel_lowers(backend, qtype, m, k, n):
 
 @pytest.mark.parametrize("backend", ("tpu", "gpu"))
 def test_grad_lowers(backend):
-    q, s, _ = _weight("int4", 1024, 256, 64)
-    fn = lambda x: jax.grad(lambda x: jnp.sum(kernels.quantized_matmul(
-        x, q, s, qtype="int4", k=1024, group_size=64, backend=backend)))(x)
-    _export(fn, jax.ShapeDtypeStruct((16, 1024), jnp.float32), platform=PLATFORMS[backend])
+    # A training step: the loss through the kernel, gradients through the custom backward
+    # (XLA). `jax.grad` alone would drop the unused forward, kernel and all, so the loss is
+    # kept: the module must hold the kernel and return the loss and both gradients.
+    k, n, group_size = 1024, 256, 64
+    rng = np.random.default_rng(0)
+    q, s, _ = quantize_np(rng.standard_normal((k, n)), "int4", group_size)
+    x = rng.standard_normal((16, k)).astype(np.float32)
+    cot = rng.standard_normal((16, n)).astype(np.float32)
+
+    def step(x, s, interpret=False):
+        return jax.value_and_grad(lambda x, s: jnp.sum(cot * kernels.quantized_matmul(
+            x, q, s, qtype="int4", k=k, group_size=group_size, backend=backend,
+            interpret=interpret)), argnums=(0, 1))(x, s)
+
+    exported = _exported(step, jax.ShapeDtypeStruct(x.shape, jnp.float32),
+                         jax.ShapeDtypeStruct(s.shape, jnp.float32),
+                         platform=PLATFORMS[backend])
+    expected = "tpu_custom_call" if backend == "tpu" else _gpu.TRITON_CUSTOM_CALL
+    assert expected in _custom_calls(exported)
+    assert [(a.shape, a.dtype) for a in exported.out_avals] == [
+        ((), jnp.float32), (x.shape, jnp.float32), (s.shape, jnp.float32)]
+    # and the same step, interpreted on CPU, against NumPy
+    loss, (dx, ds) = step(jnp.asarray(x), jnp.asarray(s), interpret=True)
+    w = dequantize_np(q, s, None, "int4", k, group_size)
+    want_dx, want_ds = grad_np(x, cot, q, s, None, "int4", k, group_size)
+    np.testing.assert_allclose(float(loss), np.sum(cot * (x @ w)), rtol=1e-5)
+    np.testing.assert_allclose(np.asarray(dx), want_dx, rtol=1e-5, atol=1e-4)
+    np.testing.assert_allclose(np.asarray(ds), want_ds, rtol=1e-5, atol=1e-3)
 
 
 @pytest.mark.parametrize("m", (1, 256))
