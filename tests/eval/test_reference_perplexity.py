@@ -1,10 +1,12 @@
-"""SmolLM2 perplexity against DESIGN.md's reference numbers (pydoc-eval, 16,384 tokens).
+"""SmolLM2 perplexity against the reference numbers of docs/evaluation.md (pydoc-eval, 16,384
+tokens, seq_len 512).
 
 The references were computed with Hugging Face transformers in float32 and, for the
 round-to-nearest rows, with every decoder projection quantized with float32 scales along
 K (short last group) and the embeddings / tied head kept float. The same math must give
 the same numbers, so these pin the whole stack: GGUF import, tokenizer, model, packing,
-quantization and perplexity.
+quantization and perplexity. docs/evaluation.md states the definition, the text and how the
+references were obtained.
 """
 
 import pytest
@@ -35,7 +37,7 @@ def smollm2():
     return model, params, ids
 
 
-# (format, group size, DESIGN.md's reference, tolerance). Measured here: float 13.4127,
+# (format, group size, reference from docs/evaluation.md, tolerance). Measured here: float 13.4127,
 # int8 within 0.01, int4 g128 22.484 and uint4 g64 17.490: 0.08% below the references, a
 # gap whose cause is not established (int4 g64: 19.533 vs 19.542; nf4 g64: 17.155 vs 17.156).
 CASES = [
