@@ -27,17 +27,11 @@ import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 
+# QLoRA's NormalFloat-4 levels (Dettmers et al. 2023), shared with the kernels.
+from jquant.kernels._formats import NF4_CODEBOOK as NF4_CODEBOOK
+from jquant.kernels._formats import pack_width as _pack_width
+
 Kind = Literal["int", "uint", "float", "codebook"]
-
-# QLoRA's NormalFloat-4 levels (Dettmers et al. 2023): quantiles of N(0, 1) scaled to
-# [-1, 1], with an exact zero. Copied to full float32 precision from bitsandbytes.
-NF4_CODEBOOK = (
-    -1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453,
-    -0.28444138169288635, -0.18477343022823334, -0.09105003625154495, 0.0,
-    0.07958029955625534, 0.16093020141124725, 0.24611230194568634, 0.33791524171829224,
-    0.44070982933044434, 0.5626170039176941, 0.7229568362236023, 1.0,
-)  # fmt: skip
-
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class QType:
@@ -72,9 +66,7 @@ class QType:
     @property
     def pack_width(self) -> int:
         """Codes per packing unit: a group size must be a multiple of this."""
-        if self.bits == 3:
-            return 8  # a 2-bit plane (4 per byte) and a 1-bit plane (8 per byte)
-        return 8 // self.bits if self.bits < 8 else 1
+        return _pack_width(self.bits)
 
     @property
     def scale_target(self) -> float:
@@ -162,16 +154,18 @@ def half_step(qtype: str | QType, x: np.ndarray) -> np.ndarray:
     """Worst-case |error| of encoding each scaled value in ``x`` (inside the range).
 
     Integers: 0.5. Float8: half the spacing of the format at ``x`` (relative
-    precision, with the subnormal floor). Codebooks: half the gap to the next
-    entry around ``x``. Used by tests and reports to state each format's bound.
+    precision, with the subnormal floor). Codebooks: half the gap between the two
+    entries around ``x`` (its own interval, so the bound is as tight as the levels
+    there). Used by tests and reports to state each format's bound.
     """
     qt = get(qtype)
-    x = np.abs(np.asarray(x, np.float64))
+    x = np.asarray(x, np.float64)
     if qt.kind in ("int", "uint"):
         return np.full_like(x, 0.5)
     if qt.kind == "float":
         info = ml_dtypes.finfo(qt.code_dtype)
-        exp = np.floor(np.log2(np.maximum(x, float(info.smallest_normal))))
+        exp = np.floor(np.log2(np.maximum(np.abs(x), float(info.smallest_normal))))
         return 2.0 ** (exp - info.nmant - 1)
     book = np.asarray(qt.codebook, np.float64)
-    return np.full_like(x, np.max(np.diff(book)) / 2)
+    i = np.clip(np.searchsorted(book, x, side="right") - 1, 0, len(book) - 2)
+    return (book[i + 1] - book[i]) / 2

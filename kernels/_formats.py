@@ -54,14 +54,51 @@ def is_per_channel(k: int, group_size: int | None) -> bool:
     return group_size is None or group_size >= k
 
 
+def group_runs(k: int, group_size: int | None) -> list[tuple[int, int, int]]:
+    """(start, length, count) runs of equal-length groups along K: the whole groups, then
+    the short last one if `group_size` does not divide K. Per-channel is one run of one."""
+    if is_per_channel(k, group_size):
+        return [(0, k, 1)]
+    full, tail = divmod(k, group_size)
+    return [(0, group_size, full)] + ([(full * group_size, tail, 1)] if tail else [])
+
+
 def group_starts_and_lengths(k: int, group_size: int | None) -> list[tuple[int, int]]:
     """(start, length) of every group along K; only the last one may be short."""
-    g = k if is_per_channel(k, group_size) else group_size
-    return [(s, min(g, k - s)) for s in range(0, k, g)]
+    return [(start + i * length, length) for start, length, count in group_runs(k, group_size)
+            for i in range(count)]
 
 
 def num_groups(k: int, group_size: int | None) -> int:
-    return len(group_starts_and_lengths(k, group_size))
+    """Groups along K: ceil(K / group_size), one when per-channel."""
+    return 1 if is_per_channel(k, group_size) else -(-k // group_size)
+
+
+def pack_width(bits: int) -> int:
+    """Codes per packing unit of a `bits`-wide format (a group size must be a multiple).
+
+    4/2/1-bit codes fill a byte (8 // bits per byte); 3-bit codes are stored as a 2-bit and
+    a 1-bit plane, so they pack in units of 8; byte-wide formats in units of 1.
+    """
+    if bits >= 8:
+        return 1
+    return 8 if bits == 3 else 8 // bits
+
+
+def packed_group_bytes(length: int, bits: int) -> int:
+    """Bytes of one group of `length` codes, padded with zero codes to the pack width."""
+    if bits >= 8:
+        return length
+    width = pack_width(bits)
+    return -(-length // width) * width * bits // 8
+
+
+def packed_length(k: int, bits: int, group_size: int | None) -> int:
+    """Length of `qvalue`'s last axis for K codes of `bits` bits, packed per group."""
+    if bits >= 8:
+        return k
+    return sum(count * packed_group_bytes(length, bits)
+               for _, length, count in group_runs(k, group_size))
 
 
 def pad_rows(a: jnp.ndarray, rows: int) -> jnp.ndarray:
@@ -92,9 +129,7 @@ def group_bytes(qtype: str, k: int, group_size: int | None) -> int | None:
 
 def packed_k(qtype: str, k: int, group_size: int | None) -> int:
     """Length of `qvalue`'s last axis: K for 8-bit formats, sum of ceil(L/2) for 4-bit."""
-    if qtype not in PACKED_QTYPES:
-        return k
-    return sum((length + 1) // 2 for _, length in group_starts_and_lengths(k, group_size))
+    return packed_length(k, 4 if qtype in PACKED_QTYPES else 8, group_size)
 
 
 @functools.lru_cache(maxsize=256)
