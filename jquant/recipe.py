@@ -120,10 +120,7 @@ class Rule:
 
     def _validate_skip(self):
         # A skip rule keeps parameters float, so any setting beside it would be ignored.
-        ignored = [f.name for f in dataclasses.fields(self)
-                   if f.name not in ("pattern", "skip", "index") and getattr(self, f.name)
-                   != (f.default_factory() if f.default_factory is not dataclasses.MISSING
-                       else f.default)]  # fmt: skip
+        ignored = [key for key in self.to_dict() if key not in ("pattern", "skip")]
         if ignored:
             self._fail(f"skip: true excludes {', '.join(ignored)} (a skip rule keeps the "
                        "parameters float); drop skip or those keys")
