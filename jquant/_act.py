@@ -50,18 +50,16 @@ def quantize_rows(x, fmt: str, axes=(-1,)):
 
     Returns:
       ``(codes, scale)``: codes of ``fmt``'s code dtype, shape of ``x``; float32
-      scales with ``axes`` kept as size 1. ``x ≈ decode(codes) * scale``.
+      scales with ``axes`` kept as size 1. ``x ≈ decode(codes) * scale``. A row holding
+      NaN or inf gets a NaN or inf scale, so it stays non-finite through the matmul
+      (``kernels.quantize_activations``, the one per-row quantizer, says how).
 
     >>> codes, scale = quantize_rows(jnp.array([[1.0, -2.0]]), "int8")
     >>> codes.tolist(), scale.shape
     ([[64, -127]], (1, 1))
     """
     check_format(fmt)
-    qt = qtypes.get(fmt)
-    xf = x.astype(jnp.float32)
-    amax = jnp.max(jnp.abs(xf), axis=axes, keepdims=True)
-    scale = jnp.where(amax > 0, amax / jnp.float32(qt.scale_target), jnp.float32(1.0))
-    return qtypes.encode(qt, xf / scale), scale
+    return kernels.quantize_activations(x, qtypes.get(fmt).code_dtype, axis=tuple(axes))
 
 
 def _fake_quant(x, fmt, axes):

@@ -52,24 +52,34 @@ from .quantized_matmul import (
 
 _NT = (((1,), (1,)), ((), ()))
 _FLOAT_DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16), jnp.dtype(jnp.float32))
-# Code dtype -> the magnitude a row's absmax is scaled onto.
+# Code dtype -> the magnitude a row's absmax is scaled onto: the dtype's largest finite
+# value (int8 codes stay in [-127, 127], symmetric).
 W8A8_DTYPES = {jnp.dtype(jnp.int8): 127.0, jnp.dtype(jnp.float8_e4m3fn): 448.0}
+# Formats `quantize_activations` also writes for fake-quantized activations (no W8A8 kernel).
+ACTIVATION_DTYPES = {**W8A8_DTYPES, jnp.dtype(jnp.float8_e5m2): 57344.0}
 
 
-def quantize_activations(x: jax.Array, dtype=jnp.int8) -> tuple[jax.Array, jax.Array]:
+def quantize_activations(x: jax.Array, dtype=jnp.int8, *,
+                         axis: int | tuple[int, ...] = -1) -> tuple[jax.Array, jax.Array]:
     """Per-row absmax: x (..., K) -> (xq (..., K) in `dtype`, x_scale float32 (..., 1)).
 
-    `dtype` is int8 (round to nearest) or float8_e4m3fn (round to nearest in fp8).
+    `dtype` is int8 (round to nearest, ties to even) or float8_e4m3fn / float8_e5m2 (round
+    to nearest in fp8; only e4m3 has a W8A8 kernel). `axis` is the axis (or axes) a row
+    spans; they are kept as size 1 in x_scale. An all-zero row gets scale 1. A row holding
+    NaN or inf gets a NaN or inf scale, so the matmul's epilogue (`* x_scale`) turns its
+    output row non-finite, as x @ w would: a diverging run must not come out finite.
 
     >>> xq, xs = quantize_activations(x)   # x ~= xq * xs
     """
     dtype = jnp.dtype(dtype)
-    if dtype not in W8A8_DTYPES:
-        raise ValueError(f"{dtype=} must be int8 or float8_e4m3fn")
-    target = W8A8_DTYPES[dtype]
+    if dtype not in ACTIVATION_DTYPES:
+        raise ValueError(f"{dtype=} must be one of {[d.name for d in ACTIVATION_DTYPES]}")
+    target = ACTIVATION_DTYPES[dtype]
     x = x.astype(jnp.float32)
-    amax = jnp.max(jnp.abs(x), axis=-1, keepdims=True)
-    x_scale = jnp.where(amax > 0, amax / target, jnp.ones_like(amax))
+    amax = jnp.max(jnp.abs(x), axis=axis, keepdims=True)
+    # XLA:CPU's max reduction may skip a NaN (seen at K = 1000, not at 512), so ask.
+    amax = jnp.where(jnp.any(jnp.isnan(x), axis=axis, keepdims=True), jnp.nan, amax)
+    x_scale = jnp.where(amax == 0, jnp.ones_like(amax), amax / target)
     xs = jnp.clip(x / x_scale, -target, target)
     xq = (jnp.round(xs) if dtype == jnp.int8 else xs).astype(dtype)
     return xq, x_scale

@@ -82,6 +82,24 @@ def test_bf16_output_default_blocks_and_batch_dims(dtype):
     _assert_close(y, ref, BF16_TOL)
 
 
+@pytest.mark.parametrize("bad", (np.nan, np.inf), ids=("nan", "inf"))
+@pytest.mark.parametrize("dtype", DTYPES, ids=("int8", "fp8"))
+def test_non_finite_rows_stay_non_finite(dtype, bad):
+    # An int8 code cannot hold NaN: the row's scale must carry it into the epilogue, or a
+    # diverging activation comes out as a finite row (NumPy's x @ w.T is non-finite there).
+    x, w, _, _, q, s = _problem(7, 201, 1000, dtype, seed=3)
+    x = np.array(x)
+    x[1, 10], x[4, 999] = bad, -bad
+    xq, xs = kernels.quantize_activations(jnp.asarray(x), dtype)
+    assert np.isfinite(np.asarray(xs)).tolist() == [[r not in (1, 4)] for r in range(7)]
+    y = np.asarray(_run(xq, xs, q, s, out_dtype=jnp.float32, interpret=True,
+                        block_sizes=BlockSizes(block_m=32, block_n=128, block_k=256)))
+    with np.errstate(invalid="ignore"):
+        ref = x @ np.asarray(w).T
+    np.testing.assert_array_equal(np.isfinite(y).all(axis=1), np.isfinite(ref).all(axis=1))
+    assert not np.isfinite(y[[1, 4]]).any()
+
+
 @pytest.mark.parametrize("dtype", DTYPES, ids=("int8", "fp8"))
 def test_kernel_is_used(dtype):
     # Guards the tests above: fp8 must reach the Pallas kernel, not the XLA reference.
