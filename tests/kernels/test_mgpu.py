@@ -5,11 +5,16 @@ TMA copies, barriers, `wgmma`, NaN-poisoned uninitialized memory); lowering is c
 with `jax.export(..., platforms=["cuda"])`, which runs the Mosaic GPU Python lowering
 (layouts, swizzles, tilings) but not ptxas: nothing here has run on a GPU.
 
+The numerics go through the real entry point, `quantized_matmul(..., backend="gpu",
+gpu_kernel="mosaic")`, so its planning, activation planes and XLA K tail are what is
+checked, not a copy of them.
+
 Tolerance: kernel and reference round the dequantized weight to x's dtype identically and
 accumulate in f32, so in f32 they differ only by the order of the f32 sums (the kernel's
-K steps, split K, and the XLA tails added on top). `F32_TOL` is far below one bf16 ulp of
-the result, so a wrong scale row, nibble, zero point or rounding would miss it by orders
-of magnitude.
+K steps, split K, and the XLA tails added on top): `F32_TOL`, far below one bf16 ulp. The
+entry point returns x's dtype, so each element must be the f32 reference rounded once:
+within half an ulp of it plus that slack (`assert_rounded_close`). A wrong scale row,
+nibble, zero point or rounding misses this by orders of magnitude.
 """
 
 from __future__ import annotations
@@ -25,7 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from jquant.kernels import BlockSizes, _mgpu
-from jquant.kernels._formats import STORAGE_DTYPES, num_groups, packed_k, split_activations
+from jquant.kernels._formats import STORAGE_DTYPES, num_groups, packed_k
 from jquant.kernels.block_sizes import get_block_sizes
 
 qm = importlib.import_module("jquant.kernels.quantized_matmul")
@@ -62,31 +67,31 @@ def make_inputs(qtype, k, group_size, m, n, x_dtype=jnp.bfloat16, seed=0,
     return x, jnp.asarray(q), jnp.asarray(s), None if zp is None else jnp.asarray(zp)
 
 
-# ---- The caller's side: what `quantized_matmul._forward` does around `_gpu` / `_tpu`.
+# ---- Through the real entry point: `quantized_matmul(..., backend="gpu",
+# gpu_kernel="mosaic")` plans, splits x into planes, calls `_mgpu` and adds the XLA K tail.
 
-def mgpu_forward(x, q, s, zp, *, qtype, k, group_size, interpret, block_sizes=None,
-                 out_dtype=None):
-    """x (M, K) -> (M, N): the kernel over `plan.kb_main` bytes, XLA over the K tail."""
-    m, n = x.shape[0], q.shape[0]
-    sizes = block_sizes or get_block_sizes("gpu", m)
-    plan = _mgpu.plan_mgpu(qtype, k, group_size, m, n, sizes, strict=block_sizes is not None)
-    out_dtype = jnp.dtype(out_dtype or x.dtype)
-    if plan.kb_main == 0:
-        y = qm.planes_matmul_xla(x, q, s, zp, qtype=qtype, k=k, group_size=group_size)
-        return y.astype(out_dtype)
-    planes = split_activations(x, qtype, k, group_size, plan.kb_main)
-    y = _mgpu.weight_only_matmul_mgpu(planes, q, s, zp, plan=plan, qtype=qtype, k=k,
-                                      group_size=group_size, out_dtype=jnp.dtype(jnp.float32),
-                                      interpret=interpret)
-    y = y + qm.planes_matmul_xla(x, q, s, zp, qtype=qtype, k=k, group_size=group_size,
-                                 start=plan.kb_main)
-    return y.astype(out_dtype)
+def mgpu_matmul(x, q, s, zp, *, qtype, k, group_size, interpret, block_sizes=None):
+    return qm.quantized_matmul(x, q, s, zp, qtype=qtype, k=k, group_size=group_size,
+                               backend="gpu", gpu_kernel="mosaic", interpret=interpret,
+                               block_sizes=block_sizes)
 
 
 def reference_f32(x, q, s, zp, *, qtype, k, group_size):
     """The reference before its final rounding: weight rounded to x.dtype, f32 product."""
     w = qm.dequantize(q, s, zp, qtype=qtype, k=k, group_size=group_size, dtype=x.dtype)
     return np.asarray(x, np.float32) @ np.asarray(w, np.float32)
+
+
+def assert_rounded_close(y, ref_f32, x_dtype):
+    """y (x's dtype) is ref_f32 up to F32_TOL of summation order, then one rounding to
+    x's dtype: elementwise at most half an ulp of |ref| (eps / 2) plus that slack."""
+    y, ref = np.asarray(y, np.float32), np.asarray(ref_f32, np.float32)
+    assert y.shape == ref.shape, (y.shape, ref.shape)
+    assert np.all(np.isfinite(y))
+    half_ulp = float(jnp.finfo(x_dtype).eps) / 2
+    bound = 1.01 * F32_TOL * np.abs(ref).max() + half_ulp * (1 + F32_TOL) * np.abs(ref)
+    excess = np.abs(y - ref) - bound
+    assert np.all(excess <= 0), (excess.max(), np.unravel_index(excess.argmax(), y.shape))
 
 
 def assert_close(y, ref, tol):
@@ -198,15 +203,18 @@ def _cases():
 
 
 def _check(qtype, k, group_size, m, n, x_dtype=jnp.bfloat16, scale_dtype=np.float32,
-           block_sizes=None, seed=0):
+           block_sizes=None, seed=0, kernel=True):
     x, q, s, zp = make_inputs(qtype, k, group_size, m, n, x_dtype, seed, scale_dtype)
     kw = dict(qtype=qtype, k=k, group_size=group_size)
-    y = mgpu_forward(x, q, s, zp, interpret=_interpret(), block_sizes=block_sizes,
-                     out_dtype=jnp.float32, **kw)
-    assert_close(y, reference_f32(x, q, s, zp, **kw), F32_TOL)
-    # and the x-dtype result against the library's reference
-    ref = qm.quantized_matmul_reference(x, q, s, zp, **kw)
-    assert_close(jnp.asarray(y).astype(x.dtype), ref, BF16_TOL)
+    fn = lambda x: mgpu_matmul(x, q, s, zp, interpret=_interpret(), block_sizes=block_sizes,
+                               **kw)
+    # guards the check below: the Mosaic GPU kernel (its wgmma) takes part, unless told not
+    assert ("wgmma" in str(jax.make_jaxpr(fn)(x))) == kernel
+    y = fn(x)
+    assert y.dtype == x.dtype
+    assert_rounded_close(y, reference_f32(x, q, s, zp, **kw), x.dtype)
+    # and against the library's reference
+    assert_close(y, qm.quantized_matmul_reference(x, q, s, zp, **kw), BF16_TOL)
 
 
 class TestInterpret:
@@ -240,12 +248,12 @@ class TestInterpret:
         plan = _mgpu.plan_mgpu("int4", 256, 64, 2, 40, get_block_sizes("gpu", 2),
                                strict=False)
         assert plan.n_main == 0
-        _check("int4", 256, 64, 2, 40)
+        _check("int4", 256, 64, 2, 40, kernel=False)
 
     def test_kernel_is_used(self):
         x, q, s, zp = make_inputs("int4", 256, 64, 4, 128)
-        fn = lambda x: mgpu_forward(x, q, s, zp, qtype="int4", k=256, group_size=64,
-                                    interpret=False)
+        fn = lambda x: mgpu_matmul(x, q, s, zp, qtype="int4", k=256, group_size=64,
+                                   interpret=False)
         assert _export(fn, jax.ShapeDtypeStruct(x.shape, x.dtype)) >= {_mgpu.MGPU_CUSTOM_CALL}
 
     def test_wrapper_rejects_f32_planes(self):
@@ -269,8 +277,8 @@ def _lowers(qtype, k, group_size, m, n, x_dtype=jnp.bfloat16):
     q = jnp.zeros((n, packed_k(qtype, k, group_size)), STORAGE_DTYPES[qtype])
     s = jnp.ones((n, num_groups(k, group_size)), jnp.bfloat16)
     zp = s if qtype == "uint4" else None
-    fn = lambda x: mgpu_forward(x, q, s, zp, qtype=qtype, k=k, group_size=group_size,
-                                interpret=False)
+    fn = lambda x: mgpu_matmul(x, q, s, zp, qtype=qtype, k=k, group_size=group_size,
+                               interpret=False)
     targets = _export(fn, jax.ShapeDtypeStruct((m, k), x_dtype))
     assert _mgpu.MGPU_CUSTOM_CALL in targets, targets
 
@@ -296,8 +304,8 @@ class TestLowering:
         sizes = BlockSizes(block_m=block[0], block_n=block[1], block_k=block[2])
         q = jnp.zeros((512, 2048), jnp.uint8)
         s = jnp.ones((512, 32), jnp.float32)
-        fn = lambda x: mgpu_forward(x, q, s, None, qtype="int4", k=4096, group_size=128,
-                                    interpret=False, block_sizes=sizes)
+        fn = lambda x: mgpu_matmul(x, q, s, None, qtype="int4", k=4096, group_size=128,
+                                   interpret=False, block_sizes=sizes)
         assert _mgpu.MGPU_CUSTOM_CALL in _export(fn, jax.ShapeDtypeStruct((m, 4096),
                                                                           jnp.bfloat16))
 
