@@ -170,4 +170,6 @@ def _dequant_dot_blocked(x, w: QArray, precision=None):
 
 
 def _accumulator(dtype):
-    return jnp.float32 if np.dtype(dtype).itemsize <= 4 else dtype
+    """float32 for 16- and 32-bit floats; wider floats and integers keep their dtype."""
+    floating = jnp.issubdtype(dtype, jnp.floating)
+    return jnp.float32 if floating and np.dtype(dtype).itemsize <= 4 else dtype

@@ -184,7 +184,9 @@ def _as_2d(w: QArray) -> QArray:
     """The same QArray with its non-contraction axes merged: storage ``(N, Kbytes)``."""
     if w.qvalue.ndim == 2:
         return w
-    scale = w.scales()  # a double-quantized scale cannot be reshaped; its values can
+    # Reshape the stored scale as it is (dtype kept, the kernels want the zero point's);
+    # only a double-quantized scale, itself a QArray, cannot be reshaped, its values can.
+    scale = w.scales() if isinstance(w.scale, QArray) else w.scale
 
     def flat(a):
         return None if a is None else a.reshape(-1, a.shape[-1])
@@ -195,6 +197,15 @@ def _as_2d(w: QArray) -> QArray:
 
 
 # ---- validation -------------------------------------------------------------------
+
+
+def _promote(x, w):
+    """``x`` in the dtype the dot runs in: its own if float, else JAX's promotion of its
+    dtype with the weight's (``int32`` with a float32 weight -> float32), as ``x @ w``
+    would; under ``jax_numpy_dtype_promotion="strict"`` that raises TypePromotionError."""
+    if jnp.issubdtype(x.dtype, jnp.inexact):
+        return x
+    return x.astype(jnp.result_type(x.dtype, w.dtype))
 
 
 def _describe(w) -> str:
@@ -259,6 +270,7 @@ def qdot_general(
             x, w, dimension_numbers, precision=precision,
             preferred_element_type=preferred_element_type,
         )  # fmt: skip
+    x = _promote(x, w)
     dims = _normalize_dims(dimension_numbers, x.ndim, w.ndim)
     _check_dims(op, x, w, dims)
     out_dtype = preferred_element_type or x.dtype
@@ -313,7 +325,9 @@ def qdot(x: jax.Array, w, *, precision=None, preferred_element_type=None) -> jax
     """``x @ w`` over the last axis of ``x`` and the first axis of ``w``.
 
     Args:
-      x: activations ``(..., K)``.
+      x: activations ``(..., K)``. Integer activations are first promoted with the
+        weight's dtype as ``x @ w`` would (int8 with float32 -> float32); every op here
+        does the same.
       w: weight ``(K, *out)``: an array (cast to ``x.dtype``), or a QArray whose
         contraction axis is its first (``quantize_array(w, ..., axis=0)``).
       precision: passed to ``lax.dot_general``.
@@ -333,9 +347,10 @@ def qdot(x: jax.Array, w, *, precision=None, preferred_element_type=None) -> jax
     >>> qdot(jnp.ones((2, 3)), jnp.ones((3, 4))).shape
     (2, 4)
     """
-    out_dtype = preferred_element_type or x.dtype
     if w.ndim < 1:
         raise ValueError(f"qdot: the weight must have an axis to contract, got {_describe(w)}")
+    x = _promote(x, w)
+    out_dtype = preferred_element_type or x.dtype
     dims = (((x.ndim - 1,), (0,)), ((), ()))
     if isinstance(w, QArray):
         return qdot_general(x, w, dims, precision, out_dtype, op="qdot")
@@ -369,6 +384,7 @@ def qeinsum(spec: str, x, w, *, precision=None, preferred_element_type=None) -> 
         return jnp.einsum(
             spec, x, w, precision=precision, preferred_element_type=preferred_element_type
         )
+    x = _promote(x, w)
     xs, ws, outs = _parse_einsum(spec, x.ndim, w.ndim, w)
     summed = [i for i, c in enumerate(xs) if c not in ws and c not in outs]
     if summed:  # indices only x carries and the output drops: sum them out first
@@ -470,6 +486,7 @@ def qattend(x: jax.Array, table, *, precision=None, preferred_element_type=None)
     >>> qattend(jnp.ones((1, 3)), jnp.eye(3)).tolist()
     [[1.0, 1.0, 1.0]]
     """
+    x = _promote(x, table)
     out_dtype = preferred_element_type or x.dtype
     dims = (((x.ndim - 1,), (1,)), ((), ()))
     if isinstance(table, QArray):

@@ -2,6 +2,7 @@
 
 import jax
 import jax.numpy as jnp
+import ml_dtypes
 import numpy as np
 import pytest
 
@@ -253,3 +254,115 @@ def test_4bit_nibble_planes_match_dequantize_then_dot(qtype, k, n, group):
     _close(_dequant_dot._dequant_dot(x, w), x @ w.dequantize_stored().T)
     g = jax.grad(lambda x: jnp.sum(ops.qdot(x, w)))(x)
     _close(g, jnp.broadcast_to(jnp.sum(w.dequantize(), axis=1), x.shape))
+
+
+# ---- hardening: non-finite activations, integer activations, stacked 4-bit weights -------
+
+
+def _np_dequantized(w):
+    return np.asarray(w.dequantize(jnp.float32), np.float64)
+
+
+@pytest.mark.parametrize("path", ["xla", "kernel"])
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+@pytest.mark.parametrize(
+    "qtype,act,group",
+    [("int8", "int8", None), ("int4", "int8", 128), ("int8", None, None),
+     ("fp8_e4m3", "fp8_e4m3", None)],
+)  # fmt: skip
+def test_non_finite_activations_give_non_finite_rows(path, bad, qtype, act, group):
+    # A diverging run must show: a row of x holding NaN or inf gives a non-finite output
+    # row (as NumPy's x @ w does), whatever the path; the other rows stay finite.
+    if path == "kernel" and act is not None and qtype != act:
+        pytest.skip("no kernel for fake-quantized activations")
+    # K = 1000: XLA:CPU's max reduction skips a NaN at some positions of such rows.
+    w = quantize_array(_rand((1000, 256)), qtype, group_size=group, activation=act)
+    x = np.array(_rand((7, 1000), seed=10))
+    x[2, 3], x[5, 10] = bad, bad
+    old = ops.set_matmul_path(path)
+    try:
+        y = np.asarray(ops.qdot(jnp.asarray(x), w))
+    finally:
+        ops.set_matmul_path(old)
+    with np.errstate(invalid="ignore"):
+        ref = x.astype(np.float64) @ _np_dequantized(w)
+    np.testing.assert_array_equal(np.isfinite(y).all(axis=1), np.isfinite(ref).all(axis=1))
+    assert not np.isfinite(y[[2, 5]]).any()
+
+
+@pytest.mark.parametrize("fmt", ["int8", "fp8_e4m3", "fp8_e5m2"])
+def test_quantize_rows_keeps_nan_rows_nan(fmt):
+    x = np.array(_rand((3, 16)))
+    x[1, 4] = np.nan
+    codes, scale = _act.quantize_rows(jnp.asarray(x), fmt)
+    assert np.isnan(np.asarray(scale)[1, 0]) and np.isfinite(np.asarray(scale)[[0, 2]]).all()
+    target = {"int8": 127.0, "fp8_e4m3": 448.0, "fp8_e5m2": 57344.0}[fmt]
+    np.testing.assert_allclose(np.asarray(scale)[0, 0], np.abs(x[0]).max() / target, rtol=1e-6)
+
+
+# Both rows have absmax 7: 7 * 127 / 7 and 448 / 7 = 64 leave no rounding ties.
+_INT_X = np.array([[3, -1, 2, 0, 7, -5, 1, 4] * 8, [1, 2, 3, 4, -7, -3, -2, -1] * 8])
+
+
+@pytest.mark.parametrize("x_dtype", [jnp.int32, jnp.int8])
+@pytest.mark.parametrize(
+    "qtype,kw",
+    [("int4", dict(group_size=32)), ("int8", dict(activation="int8")),
+     ("fp8_e4m3", dict(activation="fp8_e4m3")), ("nf4", dict(group_size=32))],
+)  # fmt: skip
+def test_integer_activations_promote_like_jax(x_dtype, qtype, kw):
+    # x @ w for integer x and a float32 weight is float32 in JAX (standard promotion); a
+    # QArray of a float32 weight behaves the same, with the weight's values.
+    w_float = _rand((64, 4))
+    w = quantize_array(w_float, qtype, **kw)
+    x = jnp.asarray(_INT_X, x_dtype)
+    x_ref = np.asarray(_INT_X, np.float64)
+    if w.activation is not None:  # per-row absmax quantization of x, written in NumPy
+        target = {"int8": 127.0, "fp8_e4m3": 448.0}[w.activation]
+        row_scale = np.abs(x_ref).max(axis=1, keepdims=True) / target
+        v = x_ref / row_scale
+        v = np.round(v) if w.activation == "int8" else v.astype(ml_dtypes.float8_e4m3fn)
+        x_ref = np.asarray(v, np.float64) * row_scale
+    ref = x_ref @ _np_dequantized(w)
+    with jax.numpy_dtype_promotion("standard"):
+        assert (x @ w_float).dtype == jnp.float32
+        outs = {
+            "qdot": ops.qdot(x, w),
+            "qdot_general": ops.qdot_general(x, w, (((1,), (0,)), ((), ()))),
+            "qeinsum": ops.qeinsum("mk,kn->mn", x, w),
+        }
+        for name, y in outs.items():
+            assert y.dtype == jnp.float32, name
+            _close(y, ref, rtol=1e-5)
+        y = ops.qdot(x, w_float)
+        assert y.dtype == jnp.float32
+        _close(y, np.asarray(_INT_X, np.float64) @ np.asarray(w_float, np.float64))
+    with pytest.raises(jax.dtypes.TypePromotionError, match="promotion"):
+        ops.qdot(x, w)  # strict promotion (this suite's setting) refuses, as x @ w does
+
+
+def test_integer_activations_in_qattend():
+    table = _rand((10, 64))
+    q = quantize_array(table, "int4", axis=-1, group_size=32)
+    x = jnp.asarray(_INT_X, jnp.int32)
+    with jax.numpy_dtype_promotion("standard"):
+        for t, deq in ((q, _np_dequantized(q)), (table, np.asarray(table, np.float64))):
+            y = ops.qattend(x, t)
+            assert y.dtype == jnp.float32
+            _close(y, np.asarray(_INT_X, np.float64) @ deq.T)
+
+
+@pytest.mark.parametrize("scale_dtype", [jnp.bfloat16, jnp.float32])
+def test_stacked_uint4_weight_runs_the_kernel(scale_dtype):
+    # A 3-D weight (DenseGeneral / stacked layers) flattens to (N, Kbytes) for the kernel;
+    # its zero points and scales must keep one dtype, as the kernel's contract demands.
+    w = quantize_array(_rand((256, 4, 40)), "uint4", group_size=64, scale_dtype=scale_dtype)
+    x = _rand((3, 256), seed=11)
+    old = ops.set_matmul_path("kernel")
+    try:
+        assert "pallas_call" in str(jax.make_jaxpr(lambda x: ops.qdot(x, w))(x))
+        y = ops.qdot(x, w)
+    finally:
+        ops.set_matmul_path(old)
+    ref = np.asarray(x, np.float64) @ _np_dequantized(w).reshape(256, -1)
+    _close(y, ref.reshape(3, 4, 40), rtol=1e-5)
