@@ -53,6 +53,7 @@ TPU_X_DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float32))
 TPU_QTYPES = QTYPES
 GPU_QTYPES = QTYPES
 GPU_KERNELS = ("mosaic", "triton")
+GPU_KERNEL_ENV = "JQUANT_GPU_KERNEL"  # names a GPU kernel to force, see `forced_gpu_kernel`
 
 
 def validate_inputs(x, qvalue, scale, zero_point, *, qtype: str, k: int,
@@ -213,6 +214,22 @@ def _is_hopper_or_newer() -> bool:
     return cc is not None and cc >= (9, 0)
 
 
+def forced_gpu_kernel(gpu_kernel: str | None = None) -> str | None:
+    """The GPU kernel that `gpu_kernel`, else `$JQUANT_GPU_KERNEL`, forces; None when
+    neither names one. The one reader of that variable, for weight-only and W8A8 alike.
+
+    Raises:
+      ValueError: the name is not one of `GPU_KERNELS`.
+    """
+    if gpu_kernel:
+        choice, source = gpu_kernel, "gpu_kernel"
+    else:
+        choice, source = os.environ.get(GPU_KERNEL_ENV) or None, f"${GPU_KERNEL_ENV}"
+    if choice is not None and choice not in GPU_KERNELS:
+        raise ValueError(f"{source}={choice!r} must be one of {GPU_KERNELS}")
+    return choice
+
+
 def select_gpu_kernel(x, qvalue, *, qtype: str, k: int, group_size: int | None,
                       gpu_kernel: str | None = None) -> str:
     """Which GPU kernel runs: "mosaic" (Mosaic GPU, Hopper wgmma) or "triton".
@@ -222,10 +239,8 @@ def select_gpu_kernel(x, qvalue, *, qtype: str, k: int, group_size: int | None,
     the Triton-lowered kernel (Ampere and Ada, f32 x, small groups). Off a GPU the default
     is "triton" (what interpret-mode tests of `backend="gpu"` exercise).
     """
-    choice = gpu_kernel or os.environ.get("JQUANT_GPU_KERNEL") or None
+    choice = forced_gpu_kernel(gpu_kernel)
     if choice is not None:
-        if choice not in GPU_KERNELS:
-            raise ValueError(f"gpu_kernel={choice!r} must be one of {GPU_KERNELS}")
         return choice
     if _is_hopper_or_newer() and _mgpu.unsupported_reason(
             qtype, k, group_size, x_dtype=x.dtype, n=qvalue.shape[0]) is None:

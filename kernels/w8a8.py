@@ -34,8 +34,6 @@ last whole block and K past the last whole block are computed by XLA and added.
 
 from __future__ import annotations
 
-import os
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -47,6 +45,7 @@ from .quantized_matmul import (
     GPU_KERNELS,
     _is_hopper_or_newer,
     _normalize_backend,
+    forced_gpu_kernel,
     gpu_compute_capability,
 )
 
@@ -134,7 +133,7 @@ def select_gpu_w8a8_kernel(xq, qvalue, *, gpu_kernel: str | None = None) -> str:
     compute capability >= 9.0 when its shape rules hold (`_mgpu_w8a8.unsupported_reason`),
     else Triton. Off a GPU the default is "triton".
     """
-    choice = gpu_kernel or os.environ.get("JQUANT_GPU_KERNEL") or None
+    choice = forced_gpu_kernel(gpu_kernel)
     if choice is not None:
         if choice not in GPU_KERNELS:
             raise ValueError(f"gpu_kernel={choice!r} must be one of {GPU_KERNELS}")

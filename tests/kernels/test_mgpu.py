@@ -358,7 +358,7 @@ class TestPublicEntry:
         assert qm.select_gpu_kernel(x, q, **kw) == "mosaic"
         assert qm.select_gpu_kernel(x, q, gpu_kernel="triton", **kw) == "triton"
         monkeypatch.setenv("JQUANT_GPU_KERNEL", "cutlass")
-        with pytest.raises(ValueError, match="must be one of"):
+        with pytest.raises(ValueError, match=r"\$JQUANT_GPU_KERNEL='cutlass' must be one of"):
             qm.select_gpu_kernel(x, q, **kw)
 
     def test_hopper_default_prefers_mosaic_where_it_applies(self, monkeypatch):

@@ -296,5 +296,8 @@ class TestPublicEntry:
                                          gpu_kernel="mosaic")
         monkeypatch.setenv("JQUANT_GPU_KERNEL", "triton")
         assert w8a8.select_gpu_w8a8_kernel(xq, wq) == "triton"
+        monkeypatch.setenv("JQUANT_GPU_KERNEL", "cutlass")
+        with pytest.raises(ValueError, match=r"\$JQUANT_GPU_KERNEL='cutlass' must be one of"):
+            w8a8.select_gpu_w8a8_kernel(xq, wq)
         with pytest.raises(ValueError, match="must be one of"):
             w8a8.select_gpu_w8a8_kernel(xq, wq, gpu_kernel="cublas")
