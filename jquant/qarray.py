@@ -46,7 +46,29 @@ import jax.numpy as jnp
 import numpy as np
 
 from jquant import qtypes
+from jquant._checks import check_activation, raise_nonfinite, raise_scale_range
+from jquant._checks import check_float_weight as check_float_weight
+from jquant._checks import validate_group_size as validate_group_size
+from jquant._groups import apply_groups as _apply_groups
+from jquant._groups import group_reduce as _group_reduce  # noqa: F401 (re-export)
+from jquant._groups import per_group as _per_group  # noqa: F401 (re-export)
+from jquant._packing import _pack_slices as _pack_slices
+from jquant._packing import _packed_len as _packed_len
+from jquant._packing import _unpack_slices as _unpack_slices
+from jquant._packing import pack as pack
+from jquant._packing import packed_length as packed_length
+from jquant._packing import unpack as unpack
+from jquant._scales import SCALE_BLOCK, double_quantize, scale_range_problems
+from jquant._scales import _round_up_to as _round_up_to
+from jquant._scales import compute_scale as compute_scale
+from jquant._scales import encode_groups as encode_groups
+from jquant.kernels._formats import group_runs as _segments  # noqa: F401 (re-export)
+from jquant.kernels._formats import num_groups as _num_groups
 from jquant.qtypes import QType
+
+# This module is the dataclass and quantize_array. Geometry, packing, scales and checks
+# live in jquant._groups, _packing, _scales and _checks; the names above are re-exported
+# because jquant.ops, jquant._dequant_dot, algorithms and tests import them from here.
 
 
 def _shape_of(x) -> tuple[int, ...]:
@@ -189,267 +211,7 @@ def is_qarray(x) -> bool:
     return isinstance(x, QArray)
 
 
-# ---- groups ---------------------------------------------------------------------
-
-
-def _num_groups(k: int, group_size: int | None) -> int:
-    return 1 if group_size is None else -(-k // group_size)
-
-
-def _segments(k: int, group_size: int | None) -> list[tuple[int, int, int]]:
-    """(start, length, count) runs of equal-length groups along K."""
-    if group_size is None or group_size >= k:
-        return [(0, k, 1)]
-    full, tail = divmod(k, group_size)
-    runs = [(0, group_size, full)]
-    if tail:
-        runs.append((full * group_size, tail, 1))
-    return runs
-
-
-def _per_group(values, group_size, fn, *group_arrays):
-    """Applies ``fn(block, *per_group)`` group by group.
-
-    ``values`` is (..., K); each of ``group_arrays`` is (..., G) or (..., 1) (one
-    value for every group) and reaches ``fn`` as (..., count, 1) against blocks of
-    (..., count, length). Reshapes rather than repeats, so XLA fuses the broadcast.
-    """
-    k = values.shape[-1]
-    pieces = []
-    gi = 0
-    for start, length, count in _segments(k, group_size):
-        v = values[..., start : start + length * count]
-        v = v.reshape(*v.shape[:-1], count, length)
-        per = [a[..., :1, None] if a.shape[-1] == 1 else a[..., gi : gi + count, None]
-               for a in group_arrays]
-        out = fn(v, *per)
-        pieces.append(out.reshape(*out.shape[:-2], count * length))
-        gi += count
-    return pieces[0] if len(pieces) == 1 else jnp.concatenate(pieces, axis=-1)
-
-
-def _apply_groups(values, scale, zero_point, group_size):
-    """The dequantization identity: ``(values - zero_point) * scale`` per group."""
-    if zero_point is None:
-        return _per_group(values, group_size, lambda v, s: v * s, scale)
-    return _per_group(values, group_size, lambda v, s, z: (v - z) * s, scale, zero_point)
-
-
-def _group_reduce(x, group_size, fn):
-    """Reduces each group of x (..., K) with fn(block, axis=-1) → (..., G)."""
-    k = x.shape[-1]
-    outs = []
-    for start, length, count in _segments(k, group_size):
-        v = x[..., start : start + length * count].reshape(*x.shape[:-1], count, length)
-        outs.append(fn(v, axis=-1))
-    return outs[0] if len(outs) == 1 else jnp.concatenate(outs, axis=-1)
-
-
-# ---- packing --------------------------------------------------------------------
-
-
-def _pack_slices(codes, bits: int):
-    """codes (..., n, L) uint8 in [0, 2**bits), L % (8//bits) == 0 → (..., n, L*bits/8)."""
-    per = 8 // bits
-    L = codes.shape[-1]
-    sl = codes.reshape(*codes.shape[:-1], per, L // per).astype(jnp.uint8)
-    out = sl[..., 0, :]
-    for i in range(1, per):
-        out = out | (sl[..., i, :] << (i * bits))
-    return out
-
-
-def _unpack_slices(packed, bits: int):
-    """Inverse of ``_pack_slices``: (..., n, B) → (..., n, B * 8/bits) in [0, 2**bits)."""
-    per = 8 // bits
-    mask = jnp.uint8(2**bits - 1)
-    return jnp.concatenate([(packed >> (i * bits)) & mask for i in range(per)], axis=-1)
-
-
-def _packed_len(length: int, qt: QType) -> int:
-    padded = -(-length // qt.pack_width) * qt.pack_width
-    return padded * qt.bits // 8
-
-
-def packed_length(k: int, qtype: str | QType, group_size: int | None) -> int:
-    """Bytes per row (last axis of ``qvalue``) for ``k`` codes."""
-    qt = qtypes.get(qtype)
-    if not qt.packed:
-        return k
-    return sum(count * _packed_len(length, qt) for _, length, count in _segments(k, group_size))
-
-
-def pack(codes, qtype: str | QType, group_size: int | None):
-    """Packs codes ``(..., K)`` of a sub-byte format into ``(..., Kbytes)`` uint8.
-
-    Byte-wide formats pass through unchanged. See the module docstring for the order.
-    """
-    qt = qtypes.get(qtype)
-    if not qt.packed:
-        return codes.astype(qt.code_dtype)
-    mask = 2**qt.bits - 1
-    u = (codes.astype(jnp.int32) & mask).astype(jnp.uint8)  # two's complement within bits
-    k = u.shape[-1]
-    pieces = []
-    for start, length, count in _segments(k, group_size):
-        v = u[..., start : start + length * count].reshape(*u.shape[:-1], count, length)
-        pad = -length % qt.pack_width
-        if pad:
-            v = jnp.pad(v, [(0, 0)] * (v.ndim - 1) + [(0, pad)])
-        if qt.bits == 3:
-            p = jnp.concatenate([_pack_slices(v & 3, 2), _pack_slices(v >> 2, 1)], axis=-1)
-        else:
-            p = _pack_slices(v, qt.bits)
-        pieces.append(p.reshape(*u.shape[:-1], -1))
-    return pieces[0] if len(pieces) == 1 else jnp.concatenate(pieces, axis=-1)
-
-
-def unpack(packed, qtype: str | QType, k: int, group_size: int | None):
-    """Inverse of :func:`pack`: ``(..., Kbytes)`` → codes ``(..., K)`` of ``code_dtype``."""
-    qt = qtypes.get(qtype)
-    if not qt.packed:
-        return packed
-    if packed.shape[-1] != packed_length(k, qt, group_size):
-        raise ValueError(
-            f"packed {qt.name} storage has {packed.shape[-1]} bytes per row; "
-            f"k={k}, group_size={group_size} needs {packed_length(k, qt, group_size)}"
-        )
-    pieces = []
-    offset = 0
-    for _, length, count in _segments(k, group_size):
-        nbytes = _packed_len(length, qt)
-        b = packed[..., offset : offset + count * nbytes]
-        b = b.reshape(*packed.shape[:-1], count, nbytes)
-        if qt.bits == 3:
-            n2 = nbytes * 2 // 3
-            v = _unpack_slices(b[..., :n2], 2) | (_unpack_slices(b[..., n2:], 1) << 2)
-        else:
-            v = _unpack_slices(b, qt.bits)
-        pieces.append(v[..., :length].reshape(*packed.shape[:-1], count * length))
-        offset += count * nbytes
-    u = pieces[0] if len(pieces) == 1 else jnp.concatenate(pieces, axis=-1)
-    if qt.kind == "int":  # sign-extend from `bits`
-        s = jnp.int8(8 - qt.bits)
-        return (u.astype(jnp.int8) << s) >> s
-    return u
-
-
 # ---- making ---------------------------------------------------------------------
-
-
-def _round_up_to(x, dtype):
-    """Casts positive float32 ``x`` to ``dtype`` rounding up, so |w|/scale never exceeds
-    the target and the half-step bound survives the cast."""
-    y = x.astype(dtype)
-    return jnp.where(y.astype(jnp.float32) < x, jnp.nextafter(y, jnp.asarray(jnp.inf, dtype)), y)
-
-
-def compute_scale(
-    w_t, qtype: str | QType, group_size: int | None, *, per_tensor: bool = False,
-    clip_ratio=1.0, scale_dtype=jnp.bfloat16,
-):  # fmt: skip
-    """Scales (and zero points) for a weight in storage layout ``(..., K)``.
-
-    Symmetric formats: ``scale = clip_ratio * absmax / target`` where target is
-    the largest code magnitude (``qmax``, the fp8 max, or 1.0 for nf4).
-    Asymmetric formats (min/max over the group and zero):
-    ``scale = clip_ratio * (max - min) / qmax`` and
-    ``zero_point = clip(round(-min / scale), 0, qmax)``, an integer stored in the
-    scale dtype (min/max shrink around their midpoint with ``clip_ratio``). All-zero
-    groups get scale 1. ``clip_ratio`` may be an array broadcastable to the scale shape
-    (searched clipping).
-
-    Returns:
-      ``(scale, zero_point)``; ``zero_point`` is None for symmetric formats. Both
-      have shape ``(..., G)`` (all ones for per-tensor) and dtype ``scale_dtype``.
-    """
-    qt = qtypes.get(qtype)
-    w_t = jnp.asarray(w_t, jnp.float32)
-    ratio = jnp.asarray(clip_ratio, jnp.float32)
-
-    def reduce(fn):
-        if per_tensor:
-            return fn(w_t).reshape((1,) * w_t.ndim)
-        return _group_reduce(w_t, group_size, fn)
-
-    target = jnp.float32(qt.scale_target)
-    if not qt.asymmetric:
-        amax = reduce(lambda v, axis=None: jnp.max(jnp.abs(v), axis=axis)) * ratio
-        scale = amax / target
-        scale = jnp.where(scale > 0, scale, jnp.float32(1.0))  # zero (or underflowing) groups
-        return _round_up_to(scale, scale_dtype), None
-    # The range always includes zero (as GPTQ's quantizer does), so the integer zero point
-    # below lies in [0, qmax] and zero itself is exactly representable.
-    lo = jnp.minimum(reduce(lambda v, axis=None: jnp.min(v, axis=axis)), 0.0)
-    hi = jnp.maximum(reduce(lambda v, axis=None: jnp.max(v, axis=axis)), 0.0)
-    mid = (hi + lo) / 2
-    lo, hi = mid + (lo - mid) * ratio, mid + (hi - mid) * ratio
-    amax = jnp.maximum(jnp.abs(lo), jnp.abs(hi))
-    scale = jnp.where(hi > lo, (hi - lo) / target, amax / target)
-    scale = jnp.where(scale > 0, scale, 1.0)  # constant, zero or underflowing groups
-    scale = _round_up_to(scale.astype(jnp.float32), scale_dtype)
-    # An integer zero point, as GPTQ/AWQ checkpoints and kernels use: zero is then exactly
-    # representable and the round trip w -> code -> w never depends on the zero point's dtype.
-    zero_point = jnp.clip(jnp.round(-lo / scale.astype(jnp.float32)), qt.qmin, qt.qmax)
-    return scale, zero_point.astype(scale_dtype)
-
-
-def encode_groups(w_t, scale, zero_point, qtype: str | QType, group_size: int | None):
-    """Codes of ``w_t`` (..., K) under given group scales (..., G): the inverse of
-    ``_apply_groups``. Scales are used as stored (after their dtype cast)."""
-    qt = qtypes.get(qtype)
-    w_t = jnp.asarray(w_t, jnp.float32)
-    s = scale.astype(jnp.float32)
-
-    def divide(v, s):  # true division, as references do; a zero scale encodes zeros
-        return jnp.where(s != 0, v / jnp.where(s != 0, s, 1.0), 0.0)
-
-    if zero_point is None:
-        scaled = _per_group(w_t, group_size, divide, s)
-    else:
-        zp = zero_point.astype(jnp.float32)
-        scaled = _per_group(w_t, group_size, lambda v, s, z: divide(v, s) + z, s, zp)
-    return qtypes.encode(qt, scaled)
-
-
-def validate_group_size(qtype: str | QType, group_size: int | None, *, name: str = "weight"):
-    """Raises ValueError unless ``group_size`` is None or a positive multiple of the
-    format's pack width."""
-    qt = qtypes.get(qtype)
-    if group_size is None:
-        return
-    if (
-        not isinstance(group_size, int | np.integer)
-        or isinstance(group_size, bool)
-        or group_size <= 0
-        or group_size % qt.pack_width
-    ):
-        raise ValueError(
-            f"{name}: group_size={group_size!r} is invalid for {qt.name}: it must be a "
-            f"positive multiple of {qt.pack_width} (the codes packed per unit), or None "
-            "for per-channel"
-        )
-
-
-def check_float_weight(w, *, name: str = "weight"):
-    """Raises ValueError if ``w`` is not a float array or (when concrete) holds NaN/inf."""
-    if isinstance(w, jax.ShapeDtypeStruct):
-        raise ValueError(
-            f"{name}: is abstract (a ShapeDtypeStruct) and holds no values to quantize; "
-            "to size a quantized tree without data, run jax.eval_shape(lambda p: "
-            "jquant.quantize(p, recipe), params)"
-        )
-    dtype = np.dtype(w.dtype)
-    if not jnp.issubdtype(dtype, jnp.floating):
-        raise ValueError(f"{name}: only float weights can be quantized, got dtype {dtype.name}")
-    if not isinstance(w, jax.core.Tracer):
-        finite = np.isfinite(np.asarray(w, np.float32))
-        if not finite.all():
-            bad = np.argwhere(~finite)[0].tolist()
-            raise ValueError(
-                f"{name}: weight holds {int((~finite).sum())} NaN/inf values "
-                f"(first at index {bad}); fix the checkpoint before quantizing"
-            )
 
 
 def quantize_array(
@@ -477,14 +239,18 @@ def quantize_array(
       scale_dtype: dtype of the stored scales and zero points.
       clip_ratio: shrink factor for the range (1.0 = absmax / min-max); a scalar
         or an array broadcastable to the scale shape ``(*other_axes, G)``.
-      double_quant: store the scales themselves as uint8 (groups of 256 along the
-        output axis, float32 second-level scales), as QLoRA does for NF4.
+      double_quant: store the scales themselves as uint8 codes (blocks of 256 along
+        the output axis, each with a float32 step and offset), as QLoRA does for NF4.
       activation: format for dynamic per-token activation quantization in
         ``jquant.ops`` (e.g. ``"int8"``, ``"fp8_e4m3"``), or None (weight-only).
       name: what error messages call this tensor (a parameter path).
 
     Returns:
       A QArray whose ``dequantize()`` approximates ``w``.
+
+    Raises:
+      ValueError: naming ``name``, for a weight that is not float, empty or holds
+        NaN/inf, bad settings, or scales that ``scale_dtype`` cannot represent.
 
     >>> q = quantize_array(jnp.ones((256, 8)), "int4", group_size=128)
     >>> q.qvalue.shape, q.scale.shape
@@ -493,25 +259,28 @@ def quantize_array(
     qt = qtypes.get(qtype)
     if not isinstance(w, jax.Array | np.ndarray | jax.ShapeDtypeStruct):
         w = jnp.asarray(w)
-    check_float_weight(w, name=name)
     if w.ndim < 1:
         raise ValueError(f"{name}: cannot quantize a scalar")
+    check_float_weight(w, name=name, values=False)  # values: checked on device below
     if not -w.ndim <= axis < w.ndim:
         raise ValueError(f"{name}: axis={axis} is out of range for shape {tuple(w.shape)}")
     validate_group_size(qt, group_size, name=name)
-    if activation is not None and qtypes.get(activation).packed:
-        raise ValueError(f"{name}: activation format {activation!r} must be 8-bit")
+    check_activation(activation, name=name)
     if per_tensor and group_size is not None:
         raise ValueError(f"{name}: per_tensor=True excludes group_size={group_size}")
     axis = axis - w.ndim if axis >= 0 else axis
     if double_quant and (w.ndim < 2 or per_tensor):
         raise ValueError(f"{name}: double_quant needs per-channel or per-group scales of a "
                          "weight with an output axis")
-    qvalue, stored_scale, zero_point = _quantize_core(
+    qvalue, stored_scale, zero_point, problems = _quantize_core(
         jnp.asarray(w), jnp.asarray(clip_ratio, jnp.float32), qtype=qt.name, axis=axis,
         group_size=group_size, per_tensor=per_tensor, scale_dtype=np.dtype(scale_dtype),
         double_quant=double_quant,
     )  # fmt: skip
+    if not isinstance(problems, jax.core.Tracer):
+        nonfinite, first, overflow, underflow = (int(v) for v in jax.device_get(problems))
+        raise_nonfinite(nonfinite, first, w.shape, name=name)
+        raise_scale_range(overflow, underflow, scale_dtype, name=name)
     return QArray(
         qvalue=qvalue,
         scale=stored_scale,
@@ -531,7 +300,11 @@ def quantize_array(
 )
 def _quantize_core(w, clip_ratio, *, qtype, axis, group_size, per_tensor, scale_dtype,
                    double_quant):
-    """The traced body of :func:`quantize_array`: one compilation per shape and setting."""
+    """The traced body of :func:`quantize_array`: one compilation per shape and setting.
+
+    Also returns int32 ``[NaN/inf count, first NaN/inf flat index, overflowed scales,
+    underflowed scales]``, so the weight's values are checked on device, in the same pass.
+    """
     qt = qtypes.get(qtype)
     w_t = jnp.moveaxis(w.astype(jnp.float32), axis, -1)
     group = None if per_tensor else group_size
@@ -539,17 +312,26 @@ def _quantize_core(w, clip_ratio, *, qtype, axis, group_size, per_tensor, scale_
         w_t, qt, group_size, per_tensor=per_tensor, clip_ratio=clip_ratio,
         scale_dtype=scale_dtype,
     )  # fmt: skip
+    exact, _ = compute_scale(
+        w_t, qt, group_size, per_tensor=per_tensor, clip_ratio=clip_ratio,
+        scale_dtype=jnp.float32,
+    )  # fmt: skip
+    bad = ~jnp.isfinite(w)
+    problems = jnp.stack([
+        jnp.sum(bad, dtype=jnp.int32), jnp.argmax(bad.reshape(-1)).astype(jnp.int32),
+        *(p.astype(jnp.int32) for p in scale_range_problems(exact, scale)),
+    ])  # fmt: skip
     stored_scale = scale
     if double_quant:
-        stored_scale = quantize_array(
-            scale.astype(jnp.float32), "uint8", axis=-2, group_size=256,
-            scale_dtype=jnp.float32, name="(scales)",
+        codes, step, offset = double_quantize(scale)
+        stored_scale = QArray(
+            qvalue=codes, scale=step, zero_point=offset, qtype="uint8", k=scale.shape[-2],
+            axis=-2, group_size=SCALE_BLOCK, dtype=np.dtype(scale.dtype),
         )  # fmt: skip
-        stored_scale = dataclasses.replace(stored_scale, dtype=np.dtype(scale.dtype))
         # Encode against the scales actually kept, so dequantize() is the best fit to them.
         scale = stored_scale.dequantize(jnp.float32)
     codes = encode_groups(w_t, scale, zero_point, qt, group)
-    return pack(codes, qt, group_size), stored_scale, zero_point
+    return pack(codes, qt, group_size), stored_scale, zero_point, problems
 
 
 def from_codes(

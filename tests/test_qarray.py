@@ -208,7 +208,7 @@ def test_from_codes_roundtrip():
         (dict(qtype="int8", per_tensor=True, group_size=64), "per_tensor"),
         (dict(qtype="int5"), "unknown qtype 'int5'"),
         (dict(qtype="int8", axis=2), "axis=2 is out of range"),
-        (dict(qtype="int8", activation="int4"), "must be 8-bit"),
+        (dict(qtype="int8", activation="int4"), "activation format .int4. is not supported"),
     ],
 )
 def test_bad_arguments_name_the_problem(kwargs, match):
@@ -240,3 +240,78 @@ def test_qarray_is_not_silently_an_array():
     q = quantize_array(_weight(), "int8")
     with pytest.raises(TypeError, match="not an array"):
         jnp.asarray(q)
+
+
+# ---- hardening: clipping, bad inputs, scale ranges -----------------------------------
+
+
+def _uint_reference(w, bits, ratio):
+    """NumPy asymmetric RTN per column (per-channel along axis 0), range shrunk toward 0."""
+    qmax = 2**bits - 1
+    lo = np.minimum(w.min(axis=0), 0.0) * ratio
+    hi = np.maximum(w.max(axis=0), 0.0) * ratio
+    s = (hi - lo) / qmax
+    z = np.clip(np.round(-lo / s), 0, qmax)
+    codes = np.clip(np.round(w / s + z), 0, qmax)
+    return (codes - z) * s
+
+
+def test_uint_clipping_shrinks_toward_zero_and_keeps_zero_in_range():
+    # A group over [-0.1, 1] at ratio 0.8: the range becomes [-0.08, 0.8], not [0.01, 0.89]
+    # (which would drop zero and clip the zero point to 0).
+    w = np.linspace(-0.1, 1.0, 64, dtype=np.float32)[:, None] * np.ones((1, 3), np.float32)
+    w[7] = 0.0
+    q = quantize_array(w, "uint4", clip_ratio=0.8, scale_dtype=jnp.float32)
+    d = np.asarray(q.dequantize(), np.float64)
+    np.testing.assert_allclose(d, _uint_reference(w.astype(np.float64), 4, 0.8), atol=1e-6)
+    assert (d[7] == 0.0).all() and d.min() < 0.0
+    assert (np.asarray(q.zero_point) == 1).all()
+
+
+def test_activation_format_is_checked_when_the_qarray_is_made():
+    with pytest.raises(ValueError, match="layers/0/kernel: activation format 'uint8'"):
+        quantize_array(_weight(), "int8", activation="uint8", name="layers/0/kernel")
+
+
+def test_zero_size_weight_names_the_parameter():
+    with pytest.raises(ValueError, match=r"layers/4/kernel: .*empty.*\(128, 0\)"):
+        quantize_array(np.ones((128, 0), np.float32), "int4", group_size=32,
+                       name="layers/4/kernel")
+
+
+@pytest.mark.parametrize("factor,match", [(2e5, "overflow"), (1e-9, "underflow")])
+def test_float16_scales_out_of_range_name_the_tensor(factor, match):
+    w = _weight(6, (128, 8)) * np.float32(factor)
+    with pytest.raises(ValueError, match=rf"layers/5/kernel: .*{match}.*float16.*bfloat16"):
+        quantize_array(w, "int4", group_size=64, scale_dtype=jnp.float16, name="layers/5/kernel")
+
+
+@pytest.mark.parametrize("scale_dtype", [jnp.float32, jnp.bfloat16, jnp.float16])
+def test_uint_range_at_extreme_finite_values_does_not_overflow(scale_dtype):
+    w = np.array([[-3e38, 3e38], [3e38, -1e38], [0.0, 2e38], [1e38, -3e38]], np.float32)
+    if scale_dtype == jnp.float16:  # 3e38 / 15 is far beyond float16: a clear error instead
+        with pytest.raises(ValueError, match="w: .*overflow.*float16"):
+            quantize_array(w, "uint4", scale_dtype=scale_dtype, name="w")
+        return
+    q = quantize_array(w, "uint4", scale_dtype=scale_dtype)
+    d = np.asarray(q.dequantize(), np.float64)
+    assert np.isfinite(d).all()
+    s = np.asarray(q.scales(), np.float64)[:, 0]
+    assert (np.abs(d - w.astype(np.float64)) <= s * 0.5 * (1 + 1e-2)).all()
+
+
+def test_quantize_checks_the_weight_on_device(monkeypatch):
+    # The NaN/inf check is a reduction on device: no host-side pass over the weight (a
+    # sharded weight that is not fully addressable could not be copied at all).
+    host_isfinite = np.isfinite
+
+    def guarded(x, *args, **kwargs):
+        assert np.size(x) <= 16, f"host-side isfinite over a {np.shape(x)} array"
+        return host_isfinite(x, *args, **kwargs)
+
+    monkeypatch.setattr(np, "isfinite", guarded)
+    w = jnp.asarray(_weight(7, (128, 16)))
+    q = quantize_array(w, "int4", group_size=64)
+    assert q.shape == (128, 16)
+    with pytest.raises(ValueError, match=r"layers/6/kernel: weight holds 1 NaN/inf.*\[9, 2\]"):
+        quantize_array(w.at[9, 2].set(jnp.inf), "int4", group_size=64, name="layers/6/kernel")

@@ -75,7 +75,8 @@ def rtn(weight, rule, *, path: str, calibration=None) -> QArray:
     'int4'
     """
     del calibration
-    check_float_weight(weight, name=path)
+    # Dtype and shape before the search; NaN/inf are counted on device by quantize_array.
+    check_float_weight(weight, name=path, values=False)
     clip_ratio = rule.clip_ratio
     search = clip_search_settings(rule.algorithm_args.get("clip_search"))
     if search is not None:

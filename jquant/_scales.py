@@ -1,0 +1,130 @@
+"""Scales and zero points: how a group's range becomes a grid, and codes on that grid.
+
+Also the second level of double quantization (the scales stored as uint8 codes).
+"""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+
+from jquant import qtypes
+from jquant._groups import apply_groups, group_reduce, per_group
+from jquant.qtypes import QType
+
+# Scales per block of a double-quantized scale array (QLoRA's block size), along N.
+SCALE_BLOCK = 256
+
+
+def _round_up_to(x, dtype):
+    """Casts positive float32 ``x`` to ``dtype`` rounding up, so |w|/scale never exceeds
+    the target and the half-step bound survives the cast."""
+    y = x.astype(dtype)
+    return jnp.where(y.astype(jnp.float32) < x, jnp.nextafter(y, jnp.asarray(jnp.inf, dtype)), y)
+
+
+def compute_scale(
+    w_t, qtype: str | QType, group_size: int | None, *, per_tensor: bool = False,
+    clip_ratio=1.0, scale_dtype=jnp.bfloat16,
+):  # fmt: skip
+    """Scales (and zero points) for a weight in storage layout ``(..., K)``.
+
+    Symmetric formats: ``scale = clip_ratio * absmax / target`` where target is
+    the largest code magnitude (``qmax``, the fp8 max, or 1.0 for nf4).
+    Asymmetric formats: the range ``[lo, hi]`` is the group's min/max extended to
+    hold zero, then shrunk toward zero (``lo * clip_ratio``, ``hi * clip_ratio``, as
+    AWQ and GPTQ do), so it still holds zero; ``scale = (hi - lo) / qmax`` and
+    ``zero_point = clip(round(-lo / scale), 0, qmax)``, an integer stored in the
+    scale dtype. All-zero groups get scale 1. ``clip_ratio`` may be an array
+    broadcastable to the scale shape (searched clipping).
+
+    Returns:
+      ``(scale, zero_point)``; ``zero_point`` is None for symmetric formats. Both
+      have shape ``(..., G)`` (all ones for per-tensor) and dtype ``scale_dtype``.
+    """
+    qt = qtypes.get(qtype)
+    w_t = jnp.asarray(w_t, jnp.float32)
+    ratio = jnp.asarray(clip_ratio, jnp.float32)
+
+    def reduce(fn):
+        if per_tensor:
+            return fn(w_t).reshape((1,) * w_t.ndim)
+        return group_reduce(w_t, group_size, fn)
+
+    target = jnp.float32(qt.scale_target)
+    if not qt.asymmetric:
+        amax = reduce(lambda v, axis=None: jnp.max(jnp.abs(v), axis=axis)) * ratio
+        scale = amax / target
+        scale = jnp.where(scale > 0, scale, jnp.float32(1.0))  # zero (or underflowing) groups
+        return _round_up_to(scale, scale_dtype), None
+    # The range always includes zero (as GPTQ's quantizer does), and clipping shrinks it
+    # toward zero, so the integer zero point below lies in [0, qmax] and zero itself is
+    # exactly representable.
+    lo = jnp.minimum(reduce(lambda v, axis=None: jnp.min(v, axis=axis)), 0.0) * ratio
+    hi = jnp.maximum(reduce(lambda v, axis=None: jnp.max(v, axis=axis)), 0.0) * ratio
+    scale = hi / target - lo / target  # not (hi - lo) / target: that overflows near ±3e38
+    scale = jnp.where(scale > 0, scale, jnp.float32(1.0))  # zero or underflowing groups
+    scale = _round_up_to(scale, scale_dtype)
+    # An integer zero point, as GPTQ/AWQ checkpoints and kernels use: zero is then exactly
+    # representable and the round trip w -> code -> w never depends on the zero point's dtype.
+    zero_point = jnp.clip(jnp.round(-lo / scale.astype(jnp.float32)), qt.qmin, qt.qmax)
+    return scale, zero_point.astype(scale_dtype)
+
+
+def encode_groups(w_t, scale, zero_point, qtype: str | QType, group_size: int | None):
+    """Codes of ``w_t`` (..., K) under given group scales (..., G): the inverse of
+    ``apply_groups``. Scales are used as stored (after their dtype cast)."""
+    qt = qtypes.get(qtype)
+    w_t = jnp.asarray(w_t, jnp.float32)
+    s = scale.astype(jnp.float32)
+
+    def divide(v, s):  # true division, as references do; a zero scale encodes zeros
+        return jnp.where(s != 0, v / jnp.where(s != 0, s, 1.0), 0.0)
+
+    if zero_point is None:
+        scaled = per_group(w_t, group_size, divide, s)
+    else:
+        zp = zero_point.astype(jnp.float32)
+        scaled = per_group(w_t, group_size, lambda v, s, z: divide(v, s) + z, s, zp)
+    return qtypes.encode(qt, scaled)
+
+
+def scale_range_problems(exact, stored):
+    """(overflowed, underflowed) group counts of scales cast to ``stored.dtype``.
+
+    ``exact`` are the float32 scales before the cast. A scale overflows when the cast
+    makes it inf; it underflows when it is a normal float32 but below the scale dtype's
+    smallest normal number (float16: 6.1e-5), where the dtype keeps too few bits and the
+    rounded-up scale can flush a whole group to zero.
+    """
+    tiny = jnp.float32(jnp.finfo(stored.dtype).smallest_normal)
+    overflow = jnp.sum(~jnp.isfinite(stored.astype(jnp.float32)))
+    underflow = jnp.sum((exact >= jnp.finfo(jnp.float32).smallest_normal) & (exact < tiny))
+    return overflow, underflow
+
+
+def double_quantize(scale):
+    """Second-level quantization of positive scales ``(..., N, G)`` to uint8 codes.
+
+    Blocks of ``SCALE_BLOCK`` scales along N (the output axis) share a float32 step
+    ``(max - min) / 255`` and a float32 offset: code 0 is the block's smallest scale and
+    code 255 its largest, so no scale can become 0. Codes round **up**, so every kept
+    scale is ``>= `` the scale it replaces (like the scale dtype cast) and at most one step
+    above it: weights are then never clipped by the second level.
+
+    Returns:
+      ``(codes, step, zero_point)`` in the storage layout of a uint8 QArray quantized along
+      axis -2 with group size ``SCALE_BLOCK``: ``(..., G, N)`` uint8 and ``(..., G, B)``
+      float32 each, with ``scale ≈ (codes - zero_point) * step``.
+    """
+    s_t = jnp.moveaxis(scale.astype(jnp.float32), -1, -2)  # (..., G, N)
+    lo = group_reduce(s_t, SCALE_BLOCK, jnp.min)
+    hi = group_reduce(s_t, SCALE_BLOCK, jnp.max)
+    step = jnp.where(hi > lo, (hi - lo) / jnp.float32(255), lo)  # a constant block: code 0
+    zero_point = -lo / step
+    t = per_group(s_t, SCALE_BLOCK, lambda v, lo, d: (v - lo) / d, lo, step)
+    codes = jnp.clip(jnp.ceil(t - jnp.float32(2**-10)), 0, 255)
+    # Ceil on a rounded quotient can land a hair low: bump to the next code where the
+    # dequantized value (computed exactly as QArray.dequantize does) is below the scale.
+    kept = apply_groups(codes, step, zero_point, SCALE_BLOCK)
+    codes = jnp.where((kept < s_t) & (codes < 255), codes + 1, codes)
+    return codes.astype(jnp.uint8), step, zero_point
