@@ -1,5 +1,6 @@
 """The Llama model: config parsing, RoPE scaling, KV cache, padding, conversion, QArrays."""
 
+import dataclasses
 import math
 
 import jax
@@ -197,7 +198,9 @@ def test_bfloat16_compute_is_close():
     want, _ = forward(model, params, tokens)
     got, _ = forward(bf16, params, tokens)
     assert got.dtype == jnp.float32
-    np.testing.assert_allclose(got, want, atol=3e-2)
+    # Measured: max |Δ| = 3.1e-3 (logit std 0.16). Above 3e-4 proves bf16 really ran.
+    delta = np.abs(np.asarray(got - want)).max()
+    assert 3e-4 < delta < 1e-2
 
 
 def test_quantized_params_run_the_same_code():
@@ -240,11 +243,21 @@ def test_convert_round_trip():
                                   forward(model, params, tokens)[0])  # fmt: skip
 
 
-def test_convert_tied_ignores_duplicate_head():
-    model, params = _tiny(tie_word_embeddings=True)
+def test_convert_head_tied_and_untied():
+    """One set of tensors whose lm_head.weight is the negated embedding: the untied model
+    must use lm_head (logits = -tied logits), the tied one must ignore it as a duplicate."""
+    model, params = _tiny(tie_word_embeddings=False)
     tensors = _hf_tensors(params)
-    tensors["lm_head.weight"] = tensors["model.embed_tokens.weight"]
-    params_from_hf(tensors, model.config)
+    tensors["lm_head.weight"] = -tensors["model.embed_tokens.weight"]
+    tied_config = dataclasses.replace(model.config, tie_word_embeddings=True)
+    tied_model, tied = params_from_hf(tensors, tied_config)
+    untied_model, untied = params_from_hf(tensors, model.config)
+    assert "lm_head" not in tied and "lm_head" in untied
+    tokens = _tokens((1, 6))
+    want, _ = forward(tied_model, tied, tokens)
+    got, _ = forward(untied_model, untied, tokens)
+    assert np.abs(np.asarray(want)).max() > 0.1  # the sign is visible
+    np.testing.assert_allclose(got, -want, atol=1e-6)
 
 
 def test_convert_errors_name_the_tensor():
