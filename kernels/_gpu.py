@@ -87,13 +87,19 @@ def unsupported_reason(qtype: str, k: int, group_size: int | None) -> str | None
     return None
 
 
+def _require_pow2(block_sizes: BlockSizes) -> None:
+    """Explicit block sizes must be legal as given: Triton tiles are powers of two."""
+    for name in ("block_m", "block_n", "block_k"):
+        value = getattr(block_sizes, name)
+        if not is_pow2(value):
+            raise ValueError(f"{name}={value} must be a power of two on GPU (Triton tiles)")
+
+
 def plan_gpu(qtype: str, k: int, group_size: int | None, m: int, n: int,
              block_sizes: BlockSizes, *, strict: bool) -> GpuPlan:
     """Fit `block_sizes` to the problem. `strict` (user-given sizes) raises instead of fixing."""
-    for name in ("block_m", "block_n", "block_k"):
-        value = getattr(block_sizes, name)
-        if strict and not is_pow2(value):
-            raise ValueError(f"{name}={value} must be a power of two on GPU (Triton tiles)")
+    if strict:
+        _require_pow2(block_sizes)
     gb = group_bytes(qtype, k, group_size)
     kbytes = packed_k(qtype, k, group_size)
     if gb is not None:
@@ -218,10 +224,8 @@ def plan_w8a8_gpu(m: int, n: int, k: int, block_sizes: BlockSizes, *,
     """(block_m, block_n, block_k), powers of two: block_m >= 16 (one MMA tile; M is padded),
     block_n and block_k halved until they divide N and K or reach their minimum (16, 32);
     what is left over (rows of N past the last block, K past the last block) goes to XLA."""
-    for name in ("block_m", "block_n", "block_k"):
-        value = getattr(block_sizes, name)
-        if strict and not is_pow2(value):
-            raise ValueError(f"{name}={value} must be a power of two on GPU (Triton tiles)")
+    if strict:
+        _require_pow2(block_sizes)
     bm = max(_MIN_TILE, min(next_pow2(block_sizes.block_m), next_pow2(m)))
     bn = max(_MIN_TILE, floor_pow2(block_sizes.block_n))
     while bn > _MIN_TILE and n % bn:

@@ -24,8 +24,9 @@ of `tkb` bytes per plane, the weight tile (tn, tkb) and each x^T plane tile (tkb
 GMEM -> SMEM by TMA (double-buffered). The step then:
 
 1. loads the code tile into registers (WGMMA layout, from a swizzled SMEM tile),
-2. per plane: splits nibbles (`c & 0xF`, `c >> 4`), decodes (int4 sign, NF4 select
-   chain, fp8 convert), applies `(code - zero_point) * scale` in f32 with the scale of
+2. per plane: splits nibbles and decodes them with `_formats.code_planes` / `decode` (the
+   one decoder every kernel and the reference share: int4 sign, NF4 select chain, fp8
+   convert), applies `(code - zero_point) * scale` in f32 with the scale of
    the step's group (one (tn,) row, broadcast along K), rounds to x's dtype exactly like
    `quantized_matmul_reference`,
 3. stores the bf16/f16 tile to a swizzled SMEM staging buffer, `commit_smem`, and issues
@@ -65,15 +66,16 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from ._formats import (
-    NF4_CODEBOOK,
     PACKED_QTYPES,
     QTYPES,
+    code_planes,
+    decode,
+    dot_nt,
     floor_pow2,
     group_bytes,
     is_pow2,
@@ -82,15 +84,17 @@ from ._formats import (
 )
 from .block_sizes import BlockSizes
 
+# Facts of the Mosaic GPU target that `_mgpu_w8a8.py` shares (imported from here).
 MGPU_CUSTOM_CALL = "mosaic_gpu_v2"
+WGMMA_ROWS = 64  # rows of one warpgroup's wgmma accumulator
+SMEM_BUDGET = 200 * 1024  # of the 227 KiB an H100 block may use
+NUM_SMS = 132  # H100 SXM; only sets how far K is split at decode
+MIN_STEPS_PER_SPLIT = 4  # K steps a CTA of a split K runs at least
+
 MGPU_X_DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
-WGMMA_ROWS = 64  # rows of one warpgroup's wgmma accumulator (tile of N)
 MIN_TM, MAX_TM = 16, 128  # tile of M: >= 16 for a legal x^T swizzle, <= 128 (registers)
 MIN_STEP, MAX_STEP = 32, 128  # bytes of K per plane per step (swizzle >= 32, registers)
 _TILE_ELEMS = 64 * 128  # f32 elements of one register tile per warpgroup (64 per thread)
-SMEM_BUDGET = 200 * 1024  # of the 227 KiB an H100 block may use
-NUM_SMS = 132  # H100 SXM; only sets how far K is split at decode
-_MIN_STEPS_PER_SPLIT = 4
 
 
 class MgpuPlan(NamedTuple):
@@ -203,15 +207,22 @@ def plan_mgpu(qtype: str, k: int, group_size: int | None, m: int, n: int,
     # Split K so that about one CTA per SM runs, in whole groups, >= 4 steps per split.
     n_steps = kb_main // tkb
     ctas = max(1, n_main // tn) * (m_pad // tm)
-    k_splits = 1
-    groups = n_steps // steps_per_group
-    for s in range(1, groups + 1):
-        if groups % s or n_steps // s < _MIN_STEPS_PER_SPLIT or ctas * s > NUM_SMS:
-            continue
-        k_splits = s
+    k_splits = split_k(n_steps, steps_per_group, ctas)
     return MgpuPlan(tn=tn, tm=tm, tkb=tkb, kb_main=kb_main, n_main=n_main, m_pad=m_pad,
                     k_splits=k_splits, steps_per_group=steps_per_group,
                     lhs_in_registers=lhs_in_registers)
+
+
+def split_k(n_steps: int, steps_per_group: int, ctas: int) -> int:
+    """CTAs along K: the most that keeps about one CTA per SM (`NUM_SMS`), splits of whole
+    groups of `steps_per_group` steps, and >= `MIN_STEPS_PER_SPLIT` steps per split."""
+    groups = n_steps // steps_per_group
+    k_splits = 1
+    for s in range(1, groups + 1):
+        if groups % s or n_steps // s < MIN_STEPS_PER_SPLIT or ctas * s > NUM_SMS:
+            continue
+        k_splits = s
+    return k_splits
 
 
 def _smem_bytes(tn: int, tm: int, tkb: int, n_planes: int, staged_planes: int) -> int:
@@ -226,7 +237,8 @@ def _swizzle(minor_bytes: int) -> int:
     return plgpu.find_swizzle(minor_bytes * 8)
 
 
-def _tiled(swizzle: int, itemsize: int) -> tuple[Any, ...]:
+def tiled(swizzle: int, itemsize: int) -> tuple[Any, ...]:
+    """(8, swizzle bytes) tiling and the swizzle, for a tile of `itemsize`-byte elements."""
     return (plgpu.TilingTransform((8, swizzle // itemsize)), plgpu.SwizzleTransform(swizzle))
 
 
@@ -236,29 +248,14 @@ def _operand_swizzle(plan: MgpuPlan) -> int:
     return min(_swizzle(plan.tm * 2), _swizzle(plan.tkb * 2))
 
 
-def _load_row(ref, interpret: bool):
-    """A (tn,) row of scales as f32, laid out to broadcast along K of a WGMMA-layout tile."""
+def load_vector(ref, axis: int, interpret: bool):
+    """A vector of scales from GMEM as f32, laid out to broadcast along `axis` of a
+    WGMMA-layout tile. The JAX 0.10 interpreter has no rule for `plgpu.load`, and layouts
+    are no-ops there, so under `interpret` it is a plain read."""
     if interpret:
         return ref[...].astype(jnp.float32)
-    return plgpu.load(ref, (), layout=plgpu.Layout.WGMMA.reduce(1),
-                      optimized=False).astype(jnp.float32)  # from GMEM
-
-
-def _decode_plane(codes, plane: int, qtype: str):
-    """Codes (tn, tkb) as loaded -> f32 values of plane `plane`, before scale / zero point."""
-    if qtype not in PACKED_QTYPES:
-        return codes.astype(jnp.float32)  # int8, float8_e4m3fn, float8_e5m2
-    b = codes.astype(jnp.int32)  # Mosaic GPU has no 8-bit arithmetic but bitwise ops
-    nib = (b & 0xF) if plane == 0 else (b >> 4) & 0xF
-    if qtype == "nf4":
-        out = jnp.zeros(nib.shape, jnp.float32)
-        for c, v in enumerate(NF4_CODEBOOK):
-            out = jnp.where(nib == c, np.float32(v), out)
-        return out
-    v = nib.astype(jnp.float32)
-    if qtype == "int4":
-        v = jnp.where(v >= 8.0, v - 16.0, v)  # two's complement nibble
-    return v
+    return plgpu.load(ref, (), layout=plgpu.Layout.WGMMA.reduce(axis),
+                      optimized=False).astype(jnp.float32)
 
 
 def _kernel(*refs, qtype, n_planes, plan: MgpuPlan, has_zp, grouped, interpret):
@@ -277,15 +274,15 @@ def _kernel(*refs, qtype, n_planes, plan: MgpuPlan, has_zp, grouped, interpret):
     k_bytes = pl.ds(si * steps * tkb, steps * tkb)
 
     def row(ref, t):
-        return _load_row(ref.at[t, n_rows], interpret)
+        return load_vector(ref.at[t, n_rows], 1, interpret)  # broadcast along K
 
     if not grouped:
         s0 = row(s_gmem, 0)
         zp0 = None if zp_gmem is None else row(zp_gmem, 0)
 
-    x_transforms = _tiled(_operand_swizzle(plan), 2)
+    x_transforms = tiled(_operand_swizzle(plan), 2)
     # TMA tiles the whole GMEM array, so the swizzle must divide all of qvalue's K bytes.
-    w_transforms = _tiled(_swizzle(math.gcd(tkb, w_gmem.shape[1])), 1)
+    w_transforms = tiled(_swizzle(math.gcd(tkb, w_gmem.shape[1])), 1)
 
     def scope(acc_ref):
         def body(idx, w_smem, *xt_smem):
@@ -296,10 +293,9 @@ def _kernel(*refs, qtype, n_planes, plan: MgpuPlan, has_zp, grouped, interpret):
                 zp = None if zp_gmem is None else row(zp_gmem, g)
             else:
                 s, zp = s0, zp0
-            codes = w_smem[...]
             tiles = []
-            for p in range(n_planes):
-                w = _decode_plane(codes, p, qtype)
+            for codes in code_planes(w_smem[...], qtype):  # int32 nibbles: no 8-bit math
+                w = decode(codes, qtype)
                 if zp is not None:
                     w = w - lax.broadcast_in_dim(zp, w.shape, [0])
                 w = w * lax.broadcast_in_dim(s, w.shape, [0])
@@ -344,23 +340,11 @@ def _rows_matmul_xla(x_planes, qvalue, scale, zero_point, *, qtype, kb, steps_by
     else:
         s = scale.astype(jnp.float32)[:, :1]
         zp = None if zero_point is None else zero_point.astype(jnp.float32)[:, :1]
-    codes = qvalue[:, :kb]
     y = jnp.zeros((x_planes[0].shape[0], qvalue.shape[0]), jnp.float32)
-    for p, xp in enumerate(x_planes):
-        if qtype in PACKED_QTYPES:
-            c = codes.astype(jnp.int32)
-            c = (c & 0xF) if p == 0 else (c >> 4) & 0xF
-            if qtype == "nf4":
-                w = jnp.asarray(NF4_CODEBOOK, jnp.float32)[c]
-            else:
-                w = c.astype(jnp.float32)
-                if qtype == "int4":
-                    w = jnp.where(w >= 8, w - 16, w)
-        else:
-            w = codes.astype(jnp.float32)
+    for xp, codes in zip(x_planes, code_planes(qvalue[:, :kb], qtype)):
+        w = decode(codes, qtype)
         w = ((w if zp is None else w - zp) * s).astype(xp.dtype)
-        y = y + lax.dot_general(xp.astype(jnp.float32), w.astype(jnp.float32),
-                                (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
+        y = y + dot_nt(xp, w)
     return y
 
 
@@ -399,10 +383,7 @@ def weight_only_matmul_mgpu(x_planes, qvalue, scale, zero_point, *, plan: MgpuPl
     xt = [jnp.pad(xp, ((0, plan.m_pad - m), (0, 0))).T for xp in x_planes]
     rows = [scale] if zero_point is None else [scale, zero_point]
     rows = [r[:plan.n_main, :n_groups].T for r in rows]
-    if isinstance(interpret, bool) or interpret is None:
-        interpret_params = _interpret_params() if interpret else None
-    else:
-        interpret_params = interpret
+    interpret_params = interpreter_params(interpret)
     if interpret_params is not None and plan.lhs_in_registers:
         raise ValueError("plan.lhs_in_registers has no interpreter support (JAX 0.10 reads "
                          "both wgmma operands from simulated memory); use the SMEM plan")
@@ -418,9 +399,9 @@ def weight_only_matmul_mgpu(x_planes, qvalue, scale, zero_point, *, plan: MgpuPl
         grid=(plan.n_main // tn, plan.m_pad // tm, plan.k_splits),
         grid_names=("n", "m", "k"),
         scratch_types=(
-            [plgpu.SMEM((tn, tkb), x_dtype, transforms=_tiled(x_sw, 2))
+            [plgpu.SMEM((tn, tkb), x_dtype, transforms=tiled(x_sw, 2))
              for _ in range(0 if plan.lhs_in_registers else n_planes)]
-            + [plgpu.SMEM((tn, tm), jnp.float32, transforms=_tiled(_swizzle(tm * 4), 4))]),
+            + [plgpu.SMEM((tn, tm), jnp.float32, transforms=tiled(_swizzle(tm * 4), 4))]),
         compiler_params=plgpu.CompilerParams(),
         # only when interpreting: a compiled call passes nothing a newer JAX might rename
         **({} if interpret_params is None else dict(interpret=interpret_params)),
@@ -430,7 +411,14 @@ def weight_only_matmul_mgpu(x_planes, qvalue, scale, zero_point, *, plan: MgpuPl
     return y.astype(out_dtype)
 
 
-def _interpret_params():
-    from jax._src.pallas.mosaic_gpu.interpret.params import InterpretGPUParams
+def interpreter_params(interpret: Any):
+    """`interpret` as the kernels' wrappers take it (False / None: compile for the GPU;
+    True: default interpreter; an `InterpretGPUParams`: as given) -> the params or None."""
+    if interpret is None or interpret is False:
+        return None
+    if interpret is True:
+        # a private module of JAX 0.10, imported only when interpreting
+        from jax._src.pallas.mosaic_gpu.interpret.params import InterpretGPUParams
 
-    return InterpretGPUParams()
+        return InterpretGPUParams()
+    return interpret

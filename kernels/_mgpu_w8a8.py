@@ -69,18 +69,22 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from ._formats import floor_pow2, is_pow2, next_pow2
+from ._mgpu import MGPU_CUSTOM_CALL as MGPU_CUSTOM_CALL
+from ._mgpu import (
+    SMEM_BUDGET,
+    WGMMA_ROWS,
+    interpreter_params,
+    load_vector,
+    split_k,
+    tiled,
+)
 from .block_sizes import BlockSizes
 
-MGPU_CUSTOM_CALL = "mosaic_gpu_v2"
 W8A8_MGPU_DTYPES = (jnp.dtype(jnp.int8), jnp.dtype(jnp.float8_e4m3fn))
-WGMMA_ROWS = 64  # rows of one warpgroup's wgmma (the lhs tile is a multiple)
 MIN_TC, MAX_TC = 16, 256  # rhs tile (the wgmma N side): powers of two
 MIN_TK, MAX_TK = 32, 256  # K elements (bytes) per step: powers of two, >= the 32 B swizzle
 MAX_ACC = 128 * 128  # accumulator elements per warpgroup (128 registers a thread)
 SWAP_BELOW_M = 64  # M below this: compute y^T so that M is the narrow wgmma N side
-SMEM_BUDGET = 200 * 1024  # of the 227 KiB an H100 block may use
-NUM_SMS = 132  # H100 SXM; only sets how far K is split
-_MIN_STEPS_PER_SPLIT = 4
 _NT = (((1,), (1,)), ((), ()))
 
 
@@ -147,7 +151,7 @@ def plan_w8a8_mgpu(m: int, n: int, k: int, dtype: Any, block_sizes: BlockSizes, 
     is capped at 128 x 128 f32 (tr x tc), SMEM at 200 KiB. block_k -> tk, a power of two
     in [32, 256]; unless `strict`, halved while it does not divide K (down to 32, which
     always does), so only an explicit block_k leaves a K tail to XLA. Then K is split
-    over CTAs until about `NUM_SMS` CTAs run (>= 4 steps per split).
+    over CTAs by `_mgpu.split_k` (about one CTA per SM, >= 4 steps per split).
     """
     reason = unsupported_reason(m, n, k, dtype)
     if reason is not None:
@@ -187,34 +191,17 @@ def plan_w8a8_mgpu(m: int, n: int, k: int, dtype: Any, block_sizes: BlockSizes, 
         n_main, m_pad = n // tc * tc, -(-m // tr) * tr
         ctas = max(1, n_main // tc) * (m_pad // tr)
     n_steps = k_main // tk
-    k_splits = 1
-    for s in range(1, n_steps + 1):
-        if n_steps % s or n_steps // s < _MIN_STEPS_PER_SPLIT or ctas * s > NUM_SMS:
-            continue
-        k_splits = s
+    k_splits = split_k(n_steps, 1, ctas)
     return W8A8Plan(swap=swap, tr=tr, tc=tc, tk=tk, k_main=k_main, n_main=n_main,
                     m_pad=m_pad, k_splits=k_splits)
 
 
 # ---- the kernel -------------------------------------------------------------------------
 
-def _tiled(swizzle: int, itemsize: int = 1) -> tuple[Any, ...]:
-    """(8, swizzle bytes) tiling and the swizzle, for a tile of `itemsize`-byte elements."""
-    return (plgpu.TilingTransform((8, swizzle // itemsize)), plgpu.SwizzleTransform(swizzle))
-
-
 def _operand_swizzle(tk: int, k: int) -> int:
     """One swizzle for both operands (wgmma needs them equal); TMA tiles the whole arrays,
     so it must divide all of K, not just the step."""
     return plgpu.find_swizzle(math.gcd(tk, k) * 8)
-
-
-def _load_vec(ref, axis: int, interpret: bool):
-    """A scale vector as f32, laid out to broadcast along `axis` of a WGMMA-layout tile."""
-    if interpret:
-        return ref[...].astype(jnp.float32)
-    return plgpu.load(ref, (), layout=plgpu.Layout.WGMMA.reduce(axis),
-                      optimized=False).astype(jnp.float32)  # from GMEM
 
 
 def _kernel(lhs_gmem, rhs_gmem, rs_gmem, cs_gmem, o_gmem, o_smem, *rhs_t_smem,
@@ -224,7 +211,7 @@ def _kernel(lhs_gmem, rhs_gmem, rs_gmem, cs_gmem, o_gmem, o_smem, *rhs_t_smem,
     ri, ci, si = lax.axis_index("r"), lax.axis_index("c"), lax.axis_index("k")
     rows, cols = pl.ds(ri * tr, tr), pl.ds(ci * tc, tc)
     ks = pl.ds(si * steps * tk, steps * tk)
-    transforms = _tiled(_operand_swizzle(tk, lhs_gmem.shape[1]))
+    transforms = tiled(_operand_swizzle(tk, lhs_gmem.shape[1]), 1)
 
     def scope(acc_ref):
         def body(idx, lhs_smem, rhs_smem):
@@ -248,8 +235,8 @@ def _kernel(lhs_gmem, rhs_gmem, rs_gmem, cs_gmem, o_gmem, o_smem, *rhs_t_smem,
         return acc_ref[...]
 
     acc = pl.run_scoped(scope, plgpu.ACC((tr, tc), acc_dtype)).astype(jnp.float32)
-    r_scale = lax.broadcast_in_dim(_load_vec(rs_gmem.at[rows], 1, interpret), (tr, tc), [0])
-    c_scale = lax.broadcast_in_dim(_load_vec(cs_gmem.at[cols], 0, interpret), (tr, tc), [1])
+    r_scale = lax.broadcast_in_dim(load_vector(rs_gmem.at[rows], 1, interpret), (tr, tc), [0])
+    c_scale = lax.broadcast_in_dim(load_vector(cs_gmem.at[cols], 0, interpret), (tr, tc), [1])
     # The reference's order: (acc * x_scale) * w_scale.
     o_smem[...] = (acc * r_scale) * c_scale if x_is_rows else (acc * c_scale) * r_scale
     plgpu.commit_smem()
@@ -300,12 +287,8 @@ def w8a8_matmul_mgpu(xq, x_scale, qvalue, w_scale, *, out_dtype, interpret: Any 
     strict = block_sizes is not None
     plan = plan_w8a8_mgpu(m, n, k, xq.dtype, block_sizes or default_block_sizes(m),
                           strict=strict)
-    if isinstance(interpret, bool) or interpret is None:
-        interpret_params = _interpret_params() if interpret else None
-    else:
-        interpret_params = interpret
     return _forward(xq, x_scale, qvalue, w_scale, plan=plan, out_dtype=jnp.dtype(out_dtype),
-                    interpret=interpret_params)
+                    interpret=interpreter_params(interpret))
 
 
 @functools.partial(jax.jit, static_argnames=("plan", "out_dtype", "interpret"))
@@ -334,7 +317,7 @@ def _forward(xq, x_scale, qvalue, w_scale, *, plan: W8A8Plan, out_dtype, interpr
         grid=(r_size // plan.tr, c_size // plan.tc, plan.k_splits),
         grid_names=("r", "c", "k"),
         scratch_types=[plgpu.SMEM((plan.tr, plan.tc), jnp.float32,
-                                  transforms=_tiled(plgpu.find_swizzle(plan.tc * 4 * 8), 4))]
+                                  transforms=tiled(plgpu.find_swizzle(plan.tc * 4 * 8), 4))]
         # interpreter only: the rhs tile transposed (see `_kernel`)
         + ([] if interpret is None else [plgpu.SMEM((plan.tk, plan.tc), xq.dtype)]),
         compiler_params=plgpu.CompilerParams(),
@@ -348,9 +331,3 @@ def _forward(xq, x_scale, qvalue, w_scale, *, plan: W8A8Plan, out_dtype, interpr
     if plan.n_main < n:
         y = jnp.concatenate([y, _xla(xq, xs, qvalue[plan.n_main:], ws[plan.n_main:])], axis=1)
     return y.astype(out_dtype)
-
-
-def _interpret_params():
-    from jax._src.pallas.mosaic_gpu.interpret.params import InterpretGPUParams
-
-    return InterpretGPUParams()
