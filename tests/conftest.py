@@ -6,6 +6,8 @@ synthetic model files (GGUF with a byte-level BPE tokenizer) that any test can w
 
 from __future__ import annotations
 
+import importlib
+import os
 import types
 
 import gguf
@@ -17,6 +19,25 @@ from jquant import io as jio
 from jquant.io.tokenizer import _bytes_to_unicode
 
 jax.config.update("jax_numpy_dtype_promotion", "strict")
+
+# The `reference` extra (torch) is optional: tests that compare against transformers'
+# torch models importorskip it. CI installs it and sets JQUANT_REQUIRE_REFERENCE=1, so
+# there a missing or broken torch fails the run instead of silently skipping them.
+REFERENCE_MODULES = ("torch",)
+
+
+def pytest_configure(config):
+    if os.environ.get("JQUANT_REQUIRE_REFERENCE") != "1":
+        return
+    for name in REFERENCE_MODULES:
+        try:
+            importlib.import_module(name)
+        except ImportError as e:
+            raise pytest.UsageError(
+                f"JQUANT_REQUIRE_REFERENCE=1 but {name!r} cannot be imported ({e}); install "
+                "the reference extra: pip install -e '.[test,reference]'"
+            ) from e
+
 
 # Shapes of the tiny synthetic model: 2 layers, 4 query heads and 2 kv heads of size 16.
 TINY = dict(hidden=64, ffn=96, layers=2, heads=4, kv_heads=2, head_dim=16)

@@ -238,7 +238,7 @@ def test_smollm_tensors(smollm):
 def transformers_gguf_model(smollm_path):
     """transformers' own GGUF loader (torch, float32) on the same file."""
     torch = pytest.importorskip("torch")
-    transformers = pytest.importorskip("transformers")
+    import transformers
     model = transformers.AutoModelForCausalLM.from_pretrained(
         str(smollm_path.parent), gguf_file=smollm_path.name, dtype=torch.float32
     )

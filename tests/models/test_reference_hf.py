@@ -7,10 +7,11 @@ also marked slow. torch is a test-only dependency (the `reference` extra).
 import numpy as np
 import pytest
 
+# torch is the one optional dependency: skipped without it, except in CI (tests/conftest.py).
 torch = pytest.importorskip("torch")
-transformers = pytest.importorskip("transformers")
 
 import jax.numpy as jnp  # noqa: E402
+import transformers  # noqa: E402
 
 from jquant.models import (  # noqa: E402
     LlamaConfig,
