@@ -9,6 +9,9 @@
 #    table: JQUANT_DISPATCH_TABLE=OUT_DIR/kernels.json),
 # 3. the block-size sweep (benchmarks/tune_blocks.py -> OUT_DIR/tune.json).
 # Each step logs to OUT_DIR; a failing step is reported and the next one still runs.
+# When the kernel tests and the speed table both succeeded in this run, the table is also
+# copied to OUT_DIR/measured/<backend>.json: commit it as kernels/measured/<backend>.json
+# and "auto" uses the kernels on that backend (without a measured table it never does).
 # The full table compiles ~900 programs; where one call has a time limit, split it with
 # BENCH_ARGS="--kinds int4,int8" (passed to benchmarks/kernels.py) and STEPS="bench".
 set -u -o pipefail
@@ -22,13 +25,27 @@ cp -r jquant "$src/" && cp -r kernels "$src/jquant/kernels" && cp -r configs "$s
 export PYTHONPATH="$src${PYTHONPATH:+:$PYTHONPATH}"
 python3 -c "import jax; print('jax', jax.__version__, jax.devices())" | tee "$out/device.txt"
 status=0
+tests_ok=0
 steps="${STEPS:-tests bench tune}"
 [[ " $steps " == *" tests "* ]] && { python3 -m pytest -q -p no:cacheprovider tests/kernels \
-  2>&1 | tee "$out/kernel_tests.log" || { echo "kernel tests FAILED"; status=1; }; }
-# shellcheck disable=SC2086  # BENCH_ARGS is a list of arguments
-[[ " $steps " == *" bench "* ]] && { python3 benchmarks/kernels.py ${BENCH_ARGS:-} \
-  --out "$out/kernels.json" 2>&1 | tee "$out/kernels.log" \
-  || { echo "benchmarks/kernels.py FAILED"; status=1; }; }
+  2>&1 | tee "$out/kernel_tests.log" && tests_ok=1 \
+  || { echo "kernel tests FAILED"; status=1; }; }
+if [[ " $steps " == *" bench "* ]]; then
+  # shellcheck disable=SC2086  # BENCH_ARGS is a list of arguments
+  if python3 benchmarks/kernels.py ${BENCH_ARGS:-} --out "$out/kernels.json" 2>&1 \
+      | tee "$out/kernels.log"; then
+    if [[ $tests_ok == 1 ]]; then
+      backend="$(python3 -c 'import json, sys; print(json.load(open(sys.argv[1]))["backend"])' \
+        "$out/kernels.json")"
+      mkdir -p "$out/measured" && cp "$out/kernels.json" "$out/measured/$backend.json"
+      echo "measured dispatch table (kernel tests passed): $out/measured/$backend.json"
+    else
+      echo "no measured dispatch table: the kernel tests did not pass in this run"
+    fi
+  else
+    echo "benchmarks/kernels.py FAILED"; status=1
+  fi
+fi
 [[ " $steps " == *" tune "* ]] && { python3 benchmarks/tune_blocks.py --out "$out/tune.json" \
   2>&1 | tee "$out/tune.log" || { echo "benchmarks/tune_blocks.py FAILED"; status=1; }; }
 exit $status

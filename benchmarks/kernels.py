@@ -14,7 +14,9 @@ or XLA as the dispatch table in `jquant.kernels.dispatch_table` picks by M). On 
 kernels only run in interpret mode, whose timings mean nothing, so `kernel` is not timed
 there. Weights are random codes with random scales: speed does not depend on values.
 It prints a table and never asserts speed. The JSON it writes is also a dispatch table:
-`JQUANT_DISPATCH_TABLE=docs/kernels.json` makes `qdot` use the measured crossovers.
+`JQUANT_DISPATCH_TABLE=docs/kernels.json` makes `qdot` use the measured crossovers (without
+one, "auto" runs no kernel: `kernels/dispatch_table.py`). Once the kernel tests pass on that
+device too, it can ship as `kernels/measured/<backend>.json` (`benchmarks/device.sh`).
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ import jax
 import jax.numpy as jnp
 from jquant.kernels._formats import PACKED_QTYPES, STORAGE_DTYPES, num_groups, packed_k
 
-from jquant import ops
+from jquant import kernels, ops
 from jquant.qarray import QArray
 
 KINDS = ("int4", "int8", "uint4", "nf4", "fp8_e4m3", "w8a8_int8", "w8a8_fp8")
@@ -165,7 +167,7 @@ def main(argv=None):
     args = p.parse_args(argv)
 
     device = jax.devices()[0]
-    backend = {"cuda": "gpu", "rocm": "gpu"}.get(jax.default_backend(), jax.default_backend())
+    backend = kernels.normalize_backend(None)
     peak = hbm_peak(device.device_kind)
     shapes, ms = (FULL_SHAPES, FULL_MS) if args.shapes == "full" else (SMALL_SHAPES, SMALL_MS)
     group_size = args.group_size or None

@@ -6,195 +6,35 @@ whatever its storage, so the same model code runs float and quantized params.
 For a QArray every op reduces to ``dot_general`` against the weight in **storage
 layout** (contraction axis last, see ``jquant.qarray``), so no transposed float
 copy of the weight is ever made. When the contraction is a plain matmul (one
-contracted axis, no batch axes) it goes through a single internal function,
-``_matmul(x2d, w2d)``, which is where fused kernels plug in; everything else
-dequantizes and calls ``lax.dot_general``.
+contracted axis, no batch axes) it goes through ``jquant._dispatch.matmul``, where
+fused kernels plug in; everything else dequantizes and calls ``lax.dot_general``.
 
 Numerics of the XLA path: the weight is dequantized to the activation dtype and
 the dot accumulates in float32 (``preferred_element_type``), so bf16 inputs are
-not summed in bf16. A QArray with ``activation`` set quantizes the activations
-per token first (see ``jquant._act``).
+not summed in bf16. Integer activations are promoted with the weight's dtype first,
+as ``x @ w`` would. A QArray with ``activation`` set quantizes the activations per
+token first (see ``jquant._act``).
 
-Which path runs is ``"auto"`` (a fused kernel where one applies, else XLA),
-``"xla"`` or ``"kernel"`` (fail rather than fall back): ``set_matmul_path`` sets it,
-else the ``JQUANT_MATMUL`` environment variable, else ``"auto"``.
+Which path runs is ``"auto"`` (a fused kernel where one applies and a measured
+dispatch table allows it, else XLA), ``"xla"`` or ``"kernel"`` (fail rather than fall
+back): ``set_matmul_path`` sets it, else the ``JQUANT_MATMUL`` environment variable,
+else ``"auto"`` (``jquant._dispatch`` has the rules).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import functools
 import math
-import os
 
 import jax
 import jax.numpy as jnp
 
-from jquant import _act, kernels
-from jquant._dequant_dot import (
-    _CPU_BLOCK_N,
-    _accumulator,
-    _dequant_dot,
-    _dequant_dot_blocked,
-    _rows_sharded,
-)
+from jquant import _act, _dispatch, _einsum
+from jquant._dequant_dot import _accumulator
+from jquant._dispatch import MATMUL_PATHS as MATMUL_PATHS
+from jquant._dispatch import matmul_path as matmul_path
+from jquant._dispatch import set_matmul_path as set_matmul_path
 from jquant.qarray import QArray
-
-MATMUL_PATHS = ("auto", "xla", "kernel")
-_matmul_path: str | None = None
-
-
-def set_matmul_path(path: str | None) -> str | None:
-    """Chooses how quantized matmuls run: ``"auto"``, ``"xla"`` or ``"kernel"``.
-
-    ``None`` clears the choice (back to ``$JQUANT_MATMUL``, else ``"auto"``). The
-    choice is read while tracing, so it applies to functions jitted afterwards.
-
-    Args:
-      path: ``"auto"`` (a fused kernel where one applies, else XLA), ``"xla"``
-        (always dequantize-then-dot), ``"kernel"`` (a fused kernel or a ValueError).
-
-    Returns:
-      The previous setting, so a caller can restore it.
-
-    >>> old = set_matmul_path("xla"); matmul_path()
-    'xla'
-    >>> _ = set_matmul_path(old)
-    """
-    global _matmul_path
-    if path is not None and path not in MATMUL_PATHS:
-        raise ValueError(f"set_matmul_path: unknown path {path!r}; use one of {MATMUL_PATHS}")
-    old, _matmul_path = _matmul_path, path
-    return old
-
-
-def matmul_path() -> str:
-    """The matmul path in effect: ``set_matmul_path``'s, else ``$JQUANT_MATMUL``, else auto."""
-    path = _matmul_path or os.environ.get("JQUANT_MATMUL") or "auto"
-    if path not in MATMUL_PATHS:
-        raise ValueError(f"JQUANT_MATMUL={path!r} is not one of {MATMUL_PATHS}")
-    return path
-
-
-# ---- the dispatch hook ------------------------------------------------------------
-
-
-def _device_backend() -> str:
-    backend = jax.default_backend()
-    return {"cuda": "gpu", "rocm": "gpu"}.get(backend, backend)
-
-
-def _kernel_matmul(x, w: QArray, out_dtype, precision):
-    """The fused Pallas kernel for ``x (M, K) @ w``, or None where none applies.
-
-    On TPU and GPU a kernel runs when ``jquant.kernels``' ``can_use_*`` predicate accepts
-    the inputs and, unless the path is forced to ``"kernel"``, when the dispatch table
-    (``jquant.kernels.dispatch_table``) says it beats XLA at this M. Weight-only
-    matmuls use ``quantized_matmul``; an int8 (fp8_e4m3) weight with int8 (fp8_e4m3)
-    per-token activations and per-channel scales uses the W8A8 kernel. Other weights
-    with activation quantization, and double-quantized scales, stay on XLA.
-    Forcing the path to ``"kernel"`` on CPU runs the TPU kernel (the GPU one for fp8
-    W8A8) in Pallas interpret mode: slow, but it exercises the same dispatch and the
-    same kernel code as the device does, which is how it is tested without one.
-    """
-    del precision  # the kernels accumulate in float32 regardless
-    forced, backend, m = matmul_path() == "kernel", _device_backend(), x.shape[0]
-    fmt = _w8a8_format(w)
-    if fmt is not None:
-        return _w8a8_kernel_matmul(x, w, out_dtype, fmt, backend, forced)
-    if w.activation is not None or isinstance(w.scale, QArray) or w.qtype not in kernels.QTYPES:
-        return None
-    n = w.qvalue.shape[0]
-    scale = jnp.broadcast_to(w.scale, (n, w.scale.shape[-1]))  # per-tensor → per-row
-    zp = None if w.zero_point is None else jnp.broadcast_to(w.zero_point, scale.shape)
-    args, kw = (x, w.qvalue, scale, zp), dict(qtype=w.qtype, k=w.k, group_size=w.group_size)
-    if backend in ("tpu", "gpu"):
-        can_use = kernels.can_use_tpu_kernel if backend == "tpu" else kernels.can_use_gpu_kernel
-        if (forced or kernels.prefer_kernel(backend, w.qtype, m)) and can_use(*args, **kw):
-            return kernels.quantized_matmul(*args, **kw).astype(out_dtype)
-        return None
-    if backend == "cpu" and forced and kernels.can_use_tpu_kernel(*args, **kw, backend="tpu"):
-        y = kernels.quantized_matmul(*args, **kw, backend="tpu", interpret=True)
-        return y.astype(out_dtype)
-    return None
-
-
-def _w8a8_format(w: QArray) -> str | None:
-    """``"int8"`` / ``"fp8_e4m3"`` for a W8A8 weight (same 8-bit format for activations and
-    weight, per-channel scales, possibly double-quantized), else None."""
-    ok = (
-        w.activation is not None and w.activation == w.qtype and w.qtype in ("int8", "fp8_e4m3")
-        and w.zero_point is None and w.num_groups == 1
-    )  # fmt: skip
-    return w.qtype if ok else None
-
-
-def _w8a8_kernel_matmul(x, w: QArray, out_dtype, fmt: str, backend: str, forced: bool):
-    """W8A8 through the backend's kernel (int8 on TPU and GPU, fp8 on TPU and GPU); on
-    CPU, when the path is forced, the TPU int8 / GPU fp8 kernel interpreted."""
-    code_dtype = jnp.int8 if fmt == "int8" else jnp.float8_e4m3fn
-    xq = jax.ShapeDtypeStruct(x.shape, code_dtype)
-    xs = jax.ShapeDtypeStruct((x.shape[0], 1), jnp.float32)
-    scale_n = jax.ShapeDtypeStruct((w.qvalue.shape[0], 1), jnp.float32)
-    matmul = _act.int8_matmul if fmt == "int8" else _act.fp8_matmul
-    if backend in ("tpu", "gpu"):
-        can_use = kernels.can_use_tpu_w8a8 if backend == "tpu" else kernels.can_use_gpu_w8a8
-        kind = "w8a8_int8" if fmt == "int8" else "w8a8_fp8"
-        if (forced or kernels.prefer_kernel(backend, kind, x.shape[0])) and can_use(
-            xq, xs, w.qvalue, scale_n, backend=backend
-        ):
-            return matmul(x, w.qvalue, w.scales(), backend=backend).astype(out_dtype)
-        return None
-    if backend == "cpu" and forced:
-        interp = "tpu" if fmt == "int8" else "gpu"
-        return matmul(x, w.qvalue, w.scales(), backend=interp, interpret=True).astype(out_dtype)
-    return None
-
-
-def _matmul(x, w: QArray, *, out_dtype, precision=None):
-    """``x (M, K) @ w`` for a 2-D QArray stored as ``(N, Kbytes)``: the dispatch point."""
-    path = matmul_path()
-    if path != "xla":
-        y = _kernel_matmul(x, w, out_dtype, precision)
-        if y is not None:
-            return y
-        if path == "kernel":
-            raise ValueError(
-                f"matmul path is 'kernel' but no fused kernel applies to x {tuple(x.shape)} "
-                f"{jnp.dtype(x.dtype).name} @ {w!r}; use set_matmul_path('auto')"
-            )
-    return _matmul_xla(x, w, out_dtype=out_dtype, precision=precision)
-
-
-def _matmul_xla(x, w: QArray, *, out_dtype, precision=None):
-    if _w8a8_format(w) == "int8":  # int8 x int8 in XLA, exact int32 sums
-        return _act.int8_matmul(x, w.qvalue, w.scales(), backend="cpu").astype(out_dtype)
-    if w.activation is not None:
-        x = _act.fake_quant(x, w.activation, (-1,))
-    if w.qvalue.shape[0] < 2 * _CPU_BLOCK_N or _rows_sharded(w.qvalue):
-        return _dequant_dot(x, w, precision).astype(out_dtype)
-    y = jax.lax.platform_dependent(
-        x, w, cpu=functools.partial(_dequant_dot_blocked, precision=precision),
-        default=functools.partial(_dequant_dot, precision=precision),
-    )  # fmt: skip
-    return y.astype(out_dtype)
-
-
-def _as_2d(w: QArray) -> QArray:
-    """The same QArray with its non-contraction axes merged: storage ``(N, Kbytes)``."""
-    if w.qvalue.ndim == 2:
-        return w
-    # Reshape the stored scale as it is (dtype kept, the kernels want the zero point's);
-    # only a double-quantized scale, itself a QArray, cannot be reshaped, its values can.
-    scale = w.scales() if isinstance(w.scale, QArray) else w.scale
-
-    def flat(a):
-        return None if a is None else a.reshape(-1, a.shape[-1])
-
-    return dataclasses.replace(
-        w, qvalue=flat(w.qvalue), scale=flat(scale), zero_point=flat(w.zero_point), axis=-2
-    )
-
 
 # ---- validation -------------------------------------------------------------------
 
@@ -285,9 +125,10 @@ def _qdot_2d(x, w: QArray, x_axis: int, out_dtype, precision):
     x = jnp.moveaxis(x, x_axis, -1)
     free_x = x.shape[:-1]
     free_w = tuple(d for i, d in enumerate(w.shape) if i != w.ndim + w.axis)
-    y = _matmul(
-        x.reshape(math.prod(free_x), w.k), _as_2d(w), out_dtype=out_dtype, precision=precision
-    )
+    y = _dispatch.matmul(
+        x.reshape(math.prod(free_x), w.k), _dispatch.as_2d(w), out_dtype=out_dtype,
+        precision=precision,
+    )  # fmt: skip
     return y.reshape(*free_x, *free_w)
 
 
@@ -385,52 +226,12 @@ def qeinsum(spec: str, x, w, *, precision=None, preferred_element_type=None) -> 
             spec, x, w, precision=precision, preferred_element_type=preferred_element_type
         )
     x = _promote(x, w)
-    xs, ws, outs = _parse_einsum(spec, x.ndim, w.ndim, w)
-    summed = [i for i, c in enumerate(xs) if c not in ws and c not in outs]
-    if summed:  # indices only x carries and the output drops: sum them out first
-        x = jnp.sum(x, axis=tuple(summed))
-        xs = "".join(c for c in xs if c in ws or c in outs)
-    batch = [c for c in xs if c in ws and c in outs]
-    contract = [c for c in xs if c in ws and c not in outs]
-    dims = (
-        (tuple(xs.index(c) for c in contract), tuple(ws.index(c) for c in contract)),
-        (tuple(xs.index(c) for c in batch), tuple(ws.index(c) for c in batch)),
-    )
-    y = qdot_general(x, w, dims, precision, preferred_element_type, op=f"qeinsum({spec!r})")
-    result = (
-        "".join(batch)
-        + "".join(c for c in xs if c not in ws)
-        + "".join(c for c in ws if c not in xs)
-    )
-    return jnp.transpose(y, [result.index(c) for c in outs])
-
-
-def _parse_einsum(spec: str, x_ndim: int, w_ndim: int, w) -> tuple[str, str, str]:
-    """Splits ``spec`` into (x, w, out) index strings with ellipses expanded."""
     op = f"qeinsum({spec!r})"
-    spec = spec.replace(" ", "")
-    if "->" not in spec or spec.count(",") != 1:
-        raise ValueError(f"{op}: a QArray operand needs an explicit two-operand spec 'ab,bc->ac'")
-    ins, outs = spec.split("->")
-    xs, ws = ins.split(",")
-    terms = [xs, ws]
-    if any("..." in t for t in (*terms, outs)):
-        free = [c for c in "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ" if c not in spec]
-        ell = [n - (len(t) - 3) if "..." in t else 0 for t, n in zip(terms, (x_ndim, w_ndim))]
-        letters = "".join(free[: max(ell)])
-        xs, ws = (t.replace("...", letters[len(letters) - e :]) for t, e in zip(terms, ell))
-        outs = outs.replace("...", letters)
-    for name, term, ndim in (("x", xs, x_ndim), ("w", ws, w_ndim)):
-        if len(term) != ndim or len(set(term)) != len(term):
-            raise ValueError(
-                f"{op}: operand {name} has {ndim} axes but its indices are {term!r} "
-                "(each index once per operand, one per axis)"
-            )
-    if dropped := [c for c in ws if c not in xs and c not in outs]:
-        raise ValueError(f"{op}: cannot sum the quantized weight ({_describe(w)}) over {dropped}")
-    if unknown := [c for c in outs if c not in xs and c not in ws]:
-        raise ValueError(f"{op}: output indices {unknown} appear in no operand")
-    return xs, ws, outs
+    p = _einsum.plan(spec, x.ndim, w.ndim, op=op, w_desc=_describe(w))
+    if p.x_summed:  # indices only x carries and the output drops: sum them out first
+        x = jnp.sum(x, axis=p.x_summed)
+    y = qdot_general(x, w, p.dims, precision, preferred_element_type, op=op)
+    return jnp.transpose(y, p.perm)
 
 
 def qembed(ids: jax.Array, table, *, dtype=None) -> jax.Array:

@@ -7,9 +7,11 @@ from ._formats import NF4_CODEBOOK as NF4_CODEBOOK
 from ._formats import QTYPES as QTYPES
 from .block_sizes import BlockSizes as BlockSizes
 from .block_sizes import get_block_sizes as get_block_sizes
+from .dispatch_table import has_dispatch_table as has_dispatch_table
 from .dispatch_table import kernel_max_m as kernel_max_m
 from .dispatch_table import prefer_kernel as prefer_kernel
 from .dispatch_table import set_dispatch_table as set_dispatch_table
+from .quantized_matmul import _normalize_backend
 from .quantized_matmul import can_use_gpu_kernel as can_use_gpu_kernel
 from .quantized_matmul import can_use_tpu_kernel as can_use_tpu_kernel
 from .quantized_matmul import dequantize as dequantize
@@ -24,3 +26,6 @@ from .w8a8 import quantize_activations as quantize_activations
 from .w8a8 import quantized_matmul_w8a8 as quantized_matmul_w8a8
 from .w8a8 import quantized_matmul_w8a8_reference as quantized_matmul_w8a8_reference
 from .w8a8 import select_gpu_w8a8_kernel as select_gpu_w8a8_kernel
+
+# "cuda" / "rocm" -> "gpu", None -> jax.default_backend(): one normaliser for jquant too.
+normalize_backend = _normalize_backend

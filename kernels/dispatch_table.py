@@ -1,4 +1,4 @@
-"""When a fused kernel is worth running: the largest M (rows of x) at which it beats XLA.
+"""When a fused kernel runs under "auto": the largest M (rows of x) at which it beats XLA.
 
 A weight-only kernel dequantizes each weight tile once per block of M rows. At decode (M of
 1..16) that is free, since the matmul is bound by reading the weight; at prefill (M in the
@@ -7,22 +7,28 @@ published int4 kernels drop to about half of bf16 speed there. So `jquant.ops` r
 kernel only while M <= the table's limit for (backend, kind) and XLA above it.
 
 `kind` is the weight qtype for weight-only matmuls ("int4", "nf4", ...) and "w8a8_int8" /
-"w8a8_fp8" for the W8A8 kernels. A limit of None means "the kernel at every M".
+"w8a8_fp8" for the W8A8 kernels. A limit of None means "the kernel at every M"; 0, or no
+entry, means "never under auto".
 
-The built-in table is **not a measurement**: no GPU or TPU was available when it was
-written. Its limits follow the published shape of the curve (weight-only wins at small M,
-loses at large M; 8-bit x 8-bit GEMMs win at large M). Replace it from a benchmark run:
+**No unmeasured kernel by default.** The kernels have run in interpret mode and through
+`jax.export` only, so a backend gets kernels under "auto" only from a *measured* table: one
+that ships with jquant (`kernels/measured/<backend>.json`, written on that device by
+`benchmarks/device.sh` after the kernel tests passed there; none ships yet), or one the user
+installs:
 
-    python benchmarks/kernels.py --out kernels.json       # on the device
-    JQUANT_DISPATCH_TABLE=kernels.json python ...         # or set_dispatch_table(...)
+    bash benchmarks/device.sh                             # on the device: tests, then timings
+    JQUANT_DISPATCH_TABLE=device-out/kernels.json python ...   # or set_dispatch_table(...)
 
-`table_from_benchmark` turns the benchmark's rows into limits: for each (backend, kind) the
-largest measured M such that at it and at every smaller measured M the kernel was at least
-as fast as the XLA path (geometric mean over the measured layer shapes).
+Everywhere else "auto" is XLA (and `jquant.ops` says once per backend how to opt in);
+`set_matmul_path("kernel")` still forces a kernel. `table_from_benchmark` turns the
+benchmark's rows into limits: for each (backend, kind) the largest measured M such that at
+it and at every smaller measured M the kernel was at least as fast as the XLA path
+(geometric mean over the measured layer shapes).
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
@@ -33,15 +39,10 @@ WEIGHT_ONLY_KINDS = ("int8", "int4", "uint4", "nf4", "fp8_e4m3", "fp8_e5m2")
 W8A8_KINDS = ("w8a8_int8", "w8a8_fp8")
 KINDS = WEIGHT_ONLY_KINDS + W8A8_KINDS
 BACKENDS = ("tpu", "gpu")
+# Where the measured tables that ship with jquant live: <backend>.json, benchmark JSON.
+MEASURED_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "measured")
 
 Table = Mapping[tuple[str, str], "int | None"]
-
-# Unmeasured defaults (see the module docstring): weight-only kernels up to M = 256, W8A8
-# kernels at every M.
-DEFAULT_TABLE: dict[tuple[str, str], int | None] = {
-    **{(b, kind): 256 for b in BACKENDS for kind in WEIGHT_ONLY_KINDS},
-    **{(b, kind): None for b in BACKENDS for kind in W8A8_KINDS},
-}
 
 _override: dict[tuple[str, str], int | None] | None = None
 _env_cache: tuple[str, dict[tuple[str, str], int | None]] | None = None
@@ -65,7 +66,7 @@ def _check_table(table: Mapping) -> dict[tuple[str, str], int | None]:
 def table_from_benchmark(rows: Iterable[Mapping], backend: str) -> dict[tuple[str, str], int]:
     """Limits from `benchmarks/kernels.py` rows (their "kind", "m", "method", "ms" fields).
 
-    Kinds that lack "kernel" or "xla" rows are left out (the default applies to them).
+    Kinds that lack "kernel" or "xla" rows are left out (no kernel for them under "auto").
     """
     times: dict[str, dict[int, dict[str, list[float]]]] = defaultdict(
         lambda: defaultdict(lambda: defaultdict(list)))
@@ -91,8 +92,8 @@ def table_from_benchmark(rows: Iterable[Mapping], backend: str) -> dict[tuple[st
     return table
 
 
-def load_table(path: str) -> dict[tuple[str, str], int | None]:
-    """The default table updated with the limits measured in a `benchmarks/kernels.py` JSON."""
+def _read(path: str) -> tuple[str, list]:
+    """(backend, rows) of a `benchmarks/kernels.py --out` JSON."""
     try:
         with open(path) as f:
             data = json.load(f)
@@ -103,45 +104,77 @@ def load_table(path: str) -> dict[tuple[str, str], int | None]:
     if backend not in BACKENDS:
         raise ValueError(f"dispatch table {path!r} was measured on {backend=}; it needs one "
                          f"of {BACKENDS}")
-    return {**DEFAULT_TABLE, **table_from_benchmark(rows, backend)}
+    return backend, rows
+
+
+def load_table(path: str) -> dict[tuple[str, str], int]:
+    """The limits measured in a `benchmarks/kernels.py --out` JSON, for its backend only."""
+    backend, rows = _read(path)
+    return table_from_benchmark(rows, backend)
+
+
+@functools.cache
+def _shipped(directory: str) -> dict[tuple[str, str], int]:
+    table = {}
+    for backend in BACKENDS:
+        path = os.path.join(directory, f"{backend}.json")
+        if not os.path.exists(path):
+            continue
+        measured_on, rows = _read(path)
+        if measured_on != backend:
+            raise ValueError(f"shipped dispatch table {path!r} was measured on "
+                             f"{measured_on!r}, another backend than its name says")
+        table.update(table_from_benchmark(rows, backend))
+    return table
+
+
+def shipped_table() -> dict[tuple[str, str], int]:
+    """The measured tables that ship with jquant (`MEASURED_DIR`/<backend>.json), merged."""
+    return _shipped(MEASURED_DIR)
 
 
 def set_dispatch_table(table: Table | None) -> Table | None:
-    """Use `table` ((backend, kind) -> max M or None) from now on; None goes back to
-    `$JQUANT_DISPATCH_TABLE` (a benchmark JSON), else the defaults. Returns the old one.
+    """Use `table` ((backend, kind) -> max M, or None for every M) from now on, over the
+    shipped measurements; None goes back to `$JQUANT_DISPATCH_TABLE` (a benchmark JSON),
+    else the shipped tables alone. Returns the previous one.
 
-    >>> old = set_dispatch_table({("gpu", "int4"): 64})  # unlisted keys keep their default
+    >>> old = set_dispatch_table({("gpu", "int4"): 64})  # unlisted kinds: shipped, else XLA
     >>> _ = set_dispatch_table(old)
     """
     global _override
     old = _override
-    _override = None if table is None else {**DEFAULT_TABLE, **_check_table(table)}
+    _override = None if table is None else _check_table(table)
     return old
 
 
 def current_table() -> Mapping[tuple[str, str], int | None]:
-    """The table in effect: `set_dispatch_table`'s, else `$JQUANT_DISPATCH_TABLE`'s, else
-    `DEFAULT_TABLE`."""
+    """The table in effect: the shipped measurements, updated by `set_dispatch_table`'s
+    table, else by `$JQUANT_DISPATCH_TABLE`'s. Kinds it lacks run in XLA under "auto"."""
     global _env_cache
-    if _override is not None:
-        return _override
+    user = _override
     path = os.environ.get("JQUANT_DISPATCH_TABLE")
-    if not path:
-        return DEFAULT_TABLE
-    if _env_cache is None or _env_cache[0] != path:
-        _env_cache = (path, load_table(path))
-    return _env_cache[1]
+    if user is None and path:
+        if _env_cache is None or _env_cache[0] != path:
+            _env_cache = (path, load_table(path))
+        user = _env_cache[1]
+    return {**shipped_table(), **(user or {})}
+
+
+def has_dispatch_table(backend: str) -> bool:
+    """Whether a measured (or user-installed) table covers any kind on `backend`."""
+    return any(b == backend for b, _ in current_table())
 
 
 def kernel_max_m(backend: str, kind: str) -> int | None:
-    """The largest M at which the kernel of (backend, kind) should run; None for no limit."""
+    """The largest M at which the kernel of (backend, kind) runs under "auto": None for every
+    M, 0 (also for a kind no table covers) for none."""
     if backend not in BACKENDS or kind not in KINDS:
         raise ValueError(f"no dispatch entry for ({backend!r}, {kind!r}); backends "
                          f"{BACKENDS}, kinds {KINDS}")
-    return current_table().get((backend, kind))
+    return current_table().get((backend, kind), 0)
 
 
 def prefer_kernel(backend: str, kind: str, m: int) -> bool:
-    """True when the table says the (backend, kind) kernel beats XLA at M rows."""
+    """True when a measured table says the (backend, kind) kernel beats XLA at M rows."""
     limit = kernel_max_m(backend, kind)
     return limit is None or m <= limit
