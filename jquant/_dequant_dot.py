@@ -1,6 +1,6 @@
 """The XLA path of a quantized matmul: ``x (M, K) @ w.T`` for a QArray stored ``(N, K)``.
 
-Two things decide its speed on CPU (DESIGN.md, Platforms), and both live here:
+Two things decide its speed on CPU (measured in ``docs/cpu.md``), and both live here:
 
 * row blocking: output rows are dequantized a block at a time inside ``lax.map``, so no
   float copy of the whole weight is written and re-read;
@@ -24,7 +24,7 @@ from jquant.qarray import QArray, _segments
 # Output rows dequantized at a time on CPU. Dequantizing the whole (N, K) weight and
 # then dotting makes XLA's CPU backend write and re-read a float copy of it (~10x
 # slower than an f32 dot for a decode matvec); row blocks of 256 stay in cache and
-# match or beat the f32 dot (DESIGN.md, Platforms).
+# match or beat the f32 dot (docs/cpu.md).
 _CPU_BLOCK_N = 256
 
 
