@@ -83,9 +83,10 @@ def raise_scale_range(overflow: int, underflow: int, scale_dtype, *, name: str):
         )
     if underflow:
         raise ValueError(
-            f"{name}: {underflow} scale(s) underflow {dtype} (smallest normal "
-            f"{float(jnp.finfo(scale_dtype).smallest_normal):.3g}) and would lose their "
-            f"precision or zero their groups; use scale_dtype float32 or bfloat16"
+            f"{name}: {underflow} scale(s) underflow {dtype} (below its smallest normal "
+            f"{float(jnp.finfo(scale_dtype).smallest_normal):.3g} it rounds them up by more "
+            "than bfloat16 would, up to zeroing whole groups): the weights are too small for "
+            f"{dtype} scales; use scale_dtype float32 or bfloat16"
         )
 
 

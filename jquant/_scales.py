@@ -92,13 +92,14 @@ def scale_range_problems(exact, stored):
     """(overflowed, underflowed) group counts of scales cast to ``stored.dtype``.
 
     ``exact`` are the float32 scales before the cast. A scale overflows when the cast
-    makes it inf; it underflows when it is a normal float32 but below the scale dtype's
-    smallest normal number (float16: 6.1e-5), where the dtype keeps too few bits and the
-    rounded-up scale can flush a whole group to zero.
+    makes it inf. It underflows when it is a normal float32 that the scale dtype rounds up
+    by more than bfloat16 would (2^-7 relative): only float16 below ~7.6e-6, where its
+    subnormals keep few bits and the rounded-up scale can flush a whole group to zero.
     """
-    tiny = jnp.float32(jnp.finfo(stored.dtype).smallest_normal)
-    overflow = jnp.sum(~jnp.isfinite(stored.astype(jnp.float32)))
-    underflow = jnp.sum((exact >= jnp.finfo(jnp.float32).smallest_normal) & (exact < tiny))
+    kept = stored.astype(jnp.float32)
+    overflow = jnp.sum(~jnp.isfinite(kept))
+    normal = exact >= jnp.finfo(jnp.float32).smallest_normal
+    underflow = jnp.sum(normal & (kept - exact > exact * jnp.float32(2**-7)))
     return overflow, underflow
 
 

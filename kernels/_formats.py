@@ -157,7 +157,7 @@ def byte_groups(qtype: str, k: int, group_size: int | None) -> np.ndarray:
     groups = np.zeros(packed_k(qtype, k, group_size), np.int32)
     pos = 0
     for t, (_, length) in enumerate(group_starts_and_lengths(k, group_size)):
-        n = (length + 1) // 2 if qtype in PACKED_QTYPES else length
+        n = packed_group_bytes(length, 4 if qtype in PACKED_QTYPES else 8)
         groups[pos:pos + n] = t
         pos += n
     return groups

@@ -286,6 +286,14 @@ def test_float16_scales_out_of_range_name_the_tensor(factor, match):
         quantize_array(w, "int4", group_size=64, scale_dtype=jnp.float16, name="layers/5/kernel")
 
 
+def test_float16_subnormal_scales_that_keep_their_precision_are_accepted():
+    # Scales ~4e-5 are float16 subnormals, but rounded up by < 2^-7: no error, bound holds.
+    w = _weight(6, (128, 8)) * np.float32(1e-4)
+    q = quantize_array(w, "int4", group_size=64, scale_dtype=jnp.float16)
+    assert np.abs(np.asarray(q.dequantize(), np.float64)).max() > 0
+    assert (np.abs(np.asarray(q.dequantize(), np.float64) - w) <= _bound(q, w)).all()
+
+
 @pytest.mark.parametrize("scale_dtype", [jnp.float32, jnp.bfloat16, jnp.float16])
 def test_uint_range_at_extreme_finite_values_does_not_overflow(scale_dtype):
     w = np.array([[-3e38, 3e38], [3e38, -1e38], [0.0, 2e38], [1e38, -3e38]], np.float32)
