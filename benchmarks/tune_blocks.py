@@ -25,7 +25,7 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 from jquant.kernels import BlockSizes, _gpu, _mgpu, _tpu
-from jquant.kernels.quantized_matmul import _normalize_backend, select_gpu_kernel
+from jquant.kernels.quantized_matmul import select_gpu_kernel
 
 from jquant import kernels
 
@@ -137,7 +137,7 @@ def main(argv=None):
     p.add_argument("--out", help="write every timing as JSON here")
     args = p.parse_args(argv)
     group_size = args.group_size or None
-    backend = _normalize_backend(None)
+    backend = kernels.normalize_backend(None)
     device = jax.devices()[0].device_kind
     if args.smoke:
         backend, shapes, ms = "tpu", ((512, 256),), (1, 16)

@@ -7,7 +7,6 @@ dequantization first, so a kernel that matches it matches the contract.
 
 from __future__ import annotations
 
-import importlib
 import itertools
 import runpy
 from pathlib import Path
@@ -24,8 +23,6 @@ from jquant.kernels import (
 )
 
 from jquant import kernels
-
-qm = importlib.import_module("jquant.kernels.quantized_matmul")
 
 # ---- The NumPy quantizer (tests/kernels/np_quant.py): written from the storage contract,
 # not from jquant's quantizer.
@@ -108,7 +105,7 @@ class TestReference:
 def _interpret_for(backend: str) -> bool:
     """Interpret mode unless pytest runs on that backend's hardware: on a GPU (TPU) machine
     the GPU (TPU) kernels below compile and run for real, against the same references."""
-    return qm._normalize_backend(None) != backend
+    return kernels.normalize_backend(None) != backend
 
 
 GPU_INTERPRET = _interpret_for("gpu")
