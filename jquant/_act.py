@@ -8,14 +8,14 @@ row, taken over the contracted axes (``K``), so that no calibration is needed.
   true integer matmul, int8 x int8 with int32 accumulation, and applies
   ``row_scale * channel_scale`` in an epilogue (:func:`int8_matmul`).
 * ``fp8_e4m3`` against an fp8_e4m3 per-channel weight runs as a true fp8 x fp8
-  matmul on GPU (:func:`fp8_matmul`, the Pallas GPU kernel, f32 accumulation);
-  elsewhere it fake-quantizes like the combinations below.
+  matmul on GPU and TPU (:func:`fp8_matmul`, the W8A8 Pallas kernel, f32 accumulation)
+  where ``jquant.ops`` picks that kernel; elsewhere it fake-quantizes like the combinations below.
 * Every other combination (other fp8 pairs, grouped or 4-bit weights) fake-quantizes
   the activations (quantize, then dequantize: :func:`fake_quant`) and runs the
   ordinary dequantize-then-dot path.
 
 Both are differentiable w.r.t. the activations with a straight-through estimator:
-the rounding counts as the identity in the backward pass (QAT relies on this).
+the rounding counts as the identity in the backward pass.
 Absmax scaling never clips, so the identity is the exact derivative between steps.
 """
 

@@ -73,7 +73,7 @@ def test_matches_reference(m, dtype, interpret):
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=("int8", "fp8"))
 def test_bf16_output_default_blocks_and_batch_dims(dtype):
-    # Default (tuned) blocks: K = 1000 leaves a tail past the 896 bytes the kernel takes.
+    # Default blocks: K = 1000 leaves a tail past the 896 bytes the kernel takes.
     _, _, xq, xs, q, s = _problem(6, 200, 1000, dtype, seed=11)
     xq, xs = xq.reshape(2, 3, 1000), xs.reshape(2, 3, 1)
     ref = kernels.quantized_matmul_w8a8_reference(xq, xs, q, s)
