@@ -130,7 +130,8 @@ def test_smollm2_logits_and_greedy_match_hf(smollm2):
     got, _ = forward(model, params, jnp.asarray([ids], jnp.int32))
     delta = np.abs(np.asarray(got) - want).max()
     print(f"SmolLM2 max |dlogit| over 256 tokens: {delta:.2e} (logit range {np.ptp(want):.1f})")
-    assert delta < 2e-3
+    # Measured 8.1e-5 and 1.4e-4 on two machines (float32 summation order varies by CPU).
+    assert delta < 5e-4
 
     from jquant.models import chat_prompt
 
