@@ -18,8 +18,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jquant import qtypes
-from jquant.qarray import QArray, _segments
+from jquant.kernels._formats import planes_dot, split_planes
+from jquant.qarray import QArray
 
 # Output rows dequantized at a time on CPU. Dequantizing the whole (N, K) weight and
 # then dotting makes XLA's CPU backend write and re-read a float copy of it (~10x
@@ -45,14 +45,7 @@ def _dequant_dot(x, w: QArray, precision=None):
     )  # fmt: skip
 
 
-# ---- 4-bit: contract the two nibble planes separately --------------------------------
-# A packed 4-bit group of L codes is L/2 bytes: byte j holds element j (low nibble) and
-# element j + L/2 (high nibble). Unpacking to element order needs a concatenation of
-# the two halves that XLA:CPU does not fuse into the dequantize (it materialises them);
-# instead x is split the same way (x_lo, x_hi: M x K, cheap) and each plane is decoded
-# and dotted on its own: x @ w.T = x_lo @ lo.T + x_hi @ hi.T. Whole groups split with a
-# reshape; a short last group (or an odd per-channel K, whose high half ends in a
-# padding code that a zero column of x cancels) is its own segment.
+# ---- 4-bit: contract the two nibble planes separately (see kernels/_formats.py) -------
 
 
 def _planes_apply(w: QArray) -> bool:
@@ -60,66 +53,20 @@ def _planes_apply(w: QArray) -> bool:
 
 
 def _split_planes(x, w: QArray):
-    """x (M, K) -> per segment of equal groups (count, half, (x_lo, x_hi)), each
-    x plane ``(M, count * half)`` in the byte order of that segment of ``w.qvalue``."""
-    m = x.shape[0]
-    out = []
-    for start, length, count in _segments(w.k, w.group_size):
-        half = (length + 1) // 2
-        xs = x[:, start : start + count * length]
-        if length % 2:  # only a lone group (count == 1): pad its high half
-            xs = jnp.pad(xs, ((0, 0), (0, 1)))
-        xs = xs.reshape(m, count, 2, half)
-        out.append((count, half, (xs[:, :, 0].reshape(m, -1), xs[:, :, 1].reshape(m, -1))))
-    return out
-
-
-def _nf4_decode(codes):
-    """NF4 codebook lookup as a tree of 15 selects on the code's bits: XLA:CPU vectorizes
-    it, where ``codebook[codes]`` is a per-element gather."""
-    vals = [np.float32(v) for v in qtypes.get("nf4").codebook]
-    for bit in range(4):
-        on = (codes & (1 << bit)) != 0
-        vals = [jnp.where(on, vals[i + 1], vals[i]) for i in range(0, len(vals), 2)]
-    return vals[0]
-
-
-def _decode_plane(codes, qtype: str):
-    """Nibbles (uint8 in [0, 16)) of one plane -> float32 values before scale."""
-    if qtype == "int4":  # two's complement nibble
-        return (codes ^ 8).astype(jnp.float32) - 8.0
-    if qtype == "nf4":
-        return _nf4_decode(codes)
-    return codes.astype(jnp.float32)
+    return split_planes(x, w.k, w.group_size)
 
 
 def _planes_dot(x_planes, w: QArray, precision=None):
-    """``x @ w.T`` from :func:`_split_planes` of x, one dot per plane and segment."""
-    n = w.qvalue.shape[0]
-    scale = w.scales()
+    """``x @ w.T`` from :func:`_split_planes` of x, one dot per plane and run of groups."""
     zp = None if w.zero_point is None else w.zero_point.astype(jnp.float32)
-    dtype = x_planes[0][2][0].dtype
-    y = None
-    offset = gi = 0
-    for count, half, xs in x_planes:
-        b = w.qvalue[:, offset : offset + count * half].reshape(n, count, half)
+    acc = _accumulator(x_planes[0][2][0].dtype)
 
-        def per_group(a, gi=gi, count=count):  # (N or 1, G or 1) -> (N or 1, count, 1)
-            return a[:, :1, None] if a.shape[-1] == 1 else a[:, gi : gi + count, None]
+    def dot(xp, v):
+        return jax.lax.dot_general(
+            xp, v, (((1,), (1,)), ((), ())), precision=precision, preferred_element_type=acc
+        )
 
-        s = per_group(scale)
-        z = None if zp is None else per_group(zp)
-        for xp, codes in zip(xs, (b & 0xF, b >> 4)):
-            v = _decode_plane(codes, w.qtype)
-            v = ((v if z is None else v - z) * s).astype(dtype).reshape(n, count * half)
-            d = jax.lax.dot_general(
-                xp, v, (((1,), (1,)), ((), ())), precision=precision,
-                preferred_element_type=_accumulator(dtype),
-            )  # fmt: skip
-            y = d if y is None else y + d
-        offset += count * half
-        gi += count
-    return y
+    return planes_dot(x_planes, w.qvalue, w.scales(), zp, w.qtype, dot)
 
 
 def _block_rows(n: int) -> int:

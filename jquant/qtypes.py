@@ -29,6 +29,7 @@ import numpy as np
 
 # QLoRA's NormalFloat-4 levels (Dettmers et al. 2023), shared with the kernels.
 from jquant.kernels._formats import NF4_CODEBOOK as NF4_CODEBOOK
+from jquant.kernels._formats import codebook_select as _codebook_select
 from jquant.kernels._formats import pack_width as _pack_width
 
 Kind = Literal["int", "uint", "float", "codebook"]
@@ -146,7 +147,7 @@ def decode(qtype: str | QType, codes: jnp.ndarray) -> jnp.ndarray:
     """Maps codes of ``qtype`` back to (unscaled) float32 values."""
     qt = get(qtype)
     if qt.kind == "codebook":
-        return jnp.asarray(qt.codebook, jnp.float32)[codes.astype(jnp.int32)]
+        return _codebook_select(codes, qt.codebook)
     return codes.astype(jnp.float32)
 
 

@@ -175,16 +175,26 @@ def code_planes(qvalue: jnp.ndarray, qtype: str) -> tuple[jnp.ndarray, ...]:
     return (b & 0xF, (b >> 4) & 0xF)
 
 
+def codebook_select(codes: jnp.ndarray, book) -> jnp.ndarray:
+    """``book[codes]`` in float32 as a tree of selects on the code's bits (``len(book)`` a
+    power of two): TPU vector units have no gather, and XLA:CPU vectorizes selects where
+    it runs a gather element by element. Works on any integer dtype of ``codes``."""
+    vals = [np.float32(v) for v in book]
+    bit = 0
+    while len(vals) > 1:
+        on = (codes & (1 << bit)) != 0
+        vals = [jnp.where(on, vals[i + 1], vals[i]) for i in range(0, len(vals), 2)]
+        bit += 1
+    return vals[0]
+
+
 def decode(codes: jnp.ndarray, qtype: str) -> jnp.ndarray:
-    """Raw codes of one plane -> float32 values before scale and zero point."""
+    """Raw codes of one plane (any integer dtype) -> float32 values before scale and zero
+    point."""
     if qtype == "int4":
-        return ((codes ^ 8) - 8).astype(jnp.float32)  # two's complement nibble
+        return (codes ^ 8).astype(jnp.float32) - 8.0  # two's complement nibble
     if qtype == "nf4":
-        # A select chain rather than a gather: TPU vector units have no gather.
-        out = jnp.zeros(codes.shape, jnp.float32)
-        for c, v in enumerate(NF4_CODEBOOK):
-            out = jnp.where(codes == c, np.float32(v), out)
-        return out
+        return codebook_select(codes, NF4_CODEBOOK)
     return codes.astype(jnp.float32)
 
 
@@ -209,6 +219,61 @@ def split_activations(x: jnp.ndarray, qtype: str, k: int, group_size: int | None
         return [xg[:, :, 0, :].reshape(m, kb), xg[:, :, 1, :].reshape(m, kb)]
     xpad = jnp.concatenate([x, jnp.zeros((m, 1), x.dtype)], axis=1)
     return [jnp.take(xpad, idx[:kb], axis=1) for idx in plane_indices(qtype, k, group_size)]
+
+
+# ---- 4-bit weights in XLA: contract the two nibble planes separately -------------------
+# A packed group of L codes is L/2 bytes: byte j holds element j (low nibble) and element
+# j + L/2 (high nibble). Unpacking to element order needs a concatenation of the two halves
+# that XLA:CPU does not fuse into the dequantize (it materialises them); instead x is split
+# the same way (x_lo, x_hi: cheap) and each plane is decoded and dotted on its own:
+# x @ w.T = x_lo @ lo.T + x_hi @ hi.T. Whole groups split with a reshape; a short last
+# group (or an odd per-channel K, whose high half ends in a padding code that a zero column
+# of x cancels) is its own run.
+
+
+def split_planes(x: jnp.ndarray, k: int, group_size: int | None) -> list:
+    """x (M, K) -> per run of equal groups ``(count, half, (x_lo, x_hi))``, each x plane
+    ``(M, count * half)`` in the byte order of that run of a 4-bit ``qvalue``."""
+    m = x.shape[0]
+    out = []
+    for start, length, count in group_runs(k, group_size):
+        half = (length + 1) // 2
+        xs = x[:, start:start + count * length]
+        if length % 2:  # only a lone group (count == 1): pad its high half
+            xs = jnp.pad(xs, ((0, 0), (0, 1)))
+        xs = xs.reshape(m, count, 2, half)
+        out.append((count, half, (xs[:, :, 0].reshape(m, -1), xs[:, :, 1].reshape(m, -1))))
+    return out
+
+
+def planes_dot(x_planes: list, qvalue: jnp.ndarray, scale: jnp.ndarray,
+               zero_point: jnp.ndarray | None, qtype: str, dot) -> jnp.ndarray:
+    """``x @ dequantize(W).T`` for a 4-bit ``qvalue`` (N, Kbytes), from `split_planes` of x.
+
+    ``scale`` and ``zero_point`` are float32 ``(N or 1, G or 1)``; each decoded plane is
+    cast to x's dtype and contracted by ``dot(x_plane (M, B), w_plane (N, B))``; the partial
+    products of every plane and run are summed.
+    """
+    n = qvalue.shape[0]
+    dtype = x_planes[0][2][0].dtype
+    y = None
+    offset = gi = 0
+    for count, half, xs in x_planes:
+        b = qvalue[:, offset:offset + count * half].reshape(n, count, half)
+
+        def per_group(a, gi=gi, count=count):  # (N or 1, G or 1) -> (N or 1, count, 1)
+            return a[:, :1, None] if a.shape[-1] == 1 else a[:, gi:gi + count, None]
+
+        s = per_group(scale)
+        z = None if zero_point is None else per_group(zero_point)
+        for xp, codes in zip(xs, (b & 0xF, b >> 4)):
+            v = decode(codes, qtype)
+            v = ((v if z is None else v - z) * s).astype(dtype).reshape(n, count * half)
+            d = dot(xp, v)
+            y = d if y is None else y + d
+        offset += count * half
+        gi += count
+    return y
 
 
 _NT = (((1,), (1,)), ((), ()))

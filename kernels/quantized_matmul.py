@@ -44,7 +44,9 @@ from ._formats import (
     num_groups,
     packed_k,
     plane_indices,
+    planes_dot,
     split_activations,
+    split_planes,
 )
 from .block_sizes import BlockSizes, get_block_sizes
 
@@ -148,6 +150,10 @@ def planes_matmul_xla(x, qvalue, scale, zero_point, *, qtype: str, k: int,
     """
     if start >= qvalue.shape[1]:
         return jnp.zeros((x.shape[0], qvalue.shape[0]), jnp.float32)
+    if start == 0 and qtype in PACKED_QTYPES:  # the whole weight: plane by plane, run by run
+        zp = None if zero_point is None else zero_point.astype(jnp.float32)
+        return planes_dot(split_planes(x, k, group_size), qvalue, scale.astype(jnp.float32),
+                          zp, qtype, dot_nt)
     groups = byte_groups(qtype, k, group_size)[start:]
     s = _per_byte(scale, groups)
     zp = None if zero_point is None else _per_byte(zero_point, groups)
