@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from jquant import algorithms
+from jquant import algorithms, qtypes
 from jquant.algorithms.rtn import group_sq_error, search_clip_ratios
 from jquant.qarray import QArray, quantize_array
 from jquant.recipe import Recipe
@@ -214,12 +214,8 @@ def _group_errors(w, q: QArray):
     return _group_reduce(sq, q.group_size, jnp.sum)
 
 
-NF4 = np.array([
-    -1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453,
-    -0.28444138169288635, -0.18477343022823334, -0.09105003625154495, 0.0,
-    0.07958029955625534, 0.16093020141124725, 0.24611230194568634, 0.33791524171829224,
-    0.44070982933044434, 0.5626170039176941, 0.7229568362236023, 1.0,
-], np.float32)  # fmt: skip
+# The codebook itself is pinned against QLoRA's published values in tests/test_qtypes.py.
+NF4 = np.asarray(qtypes.NF4_CODEBOOK, np.float32)
 
 
 def _np_dequant(v, qtype, r):
