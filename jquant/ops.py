@@ -29,11 +29,12 @@ import math
 import jax
 import jax.numpy as jnp
 
-from jquant import _act, _dispatch, _einsum
+from jquant import _act, _dispatch, _einsum, _tap
 from jquant._dequant_dot import _accumulator
 from jquant._dispatch import MATMUL_PATHS as MATMUL_PATHS
 from jquant._dispatch import matmul_path as matmul_path
 from jquant._dispatch import set_matmul_path as set_matmul_path
+from jquant._tap import Tap
 from jquant.qarray import QArray
 
 # ---- validation -------------------------------------------------------------------
@@ -105,6 +106,8 @@ def qdot_general(
     >>> qdot_general(jnp.ones((2, 4)), w, (((1,), (0,)), ((), ()))).shape
     (2, 3)
     """
+    if isinstance(w, Tap):
+        w = _resolve_tap(x, w, dimension_numbers, op)
     if not isinstance(w, QArray):
         return jax.lax.dot_general(
             x, w, dimension_numbers, precision=precision,
@@ -150,6 +153,18 @@ def _qdot_general_xla(x, w: QArray, dims, out_dtype, precision):
     return y.astype(out_dtype)
 
 
+def _resolve_tap(x, tap: Tap, dimension_numbers, op: str):
+    """The weight a calibration handler gives for ``tap`` (see ``jquant.calib.tap``)."""
+    dims = _normalize_dims(dimension_numbers, x.ndim, tap.ndim)
+    (lc, rc), (lb, _) = dims
+    if len(lc) != 1 or lb or tuple(rc) != (0,):
+        raise ValueError(
+            f"{op}: calibrated quantization of {tap.path!r} needs a matmul contracting the "
+            f"kernel's first axis alone (a Dense kernel (K, N)); got dimension numbers {dims}"
+        )
+    return _tap.resolve(x, tap, contracting_axis=lc[0])
+
+
 # ---- the ops --------------------------------------------------------------------------
 
 
@@ -193,6 +208,8 @@ def qdot(x: jax.Array, w, *, precision=None, preferred_element_type=None) -> jax
     x = _promote(x, w)
     out_dtype = preferred_element_type or x.dtype
     dims = (((x.ndim - 1,), (0,)), ((), ()))
+    if isinstance(w, Tap):
+        w = _resolve_tap(x, w, dims, "qdot")
     if isinstance(w, QArray):
         return qdot_general(x, w, dims, precision, out_dtype, op="qdot")
     return _array_dot(x, w, dims, precision, out_dtype, op="qdot")

@@ -1,0 +1,88 @@
+"""Taps: how calibration sees the input of every quantized matmul, in any model.
+
+A `Tap` stands in a parameter tree where a float kernel was. It is a pytree (the kernel
+is its leaf, the parameter path static), so it passes through ``jit`` and
+``nnx.merge``. When a `jquant.ops` matmul (``qdot``, ``qdot_general``, ``qeinsum``; so
+jquant's Llama and, through the interceptors, stock Flax ``Dense``/``Linear`` layers)
+meets a Tap as its weight, it calls the active handler with the activations and the
+Tap; the handler returns the weight to use instead (the float kernel while statistics
+are gathered, the kernel's QArray while quantizing). Handlers run at trace time, so they
+see tracers and must stay traceable.
+
+>>> import jax.numpy as jnp
+>>> from jquant import ops
+>>> from jquant._tap import Tap, tapping
+>>> seen = []
+>>> def record(x, tap):
+...     seen.append((tap.path, x.shape))
+...     return tap.value
+>>> with tapping(record):
+...     y = ops.qdot(jnp.ones((2, 3)), Tap(jnp.ones((3, 4)), "w"))
+>>> seen, y.shape
+([('w', (2, 3))], (2, 4))
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import threading
+from collections.abc import Callable
+from typing import Any
+
+import jax
+
+Handler = Callable[[jax.Array, "Tap"], Any]
+
+_state = threading.local()
+
+
+@dataclasses.dataclass(frozen=True)
+class Tap:
+    """A float kernel marked for calibration: ``value`` ``(K, *out)``, contraction axis 0."""
+
+    value: jax.Array
+    path: str = dataclasses.field(metadata=dict(static=True), default="")
+
+    @property
+    def shape(self):
+        return self.value.shape
+
+    @property
+    def ndim(self) -> int:
+        return self.value.ndim
+
+    @property
+    def dtype(self):
+        return self.value.dtype
+
+
+jax.tree_util.register_dataclass(Tap, data_fields=["value"], meta_fields=["path"])
+
+
+@contextlib.contextmanager
+def tapping(handler: Handler):
+    """Makes ``handler(x, tap)`` resolve every Tap that a `jquant.ops` matmul meets."""
+    stack = getattr(_state, "stack", None)
+    if stack is None:
+        stack = _state.stack = []
+    stack.append(handler)
+    try:
+        yield handler
+    finally:
+        stack.pop()
+
+
+def resolve(x, tap: Tap, *, contracting_axis: int = -1):
+    """The weight to use for ``tap`` given activations ``x`` (contracted on one axis).
+
+    ``x`` reaches the handler with the contracted axis last.
+    """
+    stack = getattr(_state, "stack", None)
+    if not stack:
+        raise ValueError(
+            f"{tap.path}: a calibration Tap reached a matmul outside jquant.calib.tapping(); "
+            "taps only exist while a calibrated quantization runs"
+        )
+    x = jax.numpy.moveaxis(x, contracting_axis, -1)
+    return stack[-1](x, tap)
