@@ -152,7 +152,7 @@ def _quantize_leaf(path, leaf, recipe, calibration, report):
     resolved = _resolve(rule, path, value, recipe)
     data = calibration(path) if callable(calibration) else (calibration or {}).get(path)
     try:
-        q = algorithms.get(resolved.algorithm)(value, resolved, path=path, calibration=data)
+        q = algorithms.run(resolved.algorithm, value, resolved, path=path, calibration=data)
     except ValueError as e:
         msg = str(e) if path in str(e) else f"{path}: {e}"
         raise ValueError(f"{msg} [{rule.where} of recipe {recipe.name!r}]") from None

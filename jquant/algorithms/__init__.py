@@ -17,6 +17,13 @@ Register one with ``@register("name")``; recipes then refer to it by name and
 no change to the transform. ``check_args`` lets an algorithm reject bad
 ``algorithm_args`` when the recipe is loaded rather than halfway through a model.
 
+Calibrated quantization (``jquant.calib``) calls algorithms inside ``jit``, with traced
+weights and statistics, so an algorithm must be traceable: no Python decision on array
+values. One that has something to report about values (GPTQ raising its dampening) may
+return ``(qarray, info)`` with ``info`` a dict of scalar arrays; the caller then runs the
+registered ``check_info(path, info)`` on the host with concrete values, which warns or
+raises ``ValueError``. `run` does both for eager callers.
+
 >>> "rtn" in names()
 True
 """
@@ -28,17 +35,22 @@ from typing import Any
 
 Algorithm = Callable[..., Any]
 ArgsCheck = Callable[[Mapping[str, Any]], None]
+InfoCheck = Callable[[str, Mapping[str, Any]], None]
 
 _REGISTRY: dict[str, tuple[Algorithm, ArgsCheck | None]] = {}
+_INFO_CHECKS: dict[str, InfoCheck] = {}
 
 
-def register(name: str, *, check_args: ArgsCheck | None = None):
+def register(name: str, *, check_args: ArgsCheck | None = None,
+             check_info: InfoCheck | None = None):  # fmt: skip
     """Decorator registering an algorithm under ``name``.
 
     Args:
       name: the name recipes use (``algorithm: name``).
       check_args: optional ``fn(algorithm_args)`` raising ValueError on bad settings;
         run when a rule naming this algorithm is built.
+      check_info: optional ``fn(path, info)`` run on the host with the concrete ``info``
+        of an algorithm that returned ``(qarray, info)``; warns or raises ValueError.
 
     >>> @register("identity-demo")
     ... def _identity(weight, rule, *, path, calibration=None):
@@ -53,6 +65,8 @@ def register(name: str, *, check_args: ArgsCheck | None = None):
         if name in _REGISTRY and _REGISTRY[name][0] is not fn:
             raise ValueError(f"algorithm {name!r} is already registered")
         _REGISTRY[name] = (fn, check_args)
+        if check_info is not None:
+            _INFO_CHECKS[name] = check_info
         return fn
 
     return decorate
@@ -77,6 +91,28 @@ def check_args(name: str, args: Mapping[str, Any]) -> None:
     check = _REGISTRY[name][1]
     if check is not None:
         check(args)
+
+
+def split_result(name: str, result) -> tuple[Any, dict[str, Any]]:
+    """``(qarray, info)`` of an algorithm's return value (``info`` is ``{}`` if it gave none)."""
+    if isinstance(result, tuple):
+        q, info = result
+        return q, dict(info)
+    return result, {}
+
+
+def check_info(name: str, path: str, info: Mapping[str, Any]) -> None:
+    """Runs ``name``'s registered ``check_info`` on concrete ``info`` (no-op without one)."""
+    check = _INFO_CHECKS.get(name)
+    if check is not None and info:
+        check(path, info)
+
+
+def run(name: str, weight, rule, *, path: str, calibration=None):
+    """Calls algorithm ``name`` eagerly and checks its info on the host; returns the QArray."""
+    q, info = split_result(name, get(name)(weight, rule, path=path, calibration=calibration))
+    check_info(name, path, info)
+    return q
 
 
 from jquant.algorithms import rtn as rtn  # noqa: E402  (registers "rtn")
