@@ -17,6 +17,9 @@ layer (Linen / NNX)         parameter and the axis it is quantized  op
 ``Embed`` (call, attend)    ``embedding (V, D)``: ``axis=-1``       ``qembed``, ``qattend``
 ==========================  =====================================  ========================
 
+Calibration's `Tap` kernels (``jquant.calib``) take the same route, so a calibrated
+quantization sees the inputs of stock Dense/Linear layers too.
+
 A parameter quantized along any other axis raises a ``ValueError`` from the op,
 naming the layer's shapes and the axis. Flax's dtype rules are kept: the compute
 dtype is whatever the module's ``promote_dtype`` gives for (inputs, kernel with
@@ -40,6 +43,7 @@ from flax import nnx
 from flax.core import meta
 
 from jquant import ops
+from jquant._tap import Tap
 from jquant.qarray import QArray
 
 # ---- shared helpers -----------------------------------------------------------------
@@ -212,7 +216,7 @@ def _linen_interceptor(next_fun, args, kwargs, context):
             and module.has_variable("params", param)
         ):
             value = _linen_param(module, param)
-            if isinstance(value, QArray):
+            if isinstance(value, QArray | Tap):
                 return handler(module, value, *args, **kwargs)
             break
     return next_fun(*args, **kwargs)
@@ -332,7 +336,7 @@ def _nnx_patched(orig, param, handler):
     @functools.wraps(orig)
     def method(self, *args, **kwargs):
         value = _nnx_value(getattr(self, param, None))
-        if isinstance(value, QArray):
+        if isinstance(value, QArray | Tap):
             return handler(self, value, *args, **kwargs)
         return orig(self, *args, **kwargs)
 

@@ -238,7 +238,7 @@ def qeinsum(spec: str, x, w, *, precision=None, preferred_element_type=None) -> 
     >>> qeinsum("btd,dhk->bthk", jnp.ones((1, 5, 4)), w).shape
     (1, 5, 2, 3)
     """
-    if not isinstance(w, QArray):
+    if not isinstance(w, QArray | Tap):
         return jnp.einsum(
             spec, x, w, precision=precision, preferred_element_type=preferred_element_type
         )

@@ -1,0 +1,455 @@
+"""Calibrated quantization: sequential, block by block, as GPTQ does it.
+
+`quantize_model` quantizes a jquant Llama-family model with a recipe whose rules may name
+calibrated algorithms (``gptq``, ``awq``, ``smoothquant``) as well as ``rtn`` / ``hqq``:
+
+1. The calibration tokens go through the embedding.
+2. For each decoder layer ``i``, with its inputs ``X_i`` (the outputs of the already
+   *quantized* layers before it):
+
+   a. if a rule asks for input scales (AWQ, SmoothQuant), one pass of the float layer
+      gathers the input statistics of every kernel, the scales are searched and folded
+      into the op that produces each input (`jquant.calib.fold`);
+   b. one pass of the layer in which every kernel the recipe quantizes is replaced by a
+      `Tap`: when the forward reaches a kernel, its input statistics are computed from the
+      inputs it actually receives (so ``o_proj`` sees the output of the quantized
+      ``q/k/v``, ``down_proj`` that of the quantized ``gate/up``), the rule's algorithm
+      quantizes it, and the forward continues with the QArray. Its output is ``X_{i+1}``.
+
+   Each pass is one compiled program, shared by every layer of the same structure and
+   rules. Peak memory is one layer's activations for the calibration batch plus its
+   Hessians, not the model's.
+3. An untied LM head is quantized the same way on the final norm's output; the embedding
+   and every other leaf go through `jquant.quantize` (calibration-free algorithms only).
+
+`quantize_with_inputs` does step 2b once over any function of a parameter tree (a stock
+Flax model through the interceptors): calibrated, in one pass, without folding.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+import re
+import time
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from tqdm.auto import tqdm
+
+from jquant import algorithms, transform
+from jquant._tap import Tap, tapping
+from jquant.calib import stats
+from jquant.calib.fold import Fold, apply_fold, llama_folds
+from jquant.qarray import QArray
+from jquant.recipe import Recipe, Rule
+
+#: Algorithms that need the inputs' statistics (and so a calibration pass).
+CALIBRATED = ("gptq", "awq", "smoothquant")
+
+_LAYER = re.compile(r"^layers/(\d+)/(.+)$")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class LayerRow:
+    """One quantized matmul kernel of a calibrated quantization."""
+
+    path: str
+    algorithm: str
+    qtype: str
+    group_size: int | None
+    bits_per_weight: float
+    # E‖xΔW‖² / E‖xW‖² over the calibration inputs the kernel received (ΔW = W − Ŵ).
+    output_error: float
+    # ‖ΔW‖_F / ‖W‖_F.
+    weight_error: float
+    # The algorithm's info (GPTQ: the dampening it used), as plain numbers.
+    info: dict[str, Any]
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class CalibrationReport:
+    """What `quantize_model` did: one row per kernel, and the time it took."""
+
+    rows: list[LayerRow]
+    layer_seconds: list[float]
+    seconds: float
+    samples: int
+    seq_len: int
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "samples": self.samples, "seq_len": self.seq_len, "seconds": self.seconds,
+            "layer_seconds": self.layer_seconds,
+            "rows": [dataclasses.asdict(r) for r in self.rows],
+        }  # fmt: skip
+
+
+class _Static:
+    """A hashable handle for a jit static argument that is not hashable itself."""
+
+    def __init__(self, key, value):
+        self.key, self.value = key, value
+
+    def __hash__(self):
+        return hash(self.key)
+
+    def __eq__(self, other):
+        return isinstance(other, _Static) and self.key == other.key
+
+
+def _plan(rules: dict[str, Rule | None]) -> _Static:
+    return _Static(tuple(sorted((p, repr(r)) for p, r in rules.items())), dict(rules))
+
+
+def _output_error(w, q: QArray, calib: stats.Calibration):
+    w = w.astype(jnp.float32)
+    dw = w - q.dequantize(jnp.float32)
+    h = calib.hessian
+    num = jnp.sum(jnp.dot(h, dw) * dw)
+    den = jnp.sum(jnp.dot(h, w) * w)
+    werr = jnp.linalg.norm(dw) / jnp.maximum(jnp.linalg.norm(w), jnp.float32(1e-30))
+    return num / jnp.maximum(den, jnp.float32(1e-30)), werr
+
+
+@functools.partial(jax.jit, static_argnames=("apply", "plan", "mode"))
+def _tapped_pass(state, args, *, apply: _Static, plan: _Static, mode: str):
+    """Runs ``apply(state, *args)`` with Taps resolved by the plan's rules.
+
+    Returns ``(output, results)``: in ``"stats"`` mode ``results[path]`` is the tap's
+    `Calibration`; in ``"quantize"`` mode ``(qarray, info, (output error, weight error))``.
+    """
+    rules = plan.value
+    results: dict[str, Any] = {}
+    seen: dict[int, tuple[Any, stats.Calibration]] = {}
+
+    def handler(x, tap: Tap):
+        if tap.path in results:
+            raise ValueError(
+                f"{tap.path}: the kernel is used by more than one matmul; "
+                "calibrated quantization needs one input per kernel"
+            )
+        if id(x) not in seen:  # q/k/v (and gate/up) share one input: one Hessian
+            seen[id(x)] = (x, stats.from_inputs(x))
+        calib = seen[id(x)][1]
+        rule = rules.get(tap.path)
+        if mode == "stats" or rule is None:
+            results[tap.path] = calib
+            return tap.value
+        out = algorithms.get(rule.algorithm)(tap.value, rule, path=tap.path, calibration=calib)
+        q, info = algorithms.split_result(rule.algorithm, out)
+        results[tap.path] = (q, info, _output_error(tap.value, q, calib))
+        return q
+
+    with tapping(handler):
+        y = apply.value(state, *args)
+    return y, results
+
+
+def _is_variable(x) -> bool:
+    return isinstance(x, nnx.Variable)
+
+
+def _map_state(state, fn):
+    """A new State with every leaf ``fn(path, value)`` (Variables rewrapped)."""
+
+    def visit(keys, leaf):
+        value = leaf.get_value() if _is_variable(leaf) else leaf
+        new = fn(transform.path_str(keys), value)
+        if new is value:
+            return leaf.replace(value=value) if _is_variable(leaf) else leaf
+        return leaf.replace(value=new) if _is_variable(leaf) else new
+
+    return jax.tree_util.tree_map_with_path(visit, state, is_leaf=_is_variable)
+
+
+def _with_taps(state, paths):
+    """``state`` with the leaves at ``paths`` wrapped in Taps."""
+    return _map_state(state, lambda p, v: Tap(v, p) if p in paths else v)
+
+
+def _leaves(state) -> dict[str, Any]:
+    flat, _ = jax.tree_util.tree_flatten_with_path(state, is_leaf=_is_variable)
+    return {transform.path_str(k): (v.get_value() if _is_variable(v) else v) for k, v in flat}
+
+
+def _rule_for(recipe: Recipe, path: str, value) -> Rule | None:
+    """The resolved rule that quantizes ``path``, or None when it stays float."""
+    if isinstance(value, QArray) or not transform._is_array(value):
+        return None
+    rule = recipe.match(path)
+    if transform._decide(rule, value) is not None:
+        return None
+    return transform._resolve(rule, path, value, recipe)
+
+
+def needs_calibration(recipe: Recipe | str) -> bool:
+    """Whether a rule of ``recipe`` names a calibrated algorithm (or AWQ scales).
+
+    >>> needs_calibration("w4a16-rtn-g128")
+    False
+    """
+    recipe = recipe if isinstance(recipe, Recipe) else Recipe.load(recipe)
+    return any(
+        not r.skip and (r.algorithm in CALIBRATED or r.algorithm_args.get("awq"))
+        for r in recipe.rules
+    )
+
+
+def _scale_request(rule: Rule | None) -> tuple[str, dict] | None:
+    """("awq", settings) / ("smoothquant", settings) when the rule wants input scales."""
+    if rule is None:
+        return None
+    if rule.algorithm == "smoothquant":
+        return "smoothquant", dict(rule.algorithm_args)
+    if rule.algorithm == "awq":
+        return "awq", dict(rule.algorithm_args)
+    awq = rule.algorithm_args.get("awq")
+    if awq:
+        return "awq", dict(awq) if isinstance(awq, dict) else {}
+    return None
+
+
+_SEARCHES: dict[Any, Callable] = {}
+
+
+def _fold_scales(fold: Fold, kind: str, settings: dict, weights, rules, calib):
+    """The scale of one fold group, searched by AWQ or computed by SmoothQuant."""
+    if kind == "smoothquant":
+        from jquant.algorithms import smoothquant
+
+        key = ("sq", float(settings.get("alpha", 0.5)))
+        if key not in _SEARCHES:
+            _SEARCHES[key] = jax.jit(lambda ws, c: smoothquant.smooth_scales(ws, c, alpha=key[1]))
+        return _SEARCHES[key](weights, calib)
+    from jquant.algorithms import awq
+
+    grid = int(settings.get("grid", 20))
+    key = ("awq", grid, fold.repeat, tuple(repr(r) for r in rules))
+    if key not in _SEARCHES:
+        expand = fold.expand if fold.repeat is not None else None
+        _SEARCHES[key] = jax.jit(
+            lambda ws, c: awq.search_scales(ws, rules, c, grid=grid, expand=expand)
+        )
+    return _SEARCHES[key](weights, calib)
+
+
+def _folds_for(folds, plan: dict[str, Rule | None]):
+    """(fold, kind, settings) for every fold group a consumer's rule asks scales for."""
+    out = []
+    for fold in folds:
+        requests = [_scale_request(plan.get(p)) for p in fold.consumers]
+        requests = [r for r in requests if r is not None]
+        if not requests:
+            continue
+        kind, settings = requests[0]
+        if kind == "smoothquant" and not fold.source_is_norm:
+            continue  # SmoothQuant smooths the normalised inputs only (as its paper does)
+        out.append((fold, kind, settings))
+    return out
+
+
+def quantize_model(
+    model, params: nnx.State, recipe: Recipe | str, tokens, *, progress: bool = True,
+) -> tuple[nnx.State, CalibrationReport]:  # fmt: skip
+    """Quantizes a jquant Llama-family model with calibration (see the module docstring).
+
+    Args:
+      model: the `jquant.models.Llama` (its structure and config).
+      params: its float parameter State (not modified).
+      recipe: a `Recipe`, a shipped recipe name or a YAML path.
+      tokens: calibration token windows ``(samples, seq_len)`` int
+        (`jquant.calib.calibration_tokens`).
+      progress: show a progress bar over the layers with each layer's largest error.
+
+    Returns:
+      ``(quantized params, CalibrationReport)``.
+    """
+    from jquant.models import blocks
+
+    recipe = recipe if isinstance(recipe, Recipe) else Recipe.load(recipe)
+    tokens = np.asarray(tokens)
+    if tokens.ndim != 2 or tokens.shape[1] < 1 or not np.issubdtype(tokens.dtype, np.integer):
+        raise ValueError(
+            f"calibration tokens must be an int array (samples, seq_len), got "
+            f"{tokens.dtype}{list(tokens.shape)}"
+        )
+    start = time.perf_counter()
+    leaves = _leaves(params)
+    recipe.check_matches(list(leaves))
+    rules = {p: _rule_for(recipe, p, v) for p, v in leaves.items()}
+    config = model.config
+    per_layer: list[dict[str, Rule | None]] = [{} for _ in range(config.num_layers)]
+    head_path = None if config.tie_word_embeddings else "lm_head/kernel"
+    for path, rule in rules.items():
+        m = _LAYER.match(path)
+        if m and rule is not None:
+            per_layer[int(m.group(1))][m.group(2)] = rule
+        elif rule is not None and rule.algorithm in CALIBRATED and path != head_path:
+            raise ValueError(
+                f"{path}: {rule.algorithm} needs the inputs of a matmul, and this tensor "
+                f"is not one the calibration pass sees (decoder-layer kernels and an "
+                f"untied lm_head are); use rtn or hqq for it [{rule.where} of recipe "
+                f"{recipe.name!r}]")  # fmt: skip
+
+    new: dict[str, Any] = {}
+    rows: list[LayerRow] = []
+    layer_seconds: list[float] = []
+    folds = llama_folds(config)
+    graphdef = blocks.layer_graphdef(model)
+    layer_apply = _Static(("layer", graphdef), lambda st, x, ctx: blocks.apply_layer(
+        graphdef, st, x, ctx))  # fmt: skip
+    x, ctx = blocks.embed(model, params, jnp.asarray(tokens, jnp.int32))
+    bar = tqdm(range(config.num_layers), desc="calibrating", unit="layer", disable=not progress)
+    for i in bar:
+        t0 = time.perf_counter()
+        plan = per_layer[i]
+        state = _map_state(blocks.layer_params(params, i), lambda p, v: v)
+        wanted = _folds_for(folds, plan)
+        if wanted:
+            tapped = _with_taps(state, plan)
+            _, calibs = _tapped_pass(tapped, (x, ctx), apply=layer_apply,
+                                     plan=_plan({}), mode="stats")  # fmt: skip
+            values = _leaves(state)
+            for fold, kind, settings in wanted:
+                consumers = [p for p in fold.consumers if plan.get(p) is not None]
+                s = _fold_scales(
+                    fold,
+                    kind,
+                    settings,
+                    [values[p] for p in consumers],
+                    [plan[p] for p in consumers],
+                    calibs[fold.consumers[0]],
+                )
+                apply_fold(state, fold, s)
+        tapped = _with_taps(state, plan)
+        x, results = _tapped_pass(tapped, (x, ctx), apply=layer_apply, plan=_plan(plan),
+                                  mode="quantize")  # fmt: skip
+        worst = _collect(f"layers/{i}/", plan, results, rows, new)
+        for p, v in _leaves(state).items():
+            if p not in plan:
+                new[f"layers/{i}/{p}"] = v  # folded norms and biases
+        jax.block_until_ready(x)
+        layer_seconds.append(time.perf_counter() - t0)
+        bar.set_postfix_str(f"worst output error {worst:.2e}")
+    if head_path is not None and rules.get(head_path) is not None:
+        head_apply = _Static(("head", nnx.graphdef(model.norm)), _head_fn(model))
+        tapped = {"norm": params["norm"],
+                  "lm_head": {"kernel": Tap(leaves[head_path], "kernel")}}  # fmt: skip
+        _, results = _tapped_pass(
+            tapped,
+            (x,),
+            apply=head_apply,
+            plan=_plan({"kernel": rules[head_path]}),
+            mode="quantize",
+        )
+        _collect("lm_head/", {"kernel": rules[head_path]}, results, rows, new)
+
+    def finish(keys, leaf):
+        path = transform.path_str(keys)
+        if path in new:
+            return transform._rewrap(leaf, new[path])
+        return transform._quantize_leaf(path, leaf, recipe, None, False)[0]
+
+    qparams = jax.tree_util.tree_map_with_path(finish, params, is_leaf=transform._is_leaf)
+    report = CalibrationReport(
+        rows=rows, layer_seconds=layer_seconds, seconds=time.perf_counter() - start,
+        samples=int(tokens.shape[0]), seq_len=int(tokens.shape[1]),
+    )  # fmt: skip
+    return qparams, report
+
+
+def _head_fn(model):
+    graphdef = nnx.graphdef(model.norm)
+
+    def head(state, x):
+        from jquant import ops
+
+        y = nnx.merge(graphdef, state["norm"])(x)
+        return ops.qdot(y, state["lm_head"]["kernel"], preferred_element_type=jnp.float32)
+
+    return head
+
+
+def _collect(prefix: str, plan, results, rows: list[LayerRow], new: dict) -> float:
+    """Host side of a quantize pass: checks infos, records rows and QArrays; returns the
+    largest output error."""
+    worst = 0.0
+    for rel, rule in plan.items():
+        if rule is None:
+            continue
+        path = prefix + rel
+        q, info, (out_err, w_err) = results[rel]
+        info = {k: np.asarray(v).item() for k, v in jax.device_get(info).items()}
+        algorithms.check_info(rule.algorithm, path, info)
+        new[path] = q
+        out_err, w_err = float(out_err), float(w_err)
+        worst = max(worst, out_err)
+        rows.append(LayerRow(
+            path=path, algorithm=rule.algorithm, qtype=q.qtype, group_size=q.group_size,
+            bits_per_weight=q.bits_per_weight, output_error=out_err, weight_error=w_err,
+            info=info,
+        ))  # fmt: skip
+    return worst
+
+
+def quantize_with_inputs(
+    apply: Callable, params, recipe: Recipe | str, *args,
+) -> tuple[Any, list[LayerRow]]:  # fmt: skip
+    """Calibrated quantization of any model in one pass (no folding).
+
+    ``apply(params, *args)`` runs the model (e.g. ``lambda p, x: jquant.apply(module,
+    p, x)`` for a Linen module, or an NNX merge-and-call); ``args`` hold the whole
+    calibration batch. Every leaf that a rule quantizes with a calibrated algorithm is
+    replaced by a `Tap` and quantized when the forward reaches it, on the inputs it
+    receives from the already quantized layers before it; every other leaf goes through
+    `jquant.quantize`. Layers that share a kernel, or kernels the forward never reaches
+    through `jquant.ops` / the interceptors, are errors.
+
+    Returns:
+      ``(quantized params, rows)``.
+    """
+    recipe = recipe if isinstance(recipe, Recipe) else Recipe.load(recipe)
+    leaves = _leaves(params)
+    recipe.check_matches(list(leaves))
+    plan = {}
+    for path, value in leaves.items():
+        rule = _rule_for(recipe, path, value)
+        if rule is not None and rule.algorithm in CALIBRATED:
+            plan[path] = rule
+    tapped = _with_taps(params, plan)
+    fn = _Static(("fn", id(apply)), apply)
+    _, results = _tapped_pass(tapped, args, apply=fn, plan=_plan(plan), mode="quantize")
+    missing = sorted(set(plan) - set(results))
+    if missing:
+        raise ValueError(
+            f"{', '.join(missing)}: never reached a jquant.ops matmul during the "
+            "calibration pass (only Dense/Linear kernels are calibrated)"
+        )
+    rows: list[LayerRow] = []
+    new: dict[str, Any] = {}
+    _collect("", plan, results, rows, new)
+
+    def finish(keys, leaf):
+        path = transform.path_str(keys)
+        if path in new:
+            return transform._rewrap(leaf, new[path])
+        return transform._quantize_leaf(path, leaf, recipe, None, False)[0]
+
+    return jax.tree_util.tree_map_with_path(finish, params, is_leaf=transform._is_leaf), rows
+
+
+def report_summary(report: CalibrationReport) -> str:
+    """One line: kernels, mean and worst output error, time."""
+    errs = [r.output_error for r in report.rows]
+    if not errs:
+        return f"no kernel calibrated ({report.seconds:.1f} s)"
+    return (
+        f"{len(errs)} kernels, output error mean {math.fsum(errs) / len(errs):.2e}, "
+        f"worst {max(errs):.2e}; {report.seconds:.1f} s"
+    )

@@ -1,0 +1,110 @@
+"""Folding per-channel input scales into the op that produces the input.
+
+AWQ and SmoothQuant rescale the input channels of a group of matmuls that share one
+input: ``x W = (x / s) (diag(s) W)``. The division by ``s`` is folded into the op that
+produces ``x``, so the float model computes exactly what it computed before (up to float
+rounding) and only the weights the recipe quantizes, ``diag(s) W``, change:
+
+* an RMSNorm before the matmuls: its weight is divided by ``s``;
+* a Dense layer before them (``v_proj`` before ``o_proj``, ``up_proj`` before
+  ``down_proj``): its output columns (and bias) are divided by ``s``.
+
+A `Fold` names such a group by parameter paths relative to a decoder layer;
+`llama_folds` lists the four of a Llama-family layer. Under grouped-query attention the
+``o_proj`` input holds each ``v_proj`` output channel once per query head of its group,
+so the scale lives on ``v_proj``'s channels and is repeated (`Fold.expand`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax.numpy as jnp
+from flax import nnx
+
+
+@dataclasses.dataclass(frozen=True)
+class Fold:
+    """Consumers sharing one input, and the parameter that produces it.
+
+    Attributes:
+      source: path of the producing parameter, relative to the layer: an RMSNorm weight
+        (``input_layernorm/scale``) or a Dense kernel (``self_attn/v_proj/kernel``).
+      consumers: kernel paths whose input is the source's output.
+      repeat: ``(kv_heads, group, head_dim)`` when the consumers' input holds each source
+        channel ``group`` times (grouped-query attention), else None.
+    """
+
+    source: str
+    consumers: tuple[str, ...]
+    repeat: tuple[int, int, int] | None = None
+
+    @property
+    def source_is_norm(self) -> bool:
+        return not self.source.endswith("kernel")
+
+    def expand(self, s):
+        """The consumers' input scale ``(K,)`` of a scale over the source's channels."""
+        if self.repeat is None:
+            return s
+        kv, group, head_dim = self.repeat
+        s = jnp.reshape(s, (kv, 1, head_dim))
+        return jnp.broadcast_to(s, (kv, group, head_dim)).reshape(-1)
+
+    def reduce(self, v):
+        """The mean over the copies of each source channel of a ``(K,)`` input statistic."""
+        if self.repeat is None:
+            return v
+        kv, group, head_dim = self.repeat
+        return jnp.mean(jnp.reshape(v, (kv, group, head_dim)), axis=1).reshape(-1)
+
+
+def llama_folds(config) -> tuple[Fold, ...]:
+    """The folds of one Llama-family decoder layer (paths relative to ``layers/i/``)."""
+    attn, mlp = "self_attn/", "mlp/"
+    return (
+        Fold("input_layernorm/scale", tuple(f"{attn}{p}_proj/kernel" for p in "qkv")),  # fmt: skip
+        Fold(
+            f"{attn}v_proj/kernel",
+            (f"{attn}o_proj/kernel",),
+            repeat=(config.num_kv_heads, config.num_groups, config.head_dim),
+        ),  # fmt: skip
+        Fold("post_attention_layernorm/scale", (f"{mlp}gate_proj/kernel", f"{mlp}up_proj/kernel")),
+        Fold(f"{mlp}up_proj/kernel", (f"{mlp}down_proj/kernel",)),
+    )
+
+
+def _variable(state: nnx.State, path: str):
+    node = state
+    for key in path.split("/"):
+        node = node[int(key) if key.isdigit() else key]
+    return node
+
+
+def apply_fold(state: nnx.State, fold: Fold, s) -> None:
+    """Divides ``fold.source``'s output by ``s`` and scales the consumers' input rows by
+    it, in place in the layer State ``state`` (float leaves only).
+
+    ``s`` is over the source's output channels (``(K,)`` for a norm, ``(N,)`` of a source
+    kernel); the consumers get ``fold.expand(s)``.
+    """
+    s = jnp.asarray(s, jnp.float32)
+    src = _variable(state, fold.source)
+    value = src.get_value()
+    if fold.source_is_norm:
+        src.set_value((value.astype(jnp.float32) / s).astype(value.dtype))
+    else:
+        src.set_value((value.astype(jnp.float32) / s[None, :]).astype(value.dtype))
+        bias_path = fold.source[: -len("kernel")] + "bias"
+        try:
+            bias = _variable(state, bias_path)
+        except (KeyError, AttributeError):
+            bias = None
+        if bias is not None and bias.get_value() is not None:
+            b = bias.get_value()
+            bias.set_value((b.astype(jnp.float32) / s).astype(b.dtype))
+    rows = fold.expand(s)
+    for path in fold.consumers:
+        var = _variable(state, path)
+        w = var.get_value()
+        var.set_value((w.astype(jnp.float32) * rows[:, None]).astype(w.dtype))

@@ -1,0 +1,100 @@
+"""Scale folding and the sequential calibration driver on a tiny random Llama."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+import jquant
+from jquant import algorithms
+from jquant.algorithms import rtn
+from jquant.calib import llama_folds, quantize_model
+from jquant.calib.fold import apply_fold
+from jquant.models import LlamaConfig, blocks, init_model
+from jquant.recipe import Recipe
+
+CONFIG = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_layers=2,
+                     num_heads=4, num_kv_heads=2, qkv_bias=True)  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    model = init_model(CONFIG, seed=0)
+    params = nnx.state(model, nnx.Param)
+    tokens = np.random.RandomState(0).randint(0, 64, (3, 12))
+    return model, params, tokens
+
+
+def _copy(params):
+    return jax.tree.map(lambda v: v, params)
+
+
+def test_folding_any_scales_leaves_the_float_model_unchanged(tiny):
+    model, params, tokens = tiny
+    before = np.asarray(blocks.layerwise_forward(model, params, tokens))
+    folded = _copy(params)
+    rng = np.random.RandomState(1)
+    for i in range(CONFIG.num_layers):
+        state = blocks.layer_params(folded, i)
+        for fold in llama_folds(CONFIG):
+            src = state
+            for key in fold.source.split("/"):
+                src = src[key]
+            n = src.get_value().shape[-1]
+            apply_fold(state, fold, jnp.asarray(rng.uniform(0.2, 5.0, n), jnp.float32))
+    after = np.asarray(blocks.layerwise_forward(model, folded, tokens))
+    changed = np.asarray(blocks.layer_params(folded, 0)["input_layernorm"]["scale"].get_value())
+    assert not np.allclose(changed, 1.0)  # the fold did change the parameters
+    np.testing.assert_allclose(after, before, rtol=0, atol=2e-5 * np.abs(before).max())
+
+
+def test_rtn_through_the_driver_gives_plain_quantize_codes(tiny):
+    model, params, tokens = tiny
+    qparams, report = quantize_model(model, params, "w4a16-rtn-g128", tokens, progress=False)
+    plain = jquant.quantize(params, "w4a16-rtn-g128")
+    a, b = jax.tree.leaves(qparams), jax.tree.leaves(plain)
+    assert len(a) == len(b)
+    for x, y in zip(a, b):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+    assert len(report.rows) == 7 * CONFIG.num_layers
+    assert all(0 < r.output_error < 0.1 for r in report.rows)
+
+
+def _probe(weight, rule, *, path, calibration=None):
+    """RTN, reporting the trace of the Hessian it was given."""
+    q = rtn.rtn(weight, rule, path=path)
+    return q, {"h_trace": jnp.trace(calibration.hessian), "tokens": calibration.count}
+
+
+if "trace-probe" not in algorithms.names():
+    algorithms.register("trace-probe")(_probe)
+
+
+def _rms_norm(x, w, eps):
+    x = x.astype(np.float64)
+    return x / np.sqrt(np.mean(x * x, axis=-1, keepdims=True) + eps) * w
+
+
+def test_each_layer_is_calibrated_on_the_outputs_of_the_quantized_layers_before_it(tiny):
+    model, params, tokens = tiny
+    recipe = Recipe.from_dict({"name": "probe", "rules": [
+        {"pattern": "embed", "skip": True},
+        {"pattern": "kernel$", "weight": "int2", "group_size": 16, "algorithm": "trace-probe"},
+    ]})  # fmt: skip
+    qparams, report = quantize_model(model, params, recipe, tokens, progress=False)
+    traces = {r.path: r.info["h_trace"] for r in report.rows}
+    assert {r.info["tokens"] for r in report.rows} == {tokens.size}
+    x, ctx = blocks.embed(model, params, tokens)
+
+    def q_proj_trace(layer_params_0):
+        x1 = blocks.run_layer(blocks.layer_graphdef(model), layer_params_0, x, ctx)
+        w = np.asarray(blocks.layer_params(params, 1)["input_layernorm"]["scale"].get_value())
+        h = _rms_norm(np.asarray(x1), w, CONFIG.rms_norm_eps).reshape(-1, CONFIG.hidden_size)
+        return float(np.sum(h * h) / len(h))
+
+    quantized = q_proj_trace(blocks.layer_params(qparams, 0))
+    floating = q_proj_trace(blocks.layer_params(params, 0))
+    got = traces["layers/1/self_attn/q_proj/kernel"]
+    assert abs(got - quantized) < 1e-5 * quantized
+    assert abs(got - floating) > 1e-3 * quantized  # the check can tell them apart
