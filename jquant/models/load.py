@@ -17,13 +17,17 @@ def default_dtype():
 
 
 def load(source, *, dtype=None, param_dtype=jnp.float32, with_config: bool = False) -> tuple:
-    """Loads a Llama-family model from a registry name, HF directory, ``.gguf`` or hub id.
+    """Loads a Llama-family model from a registry name, packed or HF directory, ``.gguf`` or
+    hub id.
 
     Args:
-      source: anything `jquant.io.load_checkpoint` accepts, or a `jquant.io.Checkpoint`.
+      source: anything `jquant.io.load_checkpoint` accepts, a `jquant.io.Checkpoint`, or a
+        packed checkpoint directory (`jquant.io.packed.save_packed`; tried after registry
+        names, before HF directories), whose parameters come back as stored: QArrays stay
+        QArrays, never materialized in float.
       dtype: compute dtype (activations, KV cache); default `default_dtype()`.
       param_dtype: dtype of the float parameters (float32 keeps the baseline exact; a
-        quantization recipe starts from these).
+        quantization recipe starts from these). A packed checkpoint keeps its stored dtypes.
       with_config: also return the checkpoint's HF-style config dict (what
         `jquant.memory_report(config=...)` reads) as a fourth element.
 
@@ -38,9 +42,16 @@ def load(source, *, dtype=None, param_dtype=jnp.float32, with_config: bool = Fal
     >>> model.config.num_layers  # doctest: +SKIP
     30
     """
-    from jquant.io import Checkpoint, load_checkpoint  # io is optional until first use
+    from jquant.io import MODELS, Checkpoint, load_checkpoint  # io is optional until first use
+    from jquant.io.packed import is_packed, load_packed
 
-    ckpt = source if isinstance(source, Checkpoint) else load_checkpoint(os.fspath(source))
+    if isinstance(source, Checkpoint):
+        ckpt = source
+    elif os.fspath(source) not in MODELS and is_packed(os.fspath(source)):
+        model, params, tokenizer, config = load_packed(source, dtype=dtype)
+        return (model, params, tokenizer, config) if with_config else (model, params, tokenizer)
+    else:
+        ckpt = load_checkpoint(os.fspath(source))
     config = LlamaConfig.from_hf(ckpt.config)
     model, params = params_from_hf(
         ckpt.tensors, config, dtype=dtype or default_dtype(), param_dtype=param_dtype

@@ -1,0 +1,394 @@
+"""Packed quantized checkpoints: bit-identical round trips, no float copy on load, bits on disk,
+atomic writes, and one clear error per kind of damage."""
+
+from __future__ import annotations
+
+import importlib
+import json
+import os
+import shutil
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+from safetensors.numpy import save_file
+
+import jquant
+from jquant import models
+from jquant.io import packed
+from jquant.models import LlamaConfig, abstract_model, forward
+from jquant.qarray import QArray
+
+# Small, but every case the layout has to carry: K=200 gives g128 a short last group and g64 a
+# short one of 8; the untied head, float attention and bf16 norms are float leaves of two dtypes.
+# Only the MLP is quantized: two kernel shapes, so two compilations per format.
+HF_CONFIG = dict(model_type="llama", vocab_size=96, hidden_size=64, intermediate_size=200,
+                 num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                 rms_norm_eps=1e-5, rope_theta=10000.0, max_position_embeddings=128,
+                 tie_word_embeddings=False, bos_token_id=1, eos_token_id=2)  # fmt: skip
+
+CASES = {
+    "int4-g128": {"weight": "int4", "group_size": 128},
+    "uint4-g64": {"weight": "uint4", "group_size": 64, "clip": "minmax"},
+    "nf4-double-quant": {"weight": "nf4", "group_size": 64, "double_quant": True},
+    "int8-a8": {"weight": "int8", "activation": "int8"},
+    "fp8": {"weight": "fp8_e4m3"},
+}
+
+
+def _recipe(name: str) -> jquant.Recipe:
+    rule = {"pattern": "mlp/.*/kernel$", **CASES[name]}
+    return jquant.Recipe.from_dict({"name": name, "rules": [rule]})
+
+
+def _float_params(config=HF_CONFIG):
+    """Random parameters (NumPy draws: no per-op compilation as in eager init)."""
+    _, state = nnx.split(abstract_model(LlamaConfig.from_hf(config)))
+    rng = np.random.default_rng(0)
+
+    def draw(path, x):
+        # bf16 norms: float leaves must come back in their own dtype, not the model's default.
+        dtype = jnp.bfloat16 if "layernorm" in str(path) else x.dtype
+        return jnp.asarray(0.05 * rng.standard_normal(x.shape, np.float32), dtype)
+
+    return jax.tree.map_with_path(draw, state)
+
+
+def _quantized(name: str, config=HF_CONFIG):
+    return jquant.quantize(_float_params(config), _recipe(name))
+
+
+def _leaves(params) -> dict:
+    """``{path: leaf}`` with QArrays whole."""
+    return {"/".join(map(str, k)): v.get_value() for k, v in nnx.to_flat_state(params)}
+
+
+def _assert_bit_identical(got, want):
+    got, want = _leaves(got), _leaves(want)
+    assert set(got) == set(want)
+    for path, w in want.items():
+        g = got[path]
+        # The treedef holds QArray static fields (nested double-quant scale included).
+        assert jax.tree.structure(g) == jax.tree.structure(w), path
+        for a, b in zip(jax.tree.leaves(g), jax.tree.leaves(w), strict=True):
+            assert isinstance(a, jax.Array), path
+            assert (a.dtype, a.shape) == (b.dtype, b.shape), path
+            assert np.asarray(a).tobytes() == np.asarray(b).tobytes(), path
+
+
+def _logits(model, params, tokens=None):
+    if tokens is None:
+        tokens = jax.random.randint(jax.random.key(1), (2, 7), 0, HF_CONFIG["vocab_size"],
+                                    jnp.int32)  # fmt: skip
+    # Restored arrays are committed to a device; commit the others too, so both runs share
+    # one compilation (a second one would only cost time).
+    return forward(model, jax.device_put(params, jax.local_devices()[0]), tokens)[0]
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory):
+    """A packed int4-g128 checkpoint with a recipe and a report, and the params it holds."""
+    params = _quantized("int4-g128")
+    path = packed.save_packed(
+        tmp_path_factory.mktemp("packed") / "ckpt", config=HF_CONFIG, params=params,
+        tokenizer=None, recipe=_recipe("int4-g128"), report={"time_s": 1.5},
+    )  # fmt: skip
+    return path, params
+
+
+@pytest.fixture
+def copy(saved, tmp_path):
+    """A private copy of the saved checkpoint, to damage."""
+    return shutil.copytree(saved[0], tmp_path / "ckpt")
+
+
+# ---- round trips --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", CASES)
+def test_round_trip_is_bit_identical(tmp_path, name):
+    params = _quantized(name)
+    down = _leaves(params)["layers/0/mlp/down_proj/kernel"]
+    # Each case carries what it is named for (a planted layout bug must drop it).
+    carries = {
+        "int4-g128": lambda: down.k % down.group_size != 0,
+        "uint4-g64": lambda: down.zero_point is not None and down.k % down.group_size != 0,
+        "nf4-double-quant": lambda: isinstance(down.scale, QArray),
+        "int8-a8": lambda: down.activation == "int8",
+        "fp8": lambda: down.qvalue.dtype == jnp.float8_e4m3fn,
+    }
+    assert carries[name]()
+    recipe = _recipe(name)
+    report = {"rows": [{"path": "a", "rel_error": 0.01}], "time_s": 2.0}
+    path = packed.save_packed(tmp_path / "m", config=HF_CONFIG, params=params, recipe=recipe,
+                              report=report)  # fmt: skip
+    model, loaded, tokenizer, config = packed.load_packed(path, dtype=jnp.float32)
+    _assert_bit_identical(loaded, params)
+    assert config == HF_CONFIG and tokenizer is None
+    assert jquant.Recipe.from_yaml((path / packed.RECIPE).read_text()) == recipe
+    assert json.loads((path / packed.REPORT).read_text()) == report
+    np.testing.assert_array_equal(_logits(model, loaded), _logits(model, params))
+    _assert_bit_identical(nnx.state(model), params)  # the module holds the loaded params
+
+
+def test_models_load_reads_a_packed_directory(tmp_path, tiny_gguf):
+    model, params, tokenizer, config = models.load(tiny_gguf[0], with_config=True)
+    qparams = jquant.quantize(params, "w4a16-rtn-g128")
+    path = packed.save_packed(tmp_path / "q", config=config, params=qparams, tokenizer=tokenizer)
+    assert packed.is_packed(path)
+    model2, params2, tok2, config2 = models.load(path, with_config=True)
+    assert len(models.load(str(path))) == 3
+    _assert_bit_identical(params2, qparams)
+    assert config2 == json.loads(json.dumps(config))
+    text = "hello world <|im_end|>"
+    assert tok2.encode(text) == tokenizer.encode(text)
+    assert tok2.decode(tok2.encode(text)) == text
+    assert (tok2.bos_token_id, tok2.eos_token_id, tok2.pad_token_id, tok2.chat_template) == (
+        tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id,
+        tokenizer.chat_template,
+    )  # fmt: skip
+    tokens = jnp.asarray([tokenizer.encode("hello world")], jnp.int32)
+    np.testing.assert_array_equal(_logits(model2, params2, tokens),
+                                  _logits(model, qparams, tokens))  # fmt: skip
+
+
+def test_hf_directory_still_loads_as_floats(tmp_path, tiny):
+    tensors = tiny.tensors(tied=True)
+    hf = tmp_path / "hf"
+    hf.mkdir()
+    (hf / "config.json").write_text(json.dumps(tiny.config(tied=True)))
+    save_file(tensors, str(hf / "model.safetensors"))
+    assert not packed.is_packed(hf)
+    _, params, _ = models.load(hf)
+    kernel = _leaves(params)["layers/1/mlp/up_proj/kernel"]
+    np.testing.assert_array_equal(kernel, tensors["model.layers.1.mlp.up_proj.weight"].T)
+
+
+# ---- no float weights on load ---------------------------------------------------------------
+
+
+def test_load_never_materializes_float_weights(saved, monkeypatch):
+    path, params = saved
+
+    def forbidden(*args, **kwargs):
+        raise AssertionError("load_packed must not go through the float import path")
+
+    monkeypatch.setattr(importlib.import_module("jquant.models.convert"), "params_from_hf",
+                        forbidden)  # fmt: skip
+    monkeypatch.setattr(importlib.import_module("jquant.models.load"), "params_from_hf",
+                        forbidden)  # fmt: skip
+    monkeypatch.setattr(jquant.io, "load_checkpoint", forbidden)
+    monkeypatch.setattr(jquant.models, "init_model", forbidden)
+    monkeypatch.setattr(importlib.import_module("jquant.models.llama"), "init_model", forbidden)
+    monkeypatch.setattr(QArray, "dequantize", forbidden)
+    monkeypatch.setattr(QArray, "dequantize_stored", forbidden)
+    quantized = {p: q.shape for p, q in _leaves(params).items() if isinstance(q, QArray)}
+    float_shapes = {s for s in quantized.values()} | {s[::-1] for s in quantized.values()}
+    before = jax.live_arrays()  # held, so no id is reused below
+    seen = {id(a) for a in before}
+
+    _, loaded, _ = models.load(path)
+
+    leaves = _leaves(loaded)
+    assert {p for p, v in leaves.items() if isinstance(v, QArray)} == set(quantized)
+    new = [a for a in jax.live_arrays() if id(a) not in seen]
+    floats = [a.shape for a in new if jnp.issubdtype(a.dtype, jnp.floating)
+              and a.shape in float_shapes]  # fmt: skip
+    assert floats == []
+    # Nothing else is kept alive either: the new arrays are exactly the loaded params.
+    loaded_bytes = sum(x.nbytes for x in jax.tree.leaves(loaded))
+    assert sum(a.nbytes for a in new) == loaded_bytes
+
+
+# ---- bits on disk ---------------------------------------------------------------------------
+
+
+def test_int4_g128_stays_packed_on_disk(tmp_path):
+    # Wide kernels and a tiny vocabulary, so the quantized kernels dominate the file sizes.
+    config = {**HF_CONFIG, "vocab_size": 8, "hidden_size": 512, "intermediate_size": 1536,
+              "num_key_value_heads": 4, "head_dim": 128}  # fmt: skip
+    params = jquant.quantize(_float_params(config), "w4a16-rtn-g128")
+    path = packed.save_packed(tmp_path / "m", config=config, params=params)
+    on_disk = sum(p.stat().st_size for p in (path / packed.ARRAYS).rglob("*") if p.is_file())
+    leaves = _leaves(params).values()
+    weights = sum(q.size for q in leaves if isinstance(q, QArray))
+    in_memory = sum(q.nbytes for q in leaves if isinstance(q, QArray))
+    floats = sum(x.nbytes for x in leaves if not isinstance(x, QArray))
+    assert 8 * in_memory / weights == pytest.approx(4.125)
+    bits = 8 * (on_disk - floats) / weights  # everything but the float leaves, overhead too
+    print(f"int4 g128 on disk: {bits:.3f} bits/weight ({on_disk} bytes)")
+    assert 4.125 < bits < 4.2  # ~20 KB of orbax metadata on ~1.6 MB
+
+
+# ---- atomic writes --------------------------------------------------------------------------
+
+
+def _raise_after(fn, exc):
+    def step(*args, **kwargs):
+        fn(*args, **kwargs)
+        raise exc
+
+    return step
+
+
+@pytest.mark.parametrize("step", ["_write_arrays", "_file_sizes"])
+@pytest.mark.parametrize("exc", [KeyboardInterrupt(), OSError("disk full")])
+def test_failed_write_leaves_nothing(tmp_path, monkeypatch, step, exc):
+    params = _quantized("int8-a8")
+    monkeypatch.setattr(packed, step, _raise_after(getattr(packed, step), exc))
+    with pytest.raises(type(exc)):
+        packed.save_packed(tmp_path / "m", config=HF_CONFIG, params=params)
+    assert os.listdir(tmp_path) == []
+
+
+def test_existing_directory(tmp_path, saved, monkeypatch):
+    old_params = saved[1]
+    new_params = _quantized("int8-a8")
+    target = shutil.copytree(saved[0], tmp_path / "m")
+    with pytest.raises(ValueError, match="not empty.*overwrite=True"):
+        packed.save_packed(target, config=HF_CONFIG, params=new_params)
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(ValueError, match="is a file"):
+        packed.save_packed(tmp_path / "file", config=HF_CONFIG, params=new_params)
+    (tmp_path / "empty").mkdir()
+    packed.save_packed(tmp_path / "empty", config=HF_CONFIG, params=new_params)
+    _assert_bit_identical(packed.load_packed(tmp_path / "empty")[1], new_params)
+    (tmp_path / "plain").mkdir()  # the checkpoint gets the mode of any new directory
+    assert (tmp_path / "empty").stat().st_mode == (tmp_path / "plain").stat().st_mode
+    (tmp_path / "plain").rmdir()
+
+    # A failed overwrite keeps the old checkpoint, whole.
+    with monkeypatch.context() as m:
+        m.setattr(packed, "_file_sizes", _raise_after(packed._file_sizes, KeyboardInterrupt()))
+        with pytest.raises(KeyboardInterrupt):
+            packed.save_packed(target, config=HF_CONFIG, params=new_params, overwrite=True)
+    _assert_bit_identical(packed.load_packed(target)[1], old_params)
+    assert (target / packed.RECIPE).is_file()
+
+    packed.save_packed(target, config=HF_CONFIG, params=new_params, overwrite=True)
+    _assert_bit_identical(packed.load_packed(target)[1], new_params)
+    assert not (target / packed.RECIPE).exists()  # replaced, not merged
+    assert sorted(os.listdir(tmp_path)) == ["empty", "file", "m"]
+
+
+def test_bad_input_is_refused_before_writing(tmp_path):
+    params = _quantized("int8-a8")
+    with pytest.raises(ValueError, match="report cannot be written as JSON"):
+        packed.save_packed(tmp_path / "m", config=HF_CONFIG, params=params,
+                           report={"f": object()})  # fmt: skip
+    with pytest.raises(ValueError, match="down_proj/kernel has shape"):
+        packed.save_packed(tmp_path / "m", config={**HF_CONFIG, "intermediate_size": 128},
+                           params=params)  # fmt: skip
+    assert os.listdir(tmp_path) == []
+
+
+# ---- damaged checkpoints --------------------------------------------------------------------
+
+
+def _edit_metadata(path, edit):
+    meta = json.loads((path / packed.METADATA).read_text())
+    edit(meta)
+    (path / packed.METADATA).write_text(json.dumps(meta))
+
+
+def _largest_array_file(path):
+    return max((p for p in (path / packed.ARRAYS).rglob("*") if p.is_file()),
+               key=lambda p: p.stat().st_size)  # fmt: skip
+
+
+def _qvalue(meta):
+    return meta["params"]["layers/0/mlp/down_proj/kernel"]["qvalue"]
+
+
+def _set_layout(meta):
+    meta["layout_version"] = 2
+
+
+def _set_format(meta):
+    meta["format"] = "something-else"
+
+
+def _set_qvalue_dtype(meta):
+    _qvalue(meta)["dtype"] = "int8"
+
+
+def _set_qvalue_shape(meta):
+    _qvalue(meta)["shape"][-1] //= 2
+
+
+def _set_norm_shape(meta):
+    meta["params"]["norm/scale"]["shape"] = [32]
+
+
+def _drop_param(meta):
+    del meta["params"]["norm/scale"]
+
+
+@pytest.mark.parametrize(
+    "edit, message",
+    [
+        (_set_layout, r"written by jquant layout 2 \(jquant 0\.1\.0\); this jquant reads layout 1"),
+        (_set_format, "not a jquant packed checkpoint"),
+        (
+            _set_qvalue_dtype,
+            r"down_proj\.kernel\.qvalue is stored as uint8\[64, 100\].* "
+            r"says int8\[64, 100\]",
+        ),
+        (
+            _set_qvalue_shape,
+            r"down_proj\.kernel\.qvalue is stored as uint8\[64, 100\].* "
+            r"says uint8\[64, 50\]",
+        ),
+        (_set_norm_shape, r"norm/scale has shape \(32,\).*config implies \(64,\)"),
+        (_drop_param, "missing: norm/scale"),
+    ],
+    ids=lambda x: getattr(x, "__name__", ""),
+)
+def test_metadata_disagreements(copy, edit, message):
+    _edit_metadata(copy, edit)
+    with pytest.raises(ValueError, match=message) as e:
+        packed.load_packed(copy)
+    assert str(copy) in str(e.value)
+
+
+def test_missing_or_damaged_files(copy):
+    data = _largest_array_file(copy)
+    size = data.stat().st_size
+    with open(data, "r+b") as f:
+        f.truncate(size // 2)
+    with pytest.raises(ValueError, match=rf"{data.name} has {size // 2} bytes.*says {size}"):
+        packed.load_packed(copy)
+    data.unlink()
+    with pytest.raises(ValueError, match=rf"{data.name} is missing"):
+        models.load(copy)
+    (copy / packed.METADATA).write_text((copy / packed.METADATA).read_text()[:100])
+    with pytest.raises(ValueError, match="jquant.json is not valid JSON"):
+        packed.load_packed(copy)
+    (copy / packed.METADATA).unlink()
+    assert packed.is_packed(copy)  # so models.load explains, instead of an HF error
+    with pytest.raises(ValueError, match="jquant.json is missing.*incomplete") as e:
+        models.load(copy)
+    assert str(copy) in str(e.value)
+
+
+def test_damage_behind_a_matching_manifest_is_still_a_clear_error(copy):
+    # jquant.json's sizes agree with the damaged file: orbax's own failure must be reworded.
+    data = _largest_array_file(copy)
+    with open(data, "r+b") as f:
+        f.truncate(data.stat().st_size // 2)
+    name = data.relative_to(copy).as_posix()
+    _edit_metadata(copy, lambda meta: meta["files"].update({name: data.stat().st_size}))
+    with pytest.raises(ValueError, match="cannot (read|restore).*truncated or corrupt") as e:
+        packed.load_packed(copy)
+    assert str(copy) in str(e.value)
+    assert len(str(e.value)) < 600  # TensorStore's whole spec is not repeated
+
+
+def test_not_a_checkpoint(tmp_path):
+    (tmp_path / "notes.txt").write_text("hello")
+    assert not packed.is_packed(tmp_path)
+    with pytest.raises(ValueError, match="not a jquant packed checkpoint") as e:
+        packed.load_packed(tmp_path)
+    assert str(tmp_path) in str(e.value)
