@@ -85,6 +85,20 @@ def is_packed(directory: str | os.PathLike) -> bool:
 # ---- saving -----------------------------------------------------------------------------
 
 
+def check_output_directory(directory: str | os.PathLike, *, overwrite: bool = False) -> Path:
+    """The absolute target of `save_packed`, after refusing a file or (without
+    ``overwrite``) a non-empty directory; callers run it before slow work."""
+    target = Path(os.path.abspath(os.path.expanduser(directory)))  # "." and ".." resolved
+    if target.exists() and not target.is_dir():
+        raise ValueError(f"{target} is a file; give a directory to write the checkpoint into")
+    if target.is_dir() and any(target.iterdir()) and not overwrite:
+        raise ValueError(
+            f"{target} exists and is not empty; pass overwrite=True (--overwrite) to replace "
+            "it, or choose another directory"
+        )
+    return target
+
+
 def save_packed(
     directory: str | os.PathLike,
     *,
@@ -117,14 +131,7 @@ def save_packed(
       ValueError: ``directory`` is a file or a non-empty directory (without ``overwrite``),
         ``params`` do not match ``config``, or ``config`` / ``report`` is not JSON-able.
     """
-    target = Path(os.path.abspath(os.path.expanduser(directory)))  # "." and ".." resolved
-    if target.exists() and not target.is_dir():
-        raise ValueError(f"{target} is a file; give a directory to write the checkpoint into")
-    if target.is_dir() and any(target.iterdir()) and not overwrite:
-        raise ValueError(
-            f"{target} exists and is not empty; pass overwrite=True to replace it, or choose "
-            "another directory"
-        )
+    target = check_output_directory(directory, overwrite=overwrite)
     names, tree = _encode_params(params, config)
     tok_meta = None if tokenizer is None else _tokenizer_meta(tokenizer)
     meta = {
