@@ -9,9 +9,8 @@ import pytest
 from flax import nnx
 
 from jquant import ops
-from jquant.calib import Tap, tapping
+from jquant.calib import Tap, stats, tapping
 from jquant.calib import data as calib_data
-from jquant.calib import stats
 from jquant.intercept import apply as linen_apply
 from jquant.intercept import nnx_apply
 
