@@ -1,0 +1,444 @@
+"""GPTQ (Frantar et al. 2023): rows rounded one at a time, each row's rounding error spread
+over the rows not yet rounded, weighted by the inputs' second moments ``H = E[x xᵀ]``.
+
+Terminology
+-----------
+* **row**: input channel ``k`` of a Dense kernel ``(K, N)`` (a *column* of the ``(N, K)``
+  weight in GPTQ's paper and code). GPTQ rounds rows one at a time.
+* **group**: as in ``jquant.qarray``: consecutive rows (original order) sharing a scale.
+* **block**: ``block_size`` consecutive rows in processing order whose updates of the
+  later rows are batched into one matmul (GPTQ's "lazy batch"). Within a block every
+  update is applied at once, so the result equals row-by-row GPTQ up to float rounding.
+
+The algorithm, on the kernel ``W (K, N)`` and ``H`` of one layer:
+
+1. Dead inputs (``H_kk == 0``: never nonzero in the calibration data) get ``H_kk = 1``.
+   Their weights are kept (reference GPTQ zeroes them): such a row is rounded exactly as
+   RTN would, receives no update and passes none on, because calibration says nothing
+   about it.
+2. ``H += damp · mean(diag H) · I``; ``U`` = the upper Cholesky factor of ``H⁻¹``. While
+   ``U`` is not finite (``H`` not positive definite), ``damp`` is raised ×10 and the
+   factorization retried, up to :data:`MAX_DAMP` (0.01, 0.1, 1, 10 by default; inside the
+   trace, a ``while_loop``). ``info`` reports the damp used and whether it factored;
+   :func:`check_info` warns about the first and raises on the second.
+3. With ``act_order`` rows are processed by descending ``H_kk`` (stable order on ties).
+4. Row ``k`` in turn: ``q_k = quant(w_k)``, ``e = (w_k - q_k) / U_kk``, and every later row
+   ``j`` gets ``w_j -= U_kj · e``.
+
+Scales. With ``static_groups`` (the default, and required by ``act_order`` and
+``double_quant``) every group's scale and zero point is computed up front from the
+original ``W`` exactly as RTN computes them (``compute_scale`` with the rule's settings,
+after the optional ``mse`` clip search, then double quantization as ``quantize_array``
+does), and each row is encoded with its own group's scale whatever its position in the
+processing order. Without static groups (``act_order: false``) a group's scale is computed
+when its first row is reached, from the group's rows as updated by then (GPTQ's own
+scheme); blocks are then made whole groups so that every row of the group is up to date.
+
+Codes and values are jquant's: ``code = encode(w / s + z)``, ``value = (decode(code) - z) · s``
+with ``s`` as stored (after the ``scale_dtype`` cast), so every format works.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import warnings
+from collections.abc import Mapping
+from functools import partial
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jquant import qtypes
+from jquant._checks import raise_scale_range
+from jquant._scales import SCALE_BLOCK, double_quantize, scale_range_problems
+from jquant.algorithms import register
+from jquant.algorithms.rtn import clip_search_settings, search_clip_ratios
+from jquant.qarray import (
+    QArray,
+    _apply_groups,
+    _num_groups,
+    check_float_weight,
+    compute_scale,
+    encode_groups,
+    from_codes,
+)
+
+DEFAULTS = {
+    "damp": 0.01,  # dampening, relative to the mean of diag(H)
+    "block_size": 128,  # rows per lazy-batch block
+    "act_order": True,  # process rows by descending H_kk
+    "static_groups": True,  # every group's scale from the original weight, up front
+    "mse": False,  # clip-ratio search per group (as rtn's clip_search: true or a mapping)
+    "awq": False,  # AWQ scaling, applied by the calibration driver before gptq runs
+}
+# The largest relative dampening tried when H is not positive definite: H is then nearly
+# diagonal and GPTQ is close to RTN; an H that still does not factor is corrupt.
+MAX_DAMP = 10.0
+AWQ_KEYS = ("grid", "clip")
+# info key prefix of the scale range counts [overflowed, underflowed]; the scale dtype follows.
+SCALE_RANGE = "scale_range_"
+
+_HIGHEST = jax.lax.Precision.HIGHEST
+
+
+def check_args(args: Mapping[str, Any]) -> None:
+    """Validates gptq's ``algorithm_args`` (see :data:`DEFAULTS`); ValueError names the key."""
+    unknown = [k for k in args if k not in DEFAULTS]
+    if unknown:
+        raise ValueError(f"unknown key(s) {unknown}; allowed: {', '.join(DEFAULTS)}")
+    settings(args)
+
+
+def settings(args: Mapping[str, Any]) -> dict[str, Any]:
+    """``algorithm_args`` with defaults filled in and ``mse`` as ``(grid, max_shrink)`` or None.
+
+    >>> settings({"act_order": False})["static_groups"]
+    True
+    """
+    s = {**DEFAULTS, **args}
+    damp = s["damp"]
+    if not _is_number(damp) or not 0 < damp <= MAX_DAMP:
+        raise ValueError(
+            f"damp={damp!r} must be a number in (0, {MAX_DAMP:g}] (relative to "
+            "the mean diagonal of the Hessian)"
+        )
+    block = s["block_size"]
+    if not isinstance(block, int) or isinstance(block, bool) or block < 1:
+        raise ValueError(f"block_size={block!r} must be a positive integer")
+    for key in ("act_order", "static_groups"):
+        if not isinstance(s[key], bool):
+            raise ValueError(f"{key} must be true or false, got {s[key]!r}")
+    if s["act_order"] and not s["static_groups"]:
+        raise ValueError(
+            "act_order: true needs static_groups: true: with groups computed "
+            "in act order, a row's group is not its position, and jquant's "
+            "formats store no reorder (g_idx) for inference; set static_groups: "
+            "true or act_order: false"
+        )
+    try:
+        mse = clip_search_settings(s["mse"])
+    except ValueError as e:  # rtn names its key clip_search; here the key is mse
+        raise ValueError(str(e).replace("clip_search", "mse")) from None
+    s["mse"] = None if mse is None else (mse["grid"], mse["max_shrink"])
+    _check_awq(s["awq"])
+    return s
+
+
+def _check_awq(value) -> None:
+    if isinstance(value, bool):
+        return
+    if not isinstance(value, Mapping):
+        raise ValueError(f"awq must be true/false or a mapping, got {value!r}")
+    unknown = [k for k in value if k not in AWQ_KEYS]
+    if unknown:
+        raise ValueError(f"awq: unknown key(s) {unknown}; allowed: {', '.join(AWQ_KEYS)}")
+    grid = value.get("grid", 1)
+    if not isinstance(grid, int) or isinstance(grid, bool) or grid < 1:
+        raise ValueError(f"awq: grid={grid!r} must be a positive integer")
+    if not isinstance(value.get("clip", False), bool):
+        raise ValueError(f"awq: clip={value['clip']!r} must be true or false")
+
+
+def _is_number(x) -> bool:
+    return isinstance(x, int | float) and not isinstance(x, bool) and math.isfinite(x)
+
+
+def check_info(path: str, info: Mapping[str, Any]) -> None:
+    """Host-side report on a gptq run: warns if the dampening was raised, raises ValueError
+    if the Hessian did not factor at all, or if the weight holds NaN/inf or its scales do
+    not fit the scale dtype."""
+    nonfinite = info.get("nonfinite")
+    if nonfinite is not None and int(np.asarray(nonfinite)[0]):
+        count, row, col = (int(v) for v in np.asarray(nonfinite))
+        raise ValueError(
+            f"{path}: weight holds {count} NaN/inf values (first at index [{row}, {col}]); "
+            "fix the checkpoint before quantizing"
+        )
+    for key, counts in info.items():
+        if key.startswith(SCALE_RANGE):
+            overflow, underflow = (int(v) for v in np.asarray(counts))
+            raise_scale_range(overflow, underflow, jnp.dtype(key[len(SCALE_RANGE) :]), name=path)
+    damp, requested = float(info["damp"]), float(info.get("damp_requested", DEFAULTS["damp"]))
+    if not bool(info["factored"]):
+        raise ValueError(
+            f"{path}: GPTQ could not factor the Hessian even at damp={damp:g} (relative to "
+            "its mean diagonal): it holds NaN/inf or is far from positive semidefinite. Check "
+            "this layer's calibration inputs (NaN/inf activations?), or quantize it with "
+            "algorithm: rtn"
+        )
+    if damp > requested * (1 + 1e-4):
+        warnings.warn(
+            f"{path}: GPTQ Hessian not positive definite at damp={requested:g}; raised to {damp:g}",
+            stacklevel=2,
+        )
+
+
+@register("gptq", check_args=check_args, check_info=check_info)
+def gptq(weight, rule, *, path: str, calibration=None) -> tuple[QArray, dict[str, Any]]:
+    """GPTQ for a Dense kernel ``(K, N)`` with the rule's format and settings.
+
+    Traceable: runs eagerly or inside ``jit`` with traced ``weight`` and ``calibration``.
+
+    Args:
+      weight: float ``(K, N)`` kernel; ``rule.axis`` must be 0 (or -2).
+      rule: the resolved :class:`jquant.recipe.Rule`; ``algorithm_args`` as :func:`settings`.
+      path: the parameter path, for messages.
+      calibration: a :class:`jquant.calib.stats.Calibration` of the kernel's inputs
+        (only ``hessian`` ``(K, K)`` is used).
+
+    Returns:
+      ``(qarray, info)``: the QArray (storage layout, ``axis=-2``, the rule's activation)
+      and arrays for :func:`check_info`: scalars ``damp`` (the relative dampening used),
+      ``factored`` (bool) and ``damp_requested``; ``nonfinite`` (int32 ``[NaN/inf count
+      in the weight, first row, first column]``) and ``scale_range_<scale dtype>`` (int32
+      ``[overflowed, underflowed]`` scale counts).
+
+    Raises:
+      ValueError: naming ``path``, without calibration, for a weight that is not a float
+        2-D kernel contracted on axis 0, a Hessian of the wrong shape, or
+        ``double_quant`` without static groups.
+
+    >>> from jquant.recipe import Rule
+    >>> from jquant.calib.stats import from_inputs
+    >>> rule = Rule(pattern="w", weight="int4", group_size=32).resolve("w", 2)
+    >>> x = jax.random.normal(jax.random.key(0), (256, 64))
+    >>> q, info = gptq(jnp.ones((64, 8)), rule, path="w", calibration=from_inputs(x))
+    >>> q.qtype, q.shape, bool(info["factored"])
+    ('int4', (64, 8), True)
+    """
+    if calibration is None:
+        raise ValueError(
+            f"{path}: gptq needs calibration data (the inputs' statistics): use jquant.calib "
+            "to collect them from sample inputs, or pass calibration={path: Calibration}"
+        )
+    check_float_weight(weight, name=path, values=False)
+    if weight.ndim != 2 or rule.axis not in (0, -2):
+        raise ValueError(
+            f"{path}: gptq quantizes 2-D Dense kernels (K, N) contracted on axis 0; got shape "
+            f"{tuple(weight.shape)} with axis={rule.axis}. Use algorithm: rtn for this "
+            "parameter (a skip or rtn rule before the gptq one)"
+        )
+    k = weight.shape[0]
+    hessian = getattr(calibration, "hessian", None)
+    if hessian is None or tuple(hessian.shape) != (k, k):
+        got = None if hessian is None else tuple(hessian.shape)
+        raise ValueError(
+            f"{path}: calibration Hessian has shape {got}; the kernel's K={k} "
+            f"needs ({k}, {k}): is it the calibration of another layer?"
+        )
+    s = settings(rule.algorithm_args)
+    if rule.double_quant and not s["static_groups"]:
+        raise ValueError(
+            f"{path}: double_quant needs static_groups: true (the scales are "
+            "quantized up front, before GPTQ runs)"
+        )
+    q, info = _gptq_core(
+        jnp.asarray(weight), jnp.asarray(hessian), qtype=rule.format.name,
+        group_size=rule.group_size, per_tensor=rule.per_tensor,
+        scale_dtype=np.dtype(rule.jnp_scale_dtype), clip_ratio=rule.clip_ratio,
+        double_quant=rule.double_quant, damp=float(s["damp"]), block_size=s["block_size"],
+        act_order=s["act_order"], static_groups=s["static_groups"], mse=s["mse"],
+    )  # fmt: skip
+    return dataclasses.replace(q, activation=rule.activation), info
+
+
+def _inverse_cholesky_upper(h):
+    """Upper ``U`` with ``UᵀU = h⁻¹`` (NaN where ``h`` is not positive definite).
+
+    With ``J`` the reversal, ``J h J = L Lᵀ`` gives ``h⁻¹ = (J L⁻¹ J)ᵀ (J L⁻¹ J)``: only
+    ``L⁻¹`` is needed, not GPTQ's Cholesky, inverse and Cholesky.
+    """
+    return _cholesky_inverse(h[::-1, ::-1])[::-1, ::-1]
+
+
+def _cholesky_inverse(h):
+    """``L⁻¹`` for ``h = L Lᵀ``, by halves, ``h = [[A, Bᵀ], [B, C]]``: ``A = L₁L₁ᵀ``,
+    ``L₂₁ = B L₁⁻ᵀ``, ``C - L₂₁L₂₁ᵀ = L₂L₂ᵀ`` and ``L⁻¹ = [[L₁⁻¹, 0], [-L₂⁻¹L₂₁L₁⁻¹, L₂⁻¹]]``.
+    Nearly all of the work is matmuls (XLA:CPU's Cholesky and triangular solve are several
+    times slower per flop); a failed factorization anywhere spreads NaN everywhere after."""
+    k = h.shape[0]
+    if k <= 192:
+        eye = jnp.eye(k, dtype=h.dtype)
+        return jax.scipy.linalg.solve_triangular(jnp.linalg.cholesky(h), eye, lower=True)
+    m = k // 2
+    dot = partial(jnp.dot, precision=_HIGHEST)
+    inv1 = _cholesky_inverse(h[:m, :m])
+    l21 = dot(h[m:, :m], inv1.T)
+    inv2 = _cholesky_inverse(h[m:, m:] - dot(l21, l21.T))
+    top = jnp.concatenate([inv1, jnp.zeros((m, k - m), h.dtype)], axis=1)
+    return jnp.concatenate([top, jnp.concatenate([-dot(inv2, dot(l21, inv1)), inv2], axis=1)])
+
+
+def _factor(h, damp: float):
+    """``(U, damp used, factored)``: damp ×10 per failed try, at most :data:`MAX_DAMP`."""
+    tries = 1 + int(math.floor(math.log10(MAX_DAMP / damp) + 1e-9))
+    damps = jnp.asarray([damp * 10.0**t for t in range(tries)], jnp.float32)
+    shift = jnp.mean(jnp.diagonal(h)) * jnp.eye(h.shape[0], dtype=jnp.float32)
+
+    def retry(state):  # rare: plain Cholesky and triangular solve, quicker to compile
+        t = state[0] + 1
+        eye = jnp.eye(h.shape[0], dtype=jnp.float32)
+        lower = jnp.linalg.cholesky((h + damps[t] * shift)[::-1, ::-1])
+        u = jax.scipy.linalg.solve_triangular(lower, eye, lower=True)[::-1, ::-1]
+        return t, u, jnp.all(jnp.isfinite(u))
+
+    # The first try outside the loop: XLA:CPU runs the factorization ~2x slower in a loop.
+    u = _inverse_cholesky_upper(h + damps[0] * shift)
+    t, u, ok = jax.lax.while_loop(
+        lambda state: ~state[2] & (state[0] < tries - 1),
+        retry,
+        (jnp.int32(0), u, jnp.all(jnp.isfinite(u))),
+    )
+    return u, damps[t], ok
+
+
+def _scales(w_t, qt, group_size, per_tensor, scale_dtype, clip_ratio, mse):
+    """RTN's scales of ``w_t (N, L)`` (stored dtype) and float32 ones for the range check."""
+    ratio = jnp.float32(clip_ratio)
+    if mse is not None:
+        ratio = search_clip_ratios(
+            w_t, qt.name, axis=-1, group_size=group_size, per_tensor=per_tensor,
+            scale_dtype=scale_dtype, clip_ratio=clip_ratio, grid=mse[0], max_shrink=mse[1],
+        )  # fmt: skip
+    kw = dict(per_tensor=per_tensor, clip_ratio=ratio)
+    scale, zero_point = compute_scale(w_t, qt, group_size, scale_dtype=scale_dtype, **kw)
+    exact, _ = compute_scale(w_t, qt, group_size, scale_dtype=jnp.float32, **kw)
+    return scale, zero_point, exact
+
+
+def _round_rows(u1, s1, z1, qt, start, stop, carry):
+    """Rounds rows ``start..stop`` of a block, each with its row of ``s1``/``z1`` (B, N),
+    and updates the block's later rows. ``carry`` = (rows (B, N), codes, errors)."""
+
+    def body(i, carry):
+        w1, codes, errors = carry
+        row, s = w1[i][:, None], s1[i][:, None]
+        z = None if z1 is None else z1[i][:, None]
+        code = encode_groups(row, s, z, qt, None)
+        value = _apply_groups(qtypes.decode(qt, code), s, z, None)
+        err = (row - value)[:, 0] / u1[i, i]
+        # u1 is upper triangular: rows before i get 0 · err, row i becomes its value.
+        w1 = w1 - u1[i][:, None] * err[None, :]
+        return w1, codes.at[i].set(code[:, 0]), errors.at[i].set(err)
+
+    return jax.lax.fori_loop(start, stop, body, carry)
+
+
+def _static_scales(w, perm, qt, group_size, per_tensor, scale_dtype, clip_ratio,
+                   double_quant, mse):  # fmt: skip
+    """Every group's scale up front from ``w (K, N)``, exactly as ``rtn``/``quantize_array``.
+
+    Returns ``(stored, zero_point, exact, cast, rows)``: the scale as stored (a uint8 QArray
+    if double-quantized), the zero point, the float32 and scale-dtype scales (for the range
+    check), and ``rows = (scales, zero points)`` ``(K, N)`` in processing order ``perm``,
+    each row its own group's (the kept scales, after double quantization).
+    """
+    scale, zero_point, exact = _scales(w.T, qt, group_size, per_tensor, scale_dtype,
+                                       clip_ratio, mse)  # fmt: skip
+    cast = stored = scale
+    if double_quant:  # as quantize_array: encode against the scales actually kept
+        dq_codes, step, offset = double_quantize(scale)
+        stored = QArray(
+            qvalue=dq_codes, scale=step, zero_point=offset, qtype="uint8", k=scale.shape[-2],
+            axis=-2, group_size=SCALE_BLOCK, dtype=np.dtype(scale.dtype),
+        )  # fmt: skip
+        scale = stored.dequantize(jnp.float32)
+    k, n = w.shape
+    row_group = jnp.zeros(k, jnp.int32) if group_size is None else perm // group_size
+    rows = tuple(
+        None if a is None else jnp.broadcast_to(a.astype(jnp.float32).T[row_group], (k, n))
+        for a in (scale, zero_point)
+    )  # fmt: skip
+    return stored, zero_point, exact, cast, rows
+
+
+@partial(
+    jax.jit,
+    static_argnames=("qtype", "group_size", "per_tensor", "scale_dtype", "clip_ratio",
+                     "double_quant", "damp", "block_size", "act_order", "static_groups", "mse"),
+)  # fmt: skip
+def _gptq_core(weight, hessian, *, qtype, group_size, per_tensor, scale_dtype, clip_ratio,
+               double_quant, damp, block_size, act_order, static_groups, mse):  # fmt: skip
+    """The traced GPTQ: the QArray (``axis=-2``, no activation) and the info arrays.
+
+    Rows are padded to whole blocks: a padded row is zero, has ``U_ii = 1`` and scale 1,
+    so it encodes exactly and passes nothing on; zeros change no group's scale either
+    (every range holds zero), so padding a short last group leaves its scale alone.
+    """
+    qt = qtypes.get(qtype)
+    k, n = weight.shape
+    h = hessian.astype(jnp.float32)
+    h = jnp.where(jnp.diag(jnp.diagonal(h) == 0), jnp.float32(1.0), h)  # dead inputs
+    perm = jnp.argsort(-jnp.diagonal(h), stable=True) if act_order else jnp.arange(k)
+    u, used_damp, factored = _factor(h[perm][:, perm], damp)
+    w = weight.astype(jnp.float32)
+    scale_args = (qt, group_size, per_tensor, scale_dtype, clip_ratio)
+
+    # One group needs no dynamic scale: no row of it is updated before its first row.
+    dynamic = not static_groups and _num_groups(k, group_size) > 1 and not per_tensor
+    # Dynamic groups: blocks of whole groups, so a group is fully updated before its scale.
+    block = group_size * max(1, block_size // group_size) if dynamic else min(block_size, k)
+    blocks = -(-k // block)
+    pad = blocks * block - k
+    wp = jnp.pad(w[perm], ((0, pad), (0, 0)))
+    u = jnp.pad(u, ((0, pad), (0, pad))) + jnp.diag(jnp.arange(k + pad) >= k).astype(u.dtype)
+    if not dynamic:
+        stored, zero_point, exact, cast, rows = _static_scales(
+            w, perm, *scale_args, double_quant, mse
+        )
+        s_rows, z_rows = (None if a is None else jnp.pad(a, ((0, pad), (0, 0)), constant_values=c)
+                          for a, c in zip(rows, (1.0, 0.0)))  # fmt: skip
+
+    def one_block(errors, i1):
+        # The block's rows after the updates of every earlier block (rows not yet rounded
+        # have zero error), then rounded one by one with updates inside the block.
+        u_cols = jax.lax.dynamic_slice_in_dim(u, i1, block, axis=1)  # (K + pad, block)
+        w1 = jax.lax.dynamic_slice_in_dim(wp, i1, block)
+        w1 = w1 - jnp.dot(u_cols.T, errors, precision=_HIGHEST)
+        u1 = jax.lax.dynamic_slice_in_dim(u_cols, i1, block)
+        carry = (w1, jnp.zeros((block, n), qt.code_dtype), jnp.zeros((block, n), jnp.float32))
+        if not dynamic:
+            s1, z1 = (None if a is None else jax.lax.dynamic_slice_in_dim(a, i1, block)
+                      for a in (s_rows, z_rows))  # fmt: skip
+            _, codes, errs = _round_rows(u1, s1, z1, qt, 0, block, carry)
+            return jax.lax.dynamic_update_slice_in_dim(errors, errs, i1, axis=0), (codes,)
+        found = []
+        for g1 in range(0, block, group_size):
+            s, z, e = _scales(carry[0][g1 : g1 + group_size].T, qt, None, False, scale_dtype,
+                              clip_ratio, mse)  # fmt: skip
+            found.append((s, z, e))
+            s1, z1 = (None if a is None else jnp.broadcast_to(a.astype(jnp.float32).T, (block, n))
+                      for a in (s, z))  # fmt: skip
+            carry = _round_rows(u1, s1, z1, qt, g1, g1 + group_size, carry)
+        _, codes, errs = carry
+        found = [None if parts[0] is None else jnp.concatenate(parts, axis=-1)
+                 for parts in zip(*found)]  # fmt: skip
+        return jax.lax.dynamic_update_slice_in_dim(errors, errs, i1, axis=0), (codes, *found)
+
+    errors = jnp.zeros((k + pad, n), jnp.float32)
+    _, (codes, *found) = jax.lax.scan(one_block, errors, jnp.arange(blocks) * block)
+    if dynamic:  # (blocks, N, groups per block) → (N, G)
+        groups = _num_groups(k, group_size)
+        stored, zero_point, exact = (
+            None if a is None else jnp.moveaxis(a, 0, 1).reshape(n, -1)[:, :groups]
+            for a in found
+        )  # fmt: skip
+        cast = stored
+    codes = codes.reshape(k + pad, n)[:k][jnp.argsort(perm)].T  # (N, K), original row order
+    q = from_codes(codes, stored, zero_point, qtype=qt, axis=-2, group_size=group_size,
+                   dtype=weight.dtype)  # fmt: skip
+    bad = ~jnp.isfinite(weight)
+    first = jnp.argmax(bad.reshape(-1)).astype(jnp.int32)
+    nonfinite = jnp.stack([jnp.sum(bad, dtype=jnp.int32), first // n, first % n])
+    # Arrays only, so that info leaves a jit; the scale dtype (for messages) is in a key.
+    info = {
+        "damp": used_damp, "factored": factored, "damp_requested": jnp.float32(damp),
+        "nonfinite": nonfinite,
+        SCALE_RANGE + np.dtype(scale_dtype).name: jnp.stack(
+            [p.astype(jnp.int32) for p in scale_range_problems(exact, cast)]
+        ),
+    }  # fmt: skip
+    return q, info
