@@ -5,10 +5,12 @@
     jquant eval MODEL [--recipe R] [--corpus pydoc-eval | --text FILE] [--seq-len 512]
                       [--max-tokens N] [--json]
     jquant generate MODEL [--recipe R] --prompt TEXT [--max-new-tokens N] [--json]
+    jquant quantize MODEL --recipe R [--calib CORPUS] [--calib-samples N] -o DIR [--overwrite]
     jquant compare MODEL --recipes a,b,c [--corpus ...] [--plot out.png] [--json]
 
 MODEL is a registry name (``smollm2-135m``), a local Hugging Face directory, a
-``.gguf`` file or a hub id.
+``.gguf`` file, a hub id, or a directory written by ``jquant quantize`` (loaded packed,
+without float weights).
 
 Every argument that can be checked without the model (numbers, recipes, the text, the
 plot's directory) is checked before the model loads; an error is one line,
@@ -18,10 +20,12 @@ plot's directory) is checked before the model loads; an error is one line,
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import os
 import sys
+import time
 
 
 def _int_at_least(low: int):
@@ -65,8 +69,9 @@ def _add_model_args(p: argparse.ArgumentParser, *, recipe: bool = True) -> None:
 
 def _add_memory_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch", type=_int_at_least(1), default=1, help="sequences served at once")
-    p.add_argument("--context", type=_int_at_least(1), default=4096,
-                   help="tokens per sequence in the cache")
+    p.add_argument(
+        "--context", type=_int_at_least(1), default=4096, help="tokens per sequence in the cache"
+    )
     p.add_argument("--kv-cache", default="bfloat16", help="KV cache format (bfloat16, int8, ...)")
 
 
@@ -74,10 +79,29 @@ def _add_eval_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--corpus", default="pydoc-eval", help="pydoc-eval, pydoc-calib or a file")
     p.add_argument("--text", help="a text file to evaluate on (overrides --corpus)")
     p.add_argument("--seq-len", type=_int_at_least(2), default=512, help="tokens per window")
-    p.add_argument("--max-tokens", type=_int_at_least(1), default=16384,
-                   help="tokens of the text to use (at least --seq-len)")
-    p.add_argument("--batch-size", type=_int_at_least(1), default=4,
-                   help="windows per forward pass")
+    p.add_argument(
+        "--max-tokens",
+        type=_int_at_least(1),
+        default=16384,
+        help="tokens of the text to use (at least --seq-len)",
+    )
+    p.add_argument(
+        "--batch-size", type=_int_at_least(1), default=4, help="windows per forward pass"
+    )
+
+
+def _add_calib_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--calib",
+        default="pydoc-calib",
+        help="calibration text for calibrated recipes: pydoc-calib or a file",
+    )
+    p.add_argument(
+        "--calib-samples", type=_int_at_least(1), default=128, help="calibration windows"
+    )
+    p.add_argument(
+        "--calib-seq-len", type=_int_at_least(2), default=512, help="tokens per calibration window"
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -108,11 +132,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-new-tokens", type=_int_at_least(1), default=64)
     p.add_argument("--temperature", type=_float_in(0.0), default=0.0, help="0 = greedy")
     p.add_argument("--top-k", type=_int_at_least(0), default=0, help="0 = off")
-    p.add_argument("--top-p", type=_float_in(0.0, 1.0, open_low=True), default=1.0,
-                   help="in (0, 1]; 1 = off")
+    p.add_argument(
+        "--top-p", type=_float_in(0.0, 1.0, open_low=True), default=1.0, help="in (0, 1]; 1 = off"
+    )
     p.add_argument("--raw", action="store_true", help="do not apply the chat template")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", action="store_true", help="print JSON")
+
+    p = sub.add_parser("quantize", help="quantize (calibrating if the recipe asks) and save packed")
+    _add_model_args(p, recipe=False)
+    p.add_argument("--recipe", required=True, help="shipped recipe name or YAML path")
+    _add_calib_args(p)
+    p.add_argument("-o", "--output", required=True, help="directory to write")
+    p.add_argument("--overwrite", action="store_true", help="replace a non-empty --output")
+    p.add_argument("--json", action="store_true", help="print the report as JSON")
 
     p = sub.add_parser("compare", help="one table: recipes vs float on quality, size, speed")
     _add_model_args(p, recipe=False)
@@ -122,8 +155,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="comma-separated recipe names or paths (float is always included)",
     )
     _add_eval_args(p)
-    p.add_argument("--decode-tokens", type=_int_at_least(0), default=32,
-                   help="new tokens for tokens/s (0 = skip decoding)")
+    _add_calib_args(p)
+    p.add_argument(
+        "--decode-tokens",
+        type=_int_at_least(0),
+        default=32,
+        help="new tokens for tokens/s (0 = skip decoding)",
+    )
     p.add_argument("--plot", help="write perplexity vs weight size to this PNG")
     p.add_argument("--json", action="store_true", help="print JSON")
     return parser
@@ -148,11 +186,13 @@ def _cmd_inspect(args) -> int:
 
     recipe = _recipe(args.recipe)
     if args.kv_cache not in KV_FORMATS:
-        raise ValueError(f"--kv-cache {args.kv_cache!r} is unknown; use one of "
-                         f"{', '.join(KV_FORMATS)}")
+        raise ValueError(
+            f"--kv-cache {args.kv_cache!r} is unknown; use one of {', '.join(KV_FORMATS)}"
+        )
     _, params, _, config = _load(args)
     rows = None
     if recipe is not None:
+        _check_not_quantized(params, recipe)
         params, rows = quantize(params, recipe, report=True)
     report = memory_report(
         params, batch=args.batch, context=args.context, kv_cache=args.kv_cache, config=config
@@ -192,8 +232,10 @@ def _text(args) -> str:
     from jquant.eval import load_corpus
 
     if args.max_tokens < args.seq_len:
-        raise ValueError(f"--max-tokens {args.max_tokens} is less than --seq-len "
-                         f"{args.seq_len}: not one window fits")
+        raise ValueError(
+            f"--max-tokens {args.max_tokens} is less than --seq-len "
+            f"{args.seq_len}: not one window fits"
+        )
     if args.text:
         try:
             with open(args.text, encoding="utf-8") as f:
@@ -208,7 +250,90 @@ def _text(args) -> str:
 def _quantized(params, recipe):
     from jquant.transform import quantize
 
-    return params if recipe is None else quantize(params, recipe)
+    if recipe is None:
+        return params
+    _check_not_quantized(params, recipe)
+    return quantize(params, recipe)
+
+
+def _check_not_quantized(params, recipe) -> None:
+    import jax
+
+    if any(_is_qarray(x) for x in jax.tree.leaves(params, is_leaf=_is_qarray)):
+        raise ValueError(
+            f"the model is already quantized (a jquant quantize checkpoint); "
+            f"drop --recipe {recipe.name}"
+        )
+
+
+def _is_qarray(x) -> bool:
+    from jquant.qarray import QArray
+
+    return isinstance(x, QArray)
+
+
+def _check_calib(args) -> None:
+    """Fails early on a calibration corpus that does not exist."""
+    from jquant.eval import load_corpus
+
+    load_corpus(args.calib)
+
+
+def _calibrated(model, params, tokenizer, recipe, args, tokens_cache: dict, *, progress: bool):
+    """``(qparams, report dict)``: calibrated when the recipe asks, else plain quantize."""
+    from jquant import calib
+    from jquant.transform import quantize
+
+    if not calib.needs_calibration(recipe):
+        start = time.perf_counter()
+        qparams, rows = quantize(params, recipe, report=True)
+        report = {"seconds": time.perf_counter() - start, "calibrated": False,
+                  "rows": [dataclasses.asdict(r) for r in rows]}  # fmt: skip
+        return qparams, report
+    if tokenizer is None:
+        raise ValueError(
+            f"recipe {recipe.name!r} needs calibration text, and the model has "
+            "no tokenizer to encode it"
+        )
+    if "tokens" not in tokens_cache:
+        tokens_cache["tokens"] = calib.calibration_tokens(
+            tokenizer, args.calib, samples=args.calib_samples, seq_len=args.calib_seq_len
+        )
+    qparams, report = calib.quantize_model(model, params, recipe, tokens_cache["tokens"],
+                                           progress=progress)  # fmt: skip
+    return qparams, {"calibrated": True, "corpus": args.calib, **report.to_dict()}
+
+
+def _cmd_quantize(args) -> int:
+    from jquant.io.packed import check_output_directory, save_packed
+
+    recipe = _recipe(args.recipe)
+    if recipe is None:
+        raise ValueError("--recipe float quantizes nothing; name a recipe")
+    check_output_directory(args.output, overwrite=args.overwrite)
+    _check_calib(args)
+    model, params, tokenizer, config = _load(args)
+    qparams, report = _calibrated(model, params, tokenizer, recipe, args, {},
+                                  progress=not args.json)  # fmt: skip
+    weight_bytes, bits, q_bits = _weights(qparams)
+    report.update(
+        weight_bytes=weight_bytes,
+        bits_per_weight=bits,
+        quantized_bits_per_weight=q_bits,
+        recipe=recipe.name,
+        model=args.model,
+    )
+    path = save_packed(args.output, config=config, params=qparams, tokenizer=tokenizer,
+                       recipe=recipe, report=report, overwrite=args.overwrite)  # fmt: skip
+    if args.json:
+        print(json.dumps({k: v for k, v in report.items() if k != "rows"}, indent=2))
+    else:
+        print(
+            f"{args.model} [{recipe.name}] -> {path}: weights {weight_bytes / 1e6:.2f} MB, "
+            f"{bits:.3f} bits/weight ({q_bits or 0:.3f} in the quantized tensors), "
+            f"quantized in {report['seconds']:.1f} s"
+        )
+    return 0
 
 
 def _weights(params) -> tuple[int, float, float | None]:
@@ -245,11 +370,18 @@ def _cmd_eval(args) -> int:
         print(json.dumps(out))
     else:
         print(
-            f"{args.model} [{args.recipe or 'float'}]: perplexity {out['perplexity']:.3f} over "
+            f"{args.model} [{args.recipe or _label(args.model)}]: perplexity "
+            f"{out['perplexity']:.3f} over "
             f"{out['tokens']} tokens (seq_len {args.seq_len}); weights "
             f"{out['weight_bytes'] / 1e6:.2f} MB, {out['bits_per_weight']:.3f} bits/weight"
         )
     return 0
+
+
+def _label(model: str) -> str:
+    from jquant.io.packed import is_packed
+
+    return "packed" if os.path.isdir(model) and is_packed(model) else "float"
 
 
 def _prompt_ids(tokenizer, prompt: str, raw: bool) -> list[int]:
@@ -310,19 +442,40 @@ def _cmd_compare(args) -> int:
     if args.plot:
         _check_plot_path(args.plot)
     text = _text(args)
+    _check_calib(args)
     model, params, tokenizer, _ = _load(args)
-    rows = []
-    for name, recipe in zip(names, recipes):
-        qparams = _quantized(params, recipe)
-        row = {"recipe": name, **_evaluate(model, qparams, tokenizer, text, args,
-                                           progress=False)}  # fmt: skip
+    rows, tokens_cache = [], {}
+
+    def say(message: str) -> None:
+        if not args.json:
+            print(message, file=sys.stderr, flush=True)
+
+    for i, (name, recipe) in enumerate(zip(names, recipes), 1):
+        start = time.perf_counter()
+        seconds = None
+        if recipe is None:
+            qparams = params
+        else:
+            say(f"[{i}/{len(names)}] {name}: quantizing")
+            qparams, report = _calibrated(model, params, tokenizer, recipe, args, tokens_cache,
+                                          progress=not args.json)  # fmt: skip
+            seconds = report["seconds"]
+        say(f"[{i}/{len(names)}] {name}: perplexity")
+        row = {"recipe": name, "quantize_seconds": seconds,
+               **_evaluate(model, qparams, tokenizer, text, args,
+                           progress=not args.json)}  # fmt: skip
+        if args.decode_tokens > 0:
+            say(f"[{i}/{len(names)}] {name}: decoding {args.decode_tokens} tokens")
         row["decode_tokens_per_second"] = (
             _decode_speed(model, qparams, tokenizer, args.decode_tokens)
-            if args.decode_tokens > 0 else None
+            if args.decode_tokens > 0
+            else None
         )
         rows.append(row)
-        if not args.json:
-            print(f"  {name}: perplexity {row['perplexity']:.3f}", file=sys.stderr)
+        say(
+            f"[{i}/{len(names)}] {name}: perplexity {row['perplexity']:.3f} "
+            f"({time.perf_counter() - start:.0f} s)"
+        )
     base = rows[0]["perplexity"]
     for row in rows:
         row["delta_percent"] = 100.0 * (row["perplexity"] / base - 1.0)
@@ -370,8 +523,10 @@ def _check_plot_path(path: str) -> None:
     ext = os.path.splitext(path)[1].lstrip(".").lower()
     supported = matplotlib.figure.Figure().canvas.get_supported_filetypes()
     if ext and ext not in supported:
-        raise ValueError(f"--plot {path!r}: unknown image type {ext!r}; use one of "
-                         f"{', '.join(sorted(supported))}")
+        raise ValueError(
+            f"--plot {path!r}: unknown image type {ext!r}; use one of "
+            f"{', '.join(sorted(supported))}"
+        )
 
 
 def _plot(rows: list[dict], path: str, *, title: str) -> None:
@@ -397,8 +552,14 @@ def _plot(rows: list[dict], path: str, *, title: str) -> None:
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``jquant`` command; returns the exit status."""
     args = build_parser().parse_args(argv)
-    handlers = {"recipes": _cmd_recipes, "inspect": _cmd_inspect, "eval": _cmd_eval,
-                "generate": _cmd_generate, "compare": _cmd_compare}
+    handlers = {
+        "recipes": _cmd_recipes,
+        "inspect": _cmd_inspect,
+        "eval": _cmd_eval,
+        "generate": _cmd_generate,
+        "quantize": _cmd_quantize,
+        "compare": _cmd_compare,
+    }
     try:
         return handlers[args.command](args)
     except (ValueError, OSError) as e:  # bad input, missing files, failed downloads

@@ -232,9 +232,9 @@ def _fold_scales(fold: Fold, kind: str, settings: dict, weights, rules, calib):
     grid = int(settings.get("grid", 20))
     key = ("awq", grid, fold.repeat, tuple(repr(r) for r in rules))
     if key not in _SEARCHES:
-        expand = fold.expand if fold.repeat is not None else None
+        maps = {"expand": fold.expand, "reduce": fold.reduce} if fold.repeat else {}
         _SEARCHES[key] = jax.jit(
-            lambda ws, c: awq.search_scales(ws, rules, c, grid=grid, expand=expand)
+            lambda ws, c: awq.search_scales(ws, rules, c, grid=grid, **maps)
         )
     return _SEARCHES[key](weights, calib)
 
@@ -385,8 +385,9 @@ def _collect(prefix: str, plan, results, rows: list[LayerRow], new: dict) -> flo
             continue
         path = prefix + rel
         q, info, (out_err, w_err) = results[rel]
-        info = {k: np.asarray(v).item() for k, v in jax.device_get(info).items()}
+        info = {k: np.asarray(v) for k, v in jax.device_get(info).items()}
         algorithms.check_info(rule.algorithm, path, info)
+        info = {k: v.item() for k, v in info.items() if v.size == 1}
         new[path] = q
         out_err, w_err = float(out_err), float(w_err)
         worst = max(worst, out_err)

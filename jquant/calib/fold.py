@@ -22,6 +22,8 @@ import dataclasses
 import jax.numpy as jnp
 from flax import nnx
 
+from jquant.algorithms import awq
+
 
 @dataclasses.dataclass(frozen=True)
 class Fold:
@@ -45,18 +47,11 @@ class Fold:
 
     def expand(self, s):
         """The consumers' input scale ``(K,)`` of a scale over the source's channels."""
-        if self.repeat is None:
-            return s
-        kv, group, head_dim = self.repeat
-        s = jnp.reshape(s, (kv, 1, head_dim))
-        return jnp.broadcast_to(s, (kv, group, head_dim)).reshape(-1)
+        return s if self.repeat is None else awq.expand_kv_scales(s, *self.repeat)
 
     def reduce(self, v):
         """The mean over the copies of each source channel of a ``(K,)`` input statistic."""
-        if self.repeat is None:
-            return v
-        kv, group, head_dim = self.repeat
-        return jnp.mean(jnp.reshape(v, (kv, group, head_dim)), axis=1).reshape(-1)
+        return v if self.repeat is None else awq.reduce_kv_channels(v, *self.repeat)
 
 
 def llama_folds(config) -> tuple[Fold, ...]:

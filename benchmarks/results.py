@@ -1,0 +1,140 @@
+"""The quality table of docs/results.md: every recipe quantized, saved, reloaded, evaluated.
+
+    python benchmarks/results.py --out docs/results.json --plot docs/results.png
+
+For each recipe: ``jquant quantize smollm2-135m --recipe R -o DIR`` in a child process
+(calibrating on `pydoc-calib` where the recipe asks: 128 windows of 512 tokens), timed with
+its peak memory (benchmarks/quantize_time.py); then ``jquant eval DIR`` (the packed
+checkpoint, loaded without float weights) on each evaluation text: perplexity over the
+first 16,384 tokens in windows of 512 (docs/evaluation.md). The float row evaluates the
+model itself. Rows already in ``--out`` are kept and not run again, so an interrupted run
+resumes. llama.cpp's points (its quantizations of the same float weights, measured on the
+same text and windows) are drawn on the plot as given in docs/results.md. It prints the
+Markdown table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+HERE = Path(__file__).parent
+RECIPES = ("w8a16,fp8,w8a8-smoothquant,w4a16-rtn-g128,w4a16-rtn-g64,w4a16-gptq-g128,"
+           "w4a16-gptq-g64,w4a16-awq-g128,w4a16-hqq-g64,nf4,w3a16-gptq-g64")  # fmt: skip
+TEXTS = ("pydoc-eval", "python-code")
+# llama.cpp on SmolLM2-135M, same text and windows: (name, GGUF file MB, Δ perplexity %).
+LLAMA_CPP = (("Q8_0", 144.8, 0.5), ("Q6_K", 138.4, 1.2), ("Q4_K_M", 105.5, 8.0),
+             ("Q3_K_M", 93.5, 13.3), ("Q4_0", 91.7, 23.5), ("Q2_K", 88.2, 40.2))  # fmt: skip
+
+
+def _quantize_time():
+    spec = importlib.util.spec_from_file_location("quantize_time", HERE / "quantize_time.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def evaluate(model: str, text: str, *, recipe: str | None = None) -> float:
+    cmd = [sys.executable, "-m", "jquant.cli", "eval", model, "--corpus", text, "--json"]
+    if recipe:
+        cmd += ["--recipe", recipe]
+    out = subprocess.run(cmd, check=True, stdout=subprocess.PIPE, text=True).stdout
+    return json.loads(out)["perplexity"]
+
+
+def run_row(model: str, recipe: str, texts, tmp: Path) -> dict:
+    if recipe == "float":
+        row = {"recipe": "float", "quantize_seconds": None, "peak_rss_mib": None}
+        target = model
+        info = json.loads(subprocess.run(
+            [sys.executable, "-m", "jquant.cli", "eval", model, "--json", "--max-tokens", "512"],
+            check=True, stdout=subprocess.PIPE, text=True).stdout)  # fmt: skip
+        row.update(weight_bytes=info["weight_bytes"], bits_per_weight=info["bits_per_weight"],
+                   quantized_bits_per_weight=None)
+    else:
+        target = tmp / "q"
+        row = _quantize_time().run_quantize(model, recipe, target)
+    row["perplexity"] = {t: evaluate(str(target), t) for t in texts}
+    return row
+
+
+def format_table(rows: list[dict], texts) -> str:
+    base = next(r for r in rows if r["recipe"] == "float")["perplexity"]
+    head = "| recipe | bits/w quantized | bits/w all | model MB |"
+    head += "".join(f" {t} | Δ |" for t in texts) + " quantize s | peak RSS MiB |"
+    lines = [head, "|---" + "|---:" * (3 + 2 * len(texts) + 2) + "|"]
+    for r in rows:
+        q = r["quantized_bits_per_weight"]
+        cells = [r["recipe"], "-" if q is None else f"{q:.3f}", f"{r['bits_per_weight']:.2f}",
+                 f"{r['weight_bytes'] / 1e6:.1f}"]  # fmt: skip
+        for t in texts:
+            ppl = r["perplexity"][t]
+            cells += [f"{ppl:.3f}", f"{100 * (ppl / base[t] - 1):+.1f}%"]
+        cells += ["-" if r["quantize_seconds"] is None else f"{r['quantize_seconds']:.0f}",
+                  "-" if r["peak_rss_mib"] is None else f"{r['peak_rss_mib']:.0f}"]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def plot(rows: list[dict], path: str, text: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    base = next(r for r in rows if r["recipe"] == "float")["perplexity"][text]
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for r in rows:
+        mb, ppl = r["weight_bytes"] / 1e6, r["perplexity"][text]
+        ax.scatter(mb, ppl, color="tab:blue")
+        ax.annotate(r["recipe"], (mb, ppl), textcoords="offset points", xytext=(4, 3),
+                    fontsize=7)  # fmt: skip
+    for name, mb, delta in LLAMA_CPP:
+        ppl = base * (1 + delta / 100)
+        ax.scatter(mb, ppl, color="tab:red", marker="x")
+        ax.annotate(f"llama.cpp {name}", (mb, ppl), textcoords="offset points",
+                    xytext=(4, -9), fontsize=7, color="tab:red")  # fmt: skip
+    ax.set_xlabel("model bytes (MB; jquant: all weights, embeddings included)")
+    ax.set_ylabel(f"perplexity on {text} (lower is better)")
+    ax.set_title("SmolLM2-135M: quality against size")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", default="smollm2-135m")
+    p.add_argument("--recipes", default=RECIPES, help="comma-separated (float is added)")
+    p.add_argument("--texts", default=",".join(TEXTS))
+    p.add_argument("--out", default="docs/results.json", help="rows (JSON); resumed from")
+    p.add_argument("--plot", help="write perplexity vs model bytes here (PNG)")
+    args = p.parse_args(argv)
+    texts = [t for t in args.texts.split(",") if t]
+    names = ["float"] + [r for r in args.recipes.split(",") if r and r != "float"]
+    out = Path(args.out)
+    done = {r["recipe"]: r for r in json.loads(out.read_text())} if out.exists() else {}
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for name in names:
+            row = done.get(name)
+            if row is None or set(row["perplexity"]) != set(texts):
+                print(f"== {name}", file=sys.stderr, flush=True)
+                row = run_row(args.model, name, texts, Path(tmp))
+            rows.append(row)
+            out.write_text(json.dumps(rows + [r for n, r in done.items() if n not in names],
+                                      indent=2) + "\n")  # fmt: skip
+    print(format_table(rows, texts))
+    if args.plot:
+        plot(rows, args.plot, texts[0])
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,98 @@
+"""`jquant quantize`: calibrate, write a packed checkpoint, and use it from every command."""
+
+import json
+
+import numpy as np
+import pytest
+
+from jquant import calib, models
+from jquant.cli import main
+from jquant.eval import perplexity
+from jquant.io.packed import is_packed
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory, tiny):
+    path = tmp_path_factory.mktemp("model") / "tiny.gguf"
+    tiny.write_gguf(path, tiny.tensors(tied=True))
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def text_file(tmp_path_factory):
+    path = tmp_path_factory.mktemp("text") / "t.txt"
+    words = " ".join(f"word{i % 37} and {i % 11}, then" for i in range(300))
+    path.write_text(words)
+    return str(path)
+
+
+CALIB = ["--calib-samples", "4", "--calib-seq-len", "16"]
+
+
+def test_quantize_writes_a_checkpoint_that_every_command_reads(
+    capsys, tiny_model, text_file, tmp_path
+):
+    out = tmp_path / "q"
+    argv = ["quantize", tiny_model, "--recipe", "w4a16-gptq-g64", "--calib", text_file, *CALIB,
+            "-o", str(out), "--json"]  # fmt: skip
+    assert main(argv) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert is_packed(out) and report["calibrated"] and report["samples"] == 4
+    assert 4.0 < report["quantized_bits_per_weight"] < 4.6
+    saved = json.loads((out / "report.json").read_text())
+    assert len(saved["rows"]) == 7 * 2 and all(r["algorithm"] == "gptq" for r in saved["rows"])
+
+    # The checkpoint evaluates exactly as the same calibration run in this process.
+    model, params, tok = models.load(tiny_model)
+    tokens = calib.calibration_tokens(tok, text_file, samples=4, seq_len=16)
+    qparams, _ = calib.quantize_model(model, params, "w4a16-gptq-g64", tokens, progress=False)
+    want = perplexity(model, qparams, open(text_file).read(), tokenizer=tok, seq_len=16,
+                      max_tokens=64, progress=False).perplexity  # fmt: skip
+    eval_args = ["eval", str(out), "--text", text_file, "--seq-len", "16", "--max-tokens", "64"]
+    assert main([*eval_args, "--json"]) == 0
+    got = json.loads(capsys.readouterr().out)
+    assert got["perplexity"] == pytest.approx(want, rel=1e-6)
+    assert main(["generate", str(out), "--prompt", "word1", "--max-new-tokens", "3",
+                 "--json"]) == 0  # fmt: skip
+    assert len(json.loads(capsys.readouterr().out)["tokens"]) >= 1
+    assert main(["inspect", str(out), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["weight_bytes"] == report["weight_bytes"]
+
+
+def test_a_quantized_checkpoint_refuses_a_second_recipe(capsys, tiny_model, tmp_path):
+    out = tmp_path / "q"
+    assert main(["quantize", tiny_model, "--recipe", "w8a16", "-o", str(out)]) == 0
+    capsys.readouterr()
+    assert main(["eval", str(out), "--recipe", "w4a16-rtn-g64"]) == 2
+    assert "already quantized" in capsys.readouterr().err
+
+
+def test_existing_output_is_refused_before_the_model_loads(capsys, monkeypatch, tmp_path):
+    import jquant.cli as cli
+
+    monkeypatch.setattr(cli, "_load", lambda args: pytest.fail("the model was loaded"))
+    out = tmp_path / "full"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    assert main(["quantize", "m", "--recipe", "w8a16", "-o", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "not empty" in err and "--overwrite" in err
+    assert (out / "keep.txt").read_text() == "mine"
+
+
+def test_too_short_calibration_text_leaves_no_directory(capsys, tiny_model, text_file, tmp_path):
+    out = tmp_path / "q"
+    argv = ["quantize", tiny_model, "--recipe", "w4a16-gptq-g64", "--calib", text_file,
+            "--calib-samples", "5000", "--calib-seq-len", "64", "-o", str(out)]  # fmt: skip
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "too short for 5000 calibration samples" in err
+    assert not out.exists()
+
+
+def test_calibrated_algorithm_without_calibration_is_one_clear_error():
+    import jquant
+
+    params = {"dense": {"kernel": np.ones((64, 8), np.float32)}}
+    with pytest.raises(ValueError, match="gptq needs calibration"):
+        jquant.quantize(params, "w4a16-gptq-g64")
