@@ -323,15 +323,20 @@ def _quantize_core(w, clip_ratio, *, qtype, axis, group_size, per_tensor, scale_
     ])  # fmt: skip
     stored_scale = scale
     if double_quant:
-        codes, step, offset = double_quantize(scale)
-        stored_scale = QArray(
-            qvalue=codes, scale=step, zero_point=offset, qtype="uint8", k=scale.shape[-2],
-            axis=-2, group_size=SCALE_BLOCK, dtype=np.dtype(scale.dtype),
-        )  # fmt: skip
+        stored_scale = double_quantized_scale(scale)
         # Encode against the scales actually kept, so dequantize() is the best fit to them.
         scale = stored_scale.dequantize(jnp.float32)
     codes = encode_groups(w_t, scale, zero_point, qt, group)
     return pack(codes, qt, group_size), stored_scale, zero_point, problems
+
+
+def double_quantized_scale(scale) -> QArray:
+    """Scales ``(..., N, G)`` stored as a uint8 QArray (see ``_scales.double_quantize``)."""
+    codes, step, offset = double_quantize(scale)
+    return QArray(
+        qvalue=codes, scale=step, zero_point=offset, qtype="uint8", k=scale.shape[-2],
+        axis=-2, group_size=SCALE_BLOCK, dtype=np.dtype(scale.dtype),
+    )  # fmt: skip
 
 
 def from_codes(

@@ -53,7 +53,7 @@ import numpy as np
 
 from jquant import qtypes
 from jquant._checks import raise_scale_range
-from jquant._scales import SCALE_BLOCK, double_quantize, scale_range_problems
+from jquant._scales import scale_range_problems
 from jquant.algorithms import register
 from jquant.algorithms.rtn import clip_search_settings, search_clip_ratios
 from jquant.qarray import (
@@ -62,6 +62,7 @@ from jquant.qarray import (
     _num_groups,
     check_float_weight,
     compute_scale,
+    double_quantized_scale,
     encode_groups,
     from_codes,
 )
@@ -340,11 +341,7 @@ def _static_scales(w, perm, qt, group_size, per_tensor, scale_dtype, clip_ratio,
                                        clip_ratio, mse)  # fmt: skip
     cast = stored = scale
     if double_quant:  # as quantize_array: encode against the scales actually kept
-        dq_codes, step, offset = double_quantize(scale)
-        stored = QArray(
-            qvalue=dq_codes, scale=step, zero_point=offset, qtype="uint8", k=scale.shape[-2],
-            axis=-2, group_size=SCALE_BLOCK, dtype=np.dtype(scale.dtype),
-        )  # fmt: skip
+        stored = double_quantized_scale(scale)
         scale = stored.dequantize(jnp.float32)
     k, n = w.shape
     row_group = jnp.zeros(k, jnp.int32) if group_size is None else perm // group_size
