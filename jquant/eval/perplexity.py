@@ -6,6 +6,13 @@ Tokenize the text as it is (no BOS added), cut non-overlapping windows of ``seq_
 ``exp`` of that mean. Every window starts from an empty context, so windows are independent
 and batch freely. Reference: Hugging Face transformers, float32, SmolLM2-135M-Instruct on
 `pydoc-eval`, first 16,384 tokens, ``seq_len`` 512 (32 windows): 13.413.
+
+A jquant `Llama` runs stage by stage (`jquant.models.blocks`): the embedding, one program
+per decoder layer, and one program for the final norm, the head and the NLL, so the
+``(B, S, V)`` logits never leave the program that reduces them. Decoder layers of one
+structure share a compilation, so a model compiles in about the time of one layer, and a
+second recipe with the same layer formats (or the same recipe on another model of the same
+shapes) compiles nothing new. Any other model runs as one whole-model program.
 """
 
 from __future__ import annotations
@@ -21,7 +28,8 @@ import numpy as np
 from flax import nnx
 from tqdm.auto import tqdm
 
-from jquant.models.llama import graphdef_of
+from jquant.models import blocks
+from jquant.models.llama import Llama, graphdef_of
 
 
 @dataclasses.dataclass(frozen=True)
@@ -66,14 +74,50 @@ def cut_windows(ids: Sequence[int], seq_len: int, max_tokens: int | None = None)
     return ids[: n * seq_len].reshape(n, seq_len)
 
 
+def _summed_nll(logits, windows):
+    """Summed NLL (float32) of tokens 1.. of each window ``(B, S)`` → ``(B,)``."""
+    logits = logits[:, :-1].astype(jnp.float32)
+    picked = jnp.take_along_axis(logits, windows[:, 1:, None], axis=-1)[..., 0]
+    return jnp.sum(jax.nn.logsumexp(logits, axis=-1) - picked, axis=-1)
+
+
 @functools.partial(jax.jit, static_argnames=("graphdef",))
 def _window_nll(graphdef, params, windows):
-    """Summed NLL (float32) of tokens 1.. of each window ``(B, S)`` → ``(B,)``."""
+    """The whole model and the NLL as one program (models `blocks` does not know)."""
     logits, _ = nnx.merge(graphdef, params)(windows)
-    logits = logits[:, :-1].astype(jnp.float32)
-    target = windows[:, 1:]
-    picked = jnp.take_along_axis(logits, target[..., None], axis=-1)[..., 0]
-    return jnp.sum(jax.nn.logsumexp(logits, axis=-1) - picked, axis=-1)
+    return _summed_nll(logits, windows)
+
+
+@functools.partial(jax.jit, static_argnames=("norm_graphdef", "tied"))
+def _head_nll(norm_graphdef, norm_params, head_params, x, windows, *, tied):
+    # blocks' own head program, inlined here so that its logits are reduced in this program.
+    logits = blocks._head_jit(norm_graphdef, norm_params, head_params, x, tied=tied)
+    return _summed_nll(logits, windows)
+
+
+def _nll_step(model, params: nnx.State):
+    """``windows (B, S) → summed NLL (B,)`` for ``model`` with ``params``.
+
+    Stage by stage for a jquant `Llama` (exactly, not a subclass, which may change
+    ``__call__``); the whole-model program for anything else.
+    """
+    module = nnx.merge(model, params) if isinstance(model, nnx.GraphDef) else model
+    if type(module) is not Llama:
+        graphdef = graphdef_of(model)
+        return lambda windows: _window_nll(graphdef, params, windows)
+    layer = blocks.layer_graphdef(module)
+    layers = [blocks.layer_params(params, i) for i in range(module.config.num_layers)]
+    tied = module.config.tie_word_embeddings
+    head_params = params["embed_tokens"] if tied else params["lm_head"]
+    norm = nnx.graphdef(module.norm)
+
+    def step(windows):
+        x, ctx = blocks.embed(module, params, windows)
+        for state in layers:
+            x = blocks.run_layer(layer, state, x, ctx)
+        return _head_nll(norm, params["norm"], head_params, x, windows, tied=tied)
+
+    return step
 
 
 def perplexity(
@@ -90,7 +134,8 @@ def perplexity(
     """Perplexity of a model on a text (see the module docstring for the definition).
 
     Args:
-      model: a `Llama` module or its GraphDef.
+      model: a `Llama` module or its GraphDef (run stage by stage), or another NNX module
+        (or GraphDef) called as ``model(tokens) -> (logits, cache)`` (run as one program).
       params: its parameter State, float or quantized.
       text: the text, or its token ids already.
       tokenizer: encodes ``text`` (``encode(text, add_special_tokens=False)``); not needed
@@ -118,11 +163,11 @@ def perplexity(
     batch_size = min(batch_size, n)
     padded = np.zeros((-(-n // batch_size) * batch_size, seq_len), np.int32)
     padded[:n] = windows
-    graphdef = graphdef_of(model)
+    step = _nll_step(model, params)
     total = 0.0
     for start in tqdm(range(0, n, batch_size), desc="perplexity", unit="batch",
                       disable=not progress):  # fmt: skip
-        nll = _window_nll(graphdef, params, jnp.asarray(padded[start : start + batch_size]))
+        nll = step(jnp.asarray(padded[start : start + batch_size]))
         total += float(np.asarray(nll, np.float64)[: n - start].sum())
     scored = n * (seq_len - 1)
     mean = total / scored

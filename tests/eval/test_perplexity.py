@@ -1,5 +1,6 @@
 """Perplexity: the project's definition, checked on hand-made cases."""
 
+import dataclasses
 import math
 
 import jax
@@ -9,7 +10,10 @@ import pytest
 from flax import nnx
 
 from jquant.eval import cut_windows, perplexity
-from jquant.models import LlamaConfig, forward, init_model
+from jquant.eval.perplexity import _head_nll, _window_nll
+from jquant.models import Llama, LlamaConfig, blocks, forward, init_model
+from jquant.recipe import Recipe
+from jquant.transform import quantize
 
 CONFIG = LlamaConfig(vocab_size=50, hidden_size=32, intermediate_size=64, num_layers=1,
                      num_heads=2, num_kv_heads=1, max_position_embeddings=64)  # fmt: skip
@@ -71,3 +75,76 @@ def test_text_is_tokenized_without_special_tokens(tiny):
     assert by_text == by_ids
     with pytest.raises(ValueError, match="needs a tokenizer"):
         perplexity(model, params, text, seq_len=8)
+
+
+# Two layers, so that running layer 0's weights twice (or skipping a layer) changes the result.
+DEEP = LlamaConfig(vocab_size=50, hidden_size=32, intermediate_size=64, num_layers=2,
+                   num_heads=2, num_kv_heads=1, max_position_embeddings=64)  # fmt: skip
+INT8 = Recipe.from_dict({"name": "t", "rules": [{"pattern": "_proj/kernel$", "weight": "int8"}]})
+
+
+def _ids(n, seed=1):
+    return np.asarray(jax.random.randint(jax.random.key(seed), (n,), 0, 50), np.int32)
+
+
+def _whole_model_nll(model, params, ids, seq_len):
+    """The definition on `forward`'s logits (the unrolled model, one program)."""
+    windows = cut_windows(ids, seq_len)
+    logits = np.asarray(forward(model, params, jnp.asarray(windows))[0], np.float64)[:, :-1]
+    logp = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
+    picked = np.take_along_axis(logp, windows[:, 1:, None], axis=-1)
+    return -picked.mean()
+
+
+@pytest.mark.parametrize("tied", [False, True])
+@pytest.mark.parametrize("recipe", [None, INT8], ids=["float", "int8"])
+def test_stage_by_stage_equals_the_whole_model(tied, recipe):
+    model = init_model(dataclasses.replace(DEEP, tie_word_embeddings=tied), seed=1)
+    params = nnx.state(model)
+    params = params if recipe is None else quantize(params, recipe)
+    ids = _ids(48)
+    expected = _whole_model_nll(model, params, ids, seq_len=8)
+    for m in (model, nnx.graphdef(model)):  # a module or its GraphDef
+        got = perplexity(m, params, ids, seq_len=8, batch_size=4, progress=False)
+        assert got.nll == pytest.approx(expected, rel=1e-5)
+
+
+def test_layers_of_one_structure_compile_once():
+    # seq_len 9 appears in no other test, so every program here is new to the jit caches.
+    programs = (blocks.run_layer, _head_nll, _window_nll)
+    config = dataclasses.replace(DEEP, num_layers=3)
+    model, other = init_model(config, seed=0), init_model(config, seed=1)
+    ids = _ids(36)
+
+    def compiled(m, params):
+        before = [f._cache_size() for f in programs]
+        perplexity(m, params, ids, seq_len=9, progress=False)
+        return [f._cache_size() - b for f, b in zip(programs, before, strict=True)]
+
+    # Three float layers: one layer program, one head, no whole-model program.
+    assert compiled(model, nnx.state(model)) == [1, 1, 0]
+    # Another model of the same shapes, and then an int8 recipe: only the new layer format.
+    assert compiled(other, nnx.state(other)) == [0, 0, 0]
+    assert compiled(model, quantize(nnx.state(model), INT8)) == [1, 0, 0]
+
+
+def test_other_models_run_their_own_call():
+    class Uniform(Llama):
+        """Changes ``__call__`` (zero logits): the stages of `blocks` would not compute it."""
+
+        def __call__(self, tokens, *args, **kwargs):
+            logits, cache = super().__call__(tokens, *args, **kwargs)
+            return jnp.zeros_like(logits), cache
+
+    model = Uniform(DEEP, rngs=nnx.Rngs(0))
+    result = perplexity(model, nnx.state(model), _ids(24), seq_len=8, progress=False)
+    assert result.perplexity == pytest.approx(DEEP.vocab_size, rel=1e-5)
+
+
+def test_progress_shows_a_bar(tiny, capsys):
+    model, params = tiny
+    perplexity(model, params, list(range(40)), seq_len=8, batch_size=2, progress=True)
+    err = capsys.readouterr().err
+    assert "perplexity" in err and "3/3" in err
+    perplexity(model, params, list(range(40)), seq_len=8, batch_size=2, progress=False)
+    assert capsys.readouterr().err == ""
