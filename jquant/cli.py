@@ -76,7 +76,9 @@ def _add_memory_args(p: argparse.ArgumentParser) -> None:
 
 
 def _add_eval_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--corpus", default="pydoc-eval", help="pydoc-eval, pydoc-calib or a file")
+    p.add_argument(
+        "--corpus", default="pydoc-eval", help="pydoc-eval, python-code, pydoc-calib or a file"
+    )
     p.add_argument("--text", help="a text file to evaluate on (overrides --corpus)")
     p.add_argument("--seq-len", type=_int_at_least(2), default=512, help="tokens per window")
     p.add_argument(
