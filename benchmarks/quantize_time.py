@@ -68,8 +68,12 @@ def main(argv=None) -> int:
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for recipe in [r.strip() for r in args.recipes.split(",") if r.strip()]:
-            row = run_quantize(args.model, recipe, Path(tmp) / "q",
-                               extra=("--calib-samples", str(args.calib_samples)))
+            row = run_quantize(
+                args.model,
+                recipe,
+                Path(tmp) / "q",
+                extra=("--calib-samples", str(args.calib_samples)),
+            )
             rows.append(row)
             print(f"{recipe}: {row['quantize_seconds']:.0f} s, peak {row['peak_rss_mib']:.0f} "
                   "MiB", file=sys.stderr, flush=True)  # fmt: skip

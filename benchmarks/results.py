@@ -54,8 +54,11 @@ def run_row(model: str, recipe: str, texts, tmp: Path) -> dict:
         info = json.loads(subprocess.run(
             [sys.executable, "-m", "jquant.cli", "eval", model, "--json", "--max-tokens", "512"],
             check=True, stdout=subprocess.PIPE, text=True).stdout)  # fmt: skip
-        row.update(weight_bytes=info["weight_bytes"], bits_per_weight=info["bits_per_weight"],
-                   quantized_bits_per_weight=None)
+        row.update(
+            weight_bytes=info["weight_bytes"],
+            bits_per_weight=info["bits_per_weight"],
+            quantized_bits_per_weight=None,
+        )
     else:
         target = tmp / "q"
         row = _quantize_time().run_quantize(model, recipe, target)
@@ -75,8 +78,10 @@ def format_table(rows: list[dict], texts) -> str:
         for t in texts:
             ppl = r["perplexity"][t]
             cells += [f"{ppl:.3f}", f"{100 * (ppl / base[t] - 1):+.1f}%"]
-        cells += ["-" if r["quantize_seconds"] is None else f"{r['quantize_seconds']:.0f}",
-                  "-" if r["peak_rss_mib"] is None else f"{r['peak_rss_mib']:.0f}"]
+        cells += [
+            "-" if r["quantize_seconds"] is None else f"{r['quantize_seconds']:.0f}",
+            "-" if r["peak_rss_mib"] is None else f"{r['peak_rss_mib']:.0f}",
+        ]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -99,7 +104,8 @@ def plot(rows: list[dict], path: str, text: str) -> None:
         ax.scatter(mb, ppl, color="tab:red", marker="x")
         ax.annotate(f"llama.cpp {name}", (mb, ppl), textcoords="offset points",
                     xytext=(4, -9), fontsize=7, color="tab:red")  # fmt: skip
-    ax.set_xlabel("model bytes (MB; jquant: all weights, embeddings included)")
+    ax.set_xscale("log")
+    ax.set_xlabel("model bytes (MB, log scale; jquant: all weights, embeddings included)")
     ax.set_ylabel(f"perplexity on {text} (lower is better)")
     ax.set_title("SmolLM2-135M: quality against size")
     ax.grid(alpha=0.3)
@@ -115,11 +121,22 @@ def main(argv=None) -> int:
     p.add_argument("--texts", default=",".join(TEXTS))
     p.add_argument("--out", default="docs/results.json", help="rows (JSON); resumed from")
     p.add_argument("--plot", help="write perplexity vs model bytes here (PNG)")
+    p.add_argument(
+        "--report-only",
+        action="store_true",
+        help="print the table (and plot) of the rows in --out; run nothing",
+    )
     args = p.parse_args(argv)
     texts = [t for t in args.texts.split(",") if t]
     names = ["float"] + [r for r in args.recipes.split(",") if r and r != "float"]
     out = Path(args.out)
     done = {r["recipe"]: r for r in json.loads(out.read_text())} if out.exists() else {}
+    if args.report_only:
+        rows = [done[n] for n in names if n in done]
+        print(format_table(rows, texts))
+        if args.plot:
+            plot(rows, args.plot, texts[0])
+        return 0
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for name in names:
