@@ -424,7 +424,7 @@ def quantize_with_inputs(
         if rule is not None and rule.algorithm in CALIBRATED:
             plan[path] = rule
     tapped = _with_taps(params, plan)
-    fn = _Static(("fn", id(apply)), apply)
+    fn = _Static(("fn", apply), apply)  # the function itself: its id cannot be reused
     _, results = _tapped_pass(tapped, args, apply=fn, plan=_plan(plan), mode="quantize")
     missing = sorted(set(plan) - set(results))
     if missing:

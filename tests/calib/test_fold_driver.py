@@ -98,3 +98,24 @@ def test_each_layer_is_calibrated_on_the_outputs_of_the_quantized_layers_before_
     got = traces["layers/1/self_attn/q_proj/kernel"]
     assert abs(got - quantized) < 1e-5 * quantized
     assert abs(got - floating) > 1e-3 * quantized  # the check can tell them apart
+
+
+def test_an_untied_lm_head_is_calibrated_on_the_final_norm_output():
+    config = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_layers=1,
+                         num_heads=4, num_kv_heads=2, tie_word_embeddings=False)  # fmt: skip
+    model = init_model(config, seed=1)
+    params = nnx.state(model, nnx.Param)
+    tokens = np.random.RandomState(2).randint(0, 64, (2, 16))
+    recipe = Recipe.from_dict({"name": "head", "rules": [
+        {"pattern": "embed", "skip": True},
+        {"pattern": "kernel$", "weight": "int4", "group_size": 16, "algorithm": "trace-probe"},
+    ]})  # fmt: skip
+    qparams, report = quantize_model(model, params, recipe, tokens, progress=False)
+    head = qparams["lm_head"]["kernel"].get_value()
+    assert isinstance(head, jquant.QArray)
+    row = next(r for r in report.rows if r.path == "lm_head/kernel")
+    h, ctx = blocks.embed(model, params, tokens)
+    h = blocks.run_layer(blocks.layer_graphdef(model), blocks.layer_params(qparams, 0), h, ctx)
+    w = np.asarray(params["norm"]["scale"].get_value())
+    normed = _rms_norm(np.asarray(h), w, config.rms_norm_eps).reshape(-1, config.hidden_size)
+    assert row.info["h_trace"] == pytest.approx(np.sum(normed**2) / len(normed), rel=1e-5)
