@@ -35,7 +35,14 @@ def tiny():
 @pytest.mark.parametrize("name", sorted(EXPECT))
 def test_calibrated_recipe_runs_with_its_formats(tiny, name):
     model, params, tokens = tiny
+    norm = np.array(params["layers"][0]["input_layernorm"]["scale"].get_value())
     qparams, report = quantize_model(model, params, name, tokens, progress=False)
+    # Folding rewrites the quantized copy's norms, never the caller's float params.
+    np.testing.assert_array_equal(params["layers"][0]["input_layernorm"]["scale"].get_value(),
+                                  norm)  # fmt: skip
+    if name in ("w4a16-awq-g128", "w8a8-smoothquant"):
+        folded = qparams["layers"][0]["input_layernorm"]["scale"].get_value()
+        assert not np.allclose(folded, norm)
     qtype, group, act, baseline = EXPECT[name]
     kernels = [r.path for r in report.rows]
     assert len(kernels) == 7 * CONFIG.num_layers
