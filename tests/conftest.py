@@ -223,3 +223,11 @@ def tiny():
         permute=llama_cpp_permute,
         write_gguf=write_tiny_gguf,
     )
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory, tiny):
+    """Path of a tiny tied llama GGUF (what the CLI tests load)."""
+    path = tmp_path_factory.mktemp("model") / "tiny.gguf"
+    tiny.write_gguf(path, tiny.tensors(tied=True))
+    return str(path)

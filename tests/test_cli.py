@@ -8,13 +8,6 @@ from jquant.cli import main
 
 
 @pytest.fixture(scope="module")
-def tiny_model(tmp_path_factory, tiny):
-    path = tmp_path_factory.mktemp("model") / "tiny.gguf"
-    tiny.write_gguf(path, tiny.tensors(tied=True))
-    return str(path)
-
-
-@pytest.fixture(scope="module")
 def text_file(tmp_path_factory):
     path = tmp_path_factory.mktemp("text") / "t.txt"
     path.write_text("hello world, hello there. " * 40)

@@ -12,13 +12,6 @@ from jquant.io.packed import is_packed
 
 
 @pytest.fixture(scope="module")
-def tiny_model(tmp_path_factory, tiny):
-    path = tmp_path_factory.mktemp("model") / "tiny.gguf"
-    tiny.write_gguf(path, tiny.tensors(tied=True))
-    return str(path)
-
-
-@pytest.fixture(scope="module")
 def text_file(tmp_path_factory):
     path = tmp_path_factory.mktemp("text") / "t.txt"
     words = " ".join(f"word{i % 37} and {i % 11}, then" for i in range(300))
