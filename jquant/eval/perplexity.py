@@ -90,8 +90,8 @@ def _window_nll(graphdef, params, windows):
 
 @functools.partial(jax.jit, static_argnames=("norm_graphdef", "tied"))
 def _head_nll(norm_graphdef, norm_params, head_params, x, windows, *, tied):
-    # blocks' own head program, inlined here so that its logits are reduced in this program.
-    logits = blocks._head_jit(norm_graphdef, norm_params, head_params, x, tied=tied)
+    # blocks' head, inlined here so that its logits are reduced in this program.
+    logits = blocks.apply_head(norm_graphdef, norm_params, head_params, x, tied=tied)
     return _summed_nll(logits, windows)
 
 

@@ -76,14 +76,17 @@ def head(model, params: nnx.State, x) -> jax.Array:
     return _head_jit(nnx.graphdef(model.norm), params["norm"], head_params, x, tied=tied)
 
 
-@functools.partial(jax.jit, static_argnames=("norm_graphdef", "tied"))
-def _head_jit(norm_graphdef, norm_params, head_params, x, *, tied):
+def apply_head(norm_graphdef, norm_params, head_params, x, *, tied: bool) -> jax.Array:
+    """Un-jitted final norm and LM head (tied: the embedding table's State)."""
     x = nnx.merge(norm_graphdef, norm_params)(x)
     if tied:
         table = head_params["embedding"].get_value()
         return ops.qattend(x, table, preferred_element_type=jnp.float32)
     kernel = head_params["kernel"].get_value()
     return ops.qdot(x, kernel, preferred_element_type=jnp.float32)
+
+
+_head_jit = jax.jit(apply_head, static_argnames=("norm_graphdef", "tied"))
 
 
 def layerwise_forward(model, params: nnx.State, tokens, mask=None) -> jax.Array:
