@@ -245,3 +245,74 @@ def test_bad_input():
     rule = _rule("nf4", group_size=32, double_quant=True, algorithm_args=dynamic)
     with pytest.raises(ValueError, match=r"w: double_quant needs static_groups: true"):
         gptq(w, rule, path="w", calibration=calib)
+
+
+# ---- refit: each group's scale and zero point by least squares -----------------------------
+
+
+def _np_refit(w, h, values, group_size, asymmetric):
+    """Per output column, the affine-per-group dequantisation ``a_g·v + b_g`` closest to
+    the column in the ``H`` norm: weighted least squares through the Cholesky factor."""
+    k, n = w.shape
+    g = -(-k // group_size)
+    chol = np.linalg.cholesky(np.asarray(h, np.float64))  # H = L Lᵀ, ‖e‖_H = ‖Lᵀ e‖
+    scales, zeros = np.zeros((n, g)), np.zeros((n, g))
+    for c in range(n):
+        cols = []
+        for gi in range(g):
+            rows = slice(gi * group_size, min(k, (gi + 1) * group_size))
+            a = np.zeros(k)
+            a[rows] = values[rows, c]
+            cols.append(a)
+            if asymmetric:
+                b = np.zeros(k)
+                b[rows] = 1.0
+                cols.append(b)
+        design = np.stack(cols, axis=1)
+        theta = np.linalg.lstsq(chol.T @ design, chol.T @ w[:, c], rcond=None)[0]
+        theta = theta.reshape(g, 2 if asymmetric else 1)
+        scales[c] = theta[:, 0]
+        if asymmetric:
+            zeros[c] = -theta[:, 1] / theta[:, 0]
+    return scales, zeros
+
+
+@pytest.mark.parametrize("qtype", ["uint4", "int4", "nf4"])
+def test_refit_equals_numpy_least_squares(qtype):
+    from jquant.algorithms.gptq import refit_scales
+
+    w, calib = _layer(11, 96, 12)  # K = 96 with groups of 64: a short last group
+    h = np.asarray(calib.hessian, np.float64) + 0.01 * np.eye(96)
+    q, _ = gptq(w, _rule(qtype, group_size=64, scale_dtype="float32"), path="w",
+                calibration=calib)  # fmt: skip
+    values = np.asarray(qtypes.decode(qtypes.get(qtype), q.codes()), np.float64).T  # (K, N)
+    scale, zero = refit_scales(
+        jnp.asarray(w), jnp.asarray(h, jnp.float32), jnp.asarray(values, jnp.float32),
+        q.scale, q.zero_point, 64,
+    )  # fmt: skip
+    want_scale, want_zero = _np_refit(w.astype(np.float64), h, values, 64, q.zero_point is not None)
+    np.testing.assert_allclose(np.asarray(scale), want_scale, rtol=2e-3)
+    if q.zero_point is not None:
+        np.testing.assert_allclose(np.asarray(zero), want_zero, rtol=2e-3, atol=2e-3)
+    assert not np.allclose(np.asarray(scale), np.asarray(q.scale), rtol=1e-3)  # it moved
+
+
+@pytest.mark.parametrize("qtype", ["uint4", "int4", "nf4", "uint3"])
+def test_refit_lowers_the_output_error_keeping_the_codes(qtype):
+    w, calib = _layer(12, 192, 32)
+    plain, _ = gptq(w, _rule(qtype, group_size=64), path="w", calibration=calib)
+    refit, _ = gptq(w, _rule(qtype, group_size=64, algorithm_args={"refit": True}), path="w",
+                    calibration=calib)  # fmt: skip
+    np.testing.assert_array_equal(np.asarray(refit.codes()), np.asarray(plain.codes()))
+    assert refit.scale.dtype == plain.scale.dtype  # stored as the rule says (bf16)
+    before, after = (_output_error(w, q, calib.hessian) for q in (plain, refit))
+    assert after < 0.99 * before
+
+
+def test_refit_refuses_quantized_scales():
+    w, calib = _layer(13, 64, 8)
+    rule = _rule("nf4", group_size=32, double_quant=True, algorithm_args={"refit": True})
+    with pytest.raises(ValueError, match=r"w: refit .* double_quant"):
+        gptq(w, rule, path="w", calibration=calib)
+    with pytest.raises(ValueError, match=r"refit must be true or false"):
+        _rule(algorithm_args={"refit": 1})

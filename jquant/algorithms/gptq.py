@@ -34,6 +34,9 @@ processing order. Without static groups (``act_order: false``) a group's scale i
 when its first row is reached, from the group's rows as updated by then (GPTQ's own
 scheme); blocks are then made whole groups so that every row of the group is up to date.
 
+With ``refit`` the codes are kept and every group's scale (and zero point) is then fitted
+to them by least squares on the output error (:func:`refit_scales`).
+
 Codes and values are jquant's: ``code = encode(w / s + z)``, ``value = (decode(code) - z) · s``
 with ``s`` as stored (after the ``scale_dtype`` cast), so every format works.
 """
@@ -74,6 +77,7 @@ DEFAULTS = {
     "static_groups": True,  # every group's scale from the original weight, up front
     "mse": False,  # clip-ratio search per group (as rtn's clip_search: true or a mapping)
     "awq": False,  # AWQ scaling, applied by the calibration driver before gptq runs
+    "refit": False,  # after rounding, each group's scale (and zero point) by least squares
 }
 # The largest relative dampening tried when H is not positive definite: H is then nearly
 # diagonal and GPTQ is close to RTN; an H that still does not factor is corrupt.
@@ -109,7 +113,7 @@ def settings(args: Mapping[str, Any]) -> dict[str, Any]:
     block = s["block_size"]
     if not isinstance(block, int) or isinstance(block, bool) or block < 1:
         raise ValueError(f"block_size={block!r} must be a positive integer")
-    for key in ("act_order", "static_groups"):
+    for key in ("act_order", "static_groups", "refit"):
         if not isinstance(s[key], bool):
             raise ValueError(f"{key} must be true or false, got {s[key]!r}")
     if s["act_order"] and not s["static_groups"]:
@@ -236,12 +240,18 @@ def gptq(weight, rule, *, path: str, calibration=None) -> tuple[QArray, dict[str
             f"{path}: double_quant needs static_groups: true (the scales are "
             "quantized up front, before GPTQ runs)"
         )
+    if s["refit"] and (rule.double_quant or rule.per_tensor):
+        raise ValueError(
+            f"{path}: refit fits each group's own float scale; it cannot with "
+            f"{'double_quant (quantized scales)' if rule.double_quant else 'per_tensor'}"
+        )
     q, info = _gptq_core(
         jnp.asarray(weight), jnp.asarray(hessian), qtype=rule.format.name,
         group_size=rule.group_size, per_tensor=rule.per_tensor,
         scale_dtype=np.dtype(rule.jnp_scale_dtype), clip_ratio=rule.clip_ratio,
         double_quant=rule.double_quant, damp=float(s["damp"]), block_size=s["block_size"],
         act_order=s["act_order"], static_groups=s["static_groups"], mse=s["mse"],
+        refit=s["refit"],
     )  # fmt: skip
     return dataclasses.replace(q, activation=rule.activation), info
 
@@ -310,6 +320,80 @@ def _scales(w_t, qt, group_size, per_tensor, scale_dtype, clip_ratio, mse):
     return scale, zero_point, exact
 
 
+def refit_scales(w, h, values, scale, zero_point, group_size):
+    """Each group's scale (and zero point) refitted to the codes GPTQ chose, by least squares.
+
+    With the codes fixed, a group's dequantized weights ``a·v + b`` (``v`` the decoded
+    codes, ``a = s``, ``b = -s·z``; ``b = 0`` for symmetric formats) are linear in
+    ``(a, b)``, so the scales that minimise the output error ``(w - ŵ)ᵀ H (w - ŵ)`` of each
+    output column, every group of the column at once (``H`` couples them), solve one small
+    linear system of ``2·groups`` unknowns (``groups`` without zero points). A column keeps
+    its old scales when the fit is not better after the cast to the stored dtype, or a
+    fitted scale is not within [1/2, 2]x the old one (a group whose codes are all equal
+    leaves ``(a, b)`` underdetermined).
+
+    Args:
+      w: the original kernel ``(K, N)`` float32.
+      h: the (damped) Hessian ``(K, K)``.
+      values: the decoded codes ``(K, N)``.
+      scale, zero_point: ``(N, G)`` as stored (zero_point None for symmetric formats).
+      group_size: rows per group (None: one group over K).
+
+    Returns:
+      ``(scale, zero_point)`` in the dtypes given.
+    """
+    k, n = w.shape
+    gs = k if group_size is None else group_size
+    g = -(-k // gs)
+    pad = g * gs - k
+    s0 = scale.astype(jnp.float32)  # (N, G)
+    feats = [values] if zero_point is None else [values, jnp.ones_like(values)]
+    f = jnp.pad(jnp.stack(feats, axis=1), ((0, pad), (0, 0), (0, 0)))  # (Kp, J, N)
+    j = f.shape[1]
+    hp = jnp.pad(h, ((0, pad), (0, pad)))
+    hr = hp.reshape(g * gs, g, gs)
+    dot = partial(jnp.einsum, precision=_HIGHEST)
+    hw = dot("kl,ln->kn", hp, jnp.pad(w, ((0, pad), (0, 0))))  # (Kp, N)
+    theta0 = [s0] if zero_point is None else [s0, -s0 * zero_point.astype(jnp.float32)]
+    theta0 = jnp.stack(theta0, axis=-1).reshape(n, g * j)
+    eye = jnp.eye(g * j, dtype=jnp.float32)
+
+    def column(args):  # one output column: the normal equations of its 2·G unknowns
+        fc, hwc, t0 = args  # (Kp, J), (Kp,), (G·J,)
+        fr = fc.reshape(g, gs, j)
+        t = dot("khl,hlj->khj", hr, fr)  # (Kp, G, J)
+        m = dot("gki,gkhj->gihj", fr, t.reshape(g, gs, g, j)).reshape(g * j, g * j)
+        r = dot("gki,gk->gi", fr, hwc.reshape(g, gs)).reshape(g * j)
+        # A tiny ridge toward the old scales keeps underdetermined groups where they were.
+        lam = 1e-6 * jnp.mean(jnp.diagonal(m))
+        return jnp.linalg.solve(m + lam * eye, r + lam * t0)
+
+    theta = jax.lax.map(column, (jnp.moveaxis(f, -1, 0), hw.T, theta0), batch_size=256)
+    theta = theta.reshape(n, g, j)
+    a = theta[..., 0]
+    new_scale = a.astype(scale.dtype)
+    new_zero = None
+    if zero_point is not None:
+        new_zero = (-theta[..., 1] / jnp.where(a != 0, a, 1.0)).astype(zero_point.dtype)
+
+    def error(sc, zp):  # per column (N,): (w - ŵ)ᵀ H (w - ŵ)
+        rows = jnp.repeat(sc.astype(jnp.float32).T, gs, axis=0)[:k]
+        zr = 0.0 if zp is None else jnp.repeat(zp.astype(jnp.float32).T, gs, axis=0)[:k]
+        e = w - (values - zr) * rows
+        return jnp.sum(dot("kl,ln->kn", h, e) * e, axis=0)
+
+    sane = jnp.all(jnp.isfinite(theta), axis=(1, 2)) & jnp.all(
+        (a >= 0.5 * s0) & (a <= 2.0 * s0), axis=1
+    )
+    if new_zero is not None:
+        sane &= jnp.all(jnp.isfinite(new_zero.astype(jnp.float32)), axis=1)
+    better = sane & (error(new_scale, new_zero) < error(scale, zero_point))
+    keep = better[:, None]
+    out_scale = jnp.where(keep, new_scale, scale)
+    out_zero = None if zero_point is None else jnp.where(keep, new_zero, zero_point)
+    return out_scale, out_zero
+
+
 def _round_rows(u1, s1, z1, qt, start, stop, carry):
     """Rounds rows ``start..stop`` of a block, each with its row of ``s1``/``z1`` (B, N),
     and updates the block's later rows. ``carry`` = (rows (B, N), codes, errors)."""
@@ -355,10 +439,12 @@ def _static_scales(w, perm, qt, group_size, per_tensor, scale_dtype, clip_ratio,
 @partial(
     jax.jit,
     static_argnames=("qtype", "group_size", "per_tensor", "scale_dtype", "clip_ratio",
-                     "double_quant", "damp", "block_size", "act_order", "static_groups", "mse"),
+                     "double_quant", "damp", "block_size", "act_order", "static_groups", "mse",
+                     "refit"),
 )  # fmt: skip
 def _gptq_core(weight, hessian, *, qtype, group_size, per_tensor, scale_dtype, clip_ratio,
-               double_quant, damp, block_size, act_order, static_groups, mse):  # fmt: skip
+               double_quant, damp, block_size, act_order, static_groups, mse,
+               refit=False):  # fmt: skip
     """The traced GPTQ: the QArray (``axis=-2``, no activation) and the info arrays.
 
     Rows are padded to whole blocks: a padded row is zero, has ``U_ii = 1`` and scale 1,
@@ -425,6 +511,10 @@ def _gptq_core(weight, hessian, *, qtype, group_size, per_tensor, scale_dtype, c
         )  # fmt: skip
         cast = stored
     codes = codes.reshape(k + pad, n)[:k][jnp.argsort(perm)].T  # (N, K), original row order
+    if refit:
+        shift = used_damp * jnp.mean(jnp.diagonal(h)) * jnp.eye(k, dtype=jnp.float32)
+        stored, zero_point = refit_scales(w, h + shift, qtypes.decode(qt, codes).T, stored,
+                                          zero_point, group_size)  # fmt: skip
     q = from_codes(codes, stored, zero_point, qtype=qt, axis=-2, group_size=group_size,
                    dtype=weight.dtype)  # fmt: skip
     bad = ~jnp.isfinite(weight)
