@@ -121,8 +121,9 @@ def _output_error(w, q: QArray, calib: stats.Calibration):
 def _tapped_pass(state, args, *, apply: _Static, plan: _Static, mode: str):
     """Runs ``apply(state, *args)`` with Taps resolved by the plan's rules.
 
-    Returns ``(output, results)``: in ``"stats"`` mode ``results[path]`` is the tap's
-    `Calibration`; in ``"quantize"`` mode ``(qarray, info, (output error, weight error))``.
+    Returns ``(output, results)``: in ``"stats"`` mode the output is None and
+    ``results[path]`` is the tap's `Calibration`; in ``"quantize"`` mode ``results[path]`` is
+    ``(qarray, info, (output error, weight error))``.
     """
     rules = plan.value
     results: dict[str, Any] = {}
@@ -148,7 +149,8 @@ def _tapped_pass(state, args, *, apply: _Static, plan: _Static, mode: str):
 
     with tapping(handler):
         y = apply.value(state, *args)
-    return y, results
+    # Statistics alone: not returning the output lets XLA drop the work after the last tap.
+    return (None if mode == "stats" else y), results
 
 
 def _is_variable(x) -> bool:
