@@ -358,17 +358,23 @@ def refit_scales(w, h, values, scale, zero_point, group_size):
     theta0 = jnp.stack(theta0, axis=-1).reshape(n, g * j)
     eye = jnp.eye(g * j, dtype=jnp.float32)
 
-    def column(args):  # one output column: the normal equations of its 2·G unknowns
-        fc, hwc, t0 = args  # (Kp, J), (Kp,), (G·J,)
-        fr = fc.reshape(g, gs, j)
-        t = dot("khl,hlj->khj", hr, fr)  # (Kp, G, J)
-        m = dot("gki,gkhj->gihj", fr, t.reshape(g, gs, g, j)).reshape(g * j, g * j)
-        r = dot("gki,gk->gi", fr, hwc.reshape(g, gs)).reshape(g * j)
+    # Columns in chunks of at most ~64M floats of intermediate (one chunk for a decoder
+    # layer's kernels): batched einsums and one batched solve per chunk.
+    chunk = max(1, min(n, (1 << 26) // (g * gs * g * j)))
+    hr = hr.reshape(g * gs, g, gs)
+    thetas = []
+    for c0 in range(0, n, chunk):
+        fr = f[..., c0 : c0 + chunk].reshape(g, gs, j, -1)  # (G, gs, J, C)
+        t = dot("khl,hljc->khjc", hr, fr)  # (Kp, G, J, C)
+        m = dot("gkic,gkhjc->cgihj", fr, t.reshape(g, gs, g, j, -1))
+        m = m.reshape(-1, g * j, g * j)
+        r = dot("gkic,gkc->cgi", fr, hw[:, c0 : c0 + chunk].reshape(g, gs, -1))
+        r = r.reshape(-1, g * j)
         # A tiny ridge toward the old scales keeps underdetermined groups where they were.
-        lam = 1e-6 * jnp.mean(jnp.diagonal(m))
-        return jnp.linalg.solve(m + lam * eye, r + lam * t0)
-
-    theta = jax.lax.map(column, (jnp.moveaxis(f, -1, 0), hw.T, theta0), batch_size=256)
+        lam = 1e-6 * jnp.mean(jnp.diagonal(m, axis1=1, axis2=2), axis=1)[:, None]
+        rhs = r + lam * theta0[c0 : c0 + chunk]
+        thetas.append(_spd_solve(m + lam[:, :, None] * eye, rhs))
+    theta = jnp.concatenate(thetas, axis=0)
     theta = theta.reshape(n, g, j)
     a = theta[..., 0]
     new_scale = a.astype(scale.dtype)
@@ -392,6 +398,26 @@ def refit_scales(w, h, values, scale, zero_point, group_size):
     out_scale = jnp.where(keep, new_scale, scale)
     out_zero = None if zero_point is None else jnp.where(keep, new_zero, zero_point)
     return out_scale, out_zero
+
+
+def _spd_solve(a, b):
+    """``x`` with ``a x = b`` for a batch of symmetric positive definite ``a (B, n, n)``,
+    ``b (B, n)``: Gauss-Jordan without pivoting (safe for SPD), all in matmul-free
+    elementwise steps. Not ``jnp.linalg.solve``: its batched LAPACK call, run a second
+    time inside the calibration pass, hung XLA:CPU (0.10.2) with every thread idle."""
+    n = a.shape[-1]
+
+    def step(i, carry):
+        a, b = carry
+        piv = a[:, i, i]
+        row = a[:, i, :] / piv[:, None]
+        rb = b[:, i] / piv
+        factor = a[:, :, i].at[:, i].set(0.0)
+        a = (a - factor[:, :, None] * row[:, None, :]).at[:, i, :].set(row)
+        b = (b - factor * rb[:, None]).at[:, i].set(rb)
+        return a, b
+
+    return jax.lax.fori_loop(0, n, step, (a, b))[1]
 
 
 def _round_rows(u1, s1, z1, qt, start, stop, carry):
