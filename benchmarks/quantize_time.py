@@ -22,8 +22,8 @@ import tempfile
 import time
 from pathlib import Path
 
-RECIPES = ("w4a16-rtn-g128,w4a16-hqq-g64,w4a16-gptq-g128,w4a16-gptq-g64,w4a16-awq-g128,"
-           "w3a16-gptq-g64,w8a8-smoothquant")  # fmt: skip
+RECIPES = ("w4a16-rtn-g128,w4a16-hqq-g64,w4a16-gptq-g128,w4a16-gptq-g64,w4a16-gptq-uint4-g64,"
+           "w4a16-awq-g128,w4a16-awq-gptq-uint4-g64,w3a16-gptq-g64,w8a8-smoothquant")  # fmt: skip
 
 
 def run_quantize(model: str, recipe: str, output: str | os.PathLike, *,

@@ -25,7 +25,9 @@ from pathlib import Path
 
 HERE = Path(__file__).parent
 RECIPES = ("w8a16,fp8,w8a8-smoothquant,w4a16-rtn-g128,w4a16-rtn-g64,w4a16-gptq-g128,"
-           "w4a16-gptq-g64,w4a16-awq-g128,w4a16-hqq-g64,nf4,w3a16-gptq-g64")  # fmt: skip
+           "w4a16-gptq-g64,w4a16-awq-g128,w4a16-uint4-g64,w4a16-hqq-g64,w4a16-gptq-uint4-g64,"
+           "w4a16-awq-gptq-uint4-g64,w4a16-awq-gptq-refit-uint4-g64,nf4,"
+           "w3a16-gptq-g64")  # fmt: skip
 TEXTS = ("pydoc-eval", "python-code")
 # llama.cpp on SmolLM2-135M, same text and windows: (name, GGUF file MB, Δ perplexity %).
 LLAMA_CPP = (("Q8_0", 144.8, 0.5), ("Q6_K", 138.4, 1.2), ("Q4_K_M", 105.5, 8.0),

@@ -153,7 +153,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_args(p, recipe=False)
     p.add_argument(
         "--recipes",
-        default="w8a16,w4a16-rtn-g128,w4a16-rtn-g64,w4a16-uint4-g64,nf4,fp8,mixed",
+        default=("w8a16,fp8,w4a16-rtn-g128,w4a16-uint4-g64,nf4,w4a16-hqq-g64,"
+                 "w4a16-awq-gptq-uint4-g64"),
         help="comma-separated recipe names or paths (float is always included)",
     )
     _add_eval_args(p)

@@ -18,6 +18,9 @@ EXPECT = {
     "w4a16-gptq-g128": ("int4", 128, None, "w4a16-rtn-g128"),
     "w4a16-gptq-g64": ("int4", 64, None, "w4a16-rtn-g64"),
     "w4a16-awq-g128": ("int4", 128, None, "w4a16-rtn-g128"),
+    "w4a16-gptq-uint4-g64": ("uint4", 64, None, "w4a16-uint4-g64"),
+    "w4a16-awq-gptq-uint4-g64": ("uint4", 64, None, "w4a16-uint4-g64"),
+    "w4a16-awq-gptq-refit-uint4-g64": ("uint4", 64, None, "w4a16-uint4-g64"),
     "w3a16-gptq-g64": ("uint3", 64, None, None),
     "w8a8-smoothquant": ("int8", None, "int8", None),
 }
@@ -40,9 +43,14 @@ def test_calibrated_recipe_runs_with_its_formats(tiny, name):
     # Folding rewrites the quantized copy's norms, never the caller's float params.
     np.testing.assert_array_equal(params["layers"][0]["input_layernorm"]["scale"].get_value(),
                                   norm)  # fmt: skip
-    if name in ("w4a16-awq-g128", "w8a8-smoothquant"):
-        folded = qparams["layers"][0]["input_layernorm"]["scale"].get_value()
-        assert not np.allclose(folded, norm)
+    if "awq" in name or "smoothquant" in name:  # scales were folded into some norm
+        norms = [(i, n) for i in range(CONFIG.num_layers)
+                 for n in ("input_layernorm", "post_attention_layernorm")]  # fmt: skip
+        assert any(
+            not np.allclose(qparams["layers"][i][n]["scale"].get_value(),
+                            params["layers"][i][n]["scale"].get_value())
+            for i, n in norms
+        )  # fmt: skip
     qtype, group, act, baseline = EXPECT[name]
     kernels = [r.path for r in report.rows]
     assert len(kernels) == 7 * CONFIG.num_layers
