@@ -11,15 +11,13 @@ from jquant.qarray import QArray
 from jquant.recipe import Recipe
 from jquant.transform import quantize
 
-SHIPPED = ["fp8", "mixed", "nf4", "w3a16-gptq-g64", "w4a16-awq-g128",
-           "w4a16-awq-gptq-refit-uint4-g64", "w4a16-awq-gptq-uint4-g64",
+SHIPPED = ["fp8", "mixed", "nf4", "w3a16-gptq-g64", "w4a16-awq-g128", "w4a16-awq-gptq-uint4-g64",
            "w4a16-gptq-g128", "w4a16-gptq-g64", "w4a16-gptq-uint4-g64", "w4a16-hqq-g64",
            "w4a16-rtn-g128", "w4a16-rtn-g64", "w4a16-uint4-g64", "w8a16", "w8a8",
            "w8a8-smoothquant"]  # fmt: skip
 # Recipes whose algorithms need calibration data: tests/calib/test_recipes.py runs them.
-CALIBRATED = ["w3a16-gptq-g64", "w4a16-awq-g128", "w4a16-awq-gptq-refit-uint4-g64",
-              "w4a16-awq-gptq-uint4-g64", "w4a16-gptq-g128", "w4a16-gptq-g64",
-              "w4a16-gptq-uint4-g64", "w8a8-smoothquant"]  # fmt: skip
+CALIBRATED = ["w3a16-gptq-g64", "w4a16-awq-g128", "w4a16-awq-gptq-uint4-g64", "w4a16-gptq-g128",
+              "w4a16-gptq-g64", "w4a16-gptq-uint4-g64", "w8a8-smoothquant"]  # fmt: skip
 PLAIN = [n for n in SHIPPED if n not in CALIBRATED]
 
 # recipe → (qtype, group_size, activation, double-quantized) of an MLP projection.

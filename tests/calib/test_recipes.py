@@ -20,7 +20,6 @@ EXPECT = {
     "w4a16-awq-g128": ("int4", 128, None, "w4a16-rtn-g128"),
     "w4a16-gptq-uint4-g64": ("uint4", 64, None, "w4a16-uint4-g64"),
     "w4a16-awq-gptq-uint4-g64": ("uint4", 64, None, "w4a16-uint4-g64"),
-    "w4a16-awq-gptq-refit-uint4-g64": ("uint4", 64, None, "w4a16-uint4-g64"),
     "w3a16-gptq-g64": ("uint3", 64, None, None),
     "w8a8-smoothquant": ("int8", None, "int8", None),
 }
