@@ -361,7 +361,6 @@ def refit_scales(w, h, values, scale, zero_point, group_size):
     # Columns in chunks of at most ~64M floats of intermediate (one chunk for a decoder
     # layer's kernels): batched einsums and one batched solve per chunk.
     chunk = max(1, min(n, (1 << 26) // (g * gs * g * j)))
-    hr = hr.reshape(g * gs, g, gs)
     thetas = []
     for c0 in range(0, n, chunk):
         fr = f[..., c0 : c0 + chunk].reshape(g, gs, j, -1)  # (G, gs, J, C)
