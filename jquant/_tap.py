@@ -34,6 +34,15 @@ import jax
 
 Handler = Callable[[jax.Array, "Tap"], Any]
 
+
+@dataclasses.dataclass(frozen=True)
+class Rewired:
+    """A handler's answer that also rewrites the matmul's output: ``output(y)`` replaces
+    ``y``. Sensitivity measurement uses it to see the gradient at every kernel's output."""
+
+    weight: Any
+    output: Callable[[jax.Array], jax.Array]
+
 _state = threading.local()
 
 
@@ -74,9 +83,11 @@ def tapping(handler: Handler):
 
 
 def resolve(x, tap: Tap, *, contracting_axis: int = -1):
-    """The weight to use for ``tap`` given activations ``x`` (contracted on one axis).
+    """``(weight, output)``: the weight to use for ``tap`` given activations ``x``
+    (contracted on one axis), and the function the matmul's result goes through.
 
-    ``x`` reaches the handler with the contracted axis last.
+    ``x`` reaches the handler with the contracted axis last. A handler returns the weight,
+    or a `Rewired` to rewrite the output too.
     """
     stack = getattr(_state, "stack", None)
     if not stack:
@@ -85,4 +96,11 @@ def resolve(x, tap: Tap, *, contracting_axis: int = -1):
             "taps only exist while a calibrated quantization runs"
         )
     x = jax.numpy.moveaxis(x, contracting_axis, -1)
-    return stack[-1](x, tap)
+    answer = stack[-1](x, tap)
+    if isinstance(answer, Rewired):
+        return answer.weight, answer.output
+    return answer, _identity
+
+
+def _identity(y):
+    return y

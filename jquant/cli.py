@@ -192,10 +192,11 @@ def _cmd_inspect(args) -> int:
         raise ValueError(
             f"--kv-cache {args.kv_cache!r} is unknown; use one of {', '.join(KV_FORMATS)}"
         )
-    _, params, _, config = _load(args)
+    model, params, _, config = _load(args)
     rows = None
     if recipe is not None:
         _check_not_quantized(params, recipe)
+        _, params = _prepare_head(model, params, recipe)
         params, rows = quantize(params, recipe, report=True)
     report = memory_report(
         params, batch=args.batch, context=args.context, kv_cache=args.kv_cache, config=config
@@ -250,13 +251,22 @@ def _text(args) -> str:
     return load_corpus(args.corpus)
 
 
-def _quantized(params, recipe):
+def _quantized(model, params, recipe):
+    """``(model, quantized params)``; the model is untied when the recipe names the head
+    apart from a tied embedding."""
     from jquant.transform import quantize
 
     if recipe is None:
-        return params
+        return model, params
     _check_not_quantized(params, recipe)
-    return quantize(params, recipe)
+    model, params = _prepare_head(model, params, recipe)
+    return model, quantize(params, recipe)
+
+
+def _prepare_head(model, params, recipe):
+    from jquant.models.convert import prepare_head
+
+    return prepare_head(model, params, recipe)
 
 
 def _check_not_quantized(params, recipe) -> None:
@@ -283,16 +293,18 @@ def _check_calib(args) -> None:
 
 
 def _calibrated(model, params, tokenizer, recipe, args, tokens_cache: dict, *, progress: bool):
-    """``(qparams, report dict)``: calibrated when the recipe asks, else plain quantize."""
+    """``(model, qparams, report dict)``: calibrated when the recipe asks, else plain
+    quantize; the model is untied when the recipe names the head apart (`_quantized`)."""
     from jquant import calib
     from jquant.transform import quantize
 
+    model, params = _prepare_head(model, params, recipe)
     if not calib.needs_calibration(recipe):
         start = time.perf_counter()
         qparams, rows = quantize(params, recipe, report=True)
         report = {"seconds": time.perf_counter() - start, "calibrated": False,
                   "rows": [dataclasses.asdict(r) for r in rows]}  # fmt: skip
-        return qparams, report
+        return model, qparams, report
     if tokenizer is None:
         raise ValueError(
             f"recipe {recipe.name!r} needs calibration text, and the model has "
@@ -304,7 +316,7 @@ def _calibrated(model, params, tokenizer, recipe, args, tokens_cache: dict, *, p
         )
     qparams, report = calib.quantize_model(model, params, recipe, tokens_cache["tokens"],
                                            progress=progress)  # fmt: skip
-    return qparams, {"calibrated": True, "corpus": args.calib, **report.to_dict()}
+    return model, qparams, {"calibrated": True, "corpus": args.calib, **report.to_dict()}
 
 
 def _cmd_quantize(args) -> int:
@@ -316,8 +328,10 @@ def _cmd_quantize(args) -> int:
     check_output_directory(args.output, overwrite=args.overwrite)
     _check_calib(args)
     model, params, tokenizer, config = _load(args)
-    qparams, report = _calibrated(model, params, tokenizer, recipe, args, {},
-                                  progress=not args.json)  # fmt: skip
+    model, qparams, report = _calibrated(model, params, tokenizer, recipe, args, {},
+                                         progress=not args.json)  # fmt: skip
+    if not model.config.tie_word_embeddings:
+        config = {**config, "tie_word_embeddings": False}  # untied for the recipe
     weight_bytes, bits, q_bits = _weights(qparams)
     report.update(
         weight_bytes=weight_bytes,
@@ -367,8 +381,8 @@ def _evaluate(model, params, tokenizer, text, args, *, progress: bool) -> dict:
 def _cmd_eval(args) -> int:
     recipe, text = _recipe(args.recipe), _text(args)
     model, params, tokenizer, _ = _load(args)
-    out = _evaluate(model, _quantized(params, recipe), tokenizer, text, args,
-                    progress=not args.json)  # fmt: skip
+    model, params = _quantized(model, params, recipe)
+    out = _evaluate(model, params, tokenizer, text, args, progress=not args.json)
     if args.json:
         print(json.dumps(out))
     else:
@@ -412,7 +426,7 @@ def _cmd_generate(args) -> int:
     model, params, tokenizer, _ = _load(args)
     if tokenizer is None:
         raise ValueError(f"{args.model} has no tokenizer; generate needs one")
-    params = _quantized(params, recipe)
+    model, params = _quantized(model, params, recipe)
     ids = _prompt_ids(tokenizer, args.prompt, args.raw)
     out = generate(
         model, params, [ids], max_new_tokens=args.max_new_tokens, temperature=args.temperature,
@@ -457,20 +471,20 @@ def _cmd_compare(args) -> int:
         start = time.perf_counter()
         seconds = None
         if recipe is None:
-            qparams = params
+            qmodel, qparams = model, params
         else:
             say(f"[{i}/{len(names)}] {name}: quantizing")
-            qparams, report = _calibrated(model, params, tokenizer, recipe, args, tokens_cache,
-                                          progress=not args.json)  # fmt: skip
+            qmodel, qparams, report = _calibrated(model, params, tokenizer, recipe, args,
+                                                  tokens_cache, progress=not args.json)  # fmt: skip
             seconds = report["seconds"]
         say(f"[{i}/{len(names)}] {name}: perplexity")
         row = {"recipe": name, "quantize_seconds": seconds,
-               **_evaluate(model, qparams, tokenizer, text, args,
+               **_evaluate(qmodel, qparams, tokenizer, text, args,
                            progress=not args.json)}  # fmt: skip
         if args.decode_tokens > 0:
             say(f"[{i}/{len(names)}] {name}: decoding {args.decode_tokens} tokens")
         row["decode_tokens_per_second"] = (
-            _decode_speed(model, qparams, tokenizer, args.decode_tokens)
+            _decode_speed(qmodel, qparams, tokenizer, args.decode_tokens)
             if args.decode_tokens > 0
             else None
         )

@@ -107,7 +107,9 @@ def qdot_general(
     (2, 3)
     """
     if isinstance(w, Tap):
-        w = _resolve_tap(x, w, dimension_numbers, op)
+        w, output = _resolve_tap(x, w, dimension_numbers, op)
+        return output(qdot_general(x, w, dimension_numbers, precision,
+                                   preferred_element_type, op=op))  # fmt: skip
     if not isinstance(w, QArray):
         return jax.lax.dot_general(
             x, w, dimension_numbers, precision=precision,
@@ -154,7 +156,7 @@ def _qdot_general_xla(x, w: QArray, dims, out_dtype, precision):
 
 
 def _resolve_tap(x, tap: Tap, dimension_numbers, op: str):
-    """The weight a calibration handler gives for ``tap`` (see ``jquant.calib.tap``)."""
+    """``(weight, output function)`` a calibration handler gives for ``tap`` (`jquant._tap`)."""
     dims = _normalize_dims(dimension_numbers, x.ndim, tap.ndim)
     (lc, rc), (lb, _) = dims
     if len(lc) != 1 or lb or tuple(rc) != (0,):
@@ -209,7 +211,8 @@ def qdot(x: jax.Array, w, *, precision=None, preferred_element_type=None) -> jax
     out_dtype = preferred_element_type or x.dtype
     dims = (((x.ndim - 1,), (0,)), ((), ()))
     if isinstance(w, Tap):
-        w = _resolve_tap(x, w, dims, "qdot")
+        w, output = _resolve_tap(x, w, dims, "qdot")
+        return output(qdot(x, w, precision=precision, preferred_element_type=out_dtype))
     if isinstance(w, QArray):
         return qdot_general(x, w, dims, precision, out_dtype, op="qdot")
     return _array_dot(x, w, dims, precision, out_dtype, op="qdot")

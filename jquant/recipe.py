@@ -51,6 +51,9 @@ class Rule:
     pattern: str
     # Keep matching parameters in float (first match wins, so a skip rule shields later ones).
     skip: bool = False
+    # With skip: store the float parameters in this dtype ("bfloat16", "float16",
+    # "float32"); None keeps the dtype they have.
+    dtype: str | None = None
     # Format name from jquant.qtypes ("int8", "int4", "uint4", "nf4", "fp8_e4m3", ...).
     weight: str | None = None
     # Elements per scale group along the contraction axis; None = one scale per channel.
@@ -119,13 +122,18 @@ class Rule:
         self._validate_algorithm()
 
     def _validate_skip(self):
+        if self.dtype is not None and self.dtype not in SCALE_DTYPES:
+            self._fail(f"dtype={self.dtype!r} is not one of {list(SCALE_DTYPES)}")
         # A skip rule keeps parameters float, so any setting beside it would be ignored.
-        ignored = [key for key in self.to_dict() if key not in ("pattern", "skip")]
+        ignored = [key for key in self.to_dict() if key not in ("pattern", "skip", "dtype")]
         if ignored:
             self._fail(f"skip: true excludes {', '.join(ignored)} (a skip rule keeps the "
                        "parameters float); drop skip or those keys")
 
     def _validate_format(self):
+        if self.dtype is not None:
+            self._fail(f"dtype={self.dtype!r} sets the dtype of float parameters and needs "
+                       "skip: true; a quantized parameter's storage is its weight format")
         if self.weight is None:
             self._fail("weight (a qtype name) is required unless skip: true")
         try:

@@ -26,7 +26,7 @@ from flax import nnx
 
 from jquant import algorithms
 from jquant.qarray import QArray
-from jquant.recipe import Recipe, Rule
+from jquant.recipe import SCALE_DTYPES, Recipe, Rule
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -148,6 +148,9 @@ def _quantize_leaf(path, leaf, recipe, calibration, report):
     rule = recipe.match(path)
     status = _decide(rule, value)
     if status is not None:
+        if rule is not None and rule.skip and rule.dtype is not None:
+            value = _as_float(value, rule)
+            leaf = _rewrap(leaf, value)
         return leaf, _row(path, value, value, None, status=status) if report else None
     resolved = _resolve(rule, path, value, recipe)
     data = calibration(path) if callable(calibration) else (calibration or {}).get(path)
@@ -157,6 +160,13 @@ def _quantize_leaf(path, leaf, recipe, calibration, report):
         msg = str(e) if path in str(e) else f"{path}: {e}"
         raise ValueError(f"{msg} [{rule.where} of recipe {recipe.name!r}]") from None
     return _rewrap(leaf, q), _row(path, value, q, resolved.algorithm) if report else None
+
+
+def _as_float(value, rule: Rule):
+    """A skipped leaf in the rule's ``dtype`` (float leaves only; integer ones stay)."""
+    if not jnp.issubdtype(value.dtype, jnp.floating):
+        return value
+    return jnp.asarray(value, SCALE_DTYPES[rule.dtype])
 
 
 def _decide(rule: Rule | None, value) -> str | None:

@@ -8,6 +8,7 @@ to fall out of date.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping
 
 import jax.numpy as jnp
@@ -106,3 +107,70 @@ def params_from_hf(
     nnx.replace_by_pure_dict(state, pure)
     model = nnx.merge(graphdef, state)
     return model, nnx.state(model)
+
+
+# ---- tied embeddings ------------------------------------------------------------------
+
+EMBED_PATH, HEAD_PATH = "embed_tokens/embedding", "lm_head/kernel"
+
+
+def untie(model: Llama, params: nnx.State) -> tuple[Llama, nnx.State]:
+    """A tied model as an untied one: ``lm_head/kernel`` becomes a copy of the embedding
+    table, transposed to the Dense layout ``(D, V)``. Logits are unchanged.
+
+    An untied model passes through.
+    """
+    if not model.config.tie_word_embeddings:
+        return model, params
+    config = dataclasses.replace(model.config, tie_word_embeddings=False)
+    graphdef, state = nnx.split(abstract_model(config, dtype=model.dtype,
+                                               param_dtype=_table(params).dtype))  # fmt: skip
+    pure = nnx.to_pure_dict(params)
+    pure["lm_head"] = {"kernel": jnp.asarray(_table(params)).T}
+    nnx.replace_by_pure_dict(state, pure)
+    new = nnx.merge(graphdef, state)
+    return new, nnx.state(new)
+
+
+def _table(params: nnx.State):
+    value = params["embed_tokens"]["embedding"]
+    return value.get_value() if isinstance(value, nnx.Variable) else value
+
+
+def head_apart(recipe, config: LlamaConfig) -> bool:
+    """Whether ``recipe`` treats a tied model's LM head apart from its embedding.
+
+    In a tied model the head *is* the embedding table, at path ``embed_tokens/embedding``.
+    A recipe names the head by ``lm_head/kernel`` all the same; when the rule it matches
+    there treats the table otherwise than the embedding's rule (another format, or float
+    beside a quantized embedding), the model must be untied (`untie`) so that each has its
+    own copy. A recipe whose ``lm_head`` pattern matches nothing leaves the head tied.
+
+    >>> from jquant.recipe import Recipe
+    >>> r = Recipe.from_dict({"name": "r", "rules": [
+    ...     {"pattern": "embed", "weight": "uint4", "group_size": 64},
+    ...     {"pattern": "lm_head", "weight": "int8"}]})
+    >>> head_apart(r, LlamaConfig(vocab_size=8, hidden_size=4, intermediate_size=8,
+    ...     num_layers=1, num_heads=1, num_kv_heads=1, tie_word_embeddings=True))
+    True
+    """
+    if not config.tie_word_embeddings:
+        return False
+    head = recipe.match(HEAD_PATH)
+    return head is not None and _treatment(head) != _treatment(recipe.match(EMBED_PATH))
+
+
+def _treatment(rule):
+    """What a rule does to a table: None for float as stored, else its settings."""
+    if rule is None or (rule.skip and rule.dtype is None):
+        return None
+    out = rule.to_dict()
+    out.pop("pattern")
+    return out
+
+
+def prepare_head(model: Llama, params: nnx.State, recipe) -> tuple[Llama, nnx.State]:
+    """``(model, params)`` untied when `head_apart` says the recipe needs it, else as given."""
+    if head_apart(recipe, model.config):
+        return untie(model, params)
+    return model, params
