@@ -12,12 +12,15 @@ from jquant.recipe import Recipe
 from jquant.transform import quantize
 
 SHIPPED = ["fp8", "mixed", "nf4", "w3a16-gptq-g64", "w4a16-awq-g128", "w4a16-awq-gptq-uint4-g64",
-           "w4a16-gptq-g128", "w4a16-gptq-g64", "w4a16-gptq-uint4-g64", "w4a16-hqq-g64",
-           "w4a16-rtn-g128", "w4a16-rtn-g64", "w4a16-uint4-g64", "w8a16", "w8a8",
-           "w8a8-smoothquant"]  # fmt: skip
+           "w4a16-awq-gptq-uint4-g64-emb8", "w4a16-gptq-g128", "w4a16-gptq-g64",
+           "w4a16-gptq-uint4-g64", "w4a16-hqq-g64", "w4a16-rtn-g128", "w4a16-rtn-g64",
+           "w4a16-uint4-g64", "w8a16", "w8a16-emb8", "w8a8", "w8a8-smoothquant"]  # fmt: skip
 # Recipes whose algorithms need calibration data: tests/calib/test_recipes.py runs them.
-CALIBRATED = ["w3a16-gptq-g64", "w4a16-awq-g128", "w4a16-awq-gptq-uint4-g64", "w4a16-gptq-g128",
-              "w4a16-gptq-g64", "w4a16-gptq-uint4-g64", "w8a8-smoothquant"]  # fmt: skip
+CALIBRATED = ["w3a16-gptq-g64", "w4a16-awq-g128", "w4a16-awq-gptq-uint4-g64",
+              "w4a16-awq-gptq-uint4-g64-emb8", "w4a16-gptq-g128", "w4a16-gptq-g64",
+              "w4a16-gptq-uint4-g64", "w8a8-smoothquant"]  # fmt: skip
+# Recipes that quantize the embedding table (and so a tied head) to INT8, per row.
+EMB8 = ["w4a16-awq-gptq-uint4-g64-emb8", "w8a16-emb8"]
 PLAIN = [n for n in SHIPPED if n not in CALIBRATED]
 
 # recipe → (qtype, group_size, activation, double-quantized) of an MLP projection.
@@ -31,6 +34,7 @@ EXPECT = {
     "nf4": ("nf4", 64, None, True),
     "mixed": ("int4", 128, None, False),
     "w4a16-hqq-g64": ("uint4", 64, None, False),
+    "w8a16-emb8": ("int8", None, None, False),
 }
 
 D, F, V, LAYERS = 64, 96, 80, 2
@@ -64,15 +68,23 @@ def test_shipped_loads_and_round_trips(name):
     r = Recipe.load(name)
     assert r.name == name and r.description
     assert Recipe.from_yaml(r.to_yaml()) == r
-    assert r.rules[0].skip and r.rules[0].matches("embed_tokens/embedding")
-    assert r.rules[1].skip and r.rules[1].matches("lm_head/kernel")
+    assert r.rules[0].matches("embed_tokens/embedding") and r.rules[1].matches("lm_head/kernel")
+    if name in EMB8:  # the table in INT8, an untied head alike (so a tied one stays tied)
+        assert r.rules[0].weight == r.rules[1].weight == "int8"
+    else:
+        assert r.rules[0].skip and r.rules[1].skip
 
 
 @pytest.mark.parametrize("name", PLAIN)
 def test_shipped_on_llama_paths(name, llama):
     q = quantize(llama, name)
-    assert q["embed_tokens"]["embedding"] is llama["embed_tokens"]["embedding"]
-    assert q["lm_head"]["kernel"] is llama["lm_head"]["kernel"]
+    if name in EMB8:
+        table, head = q["embed_tokens"]["embedding"], q["lm_head"]["kernel"]
+        assert (table.qtype, table.axis, table.group_size) == ("int8", -1, None)
+        assert (head.qtype, head.axis) == ("int8", -2)
+    else:
+        assert q["embed_tokens"]["embedding"] is llama["embed_tokens"]["embedding"]
+        assert q["lm_head"]["kernel"] is llama["lm_head"]["kernel"]
     assert q["norm"]["scale"] is llama["norm"]["scale"]
     qtype, group, act, dq = EXPECT[name]
     for i in range(LAYERS):
@@ -86,7 +98,8 @@ def test_shipped_on_llama_paths(name, llama):
             assert isinstance(w.scale, QArray) == dq
         attn_q = qlayer["self_attn"]["o_proj"]["kernel"]
         assert attn_q.qtype == ("fp8_e4m3" if name == "mixed" else qtype)
-    assert sum(isinstance(x, QArray) for x in jax.tree.leaves(q, is_leaf=is_q)) == 7 * LAYERS
+    quantized = sum(isinstance(x, QArray) for x in jax.tree.leaves(q, is_leaf=is_q))
+    assert quantized == 7 * LAYERS + (2 if name in EMB8 else 0)
 
 
 def is_q(x):
