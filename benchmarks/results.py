@@ -29,8 +29,18 @@ RECIPES = ("w8a16,fp8,w8a8-smoothquant,w4a16-rtn-g128,w4a16-rtn-g64,w4a16-gptq-g
            "w4a16-awq-gptq-uint4-g64,nf4,w3a16-gptq-g64")  # fmt: skip
 TEXTS = ("pydoc-eval", "python-code")
 # llama.cpp on SmolLM2-135M, same text and windows: (name, GGUF file MB, Δ perplexity %).
-LLAMA_CPP = (("Q8_0", 144.8, 0.5), ("Q6_K", 138.4, 1.2), ("Q4_K_M", 105.5, 8.0),
-             ("Q3_K_M", 93.5, 13.3), ("Q4_0", 91.7, 23.5), ("Q2_K", 88.2, 40.2))  # fmt: skip
+LLAMA_CPP = (("Q8_0", 144.8, 0.5), ("Q6_K", 138.4, 1.2), ("Q5_K_M", 112.1, 9.9),
+             ("Q4_K_M", 105.5, 8.0), ("Q3_K_M", 93.5, 13.3), ("Q4_0", 91.7, 23.5),
+             ("Q2_K", 88.2, 40.2))  # fmt: skip
+
+
+def label(recipe: str) -> str:
+    """A row's name: the recipe, or a recipe file's stem."""
+    return Path(recipe).stem if recipe.endswith((".yaml", ".yml")) else recipe
+
+
+def is_allocated(recipe: str) -> bool:
+    return "alloc" in label(recipe)
 
 
 def _quantize_time():
@@ -74,8 +84,8 @@ def format_table(rows: list[dict], texts) -> str:
     lines = [head, "|---" + "|---:" * (3 + 2 * len(texts) + 2) + "|"]
     for r in rows:
         q = r["quantized_bits_per_weight"]
-        cells = [r["recipe"], "-" if q is None else f"{q:.3f}", f"{r['bits_per_weight']:.2f}",
-                 f"{r['weight_bytes'] / 1e6:.1f}"]  # fmt: skip
+        cells = [label(r["recipe"]), "-" if q is None else f"{q:.3f}",
+                 f"{r['bits_per_weight']:.2f}", f"{r['weight_bytes'] / 1e6:.1f}"]  # fmt: skip
         for t in texts:
             ppl = r["perplexity"][t]
             cells += [f"{ppl:.3f}", f"{100 * (ppl / base[t] - 1):+.1f}%"]
@@ -87,30 +97,61 @@ def format_table(rows: list[dict], texts) -> str:
     return "\n".join(lines)
 
 
-def plot(rows: list[dict], path: str, text: str) -> None:
+def format_front(rows: list[dict], texts) -> str:
+    """For each llama.cpp file: jquant's best row (on the first text) no larger than it."""
+    base = next(r for r in rows if r["recipe"] == "float")["perplexity"]
+    head = "| llama.cpp | MB | Δ | jquant's best at ≤ its size | MB |"
+    head += "".join(f" Δ {t} |" for t in texts) + " no larger and no worse |"
+    lines = [head, "|---|---:|---:|---|---:|" + "---:|" * len(texts) + "---|"]
+    for name, mb, delta in LLAMA_CPP:
+        fits = [r for r in rows if r["recipe"] != "float" and r["weight_bytes"] / 1e6 <= mb]
+        if not fits:
+            lines.append(f"| {name} | {mb} | +{delta}% | none | |" + " |" * len(texts) + " no |")
+            continue
+        best = min(fits, key=lambda r: r["perplexity"][texts[0]])
+        d = {t: 100 * (best["perplexity"][t] / base[t] - 1) for t in texts}
+        ok = "yes" if d[texts[0]] <= delta else f"no, by {d[texts[0]] - delta:.1f} points"
+        lines.append(f"| {name} | {mb} | +{delta}% | {label(best['recipe'])} | "
+                     f"{best['weight_bytes'] / 1e6:.1f} |"
+                     + "".join(f" {d[t]:+.1f}% |" for t in texts) + f" {ok} |")  # fmt: skip
+    return "\n".join(lines)
+
+
+def plot(rows: list[dict], path: str, texts) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    base = next(r for r in rows if r["recipe"] == "float")["perplexity"][text]
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    for r in rows:
-        mb, ppl = r["weight_bytes"] / 1e6, r["perplexity"][text]
-        ax.scatter(mb, ppl, color="tab:blue")
-        ax.annotate(r["recipe"], (mb, ppl), textcoords="offset points", xytext=(4, 3),
-                    fontsize=7)  # fmt: skip
-    for name, mb, delta in LLAMA_CPP:
-        ppl = base * (1 + delta / 100)
-        ax.scatter(mb, ppl, color="tab:red", marker="x")
-        above = name == "Q8_0"  # it sits next to Q6_K
-        ax.annotate(f"llama.cpp {name}", (mb, ppl), textcoords="offset points",
-                    xytext=(4, 5 if above else -9), fontsize=7, color="tab:red")  # fmt: skip
-    ax.set_xscale("log")
-    ax.set_xlabel("model bytes (MB, log scale; jquant: all weights, embeddings included)")
-    ax.set_ylabel(f"perplexity on {text} (lower is better)")
-    ax.set_title("SmolLM2-135M: quality against size")
-    ax.grid(alpha=0.3)
+    fig, axes = plt.subplots(1, len(texts), figsize=(6.5 * len(texts), 4.8), squeeze=False)
+    for ax, text in zip(axes[0], texts):
+        base = next(r for r in rows if r["recipe"] == "float")["perplexity"][text]
+        fixed = [r for r in rows if not is_allocated(r["recipe"]) and r["recipe"] != "float"]
+        alloc = sorted((r for r in rows if is_allocated(r["recipe"])),
+                       key=lambda r: r["weight_bytes"])  # fmt: skip
+        for r in fixed:
+            mb, ppl = r["weight_bytes"] / 1e6, r["perplexity"][text]
+            ax.scatter(mb, ppl, color="tab:blue", s=16)
+            ax.annotate(label(r["recipe"]), (mb, ppl), textcoords="offset points",
+                        xytext=(4, 3), fontsize=6)  # fmt: skip
+        if alloc:
+            ax.plot([r["weight_bytes"] / 1e6 for r in alloc],
+                    [r["perplexity"][text] for r in alloc], "o-", color="tab:green",
+                    label="jquant allocate (one budget per point)")  # fmt: skip
+        ax.axhline(base, color="gray", lw=0.8, ls="--", label=f"float ({base:.3f})")
+        if text == "pydoc-eval":
+            for name, mb, delta in LLAMA_CPP:
+                ppl = base * (1 + delta / 100)
+                ax.scatter(mb, ppl, color="tab:red", marker="x")
+                above = name in ("Q8_0", "Q5_K_M")  # next to Q6_K, Q4_K_M
+                ax.annotate(f"llama.cpp {name}", (mb, ppl), textcoords="offset points",
+                            xytext=(4, 5 if above else -9), fontsize=7, color="tab:red")
+        ax.set_xscale("log")
+        ax.set_xlabel("model bytes (MB, log scale; all weights, embeddings included)")
+        ax.set_ylabel(f"perplexity on {text} (lower is better)")
+        ax.set_title(f"SmolLM2-135M on {text}")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7, loc="best")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -135,9 +176,9 @@ def main(argv=None) -> int:
     done = {r["recipe"]: r for r in json.loads(out.read_text())} if out.exists() else {}
     if args.report_only:
         rows = [done[n] for n in names if n in done]
-        print(format_table(rows, texts))
+        print(format_table(rows, texts) + "\n\n" + format_front(rows, texts))
         if args.plot:
-            plot(rows, args.plot, texts[0])
+            plot(rows, args.plot, texts)
         return 0
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
@@ -149,9 +190,9 @@ def main(argv=None) -> int:
             rows.append(row)
             out.write_text(json.dumps(rows + [r for n, r in done.items() if n not in names],
                                       indent=2) + "\n")  # fmt: skip
-    print(format_table(rows, texts))
+    print(format_table(rows, texts) + "\n\n" + format_front(rows, texts))
     if args.plot:
-        plot(rows, args.plot, texts[0])
+        plot(rows, args.plot, texts)
     return 0
 
 

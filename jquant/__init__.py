@@ -1,6 +1,7 @@
 """jquant: quantize JAX/Flax models and run them with fused kernels on TPU, GPU and CPU."""
 
 from jquant import algorithms as algorithms
+from jquant import alloc as alloc
 from jquant import calib as calib
 from jquant import eval as eval
 from jquant import intercept as intercept

@@ -9,7 +9,7 @@ from __future__ import annotations
 import jax.numpy as jnp
 
 from jquant import qtypes
-from jquant.kernels._formats import group_runs, packed_group_bytes
+from jquant.kernels._formats import bit_planes, group_runs, packed_group_bytes
 from jquant.kernels._formats import packed_length as _packed_length_bits
 from jquant.qtypes import QType
 
@@ -58,10 +58,11 @@ def pack(codes, qtype: str | QType, group_size: int | None):
         pad = -length % qt.pack_width
         if pad:
             v = jnp.pad(v, [(0, 0)] * (v.ndim - 1) + [(0, pad)])
-        if qt.bits == 3:
-            p = jnp.concatenate([_pack_slices(v & 3, 2), _pack_slices(v >> 2, 1)], axis=-1)
-        else:
-            p = _pack_slices(v, qt.bits)
+        planes, shift = [], 0
+        for w in bit_planes(qt.bits):  # low bits first (3 = 2 + 1, 6 = 4 + 2, ...)
+            planes.append(_pack_slices((v >> shift) & (2**w - 1), w))
+            shift += w
+        p = planes[0] if len(planes) == 1 else jnp.concatenate(planes, axis=-1)
         pieces.append(p.reshape(*u.shape[:-1], -1))
     return pieces[0] if len(pieces) == 1 else jnp.concatenate(pieces, axis=-1)
 
@@ -82,11 +83,12 @@ def unpack(packed, qtype: str | QType, k: int, group_size: int | None):
         nbytes = _packed_len(length, qt)
         b = packed[..., offset : offset + count * nbytes]
         b = b.reshape(*packed.shape[:-1], count, nbytes)
-        if qt.bits == 3:
-            n2 = nbytes * 2 // 3
-            v = _unpack_slices(b[..., :n2], 2) | (_unpack_slices(b[..., n2:], 1) << 2)
-        else:
-            v = _unpack_slices(b, qt.bits)
+        codes = nbytes * 8 // qt.bits  # the group's length padded to the pack width
+        v, at, shift = None, 0, 0
+        for w in bit_planes(qt.bits):
+            part = _unpack_slices(b[..., at : at + codes * w // 8], w) << shift
+            v = part if v is None else v | part
+            at, shift = at + codes * w // 8, shift + w
         pieces.append(v[..., :length].reshape(*packed.shape[:-1], count * length))
         offset += count * nbytes
     u = pieces[0] if len(pieces) == 1 else jnp.concatenate(pieces, axis=-1)

@@ -7,6 +7,8 @@
     jquant generate MODEL [--recipe R] --prompt TEXT [--max-new-tokens N] [--json]
     jquant quantize MODEL --recipe R [--calib CORPUS] [--calib-samples N] -o DIR [--overwrite]
     jquant compare MODEL --recipes a,b,c [--corpus ...] [--plot out.png] [--json]
+    jquant allocate MODEL (--target-bits B | --target-size 100MB | --fit DEVICE --context T
+                           --batch N [--kv-cache F]) [--calib ...] [-o recipe.yaml] [--json]
 
 MODEL is a registry name (``smollm2-135m``), a local Hugging Face directory, a
 ``.gguf`` file, a hub id, or a directory written by ``jquant quantize`` (loaded packed,
@@ -24,6 +26,7 @@ import dataclasses
 import json
 import math
 import os
+import re
 import sys
 import time
 
@@ -167,6 +170,27 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--plot", help="write perplexity vs weight size to this PNG")
     p.add_argument("--json", action="store_true", help="print JSON")
+
+    p = sub.add_parser("allocate", help="choose a format per tensor for a budget; write a recipe")
+    _add_model_args(p, recipe=False)
+    p.add_argument("--target-bits", type=_float_in(0.0, open_low=True),
+                   help="average bits per weight, every weight counted")
+    p.add_argument("--target-size", help="total weight bytes, e.g. 100MB or 1.5GiB")
+    p.add_argument("--fit", metavar="DEVICE",
+                   help="an accelerator of the memory report (H100, L4, 'TPU v5e', ...)")
+    p.add_argument("--context", type=_int_at_least(1), help="with --fit: tokens per sequence")
+    p.add_argument("--batch", type=_int_at_least(1), help="with --fit: sequences at once")
+    p.add_argument("--kv-cache", default="bfloat16", help="with --fit: KV cache format")
+    p.add_argument("--formats", help="comma-separated kernel candidates to choose from "
+                   "(default: all of jquant.alloc.KERNEL_CANDIDATES)")
+    p.add_argument("--no-awq", action="store_true",
+                   help="GPTQ rules without AWQ's input scales")
+    p.add_argument("--name", help="recipe name (default: from the budget)")
+    _add_calib_args(p)
+    p.set_defaults(calib_samples=16)
+    p.add_argument("-o", "--output", help="write the recipe YAML here (default: print it)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --output")
+    p.add_argument("--json", action="store_true", help="print the allocation as JSON")
     return parser
 
 
@@ -505,6 +529,81 @@ def _cmd_compare(args) -> int:
     return 0
 
 
+def _cmd_allocate(args) -> int:
+    import jax
+
+    from jquant import alloc, calib
+
+    kinds = [k for k in ("target_bits", "target_size", "fit") if getattr(args, k) is not None]
+    if len(kinds) != 1:
+        raise ValueError("give exactly one of --target-bits, --target-size and --fit (got "
+                         f"{', '.join('--' + k.replace('_', '-') for k in kinds) or 'none'})")
+    if args.fit is not None:
+        alloc.find_device(args.fit)
+        if args.context is None or args.batch is None:
+            raise ValueError("--fit needs --context and --batch")
+    elif args.context is not None or args.batch is not None:
+        raise ValueError("--context and --batch size the KV cache of --fit; give --fit too")
+    if args.target_size is not None:
+        alloc.parse_size(args.target_size)
+    if args.output and os.path.exists(args.output) and not args.overwrite:
+        raise ValueError(f"--output {args.output!r} exists; pass --overwrite to replace it")
+    kernel_candidates = alloc.KERNEL_CANDIDATES
+    if args.formats is not None:
+        known = {c.name: c for c in alloc.KERNEL_CANDIDATES}
+        names = [n.strip() for n in args.formats.split(",") if n.strip()]
+        bad = [n for n in names if n not in known]
+        if bad or not names:
+            raise ValueError(f"--formats {args.formats!r}: unknown {', '.join(bad) or 'empty'}; "
+                             f"known: {', '.join(known)}")  # fmt: skip
+        kernel_candidates = tuple(known[n] for n in dict.fromkeys(names))
+    _check_calib(args)
+    model, params, tokenizer, config = _load(args)
+    if any(_is_qarray(x) for x in jax.tree.leaves(params, is_leaf=_is_qarray)):
+        raise ValueError(f"{args.model} is already quantized; allocate starts from float weights")
+    if tokenizer is None:
+        raise ValueError(f"{args.model} has no tokenizer to encode the calibration text")
+    tokens = calib.calibration_tokens(tokenizer, args.calib, samples=args.calib_samples,
+                                      seq_len=args.calib_seq_len)  # fmt: skip
+    table = alloc.measure(model, params, tokens, config=config,
+                          kernel_candidates=kernel_candidates, progress=not args.json)  # fmt: skip
+    budget = alloc.budget_bytes(
+        table, target_bits=args.target_bits, target_size=args.target_size, fit=args.fit,
+        context=args.context, batch=args.batch, kv_cache=args.kv_cache,
+    )  # fmt: skip
+    allocation = alloc.allocate(table, budget)
+    name = args.name or _allocation_name(args)
+    recipe = allocation.recipe(name, awq=not args.no_awq)
+    text = recipe.to_yaml()
+    if args.output:
+        tmp = f"{args.output}.tmp"
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(text)
+        os.replace(tmp, args.output)
+    if args.json:
+        print(json.dumps({
+            "recipe": args.output, "name": name, "budget_bytes": budget,
+            "weight_bytes": allocation.weight_bytes,
+            "bits_per_weight": allocation.bits_per_weight,
+            "predicted_delta_percent": allocation.predicted_percent,
+            "formats": allocation.counts(), "choice": allocation.choice,
+        }, indent=2))  # fmt: skip
+    else:
+        if not args.output:
+            print(text)
+        where = f" -> {args.output}" if args.output else ""
+        print(f"{args.model} [{name}]{where}: {allocation.summary()}", file=sys.stderr)
+    return 0
+
+
+def _allocation_name(args) -> str:
+    if args.target_bits is not None:
+        return f"alloc-{args.target_bits:g}bits"
+    if args.target_size is not None:
+        return f"alloc-{re.sub(r'[^A-Za-z0-9.]', '', args.target_size)}"
+    return f"alloc-fit-{re.sub(r'[^a-z0-9]', '', args.fit.lower())}-{args.context}x{args.batch}"
+
+
 def format_compare(rows: list[dict], args) -> str:
     """The compare table (Markdown, so it pastes into a README)."""
     lines = [
@@ -576,6 +675,7 @@ def main(argv: list[str] | None = None) -> int:
         "generate": _cmd_generate,
         "quantize": _cmd_quantize,
         "compare": _cmd_compare,
+        "allocate": _cmd_allocate,
     }
     try:
         return handlers[args.command](args)

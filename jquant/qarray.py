@@ -28,8 +28,10 @@ the group holds element ``j + i * L * bits / 8`` of the group in bits
 ``[i * bits, (i + 1) * bits)``. For 4-bit formats: byte ``j`` holds element ``j``
 in the low nibble and element ``j + L/2`` in the high nibble, so unpacking a
 block of whole groups is ``concat([b & 0xF, b >> 4])`` with no interleaving.
-3-bit codes are stored as a 2-bit plane (``L/4`` bytes, as above) followed by a
-1-bit plane of the high bits (``L/8`` bytes), per group. Signed codes are stored
+Other widths are split into power-of-two planes, low bits first, each packed as above
+and the planes of a group concatenated: 3-bit codes as a 2-bit plane (``L/4`` bytes)
+followed by a 1-bit plane of the high bits (``L/8`` bytes); 5-bit as 4 + 1, 6-bit as
+4 + 2 (``L/2`` then ``L/4`` bytes). Signed codes are stored
 in two's complement within their bits. Groups are concatenated along the last
 axis. This order is the same on every platform and in every checkpoint.
 """

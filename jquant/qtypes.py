@@ -3,12 +3,12 @@
 A *format* (``QType``) maps a real number that has already been divided by its
 scale (and shifted by its zero point) onto a finite set of codes, and back:
 
-* ``int`` formats (``int8``, ``int4``, ``int3``, ``int2``) are symmetric:
+* ``int`` formats (``int8``, ``int6``, ``int5``, ``int4``, ``int3``, ``int2``) are symmetric:
   codes are signed integers in ``[qmin, qmax]`` with ``qmin = -2**(bits-1)`` and
   ``qmax = 2**(bits-1) - 1``; the absmax scale maps the largest magnitude to
   ``qmax`` (so ``qmin`` is reachable only by clipping).
-* ``uint`` formats (``uint8``, ``uint4``, ``uint3``, ``uint2``) are asymmetric:
-  codes in ``[0, 2**bits - 1]`` with a per-group zero point.
+* ``uint`` formats (``uint8``, ``uint6``, ``uint5``, ``uint4``, ``uint3``, ``uint2``) are
+  asymmetric: codes in ``[0, 2**bits - 1]`` with a per-group zero point.
 * ``float`` formats (``fp8_e4m3``, ``fp8_e5m2``) store a float8 value; scaling
   maps the absmax to the format's largest finite value and encoding saturates
   (never produces inf/NaN).
@@ -101,8 +101,10 @@ def _fp8(name: str, dtype) -> QType:
 QTYPES: dict[str, QType] = {
     q.name: q
     for q in (
-        _int(8), _int(4), _int(3, experimental=True), _int(2, experimental=True),
-        _uint(8), _uint(4), _uint(3, experimental=True), _uint(2, experimental=True),
+        _int(8), _int(6), _int(5), _int(4), _int(3, experimental=True),
+        _int(2, experimental=True),
+        _uint(8), _uint(6), _uint(5), _uint(4), _uint(3, experimental=True),
+        _uint(2, experimental=True),
         _fp8("fp8_e4m3", ml_dtypes.float8_e4m3fn), _fp8("fp8_e5m2", ml_dtypes.float8_e5m2),
         QType(name="nf4", bits=4, kind="codebook", qmin=0, qmax=15,
               code_dtype=np.dtype(np.uint8), codebook=NF4_CODEBOOK),

@@ -74,15 +74,28 @@ def num_groups(k: int, group_size: int | None) -> int:
     return 1 if is_per_channel(k, group_size) else -(-k // group_size)
 
 
+def bit_planes(bits: int) -> tuple[int, ...]:
+    """Widths of the planes a sub-byte code is stored in, its low bits first.
+
+    4/2/1-bit codes are one plane; the others are split into power-of-two planes, widest
+    first: 3 = 2 + 1, 5 = 4 + 1, 6 = 4 + 2, 7 = 4 + 2 + 1 (bits 0-3 of a 6-bit code in a
+    4-bit plane, bits 4-5 in a 2-bit plane).
+    """
+    if bits >= 8:
+        return (8,)
+    return tuple(w for w in (4, 2, 1) if bits & w)
+
+
 def pack_width(bits: int) -> int:
     """Codes per packing unit of a `bits`-wide format (a group size must be a multiple).
 
-    4/2/1-bit codes fill a byte (8 // bits per byte); 3-bit codes are stored as a 2-bit and
-    a 1-bit plane, so they pack in units of 8; byte-wide formats in units of 1.
+    A plane of w-bit codes fills a byte with 8 // w of them, so a format packs in units of
+    8 // (its narrowest plane): 4-bit in pairs, 2- and 6-bit in fours, 1-, 3- and 5-bit in
+    eights; byte-wide formats in units of 1.
     """
     if bits >= 8:
         return 1
-    return 8 if bits == 3 else 8 // bits
+    return 8 // min(bit_planes(bits))
 
 
 def packed_group_bytes(length: int, bits: int) -> int:

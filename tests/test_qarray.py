@@ -63,6 +63,18 @@ def test_int4_nibble_order_is_per_group_halves():
     np.testing.assert_array_equal(packed[0], np.array(expected, np.uint8))
 
 
+def test_six_bit_is_a_four_bit_then_a_two_bit_plane():
+    # One group of 8 uint6 codes: low nibbles as int4 packs them (code j low, j + 4 high),
+    # then the high two bits as 2-bit slices (byte j holds codes j, j + 2, j + 4, j + 6).
+    c = np.array([0, 63, 17, 42, 5, 48, 33, 12], np.uint8)
+    lo, hi = c & 0xF, c >> 4
+    nib = [lo[j] | (lo[j + 4] << 4) for j in range(4)]
+    two = [hi[j] | (hi[j + 2] << 2) | (hi[j + 4] << 4) | (hi[j + 6] << 6) for j in range(2)]
+    packed = np.asarray(pack(jnp.asarray(c[None]), "uint6", 8))
+    np.testing.assert_array_equal(packed[0], np.array(nib + two, np.uint8))
+    assert packed_length(8, "uint5", 8) == 5 and packed_length(8, "int6", 8) == 6
+
+
 def _weight(seed=0, shape=(576, 96)):
     return np.random.default_rng(seed).standard_normal(shape).astype(np.float32)
 
@@ -97,7 +109,8 @@ def test_quantize_error_obeys_format_bound(name, group_size, scale_dtype):
 @given(
     w=hnp.arrays(np.float32, hnp.array_shapes(min_dims=2, max_dims=2, min_side=1, max_side=40),
                  elements=st.floats(-1e3, 1e3, width=32)),
-    name=st.sampled_from(["int8", "int4", "uint4", "fp8_e4m3", "nf4"]),
+    name=st.sampled_from(["int8", "int6", "int5", "int4", "uint6", "uint5", "uint4", "fp8_e4m3",
+                          "nf4"]),
 )
 @settings(max_examples=25, deadline=None)
 def test_quantize_bound_property(w, name):
@@ -112,7 +125,8 @@ PINNED_REL_ERROR = {
     ("int8", None): 0.00757, ("int4", None): 0.13790, ("int4", 64): 0.10849,
     ("int4", 128): 0.11758, ("uint4", 64): 0.09173, ("nf4", 64): 0.09197,
     ("fp8_e4m3", None): 0.02639, ("fp8_e5m2", None): 0.05263, ("int3", 64): 0.25259,
-    ("int2", 64): 0.72172, ("uint8", None): 0.00706,
+    ("int2", 64): 0.72172, ("uint8", None): 0.00706, ("int6", 64): 0.02446,
+    ("uint6", 64): 0.02179, ("int5", 64): 0.05059, ("uint5", 64): 0.04433,
 }  # fmt: skip
 
 
@@ -206,7 +220,7 @@ def test_from_codes_roundtrip():
         (dict(qtype="int4", group_size=0), "group_size=0"),
         (dict(qtype="int3", group_size=12), "multiple of 8"),
         (dict(qtype="int8", per_tensor=True, group_size=64), "per_tensor"),
-        (dict(qtype="int5"), "unknown qtype 'int5'"),
+        (dict(qtype="int7"), "unknown qtype 'int7'"),
         (dict(qtype="int8", axis=2), "axis=2 is out of range"),
         (dict(qtype="int8", activation="int4"), "activation format .int4. is not supported"),
     ],

@@ -91,7 +91,7 @@ def test_resolve_axis_defaults():
 BAD_RULES = [
     ({"weight": "int8", "colour": "red"}, "unknown key 'colour'; allowed: pattern, skip"),
     ({"pattern": "a(b", "weight": "int8"}, "not a valid regular expression"),
-    ({"weight": "int5"}, "unknown qtype 'int5'"),
+    ({"weight": "int7"}, "unknown qtype 'int7'"),
     ({"weight": "int4", "group_size": 3}, "group_size=3 is invalid for int4"),
     ({"weight": "int4", "group_size": 0}, "group_size=0"),
     ({"weight": "int4", "group_size": 64, "per_tensor": True}, "per_tensor: true excludes"),
@@ -184,7 +184,7 @@ def test_registry(monkeypatch):
     ("", "is empty"),
     ("- a list\n", "expected a mapping"),
     ("name: x\nrules:\n", "no rules"),
-    ("name: x\nrules:\n  - {pattern: a, weight: int5}\n", r"rules\[0\].*unknown qtype"),
+    ("name: x\nrules:\n  - {pattern: a, weight: int7}\n", r"rules\[0\].*unknown qtype"),
 ])  # fmt: skip
 def test_bad_recipe_file_is_a_value_error_naming_the_file(tmp_path, content, message):
     path = tmp_path / "bad.yaml"

@@ -44,17 +44,22 @@ __all__ = ["BudgetError", "Candidate", "candidate", "measure", "allocate", "budg
 
 _GPTQ = {"algorithm": "gptq", "algorithm_args": {"mse": True}}
 
-#: What a decoder kernel (or an untied head) may become: GPTQ with a clip search per group.
+#: What a decoder kernel (or an untied head) may become: GPTQ with a clip search per group,
+#: asymmetric 3- to 6-bit codes in groups of 64 (a bf16 scale and zero point each: 3.5 to
+#: 6.5 bits per weight), or int8 per output channel.
 KERNEL_CANDIDATES: tuple[Candidate, ...] = (
     candidate("uint3-g64", weight="uint3", group_size=64, **_GPTQ),
     candidate("uint4-g64", weight="uint4", group_size=64, **_GPTQ),
-    candidate("uint4-g32", weight="uint4", group_size=32, **_GPTQ),
+    candidate("uint5-g64", weight="uint5", group_size=64, **_GPTQ),
+    candidate("uint6-g64", weight="uint6", group_size=64, **_GPTQ),
     candidate("int8", weight="int8", **_GPTQ),
 )
 #: What the embedding table (and a tied head) may become: no Hessian for a gather, so
-#: round-to-nearest with a searched clip (uint4) or per-row int8, or bfloat16.
+#: round-to-nearest with a searched clip per group, per-row int8, or bfloat16.
 TABLE_CANDIDATES: tuple[Candidate, ...] = (
     candidate("uint4-g64", weight="uint4", group_size=64,
+              algorithm_args={"clip_search": {"grid": 20}}),
+    candidate("uint6-g64", weight="uint6", group_size=64,
               algorithm_args={"clip_search": {"grid": 20}}),
     candidate("int8", weight="int8"),
     candidate("bfloat16", skip=True, dtype="bfloat16"),

@@ -103,8 +103,14 @@ class _Static:
         return isinstance(other, _Static) and self.key == other.key
 
 
+def _settings(rule: Rule | None) -> str:
+    """A rule's settings without its pattern: layers whose rules differ only in their
+    patterns (a recipe with one rule per tensor) share one compiled program."""
+    return repr(None if rule is None else dataclasses.replace(rule, pattern="."))
+
+
 def _plan(rules: dict[str, Rule | None]) -> _Static:
-    return _Static(tuple(sorted((p, repr(r)) for p, r in rules.items())), dict(rules))
+    return _Static(tuple(sorted((p, _settings(r)) for p, r in rules.items())), dict(rules))
 
 
 def _output_error(w, q: QArray, calib: stats.Calibration):
@@ -232,7 +238,7 @@ def _fold_scales(fold: Fold, kind: str, settings: dict, weights, rules, calib):
     from jquant.algorithms import awq
 
     grid = int(settings.get("grid", 20))
-    key = ("awq", grid, fold.repeat, tuple(repr(r) for r in rules))
+    key = ("awq", grid, fold.repeat, tuple(_settings(r) for r in rules))
     if key not in _SEARCHES:
         maps = {"expand": fold.expand, "reduce": fold.reduce} if fold.repeat else {}
         _SEARCHES[key] = jax.jit(
