@@ -2,15 +2,16 @@
 
     python benchmarks/results.py --out docs/results.json --plot docs/results.png
 
-For each recipe: ``jquant quantize smollm2-135m --recipe R -o DIR`` in a child process
-(calibrating on `pydoc-calib` where the recipe asks: 128 windows of 512 tokens), timed with
-its peak memory (benchmarks/quantize_time.py); then ``jquant eval DIR`` (the packed
+For each recipe (a name, or a YAML file such as the allocations that ``jquant allocate``
+wrote into configs/examples/): ``jquant quantize smollm2-135m --recipe R -o DIR`` in a child
+process (calibrating on `pydoc-calib` where the recipe asks: 128 windows of 512 tokens),
+timed with its peak memory (benchmarks/quantize_time.py); then ``jquant eval DIR`` (the packed
 checkpoint, loaded without float weights) on each evaluation text: perplexity over the
 first 16,384 tokens in windows of 512 (docs/evaluation.md). The float row evaluates the
 model itself. Rows already in ``--out`` are kept and not run again, so an interrupted run
 resumes. llama.cpp's points (its quantizations of the same float weights, measured on the
 same text and windows) are drawn on the plot as given in docs/results.md. It prints the
-Markdown table.
+Markdown table, then jquant's best model at each llama.cpp file size.
 """
 
 from __future__ import annotations
@@ -26,7 +27,9 @@ from pathlib import Path
 HERE = Path(__file__).parent
 RECIPES = ("w8a16,fp8,w8a8-smoothquant,w4a16-rtn-g128,w4a16-rtn-g64,w4a16-gptq-g128,"
            "w4a16-gptq-g64,w4a16-awq-g128,w4a16-uint4-g64,w4a16-hqq-g64,w4a16-gptq-uint4-g64,"
-           "w4a16-awq-gptq-uint4-g64,nf4,w3a16-gptq-g64")  # fmt: skip
+           "w4a16-awq-gptq-uint4-g64,nf4,w3a16-gptq-g64,w8a16-emb8,w4a16-awq-gptq-uint4-g64-emb8,"
+           "configs/examples/smollm2-alloc-105.5MB.yaml,configs/examples/smollm2-alloc-93.5MB.yaml,"
+           "configs/examples/smollm2-alloc-88.2MB.yaml")  # fmt: skip
 TEXTS = ("pydoc-eval", "python-code")
 # llama.cpp on SmolLM2-135M, same text and windows: (name, GGUF file MB, Δ perplexity %).
 LLAMA_CPP = (("Q8_0", 144.8, 0.5), ("Q6_K", 138.4, 1.2), ("Q5_K_M", 112.1, 9.9),
