@@ -137,3 +137,29 @@ def test_skip_rule_stores_float_weights_in_bfloat16():
 def test_bad_dtype_is_one_clear_error(rule, match):
     with pytest.raises(RuleError, match=match):
         _recipe(rule, {"pattern": "kernel", "weight": "int8"})
+
+
+def test_cli_unties_for_a_head_apart_and_saves_the_untied_model(capsys, tiny_model, tmp_path):
+    import json
+
+    from jquant.cli import main
+
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("name: apart\nrules:\n  - {pattern: embed, weight: uint4, group_size: 32}\n"
+                      "  - {pattern: lm_head, weight: int8}\n"
+                      "  - {pattern: kernel$, weight: int8}\n")  # fmt: skip
+    text = tmp_path / "t.txt"
+    text.write_text(" ".join(f"word{i % 37}" for i in range(200)))
+    out = tmp_path / "q"
+    assert main(["quantize", tiny_model, "--recipe", str(recipe), "-o", str(out)]) == 0
+    window = ["--text", str(text), "--seq-len", "16", "--max-tokens", "64", "--json"]
+    capsys.readouterr()
+    assert main(["eval", str(out), *window]) == 0
+    saved = json.loads(capsys.readouterr().out)
+    assert main(["eval", tiny_model, "--recipe", str(recipe), *window]) == 0
+    direct = json.loads(capsys.readouterr().out)
+    assert saved == direct  # the packed, untied checkpoint is the model eval quantized
+    model, params, _ = jquant.models.load(str(out))
+    assert not model.config.tie_word_embeddings
+    assert params["lm_head"]["kernel"].get_value().qtype == "int8"
+    assert params["embed_tokens"]["embedding"].get_value().qtype == "uint4"
