@@ -109,7 +109,7 @@ def _fingerprint(params, tokens, kernel_cands, table_cands, extra) -> str:
     for keys, leaf in flat:
         value = np.asarray(leaf.get_value() if hasattr(leaf, "get_value") else leaf)
         h.update(f"{path_str(keys)}{value.shape}{value.dtype}".encode())
-        h.update(value.reshape(-1)[:4096].tobytes())
+        h.update(np.ascontiguousarray(value).tobytes())
     h.update(np.ascontiguousarray(tokens).tobytes())
     h.update(json.dumps([[c.name, dict(c.settings)] for c in (*kernel_cands, *table_cands)],
                         sort_keys=True).encode())  # fmt: skip
