@@ -29,7 +29,8 @@ RECIPES = ("w8a16,fp8,w8a8-smoothquant,w4a16-rtn-g128,w4a16-rtn-g64,w4a16-gptq-g
            "w4a16-gptq-g64,w4a16-awq-g128,w4a16-uint4-g64,w4a16-hqq-g64,w4a16-gptq-uint4-g64,"
            "w4a16-awq-gptq-uint4-g64,nf4,w3a16-gptq-g64,w8a16-emb8,w4a16-awq-gptq-uint4-g64-emb8,"
            "configs/examples/smollm2-alloc-105.5MB.yaml,configs/examples/smollm2-alloc-93.5MB.yaml,"
-           "configs/examples/smollm2-alloc-88.2MB.yaml")  # fmt: skip
+           "configs/examples/smollm2-alloc-88.2MB.yaml,"
+           "configs/examples/smollm2-alloc-75MB.yaml")  # fmt: skip
 TEXTS = ("pydoc-eval", "python-code")
 # llama.cpp on SmolLM2-135M, same text and windows: (name, GGUF file MB, Δ perplexity %).
 LLAMA_CPP = (("Q8_0", 144.8, 0.5), ("Q6_K", 138.4, 1.2), ("Q5_K_M", 112.1, 9.9),
