@@ -43,8 +43,9 @@ from flax import nnx
 from tqdm.auto import tqdm
 
 from jquant import algorithms
-from jquant._tap import Rewired, Tap, tapping
+from jquant._tap import Rewired, tapping
 from jquant.calib import stats
+from jquant.calib.driver import _with_taps
 from jquant.models.convert import EMBED_PATH, HEAD_PATH
 from jquant.qarray import QArray
 from jquant.recipe import Rule
@@ -105,20 +106,6 @@ def _is_variable(x) -> bool:
     return isinstance(x, nnx.Variable)
 
 
-def _tapped(state, paths):
-    """``state`` with the kernels at ``paths`` (relative) wrapped in Taps."""
-    from jquant.transform import path_str
-
-    def visit(keys, leaf):
-        path = path_str(keys)
-        if path not in paths:
-            return leaf
-        return leaf.replace(value=Tap(leaf.get_value(), path)) if _is_variable(leaf) \
-            else Tap(leaf, path)
-
-    return jax.tree_util.tree_map_with_path(visit, state, is_leaf=_is_variable)
-
-
 def _kernel_paths(state) -> list[str]:
     from jquant.transform import path_str
 
@@ -137,7 +124,7 @@ def _layer_backward(graphdef, state, x, ctx, g_out, *, paths):
     """(∂L/∂x, {path: Σ g²}, {path: input stats}) of one decoder layer."""
     from jquant.models import blocks
 
-    tapped = _tapped(state, set(paths))
+    tapped = _with_taps(state, set(paths))
     widths = {p: _leaf(state, p).shape[-1] for p in paths}
     probes = {p: jnp.zeros((widths[p],), jnp.float32) for p in paths}
 

@@ -37,9 +37,9 @@ def _reference(model, params, tokens):
         "self_attn/q_proj/kernel", "self_attn/k_proj/kernel", "self_attn/v_proj/kernel",
         "self_attn/o_proj/kernel", "mlp/gate_proj/kernel", "mlp/up_proj/kernel",
         "mlp/down_proj/kernel")]  # fmt: skip
-    from jquant.alloc.sensitivity import _tapped
+    from jquant.calib.driver import _with_taps
 
-    tapped = _tapped(params, set(paths))
+    tapped = _with_taps(params, set(paths))
     b, s = tokens.shape
     widths = {p: S._leaf(params, p).shape[1] for p in paths}
     inputs = {}
