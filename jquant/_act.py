@@ -21,6 +21,7 @@ Absmax scaling never clips, so the identity is the exact derivative between step
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import jax
@@ -87,6 +88,44 @@ def _fake_quant_bwd(fmt, axes, _, g):
 
 
 fake_quant.defvjp(_fake_quant_fwd, _fake_quant_bwd)
+
+
+@dataclasses.dataclass(frozen=True)
+class ActQuantized:
+    """A float weight whose matmuls quantize their activations first (QAT of W8A8 / W4A8).
+
+    `jquant.qat.fake_quantize` returns one for a weight whose rule sets ``activation``:
+    `jquant.ops` then fake-quantizes the activations per token over the contracted axes
+    (:func:`fake_quant`, the quantizer serving uses) and multiplies by ``value`` (the
+    fake-quantized weight). A pytree: ``value`` is the leaf, ``activation`` static.
+    """
+
+    value: jax.Array
+    activation: str = dataclasses.field(metadata=dict(static=True), default="int8")
+
+    def __post_init__(self):
+        check_format(self.activation)
+
+    @property
+    def shape(self):
+        return self.value.shape
+
+    @property
+    def ndim(self) -> int:
+        return self.value.ndim
+
+    @property
+    def dtype(self):
+        return self.value.dtype
+
+    def __jax_array__(self):
+        raise TypeError(
+            "an ActQuantized weight quantizes the activations of its matmuls: pass it to "
+            "jquant.ops (qdot / qeinsum / qattend) or run the model through jquant.apply"
+        )
+
+
+jax.tree_util.register_dataclass(ActQuantized, data_fields=["value"], meta_fields=["activation"])
 
 
 # Activation format -> the weight qtype of a true 8-bit matmul (same code dtype).

@@ -6,6 +6,7 @@ Also the second level of double quantization (the scales stored as uint8 codes).
 from __future__ import annotations
 
 import jax.numpy as jnp
+import numpy as np
 
 from jquant import qtypes
 from jquant._groups import apply_groups, group_reduce, per_group
@@ -50,10 +51,12 @@ def compute_scale(
             return fn(w_t).reshape((1,) * w_t.ndim)
         return group_reduce(w_t, group_size, fn)
 
-    target = jnp.float32(qt.scale_target)
+    # Multiplying by the float32 reciprocal is what XLA makes of a division by a constant
+    # inside jit; writing it out keeps eager and jitted scales (and QAT's) bit-identical.
+    inv_target = jnp.float32(np.float32(1) / np.float32(qt.scale_target))
     if not qt.asymmetric:
         amax = reduce(lambda v, axis=None: jnp.max(jnp.abs(v), axis=axis)) * ratio
-        scale = amax / target
+        scale = amax * inv_target
         scale = jnp.where(scale > 0, scale, jnp.float32(1.0))  # zero (or underflowing) groups
         return _round_up_to(scale, scale_dtype), None
     # The range always includes zero (as GPTQ's quantizer does), and clipping shrinks it
@@ -61,7 +64,7 @@ def compute_scale(
     # exactly representable.
     lo = jnp.minimum(reduce(lambda v, axis=None: jnp.min(v, axis=axis)), 0.0) * ratio
     hi = jnp.maximum(reduce(lambda v, axis=None: jnp.max(v, axis=axis)), 0.0) * ratio
-    scale = hi / target - lo / target  # not (hi - lo) / target: that overflows near ±3e38
+    scale = hi * inv_target - lo * inv_target  # not (hi - lo): that overflows near ±3e38
     scale = jnp.where(scale > 0, scale, jnp.float32(1.0))  # zero or underflowing groups
     scale = _round_up_to(scale, scale_dtype)
     # An integer zero point, as GPTQ/AWQ checkpoints and kernels use: zero is then exactly
@@ -120,7 +123,8 @@ def double_quantize(scale):
     s_t = jnp.moveaxis(scale.astype(jnp.float32), -1, -2)  # (..., G, N)
     lo = group_reduce(s_t, SCALE_BLOCK, jnp.min)
     hi = group_reduce(s_t, SCALE_BLOCK, jnp.max)
-    step = jnp.where(hi > lo, (hi - lo) / jnp.float32(255), lo)  # a constant block: code 0
+    # (times the float32 reciprocal of 255, which jit and eager evaluate alike)
+    step = jnp.where(hi > lo, (hi - lo) * jnp.float32(np.float32(1) / np.float32(255)), lo)
     zero_point = -lo / step
     t = per_group(s_t, SCALE_BLOCK, lambda v, lo, d: (v - lo) / d, lo, step)
     codes = jnp.clip(jnp.ceil(t - jnp.float32(2**-10)), 0, 255)

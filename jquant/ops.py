@@ -110,6 +110,8 @@ def qdot_general(
         w, output = _resolve_tap(x, w, dimension_numbers, op)
         return output(qdot_general(x, w, dimension_numbers, precision,
                                    preferred_element_type, op=op))  # fmt: skip
+    if isinstance(w, _act.ActQuantized):
+        x, w = _act_quantized(x, w, dimension_numbers)
     if not isinstance(w, QArray):
         return jax.lax.dot_general(
             x, w, dimension_numbers, precision=precision,
@@ -153,6 +155,13 @@ def _qdot_general_xla(x, w: QArray, dims, out_dtype, precision):
         precision=precision, preferred_element_type=_accumulator(x.dtype),
     )  # fmt: skip
     return y.astype(out_dtype)
+
+
+def _act_quantized(x, w: _act.ActQuantized, dimension_numbers):
+    """QAT's W8A8: activations fake-quantized per token over the contracted axes."""
+    (lc, _), _ = _normalize_dims(dimension_numbers, x.ndim, w.ndim)
+    x = _promote(x, w)
+    return _act.fake_quant(x, w.activation, tuple(lc)), w.value
 
 
 def _resolve_tap(x, tap: Tap, dimension_numbers, op: str):
@@ -213,7 +222,7 @@ def qdot(x: jax.Array, w, *, precision=None, preferred_element_type=None) -> jax
     if isinstance(w, Tap):
         w, output = _resolve_tap(x, w, dims, "qdot")
         return output(qdot(x, w, precision=precision, preferred_element_type=out_dtype))
-    if isinstance(w, QArray):
+    if isinstance(w, QArray | _act.ActQuantized):
         return qdot_general(x, w, dims, precision, out_dtype, op="qdot")
     return _array_dot(x, w, dims, precision, out_dtype, op="qdot")
 
@@ -241,7 +250,7 @@ def qeinsum(spec: str, x, w, *, precision=None, preferred_element_type=None) -> 
     >>> qeinsum("btd,dhk->bthk", jnp.ones((1, 5, 4)), w).shape
     (1, 5, 2, 3)
     """
-    if not isinstance(w, QArray | Tap):
+    if not isinstance(w, QArray | Tap | _act.ActQuantized):
         return jnp.einsum(
             spec, x, w, precision=precision, preferred_element_type=preferred_element_type
         )
@@ -271,6 +280,8 @@ def qembed(ids: jax.Array, table, *, dtype=None) -> jax.Array:
     >>> qembed(jnp.array([0, 2]), jnp.eye(3)).tolist()
     [[1.0, 0.0, 0.0], [0.0, 0.0, 1.0]]
     """
+    if isinstance(table, _act.ActQuantized):  # a gather has no activations to quantize
+        table = table.value
     if not isinstance(table, QArray):
         out = jnp.take(table, ids, axis=0)
         return out if dtype is None else out.astype(dtype)
@@ -310,6 +321,8 @@ def qattend(x: jax.Array, table, *, precision=None, preferred_element_type=None)
     x = _promote(x, table)
     out_dtype = preferred_element_type or x.dtype
     dims = (((x.ndim - 1,), (1,)), ((), ()))
+    if isinstance(table, _act.ActQuantized):
+        return qdot_general(x, table, dims, precision, out_dtype, op="qattend")
     if isinstance(table, QArray):
         if table.ndim != 2:
             raise ValueError(f"qattend: the table must be 2-D, got {_describe(table)}")
