@@ -44,6 +44,7 @@ from flax.core import meta
 
 from jquant import ops
 from jquant._act import ActQuantized
+from jquant._lora import LoRAWeight
 from jquant._tap import Tap
 from jquant.qarray import QArray
 
@@ -217,7 +218,7 @@ def _linen_interceptor(next_fun, args, kwargs, context):
             and module.has_variable("params", param)
         ):
             value = _linen_param(module, param)
-            if isinstance(value, QArray | Tap | ActQuantized):
+            if isinstance(value, QArray | Tap | ActQuantized | LoRAWeight):
                 return handler(module, value, *args, **kwargs)
             break
     return next_fun(*args, **kwargs)
@@ -337,7 +338,7 @@ def _nnx_patched(orig, param, handler):
     @functools.wraps(orig)
     def method(self, *args, **kwargs):
         value = _nnx_value(getattr(self, param, None))
-        if isinstance(value, QArray | Tap | ActQuantized):
+        if isinstance(value, QArray | Tap | ActQuantized | LoRAWeight):
             return handler(self, value, *args, **kwargs)
         return orig(self, *args, **kwargs)
 

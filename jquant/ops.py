@@ -34,6 +34,7 @@ from jquant._dequant_dot import _accumulator
 from jquant._dispatch import MATMUL_PATHS as MATMUL_PATHS
 from jquant._dispatch import matmul_path as matmul_path
 from jquant._dispatch import set_matmul_path as set_matmul_path
+from jquant._lora import LoRAWeight
 from jquant._tap import Tap
 from jquant.qarray import QArray
 
@@ -112,6 +113,8 @@ def qdot_general(
                                    preferred_element_type, op=op))  # fmt: skip
     if isinstance(w, _act.ActQuantized):
         x, w = _act_quantized(x, w, dimension_numbers)
+    if isinstance(w, LoRAWeight):
+        return _lora_dot(x, w, dimension_numbers, precision, preferred_element_type, op)
     if not isinstance(w, QArray):
         return jax.lax.dot_general(
             x, w, dimension_numbers, precision=precision,
@@ -162,6 +165,21 @@ def _act_quantized(x, w: _act.ActQuantized, dimension_numbers):
     (lc, _), _ = _normalize_dims(dimension_numbers, x.ndim, w.ndim)
     x = _promote(x, w)
     return _act.fake_quant(x, w.activation, tuple(lc)), w.value
+
+
+def _lora_dot(x, w: LoRAWeight, dimension_numbers, precision, preferred, op):
+    """``x @ base + scale * (x @ a) @ b`` (QLoRA): the base through the ops, as any weight."""
+    dims = _normalize_dims(dimension_numbers, x.ndim, w.ndim)
+    (lc, rc), (lb, _) = dims
+    if w.ndim != 2 or len(lc) != 1 or lb or tuple(rc) != (0,):
+        raise ValueError(f"{op}: a LoRA weight needs a matmul contracting the first axis of a "
+                         f"2-D kernel (K, N); got a {w.ndim}-D weight and dimension numbers "
+                         f"{dims}")
+    y = qdot_general(x, w.base, dims, precision, preferred, op=op)
+    x = _promote(x, w)
+    low = jnp.moveaxis(x, lc[0], -1) @ w.a.astype(x.dtype)
+    delta = (low @ w.b.astype(x.dtype)) * jnp.asarray(w.scale, x.dtype)
+    return y + delta.astype(y.dtype)
 
 
 def _resolve_tap(x, tap: Tap, dimension_numbers, op: str):
@@ -222,7 +240,7 @@ def qdot(x: jax.Array, w, *, precision=None, preferred_element_type=None) -> jax
     if isinstance(w, Tap):
         w, output = _resolve_tap(x, w, dims, "qdot")
         return output(qdot(x, w, precision=precision, preferred_element_type=out_dtype))
-    if isinstance(w, QArray | _act.ActQuantized):
+    if isinstance(w, QArray | _act.ActQuantized | LoRAWeight):
         return qdot_general(x, w, dims, precision, out_dtype, op="qdot")
     return _array_dot(x, w, dims, precision, out_dtype, op="qdot")
 
@@ -250,7 +268,7 @@ def qeinsum(spec: str, x, w, *, precision=None, preferred_element_type=None) -> 
     >>> qeinsum("btd,dhk->bthk", jnp.ones((1, 5, 4)), w).shape
     (1, 5, 2, 3)
     """
-    if not isinstance(w, QArray | Tap | _act.ActQuantized):
+    if not isinstance(w, QArray | Tap | _act.ActQuantized | LoRAWeight):
         return jnp.einsum(
             spec, x, w, precision=precision, preferred_element_type=preferred_element_type
         )

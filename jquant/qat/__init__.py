@@ -16,6 +16,7 @@ QLoRA (LoRA adapters on a frozen quantized base) is `jquant.qat.lora`. See docs/
 """
 
 from jquant._act import ActQuantized as ActQuantized
+from jquant.qat import lora as lora
 from jquant.qat.core import QATState as QATState
 from jquant.qat.core import convert as convert
 from jquant.qat.core import fake_quantize as fake_quantize
