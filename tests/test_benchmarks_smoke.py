@@ -112,3 +112,19 @@ def test_tune_blocks_smoke_sweep(tmp_path, capsys):
 def test_tune_blocks_needs_a_device_or_smoke():
     with pytest.raises(SystemExit):
         _load("tune_blocks").main([])
+
+
+def test_qat_report_table_and_plot(tmp_path):
+    path = Path(__file__).parents[1] / "benchmarks" / "qat.py"
+    spec = importlib.util.spec_from_file_location("qat_bench", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    run = {"settings": {"recipe": "w4a16-rtn-g128", "steps": 3}, "tokens_per_step": 512,
+           "train_seconds": 120.0, "float": 10.0, "rtn": 16.0, "qat": 12.0,
+           "recovered": 2 / 3, "curve": [0.5, 0.4, 0.3]}  # fmt: skip
+    (tmp_path / "qat.json").write_text(json.dumps({"qat-g128": run}))
+    module.main(["--report-only", "--json", str(tmp_path / "qat.json"),
+                 "--plot", str(tmp_path / "qat.png")])  # fmt: skip
+    text = module.table({"qat-g128": run})
+    assert "| 3 x 512 | 2 | 12.000 | +20.0% | 16.000 (+60.0%) | 67% |" in text
+    assert (tmp_path / "qat.png").stat().st_size > 1000
