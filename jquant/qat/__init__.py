@@ -20,6 +20,7 @@ from jquant.qat import lora as lora
 from jquant.qat.core import QATState as QATState
 from jquant.qat.core import convert as convert
 from jquant.qat.core import fake_quantize as fake_quantize
+from jquant.qat.core import from_quantized as from_quantized
 from jquant.qat.core import init as init
 from jquant.qat.core import nonpositive_scales as nonpositive_scales
 from jquant.qat.core import optimizer as optimizer

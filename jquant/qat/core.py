@@ -126,6 +126,35 @@ def init(params, recipe: Recipe | str, *, quantized=None) -> QATState:
     return state
 
 
+def from_quantized(quantized, recipe: Recipe | str):
+    """``(params, state)`` that start QAT exactly at a quantized model (e.g. GPTQ's or AWQ's).
+
+    ``params`` is ``quantized`` with every QArray dequantized (in its original dtype), and
+    ``state`` holds its scales and zero points, so ``fake_quantize(params, recipe, state)``
+    rounds every weight back to the very codes of ``quantized`` and training starts at its
+    quality rather than at round-to-nearest's. Folded AWQ / SmoothQuant scales are in
+    ``quantized``'s norms already, and so in ``params``.
+
+    Raises:
+      ValueError: as :func:`init` when a QArray's format differs from the recipe's rule.
+    """
+    recipe = _recipe(recipe)
+    flat = jax.tree_util.tree_flatten_with_path(quantized, is_leaf=transform._is_leaf)[0]
+    for keys, leaf in flat:
+        value = transform._unwrap(leaf)
+        if isinstance(value, QArray) and isinstance(value.scale, QArray):
+            raise ValueError(f"{transform.path_str(keys)}: from_quantized cannot start from "
+                             "double-quantized scales, which training quantizes again; use "
+                             "init(params, recipe, quantized=...)")
+
+    def unpack(leaf):
+        value = transform._unwrap(leaf)
+        return transform._rewrap(leaf, value.dequantize()) if isinstance(value, QArray) else leaf
+
+    params = jax.tree.map(unpack, quantized, is_leaf=transform._is_leaf)
+    return params, init(params, recipe, quantized=quantized)
+
+
 def _start_rule(rule: Rule) -> Rule:
     """RTN with the rule's format and clipping: single-level scales, no activations."""
     args = {k: v for k, v in rule.algorithm_args.items() if k == "clip_search"}

@@ -170,3 +170,33 @@ def test_sharded_training_step_equals_unsharded():
                          text=True, timeout=600)  # fmt: skip
     assert out.returncode == 0, out.stderr[-3000:]
     assert out.stdout.startswith("OK")
+
+
+def _leaf(v):
+    return v.get_value() if isinstance(v, nnx.Variable) else v
+
+
+def test_from_quantized_starts_at_the_calibrated_model():
+    config = models.LlamaConfig(vocab_size=256, hidden_size=128, intermediate_size=256,
+                                num_layers=2, num_heads=4, num_kv_heads=2,
+                                tie_word_embeddings=True, max_position_embeddings=256)
+    model = models.init_model(config, seed=3)
+    params = nnx.state(model, nnx.Param)
+    rng = np.random.default_rng(4)
+    calib = jnp.asarray(rng.integers(0, 256, (4, 64)), jnp.int32)
+    recipe = "w4a16-awq-gptq-uint4-g64"  # AWQ scales folded into the norms, GPTQ codes
+    gptq, _ = jquant.calib.quantize_model(model, params, recipe, calib, progress=False)
+    start, state = qat.from_quantized(gptq, recipe)
+    fake = qat.fake_quantize(start, recipe, state)
+    tokens = jnp.asarray(rng.integers(0, 256, (2, 32)), jnp.int32)
+    want, _ = models.forward(model, gptq, tokens)
+    got, _ = models.forward(model, fake, tokens)
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=0, atol=2e-5)
+    packed = qat.convert(start, state, recipe)
+    q, g = (_leaf(t["layers"][0]["mlp"]["down_proj"]["kernel"]) for t in (packed, gptq))
+    np.testing.assert_array_equal(np.asarray(q.codes()), np.asarray(g.codes()))
+    rtn_start = qat.convert(params, qat.init(params, recipe), recipe)  # not the same model
+    r = _leaf(rtn_start["layers"][0]["mlp"]["down_proj"]["kernel"])
+    assert not np.array_equal(np.asarray(r.codes()), np.asarray(g.codes()))
+    with pytest.raises(ValueError, match="double-quantized"):
+        qat.from_quantized(jquant.quantize(params, "nf4"), "nf4")
