@@ -15,6 +15,11 @@ not summed in bf16. Integer activations are promoted with the weight's dtype fir
 as ``x @ w`` would. A QArray with ``activation`` set quantizes the activations per
 token first (see ``jquant._act``).
 
+Training wrappers are weights too: an ``ActQuantized`` (QAT of W8A8 / W4A8,
+``jquant.qat.fake_quantize``) fake-quantizes the activations per token and multiplies by
+its float value; a ``LoRAWeight`` (QLoRA, ``jquant.qat.lora``) computes
+``x @ base + scale * (x @ a) @ b`` with its base through these same ops.
+
 Which path runs is ``"auto"`` (a fused kernel where one applies and a measured
 dispatch table allows it, else XLA), ``"xla"`` or ``"kernel"`` (fail rather than fall
 back): ``set_matmul_path`` sets it, else the ``JQUANT_MATMUL`` environment variable,
