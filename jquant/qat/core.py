@@ -239,21 +239,27 @@ def fake_quantize(params, recipe: Recipe | str, state: QATState | None = None, *
     """
     if ste not in fake.STE_MODES:
         raise ValueError(f"ste={ste!r} is not one of {fake.STE_MODES}")
-    recipe = _recipe(recipe)
+
+    def fake_leaf(t: _Target, value):
+        fq = fake.fake_quantize_leaf(value, t.rule, _learned(state, t, value), ste=ste)
+        return fq if t.rule.activation is None else ActQuantized(fq, t.rule.activation)
+
+    return _map_quantized(params, _recipe(recipe), state, fake_leaf)
+
+
+def _map_quantized(params, recipe: Recipe, state, fn):
+    """``params`` with ``fn(target, value)`` in place of each leaf the recipe quantizes
+    (skip rules' ``dtype`` applied to the others), after checking ``state`` against them."""
     flat, treedef, targets = _walk(params, recipe)
     _check_state(state, targets)
     leaves = []
     for t, (_, leaf) in zip(targets, flat):
         value = transform._unwrap(leaf)
-        if t.rule is None:
-            if t.cast is not None and transform._is_array(value):
-                leaf = transform._rewrap(leaf, _cast_float(value, t.cast))
-            leaves.append(leaf)
-            continue
-        fq = fake.fake_quantize_leaf(value, t.rule, _learned(state, t, value), ste=ste)
-        if t.rule.activation is not None:
-            fq = ActQuantized(fq, t.rule.activation)
-        leaves.append(transform._rewrap(leaf, fq))
+        if t.rule is not None:
+            leaf = transform._rewrap(leaf, fn(t, value))
+        elif t.cast is not None and transform._is_array(value):
+            leaf = transform._rewrap(leaf, _cast_float(value, t.cast))
+        leaves.append(leaf)
     return jax.tree_util.tree_unflatten(treedef, leaves)
 
 
@@ -269,27 +275,17 @@ def convert(params, state: QATState | None, recipe: Recipe | str):
         positive finite number (the optimizer drove it there: lower the scales' learning
         rate); the message names the parameter and the count.
     """
-    recipe = _recipe(recipe)
-    flat, treedef, targets = _walk(params, recipe)
-    _check_state(state, targets)
-    leaves = []
-    for t, (_, leaf) in zip(targets, flat):
-        value = transform._unwrap(leaf)
-        if t.rule is None:
-            if t.cast is not None and transform._is_array(value):
-                leaf = transform._rewrap(leaf, _cast_float(value, t.cast))
-            leaves.append(leaf)
-            continue
+
+    def pack(t: _Target, value):
         r = t.rule
         if not state:
-            q = quantize_array(value, r.weight, axis=r.axis, group_size=r.group_size,
-                               per_tensor=r.per_tensor, scale_dtype=r.jnp_scale_dtype,
-                               clip_ratio=r.clip_ratio, double_quant=r.double_quant,
-                               activation=r.activation, name=t.path)  # fmt: skip
-        else:
-            q = _convert_learned(value, r, _learned(state, t, value), t.path)
-        leaves.append(transform._rewrap(leaf, q))
-    return jax.tree_util.tree_unflatten(treedef, leaves)
+            return quantize_array(value, r.weight, axis=r.axis, group_size=r.group_size,
+                                  per_tensor=r.per_tensor, scale_dtype=r.jnp_scale_dtype,
+                                  clip_ratio=r.clip_ratio, double_quant=r.double_quant,
+                                  activation=r.activation, name=t.path)  # fmt: skip
+        return _convert_learned(value, r, _learned(state, t, value), t.path)
+
+    return _map_quantized(params, _recipe(recipe), state, pack)
 
 
 def _convert_learned(value, rule: Rule, learned, path: str) -> QArray:
