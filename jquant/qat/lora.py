@@ -120,39 +120,33 @@ def _scale(adapters, alpha: float | None) -> dict[str, float]:
     return out
 
 
-def apply(base, adapters, *, alpha: float | None = None):
-    """``base`` with each adapted kernel replaced by a `LoRAWeight` (``scale = alpha / r``;
-    1 when ``alpha`` is None). Traceable: call it inside the loss."""
+def _map_adapted(base, adapters, alpha, fn):
+    """``base`` with ``fn(value, adapter, scale)`` in place of each adapted kernel."""
     leaves, treedef = _leaves(base)
     _check(leaves, adapters)
     scales = _scale(adapters, alpha)
-    out = []
-    for path, leaf in leaves:
-        if path in adapters:
-            ad = adapters[path]
-            leaf = transform._rewrap(leaf, LoRAWeight(_value(leaf), ad["a"], ad["b"],
-                                                      scales[path]))  # fmt: skip
-        out.append(leaf)
+    out = [transform._rewrap(leaf, fn(_value(leaf), adapters[path], scales[path]))
+           if path in adapters else leaf for path, leaf in leaves]  # fmt: skip
     return jax.tree_util.tree_unflatten(treedef, out)
+
+
+def apply(base, adapters, *, alpha: float | None = None):
+    """``base`` with each adapted kernel replaced by a `LoRAWeight` (``scale = alpha / r``;
+    1 when ``alpha`` is None). Traceable: call it inside the loss."""
+    return _map_adapted(base, adapters, alpha,
+                        lambda w, ad, scale: LoRAWeight(w, ad["a"], ad["b"], scale))
 
 
 def merge(base, adapters, *, alpha: float | None = None, dtype=None):
     """A float tree: each adapted kernel is ``dequantize(base) + scale * a @ b`` (in
     ``dtype``, default the base's); other leaves are returned as they are."""
-    leaves, treedef = _leaves(base)
-    _check(leaves, adapters)
-    scales = _scale(adapters, alpha)
-    out = []
-    for path, leaf in leaves:
-        if path in adapters:
-            w = _value(leaf)
-            w = w.dequantize(jnp.float32) if isinstance(w, QArray) else w.astype(jnp.float32)
-            ad = adapters[path]
-            delta = ad["a"].astype(jnp.float32) @ ad["b"].astype(jnp.float32)
-            merged = w + np.float32(scales[path]) * delta
-            leaf = transform._rewrap(leaf, merged.astype(dtype or _value(leaf).dtype))
-        out.append(leaf)
-    return jax.tree_util.tree_unflatten(treedef, out)
+
+    def merged(w, ad, scale):
+        w32 = w.dequantize(jnp.float32) if isinstance(w, QArray) else w.astype(jnp.float32)
+        delta = ad["a"].astype(jnp.float32) @ ad["b"].astype(jnp.float32)
+        return (w32 + np.float32(scale) * delta).astype(dtype or w.dtype)
+
+    return _map_adapted(base, adapters, alpha, merged)
 
 
 def requantize(base, adapters, recipe, *, alpha: float | None = None):
