@@ -157,14 +157,21 @@ class Attention(nnx.Module):
         self.o_proj = Dense(h * dh, d, bias=config.o_bias, **kw)
         self.num_kv_heads, self.num_groups, self.head_dim = kv, config.num_groups, dh
 
+    def project(self, x, cos, sin) -> tuple[jax.Array, jax.Array, jax.Array]:
+        """RoPE'd queries ``(B, S, heads, Dh)``, keys and values ``(B, S, kv_heads, Dh)``.
+
+        Query head ``h`` attends with key/value head ``h // num_groups`` (transformers'
+        repeat_kv order)."""
+        b, s, _ = x.shape
+        kv, dh = self.num_kv_heads, self.head_dim
+        q = _apply_rope(self.q_proj(x).reshape(b, s, kv * self.num_groups, dh), cos, sin)
+        k = _apply_rope(self.k_proj(x).reshape(b, s, kv, dh), cos, sin)
+        return q, k, self.v_proj(x).reshape(b, s, kv, dh)
+
     def __call__(self, x, cos, sin, allowed, cache: KVCache | None, layer: int):
         """Args: x (B, S, D); cos/sin (B, S, Dh); allowed (B, S, T) bool, T = keys (the
         cache length, or S without a cache). Returns (B, S, D) and the updated cache."""
-        b, s, _ = x.shape
-        kv, g, dh = self.num_kv_heads, self.num_groups, self.head_dim
-        q = _apply_rope(self.q_proj(x).reshape(b, s, kv * g, dh), cos, sin)
-        k = _apply_rope(self.k_proj(x).reshape(b, s, kv, dh), cos, sin)
-        v = self.v_proj(x).reshape(b, s, kv, dh)
+        q, k, v = self.project(x, cos, sin)
         if cache is not None:
             start = (layer, 0, cache.index, 0, 0)
             cache = cache._replace(
@@ -172,14 +179,42 @@ class Attention(nnx.Module):
                 v=jax.lax.dynamic_update_slice(cache.v, v[None].astype(cache.v.dtype), start),
             )
             k, v = cache.k[layer].astype(x.dtype), cache.v[layer].astype(x.dtype)
-        # Query head h uses key/value head h // g (transformers' repeat_kv order).
-        q = q.reshape(b, s, kv, g, dh)
-        scores = jnp.einsum("bskgd,btkd->bkgst", q, k, preferred_element_type=jnp.float32)
-        scores = scores * jnp.float32(dh**-0.5)
-        scores = jnp.where(allowed[:, None, None], scores, jnp.float32(_MASKED))
-        probs = jax.nn.softmax(scores, axis=-1).astype(x.dtype)
-        out = jnp.einsum("bkgst,btkd->bskgd", probs, v, preferred_element_type=jnp.float32)
-        return self.o_proj(out.astype(x.dtype).reshape(b, s, kv * g * dh)), cache
+        return self.o_proj(attend(q, k, v, allowed)), cache
+
+
+def attend(q, k, v, allowed, *, k_scale=None, v_scale=None) -> jax.Array:
+    """Grouped-query softmax attention: ``(B, S, heads * Dh)`` in ``q``'s dtype.
+
+    Args:
+      q: RoPE'd queries ``(B, S, heads, Dh)``.
+      k, v: keys and values ``(B, T, kv_heads, Dh)``: arrays, or the integer / fp8 codes of
+        a quantized KV cache when ``k_scale`` / ``v_scale`` are given.
+      allowed: ``(B, S, T)`` bool, which keys each query may attend to.
+      k_scale, v_scale: per-token, per-head scales ``(B, T, kv_heads)`` of quantized codes.
+        They are folded into the scores (``q . k_codes * k_scale``) and the probabilities
+        (``(p * v_scale) @ v_codes``), so no dequantized copy of the cache is made.
+    """
+    b, s, h, dh = q.shape
+    kv = k.shape[2]
+    dtype = q.dtype
+    q = q.reshape(b, s, kv, h // kv, dh)
+    scores = jnp.einsum("bskgd,btkd->bkgst", q, k.astype(dtype),
+                        preferred_element_type=jnp.float32)  # fmt: skip
+    if k_scale is not None:
+        scores = scores * _per_key(k_scale)
+    scores = scores * jnp.float32(dh**-0.5)
+    scores = jnp.where(allowed[:, None, None], scores, jnp.float32(_MASKED))
+    probs = jax.nn.softmax(scores, axis=-1)
+    if v_scale is not None:
+        probs = probs * _per_key(v_scale)
+    out = jnp.einsum("bkgst,btkd->bskgd", probs.astype(dtype), v.astype(dtype),
+                     preferred_element_type=jnp.float32)  # fmt: skip
+    return out.astype(dtype).reshape(b, s, h * dh)
+
+
+def _per_key(scale: jax.Array) -> jax.Array:
+    """``(B, T, KV)`` scales as float32 ``(B, KV, 1, 1, T)``, to broadcast over scores."""
+    return jnp.transpose(scale.astype(jnp.float32), (0, 2, 1))[:, :, None, None, :]
 
 
 class MLP(nnx.Module):

@@ -1,0 +1,436 @@
+"""A continuous-batching inference engine over a `Runner`'s fixed slots.
+
+One background thread runs the loop; every iteration it
+
+1. admits waiting requests into free slots (first come, first served);
+2. runs one prefill chunk (at most ``prefill_chunk`` tokens) of the slot that has waited
+   longest for its prompt, so a long prompt is spread over several iterations and never
+   stalls the streams already decoding;
+3. runs one decode step for every slot at once, and hands each decoding request its token.
+
+Requests join and leave between decode steps. A request ends at a stop token (the model's
+EOS unless ``ignore_eos``, plus its ``stop_token_ids``), at a stop string (the text is cut
+before it), after ``max_tokens``, or when it is cancelled; its slot is free for the next
+iteration. Text is streamed as it becomes final: a trailing incomplete UTF-8 character, or a
+tail that could still grow into a stop string, is held back until it cannot.
+
+>>> engine = Engine(model, params, tokenizer, max_slots=8)  # doctest: +SKIP
+>>> engine.start()  # doctest: +SKIP
+>>> engine.generate(tokenizer.encode("Hi"), SamplingParams(max_tokens=8)).text  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import itertools
+import queue
+import threading
+import time
+from collections.abc import Callable, Sequence
+
+import numpy as np
+
+from jquant.serve.runner import Runner, Sampling
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplingParams:
+    """How one request is continued (OpenAI's names and defaults)."""
+
+    max_tokens: int = 16
+    temperature: float = 1.0  # 0 = greedy
+    top_p: float = 1.0
+    top_k: int = 0  # 0 = off
+    seed: int | None = None  # None: a fresh seed per request
+    stop: tuple[str, ...] = ()  # stop strings; the output is cut before the first one
+    stop_token_ids: tuple[int, ...] = ()  # stop tokens besides the model's EOS
+    ignore_eos: bool = False
+
+    def check(self) -> None:
+        """Raises ValueError naming the first bad field."""
+        if not isinstance(self.max_tokens, int) or self.max_tokens < 1:
+            raise ValueError(f"max_tokens={self.max_tokens!r} must be an integer >= 1")
+        if not 0 <= self.temperature <= 100:
+            raise ValueError(f"temperature={self.temperature!r} must be in [0, 100]")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p={self.top_p!r} must be in (0, 1]")
+        if self.top_k < 0:
+            raise ValueError(f"top_k={self.top_k!r} must be >= 0 (0 = off)")
+        if self.seed is not None and not 0 <= self.seed < 2**32:
+            raise ValueError(f"seed={self.seed!r} must be in [0, 2**32)")
+        if any(not isinstance(s, str) or not s for s in self.stop):
+            raise ValueError(f"stop={list(self.stop)!r} must be non-empty strings")
+
+
+@dataclasses.dataclass
+class Output:
+    """One event of a request's stream (or, from `Engine.generate`, the whole result)."""
+
+    request_id: int
+    text: str  # new text since the previous event
+    token_ids: list[int]  # new token ids since the previous event
+    finish_reason: str | None  # None while running; "stop", "length" or "abort" at the end
+    prompt_tokens: int
+    completion_tokens: int  # total so far
+
+
+@dataclasses.dataclass(eq=False)
+class _Request:
+    id: int
+    prompt: list[int]
+    params: SamplingParams
+    callback: Callable[[Output], None]
+    seed: int
+    arrived: float
+    stops: frozenset[int]
+    slot: int = -1
+    filled: int = 0  # prompt tokens in the cache
+    generated: list[int] = dataclasses.field(default_factory=list)
+    sent_text: int = 0  # characters of the decoded text already streamed
+    sent_tokens: int = 0
+    cancelled: bool = False
+
+
+class Engine:
+    """Serves many requests at once on one model (see the module docstring).
+
+    Args:
+      model: a `jquant.models.Llama` (structure and compute dtype).
+      params: its parameters, float or quantized.
+      tokenizer: a `jquant.io.Tokenizer` (or any object with ``decode(ids,
+        skip_special_tokens=True)``).
+      max_slots: sequences decoded at once.
+      max_context: longest prompt + completion of one request (default: the model's
+        context, at most 2048).
+      prefill_chunk: the most prompt tokens run per iteration.
+      kv_cache: KV cache format: None (the compute dtype), "int8" or "fp8".
+      mesh: tensor parallelism: an int ``tp`` (devices) or a ``jax.sharding.Mesh`` with a
+        ``"tp"`` axis; None runs on one device.
+    """
+
+    def __init__(self, model, params, tokenizer, *, max_slots: int = 8,
+                 max_context: int | None = None, prefill_chunk: int = 128, kv_cache=None,
+                 mesh=None):  # fmt: skip
+        config = model.config
+        limit = config.max_position_embeddings
+        max_context = min(limit, 2048) if max_context is None else max_context
+        if not 2 <= max_context <= limit:
+            raise ValueError(
+                f"max_context={max_context} must be in [2, {limit}] "
+                f"(the model's max_position_embeddings)"
+            )
+        if max_slots < 1:
+            raise ValueError(f"max_slots={max_slots} must be >= 1")
+        self.tokenizer = tokenizer
+        self.max_slots, self.max_context = max_slots, max_context
+        self.eos_ids = frozenset(config.eos_token_ids)
+        self.tp_notes: list[str] = []
+        shard = None
+        if mesh is not None:
+            from jquant.serve.tp import runner_sharder
+
+            shard, self.mesh, self.tp_notes = runner_sharder(mesh, config)
+        else:
+            self.mesh = None
+        self.runner = Runner(model, params, slots=max_slots, max_len=max_context,
+                             prefill_chunk=prefill_chunk, kv_cache=kv_cache,
+                             shard=shard)  # fmt: skip
+        self._inbox: queue.SimpleQueue = queue.SimpleQueue()
+        self._waiting: collections.deque[_Request] = collections.deque()
+        self._slots: list[_Request | None] = [None] * max_slots
+        self._by_id: dict[int, _Request] = {}
+        self._ids = itertools.count(1)
+        self._lock = threading.Lock()
+        self._wake = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._stopping = False
+        self.error: BaseException | None = None
+        self._stats = collections.Counter()
+        self._recent: collections.deque[tuple[float, int]] = collections.deque()
+        self.compile_seconds = 0.0
+
+    # ---- lifecycle ---------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Compiles every program and starts the loop (idempotent)."""
+        if self._thread is not None:
+            return
+        self.compile_seconds = self.runner.compile()
+        self._thread = threading.Thread(target=self._loop, name="jquant-engine", daemon=True)
+        self._thread.start()
+
+    def close(self) -> None:
+        """Stops the loop; running and waiting requests end with ``"abort"``."""
+        self._stopping = True
+        self._wake.set()
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+        self._drain_inbox()
+        for req in [*self._waiting, *(r for r in self._slots if r is not None)]:
+            self._finish(req, "abort")
+
+    def __enter__(self) -> Engine:
+        self.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    # ---- requests ----------------------------------------------------------------------
+
+    def check(self, prompt_ids: Sequence[int], params: SamplingParams) -> None:
+        """Raises ValueError if the request cannot be served (what `submit` checks)."""
+        params.check()
+        n = len(prompt_ids)
+        if n == 0:
+            raise ValueError("the prompt is empty")
+        if n >= self.max_context:
+            raise ValueError(
+                f"the prompt has {n} tokens; the context is {self.max_context} tokens, "
+                "which must also hold at least one generated token"
+            )
+        if n + params.max_tokens > self.max_context:
+            raise ValueError(
+                f"the prompt has {n} tokens and max_tokens={params.max_tokens}: "
+                f"{n + params.max_tokens} > the context of {self.max_context} tokens; ask for "
+                f"at most {self.max_context - n} tokens"
+            )
+        vocab = self.runner.config.vocab_size
+        if any(not 0 <= int(t) < vocab for t in prompt_ids):
+            raise ValueError(f"the prompt has token ids outside [0, {vocab})")
+
+    def submit(self, prompt_ids: Sequence[int], params: SamplingParams,
+               callback: Callable[[Output], None]) -> int:  # fmt: skip
+        """Queues a request; ``callback(Output)`` is called from the engine's thread for each
+        new piece and exactly once with ``finish_reason`` set. Returns the request id.
+
+        Raises:
+          ValueError: the request cannot be served (see `check`); nothing was queued.
+          RuntimeError: the engine is not running (never started, closed, or failed).
+        """
+        self.check(prompt_ids, params)
+        if self._thread is None or self._stopping or self.error is not None:
+            raise RuntimeError(f"the engine is not running{self._failure()}")
+        rid = next(self._ids)
+        seed = params.seed if params.seed is not None else int(np.random.randint(2**31))
+        stops = frozenset(params.stop_token_ids) | (
+            frozenset() if params.ignore_eos else self.eos_ids
+        )
+        req = _Request(rid, [int(t) for t in prompt_ids], params, callback, seed,
+                       time.perf_counter(), stops)  # fmt: skip
+        with self._lock:
+            self._by_id[rid] = req
+            self._stats["requests_total"] += 1
+        self._inbox.put(req)
+        self._wake.set()
+        return rid
+
+    def cancel(self, request_id: int) -> None:
+        """Ends a request with ``"abort"`` and frees its slot (a no-op once it has ended)."""
+        with self._lock:
+            req = self._by_id.get(request_id)
+        if req is not None:
+            req.cancelled = True
+            self._wake.set()
+
+    def generate(self, prompt_ids: Sequence[int], params: SamplingParams) -> Output:
+        """Blocking: the whole completion of one request as one `Output`."""
+        done = threading.Event()
+        parts: list[Output] = []
+
+        def collect(out: Output) -> None:
+            parts.append(out)
+            if out.finish_reason is not None:
+                done.set()
+
+        self.submit(prompt_ids, params, collect)
+        while not done.wait(0.5):
+            if self._thread is None or self.error is not None:
+                raise RuntimeError(f"the engine stopped{self._failure()}")
+        last = parts[-1]
+        return Output(last.request_id, "".join(p.text for p in parts),
+                      [t for p in parts for t in p.token_ids], last.finish_reason,
+                      last.prompt_tokens, last.completion_tokens)  # fmt: skip
+
+    def metrics(self) -> dict[str, float]:
+        """A snapshot: slots, queue, KV-cache use, totals and recent decode tokens/s."""
+        with self._lock:
+            active = [r for r in self._slots if r is not None]
+            used = sum(r.filled + max(len(r.generated) - 1, 0) for r in active)
+            now = time.perf_counter()
+            while self._recent and now - self._recent[0][0] > 10:
+                self._recent.popleft()
+            recent = sum(n for _, n in self._recent)
+            span = now - self._recent[0][0] if self._recent else 0.0
+            return {
+                "active_slots": len(active),
+                "queue_depth": len(self._waiting) + self._inbox.qsize(),
+                "kv_cache_used_tokens": used,
+                "kv_cache_capacity_tokens": self.max_slots * self.max_context,
+                "kv_cache_bytes": self.runner.cache.nbytes,
+                "generated_tokens_total": self._stats["generated_tokens_total"],
+                "prompt_tokens_total": self._stats["prompt_tokens_total"],
+                "requests_total": self._stats["requests_total"],
+                "tokens_per_second": recent / span if span > 0.5 else 0.0,
+            }
+
+    # ---- the loop ----------------------------------------------------------------------
+
+    def _failure(self) -> str:
+        return f" (it failed: {self.error!r})" if self.error is not None else ""
+
+    def _loop(self) -> None:
+        try:
+            while not self._stopping:
+                self._drain_inbox()
+                self._reap_cancelled()
+                self._admit()
+                prefilling = [r for r in self._slots if r is not None and r.filled < len(r.prompt)]
+                decoding = [r for r in self._slots if r is not None and r.filled == len(r.prompt)]
+                if not prefilling and not decoding:
+                    self._wake.wait(0.05)
+                    self._wake.clear()
+                    continue
+                if prefilling:
+                    self._prefill(min(prefilling, key=lambda r: r.arrived))
+                if decoding:
+                    self._decode(decoding)
+        except BaseException as e:  # the loop must not die silently: fail every request
+            self.error = e
+            self._drain_inbox()
+            for req in [*self._waiting, *(r for r in self._slots if r is not None)]:
+                self._finish(req, "abort")
+            raise
+
+    def _drain_inbox(self) -> None:
+        while True:
+            try:
+                self._waiting.append(self._inbox.get_nowait())
+            except queue.Empty:
+                return
+
+    def _reap_cancelled(self) -> None:
+        for req in [r for r in self._waiting if r.cancelled]:
+            self._waiting.remove(req)
+            self._finish(req, "abort")
+        for req in self._slots:
+            if req is not None and req.cancelled:
+                self._finish(req, "abort")
+
+    def _admit(self) -> None:
+        for slot, occupant in enumerate(self._slots):
+            if occupant is None and self._waiting:
+                req = self._waiting.popleft()
+                req.slot = slot
+                with self._lock:
+                    self._slots[slot] = req
+
+    def _sampling(self, reqs: list[_Request], rows: int, row_of) -> Sampling:
+        s = Sampling.greedy(rows)
+        for req in reqs:
+            i, p = row_of(req), req.params
+            s.temperature[i], s.top_k[i], s.top_p[i] = p.temperature, p.top_k, p.top_p
+            s.seed[i], s.counter[i] = req.seed, len(req.generated)
+        return s
+
+    def _prefill(self, req: _Request) -> None:
+        chunk = req.prompt[req.filled : req.filled + self.runner.prefill_buckets[-1]]
+        token = self.runner.prefill(req.slot, chunk, req.filled,
+                                    self._sampling([req], 1, lambda r: 0))  # fmt: skip
+        req.filled += len(chunk)
+        with self._lock:
+            self._stats["prompt_tokens_total"] += len(chunk)
+        if req.filled == len(req.prompt):
+            self._accept(req, token)
+
+    def _decode(self, reqs: list[_Request]) -> None:
+        tokens = np.zeros(self.max_slots, np.int32)
+        positions = np.zeros(self.max_slots, np.int32)
+        for slot, r in enumerate(self._slots):
+            if r is not None:  # a prefilling slot's garbage lands where its next chunk goes
+                positions[slot] = r.filled + max(len(r.generated) - 1, 0)
+        for r in reqs:
+            tokens[r.slot] = r.generated[-1]
+        out = self.runner.decode(tokens, positions,
+                                 self._sampling(reqs, self.max_slots, lambda r: r.slot))
+        now = time.perf_counter()
+        with self._lock:
+            self._recent.append((now, len(reqs)))
+        for r in reqs:
+            self._accept(r, int(out[r.slot]))
+
+    def _accept(self, req: _Request, token: int) -> None:
+        """Records a sampled token, streams what became final, ends the request if due."""
+        with self._lock:
+            self._stats["generated_tokens_total"] += 1
+        if token in req.stops:
+            self._emit(req, final=True)
+            self._finish(req, "stop")
+            return
+        req.generated.append(token)
+        text = self.tokenizer.decode(req.generated, skip_special_tokens=True)
+        cut = _first_stop(text, req.params.stop, req.sent_text)
+        if cut is not None:
+            self._emit(req, text[:cut], final=True)
+            self._finish(req, "stop")
+        elif len(req.generated) >= req.params.max_tokens:
+            self._emit(req, text, final=True)
+            self._finish(req, "length")
+        else:
+            self._emit(req, text[: _stable_end(text, req.params.stop)])
+
+    def _emit(self, req: _Request, text: str | None = None, *, final: bool = False) -> None:
+        """Sends the text past what was sent (up to ``text``'s end) and the new ids."""
+        if text is None:
+            text = self.tokenizer.decode(req.generated, skip_special_tokens=True)
+            if not final:
+                text = text[: _stable_end(text, req.params.stop)]
+        delta = text[req.sent_text :] if len(text) > req.sent_text else ""
+        ids = req.generated[req.sent_tokens :]
+        if not delta and not ids:
+            return
+        req.sent_text += len(delta)
+        req.sent_tokens = len(req.generated)
+        self._call(req, Output(req.id, delta, ids, None, len(req.prompt), len(req.generated)))
+
+    def _finish(self, req: _Request, reason: str) -> None:
+        with self._lock:
+            if self._by_id.pop(req.id, None) is None:
+                return  # already finished
+            if req.slot >= 0 and self._slots[req.slot] is req:
+                self._slots[req.slot] = None
+        self._call(req, Output(req.id, "", [], reason, len(req.prompt), len(req.generated)))
+
+    def _call(self, req: _Request, out: Output) -> None:
+        """Runs a request's callback; one that raises (its client is gone) cancels it."""
+        try:
+            req.callback(out)
+        except Exception:
+            req.cancelled = True
+
+
+def _first_stop(text: str, stops: tuple[str, ...], sent: int) -> int | None:
+    """Where the earliest stop string starts in ``text`` (searching from just before what was
+    already sent), or None."""
+    if not stops:
+        return None
+    begin = max(0, sent - max(len(s) for s in stops))
+    hits = [i for i in (text.find(s, begin) for s in stops) if i >= 0]
+    return min(hits) if hits else None
+
+
+def _stable_end(text: str, stops: tuple[str, ...]) -> int:
+    """How much of ``text`` can be streamed: not a trailing replacement character (a UTF-8
+    sequence still incomplete), nor a tail that is the start of a stop string."""
+    full = len(text)
+    while full and text[full - 1] == "\ufffd":
+        full -= 1
+    end = full
+    for s in stops:
+        for n in range(min(len(s) - 1, full), 0, -1):
+            if text[full - n : full] == s[:n]:
+                end = min(end, full - n)
+                break
+    return end
