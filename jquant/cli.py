@@ -9,6 +9,9 @@
     jquant compare MODEL --recipes a,b,c [--corpus ...] [--plot out.png] [--json]
     jquant allocate MODEL (--target-bits B | --target-size 100MB | --fit DEVICE --context T
                            --batch N [--kv-cache F]) [--calib ...] [-o recipe.yaml] [--json]
+    jquant serve MODEL [--recipe R] [--kv-cache {none,int8,fp8}] [--host H] [--port P]
+                       [--max-slots N] [--max-context T] [--prefill-chunk C] [--mesh tp=N]
+                       [--served-model-name NAME]
 
 MODEL is a registry name (``smollm2-135m``), a local Hugging Face directory, a
 ``.gguf`` file, a hub id, or a directory written by ``jquant quantize`` (loaded packed,
@@ -129,6 +132,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("eval", help="perplexity, weight bytes and bits per weight")
     _add_model_args(p)
     _add_eval_args(p)
+    p.add_argument("--kv-cache", choices=["none", "int8", "fp8"],
+                   help="run every window through the serving KV cache in this format "
+                        "(none: the compute dtype); default: no cache")  # fmt: skip
     p.add_argument("--json", action="store_true", help="print JSON")
 
     p = sub.add_parser("generate", help="generate text and report tokens/s")
@@ -191,6 +197,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--output", help="write the recipe YAML here (default: print it)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --output")
     p.add_argument("--json", action="store_true", help="print the allocation as JSON")
+
+    p = sub.add_parser("serve", help="serve the model over an OpenAI-compatible HTTP API")
+    _add_model_args(p)
+    p.add_argument("--kv-cache", choices=["none", "int8", "fp8"], default="none",
+                   help="KV cache format (none: the compute dtype)")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on")
+    p.add_argument("--port", type=_int_at_least(0), default=8000, help="0 = any free port")
+    p.add_argument("--max-slots", type=_int_at_least(1), default=8,
+                   help="requests decoded at once")
+    p.add_argument("--max-context", type=_int_at_least(2),
+                   help="longest prompt + completion (default: the engine's)")
+    p.add_argument("--prefill-chunk", type=_int_at_least(1), default=128,
+                   help="prompt tokens prefilled per step")
+    p.add_argument("--mesh", help="tensor parallelism over devices: tp=N")
+    p.add_argument("--served-model-name", help="model id of the API (default: MODEL)")
     return parser
 
 
@@ -392,14 +413,22 @@ def _weights(params) -> tuple[int, float, float | None]:
 def _evaluate(model, params, tokenizer, text, args, *, progress: bool) -> dict:
     from jquant.eval import perplexity
 
-    result = perplexity(
-        model, params, text, tokenizer=tokenizer, seq_len=args.seq_len,
-        max_tokens=args.max_tokens, batch_size=args.batch_size, progress=progress,
-    )  # fmt: skip
+    kw = dict(tokenizer=tokenizer, seq_len=args.seq_len, max_tokens=args.max_tokens,
+              batch_size=args.batch_size, progress=progress)  # fmt: skip
+    kv_cache = getattr(args, "kv_cache", None)
+    if kv_cache is None:
+        result = perplexity(model, params, text, **kw)
+    else:
+        from jquant.serve.runner import cache_perplexity
+
+        result = cache_perplexity(model, params, text, kv_cache=kv_cache, **kw)
     weight_bytes, bits, q_bits = _weights(params)
-    return {"perplexity": result.perplexity, "weight_bytes": weight_bytes,
-            "bits_per_weight": bits, "quantized_bits_per_weight": q_bits,
-            "tokens": result.tokens}  # fmt: skip
+    out = {"perplexity": result.perplexity, "weight_bytes": weight_bytes,
+           "bits_per_weight": bits, "quantized_bits_per_weight": q_bits,
+           "tokens": result.tokens}  # fmt: skip
+    if kv_cache is not None:
+        out["kv_cache"] = kv_cache
+    return out
 
 
 def _cmd_eval(args) -> int:
@@ -413,7 +442,8 @@ def _cmd_eval(args) -> int:
         print(
             f"{args.model} [{args.recipe or _label(args.model)}]: perplexity "
             f"{out['perplexity']:.3f} over "
-            f"{out['tokens']} tokens (seq_len {args.seq_len}); weights "
+            f"{out['tokens']} tokens (seq_len {args.seq_len}"
+            f"{', KV cache ' + args.kv_cache if args.kv_cache else ''}); weights "
             f"{out['weight_bytes'] / 1e6:.2f} MB, {out['bits_per_weight']:.3f} bits/weight"
         )
     return 0
@@ -596,6 +626,53 @@ def _cmd_allocate(args) -> int:
     return 0
 
 
+def _mesh_tp(text: str | None) -> int | None:
+    """The tensor-parallel size of ``--mesh tp=N`` (None without --mesh)."""
+    if text is None:
+        return None
+    match = re.fullmatch(r"tp=([0-9]+)", text.strip())
+    if not match or int(match.group(1)) < 1:
+        raise ValueError(f"--mesh {text!r}: expected tp=N with N >= 1 devices, e.g. tp=2")
+    return int(match.group(1))
+
+
+def _cmd_serve(args) -> int:
+    import socket
+
+    import uvicorn
+
+    from jquant.serve.engine import Engine
+    from jquant.serve.server import create_app
+
+    if args.port > 65535:
+        raise ValueError(f"--port {args.port} is not a TCP port (0 to 65535)")
+    tp, recipe = _mesh_tp(args.mesh), _recipe(args.recipe)
+    family = socket.getaddrinfo(args.host, args.port, type=socket.SOCK_STREAM)[0][0]
+    sock = socket.create_server((args.host, args.port), family=family)  # fails before loading
+    try:
+        model, params, tokenizer, _ = _load(args)
+        if tokenizer is None:
+            raise ValueError(f"{args.model} has no tokenizer; serve needs one")
+        model, params = _quantized(model, params, recipe)
+        engine = Engine(model, params, tokenizer, max_slots=args.max_slots,
+                        max_context=args.max_context, prefill_chunk=args.prefill_chunk,
+                        kv_cache=None if args.kv_cache == "none" else args.kv_cache,
+                        mesh=tp)  # fmt: skip
+        try:
+            engine.start()
+            app = create_app(engine, args.served_model_name or args.model)
+            host, port = sock.getsockname()[:2]
+            host = f"[{host}]" if ":" in host else host
+            print(f"jquant serve: {args.served_model_name or args.model} at "
+                  f"http://{host}:{port}/v1", flush=True)  # fmt: skip
+            uvicorn.Server(uvicorn.Config(app, log_level="warning")).run(sockets=[sock])
+        finally:
+            engine.close()
+    finally:
+        sock.close()
+    return 0
+
+
 def _allocation_name(args) -> str:
     if args.target_bits is not None:
         return f"alloc-{args.target_bits:g}bits"
@@ -676,6 +753,7 @@ def main(argv: list[str] | None = None) -> int:
         "quantize": _cmd_quantize,
         "compare": _cmd_compare,
         "allocate": _cmd_allocate,
+        "serve": _cmd_serve,
     }
     try:
         return handlers[args.command](args)

@@ -1,6 +1,7 @@
 """The `jquant` command, end to end on a tiny GGUF model written by the test."""
 
 import json
+import math
 
 import pytest
 
@@ -48,6 +49,24 @@ def test_eval_json(capsys, tiny_model, text_file):
     assert main([*args, "--recipe", "w4a16-rtn-g64", "--json"]) == 0
     q = json.loads(capsys.readouterr().out)
     assert q["weight_bytes"] < out["weight_bytes"] and q["perplexity"] != out["perplexity"]
+
+
+def test_eval_through_the_kv_cache(capsys, tiny_model, text_file):
+    args = ["eval", tiny_model, "--text", text_file, "--seq-len", "16", "--max-tokens", "64",
+            "--json"]  # fmt: skip
+    assert main(args) == 0
+    plain = json.loads(capsys.readouterr().out)
+    assert main([*args, "--kv-cache", "none"]) == 0
+    none = json.loads(capsys.readouterr().out)
+    assert none["kv_cache"] == "none" and none["tokens"] == plain["tokens"]
+    assert none["perplexity"] == pytest.approx(plain["perplexity"], rel=1e-5)
+    assert main([*args, "--kv-cache", "int8"]) == 0
+    int8 = json.loads(capsys.readouterr().out)
+    assert int8["perplexity"] != none["perplexity"]
+    # A random model: the per-token NLL (log perplexity) moves by a few percent at most.
+    assert math.log(int8["perplexity"]) == pytest.approx(math.log(none["perplexity"]), rel=0.05)
+    assert main([*args[:-1], "--kv-cache", "int8"]) == 0
+    assert "KV cache int8" in capsys.readouterr().out
 
 
 def test_generate_json(capsys, tiny_model):

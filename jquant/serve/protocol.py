@@ -1,0 +1,335 @@
+"""OpenAI's request bodies, parsed and checked; its error body.
+
+Requests are validated strictly (no ``"5"`` for 5, no ``true`` for 1) and every problem is
+an `APIError`: HTTP 400 with OpenAI's error body, naming the parameter at fault. Fields jquant
+cannot honour are accepted only at their default value; pure metadata (``user``,
+``metadata``, ``store``, ...) is accepted and ignored; any other field is rejected as
+OpenAI does: ``Unrecognized request argument supplied: <name>``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, ValidationError
+
+#: Stop strings a request may give (OpenAI's limit).
+MAX_STOP = 4
+#: Prompts one completions request may batch.
+MAX_PROMPTS = 64
+#: Chat roles accepted ("developer" is rendered as "system").
+ROLES = ("system", "developer", "user", "assistant", "tool")
+
+
+class APIError(Exception):
+    """A request the server refuses: HTTP ``status`` with OpenAI's error body."""
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        param: str | None = None,
+        code: str | None = None,
+        status: int = 400,
+        type: str = "invalid_request_error",
+    ):
+        super().__init__(message)
+        self.message, self.param, self.code, self.status, self.type = (
+            message, param, code, status, type
+        )  # fmt: skip
+
+    def body(self) -> dict:
+        return {"error": {"message": self.message, "type": self.type, "param": self.param,
+                          "code": self.code}}  # fmt: skip
+
+
+class StreamOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+    include_usage: bool | None = None
+    include_obfuscation: bool | None = None  # accepted; jquant adds no obfuscation padding
+
+
+class _Common(BaseModel):
+    """Fields both endpoints share."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    model: str
+    n: int | None = 1
+    temperature: float | None = None
+    top_p: float | None = None
+    stop: Any = None
+    seed: int | None = None
+    stream: bool | None = False
+    stream_options: StreamOptions | None = None
+    max_tokens: int | None = None
+    # Supported only at their default value.
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
+    logit_bias: dict[str, Any] | None = None
+    # Metadata: accepted and ignored.
+    user: str | None = None
+    metadata: dict[str, Any] | None = None
+    store: bool | None = None
+    service_tier: str | None = None
+    prompt_cache_key: str | None = None
+    safety_identifier: str | None = None
+    # Extensions (vLLM's names): top_k 0 or -1 = off; ignore_eos keeps going past EOS.
+    top_k: int | None = None
+    ignore_eos: bool | None = None
+
+
+class CompletionRequest(_Common):
+    """``POST /v1/completions``."""
+
+    prompt: Any
+    logprobs: int | None = None
+    echo: bool | None = None
+    best_of: int | None = None
+    suffix: str | None = None
+
+
+class ChatCompletionRequest(_Common):
+    """``POST /v1/chat/completions``."""
+
+    messages: Any
+    max_completion_tokens: int | None = None
+    logprobs: bool | None = None
+    top_logprobs: int | None = None
+    tools: list[Any] | None = None
+    tool_choice: Any = None
+    functions: list[Any] | None = None
+    function_call: Any = None
+    parallel_tool_calls: bool | None = None
+    response_format: dict[str, Any] | None = None
+    modalities: list[str] | None = None
+    audio: Any = None
+    prediction: Any = None
+    web_search_options: Any = None
+    reasoning_effort: str | None = None  # no reasoning mode: ignored
+    verbosity: str | None = None  # ignored
+
+
+def parse_body(raw: bytes, cls: type[_Common]) -> _Common:
+    """The request ``cls`` from a raw body; `APIError` for malformed JSON or a bad field."""
+    try:
+        data = json.loads(raw, parse_constant=_reject_constant)
+    except (ValueError, UnicodeDecodeError) as e:
+        raise APIError(
+            f"We could not parse the JSON body of your request. ({e}) The OpenAI API "
+            "expects a JSON payload.",
+            code="invalid_json",
+        ) from None
+    if not isinstance(data, dict):
+        raise APIError("The request body must be a JSON object.", code="invalid_json")
+    try:
+        request = cls.model_validate(data)
+    except ValidationError as e:
+        raise _validation_error(e) from None
+    _check_unsupported(request)
+    return request
+
+
+def _reject_constant(name: str):
+    raise ValueError(f"{name} is not valid JSON")
+
+
+def _param(loc) -> str:
+    out = ""
+    for part in loc:
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+    return out
+
+
+def _validation_error(e: ValidationError) -> APIError:
+    err = e.errors(include_url=False)[0]
+    param = _param(err["loc"])
+    kind = err["type"]
+    if kind == "extra_forbidden":
+        if len(err["loc"]) == 1:
+            return APIError(f"Unrecognized request argument supplied: {param}", param=param,
+                            code="unknown_parameter")  # fmt: skip
+        return APIError(f"Unrecognized argument supplied: '{param}'", param=param,
+                        code="unknown_parameter")  # fmt: skip
+    if kind == "missing":
+        return APIError(f"Missing required parameter: '{param}'.", param=param,
+                        code="missing_required_parameter")  # fmt: skip
+    return APIError(f"Invalid type for '{param}': {err['msg'].lower()}, got "
+                    f"{_json_type(err.get('input'))}.", param=param,
+                    code="invalid_type")  # fmt: skip
+
+
+def _json_type(value) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return f"a boolean ({json.dumps(value)})"
+    if isinstance(value, int | float):
+        return f"a number ({value!r})"
+    if isinstance(value, str):
+        return "a string"
+    return "an array" if isinstance(value, list) else "an object"
+
+
+def _unsupported(param: str, what: str) -> APIError:
+    return APIError(f"'{param}' is not supported by this server: {what}", param=param,
+                    code="unsupported_parameter")  # fmt: skip
+
+
+def _check_unsupported(r: _Common) -> None:
+    """`APIError` for an OpenAI feature jquant cannot honour, given a non-default value."""
+    for name in ("presence_penalty", "frequency_penalty"):
+        if getattr(r, name) not in (None, 0):
+            raise _unsupported(name, "only 0 (no penalty) is accepted.")
+    if r.logit_bias:
+        raise _unsupported("logit_bias", "only an empty or null logit_bias is accepted.")
+    if r.stream_options is not None and not r.stream:
+        raise APIError("The 'stream_options' parameter is only allowed when 'stream' is "
+                       "enabled.", param="stream_options", code="invalid_value")  # fmt: skip
+    if isinstance(r, CompletionRequest):
+        if r.logprobs is not None:
+            raise _unsupported("logprobs", "log probabilities are not returned; use null.")
+        if r.echo:
+            raise _unsupported("echo", "the prompt is not echoed; use false.")
+        if r.best_of not in (None, 1):
+            raise _unsupported("best_of", "only 1 is accepted; use n for several choices.")
+        if r.suffix:
+            raise _unsupported("suffix", "insertion is not supported; use null.")
+        return
+    assert isinstance(r, ChatCompletionRequest)
+    if r.logprobs:
+        raise _unsupported("logprobs", "log probabilities are not returned; use false.")
+    if r.top_logprobs not in (None, 0):
+        raise _unsupported("top_logprobs", "log probabilities are not returned.")
+    if r.tools or r.functions:
+        name = "tools" if r.tools else "functions"
+        raise _unsupported(name, "tool calling is not supported.")
+    for name in ("tool_choice", "function_call"):
+        if getattr(r, name) not in (None, "none"):
+            raise _unsupported(name, "tool calling is not supported; use 'none'.")
+    fmt = r.response_format
+    if fmt is not None and fmt != {"type": "text"}:
+        raise _unsupported("response_format", "only {'type': 'text'} is accepted.")
+    if r.modalities is not None and r.modalities != ["text"]:
+        raise _unsupported("modalities", "only ['text'] is accepted.")
+    for name in ("audio", "prediction", "web_search_options"):
+        if getattr(r, name) is not None:
+            raise _unsupported(name, "use null.")
+
+
+def stop_strings(stop) -> tuple[str, ...]:
+    """``stop`` (null, a string or a list of up to 4 strings) as a tuple."""
+    if stop is None:
+        return ()
+    items = [stop] if isinstance(stop, str) else stop
+    if not isinstance(items, list) or not all(isinstance(s, str) for s in items):
+        raise APIError("Invalid type for 'stop': expected a string or an array of strings.",
+                       param="stop", code="invalid_type")  # fmt: skip
+    if len(items) > MAX_STOP:
+        raise APIError(f"Invalid 'stop': array too long. Expected an array with maximum length "
+                       f"{MAX_STOP}, but got an array with length {len(items)} instead.",
+                       param="stop", code="array_above_max_length")  # fmt: skip
+    if any(s == "" for s in items):
+        raise APIError("Invalid 'stop': stop strings must not be empty.", param="stop",
+                       code="invalid_value")  # fmt: skip
+    return tuple(dict.fromkeys(items))
+
+
+def prompts(prompt, vocab_size: int) -> list[str | list[int]]:
+    """``prompt`` as a list of texts or token id lists (OpenAI's four forms)."""
+    bad = APIError("Invalid type for 'prompt': expected a string, an array of strings, an array "
+                   "of integers or an array of integer arrays.", param="prompt",
+                   code="invalid_type")  # fmt: skip
+    if isinstance(prompt, str):
+        return [prompt]
+    if not isinstance(prompt, list) or not prompt:
+        raise bad if not isinstance(prompt, list) else APIError(
+            "Invalid 'prompt': empty array.", param="prompt", code="invalid_value")
+    if all(_is_int(t) for t in prompt):
+        items = [prompt]
+    elif all(isinstance(p, str) for p in prompt):
+        items = list(prompt)
+    elif all(isinstance(p, list) and all(_is_int(t) for t in p) for p in prompt):
+        items = list(prompt)
+    else:
+        raise bad
+    if len(items) > MAX_PROMPTS:
+        raise APIError(f"Invalid 'prompt': at most {MAX_PROMPTS} prompts per request, got "
+                       f"{len(items)}.", param="prompt", code="array_above_max_length")  # fmt: skip
+    for item in items:
+        if isinstance(item, list) and any(not 0 <= t < vocab_size for t in item):
+            raise APIError(f"Invalid 'prompt': token ids must be in [0, {vocab_size}).",
+                           param="prompt", code="invalid_value")  # fmt: skip
+    return items
+
+
+def _is_int(x) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def messages(value) -> list[dict[str, str]]:
+    """``messages`` as ``[{"role", "content"}]`` with text content, for a chat template."""
+    if not isinstance(value, list):
+        raise APIError("Invalid type for 'messages': expected an array of objects.",
+                       param="messages", code="invalid_type")  # fmt: skip
+    if not value:
+        raise APIError("Invalid 'messages': empty array. Expected an array with minimum length "
+                       "1.", param="messages", code="empty_array")  # fmt: skip
+    out = []
+    for i, m in enumerate(value):
+        where = f"messages[{i}]"
+        if not isinstance(m, dict):
+            raise APIError(f"Invalid type for '{where}': expected an object.", param=where,
+                           code="invalid_type")  # fmt: skip
+        known = {"role", "content", "name", "tool_call_id", "refusal", "tool_calls",
+                 "function_call"}  # fmt: skip
+        for key in m:
+            if key not in known:
+                raise APIError(f"Unrecognized argument supplied: '{where}.{key}'",
+                               param=f"{where}.{key}", code="unknown_parameter")  # fmt: skip
+        role = m.get("role")
+        if role not in ROLES:
+            raise APIError(f"Invalid value for '{where}.role': expected one of "
+                           f"{', '.join(map(repr, ROLES))}, got {role!r}.",
+                           param=f"{where}.role", code="invalid_value")  # fmt: skip
+        if m.get("tool_calls") or m.get("function_call"):
+            raise _unsupported(f"{where}.tool_calls", "tool calling is not supported.")
+        if "name" in m and not isinstance(m["name"], str):
+            raise APIError(f"Invalid type for '{where}.name': expected a string.",
+                           param=f"{where}.name", code="invalid_type")  # fmt: skip
+        out.append({"role": "system" if role == "developer" else role,
+                    "content": _content(m.get("content"), role, where)})  # fmt: skip
+    return out
+
+
+def _content(content, role: str, where: str) -> str:
+    if isinstance(content, str):
+        return content
+    if content is None and role == "assistant":
+        return ""
+    if not isinstance(content, list):
+        raise APIError(f"Invalid type for '{where}.content': expected a string or an array of "
+                       "content parts.", param=f"{where}.content",
+                       code="invalid_type")  # fmt: skip
+    texts = []
+    for j, part in enumerate(content):
+        at = f"{where}.content[{j}]"
+        if not isinstance(part, dict) or part.get("type") != "text":
+            kind = part.get("type") if isinstance(part, dict) else None
+            raise APIError(f"Invalid '{at}': only text content parts are supported"
+                           f"{f', got type {kind!r}' if kind else ''}.", param=at,
+                           code="invalid_value")  # fmt: skip
+        if not isinstance(part.get("text"), str) or set(part) - {"type", "text"}:
+            raise APIError(f"Invalid '{at}': a text part is {{'type': 'text', 'text': str}}.",
+                           param=at, code="invalid_value")  # fmt: skip
+        texts.append(part["text"])
+    return "\n".join(texts)
+
+
+def check_number(name: str, value, low: float, high: float) -> None:
+    """`APIError` unless ``low <= value <= high`` (a None value is not checked)."""
+    if value is not None and not (math.isfinite(value) and low <= value <= high):
+        raise APIError(f"Invalid '{name}': expected a value between {low:g} and {high:g}, got "
+                       f"{value!r}.", param=name, code="invalid_value")  # fmt: skip
