@@ -126,6 +126,7 @@ class _Static:
     stacked: bool
     fmt: KVFormat
     dtype: Any
+    cache_sharding: Any = None  # the cache's placement under tensor parallelism, kept per step
 
 
 def stack_layers(params: nnx.State, num_layers: int):
@@ -199,7 +200,14 @@ def _hidden(st: _Static, params, cache, tokens, rows, starts, key_len, all_rows)
 
 
 def _head(st: _Static, params, x):
-    return blocks.apply_head(st.norm, params["norm"], params["head"], x, tied=st.tied)
+    table = params["embed"] if st.tied else params["head"]
+    return blocks.apply_head(st.norm, params["norm"], table, x, tied=st.tied)
+
+
+def _placed(st: _Static, cache: SlotCache) -> SlotCache:
+    if st.cache_sharding is None:
+        return cache
+    return jax.lax.with_sharding_constraint(cache, st.cache_sharding)
 
 
 @functools.partial(jax.jit, static_argnames=("st", "key_len", "all_rows"),
@@ -210,7 +218,7 @@ def _step(st, params, cache, tokens, rows, starts, last, sampling, *, key_len, a
     x, cache = _hidden(st, params, cache, tokens, rows, starts, key_len, all_rows)
     x = jnp.take_along_axis(x, last[:, None, None], axis=1)
     logits = _head(st, params, x)[:, 0]
-    return sample_rows(logits, sampling), cache
+    return sample_rows(logits, sampling), _placed(st, cache)
 
 
 @functools.partial(jax.jit, static_argnames=("st",), donate_argnames=("cache",))
@@ -223,7 +231,7 @@ def _window_nll(st, params, cache, tokens):
     logits = _head(st, params, x)[:, :-1]
     logp = jax.nn.log_softmax(logits, axis=-1)
     picked = jnp.take_along_axis(logp, tokens[:, 1:, None], axis=-1)[..., 0]
-    return -jnp.sum(picked, axis=-1), cache
+    return -jnp.sum(picked, axis=-1), _placed(st, cache)
 
 
 def _buckets(smallest: int, largest: int) -> tuple[int, ...]:
@@ -264,12 +272,16 @@ class Runner:
         self.fmt = kv_format(kv_cache)
         layers, stacked = stack_layers(params, config.num_layers)
         tied = config.tie_word_embeddings
-        self.params = {
-            "embed": params["embed_tokens"],
-            "layers": layers,
-            "norm": params["norm"],
-            "head": params["embed_tokens"] if tied else params["lm_head"],
-        }
+        # A tied head reads the embedding table (kept once, not passed twice).
+        self.params = {"embed": params["embed_tokens"], "layers": layers, "norm": params["norm"]}
+        if not tied:
+            self.params["head"] = params["lm_head"]
+        cache = init_slot_cache(config, slots, max_len, self.fmt, model.dtype)
+        cache_sharding = None
+        if shard is not None:
+            self.params, cache = shard(self.params, cache)
+            cache_sharding = jax.tree.map(lambda x: x.sharding, cache)
+        self.cache = cache
         self._static = _Static(
             config=config,
             embed=nnx.graphdef(model.embed_tokens),
@@ -279,11 +291,8 @@ class Runner:
             stacked=stacked,
             fmt=self.fmt,
             dtype=model.dtype,
+            cache_sharding=cache_sharding,
         )
-        cache = init_slot_cache(config, slots, max_len, self.fmt, model.dtype)
-        if shard is not None:
-            self.params, cache = shard(self.params, cache)
-        self.cache = cache
         self.prefill_buckets = _buckets(min(16, prefill_chunk), min(prefill_chunk, max_len))
         self.key_buckets = _buckets(min(128, max_len), max_len)
         self._compiled: dict = {}
@@ -298,6 +307,12 @@ class Runner:
     def weight_bytes(self) -> int:
         leaves = jax.tree.leaves(self.params, is_leaf=lambda x: isinstance(x, QArray))
         return int(sum(x.nbytes for x in leaves))
+
+    def per_device_bytes(self) -> dict:
+        """Bytes of parameters and cache each device holds (`jquant.sharding`'s count)."""
+        from jquant.sharding import per_device_bytes
+
+        return per_device_bytes((self.params, self.cache))
 
     def bytes_per_token(self) -> int:
         """KV-cache bytes one token of one slot takes (all layers, K and V, scales)."""

@@ -1,0 +1,70 @@
+"""Tensor parallelism for the serving engine: its parameters and slot cache on a mesh.
+
+The rules are `jquant.sharding.tp_logical_specs` (Megatron-style: q/k/v/gate/up split on
+their output features, o/down on their input features at group boundaries, the embedding
+and the LM head on the vocabulary); the stacked decoder layers get None on their leading
+layer axis. The slot cache is split on its kv-head axis when ``tp`` divides the kv heads.
+What cannot be split (a dimension ``tp`` does not divide, a contraction axis whose groups do
+not fall on shard boundaries, heads that would be cut) stays replicated and is listed in the
+notes. The programs then run under GSPMD: the compiler inserts the all-reduces, and the
+outputs equal the single-device run's up to float summation order.
+
+>>> engine = Engine(model, params, tokenizer, mesh=2)  # doctest: +SKIP
+>>> engine.tp_notes, engine.runner.per_device_bytes()  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import jax
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from jquant.sharding import kv_cache_spec, make_tp_mesh, shard_params, tp_logical_specs
+
+AXIS = "tp"
+
+
+def as_mesh(mesh) -> Mesh:
+    """An int ``tp`` as a mesh over the first ``tp`` devices; a Mesh must have a "tp" axis."""
+    if isinstance(mesh, Mesh):
+        if AXIS not in mesh.shape:
+            raise ValueError(f"the mesh has axes {tuple(mesh.shape)}; serving needs one named "
+                             f"{AXIS!r}")  # fmt: skip
+        return mesh
+    return make_tp_mesh(int(mesh), AXIS)
+
+
+def runner_sharder(mesh, config):
+    """``(shard, mesh, notes)``: ``shard(params, cache) -> (params, cache)`` places a
+    `jquant.serve.runner.Runner`'s parameters (``embed``, stacked or listed ``layers``,
+    ``norm``, optional ``head``) and `SlotCache` on ``mesh`` (an int tp or a Mesh)."""
+    mesh = as_mesh(mesh)
+    tp = mesh.shape[AXIS]
+    notes: list[str] = []
+
+    def shard(params, cache):
+        # tp_logical_specs knows the model's own paths: name the runner's parts after them.
+        named = {"embed_tokens": params["embed"], "layers": params["layers"],
+                 "norm": params["norm"]}  # fmt: skip
+        if "head" in params:
+            named["lm_head"] = params["head"]
+        specs, leaf_notes = tp_logical_specs(named, tp, AXIS, config=config)
+        notes.extend(leaf_notes)
+        placed = shard_params(named, specs, mesh)
+        out = {"embed": placed["embed_tokens"], "layers": placed["layers"],
+               "norm": placed["norm"]}  # fmt: skip
+        if "head" in params:
+            out["head"] = placed["lm_head"]
+        kv_spec, kv_notes = kv_cache_spec(config.num_kv_heads, tp, AXIS)
+        notes.extend(kv_notes)
+        scale_spec = P(*tuple(kv_spec)[:4]) if len(kv_spec) else P()
+
+        def put(x, spec):
+            return None if x is None else jax.device_put(x, NamedSharding(mesh, spec))
+
+        cache = cache._replace(k=put(cache.k, kv_spec), v=put(cache.v, kv_spec),
+                               k_scale=put(cache.k_scale, scale_spec),
+                               v_scale=put(cache.v_scale, scale_spec))  # fmt: skip
+        return out, cache
+
+    return shard, mesh, notes
