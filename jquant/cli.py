@@ -647,6 +647,10 @@ def _cmd_serve(args) -> int:
     if args.port > 65535:
         raise ValueError(f"--port {args.port} is not a TCP port (0 to 65535)")
     tp, recipe = _mesh_tp(args.mesh), _recipe(args.recipe)
+    if tp is not None:
+        from jquant.sharding import make_tp_mesh
+
+        make_tp_mesh(tp)  # enough devices? (before the model loads)
     family = socket.getaddrinfo(args.host, args.port, type=socket.SOCK_STREAM)[0][0]
     sock = socket.create_server((args.host, args.port), family=family)  # fails before loading
     try:
@@ -659,18 +663,39 @@ def _cmd_serve(args) -> int:
                         kv_cache=None if args.kv_cache == "none" else args.kv_cache,
                         mesh=tp)  # fmt: skip
         try:
+            _report_engine(engine)
             engine.start()
             app = create_app(engine, args.served_model_name or args.model)
             host, port = sock.getsockname()[:2]
             host = f"[{host}]" if ":" in host else host
             print(f"jquant serve: {args.served_model_name or args.model} at "
-                  f"http://{host}:{port}/v1", flush=True)  # fmt: skip
-            uvicorn.Server(uvicorn.Config(app, log_level="warning")).run(sockets=[sock])
+                  f"http://{host}:{port}/v1 ({len(engine.runner.programs)} programs compiled "
+                  f"in {engine.compile_seconds:.1f} s)", flush=True)  # fmt: skip
+            # No logging config of uvicorn's own (it would bind handlers to this moment's
+            # stderr); its warnings still reach stderr through logging's last resort.
+            uvicorn.Server(uvicorn.Config(app, log_level="warning",
+                                         log_config=None)).run(sockets=[sock])
         finally:
             engine.close()
     finally:
         sock.close()
     return 0
+
+
+def _report_engine(engine) -> None:
+    """One stderr line on the engine's memory; under --mesh, per device and what stayed
+    replicated."""
+    runner = engine.runner
+    line = (f"jquant serve: {engine.max_slots} slots x {engine.max_context} tokens, KV cache "
+            f"{runner.fmt.name} {runner.cache.nbytes / 1e6:.1f} MB, weights "
+            f"{runner.weight_bytes / 1e6:.1f} MB")  # fmt: skip
+    if engine.mesh is not None:
+        held = runner.per_device_bytes()
+        line += (f"; tp={len(held)}: {max(held.values()) / 1e6:.1f} MB per device "
+                 f"({len(engine.tp_notes)} tensors replicated)")  # fmt: skip
+    print(line, file=sys.stderr, flush=True)
+    for note in engine.tp_notes:
+        print(f"  replicated: {note}", file=sys.stderr)
 
 
 def _allocation_name(args) -> str:

@@ -358,6 +358,8 @@ def make_tp_mesh(tp: int, axis: str = "tp", devices: Sequence[jax.Device] | None
             f"make_tp_mesh: tp={tp} needs {tp} devices but {len(devices)} "
             f"{'is' if len(devices) == 1 else 'are'} available"
             + (" (tp must be >= 1)" if tp < 1 else "")
+            + ("; on CPU, XLA_FLAGS=--xla_force_host_platform_device_count=N makes N devices"
+               if devices and devices[0].platform == "cpu" and tp > len(devices) else "")
         )
     return Mesh(np.array(devices[:tp]), (axis,))
 

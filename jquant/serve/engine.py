@@ -6,7 +6,8 @@ One background thread runs the loop; every iteration it
 2. runs one prefill chunk (at most ``prefill_chunk`` tokens) of the slot that has waited
    longest for its prompt, so a long prompt is spread over several iterations and never
    stalls the streams already decoding;
-3. runs one decode step for every slot at once, and hands each decoding request its token.
+3. runs one decode step for every decoding slot at once (the smallest compiled batch that
+   holds them), and hands each request its token.
 
 Requests join and leave between decode steps. A request ends at a stop token (the model's
 EOS unless ``ignore_eos``, plus its ``stop_token_ids``), at a stop string (the text is cut
@@ -346,20 +347,17 @@ class Engine:
             self._accept(req, token)
 
     def _decode(self, reqs: list[_Request]) -> None:
-        tokens = np.zeros(self.max_slots, np.int32)
-        positions = np.zeros(self.max_slots, np.int32)
-        for slot, r in enumerate(self._slots):
-            if r is not None:  # a prefilling slot's garbage lands where its next chunk goes
-                positions[slot] = r.filled + max(len(r.generated) - 1, 0)
-        for r in reqs:
-            tokens[r.slot] = r.generated[-1]
-        out = self.runner.decode(tokens, positions,
-                                 self._sampling(reqs, self.max_slots, lambda r: r.slot))
+        index = {id(r): i for i, r in enumerate(reqs)}
+        out = self.runner.decode(
+            [r.slot for r in reqs], [r.generated[-1] for r in reqs],
+            [r.filled + len(r.generated) - 1 for r in reqs],
+            self._sampling(reqs, len(reqs), lambda r: index[id(r)]),
+        )  # fmt: skip
         now = time.perf_counter()
         with self._lock:
             self._recent.append((now, len(reqs)))
-        for r in reqs:
-            self._accept(r, int(out[r.slot]))
+        for r, token in zip(reqs, out):
+            self._accept(r, int(token))
 
     def _accept(self, req: _Request, token: int) -> None:
         """Records a sampled token, streams what became final, ends the request if due."""

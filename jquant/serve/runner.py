@@ -8,10 +8,10 @@ index). Every program writes a token's key and value at ``(slot, position)`` and
 at position ``p`` attend to its slot's keys at positions ``<= p``; stale keys of an earlier
 request beyond ``p`` are never read, so a freed slot needs no clearing.
 
-Shapes are fixed: the decode step always runs every slot (``(slots, 1)`` tokens), for each of
-a few key-length buckets (it attends only to the first ``key_len`` positions); a prefill chunk
-is one slot's next ``C`` prompt tokens, ``C`` from a few buckets. All of them are compiled
-when the runner is built (`Runner.compile`).
+Shapes are fixed: the decode step runs ``R`` slots (``(R, 1)`` tokens) for ``R`` in
+power-of-two row buckets up to the number of slots, and attends to the first ``key_len``
+positions for ``key_len`` in a few key-length buckets; a prefill chunk is one slot's next
+``C`` prompt tokens, ``C`` from a few buckets. All of them are compiled by `Runner.compile`.
 
 Layers whose parameters differ in structure (a mixed-precision recipe) cannot be stacked;
 they run unrolled, which is exact but compiles longer.
@@ -40,9 +40,11 @@ class SlotCache(NamedTuple):
     """Keys and values of every layer for ``slots`` independent sequences.
 
     Attributes:
-      k, v: ``(layers, slots, max_len, kv_heads, head_dim)``: values in the compute dtype,
-        or codes (int8 / fp8) of a quantized format.
-      k_scale, v_scale: ``(layers, slots, max_len, kv_heads)`` bfloat16 per-token, per-head
+      k, v: ``(layers, slots, kv_heads, max_len, head_dim)``: values in the compute dtype,
+        or codes (int8 / fp8) of a quantized format. Heads before positions: each (slot,
+        head) is one contiguous ``(positions, head_dim)`` matrix, the layout attention's
+        batched matmuls take without a transpose.
+      k_scale, v_scale: ``(layers, slots, kv_heads, max_len)`` bfloat16 per-token, per-head
         scales of a quantized format; None otherwise.
     """
 
@@ -59,7 +61,7 @@ class SlotCache(NamedTuple):
 def init_slot_cache(config: LlamaConfig, slots: int, max_len: int, fmt: KVFormat,
                     dtype) -> SlotCache:  # fmt: skip
     """An all-zero `SlotCache`."""
-    shape = (config.num_layers, slots, max_len, config.num_kv_heads, config.head_dim)
+    shape = (config.num_layers, slots, config.num_kv_heads, max_len, config.head_dim)
     if not fmt.quantized:
         return SlotCache(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype), None, None)
     codes, scales = (lambda: jnp.zeros(shape, fmt.storage)), (
@@ -141,9 +143,9 @@ def stack_layers(params: nnx.State, num_layers: int):
 
 
 def _write(cache: SlotCache, layer, rows, positions, k, v, fmt: KVFormat) -> SlotCache:
-    """Stores ``k``/``v (R, S, KV, Dh)`` at ``(layer, rows[r], positions[r, s])``; positions
-    past the cache are dropped (the padding of a last prefill chunk)."""
-    at = (layer, rows[:, None], positions)
+    """Stores ``k``/``v (R, S, KV, Dh)`` at ``(layer, rows[r], :, positions[r, s])``;
+    positions past the cache are dropped (the padding of a last prefill chunk)."""
+    at = (layer, rows[:, None], slice(None), positions)
     if not fmt.quantized:
         return cache._replace(k=cache.k.at[at].set(k.astype(cache.k.dtype), mode="drop"),
                               v=cache.v.at[at].set(v.astype(cache.v.dtype), mode="drop"))
@@ -154,19 +156,20 @@ def _write(cache: SlotCache, layer, rows, positions, k, v, fmt: KVFormat) -> Slo
     )  # fmt: skip
 
 
-def _read(cache: SlotCache, layer, rows, key_len: int, all_rows: bool):
-    """The first ``key_len`` positions of ``rows``' keys, values and scales at ``layer``."""
+def _read(cache: SlotCache, layer, rows, key_len: int):
+    """The first ``key_len`` positions of ``rows``' keys, values ``(R, T, KV, Dh)`` and
+    scales ``(R, T, KV)`` at ``layer``, as `attend` takes them (the transposes fold into its
+    matmuls: the cache's own layout is what they read)."""
 
     def take(x):
         if x is None:
             return None
-        x = x[layer]
-        return x[:, :key_len] if all_rows else x[rows, :key_len]
+        return jnp.swapaxes(x[layer, rows, :, :key_len], 1, 2)
 
     return tuple(take(x) for x in cache)
 
 
-def _run_layers(st: _Static, layers, x, cos, sin, cache, rows, positions, key_len, all_rows):
+def _run_layers(st: _Static, layers, x, cos, sin, cache, rows, positions, key_len):
     allowed = jnp.arange(key_len, dtype=jnp.int32)[None, None, :] <= positions[:, :, None]
 
     def layer_fn(x, cache, state, i):
@@ -174,7 +177,7 @@ def _run_layers(st: _Static, layers, x, cos, sin, cache, rows, positions, key_le
         attn = layer.self_attn
         q, k, v = attn.project(layer.input_layernorm(x), cos, sin)
         cache = _write(cache, i, rows, positions, k, v, st.fmt)
-        kr, vr, ks, vs = _read(cache, i, rows, key_len, all_rows)
+        kr, vr, ks, vs = _read(cache, i, rows, key_len)
         x = x + attn.o_proj(attend(q, kr, vr, allowed, k_scale=ks, v_scale=vs))
         return x + layer.mlp(layer.post_attention_layernorm(x)), cache
 
@@ -191,12 +194,11 @@ def _run_layers(st: _Static, layers, x, cos, sin, cache, rows, positions, key_le
     return x, cache
 
 
-def _hidden(st: _Static, params, cache, tokens, rows, starts, key_len, all_rows):
+def _hidden(st: _Static, params, cache, tokens, rows, starts, key_len):
     positions = starts[:, None] + jnp.arange(tokens.shape[1], dtype=jnp.int32)[None, :]
     cos, sin = rope_tables(st.config, positions)
     x = nnx.merge(st.embed, params["embed"])(tokens, st.dtype)
-    return _run_layers(st, params["layers"], x, cos, sin, cache, rows, positions, key_len,
-                       all_rows)  # fmt: skip
+    return _run_layers(st, params["layers"], x, cos, sin, cache, rows, positions, key_len)
 
 
 def _head(st: _Static, params, x):
@@ -210,12 +212,12 @@ def _placed(st: _Static, cache: SlotCache) -> SlotCache:
     return jax.lax.with_sharding_constraint(cache, st.cache_sharding)
 
 
-@functools.partial(jax.jit, static_argnames=("st", "key_len", "all_rows"),
+@functools.partial(jax.jit, static_argnames=("st", "key_len"),
                    donate_argnames=("cache",))  # fmt: skip
-def _step(st, params, cache, tokens, rows, starts, last, sampling, *, key_len, all_rows):
+def _step(st, params, cache, tokens, rows, starts, last, sampling, *, key_len):
     """Runs ``tokens (R, S)`` of slots ``rows`` from positions ``starts``; samples one token
     per row from the logits at column ``last[r]``. Returns ``(tokens (R,), cache)``."""
-    x, cache = _hidden(st, params, cache, tokens, rows, starts, key_len, all_rows)
+    x, cache = _hidden(st, params, cache, tokens, rows, starts, key_len)
     x = jnp.take_along_axis(x, last[:, None, None], axis=1)
     logits = _head(st, params, x)[:, 0]
     return sample_rows(logits, sampling), _placed(st, cache)
@@ -227,7 +229,7 @@ def _window_nll(st, params, cache, tokens):
     prefill per row, slot ``r``, from position 0). Returns ``((R,) float32, cache)``."""
     r, s = tokens.shape
     rows = jnp.arange(r, dtype=jnp.int32)
-    x, cache = _hidden(st, params, cache, tokens, rows, jnp.zeros(r, jnp.int32), s, False)
+    x, cache = _hidden(st, params, cache, tokens, rows, jnp.zeros(r, jnp.int32), s)
     logits = _head(st, params, x)[:, :-1]
     logp = jax.nn.log_softmax(logits, axis=-1)
     picked = jnp.take_along_axis(logp, tokens[:, 1:, None], axis=-1)[..., 0]
@@ -295,8 +297,14 @@ class Runner:
         )
         self.prefill_buckets = _buckets(min(16, prefill_chunk), min(prefill_chunk, max_len))
         self.key_buckets = _buckets(min(128, max_len), max_len)
+        self.row_buckets = _buckets(1, slots)
         self._compiled: dict = {}
         self.compile_seconds = 0.0
+
+    @property
+    def programs(self) -> list[tuple[int, int, int, bool]]:
+        """The compiled programs: ``(rows, tokens per row, key_len)`` each."""
+        return list(self._compiled)
 
     @property
     def stacked(self) -> bool:
@@ -325,13 +333,12 @@ class Runner:
         z = np.zeros(rows, np.int32)
         return (np.zeros((rows, length), np.int32), z, z, z, Sampling.greedy(rows))
 
-    def _program(self, rows: int, length: int, key_len: int, all_rows: bool):
-        key = (rows, length, key_len, all_rows)
+    def _program(self, rows: int, length: int, key_len: int):
+        key = (rows, length, key_len)
         if key not in self._compiled:
             start = time.perf_counter()
             lowered = _step.lower(self._static, self.params, self.cache,
-                                  *self._args(rows, length), key_len=key_len,
-                                  all_rows=all_rows)  # fmt: skip
+                                  *self._args(rows, length), key_len=key_len)  # fmt: skip
             self._compiled[key] = lowered.compile()
             self.compile_seconds += time.perf_counter() - start
         return self._compiled[key]
@@ -340,9 +347,10 @@ class Runner:
         """Compiles every decode and prefill program now; returns the seconds it took."""
         before = self.compile_seconds
         for key_len in self.key_buckets:
-            self._program(self.slots, 1, key_len, True)
+            for rows in self.row_buckets:
+                self._program(rows, 1, key_len)
         for chunk in self.prefill_buckets:
-            self._program(1, chunk, self.max_len, False)
+            self._program(1, chunk, self.max_len)
         return self.compile_seconds - before
 
     # ---- running ---------------------------------------------------------------------
@@ -361,24 +369,31 @@ class Runner:
                              f"max_len {self.max_len})")  # fmt: skip
         padded = np.zeros((1, chunk), np.int32)
         padded[0, :n] = tokens
-        program = self._program(1, chunk, self.max_len, False)
+        program = self._program(1, chunk, self.max_len)
         out, self.cache = program(self.params, self.cache, padded,
                                   np.array([slot], np.int32), np.array([start], np.int32),
                                   np.array([n - 1], np.int32), sampling)  # fmt: skip
         return int(np.asarray(out)[0])
 
-    def decode(self, tokens, positions, sampling: Sampling) -> np.ndarray:
-        """One token for every slot: ``tokens (slots,)`` at ``positions (slots,)`` (rows of
-        free slots are computed and ignored). Returns the sampled ``(slots,)`` ids."""
-        positions = np.asarray(positions, np.int32)
-        need = int(positions.max()) + 1
-        key_len = next(b for b in self.key_buckets if b >= need)
-        program = self._program(self.slots, 1, key_len, True)
-        rows = np.arange(self.slots, dtype=np.int32)
-        out, self.cache = program(self.params, self.cache,
-                                  np.asarray(tokens, np.int32)[:, None], rows, positions,
-                                  np.zeros(self.slots, np.int32), sampling)  # fmt: skip
-        return np.asarray(out)
+    def decode(self, slots, tokens, positions, sampling: Sampling) -> np.ndarray:
+        """One token for each of ``slots`` (distinct slot indices): ``tokens`` at
+        ``positions`` (all of that length), sampled by the rows of ``sampling``.
+
+        Runs the smallest compiled batch that holds them (rows padded with copies of the
+        first, which write the same key and value again) attending to the smallest key
+        bucket that holds the longest. Returns the sampled ids, one per slot."""
+        n = len(slots)
+        rows = next(b for b in self.row_buckets if b >= n)
+        pad = lambda x, dtype: np.concatenate(  # noqa: E731
+            [np.asarray(x, dtype), np.repeat(np.asarray(x, dtype)[:1], rows - n, axis=0)])
+        positions = pad(positions, np.int32)
+        key_len = next(b for b in self.key_buckets if b > int(positions.max()))
+        program = self._program(rows, 1, key_len)
+        sampling = Sampling(*(pad(x, np.asarray(x).dtype) for x in sampling))
+        out, self.cache = program(self.params, self.cache, pad(tokens, np.int32)[:, None],
+                                  pad(slots, np.int32), positions, np.zeros(rows, np.int32),
+                                  sampling)  # fmt: skip
+        return np.asarray(out)[:n]
 
     def window_nll(self, windows) -> np.ndarray:
         """Summed next-token NLL of each row of ``windows (R, S)``, ``R <= slots`` and

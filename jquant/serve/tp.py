@@ -58,6 +58,9 @@ def runner_sharder(mesh, config):
         kv_spec, kv_notes = kv_cache_spec(config.num_kv_heads, tp, AXIS)
         notes.extend(kv_notes)
         scale_spec = P(*tuple(kv_spec)[:4]) if len(kv_spec) else P()
+        # The slot cache is (layers, slots, kv_heads, positions, head_dim): heads on axis 2.
+        kv_spec = P(None, None, AXIS, None, None) if len(kv_spec) else P()
+        scale_spec = P(None, None, AXIS, None) if len(scale_spec) else P()
 
         def put(x, spec):
             return None if x is None else jax.device_put(x, NamedSharding(mesh, spec))

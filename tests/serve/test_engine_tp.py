@@ -68,7 +68,7 @@ _RUN = textwrap.dedent(
             rel = float(np.max(np.abs(nll - ref_nll) / np.abs(ref_nll)))
             assert rel <= RTOL, (recipe, tp, rel)
             assert len(held) == tp and max(held.values()) < sum(ref_held.values()) / tp * 2
-            assert runner.cache.k.sharding.spec[3] == "tp"
+            assert runner.cache.k.sharding.spec[2] == "tp"  # (layers, slots, kv_heads, ...)
             down = runner.params["layers"]["mlp"]["down_proj"]["kernel"].get_value()
             assert "tp" in tuple(getattr(down, "qvalue", down).sharding.spec), down
             replicated = recipe == "w4a16-rtn-g128" and tp == 8  # o_proj: 4 groups over 8

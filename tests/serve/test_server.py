@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import socket
 import threading
 import time
@@ -379,8 +380,9 @@ def test_cli_serve_answers_over_http(tiny_model, capsys, monkeypatch):
         time.sleep(0.05)
     out = capsys.readouterr().out
     (line,) = out.splitlines()
-    url = line.rsplit(" ", 1)[1]
+    url = line.split(" at ", 1)[1].split()[0]
     assert line.startswith("jquant serve: tiny at http://127.0.0.1:") and url.endswith("/v1")
+    assert re.search(r"\((\d+) programs compiled in [\d.]+ s\)$", line), line
     client = openai.OpenAI(base_url=url, api_key="x", max_retries=0, timeout=60)
     assert [m.id for m in client.models.list().data] == ["tiny"]
     r = client.completions.create(model="tiny", prompt="hello", max_tokens=3,
@@ -397,6 +399,7 @@ def test_cli_serve_answers_over_http(tiny_model, capsys, monkeypatch):
         (["--mesh", "dp=2"], "--mesh 'dp=2': expected tp=N"),
         (["--mesh", "tp=0"], "expected tp=N with N >= 1"),
         (["--mesh", "tp=2,dp=1"], "expected tp=N"),
+        (["--mesh", "tp=64"], "tp=64 needs 64 devices"),  # checked before the model loads
         (["--port", "70000"], "--port 70000 is not a TCP port"),
         (["--recipe", "no-such-recipe"], "no-such-recipe"),
     ],
