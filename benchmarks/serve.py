@@ -51,7 +51,7 @@ def _start(model: str, weights: str, kv: str, slots: int, context: int) -> tuple
     if not match:
         proc.kill()
         raise RuntimeError(f"jquant serve {' '.join(args[4:])} did not start: {line!r}")
-    return proc, match.group(1), time.perf_counter() - start
+    return proc, match.group(1), time.perf_counter() - start, line
 
 
 async def _one(client, prompt: str, max_tokens: int) -> dict:
@@ -123,7 +123,8 @@ def run(args) -> dict:
     for weights, kv, slots, levels in plan:
         name = f"{pathlib.Path(weights).name}|kv={kv}|slots={slots}"
         print(f"== {name}", flush=True)
-        proc, url, startup = _start(args.model, weights, kv, slots, args.max_context)
+        proc, url, startup, ready = _start(args.model, weights, kv, slots, args.max_context)
+        print(f"   {ready.strip()}", flush=True)
         try:
             asyncio.run(_level(url, prompts, 1, 1, 4))  # warm-up
             rows = []
