@@ -231,3 +231,15 @@ def tiny_model(tmp_path_factory, tiny):
     path = tmp_path_factory.mktemp("model") / "tiny.gguf"
     tiny.write_gguf(path, tiny.tensors(tied=True))
     return str(path)
+
+
+@pytest.fixture
+def eight_cpu_devices():
+    """Environment of a subprocess that sees 8 CPU devices. XLA:CPU aborts a collective whose
+    8 device threads do not all arrive within 40 s, which a loaded 2-core machine can exceed
+    (seen in CI): the limits are raised so that only a real hang fails, by the test's own
+    subprocess timeout."""
+    flags = ("--xla_force_host_platform_device_count=8 "
+             "--xla_cpu_collective_call_terminate_timeout_seconds=900 "
+             "--xla_cpu_collective_timeout_seconds=900")  # fmt: skip
+    return dict(os.environ, XLA_FLAGS=flags, JAX_PLATFORMS="cpu")

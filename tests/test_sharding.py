@@ -1,6 +1,5 @@
 """Sharding QArrays: storage specs from logical specs; an 8-device mesh in a subprocess."""
 
-import os
 import subprocess
 import sys
 import textwrap
@@ -105,9 +104,8 @@ _MULTI_DEVICE = textwrap.dedent(
 )
 
 
-def test_shard_params_on_eight_cpu_devices():
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8",
-               JAX_PLATFORMS="cpu")  # fmt: skip
+def test_shard_params_on_eight_cpu_devices(eight_cpu_devices):
+    env = eight_cpu_devices
     out = subprocess.run(
         [sys.executable, "-c", _MULTI_DEVICE], env=env, capture_output=True, text=True, timeout=300
     )

@@ -1,7 +1,6 @@
 """Tensor parallelism for the Llama family: group-aligned K splits, Megatron-style specs,
 and a tiny Llama on 8 CPU devices (in a subprocess) matching its single-device run."""
 
-import os
 import subprocess
 import sys
 import textwrap
@@ -305,9 +304,8 @@ _TP_RUN = textwrap.dedent(
 
 
 @pytest.mark.parametrize("recipe", ["float", "w8a16-emb8", "w4a16-rtn-g128"])
-def test_tiny_llama_tensor_parallel_matches_one_device(recipe):
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8",
-               JAX_PLATFORMS="cpu")  # fmt: skip
+def test_tiny_llama_tensor_parallel_matches_one_device(recipe, eight_cpu_devices):
+    env = eight_cpu_devices
     out = subprocess.run(
         [sys.executable, "-c", _TP_RUN, recipe], env=env, capture_output=True, text=True,
         timeout=600,

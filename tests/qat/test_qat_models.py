@@ -1,6 +1,5 @@
 """QAT with real models: stock Flax Linen and NNX layers, jquant's Llama, a sharded step."""
 
-import os
 import subprocess
 import sys
 import textwrap
@@ -163,9 +162,8 @@ SHARDED = textwrap.dedent("""
 """)
 
 
-def test_sharded_training_step_equals_unsharded():
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8",
-               JAX_PLATFORMS="cpu")  # fmt: skip
+def test_sharded_training_step_equals_unsharded(eight_cpu_devices):
+    env = eight_cpu_devices
     out = subprocess.run([sys.executable, "-c", SHARDED], env=env, capture_output=True,
                          text=True, timeout=600)  # fmt: skip
     assert out.returncode == 0, out.stderr[-3000:]

@@ -1,7 +1,6 @@
 """The serving engine under tensor parallelism (8 CPU devices, in a subprocess): greedy
 outputs and window NLLs under tp=2, 4, 8 equal the single-device engine's."""
 
-import os
 import subprocess
 import sys
 import textwrap
@@ -16,8 +15,6 @@ _RUN = textwrap.dedent(
     import jquant
     from jquant.models import LlamaConfig, init_model
     from jquant.serve.engine import Engine, SamplingParams
-    from jquant.serve.runner import Runner
-    from jquant.serve.tp import runner_sharder
 
     jax.config.update("jax_numpy_dtype_promotion", "strict")
     assert jax.device_count() == 8
@@ -47,13 +44,13 @@ _RUN = textwrap.dedent(
         with eng:
             def go(i):
                 outs[i] = eng.generate(prompts[i], SamplingParams(
-                    max_tokens=24, temperature=0, ignore_eos=True)).token_ids
+                    max_tokens=16, temperature=0, ignore_eos=True)).token_ids
             threads = [threading.Thread(target=go, args=(i,)) for i in range(len(prompts))]
             [t.start() for t in threads]
             [t.join() for t in threads]
-        shard = None if tp is None else runner_sharder(tp, cfg)[0]
-        runner = Runner(model, q, slots=2, max_len=64, kv_cache=kv, shard=shard)
-        return outs, runner.window_nll(windows), held, eng.tp_notes, eng.runner
+        # The engine is closed: its runner (and cache) score the windows, through the same
+        # sharded programs' code path.
+        return outs, eng.runner.window_nll(windows), held, eng.tp_notes, eng.runner
 
     # Every (recipe, tp) pair of tests/test_tensor_parallel.py runs there through forward;
     # here each recipe once through the engine, int4 at the tp that must replicate o_proj.
@@ -80,9 +77,8 @@ _RUN = textwrap.dedent(
 )
 
 
-def test_engine_tensor_parallel_equals_one_device():
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8",
-               JAX_PLATFORMS="cpu")  # fmt: skip
+def test_engine_tensor_parallel_equals_one_device(eight_cpu_devices):
+    env = eight_cpu_devices
     out = subprocess.run([sys.executable, "-c", _RUN], env=env, capture_output=True,
                          text=True, timeout=900)  # fmt: skip
     print(out.stdout)

@@ -41,7 +41,8 @@ def _generate(capsys, *args) -> dict:
 
 @pytest.mark.slow
 def test_openai_client_against_jquant_serve_equals_jquant_generate(capsys):
-    proc, url = _start(["smollm2-135m", "--max-slots", "4", "--max-context", "512"])
+    proc, url = _start(["smollm2-135m", "--max-slots", "2", "--max-context", "256",
+                        "--prefill-chunk", "32"])
     try:
         client = openai.OpenAI(base_url=url, api_key="unused", max_retries=0, timeout=300)
         assert [m.id for m in client.models.list().data] == ["smollm2-135m"]
