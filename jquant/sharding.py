@@ -221,15 +221,10 @@ def _tp_rule(parent: str, name: str, axis: str):
 
 def _leaf_path(keys) -> str:
     """A key path as a parameter path; NNX ``Variable``s' own key (``value``) is dropped."""
-    parts = []
-    for k in keys:
-        if isinstance(k, jax.tree_util.DictKey):
-            parts.append(str(k.key))
-        elif isinstance(k, jax.tree_util.SequenceKey):
-            parts.append(str(k.idx))
-        elif isinstance(k, jax.tree_util.FlattenedIndexKey):
-            parts.append(str(k.key))
-    return "/".join(parts)
+    from jquant.transform import path_str
+
+    value = jax.tree_util.GetAttrKey("value")
+    return path_str([k for k in keys if k != value])
 
 
 def tp_logical_specs(params, tp: int, axis: str = "tp", *, config=None):
