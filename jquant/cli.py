@@ -456,11 +456,14 @@ def _label(model: str) -> str:
 
 
 def _prompt_ids(tokenizer, prompt: str, raw: bool) -> list[int]:
+    """The chat template's rendering (which writes its own BOS), else the raw text with BOS
+    exactly when the tokenizer's ``add_bos_token`` says."""
+    from jquant.io.tokenizer import encode_prompt
     from jquant.models import chat_prompt
 
     if not raw and getattr(tokenizer, "chat_template", None):
         return chat_prompt(tokenizer, prompt)
-    return list(tokenizer.encode(prompt, add_special_tokens=False))
+    return encode_prompt(tokenizer, prompt)
 
 
 def _decode_speed(model, params, tokenizer, new_tokens: int) -> float:

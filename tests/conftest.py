@@ -20,10 +20,11 @@ from jquant.io.tokenizer import _bytes_to_unicode
 
 jax.config.update("jax_numpy_dtype_promotion", "strict")
 
-# The `reference` extra (torch) is optional: tests that compare against transformers'
-# torch models importorskip it. CI installs it and sets JQUANT_REQUIRE_REFERENCE=1, so
-# there a missing or broken torch fails the run instead of silently skipping them.
-REFERENCE_MODULES = ("torch",)
+# The `reference` extra (torch, sentencepiece) is optional: tests that compare against
+# transformers' torch models or the original SentencePiece importorskip it. CI installs it and
+# sets JQUANT_REQUIRE_REFERENCE=1, so there a missing or broken one fails the run instead of
+# silently skipping those tests.
+REFERENCE_MODULES = ("torch", "sentencepiece", "google.protobuf")
 
 
 def pytest_configure(config):
@@ -89,10 +90,19 @@ def tiny_hf_tensors(
     }
 
 
+#: GGUF architectures the tiny writer knows, and the model_type each loads as.
+TINY_ARCHS = {"llama": "llama", "qwen2": "qwen2", "qwen3": "qwen3", "gemma": "gemma",
+              "gemma2": "gemma2", "gemma3": "gemma3_text"}  # fmt: skip
+TINY_WINDOW = 8  # the sliding window of the tiny Gemma models
+
+
 def tiny_config(*, arch: str = "llama", tied: bool = True) -> dict:
+    """The Checkpoint.config a tiny GGUF of GGUF architecture ``arch`` loads with."""
     t = TINY
+    gemma = arch.startswith("gemma")
+    windowed = arch in ("gemma2", "gemma3")
     return {
-        "model_type": arch,
+        "model_type": TINY_ARCHS.get(arch, arch),
         "vocab_size": len(tiny_vocab()),
         "hidden_size": t["hidden"],
         "intermediate_size": t["ffn"],
@@ -106,9 +116,17 @@ def tiny_config(*, arch: str = "llama", tied: bool = True) -> dict:
         "max_position_embeddings": 256,
         "tie_word_embeddings": tied,
         "attention_bias": arch == "qwen2",
-        "sliding_window": None,
+        "sliding_window": TINY_WINDOW if windowed else None,
         "bos_token_id": 1,
         "eos_token_id": 2,
+        "hidden_act": "gelu_pytorch_tanh" if gemma else "silu",
+        "query_pre_attn_scalar": t["head_dim"] if windowed else None,
+        "attn_logit_softcapping": 50.0 if arch == "gemma2" else None,
+        "final_logit_softcapping": 30.0 if arch == "gemma2" else None,
+        # llama.cpp's patterns: gemma2 alternates, gemma3 has five sliding layers per global.
+        "layer_types": (["sliding_attention", "full_attention"] if arch == "gemma2"
+                        else ["sliding_attention"] * 2 if arch == "gemma3" else None),
+        "rope_local_base_freq": 10000.0 if arch == "gemma3" else None,
     }
 
 
@@ -125,16 +143,26 @@ _TO_GGUF = {
     "mlp.down_proj": "ffn_down",
     "input_layernorm": "attn_norm",
     "post_attention_layernorm": "ffn_norm",
+    "self_attn.q_norm": "attn_q_norm",
+    "self_attn.k_norm": "attn_k_norm",
+}
+# Gemma 2/3 (llama.cpp's gemma2/gemma3 tensor names): the MLP's input norm is ffn_norm.
+_TO_GGUF_SANDWICH = {
+    **_TO_GGUF,
+    "post_attention_layernorm": "post_attention_norm",
+    "pre_feedforward_layernorm": "ffn_norm",
+    "post_feedforward_layernorm": "post_ffw_norm",
 }
 
 
-def gguf_name(hf: str) -> str:
+def gguf_name(hf: str, arch: str = "llama") -> str:
     """The llama.cpp name of an HF tensor name (the test's own, independent mapping)."""
+    names = _TO_GGUF_SANDWICH if arch in ("gemma2", "gemma3") else _TO_GGUF
     stem, kind = hf.rsplit(".", 1)
     if stem.startswith("model.layers."):
         _, _, block, rest = stem.split(".", 3)
-        return f"blk.{block}.{_TO_GGUF[rest]}.{kind}"
-    return f"{_TO_GGUF[stem]}.{kind}"
+        return f"blk.{block}.{names[rest]}.{kind}"
+    return f"{names[stem]}.{kind}"
 
 
 def write_tiny_gguf(
@@ -156,9 +184,20 @@ def write_tiny_gguf(
       skip: HF names to leave out (to make a file with a missing tensor).
       ffn: feed_forward_length to write (to make a config that disagrees with the tensors).
       extra: more `{key: float}` metadata, written as float32 under the architecture prefix.
+
+    Gemma files get what llama.cpp's converter writes: norms stored as ``1 + w``, the
+    sliding window, gemma2's soft-caps, and head_dim as key_length.
     """
     t = TINY
     w = gguf.GGUFWriter(str(path), arch=arch)
+    if arch.startswith("gemma"):
+        w.add_key_length(t["head_dim"])
+        w.add_value_length(t["head_dim"])
+    if arch in ("gemma2", "gemma3"):
+        w.add_sliding_window(TINY_WINDOW)
+    if arch == "gemma2":
+        w.add_attn_logit_softcapping(50.0)
+        w.add_final_logit_softcapping(30.0)
     w.add_block_count(t["layers"])
     w.add_context_length(256)
     w.add_embedding_length(t["hidden"])
@@ -185,16 +224,20 @@ def write_tiny_gguf(
     for name, value in tensors.items():
         if name in skip:
             continue
-        if arch != "qwen2" and ".q_proj." in name:
+        permuted = arch in ("llama", "mistral")  # llama.cpp permutes their Q/K rows
+        if permuted and ".q_proj." in name:
             value = llama_cpp_permute(value, t["heads"])
-        elif arch != "qwen2" and ".k_proj." in name:
+        elif permuted and ".k_proj." in name:
             value = llama_cpp_permute(value, t["kv_heads"])
+        elif arch.startswith("gemma") and name.endswith("norm.weight"):
+            value = value + np.float32(1.0)
         if name in quantize:
             qtype = quantize[name]
             # uint8 block data: the writer derives the element shape from the byte shape.
-            w.add_tensor(gguf_name(name), gguf.quants.quantize(value, qtype), raw_dtype=qtype)
+            w.add_tensor(gguf_name(name, arch), gguf.quants.quantize(value, qtype),
+                         raw_dtype=qtype)  # fmt: skip
         else:
-            w.add_tensor(gguf_name(name), value)
+            w.add_tensor(gguf_name(name, arch), value)
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()

@@ -76,6 +76,39 @@ def test_generate_json(capsys, tiny_model):
     assert 1 <= len(out["tokens"]) <= 5 and isinstance(out["text"], str)
 
 
+# (add_bos_token, flags, prompt): raw prompts, one already written with BOS (<|im_start|> is
+# the tiny vocabulary's BOS), and chat prompts.
+@pytest.mark.parametrize("add_bos, argv, prompt", [
+    (False, ["--raw"], "hello"), (True, ["--raw"], "hello"),
+    (True, ["--raw"], "<|im_start|>hello"), (True, [], "hello"), (True, [], "<|im_start|>hello"),
+])  # fmt: skip
+def test_generate_prompt_starts_with_bos_iff_the_tokenizer_says(
+    capsys, monkeypatch, tmp_path, tiny, add_bos, argv, prompt
+):
+    import jquant.models
+    from jquant.io import load_gguf
+
+    path = tiny.write_gguf(tmp_path / "m.gguf", tiny.tensors(tied=True), add_bos=add_bos)
+    tok = load_gguf(path).tokenizer  # BOS is <|im_start|>, id 1, which the template writes
+    seen, real = [], jquant.models.generate
+
+    def spy(model, params, prompts, **kw):
+        seen.extend(prompts)
+        return real(model, params, prompts, **kw)
+
+    monkeypatch.setattr(jquant.models, "generate", spy)
+    assert main(["generate", str(path), "--prompt", prompt, "--max-new-tokens", "2", "--json",
+                 *argv]) == 0  # fmt: skip
+    capsys.readouterr()
+    [ids] = seen
+    text = tok.encode("hello", add_special_tokens=False)
+    if argv:  # raw: exactly one BOS iff add_bos_token
+        assert ids == ([1] if add_bos else []) + text
+    else:  # chat: the template's rendering only
+        messages = [{"role": "user", "content": prompt}]
+        assert ids == tok.apply_chat_template(messages, tokenize=True) and ids[:2] != [1, 1]
+
+
 def test_compare_table_and_plot(capsys, tiny_model, text_file, tmp_path):
     plot = tmp_path / "cmp.png"
     args = ["compare", tiny_model, "--recipes", "w8a16,nf4", "--text", text_file,

@@ -151,8 +151,8 @@ def _leaf(state, path):
     return node.get_value() if _is_variable(node) else node
 
 
-@functools.partial(jax.jit, static_argnames=("norm_graphdef", "tied"))
-def _head_backward(norm_graphdef, norm_params, weight, x, targets, valid, *, tied):
+@functools.partial(jax.jit, static_argnames=("norm_graphdef", "tied", "softcap"))
+def _head_backward(norm_graphdef, norm_params, weight, x, targets, valid, *, tied, softcap):
     """(summed CE, ∂L/∂x, Σ g² over the logits (V,), input stats of the head)."""
     probe = jnp.zeros((weight.shape[0] if tied else weight.shape[1],), jnp.float32)
 
@@ -162,6 +162,8 @@ def _head_backward(norm_graphdef, norm_params, weight, x, targets, valid, *, tie
         dims = (((h.ndim - 1,), (1 if tied else 0,)), ((), ()))
         logits = jax.lax.dot_general(h.astype(jnp.float32), w, dims)
         logits = _probe(logits, probe)
+        if softcap is not None:  # Gemma 2's final soft-capping
+            logits = jnp.tanh(logits / jnp.float32(softcap)) * jnp.float32(softcap)
         logz = jax.nn.logsumexp(logits, axis=-1)
         picked = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
         return jnp.sum(jnp.where(valid, logz - picked, 0.0)), _input_stats(h)
@@ -212,18 +214,21 @@ def collect(model, params: nnx.State, tokens, *, batch_size: int = 2,
         x, ctx = blocks.embed(model, params, ids)
         xs = [x]
         for i in range(config.num_layers):
-            xs.append(blocks.run_layer(graphdef, blocks.layer_params(params, i), xs[-1], ctx))
+            xs.append(blocks.run_layer(graphdef, blocks.layer_params(params, i), xs[-1],
+                                       ctx.at(config, i)))  # fmt: skip
         targets = jnp.concatenate([ids[:, 1:], ids[:, :1]], axis=1)
         valid = jnp.arange(ids.shape[1])[None, :] < ids.shape[1] - 1
         valid = jnp.broadcast_to(valid, ids.shape)
         loss, g, head_gsq, head_stats = _head_backward(
-            norm_gd, params["norm"], head_w, xs[-1], targets, valid, tied=tied)
+            norm_gd, params["norm"], head_w, xs[-1], targets, valid, tied=tied,
+            softcap=config.final_logit_softcap)  # fmt: skip
         loss_sum += float(loss)
         predicted += int(ids.shape[0] * (ids.shape[1] - 1))
         _add(sums, gsq, "head", head_stats, head_gsq)
         for i in reversed(range(config.num_layers)):
             g, layer_gsq, seen = _layer_backward(
-                graphdef, blocks.layer_params(params, i), xs[i], ctx, g, paths=paths)
+                graphdef, blocks.layer_params(params, i), xs[i], ctx.at(config, i), g,
+                paths=paths)  # fmt: skip
             for p in paths:
                 _add(sums, gsq, f"layers/{i}/{p}", seen[p], layer_gsq[p])
         rows += np.asarray(_row_grad_sq(g, ids, vocab=config.vocab_size), np.float64)

@@ -321,7 +321,7 @@ def quantize_model(
         wanted = _folds_for(folds, plan)
         if wanted:
             tapped = _with_taps(state, plan)
-            _, calibs = _tapped_pass(tapped, (x, ctx), apply=layer_apply,
+            _, calibs = _tapped_pass(tapped, (x, ctx.at(config, i)), apply=layer_apply,
                                      plan=_plan({}), mode="stats")  # fmt: skip
             values = _leaves(state)
             for fold, kind, settings in wanted:
@@ -336,7 +336,8 @@ def quantize_model(
                 )
                 apply_fold(state, fold, s)
         tapped = _with_taps(state, plan)
-        x, results = _tapped_pass(tapped, (x, ctx), apply=layer_apply, plan=_plan(plan),
+        x, results = _tapped_pass(tapped, (x, ctx.at(config, i)), apply=layer_apply,
+                                  plan=_plan(plan),
                                   mode="quantize")  # fmt: skip
         worst = _collect(f"layers/{i}/", plan, results, rows, new)
         for p, v in _leaves(state).items():

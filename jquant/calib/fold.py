@@ -5,12 +5,14 @@ input: ``x W = (x / s) (diag(s) W)``. The division by ``s`` is folded into the o
 produces ``x``, so the float model computes exactly what it computed before (up to float
 rounding) and only the weights the recipe quantizes, ``diag(s) W``, change:
 
-* an RMSNorm before the matmuls: its weight is divided by ``s``;
+* an RMSNorm before the matmuls: its weight is divided by ``s`` (a Gemma norm, which
+  multiplies by ``1 + w``, gets ``(1 + w) / s - 1``);
 * a Dense layer before them (``v_proj`` before ``o_proj``, ``up_proj`` before
   ``down_proj``): its output columns (and bias) are divided by ``s``.
 
 A `Fold` names such a group by parameter paths relative to a decoder layer;
-`llama_folds` lists the four of a Llama-family layer. Under grouped-query attention the
+`llama_folds` lists the four of a decoder layer (the MLP reads ``pre_feedforward_layernorm``
+in a Gemma 2/3 layer, ``post_attention_layernorm`` elsewhere). Under grouped-query attention the
 ``o_proj`` input holds each ``v_proj`` output channel once per query head of its group,
 so the scale lives on ``v_proj``'s channels and is repeated (`Fold.expand`).
 """
@@ -35,11 +37,13 @@ class Fold:
       consumers: kernel paths whose input is the source's output.
       repeat: ``(kv_heads, group, head_dim)`` when the consumers' input holds each source
         channel ``group`` times (grouped-query attention), else None.
+      offset: a norm source multiplies by ``offset + weight`` (1 for Gemma, else 0).
     """
 
     source: str
     consumers: tuple[str, ...]
     repeat: tuple[int, int, int] | None = None
+    offset: float = 0.0
 
     @property
     def source_is_norm(self) -> bool:
@@ -55,16 +59,21 @@ class Fold:
 
 
 def llama_folds(config) -> tuple[Fold, ...]:
-    """The folds of one Llama-family decoder layer (paths relative to ``layers/i/``)."""
+    """The folds of one decoder layer of any supported family (paths relative to
+    ``layers/i/``)."""
     attn, mlp = "self_attn/", "mlp/"
+    offset = config.norm_offset
+    mlp_norm = "pre_feedforward_layernorm" if config.sandwich_norms else "post_attention_layernorm"
     return (
-        Fold("input_layernorm/scale", tuple(f"{attn}{p}_proj/kernel" for p in "qkv")),  # fmt: skip
+        Fold("input_layernorm/scale", tuple(f"{attn}{p}_proj/kernel" for p in "qkv"),
+             offset=offset),  # fmt: skip
         Fold(
             f"{attn}v_proj/kernel",
             (f"{attn}o_proj/kernel",),
             repeat=(config.num_kv_heads, config.num_groups, config.head_dim),
         ),  # fmt: skip
-        Fold("post_attention_layernorm/scale", (f"{mlp}gate_proj/kernel", f"{mlp}up_proj/kernel")),
+        Fold(f"{mlp_norm}/scale", (f"{mlp}gate_proj/kernel", f"{mlp}up_proj/kernel"),
+             offset=offset),  # fmt: skip
         Fold(f"{mlp}up_proj/kernel", (f"{mlp}down_proj/kernel",)),
     )
 
@@ -87,7 +96,8 @@ def apply_fold(state: nnx.State, fold: Fold, s) -> None:
     src = _variable(state, fold.source)
     value = src.get_value()
     if fold.source_is_norm:
-        src.set_value((value.astype(jnp.float32) / s).astype(value.dtype))
+        w = (value.astype(jnp.float32) + fold.offset) / s - fold.offset
+        src.set_value(w.astype(value.dtype))
     else:
         src.set_value((value.astype(jnp.float32) / s[None, :]).astype(value.dtype))
         bias_path = fold.source[: -len("kernel")] + "bias"

@@ -1,11 +1,15 @@
 """Perplexity, defined once for the whole project.
 
-Tokenize the text as it is (no BOS added), cut non-overlapping windows of ``seq_len`` tokens
-(the incomplete tail is dropped), and average the negative log-likelihood of tokens
+Tokenize the text as it is (no special tokens), cut non-overlapping windows of ``seq_len``
+tokens (the incomplete tail is dropped), and average the negative log-likelihood of tokens
 ``1..seq_len-1`` of every window given the tokens before it in that window; perplexity is
-``exp`` of that mean. Every window starts from an empty context, so windows are independent
-and batch freely. Reference: Hugging Face transformers, float32, SmolLM2-135M-Instruct on
-`pydoc-eval`, first 16,384 tokens, ``seq_len`` 512 (32 windows): 13.413.
+``exp`` of that mean. BOS is added exactly when the model's tokenizer configuration says so
+(``add_bos_token``; SmolLM2's adds none, Gemma's does): then every window is ``[BOS]`` and
+the next ``seq_len - 1`` text tokens, all of which are scored, each with BOS at the start of
+its context. Either way a window scores ``seq_len - 1`` tokens. Every window starts from an
+empty context, so windows are independent and batch freely. Reference: Hugging Face
+transformers, float32, SmolLM2-135M-Instruct on `pydoc-eval`, first 16,384 tokens,
+``seq_len`` 512 (32 windows): 13.413.
 
 A jquant `Llama` runs stage by stage (`jquant.models.blocks`): the embedding, one program
 per decoder layer, and one program for the final norm, the head and the NLL, so the
@@ -28,6 +32,7 @@ import numpy as np
 from flax import nnx
 from tqdm.auto import tqdm
 
+from jquant.io.tokenizer import leading_bos
 from jquant.models import blocks
 from jquant.models.llama import Llama, graphdef_of
 
@@ -39,7 +44,8 @@ class PerplexityResult:
     nll: mean negative log-likelihood per scored token, in nats.
     tokens: tokens scored (``windows * (seq_len - 1)``).
     windows: windows evaluated.
-    seq_len: tokens per window.
+    seq_len: tokens per window (a leading BOS included).
+    bos_token_id: the BOS id that starts every window, or None (no BOS added).
     """
 
     perplexity: float
@@ -47,31 +53,43 @@ class PerplexityResult:
     tokens: int
     windows: int
     seq_len: int
+    bos_token_id: int | None = None
 
 
-def cut_windows(ids: Sequence[int], seq_len: int, max_tokens: int | None = None) -> np.ndarray:
-    """Non-overlapping windows ``(n, seq_len)`` int32 of the first ``max_tokens`` ids.
+def cut_windows(
+    ids: Sequence[int], seq_len: int, max_tokens: int | None = None, *,
+    bos_token_id: int | None = None,
+) -> np.ndarray:  # fmt: skip
+    """Non-overlapping windows ``(n, seq_len)`` int32 of the first ``max_tokens`` ids; with
+    ``bos_token_id``, each is that BOS and the next ``seq_len - 1`` ids.
 
     >>> cut_windows(range(10), 3).tolist()
     [[0, 1, 2], [3, 4, 5], [6, 7, 8]]
     >>> cut_windows(range(10), 3, max_tokens=7).tolist()
     [[0, 1, 2], [3, 4, 5]]
+    >>> cut_windows(range(7), 3, bos_token_id=99).tolist()
+    [[99, 0, 1], [99, 2, 3], [99, 4, 5]]
 
     Raises:
-      ValueError: ``seq_len < 2``, or fewer than ``seq_len`` ids to use.
+      ValueError: ``seq_len < 2``, or fewer ids to use than one window takes.
     """
     if seq_len < 2:
         raise ValueError(f"seq_len={seq_len} must be >= 2 (a window scores seq_len - 1 tokens)")
     ids = np.asarray(list(ids) if not isinstance(ids, np.ndarray) else ids, np.int32)
     if max_tokens is not None:
         ids = ids[:max_tokens]
-    n = len(ids) // seq_len
+    body = seq_len if bos_token_id is None else seq_len - 1  # text tokens per window
+    n = len(ids) // body
     if n == 0:
+        bos = "" if bos_token_id is None else f" (BOS + {body} text tokens)"
         raise ValueError(
-            f"{len(ids)} tokens make no window of seq_len={seq_len}; use more text or a "
+            f"{len(ids)} tokens make no window of seq_len={seq_len}{bos}; use more text or a "
             "shorter seq_len"
         )
-    return ids[: n * seq_len].reshape(n, seq_len)
+    windows = ids[: n * body].reshape(n, body)
+    if bos_token_id is None:
+        return windows
+    return np.concatenate([np.full((n, 1), bos_token_id, np.int32), windows], axis=1)
 
 
 def _summed_nll(logits, windows):
@@ -88,10 +106,11 @@ def _window_nll(graphdef, params, windows):
     return _summed_nll(logits, windows)
 
 
-@functools.partial(jax.jit, static_argnames=("norm_graphdef", "tied"))
-def _head_nll(norm_graphdef, norm_params, head_params, x, windows, *, tied):
+@functools.partial(jax.jit, static_argnames=("norm_graphdef", "tied", "softcap"))
+def _head_nll(norm_graphdef, norm_params, head_params, x, windows, *, tied, softcap):
     # blocks' head, inlined here so that its logits are reduced in this program.
-    logits = blocks.apply_head(norm_graphdef, norm_params, head_params, x, tied=tied)
+    logits = blocks.apply_head(norm_graphdef, norm_params, head_params, x, tied=tied,
+                               softcap=softcap)  # fmt: skip
     return _summed_nll(logits, windows)
 
 
@@ -113,9 +132,10 @@ def _nll_step(model, params: nnx.State):
 
     def step(windows):
         x, ctx = blocks.embed(module, params, windows)
-        for state in layers:
-            x = blocks.run_layer(layer, state, x, ctx)
-        return _head_nll(norm, params["norm"], head_params, x, windows, tied=tied)
+        for i, state in enumerate(layers):
+            x = blocks.run_layer(layer, state, x, ctx.at(module.config, i))
+        return _head_nll(norm, params["norm"], head_params, x, windows, tied=tied,
+                         softcap=module.config.final_logit_softcap)  # fmt: skip
 
     return step
 
@@ -130,6 +150,7 @@ def perplexity(
     max_tokens: int | None = None,
     batch_size: int = 4,
     progress: bool = True,
+    bos_token_id: int | None = None,
 ) -> PerplexityResult:
     """Perplexity of a model on a text (see the module docstring for the definition).
 
@@ -138,27 +159,33 @@ def perplexity(
         (or GraphDef) called as ``model(tokens) -> (logits, cache)`` (run as one program).
       params: its parameter State, float or quantized.
       text: the text, or its token ids already.
-      tokenizer: encodes ``text`` (``encode(text, add_special_tokens=False)``); not needed
-        for ids.
-      seq_len: tokens per window.
-      max_tokens: use only the first ``max_tokens`` tokens (None: all).
+      tokenizer: encodes ``text`` (``encode(text, add_special_tokens=False)``), and says
+        whether windows start with BOS (`jquant.io.leading_bos`: its ``add_bos_token``); not
+        needed for ids.
+      seq_len: tokens per window (a leading BOS included).
+      max_tokens: use only the first ``max_tokens`` text tokens (None: all).
       batch_size: windows per model call; the last batch is padded to keep one compilation.
       progress: show a tqdm progress bar.
+      bos_token_id: start every window with this BOS id (for ids, which carry no tokenizer;
+        for a text, overrides the tokenizer's choice).
 
     Returns:
       A `PerplexityResult`.
 
     >>> perplexity(model, params, load_corpus("pydoc-eval"), tokenizer=tok,
     ...            max_tokens=16384)  # doctest: +SKIP
-    PerplexityResult(perplexity=13.41..., nll=2.59..., tokens=16352, windows=32, seq_len=512)
+    PerplexityResult(perplexity=13.41..., nll=2.59..., tokens=16352, windows=32, seq_len=512,
+                     bos_token_id=None)
     """
     if isinstance(text, str):
         if tokenizer is None:
             raise ValueError("perplexity of a str needs a tokenizer (or pass token ids)")
+        if bos_token_id is None:
+            bos_token_id = leading_bos(tokenizer)
         text = tokenizer.encode(text, add_special_tokens=False)
     if batch_size < 1:
         raise ValueError(f"batch_size={batch_size} must be >= 1")
-    windows = cut_windows(text, seq_len, max_tokens)
+    windows = cut_windows(text, seq_len, max_tokens, bos_token_id=bos_token_id)
     n = len(windows)
     batch_size = min(batch_size, n)
     padded = np.zeros((-(-n // batch_size) * batch_size, seq_len), np.int32)
@@ -171,6 +198,5 @@ def perplexity(
         total += float(np.asarray(nll, np.float64)[: n - start].sum())
     scored = n * (seq_len - 1)
     mean = total / scored
-    return PerplexityResult(
-        perplexity=math.exp(mean), nll=mean, tokens=scored, windows=n, seq_len=seq_len
-    )
+    return PerplexityResult(perplexity=math.exp(mean), nll=mean, tokens=scored, windows=n,
+                            seq_len=seq_len, bos_token_id=bos_token_id)  # fmt: skip

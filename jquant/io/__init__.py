@@ -21,3 +21,5 @@ from .registry import list_models as list_models
 from .registry import load_checkpoint as load_checkpoint
 from .registry import model_path as model_path
 from .tokenizer import Tokenizer as Tokenizer
+from .tokenizer import encode_prompt as encode_prompt
+from .tokenizer import leading_bos as leading_bos

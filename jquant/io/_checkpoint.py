@@ -14,8 +14,10 @@ from typing import Any
 
 import numpy as np
 
-#: Model types the importers accept (the Llama family: same blocks, different details).
-SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
+from jquant.models.config import FAMILIES, SUPPORTED_MODEL_TYPES
+
+__all__ = ["CONFIG_KEYS", "SUPPORTED_MODEL_TYPES", "Checkpoint", "check_tensors",
+           "expected_shapes", "normalize_rope"]  # fmt: skip
 
 #: Keys every `Checkpoint.config` has, HF `config.json` style.
 CONFIG_KEYS = (
@@ -36,6 +38,12 @@ CONFIG_KEYS = (
     "sliding_window",
     "bos_token_id",
     "eos_token_id",
+    "hidden_act",
+    "query_pre_attn_scalar",
+    "attn_logit_softcapping",
+    "final_logit_softcapping",
+    "layer_types",
+    "rope_local_base_freq",
 )
 
 
@@ -48,7 +56,10 @@ class Checkpoint:
         is None or a dict with a `"rope_type"` key (`"linear"`, `"yarn"`, `"llama3"`, ...).
         `attention_bias` is True when q/k/v carry biases; for `"qwen2"` that is q/k/v only (no
         `o_proj.bias`), for `"llama"` it is q/k/v/o. `sliding_window` is None unless the model
-        really uses one.
+        really uses one, and `layer_types` then lists each layer's attention kind
+        (`"sliding_attention"` or `"full_attention"`; None: all full). `hidden_act`,
+        `query_pre_attn_scalar`, the two soft-caps and `rope_local_base_freq` (Gemma 3's
+        sliding layers' RoPE base) are None where the family has no such thing.
       tensors: float32 numpy arrays in HF layout (see `expected_shapes`). `lm_head.weight` is
         absent when `config["tie_word_embeddings"]` is True.
       tokenizer: a `jquant.io.Tokenizer`, or None when the source carries none.
@@ -100,12 +111,19 @@ def expected_shapes(config: dict[str, Any]) -> dict[str, tuple[int, ...]]:
         }
         for proj, shape in attn.items():
             shapes[f"{p}self_attn.{proj}.weight"] = shape
+        family = FAMILIES[config["model_type"]]
         if config["attention_bias"]:
             biased = ("q_proj", "k_proj", "v_proj")
-            if config["model_type"] != "qwen2":
+            if not family.qkv_bias:
                 biased += ("o_proj",)
             for proj in biased:
                 shapes[f"{p}self_attn.{proj}.bias"] = attn[proj][:1]
+        if family.qk_norm:
+            shapes[f"{p}self_attn.q_norm.weight"] = (config["head_dim"],)
+            shapes[f"{p}self_attn.k_norm.weight"] = (config["head_dim"],)
+        if family.sandwich_norms:
+            shapes[f"{p}pre_feedforward_layernorm.weight"] = (d,)
+            shapes[f"{p}post_feedforward_layernorm.weight"] = (d,)
         shapes[f"{p}mlp.gate_proj.weight"] = (f, d)
         shapes[f"{p}mlp.up_proj.weight"] = (f, d)
         shapes[f"{p}mlp.down_proj.weight"] = (d, f)

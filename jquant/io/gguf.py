@@ -7,7 +7,16 @@ Three things differ from an HF checkpoint and are undone here:
   `[in, out]`; the numpy view `gguf.GGUFReader` gives is already (out, in);
 - rotary layout: for `llama`/`mistral`, llama.cpp's converter permutes the rows of the Q and K
   projections so that rotary pairs are interleaved (GPT-J style) rather than split in halves
-  (HF style). `unpermute_rope_rows` restores HF's order. `qwen2` files are not permuted.
+  (HF style). `unpermute_rope_rows` restores HF's order. Qwen and Gemma files are not permuted;
+- Gemma norms: llama.cpp stores Gemma's RMSNorm weights as ``1 + w`` (every ``*norm.weight``);
+  HF, and jquant, keep ``w``, so 1 is taken off again.
+
+Architectures: `llama` (and `mistral`), `qwen2`, `qwen3`, `gemma`, `gemma2` and `gemma3` (the
+text decoder; its model_type is `gemma3_text`). Values a GGUF does not store are set as
+llama.cpp sets them: Gemma 2/3's query scale is ``head_dim ** -0.5``, except for the 27B models
+(46 and 62 layers), which use ``(hidden / heads) ** -0.5``; Gemma 3 alternates five sliding
+layers with one global layer (unless the file lists its own pattern) and rotates the sliding
+ones with base 10,000.
 
 Quantized tensors (Q4_1, Q8_0, ...) are dequantized with `gguf.quants.dequantize`; that float
 copy is the checkpoint.
@@ -28,7 +37,7 @@ from typing import Any
 import gguf
 import numpy as np
 
-from ._checkpoint import SUPPORTED_MODEL_TYPES, Checkpoint, check_tensors
+from ._checkpoint import Checkpoint, check_tensors
 from .tokenizer import tokenizer_from_gguf_fields
 
 # llama.cpp tensor name -> HF name, per block ("{}" is the block index) and global.
@@ -48,6 +57,19 @@ _BLOCK_NAMES = {
     "attn_norm": "input_layernorm",
     "ffn_norm": "post_attention_layernorm",
 }
+_BLOCK_NAMES.update({"attn_q_norm": "self_attn.q_norm", "attn_k_norm": "self_attn.k_norm"})
+# Gemma 2/3 blocks: ffn_norm is the norm before the MLP; two more norms follow attention and MLP.
+_SANDWICH_NAMES = {
+    **_BLOCK_NAMES,
+    "ffn_norm": "pre_feedforward_layernorm",
+    "post_attention_norm": "post_attention_layernorm",
+    "post_ffw_norm": "post_feedforward_layernorm",
+}
+# GGUF `general.architecture` -> HF model_type, for those whose names differ.
+_MODEL_TYPES = {"gemma3": "gemma3_text"}
+#: GGUF architectures `load_gguf` reads.
+SUPPORTED_ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3")
+_GEMMA_ARCHS = ("gemma", "gemma2", "gemma3")
 _BLOCK_RE = re.compile(r"blk\.(\d+)\.(\w+)\.(weight|bias)")
 _GLOBAL_RE = re.compile(r"(\w+)\.(weight|bias)")
 # Architectures whose converter permuted Q/K rows (convert_hf_to_gguf.py LlamaModel.permute).
@@ -61,22 +83,30 @@ _VALUE_SIZES = {
 }  # fmt: skip
 
 
-def hf_name(name: str) -> str:
-    """The HF state-dict name of a llama.cpp tensor name; unknown names come back unchanged.
+def _block_names(arch: str) -> dict[str, str]:
+    return _SANDWICH_NAMES if arch in ("gemma2", "gemma3") else _BLOCK_NAMES
+
+
+def hf_name(name: str, arch: str = "llama") -> str:
+    """The HF state-dict name of a llama.cpp tensor name of architecture ``arch``; unknown
+    names come back unchanged.
 
     >>> hf_name("blk.3.attn_output.weight")
     'model.layers.3.self_attn.o_proj.weight'
+    >>> hf_name("blk.0.ffn_norm.weight", "gemma2")
+    'model.layers.0.pre_feedforward_layernorm.weight'
     """
     if m := _BLOCK_RE.fullmatch(name):
         block, part, kind = m.groups()
-        if part in _BLOCK_NAMES:
-            return f"model.layers.{block}.{_BLOCK_NAMES[part]}.{kind}"
+        names = _block_names(arch)
+        if part in names:
+            return f"model.layers.{block}.{names[part]}.{kind}"
     elif (m := _GLOBAL_RE.fullmatch(name)) and m.group(1) in _GLOBAL_NAMES:
         return f"{_GLOBAL_NAMES[m.group(1)]}.{m.group(2)}"
     return name
 
 
-def gguf_name(hf: str) -> str:
+def gguf_name(hf: str, arch: str = "llama") -> str:
     """The llama.cpp name of an HF tensor name (inverse of `hf_name`), for messages.
 
     >>> gguf_name("model.layers.3.self_attn.o_proj.weight")
@@ -84,7 +114,7 @@ def gguf_name(hf: str) -> str:
     """
     stem, kind = hf.rsplit(".", 1)
     if m := re.fullmatch(r"model\.layers\.(\d+)\.(.+)", stem):
-        part = {v: k for k, v in _BLOCK_NAMES.items()}.get(m.group(2))
+        part = {v: k for k, v in _block_names(arch).items()}.get(m.group(2))
         return f"blk.{m.group(1)}.{part}.{kind}" if part else hf
     part = {v: k for k, v in _GLOBAL_NAMES.items()}.get(stem)
     return f"{part}.{kind}" if part else hf
@@ -186,10 +216,10 @@ def _header_architecture(f) -> str | None:
 
 
 def _check_architecture(arch: Any, source: str) -> None:
-    if arch not in SUPPORTED_MODEL_TYPES:
+    if arch not in SUPPORTED_ARCHITECTURES:
         raise ValueError(
             f"{source}: architecture {arch!r} is not supported; jquant imports "
-            f"{', '.join(SUPPORTED_MODEL_TYPES)}."
+            f"{', '.join(SUPPORTED_ARCHITECTURES)}."
         )
 
 
@@ -255,6 +285,7 @@ def config_from_metadata(
             raise ValueError(f"{source}: per-layer {arch}.{key} is not supported")
         return value
 
+    layers = get("block_count")
     if "rope_freqs.weight" in tensor_names:
         raise ValueError(
             f"{source}: rope frequency factors (rope_freqs.weight, Llama-3.1-style rope scaling) "
@@ -269,12 +300,36 @@ def config_from_metadata(
     vocab = get("vocab_size", len(tokens) if tokens else None)
     if vocab is None:
         raise ValueError(f"{source}: no vocabulary size ({arch}.vocab_size or token list)")
+    gemma = arch in _GEMMA_ARCHS
+    window = meta.get(f"{arch}.attention.sliding_window") if arch in ("gemma2", "gemma3") else None
+    types = None
+    if window:
+        pattern = meta.get(f"{arch}.attention.sliding_window_pattern", 2 if arch == "gemma2" else 6)
+        if isinstance(pattern, list):  # one flag per layer: True = sliding
+            if len(pattern) != layers:
+                raise ValueError(f"{source}: {arch}.attention.sliding_window_pattern lists "
+                                 f"{len(pattern)} layers, the model has {layers}")  # fmt: skip
+            types = ["sliding_attention" if p else "full_attention" for p in pattern]
+        else:
+            types = [
+                "sliding_attention" if (i + 1) % int(pattern) else "full_attention"
+                for i in range(layers)
+            ]
+    scalar = None
+    if arch in ("gemma2", "gemma3"):  # llama.cpp's rule: the 27B models scale by hidden / heads
+        big = layers == (46 if arch == "gemma2" else 62)
+        scalar = hidden // heads if big else head_dim
+
+    def softcap(key: str) -> float | None:
+        value = meta.get(f"{arch}.{key}")
+        return None if value is None else _f32(value)
+
     return {
-        "model_type": arch,
+        "model_type": _MODEL_TYPES.get(arch, arch),
         "vocab_size": vocab,
         "hidden_size": hidden,
         "intermediate_size": get("feed_forward_length"),
-        "num_hidden_layers": get("block_count"),
+        "num_hidden_layers": layers,
         "num_attention_heads": heads,
         "num_key_value_heads": get("attention.head_count_kv", heads),
         "head_dim": head_dim,
@@ -284,15 +339,31 @@ def config_from_metadata(
         "max_position_embeddings": get("context_length"),
         "tie_word_embeddings": "output.weight" not in tensor_names,
         "attention_bias": "blk.0.attn_q.bias" in tensor_names,
-        "sliding_window": None,
+        "sliding_window": window or None,
         "bos_token_id": meta.get("tokenizer.ggml.bos_token_id"),
         "eos_token_id": meta.get("tokenizer.ggml.eos_token_id"),
+        "hidden_act": "gelu_pytorch_tanh" if gemma else "silu",
+        "query_pre_attn_scalar": scalar,
+        "attn_logit_softcapping": softcap("attn_logit_softcapping"),
+        "final_logit_softcapping": softcap("final_logit_softcapping"),
+        "layer_types": types,
+        "rope_local_base_freq": (
+            _f32(meta.get(f"{arch}.rope.freq_base_swa", 10000.0)) if arch == "gemma3" else None
+        ),
     }
+
+
+_PLAIN_TYPES = (gguf.GGMLQuantizationType.F64, gguf.GGMLQuantizationType.I8,
+                gguf.GGMLQuantizationType.I16, gguf.GGMLQuantizationType.I32,
+                gguf.GGMLQuantizationType.I64)  # fmt: skip
 
 
 def _dequantize(t: gguf.ReaderTensor, source: Path) -> np.ndarray:
     try:
-        w = gguf.quants.dequantize(t.data, t.tensor_type)
+        if t.tensor_type in _PLAIN_TYPES:  # plain numbers gguf reads but does not "dequantize"
+            w = np.asarray(t.data, np.float32)
+        else:
+            w = gguf.quants.dequantize(t.data, t.tensor_type)
     except NotImplementedError as err:
         raise ValueError(
             f"{source}: tensor {t.name} has type {t.tensor_type.name}, which the installed gguf "
@@ -315,7 +386,7 @@ def load_gguf(path: str | Path, *, tokenizer: bool = True) -> Checkpoint:
     """Read a GGUF file into a float32 `Checkpoint` in HF layout.
 
     Args:
-      path: a `.gguf` file (llama, mistral or qwen2 architecture).
+      path: a `.gguf` file of one of `SUPPORTED_ARCHITECTURES`.
       tokenizer: build the tokenizer from the file's metadata (byte-level BPE only; other
         kinds warn and give None).
 
@@ -338,14 +409,17 @@ def load_gguf(path: str | Path, *, tokenizer: bool = True) -> Checkpoint:
     reader = _open(path)
     meta = _metadata(reader)
     config = config_from_metadata(meta, {t.name for t in reader.tensors}, str(path))
+    arch = meta["general.architecture"]
     tensors = {}
     for t in reader.tensors:
-        name = hf_name(t.name)
+        name = hf_name(t.name, arch)
         if name in tensors:
             raise ValueError(f"{path}: tensor {t.name} appears twice; the file is corrupt")
         tensors[name] = _dequantize(t, path)
-    check_tensors(tensors, config, str(path), file_name=gguf_name)
-    if config["model_type"] in _PERMUTED_ARCHS:
+        if arch in _GEMMA_ARCHS and name.endswith("norm.weight"):
+            tensors[name] -= np.float32(1.0)  # llama.cpp stored 1 + w
+    check_tensors(tensors, config, str(path), file_name=lambda n: gguf_name(n, arch))
+    if arch in _PERMUTED_ARCHS:
         _unpermute_qk(tensors, config)
     tok = None
     if tokenizer and "tokenizer.ggml.model" in meta:

@@ -39,8 +39,10 @@ def config_from_hf(raw: dict[str, Any], source: str = "<config.json>") -> dict[s
 
     Raises:
       ValueError: unsupported `model_type`, a missing key, or a variant jquant cannot run
-        (non-SiLU activation, MLP biases, Qwen2 sliding window).
+        (an activation it lacks, MLP biases).
     """
+    from jquant.models.config import LlamaConfig
+
     model_type = raw.get("model_type")
     if model_type not in SUPPORTED_MODEL_TYPES:
         raise ValueError(
@@ -53,12 +55,19 @@ def config_from_hf(raw: dict[str, Any], source: str = "<config.json>") -> dict[s
             raise ValueError(f"{source}: required key {key!r} is missing")
         return raw[key]
 
-    if raw.get("hidden_act", "silu") != "silu" or raw.get("mlp_bias"):
-        raise ValueError(f"{source}: only SiLU MLPs without bias are supported")
-    if model_type == "qwen2" and raw.get("use_sliding_window"):
-        raise ValueError(f"{source}: Qwen2 sliding-window attention is not supported")
+    if raw.get("mlp_bias"):
+        raise ValueError(f"{source}: MLP biases are not supported")
     hidden, heads = need("hidden_size"), need("num_attention_heads")
+    for key in ("vocab_size", "intermediate_size", "num_hidden_layers", "max_position_embeddings"):
+        need(key)
+    try:
+        cfg = LlamaConfig.from_hf(raw)
+    except (ValueError, KeyError, TypeError) as err:
+        raise ValueError(f"{source}: {err}") from None
     theta, scaling = normalize_rope(raw)
+    if cfg.rope_local_theta is not None or model_type.startswith("gemma3"):
+        theta = cfg.rope_theta  # transformers 5 nests it per layer type
+        scaling = None if cfg.rope_type == "default" else _scaling_of(cfg)
     return {
         "model_type": model_type,
         "vocab_size": need("vocab_size"),
@@ -72,12 +81,28 @@ def config_from_hf(raw: dict[str, Any], source: str = "<config.json>") -> dict[s
         "rope_theta": theta,
         "rope_scaling": scaling,
         "max_position_embeddings": need("max_position_embeddings"),
-        "tie_word_embeddings": bool(raw.get("tie_word_embeddings", False)),
-        "attention_bias": model_type == "qwen2" or bool(raw.get("attention_bias", False)),
-        "sliding_window": raw.get("sliding_window") if model_type == "mistral" else None,
+        "tie_word_embeddings": cfg.tie_word_embeddings,
+        "attention_bias": cfg.qkv_bias,
+        "sliding_window": cfg.sliding_window,
         "bos_token_id": raw.get("bos_token_id"),
         "eos_token_id": raw.get("eos_token_id"),
+        "hidden_act": cfg.hidden_act,
+        "query_pre_attn_scalar": cfg.query_pre_attn_scalar,
+        "attn_logit_softcapping": cfg.attn_logit_softcap,
+        "final_logit_softcapping": cfg.final_logit_softcap,
+        "layer_types": list(cfg.layer_types) or None,
+        "rope_local_base_freq": cfg.rope_local_theta,
     }
+
+
+def _scaling_of(cfg) -> dict[str, Any]:
+    """A `LlamaConfig`'s RoPE scaling as an HF `rope_scaling` dict."""
+    out: dict[str, Any] = {"rope_type": cfg.rope_type, "factor": cfg.rope_factor}
+    if cfg.rope_type == "llama3":
+        out.update(low_freq_factor=cfg.rope_low_freq_factor,
+                   high_freq_factor=cfg.rope_high_freq_factor,
+                   original_max_position_embeddings=cfg.rope_original_max_position)  # fmt: skip
+    return out
 
 
 def _read_raw(path: Path, names: list[str]) -> dict[str, np.ndarray]:

@@ -242,6 +242,7 @@ def _tokenizer_meta(tokenizer) -> dict[str, Any]:
         "eos_token_id": tokenizer.eos_token_id,
         "pad_token_id": tokenizer.pad_token_id,
         "chat_template": tokenizer.chat_template is not None,
+        "add_bos_token": bool(getattr(tokenizer, "add_bos_token", False)),
     }
 
 
@@ -537,7 +538,7 @@ def _read_tokenizer(d: Path, meta: dict[str, Any] | None):
         return None
     import tokenizers
 
-    from jquant.io.tokenizer import Tokenizer
+    from jquant.io.tokenizer import Tokenizer, _adds_bos
 
     try:
         backend = tokenizers.Tokenizer.from_file(str(d / TOKENIZER))
@@ -548,12 +549,16 @@ def _read_tokenizer(d: Path, meta: dict[str, Any] | None):
     template = None
     if meta["chat_template"]:
         template = (d / CHAT_TEMPLATE).read_text(encoding="utf-8")
+    add_bos = meta.get("add_bos_token")
+    if add_bos is None:  # written before the flag was recorded: as the post-processor does
+        add_bos = _adds_bos(backend, meta["bos_token_id"])
     return Tokenizer(
         backend,
         bos_token_id=meta["bos_token_id"],
         eos_token_id=meta["eos_token_id"],
         pad_token_id=meta["pad_token_id"],
         chat_template=template,
+        add_bos_token=add_bos,
     )
 
 

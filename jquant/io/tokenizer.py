@@ -17,11 +17,25 @@ from pathlib import Path
 from typing import Any
 
 import tokenizers
-from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers, processors
+from tokenizers import (
+    AddedToken,
+    Regex,
+    decoders,
+    models,
+    normalizers,
+    pre_tokenizers,
+    processors,
+)
 
 # llama.cpp token types (gguf.TokenType).
+_NORMAL = 1
+_UNKNOWN = 2
 _CONTROL = 3
 _USER_DEFINED = 4
+_BYTE = 6
+
+# SentencePiece's visible space: "a b" is spelled "▁a▁b" in its vocabulary.
+_SPM_SPACE = "\u2581"
 
 # Split regexes transformers applies per `tokenizer.ggml.pre`; any other value (e.g. SmolLM2's
 # "smollm") keeps GPT-2's built-in byte-level regex, as transformers does.
@@ -45,7 +59,10 @@ class Tokenizer:
     """Text <-> token ids, plus the model's chat template.
 
     Wraps a `tokenizers.Tokenizer` (`.backend`). `encode` applies the source's own convention
-    for a leading BOS (SmolLM2's adds none); nothing else is added.
+    for a leading BOS (SmolLM2's adds none); nothing else is added. `add_bos_token` is that
+    convention as the source's configuration states it (GGUF ``tokenizer.ggml.add_bos_token``,
+    tokenizer_config.json ``add_bos_token``): what `encode_prompt`, perplexity and calibration
+    follow (Gemma's, Llama's and Mistral's say True).
 
     >>> tok = Tokenizer(backend, bos_token_id=1, eos_token_id=2)  # doctest: +SKIP
     >>> tok.decode(tok.encode("Hello world"))  # doctest: +SKIP
@@ -60,8 +77,10 @@ class Tokenizer:
         eos_token_id: int | None,
         pad_token_id: int | None = None,
         chat_template: str | None = None,
+        add_bos_token: bool = False,
     ):
         self.backend = backend
+        self.add_bos_token = bool(add_bos_token)
         self.bos_token_id = bos_token_id
         self.eos_token_id = eos_token_id
         self.pad_token_id = pad_token_id
@@ -131,8 +150,67 @@ class Tokenizer:
     def __repr__(self) -> str:
         return (
             f"Tokenizer(vocab_size={self.vocab_size}, bos_token_id={self.bos_token_id}, "
-            f"eos_token_id={self.eos_token_id}, chat_template={self.chat_template is not None})"
+            f"eos_token_id={self.eos_token_id}, add_bos_token={self.add_bos_token}, "
+            f"chat_template={self.chat_template is not None})"
         )
+
+
+def leading_bos(tokenizer) -> int | None:
+    """The BOS id to put before a text, or None: the tokenizer's BOS id exactly when its
+    configuration says to add one (``add_bos_token``; SmolLM2's adds none, Gemma's does).
+
+    Takes a `Tokenizer` or any object with ``add_bos_token`` and ``bos_token_id`` (a
+    transformers tokenizer); one without ``add_bos_token`` adds none.
+    """
+    if not getattr(tokenizer, "add_bos_token", False):
+        return None
+    return getattr(tokenizer, "bos_token_id", None)
+
+
+def encode_prompt(tokenizer, text: str) -> list[int]:
+    """Token ids of raw text as the model sees it in use: ``text`` encoded with no special
+    tokens added, preceded by `leading_bos` (if any) unless it already starts with that BOS
+    (a prompt written as ``"<bos>..."``). A chat-template rendering writes its own BOS: encode
+    it with ``add_special_tokens=False`` instead.
+
+    >>> encode_prompt(gemma_tokenizer, "Hello")  # doctest: +SKIP
+    [2, 9259]
+    """
+    ids = [int(i) for i in tokenizer.encode(text, add_special_tokens=False)]
+    bos = leading_bos(tokenizer)
+    if bos is not None and ids[:1] != [bos]:
+        ids.insert(0, bos)
+    return ids
+
+
+def _adds_bos(backend: tokenizers.Tokenizer, bos: int | None) -> bool:
+    """Whether ``backend``'s post-processor puts ``bos`` first (a source that does not state
+    ``add_bos_token``)."""
+    if bos is None:
+        return False
+    ids = backend.encode("x", add_special_tokens=True).ids
+    return bool(ids) and ids[0] == bos
+
+
+# Byte-level BPE pre-tokenizers for which llama.cpp adds BOS when a GGUF file does not say
+# (src/llama-vocab.cpp: the LLAMA3 group, tekken, chameleon).
+_GGUF_BOS_PRE = frozenset(
+    ("llama3", "llama-v3", "llama-bpe", "falcon3", "falcon-h1", "pixtral", "midm-2.0", "lfm2",
+     "jina-v5-nano", "tekken", "chameleon")
+)  # fmt: skip
+
+
+def _gguf_add_bos(fields: dict[str, Any]) -> bool:
+    """``tokenizer.ggml.add_bos_token``, or llama.cpp's default when the file omits it: True
+    for SentencePiece (``"llama"``) and WordPiece (``"bert"``) vocabularies and for the BPE
+    pre-tokenizers of `_GGUF_BOS_PRE` (Llama 3's), False for other ``"gpt2"`` ones."""
+    value = fields.get("tokenizer.ggml.add_bos_token")
+    if value is not None:
+        return bool(value)
+    kind = fields.get("tokenizer.ggml.model")
+    if kind == "gpt2":
+        return fields.get("tokenizer.ggml.pre") in _GGUF_BOS_PRE
+    return kind in ("llama", "bert")
 
 
 @functools.lru_cache(maxsize=8)
@@ -187,16 +265,21 @@ def tokenizer_from_gguf_fields(fields: dict[str, Any], source: str = "<gguf>") -
       source: the file, named in errors.
 
     Returns:
-      A `Tokenizer` encoding exactly as transformers' GGUF loader does.
+      A `Tokenizer`. Byte-level BPE (`"gpt2"`) encodes exactly as transformers' GGUF loader
+      does; SentencePiece (`"llama"`: Llama 2, Mistral, Gemma 1-3) as the original SentencePiece
+      model does (see `_sentencepiece_tokenizer`).
 
     Raises:
-      ValueError: the file has no tokenizer, or one other than byte-level BPE (`"gpt2"`).
+      ValueError: the file has no tokenizer, or one of another kind (`"t5"`, `"bert"`, ...).
     """
     kind = fields.get("tokenizer.ggml.model")
+    if kind == "llama":
+        return _sentencepiece_tokenizer(fields)
     if kind != "gpt2":
         raise ValueError(
-            f"{source}: tokenizer.ggml.model={kind!r} is not supported; jquant builds byte-level "
-            "BPE ('gpt2') tokenizers from GGUF metadata. Load the HF directory of this model."
+            f"{source}: tokenizer.ggml.model={kind!r} is not supported; jquant builds 'gpt2' "
+            "(byte-level BPE) and 'llama' (SentencePiece) tokenizers from GGUF metadata. Load "
+            "the HF directory of this model."
         )
     tokens = list(fields["tokenizer.ggml.tokens"])
     types = list(fields.get("tokenizer.ggml.token_type") or ())
@@ -247,7 +330,110 @@ def tokenizer_from_gguf_fields(fields: dict[str, Any], source: str = "<gguf>") -
         eos_token_id=fields.get("tokenizer.ggml.eos_token_id"),
         pad_token_id=fields.get("tokenizer.ggml.padding_token_id"),
         chat_template=fields.get("tokenizer.chat_template"),
+        add_bos_token=_gguf_add_bos(fields),
     )
+
+
+def _sentencepiece_tokenizer(fields: dict[str, Any]) -> Tokenizer:
+    """The SentencePiece BPE tokenizer of a `tokenizer.ggml.model == "llama"` file.
+
+    llama.cpp's converter writes the pieces of `tokenizer.model` as they are (`tokens`, `scores`,
+    `token_type`) and, for Gemma, its added tokens: user-defined ones with `▁` turned back into
+    spaces. Encoding follows SentencePiece: spaces become `▁`, a `▁` is prepended when
+    `tokenizer.ggml.add_space_prefix` (default true; Gemma's is false), adjacent symbols merge
+    into the piece of highest score first (`_spm_merges`), and a character outside the vocabulary
+    becomes its UTF-8 bytes (`<0x0A>`, ...) or, with no byte pieces, the unknown token.
+
+    Control (`<start_of_turn>`, `<bos>`), unknown and user-defined tokens written in the text are
+    matched whole, as llama.cpp does (SentencePiece itself matches only user-defined ones); the
+    text between two of them is encoded on its own, with the prefix space added again when the
+    file asks for one, as llama.cpp does and Llama 2's reference code (one encode per segment)
+    did. `add_bos_token` (default true, llama.cpp's default) and `add_eos_token` (default false)
+    are applied by `encode(add_special_tokens=True)`. Decoding fuses byte pieces back into text,
+    turns `▁` into spaces and drops the one prefix space.
+    """
+    tokens = list(fields["tokenizer.ggml.tokens"])
+    types = list(fields.get("tokenizer.ggml.token_type") or [_NORMAL] * len(tokens))
+    scores = list(fields.get("tokenizer.ggml.scores") or [-float(i) for i in range(len(tokens))])
+    vocab: dict[str, int] = {}
+    for i, tok in enumerate(tokens):
+        vocab.setdefault(tok, i)
+    if "tokenizer.ggml.merges" in fields:
+        merges = [tuple(m.split(" ")) for m in fields["tokenizer.ggml.merges"]]
+    else:
+        merges = _spm_merges(tokens, scores, types)
+    unk = fields.get("tokenizer.ggml.unknown_token_id")
+    if unk is None:
+        unk = next((i for i, ty in enumerate(types) if ty == _UNKNOWN), None)
+    backend = tokenizers.Tokenizer(
+        models.BPE(
+            vocab=vocab,
+            merges=merges,
+            unk_token=None if unk is None else tokens[unk],
+            fuse_unk=True,
+            byte_fallback=_BYTE in types,
+        )
+    )
+    add_prefix = bool(fields.get("tokenizer.ggml.add_space_prefix", True))
+    to_space = normalizers.Replace(" ", _SPM_SPACE)
+    if add_prefix:
+        backend.normalizer = normalizers.Sequence([normalizers.Prepend(_SPM_SPACE), to_space])
+    else:
+        backend.normalizer = to_space
+    steps = [decoders.Replace(_SPM_SPACE, " "), decoders.ByteFallback(), decoders.Fuse()]
+    if add_prefix:
+        steps.append(decoders.Strip(content=" ", left=1, right=0))
+    backend.decoder = decoders.Sequence(steps)
+    bos = fields.get("tokenizer.ggml.bos_token_id")
+    eos = fields.get("tokenizer.ggml.eos_token_id")
+    add_bos = _gguf_add_bos(fields) and bos is not None
+    add_eos = bool(fields.get("tokenizer.ggml.add_eos_token", False)) and eos is not None
+    if add_bos or add_eos:
+        first = [tokens[bos]] if add_bos else []
+        last = [tokens[eos]] if add_eos else []
+        single = [*first, "$A", *last]
+        backend.post_processor = processors.TemplateProcessing(
+            single=" ".join(single),
+            pair=" ".join([*single, *first, "$B:1", *last]),
+            special_tokens=sorted({(tokens[i], i) for i in (bos, eos) if i is not None}),
+        )
+    specials = [t for t, ty in zip(tokens, types) if ty in (_CONTROL, _UNKNOWN)]
+    backend.add_special_tokens([AddedToken(t, normalized=False, special=True) for t in specials])
+    # SentencePiece matches user-defined pieces in the normalized text, so Gemma's "   " (stored
+    # with spaces) also matches "▁ ▁". With a prefix space that would need "▁" before the piece
+    # too: there they are matched in the raw text, as llama.cpp does.
+    user = [t for t, ty in zip(tokens, types) if ty == _USER_DEFINED]
+    backend.add_tokens([AddedToken(t, normalized=not add_prefix, special=False) for t in user])
+    return Tokenizer(
+        backend,
+        bos_token_id=bos,
+        eos_token_id=eos,
+        pad_token_id=fields.get("tokenizer.ggml.padding_token_id"),
+        chat_template=fields.get("tokenizer.chat_template"),
+        add_bos_token=add_bos,
+    )
+
+
+def _spm_merges(tokens: list[str], scores: list[float], types: list[int]) -> list[tuple[str, str]]:
+    """BPE merges that reproduce SentencePiece's BPE encoding from its scored vocabulary.
+
+    SentencePiece repeatedly merges the adjacent pair whose concatenation is the piece of highest
+    score. Every split of a normal piece into two normal pieces is a merge, ranked by that score
+    (ties by id, then by split point). Only normal pieces are merged into: control, byte and
+    unused pieces never come out of a merge, and user-defined ones are matched whole before.
+    """
+    normal = {t for t, ty in zip(tokens, types) if ty == _NORMAL}
+    ranked = []
+    seen = set()
+    for i, (tok, ty) in enumerate(zip(tokens, types)):
+        if ty != _NORMAL or len(tok) < 2 or tok in seen:
+            continue
+        seen.add(tok)
+        for k in range(1, len(tok)):
+            if tok[:k] in normal and tok[k:] in normal:
+                ranked.append((-scores[i], i, k))
+    ranked.sort()
+    return [(tokens[i][:k], tokens[i][k:]) for _, i, k in ranked]
 
 
 def _token_content(value: Any) -> str | None:
@@ -290,10 +476,14 @@ def tokenizer_from_hf_dir(
             fallback = fallback[0] if fallback else None
         return found if found is not None else fallback
 
+    bos = token_id("bos")
+    add_bos = tok_config.get("add_bos_token")
     return Tokenizer(
         backend,
-        bos_token_id=token_id("bos"),
+        bos_token_id=bos,
         eos_token_id=token_id("eos"),
         pad_token_id=token_id("pad"),
         chat_template=template,
+        # As tokenizer_config.json states it, else as tokenizer.json's post-processor does.
+        add_bos_token=_adds_bos(backend, bos) if add_bos is None else bool(add_bos),
     )

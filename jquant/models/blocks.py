@@ -21,15 +21,26 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jquant import ops
-from jquant.models.llama import _attention_mask, _default_positions, rope_tables
+from jquant.models.llama import _default_positions, layer_inputs, softcap_logits
 
 
 class Context(NamedTuple):
-    """What every decoder layer needs besides its input: RoPE tables and the mask."""
+    """What every decoder layer needs besides its input: RoPE tables and the mask.
+
+    A model with sliding-window layers has a second set in ``local``; `Context.at` picks a
+    layer's own.
+    """
 
     cos: jax.Array  # (B, S, head_dim) float32
     sin: jax.Array
     allowed: jax.Array  # (B, S, S) bool
+    local: tuple | None = None  # (cos, sin, allowed) of the sliding-window layers
+
+    def at(self, config, layer: int) -> Context:
+        """The context of decoder layer ``layer`` (its RoPE tables and mask)."""
+        if self.local is not None and config.is_sliding(layer):
+            return Context(*self.local)
+        return Context(self.cos, self.sin, self.allowed)
 
 
 def embed(model, params: nnx.State, tokens, mask=None) -> tuple[jax.Array, Context]:
@@ -43,10 +54,9 @@ def embed(model, params: nnx.State, tokens, mask=None) -> tuple[jax.Array, Conte
 @functools.partial(jax.jit, static_argnames=("graphdef", "config", "dtype"))
 def _embed_jit(graphdef, embed_params, tokens, mask, *, config, dtype):
     positions = _default_positions(mask, None)
-    allowed, _ = _attention_mask(mask, None)
-    cos, sin = rope_tables(config, positions)
+    full, local, _ = layer_inputs(config, positions, mask, None)
     x = nnx.merge(graphdef, embed_params)(tokens, dtype)
-    return x, Context(cos, sin, allowed)
+    return x, Context(*full, local=local)
 
 
 def layer_params(params: nnx.State, i: int) -> nnx.State:
@@ -60,7 +70,8 @@ def layer_graphdef(model) -> nnx.GraphDef:
 
 
 def apply_layer(graphdef, layer_state: nnx.State, x, ctx: Context) -> jax.Array:
-    """Un-jitted: decoder layer ``graphdef`` with ``layer_state`` on ``x (B, S, D)``."""
+    """Un-jitted: decoder layer ``graphdef`` with ``layer_state`` on ``x (B, S, D)``;
+    ``ctx`` is the layer's own (`Context.at`) in a model with sliding-window layers."""
     y, _ = nnx.merge(graphdef, layer_state)(x, ctx.cos, ctx.sin, ctx.allowed, None, 0)
     return y
 
@@ -73,20 +84,25 @@ def head(model, params: nnx.State, x) -> jax.Array:
     """Final norm and LM head: float32 logits ``(B, S, V)`` of the last layer's output."""
     tied = model.config.tie_word_embeddings
     head_params = params["embed_tokens"] if tied else params["lm_head"]
-    return _head_jit(nnx.graphdef(model.norm), params["norm"], head_params, x, tied=tied)
+    return _head_jit(nnx.graphdef(model.norm), params["norm"], head_params, x, tied=tied,
+                     softcap=model.config.final_logit_softcap)  # fmt: skip
 
 
-def apply_head(norm_graphdef, norm_params, head_params, x, *, tied: bool) -> jax.Array:
-    """Un-jitted final norm and LM head (tied: the embedding table's State)."""
+def apply_head(norm_graphdef, norm_params, head_params, x, *, tied: bool,
+               softcap: float | None = None) -> jax.Array:  # fmt: skip
+    """Un-jitted final norm and LM head (tied: the embedding table's State), soft-capped
+    by ``softcap`` (the config's `final_logit_softcap`)."""
     x = nnx.merge(norm_graphdef, norm_params)(x)
     if tied:
         table = head_params["embedding"].get_value()
-        return ops.qattend(x, table, preferred_element_type=jnp.float32)
-    kernel = head_params["kernel"].get_value()
-    return ops.qdot(x, kernel, preferred_element_type=jnp.float32)
+        logits = ops.qattend(x, table, preferred_element_type=jnp.float32)
+    else:
+        kernel = head_params["kernel"].get_value()
+        logits = ops.qdot(x, kernel, preferred_element_type=jnp.float32)
+    return softcap_logits(logits, softcap)
 
 
-_head_jit = jax.jit(apply_head, static_argnames=("norm_graphdef", "tied"))
+_head_jit = jax.jit(apply_head, static_argnames=("norm_graphdef", "tied", "softcap"))
 
 
 def layerwise_forward(model, params: nnx.State, tokens, mask=None) -> jax.Array:
@@ -97,5 +113,5 @@ def layerwise_forward(model, params: nnx.State, tokens, mask=None) -> jax.Array:
     x, ctx = embed(model, params, tokens, mask)
     graphdef = layer_graphdef(model)
     for i in range(model.config.num_layers):
-        x = run_layer(graphdef, layer_params(params, i), x, ctx)
+        x = run_layer(graphdef, layer_params(params, i), x, ctx.at(model.config, i))
     return head(model, params, x)

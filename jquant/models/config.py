@@ -1,12 +1,24 @@
-"""`LlamaConfig`: the architecture of a Llama-family model, read from an HF config dict.
+"""`LlamaConfig`: the architecture of a decoder-only model, read from an HF config dict.
 
-One config covers the decoder-only models that share Llama's blocks (RMSNorm, RoPE attention
-with grouped key/value heads, SwiGLU MLP): `llama` (SmolLM2 is one), `mistral` and `qwen2`.
-What differs between them is data, not code: head counts, q/k/v biases (qwen2), RoPE base and
-frequency scaling, a tied or separate LM head.
+One config covers the decoder families that share Llama's skeleton (RMSNorm, RoPE attention
+with grouped key/value heads, a gated MLP): `llama` (SmolLM2 is one), `mistral`, `qwen2`,
+`qwen3`, `gemma`, `gemma2` and `gemma3_text`. What differs between them is data, not code, and
+`FAMILIES` holds it per `model_type`:
 
-Not supported (ignored): Mistral/Qwen2 sliding-window attention. It only changes outputs for
-contexts longer than the window (4096+ tokens); those models run with full attention here.
+* q/k/v biases (qwen2); RMSNorm of every query and key head before RoPE (qwen3, gemma3);
+* Gemma's RMSNorm weight applied as ``1 + w`` and its embeddings scaled by ``sqrt(hidden)``;
+* Gemma 2/3's "sandwich" norms: after attention and around the MLP, not only before;
+* the MLP's activation (SiLU, or GELU with the tanh approximation in Gemma's GeGLU);
+* the attention scale (``query_pre_attn_scalar ** -0.5`` in Gemma 2/3), tanh soft-capping of
+  attention scores and final logits (Gemma 2);
+* sliding-window attention: which layers use it (``layer_types``), the window, and the
+  RoPE base of those local layers (Gemma 3 rotates them with 10,000, global ones with 1e6).
+
+>>> cfg = LlamaConfig.from_hf({"model_type": "gemma2", "vocab_size": 256, "hidden_size": 64,
+...     "intermediate_size": 128, "num_hidden_layers": 4, "num_attention_heads": 4,
+...     "num_key_value_heads": 2, "head_dim": 16, "sliding_window": 32})
+>>> cfg.layer_types[:2], cfg.sandwich_norms, cfg.norm_offset
+(('sliding_attention', 'full_attention'), True, 1.0)
 """
 
 from __future__ import annotations
@@ -18,8 +30,55 @@ from typing import Any
 
 import numpy as np
 
+
+@dataclasses.dataclass(frozen=True)
+class Family:
+    """What a `model_type` fixes about the architecture (the rest is in its config).
+
+    Attributes:
+      qkv_bias: q/k/v projections always carry a bias (qwen2), whatever the config says.
+      qk_norm: an RMSNorm over ``head_dim`` on every query and key head, before RoPE.
+      gemma: Gemma's conventions: RMSNorm weight applied as ``1 + w`` and embeddings
+        multiplied by ``sqrt(hidden_size)``.
+      sandwich_norms: norms after attention and around the MLP (Gemma 2/3).
+      activation: the MLP activation when the config names none.
+      sliding: how the layers using sliding-window attention are chosen: "none", "all"
+        (mistral: every layer when ``sliding_window`` is set), "upper" (qwen2/qwen3: layers
+        from ``max_window_layers`` on when ``use_sliding_window``), or "pattern" (gemma2/3:
+        every layer but each ``sliding_window_pattern``-th).
+      pattern: the default ``sliding_window_pattern``.
+    """
+
+    qkv_bias: bool = False
+    qk_norm: bool = False
+    gemma: bool = False
+    sandwich_norms: bool = False
+    activation: str = "silu"
+    sliding: str = "none"
+    pattern: int = 0
+
+
+#: Every `model_type` `LlamaConfig.from_hf` accepts, and what it fixes.
+FAMILIES = {
+    "llama": Family(),
+    "mistral": Family(sliding="all"),
+    "qwen2": Family(qkv_bias=True, sliding="upper"),
+    "qwen3": Family(qk_norm=True, sliding="upper"),
+    "gemma": Family(gemma=True, activation="gelu_pytorch_tanh"),
+    "gemma2": Family(gemma=True, sandwich_norms=True, activation="gelu_pytorch_tanh",
+                     sliding="pattern", pattern=2),
+    "gemma3_text": Family(gemma=True, sandwich_norms=True, qk_norm=True,
+                          activation="gelu_pytorch_tanh", sliding="pattern", pattern=6),
+}  # fmt: skip
+
 #: `model_type` values `LlamaConfig.from_hf` accepts.
-SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
+SUPPORTED_MODEL_TYPES = tuple(FAMILIES)
+
+#: MLP activations implemented (HF `hidden_act` / `hidden_activation` names).
+SUPPORTED_ACTIVATIONS = ("silu", "gelu_pytorch_tanh", "gelu_new", "gelu")
+
+#: Attention kinds of `LlamaConfig.layer_types`.
+FULL, SLIDING = "full_attention", "sliding_attention"
 
 #: RoPE `rope_type` values implemented (`rope_scaling["rope_type"]`; None means "default").
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
@@ -55,8 +114,20 @@ class LlamaConfig:
     o_bias: bool = False  # o_proj carries a bias (llama with attention_bias=True)
     mlp_bias: bool = False  # unsupported when True; kept so from_hf can reject it
     model_type: str = "llama"  # the HF model_type it came from
-    bos_token_id: int | None = None  # from the config; generation does not add it
+    bos_token_id: int | None = None  # from the config; the tokenizer decides whether to add it
     eos_token_ids: tuple[int, ...] = ()  # default stop tokens for generation
+    hidden_act: str = "silu"  # MLP activation: down(act(gate(x)) * up(x))
+    qk_norm: bool = False  # RMSNorm (head_dim) on query and key heads before RoPE
+    norm_offset: float = 0.0  # RMSNorm multiplies by (norm_offset + weight): 1 for Gemma
+    embed_scale: float = 1.0  # embeddings are multiplied by this (Gemma: sqrt(hidden_size))
+    sandwich_norms: bool = False  # Gemma 2/3: post-attention, pre- and post-MLP norms
+    query_pre_attn_scalar: float | None = None  # attention scale is this ** -0.5 (else head_dim)
+    attn_logit_softcap: float | None = None  # scores -> cap * tanh(scores / cap) (Gemma 2)
+    final_logit_softcap: float | None = None  # the same on the output logits (Gemma 2)
+    sliding_window: int | None = None  # a sliding layer's query sees its last `window` tokens
+    layer_types: tuple[str, ...] = ()  # FULL / SLIDING per layer; () means all FULL
+    rope_local_theta: float | None = None  # RoPE base of sliding layers (default rope, no
+    #   scaling); None: they rotate as the full-attention layers do
 
     def __post_init__(self):
         for name in ("vocab_size", "hidden_size", "intermediate_size", "num_layers",
@@ -85,6 +156,21 @@ class LlamaConfig:
             )
         if self.mlp_bias:
             raise ValueError("LlamaConfig: mlp_bias=True is not supported")
+        if self.hidden_act not in SUPPORTED_ACTIVATIONS:
+            raise ValueError(
+                f"LlamaConfig: hidden_act={self.hidden_act!r} is not supported; supported: "
+                f"{', '.join(SUPPORTED_ACTIVATIONS)}"
+            )
+        if self.layer_types:
+            if len(self.layer_types) != self.num_layers or not set(self.layer_types) <= {
+                FULL, SLIDING
+            }:
+                raise ValueError(
+                    f"LlamaConfig: layer_types must list {FULL!r} or {SLIDING!r} for each of "
+                    f"the {self.num_layers} layers; got {self.layer_types!r}"
+                )
+            if SLIDING in self.layer_types and not (self.sliding_window or 0) > 0:
+                raise ValueError("LlamaConfig: sliding layers need a positive sliding_window")
         if self.model_type not in SUPPORTED_MODEL_TYPES:
             raise ValueError(
                 f"LlamaConfig: model_type={self.model_type!r} is not supported; "
@@ -96,6 +182,20 @@ class LlamaConfig:
         """Query heads per key/value head."""
         return self.num_heads // self.num_kv_heads
 
+    def is_sliding(self, layer: int) -> bool:
+        """Whether decoder layer ``layer`` attends within the sliding window only."""
+        return bool(self.layer_types) and self.layer_types[layer] == SLIDING
+
+    @property
+    def has_sliding(self) -> bool:
+        """Whether any layer uses sliding-window attention."""
+        return SLIDING in self.layer_types
+
+    @property
+    def attn_scale(self) -> float:
+        """The factor on ``q . k`` before the softmax."""
+        return (self.query_pre_attn_scalar or self.head_dim) ** -0.5
+
     @classmethod
     def from_hf(cls, config: Mapping[str, Any]) -> LlamaConfig:
         """Builds a config from an HF `config.json` dict (transformers 4 or 5 style).
@@ -104,55 +204,112 @@ class LlamaConfig:
           config: the dict; `model_type` must be one of `SUPPORTED_MODEL_TYPES`.
 
         Raises:
-          ValueError: unsupported `model_type`, RoPE scaling type, or inconsistent sizes.
+          ValueError: unsupported `model_type`, RoPE scaling type, activation, or
+            inconsistent sizes.
         """
         model_type = config.get("model_type", "llama")
-        if model_type not in SUPPORTED_MODEL_TYPES:
+        if model_type not in FAMILIES:
             raise ValueError(
-                f"unsupported model_type {model_type!r}; jquant's Llama-family model supports "
+                f"unsupported model_type {model_type!r}; jquant's decoder supports "
                 f"{', '.join(SUPPORTED_MODEL_TYPES)}"
             )
-        theta, scaling = _rope(config)
+        family = FAMILIES[model_type]
+        theta, scaling, local_theta = _rope(config)
         rope = _rope_fields(scaling, config.get("max_position_embeddings", 2048))
         heads = int(config["num_attention_heads"])
+        hidden = int(config["hidden_size"])
         # As in transformers: qwen2 always has q/k/v biases and never an o_proj bias;
         # llama's attention_bias covers all four projections; mistral has none.
-        bias = model_type == "qwen2" or bool(config.get("attention_bias", False))
+        bias = family.qkv_bias or bool(config.get("attention_bias", False))
         eos = config.get("eos_token_id")
         eos = () if eos is None else tuple(int(e) for e in np.atleast_1d(eos))
+        layers = int(config["num_hidden_layers"])
+        types = layer_types(config, model_type, layers)
+        act = config.get("hidden_activation") or config.get("hidden_act") or family.activation
+        if family.gemma and act == "gelu":  # Gemma 1 configs say "gelu"; HF runs the tanh one
+            act = "gelu_pytorch_tanh"
+        optional = lambda key: None if config.get(key) is None else float(config[key])  # noqa: E731
         return cls(
             vocab_size=int(config["vocab_size"]),
-            hidden_size=int(config["hidden_size"]),
+            hidden_size=hidden,
             intermediate_size=int(config["intermediate_size"]),
-            num_layers=int(config["num_hidden_layers"]),
+            num_layers=layers,
             num_heads=heads,
             num_kv_heads=int(config.get("num_key_value_heads") or heads),
             head_dim=int(config.get("head_dim") or 0),
             rms_norm_eps=float(config.get("rms_norm_eps", 1e-6)),
             rope_theta=theta,
             max_position_embeddings=int(config.get("max_position_embeddings", 2048)),
-            tie_word_embeddings=bool(config.get("tie_word_embeddings", False)),
+            tie_word_embeddings=bool(config.get("tie_word_embeddings", family.gemma)),
             qkv_bias=bias,
-            o_bias=bias and model_type != "qwen2",
+            o_bias=bias and not family.qkv_bias,
             mlp_bias=bool(config.get("mlp_bias", False)),
             model_type=model_type,
             bos_token_id=config.get("bos_token_id"),
             eos_token_ids=eos,
+            hidden_act=act,
+            qk_norm=family.qk_norm,
+            norm_offset=1.0 if family.gemma else 0.0,
+            embed_scale=float(np.float32(hidden**0.5)) if family.gemma else 1.0,
+            sandwich_norms=family.sandwich_norms,
+            # transformers' default when a Gemma 2/3 config leaves it out: 256.
+            query_pre_attn_scalar=(optional("query_pre_attn_scalar") or 256.0)
+            if family.sandwich_norms else None,
+            attn_logit_softcap=optional("attn_logit_softcapping"),
+            final_logit_softcap=optional("final_logit_softcapping"),
+            sliding_window=int(config["sliding_window"]) if SLIDING in types else None,
+            layer_types=types if SLIDING in types else (),
+            rope_local_theta=(local_theta or 10000.0) if model_type == "gemma3_text" else None,
             **rope,
         )
 
 
-def _rope(config: Mapping[str, Any]) -> tuple[float, dict[str, Any] | None]:
-    """(rope_theta, rope_scaling) from transformers 4 (`rope_theta` + `rope_scaling`) or
-    transformers 5 (`rope_parameters`) style keys; older files spell `rope_type` as `type`."""
+def layer_types(config: Mapping[str, Any], model_type: str, num_layers: int) -> tuple[str, ...]:
+    """Each layer's attention kind (`FULL` or `SLIDING`) as transformers decides it.
+
+    An explicit ``layer_types`` list wins (transformers 5 writes one); otherwise the family's
+    rule (`Family.sliding`) applies to ``sliding_window``, ``use_sliding_window``,
+    ``max_window_layers`` and ``sliding_window_pattern``. No window means all `FULL`.
+    """
+    family = FAMILIES[model_type]
+    window = config.get("sliding_window")
+    explicit = config.get("layer_types")
+    if explicit:  # transformers 5 and jquant's Checkpoint.config write the kinds out
+        types = tuple(str(t) for t in explicit)
+        if len(types) != num_layers:
+            raise ValueError(f"layer_types lists {len(types)} layers, the model has {num_layers}")
+        return types if window else (FULL,) * num_layers
+    # qwen2/qwen3 files carry a window they use only when use_sliding_window says so.
+    if family.sliding == "upper" and not config.get("use_sliding_window", False):
+        window = None
+    if not window or family.sliding == "none":
+        return (FULL,) * num_layers
+    if family.sliding == "all":
+        return (SLIDING,) * num_layers
+    if family.sliding == "upper":
+        first = int(config.get("max_window_layers", 28))
+        return tuple(SLIDING if i >= first else FULL for i in range(num_layers))
+    pattern = int(config.get("sliding_window_pattern") or family.pattern)
+    return tuple(SLIDING if (i + 1) % pattern else FULL for i in range(num_layers))
+
+
+def _rope(config: Mapping[str, Any]) -> tuple[float, dict[str, Any] | None, float | None]:
+    """(rope_theta, rope_scaling, local rope_theta) from transformers 4 (`rope_theta` +
+    `rope_scaling`, Gemma 3's `rope_local_base_freq`) or transformers 5 (`rope_parameters`,
+    per layer type for Gemma 3) style keys; older files spell `rope_type` as `type`."""
     params = dict(config.get("rope_parameters") or {})
+    local = config.get("rope_local_base_freq")
+    if FULL in params:  # transformers 5 Gemma 3: one set per layer type
+        local = (params.get(SLIDING) or {}).get("rope_theta", local)
+        params = dict(params[FULL] or {})
     theta = float(params.pop("rope_theta", config.get("rope_theta", 10000.0)))
     scaling = params or dict(config.get("rope_scaling") or {})
     if "type" in scaling and "rope_type" not in scaling:
         scaling["rope_type"] = scaling.pop("type")
+    local = None if local is None else float(local)
     if scaling.get("rope_type", "default") == "default":
-        return theta, None
-    return theta, scaling
+        return theta, None, local
+    return theta, scaling, local
 
 
 def _rope_fields(scaling: dict[str, Any] | None, max_position: int) -> dict[str, Any]:
@@ -176,18 +333,21 @@ def _rope_fields(scaling: dict[str, Any] | None, max_position: int) -> dict[str,
     return fields
 
 
-def rope_inv_freq(config: LlamaConfig) -> np.ndarray:
+def rope_inv_freq(config: LlamaConfig, *, local: bool = False) -> np.ndarray:
     """RoPE inverse frequencies ``(head_dim // 2,)`` float32, scaled as `config.rope_type` says.
 
     Computed in float32 as transformers does (`_compute_default_rope_parameters`,
     `_compute_linear_scaling_rope_parameters`, `_compute_llama3_parameters`), so positions
-    rotate by the same angles as in the reference implementation.
+    rotate by the same angles as in the reference implementation. ``local``: the sliding
+    layers' frequencies (base `rope_local_theta`, unscaled, when the config has one).
     """
     dim = config.head_dim
+    local = local and config.rope_local_theta is not None
+    theta = config.rope_local_theta if local else config.rope_theta
     exponents = np.arange(0, dim, 2, dtype=np.int64).astype(np.float32) / np.float32(dim)
-    inv_freq = (np.float32(1.0) / np.power(np.float32(config.rope_theta), exponents)).astype(
-        np.float32
-    )
+    inv_freq = (np.float32(1.0) / np.power(np.float32(theta), exponents)).astype(np.float32)
+    if local:
+        return inv_freq
     if config.rope_type == "linear":
         return (inv_freq / np.float32(config.rope_factor)).astype(np.float32)
     if config.rope_type == "llama3":

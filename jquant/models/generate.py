@@ -230,7 +230,8 @@ def generate(
       ValueError: a prompt is empty, or prompt + max_new_tokens exceeds the context
         (``max_position_embeddings``) or ``max_len``; the message gives the numbers.
 
-    >>> out = generate(model, params, [tokenizer.encode("Hi")], max_new_tokens=8)  # doctest: +SKIP
+    >>> ids = jquant.io.encode_prompt(tokenizer, "Hi")  # BOS iff add_bos_token  # doctest: +SKIP
+    >>> out = generate(model, params, [ids], max_new_tokens=8)  # doctest: +SKIP
     >>> out.texts(tokenizer)  # doctest: +SKIP
     """
     graphdef = graphdef_of(model)
@@ -275,7 +276,9 @@ def chat_prompt(tokenizer, message: str, *, system: str | None = None) -> list[i
     """Token ids of a one-turn chat, rendered by the tokenizer's own chat template.
 
     Works with a `jquant.io.Tokenizer` or a transformers tokenizer. The template writes its
-    own special tokens, so none are added when encoding.
+    own special tokens (BOS too, as ``{{ bos_token }}``, where the model wants one), so none
+    are added when encoding. A raw-text prompt: `jquant.io.encode_prompt`, which adds BOS
+    exactly when the tokenizer's ``add_bos_token`` says.
     """
     messages = ([{"role": "system", "content": system}] if system else []) + [
         {"role": "user", "content": message}

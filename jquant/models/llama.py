@@ -1,16 +1,23 @@
-"""The Llama-family decoder in Flax NNX, and a functional `forward` for jit.
+"""The decoder of every supported family in Flax NNX, and a functional `forward` for jit.
+
+Llama, Mistral, Qwen2/3 and Gemma 1/2/3 share one skeleton; what differs is data in
+`LlamaConfig` (see `jquant.models.config`), so this one file runs them all.
 
 Every weight matmul goes through `jquant.ops` (`qdot`, `qembed`, `qattend`), so the same code
 runs float parameters and quantized ones: `nnx.merge(graphdef, qparams)` with QArrays in the
 State is all it takes.
 
-Parameter paths (recipes match them; keep them stable)::
+Parameter paths (recipes match them; keep them stable; they follow HF's names)::
 
     embed_tokens/embedding                      (V, D)
     layers/{i}/self_attn/{q,k,v,o}_proj/kernel  (K, N)  + bias (N,): q/k/v if qkv_bias, o if o_bias
+    layers/{i}/self_attn/{q,k}_norm/scale       (Dh,)    qk_norm only (qwen3, gemma3)
     layers/{i}/mlp/{gate,up,down}_proj/kernel   (K, N)
-    layers/{i}/input_layernorm/scale            (D,)
-    layers/{i}/post_attention_layernorm/scale   (D,)
+    layers/{i}/input_layernorm/scale            (D,)     before attention
+    layers/{i}/post_attention_layernorm/scale   (D,)     before the MLP; with sandwich norms
+                                                         (gemma2/3): after attention
+    layers/{i}/pre_feedforward_layernorm/scale  (D,)     sandwich norms only: before the MLP
+    layers/{i}/post_feedforward_layernorm/scale (D,)     sandwich norms only: after the MLP
     norm/scale                                  (D,)
     lm_head/kernel                              (D, V)   only when the head is not tied
 
@@ -32,6 +39,13 @@ from flax import nnx
 from jquant import ops
 from jquant.models.config import LlamaConfig, rope_inv_freq
 from jquant.qarray import QArray
+
+_ACTIVATIONS = {
+    "silu": jax.nn.silu,
+    "gelu_pytorch_tanh": functools.partial(jax.nn.gelu, approximate=True),
+    "gelu_new": functools.partial(jax.nn.gelu, approximate=True),
+    "gelu": functools.partial(jax.nn.gelu, approximate=False),
+}
 
 # Finite rather than -inf, so a query with nothing to attend to (a padding row) gives a
 # uniform softmax instead of NaNs that would poison the batch.
@@ -98,31 +112,47 @@ class Dense(nnx.Module):
 
 
 class Embed(nnx.Module):
-    """Token embedding ``(V, D)``; `attend` is the tied LM head."""
+    """Token embedding ``(V, D)``, times ``scale`` (Gemma: sqrt(D), rounded to the compute
+    dtype as transformers does); `attend` is the tied LM head (never scaled)."""
 
-    def __init__(self, vocab: int, dim: int, *, param_dtype, rngs: nnx.Rngs):
+    def __init__(self, vocab: int, dim: int, *, param_dtype, rngs: nnx.Rngs, scale: float = 1.0):
         init = jax.nn.initializers.normal(0.02)
         self.embedding = nnx.Param(init(rngs.params(), (vocab, dim), param_dtype))
+        self.scale = scale
 
     def __call__(self, ids: jax.Array, dtype) -> jax.Array:
-        return ops.qembed(ids, self.embedding.get_value(), dtype=dtype)
+        x = ops.qembed(ids, self.embedding.get_value(), dtype=dtype)
+        return x if self.scale == 1.0 else x * jnp.asarray(self.scale, dtype)
 
     def attend(self, x: jax.Array) -> jax.Array:
         return ops.qattend(x, self.embedding.get_value(), preferred_element_type=jnp.float32)
 
 
 class RMSNorm(nnx.Module):
-    """``x / rms(x) * scale``, normalized in float32 (as transformers does)."""
+    """``x / rms(x) * (offset + scale)``, normalized in float32 (as transformers does).
 
-    def __init__(self, dim: int, *, eps: float, param_dtype):
-        self.scale = nnx.Param(jnp.ones((dim,), param_dtype))
+    ``offset`` 0 is Llama's norm (the result cast to the compute dtype, then weighted);
+    ``offset`` 1 is Gemma's (weighted in float32, then cast; a zero weight is the identity).
+    """
+
+    def __init__(self, dim: int, *, eps: float, param_dtype, offset: float = 0.0):
+        self.scale = nnx.Param(jnp.full((dim,), 1.0 - offset, param_dtype))
         self.eps = eps
+        self.offset = offset
 
     def __call__(self, x: jax.Array) -> jax.Array:
         x32 = x.astype(jnp.float32)
         var = jnp.mean(x32 * x32, axis=-1, keepdims=True)
-        y = (x32 * jax.lax.rsqrt(var + jnp.float32(self.eps))).astype(x.dtype)
-        return _as_array(self.scale.get_value(), x.dtype) * y
+        y = x32 * jax.lax.rsqrt(var + jnp.float32(self.eps))
+        if self.offset:
+            w = _as_array(self.scale.get_value(), jnp.float32) + jnp.float32(self.offset)
+            return (y * w).astype(x.dtype)
+        return _as_array(self.scale.get_value(), x.dtype) * y.astype(x.dtype)
+
+
+def _norm(config: LlamaConfig, dim: int, param_dtype) -> RMSNorm:
+    return RMSNorm(dim, eps=config.rms_norm_eps, param_dtype=param_dtype,
+                   offset=config.norm_offset)  # fmt: skip
 
 
 def _rotate_half(x: jax.Array) -> jax.Array:
@@ -137,9 +167,11 @@ def _apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
     return out.astype(x.dtype)
 
 
-def rope_tables(config: LlamaConfig, positions: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """``cos, sin`` of shape ``(B, S, head_dim)`` float32 for integer ``positions (B, S)``."""
-    inv_freq = jnp.asarray(rope_inv_freq(config))
+def rope_tables(config: LlamaConfig, positions: jax.Array, *,
+                local: bool = False) -> tuple[jax.Array, jax.Array]:  # fmt: skip
+    """``cos, sin`` of shape ``(B, S, head_dim)`` float32 for integer ``positions (B, S)``;
+    ``local``: for the sliding-window layers (their own base in Gemma 3)."""
+    inv_freq = jnp.asarray(rope_inv_freq(config, local=local))
     angles = positions.astype(jnp.float32)[..., None] * inv_freq
     angles = jnp.concatenate([angles, angles], axis=-1)
     return jnp.cos(angles), jnp.sin(angles)
@@ -155,18 +187,31 @@ class Attention(nnx.Module):
         self.k_proj = Dense(d, kv * dh, bias=config.qkv_bias, **kw)
         self.v_proj = Dense(d, kv * dh, bias=config.qkv_bias, **kw)
         self.o_proj = Dense(h * dh, d, bias=config.o_bias, **kw)
+        if config.qk_norm:
+            self.q_norm = _norm(config, dh, param_dtype)
+            self.k_norm = _norm(config, dh, param_dtype)
+        self.qk_norm = config.qk_norm
         self.num_kv_heads, self.num_groups, self.head_dim = kv, config.num_groups, dh
+        self.scale, self.softcap = config.attn_scale, config.attn_logit_softcap
 
     def project(self, x, cos, sin) -> tuple[jax.Array, jax.Array, jax.Array]:
-        """RoPE'd queries ``(B, S, heads, Dh)``, keys and values ``(B, S, kv_heads, Dh)``.
+        """RoPE'd queries ``(B, S, heads, Dh)``, keys and values ``(B, S, kv_heads, Dh)``
+        (queries and keys normalized per head first, with ``qk_norm``).
 
         Query head ``h`` attends with key/value head ``h // num_groups`` (transformers'
         repeat_kv order)."""
         b, s, _ = x.shape
         kv, dh = self.num_kv_heads, self.head_dim
-        q = _apply_rope(self.q_proj(x).reshape(b, s, kv * self.num_groups, dh), cos, sin)
-        k = _apply_rope(self.k_proj(x).reshape(b, s, kv, dh), cos, sin)
-        return q, k, self.v_proj(x).reshape(b, s, kv, dh)
+        q = self.q_proj(x).reshape(b, s, kv * self.num_groups, dh)
+        k = self.k_proj(x).reshape(b, s, kv, dh)
+        if self.qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
+        v = self.v_proj(x).reshape(b, s, kv, dh)
+        return _apply_rope(q, cos, sin), _apply_rope(k, cos, sin), v
+
+    def attend(self, q, k, v, allowed, **scales) -> jax.Array:
+        """`attend` with this layer's scale and soft-cap."""
+        return attend(q, k, v, allowed, scale=self.scale, softcap=self.softcap, **scales)
 
     def __call__(self, x, cos, sin, allowed, cache: KVCache | None, layer: int):
         """Args: x (B, S, D); cos/sin (B, S, Dh); allowed (B, S, T) bool, T = keys (the
@@ -179,10 +224,11 @@ class Attention(nnx.Module):
                 v=jax.lax.dynamic_update_slice(cache.v, v[None].astype(cache.v.dtype), start),
             )
             k, v = cache.k[layer].astype(x.dtype), cache.v[layer].astype(x.dtype)
-        return self.o_proj(attend(q, k, v, allowed)), cache
+        return self.o_proj(self.attend(q, k, v, allowed)), cache
 
 
-def attend(q, k, v, allowed, *, k_scale=None, v_scale=None) -> jax.Array:
+def attend(q, k, v, allowed, *, k_scale=None, v_scale=None, scale=None,
+           softcap=None) -> jax.Array:  # fmt: skip
     """Grouped-query softmax attention: ``(B, S, heads * Dh)`` in ``q``'s dtype.
 
     Args:
@@ -193,6 +239,8 @@ def attend(q, k, v, allowed, *, k_scale=None, v_scale=None) -> jax.Array:
       k_scale, v_scale: per-token, per-head scales ``(B, T, kv_heads)`` of quantized codes.
         They are folded into the scores (``q . k_codes * k_scale``) and the probabilities
         (``(p * v_scale) @ v_codes``), so no dequantized copy of the cache is made.
+      scale: the factor on the scores (default ``Dh ** -0.5``).
+      softcap: scores become ``softcap * tanh(scores / softcap)`` before masking (Gemma 2).
     """
     b, s, h, dh = q.shape
     kv = k.shape[2]
@@ -202,7 +250,9 @@ def attend(q, k, v, allowed, *, k_scale=None, v_scale=None) -> jax.Array:
                         preferred_element_type=jnp.float32)  # fmt: skip
     if k_scale is not None:
         scores = scores * _per_key(k_scale)
-    scores = scores * jnp.float32(dh**-0.5)
+    scores = scores * jnp.float32(dh**-0.5 if scale is None else scale)
+    if softcap is not None:
+        scores = jnp.tanh(scores / jnp.float32(softcap)) * jnp.float32(softcap)
     scores = jnp.where(allowed[:, None, None], scores, jnp.float32(_MASKED))
     probs = jax.nn.softmax(scores, axis=-1)
     if v_scale is not None:
@@ -218,7 +268,7 @@ def _per_key(scale: jax.Array) -> jax.Array:
 
 
 class MLP(nnx.Module):
-    """SwiGLU: ``down(silu(gate(x)) * up(x))``."""
+    """Gated MLP: ``down(act(gate(x)) * up(x))``: SwiGLU (SiLU), or GeGLU (Gemma's GELU)."""
 
     def __init__(self, config: LlamaConfig, *, param_dtype, rngs: nnx.Rngs):
         d, f = config.hidden_size, config.intermediate_size
@@ -226,33 +276,52 @@ class MLP(nnx.Module):
         self.gate_proj = Dense(d, f, **kw)
         self.up_proj = Dense(d, f, **kw)
         self.down_proj = Dense(f, d, **kw)
+        self.act = config.hidden_act
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        return self.down_proj(jax.nn.silu(self.gate_proj(x)) * self.up_proj(x))
+        return self.down_proj(_ACTIVATIONS[self.act](self.gate_proj(x)) * self.up_proj(x))
 
 
 class DecoderLayer(nnx.Module):
-    """Pre-norm block: ``x + attn(norm(x))``, then ``x + mlp(norm(x))``."""
+    """Pre-norm block: ``x + attn(norm(x))``, then ``x + mlp(norm(x))``; with sandwich norms
+    (Gemma 2/3) the attention and MLP outputs are normalized too before they are added."""
 
     def __init__(self, config: LlamaConfig, *, param_dtype, rngs: nnx.Rngs):
-        norm = functools.partial(RMSNorm, config.hidden_size, eps=config.rms_norm_eps,
-                                 param_dtype=param_dtype)  # fmt: skip
+        norm = functools.partial(_norm, config, config.hidden_size, param_dtype)
         self.input_layernorm = norm()
         self.self_attn = Attention(config, param_dtype=param_dtype, rngs=rngs)
         self.post_attention_layernorm = norm()
+        if config.sandwich_norms:
+            self.pre_feedforward_layernorm = norm()
+            self.post_feedforward_layernorm = norm()
+        self.sandwich = config.sandwich_norms
         self.mlp = MLP(config, param_dtype=param_dtype, rngs=rngs)
 
     def __call__(self, x, cos, sin, allowed, cache, layer):
         h, cache = self.self_attn(self.input_layernorm(x), cos, sin, allowed, cache, layer)
-        x = x + h
-        return x + self.mlp(self.post_attention_layernorm(x)), cache
+        return self.mlp_residual(self.attn_residual(x, h)), cache
+
+    def attn_residual(self, x: jax.Array, h: jax.Array) -> jax.Array:
+        """The residual stream after attention output ``h`` (o_proj's) is added."""
+        return x + (self.post_attention_layernorm(h) if self.sandwich else h)
+
+    def mlp_norm(self, x: jax.Array) -> jax.Array:
+        """The norm whose output the MLP reads."""
+        if self.sandwich:
+            return self.pre_feedforward_layernorm(x)
+        return self.post_attention_layernorm(x)
+
+    def mlp_residual(self, x: jax.Array) -> jax.Array:
+        """``x`` plus the (normalized, with sandwich norms) MLP output."""
+        h = self.mlp(self.mlp_norm(x))
+        return x + (self.post_feedforward_layernorm(h) if self.sandwich else h)
 
 
 class Llama(nnx.Module):
     """A Llama-family causal LM.
 
     Args:
-      config: the architecture.
+      config: the architecture (any supported family).
       dtype: compute dtype of activations and the KV cache (float32 on CPU, where XLA's bf16
         dots are ~20x slower; bfloat16 on GPU/TPU). Logits are always float32.
       param_dtype: dtype of freshly initialized parameters.
@@ -271,9 +340,10 @@ class Llama(nnx.Module):
         self.config = config
         self.dtype = dtype
         kw = dict(param_dtype=param_dtype, rngs=rngs)
-        self.embed_tokens = Embed(config.vocab_size, config.hidden_size, **kw)
+        self.embed_tokens = Embed(config.vocab_size, config.hidden_size, scale=config.embed_scale,
+                                  **kw)  # fmt: skip
         self.layers = nnx.List([DecoderLayer(config, **kw) for _ in range(config.num_layers)])
-        self.norm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps, param_dtype=param_dtype)
+        self.norm = _norm(config, config.hidden_size, param_dtype)
         if not config.tie_word_embeddings:
             self.lm_head = Dense(config.hidden_size, config.vocab_size, bias=False, **kw)
 
@@ -309,20 +379,42 @@ class Llama(nnx.Module):
         mask = jnp.ones((b, s), jnp.bool_) if mask is None else mask.astype(jnp.bool_)
         if positions is None:
             positions = _default_positions(mask, cache)
-        allowed, cache = _attention_mask(mask, cache)
-        cos, sin = rope_tables(self.config, positions)
+        config = self.config
+        full, local, cache = layer_inputs(config, positions, mask, cache)
         x = self.embed_tokens(tokens, self.dtype)
         for i, layer in enumerate(self.layers):
-            x, cache = layer(x, cos, sin, allowed, cache, i)
+            x, cache = layer(x, *(local if config.is_sliding(i) else full), cache, i)
         if cache is not None:
             cache = cache._replace(index=cache.index + jnp.int32(s))
         if last_only:
             x = x[:, -1:]
         x = self.norm(x)
-        if self.config.tie_word_embeddings:
-            return self.embed_tokens.attend(x), cache
-        kernel = self.lm_head.kernel.get_value()
-        return ops.qdot(x, kernel, preferred_element_type=jnp.float32), cache
+        if config.tie_word_embeddings:
+            logits = self.embed_tokens.attend(x)
+        else:
+            kernel = self.lm_head.kernel.get_value()
+            logits = ops.qdot(x, kernel, preferred_element_type=jnp.float32)
+        return softcap_logits(logits, config.final_logit_softcap), cache
+
+
+def softcap_logits(logits: jax.Array, cap: float | None) -> jax.Array:
+    """``cap * tanh(logits / cap)`` (Gemma 2's final soft-capping); as is when ``cap`` is None."""
+    if cap is None:
+        return logits
+    return jnp.tanh(logits / jnp.float32(cap)) * jnp.float32(cap)
+
+
+def layer_inputs(config: LlamaConfig, positions, mask, cache):
+    """``(full, local, cache)``: the ``(cos, sin, allowed)`` of full-attention layers and of
+    sliding-window ones (None when the model has none), and the cache with the new slots
+    marked valid."""
+    allowed, new_cache = _attention_mask(mask, cache)
+    full = (*rope_tables(config, positions), allowed)
+    local = None
+    if config.has_sliding:
+        window, _ = _attention_mask(mask, cache, window=config.sliding_window)
+        local = (*rope_tables(config, positions, local=True), window)
+    return full, local, new_cache
 
 
 def _default_positions(mask: jax.Array, cache: KVCache | None) -> jax.Array:
@@ -332,18 +424,25 @@ def _default_positions(mask: jax.Array, cache: KVCache | None) -> jax.Array:
     return jnp.maximum(seen, 0)
 
 
-def _attention_mask(mask: jax.Array, cache: KVCache | None):
-    """``allowed (B, S, T)``: causal, and only real tokens as keys. Marks the new slots
-    valid in the cache (which is returned)."""
+def _attention_mask(mask: jax.Array, cache: KVCache | None, window: int | None = None):
+    """``allowed (B, S, T)``: causal, and only real tokens as keys; with a ``window``, only
+    the last ``window`` slots up to the query's own (transformers' sliding window:
+    ``key > query - window``). Marks the new slots valid in the cache (which is returned).
+
+    Slots stand for positions here: a row's real tokens fill consecutive slots (padding
+    is on the left), so a distance in slots is a distance in positions."""
     b, s = mask.shape
     if cache is None:
-        causal = jnp.tril(jnp.ones((s, s), jnp.bool_))
-        return causal[None] & mask[:, None, :], None
-    valid = jax.lax.dynamic_update_slice(cache.valid, mask, (0, cache.index))
-    query_slot = cache.index + jnp.arange(s, dtype=jnp.int32)
-    key_slot = jnp.arange(cache.max_len, dtype=jnp.int32)
-    causal = key_slot[None, :] <= query_slot[:, None]
-    return causal[None] & valid[:, None, :], cache._replace(valid=valid)
+        valid, query_slot, key_slot = mask, jnp.arange(s), jnp.arange(s)
+    else:
+        valid = jax.lax.dynamic_update_slice(cache.valid, mask, (0, cache.index))
+        query_slot = cache.index + jnp.arange(s, dtype=jnp.int32)
+        key_slot = jnp.arange(cache.max_len, dtype=jnp.int32)
+        cache = cache._replace(valid=valid)
+    allowed = key_slot[None, :] <= query_slot[:, None]
+    if window is not None:
+        allowed = allowed & (key_slot[None, :] > query_slot[:, None] - window)
+    return allowed[None] & valid[:, None, :], cache
 
 
 # ---- functional API -----------------------------------------------------------------

@@ -31,7 +31,7 @@ from flax import nnx
 
 from jquant.models import blocks
 from jquant.models.config import LlamaConfig
-from jquant.models.llama import attend, rope_tables
+from jquant.models.llama import rope_tables
 from jquant.qarray import QArray
 from jquant.serve.kv import SCALE_DTYPE, KVFormat, kv_format
 
@@ -169,41 +169,62 @@ def _read(cache: SlotCache, layer, rows, key_len: int):
     return tuple(take(x) for x in cache)
 
 
-def _run_layers(st: _Static, layers, x, cos, sin, cache, rows, positions, key_len):
-    allowed = jnp.arange(key_len, dtype=jnp.int32)[None, None, :] <= positions[:, :, None]
+def _layer_inputs(config: LlamaConfig, positions, key_len: int):
+    """``(full, local)`` ``(cos, sin, allowed)`` of full-attention and sliding-window layers
+    (``local`` None without sliding layers): a query at position ``p`` sees its slot's keys
+    at positions ``<= p``, and in a sliding layer only those ``> p - window``."""
+    key_pos = jnp.arange(key_len, dtype=jnp.int32)[None, None, :]
+    causal = key_pos <= positions[:, :, None]
+    full = (*rope_tables(config, positions), causal)
+    if not config.has_sliding:
+        return full, None
+    window = causal & (key_pos > positions[:, :, None] - config.sliding_window)
+    return full, (*rope_tables(config, positions, local=True), window)
 
-    def layer_fn(x, cache, state, i):
+
+def _run_layers(st: _Static, layers, x, cache, rows, positions, key_len):
+    config = st.config
+    full, local = _layer_inputs(config, positions, key_len)
+
+    def layer_fn(x, cache, state, i, inputs):
+        cos, sin, allowed = inputs
         layer = nnx.merge(st.layer, state)
         attn = layer.self_attn
         q, k, v = attn.project(layer.input_layernorm(x), cos, sin)
         cache = _write(cache, i, rows, positions, k, v, st.fmt)
         kr, vr, ks, vs = _read(cache, i, rows, key_len)
-        x = x + attn.o_proj(attend(q, kr, vr, allowed, k_scale=ks, v_scale=vs))
-        return x + layer.mlp(layer.post_attention_layernorm(x)), cache
+        h = attn.o_proj(attn.attend(q, kr, vr, allowed, k_scale=ks, v_scale=vs))
+        return layer.mlp_residual(layer.attn_residual(x, h)), cache
 
     if not st.stacked:
         for i, state in enumerate(layers):
-            x, cache = layer_fn(x, cache, state, jnp.int32(i))
+            inputs = local if config.is_sliding(i) else full
+            x, cache = layer_fn(x, cache, state, jnp.int32(i), inputs)
         return x, cache
 
     def body(carry, xs):
-        return layer_fn(*carry, *xs), None
+        state, i, sliding = xs
+        inputs = full
+        if local is not None:  # this layer's RoPE tables and mask
+            inputs = tuple(jnp.where(sliding, a, b) for a, b in zip(local, full))
+        return layer_fn(*carry, state, i, inputs), None
 
-    index = jnp.arange(st.config.num_layers, dtype=jnp.int32)
-    (x, cache), _ = jax.lax.scan(body, (x, cache), (layers, index))
+    index = jnp.arange(config.num_layers, dtype=jnp.int32)
+    sliding = jnp.asarray([config.is_sliding(i) for i in range(config.num_layers)])
+    (x, cache), _ = jax.lax.scan(body, (x, cache), (layers, index, sliding))
     return x, cache
 
 
 def _hidden(st: _Static, params, cache, tokens, rows, starts, key_len):
     positions = starts[:, None] + jnp.arange(tokens.shape[1], dtype=jnp.int32)[None, :]
-    cos, sin = rope_tables(st.config, positions)
     x = nnx.merge(st.embed, params["embed"])(tokens, st.dtype)
-    return _run_layers(st, params["layers"], x, cos, sin, cache, rows, positions, key_len)
+    return _run_layers(st, params["layers"], x, cache, rows, positions, key_len)
 
 
 def _head(st: _Static, params, x):
     table = params["embed"] if st.tied else params["head"]
-    return blocks.apply_head(st.norm, params["norm"], table, x, tied=st.tied)
+    return blocks.apply_head(st.norm, params["norm"], table, x, tied=st.tied,
+                             softcap=st.config.final_logit_softcap)  # fmt: skip
 
 
 def _placed(st: _Static, cache: SlotCache) -> SlotCache:
@@ -405,21 +426,27 @@ class Runner:
 
 def cache_perplexity(model, params, text, *, tokenizer=None, kv_cache=None,
                      seq_len: int = 512, max_tokens: int | None = None,
-                     batch_size: int = 4, progress: bool = False):  # fmt: skip
+                     batch_size: int = 4, progress: bool = False,
+                     bos_token_id: int | None = None):  # fmt: skip
     """`jquant.eval.perplexity` through the serving KV cache: each window is prefilled into a
     `SlotCache` of format ``kv_cache`` and every query attends to the cache's (quantized)
-    keys and values, as in serving. Returns a `jquant.eval.PerplexityResult`."""
+    keys and values, as in serving. The same windows (a leading BOS exactly when the
+    tokenizer's ``add_bos_token`` says, or ``bos_token_id`` asks). Returns a
+    `jquant.eval.PerplexityResult`."""
     import math
 
     from tqdm import tqdm
 
     from jquant.eval.perplexity import PerplexityResult, cut_windows
+    from jquant.io.tokenizer import leading_bos
 
     if isinstance(text, str):
         if tokenizer is None:
             raise ValueError("perplexity of a str needs a tokenizer (or pass token ids)")
+        if bos_token_id is None:
+            bos_token_id = leading_bos(tokenizer)
         text = tokenizer.encode(text, add_special_tokens=False)
-    windows = cut_windows(text, seq_len, max_tokens)
+    windows = cut_windows(text, seq_len, max_tokens, bos_token_id=bos_token_id)
     n = len(windows)
     batch_size = max(1, min(batch_size, n))
     padded = np.zeros((-(-n // batch_size) * batch_size, seq_len), np.int32)
@@ -432,4 +459,4 @@ def cache_perplexity(model, params, text, *, tokenizer=None, kv_cache=None,
         total += float(np.asarray(nll, np.float64)[: n - start].sum())
     mean = total / (n * (seq_len - 1))
     return PerplexityResult(perplexity=math.exp(mean), nll=mean, tokens=n * (seq_len - 1),
-                            windows=n, seq_len=seq_len)  # fmt: skip
+                            windows=n, seq_len=seq_len, bos_token_id=bos_token_id)  # fmt: skip

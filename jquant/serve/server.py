@@ -158,7 +158,10 @@ def _check_model(r, model_name: str) -> None:
 
 
 def _encode(engine, text: str) -> list[int]:
-    return list(engine.tokenizer.encode(text, add_special_tokens=False))
+    """A raw-text prompt: BOS exactly when the tokenizer's ``add_bos_token`` says."""
+    from jquant.io.tokenizer import encode_prompt
+
+    return encode_prompt(engine.tokenizer, text)
 
 
 def _chat_prompt(engine, conversation: list[dict]) -> list[int]:
@@ -174,7 +177,8 @@ def _chat_prompt(engine, conversation: list[dict]) -> list[int]:
     except (ValueError, jinja2.TemplateError) as e:
         raise APIError(f"Invalid 'messages': the chat template failed: {e}", param="messages",
                        code="invalid_value") from None  # fmt: skip
-    return _encode(engine, text)
+    # The template writes its own BOS ({{ bos_token }}): nothing is added.
+    return list(tokenizer.encode(text, add_special_tokens=False))
 
 
 def _sampling(engine, r, prompts: list[list[int]], max_tokens: int | None, chat: bool):

@@ -30,22 +30,39 @@ def _copy(params):
     return jax.tree.map(lambda v: v, params)
 
 
-def test_folding_any_scales_leaves_the_float_model_unchanged(tiny):
-    model, params, tokens = tiny
+def _family(model_type: str) -> LlamaConfig:
+    return LlamaConfig.from_hf(dict(
+        model_type=model_type, vocab_size=64, hidden_size=32, intermediate_size=48,
+        num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=8,
+        sliding_window=4, sliding_window_pattern=2, query_pre_attn_scalar=8,
+        attn_logit_softcapping=20.0, final_logit_softcapping=10.0))  # fmt: skip
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen3", "gemma2", "gemma3_text"])
+def test_folding_any_scales_leaves_the_float_model_unchanged(family):
+    """For every family: Gemma's norms multiply by 1 + w, and its MLP reads the
+    pre-feed-forward norm (a fold into the wrong norm, or one ignoring the offset, fails)."""
+    config = CONFIG if family == "llama" else _family(family)
+    model = init_model(config, seed=0)
+    params = nnx.state(model, nnx.Param)
+    rng = np.random.RandomState(1)
+    for path, var in nnx.to_flat_state(params):  # norms away from their neutral value
+        if path[-1] == "scale":
+            var.set_value(jnp.asarray(rng.uniform(-0.5, 0.5, var.get_value().shape), jnp.float32))
+    tokens = rng.randint(0, 64, (3, 12))
     before = np.asarray(blocks.layerwise_forward(model, params, tokens))
     folded = _copy(params)
-    rng = np.random.RandomState(1)
-    for i in range(CONFIG.num_layers):
+    for i in range(config.num_layers):
         state = blocks.layer_params(folded, i)
-        for fold in llama_folds(CONFIG):
+        for fold in llama_folds(config):
             src = state
             for key in fold.source.split("/"):
                 src = src[key]
             n = src.get_value().shape[-1]
             apply_fold(state, fold, jnp.asarray(rng.uniform(0.2, 5.0, n), jnp.float32))
     after = np.asarray(blocks.layerwise_forward(model, folded, tokens))
-    changed = np.asarray(blocks.layer_params(folded, 0)["input_layernorm"]["scale"].get_value())
-    assert not np.allclose(changed, 1.0)  # the fold did change the parameters
+    norm = lambda p: np.asarray(blocks.layer_params(p, 0)["input_layernorm"]["scale"].get_value())  # noqa: E731
+    assert not np.allclose(norm(folded), norm(params))  # the fold did change the parameters
     np.testing.assert_allclose(after, before, rtol=0, atol=2e-5 * np.abs(before).max())
 
 

@@ -35,6 +35,31 @@ def test_too_short_a_text_is_one_clear_error():
         calib_data.windows(np.arange(40), 4, 25)
 
 
+@pytest.mark.parametrize("add_bos", [True, False])
+def test_calibration_windows_start_with_bos_iff_the_tokenizer_says(add_bos):
+    class Tokenizer:
+        add_bos_token, bos_token_id = add_bos, 99
+
+        def encode(self, text, add_special_tokens=True):
+            assert not add_special_tokens
+            return list(range(len(text)))
+
+    out = calib_data.calibration_tokens(Tokenizer(), text="x" * 100, samples=4, seq_len=26)
+    if add_bos:
+        np.testing.assert_array_equal(out[:, 0], 99)
+        np.testing.assert_array_equal(out[:, 1:], calib_data.windows(np.arange(100), 4, 25))
+    else:
+        np.testing.assert_array_equal(out, calib_data.windows(np.arange(100), 4, 26))
+    assert out.shape == (4, 26) and out.dtype == np.int32
+
+
+def test_bos_windows_count_text_tokens():
+    out = calib_data.windows(np.arange(6), 2, 4, bos_token_id=99)
+    np.testing.assert_array_equal(out, [[99, 0, 1, 2], [99, 3, 4, 5]])
+    with pytest.raises(ValueError, match=r"of 26 tokens \(BOS \+ 25 of text\)"):
+        calib_data.windows(np.arange(40), 4, 26, bos_token_id=99)
+
+
 def test_statistics_match_numpy():
     x = np.random.RandomState(0).randn(3, 7, 5).astype(np.float32)
     c = stats.from_inputs(x)

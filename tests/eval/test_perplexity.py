@@ -77,6 +77,64 @@ def test_text_is_tokenized_without_special_tokens(tiny):
         perplexity(model, params, text, seq_len=8)
 
 
+def test_cut_windows_with_bos():
+    np.testing.assert_array_equal(cut_windows(range(11), 4, bos_token_id=49),
+                                  [[49, 0, 1, 2], [49, 3, 4, 5], [49, 6, 7, 8]])  # fmt: skip
+    np.testing.assert_array_equal(cut_windows(range(11), 4, max_tokens=7, bos_token_id=49),
+                                  [[49, 0, 1, 2], [49, 3, 4, 5]])  # fmt: skip
+    assert cut_windows(range(3), 2, bos_token_id=9).tolist() == [[9, 0], [9, 1], [9, 2]]
+    with pytest.raises(ValueError, match=r"2 tokens make no window of seq_len=4 \(BOS \+ 3"):
+        cut_windows(range(2), 4, bos_token_id=0)
+
+
+BOS = 7
+
+
+class _CharTokenizer:
+    """One token per character; says whether to add BOS as a model's tokenizer does."""
+
+    bos_token_id = BOS
+
+    def __init__(self, add_bos_token):
+        self.add_bos_token = add_bos_token
+
+    def encode(self, text, add_special_tokens=True):
+        assert add_special_tokens is False
+        return [ord(c) % 50 for c in text]
+
+
+def test_bos_windows_match_numpy_definition(tiny):
+    model, params = tiny
+    text = "the quick brown fox jumps over the lazy dog; pack my box with five dozen jugs"
+    ids = np.asarray([ord(c) % 50 for c in text], np.int32)
+    seq_len, max_tokens = 6, 64  # 12 windows of BOS + 5 text tokens from the first 64 tokens
+    total, count = 0.0, 0
+    for chunk in ids[:60].reshape(12, seq_len - 1):
+        w = np.concatenate([[BOS], chunk])
+        logits = np.asarray(forward(model, params, jnp.asarray(w[None]))[0][0], np.float64)
+        logp = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
+        total -= sum(logp[i - 1, w[i]] for i in range(1, seq_len))  # every text token
+        count += seq_len - 1
+    kw = dict(seq_len=seq_len, max_tokens=max_tokens, batch_size=5, progress=False)
+    by_ids = perplexity(model, params, ids, bos_token_id=BOS, **kw)
+    assert (by_ids.windows, by_ids.tokens, by_ids.bos_token_id) == (12, count, BOS)
+    assert by_ids.nll == pytest.approx(total / count, rel=1e-5)
+    # A text whose tokenizer says add_bos_token gets the same windows.
+    by_text = perplexity(model, params, text, tokenizer=_CharTokenizer(True), **kw)
+    assert by_text == by_ids
+
+
+def test_without_bos_the_windows_are_unchanged(tiny):
+    model, params = tiny
+    text = "the quick brown fox jumps over the lazy dog"
+    kw = dict(seq_len=8, progress=False)
+    plain = perplexity(model, params, [ord(c) % 50 for c in text], **kw)
+    assert (plain.windows, plain.tokens, plain.bos_token_id) == (5, 35, None)
+    assert perplexity(model, params, text, tokenizer=_CharTokenizer(False), **kw) == plain
+    with_bos = perplexity(model, params, text, tokenizer=_CharTokenizer(True), **kw)
+    assert (with_bos.windows, with_bos.tokens) == (6, 42) and with_bos.nll != plain.nll
+
+
 # Two layers, so that running layer 0's weights twice (or skipping a layer) changes the result.
 DEEP = LlamaConfig(vocab_size=50, hidden_size=32, intermediate_size=64, num_layers=2,
                    num_heads=2, num_kv_heads=1, max_position_embeddings=64)  # fmt: skip

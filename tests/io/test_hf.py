@@ -132,8 +132,23 @@ def test_config_variants():
         jhf.config_from_hf(dict(base, model_type="gpt2"))
     with pytest.raises(ValueError, match="'intermediate_size' is missing"):
         jhf.config_from_hf({k: v for k, v in base.items() if k != "intermediate_size"})
-    with pytest.raises(ValueError, match="SiLU"):
-        jhf.config_from_hf(dict(base, hidden_act="gelu"))
+    with pytest.raises(ValueError, match="hidden_act='relu2' is not supported"):
+        jhf.config_from_hf(dict(base, hidden_act="relu2"))
+    # Qwen files carry a window they use only with use_sliding_window (from max_window_layers).
+    qwen = dict(base, model_type="qwen2", num_hidden_layers=2, sliding_window=32768,
+                max_window_layers=1)
+    assert jhf.config_from_hf(qwen)["sliding_window"] is None
+    used = jhf.config_from_hf(dict(qwen, use_sliding_window=True))
+    assert used["sliding_window"] == 32768
+    assert used["layer_types"][:2] == ["full_attention", "sliding_attention"]
+    # An older Gemma 3 config.json: the pattern, local RoPE base and defaults it leaves out.
+    gemma3 = jhf.config_from_hf(dict(base, model_type="gemma3_text", num_hidden_layers=2,
+                                     sliding_window=512,
+                                     sliding_window_pattern=2, rope_local_base_freq=10000.0,
+                                     rope_theta=1e6))  # fmt: skip
+    assert gemma3["layer_types"][:2] == ["sliding_attention", "full_attention"]
+    assert (gemma3["rope_theta"], gemma3["rope_local_base_freq"]) == (1e6, 10000.0)
+    assert gemma3["query_pre_attn_scalar"] == 256 and gemma3["tie_word_embeddings"] is True
 
 
 def test_missing_config(tmp_path):

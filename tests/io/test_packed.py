@@ -154,6 +154,22 @@ def test_models_load_reads_a_packed_directory(tmp_path, tiny_gguf):
                                   _logits(model, qparams, tokens))  # fmt: skip
 
 
+@pytest.mark.parametrize("add_bos", [True, False])
+def test_packed_tokenizer_keeps_add_bos_token(tmp_path, tiny, add_bos):
+    # The flag as configured, even where the backend's post-processor adds no BOS (a Llama 3
+    # GGUF that omits tokenizer.ggml.add_bos_token: llama.cpp's default is True).
+    tok = models.load(tiny.write_gguf(tmp_path / "t.gguf", tiny.tensors()))[2]
+    tok.add_bos_token = add_bos
+    d = tmp_path / "p"
+    d.mkdir()
+    packed._write_tokenizer(d, tok)
+    meta = json.loads(json.dumps(packed._tokenizer_meta(tok)))
+    assert packed._read_tokenizer(d, meta).add_bos_token is add_bos
+    # Written before the flag was recorded: as the post-processor does (none here).
+    del meta["add_bos_token"]
+    assert packed._read_tokenizer(d, meta).add_bos_token is False
+
+
 def test_hf_directory_still_loads_as_floats(tmp_path, tiny):
     tensors = tiny.tensors(tied=True)
     hf = tmp_path / "hf"

@@ -43,6 +43,61 @@ def test_bos_follows_the_file(tmp_path, tiny):
     assert bos.encode("hello") == [1] + no_bos.encode("hello")
     assert bos.encode("hello", add_special_tokens=False) == no_bos.encode("hello")
     assert (bos.bos_token, bos.eos_token) == ("<|im_start|>", "<|im_end|>")
+    assert (bos.add_bos_token, no_bos.add_bos_token) == (True, False)
+
+
+def test_encode_prompt_adds_one_bos_exactly_when_the_file_says(tmp_path, tiny):
+    no_bos = jio.load_gguf(tiny.write_gguf(tmp_path / "a.gguf", tiny.tensors())).tokenizer
+    bos = jio.load_gguf(
+        tiny.write_gguf(tmp_path / "b.gguf", tiny.tensors(), add_bos=True)
+    ).tokenizer
+    plain = no_bos.encode("hello", add_special_tokens=False)
+    assert jio.encode_prompt(no_bos, "hello") == plain and plain[0] != 1
+    assert jio.encode_prompt(bos, "hello") == [1] + plain
+    assert (jio.leading_bos(bos), jio.leading_bos(no_bos)) == (1, None)
+    # A prompt that already starts with BOS (<|im_start|> is this vocabulary's BOS) keeps one.
+    assert jio.encode_prompt(bos, "<|im_start|>hello") == [1] + plain
+    assert jio.encode_prompt(bos, "") == [1]
+    # Objects without the attribute (a stand-in, an older tokenizer) add none.
+    assert jio.leading_bos(object()) is None
+
+
+@pytest.mark.parametrize("fields, expected", [
+    ({"tokenizer.ggml.model": "gpt2", "tokenizer.ggml.pre": "smollm"}, False),
+    ({"tokenizer.ggml.model": "gpt2", "tokenizer.ggml.pre": "qwen2"}, False),
+    ({"tokenizer.ggml.model": "gpt2", "tokenizer.ggml.pre": "llama-bpe"}, True),
+    ({"tokenizer.ggml.model": "llama"}, True),
+    ({"tokenizer.ggml.model": "llama", "tokenizer.ggml.add_bos_token": False}, False),
+    ({"tokenizer.ggml.model": "gpt2", "tokenizer.ggml.add_bos_token": True}, True),
+])  # fmt: skip
+def test_gguf_add_bos_defaults_are_llama_cpps(fields, expected):
+    assert jtok._gguf_add_bos(fields) is expected
+
+
+@pytest.mark.parametrize("stated", [True, False, None])
+def test_hf_dir_add_bos_token(tmp_path, tiny, stated):
+    # The backend's post-processor adds BOS; tokenizer_config.json, when it states the flag, wins.
+    source = jio.load_gguf(
+        tiny.write_gguf(tmp_path / "b.gguf", tiny.tensors(), add_bos=True)
+    ).tokenizer
+    d = tmp_path / "hf"
+    d.mkdir()
+    source.backend.save(str(d / "tokenizer.json"))
+    config = {"bos_token": "<|im_start|>"}
+    if stated is not None:
+        config["add_bos_token"] = stated
+    (d / "tokenizer_config.json").write_text(json.dumps(config))
+    tok = jtok.tokenizer_from_hf_dir(d)
+    assert tok.add_bos_token is (True if stated is None else stated)
+    plain = source.encode("hello", add_special_tokens=False)
+    assert jio.encode_prompt(tok, "hello") == ([1] + plain if tok.add_bos_token else plain)
+
+
+def test_hf_dir_without_a_bos_post_processor_adds_none(tmp_path, tiny_tokenizer):
+    tiny_tokenizer.backend.save(str(tmp_path / "tokenizer.json"))
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"bos_token": "<|im_start|>"}))
+    tok = jtok.tokenizer_from_hf_dir(tmp_path)
+    assert tok.bos_token_id == 1 and tok.add_bos_token is False
 
 
 def test_chat_template(tiny_tokenizer):
@@ -65,8 +120,8 @@ def test_no_chat_template_is_a_clear_error(tmp_path, tiny):
 
 
 def test_unsupported_tokenizer_kind_is_rejected():
-    with pytest.raises(ValueError, match="'llama' is not supported"):
-        jtok.tokenizer_from_gguf_fields({"tokenizer.ggml.model": "llama"})
+    with pytest.raises(ValueError, match="'t5' is not supported"):
+        jtok.tokenizer_from_gguf_fields({"tokenizer.ggml.model": "t5"})
 
 
 def test_hf_dir_tokenizer(tmp_path, tiny_tokenizer, tiny):
@@ -134,6 +189,7 @@ def test_smollm_tokenizer_basics(smollm):
     assert tok.vocab_size == 49152
     assert (tok.bos_token_id, tok.eos_token_id) == (1, 2)
     assert tok.encode("Hello") == [19556]  # no BOS: SmolLM2 adds none
+    assert tok.add_bos_token is False and jio.encode_prompt(tok, "Hello") == [19556]
     assert "<|im_start|>" in tok.chat_template
     for text in pydoc_samples() + TRICKY:
         assert tok.decode(tok.encode(text)) == text

@@ -121,3 +121,35 @@ def test_chat_prompt_uses_the_tokenizer_template():
 
     ids = chat_prompt(FakeTokenizer(), "hi", system="be brief")
     assert "".join(map(chr, ids)) == "system:be brief|user:hi"
+
+
+def _word_tokenizer(add_bos: bool):
+    """A word-level `jquant.io.Tokenizer` whose backend adds BOS as its configuration says,
+    and whose chat template writes ``{{ bos_token }}`` itself (as Gemma's and Llama's do)."""
+    import tokenizers
+    from tokenizers import pre_tokenizers, processors
+
+    from jquant.io import Tokenizer
+
+    vocab = {"<unk>": 0, "<bos>": 1, "<eos>": 2, "hello": 3, "world": 4}
+    backend = tokenizers.Tokenizer(tokenizers.models.WordLevel(vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    backend.add_special_tokens(["<bos>", "<eos>"])
+    if add_bos:
+        backend.post_processor = processors.TemplateProcessing(
+            single="<bos> $A", special_tokens=[("<bos>", 1)])  # fmt: skip
+    template = "{{ bos_token }}{% for m in messages %}{{ m['content'] }} {% endfor %}"
+    return Tokenizer(backend, bos_token_id=1, eos_token_id=2, chat_template=template,
+                     add_bos_token=add_bos)  # fmt: skip
+
+
+@pytest.mark.parametrize("add_bos", [True, False])
+def test_prompts_start_with_one_bos_iff_the_tokenizer_says(add_bos):
+    from jquant.io import encode_prompt
+
+    tok = _word_tokenizer(add_bos)
+    # Raw text: BOS exactly when add_bos_token, and never twice.
+    assert encode_prompt(tok, "hello world") == ([1, 3, 4] if add_bos else [3, 4])
+    assert encode_prompt(tok, "<bos> hello") == [1, 3]
+    # A chat: the template's own BOS, nothing added to it.
+    assert chat_prompt(tok, "hello world") == [1, 3, 4]

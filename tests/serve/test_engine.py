@@ -170,6 +170,25 @@ def test_float_cache_perplexity_equals_the_cacheless_perplexity(tiny):
     assert int8.nll == pytest.approx(ref.nll, rel=0.01)
 
 
+def test_cache_perplexity_adds_bos_as_perplexity_does(tiny):
+    class AddsBos:
+        add_bos_token, bos_token_id = True, 1
+
+        def encode(self, text, add_special_tokens=True):
+            assert not add_special_tokens
+            return [4 + ord(c) % 90 for c in text]
+
+    text = "".join(chr(0x41 + i % 26) for i in range(700))
+    ids = AddsBos().encode(text, add_special_tokens=False)
+    ref = perplexity(*tiny, ids, seq_len=64, bos_token_id=1, progress=False)
+    assert (ref.windows, ref.tokens) == (700 // 63, 11 * 63)
+    got = cache_perplexity(*tiny, text, tokenizer=AddsBos(), seq_len=64, batch_size=3)
+    assert (got.windows, got.tokens, got.bos_token_id) == (ref.windows, ref.tokens, 1)
+    assert got.perplexity == pytest.approx(ref.perplexity, rel=1e-5)
+    by_ids = cache_perplexity(*tiny, ids, seq_len=64, bos_token_id=1)
+    assert by_ids.perplexity == pytest.approx(ref.perplexity, rel=1e-5)
+
+
 def test_mixed_layer_structures_run_unrolled(tiny):
     from jquant.qarray import quantize_array
 

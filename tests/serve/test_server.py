@@ -69,6 +69,24 @@ def _chat_ids(engine, messages):
     return engine.tokenizer.encode(text, add_special_tokens=False)
 
 
+def test_raw_prompts_get_bos_and_chat_prompts_only_the_templates(tmp_path, tiny):
+    from types import SimpleNamespace
+
+    from jquant.io import load_gguf
+    from jquant.serve import server
+
+    template = "{{ bos_token }}{% for m in messages %}{{ m['content'] }}{% endfor %}"
+    for add_bos in (True, False):
+        path = tiny.write_gguf(tmp_path / f"{add_bos}.gguf", tiny.tensors(), add_bos=add_bos,
+                               template=template)  # fmt: skip
+        engine = SimpleNamespace(tokenizer=load_gguf(path).tokenizer)
+        text = engine.tokenizer.encode("hello", add_special_tokens=False)
+        assert server._encode(engine, "hello") == ([1] if add_bos else []) + text
+        assert server._encode(engine, "<|im_start|>hello") == [1] + text  # BOS is id 1
+        chat = server._chat_prompt(engine, [{"role": "user", "content": "hello"}])
+        assert chat == [1] + text  # the template's BOS, not a second one
+
+
 def _wait_idle(engine, timeout=10.0):
     deadline = time.monotonic() + timeout
     while engine.metrics()["active_slots"] or engine.metrics()["queue_depth"]:
