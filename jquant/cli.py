@@ -246,8 +246,14 @@ def _cmd_inspect(args) -> int:
     report = memory_report(
         params, batch=args.batch, context=args.context, kv_cache=args.kv_cache, config=config
     )
+    c = model.config
+    sliding = sum(c.is_sliding(i) for i in range(c.num_layers))
     if args.json:
         print(json.dumps({
+            "model_type": c.model_type,
+            "layers": c.num_layers,
+            "sliding_layers": sliding,
+            "sliding_window": c.sliding_window,
             "weight_bytes": report.weight_bytes,
             "bits_per_weight": report.bits_per_weight,
             "kv_cache_bytes": report.kv_cache_bytes,
@@ -257,6 +263,9 @@ def _cmd_inspect(args) -> int:
         return 0
     if rows is not None and args.report:
         print(format_report(rows), end="\n\n")
+    window = f", {sliding} sliding (window {c.sliding_window})" if sliding else ""
+    print(f"model: {c.model_type}, {c.num_layers} layers{window}, {c.num_heads} heads "
+          f"({c.num_kv_heads} kv) of {c.head_dim}, vocabulary {c.vocab_size}")  # fmt: skip
     print(report.format())
     return 0
 

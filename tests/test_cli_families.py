@@ -86,10 +86,12 @@ def test_generate_is_greedy_argmax(capsys, family):
     assert out["tokens"] == want and len(want) >= 1
 
 
-def test_inspect_compare_and_quantize(capsys, family, text_file, tmp_path):
+def test_inspect_compare_and_quantize(capsys, family, text_file, tmp_path, tiny):
     arch, path = family
     assert main(["inspect", path, "--json"]) == 0
     inspected = json.loads(capsys.readouterr().out)
+    assert inspected["model_type"] == tiny.config(arch=arch)["model_type"]
+    assert inspected["sliding_layers"] == {"qwen3": 0, "gemma2": 1, "gemma3": 2}[arch]
     _, params, _ = load(path, dtype=jnp.float32)
     n = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(params))
     assert inspected["weight_bytes"] == 4 * n

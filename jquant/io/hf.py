@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import struct
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +24,12 @@ from .tokenizer import tokenizer_from_hf_dir
 HUB_PATTERNS = ("*.json", "*.safetensors", "*.jinja", "tokenizer.model")
 # Buffers some older checkpoints saved that carry no weights.
 _IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
+# Multimodal Gemma 3: where the text decoder's tensors live (transformers 5, then 4.x names)
+# -> the text model's names; and the vision tensors, which are not loaded.
+_TEXT_PREFIXES = {"model.language_model.": "model.", "language_model.model.": "model.",
+                  "language_model.lm_head.": "lm_head."}  # fmt: skip
+_VISION_PREFIXES = ("model.vision_tower.", "model.multi_modal_projector.", "vision_tower.",
+                    "multi_modal_projector.")  # fmt: skip
 # safetensors dtype codes -> numpy dtypes, for the raw-bytes fallback.
 _RAW_DTYPES = {
     "F64": np.float64,
@@ -37,12 +44,16 @@ _RAW_DTYPES = {
 def config_from_hf(raw: dict[str, Any], source: str = "<config.json>") -> dict[str, Any]:
     """The `Checkpoint.config` of a transformers `config.json` dict (4.x or 5.x style).
 
+    A multimodal Gemma 3 config (`model_type: "gemma3"`) gives its text decoder's, as
+    `"gemma3_text"` (`jquant.models.config.text_config`).
+
     Raises:
       ValueError: unsupported `model_type`, a missing key, or a variant jquant cannot run
         (an activation it lacks, MLP biases).
     """
-    from jquant.models.config import LlamaConfig
+    from jquant.models.config import LlamaConfig, text_config
 
+    raw = dict(text_config(raw))
     model_type = raw.get("model_type")
     if model_type not in SUPPORTED_MODEL_TYPES:
         raise ValueError(
@@ -146,6 +157,17 @@ def read_safetensors(path: str | Path) -> dict[str, np.ndarray]:
         ) from err
 
 
+def _text_decoder(tensors: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """A multimodal Gemma 3 file's tensors, less the vision ones, under the text model's names."""
+    out = {}
+    for name, value in tensors.items():
+        if name.startswith(_VISION_PREFIXES):
+            continue
+        old = next((p for p in _TEXT_PREFIXES if name.startswith(p)), None)
+        out[name if old is None else _TEXT_PREFIXES[old] + name[len(old) :]] = value
+    return out
+
+
 def _weight_files(path: Path) -> list[Path]:
     index = path / "model.safetensors.index.json"
     if index.is_file():
@@ -170,6 +192,9 @@ def load_hf_dir(path: str | Path, *, tokenizer: bool = True) -> Checkpoint:
       path: directory with `config.json` and safetensors weights.
       tokenizer: also load `tokenizer.json` (None when the directory has none).
 
+    A multimodal Gemma 3 directory loads as its text decoder (`"gemma3_text"`), with a warning;
+    the vision tower and projector are dropped.
+
     Raises:
       FileNotFoundError: no such directory, or no `config.json` in it.
       ValueError: unsupported model, missing / misshapen tensors, truncated weights.
@@ -181,10 +206,16 @@ def load_hf_dir(path: str | Path, *, tokenizer: bool = True) -> Checkpoint:
     path = Path(path)
     if not (path / "config.json").is_file():
         raise FileNotFoundError(f"{path} has no config.json; is it a Hugging Face model directory?")
-    config = config_from_hf(json.loads((path / "config.json").read_text()), str(path))
+    raw = json.loads((path / "config.json").read_text())
+    config = config_from_hf(raw, str(path))
+    multimodal = raw.get("model_type") == "gemma3"  # accepted: it has a text_config
+    if multimodal:
+        warnings.warn(f"{path}: multimodal Gemma 3; only its text decoder is loaded, not the "
+                      "vision tower.", stacklevel=2)  # fmt: skip
     tensors: dict[str, np.ndarray] = {}
     for file in _weight_files(path):
-        tensors.update(read_safetensors(file))
+        part = read_safetensors(file)
+        tensors.update(_text_decoder(part) if multimodal else part)
     tensors = {k: v for k, v in tensors.items() if not k.endswith(_IGNORED_SUFFIXES)}
     if config["tie_word_embeddings"]:
         tensors.pop("lm_head.weight", None)

@@ -53,6 +53,10 @@ _PRE_TOKENIZER_SPLITS = {
     ),
     **dict.fromkeys(("qwen2", "deepseek-r1-qwen", "megrez"), _QWEN2_SPLIT),
 }
+# Pre-tokenizers whose words found whole in the vocabulary skip the merges (llama.cpp's
+# `ignore_merges`, Llama 3's tokenizer.json `"ignore_merges": true`): "▁Việt" is one token
+# even where no merge path builds it.
+_IGNORE_MERGES_PRE = frozenset(("llama3", "llama-v3", "llama-bpe", "falcon3"))
 
 
 class Tokenizer:
@@ -298,6 +302,7 @@ def tokenizer_from_gguf_fields(fields: dict[str, Any], source: str = "<gguf>") -
             end_of_word_suffix="",
             fuse_unk=False,
             byte_fallback=False,
+            ignore_merges=fields.get("tokenizer.ggml.pre") in _IGNORE_MERGES_PRE,
         )
     )
     split = _PRE_TOKENIZER_SPLITS.get(fields.get("tokenizer.ggml.pre"))

@@ -83,6 +83,25 @@ FULL, SLIDING = "full_attention", "sliding_attention"
 #: RoPE `rope_type` values implemented (`rope_scaling["rope_type"]`; None means "default").
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
 
+#: Gemma3TextConfig's defaults, for what a multimodal Gemma 3 `text_config` leaves out.
+_GEMMA3_TEXT_DEFAULTS = dict(vocab_size=262_208, hidden_size=2304, intermediate_size=9216,
+    num_hidden_layers=26, num_attention_heads=8, num_key_value_heads=4, head_dim=256,
+    max_position_embeddings=131_072, rms_norm_eps=1e-6, rope_theta=1e6,
+    rope_local_base_freq=10_000.0, sliding_window=4096, query_pre_attn_scalar=256,
+    bos_token_id=2, eos_token_id=1, tie_word_embeddings=True)  # fmt: skip
+
+
+def text_config(config: Mapping[str, Any]) -> Mapping[str, Any]:
+    """The text decoder's config of a multimodal Gemma 3 `config.json` (`model_type: "gemma3"`):
+    its `text_config` over Gemma3TextConfig's defaults, as `"gemma3_text"`, with the top
+    level's token ids and embedding tying where it sets them. Any other dict is returned as is.
+    """
+    if config.get("model_type") != "gemma3" or not isinstance(config.get("text_config"), Mapping):
+        return config
+    top = ("tie_word_embeddings", "bos_token_id", "eos_token_id")
+    top = {k: config[k] for k in top if config.get(k) is not None}
+    return {**_GEMMA3_TEXT_DEFAULTS, **config["text_config"], **top, "model_type": "gemma3_text"}
+
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class LlamaConfig:
@@ -201,12 +220,14 @@ class LlamaConfig:
         """Builds a config from an HF `config.json` dict (transformers 4 or 5 style).
 
         Args:
-          config: the dict; `model_type` must be one of `SUPPORTED_MODEL_TYPES`.
+          config: the dict; `model_type` must be one of `SUPPORTED_MODEL_TYPES`, or `"gemma3"`
+            with a `text_config` (see `text_config`).
 
         Raises:
           ValueError: unsupported `model_type`, RoPE scaling type, activation, or
             inconsistent sizes.
         """
+        config = text_config(config)  # a multimodal Gemma 3 config: its text decoder
         model_type = config.get("model_type", "llama")
         if model_type not in FAMILIES:
             raise ValueError(

@@ -275,3 +275,119 @@ def test_transformers_save_pretrained_round_trip(tmp_path, arch):
         assert c["rope_scaling"]["original_max_position_embeddings"] == 64
     else:
         assert c["rope_scaling"] is None
+
+
+# --- multimodal Gemma 3: the text decoder only ---------------------------------------------------
+
+#: Where each transformers version's Gemma3ForConditionalGeneration keeps the text model.
+MM_LAYOUTS = {
+    "v5": {"model.": "model.language_model.", "lm_head.": "lm_head.",
+           "vision": ("model.vision_tower.", "model.multi_modal_projector.")},
+    "v4": {"model.": "language_model.model.", "lm_head.": "language_model.lm_head.",
+           "vision": ("vision_tower.", "multi_modal_projector.")},
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("layout", list(MM_LAYOUTS))
+def test_multimodal_gemma3_loads_the_text_decoder(tmp_path, tiny, layout):
+    text = tiny.tensors(arch="gemma3", tied=False)
+    prefixes = MM_LAYOUTS[layout]
+    stored = {}
+    for name, value in text.items():
+        head = "model." if name.startswith("model.") else "lm_head."
+        stored[prefixes[head] + name[len(head) :]] = value
+    for p in prefixes["vision"]:
+        stored[p + "encoder.layers.0.mlp.fc1.weight"] = np.ones((4, 2), np.float32)
+    t = tiny.shape
+    # As google/gemma-3-4b-it's config.json: a sparse text_config (the rest is
+    # Gemma3TextConfig's defaults), token ids and tying at the top level.
+    config = {
+        "model_type": "gemma3",
+        "architectures": ["Gemma3ForConditionalGeneration"],
+        "eos_token_id": [1, 106],
+        "tie_word_embeddings": False,
+        "image_token_index": 262144,
+        "text_config": {
+            "model_type": "gemma3_text",
+            "vocab_size": len(tiny.vocab()),
+            "hidden_size": t["hidden"],
+            "intermediate_size": t["ffn"],
+            "num_hidden_layers": t["layers"],
+            "num_attention_heads": t["heads"],
+            "num_key_value_heads": t["kv_heads"],
+            "head_dim": t["head_dim"],
+            "sliding_window": 8,
+            "rope_scaling": {"factor": 8.0, "rope_type": "linear"},
+        },
+        "vision_config": {"model_type": "siglip_vision_model", "hidden_size": 2},
+    }
+    path = write_hf_dir(tmp_path / "mm", tiny, stored, config=config)
+    with pytest.warns(UserWarning, match="only its text decoder is loaded, not the vision tower"):
+        ckpt = jio.load_hf_dir(path)
+    assert set(ckpt.tensors) == set(text)  # no vision tensor, HF text-model names
+    assert not any("vision" in k or "multi_modal" in k for k in ckpt.tensors)
+    for name, want in text.items():
+        np.testing.assert_array_equal(ckpt.tensors[name], want, err_msg=name)
+    c = ckpt.config
+    assert c["model_type"] == "gemma3_text" and c["tie_word_embeddings"] is False
+    assert (c["rope_theta"], c["rope_local_base_freq"]) == (1e6, 10000.0)  # defaults
+    assert c["rope_scaling"] == {"rope_type": "linear", "factor": 8.0}
+    assert c["query_pre_attn_scalar"] == 256 and c["max_position_embeddings"] == 131_072
+    assert c["layer_types"][:2] == ["sliding_attention", "sliding_attention"]  # 5 per global
+    assert (c["bos_token_id"], c["eos_token_id"]) == (2, [1, 106])
+
+
+def test_multimodal_config_other_than_gemma3_is_refused():
+    from jquant.models import LlamaConfig
+
+    text = dict(model_type="gemma3_text", vocab_size=10, hidden_size=8, intermediate_size=16,
+                num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,
+                max_position_embeddings=64)
+    cfg = LlamaConfig.from_hf({"model_type": "gemma3", "text_config": text})
+    assert cfg.model_type == "gemma3_text" and cfg.rope_theta == 1e6 and cfg.head_dim == 256
+    for other in ("llava", "paligemma", "mistral3"):
+        with pytest.raises(ValueError, match=f"model_type '{other}' is not supported"):
+            jhf.config_from_hf({"model_type": other, "text_config": dict(text, model_type="llama")})
+
+
+@pytest.mark.reference
+def test_transformers_gemma3_multimodal_logits(tmp_path):
+    """A tiny Gemma3ForConditionalGeneration saved by transformers: jquant runs its text
+    decoder and gets the logits transformers gets for a text-only prompt."""
+    torch = pytest.importorskip("torch")
+    import jax.numpy as jnp
+    import transformers
+
+    from jquant import models
+
+    text = transformers.Gemma3TextConfig(
+        vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=3,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=256,
+        rms_norm_eps=1e-5, sliding_window=8, sliding_window_pattern=2, query_pre_attn_scalar=16,
+        rope_parameters={
+            "full_attention": {"rope_type": "linear", "factor": 2.0, "rope_theta": 1e6},
+            "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0}},
+    )  # fmt: skip
+    vision = transformers.SiglipVisionConfig(hidden_size=32, intermediate_size=64,
+        num_hidden_layers=1, num_attention_heads=2, image_size=28, patch_size=14)  # fmt: skip
+    # The image tokens must lie inside the tiny vocabulary.
+    config = transformers.Gemma3Config(text_config=text, vision_config=vision,
+        mm_tokens_per_image=4, boi_token_index=120, eoi_token_index=121,
+        image_token_index=122)  # fmt: skip
+    torch.manual_seed(0)
+    hf = transformers.Gemma3ForConditionalGeneration(config).eval()
+    with torch.no_grad():  # norms start at 0 or 1; make them matter
+        for name, p in hf.named_parameters():
+            if "norm" in name:
+                p.add_(0.2 * torch.randn_like(p))
+    hf.save_pretrained(tmp_path, safe_serialization=True)
+
+    with pytest.warns(UserWarning, match="vision tower"):
+        model, params, _ = models.load(str(tmp_path), dtype=jnp.float32)
+    assert model.config.model_type == "gemma3_text" and model.config.has_sliding
+    ids = np.random.default_rng(0).integers(3, 120, (1, 24))  # text only: no image tokens
+    with torch.no_grad():
+        want = hf(input_ids=torch.from_numpy(ids)).logits.float().numpy()
+    got, _ = models.forward(model, params, jnp.asarray(ids, jnp.int32))
+    err = float(np.abs(np.asarray(got) - want).max()) / float(np.abs(want).max())
+    assert err < 2e-5
