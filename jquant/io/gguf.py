@@ -4,7 +4,7 @@ Three things differ from an HF checkpoint and are undone here:
 
 - names: llama.cpp's `blk.N.attn_q.weight` is HF's `model.layers.N.self_attn.q_proj.weight`;
 - shapes: GGUF lists dimensions fastest-first (ggml's `ne`), so a (out, in) matrix is listed as
-  `[in, out]`; the numpy view `gguf.GGUFReader` gives is already (out, in);
+  `[in, out]`; the numpy view `GGUFTensor.data()` gives is already (out, in);
 - rotary layout: for `llama`/`mistral`, llama.cpp's converter permutes the rows of the Q and K
   projections so that rotary pairs are interleaved (GPT-J style) rather than split in halves
   (HF style). `unpermute_rope_rows` restores HF's order. Qwen and Gemma files are not permuted;
@@ -21,13 +21,15 @@ ones with base 10,000.
 Quantized tensors (Q4_1, Q8_0, ...) are dequantized with `gguf.quants.dequantize`; that float
 copy is the checkpoint.
 
-`gguf.GGUFReader` parses every metadata field before any can be read (seconds for a
-49,152-token vocabulary), so `load_gguf` first reads `general.architecture` straight from the
-header (`read_architecture`) and rejects an unsupported model before that.
+Files are parsed by `jquant.io._gguf_reader` (struct and numpy over one mmap), not by
+`gguf.GGUFReader`, which builds numpy views of every metadata value first (tens of seconds for a
+128k-token vocabulary). `load_gguf` still reads `general.architecture` straight from the header
+(`read_architecture`) and rejects an unsupported model before the full parse.
 """
 
 from __future__ import annotations
 
+import os
 import re
 import struct
 import warnings
@@ -37,6 +39,7 @@ from typing import Any
 import gguf
 import numpy as np
 
+from . import _gguf_reader
 from ._checkpoint import Checkpoint, check_tensors
 from .tokenizer import tokenizer_from_gguf_fields
 
@@ -141,12 +144,12 @@ def unpermute_rope_rows(w: np.ndarray, n_head: int) -> np.ndarray:
     return w.reshape(n_head, half, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
-def _open(path: Path) -> gguf.GGUFReader:
+def _open(path: Path) -> _gguf_reader.GGUFFile:
     if not path.is_file():
         raise FileNotFoundError(f"GGUF file not found: {path}")
     try:
-        reader = gguf.GGUFReader(path)
-    except (ValueError, IndexError, KeyError, OSError, UnicodeDecodeError, OverflowError) as err:
+        reader = _gguf_reader.read_gguf(path)
+    except (ValueError, IndexError, KeyError, OSError, OverflowError, struct.error) as err:
         raise ValueError(
             f"{path} is not a readable GGUF file ({type(err).__name__}: {err}). It is not GGUF, "
             "or it is truncated or corrupt: download it again."
@@ -168,12 +171,16 @@ def read_architecture(path: str | Path) -> str | None:
     try:
         with open(path, "rb") as f:
             return _header_architecture(f)
-    except (OSError, ValueError, struct.error, EOFError):  # UnicodeDecodeError is a ValueError
-        return None
+    except (OSError, ValueError, struct.error, EOFError, OverflowError, RecursionError):
+        return None  # (UnicodeDecodeError is a ValueError)
 
 
 def _header_architecture(f) -> str | None:
+    size = os.fstat(f.fileno()).st_size
+
     def read(n: int) -> bytes:
+        if n > size - f.tell():  # a corrupt length: not f.read's allocation of n bytes
+            raise EOFError
         data = f.read(n)
         if len(data) != n:
             raise EOFError
@@ -229,11 +236,7 @@ def read_metadata(path: str | Path) -> dict[str, Any]:
     Raises:
       ValueError: the file is not GGUF, or is truncated or corrupt.
     """
-    return _metadata(_open(Path(path)))
-
-
-def _metadata(reader: gguf.GGUFReader) -> dict[str, Any]:
-    return {name: field.contents() for name, field in reader.fields.items()}
+    return _open(Path(path)).metadata
 
 
 def _f32(x: float) -> float:
@@ -358,12 +361,15 @@ _PLAIN_TYPES = (gguf.GGMLQuantizationType.F64, gguf.GGMLQuantizationType.I8,
                 gguf.GGMLQuantizationType.I64)  # fmt: skip
 
 
-def _dequantize(t: gguf.ReaderTensor, source: Path) -> np.ndarray:
+def _dequantize(t: _gguf_reader.GGUFTensor, source: Path) -> np.ndarray:
+    data = t.data()
+    if not data.dtype.isnative:  # F32/F16 of a big-endian file: dequantize views the bytes
+        data = data.astype(data.dtype.newbyteorder("="))
     try:
         if t.tensor_type in _PLAIN_TYPES:  # plain numbers gguf reads but does not "dequantize"
-            w = np.asarray(t.data, np.float32)
+            w = np.asarray(data, np.float32)
         else:
-            w = gguf.quants.dequantize(t.data, t.tensor_type)
+            w = gguf.quants.dequantize(data, t.tensor_type)
     except NotImplementedError as err:
         raise ValueError(
             f"{source}: tensor {t.name} has type {t.tensor_type.name}, which the installed gguf "
@@ -407,7 +413,7 @@ def load_gguf(path: str | Path, *, tokenizer: bool = True) -> Checkpoint:
     if arch is not None:
         _check_architecture(arch, str(path))  # before the slow full parse
     reader = _open(path)
-    meta = _metadata(reader)
+    meta = reader.metadata
     config = config_from_metadata(meta, {t.name for t in reader.tensors}, str(path))
     arch = meta["general.architecture"]
     tensors = {}
