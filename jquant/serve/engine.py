@@ -306,11 +306,13 @@ class Engine:
             raise
 
     def _drain_inbox(self) -> None:
-        while True:
-            try:
-                self._waiting.append(self._inbox.get_nowait())
-            except queue.Empty:
-                return
+        # Under the lock, so that `metrics` never sees a request in neither place.
+        with self._lock:
+            while True:
+                try:
+                    self._waiting.append(self._inbox.get_nowait())
+                except queue.Empty:
+                    return
 
     def _reap_cancelled(self) -> None:
         for req in [r for r in self._waiting if r.cancelled]:
@@ -323,9 +325,9 @@ class Engine:
     def _admit(self) -> None:
         for slot, occupant in enumerate(self._slots):
             if occupant is None and self._waiting:
-                req = self._waiting.popleft()
-                req.slot = slot
-                with self._lock:
+                with self._lock:  # a request is always waiting or in a slot for `metrics`
+                    req = self._waiting.popleft()
+                    req.slot = slot
                     self._slots[slot] = req
 
     def _sampling(self, reqs: list[_Request], rows: int, row_of) -> Sampling:
