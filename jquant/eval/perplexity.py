@@ -177,20 +177,32 @@ def perplexity(
     PerplexityResult(perplexity=13.41..., nll=2.59..., tokens=16352, windows=32, seq_len=512,
                      bos_token_id=None)
     """
+    if batch_size < 1:
+        raise ValueError(f"batch_size={batch_size} must be >= 1")
+    return score_windows(lambda rows: _nll_step(model, params), text, tokenizer=tokenizer,
+                         seq_len=seq_len, max_tokens=max_tokens, batch_size=batch_size,
+                         progress=progress, bos_token_id=bos_token_id)  # fmt: skip
+
+
+def score_windows(make_step, text, *, tokenizer=None, seq_len: int = 512,
+                  max_tokens: int | None = None, batch_size: int = 4, progress: bool = True,
+                  bos_token_id: int | None = None) -> PerplexityResult:  # fmt: skip
+    """Perplexity by the one definition, with the model call given: ``make_step(rows)``
+    returns a function from ``windows (rows, seq_len)`` int32 to each window's summed NLL
+    ``(rows,)``. `perplexity` runs the model stage by stage; `jquant.serve.cache_perplexity`
+    runs the serving cache. The other arguments are `perplexity`'s."""
     if isinstance(text, str):
         if tokenizer is None:
             raise ValueError("perplexity of a str needs a tokenizer (or pass token ids)")
         if bos_token_id is None:
             bos_token_id = leading_bos(tokenizer)
         text = tokenizer.encode(text, add_special_tokens=False)
-    if batch_size < 1:
-        raise ValueError(f"batch_size={batch_size} must be >= 1")
     windows = cut_windows(text, seq_len, max_tokens, bos_token_id=bos_token_id)
     n = len(windows)
-    batch_size = min(batch_size, n)
+    batch_size = max(1, min(batch_size, n))
     padded = np.zeros((-(-n // batch_size) * batch_size, seq_len), np.int32)
     padded[:n] = windows
-    step = _nll_step(model, params)
+    step = make_step(batch_size)
     total = 0.0
     for start in tqdm(range(0, n, batch_size), desc="perplexity", unit="batch",
                       disable=not progress):  # fmt: skip
