@@ -189,6 +189,8 @@ class QArray:
         values = qtypes.decode(self.qtype, self.codes())
         zp = None if self.zero_point is None else self.zero_point.astype(jnp.float32)
         out = _apply_groups(values, self.scales(), zp, self.group_size)
+        if self.format.kind == "log":  # log8 (double-quantized scales): a log2-domain uint8
+            out = jnp.exp2(out)
         return out.astype(dtype or self.dtype)
 
     def dequantize(self, dtype=None) -> jax.Array:
@@ -241,8 +243,9 @@ def quantize_array(
       scale_dtype: dtype of the stored scales and zero points.
       clip_ratio: shrink factor for the range (1.0 = absmax / min-max); a scalar
         or an array broadcastable to the scale shape ``(*other_axes, G)``.
-      double_quant: store the scales themselves as uint8 codes (blocks of 256 along
-        the output axis, each with a float32 step and offset), as QLoRA does for NF4.
+      double_quant: store the scales themselves as 8-bit log-domain codes (``log8``:
+        blocks of 256 along the output axis, each with a float32 step and offset), as
+        QLoRA does for NF4 (with a linear code); see ``_scales.double_quantize``.
       activation: format for dynamic per-token activation quantization in
         ``jquant.ops`` (e.g. ``"int8"``, ``"fp8_e4m3"``), or None (weight-only).
       name: what error messages call this tensor (a parameter path).
@@ -259,6 +262,8 @@ def quantize_array(
     ((8, 128), (8, 2))
     """
     qt = qtypes.get(qtype)
+    if qt.kind == "log":
+        raise ValueError(f"{name}: {qt.name} stores double-quantized scales only, not weights")
     if not isinstance(w, jax.Array | np.ndarray | jax.ShapeDtypeStruct):
         w = jnp.asarray(w)
     if w.ndim < 1:
@@ -333,10 +338,10 @@ def _quantize_core(w, clip_ratio, *, qtype, axis, group_size, per_tensor, scale_
 
 
 def double_quantized_scale(scale) -> QArray:
-    """Scales ``(..., N, G)`` stored as a uint8 QArray (see ``_scales.double_quantize``)."""
+    """Scales ``(..., N, G)`` stored as a ``log8`` QArray (see ``_scales.double_quantize``)."""
     codes, step, offset = double_quantize(scale)
     return QArray(
-        qvalue=codes, scale=step, zero_point=offset, qtype="uint8", k=scale.shape[-2],
+        qvalue=codes, scale=step, zero_point=offset, qtype="log8", k=scale.shape[-2],
         axis=-2, group_size=SCALE_BLOCK, dtype=np.dtype(scale.dtype),
     )  # fmt: skip
 

@@ -185,7 +185,7 @@ def test_double_quant_shrinks_scales_and_keeps_error():
     w = _weight(3, (512, 512))
     plain = quantize_array(w, "nf4", group_size=64)
     dq = quantize_array(w, "nf4", group_size=64, double_quant=True)
-    assert isinstance(dq.scale, QArray) and dq.scale.qtype == "uint8"
+    assert isinstance(dq.scale, QArray) and dq.scale.qtype == "log8"
     assert dq.nbytes < plain.nbytes
     e_plain = np.linalg.norm(np.asarray(plain.dequantize()) - w)
     e_dq = np.linalg.norm(np.asarray(dq.dequantize()) - w)
