@@ -99,6 +99,9 @@ class QArray:
     integer (stored in the scale dtype), while ``from_codes`` accepts any float.
 
     ``scale`` may itself be a QArray (double quantization, as in QLoRA).
+    Building one from arrays checks that the parts agree with ``k``, ``axis``,
+    ``group_size`` and the format's packing (ValueError naming the part, the expected
+    and the actual shape); see ``_check_parts`` for what transformations skip.
     Instances are pytrees: ``qvalue``, ``scale`` and ``zero_point`` are leaves and
     every other field is static, so QArrays pass through ``jit``, ``vmap`` (over
     axes before the contraction axis), ``scan`` and ``device_put``.
@@ -125,6 +128,9 @@ class QArray:
     group_size: int | None = dataclasses.field(metadata=dict(static=True), default=None)
     dtype: Any = dataclasses.field(metadata=dict(static=True), default=np.dtype(np.float32))
     activation: str | None = dataclasses.field(metadata=dict(static=True), default=None)
+
+    def __post_init__(self):
+        _check_parts(self)
 
     # ---- shape and size ----------------------------------------------------------
 
@@ -202,6 +208,68 @@ class QArray:
             "a QArray is not an array: call .dequantize(), or pass it to jquant.ops "
             "(qdot / qeinsum / qembed), or run the model through jquant.apply"
         )
+
+
+def _concrete(x) -> bool:
+    """Whether ``x`` is an array (or shape placeholder) whose shape can be checked: not a
+    tracer, a sentinel or a spec that a pytree transformation put in a leaf's place."""
+    if isinstance(x, QArray):
+        return True
+    if isinstance(x, jax.core.Tracer):
+        return False
+    return isinstance(x, jax.Array | np.ndarray | jax.ShapeDtypeStruct)
+
+
+def _check_parts(q: QArray) -> None:
+    """Raises ValueError when the codes, scales or zero points disagree with ``k``, ``axis``,
+    ``group_size`` and the packing of ``qtype``.
+
+    Runs whenever a QArray is built from concrete arrays (or ShapeDtypeStructs), including
+    pytree unflattening; it checks nothing when a leaf is a tracer, None where an array is
+    required, or anything else a transformation substitutes (``object()``, a PartitionSpec),
+    since jax rebuilds QArrays around such leaves inside ``jit``, ``vmap``, ``scan`` and
+    ``tree.map``. Leading axes may be stacked (layers): they only have to agree with each
+    other, and a scale or zero point may have size 1 on them (per-tensor).
+    """
+    leaves = [q.qvalue, q.scale, q.zero_point]
+    if q.qvalue is None or q.scale is None or not all(
+        x is None or _concrete(x) for x in leaves
+    ):
+        return
+    qt = qtypes.get(q.qtype)
+    shape = _shape_of(q.qvalue)
+    if len(shape) < 1:
+        raise ValueError(f"QArray: qvalue must have at least one axis, got shape {shape}")
+    if not isinstance(q.axis, int) or not -len(shape) <= q.axis < 0:
+        raise ValueError(f"QArray: axis must be negative and at least -{len(shape)} for qvalue "
+                         f"of shape {shape}, got {q.axis!r}")
+    if not isinstance(q.k, int | np.integer) or q.k < 1:
+        raise ValueError(f"QArray: k (the contraction length) must be a positive int, "
+                         f"got {q.k!r}")
+    validate_group_size(qt, q.group_size, name="QArray")
+    want = (*shape[:-1], packed_length(int(q.k), qt, q.group_size))
+    if shape != want:
+        raise ValueError(f"QArray: qvalue has shape {shape}, expected {want} for k={q.k}, "
+                         f"group_size={q.group_size}, {qt.name} ({qt.bits} bits)")
+    if q.zero_point is not None and not qt.asymmetric:
+        raise ValueError(f"QArray: {qt.name} is symmetric and takes no zero_point, got one of "
+                         f"shape {tuple(_shape_of(q.zero_point))}")
+    groups = _num_groups(int(q.k), q.group_size)
+    for part in ("scale", "zero_point"):
+        x = getattr(q, part)
+        if x is None:
+            continue
+        got = x.shape if isinstance(x, QArray) else _shape_of(x)
+        expected = (*shape[:-1], groups)
+        ok = len(got) == len(expected) and got[-1] == groups and all(
+            g in (n, 1) for g, n in zip(got[:-1], shape[:-1])
+        )
+        if not ok:
+            raise ValueError(
+                f"QArray: {part} has shape {tuple(got)}, expected {expected} (one per group "
+                f"of k={q.k} with group_size={q.group_size}; size 1 on a leading axis "
+                "broadcasts)"
+            )
 
 
 jax.tree_util.register_dataclass(
