@@ -323,7 +323,12 @@ def quantize_array(
 
     Raises:
       ValueError: naming ``name``, for a weight that is not float, empty or holds
-        NaN/inf, bad settings, or scales that ``scale_dtype`` cannot represent.
+        NaN/inf, bad settings, or scales that ``scale_dtype`` cannot represent. The value
+        checks (NaN/inf, scale range) run on device; when ``quantize_array`` is traced
+        (inside ``jit``, ``vmap``, ``scan``) they are reported by a ``jax.debug.callback``
+        that raises this ValueError when the compiled program runs, so the caller gets a
+        ``jax.errors.JaxRuntimeError`` whose message holds it (at the call, or when the
+        result is first used under asynchronous dispatch).
 
     >>> q = quantize_array(jnp.ones((256, 8)), "int4", group_size=128)
     >>> q.qvalue.shape, q.scale.shape
@@ -352,10 +357,12 @@ def quantize_array(
         group_size=group_size, per_tensor=per_tensor, scale_dtype=np.dtype(scale_dtype),
         double_quant=double_quant,
     )  # fmt: skip
+    report = functools.partial(_report_problems, shape=tuple(w.shape), name=name,
+                               scale_dtype=np.dtype(scale_dtype))  # fmt: skip
     if not isinstance(problems, jax.core.Tracer):
-        nonfinite, first, overflow, underflow = (int(v) for v in jax.device_get(problems))
-        raise_nonfinite(nonfinite, first, w.shape, name=name)
-        raise_scale_range(overflow, underflow, scale_dtype, name=name)
+        report(jax.device_get(problems))
+    else:  # traced (jit, vmap, scan): the same check when the program runs
+        jax.debug.callback(report, problems)
     return QArray(
         qvalue=qvalue,
         scale=stored_scale,
@@ -367,6 +374,16 @@ def quantize_array(
         dtype=np.dtype(w.dtype),
         activation=activation,
     )
+
+
+def _report_problems(problems, *, shape, name, scale_dtype):
+    """Raises the error for ``problems`` (``_quantize_core``'s int32 ``[NaN/inf count, first
+    NaN/inf flat index, overflowed scales, underflowed scales]``, possibly batched by vmap
+    as ``(..., 4)``), if any."""
+    rows = np.asarray(problems).reshape(-1, 4)
+    for nonfinite, first, overflow, underflow in (tuple(int(v) for v in r) for r in rows):
+        raise_nonfinite(nonfinite, first, shape, name=name)
+        raise_scale_range(overflow, underflow, scale_dtype, name=name)
 
 
 @functools.partial(

@@ -390,3 +390,23 @@ def test_good_parts_still_build_under_transformations():
     jax.tree.map(lambda _: None, q)
     per_tensor = quantize_array(w, "int8", per_tensor=True)
     assert jax.tree.map(lambda *xs: jnp.stack(xs), per_tensor, per_tensor).scale.shape == (2, 1, 1)
+
+
+# ---- NaN/inf weights are reported under jit too -------------------------------------------
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf])
+def test_nonfinite_weight_quantized_under_jit_is_reported(bad):
+    w = _weight(9, (64, 8))
+    w[3, 5] = bad
+    f = jax.jit(lambda w: quantize_array(w, "int4", group_size=32, name="layer/w").dequantize())
+    with pytest.raises(jax.errors.JaxRuntimeError, match=r"layer/w: weight holds 1 NaN/inf "
+                                                         r"values \(first at index \[3, 5\]\)"):
+        np.asarray(f(w))  # before the check, the NaN came back silently as a 0
+
+
+def test_finite_weight_under_jit_is_unaffected():
+    w = _weight(9, (64, 8))
+    f = jax.jit(lambda w: quantize_array(w, "int4", group_size=32).dequantize())
+    np.testing.assert_array_equal(np.asarray(f(w)),
+                                  np.asarray(quantize_array(w, "int4", group_size=32).dequantize()))
