@@ -354,8 +354,8 @@ def _drop_param(meta):
         ),
         (
             _set_qvalue_shape,
-            r"down_proj\.kernel\.qvalue is stored as uint8\[64, 100\].* "
-            r"says uint8\[64, 50\]",
+            # jquant.json's own QArray no longer agrees with its k: refused as it is read.
+            r"down_proj/kernel badly .*qvalue has shape \(64, 50\), expected \(64, 100\)",
         ),
         (_set_norm_shape, r"norm/scale has shape \(32,\).*config implies \(64,\)"),
         (_drop_param, "missing: norm/scale"),
