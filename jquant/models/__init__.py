@@ -21,3 +21,4 @@ from jquant.models.llama import init_cache as init_cache
 from jquant.models.llama import init_model as init_model
 from jquant.models.load import default_dtype as default_dtype
 from jquant.models.load import load as load
+from jquant.models.load import load_packed as load_packed
