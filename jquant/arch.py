@@ -86,6 +86,11 @@ FULL, SLIDING = "full_attention", "sliding_attention"
 #: RoPE `rope_type` values implemented (`rope_scaling["rope_type"]`; None means "default").
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
 
+#: The RoPE bases `LlamaConfig` accepts: real checkpoints use 10,000 (Llama 2, Gemma) to
+#: 1e6 (Qwen, Mistral) and beyond for long context; a base near 1 rotates every dimension
+#: by whole turns within a few tokens.
+_ROPE_THETA = (100.0, 1e12)
+
 #: Gemma3TextConfig's defaults, for what a multimodal Gemma 3 `text_config` leaves out.
 _GEMMA3_TEXT_DEFAULTS = dict(vocab_size=262_208, hidden_size=2304, intermediate_size=9216,
     num_hidden_layers=26, num_attention_heads=8, num_key_value_heads=4, head_dim=256,
@@ -162,6 +167,11 @@ class LlamaConfig:
                 f"LlamaConfig: num_heads={self.num_heads} must be a multiple of "
                 f"num_kv_heads={self.num_kv_heads}"
             )
+        if not isinstance(self.head_dim, int) or self.head_dim < 0:
+            raise ValueError(
+                f"LlamaConfig: head_dim={self.head_dim!r} must be a positive int (or 0: "
+                "hidden_size // num_heads)"
+            )
         if self.head_dim == 0:
             if self.hidden_size % self.num_heads:
                 raise ValueError(
@@ -198,6 +208,58 @@ class LlamaConfig:
                 f"LlamaConfig: model_type={self.model_type!r} is not supported; "
                 f"supported: {', '.join(SUPPORTED_MODEL_TYPES)}"
             )
+        self._check_ranges()
+
+    def _check_ranges(self) -> None:
+        """Every number within what real checkpoints of the families use (a value outside,
+        e.g. ``rope_theta=1`` or ``rms_norm_eps=10``, runs but gives garbage)."""
+        floats = [("rms_norm_eps", 0.0, 1e-3, False), ("rope_theta", *_ROPE_THETA, True),
+                  ("embed_scale", 0.0, math.inf, False)]  # fmt: skip
+        if self.rope_local_theta is not None:
+            floats.append(("rope_local_theta", *_ROPE_THETA, True))
+        if self.rope_type != "default":
+            floats.append(("rope_factor", 1.0, math.inf, True))
+        if self.rope_type == "llama3":
+            floats.append(("rope_low_freq_factor", 0.0, math.inf, False))
+            floats.append(("rope_high_freq_factor", self.rope_low_freq_factor, math.inf, False))
+        for name in ("query_pre_attn_scalar", "attn_logit_softcap", "final_logit_softcap"):
+            if getattr(self, name) is not None:
+                floats.append((name, 0.0, math.inf, False))
+        for name, low, high, closed in floats:
+            value = getattr(self, name)
+            number = isinstance(value, int | float) and not isinstance(value, bool)
+            inside = number and math.isfinite(value) and (
+                low <= value if closed else low < value) and value <= high  # fmt: skip
+            if not inside:
+                high_text = "" if high == math.inf else f", at most {high:g}"
+                raise ValueError(
+                    f"LlamaConfig: {name}={value!r} is out of range: it must be a finite number "
+                    f"{'>=' if closed else '>'} {low:g}{high_text}"
+                )
+        if self.rope_type == "llama3" and not (
+            isinstance(self.rope_original_max_position, int)
+            and self.rope_original_max_position > 0
+        ):
+            raise ValueError(
+                f"LlamaConfig: rope_original_max_position={self.rope_original_max_position!r} "
+                "must be a positive int"
+            )
+        if self.sliding_window is not None and not (
+            isinstance(self.sliding_window, int) and self.sliding_window >= 1
+        ):
+            raise ValueError(
+                f"LlamaConfig: sliding_window={self.sliding_window!r} must be an int >= 1 "
+                "(or None: no sliding window)"
+            )
+        bos = () if self.bos_token_id is None else (self.bos_token_id,)
+        for name, ids in (("bos_token_id", bos), ("eos_token_ids", self.eos_token_ids)):
+            bad = [i for i in ids if not isinstance(i, int | np.integer) or
+                   not 0 <= i < self.vocab_size]  # fmt: skip
+            if bad:
+                raise ValueError(
+                    f"LlamaConfig: {name} {bad[0]!r} is out of range: token ids must be in "
+                    f"[0, vocab_size={self.vocab_size})"
+                )
 
     @property
     def num_groups(self) -> int:
