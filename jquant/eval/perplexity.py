@@ -55,6 +55,30 @@ class PerplexityResult:
     seq_len: int
     bos_token_id: int | None = None
 
+    def __post_init__(self):
+        # Every path that builds a result (`perplexity`, the serving runner's
+        # `cache_perplexity`) gets this check: a NaN is an error, not a number to report.
+        if not math.isfinite(self.nll):
+            raise ValueError(
+                f"perplexity is {self.perplexity}: the mean negative log-likelihood over "
+                f"{self.tokens} tokens is {self.nll}, so the model produced non-finite logits; "
+                "check the checkpoint (a damaged or wrongly converted one) and its config"
+            )
+        if not math.isfinite(self.perplexity):
+            raise ValueError(
+                f"perplexity is {self.perplexity}: the mean negative log-likelihood is "
+                f"{self.nll} nats per token, too large to exponentiate; the model predicts "
+                "garbage, check the checkpoint and its config"
+            )
+
+
+def _exp(nll: float) -> float:
+    """``exp(nll)``, inf (for `PerplexityResult` to refuse) where it overflows."""
+    try:
+        return math.exp(nll)
+    except OverflowError:
+        return math.inf
+
 
 def cut_windows(
     ids: Sequence[int], seq_len: int, max_tokens: int | None = None, *,
@@ -172,6 +196,10 @@ def perplexity(
     Returns:
       A `PerplexityResult`.
 
+    Raises:
+      ValueError: the mean NLL is not finite (the model produced NaN or infinite logits) or
+        too large for its ``exp`` to be a number.
+
     >>> perplexity(model, params, load_corpus("pydoc-eval"), tokenizer=tok,
     ...            max_tokens=16384)  # doctest: +SKIP
     PerplexityResult(perplexity=13.41..., nll=2.59..., tokens=16352, windows=32, seq_len=512,
@@ -210,5 +238,5 @@ def score_windows(make_step, text, *, tokenizer=None, seq_len: int = 512,
         total += float(np.asarray(nll, np.float64)[: n - start].sum())
     scored = n * (seq_len - 1)
     mean = total / scored
-    return PerplexityResult(perplexity=math.exp(mean), nll=mean, tokens=scored, windows=n,
+    return PerplexityResult(perplexity=_exp(mean), nll=mean, tokens=scored, windows=n,
                             seq_len=seq_len, bos_token_id=bos_token_id)  # fmt: skip
