@@ -13,6 +13,7 @@ from jquant.models.generate import Generation as Generation
 from jquant.models.generate import Sampler as Sampler
 from jquant.models.generate import chat_prompt as chat_prompt
 from jquant.models.generate import generate as generate
+from jquant.models.generate import prompt_ids as prompt_ids
 from jquant.models.llama import KVCache as KVCache
 from jquant.models.llama import Llama as Llama
 from jquant.models.llama import abstract_model as abstract_model
