@@ -18,6 +18,7 @@ from jquant.models.convert import params_from_hf as params_from_hf
 from jquant.models.generate import Generation as Generation
 from jquant.models.generate import chat_prompt as chat_prompt
 from jquant.models.generate import generate as generate
+from jquant.models.generate import prompt_ids as prompt_ids
 from jquant.models.llama import Llama as Llama
 from jquant.models.llama import abstract_model as abstract_model
 from jquant.models.llama import forward as forward

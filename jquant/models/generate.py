@@ -244,3 +244,14 @@ def chat_prompt(tokenizer, message: str, *, system: str | None = None) -> list[i
     ]
     text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
     return list(tokenizer.encode(text, add_special_tokens=False))
+
+
+def prompt_ids(tokenizer, prompt: str, *, raw: bool = False) -> list[int]:
+    """The ids of ``prompt`` as ``jquant generate`` sends it: the chat template's rendering
+    (which writes its own BOS) when the tokenizer has one and ``raw`` is false, else the raw
+    text with BOS exactly when the tokenizer's ``add_bos_token`` says."""
+    from jquant.io.tokenizer import encode_prompt
+
+    if not raw and getattr(tokenizer, "chat_template", None):
+        return chat_prompt(tokenizer, prompt)
+    return encode_prompt(tokenizer, prompt)

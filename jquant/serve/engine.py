@@ -434,3 +434,18 @@ def _stable_end(text: str, stops: tuple[str, ...]) -> int:
                 end = min(end, full - n)
                 break
     return end
+
+
+def engine_report(engine: Engine) -> str:
+    """The engine's memory in words (what ``jquant serve`` prints to stderr): slots, KV cache
+    and weights in one line; under a mesh, the bytes per device, and one more line per
+    tensor that stayed replicated."""
+    runner = engine.runner
+    line = (f"jquant serve: {engine.max_slots} slots x {engine.max_context} tokens, KV cache "
+            f"{runner.fmt.name} {runner.cache.nbytes / 1e6:.1f} MB, weights "
+            f"{runner.weight_bytes / 1e6:.1f} MB")  # fmt: skip
+    if engine.mesh is not None:
+        held = runner.per_device_bytes()
+        line += (f"; tp={len(held)}: {max(held.values()) / 1e6:.1f} MB per device "
+                 f"({len(engine.tp_notes)} tensors replicated)")  # fmt: skip
+    return "\n".join([line, *(f"  replicated: {note}" for note in engine.tp_notes)])
