@@ -27,6 +27,8 @@ MAX_BODY_BYTES = 16 * 2**20
 #: The deepest nesting of arrays and objects a body may have.
 MAX_JSON_DEPTH = 64
 _SURROGATE = re.compile("[\ud800-\udfff]")
+_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
+_SCALARS = frozenset((int, float, bool, type(None)))
 #: Chat roles accepted ("developer" is rendered as "system").
 ROLES = ("system", "developer", "user", "assistant", "tool")
 
@@ -133,7 +135,9 @@ def parse_body(raw: bytes, cls: type[_Common]) -> _Common:
         ) from None
     if not isinstance(data, dict):
         raise APIError("The request body must be a JSON object.", code="invalid_json")
-    _check_json(data)
+    # A lone surrogate can only come from a \\uXXXX escape (raw UTF-8 has none).
+    strings = json.detect_encoding(raw) != "utf-8" or _SURROGATE_ESCAPE.search(raw) is not None
+    _check_json(data, strings)
     try:
         request = cls.model_validate(data)
     except ValidationError as e:
@@ -146,10 +150,11 @@ def _too_deep() -> str:
     return f"it is nested more than {MAX_JSON_DEPTH} levels deep"
 
 
-def _check_json(data: dict) -> None:
-    """`APIError` for a body nested deeper than `MAX_JSON_DEPTH`, or with a string (a key
-    included) holding a lone surrogate, which no tokenizer can encode; iterative, so any depth
-    is safe to check."""
+def _check_json(data: dict, strings: bool) -> None:
+    """`APIError` for a body nested deeper than `MAX_JSON_DEPTH`, or (``strings``: the body
+    may hold one) with a string or key holding a lone surrogate, which no tokenizer can
+    encode. Iterative, so any depth is safe to check; arrays of scalars are passed over in C."""
+    scalars = _SCALARS if strings else _SCALARS | {str}
     todo: list[tuple[Any, tuple, int]] = [(data, (), 1)]
     while todo:
         value, path, depth = todo.pop()
@@ -158,21 +163,24 @@ def _check_json(data: dict) -> None:
                            f"({_too_deep()}) The OpenAI API expects a JSON payload.",
                            code="invalid_json")  # fmt: skip
         if isinstance(value, dict):
-            for key, item in value.items():
-                if _SURROGATE.search(key):
-                    where = _param(path) or "body"
-                    raise APIError(f"Invalid '{where}': a key holds a lone surrogate, which is "
-                                   "not valid Unicode.", param=where,
-                                   code="invalid_value")  # fmt: skip
+            if strings and any(_SURROGATE.search(key) for key in value):
+                where = _param(path) or "body"
+                raise APIError(f"Invalid '{where}': a key holds a lone surrogate, which is not "
+                               "valid Unicode.", param=where, code="invalid_value")  # fmt: skip
+            items = value.items()
+        elif set(map(type, value)) <= scalars:
+            continue
+        else:
+            items = enumerate(value)
+        for key, item in items:
+            if isinstance(item, dict | list):
                 todo.append((item, (*path, key), depth + 1))
-        elif isinstance(value, list):
-            todo.extend((item, (*path, i), depth + 1) for i, item in enumerate(value))
-        elif isinstance(value, str) and (bad := _SURROGATE.search(value)):
-            where = _param(path)
-            raise APIError(f"Invalid '{where}': the string holds a lone surrogate "
-                           f"({bad.group()!a}), which is not valid Unicode (UTF-16 surrogates "
-                           "must come in pairs).", param=where,
-                           code="invalid_value")  # fmt: skip
+            elif strings and isinstance(item, str) and (bad := _SURROGATE.search(item)):
+                where = _param((*path, key))
+                raise APIError(f"Invalid '{where}': the string holds a lone surrogate "
+                               f"({bad.group()!a}), which is not valid Unicode (UTF-16 "
+                               "surrogates must come in pairs).", param=where,
+                               code="invalid_value")  # fmt: skip
 
 
 def _reject_constant(name: str):

@@ -109,7 +109,7 @@ def create_app(engine, model_name: str) -> FastAPI:
 
     @app.post("/v1/completions")
     async def completions(request: Request):
-        r = protocol.parse_body(await _read_body(request), CompletionRequest)
+        r = await _parse(request, CompletionRequest)
         _check_model(r, model_name)
         items = protocol.prompts(r.prompt)
         encoded = await asyncio.to_thread(
@@ -120,7 +120,7 @@ def create_app(engine, model_name: str) -> FastAPI:
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
-        r = protocol.parse_body(await _read_body(request), ChatCompletionRequest)
+        r = await _parse(request, ChatCompletionRequest)
         _check_model(r, model_name)
         conversation = protocol.messages(r.messages)
         ids = await asyncio.to_thread(_chat_prompt, engine, conversation)
@@ -166,6 +166,12 @@ def _encode(engine, text: str) -> list[int]:
     from jquant.io.tokenizer import encode_prompt
 
     return encode_prompt(engine.tokenizer, text)
+
+
+async def _parse(request: Request, cls):
+    """The validated request body (parsed in a worker thread: a body of up to
+    `protocol.MAX_BODY_BYTES` takes a while to parse and check, and the loop serves streams)."""
+    return await asyncio.to_thread(protocol.parse_body, await _read_body(request), cls)
 
 
 async def _read_body(request: Request) -> bytes:
