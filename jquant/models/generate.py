@@ -232,18 +232,17 @@ def generate(
 
 
 def chat_prompt(tokenizer, message: str, *, system: str | None = None) -> list[int]:
-    """Token ids of a one-turn chat, rendered by the tokenizer's own chat template.
+    """Token ids of a one-turn chat (an optional ``system`` message, then the user's
+    ``message``), rendered by the tokenizer's own chat template: `jquant.io.tokenizer.chat_prompt`
+    (the template writes BOS; nothing is added when encoding).
 
-    Works with a `jquant.io.Tokenizer` or a transformers tokenizer. The template writes its
-    own special tokens (BOS too, as ``{{ bos_token }}``, where the model wants one), so none
-    are added when encoding. A raw-text prompt: `jquant.io.encode_prompt`, which adds BOS
-    exactly when the tokenizer's ``add_bos_token`` says.
+    Raises:
+      ValueError: the tokenizer has no chat template, or the template failed.
     """
-    messages = ([{"role": "system", "content": system}] if system else []) + [
-        {"role": "user", "content": message}
-    ]
-    text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-    return list(tokenizer.encode(text, add_special_tokens=False))
+    from jquant.io.tokenizer import chat_prompt as render
+
+    system_turn = [{"role": "system", "content": system}] if system else []
+    return render(tokenizer, [*system_turn, {"role": "user", "content": message}])
 
 
 def prompt_ids(tokenizer, prompt: str, *, raw: bool = False) -> list[int]:

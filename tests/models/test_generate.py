@@ -151,3 +151,21 @@ def test_prompts_start_with_one_bos_iff_the_tokenizer_says(add_bos):
     assert encode_prompt(tok, "<bos> hello") == [1, 3]
     # A chat: the template's own BOS, nothing added to it.
     assert chat_prompt(tok, "hello world") == [1, 3, 4]
+
+
+def test_chat_prompt_without_or_with_a_failing_template_is_a_value_error():
+    from jquant.io.tokenizer import NoChatTemplateError
+    from jquant.io.tokenizer import chat_prompt as render
+
+    tok = _word_tokenizer(True)
+    messages = [{"role": "user", "content": "hello"}]
+    assert render(tok, messages) == chat_prompt(tok, "hello") == [1, 3]
+    tok.chat_template = None
+    with pytest.raises(NoChatTemplateError, match="no chat template"):
+        chat_prompt(tok, "hello")
+    tok.chat_template = "{{ raise_exception('roles must alternate') }}"
+    with pytest.raises(ValueError, match="the chat template failed: roles must alternate"):
+        render(tok, messages)
+    tok.chat_template = "{% for %}"  # not even a template
+    with pytest.raises(ValueError, match="the chat template failed"):
+        render(tok, messages)
