@@ -9,7 +9,7 @@
     jquant compare MODEL --recipes a,b,c [--corpus ...] [--plot out.png] [--json]
     jquant allocate MODEL (--target-bits B | --target-size 100MB | --fit DEVICE --context T
                            --batch N [--kv-cache F]) [--calib ...] [-o recipe.yaml] [--json]
-    jquant serve MODEL [--recipe R] [--kv-cache {none,int8,fp8}] [--host H] [--port P]
+    jquant serve MODEL [--recipe R] [--kv-cache F] [--host H] [--port P]
                        [--max-slots N] [--max-context T] [--prefill-chunk C] [--mesh tp=N]
                        [--served-model-name NAME]
 

@@ -8,6 +8,7 @@ import os
 import sys
 
 from jquant.cli import _args
+from jquant.models.cache import KV_CACHE_FORMATS
 
 DEFAULT_RECIPES = ("w8a16,fp8,w4a16-rtn-g128,w4a16-uint4-g64,nf4,w4a16-hqq-g64,"
                    "w4a16-awq-gptq-uint4-g64")  # fmt: skip
@@ -17,7 +18,7 @@ def add_eval_parser(sub) -> None:
     p = sub.add_parser("eval", help="perplexity, weight bytes and bits per weight")
     _args.add_model_args(p)
     _args.add_eval_args(p)
-    p.add_argument("--kv-cache", choices=["none", "int8", "fp8"],
+    p.add_argument("--kv-cache", choices=KV_CACHE_FORMATS,
                    help="run every window through the serving KV cache in this format "
                         "(none: the compute dtype); default: no cache")  # fmt: skip
     p.add_argument("--json", action="store_true", help="print JSON")

@@ -29,7 +29,8 @@ def run(args) -> int:
     model, params, _, config = _args.load(args)
     model, params, rows = quantize_loaded(model, params, recipe, report=True)
     report = memory_report(
-        params, batch=args.batch, context=args.context, kv_cache=args.kv_cache, config=config
+        params, batch=args.batch, context=args.context, kv_cache=args.kv_cache, config=config,
+        dtype=model.dtype,
     )
     c = model.config
     sliding = sum(c.is_sliding(i) for i in range(c.num_layers))

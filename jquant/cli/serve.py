@@ -6,12 +6,13 @@ from __future__ import annotations
 import sys
 
 from jquant.cli import _args
+from jquant.models.cache import KV_CACHE_FORMATS
 
 
 def add_parser(sub) -> None:
     p = sub.add_parser("serve", help="serve the model over an OpenAI-compatible HTTP API")
     _args.add_model_args(p)
-    p.add_argument("--kv-cache", choices=["none", "int8", "fp8"], default="none",
+    p.add_argument("--kv-cache", choices=KV_CACHE_FORMATS, default="none",
                    help="KV cache format (none: the compute dtype)")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on")
     p.add_argument("--port", type=_args.int_at_least(0), default=8000, help="0 = any free port")
