@@ -54,7 +54,8 @@ class Sampler:
         """`Sampling` for ``len(seeds)`` rows, row ``r`` drawing with ``seeds[r]``."""
         n = len(seeds)
         full = lambda v, dtype: np.full(n, v, dtype)  # noqa: E731
-        return Sampling(full(self.temperature, np.float32), full(self.top_k or 0, np.int32),
+        top_k = min(self.top_k or 0, np.iinfo(np.int32).max)  # past the vocabulary: all
+        return Sampling(full(self.temperature, np.float32), full(top_k, np.int32),
                         full(1.0 if self.top_p is None else self.top_p, np.float32),
                         np.asarray(seeds, np.uint32), full(0, np.int32))  # fmt: skip
 

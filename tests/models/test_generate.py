@@ -169,3 +169,11 @@ def test_chat_prompt_without_or_with_a_failing_template_is_a_value_error():
     tok.chat_template = "{% for %}"  # not even a template
     with pytest.raises(ValueError, match="the chat template failed"):
         render(tok, messages)
+
+
+def test_top_k_beyond_int32_keeps_every_token(tiny):
+    """A top_k past the vocabulary (even past int32) means no top-k filter, not an overflow."""
+    kw = dict(max_new_tokens=6, stop_tokens=(), temperature=1.0, seed=3)
+    huge = generate(*tiny, PROMPT, top_k=2**40, **kw)
+    off = generate(*tiny, PROMPT, **kw)
+    np.testing.assert_array_equal(huge.tokens, off.tokens)

@@ -123,6 +123,16 @@ def test_seeded_sampling_is_reproducible_and_independent_of_neighbours(engine):
                            ).token_ids != alone  # fmt: skip
 
 
+def test_sampled_tokens_equal_generate_with_the_same_seed(tiny, engine):
+    """One sampler: the engine's seeded sample is `generate`'s (row 0 draws with its seed)."""
+    prompt = [9, 8, 7, 6, 5]
+    kw = dict(temperature=0.9, top_k=20, top_p=0.9)
+    out = engine.generate(prompt, SamplingParams(max_tokens=10, seed=7, ignore_eos=True, **kw))
+    ref = generate(*tiny, [prompt], max_new_tokens=10, stop_tokens=(), seed=7, **kw)
+    greedy = _reference(tiny, prompt, 10)
+    assert out.token_ids == ref.sequences()[0] != greedy
+
+
 def test_cancel_frees_the_slot(engine):
     events = []
     done = threading.Event()
