@@ -1,7 +1,10 @@
 """`LlamaConfig`: the architecture of a decoder-only model, read from an HF config dict.
 
-This module imports nothing of jquant: `jquant.io` reads configs with it and `jquant.models`
-builds models from it (`jquant.models.config` re-exports it), so io never imports models.
+This module imports nothing of jquant but its own helpers, which it re-exports: `Family`,
+`FAMILIES` and `layer_types` (`jquant._families`), `param_shapes` (every parameter's shape,
+`jquant._param_shapes`) and `rope_inv_freq` (RoPE frequencies, `jquant._rope`). `jquant.io`
+reads configs with it and `jquant.models` builds models from it (`jquant.models.config`
+re-exports it), so io never imports models.
 
 One config covers the decoder families that share Llama's skeleton (RMSNorm, RoPE attention
 with grouped key/value heads, a gated MLP): `llama` (SmolLM2 is one), `mistral`, `qwen2`,
@@ -33,55 +36,19 @@ from typing import Any
 
 import numpy as np
 
-
-@dataclasses.dataclass(frozen=True)
-class Family:
-    """What a `model_type` fixes about the architecture (the rest is in its config).
-
-    Attributes:
-      qkv_bias: q/k/v projections always carry a bias (qwen2), whatever the config says.
-      qk_norm: an RMSNorm over ``head_dim`` on every query and key head, before RoPE.
-      gemma: Gemma's conventions: RMSNorm weight applied as ``1 + w`` and embeddings
-        multiplied by ``sqrt(hidden_size)``.
-      sandwich_norms: norms after attention and around the MLP (Gemma 2/3).
-      activation: the MLP activation when the config names none.
-      sliding: how the layers using sliding-window attention are chosen: "none", "all"
-        (mistral: every layer when ``sliding_window`` is set), "upper" (qwen2/qwen3: layers
-        from ``max_window_layers`` on when ``use_sliding_window``), or "pattern" (gemma2/3:
-        every layer but each ``sliding_window_pattern``-th).
-      pattern: the default ``sliding_window_pattern``.
-    """
-
-    qkv_bias: bool = False
-    qk_norm: bool = False
-    gemma: bool = False
-    sandwich_norms: bool = False
-    activation: str = "silu"
-    sliding: str = "none"
-    pattern: int = 0
-
-
-#: Every `model_type` `LlamaConfig.from_hf` accepts, and what it fixes.
-FAMILIES = {
-    "llama": Family(),
-    "mistral": Family(sliding="all"),
-    "qwen2": Family(qkv_bias=True, sliding="upper"),
-    "qwen3": Family(qk_norm=True, sliding="upper"),
-    "gemma": Family(gemma=True, activation="gelu_pytorch_tanh"),
-    "gemma2": Family(gemma=True, sandwich_norms=True, activation="gelu_pytorch_tanh",
-                     sliding="pattern", pattern=2),
-    "gemma3_text": Family(gemma=True, sandwich_norms=True, qk_norm=True,
-                          activation="gelu_pytorch_tanh", sliding="pattern", pattern=6),
-}  # fmt: skip
+from jquant._families import FAMILIES as FAMILIES
+from jquant._families import FULL as FULL
+from jquant._families import SLIDING as SLIDING
+from jquant._families import Family as Family
+from jquant._families import layer_types as layer_types
+from jquant._param_shapes import param_shapes as param_shapes
+from jquant._rope import rope_inv_freq as rope_inv_freq
 
 #: `model_type` values `LlamaConfig.from_hf` accepts.
 SUPPORTED_MODEL_TYPES = tuple(FAMILIES)
 
 #: MLP activations implemented (HF `hidden_act` / `hidden_activation` names).
 SUPPORTED_ACTIVATIONS = ("silu", "gelu_pytorch_tanh", "gelu_new", "gelu")
-
-#: Attention kinds of `LlamaConfig.layer_types`.
-FULL, SLIDING = "full_attention", "sliding_attention"
 
 #: RoPE `rope_type` values implemented (`rope_scaling["rope_type"]`; None means "default").
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
@@ -350,70 +317,6 @@ class LlamaConfig:
         )
 
 
-def param_shapes(config: LlamaConfig) -> dict[str, tuple[int, ...]]:
-    """Every parameter path of the `jquant.models.Llama` that ``config`` describes, with its
-    shape (the table in `jquant.models.llama`'s docstring; a test holds it to the model).
-
-    >>> cfg = LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=96, num_layers=1,
-    ...                   num_heads=4, num_kv_heads=2)
-    >>> param_shapes(cfg)["layers/0/self_attn/k_proj/kernel"]
-    (64, 32)
-    """
-    d, f, v, dh = config.hidden_size, config.intermediate_size, config.vocab_size, config.head_dim
-    q_out, kv_out = config.num_heads * dh, config.num_kv_heads * dh
-    shapes: dict[str, tuple[int, ...]] = {"embed_tokens/embedding": (v, d), "norm/scale": (d,)}
-    if not config.tie_word_embeddings:
-        shapes["lm_head/kernel"] = (d, v)
-    for i in range(config.num_layers):
-        p = f"layers/{i}/"
-        attn = {"q_proj": (d, q_out), "k_proj": (d, kv_out), "v_proj": (d, kv_out),
-                "o_proj": (q_out, d)}  # fmt: skip
-        for proj, shape in attn.items():
-            shapes[f"{p}self_attn/{proj}/kernel"] = shape
-            if (config.qkv_bias and proj != "o_proj") or (config.o_bias and proj == "o_proj"):
-                shapes[f"{p}self_attn/{proj}/bias"] = shape[1:]
-        if config.qk_norm:
-            shapes[f"{p}self_attn/q_norm/scale"] = (dh,)
-            shapes[f"{p}self_attn/k_norm/scale"] = (dh,)
-        for proj, shape in {"gate_proj": (d, f), "up_proj": (d, f), "down_proj": (f, d)}.items():
-            shapes[f"{p}mlp/{proj}/kernel"] = shape
-        norms = ["input_layernorm", "post_attention_layernorm"]
-        if config.sandwich_norms:
-            norms += ["pre_feedforward_layernorm", "post_feedforward_layernorm"]
-        for norm in norms:
-            shapes[f"{p}{norm}/scale"] = (d,)
-    return shapes
-
-
-def layer_types(config: Mapping[str, Any], model_type: str, num_layers: int) -> tuple[str, ...]:
-    """Each layer's attention kind (`FULL` or `SLIDING`) as transformers decides it.
-
-    An explicit ``layer_types`` list wins (transformers 5 writes one); otherwise the family's
-    rule (`Family.sliding`) applies to ``sliding_window``, ``use_sliding_window``,
-    ``max_window_layers`` and ``sliding_window_pattern``. No window means all `FULL`.
-    """
-    family = FAMILIES[model_type]
-    window = config.get("sliding_window")
-    explicit = config.get("layer_types")
-    if explicit:  # transformers 5 and jquant's Checkpoint.config write the kinds out
-        types = tuple(str(t) for t in explicit)
-        if len(types) != num_layers:
-            raise ValueError(f"layer_types lists {len(types)} layers, the model has {num_layers}")
-        return types if window else (FULL,) * num_layers
-    # qwen2/qwen3 files carry a window they use only when use_sliding_window says so.
-    if family.sliding == "upper" and not config.get("use_sliding_window", False):
-        window = None
-    if not window or family.sliding == "none":
-        return (FULL,) * num_layers
-    if family.sliding == "all":
-        return (SLIDING,) * num_layers
-    if family.sliding == "upper":
-        first = int(config.get("max_window_layers", 28))
-        return tuple(SLIDING if i >= first else FULL for i in range(num_layers))
-    pattern = int(config.get("sliding_window_pattern") or family.pattern)
-    return tuple(SLIDING if (i + 1) % pattern else FULL for i in range(num_layers))
-
-
 def _rope(config: Mapping[str, Any]) -> tuple[float, dict[str, Any] | None, float | None]:
     """(rope_theta, rope_scaling, local rope_theta) from transformers 4 (`rope_theta` +
     `rope_scaling`, Gemma 3's `rope_local_base_freq`) or transformers 5 (`rope_parameters`,
@@ -452,41 +355,3 @@ def _rope_fields(scaling: dict[str, Any] | None, max_position: int) -> dict[str,
             ),
         )
     return fields
-
-
-def rope_inv_freq(config: LlamaConfig, *, local: bool = False) -> np.ndarray:
-    """RoPE inverse frequencies ``(head_dim // 2,)`` float32, scaled as `config.rope_type` says.
-
-    Computed in float32 as transformers does (`_compute_default_rope_parameters`,
-    `_compute_linear_scaling_rope_parameters`, `_compute_llama3_parameters`), so positions
-    rotate by the same angles as in the reference implementation. ``local``: the sliding
-    layers' frequencies (base `rope_local_theta`, unscaled, when the config has one).
-    """
-    dim = config.head_dim
-    local = local and config.rope_local_theta is not None
-    theta = config.rope_local_theta if local else config.rope_theta
-    exponents = np.arange(0, dim, 2, dtype=np.int64).astype(np.float32) / np.float32(dim)
-    inv_freq = (np.float32(1.0) / np.power(np.float32(theta), exponents)).astype(np.float32)
-    if local:
-        return inv_freq
-    if config.rope_type == "linear":
-        return (inv_freq / np.float32(config.rope_factor)).astype(np.float32)
-    if config.rope_type == "llama3":
-        return _llama3_scale(inv_freq, config)
-    return inv_freq
-
-
-def _llama3_scale(inv_freq: np.ndarray, config: LlamaConfig) -> np.ndarray:
-    """Llama 3.1 frequency scaling: long wavelengths are divided by `factor`, short ones kept,
-    and the band between is interpolated smoothly (transformers' formula, term for term)."""
-    factor = config.rope_factor
-    low, high = config.rope_low_freq_factor, config.rope_high_freq_factor
-    old_context = config.rope_original_max_position
-    low_freq_wavelen = old_context / low
-    high_freq_wavelen = old_context / high
-    wavelen = np.float32(2 * math.pi) / inv_freq
-    scaled = np.where(wavelen > low_freq_wavelen, inv_freq / np.float32(factor), inv_freq)
-    smooth = (np.float32(old_context) / wavelen - np.float32(low)) / np.float32(high - low)
-    smoothed = (1 - smooth) * scaled / np.float32(factor) + smooth * scaled
-    medium = ~(wavelen < high_freq_wavelen) & ~(wavelen > low_freq_wavelen)
-    return np.where(medium, smoothed, scaled).astype(np.float32)

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 from jquant import io as jio
-from jquant.io.tokenizer import _bytes_to_unicode
+from jquant.io._gguf_tokenizer import _bytes_to_unicode
 
 jax.config.update("jax_numpy_dtype_promotion", "strict")
 

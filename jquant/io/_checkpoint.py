@@ -150,18 +150,18 @@ def check_tensors(
     file_name = file_name or (lambda name: name)
     expected = expected_shapes(config)
     missing = sorted(set(expected) - set(tensors))
-    if missing:
-        shown = ", ".join(file_name(n) for n in missing[:5])
-        raise ValueError(
-            f"{source}: {len(missing)} tensor(s) the config requires are missing, e.g. {shown}. "
-            "The file is incomplete or does not match its config; re-download or re-export it."
-        )
     unexpected = sorted(set(tensors) - set(expected))
-    if unexpected:
-        shown = ", ".join(file_name(n) for n in unexpected[:5])
+    shown = lambda names: ", ".join(file_name(n) for n in names[:5])
+    if missing:
         raise ValueError(
-            f"{source}: unexpected tensor(s) {shown}: this architecture variant is not supported "
-            "by jquant's Llama-family importer."
+            f"{source}: {len(missing)} tensor(s) the config requires are missing, e.g. "
+            f"{shown(missing)}. The file is incomplete or does not match its config; "
+            "re-download or re-export it."
+        )
+    if unexpected:
+        raise ValueError(
+            f"{source}: unexpected tensor(s) {shown(unexpected)}: this architecture variant is "
+            "not supported by jquant's Llama-family importer."
         )
     for name, shape in expected.items():
         if tuple(tensors[name].shape) != shape:

@@ -12,9 +12,10 @@ OpenAI does: ``Unrecognized request argument supplied: <name>``.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
-from typing import Any
+from typing import Annotated, Any
 
 from pydantic import BaseModel, ConfigDict, ValidationError
 
@@ -55,6 +56,30 @@ class APIError(Exception):
                           "code": self.code}}  # fmt: skip
 
 
+@dataclasses.dataclass(frozen=True)
+class _Only:
+    """Marks a field jquant cannot honour: any value but ``accepted`` (its defaults) is refused
+    as unsupported, saying ``why`` (`_check_unsupported`)."""
+
+    accepted: tuple
+    why: str
+
+
+_NO_PENALTY = _Only((None, 0), "only 0 (no penalty) is accepted.")
+_NO_LOGIT_BIAS = _Only((None, {}), "only an empty or null logit_bias is accepted.")
+_NO_LOGPROBS = _Only((None,), "log probabilities are not returned; use null.")
+_NO_ECHO = _Only((None, False), "the prompt is not echoed; use false.")
+_ONE_BEST = _Only((None, 1), "only 1 is accepted; use n for several choices.")
+_NO_SUFFIX = _Only((None, ""), "insertion is not supported; use null.")
+_NO_CHAT_LOGPROBS = _Only((None, False), "log probabilities are not returned; use false.")
+_NO_TOP_LOGPROBS = _Only((None, 0), "log probabilities are not returned.")
+_TEXT_FORMAT = _Only((None, {"type": "text"}), "only {'type': 'text'} is accepted.")
+_TEXT_ONLY = _Only((None, ["text"]), "only ['text'] is accepted.")
+_NO_TOOLS = _Only((None, []), "tool calling is not supported.")
+_TOOL_NONE = _Only((None, "none"), "tool calling is not supported; use 'none'.")
+_NULL = _Only((None,), "use null.")
+
+
 class StreamOptions(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
     include_usage: bool | None = None
@@ -76,9 +101,9 @@ class _Common(BaseModel):
     stream_options: StreamOptions | None = None
     max_tokens: int | None = None
     # Supported only at their default value.
-    presence_penalty: float | None = None
-    frequency_penalty: float | None = None
-    logit_bias: dict[str, Any] | None = None
+    presence_penalty: Annotated[float | None, _NO_PENALTY] = None
+    frequency_penalty: Annotated[float | None, _NO_PENALTY] = None
+    logit_bias: Annotated[dict[str, Any] | None, _NO_LOGIT_BIAS] = None
     # Metadata: accepted and ignored.
     user: str | None = None
     metadata: dict[str, Any] | None = None
@@ -95,10 +120,10 @@ class CompletionRequest(_Common):
     """``POST /v1/completions``."""
 
     prompt: Any
-    logprobs: int | None = None
-    echo: bool | None = None
-    best_of: int | None = None
-    suffix: str | None = None
+    logprobs: Annotated[int | None, _NO_LOGPROBS] = None
+    echo: Annotated[bool | None, _NO_ECHO] = None
+    best_of: Annotated[int | None, _ONE_BEST] = None
+    suffix: Annotated[str | None, _NO_SUFFIX] = None
 
 
 class ChatCompletionRequest(_Common):
@@ -106,18 +131,18 @@ class ChatCompletionRequest(_Common):
 
     messages: Any
     max_completion_tokens: int | None = None
-    logprobs: bool | None = None
-    top_logprobs: int | None = None
-    tools: list[Any] | None = None
-    tool_choice: Any = None
-    functions: list[Any] | None = None
-    function_call: Any = None
+    logprobs: Annotated[bool | None, _NO_CHAT_LOGPROBS] = None
+    top_logprobs: Annotated[int | None, _NO_TOP_LOGPROBS] = None
+    tools: Annotated[list[Any] | None, _NO_TOOLS] = None
+    functions: Annotated[list[Any] | None, _NO_TOOLS] = None
+    tool_choice: Annotated[Any, _TOOL_NONE] = None
+    function_call: Annotated[Any, _TOOL_NONE] = None
     parallel_tool_calls: bool | None = None
-    response_format: dict[str, Any] | None = None
-    modalities: list[str] | None = None
-    audio: Any = None
-    prediction: Any = None
-    web_search_options: Any = None
+    response_format: Annotated[dict[str, Any] | None, _TEXT_FORMAT] = None
+    modalities: Annotated[list[str] | None, _TEXT_ONLY] = None
+    audio: Annotated[Any, _NULL] = None
+    prediction: Annotated[Any, _NULL] = None
+    web_search_options: Annotated[Any, _NULL] = None
     reasoning_effort: str | None = None  # no reasoning mode: ignored
     verbosity: str | None = None  # ignored
 
@@ -230,44 +255,15 @@ def _unsupported(param: str, what: str) -> APIError:
 
 
 def _check_unsupported(r: _Common) -> None:
-    """`APIError` for an OpenAI feature jquant cannot honour, given a non-default value."""
-    for name in ("presence_penalty", "frequency_penalty"):
-        if getattr(r, name) not in (None, 0):
-            raise _unsupported(name, "only 0 (no penalty) is accepted.")
-    if r.logit_bias:
-        raise _unsupported("logit_bias", "only an empty or null logit_bias is accepted.")
+    """`APIError` for an OpenAI feature jquant cannot honour, given a non-default value (a
+    field marked `_Only`), or ``stream_options`` without ``stream``."""
     if r.stream_options is not None and not r.stream:
         raise APIError("The 'stream_options' parameter is only allowed when 'stream' is "
                        "enabled.", param="stream_options", code="invalid_value")  # fmt: skip
-    if isinstance(r, CompletionRequest):
-        if r.logprobs is not None:
-            raise _unsupported("logprobs", "log probabilities are not returned; use null.")
-        if r.echo:
-            raise _unsupported("echo", "the prompt is not echoed; use false.")
-        if r.best_of not in (None, 1):
-            raise _unsupported("best_of", "only 1 is accepted; use n for several choices.")
-        if r.suffix:
-            raise _unsupported("suffix", "insertion is not supported; use null.")
-        return
-    assert isinstance(r, ChatCompletionRequest)
-    if r.logprobs:
-        raise _unsupported("logprobs", "log probabilities are not returned; use false.")
-    if r.top_logprobs not in (None, 0):
-        raise _unsupported("top_logprobs", "log probabilities are not returned.")
-    if r.tools or r.functions:
-        name = "tools" if r.tools else "functions"
-        raise _unsupported(name, "tool calling is not supported.")
-    for name in ("tool_choice", "function_call"):
-        if getattr(r, name) not in (None, "none"):
-            raise _unsupported(name, "tool calling is not supported; use 'none'.")
-    fmt = r.response_format
-    if fmt is not None and fmt != {"type": "text"}:
-        raise _unsupported("response_format", "only {'type': 'text'} is accepted.")
-    if r.modalities is not None and r.modalities != ["text"]:
-        raise _unsupported("modalities", "only ['text'] is accepted.")
-    for name in ("audio", "prediction", "web_search_options"):
-        if getattr(r, name) is not None:
-            raise _unsupported(name, "use null.")
+    for name, field in type(r).model_fields.items():
+        for only in field.metadata:
+            if isinstance(only, _Only) and getattr(r, name) not in only.accepted:
+                raise _unsupported(name, only.why)
 
 
 def stop_strings(stop) -> tuple[str, ...]:

@@ -7,6 +7,7 @@ import json
 import pytest
 
 from jquant import io as jio
+from jquant.io import _gguf_tokenizer as jgtok
 from jquant.io import tokenizer as jtok
 
 
@@ -16,7 +17,7 @@ def tiny_tokenizer(tmp_path, tiny):
 
 
 def test_bytes_to_unicode_is_gpt2s_alphabet():
-    table = jtok._bytes_to_unicode()
+    table = jgtok._bytes_to_unicode()
     assert len(table) == 256 and len(set(table.values())) == 256
     assert table[ord(" ")] == "Ġ" and table[ord("\n")] == "Ċ" and table[ord("A")] == "A"
 
@@ -71,7 +72,7 @@ def test_encode_prompt_adds_one_bos_exactly_when_the_file_says(tmp_path, tiny):
     ({"tokenizer.ggml.model": "gpt2", "tokenizer.ggml.add_bos_token": True}, True),
 ])  # fmt: skip
 def test_gguf_add_bos_defaults_are_llama_cpps(fields, expected):
-    assert jtok._gguf_add_bos(fields) is expected
+    assert jgtok._gguf_add_bos(fields) is expected
 
 
 @pytest.mark.parametrize("stated", [True, False, None])

@@ -1,0 +1,84 @@
+"""What each `model_type` fixes about the architecture (`Family`, `FAMILIES`), and which layers
+attend within a sliding window (`layer_types`: `FULL` or `SLIDING` per layer).
+
+`jquant.arch` re-exports every name here; `LlamaConfig.from_hf` reads a config with them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from typing import Any
+
+
+@dataclasses.dataclass(frozen=True)
+class Family:
+    """What a `model_type` fixes about the architecture (the rest is in its config).
+
+    Attributes:
+      qkv_bias: q/k/v projections always carry a bias (qwen2), whatever the config says.
+      qk_norm: an RMSNorm over ``head_dim`` on every query and key head, before RoPE.
+      gemma: Gemma's conventions: RMSNorm weight applied as ``1 + w`` and embeddings
+        multiplied by ``sqrt(hidden_size)``.
+      sandwich_norms: norms after attention and around the MLP (Gemma 2/3).
+      activation: the MLP activation when the config names none.
+      sliding: how the layers using sliding-window attention are chosen: "none", "all"
+        (mistral: every layer when ``sliding_window`` is set), "upper" (qwen2/qwen3: layers
+        from ``max_window_layers`` on when ``use_sliding_window``), or "pattern" (gemma2/3:
+        every layer but each ``sliding_window_pattern``-th).
+      pattern: the default ``sliding_window_pattern``.
+    """
+
+    qkv_bias: bool = False
+    qk_norm: bool = False
+    gemma: bool = False
+    sandwich_norms: bool = False
+    activation: str = "silu"
+    sliding: str = "none"
+    pattern: int = 0
+
+
+#: Every `model_type` `LlamaConfig.from_hf` accepts, and what it fixes.
+FAMILIES = {
+    "llama": Family(),
+    "mistral": Family(sliding="all"),
+    "qwen2": Family(qkv_bias=True, sliding="upper"),
+    "qwen3": Family(qk_norm=True, sliding="upper"),
+    "gemma": Family(gemma=True, activation="gelu_pytorch_tanh"),
+    "gemma2": Family(gemma=True, sandwich_norms=True, activation="gelu_pytorch_tanh",
+                     sliding="pattern", pattern=2),
+    "gemma3_text": Family(gemma=True, sandwich_norms=True, qk_norm=True,
+                          activation="gelu_pytorch_tanh", sliding="pattern", pattern=6),
+}  # fmt: skip
+
+#: Attention kinds of `LlamaConfig.layer_types`.
+FULL, SLIDING = "full_attention", "sliding_attention"
+
+
+def layer_types(config: Mapping[str, Any], model_type: str, num_layers: int) -> tuple[str, ...]:
+    """Each layer's attention kind (`FULL` or `SLIDING`) as transformers decides it.
+
+    An explicit ``layer_types`` list wins (transformers 5 writes one); otherwise the family's
+    rule (`Family.sliding`) applies to ``sliding_window``, ``use_sliding_window``,
+    ``max_window_layers`` and ``sliding_window_pattern``. No window means all `FULL`.
+    """
+    family = FAMILIES[model_type]
+    window = config.get("sliding_window")
+    explicit = config.get("layer_types")
+    if explicit:  # transformers 5 and jquant's Checkpoint.config write the kinds out
+        types = tuple(str(t) for t in explicit)
+        if len(types) != num_layers:
+            raise ValueError(f"layer_types lists {len(types)} layers, the model has {num_layers}")
+        return types if window else (FULL,) * num_layers
+    # qwen2/qwen3 files carry a window they use only when use_sliding_window says so.
+    if family.sliding == "upper" and not config.get("use_sliding_window", False):
+        window = None
+    if not window or family.sliding == "none":
+        return (FULL,) * num_layers
+    if family.sliding == "all":
+        return (SLIDING,) * num_layers
+    if family.sliding == "upper":
+        first = int(config.get("max_window_layers", 28))
+        return tuple(SLIDING if i >= first else FULL for i in range(num_layers))
+    pattern = int(config.get("sliding_window_pattern") or family.pattern)
+    return tuple(SLIDING if (i + 1) % pattern else FULL for i in range(num_layers))
