@@ -104,3 +104,18 @@ def resolve(x, tap: Tap, *, contracting_axis: int = -1):
 
 def _identity(y):
     return y
+
+
+def with_taps(params, paths):
+    """``params`` (any parameter tree, `jquant.tree` paths) with the leaves at ``paths``
+    wrapped in Taps (an ``nnx.Variable`` keeps its type and holds the Tap); every other
+    leaf is the very same object.
+
+    >>> import jax.numpy as jnp
+    >>> tapped = with_taps({"w": jnp.ones((3, 4)), "b": jnp.zeros(4)}, {"w"})
+    >>> type(tapped["w"]).__name__, tapped["w"].path, type(tapped["b"]).__name__
+    ('Tap', 'w', 'ArrayImpl')
+    """
+    from jquant import tree  # jquant.tree imports the recipe and so the algorithms, ops
+
+    return tree.map_with_path(lambda p, v: Tap(v, p) if p in paths else v, params)

@@ -8,6 +8,7 @@
 
 from jquant._tap import Tap as Tap
 from jquant._tap import tapping as tapping
+from jquant._tap import with_taps as with_taps
 from jquant.calib.data import calibration_tokens as calibration_tokens
 from jquant.calib.driver import CALIBRATED as CALIBRATED
 from jquant.calib.driver import CalibrationReport as CalibrationReport
