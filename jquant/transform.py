@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import warnings
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -77,6 +78,11 @@ def quantize(
         quantized as asked (integer dtype, NaN/inf, bad axis), or a rule that matches
         nothing under ``require_match``.
 
+    Warns:
+      UserWarning: naming the rule and the paths, once per quantizing (non-skip) rule that
+        matches leaves it cannot quantize: Python numbers, rank-0/1 arrays (biases, norm
+        scales), PRNG keys. They stay as they are; a broad pattern usually caused it.
+
     >>> params = {"params": {"Dense_0": {"kernel": jnp.ones((256, 4)), "bias": jnp.zeros(4)}}}
     >>> q = quantize(params, "w4a16-rtn-g128")
     >>> dense = q["params"]["Dense_0"]
@@ -87,23 +93,28 @@ def quantize(
     flat, treedef = tree.flatten(params)
     recipe.check_matches([path for path, _ in flat])
     leaves, rows = [], []
+    unquantizable: dict[int, list[str]] = {}  # rule index -> matched paths it cannot quantize
     for path, leaf in flat:
-        new, row = _quantize_leaf(path, leaf, recipe, calibration, report)
+        new, row = _quantize_leaf(path, leaf, recipe, calibration, report, unquantizable)
         leaves.append(new)
         if row is not None:
             rows.append(row)
+    _warn_unquantizable(recipe, unquantizable)
     out = tree.unflatten(treedef, leaves)
     return (out, rows) if report else out
 
 
-def _quantize_leaf(path, leaf, recipe, calibration, report):
-    """(new leaf, report row or None) for one leaf."""
+def _quantize_leaf(path, leaf, recipe, calibration, report, unquantizable):
+    """(new leaf, report row or None) for one leaf; records in ``unquantizable`` the
+    leaves a quantizing rule matches but cannot quantize."""
     value = tree.unwrap(leaf)
     if isinstance(value, QArray):  # already quantized: leave it, report what it is
         return leaf, _row(path, value, value, None) if report else None
+    rule = recipe.match(path)
+    if rule is not None and not rule.skip and not (tree.is_array(value) and value.ndim >= 2):
+        unquantizable.setdefault(rule.index, []).append(path)
     if not tree.is_array(value):
         return leaf, None
-    rule = recipe.match(path)
     status = tree.decide(rule, value)
     if status is not None:
         if rule is not None and rule.skip and rule.dtype is not None:
@@ -118,6 +129,20 @@ def _quantize_leaf(path, leaf, recipe, calibration, report):
         msg = str(e) if path in str(e) else f"{path}: {e}"
         raise ValueError(f"{msg} [{rule.where} of recipe {recipe.name!r}]") from None
     return tree.rewrap(leaf, q), _row(path, value, q, resolved.algorithm) if report else None
+
+
+def _warn_unquantizable(recipe: Recipe, unquantizable: dict[int, list[str]]) -> None:
+    """One UserWarning per quantizing rule that matched leaves it cannot quantize (not
+    arrays, or rank < 2: biases, norm scales, Python numbers); they stay as they are."""
+    for index, paths in unquantizable.items():
+        rule = recipe.rules[index]
+        shown = ", ".join(paths[:5]) + (f", ... ({len(paths)} in all)" if len(paths) > 5 else "")
+        warnings.warn(
+            f"{rule.where} of recipe {recipe.name!r} matches {len(paths)} parameter(s) it "
+            f"cannot quantize (not an array of rank >= 2), left as they are: {shown}. "
+            "Narrow the pattern (e.g. end it in kernel$) or add a skip rule before it.",
+            UserWarning, stacklevel=3,
+        )  # fmt: skip
 
 
 def _as_float(value, rule: Rule):
