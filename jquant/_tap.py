@@ -32,6 +32,8 @@ from typing import Any
 
 import jax
 
+from jquant._weight import weight_wrapper
+
 Handler = Callable[[jax.Array, "Tap"], Any]
 
 
@@ -46,27 +48,12 @@ class Rewired:
 _state = threading.local()
 
 
-@dataclasses.dataclass(frozen=True)
+@weight_wrapper("value")
 class Tap:
     """A float kernel marked for calibration: ``value`` ``(K, *out)``, contraction axis 0."""
 
     value: jax.Array
     path: str = dataclasses.field(metadata=dict(static=True), default="")
-
-    @property
-    def shape(self):
-        return self.value.shape
-
-    @property
-    def ndim(self) -> int:
-        return self.value.ndim
-
-    @property
-    def dtype(self):
-        return self.value.dtype
-
-
-jax.tree_util.register_dataclass(Tap, data_fields=["value"], meta_fields=["path"])
 
 
 @contextlib.contextmanager
