@@ -107,7 +107,7 @@ def train(model, params, windows, recipe, s: dict, *, log=print):
         batch = windows[rng.choice(len(windows), s["batch"], replace=False)]
         params, state, opt_state, loss = step(params, state, opt_state, teacher,
                                               jnp.asarray(batch))
-        curve.append(float(loss))
+        curve.append(qat.check_loss(loss, step=i))
         if i % s["log_every"] == 0 or i == s["steps"] - 1:
             log(f"step {i:4d}  loss {curve[-1]:.4f}  {time.perf_counter() - t0:7.1f} s")
     del teacher
@@ -142,7 +142,7 @@ def train_qlora(model, params, windows, recipe, s: dict, *, log=print):
     for i in range(s["steps"]):
         batch = windows[rng.choice(len(windows), s["batch"], replace=False)]
         adapters, opt_state, loss = step(adapters, opt_state, base, params, jnp.asarray(batch))
-        curve.append(float(loss))
+        curve.append(qat.check_loss(loss, step=i))
         if i % s["log_every"] == 0 or i == s["steps"] - 1:
             log(f"step {i:4d}  loss {curve[-1]:.4f}  {time.perf_counter() - t0:7.1f} s")
     return base, adapters, curve

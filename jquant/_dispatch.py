@@ -23,12 +23,11 @@ from __future__ import annotations
 import dataclasses
 import functools
 import logging
-import os
 
 import jax
 import jax.numpy as jnp
 
-from jquant import _act, kernels
+from jquant import _act, kernels, settings
 from jquant._dequant_dot import (
     _CPU_BLOCK_N,
     _dequant_dot,
@@ -82,7 +81,7 @@ def set_matmul_path(path: str | None) -> str | None:
 
 def matmul_path() -> str:
     """The matmul path in effect: ``set_matmul_path``'s, else ``$JQUANT_MATMUL``, else auto."""
-    path = _matmul_path or os.environ.get("JQUANT_MATMUL") or "auto"
+    path = _matmul_path or settings.matmul_path() or "auto"
     if path not in MATMUL_PATHS:
         raise ValueError(f"JQUANT_MATMUL={path!r} is not one of {MATMUL_PATHS}")
     return path

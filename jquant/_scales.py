@@ -1,6 +1,6 @@
 """Scales and zero points: how a group's range becomes a grid, and codes on that grid.
 
-Also the second level of double quantization (the scales stored as uint8 codes).
+Also the second level of double quantization (the scales stored as 8-bit log-domain codes).
 """
 
 from __future__ import annotations
@@ -107,29 +107,47 @@ def scale_range_problems(exact, stored):
 
 
 def double_quantize(scale):
-    """Second-level quantization of positive scales ``(..., N, G)`` to uint8 codes.
+    """Second-level quantization of positive scales ``(..., N, G)`` to ``log8`` codes.
 
-    Blocks of ``SCALE_BLOCK`` scales along N (the output axis) share a float32 step
-    ``(max - min) / 255`` and a float32 offset: code 0 is the block's smallest scale and
-    code 255 its largest, so no scale can become 0. Codes round **up**, so every kept
-    scale is ``>= `` the scale it replaces (like the scale dtype cast) and at most one step
-    above it: weights are then never clipped by the second level.
+    Codes live in the log2 domain, so precision is relative: blocks of ``SCALE_BLOCK``
+    scales along N (the output axis) share a float32 step ``d = log2(max / min) / 255`` and
+    a float32 offset ``z = -log2(min) / d``, and code ``q`` stands for ``2 ** ((q - z) * d)``:
+    code 0 is (a hair above) the block's smallest scale and code 255 its largest. Codes round
+    **up**, so every kept scale is ``>=`` the scale it replaces (like the scale dtype cast)
+    and at most a factor ``2 ** d = (max / min) ** (1 / 255)`` above it: weights are never
+    clipped by the second level, and a kept scale is never 0 (a power of two of a finite
+    exponent). Scales below float32's smallest normal (~1.2e-38) are first raised to it.
 
     Returns:
-      ``(codes, step, zero_point)`` in the storage layout of a uint8 QArray quantized along
-      axis -2 with group size ``SCALE_BLOCK``: ``(..., G, N)`` uint8 and ``(..., G, B)``
-      float32 each, with ``scale ≈ (codes - zero_point) * step``.
+      ``(codes, step, zero_point)`` in the storage layout of a ``log8`` QArray quantized
+      along axis -2 with group size ``SCALE_BLOCK``: ``(..., G, N)`` uint8 and
+      ``(..., G, B)`` float32 each.
     """
-    s_t = jnp.moveaxis(scale.astype(jnp.float32), -1, -2)  # (..., G, N)
-    lo = group_reduce(s_t, SCALE_BLOCK, jnp.min)
-    hi = group_reduce(s_t, SCALE_BLOCK, jnp.max)
-    # (times the float32 reciprocal of 255, which jit and eager evaluate alike)
-    step = jnp.where(hi > lo, (hi - lo) * jnp.float32(np.float32(1) / np.float32(255)), lo)
+    tiny = jnp.finfo(jnp.float32).smallest_normal
+    s_t = jnp.maximum(jnp.moveaxis(scale.astype(jnp.float32), -1, -2), tiny)  # (..., G, N)
+    e = jnp.log2(s_t)
+    lo = group_reduce(e, SCALE_BLOCK, jnp.min)
+    hi = group_reduce(e, SCALE_BLOCK, jnp.max)
+    # Raise both ends by a few float32 ulps of the exponent, so code 0 and code 255 land at
+    # or above the block's smallest and largest scales despite rounding in log2, the step
+    # and exp2 (a relative change of ~1e-6 per unit of |exponent|).
+    lo = lo + jnp.maximum(jnp.abs(lo), 1.0) * jnp.float32(2**-20)
+    hi = hi + jnp.maximum(jnp.abs(hi), 1.0) * jnp.float32(2**-18)
+    # (times the float32 reciprocal of 255, which jit and eager evaluate alike); a block of
+    # equal scales gets step 1 and code 0 (lo itself).
+    step = jnp.where(hi > lo, (hi - lo) * jnp.float32(np.float32(1) / np.float32(255)), 1.0)
     zero_point = -lo / step
-    t = per_group(s_t, SCALE_BLOCK, lambda v, lo, d: (v - lo) / d, lo, step)
+    t = per_group(e, SCALE_BLOCK, lambda v, lo, d: (v - lo) / d, lo, step)
     codes = jnp.clip(jnp.ceil(t - jnp.float32(2**-10)), 0, 255)
     # Ceil on a rounded quotient can land a hair low: bump to the next code where the
     # dequantized value (computed exactly as QArray.dequantize does) is below the scale.
-    kept = apply_groups(codes, step, zero_point, SCALE_BLOCK)
-    codes = jnp.where((kept < s_t) & (codes < 255), codes + 1, codes)
+    for _ in range(2):
+        kept = dequantize_log8(codes, step, zero_point)
+        codes = jnp.where((kept < s_t) & (codes < 255), codes + 1, codes)
     return codes.astype(jnp.uint8), step, zero_point
+
+
+def dequantize_log8(codes, step, zero_point):
+    """``2 ** ((codes - zero_point) * step)`` per block of ``SCALE_BLOCK`` along axis -1:
+    the values of ``log8`` codes ``(..., N)`` with steps and offsets ``(..., B)``."""
+    return jnp.exp2(apply_groups(codes.astype(jnp.float32), step, zero_point, SCALE_BLOCK))

@@ -3,8 +3,9 @@
 The serving estimate follows the usual back-of-the-envelope rule:
 
     total = weights + KV cache + overhead
-    KV cache = 2 (K and V) * layers * batch * context * kv_heads * head_dim * bytes/elem
-               (+ one scale per token, head and layer for a quantized cache)
+    KV cache = batch * context * bytes per token of the cache format
+             = batch * context * 2 (K and V) * layers * kv_heads * (head_dim * bytes/elem
+               (+ 2 bytes: one bfloat16 scale per token, head and layer, int8 / fp8))
     overhead = ``overhead`` (a fraction, default 10%) * (weights + KV cache)
 
 ``fits_on`` compares ``total`` with the memory of one accelerator of each kind.
@@ -20,6 +21,7 @@ from collections.abc import Mapping
 import numpy as np
 
 from jquant import tree
+from jquant.models.cache import KV_CACHE_FORMATS, kv_format
 from jquant.qarray import QArray
 
 GB = 1e9
@@ -35,18 +37,9 @@ ACCELERATORS: dict[str, float] = {
     "TPU v6e (32GB/chip)": 32 * GB,
 }
 
-# Bytes per element of a KV cache, and whether it carries per-token scales.
-KV_FORMATS: dict[str, tuple[float, bool]] = {
-    "float32": (4, False),
-    "bfloat16": (2, False),
-    "float16": (2, False),
-    "fp8": (1, True),
-    "int8": (1, True),
-    "int4": (0.5, True),
-}
-# A quantized cache keeps one bf16 scale per 64 elements of each token's K and V vectors
-# (one per head at head_dim 64).
-_KV_SCALE_GROUP, _KV_SCALE_BYTES = 64, 2
+#: The KV-cache formats (`jquant.models.cache.KV_CACHE_FORMATS`: one list for the memory
+#: report, the serving cache and every command); their bytes come from the format itself.
+KV_FORMATS = KV_CACHE_FORMATS
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -74,7 +67,7 @@ class MemoryReport:
     # Batch size and context length the KV cache is sized for.
     batch: int
     context: int
-    # KV cache format (a key of KV_FORMATS) and its bytes.
+    # KV cache format (a name in KV_FORMATS) and its bytes.
     kv_cache: str
     kv_cache_bytes: int
     # Layers and K/V width (kv_heads * head_dim) the cache was sized from; 0 if unknown.
@@ -147,17 +140,21 @@ def _leaf_usage(leaf) -> tuple[str, int, int]:
 
 
 _K_PROJ = re.compile(r"(?:^|/)layers/(\d+)/.*k_proj/kernel$")
+_K_NORM = re.compile(r"(?:^|/)layers/\d+/.*k_norm/scale$")
 
 
-def _infer_kv(paths_and_leaves) -> tuple[int, int]:
-    """(layers, kv_width) from ``layers/{i}/.../k_proj/kernel`` leaves, or (0, 0)."""
-    layers, width = set(), 0
+def _infer_kv(paths_and_leaves) -> tuple[int, int, int | None]:
+    """``(layers, kv_width, head_dim)`` from ``layers/{i}/.../k_proj/kernel`` leaves (and a
+    per-head ``k_norm``, where the model has one), else ``(0, 0, None)``."""
+    layers, width, head_dim = set(), 0, None
     for path, leaf in paths_and_leaves:
         m = _K_PROJ.search(path)
         if m:
             layers.add(int(m.group(1)))
             width = leaf.shape[-1]
-    return len(layers), width
+        elif _K_NORM.search(path):
+            head_dim = leaf.shape[-1]
+    return len(layers), width, head_dim
 
 
 def memory_report(
@@ -168,8 +165,10 @@ def memory_report(
     kv_cache: str = "bfloat16",
     layers: int | None = None,
     kv_width: int | None = None,
+    head_dim: int | None = None,
     config: Mapping | None = None,
     overhead: float = 0.1,
+    dtype="bfloat16",
 ) -> MemoryReport:
     """Weighs a parameter tree (QArrays at their true storage) and sizes serving it.
 
@@ -177,12 +176,16 @@ def memory_report(
       params: a Linen dict, an NNX State or any pytree of arrays and QArrays.
       batch: sequences served at once.
       context: tokens per sequence held in the KV cache.
-      kv_cache: KV cache format, one of ``KV_FORMATS``.
-      layers, kv_width: attention layers and K/V width (kv_heads * head_dim); taken
-        from ``config`` (HF keys) if given, else inferred from ``layers/{i}/.../k_proj``.
+      kv_cache: KV cache format, one of ``KV_FORMATS``; its bytes per token are the
+        serving cache's own (`jquant.models.cache.KVFormat.bytes_per_token`).
+      layers, kv_width, head_dim: attention layers, K/V width (kv_heads * head_dim) and
+        head_dim; taken from ``config`` (HF keys) if given, else inferred from
+        ``layers/{i}/.../k_proj`` (and ``k_norm``). A quantized cache keeps one scale per
+        token and head, so it needs ``head_dim``.
       config: a Hugging Face style config dict (num_hidden_layers,
         num_key_value_heads, head_dim or hidden_size / num_attention_heads).
       overhead: fraction of (weights + KV cache) added for runtime overhead.
+      dtype: the compute dtype, which the ``none`` cache format stores.
 
     >>> r = memory_report({"w": np.zeros((4096, 4096), np.float16)})
     >>> r.weight_bytes, r.by_format["float16"].bits_per_weight
@@ -190,6 +193,7 @@ def memory_report(
     """
     if kv_cache not in KV_FORMATS:
         raise ValueError(f"kv_cache={kv_cache!r} is unknown; use one of {', '.join(KV_FORMATS)}")
+    fmt = kv_format(kv_cache)
     for field, value in (("batch", batch), ("context", context)):
         if not isinstance(value, int) or value < 1:
             raise ValueError(f"{field} must be a positive integer, got {value!r}")
@@ -204,19 +208,24 @@ def memory_report(
             u[0], u[1], u[2] = u[0] + 1, u[1] + elements, u[2] + nbytes
     if config is not None:
         heads = config["num_attention_heads"]
-        head_dim = config.get("head_dim") or config["hidden_size"] // heads
+        head_dim = head_dim or config.get("head_dim") or config["hidden_size"] // heads
         layers = config["num_hidden_layers"] if layers is None else layers
-        kv_width = config.get("num_key_value_heads", heads) * head_dim if kv_width is None else (
-            kv_width)
-    if layers is None or kv_width is None:
+        if kv_width is None:
+            kv_width = config.get("num_key_value_heads", heads) * head_dim
+    if layers is None or kv_width is None or head_dim is None:
         inferred = _infer_kv(leaves)
         layers = inferred[0] if layers is None else layers
         kv_width = inferred[1] if kv_width is None else kv_width
-    elem_bytes, scaled = KV_FORMATS[kv_cache]
-    kv_elems = 2 * layers * batch * context * kv_width
-    kv_bytes = int(kv_elems * elem_bytes)
-    if scaled:
-        kv_bytes += -(-kv_elems // _KV_SCALE_GROUP) * _KV_SCALE_BYTES
+        head_dim = inferred[2] if head_dim is None else head_dim
+    if head_dim is None:
+        if fmt.quantized and layers:
+            raise ValueError(f"kv_cache={kv_cache!r} keeps one scale per token and kv head: "
+                             "pass head_dim= or config= (the parameter tree does not say it)")
+        head_dim = kv_width  # unquantized bytes depend on the width alone
+    if kv_width % max(head_dim, 1):
+        raise ValueError(f"kv_width={kv_width} is not a multiple of head_dim={head_dim}")
+    kv_heads = kv_width // head_dim if head_dim else 0
+    kv_bytes = batch * context * fmt.bytes_per_token(kv_heads, head_dim, layers, dtype)
     return MemoryReport(
         by_format={k: FormatUsage(tensors=v[0], elements=v[1], nbytes=v[2])
                    for k, v in usage.items()},

@@ -99,6 +99,9 @@ class QArray:
     integer (stored in the scale dtype), while ``from_codes`` accepts any float.
 
     ``scale`` may itself be a QArray (double quantization, as in QLoRA).
+    Building one from arrays checks that the parts agree with ``k``, ``axis``,
+    ``group_size`` and the format's packing (ValueError naming the part, the expected
+    and the actual shape); see ``_check_parts`` for what transformations skip.
     Instances are pytrees: ``qvalue``, ``scale`` and ``zero_point`` are leaves and
     every other field is static, so QArrays pass through ``jit``, ``vmap`` (over
     axes before the contraction axis), ``scan`` and ``device_put``.
@@ -125,6 +128,9 @@ class QArray:
     group_size: int | None = dataclasses.field(metadata=dict(static=True), default=None)
     dtype: Any = dataclasses.field(metadata=dict(static=True), default=np.dtype(np.float32))
     activation: str | None = dataclasses.field(metadata=dict(static=True), default=None)
+
+    def __post_init__(self):
+        _check_parts(self)
 
     # ---- shape and size ----------------------------------------------------------
 
@@ -189,6 +195,8 @@ class QArray:
         values = qtypes.decode(self.qtype, self.codes())
         zp = None if self.zero_point is None else self.zero_point.astype(jnp.float32)
         out = _apply_groups(values, self.scales(), zp, self.group_size)
+        if self.format.kind == "log":  # log8 (double-quantized scales): a log2-domain uint8
+            out = jnp.exp2(out)
         return out.astype(dtype or self.dtype)
 
     def dequantize(self, dtype=None) -> jax.Array:
@@ -200,6 +208,68 @@ class QArray:
             "a QArray is not an array: call .dequantize(), or pass it to jquant.ops "
             "(qdot / qeinsum / qembed), or run the model through jquant.apply"
         )
+
+
+def _concrete(x) -> bool:
+    """Whether ``x`` is an array (or shape placeholder) whose shape can be checked: not a
+    tracer, a sentinel or a spec that a pytree transformation put in a leaf's place."""
+    if isinstance(x, QArray):
+        return True
+    if isinstance(x, jax.core.Tracer):
+        return False
+    return isinstance(x, jax.Array | np.ndarray | jax.ShapeDtypeStruct)
+
+
+def _check_parts(q: QArray) -> None:
+    """Raises ValueError when the codes, scales or zero points disagree with ``k``, ``axis``,
+    ``group_size`` and the packing of ``qtype``.
+
+    Runs whenever a QArray is built from concrete arrays (or ShapeDtypeStructs), including
+    pytree unflattening; it checks nothing when a leaf is a tracer, None where an array is
+    required, or anything else a transformation substitutes (``object()``, a PartitionSpec),
+    since jax rebuilds QArrays around such leaves inside ``jit``, ``vmap``, ``scan`` and
+    ``tree.map``. Leading axes may be stacked (layers): they only have to agree with each
+    other, and a scale or zero point may have size 1 on them (per-tensor).
+    """
+    leaves = [q.qvalue, q.scale, q.zero_point]
+    if q.qvalue is None or q.scale is None or not all(
+        x is None or _concrete(x) for x in leaves
+    ):
+        return
+    qt = qtypes.get(q.qtype)
+    shape = _shape_of(q.qvalue)
+    if len(shape) < 1:
+        raise ValueError(f"QArray: qvalue must have at least one axis, got shape {shape}")
+    if not isinstance(q.axis, int) or not -len(shape) <= q.axis < 0:
+        raise ValueError(f"QArray: axis must be negative and at least -{len(shape)} for qvalue "
+                         f"of shape {shape}, got {q.axis!r}")
+    if not isinstance(q.k, int | np.integer) or q.k < 1:
+        raise ValueError(f"QArray: k (the contraction length) must be a positive int, "
+                         f"got {q.k!r}")
+    validate_group_size(qt, q.group_size, name="QArray")
+    want = (*shape[:-1], packed_length(int(q.k), qt, q.group_size))
+    if shape != want:
+        raise ValueError(f"QArray: qvalue has shape {shape}, expected {want} for k={q.k}, "
+                         f"group_size={q.group_size}, {qt.name} ({qt.bits} bits)")
+    if q.zero_point is not None and not qt.asymmetric:
+        raise ValueError(f"QArray: {qt.name} is symmetric and takes no zero_point, got one of "
+                         f"shape {tuple(_shape_of(q.zero_point))}")
+    groups = _num_groups(int(q.k), q.group_size)
+    for part in ("scale", "zero_point"):
+        x = getattr(q, part)
+        if x is None:
+            continue
+        got = x.shape if isinstance(x, QArray) else _shape_of(x)
+        expected = (*shape[:-1], groups)
+        ok = len(got) == len(expected) and got[-1] == groups and all(
+            g in (n, 1) for g, n in zip(got[:-1], shape[:-1])
+        )
+        if not ok:
+            raise ValueError(
+                f"QArray: {part} has shape {tuple(got)}, expected {expected} (one per group "
+                f"of k={q.k} with group_size={q.group_size}; size 1 on a leading axis "
+                "broadcasts)"
+            )
 
 
 jax.tree_util.register_dataclass(
@@ -241,8 +311,9 @@ def quantize_array(
       scale_dtype: dtype of the stored scales and zero points.
       clip_ratio: shrink factor for the range (1.0 = absmax / min-max); a scalar
         or an array broadcastable to the scale shape ``(*other_axes, G)``.
-      double_quant: store the scales themselves as uint8 codes (blocks of 256 along
-        the output axis, each with a float32 step and offset), as QLoRA does for NF4.
+      double_quant: store the scales themselves as 8-bit log-domain codes (``log8``:
+        blocks of 256 along the output axis, each with a float32 step and offset), as
+        QLoRA does for NF4 (with a linear code); see ``_scales.double_quantize``.
       activation: format for dynamic per-token activation quantization in
         ``jquant.ops`` (e.g. ``"int8"``, ``"fp8_e4m3"``), or None (weight-only).
       name: what error messages call this tensor (a parameter path).
@@ -252,13 +323,20 @@ def quantize_array(
 
     Raises:
       ValueError: naming ``name``, for a weight that is not float, empty or holds
-        NaN/inf, bad settings, or scales that ``scale_dtype`` cannot represent.
+        NaN/inf, bad settings, or scales that ``scale_dtype`` cannot represent. The value
+        checks (NaN/inf, scale range) run on device; when ``quantize_array`` is traced
+        (inside ``jit``, ``vmap``, ``scan``) they are reported by a ``jax.debug.callback``
+        that raises this ValueError when the compiled program runs, so the caller gets a
+        ``jax.errors.JaxRuntimeError`` whose message holds it (at the call, or when the
+        result is first used under asynchronous dispatch).
 
     >>> q = quantize_array(jnp.ones((256, 8)), "int4", group_size=128)
     >>> q.qvalue.shape, q.scale.shape
     ((8, 128), (8, 2))
     """
     qt = qtypes.get(qtype)
+    if qt.kind == "log":
+        raise ValueError(f"{name}: {qt.name} stores double-quantized scales only, not weights")
     if not isinstance(w, jax.Array | np.ndarray | jax.ShapeDtypeStruct):
         w = jnp.asarray(w)
     if w.ndim < 1:
@@ -279,10 +357,12 @@ def quantize_array(
         group_size=group_size, per_tensor=per_tensor, scale_dtype=np.dtype(scale_dtype),
         double_quant=double_quant,
     )  # fmt: skip
+    report = functools.partial(_report_problems, shape=tuple(w.shape), name=name,
+                               scale_dtype=np.dtype(scale_dtype))  # fmt: skip
     if not isinstance(problems, jax.core.Tracer):
-        nonfinite, first, overflow, underflow = (int(v) for v in jax.device_get(problems))
-        raise_nonfinite(nonfinite, first, w.shape, name=name)
-        raise_scale_range(overflow, underflow, scale_dtype, name=name)
+        report(jax.device_get(problems))
+    else:  # traced (jit, vmap, scan): the same check when the program runs
+        jax.debug.callback(report, problems)
     return QArray(
         qvalue=qvalue,
         scale=stored_scale,
@@ -294,6 +374,16 @@ def quantize_array(
         dtype=np.dtype(w.dtype),
         activation=activation,
     )
+
+
+def _report_problems(problems, *, shape, name, scale_dtype):
+    """Raises the error for ``problems`` (``_quantize_core``'s int32 ``[NaN/inf count, first
+    NaN/inf flat index, overflowed scales, underflowed scales]``, possibly batched by vmap
+    as ``(..., 4)``), if any."""
+    rows = np.asarray(problems).reshape(-1, 4)
+    for nonfinite, first, overflow, underflow in (tuple(int(v) for v in r) for r in rows):
+        raise_nonfinite(nonfinite, first, shape, name=name)
+        raise_scale_range(overflow, underflow, scale_dtype, name=name)
 
 
 @functools.partial(
@@ -333,10 +423,10 @@ def _quantize_core(w, clip_ratio, *, qtype, axis, group_size, per_tensor, scale_
 
 
 def double_quantized_scale(scale) -> QArray:
-    """Scales ``(..., N, G)`` stored as a uint8 QArray (see ``_scales.double_quantize``)."""
+    """Scales ``(..., N, G)`` stored as a ``log8`` QArray (see ``_scales.double_quantize``)."""
     codes, step, offset = double_quantize(scale)
     return QArray(
-        qvalue=codes, scale=step, zero_point=offset, qtype="uint8", k=scale.shape[-2],
+        qvalue=codes, scale=step, zero_point=offset, qtype="log8", k=scale.shape[-2],
         axis=-2, group_size=SCALE_BLOCK, dtype=np.dtype(scale.dtype),
     )  # fmt: skip
 

@@ -14,6 +14,9 @@ scale (and shifted by its zero point) onto a finite set of codes, and back:
   (never produces inf/NaN).
 * ``codebook`` formats (``nf4``) store the index of the nearest codebook entry;
   the scale maps the absmax to 1.0.
+* the ``log`` format ``log8`` stores only double-quantized scales (never a weight): a uint8
+  code ``q`` with a per-block step ``s`` and offset ``z`` stands for ``2 ** ((q - z) * s)``,
+  the uint8 identity in the log2 domain (see ``jquant._scales.double_quantize``).
 
 Only the *storage* of sub-byte codes lives elsewhere (``jquant.qarray``).
 """
@@ -32,7 +35,7 @@ from jquant.kernels._formats import NF4_CODEBOOK as NF4_CODEBOOK
 from jquant.kernels._formats import codebook_select as _codebook_select
 from jquant.kernels._formats import pack_width as _pack_width
 
-Kind = Literal["int", "uint", "float", "codebook"]
+Kind = Literal["int", "uint", "float", "codebook", "log"]
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class QType:
@@ -57,7 +60,7 @@ class QType:
     @property
     def asymmetric(self) -> bool:
         """Whether the format carries a zero point."""
-        return self.kind == "uint"
+        return self.kind in ("uint", "log")
 
     @property
     def packed(self) -> bool:
@@ -111,6 +114,11 @@ QTYPES: dict[str, QType] = {
     )
 }  # fmt: skip
 
+# Formats only a double-quantized scale uses (``get`` knows them; weights never take them).
+SCALE_QTYPES: dict[str, QType] = {
+    "log8": QType(name="log8", bits=8, kind="log", qmin=0, qmax=255, code_dtype=np.dtype(np.uint8)),
+}
+
 
 def get(qtype: str | QType) -> QType:
     """Returns the format named ``qtype`` (a ``QType`` passes through).
@@ -121,7 +129,7 @@ def get(qtype: str | QType) -> QType:
     if isinstance(qtype, QType):
         return qtype
     try:
-        return QTYPES[qtype]
+        return QTYPES[qtype] if qtype in QTYPES else SCALE_QTYPES[qtype]
     except (KeyError, TypeError):
         raise ValueError(f"unknown qtype {qtype!r}; known: {', '.join(QTYPES)}") from None
 
@@ -134,6 +142,8 @@ def encode(qtype: str | QType, x: jnp.ndarray) -> jnp.ndarray:
     codebooks. Returns an array of ``qtype.code_dtype``.
     """
     qt = get(qtype)
+    if qt.kind == "log":
+        raise ValueError("log8 codes are made by jquant._scales.double_quantize only")
     x = jnp.asarray(x, jnp.float32)
     if qt.kind in ("int", "uint"):
         return jnp.clip(jnp.round(x), qt.qmin, qt.qmax).astype(qt.code_dtype)
@@ -146,7 +156,10 @@ def encode(qtype: str | QType, x: jnp.ndarray) -> jnp.ndarray:
 
 
 def decode(qtype: str | QType, codes: jnp.ndarray) -> jnp.ndarray:
-    """Maps codes of ``qtype`` back to (unscaled) float32 values."""
+    """Maps codes of ``qtype`` back to (unscaled) float32 values.
+
+    For ``log8`` these are the codes themselves: the exponent, before ``QArray`` shifts,
+    scales and exponentiates it."""
     qt = get(qtype)
     if qt.kind == "codebook":
         return _codebook_select(codes, qt.codebook)
@@ -162,6 +175,8 @@ def half_step(qtype: str | QType, x: np.ndarray) -> np.ndarray:
     there). Used by tests and reports to state each format's bound.
     """
     qt = get(qtype)
+    if qt.kind == "log":
+        raise ValueError("log8 has no absolute half step (its error is relative)")
     x = np.asarray(x, np.float64)
     if qt.kind in ("int", "uint"):
         return np.full_like(x, 0.5)

@@ -66,7 +66,7 @@ class Rule:
     clip: str | None = None
     # Shrink factor of the range in (0, 1]; 1.0 keeps the full absmax / min-max.
     clip_ratio: float = 1.0
-    # Quantize the scales too (uint8, QLoRA-style double quantization).
+    # Quantize the scales too (8-bit log-domain codes, QLoRA-style double quantization).
     double_quant: bool = False
     # Contraction axis; None = -1 for a leaf named "embedding" (rows gathered, a tied head
     # contracts features), else 0 (a Dense kernel (K, N)).
@@ -140,6 +140,8 @@ class Rule:
             qt = qtypes.get(self.weight)
         except ValueError as e:
             self._fail(f"weight: {e}")
+        if qt.kind == "log":
+            self._fail(f"weight: {qt.name} stores double-quantized scales only, not weights")
         try:
             validate_group_size(qt, self.group_size, name=self.where)
         except ValueError as e:

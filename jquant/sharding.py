@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 from collections.abc import Mapping, Sequence
 
 import jax
@@ -382,3 +383,19 @@ def per_device_bytes(tree) -> dict[jax.Device, int]:
         for shard in leaf.addressable_shards:
             held[shard.device] = held.get(shard.device, 0) + shard.data.nbytes
     return dict(sorted(held.items(), key=lambda item: item[0].id))
+
+
+def parse_tp_mesh(text: str) -> int:
+    """The tensor-parallel size of a mesh written ``tp=N`` (``jquant serve --mesh``).
+
+    >>> parse_tp_mesh("tp=2")
+    2
+
+    Raises:
+      ValueError: anything but ``tp=N`` with N >= 1; the message starts with ``text``
+        (repr).
+    """
+    match = re.fullmatch(r"tp=([0-9]+)", text.strip())
+    if not match or int(match.group(1)) < 1:
+        raise ValueError(f"{text!r}: expected tp=N with N >= 1 devices, e.g. tp=2")
+    return int(match.group(1))

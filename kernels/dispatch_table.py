@@ -35,6 +35,8 @@ import os
 from collections import defaultdict
 from collections.abc import Iterable, Mapping
 
+from . import _env
+
 WEIGHT_ONLY_KINDS = ("int8", "int4", "uint4", "nf4", "fp8_e4m3", "fp8_e5m2")
 W8A8_KINDS = ("w8a8_int8", "w8a8_fp8")
 KINDS = WEIGHT_ONLY_KINDS + W8A8_KINDS
@@ -152,7 +154,7 @@ def current_table() -> Mapping[tuple[str, str], int | None]:
     table, else by `$JQUANT_DISPATCH_TABLE`'s. Kinds it lacks run in XLA under "auto"."""
     global _env_cache
     user = _override
-    path = os.environ.get("JQUANT_DISPATCH_TABLE")
+    path = _env.read(_env.DISPATCH_TABLE)
     if user is None and path:
         if _env_cache is None or _env_cache[0] != path:
             _env_cache = (path, load_table(path))

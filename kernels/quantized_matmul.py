@@ -22,14 +22,13 @@ one block) is added by XLA, so every shape gives the reference's answer.
 from __future__ import annotations
 
 import functools
-import os
 from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from . import _gpu, _mgpu, _tpu
+from . import _env, _gpu, _mgpu, _tpu
 from ._formats import (
     PACKED_QTYPES,
     QTYPES,
@@ -55,7 +54,7 @@ TPU_X_DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float32))
 TPU_QTYPES = QTYPES
 GPU_QTYPES = QTYPES
 GPU_KERNELS = ("mosaic", "triton")
-GPU_KERNEL_ENV = "JQUANT_GPU_KERNEL"  # names a GPU kernel to force, see `forced_gpu_kernel`
+GPU_KERNEL_ENV = _env.GPU_KERNEL  # names a GPU kernel to force, see `forced_gpu_kernel`
 
 
 def validate_inputs(x, qvalue, scale, zero_point, *, qtype: str, k: int,
@@ -230,7 +229,7 @@ def forced_gpu_kernel(gpu_kernel: str | None = None) -> str | None:
     if gpu_kernel:
         choice, source = gpu_kernel, "gpu_kernel"
     else:
-        choice, source = os.environ.get(GPU_KERNEL_ENV) or None, f"${GPU_KERNEL_ENV}"
+        choice, source = _env.read(GPU_KERNEL_ENV), f"${GPU_KERNEL_ENV}"
     if choice is not None and choice not in GPU_KERNELS:
         raise ValueError(f"{source}={choice!r} must be one of {GPU_KERNELS}")
     return choice

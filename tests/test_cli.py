@@ -134,15 +134,15 @@ def test_unknown_model_is_one_clear_error(capsys):
 @pytest.fixture
 def no_load(monkeypatch):
     """Replaces the model loader with one that records calls: bad arguments must not reach it."""
-    import jquant.cli as cli
+    import jquant.models
 
     calls = []
 
-    def load(args):
-        calls.append(args.model)
+    def load(source, **kwargs):
+        calls.append(source)
         raise AssertionError("the model was loaded before the arguments were checked")
 
-    monkeypatch.setattr(cli, "_load", load)
+    monkeypatch.setattr(jquant.models, "load", load)
     return calls
 
 

@@ -61,9 +61,9 @@ def test_a_quantized_checkpoint_refuses_a_second_recipe(capsys, tiny_model, tmp_
 
 
 def test_existing_output_is_refused_before_the_model_loads(capsys, monkeypatch, tmp_path):
-    import jquant.cli as cli
+    import jquant.models
 
-    monkeypatch.setattr(cli, "_load", lambda args: pytest.fail("the model was loaded"))
+    monkeypatch.setattr(jquant.models, "load", lambda *a, **k: pytest.fail("the model was loaded"))
     out = tmp_path / "full"
     out.mkdir()
     (out / "keep.txt").write_text("mine")

@@ -51,7 +51,7 @@ def test_kv_cache_from_config_and_quantized_cache_scales():
               "hidden_size": 576}
     r = memory_report({}, batch=8, context=8192, kv_cache="int8", config=config, overhead=0)
     elems = 2 * 30 * 8 * 8192 * 3 * 64
-    assert r.kv_cache_bytes == elems + elems // 64 * 2
+    assert r.kv_cache_bytes == elems + elems // 64 * 2  # head_dim 64: one scale per head
 
 
 def test_fits_on_compares_total_with_each_device():
@@ -72,3 +72,43 @@ def test_fits_on_compares_total_with_each_device():
 def test_bad_arguments(kwargs, match):
     with pytest.raises(ValueError, match=match):
         memory_report({}, **kwargs)
+
+
+def _numpy_cache_bytes(layers, slots, kv_heads, max_len, head_dim, code_bytes, scale_bytes):
+    """K and V codes ``(layers, slots, kv_heads, max_len, head_dim)`` plus one scale each per
+    ``(layer, slot, head, position)``: counted from the shapes, not from jquant."""
+    codes = np.prod((layers, slots, kv_heads, max_len, head_dim)) * code_bytes
+    scales = np.prod((layers, slots, kv_heads, max_len)) * scale_bytes
+    return int(2 * (codes + scales))
+
+
+@pytest.mark.parametrize("head_dim", [64, 128, 256])
+@pytest.mark.parametrize("kv_cache,code_bytes,scale_bytes",
+                         [("int8", 1, 2), ("fp8", 1, 2), ("bfloat16", 2, 0), ("none", 4, 0)])
+def test_report_counts_the_serving_cache_bytes(head_dim, kv_cache, code_bytes, scale_bytes):
+    """The report's KV bytes are the bytes the serving cache really allocates, at every
+    head_dim (a scale per 64 elements agreed only at head_dim 64)."""
+    import jax
+    import jax.numpy as jnp
+
+    from jquant.models import LlamaConfig
+    from jquant.models.cache import init_slot_cache, kv_format
+
+    cfg = LlamaConfig(vocab_size=16, hidden_size=2 * head_dim, intermediate_size=8,
+                      num_layers=3, num_heads=2, num_kv_heads=2, head_dim=head_dim)  # fmt: skip
+    slots, max_len = 2, 40
+    cache = jax.eval_shape(lambda: init_slot_cache(cfg, slots, max_len, kv_format(kv_cache),
+                                                   jnp.float32))  # fmt: skip
+    allocated = sum(np.prod(x.shape) * x.dtype.itemsize for x in jax.tree.leaves(cache))
+    expected = _numpy_cache_bytes(3, slots, 2, max_len, head_dim, code_bytes, scale_bytes)
+    assert allocated == expected
+    config = {"num_hidden_layers": 3, "num_attention_heads": 2, "num_key_value_heads": 2,
+              "hidden_size": 2 * head_dim, "head_dim": head_dim}
+    r = memory_report({}, batch=slots, context=max_len, kv_cache=kv_cache, config=config,
+                      dtype="float32", overhead=0)  # fmt: skip
+    assert r.kv_cache_bytes == expected
+
+
+def test_quantized_cache_without_head_dim_is_refused():
+    with pytest.raises(ValueError, match="head_dim"):
+        memory_report(_llama_like(), kv_cache="int8")

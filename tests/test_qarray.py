@@ -1,5 +1,7 @@
 """QArray storage, packing and per-format error bounds."""
 
+import dataclasses
+
 import hypothesis.extra.numpy as hnp
 import jax
 import jax.numpy as jnp
@@ -185,7 +187,7 @@ def test_double_quant_shrinks_scales_and_keeps_error():
     w = _weight(3, (512, 512))
     plain = quantize_array(w, "nf4", group_size=64)
     dq = quantize_array(w, "nf4", group_size=64, double_quant=True)
-    assert isinstance(dq.scale, QArray) and dq.scale.qtype == "uint8"
+    assert isinstance(dq.scale, QArray) and dq.scale.qtype == "log8"
     assert dq.nbytes < plain.nbytes
     e_plain = np.linalg.norm(np.asarray(plain.dequantize()) - w)
     e_dq = np.linalg.norm(np.asarray(dq.dequantize()) - w)
@@ -337,3 +339,74 @@ def test_quantize_checks_the_weight_on_device(monkeypatch):
     assert q.shape == (128, 16)
     with pytest.raises(ValueError, match=r"layers/6/kernel: weight holds 1 NaN/inf.*\[9, 2\]"):
         quantize_array(w.at[9, 2].set(jnp.inf), "int4", group_size=64, name="layers/6/kernel")
+
+
+# ---- construction checks the parts' shapes ---------------------------------------------
+
+
+def _int4_g128():
+    w = _weight(7, (256, 8))
+    return w, quantize_array(w, "int4", group_size=128)  # qvalue (8, 128), scale (8, 2)
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (dict(scale=np.ones((8, 3), np.float32)),
+         r"scale has shape \(8, 3\), expected \(8, 2\)"),
+        (dict(scale=np.ones((8,), np.float32)), r"scale has shape \(8,\), expected \(8, 2\)"),
+        (dict(k=250), r"qvalue has shape \(8, 128\), expected \(8, 125\) for k=250"),
+        (dict(k=128), r"qvalue has shape \(8, 128\), expected \(8, 64\) for k=128"),
+        (dict(group_size=64), r"scale has shape \(8, 2\), expected \(8, 4\)"),
+        (dict(axis=0), r"axis must be negative"),
+        (dict(qtype="int8"), r"qvalue has shape \(8, 128\), expected \(8, 256\)"),
+        (dict(zero_point=np.ones((8, 2), np.float32)), r"int4 is symmetric"),
+    ],
+)
+def test_wrong_parts_are_refused_when_built(change, message):
+    _, q = _int4_g128()
+    with pytest.raises(ValueError, match=message):
+        dataclasses.replace(q, **change)
+
+
+def test_wrong_zero_point_shape_is_refused():
+    q = quantize_array(_weight(7, (256, 8)), "uint4", group_size=128)
+    with pytest.raises(ValueError, match=r"zero_point has shape \(8, 1\), expected \(8, 2\)"):
+        dataclasses.replace(q, zero_point=np.ones((8, 1), np.float32))
+
+
+def test_good_parts_still_build_under_transformations():
+    w, q = _int4_g128()
+    want = np.asarray(q.dequantize())
+    # Stacked layers (as jquant.serve does), then vmap, scan, jit and eval_shape over them.
+    st = jax.tree.map(lambda *xs: jnp.stack(xs), q, q)
+    assert st.shape == (2, 256, 8)
+    np.testing.assert_array_equal(np.asarray(jax.vmap(lambda q: q.dequantize())(st))[1], want)
+    total, _ = jax.lax.scan(lambda c, q: (c + q.dequantize().sum(), None), 0.0, st)
+    assert float(total) == pytest.approx(2 * want.sum(), rel=1e-5)
+    np.testing.assert_array_equal(np.asarray(jax.jit(lambda q: q.dequantize())(q)), want)
+    assert jax.eval_shape(lambda q: q, q).shape == q.shape
+    jax.tree.map(lambda _: object(), q)  # sentinels and None leaves are not checked
+    jax.tree.map(lambda _: None, q)
+    per_tensor = quantize_array(w, "int8", per_tensor=True)
+    assert jax.tree.map(lambda *xs: jnp.stack(xs), per_tensor, per_tensor).scale.shape == (2, 1, 1)
+
+
+# ---- NaN/inf weights are reported under jit too -------------------------------------------
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf])
+def test_nonfinite_weight_quantized_under_jit_is_reported(bad):
+    w = _weight(9, (64, 8))
+    w[3, 5] = bad
+    f = jax.jit(lambda w: quantize_array(w, "int4", group_size=32, name="layer/w").dequantize())
+    with pytest.raises(jax.errors.JaxRuntimeError, match=r"layer/w: weight holds 1 NaN/inf "
+                                                         r"values \(first at index \[3, 5\]\)"):
+        np.asarray(f(w))  # before the check, the NaN came back silently as a 0
+
+
+def test_finite_weight_under_jit_is_unaffected():
+    w = _weight(9, (64, 8))
+    f = jax.jit(lambda w: quantize_array(w, "int4", group_size=32).dequantize())
+    np.testing.assert_array_equal(np.asarray(f(w)),
+                                  np.asarray(quantize_array(w, "int4", group_size=32).dequantize()))

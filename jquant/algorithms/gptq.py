@@ -441,7 +441,7 @@ def _static_scales(w, perm, qt, group_size, per_tensor, scale_dtype, clip_ratio,
                    double_quant, mse):  # fmt: skip
     """Every group's scale up front from ``w (K, N)``, exactly as ``rtn``/``quantize_array``.
 
-    Returns ``(stored, zero_point, exact, cast, rows)``: the scale as stored (a uint8 QArray
+    Returns ``(stored, zero_point, exact, cast, rows)``: the scale as stored (a log8 QArray
     if double-quantized), the zero point, the float32 and scale-dtype scales (for the range
     check), and ``rows = (scales, zero points)`` ``(K, N)`` in processing order ``perm``,
     each row its own group's (the kept scales, after double quantization).

@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from jquant import tree
+from jquant import settings, tree
 from jquant.alloc.sensitivity import Candidate, Option, candidate
 from jquant.models.convert import EMBED_PATH, HEAD_PATH
 
@@ -95,10 +95,8 @@ def _fingerprint(params, tokens, kernel_cands, table_cands, extra) -> str:
 
 
 def cache_dir() -> Path:
-    """Where priced tables are kept (``$JQUANT_CACHE`` or ``~/.cache/jquant``)."""
-    root = os.environ.get("JQUANT_CACHE") or os.path.join(
-        os.path.expanduser("~"), ".cache", "jquant")
-    return Path(root) / "sensitivity"
+    """Where priced tables are kept: ``sensitivity/`` under `jquant.settings.cache_dir`."""
+    return settings.cache_dir() / "sensitivity"
 
 
 def measure(model, params, tokens, *, config: Mapping[str, Any] | None = None,

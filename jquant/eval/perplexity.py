@@ -55,6 +55,30 @@ class PerplexityResult:
     seq_len: int
     bos_token_id: int | None = None
 
+    def __post_init__(self):
+        # Every path that builds a result (`perplexity`, the serving runner's
+        # `cache_perplexity`) gets this check: a NaN is an error, not a number to report.
+        if not math.isfinite(self.nll):
+            raise ValueError(
+                f"perplexity is {self.perplexity}: the mean negative log-likelihood over "
+                f"{self.tokens} tokens is {self.nll}, so the model produced non-finite logits; "
+                "check the checkpoint (a damaged or wrongly converted one) and its config"
+            )
+        if not math.isfinite(self.perplexity):
+            raise ValueError(
+                f"perplexity is {self.perplexity}: the mean negative log-likelihood is "
+                f"{self.nll} nats per token, too large to exponentiate; the model predicts "
+                "garbage, check the checkpoint and its config"
+            )
+
+
+def _exp(nll: float) -> float:
+    """``exp(nll)``, inf (for `PerplexityResult` to refuse) where it overflows."""
+    try:
+        return math.exp(nll)
+    except OverflowError:
+        return math.inf
+
 
 def cut_windows(
     ids: Sequence[int], seq_len: int, max_tokens: int | None = None, *,
@@ -172,25 +196,41 @@ def perplexity(
     Returns:
       A `PerplexityResult`.
 
+    Raises:
+      ValueError: the mean NLL is not finite (the model produced NaN or infinite logits) or
+        too large for its ``exp`` to be a number.
+
     >>> perplexity(model, params, load_corpus("pydoc-eval"), tokenizer=tok,
     ...            max_tokens=16384)  # doctest: +SKIP
     PerplexityResult(perplexity=13.41..., nll=2.59..., tokens=16352, windows=32, seq_len=512,
                      bos_token_id=None)
     """
+    if batch_size < 1:
+        raise ValueError(f"batch_size={batch_size} must be >= 1")
+    return score_windows(lambda rows: _nll_step(model, params), text, tokenizer=tokenizer,
+                         seq_len=seq_len, max_tokens=max_tokens, batch_size=batch_size,
+                         progress=progress, bos_token_id=bos_token_id)  # fmt: skip
+
+
+def score_windows(make_step, text, *, tokenizer=None, seq_len: int = 512,
+                  max_tokens: int | None = None, batch_size: int = 4, progress: bool = True,
+                  bos_token_id: int | None = None) -> PerplexityResult:  # fmt: skip
+    """Perplexity by the one definition, with the model call given: ``make_step(rows)``
+    returns a function from ``windows (rows, seq_len)`` int32 to each window's summed NLL
+    ``(rows,)``. `perplexity` runs the model stage by stage; `jquant.serve.cache_perplexity`
+    runs the serving cache. The other arguments are `perplexity`'s."""
     if isinstance(text, str):
         if tokenizer is None:
             raise ValueError("perplexity of a str needs a tokenizer (or pass token ids)")
         if bos_token_id is None:
             bos_token_id = leading_bos(tokenizer)
         text = tokenizer.encode(text, add_special_tokens=False)
-    if batch_size < 1:
-        raise ValueError(f"batch_size={batch_size} must be >= 1")
     windows = cut_windows(text, seq_len, max_tokens, bos_token_id=bos_token_id)
     n = len(windows)
-    batch_size = min(batch_size, n)
+    batch_size = max(1, min(batch_size, n))
     padded = np.zeros((-(-n // batch_size) * batch_size, seq_len), np.int32)
     padded[:n] = windows
-    step = _nll_step(model, params)
+    step = make_step(batch_size)
     total = 0.0
     for start in tqdm(range(0, n, batch_size), desc="perplexity", unit="batch",
                       disable=not progress):  # fmt: skip
@@ -198,5 +238,5 @@ def perplexity(
         total += float(np.asarray(nll, np.float64)[: n - start].sum())
     scored = n * (seq_len - 1)
     mean = total / scored
-    return PerplexityResult(perplexity=math.exp(mean), nll=mean, tokens=scored, windows=n,
+    return PerplexityResult(perplexity=_exp(mean), nll=mean, tokens=scored, windows=n,
                             seq_len=seq_len, bos_token_id=bos_token_id)  # fmt: skip

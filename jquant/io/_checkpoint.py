@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from jquant.models.config import FAMILIES, SUPPORTED_MODEL_TYPES
+from jquant.arch import FAMILIES, SUPPORTED_MODEL_TYPES
 
 __all__ = ["CONFIG_KEYS", "SUPPORTED_MODEL_TYPES", "Checkpoint", "check_tensors",
            "expected_shapes", "normalize_rope"]  # fmt: skip

@@ -45,13 +45,13 @@ def config_from_hf(raw: dict[str, Any], source: str = "<config.json>") -> dict[s
     """The `Checkpoint.config` of a transformers `config.json` dict (4.x or 5.x style).
 
     A multimodal Gemma 3 config (`model_type: "gemma3"`) gives its text decoder's, as
-    `"gemma3_text"` (`jquant.models.config.text_config`).
+    `"gemma3_text"` (`jquant.arch.text_config`).
 
     Raises:
       ValueError: unsupported `model_type`, a missing key, or a variant jquant cannot run
         (an activation it lacks, MLP biases).
     """
-    from jquant.models.config import LlamaConfig, text_config
+    from jquant.arch import LlamaConfig, text_config
 
     raw = dict(text_config(raw))
     model_type = raw.get("model_type")

@@ -5,7 +5,9 @@ A packed checkpoint is a directory::
     jquant.json          metadata: format marker, layout version, jquant version, the HF-style
                          model config, every parameter's arrays (shape, dtype) by path, every
                          QArray's static fields (a double-quantized scale nests one more), the
-                         tokenizer's special ids, and the size of every other file
+                         tokenizer's special ids, and the size and sha256 of every other
+                         file (``files``, ``sha256``); every array's descriptor carries the
+                         sha256 of its bytes too
     arrays/              orbax-checkpoint of the arrays, nested by parameter path; a QArray
                          leaf becomes {qvalue, scale, zero_point} (its codes stay packed)
     tokenizer.json       the `tokenizers` backend, if the model has a tokenizer
@@ -14,13 +16,17 @@ A packed checkpoint is a directory::
     report.json          what quantization reported (errors, time, bits/weight), if given
 
 The arrays are stored uncompressed, so an int4 g128 kernel takes its in-memory 4.125 bits per
-weight on disk too (plus ~1 KB of orbax metadata per array). `load_packed` builds the model from
-shape placeholders (`abstract_model`) and restores the arrays straight into QArrays, on the first
-local device: no float copy of a quantized weight is ever made.
+weight on disk too (plus ~1 KB of orbax metadata per array). `read_packed` restores the arrays
+from shape placeholders straight into QArrays, on the first local device: no float copy of a
+quantized weight is ever made. It returns ``{parameter path: array or QArray}``; building the
+model is `jquant.models.load_packed`'s part (this module never imports `jquant.models`).
 
-Damage is caught before any array is read: a missing or resized file (sizes are recorded, not
-checksums, so a same-size overwrite is not), or an array whose shape or dtype orbax records
-differently from jquant.json (orbax would silently cast the dtype).
+Damage is caught before any array is read: a missing or resized file, a file whose bytes no
+longer hash to the recorded sha256 (a same-size overwrite, a flipped bit; the error names the
+file and, where the arrays can still be restored, which arrays changed), or an array whose
+shape or dtype orbax records differently from jquant.json (orbax would silently cast the
+dtype). Hashing reads every file once (about 1 s per GB). A checkpoint written before
+checksums were recorded still loads, with a warning that its damage cannot be detected.
 
 Writing is atomic: everything goes into a temporary sibling directory that is renamed into
 place at the end, so an error or Ctrl-C leaves nothing half-written (and, with
@@ -29,16 +35,19 @@ loss) can leave a hidden ``.NAME.tmp-*`` sibling behind, never a partial ``NAME`
 
 >>> qparams = jquant.quantize(params, "w4a16-rtn-g128")  # doctest: +SKIP
 >>> save_packed("out/smollm2-w4", config=config, params=qparams, tokenizer=tok)  # doctest: +SKIP
->>> model, qparams, tok, config = load_packed("out/smollm2-w4")  # doctest: +SKIP
+>>> arrays, tok, config = read_packed("out/smollm2-w4")  # doctest: +SKIP
+>>> model, qparams, tok, config = jquant.models.load_packed("out/smollm2-w4")  # doctest: +SKIP
 """
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import os
 import shutil
 import uuid
+import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -47,9 +56,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from jquant.models.config import LlamaConfig
-from jquant.models.llama import Llama, abstract_model
-from jquant.models.load import default_dtype
+from jquant.arch import LlamaConfig, param_shapes
 from jquant.qarray import QArray
 
 if TYPE_CHECKING:
@@ -158,6 +165,7 @@ def save_packed(
         if report_text is not None:
             (tmp / REPORT).write_text(report_text, encoding="utf-8")
         meta["files"] = _file_sizes(tmp)
+        meta["sha256"] = {name: _file_sha256(tmp / name) for name in meta["files"]}
         (tmp / METADATA).write_text(_to_json(meta, "metadata"), encoding="utf-8")
         _commit(tmp, target)
     except BaseException:
@@ -214,7 +222,17 @@ def _encode(x, name: str) -> tuple[dict, Any]:
         raise ValueError(
             f"save_packed: parameter {name} is a {type(x).__name__}, not an array or a QArray"
         )
-    return {"shape": list(x.shape), "dtype": np.dtype(x.dtype).name}, x
+    return {"shape": list(x.shape), "dtype": np.dtype(x.dtype).name, "sha256": _sha256(x)}, x
+
+
+def _sha256(x) -> str:
+    """The sha256 of an array's bytes (C order), as `read_packed` recomputes it."""
+    return hashlib.sha256(np.ascontiguousarray(np.asarray(x)).tobytes()).hexdigest()
+
+
+def _file_sha256(path: Path) -> str:
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 def _static_to_json(value):
@@ -309,58 +327,54 @@ def _plain(x):
 # ---- loading ----------------------------------------------------------------------------
 
 
-def load_packed(
-    directory: str | os.PathLike, *, dtype=None
-) -> tuple[Llama, nnx.State, Tokenizer | None, dict[str, Any]]:
-    """Loads a packed checkpoint, quantized weights straight into QArrays.
+def read_packed(
+    directory: str | os.PathLike,
+) -> tuple[dict[str, Any], Tokenizer | None, dict[str, Any]]:
+    """Reads a packed checkpoint's arrays, quantized weights straight into QArrays.
+
+    `jquant.models.load_packed` (and `jquant.models.load`) build the model around them.
 
     Args:
       directory: a directory `save_packed` wrote.
-      dtype: compute dtype of the model (activations, KV cache); default
-        `jquant.models.default_dtype()`. Parameters keep their stored dtypes.
 
     Returns:
-      ``(model, params, tokenizer, config)``: the `Llama` module holding ``params``, the
-      parameter ``nnx.State`` (QArrays where the checkpoint has them), the `jquant.io.Tokenizer`
-      (or None) and the HF-style config dict.
+      ``(arrays, tokenizer, config)``: ``{parameter path: array or QArray}`` (paths like
+      ``layers/0/mlp/up_proj/kernel``, dtypes as stored, on the first local device), the
+      `jquant.io.Tokenizer` (or None) and the HF-style config dict.
 
     Raises:
       ValueError: naming the directory, when it is not a packed checkpoint, was written in
-        another layout version, or is truncated or corrupt (missing or short files, arrays
-        whose shape or dtype disagree with jquant.json).
+        another layout version, or is truncated or corrupt (missing or short files, a file
+        whose sha256 differs from the one recorded, naming the file and the arrays that
+        changed, arrays whose shape or dtype disagree with jquant.json).
     """
     d = Path(directory).expanduser()
     meta = _read_metadata(d)
-    _check_files(d, meta["files"])
+    _check_files(d, meta["files"], meta.get("sha256"))
     config = meta["config"]
     try:
-        llama_config = LlamaConfig.from_hf(config)
+        expected = _expected_shapes(config)
     except (KeyError, TypeError, ValueError) as e:
         raise ValueError(f"{d}: the model config in {METADATA} is unusable ({e})") from None
-    graphdef, state = nnx.split(abstract_model(llama_config, dtype=dtype or default_dtype()))
-    placeholders = {"/".join(map(str, k)): (k, v) for k, v in nnx.to_flat_state(state)}
-    _check_paths(d, set(meta["params"]), set(placeholders))
+    _check_paths(d, set(meta["params"]), set(expected))
 
     device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
     targets, abstract = {}, {}
     for path, desc in meta["params"].items():
-        keys, var = placeholders[path]
         target = _abstract(d, desc, path, device)
-        if tuple(target.shape) != tuple(var.get_value().shape):
+        if tuple(target.shape) != expected[path]:
             raise ValueError(
                 f"{d}: parameter {path} has shape {tuple(target.shape)} in "
-                f"{METADATA}, but the config implies "
-                f"{tuple(var.get_value().shape)}; the checkpoint is corrupt"
+                f"{METADATA}, but the config implies {expected[path]}; the checkpoint is corrupt"
             )
         targets[path] = target
-        _nest(abstract, keys, _as_field_dicts(target))
+        _nest(abstract, tuple(path.split("/")), _as_field_dicts(target))
     arrays = _read_arrays(d, abstract)
-    flat = []
-    for path, target in targets.items():
-        keys, var = placeholders[path]
-        flat.append((keys, var.replace(value=_fill(target, _get(arrays, keys)))))
-    model = nnx.merge(graphdef, nnx.from_flat_state(flat))
-    return model, nnx.state(model), _read_tokenizer(d, meta["tokenizer"]), config
+    params = {
+        path: _fill(target, _get(arrays, tuple(path.split("/"))))
+        for path, target in targets.items()
+    }
+    return params, _read_tokenizer(d, meta["tokenizer"]), config
 
 
 def _read_metadata(d: Path) -> dict[str, Any]:
@@ -396,7 +410,8 @@ def _read_metadata(d: Path) -> dict[str, Any]:
             f"{d}: written by jquant layout {layout} (jquant {meta.get('jquant_version')}); "
             f"this jquant reads layout {LAYOUT_VERSION} ({hint})"
         )
-    kinds = {"config": dict, "params": dict, "tokenizer": (dict, type(None)), "files": dict}
+    kinds = {"config": dict, "params": dict, "tokenizer": (dict, type(None)), "files": dict,
+             "sha256": (dict, type(None))}  # fmt: skip; sha256: None before checksums
     bad = [k for k, kind in kinds.items() if not isinstance(meta.get(k), kind)]
     if bad:
         raise ValueError(
@@ -405,7 +420,7 @@ def _read_metadata(d: Path) -> dict[str, Any]:
     return meta
 
 
-def _check_files(d: Path, files: dict[str, int]) -> None:
+def _check_files(d: Path, files: dict[str, int], sha256: dict[str, str] | None) -> None:
     for name, size in files.items():
         path = d / name
         if not path.is_file():
@@ -418,6 +433,58 @@ def _check_files(d: Path, files: dict[str, int]) -> None:
                 f"{d}: file {name} has {found} bytes, {METADATA} says {size}; "
                 "the checkpoint is truncated or corrupt, write it again"
             )
+    if sha256 is None:
+        warnings.warn(
+            f"{d}: written without checksums (before jquant recorded them), so damage that "
+            "keeps file sizes goes undetected; save it again to add them",
+            stacklevel=3,
+        )
+        return
+    for name in files:
+        if not isinstance(sha256.get(name), str):
+            raise ValueError(
+                f"{d}: {METADATA} has no sha256 for file {name}; the checkpoint is corrupt"
+            )
+        if _file_sha256(d / name) != sha256[name]:
+            raise ValueError(
+                f"{d}: file {name} does not match its sha256 in {METADATA} (its bytes changed "
+                f"after it was written){_changed_arrays(d, name)}; the checkpoint is corrupt, "
+                "write it again"
+            )
+
+
+def _changed_arrays(d: Path, name: str) -> str:
+    """", changed arrays: ..." when ``name`` holds arrays and they can still be restored and
+    hashed (orbax packs many arrays into one file, so the file alone does not say which)."""
+    if not name.startswith(f"{ARRAYS}/"):
+        return ""
+    try:
+        meta = json.loads((d / METADATA).read_text(encoding="utf-8"))
+        device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+        wanted, abstract = {}, {}
+        for path, desc in meta["params"].items():
+            target = _placeholder(desc, device)
+            wanted.update(_array_hashes(desc, path.replace("/", ".")))
+            _nest(abstract, tuple(path.split("/")), _as_field_dicts(target))
+        restored = _read_arrays(d, abstract)
+    except Exception:  # the damage may stop the arrays from restoring at all
+        return ""
+    changed = [
+        key for key, digest in wanted.items()
+        if _sha256(_get(restored, tuple(key.split(".")))) != digest
+    ]  # fmt: skip
+    return f", changed arrays: {', '.join(changed[:5])}" if changed else ""
+
+
+def _array_hashes(desc: dict, name: str) -> dict[str, str]:
+    """``{dotted array name: sha256}`` of a descriptor's arrays that record one."""
+    if "qarray" not in desc:
+        return {name: desc["sha256"]} if desc.get("sha256") else {}
+    out = {}
+    for field in _DATA_FIELDS:
+        if desc.get(field) is not None:
+            out.update(_array_hashes(desc[field], f"{name}.{field}"))
+    return out
 
 
 def _check_paths(d: Path, stored: set[str], model: set[str]) -> None:
@@ -566,8 +633,7 @@ def _read_tokenizer(d: Path, meta: dict[str, Any] | None):
 
 
 def _expected_shapes(config: dict[str, Any]) -> dict[str, tuple[int, ...]]:
-    _, state = nnx.split(abstract_model(LlamaConfig.from_hf(config)))
-    return {"/".join(map(str, k)): tuple(v.get_value().shape) for k, v in nnx.to_flat_state(state)}
+    return param_shapes(LlamaConfig.from_hf(config))
 
 
 def _jquant_version() -> str:

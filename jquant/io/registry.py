@@ -26,6 +26,8 @@ import tempfile
 import zipfile
 from pathlib import Path
 
+from jquant import settings
+
 from ._checkpoint import Checkpoint
 from .gguf import load_gguf
 from .hf import load_hf_dir, load_hub
@@ -76,8 +78,9 @@ def list_models() -> list[str]:
 
 
 def cache_dir() -> Path:
-    """`$JQUANT_CACHE`, else `~/.cache/jquant` (not created here)."""
-    return Path(os.environ.get("JQUANT_CACHE") or Path.home() / ".cache" / "jquant").expanduser()
+    """Where models are downloaded: `jquant.settings.cache_dir` (`$JQUANT_CACHE`, ``~``
+    expanded, else `~/.cache/jquant`; not created here)."""
+    return settings.cache_dir()
 
 
 def _spec(name: str) -> ModelSpec:

@@ -187,6 +187,41 @@ def encode_prompt(tokenizer, text: str) -> list[int]:
     return ids
 
 
+class NoChatTemplateError(ValueError):
+    """The tokenizer has no chat template (its source defines none)."""
+
+
+def chat_prompt(tokenizer, messages: Sequence[dict[str, str]]) -> list[int]:
+    """Token ids of a conversation (OpenAI-style ``[{"role": ..., "content": ...}]``) rendered
+    by the tokenizer's own chat template, ending with the assistant-turn header the model
+    continues from.
+
+    Works with a `Tokenizer` or a transformers tokenizer. The template writes its own special
+    tokens (BOS too, as ``{{ bos_token }}``, where the model wants one), so none are added when
+    encoding. A raw-text prompt: `encode_prompt`, which adds BOS exactly when the tokenizer's
+    ``add_bos_token`` says.
+
+    Raises:
+      NoChatTemplateError: (a ValueError) the tokenizer has no chat template.
+      ValueError: the template failed on these messages (its ``raise_exception``, a jinja2
+        error); the message says why.
+    """
+    import jinja2
+
+    if hasattr(tokenizer, "chat_template") and not tokenizer.chat_template:
+        raise NoChatTemplateError(
+            "this tokenizer has no chat template (the source defines none); format the prompt "
+            "yourself (a raw-text prompt) or load an instruct model."
+        )
+    try:
+        text = tokenizer.apply_chat_template(list(messages), add_generation_prompt=True,
+                                             tokenize=False)  # fmt: skip
+    except (ValueError, jinja2.TemplateError) as e:
+        raise ValueError(f"the chat template failed: {e}") from e
+    # The template writes its own BOS ({{ bos_token }}): nothing is added.
+    return list(tokenizer.encode(text, add_special_tokens=False))
+
+
 def _adds_bos(backend: tokenizers.Tokenizer, bos: int | None) -> bool:
     """Whether ``backend``'s post-processor puts ``bos`` first (a source that does not state
     ``add_bos_token``)."""

@@ -1,13 +1,15 @@
 """Text generation: one jitted prefill, then a decode loop that stays on the device.
 
-The decode loop is a `lax.while_loop` inside one compiled function: no Python dispatch per
-token, and it exits early once every row has produced a stop token. Prompts of different
-lengths are left-padded to one bucketed length (a multiple of 16), so the last column is every
-row's last prompt token and prompt lengths in the same bucket share one compilation.
+Both run the core forward (`jquant.models.core`, layers under one scan where their trees
+match) over a dense `KVCache`. The decode loop is a `lax.while_loop` inside one compiled
+function: no Python dispatch per token, and it exits early once every row has produced a stop
+token. Prompts of different lengths are left-padded to one bucketed length (a multiple of
+16), so the last column is every row's last prompt token and prompt lengths in the same
+bucket share one compilation.
 
-Sampling: ``temperature == 0`` is greedy; otherwise logits are divided by the temperature,
-restricted to the ``top_k`` largest, then to the smallest set whose probability reaches
-``top_p``, and sampled.
+Sampling is `jquant.models.sampling`'s rule; row ``r`` of a batch draws with seed
+``seed + r``, so a one-prompt `generate` with seed ``s`` samples what the serving engine
+samples for that prompt with seed ``s``.
 """
 
 from __future__ import annotations
@@ -22,47 +24,12 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from jquant.models.llama import graphdef_of, init_cache
+from jquant.models import core
+from jquant.models.cache import init_cache
+from jquant.models.llama import graphdef_of
+from jquant.models.sampling import Sampler, sample
 
 _BUCKET = 16
-
-
-@dataclasses.dataclass(frozen=True)
-class Sampler:
-    """How the next token is chosen (hashable: it is a static argument of the jitted loop)."""
-
-    temperature: float = 0.0  # 0 = greedy (argmax)
-    top_k: int | None = None  # keep the k most likely tokens; None = all
-    top_p: float | None = None  # keep the smallest set with this much probability; None = all
-
-    def __post_init__(self):
-        if self.temperature < 0:
-            raise ValueError(f"temperature={self.temperature} must be >= 0")
-        if self.top_k is not None and self.top_k < 1:
-            raise ValueError(f"top_k={self.top_k} must be >= 1 or None")
-        if self.top_p is not None and not 0 < self.top_p <= 1:
-            raise ValueError(f"top_p={self.top_p} must be in (0, 1] or None")
-
-
-def sample(logits: jax.Array, key: jax.Array, sampler: Sampler) -> jax.Array:
-    """Next token ids ``(B,)`` int32 from float32 ``logits (B, V)``."""
-    if sampler.temperature == 0:
-        return jnp.argmax(logits, axis=-1).astype(jnp.int32)
-    logits = logits.astype(jnp.float32) / jnp.float32(sampler.temperature)
-    neg = jnp.float32(-jnp.inf)
-    if sampler.top_k is not None and sampler.top_k < logits.shape[-1]:
-        kth = jax.lax.top_k(logits, sampler.top_k)[0][..., -1:]
-        logits = jnp.where(logits < kth, neg, logits)
-    if sampler.top_p is not None and sampler.top_p < 1:
-        ordered = -jnp.sort(-logits, axis=-1)
-        probs = jax.nn.softmax(ordered, axis=-1)
-        # A token is kept while the probability before it has not yet reached top_p,
-        # so the most likely token is always kept.
-        before = jnp.cumsum(probs, axis=-1) - probs
-        count = jnp.sum(before < jnp.float32(sampler.top_p), axis=-1, keepdims=True)
-        threshold = jnp.take_along_axis(ordered, count - 1, axis=-1)
-        logits = jnp.where(logits < threshold, neg, logits)
-    return jax.random.categorical(key, logits, axis=-1).astype(jnp.int32)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -104,13 +71,11 @@ class Generation:
                 for s in self.sequences()]  # fmt: skip
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "max_len", "sampler"))
-def _prefill(graphdef, params, tokens, mask, key, *, max_len, sampler):
-    model = nnx.merge(graphdef, params)
-    cache = init_cache(model.config, tokens.shape[0], max_len, model.dtype)
-    logits, cache = model(tokens, None, cache, mask, last_only=True)
-    key, sub = jax.random.split(key)
-    return sample(logits[:, -1], sub, sampler), cache, key
+@functools.partial(jax.jit, static_argnames=("st", "max_len"))
+def _prefill(st, w, tokens, mask, sampling, *, max_len):
+    cache = init_cache(st.config, tokens.shape[0], max_len, st.dtype)
+    x, cache = core.hidden(st, w, tokens, cache, mask=mask)
+    return sample(core.logits(st, w, x[:, -1:])[:, -1], sampling), cache
 
 
 def _is_stop(tokens: jax.Array, stop_tokens: tuple[int, ...]) -> jax.Array:
@@ -120,12 +85,8 @@ def _is_stop(tokens: jax.Array, stop_tokens: tuple[int, ...]) -> jax.Array:
     return hit
 
 
-@functools.partial(
-    jax.jit, static_argnames=("graphdef", "sampler", "max_new_tokens", "stop_tokens")
-)
-def _decode(graphdef, params, first, cache, key, pad_id, *, sampler, max_new_tokens,
-            stop_tokens):  # fmt: skip
-    model = nnx.merge(graphdef, params)
+@functools.partial(jax.jit, static_argnames=("st", "max_new_tokens", "stop_tokens"))
+def _decode(st, w, first, cache, sampling, pad_id, *, max_new_tokens, stop_tokens):
     b = first.shape[0]
     out = jnp.full((b, max_new_tokens), pad_id, jnp.int32).at[:, 0].set(first)
     done = _is_stop(first, stop_tokens)
@@ -136,18 +97,18 @@ def _decode(graphdef, params, first, cache, key, pad_id, *, sampler, max_new_tok
         return (step < max_new_tokens) & ~jnp.all(done)
 
     def body(carry):
-        step, out, done, lengths, cache, key = carry
+        step, out, done, lengths, cache = carry
         prev = jax.lax.dynamic_slice_in_dim(out, step - 1, 1, axis=1)
-        logits, cache = model(prev, None, cache, None)
-        key, sub = jax.random.split(key)
-        token = jnp.where(done, pad_id, sample(logits[:, -1], sub, sampler))
+        x, cache = core.hidden(st, w, prev, cache)
+        rows = sampling._replace(counter=jnp.full((b,), step, jnp.int32))
+        token = jnp.where(done, pad_id, sample(core.logits(st, w, x)[:, -1], rows))
         out = jax.lax.dynamic_update_slice_in_dim(out, token[:, None], step, axis=1)
         lengths = lengths + (~done).astype(jnp.int32)
         done = done | _is_stop(token, stop_tokens)
-        return step + 1, out, done, lengths, cache, key
+        return step + 1, out, done, lengths, cache
 
-    carry = (jnp.int32(1), out, done, lengths, cache, key)
-    step, out, _, lengths, _, _ = jax.lax.while_loop(cond, body, carry)
+    carry = (jnp.int32(1), out, done, lengths, cache)
+    step, out, _, lengths, _ = jax.lax.while_loop(cond, body, carry)
     return out, lengths, step - 1
 
 
@@ -219,7 +180,7 @@ def generate(
       max_new_tokens: most tokens to generate per row (the stop token counts).
       temperature, top_k, top_p: sampling (see the module docstring); temperature 0 = greedy.
       stop_tokens: ids that end a row; default the config's ``eos_token_ids``.
-      seed: PRNG seed for sampling.
+      seed: PRNG seed for sampling (row ``r`` draws with ``seed + r``).
       max_len: KV cache length (slots); default the bucketed prompt length + max_new_tokens.
       pad_id: id written after a row stops (and used as left padding, never attended to).
 
@@ -234,8 +195,8 @@ def generate(
     >>> out = generate(model, params, [ids], max_new_tokens=8)  # doctest: +SKIP
     >>> out.texts(tokenizer)  # doctest: +SKIP
     """
-    graphdef = graphdef_of(model)
-    config = nnx.merge(graphdef, params).config if not hasattr(model, "config") else model.config
+    module = model if isinstance(model, nnx.Module) else nnx.merge(graphdef_of(model), params)
+    config = module.config
     batch = _as_batch(prompts)
     longest = max(len(p) for p in batch)
     context = config.max_position_embeddings
@@ -244,22 +205,20 @@ def generate(
     length = max(longest, min(-(-longest // _BUCKET) * _BUCKET, room))
     max_len = max_len or length + max_new_tokens
     tokens, mask = _left_pad(batch, length, pad_id)
-    sampler = Sampler(temperature, top_k, top_p)
+    sampling = Sampler(temperature, top_k, top_p).rows(seed + np.arange(len(batch)))
     stops = tuple(config.eos_token_ids if stop_tokens is None else (int(t) for t in stop_tokens))
 
-    key = jax.random.key(seed)
-    prefill, compile_s = _compile(_prefill, graphdef, params, tokens, mask, key,
-                                  max_len=max_len, sampler=sampler)  # fmt: skip
+    st, w = core.Static.of(module), core.weights(params, config.num_layers)
+    prefill, compile_s = _compile(_prefill, st, w, tokens, mask, sampling, max_len=max_len)
     start = time.perf_counter()
-    first, cache, key = jax.block_until_ready(prefill(params, tokens, mask, key))
+    first, cache = jax.block_until_ready(prefill(w, tokens, mask, sampling))
     prefill_s = time.perf_counter() - start
 
     pad = jnp.int32(pad_id)
-    decode, seconds = _compile(_decode, graphdef, params, first, cache, key, pad,
-                               sampler=sampler, max_new_tokens=max_new_tokens,
-                               stop_tokens=stops)  # fmt: skip
+    decode, seconds = _compile(_decode, st, w, first, cache, sampling, pad,
+                               max_new_tokens=max_new_tokens, stop_tokens=stops)  # fmt: skip
     start = time.perf_counter()
-    out, lengths, steps = jax.block_until_ready(decode(params, first, cache, key, pad))
+    out, lengths, steps = jax.block_until_ready(decode(w, first, cache, sampling, pad))
     decode_s = time.perf_counter() - start
     return Generation(
         tokens=np.asarray(out),
@@ -273,15 +232,25 @@ def generate(
 
 
 def chat_prompt(tokenizer, message: str, *, system: str | None = None) -> list[int]:
-    """Token ids of a one-turn chat, rendered by the tokenizer's own chat template.
+    """Token ids of a one-turn chat (an optional ``system`` message, then the user's
+    ``message``), rendered by the tokenizer's own chat template: `jquant.io.tokenizer.chat_prompt`
+    (the template writes BOS; nothing is added when encoding).
 
-    Works with a `jquant.io.Tokenizer` or a transformers tokenizer. The template writes its
-    own special tokens (BOS too, as ``{{ bos_token }}``, where the model wants one), so none
-    are added when encoding. A raw-text prompt: `jquant.io.encode_prompt`, which adds BOS
-    exactly when the tokenizer's ``add_bos_token`` says.
+    Raises:
+      ValueError: the tokenizer has no chat template, or the template failed.
     """
-    messages = ([{"role": "system", "content": system}] if system else []) + [
-        {"role": "user", "content": message}
-    ]
-    text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-    return list(tokenizer.encode(text, add_special_tokens=False))
+    from jquant.io.tokenizer import chat_prompt as render
+
+    system_turn = [{"role": "system", "content": system}] if system else []
+    return render(tokenizer, [*system_turn, {"role": "user", "content": message}])
+
+
+def prompt_ids(tokenizer, prompt: str, *, raw: bool = False) -> list[int]:
+    """The ids of ``prompt`` as ``jquant generate`` sends it: the chat template's rendering
+    (which writes its own BOS) when the tokenizer has one and ``raw`` is false, else the raw
+    text with BOS exactly when the tokenizer's ``add_bos_token`` says."""
+    from jquant.io.tokenizer import encode_prompt
+
+    if not raw and getattr(tokenizer, "chat_template", None):
+        return chat_prompt(tokenizer, prompt)
+    return encode_prompt(tokenizer, prompt)

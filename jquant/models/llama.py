@@ -21,15 +21,15 @@ Parameter paths (recipes match them; keep them stable; they follow HF's names)::
     norm/scale                                  (D,)
     lm_head/kernel                              (D, V)   only when the head is not tied
 
-Terminology: a **slot** is a column of the KV cache; a **position** is what RoPE rotates by.
-In a left-padded batch, row ``b``'s first real token sits in slot ``pad_b`` but has position 0.
-Slots are shared by the batch (one write index); positions are per sequence.
+The modules hold parameters and the per-layer math; `jquant.models.core` runs them (one
+forward for every caller) over a cache from `jquant.models.cache`. `DecoderLayer.__call__`
+is the one decoder-layer function: adding a layer kind means changing it (and its
+parameter paths above), nothing else.
 """
 
 from __future__ import annotations
 
 import functools
-from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -37,7 +37,11 @@ import numpy as np
 from flax import nnx
 
 from jquant import ops
-from jquant.models.config import LlamaConfig, rope_inv_freq
+from jquant.models import core
+from jquant.models.attention import apply_rope, attend
+from jquant.models.cache import Cache
+from jquant.models.config import LlamaConfig
+from jquant.models.core import LayerContext
 from jquant.qarray import QArray
 
 _ACTIVATIONS = {
@@ -46,48 +50,6 @@ _ACTIVATIONS = {
     "gelu_new": functools.partial(jax.nn.gelu, approximate=True),
     "gelu": functools.partial(jax.nn.gelu, approximate=False),
 }
-
-# Finite rather than -inf, so a query with nothing to attend to (a padding row) gives a
-# uniform softmax instead of NaNs that would poison the batch.
-_MASKED = -1e30
-
-
-class KVCache(NamedTuple):
-    """Preallocated keys and values of every layer, plus which slots hold real tokens.
-
-    Attributes:
-      k: keys ``(layers, batch, max_len, kv_heads, head_dim)`` in the compute dtype.
-      v: values, same shape and dtype.
-      valid: ``(batch, max_len)`` bool; True where a slot holds a real (non-padding) token.
-      index: ``()`` int32; the next slot to write (slots ``< index`` are filled).
-    """
-
-    k: jax.Array
-    v: jax.Array
-    valid: jax.Array
-    index: jax.Array
-
-    @property
-    def max_len(self) -> int:
-        return self.k.shape[2]
-
-
-def init_cache(config: LlamaConfig, batch: int, max_len: int, dtype=jnp.float32) -> KVCache:
-    """An empty cache for ``batch`` sequences of up to ``max_len`` slots.
-
-    >>> cfg = LlamaConfig(vocab_size=8, hidden_size=8, intermediate_size=8, num_layers=1,
-    ...                   num_heads=2, num_kv_heads=1)
-    >>> init_cache(cfg, 2, 16).k.shape
-    (1, 2, 16, 1, 4)
-    """
-    shape = (config.num_layers, batch, max_len, config.num_kv_heads, config.head_dim)
-    return KVCache(
-        k=jnp.zeros(shape, dtype),
-        v=jnp.zeros(shape, dtype),
-        valid=jnp.zeros((batch, max_len), jnp.bool_),
-        index=jnp.zeros((), jnp.int32),
-    )
-
 
 def _as_array(value, dtype):
     """A small parameter (bias, norm scale) as an array, whether or not a recipe quantized it."""
@@ -155,28 +117,6 @@ def _norm(config: LlamaConfig, dim: int, param_dtype) -> RMSNorm:
                    offset=config.norm_offset)  # fmt: skip
 
 
-def _rotate_half(x: jax.Array) -> jax.Array:
-    half = x.shape[-1] // 2
-    return jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
-
-
-def _apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
-    """Rotates ``x (B, S, H, Dh)`` by float32 ``cos``/``sin (B, S, Dh)`` (HF rotate_half)."""
-    x32 = x.astype(jnp.float32)
-    out = x32 * cos[:, :, None, :] + _rotate_half(x32) * sin[:, :, None, :]
-    return out.astype(x.dtype)
-
-
-def rope_tables(config: LlamaConfig, positions: jax.Array, *,
-                local: bool = False) -> tuple[jax.Array, jax.Array]:  # fmt: skip
-    """``cos, sin`` of shape ``(B, S, head_dim)`` float32 for integer ``positions (B, S)``;
-    ``local``: for the sliding-window layers (their own base in Gemma 3)."""
-    inv_freq = jnp.asarray(rope_inv_freq(config, local=local))
-    angles = positions.astype(jnp.float32)[..., None] * inv_freq
-    angles = jnp.concatenate([angles, angles], axis=-1)
-    return jnp.cos(angles), jnp.sin(angles)
-
-
 class Attention(nnx.Module):
     """Grouped-query self-attention with RoPE; reads and writes one layer of a KV cache."""
 
@@ -207,64 +147,16 @@ class Attention(nnx.Module):
         if self.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
         v = self.v_proj(x).reshape(b, s, kv, dh)
-        return _apply_rope(q, cos, sin), _apply_rope(k, cos, sin), v
+        return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
 
-    def attend(self, q, k, v, allowed, **scales) -> jax.Array:
-        """`attend` with this layer's scale and soft-cap."""
-        return attend(q, k, v, allowed, scale=self.scale, softcap=self.softcap, **scales)
-
-    def __call__(self, x, cos, sin, allowed, cache: KVCache | None, layer: int):
-        """Args: x (B, S, D); cos/sin (B, S, Dh); allowed (B, S, T) bool, T = keys (the
-        cache length, or S without a cache). Returns (B, S, D) and the updated cache."""
-        q, k, v = self.project(x, cos, sin)
-        if cache is not None:
-            start = (layer, 0, cache.index, 0, 0)
-            cache = cache._replace(
-                k=jax.lax.dynamic_update_slice(cache.k, k[None].astype(cache.k.dtype), start),
-                v=jax.lax.dynamic_update_slice(cache.v, v[None].astype(cache.v.dtype), start),
-            )
-            k, v = cache.k[layer].astype(x.dtype), cache.v[layer].astype(x.dtype)
-        return self.o_proj(self.attend(q, k, v, allowed)), cache
-
-
-def attend(q, k, v, allowed, *, k_scale=None, v_scale=None, scale=None,
-           softcap=None) -> jax.Array:  # fmt: skip
-    """Grouped-query softmax attention: ``(B, S, heads * Dh)`` in ``q``'s dtype.
-
-    Args:
-      q: RoPE'd queries ``(B, S, heads, Dh)``.
-      k, v: keys and values ``(B, T, kv_heads, Dh)``: arrays, or the integer / fp8 codes of
-        a quantized KV cache when ``k_scale`` / ``v_scale`` are given.
-      allowed: ``(B, S, T)`` bool, which keys each query may attend to.
-      k_scale, v_scale: per-token, per-head scales ``(B, T, kv_heads)`` of quantized codes.
-        They are folded into the scores (``q . k_codes * k_scale``) and the probabilities
-        (``(p * v_scale) @ v_codes``), so no dequantized copy of the cache is made.
-      scale: the factor on the scores (default ``Dh ** -0.5``).
-      softcap: scores become ``softcap * tanh(scores / softcap)`` before masking (Gemma 2).
-    """
-    b, s, h, dh = q.shape
-    kv = k.shape[2]
-    dtype = q.dtype
-    q = q.reshape(b, s, kv, h // kv, dh)
-    scores = jnp.einsum("bskgd,btkd->bkgst", q, k.astype(dtype),
-                        preferred_element_type=jnp.float32)  # fmt: skip
-    if k_scale is not None:
-        scores = scores * _per_key(k_scale)
-    scores = scores * jnp.float32(dh**-0.5 if scale is None else scale)
-    if softcap is not None:
-        scores = jnp.tanh(scores / jnp.float32(softcap)) * jnp.float32(softcap)
-    scores = jnp.where(allowed[:, None, None], scores, jnp.float32(_MASKED))
-    probs = jax.nn.softmax(scores, axis=-1)
-    if v_scale is not None:
-        probs = probs * _per_key(v_scale)
-    out = jnp.einsum("bkgst,btkd->bskgd", probs.astype(dtype), v.astype(dtype),
-                     preferred_element_type=jnp.float32)  # fmt: skip
-    return out.astype(dtype).reshape(b, s, h * dh)
-
-
-def _per_key(scale: jax.Array) -> jax.Array:
-    """``(B, T, KV)`` scales as float32 ``(B, KV, 1, 1, T)``, to broadcast over scores."""
-    return jnp.transpose(scale.astype(jnp.float32), (0, 2, 1))[:, :, None, None, :]
+    def __call__(self, x, ctx: LayerContext, cache: Cache, layer):
+        """Attention of ``x (B, S, D)`` with this layer's keys and values stored in, and
+        read from, ``cache`` (`jquant.models.cache`). Returns ``((B, S, D), cache)``."""
+        q, k, v = self.project(x, ctx.cos, ctx.sin)
+        cache, kv = cache.update(layer, k, v)
+        out = attend(q, kv.k, kv.v, ctx.allowed, k_scale=kv.k_scale, v_scale=kv.v_scale,
+                     scale=self.scale, softcap=self.softcap)  # fmt: skip
+        return self.o_proj(out), cache
 
 
 class MLP(nnx.Module):
@@ -297,8 +189,11 @@ class DecoderLayer(nnx.Module):
         self.sandwich = config.sandwich_norms
         self.mlp = MLP(config, param_dtype=param_dtype, rngs=rngs)
 
-    def __call__(self, x, cos, sin, allowed, cache, layer):
-        h, cache = self.self_attn(self.input_layernorm(x), cos, sin, allowed, cache, layer)
+    def __call__(self, x, ctx: LayerContext, cache: Cache, layer):
+        """The one decoder-layer function: ``(x (B, S, D), cache)`` after this layer.
+
+        ``layer`` indexes the cache: a Python int unrolled, a traced int32 under scan."""
+        h, cache = self.self_attn(self.input_layernorm(x), ctx, cache, layer)
         return self.mlp_residual(self.attn_residual(x, h)), cache
 
     def attn_residual(self, x: jax.Array, h: jax.Array) -> jax.Array:
@@ -351,20 +246,22 @@ class Llama(nnx.Module):
         self,
         tokens: jax.Array,
         positions: jax.Array | None = None,
-        cache: KVCache | None = None,
+        cache: Cache | None = None,
         mask: jax.Array | None = None,
         *,
         last_only: bool = False,
-    ) -> tuple[jax.Array, KVCache | None]:
-        """Runs ``tokens (B, S)``; with a cache, continues from its `index` (prefill or decode).
+    ) -> tuple[jax.Array, Cache | None]:
+        """Runs ``tokens (B, S)`` through `jquant.models.core` (layers under one scan where
+        their trees match); with a cache, continues from what it holds (prefill or decode).
 
         Args:
           tokens: int token ids ``(B, S)``.
-          positions: RoPE positions ``(B, S)``; default: each row's count of real tokens so
-            far (cache included), so a left-padded row starts at 0 on its first real token.
-          cache: a `KVCache` to read and extend, or None (attend within ``tokens`` only).
-            Writes slots ``index .. index + S - 1``; keeping them below ``max_len`` is the
-            caller's job (`generate` sizes the cache so they are).
+          positions: RoPE positions ``(B, S)``; default: the cache's rule (a `KVCache`:
+            each row's count of real tokens so far, so a left-padded row starts at 0 on its
+            first real token).
+          cache: a cache (`jquant.models.cache`: `KVCache`, a `SlotView`, ...) to read and
+            extend, or None (attend within ``tokens`` only). A `KVCache` writes slots
+            ``index .. index + S - 1``; keeping them below ``max_len`` is the caller's job.
           mask: ``(B, S)`` True for real tokens, False for padding (never attended to);
             default all real.
           last_only: return logits of the last column only (``(B, 1, V)``): all a
@@ -373,76 +270,16 @@ class Llama(nnx.Module):
         Returns:
           ``(logits (B, S, V) float32, cache)``; the cache is None when none was given.
         """
-        b, s = tokens.shape
-        if cache is not None and s > cache.max_len:
-            raise ValueError(f"{s} tokens do not fit a KV cache of max_len={cache.max_len}")
-        mask = jnp.ones((b, s), jnp.bool_) if mask is None else mask.astype(jnp.bool_)
-        if positions is None:
-            positions = _default_positions(mask, cache)
-        config = self.config
-        full, local, cache = layer_inputs(config, positions, mask, cache)
-        x = self.embed_tokens(tokens, self.dtype)
-        for i, layer in enumerate(self.layers):
-            x, cache = layer(x, *(local if config.is_sliding(i) else full), cache, i)
-        if cache is not None:
-            cache = cache._replace(index=cache.index + jnp.int32(s))
+        s = tokens.shape[1]
+        max_len = getattr(cache, "max_len", None)
+        if max_len is not None and s > max_len:
+            raise ValueError(f"{s} tokens do not fit a KV cache of max_len={max_len}")
+        st = core.Static.of(self)
+        w = core.weights(nnx.state(self), self.config.num_layers)
+        x, new = core.hidden(st, w, tokens, cache, mask=mask, positions=positions)
         if last_only:
             x = x[:, -1:]
-        x = self.norm(x)
-        if config.tie_word_embeddings:
-            logits = self.embed_tokens.attend(x)
-        else:
-            kernel = self.lm_head.kernel.get_value()
-            logits = ops.qdot(x, kernel, preferred_element_type=jnp.float32)
-        return softcap_logits(logits, config.final_logit_softcap), cache
-
-
-def softcap_logits(logits: jax.Array, cap: float | None) -> jax.Array:
-    """``cap * tanh(logits / cap)`` (Gemma 2's final soft-capping); as is when ``cap`` is None."""
-    if cap is None:
-        return logits
-    return jnp.tanh(logits / jnp.float32(cap)) * jnp.float32(cap)
-
-
-def layer_inputs(config: LlamaConfig, positions, mask, cache):
-    """``(full, local, cache)``: the ``(cos, sin, allowed)`` of full-attention layers and of
-    sliding-window ones (None when the model has none), and the cache with the new slots
-    marked valid."""
-    allowed, new_cache = _attention_mask(mask, cache)
-    full = (*rope_tables(config, positions), allowed)
-    local = None
-    if config.has_sliding:
-        window, _ = _attention_mask(mask, cache, window=config.sliding_window)
-        local = (*rope_tables(config, positions, local=True), window)
-    return full, local, new_cache
-
-
-def _default_positions(mask: jax.Array, cache: KVCache | None) -> jax.Array:
-    seen = jnp.cumsum(mask.astype(jnp.int32), axis=1) - 1
-    if cache is not None:
-        seen = seen + jnp.sum(cache.valid.astype(jnp.int32), axis=1, keepdims=True)
-    return jnp.maximum(seen, 0)
-
-
-def _attention_mask(mask: jax.Array, cache: KVCache | None, window: int | None = None):
-    """``allowed (B, S, T)``: causal, and only real tokens as keys; with a ``window``, only
-    the last ``window`` slots up to the query's own (transformers' sliding window:
-    ``key > query - window``). Marks the new slots valid in the cache (which is returned).
-
-    Slots stand for positions here: a row's real tokens fill consecutive slots (padding
-    is on the left), so a distance in slots is a distance in positions."""
-    b, s = mask.shape
-    if cache is None:
-        valid, query_slot, key_slot = mask, jnp.arange(s), jnp.arange(s)
-    else:
-        valid = jax.lax.dynamic_update_slice(cache.valid, mask, (0, cache.index))
-        query_slot = cache.index + jnp.arange(s, dtype=jnp.int32)
-        key_slot = jnp.arange(cache.max_len, dtype=jnp.int32)
-        cache = cache._replace(valid=valid)
-    allowed = key_slot[None, :] <= query_slot[:, None]
-    if window is not None:
-        allowed = allowed & (key_slot[None, :] > query_slot[:, None] - window)
-    return allowed[None] & valid[:, None, :], cache
+        return core.logits(st, w, x), (None if cache is None else new)
 
 
 # ---- functional API -----------------------------------------------------------------
@@ -458,16 +295,8 @@ def _forward(graphdef, params, tokens, positions, cache, mask, last_only):
     return nnx.merge(graphdef, params)(tokens, positions, cache, mask, last_only=last_only)
 
 
-def forward(
-    model,
-    params: nnx.State,
-    tokens: jax.Array,
-    positions: jax.Array | None = None,
-    cache: KVCache | None = None,
-    mask: jax.Array | None = None,
-    *,
-    last_only: bool = False,
-) -> tuple[jax.Array, KVCache | None]:
+def forward(model, params: nnx.State, tokens, positions=None, cache: Cache | None = None,
+            mask=None, *, last_only: bool = False) -> tuple[jax.Array, Cache | None]:
     """Jitted ``Llama.__call__`` on a parameter State: float, or quantized (QArrays inside).
 
     Compiled once per (model structure, input shapes); the parameters are ordinary

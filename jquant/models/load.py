@@ -6,9 +6,11 @@ import os
 
 import jax
 import jax.numpy as jnp
+from flax import nnx
 
 from jquant.models.config import LlamaConfig
 from jquant.models.convert import params_from_hf
+from jquant.models.llama import Llama, abstract_model
 
 
 def default_dtype():
@@ -43,7 +45,7 @@ def load(source, *, dtype=None, param_dtype=jnp.float32, with_config: bool = Fal
     30
     """
     from jquant.io import MODELS, Checkpoint, load_checkpoint  # io is optional until first use
-    from jquant.io.packed import is_packed, load_packed
+    from jquant.io.packed import is_packed
 
     if isinstance(source, Checkpoint):
         ckpt = source
@@ -59,3 +61,38 @@ def load(source, *, dtype=None, param_dtype=jnp.float32, with_config: bool = Fal
     if with_config:
         return model, params, ckpt.tokenizer, dict(ckpt.config)
     return model, params, ckpt.tokenizer
+
+
+def load_packed(directory, *, dtype=None) -> tuple:
+    """Loads a packed checkpoint (`jquant.io.packed.save_packed`), quantized weights straight
+    into QArrays: no float copy of a quantized weight is ever made.
+
+    Args:
+      directory: a directory `save_packed` wrote.
+      dtype: compute dtype of the model (activations, KV cache); default `default_dtype()`.
+        Parameters keep their stored dtypes.
+
+    Returns:
+      ``(model, params, tokenizer, config)``: the `Llama` module holding ``params``, the
+      parameter ``nnx.State`` (QArrays where the checkpoint has them), the `jquant.io.Tokenizer`
+      (or None) and the HF-style config dict.
+
+    Raises:
+      ValueError: as `jquant.io.packed.read_packed` (naming the directory, and the file and
+        arrays a damaged one has).
+    """
+    from jquant.io.packed import read_packed
+
+    arrays, tokenizer, config = read_packed(directory)
+    model: Llama = abstract_model(LlamaConfig.from_hf(config), dtype=dtype or default_dtype())
+    graphdef, state = nnx.split(model)
+    flat = nnx.to_flat_state(state)
+    paths = {"/".join(map(str, keys)) for keys, _ in flat}
+    if paths != set(arrays):  # jquant.arch.param_shapes drifted from the model: a bug
+        raise AssertionError(
+            f"the model's parameters {sorted(paths ^ set(arrays))[:3]} disagree with "
+            "jquant.arch.param_shapes"
+        )
+    flat = [(keys, var.replace(value=arrays["/".join(map(str, keys))])) for keys, var in flat]
+    model = nnx.merge(graphdef, nnx.from_flat_state(flat))
+    return model, nnx.state(model), tokenizer, config

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import jax
 import jax.numpy as jnp
 
@@ -29,6 +31,26 @@ def kl_divergence(student_logits, teacher_logits, *, temperature: float = 1.0, m
         return jnp.mean(per_token)
     mask = jnp.broadcast_to(jnp.asarray(mask, jnp.float32), per_token.shape)
     return jnp.sum(per_token * mask) / jnp.maximum(jnp.sum(mask), 1.0)
+
+
+def check_loss(loss, *, step: int | None = None, what: str = "loss") -> float:
+    """``float(loss)``, or a ValueError when it is NaN or infinite.
+
+    Host-side: call it where the training loop reads the loss back anyway (to log or record
+    it), never inside a jitted function, so it adds no device sync of its own.
+
+    >>> check_loss(jnp.float32(0.5))
+    0.5
+    """
+    value = float(loss)
+    if not math.isfinite(value):
+        where = "" if step is None else f" at step {step}"
+        raise ValueError(
+            f"{what} is {value}{where}: training diverged or the model produced non-finite "
+            "logits; lower the learning rate, check the scales (jquant.qat.nonpositive_scales) "
+            "and the checkpoint"
+        )
+    return value
 
 
 def next_token_loss(logits, tokens, mask=None):

@@ -85,7 +85,8 @@ def _cast_ste_jvp(dtype, primals, tangents):
 
 @jax.custom_jvp
 def double_quant_ste(s):
-    """Scales ``(..., N, G)`` through QLoRA's second level (uint8 blocks), identity derivative."""
+    """Scales ``(..., N, G)`` through double quantization's second level (log8 blocks),
+    with an identity derivative."""
     return double_quantized_scale(s).dequantize(jnp.float32)
 
 

@@ -6,9 +6,10 @@ OpenAI-compatible HTTP server (`jquant serve`), and tensor parallelism over a de
 ...     print(engine.generate(ids, SamplingParams(max_tokens=32, temperature=0)).text)
 """
 
+from jquant.models.cache import kv_format as kv_format
 from jquant.serve.engine import Engine as Engine
 from jquant.serve.engine import Output as Output
 from jquant.serve.engine import SamplingParams as SamplingParams
-from jquant.serve.kv import kv_format as kv_format
+from jquant.serve.engine import engine_report as engine_report
 from jquant.serve.runner import Runner as Runner
 from jquant.serve.runner import cache_perplexity as cache_perplexity

@@ -13,7 +13,9 @@ Requests join and leave between decode steps. A request ends at a stop token (th
 EOS unless ``ignore_eos``, plus its ``stop_token_ids``), at a stop string (the text is cut
 before it), after ``max_tokens``, or when it is cancelled; its slot is free for the next
 iteration. Text is streamed as it becomes final: a trailing incomplete UTF-8 character, or a
-tail that could still grow into a stop string, is held back until it cannot.
+tail that could still grow into a stop string, is held back until it cannot. A request whose
+step raises in the loop ends alone, with finish_reason ``"error"`` and the exception in
+`Output.error`; the loop serves the others on.
 
 >>> engine = Engine(model, params, tokenizer, max_slots=8)  # doctest: +SKIP
 >>> engine.start()  # doctest: +SKIP
@@ -25,6 +27,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import itertools
+import logging
 import queue
 import threading
 import time
@@ -32,36 +35,30 @@ from collections.abc import Callable, Sequence
 
 import numpy as np
 
+from jquant.serve import limits
 from jquant.serve.runner import Runner, Sampling
+
+_log = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass(frozen=True)
 class SamplingParams:
-    """How one request is continued (OpenAI's names and defaults)."""
+    """How one request is continued (OpenAI's names and defaults; the limits of every field
+    are `jquant.serve.limits`')."""
 
     max_tokens: int = 16
     temperature: float = 1.0  # 0 = greedy
-    top_p: float = 1.0
-    top_k: int = 0  # 0 = off
+    top_p: float = 1.0  # 0 = only the most likely token
+    top_k: int = 0  # 0 or -1 = off
     seed: int | None = None  # None: a fresh seed per request
     stop: tuple[str, ...] = ()  # stop strings; the output is cut before the first one
     stop_token_ids: tuple[int, ...] = ()  # stop tokens besides the model's EOS
     ignore_eos: bool = False
 
-    def check(self) -> None:
-        """Raises ValueError naming the first bad field."""
-        if not isinstance(self.max_tokens, int) or self.max_tokens < 1:
-            raise ValueError(f"max_tokens={self.max_tokens!r} must be an integer >= 1")
-        if not 0 <= self.temperature <= 100:
-            raise ValueError(f"temperature={self.temperature!r} must be in [0, 100]")
-        if not 0 < self.top_p <= 1:
-            raise ValueError(f"top_p={self.top_p!r} must be in (0, 1]")
-        if self.top_k < 0:
-            raise ValueError(f"top_k={self.top_k!r} must be >= 0 (0 = off)")
-        if self.seed is not None and not 0 <= self.seed < 2**32:
-            raise ValueError(f"seed={self.seed!r} must be in [0, 2**32)")
-        if any(not isinstance(s, str) or not s for s in self.stop):
-            raise ValueError(f"stop={list(self.stop)!r} must be non-empty strings")
+    def check(self, vocab_size: int | None = None) -> None:
+        """Raises `jquant.serve.limits.LimitError` (a ValueError) naming the first bad field;
+        with ``vocab_size``, ``top_k`` and ``stop_token_ids`` are checked against it too."""
+        limits.check_sampling(self, vocab_size)
 
 
 @dataclasses.dataclass
@@ -71,9 +68,10 @@ class Output:
     request_id: int
     text: str  # new text since the previous event
     token_ids: list[int]  # new token ids since the previous event
-    finish_reason: str | None  # None while running; "stop", "length" or "abort" at the end
+    finish_reason: str | None  # None while running; "stop", "length", "abort" or "error"
     prompt_tokens: int
     completion_tokens: int  # total so far
+    error: str | None = None  # the request failed in the engine (finish_reason "error")
 
 
 @dataclasses.dataclass(eq=False)
@@ -126,6 +124,7 @@ class Engine:
         self.tokenizer = tokenizer
         self.max_slots, self.max_context = max_slots, max_context
         self.eos_ids = frozenset(config.eos_token_ids)
+        self.vocab_size = config.vocab_size  # prompt ids, top_k: `jquant.serve.limits`
         self.tp_notes: list[str] = []
         shard = None
         if mesh is not None:
@@ -182,25 +181,10 @@ class Engine:
     # ---- requests ----------------------------------------------------------------------
 
     def check(self, prompt_ids: Sequence[int], params: SamplingParams) -> None:
-        """Raises ValueError if the request cannot be served (what `submit` checks)."""
-        params.check()
-        n = len(prompt_ids)
-        if n == 0:
-            raise ValueError("the prompt is empty")
-        if n >= self.max_context:
-            raise ValueError(
-                f"the prompt has {n} tokens; the context is {self.max_context} tokens, "
-                "which must also hold at least one generated token"
-            )
-        if n + params.max_tokens > self.max_context:
-            raise ValueError(
-                f"the prompt has {n} tokens and max_tokens={params.max_tokens}: "
-                f"{n + params.max_tokens} > the context of {self.max_context} tokens; ask for "
-                f"at most {self.max_context - n} tokens"
-            )
-        vocab = self.runner.config.vocab_size
-        if any(not 0 <= int(t) < vocab for t in prompt_ids):
-            raise ValueError(f"the prompt has token ids outside [0, {vocab})")
+        """Raises `jquant.serve.limits.LimitError` (a ValueError) if the request cannot be
+        served (what `submit` checks)."""
+        limits.check_request(prompt_ids, params, vocab_size=self.vocab_size,
+                             max_context=self.max_context)  # fmt: skip
 
     def submit(self, prompt_ids: Sequence[int], params: SamplingParams,
                callback: Callable[[Output], None]) -> int:  # fmt: skip
@@ -251,6 +235,8 @@ class Engine:
             if self._thread is None or self.error is not None:
                 raise RuntimeError(f"the engine stopped{self._failure()}")
         last = parts[-1]
+        if last.error is not None:
+            raise RuntimeError(f"request {last.request_id} failed in the engine: {last.error}")
         return Output(last.request_id, "".join(p.text for p in parts),
                       [t for p in parts for t in p.token_ids], last.finish_reason,
                       last.prompt_tokens, last.completion_tokens)  # fmt: skip
@@ -274,6 +260,7 @@ class Engine:
                 "generated_tokens_total": self._stats["generated_tokens_total"],
                 "prompt_tokens_total": self._stats["prompt_tokens_total"],
                 "requests_total": self._stats["requests_total"],
+                "failed_requests_total": self._stats["failed_requests_total"],
                 "tokens_per_second": recent / span if span > 0.5 else 0.0,
             }
 
@@ -295,15 +282,28 @@ class Engine:
                     self._wake.clear()
                     continue
                 if prefilling:
-                    self._prefill(min(prefilling, key=lambda r: r.arrived))
+                    first = min(prefilling, key=lambda r: r.arrived)
+                    self._isolated([first], self._prefill, first)
                 if decoding:
-                    self._decode(decoding)
+                    self._isolated(decoding, self._decode, decoding)
         except BaseException as e:  # the loop must not die silently: fail every request
             self.error = e
             self._drain_inbox()
             for req in [*self._waiting, *(r for r in self._slots if r is not None)]:
                 self._finish(req, "abort")
             raise
+
+    def _isolated(self, reqs: list[_Request], step, *args) -> None:
+        """Runs ``step(*args)``; if it raises, only ``reqs`` (the requests it was for) fail,
+        with finish_reason ``"error"``, and the loop goes on serving the others."""
+        try:
+            step(*args)
+        except Exception as e:
+            _log.exception("engine: requests %s failed", [r.id for r in reqs])
+            for req in reqs:
+                with self._lock:
+                    self._stats["failed_requests_total"] += 1
+                self._finish(req, "error", error=f"{type(e).__name__}: {e}")
 
     def _drain_inbox(self) -> None:
         # Under the lock, so that `metrics` never sees a request in neither place.
@@ -359,7 +359,7 @@ class Engine:
         with self._lock:
             self._recent.append((now, len(reqs)))
         for r, token in zip(reqs, out):
-            self._accept(r, int(token))
+            self._isolated([r], self._accept, r, int(token))
 
     def _accept(self, req: _Request, token: int) -> None:
         """Records a sampled token, streams what became final, ends the request if due."""
@@ -395,13 +395,14 @@ class Engine:
         req.sent_tokens = len(req.generated)
         self._call(req, Output(req.id, delta, ids, None, len(req.prompt), len(req.generated)))
 
-    def _finish(self, req: _Request, reason: str) -> None:
+    def _finish(self, req: _Request, reason: str, error: str | None = None) -> None:
         with self._lock:
             if self._by_id.pop(req.id, None) is None:
                 return  # already finished
             if req.slot >= 0 and self._slots[req.slot] is req:
                 self._slots[req.slot] = None
-        self._call(req, Output(req.id, "", [], reason, len(req.prompt), len(req.generated)))
+        self._call(req, Output(req.id, "", [], reason, len(req.prompt), len(req.generated),
+                               error))  # fmt: skip
 
     def _call(self, req: _Request, out: Output) -> None:
         """Runs a request's callback; one that raises (its client is gone) cancels it."""
@@ -434,3 +435,18 @@ def _stable_end(text: str, stops: tuple[str, ...]) -> int:
                 end = min(end, full - n)
                 break
     return end
+
+
+def engine_report(engine: Engine) -> str:
+    """The engine's memory in words (what ``jquant serve`` prints to stderr): slots, KV cache
+    and weights in one line; under a mesh, the bytes per device, and one more line per
+    tensor that stayed replicated."""
+    runner = engine.runner
+    line = (f"jquant serve: {engine.max_slots} slots x {engine.max_context} tokens, KV cache "
+            f"{runner.fmt.name} {runner.cache.nbytes / 1e6:.1f} MB, weights "
+            f"{runner.weight_bytes / 1e6:.1f} MB")  # fmt: skip
+    if engine.mesh is not None:
+        held = runner.per_device_bytes()
+        line += (f"; tp={len(held)}: {max(held.values()) / 1e6:.1f} MB per device "
+                 f"({len(engine.tp_notes)} tensors replicated)")  # fmt: skip
+    return "\n".join([line, *(f"  replicated: {note}" for note in engine.tp_notes)])

@@ -1,7 +1,10 @@
 """OpenAI's request bodies, parsed and checked; its error body.
 
 Requests are validated strictly (no ``"5"`` for 5, no ``true`` for 1) and every problem is
-an `APIError`: HTTP 400 with OpenAI's error body, naming the parameter at fault. Fields jquant
+an `APIError`: HTTP 400 with OpenAI's error body, naming the parameter at fault (a body over
+`MAX_BODY_BYTES`: HTTP 413). A body must be UTF-8 JSON nested at most `MAX_JSON_DEPTH` deep,
+its strings valid Unicode (no lone surrogate such as ``"\ud800"``). The numeric limits of
+the sampling fields are `jquant.serve.limits`'. Fields jquant
 cannot honour are accepted only at their default value; pure metadata (``user``,
 ``metadata``, ``store``, ...) is accepted and ignored; any other field is rejected as
 OpenAI does: ``Unrecognized request argument supplied: <name>``.
@@ -10,15 +13,22 @@ OpenAI does: ``Unrecognized request argument supplied: <name>``.
 from __future__ import annotations
 
 import json
-import math
+import re
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, ValidationError
 
-#: Stop strings a request may give (OpenAI's limit).
-MAX_STOP = 4
+from jquant.serve.limits import LimitError
+
 #: Prompts one completions request may batch.
 MAX_PROMPTS = 64
+#: The largest request body read (HTTP 413 beyond).
+MAX_BODY_BYTES = 16 * 2**20
+#: The deepest nesting of arrays and objects a body may have.
+MAX_JSON_DEPTH = 64
+_SURROGATE = re.compile("[\ud800-\udfff]")
+_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
+_SCALARS = frozenset((int, float, bool, type(None)))
 #: Chat roles accepted ("developer" is rendered as "system").
 ROLES = ("system", "developer", "user", "assistant", "tool")
 
@@ -116,20 +126,61 @@ def parse_body(raw: bytes, cls: type[_Common]) -> _Common:
     """The request ``cls`` from a raw body; `APIError` for malformed JSON or a bad field."""
     try:
         data = json.loads(raw, parse_constant=_reject_constant)
-    except (ValueError, UnicodeDecodeError) as e:
+    except (ValueError, UnicodeDecodeError, RecursionError) as e:
+        why = _too_deep() if isinstance(e, RecursionError) else str(e)
         raise APIError(
-            f"We could not parse the JSON body of your request. ({e}) The OpenAI API "
+            f"We could not parse the JSON body of your request. ({why}) The OpenAI API "
             "expects a JSON payload.",
             code="invalid_json",
         ) from None
     if not isinstance(data, dict):
         raise APIError("The request body must be a JSON object.", code="invalid_json")
+    # A lone surrogate can only come from a \\uXXXX escape (raw UTF-8 has none).
+    strings = json.detect_encoding(raw) != "utf-8" or _SURROGATE_ESCAPE.search(raw) is not None
+    _check_json(data, strings)
     try:
         request = cls.model_validate(data)
     except ValidationError as e:
         raise _validation_error(e) from None
     _check_unsupported(request)
     return request
+
+
+def _too_deep() -> str:
+    return f"it is nested more than {MAX_JSON_DEPTH} levels deep"
+
+
+def _check_json(data: dict, strings: bool) -> None:
+    """`APIError` for a body nested deeper than `MAX_JSON_DEPTH`, or (``strings``: the body
+    may hold one) with a string or key holding a lone surrogate, which no tokenizer can
+    encode. Iterative, so any depth is safe to check; arrays of scalars are passed over in C."""
+    scalars = _SCALARS if strings else _SCALARS | {str}
+    todo: list[tuple[Any, tuple, int]] = [(data, (), 1)]
+    while todo:
+        value, path, depth = todo.pop()
+        if depth > MAX_JSON_DEPTH:
+            raise APIError(f"We could not parse the JSON body of your request. "
+                           f"({_too_deep()}) The OpenAI API expects a JSON payload.",
+                           code="invalid_json")  # fmt: skip
+        if isinstance(value, dict):
+            if strings and any(_SURROGATE.search(key) for key in value):
+                where = _param(path) or "body"
+                raise APIError(f"Invalid '{where}': a key holds a lone surrogate, which is not "
+                               "valid Unicode.", param=where, code="invalid_value")  # fmt: skip
+            items = value.items()
+        elif set(map(type, value)) <= scalars:
+            continue
+        else:
+            items = enumerate(value)
+        for key, item in items:
+            if isinstance(item, dict | list):
+                todo.append((item, (*path, key), depth + 1))
+            elif strings and isinstance(item, str) and (bad := _SURROGATE.search(item)):
+                where = _param((*path, key))
+                raise APIError(f"Invalid '{where}': the string holds a lone surrogate "
+                               f"({bad.group()!a}), which is not valid Unicode (UTF-16 "
+                               "surrogates must come in pairs).", param=where,
+                               code="invalid_value")  # fmt: skip
 
 
 def _reject_constant(name: str):
@@ -220,25 +271,19 @@ def _check_unsupported(r: _Common) -> None:
 
 
 def stop_strings(stop) -> tuple[str, ...]:
-    """``stop`` (null, a string or a list of up to 4 strings) as a tuple."""
+    """``stop`` (null, a string or a list of strings) as a tuple."""
     if stop is None:
         return ()
     items = [stop] if isinstance(stop, str) else stop
     if not isinstance(items, list) or not all(isinstance(s, str) for s in items):
         raise APIError("Invalid type for 'stop': expected a string or an array of strings.",
                        param="stop", code="invalid_type")  # fmt: skip
-    if len(items) > MAX_STOP:
-        raise APIError(f"Invalid 'stop': array too long. Expected an array with maximum length "
-                       f"{MAX_STOP}, but got an array with length {len(items)} instead.",
-                       param="stop", code="array_above_max_length")  # fmt: skip
-    if any(s == "" for s in items):
-        raise APIError("Invalid 'stop': stop strings must not be empty.", param="stop",
-                       code="invalid_value")  # fmt: skip
-    return tuple(dict.fromkeys(items))
+    return tuple(items)  # their count and lengths: `jquant.serve.limits.check_sampling`
 
 
-def prompts(prompt, vocab_size: int) -> list[str | list[int]]:
-    """``prompt`` as a list of texts or token id lists (OpenAI's four forms)."""
+def prompts(prompt) -> list[str | list[int]]:
+    """``prompt`` as a list of texts or token id lists (OpenAI's four forms); token ids are
+    checked against the vocabulary with the rest of the limits (`jquant.serve.limits`)."""
     bad = APIError("Invalid type for 'prompt': expected a string, an array of strings, an array "
                    "of integers or an array of integer arrays.", param="prompt",
                    code="invalid_type")  # fmt: skip
@@ -258,10 +303,6 @@ def prompts(prompt, vocab_size: int) -> list[str | list[int]]:
     if len(items) > MAX_PROMPTS:
         raise APIError(f"Invalid 'prompt': at most {MAX_PROMPTS} prompts per request, got "
                        f"{len(items)}.", param="prompt", code="array_above_max_length")  # fmt: skip
-    for item in items:
-        if isinstance(item, list) and any(not 0 <= t < vocab_size for t in item):
-            raise APIError(f"Invalid 'prompt': token ids must be in [0, {vocab_size}).",
-                           param="prompt", code="invalid_value")  # fmt: skip
     return items
 
 
@@ -328,8 +369,11 @@ def _content(content, role: str, where: str) -> str:
     return "\n".join(texts)
 
 
-def check_number(name: str, value, low: float, high: float) -> None:
-    """`APIError` unless ``low <= value <= high`` (a None value is not checked)."""
-    if value is not None and not (math.isfinite(value) and low <= value <= high):
-        raise APIError(f"Invalid '{name}': expected a value between {low:g} and {high:g}, got "
-                       f"{value!r}.", param=name, code="invalid_value")  # fmt: skip
+def limit_error(e: LimitError, rename: dict[str, str] | None = None) -> APIError:
+    """The HTTP 400 of a request outside `jquant.serve.limits`, its parameter named as the
+    request names it (``rename``: the engine's name -> the request's, e.g. ``prompt`` ->
+    ``messages``)."""
+    rename = rename or {}
+    param = rename.get(e.param, e.param)
+    message = str(e).replace(f"'{e.param}'", f"'{param}'", 1)
+    return APIError(message, param=param, code=e.code)

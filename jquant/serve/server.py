@@ -9,16 +9,20 @@ Endpoints: ``POST /v1/completions``, ``POST /v1/chat/completions`` (both with
 
 Bodies follow OpenAI's API. Sampling: ``n`` (up to the engine's slots; choice ``i`` is
 seeded ``seed + i``), ``max_tokens`` (``max_completion_tokens`` in chat), ``temperature``,
-``top_p``, ``stop``, ``seed``, and vLLM's extensions ``top_k`` and ``ignore_eos``. Every bad
-request is an HTTP 400 with OpenAI's error body, an unknown model included (OpenAI answers 404
-there); see `jquant.serve.protocol`. A streaming client that disconnects has its engine
-requests cancelled, so their slots free at once.
+``top_p``, ``stop``, ``seed``, and vLLM's extensions ``top_k`` and ``ignore_eos``, each
+within `jquant.serve.limits` (the engine checks the same limits). Every bad request is an HTTP
+400 with OpenAI's error body, an unknown model included (OpenAI answers 404 there), a body over
+`jquant.serve.protocol.MAX_BODY_BYTES` is a 413; see `jquant.serve.protocol`. A request that
+fails inside the engine is an HTTP 500 (streamed: an ``error`` event, then ``[DONE]``); the
+engine serves the others on. A streaming client that disconnects has its engine requests
+cancelled, so their slots free at once.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import functools
 import json
 import time
@@ -28,7 +32,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from jquant.serve import protocol
+from jquant.serve import limits, protocol
 from jquant.serve.protocol import APIError, ChatCompletionRequest, CompletionRequest
 
 #: Seconds between checks that a non-streaming client is still connected.
@@ -105,9 +109,9 @@ def create_app(engine, model_name: str) -> FastAPI:
 
     @app.post("/v1/completions")
     async def completions(request: Request):
-        r = protocol.parse_body(await request.body(), CompletionRequest)
+        r = await _parse(request, CompletionRequest)
         _check_model(r, model_name)
-        items = protocol.prompts(r.prompt, engine.tokenizer.vocab_size)
+        items = protocol.prompts(r.prompt)
         encoded = await asyncio.to_thread(
             lambda: [_encode(engine, p) if isinstance(p, str) else list(p) for p in items]
         )
@@ -116,7 +120,7 @@ def create_app(engine, model_name: str) -> FastAPI:
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
-        r = protocol.parse_body(await request.body(), ChatCompletionRequest)
+        r = await _parse(request, ChatCompletionRequest)
         _check_model(r, model_name)
         conversation = protocol.messages(r.messages)
         ids = await asyncio.to_thread(_chat_prompt, engine, conversation)
@@ -164,71 +168,74 @@ def _encode(engine, text: str) -> list[int]:
     return encode_prompt(engine.tokenizer, text)
 
 
-def _chat_prompt(engine, conversation: list[dict]) -> list[int]:
-    import jinja2
+async def _parse(request: Request, cls):
+    """The validated request body (parsed in a worker thread: a body of up to
+    `protocol.MAX_BODY_BYTES` takes a while to parse and check, and the loop serves streams)."""
+    return await asyncio.to_thread(protocol.parse_body, await _read_body(request), cls)
 
-    tokenizer = engine.tokenizer
-    if not getattr(tokenizer, "chat_template", None):
-        raise APIError("This model has no chat template; use /v1/completions.",
-                       param="messages", code="no_chat_template")  # fmt: skip
+
+async def _read_body(request: Request) -> bytes:
+    """The request body; HTTP 413 past `protocol.MAX_BODY_BYTES` (read no further)."""
+    limit = protocol.MAX_BODY_BYTES
+    too_large = APIError(f"The request body is larger than this server accepts ({limit} "
+                         "bytes).", code="request_too_large", status=413)  # fmt: skip
+    length = request.headers.get("content-length", "")
+    if length.isdigit() and int(length) > limit:
+        raise too_large
+    body = bytearray()
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > limit:
+            raise too_large
+    return bytes(body)
+
+
+def _chat_prompt(engine, conversation: list[dict]) -> list[int]:
+    from jquant.io.tokenizer import NoChatTemplateError, chat_prompt
+
     try:
-        text = tokenizer.apply_chat_template(conversation, add_generation_prompt=True,
-                                             tokenize=False)  # fmt: skip
-    except (ValueError, jinja2.TemplateError) as e:
-        raise APIError(f"Invalid 'messages': the chat template failed: {e}", param="messages",
+        return chat_prompt(engine.tokenizer, conversation)
+    except NoChatTemplateError:
+        raise APIError("This model has no chat template; use /v1/completions.",
+                       param="messages", code="no_chat_template") from None  # fmt: skip
+    except ValueError as e:
+        raise APIError(f"Invalid 'messages': {e}", param="messages",
                        code="invalid_value") from None  # fmt: skip
-    # The template writes its own BOS ({{ bos_token }}): nothing is added.
-    return list(tokenizer.encode(text, add_special_tokens=False))
 
 
 def _sampling(engine, r, prompts: list[list[int]], max_tokens: int | None, chat: bool):
-    """One `SamplingParams` per choice, ``len(prompts) * n`` of them, prompt-major."""
+    """One `SamplingParams` per choice, ``len(prompts) * n`` of them, prompt-major, each
+    checked against `jquant.serve.limits` as the engine will check it."""
     from jquant.serve.engine import SamplingParams
 
-    n = 1 if r.n is None else r.n
-    if not 1 <= n <= engine.max_slots:
-        raise APIError(f"Invalid 'n': expected a value between 1 and {engine.max_slots} (the "
-                       f"server's slots), got {n}.", param="n", code="invalid_value")  # fmt: skip
-    protocol.check_number("temperature", r.temperature, 0.0, 2.0)
-    protocol.check_number("top_p", r.top_p, 0.0, 1.0)
-    if r.top_k is not None and r.top_k < -1:
-        raise APIError(f"Invalid 'top_k': expected -1, 0 (off) or a positive count, got "
-                       f"{r.top_k}.", param="top_k", code="invalid_value")  # fmt: skip
     max_name = "max_completion_tokens" if chat and r.max_completion_tokens is not None else (
         "max_tokens")
-    if max_tokens is not None and max_tokens < 1:
-        raise APIError(f"Invalid '{max_name}': expected a value >= 1, got {max_tokens}.",
-                       param=max_name, code="invalid_value")  # fmt: skip
-    limit = engine.max_context
     where = "messages" if chat else "prompt"
-    temperature = 1.0 if r.temperature is None else r.temperature
-    top_p = 1.0 if r.top_p is None else r.top_p
-    if top_p == 0.0:  # the limit of nucleus sampling: the most likely token
-        temperature, top_p = 0.0, 1.0
-    stop = protocol.stop_strings(r.stop)
-    out = []
-    for ids in prompts:
-        if not ids:
-            raise APIError(f"Invalid '{where}': the prompt is empty (0 tokens).", param=where,
-                           code="invalid_value")  # fmt: skip
-        tokens = max_tokens if max_tokens is not None else limit - len(ids)
-        if len(ids) >= limit or len(ids) + tokens > limit:
-            if max_tokens is None:
-                asked, fix = f"{len(ids)} tokens in the {where}, leaving none to generate", ""
-            else:
-                asked = (f"{len(ids) + tokens} tokens ({len(ids)} in the {where}, {tokens} for "
-                         "the completion)")  # fmt: skip
-                fix = " or the completion"
-            raise APIError(f"This model's maximum context length is {limit} tokens. However, "
-                           f"you requested {asked}. Please reduce the length of the {where}"
-                           f"{fix}.", param=where if len(ids) >= limit else max_name,
-                           code="context_length_exceeded")  # fmt: skip
-        for _ in range(n):
-            out.append(SamplingParams(
-                max_tokens=tokens, temperature=temperature, top_p=top_p, top_k=max(r.top_k or 0, 0),
-                seed=None if r.seed is None else (r.seed + len(out)) % 2**32, stop=stop,
-                ignore_eos=bool(r.ignore_eos),
-            ))  # fmt: skip
+    try:
+        n = limits.check_int("n", 1 if r.n is None else r.n, 1, engine.max_slots,
+                             " (the server's slots)")  # fmt: skip
+        seed = None if r.seed is None else limits.check_int(
+            "seed", r.seed, limits.REQUEST_SEED_MIN, limits.REQUEST_SEED_MAX)  # fmt: skip
+        base = SamplingParams(
+            temperature=1.0 if r.temperature is None else r.temperature,
+            top_p=1.0 if r.top_p is None else r.top_p, top_k=r.top_k or 0,
+            stop=protocol.stop_strings(r.stop), ignore_eos=bool(r.ignore_eos),
+        )  # fmt: skip
+        out = []
+        for ids in prompts:
+            # Without max_tokens, the rest of the context (a prompt that fills it is refused).
+            tokens = max_tokens if max_tokens is not None else max(engine.max_context - len(ids), 1)
+            params = dataclasses.replace(base, max_tokens=tokens)
+            limits.check_request(ids, params, vocab_size=engine.vocab_size,
+                                 max_context=engine.max_context)  # fmt: skip
+            if params.top_p == 0.0:  # the limit of nucleus sampling: the most likely token
+                params = dataclasses.replace(params, temperature=0.0, top_p=1.0)
+            for _ in range(n):
+                out.append(dataclasses.replace(
+                    params, seed=None if seed is None else (seed + len(out)) % limits.SEED_MODULUS
+                ))  # fmt: skip
+    except limits.LimitError as e:
+        raise protocol.limit_error(e, {"prompt": where, "max_tokens": max_name}) from None
     return n, out
 
 
@@ -245,9 +252,9 @@ class _Run:
             for i, (prompt, params) in enumerate(requests):
                 callback = functools.partial(self._on_output, i)
                 self.ids.append(engine.submit(prompt, params, callback))
-        except ValueError as e:
+        except limits.LimitError as e:  # checked before (`_sampling`): not expected here
             self.cancel()
-            raise APIError(str(e), code="invalid_value") from None
+            raise protocol.limit_error(e) from None
         except RuntimeError as e:  # the engine is not running
             self.cancel()
             raise APIError(str(e), status=503, type="server_error",
@@ -301,6 +308,8 @@ async def _respond(engine, request: Request, r, prompts, max_tokens, model_name,
                 if await request.is_disconnected():
                     return Response(status_code=499)  # nobody reads it
                 continue
+            if out.error is not None:
+                raise _engine_error(out)
             texts[i] += out.text
             tokens[i] = out.completion_tokens
             reasons[i] = out.finish_reason
@@ -314,6 +323,12 @@ async def _respond(engine, request: Request, r, prompts, max_tokens, model_name,
     ]  # fmt: skip
     return JSONResponse({**head, "choices": choices, "usage": _usage(prompt_tokens, sum(tokens)),
                          "system_fingerprint": None})  # fmt: skip
+
+
+def _engine_error(out) -> APIError:
+    """The HTTP 500 of a request that failed inside the engine."""
+    return APIError(f"The server failed while generating this request: {out.error}",
+                    status=500, type="server_error", code="engine_error")  # fmt: skip
 
 
 def _usage(prompt_tokens: int, completion_tokens: int) -> dict:
@@ -348,13 +363,17 @@ async def _stream(run: _Run, head: dict, k: int, prompt_tokens: int, include_usa
                 yield event([role])
         while not run.done:
             i, out = await run.next()
+            if out.error is not None:  # the other choices are cancelled below
+                yield f"data: {json.dumps(_engine_error(out).body(), ensure_ascii=False)}\n\n"
+                break
             tokens[i] = out.completion_tokens
             if out.text and (chat or out.finish_reason is None):
                 yield event([choice(i, out.text, None)])
             if out.finish_reason is not None:
                 yield event([choice(i, None if chat else out.text, out.finish_reason)])
-        if include_usage:
-            yield event([], usage=_usage(prompt_tokens, sum(tokens)))
+        else:
+            if include_usage:
+                yield event([], usage=_usage(prompt_tokens, sum(tokens)))
         yield "data: [DONE]\n\n"
     finally:
         run.cancel()  # a client gone mid-stream: free the slots now

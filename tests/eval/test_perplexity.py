@@ -206,3 +206,27 @@ def test_progress_shows_a_bar(tiny, capsys):
     assert "perplexity" in err and "3/3" in err
     perplexity(model, params, list(range(40)), seq_len=8, batch_size=2, progress=False)
     assert capsys.readouterr().err == ""
+
+
+def test_non_finite_logits_are_an_error_not_a_perplexity(tiny):
+    model, params = tiny
+    nan_norm = jax.tree_util.tree_map_with_path(
+        lambda p, x: jnp.full_like(x, jnp.nan) if "embed" in str(p[0]) else x, params)  # fmt: skip
+    with pytest.raises(ValueError, match="perplexity is nan: .*non-finite logits; check the "
+                                         "checkpoint"):  # fmt: skip
+        perplexity(model, nan_norm, list(range(40)), seq_len=8, progress=False)
+
+
+@pytest.mark.parametrize("nll, message", [
+    (math.nan, "perplexity is nan"),
+    (math.inf, "perplexity is inf"),
+    (1e6, "too large to exponentiate"),
+])  # fmt: skip
+def test_every_result_refuses_a_non_finite_value(nll, message):
+    # What the serving runner's cache_perplexity builds, too: the check is in the result.
+    from jquant.eval.perplexity import PerplexityResult, _exp
+
+    with pytest.raises(ValueError, match=message):
+        PerplexityResult(perplexity=_exp(nll), nll=nll, tokens=7, windows=1, seq_len=8)
+    assert PerplexityResult(perplexity=math.exp(2.0), nll=2.0, tokens=7, windows=1,
+                            seq_len=8).nll == 2.0  # fmt: skip

@@ -124,8 +124,8 @@ def test_config_variants():
     assert c["rope_scaling"]["rope_type"] == "llama3" and c["rope_scaling"]["factor"] == 8.0
     assert c["num_key_value_heads"] == 2 and c["head_dim"] == 4
     assert c["tie_word_embeddings"] is False and c["attention_bias"] is False
-    v5 = jhf.config_from_hf(dict(base, rope_parameters={"rope_type": "default", "rope_theta": 7.0}))
-    assert (v5["rope_theta"], v5["rope_scaling"]) == (7.0, None)
+    v5 = jhf.config_from_hf(dict(base, rope_parameters={"rope_type": "default", "rope_theta": 7e5}))
+    assert (v5["rope_theta"], v5["rope_scaling"]) == (7e5, None)
     mistral = jhf.config_from_hf(dict(base, model_type="mistral", sliding_window=4096))
     assert mistral["sliding_window"] == 4096
     with pytest.raises(ValueError, match="model_type 'gpt2' is not supported"):

@@ -1,13 +1,12 @@
 """Generation: the jitted prefill + while_loop decode against a naive argmax loop."""
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
 
 from jquant.models import LlamaConfig, Sampler, chat_prompt, forward, generate, init_model
-from jquant.models.generate import sample
+from jquant.models.sampling import sample
 
 TINY = dict(vocab_size=101, hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4,
             num_kv_heads=2, max_position_embeddings=64, eos_token_ids=(3,))  # fmt: skip
@@ -56,8 +55,7 @@ def test_sampling_is_seeded(tiny):
 
 def test_sample_filters():
     logits = jnp.log(jnp.array([[0.5, 0.3, 0.15, 0.05]], jnp.float32))
-    keys = jax.random.split(jax.random.key(0), 400)
-    draw = lambda s: np.array([int(sample(logits, k, s)[0]) for k in keys[:200]])  # noqa: E731
+    draw = lambda s: np.asarray(sample(jnp.repeat(logits, 200, 0), s.rows(np.arange(200))))  # noqa: E731
     assert set(draw(Sampler(1.0, top_k=2))) == {0, 1}
     assert set(draw(Sampler(1.0, top_p=0.7))) == {0, 1}  # 0.5 < 0.7 <= 0.8
     assert set(draw(Sampler(1.0, top_p=0.85))) == {0, 1, 2}
@@ -153,3 +151,29 @@ def test_prompts_start_with_one_bos_iff_the_tokenizer_says(add_bos):
     assert encode_prompt(tok, "<bos> hello") == [1, 3]
     # A chat: the template's own BOS, nothing added to it.
     assert chat_prompt(tok, "hello world") == [1, 3, 4]
+
+
+def test_chat_prompt_without_or_with_a_failing_template_is_a_value_error():
+    from jquant.io.tokenizer import NoChatTemplateError
+    from jquant.io.tokenizer import chat_prompt as render
+
+    tok = _word_tokenizer(True)
+    messages = [{"role": "user", "content": "hello"}]
+    assert render(tok, messages) == chat_prompt(tok, "hello") == [1, 3]
+    tok.chat_template = None
+    with pytest.raises(NoChatTemplateError, match="no chat template"):
+        chat_prompt(tok, "hello")
+    tok.chat_template = "{{ raise_exception('roles must alternate') }}"
+    with pytest.raises(ValueError, match="the chat template failed: roles must alternate"):
+        render(tok, messages)
+    tok.chat_template = "{% for %}"  # not even a template
+    with pytest.raises(ValueError, match="the chat template failed"):
+        render(tok, messages)
+
+
+def test_top_k_beyond_int32_keeps_every_token(tiny):
+    """A top_k past the vocabulary (even past int32) means no top-k filter, not an overflow."""
+    kw = dict(max_new_tokens=6, stop_tokens=(), temperature=1.0, seed=3)
+    huge = generate(*tiny, PROMPT, top_k=2**40, **kw)
+    off = generate(*tiny, PROMPT, **kw)
+    np.testing.assert_array_equal(huge.tokens, off.tokens)

@@ -123,6 +123,16 @@ def test_seeded_sampling_is_reproducible_and_independent_of_neighbours(engine):
                            ).token_ids != alone  # fmt: skip
 
 
+def test_sampled_tokens_equal_generate_with_the_same_seed(tiny, engine):
+    """One sampler: the engine's seeded sample is `generate`'s (row 0 draws with its seed)."""
+    prompt = [9, 8, 7, 6, 5]
+    kw = dict(temperature=0.9, top_k=20, top_p=0.9)
+    out = engine.generate(prompt, SamplingParams(max_tokens=10, seed=7, ignore_eos=True, **kw))
+    ref = generate(*tiny, [prompt], max_new_tokens=10, stop_tokens=(), seed=7, **kw)
+    greedy = _reference(tiny, prompt, 10)
+    assert out.token_ids == ref.sequences()[0] != greedy
+
+
 def test_cancel_frees_the_slot(engine):
     events = []
     done = threading.Event()
@@ -144,12 +154,26 @@ def test_cancel_frees_the_slot(engine):
     "prompt, params, match",
     [
         ([], SamplingParams(), "empty"),
-        (list(range(4, 100)) + [5] * 40, SamplingParams(), "context is 128"),
+        ([5] * 130, SamplingParams(), "maximum context length is 128"),
         ([5] * 100, SamplingParams(max_tokens=40), "ask for at most 28"),
         ([5], SamplingParams(max_tokens=0), "max_tokens"),
         ([5], SamplingParams(temperature=-1), "temperature"),
-        ([5], SamplingParams(top_p=0), "top_p"),
-        ([500], SamplingParams(), "outside"),
+        ([5], SamplingParams(top_p=1.5), "top_p"),
+        ([500], SamplingParams(), r"token ids must be integers in \[0, 96\)"),
+        # Every numeric field is bounded above too (`jquant.serve.limits`).
+        ([5], SamplingParams(top_k=2**31), "top_k"),  # once overflowed int32 in the loop
+        ([5], SamplingParams(top_k=97), r"top_k.*between -1 and 96"),  # > the vocabulary
+        ([5], SamplingParams(top_k=-2), "top_k"),
+        ([5], SamplingParams(temperature=2.5), "temperature"),
+        ([5], SamplingParams(temperature=float("nan")), "temperature"),
+        ([5], SamplingParams(top_p=float("inf")), "top_p"),
+        ([5], SamplingParams(max_tokens=2**31), "max_tokens"),
+        ([5], SamplingParams(seed=2**32), "seed"),
+        ([5], SamplingParams(seed=-1), "seed"),
+        ([5], SamplingParams(stop=("a",) * 5), "stop"),
+        ([5], SamplingParams(stop=("a" * 257,)), "stop"),
+        ([5], SamplingParams(stop_token_ids=(96,)), "stop_token_ids"),
+        ([5, True], SamplingParams(), "token ids"),
     ],
 )
 def test_bad_requests_are_refused_and_the_engine_keeps_serving(engine, prompt, params, match):
@@ -157,6 +181,61 @@ def test_bad_requests_are_refused_and_the_engine_keeps_serving(engine, prompt, p
         engine.submit(prompt, params, lambda out: None)
     out = engine.generate([5, 6], SamplingParams(max_tokens=3, temperature=0, ignore_eos=True))
     assert out.completion_tokens == 3
+
+
+def test_request_limits_are_the_same_for_every_caller():
+    """The limits are `jquant.serve.limits`' alone: the error is a ValueError naming the
+    field, and in-range extremes pass."""
+    from jquant.serve import limits
+
+    with pytest.raises(limits.LimitError) as e:
+        limits.check_request([5], SamplingParams(top_k=2**31), vocab_size=96, max_context=128)
+    assert isinstance(e.value, ValueError) and e.value.param == "top_k"
+    limits.check_request([95] * 3, SamplingParams(
+        max_tokens=125, temperature=2.0, top_p=0.0, top_k=96, seed=2**32 - 1,
+        stop=("s" * 256,) * 4, stop_token_ids=(95,)), vocab_size=96, max_context=128)  # fmt: skip
+
+
+@pytest.mark.parametrize("where", ["prefill", "sampling"])
+def test_a_request_failing_in_the_engine_fails_alone(engine, monkeypatch, where):
+    """An exception in the loop fails only the request it was for: its stream ends with
+    finish_reason "error", a request decoding beside it and the next one are served."""
+    greedy = SamplingParams(max_tokens=4, temperature=0, ignore_eos=True)
+    want = engine.generate([5, 6], greedy).token_ids
+    failures = engine.metrics()["failed_requests_total"]
+    if where == "sampling":  # the bug once: top_k past int32 stopped the engine for good
+        monkeypatch.setattr(engine, "check", lambda prompt, params: None)
+        bad = SamplingParams(max_tokens=4, top_k=2**31, ignore_eos=True)
+    else:
+        bad = greedy
+        prefill = engine.runner.prefill
+
+        def failing_prefill(slot, chunk, start, sampling):
+            if list(chunk[:3]) == [77, 77, 77]:
+                raise RuntimeError("planted prefill failure")
+            return prefill(slot, chunk, start, sampling)
+
+        monkeypatch.setattr(engine.runner, "prefill", failing_prefill)
+    beside, done = [], threading.Event()  # a long request decoding beside the failing ones
+
+    def on_beside(out):
+        beside.append(out)
+        if out.finish_reason:
+            done.set()
+
+    engine.submit([5, 6, 7], SamplingParams(max_tokens=60, temperature=0, ignore_eos=True),
+                  on_beside)  # fmt: skip
+    failed = []
+    engine.submit([77, 77, 77, 5], bad, failed.append)
+    with pytest.raises(RuntimeError, match="failed in the engine"):
+        engine.generate([77, 77, 77, 6], bad)
+    assert done.wait(60)
+    monkeypatch.undo()
+    assert [o.finish_reason for o in failed] == ["error"] and failed[0].error
+    assert beside[-1].finish_reason == "length" and beside[-1].completion_tokens == 60
+    assert engine.error is None
+    assert engine.generate([5, 6], greedy).token_ids == want
+    assert engine.metrics()["failed_requests_total"] == failures + 2
 
 
 def test_float_cache_perplexity_equals_the_cacheless_perplexity(tiny):

@@ -6,8 +6,8 @@ import ml_dtypes
 import numpy as np
 import pytest
 
-from jquant.models.llama import attend
-from jquant.serve.kv import kv_format
+from jquant.models.attention import attend
+from jquant.models.cache import kv_format
 
 
 def _x(shape, seed=0):
@@ -49,7 +49,7 @@ def test_bytes_per_token_int8_about_half_of_bfloat16():
 
 
 def test_unknown_format_names_the_known_ones():
-    with pytest.raises(ValueError, match="int4.*none, int8, fp8"):
+    with pytest.raises(ValueError, match="int4.*none, bfloat16, float16, float32, int8, fp8"):
         kv_format("int4")
 
 

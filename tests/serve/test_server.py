@@ -241,8 +241,8 @@ _LONG = "hello world " * 400  # over 512 tokens
     "path,body,param,fragment",
     [
         ("completions", {"prompt": "hi", "model": "gpt-4"}, "model", "does not exist"),
-        ("completions", {"prompt": "hi", "max_tokens": 0}, "max_tokens", ">= 1"),
-        ("completions", {"prompt": "hi", "max_tokens": -3}, "max_tokens", ">= 1"),
+        ("completions", {"prompt": "hi", "max_tokens": 0}, "max_tokens", "between 1 and"),
+        ("completions", {"prompt": "hi", "max_tokens": -3}, "max_tokens", "between 1 and"),
         ("completions", {"prompt": "hi", "max_tokens": MAX_CONTEXT}, "max_tokens",
          "maximum context length"),
         ("completions", {"prompt": _LONG}, "prompt", "maximum context length"),
@@ -293,6 +293,19 @@ _LONG = "hello world " * 400  # over 512 tokens
         ("completions", {"prompt": "hi", "stream_options": {"include_usage": True}},
          "stream_options", "only allowed when 'stream' is enabled"),
         ("completions", {"prompt": [10**6]}, "prompt", "token ids"),
+        # Bounded above as well as below: the limits the engine checks (jquant.serve.limits).
+        ("completions", {"prompt": "hi", "top_k": 2**31}, "top_k", "between -1 and"),
+        ("completions", {"prompt": "hi", "top_k": 10**6}, "top_k", "vocabulary size"),
+        ("completions", {"prompt": "hi", "top_k": -2}, "top_k", "between -1 and"),
+        ("completions", {"prompt": "hi", "seed": 2**64}, "seed", "between"),
+        ("completions", {"prompt": "hi", "max_tokens": 2**40}, "max_tokens", "between 1 and"),
+        ("completions", {"prompt": "hi", "stop": "s" * 257}, "stop", "at most 256"),
+        ("chat/completions", {"messages": [{"role": "user", "content": "hi"}],
+                              "max_completion_tokens": 0}, "max_completion_tokens",
+         "between 1 and"),
+        ("chat/completions", {"messages": [{"role": "user", "content": "hi"}],
+                              "temperature": -0.5}, "temperature", "between 0 and 2"),
+        ("completions", {"prompt": [[5, 6], [-1]]}, "prompt", "token ids"),
     ],
 )  # fmt: skip
 def test_bad_request_is_a_400_with_openais_error_body(base_url, path, body, param, fragment):
@@ -313,6 +326,92 @@ def test_malformed_json_is_a_400_and_the_server_keeps_serving(base_url, client, 
     with pytest.raises(openai.BadRequestError, match="Unrecognized request argument"):
         client.completions.create(model=MODEL, prompt="hi", extra_body={"frobnicate": 1})
     assert client.completions.create(model=MODEL, prompt="hi", max_tokens=2).choices[0].text
+
+
+@pytest.mark.parametrize(
+    "path,raw,param",
+    [
+        ("completions", '"prompt": "\\ud800"', "prompt"),
+        ("completions", '"prompt": ["ok", "a\\udfffb"]', "prompt[1]"),
+        ("chat/completions", '"messages": [{"role": "user", "content": "x\\ud800"}]',
+         "messages[0].content"),
+        ("chat/completions", '"messages": [{"role": "user", "content": [{"type": "text", '
+         '"text": "\\udc00"}]}]', "messages[0].content[0].text"),
+        ("completions", '"prompt": "hi", "stop": ["\\ud83d"]', "stop[0]"),
+        ("completions", '"prompt": "hi", "metadata": {"\\ud800": "x"}', "metadata"),
+    ],
+)  # fmt: skip
+def test_a_lone_surrogate_is_a_400_naming_the_field(base_url, client, path, raw, param):
+    body = f'{{"model": "{MODEL}", {raw}}}'.encode()
+    assert b"\\ud" in body  # the JSON escape itself: no Python string can encode it
+    r = httpx.post(f"{base_url}/v1/{path}", content=body,
+                   headers={"content-type": "application/json"}, timeout=30)  # fmt: skip
+    assert r.status_code == 400, r.text
+    error = r.json()["error"]
+    assert error["param"] == param and "lone surrogate" in error["message"], error
+    # A surrogate pair is one valid character (U+1F600).
+    pair = json.dumps({"model": MODEL, "prompt": "\U0001f600", "max_tokens": 2})
+    assert "\\ud83d\\ude00" in pair
+    r = httpx.post(f"{base_url}/v1/completions", content=pair.encode(),
+                   headers={"content-type": "application/json"}, timeout=30)  # fmt: skip
+    assert r.status_code == 200, r.text
+
+
+@pytest.mark.parametrize("depth", [65, 900, 100_000])
+def test_a_deeply_nested_body_is_a_400_and_the_server_keeps_serving(base_url, client, depth):
+    body = (f'{{"model": "{MODEL}", "prompt": "hi", "metadata": {{"a": ' + "[" * depth
+            + "]" * depth + "}}")  # fmt: skip
+    r = httpx.post(f"{base_url}/v1/completions", content=body.encode(),
+                   headers={"content-type": "application/json"}, timeout=30)  # fmt: skip
+    assert r.status_code == 400, r.text
+    error = r.json()["error"]
+    assert error["code"] == "invalid_json" and "nested more than 64 levels" in error["message"]
+    assert client.completions.create(model=MODEL, prompt="hi", max_tokens=2).choices[0].text
+
+
+def test_a_body_over_the_limit_is_a_413(base_url, client, monkeypatch):
+    from jquant.serve import protocol
+
+    monkeypatch.setattr(protocol, "MAX_BODY_BYTES", 1000)
+    body = json.dumps({"model": MODEL, "prompt": "x" * 2000}).encode()
+    chunks = [body[i : i + 100] for i in range(0, len(body), 100)]
+    for content in (body, iter(chunks)):  # with a Content-Length, then chunked without one
+        r = httpx.post(f"{base_url}/v1/completions", content=content,
+                       headers={"content-type": "application/json"}, timeout=30)  # fmt: skip
+        assert r.status_code == 413, r.text
+        assert r.json()["error"]["code"] == "request_too_large"
+    assert client.completions.create(model=MODEL, prompt="hi", max_tokens=2).choices[0].text
+
+
+def test_a_request_failing_in_the_engine_is_a_500_and_the_others_are_served(
+    base_url, client, engine, monkeypatch
+):
+    """One request whose prefill raises in the engine's thread: HTTP 500 (streamed: an error
+    event, then [DONE]); the engine keeps serving the next requests."""
+    _wait_idle(engine)
+    prefill = engine.runner.prefill
+    marker = [7, 7, 7, 7]
+
+    def failing_prefill(slot, chunk, start, sampling):
+        if list(chunk[:4]) == marker:
+            raise RuntimeError("planted failure")
+        return prefill(slot, chunk, start, sampling)
+
+    monkeypatch.setattr(engine.runner, "prefill", failing_prefill)
+    body = {"model": MODEL, "prompt": [*marker, 5], "max_tokens": 4}
+    r = httpx.post(f"{base_url}/v1/completions", json=body, timeout=30)
+    assert r.status_code == 500, r.text
+    error = r.json()["error"]
+    assert error["type"] == "server_error" and "planted failure" in error["message"]
+    with httpx.stream("POST", f"{base_url}/v1/completions", json={**body, "stream": True},
+                      timeout=30) as r:  # fmt: skip
+        lines = [line for line in r.iter_lines() if line]
+    assert "planted failure" in json.loads(lines[0][len("data: "):])["error"]["message"]
+    assert lines[-1] == "data: [DONE]"
+    assert engine.error is None and httpx.get(f"{base_url}/health").status_code == 200
+    r = client.completions.create(model=MODEL, prompt=[5, 6, 7], max_tokens=3, temperature=0,
+                                  extra_body={"ignore_eos": True})  # fmt: skip
+    assert r.choices[0].finish_reason == "length" and r.usage.completion_tokens == 3
 
 
 def test_unknown_url_is_an_openai_404(base_url):

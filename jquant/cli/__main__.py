@@ -1,0 +1,7 @@
+"""``python -m jquant.cli``: the ``jquant`` command."""
+
+import sys
+
+from jquant.cli import main
+
+sys.exit(main())

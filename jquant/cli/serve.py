@@ -1,0 +1,76 @@
+"""``jquant serve MODEL [--recipe R] [--kv-cache F] [--mesh tp=N] ...``: serve the model over
+an OpenAI-compatible HTTP API."""
+
+from __future__ import annotations
+
+import sys
+
+from jquant.cli import _args
+from jquant.models.cache import KV_CACHE_FORMATS
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("serve", help="serve the model over an OpenAI-compatible HTTP API")
+    _args.add_model_args(p)
+    p.add_argument("--kv-cache", choices=KV_CACHE_FORMATS, default="none",
+                   help="KV cache format (none: the compute dtype)")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on")
+    p.add_argument("--port", type=_args.int_at_least(0), default=8000, help="0 = any free port")
+    p.add_argument("--max-slots", type=_args.int_at_least(1), default=8,
+                   help="requests decoded at once")
+    p.add_argument("--max-context", type=_args.int_at_least(2),
+                   help="longest prompt + completion (default: the engine's)")
+    p.add_argument("--prefill-chunk", type=_args.int_at_least(1), default=128,
+                   help="prompt tokens prefilled per step")
+    p.add_argument("--mesh", help="tensor parallelism over devices: tp=N")
+    p.add_argument("--served-model-name", help="model id of the API (default: MODEL)")
+
+
+def run(args) -> int:
+    import socket
+
+    import uvicorn
+
+    from jquant.calib import quantize_loaded
+    from jquant.serve.engine import Engine, engine_report
+    from jquant.serve.server import create_app
+    from jquant.sharding import make_tp_mesh, parse_tp_mesh
+
+    if args.port > 65535:
+        raise ValueError(f"--port {args.port} is not a TCP port (0 to 65535)")
+    tp = None
+    if args.mesh is not None:
+        with _args.flag("--mesh"):
+            tp = parse_tp_mesh(args.mesh)
+    recipe = _args.recipe(args.recipe)
+    if tp is not None:
+        make_tp_mesh(tp)  # enough devices? (before the model loads)
+    family = socket.getaddrinfo(args.host, args.port, type=socket.SOCK_STREAM)[0][0]
+    sock = socket.create_server((args.host, args.port), family=family)  # fails before loading
+    try:
+        model, params, tokenizer, _ = _args.load(args)
+        if tokenizer is None:
+            raise ValueError(f"{args.model} has no tokenizer; serve needs one")
+        model, params = quantize_loaded(model, params, recipe)
+        engine = Engine(model, params, tokenizer, max_slots=args.max_slots,
+                        max_context=args.max_context, prefill_chunk=args.prefill_chunk,
+                        kv_cache=None if args.kv_cache == "none" else args.kv_cache,
+                        mesh=tp)  # fmt: skip
+        try:
+            print(engine_report(engine), file=sys.stderr, flush=True)
+            engine.start()
+            app = create_app(engine, args.served_model_name or args.model)
+            host, port = sock.getsockname()[:2]
+            host = f"[{host}]" if ":" in host else host
+            print(f"jquant serve: {args.served_model_name or args.model} at "
+                  f"http://{host}:{port}/v1 ({len(engine.runner.programs)} programs compiled "
+                  f"in {engine.compile_seconds:.1f} s)", flush=True)  # fmt: skip
+            # No logging config of uvicorn's own (it would bind handlers to this moment's
+            # stderr); its warnings still reach stderr through logging's last resort.
+            uvicorn.Server(uvicorn.Config(app, log_level="warning",
+                                         log_config=None)).run(sockets=[sock])
+        finally:
+            engine.close()
+    finally:
+        sock.close()
+    return 0

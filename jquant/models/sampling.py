@@ -1,0 +1,91 @@
+"""The one sampler: next tokens from logits, each row with its own settings and key.
+
+Rule: ``temperature == 0`` is greedy (argmax). Otherwise the logits are divided by the
+temperature, restricted to the ``top_k`` largest (ties with the k-th kept), then to the
+smallest set whose probability reaches ``top_p`` (the most likely token always kept), and
+one token is drawn with the key ``fold_in(key(seed), counter)``, where ``counter`` is how
+many tokens that sequence has sampled before. `jquant.models.generate` and the serving
+engine both sample through `sample`, so one seed gives one sequence in either.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+
+class Sampling(NamedTuple):
+    """Per-row sampling parameters (arrays of shape ``(rows,)``)."""
+
+    temperature: jax.Array  # float32; 0 = greedy
+    top_k: jax.Array  # int32; 0 = off
+    top_p: jax.Array  # float32; 1 = off
+    seed: jax.Array  # uint32
+    counter: jax.Array  # int32: how many tokens this row's sequence has sampled so far
+
+    @staticmethod
+    def greedy(rows: int) -> Sampling:
+        return Sampling(np.zeros(rows, np.float32), np.zeros(rows, np.int32),
+                        np.ones(rows, np.float32), np.zeros(rows, np.uint32),
+                        np.zeros(rows, np.int32))  # fmt: skip
+
+
+@dataclasses.dataclass(frozen=True)
+class Sampler:
+    """One setting for every row of a batch (`jquant.models.generate`'s arguments)."""
+
+    temperature: float = 0.0  # 0 = greedy (argmax)
+    top_k: int | None = None  # keep the k most likely tokens; None = all
+    top_p: float | None = None  # keep the smallest set with this much probability; None = all
+
+    def __post_init__(self):
+        if self.temperature < 0:
+            raise ValueError(f"temperature={self.temperature} must be >= 0")
+        if self.top_k is not None and self.top_k < 1:
+            raise ValueError(f"top_k={self.top_k} must be >= 1 or None")
+        if self.top_p is not None and not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p={self.top_p} must be in (0, 1] or None")
+
+    def rows(self, seeds) -> Sampling:
+        """`Sampling` for ``len(seeds)`` rows, row ``r`` drawing with ``seeds[r]``."""
+        n = len(seeds)
+        full = lambda v, dtype: np.full(n, v, dtype)  # noqa: E731
+        top_k = min(self.top_k or 0, np.iinfo(np.int32).max)  # past the vocabulary: all
+        return Sampling(full(self.temperature, np.float32), full(top_k, np.int32),
+                        full(1.0 if self.top_p is None else self.top_p, np.float32),
+                        np.asarray(seeds, np.uint32), full(0, np.int32))  # fmt: skip
+
+
+def sample(logits: jax.Array, s: Sampling) -> jax.Array:
+    """Next token ids ``(rows,)`` int32 from float32 ``logits (rows, V)``, by the rule above.
+
+    >>> logits = jnp.log(jnp.array([[0.1, 0.9], [0.8, 0.2]]))
+    >>> sample(logits, Sampling.greedy(2)).tolist()
+    [1, 0]
+    """
+    greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+
+    def stochastic():
+        vocab = logits.shape[-1]
+        t = jnp.where(s.temperature > 0, s.temperature, 1).astype(jnp.float32)
+        scaled = logits.astype(jnp.float32) / t[:, None]
+        ordered = -jnp.sort(-scaled, axis=-1)
+        k = jnp.where(s.top_k > 0, jnp.minimum(s.top_k, vocab), vocab)
+        in_top_k = jnp.arange(vocab)[None, :] < k[:, None]
+        probs = jax.nn.softmax(jnp.where(in_top_k, ordered, -jnp.inf), axis=-1)
+        before = jnp.cumsum(probs, axis=-1) - probs
+        keep = in_top_k & (before < s.top_p[:, None])
+        count = jnp.maximum(jnp.sum(keep, axis=-1, keepdims=True), 1)
+        threshold = jnp.take_along_axis(ordered, count - 1, axis=-1)
+        masked = jnp.where(scaled < threshold, -jnp.inf, scaled)
+        keys = jax.vmap(lambda seed, n: jax.random.fold_in(jax.random.key(seed), n))(
+            s.seed, s.counter
+        )
+        drawn = jax.vmap(lambda key, row: jax.random.categorical(key, row))(keys, masked)
+        return jnp.where(s.temperature > 0, drawn.astype(jnp.int32), greedy)
+
+    return jax.lax.cond(jnp.any(s.temperature > 0), stochastic, lambda: greedy)

@@ -1,0 +1,23 @@
+"""`jquant.arch.param_shapes` (what `jquant.io.packed` checks checkpoints against without
+importing the model) agrees with the model itself, for every family and option."""
+
+from __future__ import annotations
+
+import pytest
+from flax import nnx
+
+from jquant.arch import FAMILIES, LlamaConfig, param_shapes
+from jquant.models import abstract_model
+
+
+@pytest.mark.parametrize("model_type", sorted(FAMILIES))
+@pytest.mark.parametrize("tied, bias", [(False, True), (True, False)])
+def test_param_shapes_match_the_model(model_type, tied, bias):
+    config = LlamaConfig.from_hf(dict(
+        model_type=model_type, vocab_size=96, hidden_size=64, intermediate_size=80,
+        num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=24,
+        tie_word_embeddings=tied, attention_bias=bias))  # fmt: skip
+    _, state = nnx.split(abstract_model(config))
+    model = {"/".join(map(str, k)): tuple(v.get_value().shape) for k, v in
+             nnx.to_flat_state(state)}  # fmt: skip
+    assert param_shapes(config) == model

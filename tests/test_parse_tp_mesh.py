@@ -1,0 +1,48 @@
+"""`jquant.sharding.parse_tp_mesh` (``jquant serve --mesh``) and `jquant.serve.engine_report`
+(the line ``jquant serve`` prints about the engine's memory)."""
+
+from __future__ import annotations
+
+import types
+
+import pytest
+
+from jquant.serve import engine_report
+from jquant.sharding import parse_tp_mesh
+
+
+@pytest.mark.parametrize("text, tp", [("tp=1", 1), (" tp=8 ", 8), ("tp=02", 2)])
+def test_parse_tp_mesh(text, tp):
+    assert parse_tp_mesh(text) == tp
+
+
+@pytest.mark.parametrize("text", ["tp=0", "dp=2", "tp=2,dp=1", "tp=", "tp=-1", "2", ""])
+def test_parse_tp_mesh_refuses_anything_else(text):
+    with pytest.raises(ValueError) as e:
+        parse_tp_mesh(text)
+    assert str(e.value) == f"{text!r}: expected tp=N with N >= 1 devices, e.g. tp=2"
+
+
+def _engine(mesh, notes=(), held=None):
+    runner = types.SimpleNamespace(fmt=types.SimpleNamespace(name="int8"),
+                                   cache=types.SimpleNamespace(nbytes=12_345_678),
+                                   weight_bytes=98_765_432,
+                                   per_device_bytes=lambda: held)  # fmt: skip
+    return types.SimpleNamespace(runner=runner, max_slots=4, max_context=256, mesh=mesh,
+                                 tp_notes=list(notes))  # fmt: skip
+
+
+def test_engine_report_one_line_without_a_mesh():
+    assert engine_report(_engine(None)) == (
+        "jquant serve: 4 slots x 256 tokens, KV cache int8 12.3 MB, weights 98.8 MB")
+
+
+def test_engine_report_per_device_and_replicated_tensors_under_a_mesh():
+    held = {"d0": 60_000_000, "d1": 61_000_000}
+    report = engine_report(_engine("mesh", ["lm_head/kernel: vocab 49 % 2", "x: y"], held))
+    assert report.splitlines() == [
+        "jquant serve: 4 slots x 256 tokens, KV cache int8 12.3 MB, weights 98.8 MB; "
+        "tp=2: 61.0 MB per device (2 tensors replicated)",
+        "  replicated: lm_head/kernel: vocab 49 % 2",
+        "  replicated: x: y",
+    ]
