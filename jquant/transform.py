@@ -9,7 +9,8 @@ replaced by a QArray (inside a new Variable of the same type for NNX, so
 same object. It runs on the host, leaf by leaf: do not ``jit`` it.
 
 Paths join dict keys (and NNX state keys) with ``"/"`` and write list indices as
-numbers: ``"params/Dense_0/kernel"``, ``"layers/3/mlp/down_proj/kernel"``.
+numbers: ``"params/Dense_0/kernel"``, ``"layers/3/mlp/down_proj/kernel"``
+(`jquant.tree` walks trees by these paths and gives the rule for a leaf).
 """
 
 from __future__ import annotations
