@@ -9,6 +9,7 @@ from jquant import models as models
 from jquant import ops as ops
 from jquant import qtypes as qtypes
 from jquant import sharding as sharding
+from jquant import tree as tree
 from jquant.intercept import apply as apply
 from jquant.intercept import linen_quantized as linen_quantized
 from jquant.intercept import nnx_apply as nnx_apply

@@ -28,6 +28,7 @@ import jax
 import jax.numpy as jnp
 
 from jquant import kernels, qtypes
+from jquant._weight import weight_wrapper
 
 # Formats an activation may be quantized into (8-bit: 4-bit activations lose too much).
 ACTIVATION_FORMATS = ("int8", "fp8_e4m3", "fp8_e5m2")
@@ -90,7 +91,9 @@ def _fake_quant_bwd(fmt, axes, _, g):
 fake_quant.defvjp(_fake_quant_fwd, _fake_quant_bwd)
 
 
-@dataclasses.dataclass(frozen=True)
+@weight_wrapper("value", misuse=(
+    "an ActQuantized weight quantizes the activations of its matmuls: pass it to jquant.ops "
+    "(qdot / qeinsum / qattend) or run the model through jquant.apply"))
 class ActQuantized:
     """A float weight whose matmuls quantize their activations first (QAT of W8A8 / W4A8).
 
@@ -105,27 +108,6 @@ class ActQuantized:
 
     def __post_init__(self):
         check_format(self.activation)
-
-    @property
-    def shape(self):
-        return self.value.shape
-
-    @property
-    def ndim(self) -> int:
-        return self.value.ndim
-
-    @property
-    def dtype(self):
-        return self.value.dtype
-
-    def __jax_array__(self):
-        raise TypeError(
-            "an ActQuantized weight quantizes the activations of its matmuls: pass it to "
-            "jquant.ops (qdot / qeinsum / qattend) or run the model through jquant.apply"
-        )
-
-
-jax.tree_util.register_dataclass(ActQuantized, data_fields=["value"], meta_fields=["activation"])
 
 
 # Activation format -> the weight qtype of a true 8-bit matmul (same code dtype).

@@ -4,7 +4,8 @@ Every plain matmul of ``jquant.ops`` (one contracted axis, no batch axes) ends i
 :func:`matmul`, with the weight flattened to storage ``(N, Kbytes)`` (:func:`as_2d`).
 
 The path is ``"auto"``, ``"xla"`` or ``"kernel"``: ``set_matmul_path`` sets it, else the
-``JQUANT_MATMUL`` environment variable, else ``"auto"``. It is read while tracing.
+``JQUANT_MATMUL`` environment variable, else ``"auto"``. It is read while tracing, and is
+not part of any jit cache key (see :func:`set_matmul_path` for what that means).
 
 * ``"auto"`` runs a kernel only on a TPU or GPU, only where the backend's ``can_use_*``
   predicate accepts the inputs, and only at the M a **measured** dispatch table allows
@@ -44,8 +45,20 @@ _log = logging.getLogger("jquant")
 def set_matmul_path(path: str | None) -> str | None:
     """Chooses how quantized matmuls run: ``"auto"``, ``"xla"`` or ``"kernel"``.
 
-    ``None`` clears the choice (back to ``$JQUANT_MATMUL``, else ``"auto"``). The
-    choice is read while tracing, so it applies to functions jitted afterwards.
+    ``None`` clears the choice (back to ``$JQUANT_MATMUL``, else ``"auto"``). Process-wide
+    (all threads). The path is read when a matmul is **traced**, and it is not part of
+    JAX's jit cache key, so:
+
+    * a function already jitted and called keeps the path it was traced under for every
+      later call with the same input shapes and dtypes, whatever the setting now;
+    * it takes the new path when it is traced again: a call with new shapes/dtypes, a jit
+      of a *new* Python function, or any call after ``jax.clear_caches()``. ``jax.jit(f)``
+      again on the same ``f`` is not enough: JAX caches traces by ``f`` itself;
+    * code run without jit traces on every call and always takes the current path.
+
+    To switch a running program, set the path, then ``jax.clear_caches()`` (everything
+    re-traces and recompiles once); or set it (or ``$JQUANT_MATMUL``) before the first
+    call. ``tests/kernels/test_matmul_path.py`` shows the rule.
 
     Args:
       path: ``"auto"`` (a fused kernel where one applies and a measured dispatch table

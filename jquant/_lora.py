@@ -13,8 +13,12 @@ from typing import Any
 
 import jax
 
+from jquant._weight import weight_wrapper
 
-@dataclasses.dataclass(frozen=True)
+
+@weight_wrapper("base", misuse=(
+    "a LoRAWeight is a quantized base plus an adapter: pass it to jquant.ops (qdot), run the "
+    "model through jquant.apply, or merge it (jquant.qat.lora.merge)"))
 class LoRAWeight:
     """``base (K, N)`` (a QArray or an array) + ``scale * a (K, r) @ b (r, N)``."""
 
@@ -22,25 +26,3 @@ class LoRAWeight:
     a: jax.Array
     b: jax.Array
     scale: float = dataclasses.field(metadata=dict(static=True), default=1.0)
-
-    @property
-    def shape(self):
-        return tuple(self.base.shape)
-
-    @property
-    def ndim(self) -> int:
-        return len(self.shape)
-
-    @property
-    def dtype(self):
-        return self.base.dtype
-
-    def __jax_array__(self):
-        raise TypeError(
-            "a LoRAWeight is a quantized base plus an adapter: pass it to jquant.ops (qdot), "
-            "run the model through jquant.apply, or merge it (jquant.qat.lora.merge)"
-        )
-
-
-jax.tree_util.register_dataclass(LoRAWeight, data_fields=["base", "a", "b"],
-                                 meta_fields=["scale"])  # fmt: skip

@@ -32,6 +32,8 @@ from typing import Any
 
 import jax
 
+from jquant._weight import weight_wrapper
+
 Handler = Callable[[jax.Array, "Tap"], Any]
 
 
@@ -46,27 +48,12 @@ class Rewired:
 _state = threading.local()
 
 
-@dataclasses.dataclass(frozen=True)
+@weight_wrapper("value")
 class Tap:
     """A float kernel marked for calibration: ``value`` ``(K, *out)``, contraction axis 0."""
 
     value: jax.Array
     path: str = dataclasses.field(metadata=dict(static=True), default="")
-
-    @property
-    def shape(self):
-        return self.value.shape
-
-    @property
-    def ndim(self) -> int:
-        return self.value.ndim
-
-    @property
-    def dtype(self):
-        return self.value.dtype
-
-
-jax.tree_util.register_dataclass(Tap, data_fields=["value"], meta_fields=["path"])
 
 
 @contextlib.contextmanager
@@ -104,3 +91,18 @@ def resolve(x, tap: Tap, *, contracting_axis: int = -1):
 
 def _identity(y):
     return y
+
+
+def with_taps(params, paths):
+    """``params`` (any parameter tree, `jquant.tree` paths) with the leaves at ``paths``
+    wrapped in Taps (an ``nnx.Variable`` keeps its type and holds the Tap); every other
+    leaf is the very same object.
+
+    >>> import jax.numpy as jnp
+    >>> tapped = with_taps({"w": jnp.ones((3, 4)), "b": jnp.zeros(4)}, {"w"})
+    >>> type(tapped["w"]).__name__, tapped["w"].path, type(tapped["b"]).__name__
+    ('Tap', 'w', 'ArrayImpl')
+    """
+    from jquant import tree  # jquant.tree imports the recipe and so the algorithms, ops
+
+    return tree.map_with_path(lambda p, v: Tap(v, p) if p in paths else v, params)

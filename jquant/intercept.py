@@ -33,6 +33,7 @@ Subclasses are intercepted only where they inherit the stock method unchanged.
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import functools
 import threading
 
@@ -337,28 +338,34 @@ _NNX_HANDLERS = {
 def _nnx_patched(orig, param, handler):
     @functools.wraps(orig)
     def method(self, *args, **kwargs):
-        value = _nnx_value(getattr(self, param, None))
-        if isinstance(value, QArray | Tap | ActQuantized | LoRAWeight):
-            return handler(self, value, *args, **kwargs)
+        if _nnx_active.get():
+            value = _nnx_value(getattr(self, param, None))
+            if isinstance(value, QArray | Tap | ActQuantized | LoRAWeight):
+                return handler(self, value, *args, **kwargs)
         return orig(self, *args, **kwargs)
 
     return method
 
 
+# Whether the current context (thread, asyncio task) is inside nnx_quantized(): the patched
+# methods act only where it is set, so other threads keep Flax's behaviour.
+_nnx_active: contextvars.ContextVar[bool] = contextvars.ContextVar("jquant_nnx", default=False)
 _nnx_lock = threading.Lock()
-_nnx_depth = 0
-_nnx_saved: list = []
+_nnx_depth = 0  # contexts open in any thread: the methods are patched while it is > 0
+_nnx_saved: list = []  # (class, name, Flax's method) to restore
 
 
 @contextlib.contextmanager
 def nnx_quantized():
     """A context in which stock NNX layers run on QArray params (see the module docstring).
 
-    Patches ``__call__`` / ``attend`` of ``nnx.Linear``, ``nnx.LinearGeneral``,
-    ``nnx.Einsum`` and ``nnx.Embed`` for its duration and restores them on exit,
-    also on error. Nested and concurrent uses share one patch (the last exit
-    restores), but the patch is process-wide: other threads see it meanwhile.
-    A layer whose param is a float array runs Flax's own code, untouched.
+    Only the calling thread (more exactly, the current ``contextvars`` context) sees the
+    quantized behaviour: ``__call__`` / ``attend`` of ``nnx.Linear``,
+    ``nnx.LinearGeneral``, ``nnx.Einsum`` and ``nnx.Embed`` are wrapped while any such
+    context is open in the process, but the wrapper defers to Flax's own method unless
+    its caller is inside one, so another thread running NNX layers meanwhile gets plain
+    Flax. Nesting is fine; the methods are restored when the last context exits, also on
+    error. A layer whose param is a float array runs Flax's own code, untouched.
 
     Jitted functions must be traced inside the context (the first call); their
     compiled code no longer needs it.
@@ -376,9 +383,11 @@ def nnx_quantized():
                 _nnx_saved.append((cls, name, orig))
                 setattr(cls, name, _nnx_patched(orig, param, handler))
         _nnx_depth += 1
+    token = _nnx_active.set(True)
     try:
         yield
     finally:
+        _nnx_active.reset(token)
         with _nnx_lock:
             _nnx_depth -= 1
             if _nnx_depth == 0:

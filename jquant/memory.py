@@ -18,12 +18,11 @@ import math
 import re
 from collections.abc import Mapping
 
-import jax
 import numpy as np
 
+from jquant import tree
 from jquant.models.cache import KV_CACHE_FORMATS, kv_format
 from jquant.qarray import QArray
-from jquant.transform import _is_leaf, path_str
 
 GB = 1e9
 
@@ -131,7 +130,6 @@ class MemoryReport:
 
 
 def _leaf_usage(leaf) -> tuple[str, int, int]:
-    leaf = getattr(leaf, "get_value", lambda: leaf)()  # an NNX Variable holds its array
     if isinstance(leaf, QArray):
         return leaf.qtype, leaf.size, leaf.nbytes
     shape = getattr(leaf, "shape", None)
@@ -201,8 +199,7 @@ def memory_report(
             raise ValueError(f"{field} must be a positive integer, got {value!r}")
     if not 0 <= overhead < 10:
         raise ValueError(f"overhead={overhead!r} must be a fraction >= 0")
-    flat, _ = jax.tree_util.tree_flatten_with_path(params, is_leaf=_is_leaf)
-    leaves = [(path_str(keys), leaf) for keys, leaf in flat]
+    leaves = tree.leaves(params)
     usage: dict[str, list[int]] = {}
     for _, leaf in leaves:
         name, elements, nbytes = _leaf_usage(leaf)

@@ -38,7 +38,8 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from jquant.kernels._formats import packed_group_bytes
-from jquant.qarray import QArray
+from jquant.qarray import QArray, is_qarray
+from jquant.tree import map_with_path
 
 
 def storage_partition_spec(
@@ -184,12 +185,8 @@ def shard_params(tree, logical_specs, mesh: Mesh):
             lambda s: NamedSharding(mesh, s), specs, is_leaf=lambda s: isinstance(s, P)
         )
 
-    shardings = jax.tree.map(sharding_of, tree, logical_specs, is_leaf=_is_qarray)
+    shardings = jax.tree.map(sharding_of, tree, logical_specs, is_leaf=is_qarray)
     return jax.device_put(tree, shardings)
-
-
-def _is_qarray(x) -> bool:
-    return isinstance(x, QArray)
 
 
 # ---- tensor parallelism for the Llama family ------------------------------------------
@@ -218,14 +215,6 @@ def _tp_rule(parent: str, name: str, axis: str):
     if name == "scale" and parent.endswith("norm"):
         return None, True
     return None, False
-
-
-def _leaf_path(keys) -> str:
-    """A key path as a parameter path; NNX ``Variable``s' own key (``value``) is dropped."""
-    from jquant.transform import path_str
-
-    value = jax.tree_util.GetAttrKey("value")
-    return path_str([k for k in keys if k != value])
 
 
 def tp_logical_specs(params, tp: int, axis: str = "tp", *, config=None):
@@ -274,15 +263,14 @@ def tp_logical_specs(params, tp: int, axis: str = "tp", *, config=None):
         raise ValueError(f"tp_logical_specs: tp={tp} must be >= 1")
     notes: list[str] = []
 
-    def one(keys, leaf):
-        path = _leaf_path(keys)
+    def one(path, leaf):
         shape = tuple(getattr(leaf, "shape", ()))
         spec, reason = _tp_leaf_spec(path, leaf, shape, tp, axis, config)
         if reason is not None:
             notes.append(f"{path} {shape}: {reason}; replicated")
         return spec
 
-    specs = jax.tree_util.tree_map_with_path(one, params, is_leaf=_is_qarray)
+    specs = map_with_path(one, params)
     return specs, notes
 
 

@@ -9,24 +9,25 @@ replaced by a QArray (inside a new Variable of the same type for NNX, so
 same object. It runs on the host, leaf by leaf: do not ``jit`` it.
 
 Paths join dict keys (and NNX state keys) with ``"/"`` and write list indices as
-numbers: ``"params/Dense_0/kernel"``, ``"layers/3/mlp/down_proj/kernel"``.
+numbers: ``"params/Dense_0/kernel"``, ``"layers/3/mlp/down_proj/kernel"``
+(`jquant.tree` walks trees by these paths and gives the rule for a leaf).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
+import warnings
 from collections.abc import Callable, Mapping
 from typing import Any
 
-import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import nnx
 
-from jquant import algorithms
+from jquant import algorithms, tree
 from jquant.qarray import QArray
 from jquant.recipe import SCALE_DTYPES, Recipe, Rule
+from jquant.tree import path_str as path_str  # the path API lives in jquant.tree
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -78,6 +79,11 @@ def quantize(
         quantized as asked (integer dtype, NaN/inf, bad axis), or a rule that matches
         nothing under ``require_match``.
 
+    Warns:
+      UserWarning: naming the rule and the paths, once per quantizing (non-skip) rule that
+        matches leaves it cannot quantize: Python numbers, rank-0/1 arrays (biases, norm
+        scales), PRNG keys. They stay as they are; a broad pattern usually caused it.
+
     >>> params = {"params": {"Dense_0": {"kernel": jnp.ones((256, 4)), "bias": jnp.zeros(4)}}}
     >>> q = quantize(params, "w4a16-rtn-g128")
     >>> dense = q["params"]["Dense_0"]
@@ -85,81 +91,59 @@ def quantize(
     ('int4', True)
     """
     recipe = recipe if isinstance(recipe, Recipe) else Recipe.load(recipe)
-    flat, treedef = jax.tree_util.tree_flatten_with_path(params, is_leaf=_is_leaf)
-    paths = [path_str(keys) for keys, _ in flat]
-    recipe.check_matches(paths)
+    flat, treedef = tree.flatten(params)
+    recipe.check_matches([path for path, _ in flat])
     leaves, rows = [], []
-    for path, (_, leaf) in zip(paths, flat):
-        new, row = _quantize_leaf(path, leaf, recipe, calibration, report)
+    unquantizable: dict[int, list[str]] = {}  # rule index -> matched paths it cannot quantize
+    for path, leaf in flat:
+        new, row = _quantize_leaf(path, leaf, recipe, calibration, report, unquantizable)
         leaves.append(new)
         if row is not None:
             rows.append(row)
-    tree = jax.tree_util.tree_unflatten(treedef, leaves)
-    return (tree, rows) if report else tree
+    _warn_unquantizable(recipe, unquantizable)
+    out = tree.unflatten(treedef, leaves)
+    return (out, rows) if report else out
 
 
-def path_str(keys) -> str:
-    """A JAX key path as a recipe path: ``(DictKey('a'), SequenceKey(0))`` → ``"a/0"``.
-
-    >>> path_str(jax.tree_util.tree_flatten_with_path({"a": [1]})[0][0][0])
-    'a/0'
-    """
-    parts = []
-    for k in keys:
-        if isinstance(k, jax.tree_util.DictKey):
-            parts.append(str(k.key))
-        elif isinstance(k, jax.tree_util.SequenceKey):
-            parts.append(str(k.idx))
-        elif isinstance(k, jax.tree_util.GetAttrKey):
-            parts.append(k.name)
-        elif isinstance(k, jax.tree_util.FlattenedIndexKey):
-            parts.append(str(k.key))
-        else:
-            parts.append(str(k))
-    return "/".join(parts)
-
-
-def _is_leaf(x) -> bool:
-    return isinstance(x, nnx.Variable | QArray)
-
-
-def _unwrap(leaf):
-    return leaf.get_value() if isinstance(leaf, nnx.Variable) else leaf
-
-
-def _rewrap(leaf, value):
-    return leaf.replace(value=value) if isinstance(leaf, nnx.Variable) else value
-
-
-def _is_array(x) -> bool:
-    """A numeric array (PRNG key arrays and other extended dtypes are not weights)."""
-    if isinstance(x, QArray) or not (hasattr(x, "shape") and hasattr(x, "dtype")):
-        return False
-    return not jax.dtypes.issubdtype(x.dtype, jax.dtypes.extended)
-
-
-def _quantize_leaf(path, leaf, recipe, calibration, report):
-    """(new leaf, report row or None) for one leaf."""
-    value = _unwrap(leaf)
+def _quantize_leaf(path, leaf, recipe, calibration, report, unquantizable):
+    """(new leaf, report row or None) for one leaf; records in ``unquantizable`` the
+    leaves a quantizing rule matches but cannot quantize."""
+    value = tree.unwrap(leaf)
     if isinstance(value, QArray):  # already quantized: leave it, report what it is
         return leaf, _row(path, value, value, None) if report else None
-    if not _is_array(value):
-        return leaf, None
     rule = recipe.match(path)
-    status = _decide(rule, value)
+    if rule is not None and not rule.skip and not (tree.is_array(value) and value.ndim >= 2):
+        unquantizable.setdefault(rule.index, []).append(path)
+    if not tree.is_array(value):
+        return leaf, None
+    status = tree.decide(rule, value)
     if status is not None:
         if rule is not None and rule.skip and rule.dtype is not None:
             value = _as_float(value, rule)
-            leaf = _rewrap(leaf, value)
+            leaf = tree.rewrap(leaf, value)
         return leaf, _row(path, value, value, None, status=status) if report else None
-    resolved = _resolve(rule, path, value, recipe)
+    resolved = tree.resolve(rule, path, value, recipe)
     data = calibration(path) if callable(calibration) else (calibration or {}).get(path)
     try:
         q = algorithms.run(resolved.algorithm, value, resolved, path=path, calibration=data)
     except ValueError as e:
         msg = str(e) if path in str(e) else f"{path}: {e}"
         raise ValueError(f"{msg} [{rule.where} of recipe {recipe.name!r}]") from None
-    return _rewrap(leaf, q), _row(path, value, q, resolved.algorithm) if report else None
+    return tree.rewrap(leaf, q), _row(path, value, q, resolved.algorithm) if report else None
+
+
+def _warn_unquantizable(recipe: Recipe, unquantizable: dict[int, list[str]]) -> None:
+    """One UserWarning per quantizing rule that matched leaves it cannot quantize (not
+    arrays, or rank < 2: biases, norm scales, Python numbers); they stay as they are."""
+    for index, paths in unquantizable.items():
+        rule = recipe.rules[index]
+        shown = ", ".join(paths[:5]) + (f", ... ({len(paths)} in all)" if len(paths) > 5 else "")
+        warnings.warn(
+            f"{rule.where} of recipe {recipe.name!r} matches {len(paths)} parameter(s) it "
+            f"cannot quantize (not an array of rank >= 2), left as they are: {shown}. "
+            "Narrow the pattern (e.g. end it in kernel$) or add a skip rule before it.",
+            UserWarning, stacklevel=3,
+        )  # fmt: skip
 
 
 def _as_float(value, rule: Rule):
@@ -167,22 +151,6 @@ def _as_float(value, rule: Rule):
     if not jnp.issubdtype(value.dtype, jnp.floating):
         return value
     return jnp.asarray(value, SCALE_DTYPES[rule.dtype])
-
-
-def _decide(rule: Rule | None, value) -> str | None:
-    """"float"/"skip" when the leaf stays as it is, None when it is quantized."""
-    if rule is None or value.ndim < 2:
-        return "float"
-    if rule.skip or math.prod(value.shape) < rule.min_size:
-        return "skip"
-    return None
-
-
-def _resolve(rule: Rule, path: str, value, recipe: Recipe) -> Rule:
-    try:
-        return rule.resolve(path, value.ndim)
-    except ValueError as e:
-        raise ValueError(f"{e} [recipe {recipe.name!r}]") from None
 
 
 def _row(path, value, q, algorithm, *, status=None) -> ReportRow:

@@ -1,5 +1,7 @@
 """Stock Flax layers (Linen and NNX) on quantized params give the dequantized model's outputs."""
 
+import threading
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -206,3 +208,50 @@ def test_linen_embed_built_in_setup_exposes_the_qarray():
     qvars = {"params": {"embed": {"embedding": table}}}
     _close(intercept.apply(Tied(), qvars, ids), Tied().apply(_dequantized(qvars), ids))
     assert seen[-2] is QArray
+
+
+def _in_other_thread(fn):
+    """``fn()``'s result, or the exception it raised, in a new thread."""
+    out = {}
+
+    def run():
+        try:
+            out["value"] = fn()
+        except Exception as e:  # noqa: BLE001 - handed back to the test
+            out["error"] = e
+
+    t = threading.Thread(target=run)
+    t.start()
+    t.join()
+    return out
+
+
+def test_nnx_context_is_not_seen_by_other_threads():
+    layer = nnx.Linear(64, 8, rngs=nnx.Rngs(0))
+    float_kernel = layer.kernel.get_value()
+    qlayer = nnx.Linear(64, 8, rngs=nnx.Rngs(0))
+    qlayer.kernel.set_value(quantize_array(float_kernel, "int8", axis=0))
+    x = jnp.ones((2, 64))
+    with intercept.nnx_quantized():
+        _close(qlayer(x), x @ qlayer.kernel.get_value().dequantize() + layer.bias.get_value())
+        # Another thread meanwhile runs Flax's own Linear: a float one as usual, and a
+        # QArray kernel is not understood there (only this context quantizes).
+        plain = _in_other_thread(lambda: layer(x))
+        quantized = _in_other_thread(lambda: qlayer(x))
+    np.testing.assert_array_equal(plain["value"], layer(x))
+    assert "value" not in quantized and "error" in quantized
+    # A thread that opens its own context sees the quantized behaviour.
+    own = _in_other_thread(lambda: intercept.nnx_apply(qlayer, x))
+    _close(own["value"], x @ qlayer.kernel.get_value().dequantize() + layer.bias.get_value())
+
+
+def test_linen_context_is_not_seen_by_other_threads():
+    model = nn.Dense(8)
+    variables = model.init(jax.random.key(0), jnp.ones((1, 64)))
+    kernel = quantize_array(variables["params"]["kernel"], "int8", axis=0)
+    qvariables = {"params": {**variables["params"], "kernel": kernel}}
+    x = jnp.ones((2, 64))
+    with intercept.linen_quantized():
+        assert model.apply(qvariables, x).shape == (2, 8)
+        other = _in_other_thread(lambda: model.apply(qvariables, x))
+    assert "error" in other

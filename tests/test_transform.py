@@ -1,5 +1,7 @@
 """quantize(): Linen dicts, NNX State, nested containers, errors, reports, rtn clip search."""
 
+import warnings
+
 import flax
 import flax.linen as nn
 import jax
@@ -103,10 +105,63 @@ def test_rank_below_two_and_min_size_and_skip():
               "bias": jnp.ones(64), "c": {"kernel": jnp.ones((64, 8))}}  # fmt: skip
     r = recipe({"pattern": "^c/", "skip": True},
                {"pattern": ".", "weight": "int8", "min_size": 100})  # fmt: skip
-    q, rows = quantize(params, r, report=True)
+    with pytest.warns(UserWarning, match=r"rules\[1\] \(pattern '\.'\).*: bias\."):
+        q, rows = quantize(params, r, report=True)
     status = {row.path: row.qtype for row in rows}
     assert status == {"a/kernel": "int8", "b/kernel": "skip", "bias": "float", "c/kernel": "skip"}
     assert q["bias"] is params["bias"] and q["b"]["kernel"] is params["b"]["kernel"]
+
+
+def test_rule_matching_leaves_it_cannot_quantize_warns():
+    params = {"layers": [{"kernel": jnp.ones((64, 8)), "norm": {"scale": jnp.ones(8)}}
+                         for _ in range(7)], "step": 3}  # fmt: skip
+    r = recipe({"pattern": "^layers/", "weight": "int8"}, {"pattern": "step", "weight": "int4"})
+    with pytest.warns(UserWarning) as record:
+        q = quantize(params, r)
+    messages = [str(w.message) for w in record]
+    assert len(messages) == 2
+    assert "rules[0] (pattern '^layers/') of recipe 't' matches 7 parameter(s)" in messages[0]
+    assert "layers/0/norm/scale, layers/1/norm/scale" in messages[0]
+    assert "... (7 in all)" in messages[0] and "layers/5/norm/scale" not in messages[0]
+    assert "rules[1] (pattern 'step')" in messages[1] and messages[1].endswith(
+        "skip rule before it.") and ": step." in messages[1]
+    assert isinstance(q["layers"][0]["kernel"], QArray) and q["step"] == 3
+    assert q["layers"][0]["norm"]["scale"] is params["layers"][0]["norm"]["scale"]
+
+
+def test_skip_rules_min_size_and_quantized_leaves_do_not_warn():
+    q8 = quantize_array(jnp.ones((64, 8)), "int8", axis=0)
+    params = {"kernel": q8, "bias": jnp.ones(8), "small": {"kernel": jnp.ones((4, 4))}}
+    r = recipe({"pattern": "bias", "skip": True},
+               {"pattern": "kernel$", "weight": "int8", "min_size": 100})  # fmt: skip
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        q = quantize(params, r)
+    assert q["kernel"] is q8
+
+
+# SmolLM2-135M's parameter paths (shapes shrunk, K a multiple of every shipped group size).
+SMOLLM2_PATHS = {
+    "embed_tokens/embedding": (256, 128), "lm_head/kernel": (128, 256), "norm/scale": (128,),
+    **{f"layers/{i}/{p}": s for i in range(2) for p, s in {
+        **{f"self_attn/{n}_proj/kernel": (128, 128) for n in "qkvo"},
+        **{f"mlp/{n}_proj/kernel": (128, 128) for n in ("gate", "up", "down")},
+        "input_layernorm/scale": (128,), "post_attention_layernorm/scale": (128,),
+    }.items()},
+}
+
+
+@pytest.mark.parametrize("name", Recipe.list_shipped())
+def test_shipped_recipes_match_only_quantizable_smollm2_leaves(name):
+    r = Recipe.load(name)
+    for path, shape in SMOLLM2_PATHS.items():
+        rule = r.match(path)
+        assert rule is None or rule.skip or len(shape) >= 2, (name, path)
+    if all(rule.algorithm in ("rtn", "hqq") for rule in r.rules):
+        params = {p: jnp.ones(s, jnp.bfloat16) for p, s in SMOLLM2_PATHS.items()}
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            quantize(params, r)
 
 
 def test_recipe_by_name_and_path(tmp_path, linen_params):

@@ -42,10 +42,9 @@ import numpy as np
 from flax import nnx
 from tqdm.auto import tqdm
 
-from jquant import algorithms
-from jquant._tap import Rewired, tapping
+from jquant import algorithms, tree
+from jquant._tap import Rewired, tapping, with_taps
 from jquant.calib import stats
-from jquant.calib.driver import _with_taps
 from jquant.models.convert import EMBED_PATH, HEAD_PATH
 from jquant.qarray import QArray
 from jquant.recipe import Rule
@@ -102,21 +101,9 @@ def _input_stats(x):
             jnp.max(a, axis=0), jnp.float32(x.shape[0]))  # fmt: skip
 
 
-def _is_variable(x) -> bool:
-    return isinstance(x, nnx.Variable)
-
-
 def _kernel_paths(state) -> list[str]:
-    from jquant.transform import path_str
-
-    flat, _ = jax.tree_util.tree_flatten_with_path(state, is_leaf=_is_variable)
-    out = []
-    for keys, leaf in flat:
-        value = leaf.get_value() if _is_variable(leaf) else leaf
-        path = path_str(keys)
-        if path.endswith("kernel") and getattr(value, "ndim", 0) == 2:
-            out.append(path)
-    return out
+    return [path for path, value in tree.leaves(state)
+            if path.endswith("kernel") and getattr(value, "ndim", 0) == 2]  # fmt: skip
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "paths"))
@@ -124,7 +111,7 @@ def _layer_backward(graphdef, state, x, ctx, g_out, *, paths):
     """(∂L/∂x, {path: Σ g²}, {path: input stats}) of one decoder layer."""
     from jquant.models import blocks
 
-    tapped = _with_taps(state, set(paths))
+    tapped = with_taps(state, set(paths))
     widths = {p: _leaf(state, p).shape[-1] for p in paths}
     probes = {p: jnp.zeros((widths[p],), jnp.float32) for p in paths}
 
@@ -148,7 +135,7 @@ def _leaf(state, path):
     node = state
     for key in path.split("/"):
         node = node[int(key) if key.isdigit() else key]
-    return node.get_value() if _is_variable(node) else node
+    return tree.unwrap(node)
 
 
 @functools.partial(jax.jit, static_argnames=("norm_graphdef", "tied", "softcap"))
@@ -203,7 +190,7 @@ def collect(model, params: nnx.State, tokens, *, batch_size: int = 2,
     paths = tuple(_kernel_paths(blocks.layer_params(params, 0)))
     norm_gd = nnx.graphdef(model.norm)
     head_w = (params["embed_tokens"]["embedding"] if tied else params["lm_head"]["kernel"])
-    head_w = head_w.get_value() if _is_variable(head_w) else head_w
+    head_w = tree.unwrap(head_w)
     sums: dict[str, list] = {}
     gsq: dict[str, np.ndarray] = {}
     rows = np.zeros((config.vocab_size, config.hidden_size), np.float64)
@@ -358,10 +345,7 @@ def price(params: nnx.State, statistics: Statistics, kernel_candidates, table_ca
     ``embed_tokens/embedding``) and as the head (path ``lm_head/kernel``, the same ``ΔE``
     seen by the head's matmul); the allocator adds the two when the table stays shared.
     """
-    from jquant.transform import path_str
-
-    flat, _ = jax.tree_util.tree_flatten_with_path(params, is_leaf=_is_variable)
-    values = {path_str(k): (v.get_value() if _is_variable(v) else v) for k, v in flat}
+    values = dict(tree.leaves(params))
     out: dict[str, dict[str, Option]] = {}
     jobs = [(p, c) for p in statistics.kernels for c in kernel_candidates]
     bar = tqdm(total=len(jobs) + len(table_candidates), desc="pricing", unit="option",

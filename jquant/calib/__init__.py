@@ -10,6 +10,7 @@
 
 from jquant._tap import Tap as Tap
 from jquant._tap import tapping as tapping
+from jquant._tap import with_taps as with_taps
 from jquant.calib.apply import apply_recipe as apply_recipe
 from jquant.calib.apply import check_float as check_float
 from jquant.calib.apply import is_quantized as is_quantized

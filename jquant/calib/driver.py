@@ -42,8 +42,8 @@ import numpy as np
 from flax import nnx
 from tqdm.auto import tqdm
 
-from jquant import algorithms, transform
-from jquant._tap import Tap, tapping
+from jquant import algorithms, transform, tree
+from jquant._tap import Tap, tapping, with_taps
 from jquant.calib import stats
 from jquant.calib.fold import Fold, apply_fold, llama_folds
 from jquant.qarray import QArray
@@ -159,41 +159,9 @@ def _tapped_pass(state, args, *, apply: _Static, plan: _Static, mode: str):
     return (None if mode == "stats" else y), results
 
 
-def _is_variable(x) -> bool:
-    return isinstance(x, nnx.Variable)
-
-
-def _map_state(state, fn):
-    """A new State with every leaf ``fn(path, value)`` (Variables rewrapped)."""
-
-    def visit(keys, leaf):
-        value = leaf.get_value() if _is_variable(leaf) else leaf
-        new = fn(transform.path_str(keys), value)
-        if new is value:
-            return leaf.replace(value=value) if _is_variable(leaf) else leaf
-        return leaf.replace(value=new) if _is_variable(leaf) else new
-
-    return jax.tree_util.tree_map_with_path(visit, state, is_leaf=_is_variable)
-
-
-def _with_taps(state, paths):
-    """``state`` with the leaves at ``paths`` wrapped in Taps."""
-    return _map_state(state, lambda p, v: Tap(v, p) if p in paths else v)
-
-
-def _leaves(state) -> dict[str, Any]:
-    flat, _ = jax.tree_util.tree_flatten_with_path(state, is_leaf=_is_variable)
-    return {transform.path_str(k): (v.get_value() if _is_variable(v) else v) for k, v in flat}
-
-
-def _rule_for(recipe: Recipe, path: str, value) -> Rule | None:
-    """The resolved rule that quantizes ``path``, or None when it stays float."""
-    if isinstance(value, QArray) or not transform._is_array(value):
-        return None
-    rule = recipe.match(path)
-    if transform._decide(rule, value) is not None:
-        return None
-    return transform._resolve(rule, path, value, recipe)
+def _copy(state):
+    """A copy of ``state`` with new Variables (the folds then write into it in place)."""
+    return jax.tree.map(lambda x: x, state)
 
 
 def needs_calibration(recipe: Recipe | str) -> bool:
@@ -288,9 +256,9 @@ def quantize_model(
             f"{tokens.dtype}{list(tokens.shape)}"
         )
     start = time.perf_counter()
-    leaves = _leaves(params)
+    leaves = dict(tree.leaves(params))
     recipe.check_matches(list(leaves))
-    rules = {p: _rule_for(recipe, p, v) for p, v in leaves.items()}
+    rules = {p: tree.rule_for(recipe, p, v) for p, v in leaves.items()}
     config = model.config
     per_layer: list[dict[str, Rule | None]] = [{} for _ in range(config.num_layers)]
     head_path = None if config.tie_word_embeddings else "lm_head/kernel"
@@ -317,13 +285,13 @@ def quantize_model(
     for i in bar:
         t0 = time.perf_counter()
         plan = per_layer[i]
-        state = _map_state(blocks.layer_params(params, i), lambda p, v: v)
+        state = _copy(blocks.layer_params(params, i))
         wanted = _folds_for(folds, plan)
         if wanted:
-            tapped = _with_taps(state, plan)
+            tapped = with_taps(state, plan)
             _, calibs = _tapped_pass(tapped, (x, ctx.at(config, i)), apply=layer_apply,
                                      plan=_plan({}), mode="stats")  # fmt: skip
-            values = _leaves(state)
+            values = dict(tree.leaves(state))
             for fold, kind, settings in wanted:
                 consumers = [p for p in fold.consumers if plan.get(p) is not None]
                 s = _fold_scales(
@@ -335,12 +303,12 @@ def quantize_model(
                     calibs[fold.consumers[0]],
                 )
                 apply_fold(state, fold, s)
-        tapped = _with_taps(state, plan)
+        tapped = with_taps(state, plan)
         x, results = _tapped_pass(tapped, (x, ctx.at(config, i)), apply=layer_apply,
                                   plan=_plan(plan),
                                   mode="quantize")  # fmt: skip
         worst = _collect(f"layers/{i}/", plan, results, rows, new)
-        for p, v in _leaves(state).items():
+        for p, v in dict(tree.leaves(state)).items():
             if p not in plan:
                 new[f"layers/{i}/{p}"] = v  # folded norms and biases
         jax.block_until_ready(x)
@@ -359,13 +327,7 @@ def quantize_model(
         )
         _collect("lm_head/", {"kernel": rules[head_path]}, results, rows, new)
 
-    def finish(keys, leaf):
-        path = transform.path_str(keys)
-        if path in new:
-            return transform._rewrap(leaf, new[path])
-        return transform._quantize_leaf(path, leaf, recipe, None, False)[0]
-
-    qparams = jax.tree_util.tree_map_with_path(finish, params, is_leaf=transform._is_leaf)
+    qparams = _finish(params, new, recipe)
     report = CalibrationReport(
         rows=rows, layer_seconds=layer_seconds, seconds=time.perf_counter() - start,
         samples=int(tokens.shape[0]), seq_len=int(tokens.shape[1]),
@@ -425,14 +387,14 @@ def quantize_with_inputs(
       ``(quantized params, rows)``.
     """
     recipe = recipe if isinstance(recipe, Recipe) else Recipe.load(recipe)
-    leaves = _leaves(params)
+    leaves = dict(tree.leaves(params))
     recipe.check_matches(list(leaves))
     plan = {}
     for path, value in leaves.items():
-        rule = _rule_for(recipe, path, value)
+        rule = tree.rule_for(recipe, path, value)
         if rule is not None and rule.algorithm in CALIBRATED:
             plan[path] = rule
-    tapped = _with_taps(params, plan)
+    tapped = with_taps(params, plan)
     fn = _Static(("fn", apply), apply)  # the function itself: its id cannot be reused
     _, results = _tapped_pass(tapped, args, apply=fn, plan=_plan(plan), mode="quantize")
     missing = sorted(set(plan) - set(results))
@@ -444,14 +406,13 @@ def quantize_with_inputs(
     rows: list[LayerRow] = []
     new: dict[str, Any] = {}
     _collect("", plan, results, rows, new)
+    return _finish(params, new, recipe), rows
 
-    def finish(keys, leaf):
-        path = transform.path_str(keys)
-        if path in new:
-            return transform._rewrap(leaf, new[path])
-        return transform._quantize_leaf(path, leaf, recipe, None, False)[0]
 
-    return jax.tree_util.tree_map_with_path(finish, params, is_leaf=transform._is_leaf), rows
+def _finish(params, new: dict[str, Any], recipe: Recipe):
+    """``params`` with the calibrated QArrays ``new`` (by path) in place, and every other
+    leaf through `jquant.quantize` (which leaves those QArrays as they are)."""
+    return transform.quantize(tree.map_with_path(lambda p, v: new.get(p, v), params), recipe)
 
 
 def report_summary(report: CalibrationReport) -> str:

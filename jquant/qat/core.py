@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from jquant import qtypes, transform
+from jquant import qtypes, tree
 from jquant._act import ActQuantized
 from jquant.algorithms import rtn as _rtn
 from jquant.qarray import QArray, double_quantized_scale, from_codes, quantize_array
@@ -40,17 +40,16 @@ def _recipe(recipe) -> Recipe:
 
 def _walk(params, recipe: Recipe):
     """``(flat, treedef, targets)``: the leaves, and what the recipe does to each."""
-    flat, treedef = jax.tree_util.tree_flatten_with_path(params, is_leaf=transform._is_leaf)
-    paths = [transform.path_str(keys) for keys, _ in flat]
-    recipe.check_matches(paths)
+    flat, treedef = tree.flatten(params)
+    recipe.check_matches([path for path, _ in flat])
     targets = []
-    for path, (_, leaf) in zip(paths, flat):
-        value = transform._unwrap(leaf)
-        if isinstance(value, QArray | ActQuantized) or not transform._is_array(value):
+    for path, leaf in flat:
+        value = tree.unwrap(leaf)
+        if isinstance(value, QArray | ActQuantized) or not tree.is_array(value):
             targets.append(_Target(path, None))
             continue
         rule = recipe.match(path)
-        status = transform._decide(rule, value)
+        status = tree.decide(rule, value)
         if status is not None:
             cast = rule.dtype if (rule is not None and rule.skip) else None
             targets.append(_Target(path, None, cast))
@@ -58,7 +57,7 @@ def _walk(params, recipe: Recipe):
         if not jnp.issubdtype(value.dtype, jnp.floating):
             raise ValueError(f"{path}: QAT needs a float weight, got dtype {value.dtype} "
                              f"[{rule.where} of recipe {recipe.name!r}]")
-        targets.append(_Target(path, transform._resolve(rule, path, value, recipe)))
+        targets.append(_Target(path, tree.resolve(rule, path, value, recipe)))
     return flat, treedef, targets
 
 
@@ -108,13 +107,12 @@ def init(params, recipe: Recipe | str, *, quantized=None) -> QATState:
     flat, _, targets = _walk(params, recipe)
     qflat = None
     if quantized is not None:
-        qflat = {transform.path_str(k): transform._unwrap(v) for k, v in
-                 jax.tree_util.tree_flatten_with_path(quantized, is_leaf=transform._is_leaf)[0]}
+        qflat = dict(tree.leaves(quantized))
     state: QATState = {}
     for t, (_, leaf) in zip(targets, flat):
         if t.rule is None:
             continue
-        value = transform._unwrap(leaf)
+        value = tree.unwrap(leaf)
         if qflat is not None:
             q = _quantized_leaf(qflat, t, value)
         else:
@@ -139,19 +137,14 @@ def from_quantized(quantized, recipe: Recipe | str):
       ValueError: as :func:`init` when a QArray's format differs from the recipe's rule.
     """
     recipe = _recipe(recipe)
-    flat = jax.tree_util.tree_flatten_with_path(quantized, is_leaf=transform._is_leaf)[0]
-    for keys, leaf in flat:
-        value = transform._unwrap(leaf)
+    for path, value in tree.leaves(quantized):
         if isinstance(value, QArray) and isinstance(value.scale, QArray):
-            raise ValueError(f"{transform.path_str(keys)}: from_quantized cannot start from "
+            raise ValueError(f"{path}: from_quantized cannot start from "
                              "double-quantized scales, which training quantizes again; use "
                              "init(params, recipe, quantized=...)")
 
-    def unpack(leaf):
-        value = transform._unwrap(leaf)
-        return transform._rewrap(leaf, value.dequantize()) if isinstance(value, QArray) else leaf
-
-    params = jax.tree.map(unpack, quantized, is_leaf=transform._is_leaf)
+    params = tree.map_with_path(
+        lambda _, v: v.dequantize() if isinstance(v, QArray) else v, quantized)
     return params, init(params, recipe, quantized=quantized)
 
 
@@ -254,13 +247,13 @@ def _map_quantized(params, recipe: Recipe, state, fn):
     _check_state(state, targets)
     leaves = []
     for t, (_, leaf) in zip(targets, flat):
-        value = transform._unwrap(leaf)
+        value = tree.unwrap(leaf)
         if t.rule is not None:
-            leaf = transform._rewrap(leaf, fn(t, value))
-        elif t.cast is not None and transform._is_array(value):
-            leaf = transform._rewrap(leaf, _cast_float(value, t.cast))
+            leaf = tree.rewrap(leaf, fn(t, value))
+        elif t.cast is not None and tree.is_array(value):
+            leaf = tree.rewrap(leaf, _cast_float(value, t.cast))
         leaves.append(leaf)
-    return jax.tree_util.tree_unflatten(treedef, leaves)
+    return tree.unflatten(treedef, leaves)
 
 
 def convert(params, state: QATState | None, recipe: Recipe | str):

@@ -25,18 +25,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jquant import transform
+from jquant import transform, tree
 from jquant._lora import LoRAWeight
 from jquant.qarray import QArray
-
-
-def _leaves(tree):
-    flat, treedef = jax.tree_util.tree_flatten_with_path(tree, is_leaf=transform._is_leaf)
-    return [(transform.path_str(k), v) for k, v in flat], treedef
-
-
-def _value(leaf):
-    return transform._unwrap(leaf)
 
 
 def init(base, targets: Sequence[str] | str, *, rank: int = 8, key=None,
@@ -65,7 +56,7 @@ def init(base, targets: Sequence[str] | str, *, rank: int = 8, key=None,
     if not isinstance(rank, int) or isinstance(rank, bool) or rank < 1:
         raise ValueError(f"lora.init: rank={rank!r} must be a positive integer")
     key = jax.random.key(0) if key is None else key
-    leaves, _ = _leaves(base)
+    leaves = tree.leaves(base)
     compiled = []
     for t in targets:
         try:
@@ -75,7 +66,7 @@ def init(base, targets: Sequence[str] | str, *, rank: int = 8, key=None,
                 f"lora.init: target {t!r} is not a valid regular expression: {e}") from None
     adapters = {}
     for pattern in compiled:
-        hits = [(p, _value(v)) for p, v in leaves if pattern.search(p)]
+        hits = [(p, v) for p, v in leaves if pattern.search(p)]
         if not hits:
             sample = [p for p, _ in leaves[:3]]
             raise ValueError(f"lora.init: target {pattern.pattern!r} matches no parameter "
@@ -98,8 +89,7 @@ def init(base, targets: Sequence[str] | str, *, rank: int = 8, key=None,
     return adapters
 
 
-def _check(base_leaves, adapters) -> None:
-    have = {p: _value(v) for p, v in base_leaves}
+def _check(have: dict, adapters) -> None:
     for path, ad in adapters.items():
         if path not in have:
             raise ValueError(f"lora: adapter {path!r} has no parameter in the base tree")
@@ -122,12 +112,10 @@ def _scale(adapters, alpha: float | None) -> dict[str, float]:
 
 def _map_adapted(base, adapters, alpha, fn):
     """``base`` with ``fn(value, adapter, scale)`` in place of each adapted kernel."""
-    leaves, treedef = _leaves(base)
-    _check(leaves, adapters)
+    _check(dict(tree.leaves(base)), adapters)
     scales = _scale(adapters, alpha)
-    out = [transform._rewrap(leaf, fn(_value(leaf), adapters[path], scales[path]))
-           if path in adapters else leaf for path, leaf in leaves]  # fmt: skip
-    return jax.tree_util.tree_unflatten(treedef, out)
+    return tree.map_with_path(
+        lambda p, v: fn(v, adapters[p], scales[p]) if p in adapters else v, base)
 
 
 def apply(base, adapters, *, alpha: float | None = None):

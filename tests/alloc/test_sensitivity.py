@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from jquant import ops
-from jquant._tap import Rewired, Tap, tapping
+from jquant import ops, tree
+from jquant._tap import Rewired, Tap, tapping, with_taps
 from jquant.alloc import sensitivity as S
 from jquant.models import LlamaConfig, init_model
 from jquant.models.convert import EMBED_PATH, HEAD_PATH
@@ -37,9 +37,7 @@ def _reference(model, params, tokens):
         "self_attn/q_proj/kernel", "self_attn/k_proj/kernel", "self_attn/v_proj/kernel",
         "self_attn/o_proj/kernel", "mlp/gate_proj/kernel", "mlp/up_proj/kernel",
         "mlp/down_proj/kernel")]  # fmt: skip
-    from jquant.calib.driver import _with_taps
-
-    tapped = _with_taps(params, set(paths))
+    tapped = with_taps(params, set(paths))
     b, s = tokens.shape
     widths = {p: S._leaf(params, p).shape[1] for p in paths}
     inputs = {}
@@ -49,11 +47,8 @@ def _reference(model, params, tokens):
             inputs[tap.path] = x
             return Rewired(tap.value, lambda y: y + deltas[tap.path])
 
-        from jquant.transform import path_str
-
-        state = jax.tree_util.tree_map_with_path(
-            lambda k, v: v.replace(value=table) if path_str(k) == EMBED_PATH else v,
-            tapped, is_leaf=lambda v: isinstance(v, nnx.Variable))  # fmt: skip
+        state = tree.map_with_path(
+            lambda p, v: table if p == EMBED_PATH else v, tapped)
         m = nnx.merge(graphdef, state)
         with tapping(handler):
             logits, _ = m(jnp.asarray(tokens))

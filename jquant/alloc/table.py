@@ -1,0 +1,193 @@
+"""The priced table of automatic bit allocation: `Sensitivity`, `measure` and its cache.
+
+`measure` runs `jquant.alloc.sensitivity` (statistics, then every tensor priced under every
+candidate) and keeps the table under `cache_dir`, keyed by the weights, the tokens and the
+candidates; `KERNEL_CANDIDATES` / `TABLE_CANDIDATES` are the formats priced by default.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from jquant import settings, tree
+from jquant.alloc.sensitivity import Candidate, Option, candidate
+from jquant.models.convert import EMBED_PATH, HEAD_PATH
+
+_GPTQ = {"algorithm": "gptq", "algorithm_args": {"mse": True}}
+
+#: What a decoder kernel (or an untied head) may become: GPTQ with a clip search per group,
+#: asymmetric 3- to 6-bit codes in groups of 64 (a bf16 scale and zero point each: 3.5 to
+#: 6.5 bits per weight), or int8 per output channel.
+KERNEL_CANDIDATES: tuple[Candidate, ...] = (
+    candidate("uint3-g64", weight="uint3", group_size=64, **_GPTQ),
+    candidate("uint4-g64", weight="uint4", group_size=64, **_GPTQ),
+    candidate("uint5-g64", weight="uint5", group_size=64, **_GPTQ),
+    candidate("uint6-g64", weight="uint6", group_size=64, **_GPTQ),
+    candidate("int8", weight="int8", **_GPTQ),
+)
+#: What the embedding table (and a tied head) may become: no Hessian for a gather, so
+#: round-to-nearest with a searched clip per group, per-row int8, or bfloat16.
+TABLE_CANDIDATES: tuple[Candidate, ...] = (
+    candidate("uint4-g64", weight="uint4", group_size=64,
+              algorithm_args={"clip_search": {"grid": 20}}),
+    candidate("uint6-g64", weight="uint6", group_size=64,
+              algorithm_args={"clip_search": {"grid": 20}}),
+    candidate("int8", weight="int8"),
+    candidate("bfloat16", skip=True, dtype="bfloat16"),
+)
+
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Sensitivity:
+    """Every tensor priced under every candidate, and what the budget math needs."""
+
+    # {path: {candidate name: Option}}; a tied model's table appears as EMBED_PATH (the
+    # gather) and HEAD_PATH (the head's matmul), both for the table candidates.
+    options: dict[str, dict[str, Option]]
+    # Candidate name -> rule settings, for the kernels and for the table.
+    kernel_candidates: dict[str, dict[str, Any]]
+    table_candidates: dict[str, dict[str, Any]]
+    tied: bool
+    # Bytes of every leaf no candidate covers (norms, biases), and all weights' elements.
+    fixed_bytes: int
+    elements: int
+    # The HF-style config (for --fit's KV cache) and the float model's calibration loss.
+    config: dict[str, Any]
+    loss: float
+    tokens: int
+
+    def to_json(self) -> str:
+        d = dataclasses.asdict(self)
+        return json.dumps(d)
+
+    @classmethod
+    def from_json(cls, text: str) -> Sensitivity:
+        d = json.loads(text)
+        d["options"] = {p: {n: Option(**o) for n, o in opts.items()}
+                        for p, opts in d["options"].items()}  # fmt: skip
+        return cls(**d)
+
+    def smallest_bytes(self) -> int:
+        return sum(min(b for _, b in g) for g in option_groups(self)[1]) + self.fixed_bytes
+
+
+def _fingerprint(params, tokens, kernel_cands, table_cands, extra) -> str:
+    h = hashlib.sha256()
+    for path, value in tree.leaves(params):
+        value = np.asarray(value)
+        h.update(f"{path}{value.shape}{value.dtype}".encode())
+        h.update(np.ascontiguousarray(value).tobytes())
+    h.update(np.ascontiguousarray(tokens).tobytes())
+    h.update(json.dumps([[c.name, dict(c.settings)] for c in (*kernel_cands, *table_cands)],
+                        sort_keys=True).encode())  # fmt: skip
+    h.update(json.dumps(extra, sort_keys=True).encode())
+    return h.hexdigest()[:24]
+
+
+def cache_dir() -> Path:
+    """Where priced tables are kept: ``sensitivity/`` under `jquant.settings.cache_dir`."""
+    return settings.cache_dir() / "sensitivity"
+
+
+def measure(model, params, tokens, *, config: Mapping[str, Any] | None = None,
+            kernel_candidates: Sequence[Candidate] = KERNEL_CANDIDATES,
+            table_candidates: Sequence[Candidate] = TABLE_CANDIDATES, batch_size: int = 2,
+            cache: bool = True, progress: bool = True) -> Sensitivity:  # fmt: skip
+    """Prices every tensor of a float jquant Llama-family model under every candidate.
+
+    Args:
+      model, params: the model and its float parameter State.
+      tokens: calibration windows ``(samples, seq_len)`` (`jquant.calib.calibration_tokens`).
+      config: the HF-style config dict (for `budget_bytes`' ``fit``); built from the model's
+        config when None.
+      kernel_candidates, table_candidates: the formats to price (names must be unique).
+      batch_size: windows per forward/backward pass.
+      cache: read and write the priced table under `cache_dir`, keyed by the weights, the
+        tokens and the candidates.
+      progress: progress bars.
+    """
+    from jquant.alloc import sensitivity
+    from jquant.memory import memory_report
+
+    for cands, what in ((kernel_candidates, "kernel"), (table_candidates, "table")):
+        names = [c.name for c in cands]
+        if not names or len(set(names)) != len(names):
+            raise ValueError(f"{what} candidates need unique names, at least one: {names}")
+    config = dict(config) if config is not None else _hf_config(model.config)
+    key = _fingerprint(params, tokens, kernel_candidates, table_candidates,
+                       {"batch": batch_size})  # fmt: skip
+    path = cache_dir() / f"{key}.json"
+    if cache and path.is_file():
+        try:
+            return Sensitivity.from_json(path.read_text())
+        except (ValueError, TypeError, KeyError):
+            pass  # a stale or damaged cache entry is measured again
+    stats = sensitivity.collect(model, params, tokens, batch_size=batch_size, progress=progress)
+    options = sensitivity.price(params, stats, kernel_candidates, table_candidates,
+                                progress=progress)  # fmt: skip
+    report = memory_report(params)
+    covered = set(options)
+    flat = dict(tree.leaves(params))
+    fixed = sum(_leaf_bytes(v) for p, v in flat.items() if p not in covered)
+    table = Sensitivity(
+        options=options,
+        kernel_candidates={c.name: dict(c.settings) for c in kernel_candidates},
+        table_candidates={c.name: dict(c.settings) for c in table_candidates},
+        tied=bool(model.config.tie_word_embeddings), fixed_bytes=int(fixed),
+        elements=int(report.weight_elements), config=config, loss=stats.loss,
+        tokens=stats.tokens,
+    )  # fmt: skip
+    if cache:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(table.to_json())
+        os.replace(tmp, path)
+    return table
+
+
+def _hf_config(c) -> dict[str, Any]:
+    return {"num_hidden_layers": c.num_layers, "num_attention_heads": c.num_heads,
+            "num_key_value_heads": c.num_kv_heads, "head_dim": c.head_dim,
+            "hidden_size": c.hidden_size}  # fmt: skip
+
+
+def _leaf_bytes(v) -> int:
+    if not hasattr(v, "shape"):
+        return 0
+    return math.prod(v.shape) * np.dtype(v.dtype).itemsize
+
+
+
+def option_groups(table: Sensitivity):
+    """``(labels, groups)``: per group its options as ``(cost, bytes)`` and what each means
+    (``{path: candidate name}``)."""
+    labels, groups = [], []
+    for path, opts in table.options.items():
+        if path in (EMBED_PATH, HEAD_PATH) and table.tied:
+            continue
+        names = list(opts)
+        labels.append([{path: n} for n in names])
+        groups.append([(opts[n].cost, opts[n].nbytes) for n in names])
+    if table.tied:
+        emb, head = table.options[EMBED_PATH], table.options[HEAD_PATH]
+        lab, grp = [], []
+        for fe in emb:
+            for fh in head:
+                shared = fe == fh
+                nbytes = emb[fe].nbytes + (0 if shared else head[fh].nbytes)
+                lab.append({EMBED_PATH: fe, HEAD_PATH: fh})
+                grp.append((emb[fe].cost + head[fh].cost, nbytes))
+        labels.append(lab)
+        groups.append(grp)
+    return labels, groups
+
