@@ -24,6 +24,7 @@ from flax import nnx
 
 from jquant.arch import LlamaConfig, param_shapes
 from jquant.qarray import QArray
+from jquant.tree import unwrap
 
 #: Version of the on-disk layout `jquant.io.packed` writes and reads; bumped on any incompatible
 #: change.
@@ -45,7 +46,7 @@ def _encode_params(params: nnx.State, config: dict[str, Any]) -> tuple[dict, dic
     names, tree = {}, {}
     for keys, var in nnx.to_flat_state(params):
         path = "/".join(map(str, keys))
-        value = var.get_value() if isinstance(var, nnx.Variable) else var
+        value = unwrap(var)
         desc, arrays = _encode(value, path)
         shape = tuple(value.shape)
         if path not in expected:

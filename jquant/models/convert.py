@@ -17,6 +17,7 @@ from flax import nnx
 
 from jquant.models.config import LlamaConfig
 from jquant.models.llama import Llama, abstract_model
+from jquant.tree import unwrap
 
 # HF buffers and duplicates that carry no information for the model.
 _IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
@@ -133,8 +134,7 @@ def untie(model: Llama, params: nnx.State) -> tuple[Llama, nnx.State]:
 
 
 def _table(params: nnx.State):
-    value = params["embed_tokens"]["embedding"]
-    return value.get_value() if isinstance(value, nnx.Variable) else value
+    return unwrap(params["embed_tokens"]["embedding"])
 
 
 def head_apart(recipe, config: LlamaConfig) -> bool:
