@@ -1,8 +1,10 @@
 """Compile time of every path that runs SmolLM2-135M: generate, eval, the serving engine.
 
 Prints one table of seconds spent compiling (XLA's persistent cache is off, so each number is
-a cold compile in a fresh process). CPU numbers are noisy on a shared machine: read ratios
-measured in one run, not absolute times.
+a cold compile in a fresh process), and `generate`'s decode speed (greedy, batch 1, 64 new
+tokens, compilation excluded), so a change to how layers run (scan or unrolled) shows what it
+costs at run time too. CPU numbers are noisy on a shared machine: read ratios measured in one
+run, not absolute times.
 
     python benchmarks/compile_time.py [--model smollm2-135m] [--recipe w4a16-rtn-g128]
 """
@@ -39,8 +41,9 @@ def main(argv=None) -> None:
     rows = []
 
     prompt = tokenizer.encode("The quick brown fox", add_special_tokens=False)
-    out = generate(model, params, [prompt], max_new_tokens=8)
+    out = generate(model, params, [prompt], max_new_tokens=64, stop_tokens=())
     rows.append(("generate (prefill + decode loop)", out.compile_seconds))
+    speed = generate(model, params, [prompt], max_new_tokens=64, stop_tokens=())
 
     ids = np.arange(2 * 256) % 1000
     first = _timed(lambda: perplexity(model, params, ids, seq_len=256, batch_size=1))
@@ -57,6 +60,7 @@ def main(argv=None) -> None:
     print("|---|---:|")
     for name, seconds in rows:
         print(f"| {name} | {seconds:.1f} |")
+    print(f"\ngenerate decode: {speed.decode_tokens_per_second:.1f} tokens/s (batch 1, 63 steps)")
 
 
 if __name__ == "__main__":
