@@ -45,7 +45,7 @@ def main(argv=None) -> None:
     rows.append(("generate (prefill + decode loop)", out.compile_seconds))
     speed = generate(model, params, [prompt], max_new_tokens=64, stop_tokens=())
 
-    ids = np.arange(2 * 256) % 1000
+    ids = np.arange(2 * 256) % model.config.vocab_size
     first = _timed(lambda: perplexity(model, params, ids, seq_len=256, batch_size=1))
     again = _timed(lambda: perplexity(model, params, ids, seq_len=256, batch_size=1))
     rows.append(("eval perplexity (first call - second call)", first - again))

@@ -128,3 +128,16 @@ def test_qat_report_table_and_plot(tmp_path):
     text = module.table({"qat-g128": run})
     assert "| 3 x 512 | 2 | 12.000 | +20.0% | 16.000 (+60.0%) | 67% |" in text
     assert (tmp_path / "qat.png").stat().st_size > 1000
+
+
+def test_compile_time_benchmark_prints_every_path(tiny_model, capsys):
+    """benchmarks/compile_time.py on a tiny GGUF: one row per path, and the decode speed."""
+    path = Path(__file__).parents[1] / "benchmarks" / "compile_time.py"
+    spec = importlib.util.spec_from_file_location("compile_time_bench", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    module.main(["--model", tiny_model])
+    out = capsys.readouterr().out
+    for row in ("| generate (prefill + decode loop) |", "| eval perplexity", "| engine: "):
+        assert row in out, out
+    assert "generate decode:" in out and "tokens/s" in out
