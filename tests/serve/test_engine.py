@@ -3,6 +3,7 @@
 import threading
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
@@ -247,6 +248,19 @@ def test_float_cache_perplexity_equals_the_cacheless_perplexity(tiny):
     int8 = cache_perplexity(*tiny, text, seq_len=64, kv_cache="int8")
     assert int8.perplexity != got.perplexity  # the cache is really quantized
     assert int8.nll == pytest.approx(ref.nll, rel=0.01)
+
+
+def test_a_bfloat16_cache_stores_bfloat16_whatever_the_compute_dtype(tiny):
+    """`--kv-cache bfloat16` on a float32 model: keys and values rounded to bfloat16 (their
+    bytes halve), attention still in float32; close to, and not equal to, the float cache."""
+    runner = Runner(*tiny, slots=2, max_len=64, kv_cache="bfloat16")
+    assert runner.cache.k.dtype == jnp.bfloat16 and runner.cache.k_scale is None
+    assert runner.cache.nbytes == Runner(*tiny, slots=2, max_len=64).cache.nbytes // 2
+    text = np.random.default_rng(3).integers(0, 96, 700).tolist()
+    exact = cache_perplexity(*tiny, text, seq_len=64)
+    bf16 = cache_perplexity(*tiny, text, seq_len=64, kv_cache="bfloat16")
+    assert bf16.perplexity != exact.perplexity
+    assert bf16.nll == pytest.approx(exact.nll, rel=0.01)
 
 
 def test_cache_perplexity_adds_bos_as_perplexity_does(tiny):
