@@ -62,4 +62,7 @@ def test_from_hf_names_the_field():
          query_pre_attn_scalar=256.0, attn_logit_softcap=50.0, final_logit_softcap=30.0),  # Gemma
 ])  # fmt: skip
 def test_real_model_values_build(values):
-    LlamaConfig(**BASE, **values)
+    """Values real checkpoints use are accepted (a range too tight raises here) and kept."""
+    config = LlamaConfig(**BASE, **values)
+    for field, value in values.items():
+        assert getattr(config, field) == value, field
