@@ -45,12 +45,19 @@ from tqdm.auto import tqdm
 from jquant import algorithms, transform, tree
 from jquant._tap import Tap, tapping, with_taps
 from jquant.calib import stats
+from jquant.calib.activations import Activations, Placement, micro_batch_for
 from jquant.calib.fold import Fold, apply_fold, llama_folds
+from jquant.models import core
+from jquant.models.cache import NoCache
 from jquant.qarray import QArray
 from jquant.recipe import Recipe, Rule
+from jquant.tree import unwrap
 
 #: Algorithms that need the inputs' statistics (and so a calibration pass).
 CALIBRATED = ("gptq", "awq", "smoothquant")
+
+#: How `quantize_model` orders the calibration inside a decoder layer.
+SEQUENTIAL = ("layer", "module")
 
 _LAYER = re.compile(r"^layers/(\d+)/(.+)$")
 
@@ -123,12 +130,14 @@ def _output_error(w, q: QArray, calib: stats.Calibration):
     return num / jnp.maximum(den, jnp.float32(1e-30)), werr
 
 
-@functools.partial(jax.jit, static_argnames=("apply", "plan", "mode"))
-def _tapped_pass(state, args, *, apply: _Static, plan: _Static, mode: str):
+@functools.partial(jax.jit, static_argnames=("apply", "plan", "mode", "want"))
+def _tapped_pass(state, args, *, apply: _Static, plan: _Static, mode: str,
+                 want: tuple[str, ...] | None = None):  # fmt: skip
     """Runs ``apply(state, *args)`` with Taps resolved by the plan's rules.
 
     Returns ``(output, results)``: in ``"stats"`` mode the output is None and
-    ``results[path]`` is the tap's `Calibration`; in ``"quantize"`` mode ``results[path]`` is
+    ``results[path]`` is the tap's `Calibration` (only the taps ``want``, when given: XLA
+    then drops the work after the last of them); in ``"quantize"`` mode ``results[path]`` is
     ``(qarray, info, (output error, weight error))``.
     """
     rules = plan.value
@@ -156,6 +165,8 @@ def _tapped_pass(state, args, *, apply: _Static, plan: _Static, mode: str):
     with tapping(handler):
         y = apply.value(state, *args)
     # Statistics alone: not returning the output lets XLA drop the work after the last tap.
+    if mode == "stats" and want is not None:
+        results = {p: results[p] for p in want}
     return (None if mode == "stats" else y), results
 
 
@@ -230,38 +241,35 @@ def _folds_for(folds, plan: dict[str, Rule | None]):
     return out
 
 
-def quantize_model(
-    model, params: nnx.State, recipe: Recipe | str, tokens, *, progress: bool = True,
-) -> tuple[nnx.State, CalibrationReport]:  # fmt: skip
-    """Quantizes a jquant Llama-family model with calibration (see the module docstring).
+class ModelSource:
+    """The float parameters of a model held in memory, layer by layer (`quantize_model`'s
+    source; `jquant.calib.stream` reads them from disk instead)."""
 
-    Args:
-      model: the `jquant.models.Llama` (its structure and config).
-      params: its float parameter State (not modified).
-      recipe: a `Recipe`, a shipped recipe name or a YAML path.
-      tokens: calibration token windows ``(samples, seq_len)`` int
-        (`jquant.calib.calibration_tokens`).
-      progress: show a progress bar over the layers with each layer's largest error.
+    def __init__(self, model, params: nnx.State):
+        self.config = model.config
+        self.model, self.params = model, params
 
-    Returns:
-      ``(quantized params, CalibrationReport)``.
-    """
-    from jquant.models import blocks
+    def layer(self, i: int) -> nnx.State:
+        """Decoder layer ``i``'s float State, a copy the folds may write into."""
+        return _copy(self.params["layers"][i])
 
-    recipe = recipe if isinstance(recipe, Recipe) else Recipe.load(recipe)
-    tokens = np.asarray(tokens)
-    if tokens.ndim != 2 or tokens.shape[1] < 1 or not np.issubdtype(tokens.dtype, np.integer):
-        raise ValueError(
-            f"calibration tokens must be an int array (samples, seq_len), got "
-            f"{tokens.dtype}{list(tokens.shape)}"
-        )
-    start = time.perf_counter()
-    leaves = dict(tree.leaves(params))
+    def part(self, name: str) -> nnx.State:
+        """A parameter group outside the decoder layers: ``embed_tokens``, ``norm`` or
+        ``lm_head``."""
+        return self.params[name]
+
+    def leaves(self) -> dict[str, Any]:
+        """Every parameter by path (values or shape placeholders: rules only read shapes)."""
+        return dict(tree.leaves(self.params))
+
+
+def plan_rules(config, recipe: Recipe, leaves: dict[str, Any]):
+    """``(rule by path, one {relative path: rule} per decoder layer)``; raises for a
+    calibrated rule on a tensor no calibration pass reaches."""
     recipe.check_matches(list(leaves))
     rules = {p: tree.rule_for(recipe, p, v) for p, v in leaves.items()}
-    config = model.config
-    per_layer: list[dict[str, Rule | None]] = [{} for _ in range(config.num_layers)]
     head_path = None if config.tie_word_embeddings else "lm_head/kernel"
+    per_layer: list[dict[str, Rule]] = [{} for _ in range(config.num_layers)]
     for path, rule in rules.items():
         m = _LAYER.match(path)
         if m and rule is not None:
@@ -272,67 +280,273 @@ def quantize_model(
                 f"is not one the calibration pass sees (decoder-layer kernels and an "
                 f"untied lm_head are); use rtn or hqq for it [{rule.where} of recipe "
                 f"{recipe.name!r}]")  # fmt: skip
+    return rules, per_layer
 
+
+def _check_tokens(tokens) -> np.ndarray:
+    tokens = np.asarray(tokens)
+    if tokens.ndim != 2 or tokens.shape[1] < 1 or not np.issubdtype(tokens.dtype, np.integer):
+        raise ValueError(
+            f"calibration tokens must be an int array (samples, seq_len), got "
+            f"{tokens.dtype}{list(tokens.shape)}"
+        )
+    return tokens
+
+
+def _check_sequential(sequential: str) -> None:
+    if sequential not in SEQUENTIAL:
+        raise ValueError(f"sequential must be one of {SEQUENTIAL}, got {sequential!r}")
+
+
+def quantize_model(
+    model, params: nnx.State, recipe: Recipe | str, tokens, *, progress: bool = True,
+    micro_batch: int | None = None, sequential: str = "layer",
+) -> tuple[nnx.State, CalibrationReport]:  # fmt: skip
+    """Quantizes a jquant Llama-family model with calibration (see the module docstring).
+
+    Args:
+      model: the `jquant.models.Llama` (its structure and config).
+      params: its float parameter State (not modified).
+      recipe: a `Recipe`, a shipped recipe name or a YAML path.
+      tokens: calibration token windows ``(samples, seq_len)`` int
+        (`jquant.calib.calibration_tokens`).
+      progress: show a progress bar over the layers with each layer's largest error.
+      micro_batch: windows per pass through a layer (default: `micro_batch_for` the model,
+        about 8,192 tokens); statistics are accumulated over the micro-batches, so results
+        do not depend on it beyond float rounding, and peak memory does not grow with the
+        number of windows.
+      sequential: ``"layer"`` (every kernel of a layer calibrated on that layer's float
+        inputs, one pass) or ``"module"`` (each kernel on the outputs of the layer's kernels
+        already quantized before it, one pass per group of kernels sharing an input).
+
+    Returns:
+      ``(quantized params, CalibrationReport)``.
+    """
+    recipe = recipe if isinstance(recipe, Recipe) else Recipe.load(recipe)
+    tokens = _check_tokens(tokens)
+    _check_sequential(sequential)
+    source = ModelSource(model, params)
     new: dict[str, Any] = {}
+
+    def keep(prefix: str, leaves: dict[str, Any]) -> None:
+        new.update({prefix + p: v for p, v in leaves.items()})
+
+    report = calibrate(source, recipe, tokens, keep=keep, progress=progress,
+                       micro_batch=micro_batch, sequential=sequential)  # fmt: skip
+    return _finish(params, new, recipe), report
+
+
+def calibrate(
+    source, recipe: Recipe, tokens: np.ndarray, *, keep: Callable[[str, dict], None],
+    progress: bool = True, micro_batch: int | None = None, sequential: str = "layer",
+    activations: Callable[[tuple, Any], Activations] | None = None,
+    done: Callable[[int], nnx.State | None] | None = None, placement: Placement | None = None,
+) -> CalibrationReport:  # fmt: skip
+    """The sequential calibration of every decoder layer of ``source`` (and an untied LM head).
+
+    ``source`` gives the float layers one at a time (`ModelSource`, or a streaming one);
+    ``keep(prefix, leaves)`` receives each finished layer's parameters (QArrays and the
+    folded float leaves, paths relative to ``prefix`` ``"layers/i/"``) and at the end the
+    calibrated head's (``"lm_head/"``), so the caller decides whether they stay in memory
+    or go to disk. ``activations(shape, dtype)`` makes the host buffers between layers
+    (default: in memory). ``done(i)``, for a resumed run, returns layer ``i``'s stored
+    parameters when it was finished before (it is then only run, not calibrated again), or
+    None. ``placement`` runs the passes data-parallel over a mesh (`Placement`).
+    """
+    start = time.perf_counter()
+    config = source.config
+    place = placement or Placement()
+    _, per_layer = plan_rules(config, recipe, source.leaves())
+    head_rule = None
+    if not config.tie_word_embeddings:
+        head_rule = tree.rule_for(recipe, "lm_head/kernel", source.leaves()["lm_head/kernel"])
+    samples, seq_len = (int(n) for n in tokens.shape)
+    batch = micro_batch or micro_batch_for(config, samples, seq_len, multiple=place.devices)
+    if samples % batch or batch % place.devices:
+        raise ValueError(
+            f"micro_batch {batch} must divide the {samples} calibration windows and be a "
+            f"multiple of the {place.devices} devices"
+        )
+    local = batch // place.processes  # this process's windows per micro-batch
+    st = core.Static.of(source.model)
+    make = activations or (lambda shape, dtype: Activations(shape, dtype, local,
+                                                            placement=place))  # fmt: skip
+    tokens = np.asarray(tokens[place.local_windows(samples)], np.int32)
+    acts = make((len(tokens), seq_len, config.hidden_size), st.dtype)
+    embed = place.replicate(source.part("embed_tokens"))
+    ctxs = None
+    for s in range(0, len(tokens), local):
+        x, ctxs = _embed(st, embed, place.batch(tokens[s : s + local]))
+        acts.write(s, x)
+    del embed
+    out = make(acts.shape, acts.dtype)
     rows: list[LayerRow] = []
     layer_seconds: list[float] = []
     folds = llama_folds(config)
-    graphdef = blocks.layer_graphdef(model)
-    layer_apply = _Static(("layer", graphdef), lambda st, x, ctx: blocks.apply_layer(
-        graphdef, st, x, ctx))  # fmt: skip
-    x, ctx = blocks.embed(model, params, jnp.asarray(tokens, jnp.int32))
+    graphdef = st.layer
     bar = tqdm(range(config.num_layers), desc="calibrating", unit="layer", disable=not progress)
     for i in bar:
         t0 = time.perf_counter()
-        plan = per_layer[i]
-        state = _copy(blocks.layer_params(params, i))
-        wanted = _folds_for(folds, plan)
-        if wanted:
-            tapped = with_taps(state, plan)
-            _, calibs = _tapped_pass(tapped, (x, ctx.at(config, i)), apply=layer_apply,
-                                     plan=_plan({}), mode="stats")  # fmt: skip
-            values = dict(tree.leaves(state))
-            for fold, kind, settings in wanted:
-                consumers = [p for p in fold.consumers if plan.get(p) is not None]
-                s = _fold_scales(
-                    fold,
-                    kind,
-                    settings,
-                    [values[p] for p in consumers],
-                    [plan[p] for p in consumers],
-                    calibs[fold.consumers[0]],
-                )
-                apply_fold(state, fold, s)
-        tapped = with_taps(state, plan)
-        x, results = _tapped_pass(tapped, (x, ctx.at(config, i)), apply=layer_apply,
-                                  plan=_plan(plan),
-                                  mode="quantize")  # fmt: skip
-        worst = _collect(f"layers/{i}/", plan, results, rows, new)
-        for p, v in dict(tree.leaves(state)).items():
-            if p not in plan:
-                new[f"layers/{i}/{p}"] = v  # folded norms and biases
-        jax.block_until_ready(x)
+        ctx = ctxs.at(config, i)
+        stored = done(i) if done is not None else None
+        if stored is not None:
+            _run_layer(graphdef, place.replicate(stored), acts, out, ctx)
+            worst = float("nan")
+        else:
+            plan = per_layer[i]
+            state, results = _calibrate_layer(
+                place.replicate(source.layer(i)), plan, acts, out, ctx, graphdef=graphdef,
+                folds=folds, sequential=sequential, placement=place,
+            )  # fmt: skip
+            worst = _collect(f"layers/{i}/", plan, results, rows, {})
+            keep(f"layers/{i}/", dict(tree.leaves(state)))
+        acts, out = out, acts
         layer_seconds.append(time.perf_counter() - t0)
         bar.set_postfix_str(f"worst output error {worst:.2e}")
-    if head_path is not None and rules.get(head_path) is not None:
-        head_apply = _Static(("head", nnx.graphdef(model.norm)), _head_fn(model))
-        tapped = {"norm": params["norm"],
-                  "lm_head": {"kernel": Tap(leaves[head_path], "kernel")}}  # fmt: skip
-        _, results = _tapped_pass(
-            tapped,
-            (x,),
-            apply=head_apply,
-            plan=_plan({"kernel": rules[head_path]}),
-            mode="quantize",
-        )
-        _collect("lm_head/", {"kernel": rules[head_path]}, results, rows, new)
-
-    qparams = _finish(params, new, recipe)
-    report = CalibrationReport(
+    if head_rule is not None:
+        head_apply = _Static(("head", nnx.graphdef(source.model.norm)), _head_fn(source.model))
+        head = place.replicate({"norm": source.part("norm"), "lm_head": source.part("lm_head")})
+        kernel = Tap(unwrap(head["lm_head"]["kernel"]), "kernel")
+        tapped = {"norm": head["norm"], "lm_head": {"kernel": kernel}}
+        calib = _gather(tapped, acts, None, head_apply, ("kernel",), place)["kernel"]
+        plan = {"kernel": head_rule}
+        results = {"kernel": _solve(tapped["lm_head"]["kernel"].value, calib,
+                                    rule=_rule_key(head_rule), path="lm_head/kernel")}  # fmt: skip
+        q: dict[str, Any] = {}
+        _collect("lm_head/", plan, results, rows, q)
+        keep("", q)
+    acts.close()
+    out.close()
+    return CalibrationReport(
         rows=rows, layer_seconds=layer_seconds, seconds=time.perf_counter() - start,
-        samples=int(tokens.shape[0]), seq_len=int(tokens.shape[1]),
+        samples=samples, seq_len=seq_len,
     )  # fmt: skip
-    return qparams, report
+
+
+@functools.partial(jax.jit, static_argnames=("st",))
+def _embed(st, embed_params, tokens):
+    _, ctxs = core.begin(st.config, NoCache(), jnp.ones(tokens.shape, jnp.bool_))
+    return core.embed(st, {"embed": embed_params}, tokens), ctxs
+
+
+def _layer_apply(graphdef) -> _Static:
+    from jquant.models import blocks
+
+    return _Static(("layer", graphdef),
+                   lambda st, x, ctx: blocks.apply_layer(graphdef, st, x, ctx))  # fmt: skip
+
+
+def _run_layer(graphdef, state, acts: Activations, out: Activations, ctx) -> None:
+    from jquant.models import blocks
+
+    for s, x in acts.batches():
+        out.write(s, blocks.run_layer(graphdef, state, x, ctx))
+
+
+def _groups(state, plan, apply: _Static, acts: Activations, ctx) -> list[tuple[str, ...]]:
+    """The planned kernels in the order the forward reaches them, grouped by shared input
+    (``q/k/v``, ``gate/up``): traced once, nothing computed."""
+    order: list[tuple[str, int]] = []
+
+    def record(x, tap: Tap):
+        order.append((tap.path, id(x)))
+        return tap.value
+
+    x = jax.ShapeDtypeStruct((acts.batch, *acts.shape[1:]), acts.dtype)
+    with tapping(record):
+        jax.eval_shape(apply.value, with_taps(state, plan), x, ctx)
+    missing = sorted(set(plan) - {p for p, _ in order})
+    if missing:
+        raise ValueError(
+            f"{', '.join(missing)}: never reached a jquant.ops matmul in the decoder layer, "
+            "so calibration cannot quantize it"
+        )
+    groups: list[list[str]] = []
+    last = None
+    for path, key in order:
+        if key != last:
+            groups.append([])
+        groups[-1].append(path)
+        last = key
+    return [tuple(g) for g in groups]
+
+
+_merge = jax.jit(lambda a, b: jax.tree.map(stats.merge, a, b, is_leaf=_is_calib))
+
+
+def _is_calib(x) -> bool:
+    return isinstance(x, stats.Calibration)
+
+
+def _gather(tapped, acts: Activations, ctx, apply: _Static, want: tuple[str, ...],
+            placement: Placement):  # fmt: skip
+    """``{path: Calibration}`` of the taps ``want`` over every micro-batch of ``acts``
+    (merged in micro-batch order; replicated over a mesh)."""
+    total = None
+    for _, x in acts.batches():
+        args = (x,) if ctx is None else (x, ctx)
+        _, res = _tapped_pass(tapped, args, apply=apply, plan=_plan({}), mode="stats", want=want)
+        total = res if total is None else _merge(total, res)
+    return placement.replicate(total)
+
+
+def _rule_key(rule: Rule) -> _Static:
+    return _Static(_settings(rule), rule)
+
+
+@functools.partial(jax.jit, static_argnames=("rule", "path"))
+def _solve(w, calib: stats.Calibration, *, rule: _Static, path: str):
+    """One kernel quantized by its rule on its inputs' statistics:
+    ``(qarray, info, (output error, weight error))``."""
+    r = rule.value
+    q, info = algorithms.split_result(
+        r.algorithm, algorithms.get(r.algorithm)(w, r, path=path, calibration=calib))
+    return q, info, _output_error(w, q, calib)
+
+
+def _calibrate_layer(state, plan, acts: Activations, out: Activations, ctx, *, graphdef,
+                     folds, sequential: str, placement: Placement):  # fmt: skip
+    """Calibrates one decoder layer (its float ``state``, folded in place) on ``acts`` and
+    writes its quantized outputs into ``out``; returns ``(quantized state, results)``."""
+    apply = _layer_apply(graphdef)
+    results: dict[str, Any] = {}
+    if not plan:
+        _run_layer(graphdef, state, acts, out, ctx)
+        return state, results
+    groups = _groups(state, plan, apply, acts, ctx)
+    head_of = {p: g[0] for g in groups for p in g}
+    wanted = _folds_for(folds, plan)
+    calibs: dict[str, stats.Calibration] = {}
+    if wanted or sequential == "layer":
+        heads = tuple(g[0] for g in groups)
+        calibs = _gather(with_taps(state, plan), acts, ctx, apply, heads, placement)
+        values = dict(tree.leaves(state))
+        for fold, kind, settings in wanted:
+            consumers = [p for p in fold.consumers if plan.get(p) is not None]
+            head = head_of[consumers[0]]
+            s = _fold_scales(fold, kind, settings, [values[p] for p in consumers],
+                             [plan[p] for p in consumers], calibs[head])  # fmt: skip
+            apply_fold(state, fold, s)
+            calibs[head] = calibs[head].scaled(fold.expand(s))  # the consumers now see x / s
+        if sequential == "module":  # later groups see the quantized kernels before them
+            calibs = {groups[0][0]: calibs[groups[0][0]]}
+    values = dict(tree.leaves(state))
+    quantized: dict[str, Any] = {}
+    for gi, group in enumerate(groups):
+        head = group[0]
+        if head not in calibs:
+            later = {p: plan[p] for g in groups[gi:] for p in g}
+            current = tree.map_with_path(lambda p, v: quantized.get(p, v), state)
+            tapped = with_taps(current, later)
+            calibs[head] = _gather(tapped, acts, ctx, apply, (head,), placement)[head]
+        for path in group:
+            results[path] = _solve(values[path], calibs[head], rule=_rule_key(plan[path]),
+                                   path=path)  # fmt: skip
+            quantized[path] = results[path][0]
+        calibs.pop(head)
+    state = tree.map_with_path(lambda p, v: quantized.get(p, v), state)
+    _run_layer(graphdef, state, acts, out, ctx)
+    return state, results
 
 
 def _head_fn(model):

@@ -1,0 +1,228 @@
+"""Calibration activations between decoder layers, and the memory a calibration needs.
+
+`Activations` holds the ``(samples, seq_len, hidden)`` inputs of the layer being calibrated
+on the host, in the model's compute dtype: in memory, or in a disk-backed file
+(`numpy.memmap`) when they would not fit the memory budget. Every pass through a layer reads
+them in micro-batches of ``batch`` windows, so the device only ever holds one micro-batch and
+its intermediates, whatever the number of calibration windows.
+
+`micro_batch_for` picks the micro-batch from the model's shapes; `estimate` prices a whole
+calibration (the float layer, its statistics, GPTQ's working arrays, one micro-batch's
+intermediates, the buffers) so that a run with a ``max_memory`` budget can refuse up front,
+with the number it needs, instead of failing at layer 20.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import tempfile
+from collections.abc import Iterator
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+#: Tokens per micro-batch `micro_batch_for` aims at when the model's intermediates allow.
+TOKENS_PER_MICRO_BATCH = 8192
+#: Bytes of one micro-batch's intermediates `micro_batch_for` stays under.
+MICRO_BATCH_BYTES = 512 * 2**20
+#: Python, JAX, its compiled programs and the tokenizer: measured resident memory of a
+#: calibration of SmolLM2-135M before its first layer, rounded up (`docs/scale.md`).
+FIXED_OVERHEAD = 700 * 2**20
+
+
+class Placement:
+    """Where calibration runs: the default device, or data-parallel over a mesh.
+
+    With a mesh (one axis, ``axis``, over any number of devices and processes, e.g. every
+    device after `jax.distributed.initialize`), each micro-batch's windows are split over
+    the devices, every process holding the windows of its own devices; the statistics of a
+    pass are then sums over devices (a collective XLA inserts) and come back replicated, as do
+    the kernels quantized from them. Without one, everything runs on the default device.
+    """
+
+    def __init__(self, mesh: jax.sharding.Mesh | None = None, axis: str = "data"):
+        self.mesh, self.axis = mesh, axis
+        if mesh is not None:
+            from jax.sharding import NamedSharding, PartitionSpec
+
+            if tuple(mesh.axis_names) != (axis,):
+                raise ValueError(
+                    f"calibration needs a one-axis mesh named {axis!r}, got axes "
+                    f"{tuple(mesh.axis_names)}"
+                )
+            self._rows = NamedSharding(mesh, PartitionSpec(axis))
+            self._replicated = NamedSharding(mesh, PartitionSpec())
+
+    @property
+    def devices(self) -> int:
+        return 1 if self.mesh is None else self.mesh.devices.size
+
+    @property
+    def processes(self) -> int:
+        return 1 if self.mesh is None else len({d.process_index for d in self.mesh.devices.flat})
+
+    @property
+    def process(self) -> int:
+        return 0 if self.mesh is None else jax.process_index()
+
+    def local_windows(self, samples: int) -> slice:
+        """This process's share of ``samples`` windows (consecutive, equal shares)."""
+        share = samples // self.processes
+        return slice(self.process * share, (self.process + 1) * share)
+
+    def batch(self, local) -> jax.Array:
+        """One micro-batch from this process's rows: the global array over the mesh."""
+        if self.mesh is None:
+            return jnp.asarray(local)
+        return jax.make_array_from_process_local_data(self._rows, np.asarray(local))
+
+    def local(self, y) -> np.ndarray:
+        """This process's rows of a micro-batch's output, in order."""
+        if self.mesh is None:
+            return np.asarray(y)
+        shards = sorted(y.addressable_shards, key=lambda sh: sh.index[0].start or 0)
+        starts = []
+        out = []
+        for sh in shards:  # a device may hold a copy of rows another local device has
+            start = sh.index[0].start or 0
+            if start not in starts:
+                starts.append(start)
+                out.append(np.asarray(sh.data))
+        return np.concatenate(out)
+
+    def replicate(self, tree):
+        """``tree`` on every device of the mesh (the same values on every process)."""
+        if self.mesh is None:
+            return tree
+        return jax.device_put(tree, self._replicated)
+
+
+class Activations:
+    """``shape`` activations of ``dtype`` on the host (in memory, or in a file under
+    ``directory``), read and written in micro-batches of ``batch`` windows; with a mesh
+    `Placement`, ``shape`` and ``batch`` count this process's windows."""
+
+    def __init__(self, shape: tuple[int, ...], dtype, batch: int, *, directory=None,
+                 placement: Placement | None = None):  # fmt: skip
+        self.shape, self.dtype, self.batch = tuple(shape), jnp.dtype(dtype), int(batch)
+        self.placement = placement or Placement()
+        self._file = None
+        if directory is None:
+            self.array = np.empty(self.shape, self.dtype)
+        else:
+            fd, name = tempfile.mkstemp(prefix="activations-", suffix=".bin", dir=directory)
+            os.close(fd)
+            self._file = name
+            self.array = np.memmap(name, dtype=self.dtype, mode="w+", shape=self.shape)
+
+    @property
+    def nbytes(self) -> int:
+        return int(np.prod(self.shape)) * self.dtype.itemsize
+
+    @property
+    def on_disk(self) -> bool:
+        return self._file is not None
+
+    def batches(self) -> Iterator[tuple[int, jax.Array]]:
+        """``(first local window, array)`` of every micro-batch, in order."""
+        for s in range(0, self.shape[0], self.batch):
+            yield s, self.placement.batch(self.array[s : s + self.batch])
+
+    def write(self, start: int, values) -> None:
+        """Stores a micro-batch's output (this process's rows of it) from window ``start``."""
+        values = self.placement.local(values)
+        self.array[start : start + len(values)] = values
+
+    def close(self) -> None:
+        """Releases the buffer (and deletes its file)."""
+        self.array = None
+        if self._file is not None:
+            os.remove(self._file)
+            self._file = None
+
+
+def micro_batch_for(config, samples: int, seq_len: int, *, multiple: int = 1,
+                    budget: int = MICRO_BATCH_BYTES) -> int:  # fmt: skip
+    """The largest divisor of ``samples`` that is a multiple of ``multiple`` (the devices a
+    micro-batch is split over) and keeps each device's share within
+    `TOKENS_PER_MICRO_BATCH` tokens and ``budget`` bytes of intermediates.
+
+    >>> from jquant.arch import LlamaConfig
+    >>> c = LlamaConfig(vocab_size=8, hidden_size=576, intermediate_size=1536, num_layers=1,
+    ...                 num_heads=9, num_kv_heads=3)
+    >>> micro_batch_for(c, 128, 512), micro_batch_for(c, 128, 512, multiple=2)
+    (8, 16)
+
+    Raises:
+      ValueError: no such divisor (``samples`` not a multiple of ``multiple``).
+    """
+    per_window = window_bytes(config, seq_len)
+    limit = multiple * max(1, min(TOKENS_PER_MICRO_BATCH // seq_len, budget // per_window))
+    fits = [d for d in range(multiple, min(samples, limit) + 1, multiple) if samples % d == 0]
+    if not fits:
+        raise ValueError(
+            f"{samples} calibration windows cannot be split evenly over {multiple} devices"
+        )
+    return max(fits)
+
+
+def window_bytes(config, seq_len: int) -> int:
+    """Float32 bytes of one window's largest intermediates in a decoder layer: the
+    attention scores and probabilities, the MLP's three intermediate activations, and a few
+    hidden-size tensors."""
+    d, f = config.hidden_size, config.intermediate_size
+    q = config.num_heads * config.head_dim
+    scores = 2 * config.num_heads * seq_len * seq_len
+    return 4 * seq_len * (6 * d + 3 * q + 3 * f) + 4 * scores
+
+
+@dataclasses.dataclass(frozen=True)
+class Estimate:
+    """What a calibration needs (bytes), part by part; `total` is their sum."""
+
+    fixed: int
+    layer: int
+    statistics: int
+    solve: int
+    micro_batch: int
+    activations: int
+    outside_layers: int
+
+    @property
+    def total(self) -> int:
+        return sum(dataclasses.astuple(self))
+
+    def describe(self) -> str:
+        parts = ", ".join(f"{k.replace('_', ' ')} {v / 2**30:.2f}"
+                          for k, v in dataclasses.asdict(self).items())  # fmt: skip
+        return f"{self.total / 2**30:.2f} GiB ({parts} GiB)"
+
+
+def estimate(config, *, samples: int, seq_len: int, batch: int, compute_dtype,
+             param_dtype, spill: bool, calibrated: bool = True) -> Estimate:  # fmt: skip
+    """The peak memory of a layer-by-layer calibration, by part (an upper estimate).
+
+    * the float layer twice (as read, and folded or being replaced by its QArrays);
+    * the statistics of one layer (a ``K x K`` float32 matrix per distinct kernel input);
+    * GPTQ's working arrays for the widest kernel (inverse factor, weight, updates);
+    * one micro-batch's intermediates (`window_bytes`);
+    * the two activation buffers between layers, unless spilled to disk;
+    * the largest parameter outside the layers (the embedding table, or an untied head)
+      in float32, while it is embedded or quantized.
+    """
+    d, f = config.hidden_size, config.intermediate_size
+    q = config.num_heads * config.head_dim
+    kv = config.num_kv_heads * config.head_dim
+    p_item = jnp.dtype(param_dtype).itemsize
+    layer = (d * (q + 2 * kv) + q * d + 3 * d * f) * p_item
+    stats = 4 * (2 * d * d + q * q + f * f) if calibrated else 0
+    k = max(d, q, f)
+    n = max(d, q, f)
+    solve = 4 * (3 * k * k + 3 * k * n) if calibrated else 0
+    micro = batch * window_bytes(config, seq_len)
+    acts = 0 if spill else 2 * samples * seq_len * d * jnp.dtype(compute_dtype).itemsize
+    outside = 4 * config.vocab_size * d
+    return Estimate(fixed=FIXED_OVERHEAD, layer=2 * layer, statistics=stats, solve=solve,
+                    micro_batch=micro, activations=acts, outside_layers=outside)  # fmt: skip
