@@ -107,7 +107,7 @@ def _changed_v1(d: Path, params: dict) -> list[str]:
             for key in keys:
                 array = array[key]
             if array_desc.get("sha256") and _sha256(array) != array_desc["sha256"]:
-                changed.append(tensor.replace("/", "."))
+                changed.append(tensor)
     return changed
 
 

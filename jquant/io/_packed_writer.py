@@ -130,12 +130,17 @@ class PackedWriter:
             shutil.rmtree(self.partial)
         if self.partial.exists():
             self._resume()
-        else:
-            self.target.parent.mkdir(parents=True, exist_ok=True)
-            # Not tempfile.mkdtemp: its 0o700 would become the checkpoint's mode at the rename.
-            self.partial.mkdir()
+            self._save_progress()
+            return
+        self.target.parent.mkdir(parents=True, exist_ok=True)
+        # Not tempfile.mkdtemp: its 0o700 would become the checkpoint's mode at the rename.
+        self.partial.mkdir()
+        try:
             (self.partial / ARRAYS).mkdir()
-        self._save_progress()
+            self._save_progress()
+        except BaseException:  # a partial directory without progress.json is no use to anyone
+            shutil.rmtree(self.partial, ignore_errors=True)
+            raise
 
     @property
     def done(self) -> frozenset[str]:
