@@ -187,6 +187,7 @@ class PackedWriter:
         try:
             size, sha256, offsets = _safetensors.write_file(tmp, tensors)
             os.replace(tmp, self.partial / file)
+            _fsync_dir(self.partial / ARRAYS)
         except BaseException:
             tmp.unlink(missing_ok=True)
             raise
@@ -343,6 +344,16 @@ def _write_atomically(path: Path, text: str) -> None:
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
+    _fsync_dir(path.parent)
+
+
+def _fsync_dir(directory: Path) -> None:
+    """Makes a rename inside ``directory`` durable (a power loss cannot undo it)."""
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def _tokenizer_meta(tokenizer) -> dict[str, Any]:
