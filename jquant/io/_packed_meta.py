@@ -2,11 +2,14 @@
 
 A descriptor is what jquant.json records of a parameter: an array's shape, dtype and the
 sha256 of its bytes, or a QArray's static fields (``{"qarray": {...}}``) with a descriptor per
-array field (a double-quantized scale nests one more). `_encode_params` checks the parameters
-against the config and writes the descriptors; `_read_metadata` reads jquant.json back, refusing
-another format or layout version; `_placeholder` turns a descriptor back into the leaf it
-describes, with shape-only arrays, and `_fill` puts the restored arrays in. `jquant.io.packed`
-writes and reads the checkpoint with them.
+array field (a double-quantized scale nests one more). In layout 2 a parameter's descriptor
+also names the file holding its arrays (``"file"``), and each array's descriptor its
+``"offsets"``: ``[begin, end)`` bytes in that file. `_check_leaf` checks a parameter against
+the config; `_encode` makes its descriptor and the host arrays to store, named as
+`_array_descs` names them; `_read_metadata` reads jquant.json back, refusing another format or
+an unknown layout version; `_placeholder` turns a descriptor back into the leaf it describes,
+with shape-only arrays, and `_fill` puts the read arrays in. `jquant.io.packed` writes and
+reads the checkpoint with them.
 """
 
 from __future__ import annotations
@@ -20,19 +23,24 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import nnx
 
 from jquant.arch import LlamaConfig, param_shapes
+from jquant.io._safetensors import DTYPE_CODES, dtype_code
 from jquant.qarray import QArray
-from jquant.tree import unwrap
 
-#: Version of the on-disk layout `jquant.io.packed` writes and reads; bumped on any incompatible
-#: change.
-LAYOUT_VERSION = 1
+#: Version of the on-disk layout `jquant.io.packed` writes; bumped on any incompatible change.
+#: 1: the arrays in an orbax-checkpoint (read only); 2: in safetensors files, one per part.
+LAYOUT_VERSION = 2
+READ_LAYOUTS = (1, 2)
 
 FORMAT = "jquant.packed"  # the `format` value in jquant.json
 METADATA = "jquant.json"
 ARRAYS = "arrays"
+PROGRESS = "progress.json"  # in a PackedWriter's unfinished output only, never in a checkpoint
+TOKENIZER = "tokenizer.json"
+CHAT_TEMPLATE = "chat_template.jinja"
+RECIPE = "recipe.yaml"
+REPORT = "report.json"
 
 
 # QArray's pytree children and static fields, from the dataclass itself (one source).
@@ -40,79 +48,90 @@ _DATA_FIELDS = tuple(f.name for f in dataclasses.fields(QArray) if not f.metadat
 _STATIC_FIELDS = tuple(f.name for f in dataclasses.fields(QArray) if f.metadata.get("static"))
 
 
-def _encode_params(params: nnx.State, config: dict[str, Any]) -> tuple[dict, dict]:
-    """``({path: descriptor}, nested array tree)``, after checking params against config."""
-    expected = _expected_shapes(config)
-    names, tree = {}, {}
-    for keys, var in nnx.to_flat_state(params):
-        path = "/".join(map(str, keys))
-        value = unwrap(var)
-        desc, arrays = _encode(value, path)
-        shape = tuple(value.shape)
-        if path not in expected:
-            raise ValueError(
-                f"save_packed: parameter {path} is not part of the model `config`"
-                " describes; pass the config these params were loaded with"
-            )
-        if shape != expected[path]:
-            raise ValueError(
-                f"save_packed: parameter {path} has shape {shape}, but `config` "
-                f"implies {expected[path]}"
-            )
-        names[path] = desc
-        _nest(tree, keys, arrays)
-    missing = sorted(set(expected) - set(names))
-    if missing:
+def _check_leaf(value, path: str, expected: dict[str, tuple[int, ...]], who: str) -> None:
+    """Refuses a parameter the model ``expected`` lacks, of another shape, or holding an array
+    a safetensors file cannot store; reads no array data."""
+    if path not in expected:
         raise ValueError(
-            f"save_packed: params lack {len(missing)} parameter(s) of the model, "
-            f"e.g. {', '.join(missing[:3])}"
+            f"{who}: parameter {path} is not part of the model `config` describes; pass the "
+            "config these params were loaded with"
         )
-    return names, tree
+    _check_arrays(value, path, who)
+    if tuple(value.shape) != expected[path]:
+        raise ValueError(
+            f"{who}: parameter {path} has shape {tuple(value.shape)}, but `config` "
+            f"implies {expected[path]}"
+        )
 
 
-def _encode(x, name: str) -> tuple[dict, Any]:
-    """A leaf's descriptor for jquant.json and its arrays (a QArray becomes a dict of fields)."""
+def _check_arrays(x, name: str, who: str) -> None:
+    if isinstance(x, QArray):
+        for field in _DATA_FIELDS:
+            if getattr(x, field) is not None:
+                _check_arrays(getattr(x, field), f"{name}.{field}", who)
+        return
+    if not (hasattr(x, "shape") and hasattr(x, "dtype")):
+        raise ValueError(
+            f"{who}: parameter {name} is a {type(x).__name__}, not an array or a QArray"
+        )
+    if dtype_code(x.dtype) is None:
+        raise ValueError(
+            f"{who}: parameter {name} has dtype {np.dtype(x.dtype).name}, which a packed "
+            f"checkpoint cannot store (safetensors has no code for it; storable: "
+            f"{', '.join(DTYPE_CODES)})"
+        )
+
+
+def _encode(x, name: str) -> tuple[dict, list[tuple[str, np.ndarray]]]:
+    """A leaf's descriptor for jquant.json (offsets not yet filled in) and its arrays as
+    ``[(tensor name, host array)]``: the parameter path for an array, ``path.field`` for a
+    QArray's fields (``path.scale.qvalue`` for a double-quantized scale's codes)."""
     if isinstance(x, QArray):
         desc: dict[str, Any] = {
             "qarray": {f: _static_to_json(getattr(x, f)) for f in _STATIC_FIELDS}
         }
-        arrays = {}
+        tensors = []
         for field in _DATA_FIELDS:
             value = getattr(x, field)
             if value is None:
                 desc[field] = None
             else:
-                desc[field], arrays[field] = _encode(value, f"{name}.{field}")
-        return desc, arrays
-    if not (hasattr(x, "shape") and hasattr(x, "dtype")):
-        raise ValueError(
-            f"save_packed: parameter {name} is a {type(x).__name__}, not an array or a QArray"
-        )
-    return {"shape": list(x.shape), "dtype": np.dtype(x.dtype).name, "sha256": _sha256(x)}, x
+                desc[field], more = _encode(value, f"{name}.{field}")
+                tensors += more
+        return desc, tensors
+    array = np.ascontiguousarray(np.asarray(x))
+    desc = {"shape": list(array.shape), "dtype": array.dtype.name, "sha256": _sha256(array)}
+    return desc, [(name, array)]
 
 
 def _sha256(x) -> str:
     """The sha256 of an array's bytes (C order), as `read_packed` recomputes it."""
-    return hashlib.sha256(np.ascontiguousarray(np.asarray(x)).tobytes()).hexdigest()
+    flat = np.ascontiguousarray(np.asarray(x)).reshape(-1).view(np.uint8)
+    return hashlib.sha256(flat).hexdigest()
+
+
+def _array_descs(desc: dict, name: str) -> dict[str, dict]:
+    """``{tensor name: array descriptor}`` of a parameter's descriptor (`_encode`'s names)."""
+    if "qarray" not in desc:
+        return {name: desc}
+    out = {}
+    for field in _DATA_FIELDS:
+        if desc.get(field) is not None:
+            out.update(_array_descs(desc[field], f"{name}.{field}"))
+    return out
 
 
 def _static_to_json(value):
     return np.dtype(value).name if isinstance(value, np.dtype) else value
 
 
-def _nest(tree: dict, keys: tuple, value) -> None:
-    for key in keys[:-1]:
-        tree = tree.setdefault(str(key), {})
-    tree[str(keys[-1])] = value
-
-
-def _to_json(value, what: str) -> str:
+def _to_json(value, what: str, who: str = "save_packed") -> str:
     """JSON text, a dict's first two levels one entry a line (a parameter, a file) and the
     rest compact, so jquant.json reads well."""
     try:
         return _dumps(value, 0)
     except (TypeError, ValueError) as e:
-        raise ValueError(f"save_packed: {what} cannot be written as JSON ({e})") from None
+        raise ValueError(f"{who}: {what} cannot be written as JSON ({e})") from None
 
 
 def _dumps(value, depth: int) -> str:
@@ -136,6 +155,11 @@ def _read_metadata(d: Path) -> dict[str, Any]:
         raise ValueError(f"{d}: no such directory")
     path = d / METADATA
     if not path.is_file():
+        if (d / PROGRESS).is_file():
+            raise ValueError(
+                f"{d}: an unfinished PackedWriter output (it has {PROGRESS}, no {METADATA}), "
+                "not a checkpoint; run the quantization that wrote it again to finish it"
+            )
         if (d / ARRAYS).is_dir():
             raise ValueError(
                 f"{d}: {METADATA} is missing, so the packed checkpoint is "
@@ -154,7 +178,7 @@ def _read_metadata(d: Path) -> dict[str, Any]:
             f"(its format is not {FORMAT!r})"
         )
     layout = meta.get("layout_version")
-    if layout != LAYOUT_VERSION:
+    if layout not in READ_LAYOUTS:
         hint = (
             "upgrade jquant"
             if isinstance(layout, int) and layout > LAYOUT_VERSION
@@ -162,7 +186,7 @@ def _read_metadata(d: Path) -> dict[str, Any]:
         )
         raise ValueError(
             f"{d}: written by jquant layout {layout} (jquant {meta.get('jquant_version')}); "
-            f"this jquant reads layout {LAYOUT_VERSION} ({hint})"
+            f"this jquant reads layouts {', '.join(map(str, READ_LAYOUTS))} ({hint})"
         )
     kinds = {"config": dict, "params": dict, "tokenizer": (dict, type(None)), "files": dict,
              "sha256": (dict, type(None))}  # fmt: skip; sha256: None before checksums
@@ -206,24 +230,6 @@ def _fill(target, arrays):
         if getattr(target, f) is not None
     }
     return dataclasses.replace(target, **fields)
-
-
-def _as_field_dicts(leaf):
-    """A placeholder leaf as orbax stores it: a QArray as ``{field: ...}``, None fields left out
-    (the nesting `_encode` writes)."""
-    if isinstance(leaf, QArray):
-        return {
-            f: _as_field_dicts(getattr(leaf, f))
-            for f in _DATA_FIELDS
-            if getattr(leaf, f) is not None
-        }
-    return leaf
-
-
-def _get(tree: dict, keys: tuple):
-    for key in keys:
-        tree = tree[str(key)]
-    return tree
 
 
 def _expected_shapes(config: dict[str, Any]) -> dict[str, tuple[int, ...]]:

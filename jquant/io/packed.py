@@ -1,40 +1,54 @@
 """The packed checkpoint: a quantized model saved as it runs, and loaded without float weights.
 
-A packed checkpoint is a directory::
+A packed checkpoint (layout version 2) is a directory::
 
     jquant.json          metadata: format marker, layout version, jquant version, the HF-style
-                         model config, every parameter's arrays (shape, dtype) by path, every
-                         QArray's static fields (a double-quantized scale nests one more), the
-                         tokenizer's special ids, and the size and sha256 of every other
-                         file (``files``, ``sha256``); every array's descriptor carries the
-                         sha256 of its bytes too
-    arrays/              orbax-checkpoint of the arrays, nested by parameter path; a QArray
-                         leaf becomes {qvalue, scale, zero_point} (its codes stay packed)
+                         model config, every parameter's descriptor by path (the file holding
+                         its arrays; per array: shape, dtype, sha256 of its bytes and byte
+                         offsets in that file; a QArray's static fields, a double-quantized
+                         scale nesting one more), the tokenizer's special ids, and the size
+                         and sha256 of every other file (``files``, ``sha256``)
+    arrays/PART.safetensors
+                         the arrays, one standard safetensors file per part: ``layers.00003``
+                         holds decoder layer 3, ``model`` everything else (when `save_packed`
+                         or the CLI names the parts; a `PackedWriter` caller names its own)
     tokenizer.json       the `tokenizers` backend, if the model has a tokenizer
     chat_template.jinja  its chat template, if it has one
     recipe.yaml          the recipe that quantized it (`Recipe.to_yaml`), if given
     report.json          what quantization reported (errors, time, bits/weight), if given
 
-The arrays are stored uncompressed, so an int4 g128 kernel takes its in-memory 4.125 bits per
-weight on disk too (plus ~1 KB of orbax metadata per array). `read_packed` restores the arrays
-from shape placeholders straight into QArrays, on the first local device: no float copy of a
-quantized weight is ever made. It returns ``{parameter path: array or QArray}``; building the
+Tensor names inside a safetensors file are the parameter path, plus ``.FIELD`` for a
+QArray's array fields: ``layers/3/mlp/up_proj/kernel.qvalue``, ``...kernel.scale``,
+``...kernel.zero_point``, and for a double-quantized scale ``...kernel.scale.qvalue`` and
+``...kernel.scale.scale``; a float parameter is stored under its path alone
+(``norm/scale``). The arrays are stored uncompressed, in the dtypes they have in memory
+(bfloat16 and float8 included), so an int4 g128 kernel takes its in-memory 4.125 bits per
+weight on disk too, and any safetensors reader can list them; only dtypes safetensors has a
+code for can be stored (`jquant.io._safetensors.DTYPE_CODES`). `read_packed` reads the
+arrays with plain file reads (no memory map stays behind) straight into QArrays, on the
+first local device: no float copy of a quantized weight is ever made. It returns
+``{parameter path: array or QArray}``, all of them or those ``only`` selects; building the
 model is `jquant.models.load_packed`'s part (this module never imports `jquant.models`).
+Layout 1 (the arrays in an orbax-checkpoint under ``arrays/``) still loads
+(`jquant.io._packed_v1`); it is no longer written.
 
-Damage is caught before any array is read: a missing or resized file, a file whose bytes no
+Damage is caught before any array is used: a missing or resized file, a file whose bytes no
 longer hash to the recorded sha256 (a same-size overwrite, a flipped bit; the error names the
-file and, where the arrays can still be restored, which arrays changed), or an array whose
-shape or dtype orbax records differently from jquant.json (orbax would silently cast the
-dtype). Hashing reads every file once (about 1 s per GB). A checkpoint written before
-checksums were recorded still loads, with a warning that its damage cannot be detected.
+file and which arrays in it changed), or a safetensors header that disagrees with
+jquant.json on a tensor's name, dtype, shape or offsets. Hashing reads every file once
+(about 1 s per GB). A checkpoint written before checksums were recorded still loads, with a
+warning that its damage cannot be detected.
 
-Writing is atomic: everything goes into a temporary sibling directory that is renamed into
-place at the end, so an error or Ctrl-C leaves nothing half-written (and, with
-``overwrite=True``, the old checkpoint intact). A crash of the whole process (SIGKILL, power
-loss) can leave a hidden ``.NAME.tmp-*`` sibling behind, never a partial ``NAME``.
-
-This module writes and reads the directory; jquant.json's descriptors are
-`jquant.io._packed_meta`'s, the damage checks `jquant.io._packed_check`'s.
+Writing goes through `PackedWriter`, part by part, into a hidden sibling ``.NAME.partial``
+that holds the finished parts' files and ``progress.json`` (each finished part's file, size,
+sha256 and descriptors, and the writer's fingerprint). Each part is written to a temporary
+file, fsynced and renamed into place before ``progress.json`` records it, so a run killed
+at any point can be continued by a new `PackedWriter` with the same fingerprint: it keeps the
+parts whose files still hash as recorded and writes the others again. `PackedWriter.finish`
+writes jquant.json last and renames the partial directory to ``NAME``, so an unfinished
+output is never a checkpoint (`read_packed` refuses it). `save_packed` writes a whole
+parameter tree through one writer and removes the partial directory on any error or Ctrl-C,
+leaving nothing behind (and, with ``overwrite=True``, the old checkpoint intact).
 
 >>> qparams = jquant.quantize(params, "w4a16-rtn-g128")  # doctest: +SKIP
 >>> save_packed("out/smollm2-w4", config=config, params=qparams, tokenizer=tok)  # doctest: +SKIP
@@ -45,39 +59,39 @@ This module writes and reads the directory; jquant.json's descriptors are
 from __future__ import annotations
 
 import os
-import shutil
-import uuid
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import jax
 from flax import nnx
 
-from jquant.io._packed_check import _check_files, _check_paths, _compare, _file_sha256, _file_sizes
+from jquant.io import _packed_v1, _packed_v2
+from jquant.io._packed_check import _check_files, _check_paths
+from jquant.io._packed_check import _file_sha256 as _file_sha256
 from jquant.io._packed_meta import (
     ARRAYS,
-    FORMAT,
-    LAYOUT_VERSION,
     METADATA,
     _abstract,
-    _as_field_dicts,
-    _encode_params,
+    _check_leaf,
     _expected_shapes,
     _fill,
-    _get,
-    _nest,
     _read_metadata,
     _to_json,
 )
+from jquant.io._packed_meta import CHAT_TEMPLATE as CHAT_TEMPLATE
+from jquant.io._packed_meta import RECIPE as RECIPE
+from jquant.io._packed_meta import REPORT as REPORT
+from jquant.io._packed_meta import TOKENIZER as TOKENIZER
+from jquant.io._packed_writer import PackedWriter as PackedWriter
+from jquant.io._packed_writer import _tokenizer_meta as _tokenizer_meta
+from jquant.io._packed_writer import _write_tokenizer as _write_tokenizer
+from jquant.io._packed_writer import check_output_directory as check_output_directory
+from jquant.tree import unwrap
 
 if TYPE_CHECKING:
     from jquant.io.tokenizer import Tokenizer
     from jquant.recipe import Recipe
-
-TOKENIZER = "tokenizer.json"
-CHAT_TEMPLATE = "chat_template.jinja"
-RECIPE = "recipe.yaml"
-REPORT = "report.json"
 
 
 def is_packed(directory: str | os.PathLike) -> bool:
@@ -93,18 +107,13 @@ def is_packed(directory: str | os.PathLike) -> bool:
 # ---- saving -----------------------------------------------------------------------------
 
 
-def check_output_directory(directory: str | os.PathLike, *, overwrite: bool = False) -> Path:
-    """The absolute target of `save_packed`, after refusing a file or (without
-    ``overwrite``) a non-empty directory; callers run it before slow work."""
-    target = Path(os.path.abspath(os.path.expanduser(directory)))  # "." and ".." resolved
-    if target.exists() and not target.is_dir():
-        raise ValueError(f"{target} is a file; give a directory to write the checkpoint into")
-    if target.is_dir() and any(target.iterdir()) and not overwrite:
-        raise ValueError(
-            f"{target} exists and is not empty; pass overwrite=True (--overwrite) to replace "
-            "it, or choose another directory"
-        )
-    return target
+def part_of(path: str) -> str:
+    """The part `save_packed` stores a parameter in: ``layers.00003`` for decoder layer 3's
+    (``layers/3/...``), ``model`` for the rest."""
+    keys = path.split("/")
+    if len(keys) > 1 and keys[0] == "layers" and keys[1].isdigit():
+        return f"layers.{int(keys[1]):05d}"
+    return "model"
 
 
 def save_packed(
@@ -119,6 +128,9 @@ def save_packed(
 ) -> Path:
     """Writes a (quantized) model as a packed checkpoint, atomically.
 
+    One `PackedWriter` writes it, a part per decoder layer (``layers.00003``) and one
+    (``model``) for the rest; any error or Ctrl-C removes what was written.
+
     Args:
       directory: where to write; it must not exist, or be an empty directory, unless
         ``overwrite``. Missing parent directories are created.
@@ -129,95 +141,43 @@ def save_packed(
       tokenizer: a `jquant.io.Tokenizer`, or None.
       recipe: the `jquant.Recipe` that quantized ``params``, or None; kept as YAML.
       report: JSON-able notes on the quantization (per-layer errors, time, bits/weight), or None.
-      overwrite: replace an existing non-empty ``directory``; the old one stays intact if
-        writing fails.
+      overwrite: replace an existing non-empty ``directory`` (and discard an unfinished
+        `PackedWriter` output for it); the old one stays intact if writing fails.
 
     Returns:
       The checkpoint's path.
 
     Raises:
       ValueError: ``directory`` is a file or a non-empty directory (without ``overwrite``),
-        ``params`` do not match ``config``, or ``config`` / ``report`` is not JSON-able.
+        an unfinished `PackedWriter` output for it exists (without ``overwrite``), ``params``
+        do not match ``config`` or hold a dtype safetensors lacks, or ``config`` / ``report``
+        is not JSON-able. All are raised before anything is written.
     """
+    who = "save_packed"
     target = check_output_directory(directory, overwrite=overwrite)
-    names, tree = _encode_params(params, config)
-    tok_meta = None if tokenizer is None else _tokenizer_meta(tokenizer)
-    meta = {
-        "format": FORMAT,
-        "layout_version": LAYOUT_VERSION,
-        "jquant_version": _jquant_version(),
-        "config": config,
-        "params": names,
-        "tokenizer": tok_meta,
-    }
-    _to_json(meta, "config")  # fail on a bad config before touching the disk
-    report_text = None if report is None else _to_json(report, "report")
-
-    target.parent.mkdir(parents=True, exist_ok=True)
-    # Not tempfile.mkdtemp: its 0o700 would become the checkpoint's mode after the rename.
-    tmp = target.with_name(f".{target.name}.tmp-{uuid.uuid4().hex[:8]}")
-    tmp.mkdir()
+    expected = _expected_shapes(config)
+    leaves = {"/".join(map(str, keys)): unwrap(var) for keys, var in nnx.to_flat_state(params)}
+    for path, value in leaves.items():
+        _check_leaf(value, path, expected, who)
+    missing = [path for path in expected if path not in leaves]
+    if missing:
+        raise ValueError(
+            f"{who}: params lack {len(missing)} parameter(s) of the model, "
+            f"e.g. {', '.join(missing[:3])}"
+        )
+    if report is not None:
+        _to_json(report, "report", who)  # fail before touching the disk
+    parts: dict[str, dict[str, Any]] = {}
+    for path, value in leaves.items():
+        parts.setdefault(part_of(path), {})[path] = value
+    writer = PackedWriter(target, config=config, overwrite=overwrite, resume=False)
     try:
-        _write_arrays(tmp / ARRAYS, tree)
-        if tokenizer is not None:
-            _write_tokenizer(tmp, tokenizer)
-        if recipe is not None:
-            (tmp / RECIPE).write_text(recipe.to_yaml(), encoding="utf-8")
-        if report_text is not None:
-            (tmp / REPORT).write_text(report_text, encoding="utf-8")
-        meta["files"] = _file_sizes(tmp)
-        meta["sha256"] = {name: _file_sha256(tmp / name) for name in meta["files"]}
-        (tmp / METADATA).write_text(_to_json(meta, "metadata"), encoding="utf-8")
-        _commit(tmp, target)
+        for part, arrays in parts.items():
+            writer.write(part, arrays)
+        return writer.finish(tokenizer=tokenizer, recipe=recipe, report=report)
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        writer.abort()
         raise
-    return target
-
-
-def _write_arrays(path: Path, tree: dict) -> None:
-    ocp = _orbax()
-    # Synchronous, so nothing is still writing once save_packed returns or fails; uncompressed,
-    # so the files hold the QArray layout byte for byte (zstd would save ~10% on 4-bit codes,
-    # at the cost of decoding on every load and sizes no longer saying what is stored).
-    with ocp.Checkpointer(ocp.PyTreeCheckpointHandler(use_compression=False)) as ckptr:
-        ckptr.save(path, args=ocp.args.PyTreeSave(tree))
-
-
-def _tokenizer_meta(tokenizer) -> dict[str, Any]:
-    return {
-        "bos_token_id": tokenizer.bos_token_id,
-        "eos_token_id": tokenizer.eos_token_id,
-        "pad_token_id": tokenizer.pad_token_id,
-        "chat_template": tokenizer.chat_template is not None,
-        "add_bos_token": bool(getattr(tokenizer, "add_bos_token", False)),
-    }
-
-
-def _write_tokenizer(directory: Path, tokenizer) -> None:
-    tokenizer.backend.save(str(directory / TOKENIZER))
-    if tokenizer.chat_template is not None:
-        (directory / CHAT_TEMPLATE).write_text(tokenizer.chat_template, encoding="utf-8")
-
-
-def _commit(tmp: Path, target: Path) -> None:
-    """Renames the finished ``tmp`` to ``target``, swapping out an old checkpoint last."""
-    if not target.exists():
-        os.rename(tmp, target)
-        return
-    if not any(target.iterdir()):
-        target.rmdir()
-        os.rename(tmp, target)
-        return
-    old = target.with_name(f".{target.name}.old-{uuid.uuid4().hex[:8]}")
-    try:
-        os.rename(target, old)
-        os.rename(tmp, target)
-    except BaseException:  # Ctrl-C between the renames too: put the old one back
-        if old.exists() and not target.exists():
-            os.rename(old, target)
-        raise
-    shutil.rmtree(old, ignore_errors=True)
 
 
 # ---- loading ----------------------------------------------------------------------------
@@ -225,13 +185,19 @@ def _commit(tmp: Path, target: Path) -> None:
 
 def read_packed(
     directory: str | os.PathLike,
+    *,
+    only: str | Callable[[str], bool] | None = None,
 ) -> tuple[dict[str, Any], Tokenizer | None, dict[str, Any]]:
     """Reads a packed checkpoint's arrays, quantized weights straight into QArrays.
 
     `jquant.models.load_packed` (and `jquant.models.load`) build the model around them.
 
     Args:
-      directory: a directory `save_packed` wrote.
+      directory: a directory `save_packed` or `PackedWriter` wrote.
+      only: read only some parameters: a predicate on parameter paths, or a path prefix
+        matched a whole component at a time (``"layers/3"`` selects ``layers/3/...``, not
+        ``layers/30/...``). With it, only the files holding those arrays (and the small
+        non-array files) are hashed; a layout-1 checkpoint still restores every array.
 
     Returns:
       ``(arrays, tokenizer, config)``: ``{parameter path: array or QArray}`` (paths like
@@ -239,24 +205,37 @@ def read_packed(
       `jquant.io.Tokenizer` (or None) and the HF-style config dict.
 
     Raises:
-      ValueError: naming the directory, when it is not a packed checkpoint, was written in
-        another layout version, or is truncated or corrupt (missing or short files, a file
-        whose sha256 differs from the one recorded, naming the file and the arrays that
-        changed, arrays whose shape or dtype disagree with jquant.json).
+      ValueError: naming the directory, when it is not a packed checkpoint (an unfinished
+        `PackedWriter` output included), was written in an unknown layout version, or is
+        truncated or corrupt (missing or short files, a file whose sha256 differs from the
+        one recorded, naming the file and the arrays that changed, a safetensors header that
+        disagrees with jquant.json).
     """
     d = Path(directory).expanduser()
     meta = _read_metadata(d)
-    _check_files(d, meta["files"], meta.get("sha256"))
     config = meta["config"]
     try:
         expected = _expected_shapes(config)
     except (KeyError, TypeError, ValueError) as e:
         raise ValueError(f"{d}: the model config in {METADATA} is unusable ({e})") from None
     _check_paths(d, set(meta["params"]), set(expected))
+    keep = _selector(only)
+    wanted = {path: desc for path, desc in meta["params"].items() if keep(path)}
+    layout = meta["layout_version"]
+    files = {name for name in meta["files"] if not name.startswith(f"{ARRAYS}/")}
+    if layout == 2:
+        for path, desc in meta["params"].items():
+            if not isinstance(desc, dict) or desc.get("file") not in meta["files"]:
+                raise ValueError(
+                    f"{d}: {METADATA} names no listed file for parameter {path}; the "
+                    "checkpoint is corrupt"
+                )
+        files |= {desc["file"] for desc in wanted.values()}
+    _check_files(d, meta["files"], meta.get("sha256"), None if only is None else files)
 
     device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-    targets, abstract = {}, {}
-    for path, desc in meta["params"].items():
+    targets = {}
+    for path, desc in wanted.items():
         target = _abstract(d, desc, path, device)
         if tuple(target.shape) != expected[path]:
             raise ValueError(
@@ -264,43 +243,30 @@ def read_packed(
                 f"{METADATA}, but the config implies {expected[path]}; the checkpoint is corrupt"
             )
         targets[path] = target
-        _nest(abstract, tuple(path.split("/")), _as_field_dicts(target))
-    arrays = _read_arrays(d, abstract)
-    params = {
-        path: _fill(target, _get(arrays, tuple(path.split("/"))))
-        for path, target in targets.items()
-    }
+    if layout == 1:
+        everything = {path: _abstract(d, desc, path, device)
+                      for path, desc in meta["params"].items()}  # fmt: skip
+        arrays = _packed_v1.read_arrays(d, {**everything, **targets})
+    else:
+        arrays = {}
+        for file in sorted({desc["file"] for desc in wanted.values()}):
+            in_file = {p: desc for p, desc in meta["params"].items() if desc["file"] == file}
+            chosen = set(in_file) & set(wanted)
+            arrays.update(_packed_v2.read_file(d, file, in_file, chosen, raw=True))
+    params = {path: _fill(target, arrays[path]) for path, target in targets.items()}
     return params, _read_tokenizer(d, meta["tokenizer"]), config
 
 
-def _read_arrays(d: Path, abstract: dict) -> dict:
-    ocp = _orbax()
-    path = (d / ARRAYS).absolute()
-    with ocp.Checkpointer(ocp.PyTreeCheckpointHandler()) as ckptr:
-        try:
-            stored = ckptr.metadata(path).item_metadata.tree
-        except Exception as e:  # orbax raises many types for a damaged directory
-            raise ValueError(
-                f"{d}: cannot read {ARRAYS}/ ({_brief(e)}); the checkpoint is truncated or corrupt"
-            ) from None
-        _compare(d, stored, abstract, ())
-        try:
-            restore_args = ocp.checkpoint_utils.construct_restore_args(abstract)
-            return ckptr.restore(
-                path, args=ocp.args.PyTreeRestore(item=abstract, restore_args=restore_args)
-            )
-        except Exception as e:
-            raise ValueError(
-                f"{d}: cannot restore the arrays ({_brief(e)}); the checkpoint "
-                "is truncated or corrupt"
-            ) from None
-
-
-def _brief(e: Exception) -> str:
-    """The first line of an error, without the TensorStore spec it ends with, <= 200 chars."""
-    line = (str(e).strip().splitlines() or [""])[0].split(" See full TensorStore details")[0]
-    line = line if len(line) <= 200 else line[:200] + "..."
-    return f"{type(e).__name__}: {line}"
+def _selector(only) -> Callable[[str], bool]:
+    if only is None:
+        return lambda path: True
+    if callable(only):
+        return only
+    if isinstance(only, str):
+        prefix = only.rstrip("/")
+        return lambda path: path == prefix or path.startswith(prefix + "/")
+    raise ValueError(f"read_packed: only= is a {type(only).__name__}; give a path prefix or a "
+                     "predicate on parameter paths")  # fmt: skip
 
 
 def _read_tokenizer(d: Path, meta: dict[str, Any] | None):
@@ -330,18 +296,3 @@ def _read_tokenizer(d: Path, meta: dict[str, Any] | None):
         chat_template=template,
         add_bos_token=add_bos,
     )
-
-
-# ---- shared -----------------------------------------------------------------------------
-
-
-def _jquant_version() -> str:
-    import jquant
-
-    return jquant.__version__
-
-
-def _orbax():
-    import orbax.checkpoint as ocp  # ~2 s to import: only when a checkpoint is read or written
-
-    return ocp

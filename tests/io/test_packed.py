@@ -1,12 +1,13 @@
 """Packed quantized checkpoints: bit-identical round trips, no float copy on load, bits on disk,
-atomic writes, and one clear error per kind of damage."""
+atomic writes, one clear error per kind of damage, and layout 1 (orbax) still loading.
+
+`PackedWriter`'s part-by-part, resumable writing is tests/io/test_packed_writer.py's."""
 
 from __future__ import annotations
 
 import importlib
 import json
 import os
-import re
 import shutil
 
 import jax
@@ -18,7 +19,7 @@ from safetensors.numpy import save_file
 
 import jquant
 from jquant import models
-from jquant.io import packed
+from jquant.io import _packed_meta, _packed_writer, _safetensors, packed
 from jquant.models import LlamaConfig, abstract_model, forward
 from jquant.qarray import QArray
 
@@ -229,6 +230,8 @@ def test_int4_g128_stays_packed_on_disk(tmp_path):
     params = jquant.quantize(_float_params(config), "w4a16-rtn-g128")
     path = packed.save_packed(tmp_path / "m", config=config, params=params)
     on_disk = sum(p.stat().st_size for p in (path / packed.ARRAYS).rglob("*") if p.is_file())
+    assert sorted(os.listdir(path / packed.ARRAYS)) == ["layers.00000.safetensors",
+                                                        "model.safetensors"]  # fmt: skip
     leaves = _leaves(params).values()
     weights = sum(q.size for q in leaves if isinstance(q, QArray))
     in_memory = sum(q.nbytes for q in leaves if isinstance(q, QArray))
@@ -236,7 +239,7 @@ def test_int4_g128_stays_packed_on_disk(tmp_path):
     assert 8 * in_memory / weights == pytest.approx(4.125)
     bits = 8 * (on_disk - floats) / weights  # everything but the float leaves, overhead too
     print(f"int4 g128 on disk: {bits:.3f} bits/weight ({on_disk} bytes)")
-    assert 4.125 < bits < 4.2  # ~20 KB of orbax metadata on ~1.6 MB
+    assert 4.125 < bits < 4.13  # two safetensors headers (~4 KB) on ~1.6 MB
 
 
 # ---- atomic writes --------------------------------------------------------------------------
@@ -250,11 +253,27 @@ def _raise_after(fn, exc):
     return step
 
 
-@pytest.mark.parametrize("step", ["_write_arrays", "_file_sizes"])
+def _raise_instead(exc):
+    def step(*args, **kwargs):
+        raise exc
+
+    return step
+
+
+# The first part's file, the writer's first progress.json (in its constructor), the rename.
+STEPS = {
+    "write_file": (_safetensors, _raise_after),
+    "_write_atomically": (_packed_writer, _raise_after),
+    "_commit": (_packed_writer, lambda fn, exc: _raise_instead(exc)),
+}
+
+
+@pytest.mark.parametrize("step", STEPS)
 @pytest.mark.parametrize("exc", [KeyboardInterrupt(), OSError("disk full")])
 def test_failed_write_leaves_nothing(tmp_path, monkeypatch, step, exc):
     params = _quantized("int8-a8")
-    monkeypatch.setattr(packed, step, _raise_after(getattr(packed, step), exc))
+    module, fail = STEPS[step]
+    monkeypatch.setattr(module, step, fail(getattr(module, step), exc))
     with pytest.raises(type(exc)):
         packed.save_packed(tmp_path / "m", config=HF_CONFIG, params=params)
     assert os.listdir(tmp_path) == []
@@ -278,7 +297,7 @@ def test_existing_directory(tmp_path, saved, monkeypatch):
 
     # A failed overwrite keeps the old checkpoint, whole.
     with monkeypatch.context() as m:
-        m.setattr(packed, "_file_sizes", _raise_after(packed._file_sizes, KeyboardInterrupt()))
+        m.setattr(_packed_writer, "_commit", _raise_instead(KeyboardInterrupt()))
         with pytest.raises(KeyboardInterrupt):
             packed.save_packed(target, config=HF_CONFIG, params=new_params, overwrite=True)
     _assert_bit_identical(models.load_packed(target)[1], old_params)
@@ -320,7 +339,7 @@ def _qvalue(meta):
 
 
 def _set_layout(meta):
-    meta["layout_version"] = 2
+    meta["layout_version"] = 3
 
 
 def _set_format(meta):
@@ -346,12 +365,13 @@ def _drop_param(meta):
 @pytest.mark.parametrize(
     "edit, message",
     [
-        (_set_layout, r"written by jquant layout 2 \(jquant 0\.1\.0\); this jquant reads layout 1"),
+        (_set_layout, r"written by jquant layout 3 \(jquant 0\.1\.0\); this jquant reads "
+                      r"layouts 1, 2"),
         (_set_format, "not a jquant packed checkpoint"),
         (
             _set_qvalue_dtype,
-            r"down_proj\.kernel\.qvalue is stored as uint8\[64, 100\].* "
-            r"says int8\[64, 100\]",
+            r"file arrays/layers\.00000\.safetensors stores tensor layers/0/mlp/down_proj/"
+            r"kernel\.qvalue as uint8\[64, 100\].* says int8\[64, 100\]",
         ),
         (
             _set_qvalue_shape,
@@ -391,7 +411,7 @@ def test_missing_or_damaged_files(copy):
 
 
 def test_damage_behind_a_matching_manifest_is_still_a_clear_error(copy):
-    # jquant.json's sizes agree with the damaged file: orbax's own failure must be reworded.
+    # jquant.json's sizes agree with the damaged file: the header check must still refuse it.
     data = _largest_array_file(copy)
     with open(data, "r+b") as f:
         f.truncate(data.stat().st_size // 2)
@@ -402,10 +422,10 @@ def test_damage_behind_a_matching_manifest_is_still_a_clear_error(copy):
         meta["sha256"][name] = packed._file_sha256(data)
 
     _edit_metadata(copy, match)
-    with pytest.raises(ValueError, match="cannot (read|restore).*truncated or corrupt") as e:
+    with pytest.raises(ValueError, match=rf"file {name} stores tensor .* of the file's "
+                       rf"{data.stat().st_size}; the checkpoint is corrupt") as e:  # fmt: skip
         models.load_packed(copy)
     assert str(copy) in str(e.value)
-    assert len(str(e.value)) < 600  # TensorStore's whole spec is not repeated
 
 
 def test_not_a_checkpoint(tmp_path):
@@ -436,8 +456,22 @@ def test_a_flipped_byte_in_an_array_file_names_the_file_and_the_array(copy):
     with pytest.raises(ValueError, match=rf"file {name} does not match its sha256") as e:
         models.load_packed(copy)
     assert str(copy) in str(e.value)
-    # orbax packs many arrays into one file: the error says which of them changed.
-    assert re.search(r"changed arrays: layers\.0\.[\w.]+", str(e.value)), str(e.value)
+    # A file holds many arrays: the error names the one whose bytes hold the flipped byte.
+    middle = data.stat().st_size // 2
+    meta = json.loads((copy / packed.METADATA).read_text())
+    held = [t for p, d in meta["params"].items() if d["file"] == name
+            for t, a in _packed_meta._array_descs(d, p).items()
+            if a["offsets"][0] <= middle < a["offsets"][1]]  # fmt: skip
+    assert len(held) == 1 and held[0].startswith("layers/0/")
+    assert f"changed arrays: {held[0]};" in str(e.value), str(e.value)
+
+
+def test_a_flipped_byte_in_a_header_says_so(copy):
+    data = _largest_array_file(copy)
+    _flip_byte(data, 20)  # inside the JSON header
+    with pytest.raises(ValueError, match=r"does not match its sha256.*changed arrays: none "
+                       r"\(the change is in its header\)"):  # fmt: skip
+        models.load_packed(copy)
 
 
 def test_a_file_without_its_checksum_is_refused(copy):
@@ -473,3 +507,159 @@ def test_a_checkpoint_without_checksums_still_loads_with_a_warning(saved, copy):
     with pytest.warns(UserWarning, match="written without checksums"):
         _, params, _, _ = models.load_packed(copy)
     _assert_bit_identical(params, saved[1])
+
+
+# ---- the safetensors files ------------------------------------------------------------------
+
+
+def test_array_files_are_standard_safetensors(saved):
+    from safetensors import safe_open
+
+    path, params = saved
+    meta = json.loads((path / packed.METADATA).read_text())
+    names = {}
+    for p, desc in meta["params"].items():
+        for tensor, array in _packed_meta._array_descs(desc, p).items():
+            names.setdefault(desc["file"], {})[tensor] = array
+    assert sorted(names) == ["arrays/layers.00000.safetensors", "arrays/model.safetensors"]
+    down = _leaves(params)["layers/0/mlp/down_proj/kernel"]
+    for file, arrays in names.items():
+        with safe_open(path / file, framework="numpy") as f:
+            assert set(f.keys()) == set(arrays)
+            for tensor, array in arrays.items():
+                assert f.get_slice(tensor).get_shape() == array["shape"], tensor
+        if file.startswith("arrays/layers"):
+            with safe_open(path / file, framework="numpy") as f:
+                codes = f.get_tensor("layers/0/mlp/down_proj/kernel.qvalue")
+            np.testing.assert_array_equal(codes, np.asarray(down.qvalue))
+            assert "layers/0/input_layernorm/scale" in arrays  # a float leaf: its path alone
+
+
+def test_a_dtype_safetensors_lacks_is_refused_naming_the_parameter(tmp_path):
+    params = _float_params()
+    norm = params["norm"]["scale"]
+    norm.set_value(jnp.zeros(norm.get_value().shape, jnp.int4))
+    with pytest.raises(ValueError, match=r"parameter norm/scale has dtype int4, which a packed "
+                       r"checkpoint cannot store"):  # fmt: skip
+        packed.save_packed(tmp_path / "m", config=HF_CONFIG, params=params)
+    assert os.listdir(tmp_path) == []
+
+
+def _rewrite_header(path, edit):
+    """Edits a safetensors file's header in place, keeping its length (so no offset moves)."""
+    data = path.read_bytes()
+    n = int.from_bytes(data[:8], "little")
+    header = json.loads(data[8 : 8 + n])
+    edit(header)
+    text = json.dumps(header, separators=(",", ":")).encode()
+    assert len(text) <= n
+    path.write_bytes(data[:8] + text + b" " * (n - len(text)) + data[8 + n :])
+
+
+def _swap_shape(header):
+    entry = header["layers/0/mlp/down_proj/kernel.qvalue"]
+    entry["shape"] = entry["shape"][::-1]  # the same bytes, read as another shape
+
+
+def _move_offsets(header):
+    a, b = (header[f"layers/0/mlp/{m}_proj/kernel.scale"] for m in ("gate", "up"))
+    a["data_offsets"], b["data_offsets"] = b["data_offsets"], a["data_offsets"]
+
+
+def _rename_tensor(header):
+    header["layers/0/mlp/down_proj/kernel.qvalues"] = header.pop(
+        "layers/0/mlp/down_proj/kernel.qvalue")
+
+
+@pytest.mark.parametrize(
+    "edit, message",
+    [
+        (_swap_shape, r"stores tensor layers/0/mlp/down_proj/kernel\.qvalue as uint8\[100, 64\]"
+                      r".* says uint8\[64, 100\]"),
+        (_move_offsets, r"stores tensor layers/0/mlp/gate_proj/kernel\.scale as .* at bytes "
+                        r"\[\d+, \d+\], but jquant\.json says .* at bytes"),
+        (_rename_tensor, r"holds other tensors than jquant\.json lists \(missing: "
+                         r"layers/0/mlp/down_proj/kernel\.qvalue; unexpected: .*kernel\.qvalues\)"),
+    ],
+    ids=lambda x: getattr(x, "__name__", ""),
+)  # fmt: skip
+def test_a_header_disagreeing_with_the_metadata_is_refused(copy, edit, message):
+    # Checksums updated to match: only the header check stands between it and a wrong read.
+    data = copy / "arrays/layers.00000.safetensors"
+    _rewrite_header(data, edit)
+
+    def match(meta):
+        meta["sha256"]["arrays/layers.00000.safetensors"] = packed._file_sha256(data)
+
+    _edit_metadata(copy, match)
+    with pytest.raises(ValueError, match=message) as e:
+        models.load_packed(copy)
+    assert str(copy) in str(e.value) and "the checkpoint is corrupt" in str(e.value)
+
+
+# ---- layout 1 (orbax) -----------------------------------------------------------------------
+
+
+def _v1_descriptor(x):
+    """A leaf's layout-1 descriptor and its orbax arrays (a QArray as ``{field: arrays}``)."""
+    if isinstance(x, QArray):
+        desc = {"qarray": {f: _packed_meta._static_to_json(getattr(x, f))
+                           for f in _packed_meta._STATIC_FIELDS}}  # fmt: skip
+        arrays = {}
+        for f in _packed_meta._DATA_FIELDS:
+            value = getattr(x, f)
+            desc[f] = None
+            if value is not None:
+                desc[f], arrays[f] = _v1_descriptor(value)
+        return desc, arrays
+    desc = {"shape": list(x.shape), "dtype": np.dtype(x.dtype).name,
+            "sha256": _packed_meta._sha256(x)}  # fmt: skip
+    return desc, x
+
+
+def _save_layout_1(directory, config, params):
+    """A checkpoint as jquant wrote it before layout 2: the arrays in an orbax-checkpoint."""
+    import orbax.checkpoint as ocp
+
+    names, tree = {}, {}
+    for keys, var in nnx.to_flat_state(params):
+        node = tree
+        for key in map(str, keys[:-1]):
+            node = node.setdefault(key, {})
+        names["/".join(map(str, keys))], node[str(keys[-1])] = _v1_descriptor(var.get_value())
+    directory.mkdir()
+    with ocp.Checkpointer(ocp.PyTreeCheckpointHandler(use_compression=False)) as ckptr:
+        ckptr.save((directory / "arrays").absolute(), args=ocp.args.PyTreeSave(tree))
+    files = {p.relative_to(directory).as_posix(): p.stat().st_size
+             for p in sorted(directory.rglob("*")) if p.is_file()}  # fmt: skip
+    meta = {"format": "jquant.packed", "layout_version": 1, "jquant_version": "0.1.0",
+            "config": config, "params": names, "tokenizer": None, "files": files,
+            "sha256": {name: packed._file_sha256(directory / name) for name in files}}  # fmt: skip
+    (directory / packed.METADATA).write_text(json.dumps(meta))
+    return directory
+
+
+@pytest.fixture(scope="module")
+def layout_1(tmp_path_factory):
+    params = _quantized("nf4-double-quant")
+    return _save_layout_1(tmp_path_factory.mktemp("v1") / "m", HF_CONFIG, params), params
+
+
+def test_a_layout_1_checkpoint_still_loads(layout_1):
+    path, params = layout_1
+    assert json.loads((path / packed.METADATA).read_text())["layout_version"] == 1
+    assert not list(path.rglob("*.safetensors"))
+    _, loaded, _, config = models.load_packed(path)
+    _assert_bit_identical(loaded, params)
+    assert config == HF_CONFIG
+    arrays, _, _ = packed.read_packed(path, only="layers/0/mlp")
+    assert sorted(arrays) == [f"layers/0/mlp/{m}_proj/kernel" for m in ("down", "gate", "up")]
+
+
+def test_a_flipped_byte_in_a_layout_1_file_names_the_array(layout_1, tmp_path):
+    copy = shutil.copytree(layout_1[0], tmp_path / "m")
+    data = _largest_array_file(copy)
+    _flip_byte(data)
+    with pytest.raises(ValueError, match=r"does not match its sha256.*changed arrays: "
+                       r"layers/0/[\w/]+(\.\w+)*;"):  # fmt: skip
+        models.load_packed(copy)
