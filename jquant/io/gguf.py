@@ -4,7 +4,7 @@ Three things differ from an HF checkpoint and are undone here:
 
 - names: llama.cpp's `blk.N.attn_q.weight` is HF's `model.layers.N.self_attn.q_proj.weight`;
 - shapes: GGUF lists dimensions fastest-first (ggml's `ne`), so a (out, in) matrix is listed as
-  `[in, out]`; the numpy view `GGUFTensor.data()` gives is already (out, in);
+  `[in, out]`; the numpy array `GGUFTensor.read()` gives is already (out, in);
 - rotary layout: for `llama`/`mistral`, llama.cpp's converter permutes the rows of the Q and K
   projections so that rotary pairs are interleaved (GPT-J style) rather than split in halves
   (HF style). `unpermute_rope_rows` restores HF's order. Qwen and Gemma files are not permuted;
