@@ -9,12 +9,15 @@ so the model code only ever sees one.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable
+import math
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import numpy as np
 
 from jquant.arch import FAMILIES, SUPPORTED_MODEL_TYPES
+
+from ._lazy import shape_of
 
 __all__ = ["CONFIG_KEYS", "SUPPORTED_MODEL_TYPES", "Checkpoint", "check_tensors",
            "expected_shapes", "normalize_rope"]  # fmt: skip
@@ -61,20 +64,22 @@ class Checkpoint:
         `query_pre_attn_scalar`, the two soft-caps and `rope_local_base_freq` (Gemma 3's
         sliding layers' RoPE base) are None where the family has no such thing.
       tensors: float32 numpy arrays in HF layout (see `expected_shapes`). `lm_head.weight` is
-        absent when `config["tie_word_embeddings"]` is True.
+        absent when `config["tie_word_embeddings"]` is True. A dict, or, loaded with
+        ``lazy=True``, a `LazyTensors` holding the same names and values that reads each
+        tensor from disk when it is looked up.
       tokenizer: a `jquant.io.Tokenizer`, or None when the source carries none.
       source: where the checkpoint came from (a path or a hub id), for messages and reports.
     """
 
     config: dict[str, Any]  # HF config.json-style keys, see CONFIG_KEYS
-    tensors: dict[str, np.ndarray]  # float32, HF names and (out, in) layout
+    tensors: Mapping[str, np.ndarray]  # float32, HF names and (out, in) layout; dict or lazy
     tokenizer: Any  # jquant.io.Tokenizer or None
     source: str  # a path or hub id
 
     @property
     def num_parameters(self) -> int:
-        """Number of stored float values (tied embeddings counted once)."""
-        return sum(int(t.size) for t in self.tensors.values())
+        """Number of stored float values (tied embeddings counted once); reads no data."""
+        return sum(math.prod(shape_of(self.tensors, n)) for n in self.tensors)
 
 
 def expected_shapes(config: dict[str, Any]) -> dict[str, tuple[int, ...]]:
@@ -133,7 +138,7 @@ def expected_shapes(config: dict[str, Any]) -> dict[str, tuple[int, ...]]:
 
 
 def check_tensors(
-    tensors: dict[str, np.ndarray],
+    tensors: Mapping[str, np.ndarray],
     config: dict[str, Any],
     source: str,
     *,
@@ -142,7 +147,7 @@ def check_tensors(
     """Raise a `ValueError` unless `tensors` has exactly the names and shapes `config` implies.
 
     Args:
-      tensors: HF-named arrays.
+      tensors: HF-named arrays, or a `LazyTensors` (checked from its shapes, no data read).
       config: the checkpoint config.
       source: the file or directory, named in the message.
       file_name: maps an HF name to what the file calls that tensor, for messages.
@@ -164,9 +169,9 @@ def check_tensors(
             "not supported by jquant's Llama-family importer."
         )
     for name, shape in expected.items():
-        if tuple(tensors[name].shape) != shape:
+        if (found := shape_of(tensors, name)) != shape:
             raise ValueError(
-                f"{source}: tensor {file_name(name)} has shape {tuple(tensors[name].shape)}, "
+                f"{source}: tensor {file_name(name)} has shape {found}, "
                 f"but the config implies {shape} (as {name}); the config and weights disagree."
             )
 

@@ -3,8 +3,10 @@
 `gguf.GGUFReader` builds a numpy view for every part of every metadata value (two per string)
 before anything can be read: tens of seconds for a 128k-token vocabulary with 280k merges.
 This module walks the same layout with `struct` over a read-only `mmap`, reads string arrays
-in one tight loop and numeric arrays with one `np.frombuffer` each, and maps no tensor data
-until `GGUFTensor.data` is called.
+in one tight loop and numeric arrays with one `np.frombuffer` each. The parse keeps nothing
+of that map: `GGUFTensor.read` reads a tensor's bytes with plain file reads into a new array
+(what the importer uses, so a lazily loaded checkpoint holds no mapping), and
+`GGUFTensor.data` maps the file again for a view.
 
 It returns what `gguf.GGUFReader` would: `GGUFFile.metadata` equals
 ``{name: field.contents() for name, field in GGUFReader(path).fields.items()}`` (the
@@ -34,10 +36,13 @@ import mmap
 import os
 import struct
 import sys
+from pathlib import Path
 from typing import Any
 
 import gguf
 import numpy as np
+
+from . import _lazy
 
 __all__ = ["GGUFFile", "GGUFFormatError", "GGUFTensor", "read_gguf"]
 
@@ -84,10 +89,11 @@ class GGUFTensor:
     data_offset: int
     _dtype: np.dtype = dataclasses.field(repr=False, compare=False)
     _data_shape: tuple[int, ...] = dataclasses.field(repr=False, compare=False)
-    _buffer: Any = dataclasses.field(repr=False, compare=False)
+    _path: Path = dataclasses.field(repr=False, compare=False)
 
     def data(self) -> np.ndarray:
-        """The raw data as `ReaderTensor.data` has it: a read-only view into the file.
+        """The raw data as `ReaderTensor.data` has it: a read-only view into a memory map of
+        the file (mapped for this view, unmapped once it is dropped).
 
         Plain types (F32, F16, F64, I8..I64) are arrays of their numbers in the file's byte
         order, shaped slowest-first; every other type is uint8 of shape (..., bytes per row),
@@ -97,10 +103,22 @@ class GGUFTensor:
           GGUFFormatError: the data ends past the end of the file.
         """
         count = math.prod(self._data_shape)
-        if self.data_offset + count * self._dtype.itemsize > len(self._buffer):
-            raise GGUFFormatError(f"tensor {self.name} ends past the end of the file")
-        view = np.frombuffer(self._buffer, self._dtype, count, self.data_offset)
+        with open(self._path, "rb") as f:
+            if self.data_offset + count * self._dtype.itemsize > os.fstat(f.fileno()).st_size:
+                raise GGUFFormatError(f"tensor {self.name} ends past the end of the file")
+            buf = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+        view = np.frombuffer(buf, self._dtype, count, self.data_offset)
         return view.reshape(self._data_shape)
+
+    def read(self) -> np.ndarray:
+        """What `data` gives, read with plain file reads into a new, writable array: after
+        the call the file holds no memory of this process.
+
+        Raises:
+          ValueError: the data ends past the end of the file (naming the file and tensor).
+        """
+        raw = _lazy.read_bytes(self._path, self.data_offset, self.n_bytes, tensor=self.name)
+        return raw.view(self._dtype).reshape(self._data_shape)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -130,7 +148,8 @@ class GGUFFile:
 def read_gguf(path: str | os.PathLike) -> GGUFFile:
     """Parse the header, metadata and tensor records of the GGUF file at `path`.
 
-    Tensor data stays in the file's memory map until `GGUFTensor.data` is called.
+    No tensor data is read, and the map the header was parsed from is released (once the
+    parse's temporaries are gone): tensors are read by `GGUFTensor.read` or `GGUFTensor.data`.
 
     Raises:
       OSError: the file cannot be opened.
@@ -141,12 +160,13 @@ def read_gguf(path: str | os.PathLike) -> GGUFFile:
         if size < 24:  # magic, version and the two counts
             raise GGUFFormatError(f"{size} bytes is too short for a GGUF header")
         buf = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
-    return _Parser(buf).parse()
+    return _Parser(buf, Path(path).absolute()).parse()  # read later, from any directory
 
 
 class _Parser:
-    def __init__(self, buf: mmap.mmap):
+    def __init__(self, buf: mmap.mmap, path: Path):
         self.buf = buf
+        self.path = path
         self.size = len(buf)
         self.pos = 0  # where the value being read started, for messages
         self.alignment_type: int | None = None  # the value type general.alignment has
@@ -358,7 +378,8 @@ class _Parser:
             offset = data_start + rel_offset
             tensors.append(
                 GGUFTensor(
-                    name, ggml_type, shape, n_elements, n_bytes, offset, dtype, data_shape, self.buf
+                    name, ggml_type, shape, n_elements, n_bytes, offset, dtype, data_shape,
+                    self.path,
                 )
             )
         return tensors

@@ -4,7 +4,7 @@ Three things differ from an HF checkpoint and are undone here:
 
 - names: llama.cpp's `blk.N.attn_q.weight` is HF's `model.layers.N.self_attn.q_proj.weight`;
 - shapes: GGUF lists dimensions fastest-first (ggml's `ne`), so a (out, in) matrix is listed as
-  `[in, out]`; the numpy view `GGUFTensor.data()` gives is already (out, in);
+  `[in, out]`; the numpy array `GGUFTensor.read()` gives is already (out, in);
 - rotary layout: for `llama`/`mistral`, llama.cpp's converter permutes the rows of the Q and K
   projections so that rotary pairs are interleaved (GPT-J style) rather than split in halves
   (HF style). `unpermute_rope_rows` restores HF's order. Qwen and Gemma files are not permuted;
@@ -25,10 +25,15 @@ Files are parsed by `jquant.io._gguf_reader` (struct and numpy over one mmap), n
 `gguf.GGUFReader`, which builds numpy views of every metadata value first (tens of seconds for a
 128k-token vocabulary). `load_gguf` still reads `general.architecture` straight from the header
 (`read_architecture`) and rejects an unsupported model before the full parse.
+
+Each tensor is read with plain file reads and converted by one function (`_load_tensor`);
+``load_gguf(path, lazy=True)`` returns a `LazyTensors` that calls it when a tensor is looked
+up, and the eager load is that mapping read in full.
 """
 
 from __future__ import annotations
 
+import functools
 import os
 import re
 import struct
@@ -39,8 +44,9 @@ from typing import Any
 import gguf
 import numpy as np
 
-from . import _gguf_reader
+from . import _gguf_reader, _lazy
 from ._checkpoint import Checkpoint, check_tensors
+from ._lazy import LazyTensors, TensorEntry
 from .tokenizer import tokenizer_from_gguf_fields
 
 # llama.cpp tensor name -> HF name, per block ("{}" is the block index) and global.
@@ -362,7 +368,8 @@ _PLAIN_TYPES = (gguf.GGMLQuantizationType.F64, gguf.GGMLQuantizationType.I8,
 
 
 def _dequantize(t: _gguf_reader.GGUFTensor, source: Path) -> np.ndarray:
-    data = t.data()
+    """Tensor `t` read from the file and dequantized: a new float32 array, slowest-first."""
+    data = t.read()
     if not data.dtype.isnative:  # F32/F16 of a big-endian file: dequantize views the bytes
         data = data.astype(data.dtype.newbyteorder("="))
     try:
@@ -376,25 +383,53 @@ def _dequantize(t: _gguf_reader.GGUFTensor, source: Path) -> np.ndarray:
             "package cannot dequantize; upgrade gguf (pip install -U gguf)."
         ) from err
     shape = tuple(int(n) for n in reversed(t.shape.tolist()))
-    # A view into the file's memory map for F32: copy so the checkpoint owns its memory.
-    return np.array(w, dtype=np.float32, copy=True).reshape(shape)
+    return np.asarray(w, dtype=np.float32).reshape(shape)  # F32: `data` itself, already a copy
 
 
-def _unpermute_qk(tensors: dict[str, np.ndarray], config: dict[str, Any]) -> None:
+def _load_tensor(t: _gguf_reader.GGUFTensor, source: Path, n_head: int | None, gemma_norm: bool,
+                 dtype: np.dtype) -> np.ndarray:  # fmt: skip
+    """Tensor `t` in HF layout, as `dtype`: dequantized, ``1 + w`` stored Gemma norms back to
+    ``w``, and Q/K rows of a permuted architecture back in HF order (`n_head`: its heads)."""
+    w = _dequantize(t, source)
+    if gemma_norm:
+        w -= np.float32(1.0)  # llama.cpp stored 1 + w
+    if n_head is not None:
+        w = unpermute_rope_rows(w, n_head)
+    return _lazy.cast(w, dtype)
+
+
+def _entries(reader: _gguf_reader.GGUFFile, config: dict[str, Any], source: Path
+             ) -> dict[str, TensorEntry]:  # fmt: skip
+    """The file's tensors by HF name, with their HF-layout shapes and how to read each."""
+    arch = reader.metadata["general.architecture"]
     heads = {"q_proj": config["num_attention_heads"], "k_proj": config["num_key_value_heads"]}
-    for name in tensors:
-        for proj, n_head in heads.items():
-            if f".self_attn.{proj}." in name:
-                tensors[name] = unpermute_rope_rows(tensors[name], n_head)
+    entries: dict[str, TensorEntry] = {}
+    for t in reader.tensors:
+        name = hf_name(t.name, arch)
+        if name in entries:
+            raise ValueError(f"{source}: tensor {t.name} appears twice; the file is corrupt")
+        n_head = None
+        if arch in _PERMUTED_ARCHS:
+            n_head = next((n for p, n in heads.items() if f".self_attn.{p}." in name), None)
+        gemma_norm = arch in _GEMMA_ARCHS and name.endswith("norm.weight")
+        entries[name] = TensorEntry(
+            shape=tuple(int(n) for n in reversed(t.shape.tolist())),
+            stored_dtype=t.tensor_type.name,
+            load=functools.partial(_load_tensor, t, source, n_head, gemma_norm),
+        )
+    return entries
 
 
-def load_gguf(path: str | Path, *, tokenizer: bool = True) -> Checkpoint:
+def load_gguf(path: str | Path, *, tokenizer: bool = True, lazy: bool = False) -> Checkpoint:
     """Read a GGUF file into a float32 `Checkpoint` in HF layout.
 
     Args:
       path: a `.gguf` file of one of `SUPPORTED_ARCHITECTURES`.
       tokenizer: build the tokenizer from the file's metadata (byte-level BPE only; other
         kinds warn and give None).
+      lazy: parse only the header now; `tensors` is then a `LazyTensors` that reads and
+        dequantizes each tensor when it is looked up (for models larger than memory). Its
+        names, shapes and values are those the default eager load holds.
 
     Returns:
       The checkpoint; `tensors` are dequantized float32, Q/K rows in HF order.
@@ -416,21 +451,13 @@ def load_gguf(path: str | Path, *, tokenizer: bool = True) -> Checkpoint:
     meta = reader.metadata
     config = config_from_metadata(meta, {t.name for t in reader.tensors}, str(path))
     arch = meta["general.architecture"]
-    tensors = {}
-    for t in reader.tensors:
-        name = hf_name(t.name, arch)
-        if name in tensors:
-            raise ValueError(f"{path}: tensor {t.name} appears twice; the file is corrupt")
-        tensors[name] = _dequantize(t, path)
-        if arch in _GEMMA_ARCHS and name.endswith("norm.weight"):
-            tensors[name] -= np.float32(1.0)  # llama.cpp stored 1 + w
+    tensors = LazyTensors(_entries(reader, config, path), str(path))
     check_tensors(tensors, config, str(path), file_name=lambda n: gguf_name(n, arch))
-    if arch in _PERMUTED_ARCHS:
-        _unpermute_qk(tensors, config)
     tok = None
     if tokenizer and "tokenizer.ggml.model" in meta:
         try:
             tok = tokenizer_from_gguf_fields(meta, str(path))
         except ValueError as err:
             warnings.warn(f"no tokenizer: {err}", stacklevel=2)
-    return Checkpoint(config=config, tensors=tensors, tokenizer=tok, source=str(path))
+    return Checkpoint(config=config, tensors=tensors if lazy else dict(tensors), tokenizer=tok,
+                      source=str(path))  # fmt: skip

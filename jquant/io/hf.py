@@ -3,11 +3,18 @@
 A directory holds `config.json`, the weights as `model.safetensors` or as shards listed by
 `model.safetensors.index.json`, and optionally `tokenizer.json` / `tokenizer_config.json`.
 Tensors are already in HF layout; they are only cast to float32 (bf16 and f16 included).
+
+The safetensors headers are parsed here (a u64 length, then JSON: each tensor's dtype, shape and
+byte range) and each tensor is read with plain file reads, not `safetensors.safe_open`'s memory
+map, so that ``load_hf_dir(path, lazy=True)`` can hand out a `LazyTensors` whose reads leave no
+mapping behind; the eager load is that mapping read in full.
 """
 
 from __future__ import annotations
 
+import functools
 import json
+import math
 import struct
 import warnings
 from pathlib import Path
@@ -15,9 +22,10 @@ from typing import Any
 
 import ml_dtypes
 import numpy as np
-from safetensors import SafetensorError, safe_open
 
+from . import _lazy
 from ._checkpoint import SUPPORTED_MODEL_TYPES, Checkpoint, check_tensors, normalize_rope
+from ._lazy import LazyTensors, TensorEntry
 from .tokenizer import tokenizer_from_hf_dir
 
 # Files a hub snapshot needs; never the .bin / .pth / .gguf siblings.
@@ -30,15 +38,14 @@ _TEXT_PREFIXES = {"model.language_model.": "model.", "language_model.model.": "m
                   "language_model.lm_head.": "lm_head."}  # fmt: skip
 _VISION_PREFIXES = ("model.vision_tower.", "model.multi_modal_projector.", "vision_tower.",
                     "multi_modal_projector.")  # fmt: skip
-# safetensors dtype codes -> numpy dtypes, for the raw-bytes fallback.
-_RAW_DTYPES = {
-    "F64": np.float64,
-    "F32": np.float32,
-    "F16": np.float16,
-    "BF16": ml_dtypes.bfloat16,
-    "F8_E4M3": ml_dtypes.float8_e4m3fn,
-    "F8_E5M2": ml_dtypes.float8_e5m2,
-}
+# safetensors dtype codes -> numpy dtypes (the format is little-endian, as is every host jquant
+# runs on). Integer and bool tensors are read as float32 like the rest.
+_DTYPES = {
+    "F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": ml_dtypes.bfloat16,
+    "F8_E4M3": ml_dtypes.float8_e4m3fn, "F8_E5M2": ml_dtypes.float8_e5m2,
+    "I64": np.int64, "I32": np.int32, "I16": np.int16, "I8": np.int8,
+    "U64": np.uint64, "U32": np.uint32, "U16": np.uint16, "U8": np.uint8, "BOOL": np.bool_,
+}  # fmt: skip
 
 
 def config_from_hf(raw: dict[str, Any], source: str = "<config.json>") -> dict[str, Any]:
@@ -116,56 +123,87 @@ def _scaling_of(cfg) -> dict[str, Any]:
     return out
 
 
-def _read_raw(path: Path, names: list[str]) -> dict[str, np.ndarray]:
-    """Read tensors straight from the safetensors bytes (header: u64 length + JSON)."""
+def _not_readable(path: Path, reason: str) -> ValueError:
+    return ValueError(
+        f"{path} is not a readable safetensors file ({reason}); it is truncated or corrupt: "
+        "download it again."
+    )
+
+
+def _header(path: Path) -> tuple[dict[str, dict[str, Any]], int]:
+    """The tensor records of a safetensors file (a u64 length, then that many bytes of JSON) and
+    where its data starts, each record checked against its dtype, shape and the file's size."""
+    size = path.stat().st_size
     with open(path, "rb") as f:
-        (n,) = struct.unpack("<Q", f.read(8))
-        header = json.loads(f.read(n))
-    data = np.memmap(path, dtype=np.uint8, mode="r", offset=8 + n)
-    out = {}
-    for name in names:
+        head = f.read(8)
+        if len(head) < 8:
+            raise _not_readable(path, f"{size} bytes is too short for a header")
+        (n,) = struct.unpack("<Q", head)
+        if n > size - 8:
+            raise _not_readable(path, f"a header of {n} bytes runs past the end of the file")
+        try:
+            header = json.loads(f.read(n))
+        except ValueError as err:  # JSONDecodeError, UnicodeDecodeError
+            raise _not_readable(path, f"the header is not JSON: {err}") from None
+    if not isinstance(header, dict):
+        raise _not_readable(path, "the header is not a JSON object")
+    header.pop("__metadata__", None)
+    data_size = size - 8 - n
+    for name, info in header.items():
+        try:
+            start, end = (int(x) for x in info["data_offsets"])
+            shape = [int(d) for d in info["shape"]]
+            dtype = info["dtype"]
+        except (KeyError, TypeError, ValueError):
+            raise _not_readable(path, f"tensor {name} has a malformed record {info!r}") from None
+        if not 0 <= start <= end <= data_size:
+            raise _not_readable(
+                path, f"tensor {name}'s bytes {start}..{end} run past the end of the data "
+                f"({data_size} bytes)"
+            )  # fmt: skip
+        if dtype in _DTYPES and end - start != math.prod(shape) * np.dtype(_DTYPES[dtype]).itemsize:
+            raise _not_readable(
+                path, f"tensor {name} of {dtype} {shape} has {end - start} bytes of data"
+            )  # fmt: skip
+    return header, 8 + n
+
+
+def _hf_name(name: str, multimodal: bool) -> str | None:
+    """A file's tensor name as the text model names it, or None for a tensor not loaded (buffers
+    without weights; a multimodal Gemma 3 file's vision tower and projector)."""
+    if multimodal:
+        if name.startswith(_VISION_PREFIXES):
+            return None
+        old = next((p for p in _TEXT_PREFIXES if name.startswith(p)), None)
+        name = name if old is None else _TEXT_PREFIXES[old] + name[len(old) :]
+    return None if name.endswith(_IGNORED_SUFFIXES) else name
+
+
+def _file_entries(path: Path, multimodal: bool) -> dict[str, TensorEntry]:
+    """`TensorEntry`s of the tensors of one safetensors file that are loaded, by HF name."""
+    header, data_start = _header(path)
+    path = path.absolute()  # read later, from whatever directory is current then
+    entries = {}
+    for name in sorted(header):
+        hf = _hf_name(name, multimodal)
+        if hf is None:
+            continue
         info = header[name]
-        if info["dtype"] not in _RAW_DTYPES:
+        if info["dtype"] not in _DTYPES:
             raise ValueError(f"{path}: tensor {name} has unsupported dtype {info['dtype']}")
         start, end = info["data_offsets"]
-        values = data[start:end].view(_RAW_DTYPES[info["dtype"]]).reshape(info["shape"])
-        out[name] = values.astype(np.float32)
-    return out
+        shape = tuple(int(d) for d in info["shape"])
+        load = functools.partial(_load_tensor, path, name, data_start + start, end - start,
+                                 np.dtype(_DTYPES[info["dtype"]]), shape)  # fmt: skip
+        entries[hf] = TensorEntry(shape=shape, stored_dtype=info["dtype"], load=load)
+    return entries
 
 
-def _get_float32(f, path: Path, name: str) -> np.ndarray:
-    try:
-        return f.get_tensor(name).astype(np.float32)
-    except TypeError:  # bf16 / fp8 on a safetensors build whose numpy side lacks ml_dtypes
-        return _read_raw(path, [name])[name]
-
-
-def read_safetensors(path: str | Path) -> dict[str, np.ndarray]:
-    """Every tensor of one safetensors file, as float32 numpy arrays.
-
-    Raises:
-      ValueError: the file is truncated or corrupt, or holds a dtype with no float32 reading.
-    """
-    path = Path(path)
-    try:
-        with safe_open(path, framework="numpy") as f:
-            return {name: _get_float32(f, path, name) for name in f.keys()}
-    except SafetensorError as err:
-        raise ValueError(
-            f"{path} is not a readable safetensors file ({err}); it is truncated or corrupt: "
-            "download it again."
-        ) from err
-
-
-def _text_decoder(tensors: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """A multimodal Gemma 3 file's tensors, less the vision ones, under the text model's names."""
-    out = {}
-    for name, value in tensors.items():
-        if name.startswith(_VISION_PREFIXES):
-            continue
-        old = next((p for p in _TEXT_PREFIXES if name.startswith(p)), None)
-        out[name if old is None else _TEXT_PREFIXES[old] + name[len(old) :]] = value
-    return out
+def _load_tensor(path: Path, name: str, offset: int, nbytes: int, stored: np.dtype,
+                 shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:  # fmt: skip
+    """One safetensors tensor read from disk, as `dtype` (no copy when it is stored so)."""
+    raw = _lazy.read_bytes(path, offset, nbytes, tensor=name)
+    return _lazy.cast(raw.view(stored).reshape(shape), dtype)
 
 
 def _weight_files(path: Path) -> list[Path]:
@@ -185,19 +223,23 @@ def _weight_files(path: Path) -> list[Path]:
     )
 
 
-def load_hf_dir(path: str | Path, *, tokenizer: bool = True) -> Checkpoint:
+def load_hf_dir(path: str | Path, *, tokenizer: bool = True, lazy: bool = False) -> Checkpoint:
     """Read an HF model directory into a float32 `Checkpoint`.
 
     Args:
       path: directory with `config.json` and safetensors weights.
       tokenizer: also load `tokenizer.json` (None when the directory has none).
+      lazy: read only the safetensors headers now; `tensors` is then a `LazyTensors` that
+        reads each tensor from its shard when it is looked up (for models larger than memory).
+        Its names, shapes and values are those the default eager load holds.
 
     A multimodal Gemma 3 directory loads as its text decoder (`"gemma3_text"`), with a warning;
     the vision tower and projector are dropped.
 
     Raises:
       FileNotFoundError: no such directory, or no `config.json` in it.
-      ValueError: unsupported model, missing / misshapen tensors, truncated weights.
+      ValueError: unsupported model, missing / misshapen tensors, truncated weights (with
+        ``lazy=True``, a shard cut short after loading fails when a tensor past the cut is read).
 
     >>> ckpt = load_hf_dir("SmolLM2-135M-Instruct/")  # doctest: +SKIP
     >>> ckpt.config["num_hidden_layers"]  # doctest: +SKIP
@@ -212,20 +254,23 @@ def load_hf_dir(path: str | Path, *, tokenizer: bool = True) -> Checkpoint:
     if multimodal:
         warnings.warn(f"{path}: multimodal Gemma 3; only its text decoder is loaded, not the "
                       "vision tower.", stacklevel=2)  # fmt: skip
-    tensors: dict[str, np.ndarray] = {}
-    for file in _weight_files(path):
-        part = read_safetensors(file)
-        tensors.update(_text_decoder(part) if multimodal else part)
-    tensors = {k: v for k, v in tensors.items() if not k.endswith(_IGNORED_SUFFIXES)}
+    entries: dict[str, TensorEntry] = {}
+    for file in _weight_files(path):  # a name in two shards: the later shard's, as it always was
+        entries.update(_file_entries(file, multimodal))
     if config["tie_word_embeddings"]:
-        tensors.pop("lm_head.weight", None)
+        entries.pop("lm_head.weight", None)
+    tensors = LazyTensors(entries, str(path))
     check_tensors(tensors, config, str(path))
     tok = tokenizer_from_hf_dir(path, config) if tokenizer else None
-    return Checkpoint(config=config, tensors=tensors, tokenizer=tok, source=str(path))
+    return Checkpoint(config=config, tensors=tensors if lazy else dict(tensors), tokenizer=tok,
+                      source=str(path))  # fmt: skip
 
 
-def load_hub(repo_id: str, *, revision: str | None = None, tokenizer: bool = True) -> Checkpoint:
-    """Download (or reuse the cached) hub snapshot of `repo_id` and read it as an HF directory.
+def load_hub(
+    repo_id: str, *, revision: str | None = None, tokenizer: bool = True, lazy: bool = False
+) -> Checkpoint:
+    """Download (or reuse the cached) hub snapshot of `repo_id` and read it as an HF directory
+    (`load_hf_dir`; ``lazy=True`` reads the downloaded shards tensor by tensor).
 
     Raises:
       OSError: the hub could not be reached and nothing is cached.
@@ -242,7 +287,7 @@ def load_hub(repo_id: str, *, revision: str | None = None, tokenizer: bool = Tru
             f"could not fetch {repo_id!r} from the Hugging Face hub ({type(err).__name__}: "
             f"{reason}); check the id and the network, or pass a local directory or .gguf file."
         ) from err
-    ckpt = load_hf_dir(local, tokenizer=tokenizer)
+    ckpt = load_hf_dir(local, tokenizer=tokenizer, lazy=lazy)
     return Checkpoint(
         config=ckpt.config, tensors=ckpt.tensors, tokenizer=ckpt.tokenizer, source=repo_id
     )

@@ -226,7 +226,9 @@ def _looks_like_path(text: str) -> bool:
     return len(parts) > 2 or (len(parts) == 2 and Path(parts[0]).is_dir())
 
 
-def load_checkpoint(source: str | os.PathLike, *, tokenizer: bool = True) -> Checkpoint:
+def load_checkpoint(
+    source: str | os.PathLike, *, tokenizer: bool = True, lazy: bool = False
+) -> Checkpoint:
     """Read a model from any supported source into a float32 `Checkpoint`.
 
     Args:
@@ -236,6 +238,9 @@ def load_checkpoint(source: str | os.PathLike, *, tokenizer: bool = True) -> Che
         it looks like a path (starts with `./`, `../`, `/` or `~`, ends in `.gguf`, has more
         than one `/`, or its first component is an existing directory).
       tokenizer: also build the tokenizer.
+      lazy: read only the file headers now and return `tensors` as a `jquant.io.LazyTensors`
+        that reads each tensor when it is looked up, for models larger than host memory
+        (`jquant.models.layer_params_from_hf` builds one decoder layer from it).
 
     Raises:
       FileNotFoundError: the source looks like a path, and nothing is there.
@@ -248,21 +253,21 @@ def load_checkpoint(source: str | os.PathLike, *, tokenizer: bool = True) -> Che
     """
     text = os.fspath(source)
     if text in MODELS:
-        return load_gguf(model_path(text), tokenizer=tokenizer)
+        return load_gguf(model_path(text), tokenizer=tokenizer, lazy=lazy)
     path = Path(text).expanduser()
     if path.is_dir():
-        return load_hf_dir(path, tokenizer=tokenizer)
+        return load_hf_dir(path, tokenizer=tokenizer, lazy=lazy)
     if path.is_file():
         if path.suffix.lower() != ".gguf":
             raise ValueError(f"{path}: expected a .gguf file or an HF model directory")
-        return load_gguf(path, tokenizer=tokenizer)
+        return load_gguf(path, tokenizer=tokenizer, lazy=lazy)
     if _looks_like_path(text):
         raise FileNotFoundError(
             f"no such file or directory: {text!r} (a registry name is one of "
             f"{', '.join(list_models())}; a hub id is 'org/name')"
         )
     if _HUB_ID.fullmatch(text):
-        return load_hub(text, tokenizer=tokenizer)
+        return load_hub(text, tokenizer=tokenizer, lazy=lazy)
     raise ValueError(
         f"cannot load {text!r}: not a registry name ({', '.join(list_models())}), "
         "not an existing directory or .gguf file, and not a hub id like 'org/name'."

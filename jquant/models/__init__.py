@@ -13,7 +13,9 @@ from jquant.models.cache import init_cache as init_cache
 from jquant.models.cache import kv_format as kv_format
 from jquant.models.config import LlamaConfig as LlamaConfig
 from jquant.models.config import rope_inv_freq as rope_inv_freq
+from jquant.models.convert import global_params_from_hf as global_params_from_hf
 from jquant.models.convert import hf_name as hf_name
+from jquant.models.convert import layer_params_from_hf as layer_params_from_hf
 from jquant.models.convert import params_from_hf as params_from_hf
 from jquant.models.generate import Generation as Generation
 from jquant.models.generate import chat_prompt as chat_prompt

@@ -4,6 +4,10 @@ HF names a tensor ``model.layers.0.self_attn.q_proj.weight`` and stores linear w
 ``(out, in)``; jquant's path is ``layers/0/self_attn/q_proj/kernel`` with the Dense layout
 ``(in, out)``. The map between them is mechanical (`hf_name`), so no per-tensor table exists
 to fall out of date.
+
+`params_from_hf` builds the whole model; `global_params_from_hf` and `layer_params_from_hf`
+build it a part at a time (for models larger than host memory, from a lazily loaded
+checkpoint). All three convert each parameter by one function, `_param`.
 """
 
 from __future__ import annotations
@@ -11,12 +15,13 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Mapping
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
 from jquant.models.config import LlamaConfig
-from jquant.models.llama import Llama, abstract_model
+from jquant.models.llama import DecoderLayer, Llama, abstract_model
 from jquant.tree import unwrap
 
 # HF buffers and duplicates that carry no information for the model.
@@ -51,6 +56,61 @@ def _set(tree: dict, path: tuple, value) -> None:
     tree[path[-1]] = value
 
 
+def _param(tensors: Mapping[str, np.ndarray], path: tuple, shape: tuple[int, ...],
+           config: LlamaConfig, param_dtype) -> jax.Array:  # fmt: skip
+    """The parameter at jquant `path` (of Dense/Embed `shape`) from its HF tensor: found by
+    name, its shape checked, transposed to ``(in, out)`` if a kernel, cast to `param_dtype`.
+
+    A `jquant.io.LazyTensors` is checked from its header shape before anything is read, and
+    read straight in `param_dtype` (a bf16 file read as bf16 makes no float32 copy).
+    """
+    from jquant.io import LazyTensors  # io is optional until a checkpoint is read
+
+    name = hf_name(path)
+    transpose = path[-1] == "kernel"
+    hf_shape = shape[::-1] if transpose else shape
+    if name not in tensors:
+        raise ValueError(
+            f"missing tensor {name!r} (for parameter {'/'.join(map(str, path))}, "
+            f"shape {hf_shape} in HF layout); the checkpoint has {len(tensors)} tensors "
+            f"and does not match this config ({config.model_type}, "
+            f"{config.num_layers} layers, qkv_bias={config.qkv_bias})"
+        )
+    lazy = isinstance(tensors, LazyTensors)
+    found = tensors.shape(name) if lazy else tuple(np.shape(tensors[name]))
+    if found != hf_shape:
+        raise ValueError(
+            f"tensor {name!r} has shape {found}, expected {hf_shape} "
+            "(HF layout: linear weights are (out_features, in_features)); the config "
+            "and the weights disagree"
+        )
+    array = tensors.read(name, np.dtype(param_dtype)) if lazy else np.asarray(tensors[name])
+    return jnp.asarray(array.T if transpose else array, param_dtype)
+
+
+def _fill(state: nnx.State, prefix: tuple, tensors: Mapping[str, np.ndarray],
+          config: LlamaConfig, param_dtype) -> set[str]:  # fmt: skip
+    """Replaces every placeholder of `state` (the parameters under jquant path `prefix`) by
+    its tensor from `tensors`; returns the HF names it read."""
+    pure: dict = {}
+    used = set()
+    for path, var in nnx.to_flat_state(state):
+        full = (*prefix, *path)
+        _set(pure, path, _param(tensors, full, tuple(var.get_value().shape), config, param_dtype))
+        used.add(hf_name(full))
+    nnx.replace_by_pure_dict(state, pure)
+    return used
+
+
+def _check_extra(names, config: LlamaConfig) -> None:
+    extra = sorted(n for n in names if not _ignored(n, config))
+    if extra:
+        raise ValueError(
+            f"{len(extra)} tensor(s) are not part of this {config.model_type} model, e.g. "
+            f"{', '.join(extra[:5])}; the checkpoint has parts jquant's Llama model lacks"
+        )
+
+
 def params_from_hf(
     tensors: Mapping[str, np.ndarray],
     config: LlamaConfig,
@@ -63,6 +123,7 @@ def params_from_hf(
     Args:
       tensors: ``{hf_name: array}`` in HF layout (linear weights ``(out, in)``), e.g.
         ``jquant.io.load_checkpoint(...).tensors`` or a torch ``state_dict()`` as numpy.
+        A `jquant.io.LazyTensors` is read one tensor at a time, each in `param_dtype`.
       config: the architecture the tensors must match.
       dtype: the model's compute dtype.
       param_dtype: dtype the parameters are stored in.
@@ -74,40 +135,76 @@ def params_from_hf(
       ValueError: a tensor is missing, has the wrong shape, or is not part of the model;
         the message names the tensor, the expected shape and the one found.
     """
-    abstract = abstract_model(config, dtype=dtype, param_dtype=param_dtype)
-    graphdef, state = nnx.split(abstract)
-    pure: dict = {}
-    used = set()
-    for path, var in nnx.to_flat_state(state):
-        name = hf_name(path)
-        transpose = path[-1] == "kernel"
-        expected = tuple(var.get_value().shape)
-        hf_shape = expected[::-1] if transpose else expected
-        if name not in tensors:
-            raise ValueError(
-                f"missing tensor {name!r} (for parameter {'/'.join(map(str, path))}, "
-                f"shape {hf_shape} in HF layout); the checkpoint has {len(tensors)} tensors "
-                f"and does not match this config ({config.model_type}, "
-                f"{config.num_layers} layers, qkv_bias={config.qkv_bias})"
-            )
-        array = np.asarray(tensors[name])
-        if tuple(array.shape) != hf_shape:
-            raise ValueError(
-                f"tensor {name!r} has shape {tuple(array.shape)}, expected {hf_shape} "
-                "(HF layout: linear weights are (out_features, in_features)); the config "
-                "and the weights disagree"
-            )
-        used.add(name)
-        _set(pure, path, jnp.asarray(array.T if transpose else array, param_dtype))
-    extra = sorted(n for n in set(tensors) - used if not _ignored(n, config))
-    if extra:
-        raise ValueError(
-            f"{len(extra)} tensor(s) are not part of this {config.model_type} model, e.g. "
-            f"{', '.join(extra[:5])}; the checkpoint has parts jquant's Llama model lacks"
-        )
-    nnx.replace_by_pure_dict(state, pure)
+    graphdef, state = nnx.split(abstract_model(config, dtype=dtype, param_dtype=param_dtype))
+    used = _fill(state, (), tensors, config, param_dtype)
+    _check_extra(set(tensors) - used, config)
     model = nnx.merge(graphdef, state)
     return model, nnx.state(model)
+
+
+# ---- one part at a time ---------------------------------------------------------------
+# A model larger than host memory is built a part at a time from a `jquant.io.LazyTensors`:
+# the global parameters (embedding, final norm, untied head), then each decoder layer, each
+# read, used (quantized, say) and dropped before the next. `params_from_hf(...)[1]` is these
+# parts together: ``params["layers"][i]`` equals `layer_params_from_hf(..., i)`.
+
+_LAYER_PREFIX = "model.layers."
+
+
+def layer_params_from_hf(
+    tensors: Mapping[str, np.ndarray], config: LlamaConfig, layer: int, *, param_dtype=jnp.float32
+) -> nnx.State:
+    """The parameter State of decoder layer `layer` alone, reading only its tensors.
+
+    Args:
+      tensors: as for `params_from_hf`; typically a `jquant.io.LazyTensors`
+        (``jquant.io.load_checkpoint(src, lazy=True).tensors``), of which only the tensors
+        named ``model.layers.{layer}.*`` are read, each straight in `param_dtype`.
+      config: the architecture.
+      layer: which decoder layer, ``0 <= layer < config.num_layers``.
+      param_dtype: dtype the parameters are stored in.
+
+    Returns:
+      An `nnx.State` with the structure and values of ``params["layers"][layer]`` of
+      `params_from_hf` (`self_attn`, `mlp` and the norms).
+
+    Raises:
+      ValueError: `layer` is out of range, or one of its tensors is missing, misshapen, or
+        not part of the model (as `params_from_hf` words it).
+
+    >>> ckpt = jquant.io.load_checkpoint("smollm2-135m", lazy=True)  # doctest: +SKIP
+    >>> config = LlamaConfig.from_hf(ckpt.config)  # doctest: +SKIP
+    >>> layer0 = layer_params_from_hf(ckpt.tensors, config, 0)  # doctest: +SKIP
+    """
+    if not 0 <= layer < config.num_layers:
+        raise ValueError(f"{layer=} is out of range: the model has {config.num_layers} layers")
+    abstract = nnx.eval_shape(
+        lambda: DecoderLayer(config, param_dtype=param_dtype, rngs=nnx.Rngs(0))
+    )
+    state = nnx.state(abstract)
+    used = _fill(state, ("layers", layer), tensors, config, param_dtype)
+    prefix = f"{_LAYER_PREFIX}{layer}."
+    _check_extra({n for n in tensors if n.startswith(prefix)} - used, config)
+    return state
+
+
+def global_params_from_hf(
+    tensors: Mapping[str, np.ndarray], config: LlamaConfig, *, param_dtype=jnp.float32
+) -> nnx.State:
+    """The parameter State of everything outside the decoder layers: `embed_tokens`, `norm`
+    and, when the embeddings are untied, `lm_head`; reads only those tensors.
+
+    Args, raises: as `layer_params_from_hf` (tensors not under ``model.layers.`` that are
+      not part of the model are reported here).
+
+    Returns:
+      An `nnx.State` holding `params_from_hf`'s parameters less ``layers``.
+    """
+    state = nnx.state(abstract_model(config, param_dtype=param_dtype))
+    del state["layers"]
+    used = _fill(state, (), tensors, config, param_dtype)
+    _check_extra({n for n in tensors if not n.startswith(_LAYER_PREFIX)} - used, config)
+    return state
 
 
 # ---- tied embeddings ------------------------------------------------------------------

@@ -64,16 +64,31 @@ def test_half_precision_weights(tmp_path, tiny, dtype):
     )
 
 
-def test_raw_reader_matches_safe_open(tmp_path):
+def test_reader_reads_every_dtype_as_saved(tmp_path):
+    """jquant's own safetensors reader (header + file reads, no safe_open) against the arrays
+    safetensors wrote: float32 for the checkpoint, bit-exact in the stored dtype."""
     rng = np.random.default_rng(0)
+    values = rng.standard_normal((3, 5))
     arrays = {
-        "a": rng.standard_normal((3, 5)).astype(ml_dtypes.bfloat16),
-        "b": rng.standard_normal(7).astype(np.float32),
+        "bf16": values.astype(ml_dtypes.bfloat16),
+        "f16": values.astype(np.float16),
+        "f32": values.astype(np.float32),
+        "f64": values,
+        "f8": values.astype(ml_dtypes.float8_e4m3fn),
+        "i32": np.arange(7, dtype=np.int32),
+        "scalar": np.array(2.5, np.float32),
+        "empty": np.zeros((2, 0), np.float32),
     }
     save_file(arrays, str(tmp_path / "x.safetensors"))
-    raw = jhf._read_raw(tmp_path / "x.safetensors", ["a", "b"])
+    entries = jhf._file_entries(tmp_path / "x.safetensors", multimodal=False)
+    assert set(entries) == set(arrays)
     for k, v in arrays.items():
-        np.testing.assert_array_equal(raw[k], v.astype(np.float32))
+        got = entries[k].load(np.dtype(np.float32))
+        assert got.dtype == np.float32 and got.shape == v.shape, k
+        np.testing.assert_array_equal(got, v.astype(np.float32), err_msg=k)
+        stored = entries[k].load(v.dtype)
+        assert stored.dtype == v.dtype
+        assert stored.tobytes() == v.tobytes(), k
 
 
 def test_untied_needs_lm_head_and_tied_drops_it(tmp_path, tiny):

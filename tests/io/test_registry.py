@@ -137,9 +137,11 @@ def test_download_failure_leaves_nothing(monkeypatch, fake_model, tmp_path):
 
 
 def test_load_checkpoint_by_name_reads_the_cached_file(fake_model, monkeypatch):
-    monkeypatch.setattr(registry, "load_gguf", lambda path, tokenizer: ("gguf", path, tokenizer))
-    kind, path, tokenizer = jio.load_checkpoint("fake-model", tokenizer=False)
-    assert (kind, path, tokenizer) == ("gguf", jio.model_path("fake-model"), False)
+    fake = lambda path, tokenizer, lazy: ("gguf", path, tokenizer, lazy)
+    monkeypatch.setattr(registry, "load_gguf", fake)
+    kind, path, tokenizer, lazy = jio.load_checkpoint("fake-model", tokenizer=False)
+    assert (kind, path, tokenizer, lazy) == ("gguf", jio.model_path("fake-model"), False, False)
+    assert jio.load_checkpoint("fake-model", lazy=True)[3] is True
 
 
 def test_pip_download_reports_failure(tmp_path, monkeypatch):
@@ -169,7 +171,7 @@ def test_load_checkpoint_dispatch(tmp_path, tiny):
     ["./models/x", "models/missing.gguf", "../x/y", "/abs/m", "~/nope/m", "a/b/c", "m.GGUF"],
 )
 def test_missing_path_is_not_taken_for_a_hub_id(monkeypatch, tmp_path, source):
-    def hub(repo_id, *, tokenizer=True):
+    def hub(repo_id, *, tokenizer=True, lazy=False):
         raise AssertionError(f"{repo_id!r} was taken for a hub id")
 
     monkeypatch.setattr(registry, "load_hub", hub)
@@ -179,9 +181,10 @@ def test_missing_path_is_not_taken_for_a_hub_id(monkeypatch, tmp_path, source):
 
 
 def test_existing_first_component_makes_a_path(monkeypatch, tmp_path):
-    monkeypatch.setattr(registry, "load_hub", lambda repo_id, *, tokenizer=True: repo_id)
+    monkeypatch.setattr(registry, "load_hub", lambda repo_id, *, tokenizer, lazy: (repo_id, lazy))
     monkeypatch.chdir(tmp_path)
-    assert jio.load_checkpoint("models/x") == "models/x"  # no ./models here: a hub id
+    assert jio.load_checkpoint("models/x") == ("models/x", False)  # no ./models here: a hub id
+    assert jio.load_checkpoint("models/x", lazy=True) == ("models/x", True)
     (tmp_path / "models").mkdir()
     with pytest.raises(FileNotFoundError, match="no such file or directory: 'models/x'"):
         jio.load_checkpoint("models/x")
