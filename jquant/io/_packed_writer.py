@@ -396,3 +396,18 @@ def _jquant_version() -> str:
     import jquant
 
     return jquant.__version__
+
+
+def read_written(directory: str | os.PathLike, part: str) -> dict[str, Any]:
+    """A finished part of the unfinished output for ``directory``, read without taking the
+    output over (what the other processes of a multi-process run read while process 0's
+    `PackedWriter` writes)."""
+    target = Path(os.path.abspath(os.path.expanduser(directory)))
+    partial = target.with_name(f".{target.name}.partial")
+    try:
+        progress = json.loads((partial / PROGRESS).read_text(encoding="utf-8"))
+        record = progress["parts"][part]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise ValueError(f"{partial}: part {part!r} is not written ({e!r})") from None
+    params = record["params"]
+    return _packed_v2.read_file(partial, record["file"], params, set(params))
