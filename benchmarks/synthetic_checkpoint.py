@@ -37,8 +37,9 @@ its name, so `tensor_values` regenerates any one without the rest. Tensors are g
 `CHUNK_ELEMS` float32 values at a time, cast to bfloat16 (ml_dtypes) and streamed behind a
 header whose offsets were all computed first: peak memory stays a few hundred MB (the pool,
 one chunk, its bfloat16 copy) whatever the model's size.
-The directory is written as `<out>.partial` and renamed when complete, so an interrupted run
-never leaves a directory that looks whole. At the end it prints bytes, seconds and peak RSS.
+The directory is written as `<out>.partial-XXXX` (one per run, so two runs never write into
+each other's) and renamed when complete, so an interrupted run never leaves a directory that
+looks whole. At the end it prints bytes, seconds and peak RSS.
 """
 
 from __future__ import annotations
@@ -53,6 +54,7 @@ import shutil
 import signal
 import struct
 import sys
+import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -61,10 +63,10 @@ import ml_dtypes
 import numpy as np
 
 LINEAR_GAIN = 1.0  # weight std = LINEAR_GAIN / sqrt(in_features), as trained LLMs roughly keep
-OUT_SPREAD = 0.3  # sigma of log(per-output-channel scale)
-IN_SPREAD = 0.5  # sigma of log(per-input-channel scale): e^(+-2 sigma) spans ~7x
+OUT_SPREAD = 0.3  # sigma of log(per-output-channel scale): p1..p99 spans ~4x
+IN_SPREAD = 0.35  # sigma of log(per-input-channel scale): p1..p99 spans ~5x
 OUTLIER_CHANNELS = 6  # hidden channels that are outliers in q/k/v and gate/up inputs
-OUTLIER_GAIN = (8.0, 24.0)  # their extra magnitude, log-uniform in this range
+OUTLIER_GAIN = (4.0, 10.0)  # their extra magnitude, log-uniform in this range
 NORM_SPREAD = 0.25  # sigma of log(RMSNorm weight)
 NORM_OUTLIER = (3.0, 8.0)  # extra RMSNorm weight on the outlier channels
 EMBED_STD = 0.02
@@ -273,9 +275,9 @@ def write_checkpoint(
     total = sum(2 * int(np.prod(s)) for s in shapes.values())
     if out.exists() and not overwrite:
         raise FileExistsError(f"{out} exists; pass overwrite=True (--overwrite) to replace it")
-    partial = out.with_name(out.name + ".partial")
-    shutil.rmtree(partial, ignore_errors=True)
-    partial.mkdir(parents=True)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    partial = Path(tempfile.mkdtemp(prefix=out.name + ".partial-", dir=out.parent))
+    partial.chmod(0o755)  # mkdtemp's 0700 would outlive the rename
     free = shutil.disk_usage(partial).free
     if free < total + (64 << 20):
         partial.rmdir()
@@ -320,7 +322,7 @@ def main(argv=None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
     args = p.parse_args(argv)
-    # A kill runs write_checkpoint's clean-up (SystemExit) instead of leaving `.partial`.
+    # A kill runs write_checkpoint's clean-up (SystemExit) instead of leaving `.partial-*`.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     done = write_checkpoint(args.out, args.shape, layers=args.layers, seed=args.seed,
                             overwrite=args.overwrite)  # fmt: skip
