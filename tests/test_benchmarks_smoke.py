@@ -5,6 +5,7 @@ No torch: the transformers column is skipped. Speed is never asserted.
 
 import importlib.util
 import json
+import math
 import sys
 from pathlib import Path
 
@@ -141,3 +142,94 @@ def test_compile_time_benchmark_prints_every_path(tiny_model, capsys):
     for row in ("| generate (prefill + decode loop) |", "| eval perplexity", "| engine: "):
         assert row in out, out
     assert "generate decode:" in out and "tokens/s" in out
+
+
+def test_synthetic_checkpoint_shapes_are_jquants():
+    """Every shape's config.json is accepted, and its tensors are the ones jquant requires."""
+    from jquant.io import expected_shapes
+    from jquant.io.hf import config_from_hf
+
+    synth = _load("synthetic_checkpoint")
+    for shape in synth.SHAPES:
+        raw = synth.config_for(shape)
+        config = config_from_hf(raw, shape)
+        assert synth.tensor_shapes(raw) == expected_shapes(config), shape
+    llama, qwen = (config_from_hf(synth.config_for(s)) for s in ("llama3-8b", "qwen2.5-14b"))
+    assert (llama["num_hidden_layers"], llama["intermediate_size"], llama["vocab_size"]) == (
+        32, 14336, 128256)  # fmt: skip
+    assert llama["rope_theta"] == 500000.0 and not llama["attention_bias"]
+    assert (qwen["num_hidden_layers"], qwen["hidden_size"], qwen["num_key_value_heads"]) == (
+        48, 5120, 8)  # fmt: skip
+    assert qwen["attention_bias"] and qwen["sliding_window"] is None
+    assert not llama["tie_word_embeddings"] and not qwen["tie_word_embeddings"]
+    qwen_shapes = synth.tensor_shapes(synth.config_for("qwen2.5-14b"))
+    qwen_bytes = 2 * sum(math.prod(s) for s in qwen_shapes.values())
+    assert qwen_bytes > 29e9  # the point: more than the machine's 24 GiB
+    assert synth.config_for("qwen2.5-14b", layers=2)["num_hidden_layers"] == 2
+
+
+@pytest.mark.parametrize("shape", ["tiny", "tiny-qwen2"])
+def test_synthetic_checkpoint_loads(tmp_path, shape):
+    """A tiny synthetic directory, in several shards and chunks, reads back through jquant."""
+    import ml_dtypes
+    import numpy as np
+    from safetensors import safe_open
+
+    from jquant.io import load_checkpoint
+
+    synth = _load("synthetic_checkpoint")
+    out = tmp_path / shape
+    done = synth.write_checkpoint(out, shape, seed=3, shard_bytes=1 << 20, chunk_elems=5000,
+                                  log=None)  # fmt: skip
+    assert done["shards"] == 3 and sorted(p.name for p in tmp_path.iterdir()) == [shape]
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    shapes = synth.tensor_shapes(synth.config_for(shape))
+    assert index["metadata"]["total_size"] == done["bytes"] == 2 * sum(
+        math.prod(s) for s in shapes.values())  # fmt: skip
+    up = "model.layers.1.mlp.up_proj.weight"
+    with safe_open(out / index["weight_map"][up], framework="numpy") as f:
+        assert f.metadata() == {"format": "pt"}
+        assert tuple(f.get_slice(up).get_shape()) == shapes[up]
+
+    ckpt = load_checkpoint(out)
+    assert ckpt.tokenizer is None and set(ckpt.tensors) == set(shapes)
+    assert {k: v.shape for k, v in ckpt.tensors.items()} == shapes
+    config = synth.config_for(shape)
+    for name in (up, "model.embed_tokens.weight", "model.norm.weight"):
+        want = synth.tensor_values(name, shapes[name], config, seed=3)
+        want = want.astype(ml_dtypes.bfloat16).astype(np.float32)
+        np.testing.assert_array_equal(ckpt.tensors[name], want, err_msg=name)
+    w = ckpt.tensors["model.layers.0.self_attn.q_proj.weight"]
+    cols = np.sqrt(np.mean(w * w, axis=0))
+    assert cols.max() > 5 * np.median(cols)  # outlier input channels
+    if shape == "tiny-qwen2":
+        assert ckpt.tensors["model.layers.0.self_attn.k_proj.bias"].shape == (64,)
+
+
+def test_synthetic_checkpoint_refuses_to_overwrite(tmp_path):
+    synth = _load("synthetic_checkpoint")
+    (tmp_path / "x").mkdir()
+    with pytest.raises(FileExistsError, match="--overwrite"):
+        synth.write_checkpoint(tmp_path / "x", "tiny", log=None)
+    with pytest.raises(ValueError, match="layers=0"):
+        synth.write_checkpoint(tmp_path / "y", "tiny", layers=0, log=None)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["x"]
+
+
+@pytest.mark.reference
+@pytest.mark.parametrize("shape", ["tiny", "tiny-qwen2"])
+def test_synthetic_checkpoint_loads_in_transformers(tmp_path, shape):
+    """transformers reads the directory as its own: no missing, unexpected or misshapen key."""
+    torch = pytest.importorskip("torch")
+    spec = importlib.util.find_spec("kernels")  # transformers imports the hub's `kernels`
+    if spec and Path(spec.origin).parent == Path(__file__).parents[1] / "kernels":
+        pytest.skip("PYTHONPATH puts this repo's kernels/ before the package transformers needs")
+    import transformers
+
+    synth = _load("synthetic_checkpoint")
+    synth.write_checkpoint(tmp_path / shape, shape, shard_bytes=1 << 20, log=None)
+    model, info = transformers.AutoModelForCausalLM.from_pretrained(
+        tmp_path / shape, dtype=torch.bfloat16, output_loading_info=True
+    )
+    assert type(model).__name__ == synth.SHAPES[shape]["architectures"][0]
+    assert all(not v for v in info.values()), info

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import sys
+from pathlib import Path
 
 import gguf
 import jax
@@ -184,7 +185,7 @@ def test_no_file_stays_mapped(sharded, tmp_path, tiny):
     held = [jio.load_hf_dir(path, lazy=True).tensors, jio.load_gguf(gguf_path, lazy=True).tensors]
     values = [lazy[n] for lazy in held for n in lazy]  # every tensor read, and kept
     assert values
-    maps = open("/proc/self/maps").read()
+    maps = Path("/proc/self/maps").read_text()
     for file in (gguf_path, *(path / s for s in SHARDS)):
         assert str(file.resolve()) not in maps, f"{file} is still memory-mapped"
 
