@@ -218,9 +218,8 @@ def estimate(config, *, samples: int, seq_len: int, batch: int, compute_dtype,
     p_item = jnp.dtype(param_dtype).itemsize
     layer = (d * (q + 2 * kv) + q * d + 3 * d * f) * p_item
     stats = 4 * (2 * d * d + q * q + f * f) if calibrated else 0
-    k = max(d, q, f)
-    n = max(d, q, f)
-    solve = 4 * (3 * k * k + 3 * k * n) if calibrated else 0
+    kernels = ((d, q), (d, kv), (q, d), (d, f), (f, d))  # (K, N) of q, k/v, o, gate/up, down
+    solve = max(4 * (3 * k * k + 3 * k * n) for k, n in kernels) if calibrated else 0
     micro = batch * window_bytes(config, seq_len)
     acts = 0 if spill else 2 * samples * seq_len * d * jnp.dtype(compute_dtype).itemsize
     outside = 4 * config.vocab_size * d

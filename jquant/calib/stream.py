@@ -111,8 +111,8 @@ class StreamSource:
         config = self.config
         if self.tied_source:
             config = dataclasses.replace(config, tie_word_embeddings=True)
-        return global_params_from_hf(self.ckpt.tensors, config,
-                                     param_dtype=self.param_dtype)[name]  # fmt: skip
+        return global_params_from_hf(self.ckpt.tensors, config, param_dtype=self.param_dtype,
+                                     part=name)[name]  # fmt: skip
 
     def hf_config(self) -> dict[str, Any]:
         """The checkpoint's config as written: untied when the recipe unties the head."""

@@ -189,7 +189,8 @@ def layer_params_from_hf(
 
 
 def global_params_from_hf(
-    tensors: Mapping[str, np.ndarray], config: LlamaConfig, *, param_dtype=jnp.float32
+    tensors: Mapping[str, np.ndarray], config: LlamaConfig, *, param_dtype=jnp.float32,
+    part: str | None = None,
 ) -> nnx.State:
     """The parameter State of everything outside the decoder layers: `embed_tokens`, `norm`
     and, when the embeddings are untied, `lm_head`; reads only those tensors.
@@ -198,10 +199,17 @@ def global_params_from_hf(
       not part of the model are reported here).
 
     Returns:
-      An `nnx.State` holding `params_from_hf`'s parameters less ``layers``.
+      An `nnx.State` holding `params_from_hf`'s parameters less ``layers``; with ``part``
+      (``"embed_tokens"``, ``"norm"`` or ``"lm_head"``) that group alone, the only tensors read.
     """
     state = nnx.state(abstract_model(config, param_dtype=param_dtype))
     del state["layers"]
+    if part is not None:  # one group alone: an 8B model's embedding and head are 1 GB each
+        if part not in state:
+            raise ValueError(f"part {part!r} is not one of {', '.join(state)}")
+        state = nnx.State({part: state[part]})
+        _fill(state, (), tensors, config, param_dtype)
+        return state
     used = _fill(state, (), tensors, config, param_dtype)
     _check_extra({n for n in tensors if not n.startswith(_LAYER_PREFIX)} - used, config)
     return state

@@ -218,6 +218,12 @@ def test_a_layer_reads_exactly_its_tensors(sharded, tmp_path, tiny, reads, sourc
     global_params_from_hf(ckpt.tensors, config)
     assert sorted(reads) == file_name(["lm_head.weight", "model.embed_tokens.weight",
                                        "model.norm.weight"])  # fmt: skip
+    for part, name in (("embed_tokens", "model.embed_tokens.weight"),
+                       ("norm", "model.norm.weight"), ("lm_head", "lm_head.weight")):
+        reads.clear()
+        state = global_params_from_hf(ckpt.tensors, config, part=part)
+        assert list(state) == [part]
+        assert sorted(reads) == file_name([name])  # that group alone
 
 
 @pytest.mark.parametrize("param_dtype", [np.float32, ml_dtypes.bfloat16])
