@@ -2,7 +2,7 @@
 
     python distributed_worker.py GGUF TOKENS.npy --run RECIPE OUTPUT [--run ...]
         [--data-parallel | --coordinator HOST:PORT --num-processes N --process-id I]
-        [--die-at PART]
+        [--die-at PART] [--perplexity OUT.json]
 
 Each ``--run`` quantizes the GGUF with a recipe into a packed checkpoint, one after the other
 in the same process (one start-up and one `jax.distributed` session for all of them). The
@@ -10,7 +10,9 @@ placement comes from `jquant quantize`'s own flags (`jquant.cli._args.placement`
 over every process's devices, over this process's devices, or none. With ``--die-at PART``
 process 0 exits at once, as a killed process does, when the first run's writer is about to
 write PART. Each run's report (rows, micro-batch, resumed layers) goes to
-``OUTPUT.report-<process>.json``.
+``OUTPUT.report-<process>.json``. ``--perplexity`` then scores the first run's checkpoint
+over the same placement on the calibration tokens (windows of 7, 4 per call: the last call
+is padded) and writes the result (on process 0).
 """
 
 import argparse
@@ -37,6 +39,7 @@ def main(argv=None) -> int:
     p.add_argument("--run", nargs=2, action="append", metavar=("RECIPE", "OUTPUT"),
                    required=True)  # fmt: skip
     p.add_argument("--die-at")
+    p.add_argument("--perplexity")
     _args.add_distributed_args(p)
     args = p.parse_args(argv)
 
@@ -61,6 +64,18 @@ def main(argv=None) -> int:
         with open(f"{output}.report-{place.process}.json", "w") as f:
             keys = ("rows", "micro_batch", "resumed_layers")
             json.dump({k: report[k] for k in keys}, f)
+    if args.perplexity:
+        import dataclasses
+
+        from jquant.eval import perplexity
+        from jquant.models import load
+
+        model, params, _ = load(args.run[0][1])
+        result = perplexity(model, params, tokens.reshape(-1), seq_len=7, batch_size=4,
+                            progress=False, placement=place)  # fmt: skip
+        if place.process == 0:
+            with open(args.perplexity, "w") as f:
+                json.dump(dataclasses.asdict(result), f)
     return 0
 
 

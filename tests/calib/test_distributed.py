@@ -3,7 +3,8 @@
 
 The 2-process run of the GPTQ recipe is a resumed one: its process 0 dies as a killed
 process does after writing layer 0, and a second 2-process run continues it (process 1
-reads layer 0 back from process 0's unfinished output)."""
+reads layer 0 back from process 0's unfinished output). Each setting then scores the GPTQ
+checkpoint's perplexity over its own placement (`jquant.eval.perplexity`)."""
 
 import json
 import os
@@ -95,7 +96,8 @@ def runs(tmp_path_factory, tiny):
     out = {s: {k: tmp / f"{s}-{k}" for k in RECIPES} for s in ("processes", "devices", "single")}
 
     def run_args(setting):
-        return [a for k, r in RECIPES.items() for a in ("--run", r, str(out[setting][k]))]
+        runs = [a for k, r in RECIPES.items() for a in ("--run", r, str(out[setting][k]))]
+        return [*runs, "--perplexity", str(tmp / f"{setting}-perplexity.json")]
 
     _wait(tmp, "single", _start(tmp, "single", base + run_args("single")))
     _wait(tmp, "devices", _start(tmp, "devices", base + run_args("devices") + ["--data-parallel"],
@@ -178,3 +180,13 @@ def test_two_devices_agree_with_one_up_to_float_rounding(runs, recipe):
     for path in set(floats_a) - set(a):
         for x, y in zip(floats_a[path], floats_c[path], strict=True):
             np.testing.assert_allclose(x, y, rtol=1e-4, atol=1e-6, err_msg=path)
+
+
+def test_perplexity_over_two_processes_is_the_one_device_perplexity(runs):
+    """Each process scores its share of every call's windows; the windows' NLLs are gathered
+    and summed on the host in window order, as on one device."""
+    tmp = runs["single"]["gptq"].parent
+    result = {s: json.loads((tmp / f"{s}-perplexity.json").read_text()) for s in runs}
+    assert result["processes"] == result["devices"]
+    assert result["processes"]["windows"] == result["single"]["windows"] == 9
+    assert result["processes"]["nll"] == pytest.approx(result["single"]["nll"], rel=1e-6)
