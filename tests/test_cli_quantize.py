@@ -89,3 +89,47 @@ def test_calibrated_algorithm_without_calibration_is_one_clear_error():
     params = {"dense": {"kernel": np.ones((64, 8), np.float32)}}
     with pytest.raises(ValueError, match="gptq needs calibration"):
         jquant.quantize(params, "w4a16-gptq-g64")
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--coordinator", "10.0.0.1"], "given alone"),
+    (["--coordinator", "10.0.0.1", "--num-processes", "2"], "--coordinator, --num-processes"),
+    (["--coordinator", "10.0.0.1", "--num-processes", "2", "--process-id", "0"], "HOST:PORT"),
+    (["--coordinator", ":1234", "--num-processes", "2", "--process-id", "0"], "HOST:PORT"),
+    (["--coordinator", "h:99999", "--num-processes", "2", "--process-id", "0"], "HOST:PORT"),
+    (["--coordinator", "h:1234", "--num-processes", "2", "--process-id", "2"],
+     "--process-id 2 is out of range for --num-processes 2 (0 to 1)"),
+])  # fmt: skip
+def test_bad_multi_process_flags_are_refused_before_anything_starts(
+    capsys, monkeypatch, tmp_path, flags, message
+):
+    import jax
+
+    import jquant.models
+
+    monkeypatch.setattr(jquant.models, "load", lambda *a, **k: pytest.fail("the model was loaded"))
+    monkeypatch.setattr(jax.distributed, "initialize", lambda *a, **k: pytest.fail("joined"))
+    argv = ["quantize", "m", "--recipe", "w8a16", "-o", str(tmp_path / "q"), *flags]
+    assert main(argv) == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "q").exists()
+
+
+def test_multi_process_flags_join_the_run_and_mesh_every_device(monkeypatch):
+    import argparse
+
+    import jax
+
+    from jquant.cli import _args
+
+    joined = []
+    monkeypatch.setattr(jax.distributed, "initialize", lambda *a, **k: joined.append((a, k)))
+    p = argparse.ArgumentParser()
+    _args.add_distributed_args(p)
+    place = _args.placement(p.parse_args(["--coordinator", "host:1234", "--num-processes", "1",
+                                          "--process-id", "0"]))  # fmt: skip
+    assert joined == [(("host:1234",), {"num_processes": 1, "process_id": 0})]
+    assert place.mesh.axis_names == ("data",) and place.devices == len(jax.devices())
+    place = _args.placement(p.parse_args(["--data-parallel"]))
+    assert place.devices == len(jax.local_devices()) and len(joined) == 1
+    assert _args.placement(p.parse_args([])).mesh is None

@@ -96,6 +96,13 @@ class Placement:
         """``tree`` on every device of the mesh (the same values on every process)."""
         if self.mesh is None:
             return tree
+        if self.processes > 1:
+            # An array committed to this process's device cannot be put on another
+            # process's (CPU and GPU have no cross-host transfers): each process puts its
+            # own host copy on its devices instead. Arrays already over the mesh stay.
+            tree = jax.tree.map(
+                lambda x: np.asarray(x) if isinstance(x, jax.Array) and x.is_fully_addressable
+                else x, tree)  # fmt: skip
         return jax.device_put(tree, self._replicated)
 
 

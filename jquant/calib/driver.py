@@ -452,7 +452,9 @@ def _groups(state, plan, apply: _Static, acts: Activations, ctx) -> list[tuple[s
         order.append((tap.path, id(x)))
         return tap.value
 
-    x = jax.ShapeDtypeStruct((acts.batch, *acts.shape[1:]), acts.dtype)
+    # A micro-batch over the mesh: ``acts.batch`` counts this process's windows only.
+    rows = acts.batch * acts.placement.processes
+    x = jax.ShapeDtypeStruct((rows, *acts.shape[1:]), acts.dtype)
     with tapping(record):
         jax.eval_shape(apply.value, with_taps(state, plan), x, ctx)
     missing = sorted(set(plan) - {p for p, _ in order})

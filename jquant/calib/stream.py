@@ -249,6 +249,10 @@ def quantize_to_disk(
     path = Path(output)
     if writing:
         path = writer.finish(tokenizer=ckpt.tokenizer, recipe=recipe, report=report)
+    if place.processes > 1:  # every process returns once the checkpoint is there to load
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices("jquant.calib.stream: checkpoint written")
     return path, report
 
 

@@ -86,6 +86,68 @@ def add_calib_args(p: argparse.ArgumentParser) -> None:
     )
 
 
+def add_distributed_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group(
+        "data parallel", "run the calibration passes over several devices or processes: each "
+        "device takes its share of every micro-batch's windows")  # fmt: skip
+    g.add_argument("--data-parallel", action="store_true",
+                   help="over every device of this process")  # fmt: skip
+    g.add_argument("--coordinator", metavar="HOST:PORT",
+                   help="join a multi-process run whose process 0 listens at HOST:PORT (with "
+                   "--num-processes and --process-id); every device of every process takes "
+                   "part, and process 0 writes the output")  # fmt: skip
+    g.add_argument("--num-processes", type=int_at_least(1), help="processes in the run")
+    g.add_argument("--process-id", type=int_at_least(0),
+                   help="this process's index, 0 to --num-processes - 1")  # fmt: skip
+
+
+def check_distributed(args) -> None:
+    """Fails early on multi-process flags that do not go together."""
+    given = [f for f, v in (("--coordinator", args.coordinator),
+                            ("--num-processes", args.num_processes),
+                            ("--process-id", args.process_id)) if v is not None]  # fmt: skip
+    if given and len(given) < 3:
+        raise ValueError(
+            f"{', '.join(given)} given alone: a multi-process run needs --coordinator, "
+            "--num-processes and --process-id together"
+        )
+    if not given:
+        return
+    host, _, port = args.coordinator.rpartition(":")
+    if not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError(
+            f"--coordinator {args.coordinator!r}: expected HOST:PORT, like 10.0.0.1:1234"
+        )
+    if args.process_id >= args.num_processes:
+        raise ValueError(
+            f"--process-id {args.process_id} is out of range for --num-processes "
+            f"{args.num_processes} (0 to {args.num_processes - 1})"
+        )
+
+
+def placement(args):
+    """The `jquant.calib.activations.Placement` the flags ask for: a one-axis ``"data"`` mesh
+    over every process's devices (after `jax.distributed.initialize`), over this process's
+    devices, or none."""
+    import jax
+    import numpy as np
+    from jax.sharding import Mesh
+
+    from jquant.calib.activations import Placement
+
+    check_distributed(args)
+    if args.coordinator is not None:
+        # CPU devices of different processes reach each other only through gloo; the
+        # setting is ignored by the other platforms.
+        jax.config.update("jax_cpu_collectives_implementation", "gloo")
+        jax.distributed.initialize(args.coordinator, num_processes=args.num_processes,
+                                   process_id=args.process_id)  # fmt: skip
+        return Placement(Mesh(np.array(jax.devices()), ("data",)))
+    if args.data_parallel:
+        return Placement(Mesh(np.array(jax.local_devices()), ("data",)))
+    return Placement()
+
+
 @contextlib.contextmanager
 def flag(name: str):
     """Prefixes the message of a library ValueError with the flag it is about."""

@@ -2,7 +2,10 @@
 the recipe asks) and save a packed checkpoint, a decoder layer at a time
 (`jquant.calib.stream.quantize_to_disk`): the float model is read one layer at a time and
 never held whole, each finished layer is written at once, and a killed run started again
-continues where it stopped."""
+continues where it stopped. ``--data-parallel`` splits the calibration windows over this
+process's devices; ``--coordinator HOST:PORT --num-processes N --process-id I``, started on
+each of N processes (sharing the output's file system), over every device of every process,
+and process 0 writes."""
 
 from __future__ import annotations
 
@@ -32,6 +35,7 @@ def add_parser(sub) -> None:
     p.add_argument("--param-dtype", choices=("float32", "bfloat16"), default="float32",
                    help="dtype float weights are read in (bfloat16 halves a layer)")  # fmt: skip
     p.add_argument("--json", action="store_true", help="print the report as JSON")
+    _args.add_distributed_args(p)
 
 
 def run(args) -> int:
@@ -43,14 +47,17 @@ def run(args) -> int:
         raise ValueError("--recipe float quantizes nothing; name a recipe")
     check_output_directory(args.output, overwrite=args.overwrite)
     _args.check_calib(args)
+    _args.check_distributed(args)
     if args.max_memory is not None:
         with _args.flag("--max-memory"):
             parse_bytes(args.max_memory)
+    placement = _args.placement(args)
     path, report = quantize_to_disk(
         args.model, recipe, args.output, calib=args.calib, samples=args.calib_samples,
         seq_len=args.calib_seq_len, max_memory=args.max_memory, micro_batch=args.micro_batch,
         sequential=args.sequential, param_dtype=args.param_dtype, resume=not args.no_resume,
-        overwrite=args.overwrite, progress=not args.json,
+        overwrite=args.overwrite, placement=placement,
+        progress=not args.json and placement.process == 0,
     )  # fmt: skip
     if args.json:
         print(json.dumps({k: v for k, v in report.items() if k != "rows"}, indent=2))

@@ -164,6 +164,15 @@ def _nll_step(model, params: nnx.State):
     return step
 
 
+def _on_every_process(y) -> np.ndarray:
+    """A global array's values on the host of every process."""
+    if y.is_fully_addressable:
+        return np.asarray(y)
+    from jax.experimental import multihost_utils
+
+    return np.asarray(multihost_utils.process_allgather(y, tiled=True))
+
+
 def perplexity(
     model,
     params: nnx.State,
@@ -175,6 +184,7 @@ def perplexity(
     batch_size: int = 4,
     progress: bool = True,
     bos_token_id: int | None = None,
+    placement=None,
 ) -> PerplexityResult:
     """Perplexity of a model on a text (see the module docstring for the definition).
 
@@ -192,6 +202,9 @@ def perplexity(
       progress: show a tqdm progress bar.
       bos_token_id: start every window with this BOS id (for ids, which carry no tokenizer;
         for a text, overrides the tokenizer's choice).
+      placement: a `jquant.calib.activations.Placement` with a mesh to score the windows
+        data-parallel over its devices and processes (every process passes the same text
+        and gets the same result); ``params`` are replicated over it.
 
     Returns:
       A `PerplexityResult`.
@@ -207,18 +220,27 @@ def perplexity(
     """
     if batch_size < 1:
         raise ValueError(f"batch_size={batch_size} must be >= 1")
+    if placement is not None:
+        params = placement.replicate(params)
     return score_windows(lambda rows: _nll_step(model, params), text, tokenizer=tokenizer,
                          seq_len=seq_len, max_tokens=max_tokens, batch_size=batch_size,
-                         progress=progress, bos_token_id=bos_token_id)  # fmt: skip
+                         progress=progress, bos_token_id=bos_token_id,
+                         placement=placement)  # fmt: skip
 
 
 def score_windows(make_step, text, *, tokenizer=None, seq_len: int = 512,
                   max_tokens: int | None = None, batch_size: int = 4, progress: bool = True,
-                  bos_token_id: int | None = None) -> PerplexityResult:  # fmt: skip
+                  bos_token_id: int | None = None, placement=None) -> PerplexityResult:  # fmt: skip
     """Perplexity by the one definition, with the model call given: ``make_step(rows)``
     returns a function from ``windows (rows, seq_len)`` int32 to each window's summed NLL
     ``(rows,)``. `perplexity` runs the model stage by stage; `jquant.serve.cache_perplexity`
-    runs the serving cache. The other arguments are `perplexity`'s."""
+    runs the serving cache. The other arguments are `perplexity`'s.
+
+    With a mesh ``placement``, each call's ``rows`` (``batch_size`` rounded up to a multiple
+    of the devices) are split over the devices, every process giving its own devices' rows;
+    the windows' NLLs are gathered to every process and summed on the host in window order,
+    as without a mesh, so the result differs from one device's by float rounding inside the
+    model at most."""
     if isinstance(text, str):
         if tokenizer is None:
             raise ValueError("perplexity of a str needs a tokenizer (or pass token ids)")
@@ -228,13 +250,22 @@ def score_windows(make_step, text, *, tokenizer=None, seq_len: int = 512,
     windows = cut_windows(text, seq_len, max_tokens, bos_token_id=bos_token_id)
     n = len(windows)
     batch_size = max(1, min(batch_size, n))
+    mesh = placement is not None and placement.mesh is not None
+    if mesh:  # every device takes an equal share of each call's windows
+        batch_size = -(-batch_size // placement.devices) * placement.devices
     padded = np.zeros((-(-n // batch_size) * batch_size, seq_len), np.int32)
     padded[:n] = windows
     step = make_step(batch_size)
     total = 0.0
     for start in tqdm(range(0, n, batch_size), desc="perplexity", unit="batch",
                       disable=not progress):  # fmt: skip
-        nll = step(jnp.asarray(padded[start : start + batch_size]))
+        rows = padded[start : start + batch_size]
+        if mesh:
+            share = batch_size // placement.processes
+            mine = rows[placement.process * share : (placement.process + 1) * share]
+            nll = _on_every_process(step(placement.batch(mine)))
+        else:
+            nll = step(jnp.asarray(rows))
         total += float(np.asarray(nll, np.float64)[: n - start].sum())
     scored = n * (seq_len - 1)
     mean = total / scored
