@@ -236,10 +236,11 @@ def quantize_to_disk(
             report["corpus"] = calib
         else:
             report = _data_free(src, recipe, keep, done, progress)
-        rest = _rest(src, recipe, head)
-        if writing:
-            writer.write("model", rest)
-        sizes.add(rest)
+        for name, leaves in _rest(src, recipe, head):  # a group at a time: 1 GB each at 8B
+            if writing:
+                writer.write(name, leaves)
+            sizes.add(leaves)
+            del leaves
     finally:
         if spill_to is not None:
             shutil.rmtree(spill_to, ignore_errors=True)
@@ -333,19 +334,21 @@ def _data_free(src: StreamSource, recipe: Recipe, keep, done, progress: bool) ->
             "rows": [dataclasses.asdict(r) for r in rows]}  # fmt: skip
 
 
-def _rest(src: StreamSource, recipe: Recipe, head: dict[str, Any]) -> dict[str, Any]:
-    """The parameters outside the layers, quantized by the recipe (a calibrated head as
-    calibrated), by path."""
-    out = {}
+def _rest(src: StreamSource, recipe: Recipe, head: dict[str, Any]):
+    """``(part name, leaves by path)`` of each group outside the layers (embedding, final
+    norm, an untied head), quantized by the recipe (a calibrated head as calibrated), read
+    and yielded one at a time."""
     for name in ("embed_tokens", "norm", "lm_head"):
         if name == "lm_head" and src.config.tie_word_embeddings:
             continue
         if name == "lm_head" and head:
-            out.update(head)
+            yield name, dict(head)
             continue
         part = nnx.State({name: src.part(name)})
-        out.update(dict(tree.leaves(transform.quantize(part, recipe))))
-    return out
+        leaves = dict(tree.leaves(transform.quantize(part, recipe)))
+        del part
+        yield name, leaves
+        del leaves
 
 
 def _fit(config, samples, seq_len, *, calibrated, dtype, param_dtype, max_memory,
