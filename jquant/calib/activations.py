@@ -187,7 +187,9 @@ def window_bytes(config, seq_len: int) -> int:
 
 @dataclasses.dataclass(frozen=True)
 class Estimate:
-    """What a calibration needs (bytes), part by part; `total` is their sum."""
+    """What a calibration needs (bytes), part by part. The parts outside the layers (the
+    embedding table, an untied head) are live only while the model is embedded or its head
+    quantized, never with a layer: `total` is the larger of the two stages."""
 
     fixed: int
     layer: int
@@ -198,8 +200,17 @@ class Estimate:
     outside_layers: int
 
     @property
+    def layers_stage(self) -> int:
+        return (self.fixed + self.layer + self.statistics + self.solve + self.micro_batch
+                + self.activations)  # fmt: skip
+
+    @property
+    def outside_stage(self) -> int:
+        return self.fixed + self.outside_layers + self.activations
+
+    @property
     def total(self) -> int:
-        return sum(dataclasses.astuple(self))
+        return max(self.layers_stage, self.outside_stage)
 
     def describe(self) -> str:
         parts = ", ".join(f"{k.replace('_', ' ')} {v / 2**30:.2f}"
@@ -209,15 +220,18 @@ class Estimate:
 
 def estimate(config, *, samples: int, seq_len: int, batch: int, compute_dtype,
              param_dtype, spill: bool, calibrated: bool = True) -> Estimate:  # fmt: skip
-    """The peak memory of a layer-by-layer calibration, by part (an upper estimate).
+    """The peak memory of a layer-by-layer quantization, by part (an upper estimate).
+
+    While a layer is processed:
 
     * the float layer twice (as read, and folded or being replaced by its QArrays);
     * the statistics of one layer (a ``K x K`` float32 matrix per distinct kernel input);
-    * GPTQ's working arrays for the widest kernel (inverse factor, weight, updates);
+    * GPTQ's working arrays for the kernel that needs the most (``3 K² + 3 K N`` floats);
     * one micro-batch's intermediates (`window_bytes`);
-    * the two activation buffers between layers, unless spilled to disk;
-    * the largest parameter outside the layers (the embedding table, or an untied head)
-      in float32, while it is embedded or quantized.
+    * the two activation buffers between layers, unless spilled to disk.
+
+    Outside the layers: the largest parameter outside them (the embedding table, or an
+    untied head) twice (as read, and its quantized or written copy), with the activations.
     """
     d, f = config.hidden_size, config.intermediate_size
     q = config.num_heads * config.head_dim
@@ -229,6 +243,6 @@ def estimate(config, *, samples: int, seq_len: int, batch: int, compute_dtype,
     solve = max(4 * (3 * k * k + 3 * k * n) for k, n in kernels) if calibrated else 0
     micro = batch * window_bytes(config, seq_len)
     acts = 0 if spill else 2 * samples * seq_len * d * jnp.dtype(compute_dtype).itemsize
-    outside = 4 * config.vocab_size * d
+    outside = 2 * config.vocab_size * d * p_item
     return Estimate(fixed=FIXED_OVERHEAD, layer=2 * layer, statistics=stats, solve=solve,
                     micro_batch=micro, activations=acts, outside_layers=outside)  # fmt: skip
