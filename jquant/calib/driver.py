@@ -1,29 +1,38 @@
-"""Calibrated quantization: sequential, block by block, as GPTQ does it.
+"""Calibrated quantization: sequential, layer by layer, as GPTQ does it.
 
-`quantize_model` quantizes a jquant Llama-family model with a recipe whose rules may name
-calibrated algorithms (``gptq``, ``awq``, ``smoothquant``) as well as ``rtn`` / ``hqq``:
+`quantize_model` (in memory) and `jquant.calib.stream.quantize_to_disk` (a checkpoint read
+and written a layer at a time) quantize a jquant Llama-family model with a recipe whose rules
+may name calibrated algorithms (``gptq``, ``awq``, ``smoothquant``) as well as ``rtn`` /
+``hqq``. Both run `calibrate`:
 
-1. The calibration tokens go through the embedding.
+1. The calibration windows go through the embedding into host buffers (`Activations`:
+   in memory, or in a file when the memory budget says so).
 2. For each decoder layer ``i``, with its inputs ``X_i`` (the outputs of the already
-   *quantized* layers before it):
+   *quantized* layers before it), read in micro-batches of windows:
 
-   a. if a rule asks for input scales (AWQ, SmoothQuant), one pass of the float layer
-      gathers the input statistics of every kernel, the scales are searched and folded
-      into the op that produces each input (`jquant.calib.fold`);
-   b. one pass of the layer in which every kernel the recipe quantizes is replaced by a
-      `Tap`: when the forward reaches a kernel, its input statistics are computed from the
-      inputs it actually receives (so ``o_proj`` sees the output of the quantized
-      ``q/k/v``, ``down_proj`` that of the quantized ``gate/up``), the rule's algorithm
-      quantizes it, and the forward continues with the QArray. Its output is ``X_{i+1}``.
+   a. the kernels the recipe quantizes are found in forward order, grouped by shared
+      input (``q/k/v``, ``gate/up``), by tracing the layer once with Taps;
+   b. one pass of the float layer with every such kernel a `Tap` accumulates each
+      group's input statistics (`jquant.calib.stats`) over the micro-batches;
+   c. if a rule asks for input scales (AWQ, SmoothQuant), they are searched on those
+      statistics and folded into the op producing each input (`jquant.calib.fold`), and
+      the consumers' statistics are rescaled to match;
+   d. every kernel is quantized by its rule's algorithm from its group's statistics
+      (``sequential="module"`` instead gathers each group's statistics with the kernels
+      before it already quantized: one pass per group);
+   e. one pass of the quantized layer writes ``X_{i+1}``.
 
    Each pass is one compiled program, shared by every layer of the same structure and
-   rules. Peak memory is one layer's activations for the calibration batch plus its
-   Hessians, not the model's.
+   rules. Peak memory is one layer's weights, its statistics and one micro-batch's
+   intermediates, plus the activation buffers: not the model's, and not growing with the
+   number of windows. With a mesh `Placement` the micro-batches are split over its
+   devices (and processes), and the statistics summed over them.
 3. An untied LM head is quantized the same way on the final norm's output; the embedding
    and every other leaf go through `jquant.quantize` (calibration-free algorithms only).
 
-`quantize_with_inputs` does step 2b once over any function of a parameter tree (a stock
-Flax model through the interceptors): calibrated, in one pass, without folding.
+`quantize_with_inputs` quantizes any function of a parameter tree (a stock Flax model
+through the interceptors) in one tapped pass over a whole batch, without folding: each
+kernel on the inputs it receives from the quantized kernels before it.
 """
 
 from __future__ import annotations
@@ -354,6 +363,8 @@ def calibrate(
     None. ``placement`` runs the passes data-parallel over a mesh (`Placement`).
     """
     start = time.perf_counter()
+    tokens = _check_tokens(tokens)
+    _check_sequential(sequential)
     config = source.config
     place = placement or Placement()
     _, per_layer = plan_rules(config, recipe, source.leaves())
