@@ -212,7 +212,7 @@ def test_recipe_directory_is_one_line(capsys, no_load, tmp_path):
 def test_unfetchable_hub_id_is_one_line(capsys, monkeypatch):
     from jquant.io import registry
 
-    def offline(repo_id, *, tokenizer=True):
+    def offline(repo_id, *, tokenizer=True, lazy=False):
         raise OSError(f"could not fetch {repo_id!r} from the Hugging Face hub (no network)")
 
     monkeypatch.setattr(registry, "load_hub", offline)

@@ -27,8 +27,8 @@ import numpy as np
 TOKENS_PER_MICRO_BATCH = 8192
 #: Bytes of one micro-batch's intermediates `micro_batch_for` stays under.
 MICRO_BATCH_BYTES = 512 * 2**20
-#: Python, JAX, its compiled programs and the tokenizer: measured resident memory of a
-#: calibration of SmolLM2-135M before its first layer, rounded up (`docs/scale.md`).
+#: Python, JAX, its compiled programs and the tokenizer: what a streamed calibration of
+#: SmolLM2-135M held beyond its buffers, layer and micro-batch (`docs/scale.md`).
 FIXED_OVERHEAD = 700 * 2**20
 
 

@@ -660,6 +660,7 @@ def test_a_flipped_byte_in_a_layout_1_file_names_the_array(layout_1, tmp_path):
     copy = shutil.copytree(layout_1[0], tmp_path / "m")
     data = _largest_array_file(copy)
     _flip_byte(data)
+    # Which array the flipped byte lands in depends on how orbax packed the file.
     with pytest.raises(ValueError, match=r"does not match its sha256.*changed arrays: "
-                       r"layers/0/[\w/]+(\.\w+)*;"):  # fmt: skip
+                       r"(layers/\d+/|lm_head/|embed_tokens/|norm/)[\w/]+(\.\w+)*;"):  # fmt: skip
         models.load_packed(copy)
