@@ -237,7 +237,7 @@ def quantize_to_disk(
         else:
             report = _data_free(src, recipe, keep, done, progress)
         for name, leaves in _rest(src, recipe, head):  # a group at a time: 1 GB each at 8B
-            if writing:
+            if writing and name not in writer.done:  # a resumed run may have written it
                 writer.write(name, leaves)
             sizes.add(leaves)
             del leaves

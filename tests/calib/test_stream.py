@@ -180,3 +180,23 @@ def test_report_and_metadata(source, tmp_path):
     stored = json.loads((out / "report.json").read_text())
     assert stored["micro_batch"] == report["micro_batch"] and stored["resumed_layers"] == []
     assert 4 < report["quantized_bits_per_weight"] < 5
+
+
+def test_a_run_killed_after_the_layers_resumes(source, tmp_path, monkeypatch):
+    """Killed while writing the parts outside the layers (embedding written, norm not)."""
+    path, tokens = source
+    whole, _ = quantize_to_disk(path, RECIPE, tmp_path / "whole", tokens=tokens, progress=False)
+    write = packed.PackedWriter.write
+
+    def dies_at_norm(self, part, arrays):
+        if part == "norm":
+            raise _Killed
+        return write(self, part, arrays)
+
+    monkeypatch.setattr(packed.PackedWriter, "write", dies_at_norm)
+    with pytest.raises(_Killed):
+        quantize_to_disk(path, RECIPE, tmp_path / "r", tokens=tokens, progress=False)
+    monkeypatch.setattr(packed.PackedWriter, "write", write)
+    out, report = quantize_to_disk(path, RECIPE, tmp_path / "r", tokens=tokens, progress=False)
+    assert report["resumed_layers"] == [0, 1]
+    assert _file_hashes(out) == _file_hashes(whole)
