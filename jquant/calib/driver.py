@@ -367,10 +367,12 @@ def calibrate(
     _check_sequential(sequential)
     config = source.config
     place = placement or Placement()
-    _, per_layer = plan_rules(config, recipe, source.leaves())
+    leaves = source.leaves()
+    _, per_layer = plan_rules(config, recipe, leaves)
     head_rule = None
     if not config.tie_word_embeddings:
-        head_rule = tree.rule_for(recipe, "lm_head/kernel", source.leaves()["lm_head/kernel"])
+        head_rule = tree.rule_for(recipe, "lm_head/kernel", leaves["lm_head/kernel"])
+    del leaves
     samples, seq_len = (int(n) for n in tokens.shape)
     batch = micro_batch or micro_batch_for(config, samples, seq_len, multiple=place.devices)
     if samples % batch or batch % place.devices:

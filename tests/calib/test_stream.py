@@ -77,17 +77,23 @@ class _Killed(Exception):
     pass
 
 
+def _dies_at(part: str):
+    """`PackedWriter.write` that raises (a killed run) when it reaches ``part``."""
+    write = packed.PackedWriter.write
+
+    def dying(self, name, arrays):
+        if name == part:
+            raise _Killed
+        return write(self, name, arrays)
+
+    return dying
+
+
 def test_a_killed_run_resumes_to_the_same_checkpoint(source, tmp_path, monkeypatch):
     path, tokens = source
     whole, _ = quantize_to_disk(path, RECIPE, tmp_path / "whole", tokens=tokens, progress=False)
     write = packed.PackedWriter.write
-
-    def dies_at_layer_1(self, part, arrays):
-        if part == "layers.00001":
-            raise _Killed
-        return write(self, part, arrays)
-
-    monkeypatch.setattr(packed.PackedWriter, "write", dies_at_layer_1)
+    monkeypatch.setattr(packed.PackedWriter, "write", _dies_at("layers.00001"))
     target = tmp_path / "resumed"
     with pytest.raises(_Killed):
         quantize_to_disk(path, RECIPE, target, tokens=tokens, progress=False)
@@ -187,13 +193,7 @@ def test_a_run_killed_after_the_layers_resumes(source, tmp_path, monkeypatch):
     path, tokens = source
     whole, _ = quantize_to_disk(path, RECIPE, tmp_path / "whole", tokens=tokens, progress=False)
     write = packed.PackedWriter.write
-
-    def dies_at_norm(self, part, arrays):
-        if part == "norm":
-            raise _Killed
-        return write(self, part, arrays)
-
-    monkeypatch.setattr(packed.PackedWriter, "write", dies_at_norm)
+    monkeypatch.setattr(packed.PackedWriter, "write", _dies_at("norm"))
     with pytest.raises(_Killed):
         quantize_to_disk(path, RECIPE, tmp_path / "r", tokens=tokens, progress=False)
     monkeypatch.setattr(packed.PackedWriter, "write", write)
