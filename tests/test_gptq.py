@@ -316,3 +316,32 @@ def test_refit_refuses_quantized_scales():
         gptq(w, rule, path="w", calibration=calib)
     with pytest.raises(ValueError, match=r"refit must be true or false"):
         _rule(algorithm_args={"refit": 1})
+
+
+def test_host_factor_is_the_inverse_cholesky_in_one_buffer(monkeypatch):
+    """The host factorization: ``UᵀU = (Pᵀ (H + λI) P)⁻¹`` with U upper (NumPy's float64
+    inverse as the reference), holding one K × K float32 buffer besides H (NumPy's
+    allocations are traced by tracemalloc: a second full copy would show)."""
+    import tracemalloc
+
+    from jquant.algorithms import _gptq_host
+
+    k = 384
+    _, calib = _layer(11, k, 8, dead=(3,))
+    h = np.asarray(calib.hessian)
+    perm = _gptq_host.order(_gptq_host.fixed_diagonal(h), act_order=True)
+    _gptq_host.factor(h[:8, :8].copy(), np.arange(8), 0.01)  # imports LAPACK first
+    monkeypatch.setattr(_gptq_host, "_CHUNK", 4096)  # chunks well below k·k
+    tracemalloc.start()
+    u, used, factored = _gptq_host.factor(h, perm, 0.01)
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert factored and used == np.float32(0.01)
+    assert peak < 1.1 * k * k * 4, peak  # u itself is k·k·4 bytes
+    h64 = h.astype(np.float64)
+    h64[3, 3] = 1.0  # a dead input gets H_kk = 1
+    h64 += 0.01 * np.mean(np.diagonal(h64)) * np.eye(k)
+    want = np.linalg.inv(h64[np.ix_(perm, perm)])
+    assert np.all(np.tril(u, -1) == 0)
+    np.testing.assert_allclose(u.T.astype(np.float64) @ u, want, rtol=2e-3,
+                               atol=2e-3 * np.abs(want).max())  # fmt: skip

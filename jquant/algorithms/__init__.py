@@ -39,10 +39,11 @@ InfoCheck = Callable[[str, Mapping[str, Any]], None]
 
 _REGISTRY: dict[str, tuple[Algorithm, ArgsCheck | None]] = {}
 _INFO_CHECKS: dict[str, InfoCheck] = {}
+_EAGER: set[str] = set()
 
 
 def register(name: str, *, check_args: ArgsCheck | None = None,
-             check_info: InfoCheck | None = None):  # fmt: skip
+             check_info: InfoCheck | None = None, eager: bool = False):  # fmt: skip
     """Decorator registering an algorithm under ``name``.
 
     Args:
@@ -51,6 +52,9 @@ def register(name: str, *, check_args: ArgsCheck | None = None,
         run when a rule naming this algorithm is built.
       check_info: optional ``fn(path, info)`` run on the host with the concrete ``info``
         of an algorithm that returned ``(qarray, info)``; warns or raises ValueError.
+      eager: the algorithm compiles its own pieces and does better called with concrete
+        arrays than traced inside a caller's ``jit`` (GPTQ factors its Hessian with LAPACK
+        in place on the host); drivers check :func:`runs_eagerly`. It stays traceable.
 
     >>> @register("identity-demo")
     ... def _identity(weight, rule, *, path, calibration=None):
@@ -67,6 +71,8 @@ def register(name: str, *, check_args: ArgsCheck | None = None,
         _REGISTRY[name] = (fn, check_args)
         if check_info is not None:
             _INFO_CHECKS[name] = check_info
+        if eager:
+            _EAGER.add(name)
         return fn
 
     return decorate
@@ -78,6 +84,12 @@ def get(name: str) -> Algorithm:
         return _REGISTRY[name][0]
     except (KeyError, TypeError):
         raise ValueError(f"unknown algorithm {name!r}; known: {', '.join(names())}") from None
+
+
+def runs_eagerly(name: str) -> bool:
+    """Whether ``name`` was registered ``eager=True`` (call it outside ``jit``)."""
+    get(name)
+    return name in _EAGER
 
 
 def names() -> list[str]:

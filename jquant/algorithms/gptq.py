@@ -54,7 +54,7 @@ import numpy as np
 
 from jquant import qtypes
 from jquant._scales import scale_range_problems
-from jquant.algorithms import register
+from jquant.algorithms import _gptq_host, register
 from jquant.algorithms._gptq_args import (  # noqa: F401  (check_info: public here)
     DEFAULTS,
     MAX_DAMP,
@@ -78,7 +78,7 @@ from jquant.qarray import (
 _HIGHEST = jax.lax.Precision.HIGHEST
 
 
-@register("gptq", check_args=check_args, check_info=check_info)
+@register("gptq", check_args=check_args, check_info=check_info, eager=True)
 def gptq(weight, rule, *, path: str, calibration=None) -> tuple[QArray, dict[str, Any]]:
     """GPTQ for a Dense kernel ``(K, N)`` with the rule's format and settings.
 
@@ -142,14 +142,25 @@ def gptq(weight, rule, *, path: str, calibration=None) -> tuple[QArray, dict[str
             f"{path}: refit fits each group's own float scale; it cannot with "
             f"{'double_quant (quantized scales)' if rule.double_quant else 'per_tensor'}"
         )
-    q, info = _gptq_core(
-        jnp.asarray(weight), jnp.asarray(hessian), qtype=rule.format.name,
-        group_size=rule.group_size, per_tensor=rule.per_tensor,
+    static = dict(
+        qtype=rule.format.name, group_size=rule.group_size, per_tensor=rule.per_tensor,
         scale_dtype=np.dtype(rule.jnp_scale_dtype), clip_ratio=rule.clip_ratio,
-        double_quant=rule.double_quant, damp=float(s["damp"]), block_size=s["block_size"],
-        act_order=s["act_order"], static_groups=s["static_groups"], mse=s["mse"],
-        refit=s["refit"],
+        double_quant=rule.double_quant, block_size=s["block_size"],
+        static_groups=s["static_groups"], mse=s["mse"], refit=s["refit"],
     )  # fmt: skip
+    if _gptq_host.on_host(hessian) and not isinstance(weight, jax.core.Tracer):
+        # Concrete on the CPU: LAPACK factors one copy of H in place (see _gptq_host).
+        h = _gptq_host.local_view(hessian)
+        perm = _gptq_host.order(_gptq_host.fixed_diagonal(h), s["act_order"])
+        u, used, factored = _gptq_host.factor(h, perm, float(s["damp"]))
+        put = partial(_like, like=hessian)
+        q, info = _gptq_sweep(
+            jnp.asarray(weight), put(hessian), put(perm.astype(np.int32)), put(u),
+            put(used), put(np.bool_(factored)), put(np.float32(s["damp"])), **static
+        )
+    else:
+        q, info = _gptq_core(jnp.asarray(weight), jnp.asarray(hessian), damp=float(s["damp"]),
+                             act_order=s["act_order"], **static)  # fmt: skip
     return dataclasses.replace(q, activation=rule.activation), info
 
 
@@ -340,8 +351,10 @@ def _static_scales(w, perm, qt, group_size, per_tensor, scale_dtype, clip_ratio,
 
     Returns ``(stored, zero_point, exact, cast, rows)``: the scale as stored (a log8 QArray
     if double-quantized), the zero point, the float32 and scale-dtype scales (for the range
-    check), and ``rows = (scales, zero points)`` ``(K, N)`` in processing order ``perm``,
-    each row its own group's (the kept scales, after double quantization).
+    check), and ``rows = (group, scales, zero points)``: ``group (K,)`` the group of each
+    row in processing order ``perm`` and the kept float32 scales and zero points (after
+    double quantization) ``(G + 1, N or 1)``, the last row 1 (and 0) for padded rows.
+    Rows look their group up a block at a time: no ``(K, N)`` table is built.
     """
     scale, zero_point, exact = _scales(w.T, qt, group_size, per_tensor, scale_dtype,
                                        clip_ratio, mse)  # fmt: skip
@@ -349,25 +362,49 @@ def _static_scales(w, perm, qt, group_size, per_tensor, scale_dtype, clip_ratio,
     if double_quant:  # as quantize_array: encode against the scales actually kept
         stored = double_quantized_scale(scale)
         scale = stored.dequantize(jnp.float32)
-    k, n = w.shape
+    k = w.shape[0]
     row_group = jnp.zeros(k, jnp.int32) if group_size is None else perm // group_size
-    rows = tuple(
-        None if a is None else jnp.broadcast_to(a.astype(jnp.float32).T[row_group], (k, n))
-        for a in (scale, zero_point)
+    tables = tuple(
+        None if a is None else jnp.concatenate(
+            [a.astype(jnp.float32).T, jnp.full((1, a.shape[0]), c, jnp.float32)])
+        for a, c in ((scale, 1.0), (zero_point, 0.0))
     )  # fmt: skip
-    return stored, zero_point, exact, cast, rows
+    return stored, zero_point, exact, cast, (row_group.astype(jnp.int32), *tables)
 
 
-@partial(
-    jax.jit,
-    static_argnames=("qtype", "group_size", "per_tensor", "scale_dtype", "clip_ratio",
-                     "double_quant", "damp", "block_size", "act_order", "static_groups", "mse",
-                     "refit"),
-)  # fmt: skip
-def _gptq_core(weight, hessian, *, qtype, group_size, per_tensor, scale_dtype, clip_ratio,
-               double_quant, damp, block_size, act_order, static_groups, mse,
-               refit=False):  # fmt: skip
-    """The traced GPTQ: the QArray (``axis=-2``, no activation) and the info arrays.
+_STATIC = ("qtype", "group_size", "per_tensor", "scale_dtype", "clip_ratio", "double_quant",
+           "block_size", "static_groups", "mse", "refit")
+
+
+def _like(x, like):
+    """NumPy ``x`` as a JAX array placed as ``like`` (every process passes the same ``x``)."""
+    x = np.asarray(x)
+    if not isinstance(like, jax.Array):
+        return jnp.asarray(x)
+    return jax.make_array_from_callback(x.shape, like.sharding, lambda idx: x[idx])
+
+
+def _dead_fixed(hessian):
+    """``H`` in float32 with dead inputs (``H_kk == 0``) given ``H_kk = 1``."""
+    h = hessian.astype(jnp.float32)
+    return jnp.where(jnp.diag(jnp.diagonal(h) == 0), jnp.float32(1.0), h)
+
+
+@partial(jax.jit, static_argnames=(*_STATIC, "damp", "act_order"))
+def _gptq_core(weight, hessian, *, damp, act_order, **static):
+    """The traced GPTQ: the QArray (``axis=-2``, no activation) and the info arrays."""
+    h = _dead_fixed(hessian)
+    k = h.shape[0]
+    perm = jnp.argsort(-jnp.diagonal(h), stable=True) if act_order else jnp.arange(k)
+    u, used_damp, factored = _factor(h[perm][:, perm], damp)
+    return _sweep(weight, hessian, perm, u, used_damp, factored, jnp.float32(damp), **static)
+
+
+def _sweep(weight, hessian, perm, u, used_damp, factored, damp, *, qtype, group_size,
+           per_tensor, scale_dtype, clip_ratio, double_quant, block_size, static_groups,
+           mse, refit):  # fmt: skip
+    """GPTQ's rounding sweep given ``U`` (upper, ``UᵀU = (Pᵀ H P)⁻¹``) for the order
+    ``perm``: the QArray (``axis=-2``, no activation) and the info arrays.
 
     Rows are padded to whole blocks: a padded row is zero, has ``U_ii = 1`` and scale 1,
     so it encodes exactly and passes nothing on; zeros change no group's scale either
@@ -375,10 +412,6 @@ def _gptq_core(weight, hessian, *, qtype, group_size, per_tensor, scale_dtype, c
     """
     qt = qtypes.get(qtype)
     k, n = weight.shape
-    h = hessian.astype(jnp.float32)
-    h = jnp.where(jnp.diag(jnp.diagonal(h) == 0), jnp.float32(1.0), h)  # dead inputs
-    perm = jnp.argsort(-jnp.diagonal(h), stable=True) if act_order else jnp.arange(k)
-    u, used_damp, factored = _factor(h[perm][:, perm], damp)
     w = weight.astype(jnp.float32)
     scale_args = (qt, group_size, per_tensor, scale_dtype, clip_ratio)
 
@@ -389,13 +422,14 @@ def _gptq_core(weight, hessian, *, qtype, group_size, per_tensor, scale_dtype, c
     blocks = -(-k // block)
     pad = blocks * block - k
     wp = jnp.pad(w[perm], ((0, pad), (0, 0)))
-    u = jnp.pad(u, ((0, pad), (0, pad))) + jnp.diag(jnp.arange(k + pad) >= k).astype(u.dtype)
+    if pad:  # a new (K + pad)² buffer, so only when K is not whole blocks
+        u = jnp.pad(u, ((0, pad), (0, pad))) + jnp.diag(jnp.arange(k + pad) >= k).astype(u.dtype)
     if not dynamic:
-        stored, zero_point, exact, cast, rows = _static_scales(
+        stored, zero_point, exact, cast, (row_group, s_table, z_table) = _static_scales(
             w, perm, *scale_args, double_quant, mse
         )
-        s_rows, z_rows = (None if a is None else jnp.pad(a, ((0, pad), (0, 0)), constant_values=c)
-                          for a, c in zip(rows, (1.0, 0.0)))  # fmt: skip
+        padded = s_table.shape[0] - 1  # padded rows look up the table's last row (1 and 0)
+        row_group = jnp.pad(row_group, (0, pad), constant_values=padded)
 
     def one_block(errors, i1):
         # The block's rows after the updates of every earlier block (rows not yet rounded
@@ -406,8 +440,9 @@ def _gptq_core(weight, hessian, *, qtype, group_size, per_tensor, scale_dtype, c
         u1 = jax.lax.dynamic_slice_in_dim(u_cols, i1, block)
         carry = (w1, jnp.zeros((block, n), qt.code_dtype), jnp.zeros((block, n), jnp.float32))
         if not dynamic:
-            s1, z1 = (None if a is None else jax.lax.dynamic_slice_in_dim(a, i1, block)
-                      for a in (s_rows, z_rows))  # fmt: skip
+            g1 = jax.lax.dynamic_slice_in_dim(row_group, i1, block)
+            s1, z1 = (None if a is None else jnp.broadcast_to(a[g1], (block, n))
+                      for a in (s_table, z_table))  # fmt: skip
             _, codes, errs = _round_rows(u1, s1, z1, qt, 0, block, carry)
             return jax.lax.dynamic_update_slice_in_dim(errors, errs, i1, axis=0), (codes,)
         found = []
@@ -434,6 +469,7 @@ def _gptq_core(weight, hessian, *, qtype, group_size, per_tensor, scale_dtype, c
         cast = stored
     codes = codes.reshape(k + pad, n)[:k][jnp.argsort(perm)].T  # (N, K), original row order
     if refit:
+        h = _dead_fixed(hessian)
         shift = used_damp * jnp.mean(jnp.diagonal(h)) * jnp.eye(k, dtype=jnp.float32)
         stored, zero_point = refit_scales(w, h + shift, qtypes.decode(qt, codes).T, stored,
                                           zero_point, group_size)  # fmt: skip
@@ -444,10 +480,13 @@ def _gptq_core(weight, hessian, *, qtype, group_size, per_tensor, scale_dtype, c
     nonfinite = jnp.stack([jnp.sum(bad, dtype=jnp.int32), first // n, first % n])
     # Arrays only, so that info leaves a jit; the scale dtype (for messages) is in a key.
     info = {
-        "damp": used_damp, "factored": factored, "damp_requested": jnp.float32(damp),
+        "damp": used_damp, "factored": factored, "damp_requested": damp,
         "nonfinite": nonfinite,
         SCALE_RANGE + np.dtype(scale_dtype).name: jnp.stack(
             [p.astype(jnp.int32) for p in scale_range_problems(exact, cast)]
         ),
     }  # fmt: skip
     return q, info
+
+
+_gptq_sweep = jax.jit(_sweep, static_argnames=_STATIC)

@@ -226,7 +226,8 @@ def estimate(config, *, samples: int, seq_len: int, batch: int, compute_dtype,
 
     * the float layer twice (as read, and folded or being replaced by its QArrays);
     * the statistics of one layer (a ``K x K`` float32 matrix per distinct kernel input);
-    * GPTQ's working arrays for the kernel that needs the most (``6 K² + 3 K N`` floats);
+    * GPTQ's working arrays for the kernel that needs the most (``K² + 6 K N`` floats: the
+      factor, factored on the host in place, and the sweep's ``K x N`` arrays);
     * one micro-batch's intermediates (`window_bytes`);
     * the two activation buffers between layers, unless spilled to disk.
 
@@ -240,9 +241,11 @@ def estimate(config, *, samples: int, seq_len: int, batch: int, compute_dtype,
     layer = (d * (q + 2 * kv) + q * d + 3 * d * f) * p_item
     stats = 4 * (2 * d * d + q * q + f * f) if calibrated else 0
     kernels = ((d, q), (d, kv), (q, d), (d, f), (f, d))  # (K, N) of q, k/v, o, gate/up, down
-    # Six K x K float32 buffers: H, its damped copy, the factor and the recursive inverse's
-    # concatenations (a Llama-3-8B layer's GPTQ reached 7.47 GiB, docs/scale.md).
-    solve = max(4 * (6 * k * k + 3 * k * n) for k, n in kernels) if calibrated else 0
+    # Besides H (in the statistics): the factor U, made in place from one copy of H by
+    # LAPACK, and the sweep's float32 K x N arrays (XLA's buffers for Llama-3-8B's down_proj:
+    # 1.23 GiB = 5.6 K·N floats with the mse clip search). A traced factorization (on an
+    # accelerator) holds about 7 K² in device memory instead.
+    solve = max(4 * (k * k + 6 * k * n) for k, n in kernels) if calibrated else 0
     micro = batch * window_bytes(config, seq_len)
     acts = 0 if spill else 2 * samples * seq_len * d * jnp.dtype(compute_dtype).itemsize
     outside = 2 * config.vocab_size * d * p_item

@@ -486,7 +486,13 @@ def _groups(state, plan, apply: _Static, acts: Activations, ctx) -> list[tuple[s
     return [tuple(g) for g in groups]
 
 
-_merge = jax.jit(lambda a, b: jax.tree.map(stats.merge, a, b, is_leaf=_is_calib))
+@functools.partial(jax.jit, static_argnames=("apply", "want"), donate_argnames=("total",))
+def _accumulate(state, args, total, *, apply: _Static, want: tuple[str, ...]):
+    """``total`` merged with one micro-batch's statistics, in place: ``total`` is donated,
+    so a layer's statistics exist once plus one micro-batch's (a Llama-3-8B layer: 0.98 GB
+    and the largest Hessian, 0.82 GB, instead of three copies at each merge)."""
+    _, res = _tapped_pass(state, args, apply=apply, plan=_plan({}), mode="stats", want=want)
+    return jax.tree.map(stats.merge, total, res, is_leaf=_is_calib)
 
 
 def _is_calib(x) -> bool:
@@ -500,8 +506,11 @@ def _gather(tapped, acts: Activations, ctx, apply: _Static, want: tuple[str, ...
     total = None
     for _, x in acts.batches():
         args = (x,) if ctx is None else (x, ctx)
-        _, res = _tapped_pass(tapped, args, apply=apply, plan=_plan({}), mode="stats", want=want)
-        total = res if total is None else _merge(total, res)
+        if total is None:
+            _, total = _tapped_pass(tapped, args, apply=apply, plan=_plan({}), mode="stats",
+                                    want=want)  # fmt: skip
+        else:
+            total = _accumulate(tapped, args, total, apply=apply, want=want)
     return placement.replicate(total)
 
 
@@ -509,14 +518,27 @@ def _rule_key(rule: Rule) -> _Static:
     return _Static(_settings(rule), rule)
 
 
-@functools.partial(jax.jit, static_argnames=("rule", "path"))
 def _solve(w, calib: stats.Calibration, *, rule: _Static, path: str):
     """One kernel quantized by its rule on its inputs' statistics:
-    ``(qarray, info, (output error, weight error))``."""
+    ``(qarray, info, (output error, weight error))``. An eager algorithm (GPTQ) is called
+    with concrete arrays, the others inside one ``jit``."""
+    r = rule.value
+    if not algorithms.runs_eagerly(r.algorithm):
+        return _solve_traced(w, calib, rule=rule, path=path)
+    q, info = algorithms.split_result(
+        r.algorithm, algorithms.get(r.algorithm)(w, r, path=path, calibration=calib))
+    return q, info, _output_error_jit(w, q, calib)
+
+
+@functools.partial(jax.jit, static_argnames=("rule", "path"))
+def _solve_traced(w, calib: stats.Calibration, *, rule: _Static, path: str):
     r = rule.value
     q, info = algorithms.split_result(
         r.algorithm, algorithms.get(r.algorithm)(w, r, path=path, calibration=calib))
     return q, info, _output_error(w, q, calib)
+
+
+_output_error_jit = jax.jit(_output_error)
 
 
 def _calibrate_layer(state, plan, acts: Activations, out: Activations, ctx, *, graphdef,
@@ -555,11 +577,12 @@ def _calibrate_layer(state, plan, acts: Activations, out: Activations, ctx, *, g
             tapped = with_taps(current, later)
             calibs[head] = _gather(tapped, acts, ctx, apply, (head,), placement)[head]
         for path in group:
-            results[path] = _solve(values[path], calibs[head], rule=_rule_key(plan[path]),
+            results[path] = _solve(values.pop(path), calibs[head], rule=_rule_key(plan[path]),
                                    path=path)  # fmt: skip
             quantized[path] = results[path][0]
         calibs.pop(head)
-    state = tree.map_with_path(lambda p, v: quantized.get(p, v), state)
+        # The group's float kernels are released before the next (larger) solve.
+        state = tree.map_with_path(lambda p, v: quantized.get(p, v), state)
     _run_layer(graphdef, state, acts, out, ctx)
     return state, results
 
