@@ -28,6 +28,7 @@ from jquant.models.llama import init_model as init_model
 from jquant.models.load import default_dtype as default_dtype
 from jquant.models.load import load as load
 from jquant.models.load import load_packed as load_packed
+from jquant.models.load import model_from_arrays as model_from_arrays
 from jquant.models.sampling import Sampler as Sampler
 from jquant.models.sampling import Sampling as Sampling
 from jquant.models.sampling import sample as sample

@@ -84,15 +84,42 @@ def load_packed(directory, *, dtype=None) -> tuple:
     from jquant.io.packed import read_packed
 
     arrays, tokenizer, config = read_packed(directory)
+    model, params = model_from_arrays(arrays, config, dtype=dtype)
+    return model, params, tokenizer, config
+
+
+def model_from_arrays(arrays, config, *, dtype=None) -> tuple:
+    """``(model, params)`` holding ``arrays`` as they are (QArrays stay QArrays).
+
+    Args:
+      arrays: ``{jquant path: array or QArray}`` for every parameter of the model
+        (``layers/0/mlp/up_proj/kernel``; kernels in the Dense layout ``(in, out)``, a
+        QArray's logical shape), as `jquant.io.packed.read_packed` and the importers of
+        other libraries' quantized checkpoints return them.
+      config: the HF-style config dict.
+      dtype: compute dtype of the model; default `default_dtype()`.
+
+    Raises:
+      ValueError: a parameter is missing or extra, or has the wrong logical shape,
+        naming it.
+    """
     model: Llama = abstract_model(LlamaConfig.from_hf(config), dtype=dtype or default_dtype())
     graphdef, state = nnx.split(model)
     flat = nnx.to_flat_state(state)
     paths = {"/".join(map(str, keys)) for keys, _ in flat}
-    if paths != set(arrays):  # jquant.arch.param_shapes drifted from the model: a bug
-        raise AssertionError(
-            f"the model's parameters {sorted(paths ^ set(arrays))[:3]} disagree with "
-            "jquant.arch.param_shapes"
+    if paths != set(arrays):
+        missing, extra = sorted(paths - set(arrays)), sorted(set(arrays) - paths)
+        raise ValueError(
+            f"the parameters do not match the model: missing {missing[:3]}"
+            f"{' ...' if len(missing) > 3 else ''}, not in the model {extra[:3]}"
+            f"{' ...' if len(extra) > 3 else ''}"
         )
-    flat = [(keys, var.replace(value=arrays["/".join(map(str, keys))])) for keys, var in flat]
-    model = nnx.merge(graphdef, nnx.from_flat_state(flat))
-    return model, nnx.state(model), tokenizer, config
+    out = []
+    for keys, var in flat:
+        path = "/".join(map(str, keys))
+        want, got = tuple(var.get_value().shape), tuple(arrays[path].shape)
+        if want != got:
+            raise ValueError(f"parameter {path} has shape {got}, the model needs {want}")
+        out.append((keys, var.replace(value=arrays[path])))
+    model = nnx.merge(graphdef, nnx.from_flat_state(out))
+    return model, nnx.state(model)
