@@ -22,6 +22,7 @@ from flax import nnx
 
 from jquant.models.config import LlamaConfig
 from jquant.models.llama import DecoderLayer, Llama, abstract_model
+from jquant.qarray import QArray
 from jquant.tree import unwrap
 
 # HF buffers and duplicates that carry no information for the model.
@@ -77,6 +78,15 @@ def _param(tensors: Mapping[str, np.ndarray], path: tuple, shape: tuple[int, ...
             f"{config.num_layers} layers, qkv_bias={config.qkv_bias})"
         )
     lazy = isinstance(tensors, LazyTensors)
+    if not lazy and isinstance(tensors[name], QArray):
+        # Imported quantized (another library's checkpoint, a packed GGUF tensor): kept as
+        # it is; its logical shape is jquant's (a kernel's is (in, out)).
+        if tuple(tensors[name].shape) != shape:
+            raise ValueError(
+                f"quantized tensor {name!r} has logical shape {tuple(tensors[name].shape)}, "
+                f"the model needs {shape} (jquant layout: kernels (in, out))"
+            )
+        return tensors[name]
     found = tensors.shape(name) if lazy else tuple(np.shape(tensors[name]))
     if found != hf_shape:
         raise ValueError(
@@ -112,7 +122,7 @@ def _check_extra(names, config: LlamaConfig) -> None:
 
 
 def params_from_hf(
-    tensors: Mapping[str, np.ndarray],
+    tensors: Mapping[str, np.ndarray | QArray],
     config: LlamaConfig,
     *,
     dtype=jnp.float32,
@@ -124,6 +134,8 @@ def params_from_hf(
       tensors: ``{hf_name: array}`` in HF layout (linear weights ``(out, in)``), e.g.
         ``jquant.io.load_checkpoint(...).tensors`` or a torch ``state_dict()`` as numpy.
         A `jquant.io.LazyTensors` is read one tensor at a time, each in `param_dtype`.
+        A `QArray` value (an importer's quantized tensor) is kept as it is; its logical
+        shape must be the parameter's in jquant's layout (a kernel's ``(in, out)``).
       config: the architecture the tensors must match.
       dtype: the model's compute dtype.
       param_dtype: dtype the parameters are stored in.

@@ -38,3 +38,17 @@ def test_missing_extra_and_misshapen_are_named(tiny):
         model_from_arrays({**arrays, "layers/9/x": arrays[path]}, config)
     with pytest.raises(ValueError, match=rf"parameter {path} has shape \(\d+, \d+\), the model"):
         model_from_arrays({**arrays, path: arrays[path].T[:, :3]}, config)
+
+
+def test_params_from_hf_keeps_qarrays(tiny):
+    config = LlamaConfig.from_hf(tiny.config())
+    tensors = tiny.tensors()
+    name = "model.layers.0.mlp.down_proj.weight"
+    q = quantize_array(tensors[name].T, "int4", group_size=32)  # (in, out) logical
+    _, params = params_from_hf({**tensors, name: q}, config)
+    got = dict(leaves(params))["layers/0/mlp/down_proj/kernel"]
+    assert isinstance(got, QArray) and got.qtype == "int4"
+    np.testing.assert_array_equal(np.asarray(got.qvalue), np.asarray(q.qvalue))
+    np.testing.assert_array_equal(np.asarray(got.scale), np.asarray(q.scale))
+    with pytest.raises(ValueError, match=rf"quantized tensor '{name}' has logical shape"):
+        params_from_hf({**tensors, name: quantize_array(tensors[name], "int8")}, config)
