@@ -4,8 +4,9 @@ The traced factorization (``gptq._factor``) holds about seven ``K × K`` buffers
 peak (XLA's buffer assignment for the recursive inverse, the damped copy, the retry
 branch): 5.7 GB for a Llama-3-8B ``down_proj`` (``K = 14336``). Here, with the Hessian on
 a CPU device, the work is one gathered copy of it, factored and inverted in place by
-LAPACK (``?potrf``, ``?trtri``) and handed back to XLA without a copy (XLA:CPU and NumPy
-share aligned buffers): the Hessian plus one buffer of its size.
+LAPACK (``?potrf``, ``?trtri``), then copied to the device for the sweep (XLA:CPU copies
+a NumPy array it is given): the Hessian plus two buffers of its size at the peak, against
+about seven in the traced factorization.
 
 The math is ``gptq._inverse_cholesky_upper``'s: with ``J`` the reversal and ``P`` the
 processing order, ``J Pᵀ H P J = L Lᵀ`` and ``U = J L⁻¹ J`` is upper with

@@ -154,8 +154,11 @@ def gptq(weight, rule, *, path: str, calibration=None) -> tuple[QArray, dict[str
         perm = _gptq_host.order(_gptq_host.fixed_diagonal(h), s["act_order"])
         u, used, factored = _gptq_host.factor(h, perm, float(s["damp"]))
         put = partial(_like, like=hessian)
+        u_device = put(u)  # a copy: XLA:CPU does not adopt NumPy's buffer
+        del u  # freed once copied
         q, info = _gptq_sweep(
-            jnp.asarray(weight), put(hessian), put(perm.astype(np.int32)), put(u),
+            jnp.asarray(weight), hessian if isinstance(hessian, jax.Array) else put(hessian),
+            put(perm.astype(np.int32)), u_device,
             put(used), put(np.bool_(factored)), put(np.float32(s["damp"])), **static
         )
     else:

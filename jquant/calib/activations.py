@@ -92,6 +92,54 @@ class Placement:
                 out.append(np.asarray(sh.data))
         return np.concatenate(out)
 
+    def solver(self, index: int):
+        """The device that solves the ``index``-th kernel of a layer: the mesh's devices in
+        turn (None without a mesh: the default device)."""
+        if self.mesh is None:
+            return None
+        devices = list(self.mesh.devices.flat)
+        return devices[index % len(devices)]
+
+    def owns(self, device) -> bool:
+        """Whether this process runs what `solver` gave to ``device``."""
+        return device is None or device.process_index == jax.process_index()
+
+    def on(self, device, tree):
+        """``tree`` (arrays replicated over the mesh) as copies on ``device``, one of this
+        process's devices."""
+        if device is None:
+            return tree
+
+        def local(x):
+            if isinstance(x, jax.Array) and not x.is_fully_addressable:
+                x = x.addressable_shards[0].data  # a replica: the whole array
+            return jax.device_put(x, device)
+
+        return jax.tree.map(local, tree)
+
+    def share(self, solved: dict, shapes: dict):
+        """Every kernel's result replicated over the mesh: ``solved`` are this process's
+        (on their devices), ``shapes`` the `jax.eval_shape` of the others', whose owners
+        broadcast them bit for bit (as bytes: the broadcast sums the owner's values with the
+        others' zeros, which would turn a ``-0.0`` into ``0.0``)."""
+        if self.mesh is None:
+            return solved
+        if self.processes > 1:
+            from jax.experimental import multihost_utils
+
+            for path in sorted({*solved, *shapes}):  # the same order in every process
+                mine = path in solved
+                tree = solved[path] if mine else jax.tree.map(
+                    lambda s: np.zeros(s.shape, s.dtype), shapes[path])  # fmt: skip
+                leaves, treedef = jax.tree.flatten(tree)
+                leaves = [np.asarray(x) for x in leaves]
+                raw = [np.ascontiguousarray(x).reshape(-1).view(np.uint8) for x in leaves]
+                got = multihost_utils.broadcast_one_to_all(raw, is_source=mine)
+                out = [np.asarray(b).view(x.dtype).reshape(x.shape) for b, x in zip(got, leaves)]
+                solved[path] = jax.tree.unflatten(treedef, out)
+        # In one order everywhere: a put over several processes is a collective.
+        return {path: self.replicate(solved[path]) for path in sorted(solved)}
+
     def replicate(self, tree):
         """``tree`` on every device of the mesh (the same values on every process)."""
         if self.mesh is None:

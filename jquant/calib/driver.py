@@ -86,6 +86,8 @@ class LayerRow:
     weight_error: float
     # The algorithm's info (GPTQ: the dampening it used), as plain numbers.
     info: dict[str, Any]
+    # The id of the mesh device that solved it (None: the default device, no mesh).
+    device: int | None = None
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -407,11 +409,12 @@ def calibrate(
             worst = float("nan")
         else:
             plan = per_layer[i]
+            devices: dict[str, int | None] = {}
             state, results = _calibrate_layer(
                 place.replicate(source.layer(i)), plan, acts, out, ctx, graphdef=graphdef,
-                folds=folds, sequential=sequential, placement=place,
+                folds=folds, sequential=sequential, placement=place, devices=devices,
             )  # fmt: skip
-            worst = _collect(f"layers/{i}/", plan, results, rows, {})
+            worst = _collect(f"layers/{i}/", plan, results, rows, {}, devices)
             keep(f"layers/{i}/", dict(tree.leaves(state)))
         acts, out = out, acts
         layer_seconds.append(time.perf_counter() - t0)
@@ -527,7 +530,9 @@ def _solve(w, calib: stats.Calibration, *, rule: _Static, path: str):
         return _solve_traced(w, calib, rule=rule, path=path)
     q, info = algorithms.split_result(
         r.algorithm, algorithms.get(r.algorithm)(w, r, path=path, calibration=calib))
-    return q, info, _output_error_jit(w, q, calib)
+    # Finished before the next kernel's host work starts: a sweep still running would hold
+    # its buffers beside the next factorization (gate/up_proj's beside down_proj's at 8B).
+    return jax.block_until_ready((q, info, _output_error_jit(w, q, calib)))
 
 
 @functools.partial(jax.jit, static_argnames=("rule", "path"))
@@ -542,9 +547,12 @@ _output_error_jit = jax.jit(_output_error)
 
 
 def _calibrate_layer(state, plan, acts: Activations, out: Activations, ctx, *, graphdef,
-                     folds, sequential: str, placement: Placement):  # fmt: skip
+                     folds, sequential: str, placement: Placement,
+                     devices: dict | None = None):  # fmt: skip
     """Calibrates one decoder layer (its float ``state``, folded in place) on ``acts`` and
-    writes its quantized outputs into ``out``; returns ``(quantized state, results)``."""
+    writes its quantized outputs into ``out``; returns ``(quantized state, results)``.
+    ``devices`` receives the id of the device that solved each kernel (None: default)."""
+    devices = {} if devices is None else devices
     apply = _layer_apply(graphdef)
     results: dict[str, Any] = {}
     if not plan:
@@ -569,22 +577,49 @@ def _calibrate_layer(state, plan, acts: Activations, out: Activations, ctx, *, g
             calibs = {groups[0][0]: calibs[groups[0][0]]}
     values = dict(tree.leaves(state))
     quantized: dict[str, Any] = {}
+    # The solves are spread over the mesh's devices in turn. Several processes solve their
+    # own kernels of the layer (of the group, in "module" mode) before any is broadcast,
+    # so that they solve at the same time.
+    order = [p for g in groups for p in g]
+    solved: dict[str, Any] = {}
+    shapes: dict[str, Any] = {}
     for gi, group in enumerate(groups):
         head = group[0]
         if head not in calibs:
+            state = _share(placement, solved, shapes, results, quantized, state)
             later = {p: plan[p] for g in groups[gi:] for p in g}
             current = tree.map_with_path(lambda p, v: quantized.get(p, v), state)
             tapped = with_taps(current, later)
             calibs[head] = _gather(tapped, acts, ctx, apply, (head,), placement)[head]
         for path in group:
-            results[path] = _solve(values.pop(path), calibs[head], rule=_rule_key(plan[path]),
-                                   path=path)  # fmt: skip
-            quantized[path] = results[path][0]
+            device = placement.solver(order.index(path))
+            args = (values.pop(path), calibs[head])
+            key = dict(rule=_rule_key(plan[path]), path=path)
+            if placement.owns(device):
+                solved[path] = _solve(*placement.on(device, args), **key)
+            else:
+                shapes[path] = jax.eval_shape(functools.partial(_solve_traced, **key), *args)
+            devices[path] = None if device is None else device.id
         calibs.pop(head)
-        # The group's float kernels are released before the next (larger) solve.
-        state = tree.map_with_path(lambda p, v: quantized.get(p, v), state)
+        if placement.processes == 1:  # nothing to wait for: the floats go before the next solve
+            state = _share(placement, solved, shapes, results, quantized, state)
+    state = _share(placement, solved, shapes, results, quantized, state)
     _run_layer(graphdef, state, acts, out, ctx)
     return state, results
+
+
+def _share(placement: Placement, solved: dict, shapes: dict, results: dict, quantized: dict,
+           state):  # fmt: skip
+    """Moves the pending solves into ``results`` and ``quantized`` (replicated over the mesh,
+    broadcast from their owners) and returns ``state`` with their float kernels replaced."""
+    if not solved and not shapes:
+        return state
+    for path, result in placement.share(solved, shapes).items():
+        results[path] = result
+        quantized[path] = result[0]
+    solved.clear()
+    shapes.clear()
+    return tree.map_with_path(lambda p, v: quantized.get(p, v), state)
 
 
 def _head_fn(model):
@@ -599,7 +634,8 @@ def _head_fn(model):
     return head
 
 
-def _collect(prefix: str, plan, results, rows: list[LayerRow], new: dict) -> float:
+def _collect(prefix: str, plan, results, rows: list[LayerRow], new: dict,
+             devices: dict | None = None) -> float:  # fmt: skip
     """Host side of a quantize pass: checks infos, records rows and QArrays; returns the
     largest output error."""
     worst = 0.0
@@ -617,7 +653,7 @@ def _collect(prefix: str, plan, results, rows: list[LayerRow], new: dict) -> flo
         rows.append(LayerRow(
             path=path, algorithm=rule.algorithm, qtype=q.qtype, group_size=q.group_size,
             bits_per_weight=q.bits_per_weight, output_error=out_err, weight_error=w_err,
-            info=info,
+            info=info, device=(devices or {}).get(rel),
         ))  # fmt: skip
     return worst
 

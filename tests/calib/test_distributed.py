@@ -143,9 +143,28 @@ def test_two_processes_write_what_two_devices_of_one_process_write(runs, recipe)
         for x, y in zip(a[path], b[path], strict=True):
             assert x.dtype == y.dtype and x.tobytes() == y.tobytes(), path
     rows = _report(runs["processes"][recipe])["rows"]
-    assert rows == _rows_of(rows, _report(runs["devices"][recipe])["rows"])
-    # Every process computes the same solves from the replicated statistics.
+    assert _no_device(rows) == _no_device(_rows_of(rows, _report(runs["devices"][recipe])["rows"]))
+    # Each process solved its share and received the other's: both report every kernel.
     assert _report(runs["processes"][recipe], 1)["rows"] == rows
+
+
+@pytest.mark.parametrize("recipe", RECIPES)
+def test_the_solves_are_spread_over_the_devices(runs, recipe):
+    """Each layer's kernels are solved by the mesh's devices in turn (in the 2-process run,
+    each process solves half of them); without a mesh, on the default device."""
+    for setting in ("processes", "devices"):
+        rows = _report(runs[setting][recipe])["rows"]
+        per_layer = {}
+        for r in rows:
+            per_layer.setdefault(r["path"].split("/")[1], []).append(r["device"])
+        for layer, devices in per_layer.items():
+            assert len(set(devices)) == 2, (setting, layer, devices)
+            assert abs(devices.count(devices[0]) - len(devices) / 2) <= 0.5, devices
+    assert {r["device"] for r in _report(runs["single"][recipe])["rows"]} == {None}
+
+
+def _no_device(rows):
+    return [{k: v for k, v in r.items() if k != "device"} for r in rows]
 
 
 def _rows_of(rows, other):
