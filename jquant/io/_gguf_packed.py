@@ -31,8 +31,9 @@ Q2_K   d·sc·q − dmin·m     uint2  likewise (4-bit sc and m), group 16      
 "exact": the QArray's ``dequantize()`` equals `gguf.quants.dequantize` bit for bit (the
 products of float16 scales and small integers are exact in float32, and jquant multiplies
 in the order gguf does). The affine types (a min ``m`` added) are not: ``(q + m/d)·d``
-rounds twice where ``d·q + m`` rounds once, a difference of a few float32 ulps of the
-block's largest value (tests/io/test_gguf_packed.py pins the bound). Their scale and zero
+rounds twice where ``d·q + m`` rounds once. On random blocks the difference stays under one
+float32 epsilon of the tensor's largest magnitude; tests/io/test_gguf_packed.py asserts at
+most 4. Their scale and zero
 point are float32 so that the pair has one dtype, as jquant's fused matmul kernels require.
 A group whose scale ``d`` (``d·sc``) is 0 holds one constant ``c`` (``m``, or ``−dmin·m``):
 it is stored exactly as codes 0, scale ``c``, zero point −1.
