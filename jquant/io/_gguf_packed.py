@@ -153,7 +153,7 @@ def _q2_k(b):
 
 def _q3_k(b):
     hmask, qs, scales = b[:, :32], b[:, 32:96], b[:, 96:108]
-    lo = (scales[:, :8].reshape(-1, 1, 8) >> np.array([0, 4], np.uint8).reshape(1, 2, 1))
+    lo = scales[:, :8].reshape(-1, 1, 8) >> np.array([0, 4], np.uint8).reshape(1, 2, 1)
     hi = scales[:, 8:].reshape(-1, 1, 4) >> np.array([0, 2, 4, 6], np.uint8).reshape(1, 4, 1)
     sc = (lo.reshape(-1, 16) & 0xF) | ((hi.reshape(-1, 16) & 3) << 4)
     low = qs.reshape(-1, 2, 1, 32) >> np.array([0, 2, 4, 6], np.uint8).reshape(1, 1, 4, 1)

@@ -409,8 +409,9 @@ def _load_packed(t: _gguf_reader.GGUFTensor, source: Path, n_head: int | None, e
     del dtype
     rows = None if n_head is None else functools.partial(unpermute_rope_rows, n_head=n_head)
     shape = tuple(int(n) for n in reversed(t.shape.tolist()))
+    name = f"{source}: tensor {t.name}"
     return _gguf_packed.qarray_from_blocks(t.read(), t.tensor_type, shape, rows=rows,
-                                           embedding=embedding, name=f"{source}: tensor {t.name}")
+                                           embedding=embedding, name=name)  # fmt: skip
 
 
 def _entries(reader: _gguf_reader.GGUFFile, config: dict[str, Any], source: Path,

@@ -45,7 +45,7 @@ def random_raw(qtype: Q, shape: tuple[int, int], rng: np.random.Generator) -> np
     block, size = gguf.GGML_QUANT_SIZES[qtype]
     blocks = rng.integers(0, 256, (shape[0] * shape[1] // block, size), dtype=np.uint8)
     for at in HALF_FIELDS[qtype]:
-        d = (rng.uniform(1e-3, 1e-2, len(blocks)) * rng.choice([-1, 1], len(blocks)))
+        d = rng.uniform(1e-3, 1e-2, len(blocks)) * rng.choice([-1, 1], len(blocks))
         blocks[:, at : at + 2] = d.astype(np.float16).view(np.uint8).reshape(-1, 2)
     return blocks.reshape(shape[0], -1)
 
@@ -165,11 +165,13 @@ def _k_quant_file(path, qtype: Q) -> None:
     hidden, heads, kv_heads, vocab = 256, 4, 2, 300
     rng = np.random.default_rng(int(qtype))
     w = gguf.GGUFWriter(str(path), arch="llama")
-    for add, value in [(w.add_block_count, 1), (w.add_context_length, 64),
-                       (w.add_embedding_length, hidden), (w.add_feed_forward_length, 256),
-                       (w.add_head_count, heads), (w.add_head_count_kv, kv_heads),
-                       (w.add_layer_norm_rms_eps, 1e-5), (w.add_rope_freq_base, 10000.0),
-                       (w.add_rope_dimension_count, hidden // heads), (w.add_vocab_size, vocab)]:
+    settings = [(w.add_block_count, 1), (w.add_context_length, 64),
+                (w.add_embedding_length, hidden), (w.add_feed_forward_length, 256),
+                (w.add_head_count, heads), (w.add_head_count_kv, kv_heads),
+                (w.add_layer_norm_rms_eps, 1e-5), (w.add_rope_freq_base, 10000.0),
+                (w.add_rope_dimension_count, hidden // heads),
+                (w.add_vocab_size, vocab)]  # fmt: skip
+    for add, value in settings:
         add(value)
     shapes = {"token_embd": (vocab, hidden), "blk.0.attn_q": (hidden, hidden),
               "blk.0.attn_k": (128, hidden), "blk.0.attn_v": (128, hidden),
