@@ -17,8 +17,8 @@ ggml   ggml's value        codes  QArray scale ``s`` / zero point ``z``        e
 Q8_0   d·q                 int8   d (float16), group 32                        yes    8.5 (8.5)
 Q4_0   d·(q − 8)           int4   d (float16), group 32                        yes    4.5 (4.5)
 Q5_0   d·(q − 16)          int5   d (float16), group 32                        yes    5.5 (5.5)
-Q4_1   d·q + m             uint4  d, z = −m/d (float32), group 32              no     6 (5)
-Q5_1   d·q + m             uint5  d, z = −m/d (float32), group 32              no     7 (6)
+Q4_1   d·q + m             uint4  d, z = −m/d (both float32), group 32         no     6 (5)
+Q5_1   d·q + m             uint5  d, z = −m/d (both float32), group 32         no     7 (6)
 Q6_K   d·sc·q              int6   sc (int8) × d (float16): a two-level         yes    6.5625
                                   QArray scale, group 16                              (6.5625)
 Q3_K   d·sc·q              int3   likewise (sc = 6-bit − 32), group 16         yes    3.5625
@@ -33,8 +33,8 @@ products of float16 scales and small integers are exact in float32, and jquant m
 in the order gguf does). The affine types (a min ``m`` added) are not: ``(q + m/d)·d``
 rounds twice where ``d·q + m`` rounds once. On random blocks the difference stays under one
 float32 epsilon of the tensor's largest magnitude; tests/io/test_gguf_packed.py asserts at
-most 4. Their scale and zero
-point are float32 so that the pair has one dtype, as jquant's fused matmul kernels require.
+most 4. Their scale and zero point are both float32 (a float16 ``z`` would round away most
+of that precision) because jquant's fused matmul kernels want the two in one dtype.
 A group whose scale ``d`` (``d·sc``) is 0 holds one constant ``c`` (``m``, or ``−dmin·m``):
 it is stored exactly as codes 0, scale ``c``, zero point −1.
 
@@ -92,8 +92,7 @@ def _affine(codes, s, b, qtype, group_size) -> Blocks:
     flat = s == 0
     with np.errstate(divide="ignore", invalid="ignore"):
         z = np.where(flat, np.float32(-1), -b / s).astype(np.float32)
-    n, g = s.shape
-    codes = np.where(np.repeat(flat, group_size, axis=1), 0, codes.reshape(n, -1))
+    codes = np.where(np.repeat(flat, group_size, axis=1), 0, codes.reshape(len(s), -1))
     return Blocks(qtype, group_size, codes, np.where(flat, b, s), z)
 
 
