@@ -240,6 +240,17 @@ def test_packed_is_not_lazy(tmp_path, tiny):
         jio.load_gguf(path, packed=True, lazy=True)
 
 
+def test_load_checkpoint_passes_packed_to_gguf_only(tmp_path, tiny):
+    path = tmp_path / "q.gguf"
+    _quantized_file(tiny, path, Q.Q8_0, tied=True)
+    ckpt = jio.load_checkpoint(path, tokenizer=False, packed=True)
+    assert isinstance(ckpt.tensors["model.layers.0.mlp.up_proj.weight"], QArray)
+    assert isinstance(jio.load_checkpoint(path, tokenizer=False).tensors[
+        "model.layers.0.mlp.up_proj.weight"], np.ndarray)  # fmt: skip
+    with pytest.raises(ValueError, match="packed=True .* this is an HF model"):
+        jio.load_checkpoint(tmp_path, packed=True)
+
+
 @pytest.mark.slow
 def test_smollm_packed_perplexity_equals_the_float_load(smollm_path):
     """The real Q4_1 model: packed, its perplexity on 4 windows of 256 tokens of the default
