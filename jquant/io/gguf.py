@@ -19,7 +19,9 @@ layers with one global layer (unless the file lists its own pattern) and rotates
 ones with base 10,000.
 
 Quantized tensors (Q4_1, Q8_0, ...) are dequantized with `gguf.quants.dequantize`; that float
-copy is the checkpoint.
+copy is the checkpoint. With ``packed=True`` the matrices of the types in
+`jquant.io._gguf_packed.PACKED_TYPES` stay packed instead, as `jquant.qarray.QArray` values in
+jquant's layout (see that module for each type's mapping and which are exact).
 
 Files are parsed by `jquant.io._gguf_reader` (struct and numpy over one mmap), not by
 `gguf.GGUFReader`, which builds numpy views of every metadata value first (tens of seconds for a
@@ -44,7 +46,9 @@ from typing import Any
 import gguf
 import numpy as np
 
-from . import _gguf_reader, _lazy
+from jquant.qarray import QArray
+
+from . import _gguf_packed, _gguf_reader, _lazy
 from ._checkpoint import Checkpoint, check_tensors
 from ._lazy import LazyTensors, TensorEntry
 from .tokenizer import tokenizer_from_gguf_fields
@@ -398,9 +402,22 @@ def _load_tensor(t: _gguf_reader.GGUFTensor, source: Path, n_head: int | None, g
     return _lazy.cast(w, dtype)
 
 
-def _entries(reader: _gguf_reader.GGUFFile, config: dict[str, Any], source: Path
-             ) -> dict[str, TensorEntry]:  # fmt: skip
-    """The file's tensors by HF name, with their HF-layout shapes and how to read each."""
+def _load_packed(t: _gguf_reader.GGUFTensor, source: Path, n_head: int | None, embedding: bool,
+                 dtype: np.dtype) -> QArray:  # fmt: skip
+    """Matrix `t` as a QArray (`_gguf_packed.qarray_from_blocks`); `dtype` is ignored (the
+    QArray's own dtype is float32)."""
+    del dtype
+    rows = None if n_head is None else functools.partial(unpermute_rope_rows, n_head=n_head)
+    shape = tuple(int(n) for n in reversed(t.shape.tolist()))
+    name = f"{source}: tensor {t.name}"
+    return _gguf_packed.qarray_from_blocks(t.read(), t.tensor_type, shape, rows=rows,
+                                           embedding=embedding, name=name)  # fmt: skip
+
+
+def _entries(reader: _gguf_reader.GGUFFile, config: dict[str, Any], source: Path,
+             packed: bool = False) -> dict[str, TensorEntry]:  # fmt: skip
+    """The file's tensors by HF name, with their HF-layout shapes and how to read each;
+    `packed`: matrices of `_gguf_packed.PACKED_TYPES` read as QArrays."""
     arch = reader.metadata["general.architecture"]
     heads = {"q_proj": config["num_attention_heads"], "k_proj": config["num_key_value_heads"]}
     entries: dict[str, TensorEntry] = {}
@@ -412,16 +429,19 @@ def _entries(reader: _gguf_reader.GGUFFile, config: dict[str, Any], source: Path
         if arch in _PERMUTED_ARCHS:
             n_head = next((n for p, n in heads.items() if f".self_attn.{p}." in name), None)
         gemma_norm = arch in _GEMMA_ARCHS and name.endswith("norm.weight")
-        entries[name] = TensorEntry(
-            shape=tuple(int(n) for n in reversed(t.shape.tolist())),
-            stored_dtype=t.tensor_type.name,
-            load=functools.partial(_load_tensor, t, source, n_head, gemma_norm),
-        )
+        shape = tuple(int(n) for n in reversed(t.shape.tolist()))
+        load = functools.partial(_load_tensor, t, source, n_head, gemma_norm)
+        if packed and len(shape) == 2 and t.tensor_type in _gguf_packed.PACKED_TYPES:
+            embedding = name == "model.embed_tokens.weight"
+            load = functools.partial(_load_packed, t, source, n_head, embedding)
+        entries[name] = TensorEntry(shape=shape, stored_dtype=t.tensor_type.name, load=load)
     return entries
 
 
-def load_gguf(path: str | Path, *, tokenizer: bool = True, lazy: bool = False) -> Checkpoint:
-    """Read a GGUF file into a float32 `Checkpoint` in HF layout.
+def load_gguf(path: str | Path, *, tokenizer: bool = True, lazy: bool = False,
+              packed: bool = False) -> Checkpoint:  # fmt: skip
+    """Read a GGUF file into a float32 `Checkpoint` in HF layout (or, with `packed`, its
+    quantized matrices as QArrays).
 
     Args:
       path: a `.gguf` file of one of `SUPPORTED_ARCHITECTURES`.
@@ -430,20 +450,29 @@ def load_gguf(path: str | Path, *, tokenizer: bool = True, lazy: bool = False) -
       lazy: parse only the header now; `tensors` is then a `LazyTensors` that reads and
         dequantizes each tensor when it is looked up (for models larger than memory). Its
         names, shapes and values are those the default eager load holds.
+      packed: keep every 2-D tensor stored in one of `jquant.io._gguf_packed.PACKED_TYPES`
+        (Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, Q2_K ... Q6_K) packed: its value is a
+        `jquant.qarray.QArray` in jquant's layout, logical ``(in, out)`` for a linear weight
+        and ``(vocab, hidden)`` (quantized along hidden) for the token embedding, which
+        `jquant.models.params_from_hf` keeps as it is. Other tensors load as without it.
+        Not with `lazy`.
 
     Returns:
-      The checkpoint; `tensors` are dequantized float32, Q/K rows in HF order.
+      The checkpoint; `tensors` are dequantized float32 (or QArrays, with `packed`), Q/K rows
+      in HF order.
 
     Raises:
       FileNotFoundError: no such file.
       ValueError: not GGUF, truncated or corrupt; unsupported architecture; missing tensors or
-        shapes that disagree with the metadata.
+        shapes that disagree with the metadata; `packed` with `lazy`.
 
     >>> ckpt = load_gguf("SmolLM2-135M-Instruct.Q4_1.gguf")  # doctest: +SKIP
     >>> ckpt.tensors["model.layers.0.self_attn.q_proj.weight"].shape  # doctest: +SKIP
     (576, 576)
     """
     path = Path(path)
+    if packed and lazy:
+        raise ValueError(f"{path}: packed=True loads eagerly; it does not combine with lazy=True")
     arch = read_architecture(path)
     if arch is not None:
         _check_architecture(arch, str(path))  # before the slow full parse
@@ -451,7 +480,7 @@ def load_gguf(path: str | Path, *, tokenizer: bool = True, lazy: bool = False) -
     meta = reader.metadata
     config = config_from_metadata(meta, {t.name for t in reader.tensors}, str(path))
     arch = meta["general.architecture"]
-    tensors = LazyTensors(_entries(reader, config, path), str(path))
+    tensors = LazyTensors(_entries(reader, config, path, packed), str(path))
     check_tensors(tensors, config, str(path), file_name=lambda n: gguf_name(n, arch))
     tok = None
     if tokenizer and "tokenizer.ggml.model" in meta:

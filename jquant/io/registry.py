@@ -227,8 +227,9 @@ def _looks_like_path(text: str) -> bool:
 
 
 def load_checkpoint(
-    source: str | os.PathLike, *, tokenizer: bool = True, lazy: bool = False
-) -> Checkpoint:
+    source: str | os.PathLike, *, tokenizer: bool = True, lazy: bool = False,
+    packed: bool = False,
+) -> Checkpoint:  # fmt: skip
     """Read a model from any supported source into a float32 `Checkpoint`.
 
     Args:
@@ -241,6 +242,8 @@ def load_checkpoint(
       lazy: read only the file headers now and return `tensors` as a `jquant.io.LazyTensors`
         that reads each tensor when it is looked up, for models larger than host memory
         (`jquant.models.layer_params_from_hf` builds one decoder layer from it).
+      packed: a GGUF source (a registry name or a `.gguf` file) keeps its quantized matrices
+        packed as QArrays (`load_gguf`'s ``packed``); not for HF sources, nor with `lazy`.
 
     Raises:
       FileNotFoundError: the source looks like a path, and nothing is there.
@@ -253,14 +256,18 @@ def load_checkpoint(
     """
     text = os.fspath(source)
     if text in MODELS:
-        return load_gguf(model_path(text), tokenizer=tokenizer, lazy=lazy)
+        return load_gguf(model_path(text), tokenizer=tokenizer, lazy=lazy, packed=packed)
     path = Path(text).expanduser()
+    is_gguf = path.is_file() and path.suffix.lower() == ".gguf"
+    if packed and not is_gguf and (path.is_dir() or _HUB_ID.fullmatch(text)):
+        raise ValueError(f"{text}: packed=True keeps a GGUF file's quantized tensors packed; "
+                         "this is an HF model (load it without packed)")  # fmt: skip
     if path.is_dir():
         return load_hf_dir(path, tokenizer=tokenizer, lazy=lazy)
     if path.is_file():
-        if path.suffix.lower() != ".gguf":
+        if not is_gguf:
             raise ValueError(f"{path}: expected a .gguf file or an HF model directory")
-        return load_gguf(path, tokenizer=tokenizer, lazy=lazy)
+        return load_gguf(path, tokenizer=tokenizer, lazy=lazy, packed=packed)
     if _looks_like_path(text):
         raise FileNotFoundError(
             f"no such file or directory: {text!r} (a registry name is one of "

@@ -137,11 +137,13 @@ def test_download_failure_leaves_nothing(monkeypatch, fake_model, tmp_path):
 
 
 def test_load_checkpoint_by_name_reads_the_cached_file(fake_model, monkeypatch):
-    fake = lambda path, tokenizer, lazy: ("gguf", path, tokenizer, lazy)
+    fake = lambda path, tokenizer, lazy, packed: ("gguf", path, tokenizer, lazy, packed)
     monkeypatch.setattr(registry, "load_gguf", fake)
-    kind, path, tokenizer, lazy = jio.load_checkpoint("fake-model", tokenizer=False)
+    kind, path, tokenizer, lazy, packed = jio.load_checkpoint("fake-model", tokenizer=False)
     assert (kind, path, tokenizer, lazy) == ("gguf", jio.model_path("fake-model"), False, False)
+    assert packed is False
     assert jio.load_checkpoint("fake-model", lazy=True)[3] is True
+    assert jio.load_checkpoint("fake-model", packed=True)[4] is True
 
 
 def test_pip_download_reports_failure(tmp_path, monkeypatch):
