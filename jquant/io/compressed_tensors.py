@@ -258,7 +258,7 @@ def write_compressed_tensors(params, config: dict[str, Any], tokenizer, director
         missing, extra = sorted(set(shapes) - set(flat)), sorted(set(flat) - set(shapes))
         raise ValueError(f"write_compressed_tensors: params do not match the config: missing "
                          f"{missing[:3]}, not in the model {extra[:3]}")  # fmt: skip
-    arrays, groups, refused = [], {}, []
+    arrays, groups, refused, floats = [], {}, [], []
     for path, value in flat.items():
         name = hf_name(tuple(path.split("/")))
         if tuple(value.shape) != shapes[path]:
@@ -267,6 +267,8 @@ def write_compressed_tensors(params, config: dict[str, Any], tokenizer, director
         if not isinstance(value, QArray):
             value = np.asarray(value)
             arrays.append((name, value.T if path.endswith("kernel") else value))
+            if path.endswith("kernel"):
+                floats.append(name[: -len(".weight")])
             continue
         written = _compress(value, name[: -len(".weight")]) if path.endswith("kernel") else None
         if isinstance(written, str) or written is None:
@@ -278,8 +280,6 @@ def write_compressed_tensors(params, config: dict[str, Any], tokenizer, director
     if refused:
         raise ValueError("write_compressed_tensors: compressed-tensors cannot hold these "
                          f"quantized tensors: {'; '.join(refused)}")  # fmt: skip
-    floats = sorted(name[: -len(".weight")] for name, a in arrays if name.endswith(".weight")
-                    and a.ndim == 2 and "embed_tokens" not in name)  # fmt: skip
     raw = {k: v for k, v in config.items() if v is not None}
     raw["architectures"] = [_ARCHITECTURES[config["model_type"]]]
     raw["torch_dtype"] = str(np.dtype(dict(arrays)["model.embed_tokens.weight"].dtype))
@@ -354,7 +354,7 @@ def _quantization_config(groups: dict[Scheme, list[str]], floats: list[str]) -> 
     formats = {s.format for s in groups}
     return {"quant_method": QUANT_METHOD, "config_groups": config_groups,
             "format": formats.pop() if len(formats) == 1 else "mixed-precision",
-            "quantization_status": "compressed", "ignore": floats if single else [],
+            "quantization_status": "compressed", "ignore": sorted(floats) if single else [],
             "kv_cache_scheme": None}  # fmt: skip
 
 
