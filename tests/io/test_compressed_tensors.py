@@ -281,3 +281,78 @@ def test_export_refuses_what_does_not_map(tmp_path, tiny):
     assert "layers/0/self_attn/q_proj/kernel (nf4: no compressed-tensors format)" in str(err.value)
     assert "up_proj/kernel (uint4: zero points not integers in [0, 15])" in str(err.value)
     assert not (tmp_path / "out").exists() and list(tmp_path.iterdir()) == []
+
+
+# transformers 5.25 builds its empty model with compressed_tensors' meta-device compress(),
+# which leaves an asymmetric zero point unpacked ((out, G)), while compress() on real weights
+# packs it ((ceil(out·b/32), G)), as the library's own decompress() expects and jquant writes:
+# any asymmetric pack-quantized checkpoint, llm-compressor's included, then fails to load.
+_ASYM_UPSTREAM = pytest.mark.xfail(strict=True, reason="transformers/compressed-tensors load "
+                                   "of asymmetric pack-quantized zero points")  # fmt: skip
+
+
+@pytest.mark.parametrize("qtype", ["int4", pytest.param("uint4", marks=_ASYM_UPSTREAM),
+                                   "fp8_e4m3"])  # fmt: skip
+def test_transformers_loads_export_with_jquant_logits(tmp_path, tiny, qtype):
+    """transformers (compressed-tensors installed) decompresses jquant's export to jquant's
+    dequantized weights, and its forward gives jquant's logits."""
+    transformers = pytest.importorskip("transformers")
+    from jquant.arch import LlamaConfig
+    from jquant.models import forward, params_from_hf
+
+    config = tiny.config(tied=False)
+    group = None if qtype == "fp8_e4m3" else 32
+    tensors = {n: quantize_array(w.T, qtype, axis=0, group_size=group, scale_dtype=jnp.float32)
+               if n.endswith("proj.weight") else w
+               for n, w in tiny.tensors(tied=False).items()}  # fmt: skip
+    model, params = params_from_hf(tensors, LlamaConfig.from_hf(config))
+    write_compressed_tensors(params, config, None, tmp_path / "out")
+    hf = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / "out"),
+                                                           dtype=torch.float32)  # fmt: skip
+    tokens = np.array([[1, 5, 9, 20, 7, 3, 100, 42]])
+    with torch.no_grad():
+        ref = hf(torch.from_numpy(tokens)).logits.numpy()  # decompresses on the first call
+    for name, q in tensors.items():
+        if isinstance(q, QArray):
+            np.testing.assert_array_equal(hf.get_parameter(name).detach().numpy(),
+                                          np.asarray(q.dequantize_stored()))  # fmt: skip
+    ours = np.asarray(forward(model, params, jnp.asarray(tokens))[0])
+    np.testing.assert_allclose(ours, ref, atol=2e-4 * np.abs(ref).max())
+
+
+def test_tokenizer_round_trips(tmp_path, tiny):
+    from jquant import io as jio
+
+    ckpt = jio.load_gguf(tiny.write_gguf(tmp_path / "t.gguf", tiny.tensors(tied=True)))
+    params = _params(ckpt.tensors)
+    write_compressed_tensors(params, ckpt.config, ckpt.tokenizer, tmp_path / "out")
+    _write(tmp_path / "out", tiny, "w4a16_g32")  # the same tokenizer files beside CT weights
+    config, _, tok = read_compressed_tensors(tmp_path / "out")
+    text = "hello world <|im_end|>"
+    assert tok.encode(text) == ckpt.tokenizer.encode(text)
+    for key in ("bos_token_id", "eos_token_id", "pad_token_id", "chat_template", "add_bos_token"):
+        assert getattr(tok, key) == getattr(ckpt.tokenizer, key), key
+
+
+def test_export_is_atomic(tmp_path, tiny, monkeypatch):
+    from jquant.io import compressed_tensors as ct_io
+
+    params = _params(tiny.tensors(tied=True))
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "keep").write_text("old")
+    with pytest.raises(ValueError, match="exists and is not empty; pass overwrite=True"):
+        write_compressed_tensors(params, tiny.config(tied=True), None, tmp_path / "out")
+
+    def dies(*args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(ct_io, "write_file", dies)
+    with pytest.raises(KeyboardInterrupt):
+        write_compressed_tensors(params, tiny.config(tied=True), None, tmp_path / "out",
+                                 overwrite=True)  # fmt: skip
+    assert sorted(p.name for p in tmp_path.rglob("*")) == ["keep", "out"]
+    monkeypatch.undo()
+    write_compressed_tensors(params, tiny.config(tied=True), None, tmp_path / "out",
+                             overwrite=True)  # fmt: skip
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["config.json",
+                                                                    "model.safetensors"]
