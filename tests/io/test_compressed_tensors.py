@@ -46,6 +46,8 @@ CASES = {
                       torch.bfloat16, "int8", None),
     "w4a16_asym_channel": ("pack-quantized", dict(num_bits=4, symmetric=False,
                            strategy="channel"), None, torch.float32, "uint4", None),
+    "w8_asym_tensor": ("pack-quantized", dict(num_bits=8, symmetric=False, strategy="tensor"),
+                       None, torch.float32, "uint8", None),
     "w8a8_int": ("int-quantized", dict(num_bits=8, strategy="channel"), ACT["int8"],
                  torch.float32, "int8", "int8"),
     "fp8_tensor": ("float-quantized", dict(num_bits=8, type="float", strategy="tensor"),
@@ -208,11 +210,14 @@ def test_export_of_jquant_quantization_is_read_by_library(tmp_path, tiny):
     lib, raw = _library_decompress(tmp_path / "out")
     assert raw["quantization_config"]["format"] == "pack-quantized"
     assert len(raw["quantization_config"]["config_groups"]) == 2
+    _, again, _ = read_compressed_tensors(tmp_path / "out")
     for name in tensors:
         if name.endswith("proj.weight"):
             q = params[_path(name)]
             np.testing.assert_array_equal(lib[name.removesuffix(".weight")].numpy(),
                                           np.asarray(q.dequantize_stored(jnp.float32)))
+            assert again[name].qtype == q.qtype
+            np.testing.assert_array_equal(np.asarray(again[name].codes()), np.asarray(q.codes()))
 
 
 def _edit_config(path, fn):
@@ -239,6 +244,9 @@ Q = "model.layers.0.self_attn.q_proj"  # the first module read
      rf"{Q} \(config group 'group_0', strategy 'block' \[2, 32\]\) does not map"),
     (lambda d: _edit_config(d, lambda g: g["weights"].update(group_size=48)),
      rf"{Q} \(config group 'group_0', strategy 'group'\) does not map onto jquant's QArray"),
+    (lambda d: _edit_config(d, lambda g: g.update(input_activations=dict(
+        num_bits=8, type="int", strategy="tensor", dynamic=False))),
+     r"input_activations .* are not supported; jquant quantizes activations dynamically"),
     (lambda d: _edit_tensors(d, lambda s: s.pop(f"{M}.weight_scale")),
      rf"tensor {M}.weight_scale is missing"),
     (lambda d: _edit_tensors(d, lambda s: s.update({f"{M}.weight_shape": torch.tensor([96, 63])})),
