@@ -270,9 +270,10 @@ def write_compressed_tensors(params, config: dict[str, Any], tokenizer, director
             if path.endswith("kernel"):
                 floats.append(name[: -len(".weight")])
             continue
-        written = _compress(value, name[: -len(".weight")]) if path.endswith("kernel") else None
-        if isinstance(written, str) or written is None:
-            refused.append(f"{path} ({value.qtype}{'' if written is None else ': ' + written})")
+        written = (_compress(value, name[: -len(".weight")]) if path.endswith("kernel")
+                   else "not a linear layer's weight")  # fmt: skip
+        if isinstance(written, str):
+            refused.append(f"{path} ({value.qtype}: {written})")
             continue
         scheme, tensors = written
         arrays.extend(tensors)
