@@ -94,8 +94,9 @@ def read_compressed_tensors(directory: str | os.PathLike, *, tokenizer: bool = T
     tensors, used = {}, set()
     for name, shape in expected_shapes(config).items():
         module, _ = name.rsplit(".", 1)
-        linear = len(shape) == 2 and name.endswith(".weight") and "embed_tokens" not in name
-        scheme = schemes.of(module, LINEAR if linear else "Embedding" if len(shape) == 2 else "")
+        matrix = len(shape) == 2 and name.endswith(".weight")  # biases, norms stay float
+        linear = matrix and "embed_tokens" not in name
+        scheme = schemes.of(module, LINEAR if linear else "Embedding") if matrix else None
         if scheme is None:
             if name not in entries:
                 raise ValueError(f"{path}: tensor {name} is missing (the config requires it)")
@@ -104,7 +105,7 @@ def read_compressed_tensors(directory: str | os.PathLike, *, tokenizer: bool = T
                                  f"config implies {shape}")  # fmt: skip
             tensors[name] = entries[name].load(np.dtype(np.float32))
             used.add(name)
-        elif not linear or not name.endswith(".weight"):
+        elif not linear:
             raise ValueError(f"{path}: {module} is quantized by config group {scheme.group!r}; "
                              "jquant reads quantized linear layers only")  # fmt: skip
         else:

@@ -6,6 +6,7 @@ jquant's exports decompressed by the library to jquant's floats."""
 from __future__ import annotations
 
 import json
+import re
 
 import jax.numpy as jnp
 import numpy as np
@@ -27,6 +28,7 @@ from compressed_tensors.quantization import (  # noqa: E402
     QuantizationConfig,
     QuantizationScheme,
 )
+from compressed_tensors.utils.match import match_targets  # noqa: E402
 from safetensors.torch import load_file, save_file  # noqa: E402
 
 pytestmark = pytest.mark.reference
@@ -73,17 +75,19 @@ def _scales(w: torch.Tensor, args: QuantizationArgs, dtype):
     return scale, zp.clamp(-half, half - 1).to(torch.int8)
 
 
-def _write(path, tiny, case, ignore=("lm_head",), seed=0):
-    """A compressed-tensors directory of the tiny untied Llama, linears compressed by the
-    library's compressor for ``case``; returns the float tensors and the library's parts."""
+def _write(path, tiny, case, ignore=("lm_head",), arch="llama", targets=("Linear",)):
+    """A compressed-tensors directory of the tiny untied ``arch`` model, linears matching
+    ``targets`` compressed by the library's compressor for ``case``; returns the float
+    tensors, the library's parts and the scheme."""
     fmt, wargs, aargs, dtype, *_ = CASES[case]
-    scheme = QuantizationScheme(targets=["Linear"], weights=QuantizationArgs(**wargs),
+    scheme = QuantizationScheme(targets=list(targets), weights=QuantizationArgs(**wargs),
                                 input_activations=aargs and QuantizationArgs(**aargs))  # fmt: skip
-    floats = tiny.tensors(tied=False, seed=seed)
+    floats = tiny.tensors(tied=False, arch=arch)
     state, parts = {}, {}
     for name, w in floats.items():
         module = name.removesuffix(".weight")
-        if w.ndim != 2 or "embed" in name or module in ignore:
+        picked = any(t == "Linear" or re.match(t.removeprefix("re:"), module) for t in targets)
+        if w.ndim != 2 or "embed" in name or module in ignore or not picked:
             state[name] = torch.from_numpy(w)
             continue
         scale, zp = _scales(torch.from_numpy(w), scheme.weights, dtype)
@@ -96,7 +100,7 @@ def _write(path, tiny, case, ignore=("lm_head",), seed=0):
     save_file(state, str(path / "model.safetensors"))
     qc = QuantizationConfig(config_groups={"group_0": scheme}, format=fmt, ignore=list(ignore),
                             quantization_status="compressed")  # fmt: skip
-    config = dict(tiny.config(tied=False), architectures=["LlamaForCausalLM"],
+    config = dict(tiny.config(tied=False, arch=arch), architectures=["LlamaForCausalLM"],
                   quantization_config=qc.model_dump(mode="json"))  # fmt: skip
     (path / "config.json").write_text(json.dumps(config))
     return floats, parts, scheme
@@ -134,6 +138,36 @@ def test_import_equals_library(tmp_path, tiny, case):
         assert q.dequantize().dtype == jnp.dtype(str(dtype).removeprefix("torch."))
         np.testing.assert_array_equal(np.asarray(q.dequantize_stored(), np.float32),
                                       lib.float().numpy())  # fmt: skip
+
+
+def test_regex_targets_leave_biases_and_other_linears_float(tmp_path, tiny):
+    floats, parts, _ = _write(tmp_path, tiny, "w4a16_g32", arch="qwen2",
+                              targets=["re:.*self_attn\\.[qk]_proj$"])  # fmt: skip
+    _, tensors, _ = read_compressed_tensors(tmp_path)
+    assert sorted(parts) == sorted(n.removesuffix(".weight") for n, v in tensors.items()
+                                   if isinstance(v, QArray))  # fmt: skip
+    assert len(parts) == 4
+    for name in ("model.layers.0.self_attn.q_proj.bias", "model.layers.1.mlp.up_proj.weight"):
+        np.testing.assert_array_equal(tensors[name], floats[name])
+
+
+def test_target_precedence_is_the_librarys():
+    """Which group a module falls in: exact name, then regexes (sorted), then class names, a
+    target listed twice belonging to the later group; against the library's match_targets."""
+    from jquant.io._ct_scheme import Schemes
+
+    targets = ["Linear", "re:.*proj", "re:.*mlp.*", "model.layers.0.mlp.up_proj", "re:.*q_"]
+    groups = {f"g{i}": {"targets": [t], "weights": {"num_bits": 4}} for i, t in enumerate(targets)}
+    groups["g5"] = {"targets": ["Linear"], "weights": {"num_bits": 8}}
+    schemes = Schemes({"quant_method": "compressed-tensors", "format": "pack-quantized",
+                       "config_groups": groups, "ignore": ["lm_head"]}, "test")  # fmt: skip
+    owner = {t: f"g{i}" for i, t in enumerate(targets)} | {"Linear": "g5"}
+    linear = torch.nn.Linear(1, 1)
+    for module in ("model.layers.0.mlp.up_proj", "model.layers.0.mlp.down_proj",
+                   "model.layers.0.self_attn.q_proj", "model.layers.0.self_attn.o_proj"):
+        first = match_targets(module, linear, targets)[0]
+        assert schemes.of(module, "Linear").group == owner[first]
+    assert schemes.of("lm_head", "Linear") is None
 
 
 def _library_decompress(path):
