@@ -92,7 +92,7 @@ def _scheme(name: str, raw: Any, default_format: str | None, source: str) -> Sch
     if not (kind == "int" and f"int{bits}" in QTYPES) and (kind, bits) != ("float", 8):
         raise ValueError(f"{where}: weights of type {kind!r} with num_bits={bits!r} have no "
                          "jquant format (int 2-6 or 8 bits, float 8 bits)")  # fmt: skip
-    if (fmt == FLOAT) != (kind == "float") or (fmt == PACKED and bits > 8):
+    if fmt != NAIVE and (fmt == FLOAT) != (kind == "float"):
         raise ValueError(f"{where}: format {fmt!r} cannot hold {kind} weights of {bits} bits")
     block = weights.get("block_structure")
     return Scheme(

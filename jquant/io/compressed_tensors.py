@@ -8,9 +8,9 @@ A quantized linear ``m`` is stored by its config group's format (see `jquant.io.
   ``m.weight_shape`` ``[out, in]``; ``m.weight_scale`` ``(out, in/G)`` (group), ``(out, 1)``
   (channel) or one value (tensor); when asymmetric, ``m.weight_zero_point`` packed the same
   way along ``out`` (``(ceil(out·b/32), G)``); an old file's ``m.weight_g_idx``.
-* ``int-quantized`` / ``naive-quantized`` (int) and ``float-quantized`` (FP8 E4M3): the codes
-  one per element as ``m.weight`` (int8 or F8_E4M3, ``(out, in)``), ``m.weight_scale`` and an
-  asymmetric int's ``m.weight_zero_point`` (int8, the scale's shape).
+* ``int-quantized`` (int), ``float-quantized`` (FP8 E4M3) and ``naive-quantized`` (either):
+  the codes one per element as ``m.weight`` (int8 or F8_E4M3, ``(out, in)``),
+  ``m.weight_scale`` and an asymmetric int's ``m.weight_zero_point`` (int8, the scale's shape).
 
 compressed-tensors dequantizes ``w = (q − zp)·s`` with ``q`` and ``zp`` signed
 (``[−2^(b−1), 2^(b−1) − 1]``). jquant holds a symmetric weight as ``int{b}`` codes ``q``; an
@@ -170,7 +170,7 @@ def _read_linear(entries, module: str, shape: tuple[int, int], s: Scheme, used: 
             else:
                 zp = zp_words.astype(np.int32)
     else:
-        codes = read("weight", ("F8_E4M3",) if s.format == FLOAT else ("I8",))
+        codes = read("weight", ("F8_E4M3",) if s.type == "float" else ("I8",))
         if codes.shape != shape:
             raise ValueError(f"{source}: tensor {module}.weight has shape {codes.shape}, the "
                              f"config implies {shape}")  # fmt: skip

@@ -20,6 +20,7 @@ ct = pytest.importorskip("compressed_tensors")
 from compressed_tensors.compressors import (  # noqa: E402
     FloatQuantizationCompressor,
     IntQuantizationCompressor,
+    NaiveQuantizationCompressor,
     PackedQuantizationCompressor,
 )
 from compressed_tensors.compressors.pack_quantized import unpack_from_int32  # noqa: E402
@@ -35,7 +36,8 @@ pytestmark = pytest.mark.reference
 
 COMPRESSORS = {"pack-quantized": PackedQuantizationCompressor,
                "int-quantized": IntQuantizationCompressor,
-               "float-quantized": FloatQuantizationCompressor}  # fmt: skip
+               "float-quantized": FloatQuantizationCompressor,
+               "naive-quantized": NaiveQuantizationCompressor}  # fmt: skip
 ACT = {"int8": dict(num_bits=8, type="int", strategy="token", dynamic=True),
        "fp8": dict(num_bits=8, type="float", strategy="token", dynamic=True)}  # fmt: skip
 # name: (format, weight args, input activation args, scale dtype, jquant qtype and activation)
@@ -56,6 +58,8 @@ CASES = {
                    None, torch.bfloat16, "fp8_e4m3", None),
     "fp8_dynamic": ("float-quantized", dict(num_bits=8, type="float", strategy="channel"),
                     ACT["fp8"], torch.float32, "fp8_e4m3", "fp8_e4m3"),
+    "fp8_naive_channel": ("naive-quantized", dict(num_bits=8, type="float", strategy="channel"),
+                          None, torch.bfloat16, "fp8_e4m3", None),
 }  # fmt: skip
 
 
@@ -126,7 +130,7 @@ def test_import_equals_library(tmp_path, tiny, case):
         assert (q.qtype, q.activation) == (qtype, activation)
         codes = np.asarray(q.codes())
         want = _library_codes(part, scheme, (out, k))
-        if fmt == "float-quantized":
+        if scheme.weights.type == "float":
             np.testing.assert_array_equal(codes.view(np.uint8), want.view(torch.uint8).numpy())
         else:
             shift = 1 << (scheme.weights.num_bits - 1) if qtype.startswith("u") else 0
