@@ -116,6 +116,12 @@ class Schemes:
         if qc.get("quant_method") != QUANT_METHOD:
             raise ValueError(f"{source}: quantization_config has quant_method "
                              f"{qc.get('quant_method')!r}, not {QUANT_METHOD!r}")  # fmt: skip
+        sparse = (qc.get("sparsity_config") or {}).get("format")
+        if sparse not in (None, "dense") or qc.get("transform_config"):
+            what = f"sparsity format {sparse!r}" if sparse not in (None, "dense") else (
+                "a transform_config (online rotations)")  # fmt: skip
+            raise ValueError(f"{source}: quantization_config has {what}, which jquant does "
+                             "not apply")  # fmt: skip
         if qc.get("kv_cache_scheme") is not None:
             raise ValueError(f"{source}: a kv_cache_scheme (quantized KV cache scales) is not "
                              "supported")  # fmt: skip

@@ -306,6 +306,22 @@ def test_bad_files_are_named(tmp_path, tiny, edit, message):
         read_compressed_tensors(tmp_path)
 
 
+@pytest.mark.parametrize("key, value, message", [
+    ("quant_method", "gptq", r"quant_method 'gptq', not 'compressed-tensors'"),
+    ("sparsity_config", {"format": "sparse-24-bitmask"}, r"sparsity format 'sparse-24-bitmask'"),
+    ("transform_config", {"config_groups": {"u": {}}}, r"a transform_config"),
+    ("kv_cache_scheme", {"num_bits": 8, "type": "float"}, r"a kv_cache_scheme"),
+    ("format", "marlin-24", r"format 'marlin-24' is not supported"),
+])  # fmt: skip
+def test_what_jquant_does_not_apply_is_refused(tmp_path, tiny, key, value, message):
+    _write(tmp_path, tiny, "w4a16_g32")
+    raw = json.loads((tmp_path / "config.json").read_text())
+    raw["quantization_config"][key] = value
+    (tmp_path / "config.json").write_text(json.dumps(raw))
+    with pytest.raises(ValueError, match=message):
+        read_compressed_tensors(tmp_path)
+
+
 def test_trivial_g_idx_is_accepted(tmp_path, tiny):
     _write(tmp_path, tiny, "w4a16_g32")
     _edit_tensors(tmp_path, lambda s: s.update({f"{M}.weight_g_idx":
