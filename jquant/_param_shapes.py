@@ -1,7 +1,9 @@
 """`param_shapes`: every parameter path of the model a `LlamaConfig` describes, with its shape.
 
 `jquant.io` checks checkpoints against it (an import, a packed checkpoint) and
-`jquant.models.load` builds models to it; `jquant.arch` re-exports it.
+`jquant.models.load` builds models to it; `jquant.arch` re-exports it. `hf_name` maps a path
+to its Hugging Face state-dict name (here, below `jquant.io` and `jquant.models`, which both
+need it).
 """
 
 from __future__ import annotations
@@ -10,6 +12,21 @@ from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from jquant.arch import LlamaConfig
+
+_HF_LEAF = {"kernel": "weight", "embedding": "weight", "scale": "weight", "bias": "bias"}
+
+
+def hf_name(path: tuple) -> str:
+    """The HF state-dict name of a jquant parameter path.
+
+    >>> hf_name(("layers", 3, "mlp", "down_proj", "kernel"))
+    'model.layers.3.mlp.down_proj.weight'
+    >>> hf_name(("lm_head", "kernel"))
+    'lm_head.weight'
+    """
+    *head, leaf = (str(p) for p in path)
+    name = ".".join([*head, _HF_LEAF[leaf]])
+    return name if head[0] == "lm_head" else f"model.{name}"
 
 
 def param_shapes(config: LlamaConfig) -> dict[str, tuple[int, ...]]:

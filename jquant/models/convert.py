@@ -20,6 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from jquant._param_shapes import hf_name as hf_name
 from jquant.models.config import LlamaConfig
 from jquant.models.llama import DecoderLayer, Llama, abstract_model
 from jquant.qarray import QArray
@@ -27,21 +28,6 @@ from jquant.tree import unwrap
 
 # HF buffers and duplicates that carry no information for the model.
 _IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
-
-_HF_LEAF = {"kernel": "weight", "embedding": "weight", "scale": "weight", "bias": "bias"}
-
-
-def hf_name(path: tuple) -> str:
-    """The HF state-dict name of a jquant parameter path.
-
-    >>> hf_name(("layers", 3, "mlp", "down_proj", "kernel"))
-    'model.layers.3.mlp.down_proj.weight'
-    >>> hf_name(("lm_head", "kernel"))
-    'lm_head.weight'
-    """
-    *head, leaf = (str(p) for p in path)
-    name = ".".join([*head, _HF_LEAF[leaf]])
-    return name if head[0] == "lm_head" else f"model.{name}"
 
 
 def _ignored(name: str, config: LlamaConfig) -> bool:
