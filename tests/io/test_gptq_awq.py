@@ -154,3 +154,165 @@ def _write_dir(path, tensors, config, quant):
     save_file(tensors, str(path / "model.safetensors"))
     (path / "config.json").write_text(json.dumps({**config, "quantization_config": quant}))
     return path
+
+
+# ---- judged by GPTQModel 7.7.0's own code --------------------------------------------------
+# GPTQModel needs torch >= 2.14 and CUDA-oriented extras, so it is not a pip dependency of the
+# reference extra: these tests run where JQUANT_GPTQMODEL_PATH lists (os.pathsep-separated)
+# an unpacked gptqmodel 7.7.0 sdist and a directory holding its pure-Python dependencies
+# (logbar, device-smi, tokenicer, defuser, threadpoolctl; pypcre is replaced by `re`). Its
+# import patches transformers, so it runs in a subprocess: the script below packs the cases'
+# codes with `TorchLinear.pack_original` (the packer GPTQModel quantizes with), converts v2 →
+# v1 with `convert_gptq_v2_to_v1_format_module`, dequantizes with `dequantize_weight`, and
+# does the same with jquant's exported tensors (v1 converted back by GPTQModel first); for AWQ
+# it packs with `pack_awq` and dequantizes with `dequantize_gemm` (the GEMM module's helpers).
+
+_GPTQMODEL_SCRIPT = r"""
+import re, sys, types
+import numpy as np
+try:
+    import pcre  # noqa: F401
+except ImportError:  # GPTQModel uses pypcre's re-compatible API only through these names
+    shim = types.ModuleType("pcre")
+    shim.__dict__.update({k: getattr(re, k) for k in dir(re) if not k.startswith("__")})
+    shim.Flag = types.SimpleNamespace(CASELESS=re.I, MULTILINE=re.M, DOTALL=re.S)
+    sys.modules["pcre"] = shim
+import torch
+from gptqmodel.nn_modules.qlinear.torch import TorchLinear
+from gptqmodel.quantization.awq.utils.packing_utils import dequantize_gemm, pack_awq
+from gptqmodel.utils.model import (convert_gptq_v1_to_v2_format_module,
+                                   convert_gptq_v2_to_v1_format_module)
+
+inp, out = dict(np.load(sys.argv[1])), {}
+def module(bits, k, n, g):
+    return TorchLinear(bits=bits, group_size=g, sym=False, desc_act=False, in_features=k,
+                       out_features=n, bias=False, pack_dtype=torch.int32,
+                       register_buffers=True, enable_wf_unsqueeze=True)
+for case in sorted({key.split("/")[0] for key in inp if key.startswith("gptq")}):
+    codes, zeros, scales = (inp[f"{case}/{p}"] for p in ("codes", "zeros", "scales"))
+    bits, (n, k), g = int(inp[f"{case}/bits"]), codes.shape, int(inp[f"{case}/group_size"])
+    m = module(bits, k, n, g)
+    lin = torch.nn.Linear(k, n, bias=False)
+    s = torch.from_numpy(scales.astype(np.float32))
+    z = torch.from_numpy(zeros.astype(np.float32))
+    lin.weight.data = (torch.from_numpy(codes.astype(np.float32)) - z.repeat_interleave(g, 1)) \
+        * s.repeat_interleave(g, 1)
+    m.pack_original(lin, s, z, torch.arange(k, dtype=torch.int32) // g)
+    m.post_init()
+    out[f"{case}/dequant"] = m.dequantize_weight().float().numpy()
+    for part in ("qweight", "qzeros", "scales", "g_idx"):
+        out[f"{case}/v2/{part}"] = getattr(m, part).numpy().copy()  # converted in place below
+    convert_gptq_v2_to_v1_format_module(m, m)  # bits, pack_dtype read from the module
+    out[f"{case}/v1/qzeros"] = m.qzeros.numpy().copy()
+    for version in (1, 2):
+        m = module(bits, k, n, g)
+        for part in ("qweight", "qzeros", "scales", "g_idx"):
+            getattr(m, part).data = torch.from_numpy(inp[f"{case}/export_v{version}/{part}"])
+        m.qzero_format(version)
+        if version == 1:
+            convert_gptq_v1_to_v2_format_module(m, bits, torch.int32)
+        m.post_init()
+        out[f"{case}/export_v{version}/dequant"] = m.dequantize_weight().float().numpy()
+codes, zeros, scales = (torch.from_numpy(inp[f"awq/{p}"]) for p in ("codes", "zeros", "scales"))
+qweight, qzeros = pack_awq(codes.T.contiguous().int(), zeros.T.contiguous().int(), 4)
+out["awq/qweight"], out["awq/qzeros"] = qweight.numpy(), qzeros.numpy()
+g = codes.shape[1] // scales.shape[1]
+out["awq/dequant"] = dequantize_gemm(qweight, qzeros, scales.T.contiguous(), 4, g).float().numpy()
+np.savez(sys.argv[2], **out)
+"""
+
+_CASES = [(bits, sym) for bits in (2, 3, 4, 8) for sym in (True, False)]
+_N, _K, _G = 64, 128, 32
+
+
+@pytest.fixture(scope="module")
+def gptqmodel(tmp_path_factory):
+    """``(inputs, outputs)`` of one run of `_GPTQMODEL_SCRIPT` over `_CASES` and AWQ."""
+    import os
+    import subprocess
+    import sys
+
+    paths = os.environ.get("JQUANT_GPTQMODEL_PATH")
+    if not paths:
+        pytest.skip("JQUANT_GPTQMODEL_PATH (an unpacked gptqmodel 7.7.0 and its deps) is unset")
+    rng = np.random.default_rng(7)
+    inp = {}
+    for bits, sym in _CASES:
+        case = f"gptq{bits}{'s' if sym else 'a'}"
+        # v1 holds zero points 1..2^b (field + 1): both versions take 1..2^b − 1.
+        zeros = (np.full((_N, _K // _G), 1 << (bits - 1)) if sym
+                 else rng.integers(1, 1 << bits, (_N, _K // _G)))  # fmt: skip
+        inp.update({f"{case}/codes": rng.integers(0, 1 << bits, (_N, _K)).astype(np.uint8),
+                    f"{case}/zeros": zeros.astype(np.float16),
+                    f"{case}/scales": rng.uniform(0.01, 0.1, (_N, _K // _G)).astype(np.float16),
+                    f"{case}/bits": np.array(bits), f"{case}/group_size": np.array(_G)})  # fmt: skip
+        for version in (1, 2):
+            parts = layout.codes_to_gptq(inp[f"{case}/codes"], inp[f"{case}/scales"], zeros,
+                                         bits=bits, group_size=_G, version=version)  # fmt: skip
+            inp.update({f"{case}/export_v{version}/{p}": a for p, a in parts.items()})
+    inp.update({"awq/codes": rng.integers(0, 16, (_N, _K)).astype(np.uint8),
+                "awq/zeros": rng.integers(0, 16, (_N, _K // _G)).astype(np.uint8),
+                "awq/scales": rng.uniform(0.01, 0.1, (_N, _K // _G)).astype(np.float16)})  # fmt: skip
+    tmp = tmp_path_factory.mktemp("gptqmodel")
+    np.savez(tmp / "in.npz", **inp)
+    (tmp / "run.py").write_text(_GPTQMODEL_SCRIPT)
+    env = {**os.environ, "PYTHONPATH": paths, "CUDA_VISIBLE_DEVICES": ""}
+    done = subprocess.run([sys.executable, str(tmp / "run.py"), str(tmp / "in.npz"),
+                           str(tmp / "out.npz")], env=env, cwd=tmp, capture_output=True,
+                          text=True, timeout=600)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    return inp, dict(np.load(tmp / "out.npz"))
+
+
+@pytest.mark.reference
+@pytest.mark.parametrize("version", [1, 2])
+@pytest.mark.parametrize("bits,sym", _CASES)
+def test_import_of_gptqmodel_packing(gptqmodel, bits, sym, version):
+    inp, out = gptqmodel
+    case = f"gptq{bits}{'s' if sym else 'a'}"
+    parts = {p: out[f"{case}/v{version if p == 'qzeros' else 2}/{p}"]
+             for p in ("qweight", "qzeros", "scales", "g_idx")}  # fmt: skip
+    if version == 1 and sym:  # the hand-checkable word: every field 2^(b−1) − 1
+        assert bits != 4 or np.all(parts["qzeros"].view(np.uint32) == 0x77777777)
+    codes, scale, zero = layout.gptq_to_codes(case, parts, bits=bits, group_size=_G,
+                                              version=version)  # fmt: skip
+    np.testing.assert_array_equal(codes, inp[f"{case}/codes"])
+    np.testing.assert_array_equal(zero, inp[f"{case}/zeros"])
+    np.testing.assert_array_equal(scale, inp[f"{case}/scales"])
+    q = from_codes(codes, scale, zero, qtype=f"uint{bits}", group_size=_G)
+    # GPTQModel dequantizes in float16: equal to float16 rounding of the exact product.
+    np.testing.assert_allclose(np.asarray(q.dequantize(np.float32)), out[f"{case}/dequant"],
+                               rtol=2e-3, atol=1e-6)  # fmt: skip
+
+
+@pytest.mark.reference
+@pytest.mark.parametrize("version", [1, 2])
+@pytest.mark.parametrize("bits,sym", _CASES)
+def test_export_unpacked_by_gptqmodel(gptqmodel, bits, sym, version):
+    inp, out = gptqmodel
+    case = f"gptq{bits}{'s' if sym else 'a'}"
+    # jquant's words are GPTQModel's own packing of the same codes...
+    for part in ("qweight", "scales", "g_idx"):
+        np.testing.assert_array_equal(inp[f"{case}/export_v{version}/{part}"],
+                                      out[f"{case}/v2/{part}"])  # fmt: skip
+    np.testing.assert_array_equal(inp[f"{case}/export_v{version}/qzeros"],
+                                  out[f"{case}/v{version}/qzeros"])  # fmt: skip
+    # ...and GPTQModel's loader (v1 → v2, dequantize_weight) reads them back to the weights.
+    q = from_codes(inp[f"{case}/codes"], inp[f"{case}/scales"], inp[f"{case}/zeros"],
+                   qtype=f"uint{bits}", group_size=_G)  # fmt: skip
+    np.testing.assert_allclose(out[f"{case}/export_v{version}/dequant"],
+                               np.asarray(q.dequantize(np.float32)), rtol=2e-3, atol=1e-6)  # fmt: skip
+
+
+@pytest.mark.reference
+def test_import_of_autoawq_gemm_packing(gptqmodel):
+    inp, out = gptqmodel
+    parts = {"qweight": out["awq/qweight"], "qzeros": out["awq/qzeros"],
+             "scales": np.ascontiguousarray(inp["awq/scales"].T)}  # fmt: skip
+    codes, scale, zero = layout.awq_to_codes("awq", parts, group_size=_G)
+    np.testing.assert_array_equal(codes, inp["awq/codes"])
+    np.testing.assert_array_equal(zero, inp["awq/zeros"])
+    np.testing.assert_array_equal(scale, inp["awq/scales"])
+    q = from_codes(codes, scale, zero, qtype="uint4", group_size=_G)
+    np.testing.assert_allclose(np.asarray(q.dequantize(np.float32)), out["awq/dequant"],
+                               rtol=2e-3, atol=1e-6)  # fmt: skip
