@@ -12,7 +12,6 @@ import numpy as np
 import pytest
 
 from jquant.io import _gptq_layout as layout
-from jquant.io._int32_pack import pack_int32
 from jquant.io.gptq_awq import read_gptq_awq, write_gptq
 from jquant.models import forward, params_from_hf
 from jquant.models.config import LlamaConfig
@@ -151,7 +150,9 @@ def _write_dir(path, tensors, config, quant):
     from safetensors.numpy import save_file
 
     path.mkdir()
-    save_file(tensors, str(path / "model.safetensors"))
+    # safetensors.numpy writes an array's memory as it lies: make every one C-ordered.
+    save_file({k: np.ascontiguousarray(v) for k, v in tensors.items()},
+              str(path / "model.safetensors"))
     (path / "config.json").write_text(json.dumps({**config, "quantization_config": quant}))
     return path
 
@@ -245,14 +246,16 @@ def gptqmodel(tmp_path_factory):
         inp.update({f"{case}/codes": rng.integers(0, 1 << bits, (_N, _K)).astype(np.uint8),
                     f"{case}/zeros": zeros.astype(np.float16),
                     f"{case}/scales": rng.uniform(0.01, 0.1, (_N, _K // _G)).astype(np.float16),
-                    f"{case}/bits": np.array(bits), f"{case}/group_size": np.array(_G)})  # fmt: skip
+                    f"{case}/bits": np.array(bits),
+                    f"{case}/group_size": np.array(_G)})  # fmt: skip
         for version in (1, 2):
             parts = layout.codes_to_gptq(inp[f"{case}/codes"], inp[f"{case}/scales"], zeros,
                                          bits=bits, group_size=_G, version=version)  # fmt: skip
             inp.update({f"{case}/export_v{version}/{p}": a for p, a in parts.items()})
+    scales = rng.uniform(0.01, 0.1, (_N, _K // _G)).astype(np.float16)
     inp.update({"awq/codes": rng.integers(0, 16, (_N, _K)).astype(np.uint8),
                 "awq/zeros": rng.integers(0, 16, (_N, _K // _G)).astype(np.uint8),
-                "awq/scales": rng.uniform(0.01, 0.1, (_N, _K // _G)).astype(np.float16)})  # fmt: skip
+                "awq/scales": scales})  # fmt: skip
     tmp = tmp_path_factory.mktemp("gptqmodel")
     np.savez(tmp / "in.npz", **inp)
     (tmp / "run.py").write_text(_GPTQMODEL_SCRIPT)
@@ -301,7 +304,8 @@ def test_export_unpacked_by_gptqmodel(gptqmodel, bits, sym, version):
     q = from_codes(inp[f"{case}/codes"], inp[f"{case}/scales"], inp[f"{case}/zeros"],
                    qtype=f"uint{bits}", group_size=_G)  # fmt: skip
     np.testing.assert_allclose(out[f"{case}/export_v{version}/dequant"],
-                               np.asarray(q.dequantize(np.float32)), rtol=2e-3, atol=1e-6)  # fmt: skip
+                               np.asarray(q.dequantize(np.float32)),
+                               rtol=2e-3, atol=1e-6)  # fmt: skip
 
 
 @pytest.mark.reference
@@ -316,3 +320,168 @@ def test_import_of_autoawq_gemm_packing(gptqmodel):
     q = from_codes(codes, scale, zero, qtype="uint4", group_size=_G)
     np.testing.assert_allclose(np.asarray(q.dequantize(np.float32)), out["awq/dequant"],
                                rtol=2e-3, atol=1e-6)  # fmt: skip
+
+
+# ---- other directories, bad files, refused exports -----------------------------------------
+
+_Q = "model.layers.0.mlp.up_proj"
+
+
+@pytest.fixture
+def gptq_dir(tiny, tmp_path):
+    """A tiny GPTQ v2 uint4 directory (written by `write_gptq`) and its source tensors."""
+    tensors = _quantized_tensors(tiny, "uint4", 32)
+    _, params = params_from_hf(tensors, LlamaConfig.from_hf(_tiny_config(tiny)))
+    return write_gptq(params, _tiny_config(tiny), None, tmp_path / "gptq"), tensors
+
+
+def _edit(path, change_tensors=None, change_quant=None):
+    from safetensors.numpy import load_file, save_file
+
+    if change_tensors:
+        tensors = load_file(str(path / "model.safetensors"))
+        change_tensors(tensors)
+        save_file({k: np.ascontiguousarray(v) for k, v in tensors.items()},
+                  str(path / "model.safetensors"))
+    if change_quant:
+        config = json.loads((path / "config.json").read_text())
+        change_quant(config["quantization_config"])
+        (path / "config.json").write_text(json.dumps(config))
+    return path
+
+
+@pytest.mark.parametrize(
+    "change_tensors,change_quant,message",
+    [
+        (None, lambda q: q.update(bits=5), r"GPTQ bits=5 is not supported"),
+        (None, lambda q: q.update(group_size=16),
+         r"qzeros has shape \(\d, \d+\), expected \(\d, \d+\) \(\d groups × \d+ zero points"),
+        (lambda t: t.pop(f"{_Q}.scales"), None, rf"{_Q}\.scales is missing"),
+        (lambda t: t.pop(f"{_Q}.qzeros"), None, rf"{_Q}\.qzeros is missing"),
+        (lambda t: t.update({f"{_Q}.qweight": t[f"{_Q}.qweight"][:-1]}), None,
+         rf"{_Q}\.qweight has shape \(7, 96\), expected \(8, 96\)"),
+        (lambda t: t.update({f"{_Q}.scales": t[f"{_Q}.scales"][:, :-8]}), None,
+         rf"{_Q}\.qweight has shape \(8, 96\), expected \(8, 88\)"),
+        (lambda t: t.update({f"{_Q}.g_idx": t[f"{_Q}.g_idx"][::-1].copy()}), None,
+         rf"{_Q}\.g_idx is not arange\(in\) // group_size: act-order .* not supported yet"),
+        (None, lambda q: q.update(checkpoint_format="marlin"),
+         r"checkpoint_format 'marlin' is not supported"),
+        (None, lambda q: q.update(dynamic={"-:.*down": {}}), r"per-module overrides"),
+    ],
+)  # fmt: skip
+def test_bad_gptq_files_are_named(gptq_dir, change_tensors, change_quant, message):
+    path, _ = gptq_dir
+    with pytest.raises(ValueError, match=message):
+        read_gptq_awq(_edit(path, change_tensors, change_quant))
+
+
+def test_quantize_config_json_and_autogptq_zero_biases(gptq_dir):
+    """AutoGPTQ's layout: the scheme in quantize_config.json, a zero bias for every module."""
+    path, tensors = gptq_dir
+    config = json.loads((path / "config.json").read_text())
+    config.pop("quantization_config")
+    (path / "config.json").write_text(json.dumps(config))
+    _edit(path, lambda t: t.update({f"{_Q}.bias": np.zeros(96, np.float16)}))
+    _, got, _ = read_gptq_awq(path)
+    assert f"{_Q}.bias" not in got
+    np.testing.assert_array_equal(got[f"{_Q}.weight"].codes(), tensors[f"{_Q}.weight"].codes())
+
+
+def test_awq_directory(tiny, tmp_path):
+    """An AWQ GEMM directory written from the layout worked by hand: 8 codes per word,
+    nibble i holding output 8·j + AWQ_ORDER[i]."""
+    tensors = _quantized_tensors(tiny, "uint4", 32)
+    out = {}
+    for name, q in tensors.items():
+        if not isinstance(q, QArray):
+            out[name] = q
+            continue
+        prefix = name.removesuffix(".weight")
+        for part, values in (("qweight", np.asarray(q.codes()).T),
+                             ("qzeros", np.asarray(q.zero_point).T.astype(np.uint8))):  # fmt: skip
+            fields = values.reshape(values.shape[0], -1, 8)[..., list(layout.AWQ_ORDER)]
+            words = (fields.astype(np.uint32) << (4 * np.arange(8, dtype=np.uint32))).sum(-1)
+            out[f"{prefix}.{part}"] = words.astype(np.uint32).view(np.int32)
+        out[f"{prefix}.scales"] = np.ascontiguousarray(np.asarray(q.scale).T)
+    quant = {"quant_method": "awq", "bits": 4, "group_size": 32, "version": "gemm",
+             "zero_point": True}  # fmt: skip
+    config = _tiny_config(tiny)
+    path = _write_dir(tmp_path / "awq", out, {k: v for k, v in config.items() if v is not None},
+                      quant)  # fmt: skip
+    got_config, got, _ = read_gptq_awq(path)
+    assert got_config == config
+    for name, q in tensors.items():
+        if isinstance(q, QArray):
+            np.testing.assert_array_equal(got[name].codes(), q.codes())
+            np.testing.assert_array_equal(got[name].zero_point, q.zero_point)
+            np.testing.assert_array_equal(got[name].scale, q.scale)
+    with pytest.raises(ValueError, match=r"AWQ version 'gemv' is not supported"):
+        read_gptq_awq(_edit(path, change_quant=lambda q: q.update(version="gemv")))
+
+
+def test_tokenizer_and_float_kernels_written(tiny, tmp_path):
+    """An unquantized kernel stays a float tensor; the tokenizer comes back as it went."""
+    import tokenizers
+
+    from jquant.io import Tokenizer
+
+    tensors = _quantized_tensors(tiny, "uint8", None, zero_low=1)
+    tensors[f"{_Q}.weight"] = tiny.tensors(tied=False)[f"{_Q}.weight"]
+    config = _tiny_config(tiny)
+    _, params = params_from_hf(tensors, LlamaConfig.from_hf(config))
+    model = tokenizers.models.BPE({v: i for i, v in enumerate(tiny.vocab())}, [])
+    tok = Tokenizer(tokenizers.Tokenizer(model), bos_token_id=1, eos_token_id=2,
+                    chat_template=tiny.template, add_bos_token=True)  # fmt: skip
+    write_gptq(params, config, tok, tmp_path / "g", version=1)
+    _, got, back = read_gptq_awq(tmp_path / "g")
+    np.testing.assert_array_equal(got[f"{_Q}.weight"], tensors[f"{_Q}.weight"])
+    assert (back.bos_token_id, back.eos_token_id, back.add_bos_token) == (1, 2, True)
+    assert back.chat_template == tiny.template and back.vocab_size == len(tiny.vocab())
+
+
+def _params(tiny, tensors):
+    return params_from_hf(tensors, LlamaConfig.from_hf(_tiny_config(tiny)))[1]
+
+
+def test_export_refuses_what_gptq_cannot_hold(tiny, tmp_path):
+    tensors = _quantized_tensors(tiny, "uint4", 32)
+    down = "model.layers.1.mlp.down_proj.weight"
+    w = tiny.tensors()[down].T
+    cases = {
+        "nf4": (quantize_array(w, "nf4", group_size=32), r"nf4 \(GPTQ stores uint/int"),
+        "fp8": (quantize_array(w, "fp8_e4m3"), r"fp8_e4m3 \(GPTQ stores"),
+        "int5": (quantize_array(w, "int5", group_size=32), r"int5 \(GPTQ stores"),
+        "fractional zero": (from_codes(np.zeros((64, 96), np.uint8), np.ones((64, 3), np.float16),
+                                       np.full((64, 3), 2.5, np.float16), qtype="uint4",
+                                       group_size=32),
+                            r"uint4 with non-integer zero points"),
+        "mixed bits": (quantize_array(w, "uint8", group_size=32),
+                       r"kernels differ in bits or group size \(4-bit group_size=32: .*; "
+                       r"8-bit group_size=32: layers/1/mlp/down_proj/kernel"),
+        "float32 scales": (quantize_array(w, "uint4", group_size=32, scale_dtype=np.float32),
+                           r"scales \(float32\) that float16 does not hold exactly"),
+    }  # fmt: skip
+    for what, (q, message) in cases.items():
+        params = _params(tiny, {**tensors, down: q})
+        with pytest.raises(ValueError, match=message):
+            write_gptq(params, _tiny_config(tiny), None, tmp_path / what)
+        assert not (tmp_path / what).exists(), what
+    # float32 scales are written when rounding to float16 is asked for.
+    q = quantize_array(w, "uint4", group_size=32, scale_dtype=np.float32)
+    write_gptq(_params(tiny, {**tensors, down: q}), _tiny_config(tiny), None, tmp_path / "r",
+               round_scales=True)  # fmt: skip
+    _, got, _ = read_gptq_awq(tmp_path / "r")
+    np.testing.assert_array_equal(got[down].scale, np.asarray(q.scale).astype(np.float16))
+
+
+def test_export_zero_point_ranges_and_overwrite(tiny, tmp_path):
+    tensors = _quantized_tensors(tiny, "uint4", 32)  # zero points from 0: not v1
+    params = _params(tiny, tensors)
+    with pytest.raises(ValueError, match=r"zero points in \[0, 15\], outside \[1, 16\] \(GPTQ v1\)"
+                       r": write version=2"):  # fmt: skip
+        write_gptq(params, _tiny_config(tiny), None, tmp_path / "v1", version=1)
+    write_gptq(params, _tiny_config(tiny), None, tmp_path / "v2")
+    with pytest.raises(ValueError, match=r"exists and is not empty; pass overwrite=True"):
+        write_gptq(params, _tiny_config(tiny), None, tmp_path / "v2")
+    write_gptq(params, _tiny_config(tiny), None, tmp_path / "v2", overwrite=True)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["v2"]  # no temporary left behind
