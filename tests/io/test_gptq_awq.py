@@ -110,7 +110,7 @@ def _tiny_config(tiny):
 
 def _logits(tensors, config):
     model, params = params_from_hf(tensors, LlamaConfig.from_hf(config))
-    return model, params, np.asarray(forward(model, params, np.array([[3, 7, 11, 5]]))[0])
+    return np.asarray(forward(model, params, np.array([[3, 7, 11, 5]]))[0])
 
 
 @pytest.mark.parametrize("version", [1, 2])
@@ -122,7 +122,7 @@ def _logits(tensors, config):
 def test_round_trip_keeps_codes_scales_and_logits(tiny, tmp_path, version, qtype, group_size):
     config = _tiny_config(tiny)
     tensors = _quantized_tensors(tiny, qtype, group_size, zero_low=version == 1)
-    _, params, logits = _logits(tensors, config)
+    _, params = params_from_hf(tensors, LlamaConfig.from_hf(config))
     write_gptq(params, config, None, tmp_path / "gptq", version=version)
     written = json.loads((tmp_path / "gptq" / "config.json").read_text())["quantization_config"]
     assert written["checkpoint_format"] == ("gptq_v2" if version == 2 else "gptq")
@@ -141,8 +141,8 @@ def test_round_trip_keeps_codes_scales_and_logits(tiny, tmp_path, version, qtype
         np.testing.assert_array_equal(np.asarray(back.scale), np.asarray(q.scale))
         want_zero = np.full(q.scale.shape, shift) if shift else np.asarray(q.zero_point)
         np.testing.assert_array_equal(np.asarray(back.zero_point), want_zero)
-    _, _, again = _logits(got, got_config)
-    np.testing.assert_array_equal(again, logits)
+    if (qtype, group_size) in (("uint4", 32), ("int4", 32)):  # each compiles a forward: a few
+        np.testing.assert_array_equal(_logits(got, got_config), _logits(tensors, config))
 
 
 def _write_dir(path, tensors, config, quant):
