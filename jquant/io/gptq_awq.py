@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import shutil
 import tempfile
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -182,19 +183,22 @@ def _as_uint(q: QArray) -> tuple[int, np.ndarray, np.ndarray, np.ndarray] | str:
 
 
 def write_gptq(
-    params, config: dict[str, Any], tokenizer: Tokenizer | None, directory: str | Path, *,
+    tensors: Mapping[str, np.ndarray | QArray], config: dict[str, Any],
+    tokenizer: Tokenizer | None, directory: str | Path, *,
     version: int = 2, overwrite: bool = False, round_scales: bool = False,
 ) -> Path:  # fmt: skip
     """Write a jquant model as a GPTQ checkpoint directory (``checkpoint_format`` "gptq_v2"
     for ``version=2``, "gptq" for ``version=1``).
 
-    Every quantized kernel becomes ``qweight``/``qzeros``/``scales``/``g_idx`` (trivial
-    ``g_idx``, ``desc_act: false``); every float parameter a float tensor of its own dtype in
-    HF layout. ``int{b}`` codes are written as ``uint{b}`` with zero point ``2^(b−1)``.
+    Every quantized linear ``<module>.weight`` becomes ``<module>.qweight``/``qzeros``/
+    ``scales``/``g_idx`` (trivial ``g_idx``, ``desc_act: false``); every float tensor is
+    written as it is (its own dtype). ``int{b}`` codes are written as ``uint{b}`` with zero
+    point ``2^(b−1)``.
 
     Args:
-      params: the model's parameters (an ``nnx.State`` or a nested dict, jquant paths such
-        as ``layers/0/mlp/down_proj/kernel``), QArrays at the quantized kernels.
+      tensors: ``{hf_name: tensor}`` as `read_gptq_awq` returns them: float arrays in HF
+        layout, QArrays (logical ``(in, out)``) at quantized linears; for a model's
+        parameter State, ``jquant.models.params_to_hf(params)``.
       config: the `jquant.io.Checkpoint` config (HF keys), written as ``config.json``.
       tokenizer: written as ``tokenizer.json`` (+ template, special tokens), or None.
       directory: the output directory, written in a temporary sibling and renamed.
@@ -215,9 +219,6 @@ def write_gptq(
         or group size (one scheme per checkpoint: per-module ``dynamic`` overrides are not
         written).
     """
-    from jquant.models.convert import hf_name
-    from jquant.tree import leaves
-
     if version not in (1, 2):
         raise ValueError(f"version must be 1 or 2 (GPTQ v1 or v2 zero points), got {version!r}")
     target = Path(directory)
@@ -229,25 +230,22 @@ def write_gptq(
     zero_ranges = {1: (1, 0), 2: (0, -1)}  # (low, offset from 2^b) per version
     low, top = zero_ranges[version]
     symmetric = True
-    for path, value in leaves(params):
-        keys = tuple(path.split("/"))
-        name = hf_name(keys)
+    for name, value in tensors.items():
         if not isinstance(value, QArray):
-            array = np.asarray(value)
-            out.append((name, np.ascontiguousarray(array.T if keys[-1] == "kernel" else array)))
+            out.append((name, np.ascontiguousarray(np.asarray(value))))
             continue
-        if keys[-1] != "kernel":
-            problems.append(f"{path}: quantized {value.qtype} {keys[-1]} (GPTQ quantizes "
-                            "linear kernels only)")  # fmt: skip
+        if name == "model.embed_tokens.weight":
+            problems.append(f"{name}: quantized {value.qtype} embedding (GPTQ quantizes linear "
+                            "layers only)")  # fmt: skip
             continue
         got = _as_uint(value)
         if isinstance(got, str):
-            problems.append(f"{path}: {got}")
+            problems.append(f"{name}: {got}")
             continue
         bits, codes, scale, zero = got
         if zero.min() < low or zero.max() > (1 << bits) + top:
             problems.append(
-                f"{path}: {value.qtype} zero points in [{zero.min():g}, {zero.max():g}], outside "
+                f"{name}: {value.qtype} zero points in [{zero.min():g}, {zero.max():g}], outside "
                 f"[{low}, {(1 << bits) + top}] (GPTQ v{version})"
                 + (": write version=1" if version == 2 and zero.min() >= 1 else "")
                 + (": write version=2" if version == 1 and zero.max() < (1 << bits) else "")
@@ -258,10 +256,10 @@ def write_gptq(
             not round_scales and not np.array_equal(half.astype(np.float32),
                                                     scale.astype(np.float32))
         ):  # fmt: skip
-            problems.append(f"{path}: {value.qtype} scales ({scale.dtype}) that float16 does not "
+            problems.append(f"{name}: {value.qtype} scales ({scale.dtype}) that float16 does not "
                             "hold exactly (pass round_scales=True to round them)")  # fmt: skip
             continue
-        schemes.setdefault((bits, value.group_size), []).append(path)
+        schemes.setdefault((bits, value.group_size), []).append(name)
         symmetric = symmetric and bool(np.all(zero == 1 << (bits - 1)))
         parts = layout.codes_to_gptq(codes, half, zero, bits=bits, group_size=value.group_size,
                                      version=version)  # fmt: skip
@@ -273,7 +271,7 @@ def write_gptq(
         problems.append(f"kernels differ in bits or group size ({listed})")
     if problems:
         raise ValueError(
-            f"cannot write {len(problems)} parameter(s) as GPTQ:\n  " + "\n  ".join(problems)
+            f"cannot write {len(problems)} tensor(s) as GPTQ:\n  " + "\n  ".join(problems)
         )
     if not schemes:
         raise ValueError("the model has no quantized kernels to write as GPTQ")

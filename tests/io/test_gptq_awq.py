@@ -13,7 +13,7 @@ import pytest
 
 from jquant.io import _gptq_layout as layout
 from jquant.io.gptq_awq import read_gptq_awq, write_gptq
-from jquant.models import forward, params_from_hf
+from jquant.models import forward, params_from_hf, params_to_hf
 from jquant.models.config import LlamaConfig
 from jquant.qarray import QArray, from_codes, quantize_array
 
@@ -123,7 +123,7 @@ def test_round_trip_keeps_codes_scales_and_logits(tiny, tmp_path, version, qtype
     config = _tiny_config(tiny)
     tensors = _quantized_tensors(tiny, qtype, group_size, zero_low=version == 1)
     _, params = params_from_hf(tensors, LlamaConfig.from_hf(config))
-    write_gptq(params, config, None, tmp_path / "gptq", version=version)
+    write_gptq(params_to_hf(params), config, None, tmp_path / "gptq", version=version)
     written = json.loads((tmp_path / "gptq" / "config.json").read_text())["quantization_config"]
     assert written["checkpoint_format"] == ("gptq_v2" if version == 2 else "gptq")
     assert written["sym"] == qtype.startswith("int")
@@ -331,8 +331,7 @@ _Q = "model.layers.0.mlp.up_proj"
 def gptq_dir(tiny, tmp_path):
     """A tiny GPTQ v2 uint4 directory (written by `write_gptq`) and its source tensors."""
     tensors = _quantized_tensors(tiny, "uint4", 32)
-    _, params = params_from_hf(tensors, LlamaConfig.from_hf(_tiny_config(tiny)))
-    return write_gptq(params, _tiny_config(tiny), None, tmp_path / "gptq"), tensors
+    return write_gptq(tensors, _tiny_config(tiny), None, tmp_path / "gptq"), tensors
 
 
 def _edit(path, change_tensors=None, change_quant=None):
@@ -428,19 +427,14 @@ def test_tokenizer_and_float_kernels_written(tiny, tmp_path):
     tensors = _quantized_tensors(tiny, "uint8", None, zero_low=1)
     tensors[f"{_Q}.weight"] = tiny.tensors(tied=False)[f"{_Q}.weight"]
     config = _tiny_config(tiny)
-    _, params = params_from_hf(tensors, LlamaConfig.from_hf(config))
     model = tokenizers.models.BPE({v: i for i, v in enumerate(tiny.vocab())}, [])
     tok = Tokenizer(tokenizers.Tokenizer(model), bos_token_id=1, eos_token_id=2,
                     chat_template=tiny.template, add_bos_token=True)  # fmt: skip
-    write_gptq(params, config, tok, tmp_path / "g", version=1)
+    write_gptq(tensors, config, tok, tmp_path / "g", version=1)
     _, got, back = read_gptq_awq(tmp_path / "g")
     np.testing.assert_array_equal(got[f"{_Q}.weight"], tensors[f"{_Q}.weight"])
     assert (back.bos_token_id, back.eos_token_id, back.add_bos_token) == (1, 2, True)
     assert back.chat_template == tiny.template and back.vocab_size == len(tiny.vocab())
-
-
-def _params(tiny, tensors):
-    return params_from_hf(tensors, LlamaConfig.from_hf(_tiny_config(tiny)))[1]
 
 
 def test_export_refuses_what_gptq_cannot_hold(tiny, tmp_path):
@@ -457,26 +451,27 @@ def test_export_refuses_what_gptq_cannot_hold(tiny, tmp_path):
                             r"uint4 with non-integer zero points"),
         "mixed bits": (quantize_array(w, "uint8", group_size=32),
                        r"kernels differ in bits or group size \(4-bit group_size=32: .*; "
-                       r"8-bit group_size=32: layers/1/mlp/down_proj/kernel"),
+                       r"8-bit group_size=32: model\.layers\.1\.mlp\.down_proj\.weight"),
         "float32 scales": (quantize_array(w, "uint4", group_size=32, scale_dtype=np.float32),
                            r"scales \(float32\) that float16 does not hold exactly"),
     }  # fmt: skip
     for what, (q, message) in cases.items():
-        params = _params(tiny, {**tensors, down: q})
         with pytest.raises(ValueError, match=message):
-            write_gptq(params, _tiny_config(tiny), None, tmp_path / what)
+            write_gptq({**tensors, down: q}, _tiny_config(tiny), None, tmp_path / what)
         assert not (tmp_path / what).exists(), what
+    embed = "model.embed_tokens.weight"
+    q = quantize_array(tensors[embed].T, "uint4", group_size=32)
+    with pytest.raises(ValueError, match=rf"{embed}: quantized uint4 embedding"):
+        write_gptq({**tensors, embed: q}, _tiny_config(tiny), None, tmp_path / "embed")
     # float32 scales are written when rounding to float16 is asked for.
     q = quantize_array(w, "uint4", group_size=32, scale_dtype=np.float32)
-    write_gptq(_params(tiny, {**tensors, down: q}), _tiny_config(tiny), None, tmp_path / "r",
-               round_scales=True)  # fmt: skip
+    write_gptq({**tensors, down: q}, _tiny_config(tiny), None, tmp_path / "r", round_scales=True)
     _, got, _ = read_gptq_awq(tmp_path / "r")
     np.testing.assert_array_equal(got[down].scale, np.asarray(q.scale).astype(np.float16))
 
 
 def test_export_zero_point_ranges_and_overwrite(tiny, tmp_path):
-    tensors = _quantized_tensors(tiny, "uint4", 32)  # zero points from 0: not v1
-    params = _params(tiny, tensors)
+    params = _quantized_tensors(tiny, "uint4", 32)  # zero points from 0: not v1
     with pytest.raises(ValueError, match=r"zero points in \[0, 15\], outside \[1, 16\] \(GPTQ v1\)"
                        r": write version=2"):  # fmt: skip
         write_gptq(params, _tiny_config(tiny), None, tmp_path / "v1", version=1)
