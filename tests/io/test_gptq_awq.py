@@ -169,7 +169,8 @@ def _write_dir(path, tensors, config, quant):
 # it packs with `pack_awq` and dequantizes with `dequantize_gemm` (the GEMM module's helpers).
 
 _GPTQMODEL_SCRIPT = r"""
-import re, sys, types
+import json, re, sys, types
+from pathlib import Path
 import numpy as np
 try:
     import pcre  # noqa: F401
@@ -219,6 +220,11 @@ qweight, qzeros = pack_awq(codes.T.contiguous().int(), zeros.T.contiguous().int(
 out["awq/qweight"], out["awq/qzeros"] = qweight.numpy(), qzeros.numpy()
 g = codes.shape[1] // scales.shape[1]
 out["awq/dequant"] = dequantize_gemm(qweight, qzeros, scales.T.contiguous(), 4, g).float().numpy()
+from gptqmodel.utils.model_dequant import convert_gptq_file
+directory = sys.argv[3]
+quant = json.load(open(f"{directory}/config.json"))["quantization_config"]
+weights = convert_gptq_file(Path(directory) / "model.safetensors", torch.float32, quant, "cpu")
+out.update({f"file/{k}": v.numpy() for k, v in weights.items()})
 np.savez(sys.argv[2], **out)
 """
 
@@ -227,8 +233,9 @@ _N, _K, _G = 64, 128, 32
 
 
 @pytest.fixture(scope="module")
-def gptqmodel(tmp_path_factory):
-    """``(inputs, outputs)`` of one run of `_GPTQMODEL_SCRIPT` over `_CASES` and AWQ."""
+def gptqmodel(tmp_path_factory, tiny):
+    """``(inputs, outputs)`` of one run of `_GPTQMODEL_SCRIPT` over `_CASES`, AWQ, and the
+    tiny model written by `write_gptq` as GPTQ v1 (``inputs["tensors"]``)."""
     import os
     import subprocess
     import sys
@@ -258,13 +265,15 @@ def gptqmodel(tmp_path_factory):
                 "awq/scales": scales})  # fmt: skip
     tmp = tmp_path_factory.mktemp("gptqmodel")
     np.savez(tmp / "in.npz", **inp)
+    tensors = _quantized_tensors(tiny, "uint3", 32, zero_low=1)
+    write_gptq(tensors, _tiny_config(tiny), None, tmp / "tiny", version=1)
     (tmp / "run.py").write_text(_GPTQMODEL_SCRIPT)
     env = {**os.environ, "PYTHONPATH": paths, "CUDA_VISIBLE_DEVICES": ""}
-    done = subprocess.run([sys.executable, str(tmp / "run.py"), str(tmp / "in.npz"),
-                           str(tmp / "out.npz")], env=env, cwd=tmp, capture_output=True,
-                          text=True, timeout=600)  # fmt: skip
+    args = [sys.executable, str(tmp / "run.py"), *(str(tmp / f) for f in ("in.npz", "out.npz",
+                                                                            "tiny"))]  # fmt: skip
+    done = subprocess.run(args, env=env, cwd=tmp, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
-    return inp, dict(np.load(tmp / "out.npz"))
+    return {**inp, "tensors": tensors}, dict(np.load(tmp / "out.npz"))
 
 
 @pytest.mark.reference
@@ -480,3 +489,13 @@ def test_export_zero_point_ranges_and_overwrite(tiny, tmp_path):
         write_gptq(params, _tiny_config(tiny), None, tmp_path / "v2")
     write_gptq(params, _tiny_config(tiny), None, tmp_path / "v2", overwrite=True)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["v2"]  # no temporary left behind
+
+
+@pytest.mark.reference
+def test_exported_file_dequantized_by_gptqmodel(gptqmodel):
+    """GPTQModel's safetensors dequantizer (`convert_gptq_file`, v1 zero points) reads a whole
+    3-bit v1 file from `write_gptq` back to jquant's weights, tensor for tensor."""
+    inp, out = gptqmodel
+    for name, q in inp["tensors"].items():
+        want = np.asarray(q.dequantize(np.float32)).T if isinstance(q, QArray) else q
+        np.testing.assert_allclose(out[f"file/{name}"], want, rtol=1e-6, atol=1e-7)
