@@ -6,7 +6,8 @@ consecutive inputs (the last may be short), ``b`` bits:
 GPTQ (GPTQModel / AutoGPTQ, ``checkpoint_format`` ``"gptq"`` = v1, ``"gptq_v2"`` = v2)
   ``qweight`` int32 ``[ceil(in·b/32), out]``: codes packed along the input axis;
   ``qzeros`` int32 ``[G, ceil(out·b/32)]``: zero points packed along the output axis;
-  ``scales`` float16 ``[G, out]``; ``g_idx`` int32 ``[in]``, the group of each input.
+  ``scales`` ``[G, out]`` (float16; bfloat16 or float32 also read); ``g_idx`` int32
+  ``[in]``, the group of each input.
   Both packings are `jquant.io._int32_pack`'s little-endian bit stream (3-bit codes straddle
   words). ``w = (q − z)·s``; v2 stores ``z``, v1 stores ``z − 1`` in each field. v1 is read
   field by field as AutoGPTQ's, ExLlama's and vLLM's v1 kernels read it (``z = field + 1``,
@@ -24,9 +25,13 @@ point ``(out, G)``, ``w = (q − zero_point)·scale`` per group along ``in``.
 
 from __future__ import annotations
 
+import ml_dtypes
 import numpy as np
 
 from ._int32_pack import pack_int32, packed_words, unpack_int32
+
+# Scale dtypes read as they are stored (newer bfloat16 checkpoints store bfloat16 scales).
+_SCALE_DTYPES = (np.dtype(np.float16), np.dtype(ml_dtypes.bfloat16), np.dtype(np.float32))
 
 __all__ = ["AWQ_ORDER", "GPTQ_BITS", "awq_to_codes", "codes_to_gptq", "gptq_to_codes"]
 
@@ -99,7 +104,7 @@ def gptq_to_codes(
     _need(f"{prefix}.qzeros", qzeros, (groups, packed_words(n_out, bits)), ints,
           f"{groups} groups × {n_out} zero points of {bits} bits packed along the outputs")
     _need(f"{prefix}.scales", scales, (groups, n_out),
-          (np.dtype(np.float16), np.dtype(np.float32)), f"{groups} groups × {n_out} outputs")
+          _SCALE_DTYPES, f"{groups} groups × {n_out} outputs")
     if g_idx is not None:
         _need(f"{prefix}.g_idx", g_idx, (n_in,), ints + (np.dtype(np.int64),), "one per input")
         if not np.array_equal(g_idx, trivial_g_idx(n_in, group_size)):
@@ -143,7 +148,7 @@ def awq_to_codes(
     _need(f"{prefix}.qzeros", qzeros, (groups, n_out // 8), ints,
           f"{groups} groups × {n_out} zero points of 4 bits packed along the outputs")
     _need(f"{prefix}.scales", scales, (groups, n_out),
-          (np.dtype(np.float16), np.dtype(np.float32)), f"{groups} groups × {n_out} outputs")
+          _SCALE_DTYPES, f"{groups} groups × {n_out} outputs")
     order = np.argsort(AWQ_ORDER)  # output 8·j + c sits in nibble argsort(AWQ_ORDER)[c]
 
     def unpack(name: str, words: np.ndarray) -> np.ndarray:

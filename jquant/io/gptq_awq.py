@@ -1,7 +1,7 @@
 """GPTQ (GPTQModel / AutoGPTQ) and AWQ (GEMM) Hugging Face checkpoints: import and export.
 
 `read_gptq_awq` reads such a directory as jquant tensors: every quantized linear becomes a
-`jquant.qarray.QArray` of ``uint{bits}`` codes, its scales (float16, as stored) and float zero
+`jquant.qarray.QArray` of ``uint{bits}`` codes, its scales in their stored dtype and float zero
 points, with the integer codes exactly the file's (no float detour); every other tensor is a
 float32 array in HF layout, as `jquant.io.load_hf_dir` gives it. `write_gptq` writes a jquant
 model whose quantized kernels are ``uint{2,3,4,8}`` or ``int{2,3,4,8}`` as a GPTQ directory
@@ -103,7 +103,8 @@ def read_gptq_awq(
       ``(config, tensors, tokenizer)``: ``config`` is the `jquant.io.Checkpoint` config
       (`jquant.io.hf.config_from_hf`); ``tensors`` maps HF names to float32 arrays in HF layout
       or, for each quantized linear ``<module>.weight``, a `QArray` of logical shape
-      ``(in, out)`` (``uint{bits}`` codes as stored, float16 scales, float16 zero points: GPTQ
+      ``(in, out)`` (``uint{bits}`` codes as stored, scales in their stored dtype (float16,
+      bfloat16 or float32), float16 zero points: GPTQ
       v2 and AWQ as stored, GPTQ v1 stored + 1; ``group_size=None`` for per-channel) that
       `jquant.models.params_from_hf` takes as it is.
 

@@ -8,6 +8,7 @@ pure-torch modules, loaded from the unpacked sdist named by ``JQUANT_GPTQMODEL_S
 
 import json
 
+import ml_dtypes
 import numpy as np
 import pytest
 
@@ -71,8 +72,9 @@ def test_awq_interleave_on_a_hand_worked_word():
     # nibbles 0,2,4,6,1,3,5,7 → 0x75316420.
     parts = {"qweight": _words(0x75316420).reshape(1, 1),
              "qzeros": _words(0x75316420).reshape(1, 1),
-             "scales": np.ones((1, 8), np.float16)}  # fmt: skip
-    codes, _, zero = layout.awq_to_codes("m", parts, group_size=None)
+             "scales": np.ones((1, 8), ml_dtypes.bfloat16)}  # fmt: skip
+    codes, scale, zero = layout.awq_to_codes("m", parts, group_size=None)
+    assert scale.dtype == ml_dtypes.bfloat16  # kept as stored
     np.testing.assert_array_equal(codes[:, 0], np.arange(8))
     np.testing.assert_array_equal(zero[:, 0], np.arange(8))
 
