@@ -100,11 +100,11 @@ def gptq_to_codes(
     groups = num_groups(n_in, group_size)
     ints = (np.dtype(np.int32), np.dtype(np.uint32))
     _need(f"{prefix}.qweight", qweight, (packed_words(n_in, bits), n_out), ints,
-          f"{n_in} inputs × {n_out} outputs of {bits} bits packed along the inputs")
+          f"{n_in} inputs × {n_out} outputs of {bits} bits packed along the inputs")  # fmt: skip
     _need(f"{prefix}.qzeros", qzeros, (groups, packed_words(n_out, bits)), ints,
           f"{groups} groups × {n_out} zero points of {bits} bits packed along the outputs")
     _need(f"{prefix}.scales", scales, (groups, n_out),
-          _SCALE_DTYPES, f"{groups} groups × {n_out} outputs")
+          _SCALE_DTYPES, f"{groups} groups × {n_out} outputs")  # fmt: skip
     if g_idx is not None:
         _need(f"{prefix}.g_idx", g_idx, (n_in,), ints + (np.dtype(np.int64),), "one per input")
         if not np.array_equal(g_idx, trivial_g_idx(n_in, group_size)):
@@ -144,11 +144,11 @@ def awq_to_codes(
     groups = num_groups(n_in, group_size)
     ints = (np.dtype(np.int32), np.dtype(np.uint32))
     _need(f"{prefix}.qweight", qweight, (n_in, n_out // 8), ints,
-          f"{n_in} inputs × {n_out} outputs of 4 bits packed along the outputs")
+          f"{n_in} inputs × {n_out} outputs of 4 bits packed along the outputs")  # fmt: skip
     _need(f"{prefix}.qzeros", qzeros, (groups, n_out // 8), ints,
           f"{groups} groups × {n_out} zero points of 4 bits packed along the outputs")
     _need(f"{prefix}.scales", scales, (groups, n_out),
-          _SCALE_DTYPES, f"{groups} groups × {n_out} outputs")
+          _SCALE_DTYPES, f"{groups} groups × {n_out} outputs")  # fmt: skip
     order = np.argsort(AWQ_ORDER)  # output 8·j + c sits in nibble argsort(AWQ_ORDER)[c]
 
     def unpack(name: str, words: np.ndarray) -> np.ndarray:
