@@ -17,6 +17,7 @@ from jquant.models.convert import global_params_from_hf as global_params_from_hf
 from jquant.models.convert import hf_name as hf_name
 from jquant.models.convert import layer_params_from_hf as layer_params_from_hf
 from jquant.models.convert import params_from_hf as params_from_hf
+from jquant.models.convert import params_to_hf as params_to_hf
 from jquant.models.generate import Generation as Generation
 from jquant.models.generate import chat_prompt as chat_prompt
 from jquant.models.generate import generate as generate

@@ -140,6 +140,26 @@ def params_from_hf(
     return model, nnx.state(model)
 
 
+def params_to_hf(params) -> dict[str, np.ndarray | QArray]:
+    """The inverse of `params_from_hf`: ``{hf_name: tensor}`` of a parameter State (or nested
+    dict), floats as numpy arrays in HF layout (kernels transposed to ``(out, in)``), QArrays
+    kept as they are (logical ``(in, out)``). A tied model has no ``lm_head.weight``.
+
+    What the exporters of quantized checkpoints take (`jquant.io.gptq_awq.write_gptq`).
+    """
+    from jquant.tree import leaves
+
+    out: dict[str, np.ndarray | QArray] = {}
+    for path, value in leaves(params):
+        keys = tuple(path.split("/"))
+        if isinstance(value, QArray):
+            out[hf_name(keys)] = value
+        else:
+            array = np.asarray(value)
+            out[hf_name(keys)] = array.T if keys[-1] == "kernel" else array
+    return out
+
+
 # ---- one part at a time ---------------------------------------------------------------
 # A model larger than host memory is built a part at a time from a `jquant.io.LazyTensors`:
 # the global parameters (embedding, final norm, untied head), then each decoder layer, each

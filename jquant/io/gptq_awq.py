@@ -1,0 +1,321 @@
+"""GPTQ (GPTQModel / AutoGPTQ) and AWQ (GEMM) Hugging Face checkpoints: import and export.
+
+`read_gptq_awq` reads such a directory as jquant tensors: every quantized linear becomes a
+`jquant.qarray.QArray` of ``uint{bits}`` codes, its scales in their stored dtype and float zero
+points, with the integer codes exactly the file's (no float detour); every other tensor is a
+float32 array in HF layout, as `jquant.io.load_hf_dir` gives it. `write_gptq` writes a jquant
+model whose quantized kernels are ``uint{2,3,4,8}`` or ``int{2,3,4,8}`` as a GPTQ directory
+(v2 or v1 zero points). The layouts are described in `jquant.io._gptq_layout`.
+
+>>> config, tensors, tok = read_gptq_awq("Llama-3.2-1B-GPTQ/")  # doctest: +SKIP
+>>> cfg = LlamaConfig.from_hf(config)  # doctest: +SKIP
+>>> model, params = jquant.models.params_from_hf(tensors, cfg)  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from jquant import qtypes
+from jquant.qarray import QArray, from_codes
+
+from . import _gptq_layout as layout
+from ._checkpoint import check_tensors, expected_shapes
+from ._lazy import LazyTensors, TensorEntry
+from ._packed_writer import _commit
+from ._safetensors import write_file
+from .hf import _DTYPES, _file_entries, _weight_files, config_from_hf
+from .tokenizer import Tokenizer, tokenizer_from_hf_dir
+
+__all__ = ["read_gptq_awq", "write_gptq"]
+
+_PARTS = ("qweight", "qzeros", "scales", "g_idx")
+_FORMATS = {"gptq": 1, "gptq_v2": 2}
+
+
+def _quant_config(path: Path, raw: dict[str, Any]) -> dict[str, Any]:
+    """The quantization config: config.json's ``quantization_config``, else the
+    ``quantize_config.json`` AutoGPTQ writes beside it."""
+    found = raw.get("quantization_config")
+    if found is None and (path / "quantize_config.json").is_file():
+        found = json.loads((path / "quantize_config.json").read_text())
+        found.setdefault("quant_method", "gptq")
+    if not isinstance(found, dict):
+        raise ValueError(
+            f"{path}: config.json has no quantization_config (and there is no "
+            "quantize_config.json); this is not a GPTQ or AWQ checkpoint"
+        )
+    return found
+
+
+def _group_size(path: Path, qc: dict[str, Any], key: str) -> int | None:
+    g = qc.get(key, 128)
+    if g == -1 or g is None:
+        return None
+    if not isinstance(g, int) or g <= 0:
+        raise ValueError(f"{path}: quantization_config {key}={g!r} is not -1 or a positive int")
+    return g
+
+
+def _scheme(path: Path, qc: dict[str, Any]) -> tuple[str, int, int | None, int]:
+    """``(method, bits, group_size, gptq version)`` of a quantization config."""
+    method = str(qc.get("quant_method", "")).lower()
+    if method == "gptq":
+        fmt = str(qc.get("checkpoint_format") or qc.get("format") or "gptq").lower()
+        if fmt not in _FORMATS:
+            raise ValueError(f"{path}: GPTQ checkpoint_format {fmt!r} is not supported; jquant "
+                             f"reads {', '.join(_FORMATS)}")  # fmt: skip
+        if qc.get("dynamic"):
+            raise ValueError(f"{path}: per-module overrides (quantization_config 'dynamic') "
+                             "are not supported")  # fmt: skip
+        return method, qc.get("bits", 4), _group_size(path, qc, "group_size"), _FORMATS[fmt]
+    if method == "awq":
+        version = str(qc.get("version", "gemm")).lower()
+        if version != "gemm":
+            raise ValueError(f"{path}: AWQ version {version!r} is not supported; jquant reads "
+                             "'gemm'")  # fmt: skip
+        if qc.get("zero_point", True) is not True:
+            raise ValueError(f"{path}: AWQ without zero points is not supported")
+        bits = qc.get("bits", qc.get("w_bit", 4))
+        size = "group_size" if "group_size" in qc else "q_group_size"
+        return method, bits, _group_size(path, qc, size), 2
+    raise ValueError(f"{path}: quant_method {method!r} is neither 'gptq' nor 'awq'")
+
+
+def read_gptq_awq(
+    directory: str | Path, *, tokenizer: bool = True
+) -> tuple[dict[str, Any], dict[str, np.ndarray | QArray], Tokenizer | None]:
+    """Read a GPTQ or AWQ (GEMM) Hugging Face directory, dispatching on ``quant_method``.
+
+    Args:
+      directory: ``config.json`` (with a ``quantization_config``, or a
+        ``quantize_config.json`` beside it) and safetensors weights.
+      tokenizer: also read the tokenizer, as `jquant.io.load_hf_dir` does.
+
+    Returns:
+      ``(config, tensors, tokenizer)``: ``config`` is the `jquant.io.Checkpoint` config
+      (`jquant.io.hf.config_from_hf`); ``tensors`` maps HF names to float32 arrays in HF layout
+      or, for each quantized linear ``<module>.weight``, a `QArray` of logical shape
+      ``(in, out)`` (``uint{bits}`` codes as stored, scales in their stored dtype (float16,
+      bfloat16 or float32), float16 zero points: GPTQ
+      v2 and AWQ as stored, GPTQ v1 stored + 1; ``group_size=None`` for per-channel) that
+      `jquant.models.params_from_hf` takes as it is.
+
+    Raises:
+      FileNotFoundError: no such directory or no ``config.json``.
+      ValueError: an unsupported scheme (bits, act-order ``g_idx``, AWQ GEMV, per-module
+        overrides), or a tensor missing, misshapen or of the wrong length, named.
+    """
+    path = Path(directory)
+    if not (path / "config.json").is_file():
+        raise FileNotFoundError(f"{path} has no config.json; is it a Hugging Face model directory?")
+    raw = json.loads((path / "config.json").read_text())
+    config = config_from_hf(raw, str(path))
+    method, bits, group_size, version = _scheme(path, _quant_config(path, raw))
+    entries: dict[str, TensorEntry] = {}
+    for file in _weight_files(path):
+        entries.update(_file_entries(file, multimodal=False))
+    if config["tie_word_embeddings"]:
+        entries.pop("lm_head.weight", None)
+    modules: dict[str, dict[str, np.ndarray]] = {}
+    for name in list(entries):
+        prefix, _, part = name.rpartition(".")
+        if part in _PARTS and (part != "g_idx" or method == "gptq"):
+            entry = entries.pop(name)
+            modules.setdefault(prefix, {})[part] = entry.load(np.dtype(_DTYPES[entry.stored_dtype]))
+    expected = expected_shapes(config)
+    tensors: dict[str, np.ndarray | QArray] = {}
+    for prefix, parts in modules.items():
+        if method == "gptq":
+            codes, scale, zero = layout.gptq_to_codes(
+                prefix, parts, bits=bits, group_size=group_size, version=version
+            )
+        else:
+            codes, scale, zero = layout.awq_to_codes(prefix, parts, group_size=group_size,
+                                                     bits=bits)  # fmt: skip
+        tensors[f"{prefix}.weight"] = from_codes(
+            codes, scale, zero, qtype=f"uint{bits}", axis=-2, group_size=group_size,
+            dtype=np.float32,
+        )  # fmt: skip
+        bias = f"{prefix}.bias"
+        # AutoGPTQ saved a bias buffer for every module; an all-zero one the model lacks is none.
+        if bias in entries and bias not in expected and not entries[bias].load(np.float32).any():
+            entries.pop(bias)
+    shapes = {n: TensorEntry(shape=tuple(q.shape[::-1]), stored_dtype="Q", load=None)
+              for n, q in tensors.items()}  # fmt: skip
+    check_tensors(LazyTensors({**entries, **shapes}, str(path)), config, str(path))
+    for name, entry in entries.items():
+        tensors[name] = entry.load(np.dtype(np.float32))
+    tok = tokenizer_from_hf_dir(path, config) if tokenizer else None
+    return config, tensors, tok
+
+
+# ---- export -----------------------------------------------------------------------------
+
+
+def _as_uint(q: QArray) -> tuple[int, np.ndarray, np.ndarray, np.ndarray] | str:
+    """``(bits, codes (out, in), scale, zero point)`` of a quantized kernel as unsigned codes
+    with integer zero points, or why it has no GPTQ form."""
+    qt = qtypes.get(q.qtype)
+    if qt.kind not in ("int", "uint") or qt.bits not in layout.GPTQ_BITS:
+        return f"{qt.name} (GPTQ stores uint/int {', '.join(map(str, layout.GPTQ_BITS))}-bit)"
+    if isinstance(q.scale, QArray):
+        return f"{qt.name} with double-quantized scales"
+    if q.axis != -2 or len(q.shape) != 2:
+        return f"{qt.name} of shape {q.shape} contracted on axis {q.axis} (not a 2-D kernel)"
+    if q.activation is not None:
+        return f"{qt.name} with {q.activation} activations"
+    codes = np.asarray(q.codes()).astype(np.int64)
+    scale = np.asarray(q.scale)
+    half = 1 << (qt.bits - 1)
+    if qt.kind == "int":
+        return qt.bits, codes + half, scale, np.full(scale.shape, float(half))
+    zero = np.asarray(q.zero_point, np.float64)
+    if not np.array_equal(zero, np.round(zero)):
+        return f"{qt.name} with non-integer zero points"
+    return qt.bits, codes, scale, zero
+
+
+def write_gptq(
+    tensors: Mapping[str, np.ndarray | QArray], config: dict[str, Any],
+    tokenizer: Tokenizer | None, directory: str | Path, *,
+    version: int = 2, overwrite: bool = False, round_scales: bool = False,
+) -> Path:  # fmt: skip
+    """Write a jquant model as a GPTQ checkpoint directory (``checkpoint_format`` "gptq_v2"
+    for ``version=2``, "gptq" for ``version=1``).
+
+    Every quantized linear ``<module>.weight`` becomes ``<module>.qweight``/``qzeros``/
+    ``scales``/``g_idx`` (trivial ``g_idx``, ``desc_act: false``); every float tensor is
+    written as it is (its own dtype). ``int{b}`` codes are written as ``uint{b}`` with zero
+    point ``2^(b−1)``.
+
+    Args:
+      tensors: ``{hf_name: tensor}`` as `read_gptq_awq` returns them: float arrays in HF
+        layout, QArrays (logical ``(in, out)``) at quantized linears; for a model's
+        parameter State, ``jquant.models.params_to_hf(params)``.
+      config: the `jquant.io.Checkpoint` config (HF keys), written as ``config.json``.
+      tokenizer: written as ``tokenizer.json`` (+ template, special tokens), or None.
+      directory: the output directory, written in a temporary sibling and renamed.
+      version: 2 stores zero points as they are (in ``[0, 2^b − 1]``); 1 stores them minus
+        one (so they must lie in ``[1, 2^b]``).
+      overwrite: replace an existing non-empty ``directory``.
+      round_scales: allow scales that float16 (GPTQ's scale dtype) does not hold exactly to be
+        rounded to it; by default such scales are refused (bfloat16 scales above 2^-17 fit).
+
+    Returns:
+      The directory.
+
+    Raises:
+      ValueError: a bad ``version``, an existing directory without ``overwrite``, or
+        parameters with no GPTQ form, each listed with its format: a format other than
+        uint/int 2/3/4/8 (nf4, fp8, int5, ...), a quantized embedding, non-integer or
+        out-of-range zero points, scales float16 cannot hold, or kernels that differ in bits
+        or group size (one scheme per checkpoint: per-module ``dynamic`` overrides are not
+        written).
+    """
+    if version not in (1, 2):
+        raise ValueError(f"version must be 1 or 2 (GPTQ v1 or v2 zero points), got {version!r}")
+    target = Path(directory)
+    if target.exists() and any(target.iterdir()) and not overwrite:
+        raise ValueError(f"{target} exists and is not empty; pass overwrite=True to replace it")
+    out: list[tuple[str, np.ndarray]] = []
+    problems: list[str] = []
+    schemes: dict[tuple[int, int | None], list[str]] = {}
+    zero_ranges = {1: (1, 0), 2: (0, -1)}  # (low, offset from 2^b) per version
+    low, top = zero_ranges[version]
+    symmetric = True
+    for name, value in tensors.items():
+        if not isinstance(value, QArray):
+            out.append((name, np.ascontiguousarray(np.asarray(value))))
+            continue
+        if name == "model.embed_tokens.weight":
+            problems.append(f"{name}: quantized {value.qtype} embedding (GPTQ quantizes linear "
+                            "layers only)")  # fmt: skip
+            continue
+        got = _as_uint(value)
+        if isinstance(got, str):
+            problems.append(f"{name}: {got}")
+            continue
+        bits, codes, scale, zero = got
+        if zero.min() < low or zero.max() > (1 << bits) + top:
+            problems.append(
+                f"{name}: {value.qtype} zero points in [{zero.min():g}, {zero.max():g}], outside "
+                f"[{low}, {(1 << bits) + top}] (GPTQ v{version})"
+                + (": write version=1" if version == 2 and zero.min() >= 1 else "")
+                + (": write version=2" if version == 1 and zero.max() < (1 << bits) else "")
+            )  # fmt: skip
+            continue
+        half = scale.astype(np.float16)
+        if not np.isfinite(half).all() or (
+            not round_scales and not np.array_equal(half.astype(np.float32),
+                                                    scale.astype(np.float32))
+        ):  # fmt: skip
+            problems.append(f"{name}: {value.qtype} scales ({scale.dtype}) that float16 does not "
+                            "hold exactly (pass round_scales=True to round them)")  # fmt: skip
+            continue
+        schemes.setdefault((bits, value.group_size), []).append(name)
+        symmetric = symmetric and bool(np.all(zero == 1 << (bits - 1)))
+        parts = layout.codes_to_gptq(codes, half, zero, bits=bits, group_size=value.group_size,
+                                     version=version)  # fmt: skip
+        prefix = name.removesuffix(".weight")
+        out.extend((f"{prefix}.{part}", parts[part]) for part in _PARTS)
+    if len(schemes) > 1:
+        listed = "; ".join(f"{b}-bit group_size={g}: {', '.join(p[:3])}"
+                           for (b, g), p in schemes.items())  # fmt: skip
+        problems.append(f"kernels differ in bits or group size ({listed})")
+    if problems:
+        raise ValueError(
+            f"cannot write {len(problems)} tensor(s) as GPTQ:\n  " + "\n  ".join(problems)
+        )
+    if not schemes:
+        raise ValueError("the model has no quantized kernels to write as GPTQ")
+    ((bits, group_size), paths), = schemes.items()
+    quant = {
+        "quant_method": "gptq", "bits": bits,
+        "group_size": -1 if group_size is None else group_size,
+        "desc_act": False, "sym": symmetric, "true_sequential": True,
+        "lm_head": any(p.startswith("lm_head") for p in paths),
+        "checkpoint_format": "gptq_v2" if version == 2 else "gptq",
+        "pack_dtype": "int32",
+    }  # fmt: skip
+    hf_config = {k: v for k, v in config.items() if v is not None}
+    hf_config.update(architectures=[_ARCHITECTURES.get(config["model_type"], "LlamaForCausalLM")],
+                     torch_dtype="float16", quantization_config=quant)  # fmt: skip
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    try:
+        write_file(tmp / "model.safetensors", out)
+        (tmp / "config.json").write_text(json.dumps(hf_config, indent=2))
+        (tmp / "quantize_config.json").write_text(json.dumps(quant, indent=2))
+        if tokenizer is not None:
+            _write_tokenizer(tmp, tokenizer)
+        _commit(tmp, target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return target
+
+
+_ARCHITECTURES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM",
+                  "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM",
+                  "gemma": "GemmaForCausalLM", "gemma2": "Gemma2ForCausalLM",
+                  "gemma3_text": "Gemma3ForCausalLM"}  # fmt: skip
+
+
+def _write_tokenizer(directory: Path, tokenizer: Tokenizer) -> None:
+    tokenizer.backend.save(str(directory / "tokenizer.json"))
+    if tokenizer.chat_template is not None:
+        (directory / "chat_template.jinja").write_text(tokenizer.chat_template, encoding="utf-8")
+    tok_config: dict[str, Any] = {"add_bos_token": tokenizer.add_bos_token}
+    for key in ("bos", "eos", "pad"):
+        token_id = getattr(tokenizer, f"{key}_token_id")
+        if token_id is not None:
+            tok_config[f"{key}_token"] = tokenizer.backend.id_to_token(token_id)
+    (directory / "tokenizer_config.json").write_text(json.dumps(tok_config, indent=2))

@@ -1,0 +1,503 @@
+"""GPTQ / AWQ checkpoints: import with the file's integer codes, export as GPTQ v1 and v2.
+
+Always-on tests pin vectors worked by hand from the packers' documented layouts, round-trip
+jquant → GPTQ → jquant on the tiny model, and name every bad-file error. The `reference`
+tests judge the layouts with GPTQModel 7.7.0's own packing and dequantization code (its
+pure-torch modules, loaded from the unpacked sdist named by ``JQUANT_GPTQMODEL_SRC``).
+"""
+
+import json
+
+import ml_dtypes
+import numpy as np
+import pytest
+
+from jquant.io import _gptq_layout as layout
+from jquant.io.gptq_awq import read_gptq_awq, write_gptq
+from jquant.models import forward, params_from_hf, params_to_hf
+from jquant.models.config import LlamaConfig
+from jquant.qarray import QArray, from_codes, quantize_array
+
+KERNELS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
+           "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")  # fmt: skip
+
+
+def _words(*values) -> np.ndarray:
+    return np.array(values, np.uint32).view(np.int32)
+
+
+# ---- hand-worked vectors -------------------------------------------------------------------
+
+
+def _gptq_parts(n_in, n_out, bits, qzero_word, *, codes_word=0):
+    return {
+        "qweight": np.full((n_in * bits // 32, n_out), codes_word, np.uint32).view(np.int32),
+        "qzeros": np.full((1, n_out * bits // 32), qzero_word, np.uint32).view(np.int32),
+        "scales": np.full((1, n_out), 0.5, np.float16),
+        "g_idx": np.zeros(n_in, np.int32),
+    }
+
+
+def test_symmetric_4bit_v1_zeros_0x77777777_are_8():
+    parts = _gptq_parts(8, 8, 4, 0x77777777, codes_word=0x76543210)
+    codes, scale, zero = layout.gptq_to_codes("m", parts, bits=4, group_size=None, version=1)
+    np.testing.assert_array_equal(zero, np.full((8, 1), 8))
+    # qweight packs the inputs of one output, lowest nibble first: input i holds code i.
+    np.testing.assert_array_equal(codes, np.tile(np.arange(8), (8, 1)))
+    assert scale.dtype == np.float16
+    # v2 stores the zero point itself.
+    _, _, zero2 = layout.gptq_to_codes(
+        "m", _gptq_parts(8, 8, 4, 0x88888888), bits=4, group_size=None, version=2
+    )
+    np.testing.assert_array_equal(zero2, np.full((8, 1), 8))
+
+
+def test_gptq_3bit_code_straddling_two_words():
+    # Input 10 occupies stream bits 30..32: bits 30-31 of word 0 and bit 0 of word 1.
+    qweight = _words(0b11 << 30, 0b1, 0).reshape(3, 1)
+    parts = {"qweight": qweight, "qzeros": _words(0, 0, 0).reshape(1, 3),
+             "scales": np.ones((1, 1), np.float16), "g_idx": np.zeros(32, np.int32)}  # fmt: skip
+    # 1 output needs only ceil(3/32) = 1 qzeros word: the 3-word row above is the wrong length.
+    with pytest.raises(ValueError, match=r"m\.qzeros has shape \(1, 3\), expected \(1, 1\)"):
+        layout.gptq_to_codes("m", parts, bits=3, group_size=None, version=2)
+    parts["qzeros"] = _words(0).reshape(1, 1)
+    codes, _, _ = layout.gptq_to_codes("m", parts, bits=3, group_size=None, version=2)
+    want = np.zeros(32, np.uint8)
+    want[10] = 7
+    np.testing.assert_array_equal(codes[0], want)
+
+
+def test_awq_interleave_on_a_hand_worked_word():
+    # Outputs 0..7 hold codes 0..7; nibble i (lowest first) holds output AWQ_ORDER[i]:
+    # nibbles 0,2,4,6,1,3,5,7 → 0x75316420.
+    parts = {"qweight": _words(0x75316420).reshape(1, 1),
+             "qzeros": _words(0x75316420).reshape(1, 1),
+             "scales": np.ones((1, 8), ml_dtypes.bfloat16)}  # fmt: skip
+    codes, scale, zero = layout.awq_to_codes("m", parts, group_size=None)
+    assert scale.dtype == ml_dtypes.bfloat16  # kept as stored
+    np.testing.assert_array_equal(codes[:, 0], np.arange(8))
+    np.testing.assert_array_equal(zero[:, 0], np.arange(8))
+
+
+# ---- tiny model directories ----------------------------------------------------------------
+
+
+def _quantized_tensors(tiny, qtype, group_size, *, rng_seed=0, zero_low=0):
+    """The tiny model's HF tensors with every linear a QArray of ``qtype`` whose scales
+    float16 holds exactly and whose zero points lie in ``[zero_low, 2^b − 1]``."""
+    rng = np.random.default_rng(rng_seed)
+    tensors = tiny.tensors(tied=False)
+    bits = int(qtype.lstrip("uint"))
+    for layer in range(tiny.shape["layers"]):
+        for module in KERNELS:
+            name = f"model.layers.{layer}.{module}.weight"
+            n_out, n_in = tensors[name].shape
+            groups = 1 if group_size is None else n_in // group_size
+            scale = (rng.uniform(0.01, 0.1, (n_out, groups))).astype(np.float16)
+            if qtype.startswith("u"):
+                codes = rng.integers(0, 1 << bits, (n_out, n_in)).astype(np.uint8)
+                zero = rng.integers(zero_low, 1 << bits, (n_out, groups)).astype(np.float16)
+            else:
+                half = 1 << (bits - 1)
+                codes = rng.integers(-half, half, (n_out, n_in)).astype(np.int8)
+                zero = None
+            tensors[name] = from_codes(codes, scale, zero, qtype=qtype, group_size=group_size)
+    tensors.pop("lm_head.weight")
+    return tensors
+
+
+def _tiny_config(tiny):
+    return tiny.config(tied=True)
+
+
+def _logits(tensors, config):
+    model, params = params_from_hf(tensors, LlamaConfig.from_hf(config))
+    return np.asarray(forward(model, params, np.array([[3, 7, 11, 5]]))[0])
+
+
+@pytest.mark.parametrize("version", [1, 2])
+@pytest.mark.parametrize(
+    "qtype,group_size",
+    [("uint4", 32), ("uint4", None), ("uint3", 32), ("uint2", 32), ("uint8", 32),
+     ("int4", 32), ("int8", None)],
+)  # fmt: skip
+def test_round_trip_keeps_codes_scales_and_logits(tiny, tmp_path, version, qtype, group_size):
+    config = _tiny_config(tiny)
+    tensors = _quantized_tensors(tiny, qtype, group_size, zero_low=version == 1)
+    _, params = params_from_hf(tensors, LlamaConfig.from_hf(config))
+    write_gptq(params_to_hf(params), config, None, tmp_path / "gptq", version=version)
+    written = json.loads((tmp_path / "gptq" / "config.json").read_text())["quantization_config"]
+    assert written["checkpoint_format"] == ("gptq_v2" if version == 2 else "gptq")
+    assert written["sym"] == qtype.startswith("int")
+    got_config, got, tok = read_gptq_awq(tmp_path / "gptq")
+    assert got_config == config and tok is None
+    bits = int(qtype.lstrip("uint"))
+    for name, q in tensors.items():
+        if not isinstance(q, QArray):
+            np.testing.assert_array_equal(got[name], q)
+            continue
+        back = got[name]
+        assert back.qtype == f"uint{bits}" and back.group_size == group_size
+        shift = 0 if qtype.startswith("u") else 1 << (bits - 1)
+        np.testing.assert_array_equal(back.codes(), np.asarray(q.codes()).astype(int) + shift)
+        np.testing.assert_array_equal(np.asarray(back.scale), np.asarray(q.scale))
+        want_zero = np.full(q.scale.shape, shift) if shift else np.asarray(q.zero_point)
+        np.testing.assert_array_equal(np.asarray(back.zero_point), want_zero)
+    if (qtype, group_size) in (("uint4", 32), ("int4", 32)):  # each compiles a forward: a few
+        np.testing.assert_array_equal(_logits(got, got_config), _logits(tensors, config))
+
+
+def _write_dir(path, tensors, config, quant):
+    """A checkpoint directory written by hand (safetensors + config.json)."""
+    from safetensors.numpy import save_file
+
+    path.mkdir()
+    # safetensors.numpy writes an array's memory as it lies: make every one C-ordered.
+    save_file({k: np.ascontiguousarray(v) for k, v in tensors.items()},
+              str(path / "model.safetensors"))
+    (path / "config.json").write_text(json.dumps({**config, "quantization_config": quant}))
+    return path
+
+
+# ---- judged by GPTQModel 7.7.0's own code --------------------------------------------------
+# GPTQModel needs torch >= 2.14 and CUDA-oriented extras, so it is not a pip dependency of the
+# reference extra: these tests run where JQUANT_GPTQMODEL_PATH lists (os.pathsep-separated)
+# an unpacked gptqmodel 7.7.0 sdist and a directory holding its pure-Python dependencies
+# (logbar, device-smi, tokenicer, defuser, threadpoolctl; pypcre is replaced by `re`). Its
+# import patches transformers, so it runs in a subprocess: the script below packs the cases'
+# codes with `TorchLinear.pack_original` (the packer GPTQModel quantizes with), converts v2 →
+# v1 with `convert_gptq_v2_to_v1_format_module`, dequantizes with `dequantize_weight`, and
+# does the same with jquant's exported tensors (v1 converted back by GPTQModel first); for AWQ
+# it packs with `pack_awq` and dequantizes with `dequantize_gemm` (the GEMM module's helpers).
+
+_GPTQMODEL_SCRIPT = r"""
+import json, re, sys, types
+from pathlib import Path
+import numpy as np
+try:
+    import pcre  # noqa: F401
+except ImportError:  # GPTQModel uses pypcre's re-compatible API only through these names
+    shim = types.ModuleType("pcre")
+    shim.__dict__.update({k: getattr(re, k) for k in dir(re) if not k.startswith("__")})
+    shim.Flag = types.SimpleNamespace(CASELESS=re.I, MULTILINE=re.M, DOTALL=re.S)
+    sys.modules["pcre"] = shim
+import torch
+from gptqmodel.nn_modules.qlinear.torch import TorchLinear
+from gptqmodel.quantization.awq.utils.packing_utils import dequantize_gemm, pack_awq
+from gptqmodel.utils.model import (convert_gptq_v1_to_v2_format_module,
+                                   convert_gptq_v2_to_v1_format_module)
+
+inp, out = dict(np.load(sys.argv[1])), {}
+def module(bits, k, n, g):
+    return TorchLinear(bits=bits, group_size=g, sym=False, desc_act=False, in_features=k,
+                       out_features=n, bias=False, pack_dtype=torch.int32,
+                       register_buffers=True, enable_wf_unsqueeze=True)
+for case in sorted({key.split("/")[0] for key in inp if key.startswith("gptq")}):
+    codes, zeros, scales = (inp[f"{case}/{p}"] for p in ("codes", "zeros", "scales"))
+    bits, (n, k), g = int(inp[f"{case}/bits"]), codes.shape, int(inp[f"{case}/group_size"])
+    m = module(bits, k, n, g)
+    lin = torch.nn.Linear(k, n, bias=False)
+    s = torch.from_numpy(scales.astype(np.float32))
+    z = torch.from_numpy(zeros.astype(np.float32))
+    lin.weight.data = (torch.from_numpy(codes.astype(np.float32)) - z.repeat_interleave(g, 1)) \
+        * s.repeat_interleave(g, 1)
+    m.pack_original(lin, s, z, torch.arange(k, dtype=torch.int32) // g)
+    m.post_init()
+    out[f"{case}/dequant"] = m.dequantize_weight().float().numpy()
+    for part in ("qweight", "qzeros", "scales", "g_idx"):
+        out[f"{case}/v2/{part}"] = getattr(m, part).numpy().copy()  # converted in place below
+    convert_gptq_v2_to_v1_format_module(m, m)  # bits, pack_dtype read from the module
+    out[f"{case}/v1/qzeros"] = m.qzeros.numpy().copy()
+    for version in (1, 2):
+        m = module(bits, k, n, g)
+        for part in ("qweight", "qzeros", "scales", "g_idx"):
+            getattr(m, part).data = torch.from_numpy(inp[f"{case}/export_v{version}/{part}"])
+        m.qzero_format(version)
+        if version == 1:
+            convert_gptq_v1_to_v2_format_module(m, bits, torch.int32)
+        m.post_init()
+        out[f"{case}/export_v{version}/dequant"] = m.dequantize_weight().float().numpy()
+codes, zeros, scales = (torch.from_numpy(inp[f"awq/{p}"]) for p in ("codes", "zeros", "scales"))
+qweight, qzeros = pack_awq(codes.T.contiguous().int(), zeros.T.contiguous().int(), 4)
+out["awq/qweight"], out["awq/qzeros"] = qweight.numpy(), qzeros.numpy()
+g = codes.shape[1] // scales.shape[1]
+out["awq/dequant"] = dequantize_gemm(qweight, qzeros, scales.T.contiguous(), 4, g).float().numpy()
+from gptqmodel.utils.model_dequant import convert_gptq_file
+directory = sys.argv[3]
+quant = json.load(open(f"{directory}/config.json"))["quantization_config"]
+weights = convert_gptq_file(Path(directory) / "model.safetensors", torch.float32, quant, "cpu")
+out.update({f"file/{k}": v.numpy() for k, v in weights.items()})
+np.savez(sys.argv[2], **out)
+"""
+
+_CASES = [(bits, sym) for bits in (2, 3, 4, 8) for sym in (True, False)]
+_N, _K, _G = 64, 128, 32
+
+
+@pytest.fixture(scope="module")
+def gptqmodel(tmp_path_factory, tiny):
+    """``(inputs, outputs)`` of one run of `_GPTQMODEL_SCRIPT` over `_CASES`, AWQ, and the
+    tiny model written by `write_gptq` as GPTQ v1 (``inputs["tensors"]``)."""
+    import os
+    import subprocess
+    import sys
+
+    paths = os.environ.get("JQUANT_GPTQMODEL_PATH")
+    if not paths:
+        pytest.skip("JQUANT_GPTQMODEL_PATH (an unpacked gptqmodel 7.7.0 and its deps) is unset")
+    rng = np.random.default_rng(7)
+    inp = {}
+    for bits, sym in _CASES:
+        case = f"gptq{bits}{'s' if sym else 'a'}"
+        # v1 holds zero points 1..2^b (field + 1): both versions take 1..2^b − 1.
+        zeros = (np.full((_N, _K // _G), 1 << (bits - 1)) if sym
+                 else rng.integers(1, 1 << bits, (_N, _K // _G)))  # fmt: skip
+        inp.update({f"{case}/codes": rng.integers(0, 1 << bits, (_N, _K)).astype(np.uint8),
+                    f"{case}/zeros": zeros.astype(np.float16),
+                    f"{case}/scales": rng.uniform(0.01, 0.1, (_N, _K // _G)).astype(np.float16),
+                    f"{case}/bits": np.array(bits),
+                    f"{case}/group_size": np.array(_G)})  # fmt: skip
+        for version in (1, 2):
+            parts = layout.codes_to_gptq(inp[f"{case}/codes"], inp[f"{case}/scales"], zeros,
+                                         bits=bits, group_size=_G, version=version)  # fmt: skip
+            inp.update({f"{case}/export_v{version}/{p}": a for p, a in parts.items()})
+    scales = rng.uniform(0.01, 0.1, (_N, _K // _G)).astype(np.float16)
+    inp.update({"awq/codes": rng.integers(0, 16, (_N, _K)).astype(np.uint8),
+                "awq/zeros": rng.integers(0, 16, (_N, _K // _G)).astype(np.uint8),
+                "awq/scales": scales})  # fmt: skip
+    tmp = tmp_path_factory.mktemp("gptqmodel")
+    np.savez(tmp / "in.npz", **inp)
+    tensors = _quantized_tensors(tiny, "uint3", 32, zero_low=1)
+    write_gptq(tensors, _tiny_config(tiny), None, tmp / "tiny", version=1)
+    (tmp / "run.py").write_text(_GPTQMODEL_SCRIPT)
+    env = {**os.environ, "PYTHONPATH": paths, "CUDA_VISIBLE_DEVICES": ""}
+    args = [sys.executable, str(tmp / "run.py"), *(str(tmp / f) for f in ("in.npz", "out.npz",
+                                                                            "tiny"))]  # fmt: skip
+    done = subprocess.run(args, env=env, cwd=tmp, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return {**inp, "tensors": tensors}, dict(np.load(tmp / "out.npz"))
+
+
+@pytest.mark.reference
+@pytest.mark.parametrize("version", [1, 2])
+@pytest.mark.parametrize("bits,sym", _CASES)
+def test_import_of_gptqmodel_packing(gptqmodel, bits, sym, version):
+    inp, out = gptqmodel
+    case = f"gptq{bits}{'s' if sym else 'a'}"
+    parts = {p: out[f"{case}/v{version if p == 'qzeros' else 2}/{p}"]
+             for p in ("qweight", "qzeros", "scales", "g_idx")}  # fmt: skip
+    if version == 1 and sym:  # the hand-checkable word: every field 2^(b−1) − 1
+        assert bits != 4 or np.all(parts["qzeros"].view(np.uint32) == 0x77777777)
+    codes, scale, zero = layout.gptq_to_codes(case, parts, bits=bits, group_size=_G,
+                                              version=version)  # fmt: skip
+    np.testing.assert_array_equal(codes, inp[f"{case}/codes"])
+    np.testing.assert_array_equal(zero, inp[f"{case}/zeros"])
+    np.testing.assert_array_equal(scale, inp[f"{case}/scales"])
+    q = from_codes(codes, scale, zero, qtype=f"uint{bits}", group_size=_G)
+    # GPTQModel dequantizes in float16: equal to float16 rounding of the exact product.
+    np.testing.assert_allclose(np.asarray(q.dequantize(np.float32)), out[f"{case}/dequant"],
+                               rtol=2e-3, atol=1e-6)  # fmt: skip
+
+
+@pytest.mark.reference
+@pytest.mark.parametrize("version", [1, 2])
+@pytest.mark.parametrize("bits,sym", _CASES)
+def test_export_unpacked_by_gptqmodel(gptqmodel, bits, sym, version):
+    inp, out = gptqmodel
+    case = f"gptq{bits}{'s' if sym else 'a'}"
+    # jquant's words are GPTQModel's own packing of the same codes...
+    for part in ("qweight", "scales", "g_idx"):
+        np.testing.assert_array_equal(inp[f"{case}/export_v{version}/{part}"],
+                                      out[f"{case}/v2/{part}"])  # fmt: skip
+    np.testing.assert_array_equal(inp[f"{case}/export_v{version}/qzeros"],
+                                  out[f"{case}/v{version}/qzeros"])  # fmt: skip
+    # ...and GPTQModel's loader (v1 → v2, dequantize_weight) reads them back to the weights.
+    q = from_codes(inp[f"{case}/codes"], inp[f"{case}/scales"], inp[f"{case}/zeros"],
+                   qtype=f"uint{bits}", group_size=_G)  # fmt: skip
+    np.testing.assert_allclose(out[f"{case}/export_v{version}/dequant"],
+                               np.asarray(q.dequantize(np.float32)),
+                               rtol=2e-3, atol=1e-6)  # fmt: skip
+
+
+@pytest.mark.reference
+def test_import_of_autoawq_gemm_packing(gptqmodel):
+    inp, out = gptqmodel
+    parts = {"qweight": out["awq/qweight"], "qzeros": out["awq/qzeros"],
+             "scales": np.ascontiguousarray(inp["awq/scales"].T)}  # fmt: skip
+    codes, scale, zero = layout.awq_to_codes("awq", parts, group_size=_G)
+    np.testing.assert_array_equal(codes, inp["awq/codes"])
+    np.testing.assert_array_equal(zero, inp["awq/zeros"])
+    np.testing.assert_array_equal(scale, inp["awq/scales"])
+    q = from_codes(codes, scale, zero, qtype="uint4", group_size=_G)
+    np.testing.assert_allclose(np.asarray(q.dequantize(np.float32)), out["awq/dequant"],
+                               rtol=2e-3, atol=1e-6)  # fmt: skip
+
+
+# ---- other directories, bad files, refused exports -----------------------------------------
+
+_Q = "model.layers.0.mlp.up_proj"
+
+
+@pytest.fixture
+def gptq_dir(tiny, tmp_path):
+    """A tiny GPTQ v2 uint4 directory (written by `write_gptq`) and its source tensors."""
+    tensors = _quantized_tensors(tiny, "uint4", 32)
+    return write_gptq(tensors, _tiny_config(tiny), None, tmp_path / "gptq"), tensors
+
+
+def _edit(path, change_tensors=None, change_quant=None):
+    from safetensors.numpy import load_file, save_file
+
+    if change_tensors:
+        tensors = load_file(str(path / "model.safetensors"))
+        change_tensors(tensors)
+        save_file({k: np.ascontiguousarray(v) for k, v in tensors.items()},
+                  str(path / "model.safetensors"))
+    if change_quant:
+        config = json.loads((path / "config.json").read_text())
+        change_quant(config["quantization_config"])
+        (path / "config.json").write_text(json.dumps(config))
+    return path
+
+
+@pytest.mark.parametrize(
+    "change_tensors,change_quant,message",
+    [
+        (None, lambda q: q.update(bits=5), r"GPTQ bits=5 is not supported"),
+        (None, lambda q: q.update(group_size=16),
+         r"qzeros has shape \(\d, \d+\), expected \(\d, \d+\) \(\d groups × \d+ zero points"),
+        (lambda t: t.pop(f"{_Q}.scales"), None, rf"{_Q}\.scales is missing"),
+        (lambda t: t.pop(f"{_Q}.qzeros"), None, rf"{_Q}\.qzeros is missing"),
+        (lambda t: t.update({f"{_Q}.qweight": t[f"{_Q}.qweight"][:-1]}), None,
+         rf"{_Q}\.qweight has shape \(7, 96\), expected \(8, 96\)"),
+        (lambda t: t.update({f"{_Q}.scales": t[f"{_Q}.scales"][:, :-8]}), None,
+         rf"{_Q}\.qweight has shape \(8, 96\), expected \(8, 88\)"),
+        (lambda t: t.update({f"{_Q}.g_idx": t[f"{_Q}.g_idx"][::-1].copy()}), None,
+         rf"{_Q}\.g_idx is not arange\(in\) // group_size: act-order .* not supported yet"),
+        (None, lambda q: q.update(checkpoint_format="marlin"),
+         r"checkpoint_format 'marlin' is not supported"),
+        (None, lambda q: q.update(dynamic={"-:.*down": {}}), r"per-module overrides"),
+    ],
+)  # fmt: skip
+def test_bad_gptq_files_are_named(gptq_dir, change_tensors, change_quant, message):
+    path, _ = gptq_dir
+    with pytest.raises(ValueError, match=message):
+        read_gptq_awq(_edit(path, change_tensors, change_quant))
+
+
+def test_quantize_config_json_and_autogptq_zero_biases(gptq_dir):
+    """AutoGPTQ's layout: the scheme in quantize_config.json, a zero bias for every module."""
+    path, tensors = gptq_dir
+    config = json.loads((path / "config.json").read_text())
+    config.pop("quantization_config")
+    (path / "config.json").write_text(json.dumps(config))
+    _edit(path, lambda t: t.update({f"{_Q}.bias": np.zeros(96, np.float16)}))
+    _, got, _ = read_gptq_awq(path)
+    assert f"{_Q}.bias" not in got
+    np.testing.assert_array_equal(got[f"{_Q}.weight"].codes(), tensors[f"{_Q}.weight"].codes())
+
+
+def test_awq_directory(tiny, tmp_path):
+    """An AWQ GEMM directory written from the layout worked by hand: 8 codes per word,
+    nibble i holding output 8·j + AWQ_ORDER[i]."""
+    tensors = _quantized_tensors(tiny, "uint4", 32)
+    out = {}
+    for name, q in tensors.items():
+        if not isinstance(q, QArray):
+            out[name] = q
+            continue
+        prefix = name.removesuffix(".weight")
+        for part, values in (("qweight", np.asarray(q.codes()).T),
+                             ("qzeros", np.asarray(q.zero_point).T.astype(np.uint8))):  # fmt: skip
+            fields = values.reshape(values.shape[0], -1, 8)[..., list(layout.AWQ_ORDER)]
+            words = (fields.astype(np.uint32) << (4 * np.arange(8, dtype=np.uint32))).sum(-1)
+            out[f"{prefix}.{part}"] = words.astype(np.uint32).view(np.int32)
+        out[f"{prefix}.scales"] = np.ascontiguousarray(np.asarray(q.scale).T)
+    quant = {"quant_method": "awq", "bits": 4, "group_size": 32, "version": "gemm",
+             "zero_point": True}  # fmt: skip
+    config = _tiny_config(tiny)
+    path = _write_dir(tmp_path / "awq", out, {k: v for k, v in config.items() if v is not None},
+                      quant)  # fmt: skip
+    got_config, got, _ = read_gptq_awq(path)
+    assert got_config == config
+    for name, q in tensors.items():
+        if isinstance(q, QArray):
+            np.testing.assert_array_equal(got[name].codes(), q.codes())
+            np.testing.assert_array_equal(got[name].zero_point, q.zero_point)
+            np.testing.assert_array_equal(got[name].scale, q.scale)
+    with pytest.raises(ValueError, match=r"AWQ version 'gemv' is not supported"):
+        read_gptq_awq(_edit(path, change_quant=lambda q: q.update(version="gemv")))
+
+
+def test_tokenizer_and_float_kernels_written(tiny, tmp_path):
+    """An unquantized kernel stays a float tensor; the tokenizer comes back as it went."""
+    import tokenizers
+
+    from jquant.io import Tokenizer
+
+    tensors = _quantized_tensors(tiny, "uint8", None, zero_low=1)
+    tensors[f"{_Q}.weight"] = tiny.tensors(tied=False)[f"{_Q}.weight"]
+    config = _tiny_config(tiny)
+    model = tokenizers.models.BPE({v: i for i, v in enumerate(tiny.vocab())}, [])
+    tok = Tokenizer(tokenizers.Tokenizer(model), bos_token_id=1, eos_token_id=2,
+                    chat_template=tiny.template, add_bos_token=True)  # fmt: skip
+    write_gptq(tensors, config, tok, tmp_path / "g", version=1)
+    _, got, back = read_gptq_awq(tmp_path / "g")
+    np.testing.assert_array_equal(got[f"{_Q}.weight"], tensors[f"{_Q}.weight"])
+    assert (back.bos_token_id, back.eos_token_id, back.add_bos_token) == (1, 2, True)
+    assert back.chat_template == tiny.template and back.vocab_size == len(tiny.vocab())
+
+
+def test_export_refuses_what_gptq_cannot_hold(tiny, tmp_path):
+    tensors = _quantized_tensors(tiny, "uint4", 32)
+    down = "model.layers.1.mlp.down_proj.weight"
+    w = tiny.tensors()[down].T
+    cases = {
+        "nf4": (quantize_array(w, "nf4", group_size=32), r"nf4 \(GPTQ stores uint/int"),
+        "fp8": (quantize_array(w, "fp8_e4m3"), r"fp8_e4m3 \(GPTQ stores"),
+        "int5": (quantize_array(w, "int5", group_size=32), r"int5 \(GPTQ stores"),
+        "fractional zero": (from_codes(np.zeros((64, 96), np.uint8), np.ones((64, 3), np.float16),
+                                       np.full((64, 3), 2.5, np.float16), qtype="uint4",
+                                       group_size=32),
+                            r"uint4 with non-integer zero points"),
+        "mixed bits": (quantize_array(w, "uint8", group_size=32),
+                       r"kernels differ in bits or group size \(4-bit group_size=32: .*; "
+                       r"8-bit group_size=32: model\.layers\.1\.mlp\.down_proj\.weight"),
+        "float32 scales": (quantize_array(w, "uint4", group_size=32, scale_dtype=np.float32),
+                           r"scales \(float32\) that float16 does not hold exactly"),
+    }  # fmt: skip
+    for what, (q, message) in cases.items():
+        with pytest.raises(ValueError, match=message):
+            write_gptq({**tensors, down: q}, _tiny_config(tiny), None, tmp_path / what)
+        assert not (tmp_path / what).exists(), what
+    embed = "model.embed_tokens.weight"
+    q = quantize_array(tensors[embed].T, "uint4", group_size=32)
+    with pytest.raises(ValueError, match=rf"{embed}: quantized uint4 embedding"):
+        write_gptq({**tensors, embed: q}, _tiny_config(tiny), None, tmp_path / "embed")
+    # float32 scales are written when rounding to float16 is asked for.
+    q = quantize_array(w, "uint4", group_size=32, scale_dtype=np.float32)
+    write_gptq({**tensors, down: q}, _tiny_config(tiny), None, tmp_path / "r", round_scales=True)
+    _, got, _ = read_gptq_awq(tmp_path / "r")
+    np.testing.assert_array_equal(got[down].scale, np.asarray(q.scale).astype(np.float16))
+
+
+def test_export_zero_point_ranges_and_overwrite(tiny, tmp_path):
+    params = _quantized_tensors(tiny, "uint4", 32)  # zero points from 0: not v1
+    with pytest.raises(ValueError, match=r"zero points in \[0, 15\], outside \[1, 16\] \(GPTQ v1\)"
+                       r": write version=2"):  # fmt: skip
+        write_gptq(params, _tiny_config(tiny), None, tmp_path / "v1", version=1)
+    write_gptq(params, _tiny_config(tiny), None, tmp_path / "v2")
+    with pytest.raises(ValueError, match=r"exists and is not empty; pass overwrite=True"):
+        write_gptq(params, _tiny_config(tiny), None, tmp_path / "v2")
+    write_gptq(params, _tiny_config(tiny), None, tmp_path / "v2", overwrite=True)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["v2"]  # no temporary left behind
+
+
+@pytest.mark.reference
+def test_exported_file_dequantized_by_gptqmodel(gptqmodel):
+    """GPTQModel's safetensors dequantizer (`convert_gptq_file`, v1 zero points) reads a whole
+    3-bit v1 file from `write_gptq` back to jquant's weights, tensor for tensor."""
+    inp, out = gptqmodel
+    for name, q in inp["tensors"].items():
+        want = np.asarray(q.dequantize(np.float32)).T if isinstance(q, QArray) else q
+        np.testing.assert_allclose(out[f"file/{name}"], want, rtol=1e-6, atol=1e-7)
