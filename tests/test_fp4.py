@@ -254,6 +254,12 @@ def test_gptq_keeps_the_format_and_lowers_output_error(name):
     assert out_err(q) < 0.5 * out_err(rtn)
 
 
+def test_hqq_refuses_block_scaled_formats():
+    rule = Rule(pattern="w", weight="mxfp4", group_size=32, algorithm="hqq").resolve("w", 2)
+    with pytest.raises(ValueError, match="w: hqq fits free float scales; mxfp4 fixes"):
+        algorithms.run("hqq", _weight(11, (64, 4)), rule, path="w")
+
+
 def test_gptq_refuses_what_breaks_the_scales():
     w, calib = _layer(9, 64, 8)
     for name, args, match in [("nvfp4", {"act_order": False, "static_groups": False},
