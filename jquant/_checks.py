@@ -13,8 +13,17 @@ from jquant.qtypes import QType
 
 def validate_group_size(qtype: str | QType, group_size: int | None, *, name: str = "weight"):
     """Raises ValueError unless ``group_size`` is None or a positive multiple of the
-    format's pack width."""
+    format's pack width; for a block-scaled format (mxfp4, nvfp4), unless it is the
+    format's block size."""
     qt = qtypes.get(qtype)
+    if qt.block_size is not None:
+        if isinstance(group_size, bool) or group_size != qt.block_size:
+            raise ValueError(
+                f"{name}: group_size={group_size!r} is invalid for {qt.name}: its scales are "
+                f"defined per block of {qt.block_size} elements, so group_size must be "
+                f"{qt.block_size}"
+            )
+        return
     if group_size is None:
         return
     if (

@@ -1,11 +1,15 @@
 """Scales and zero points: how a group's range becomes a grid, and codes on that grid.
 
-Also the second level of double quantization (the scales stored as 8-bit log-domain codes).
+Also the second level of double quantization (the scales stored as 8-bit log-domain codes),
+and the scales of the block-scaled FP4 formats (mxfp4: E8M0 powers of two; nvfp4: E4M3
+codes times a per-tensor float32 scale).
 """
 
 from __future__ import annotations
 
+import jax
 import jax.numpy as jnp
+import ml_dtypes
 import numpy as np
 
 from jquant import qtypes
@@ -14,6 +18,15 @@ from jquant.qtypes import QType
 
 # Scales per block of a double-quantized scale array (QLoRA's block size), along N.
 SCALE_BLOCK = 256
+# MX: the shared exponent is floor(log2(amax)) minus the exponent of the element format's
+# largest value (E2M1: 6 = 1.5 * 2**2), and E8M0 holds 2**-127 .. 2**127.
+_E2M1_EMAX = 2
+_E8M0_BIAS = 127
+# NVFP4: the largest E4M3 block scale (448) times the largest E2M1 value (6) is what the
+# per-tensor scale maps the tensor's absmax onto; an E4M3 block scale that rounds to 0 is
+# used as 0.125 (compressed-tensors' guard against dividing by zero).
+_E4M3_MAX = 448.0
+_NVFP4_ZERO_BLOCK = 0.125
 
 
 def _round_up_to(x, dtype):
@@ -51,6 +64,9 @@ def compute_scale(
             return fn(w_t).reshape((1,) * w_t.ndim)
         return group_reduce(w_t, group_size, fn)
 
+    if qt.block_scale is not None:
+        return _block_scale(w_t, qt, group_size, ratio, scale_dtype), None
+
     # Multiplying by the float32 reciprocal is what XLA makes of a division by a constant
     # inside jit; writing it out keeps eager and jitted scales (and QAT's) bit-identical.
     inv_target = jnp.float32(np.float32(1) / np.float32(qt.scale_target))
@@ -71,6 +87,57 @@ def compute_scale(
     # representable and the round trip w -> code -> w never depends on the zero point's dtype.
     zero_point = jnp.clip(jnp.round(-lo / scale.astype(jnp.float32)), qt.qmin, qt.qmax)
     return scale, zero_point.astype(scale_dtype)
+
+
+def _true_divide(a, b: float):
+    """``a / b`` for a Python float ``b``, a true division inside ``jit`` too: XLA turns a
+    division by a constant into a multiplication by its rounded reciprocal, which can differ
+    in the last bit from the division NumPy and compressed-tensors do."""
+    a, den = jax.lax.optimization_barrier((a, jnp.full_like(a, b)))
+    return a / den
+
+
+def _block_scale(w_t, qt: QType, group_size, ratio, scale_dtype):
+    """The kept scales of a block-scaled format (see ``jquant.qtypes``), exact in
+    ``scale_dtype`` (the format's own, or float32)."""
+    if np.dtype(scale_dtype) not in (qt.scale_dtype, np.dtype(np.float32)):
+        raise ValueError(f"{qt.name} fixes its scales ({qt.block_scale}); scale_dtype="
+                         f"{np.dtype(scale_dtype).name} cannot hold them: use "
+                         f"{qt.scale_dtype.name}")
+    if qt.block_scale == "e8m0":
+        amax = group_reduce(w_t, group_size, lambda v, axis: jnp.max(jnp.abs(v), axis=axis))
+        return mx_scale(amax * ratio).astype(scale_dtype)
+    codes, tensor_scale = nvfp4_scale_parts(w_t, group_size, ratio)
+    return (codes.astype(jnp.float32) * tensor_scale).astype(scale_dtype)
+
+
+def mx_scale(amax):
+    """MX (OCP v1.0) block scales ``2**X`` as ``float8_e8m0fnu``, for block absmax ``amax``:
+    ``X = floor(log2(amax)) - 2`` clamped to [-127, 127]; an all-zero block gets 1."""
+    _, e = jnp.frexp(amax)  # amax = m * 2**e with m in [0.5, 1): floor(log2(amax)) = e - 1
+    x = jnp.clip(e - 1 - _E2M1_EMAX, -_E8M0_BIAS, _E8M0_BIAS)
+    x = jnp.where(amax > 0, x, 0)
+    bits = (x + _E8M0_BIAS).astype(jnp.uint8)  # E8M0 is the biased exponent itself
+    return jax.lax.bitcast_convert_type(bits, ml_dtypes.float8_e8m0fnu)
+
+
+def nvfp4_scale_parts(w_t, group_size, ratio=1.0):
+    """NVFP4's scales of ``w_t (..., K)`` as stored: ``(codes, tensor_scale)``.
+
+    ``tensor_scale = amax(|w_t|) / (6 * 448)`` float32 of shape ``(1, ..., 1)`` (1 for an
+    all-zero tensor); ``codes`` ``(..., G)`` float8_e4m3fn are ``amax_block * ratio / 6 /
+    tensor_scale`` saturated to ±448 and rounded to nearest, a 0 replaced by 0.125. A
+    block's kept scale is ``codes * tensor_scale`` (float32).
+    """
+    w_t = jnp.asarray(w_t, jnp.float32)
+    amax = jnp.max(jnp.abs(w_t)).reshape((1,) * w_t.ndim)
+    tensor_scale = _true_divide(amax, 6.0 * _E4M3_MAX)
+    tensor_scale = jnp.where(tensor_scale > 0, tensor_scale, jnp.float32(1.0))
+    block = group_reduce(w_t, group_size, lambda v, axis: jnp.max(jnp.abs(v), axis=axis))
+    block = _true_divide(block * jnp.asarray(ratio, jnp.float32), 6.0) / tensor_scale
+    codes = jnp.clip(block, -_E4M3_MAX, _E4M3_MAX).astype(jnp.float8_e4m3fn)
+    zero = codes.astype(jnp.float32) == 0
+    return jnp.where(zero, jnp.float8_e4m3fn(_NVFP4_ZERO_BLOCK), codes), tensor_scale
 
 
 def encode_groups(w_t, scale, zero_point, qtype: str | QType, group_size: int | None):

@@ -60,7 +60,7 @@ from jquant._packing import _unpack_slices as _unpack_slices
 from jquant._packing import pack as pack
 from jquant._packing import packed_length as packed_length
 from jquant._packing import unpack as unpack
-from jquant._scales import SCALE_BLOCK, double_quantize, scale_range_problems
+from jquant._scales import SCALE_BLOCK, double_quantize, nvfp4_scale_parts, scale_range_problems
 from jquant._scales import _round_up_to as _round_up_to
 from jquant._scales import compute_scale as compute_scale
 from jquant._scales import encode_groups as encode_groups
@@ -94,7 +94,9 @@ class QArray:
         w ≈ (decode(q) - zero_point[g]) * scale[g]
 
     where ``decode`` is the identity for integer formats, a float8 → float cast
-    for fp8 and a table lookup for codebook formats (nf4); ``zero_point`` is
+    for fp8 and a table lookup for codebook formats (nf4) and FP4 E2M1 (mxfp4, nvfp4,
+    whose scales are E8M0 powers of two, or for nvfp4 a QArray of E4M3 block scales with
+    a per-tensor float32 scale: see ``jquant.qtypes``); ``zero_point`` is
     present only for asymmetric (``uint*``) formats; ``quantize_array`` makes it an
     integer (stored in the scale dtype), while ``from_codes`` accepts any float.
 
@@ -293,7 +295,7 @@ def quantize_array(
     axis: int = 0,
     group_size: int | None = None,
     per_tensor: bool = False,
-    scale_dtype=jnp.bfloat16,
+    scale_dtype=None,
     clip_ratio=1.0,
     double_quant: bool = False,
     activation: str | None = None,
@@ -308,7 +310,9 @@ def quantize_array(
       group_size: elements per group along ``axis``; None for per-channel. Need not
         divide ``K`` (short last group, see the module docstring).
       per_tensor: one scale for the whole tensor (``group_size`` must be None).
-      scale_dtype: dtype of the stored scales and zero points.
+      scale_dtype: dtype of the stored scales and zero points; None: bfloat16, or what a
+        block-scaled format fixes (``mxfp4`` float8_e8m0fnu, ``nvfp4`` float32: its scale
+        is a QArray of E4M3 codes with a float32 per-tensor scale), the only dtype they take.
       clip_ratio: shrink factor for the range (1.0 = absmax / min-max); a scalar
         or an array broadcastable to the scale shape ``(*other_axes, G)``.
       double_quant: store the scales themselves as 8-bit log-domain codes (``log8``:
@@ -348,6 +352,10 @@ def quantize_array(
     check_activation(activation, name=name)
     if per_tensor and group_size is not None:
         raise ValueError(f"{name}: per_tensor=True excludes group_size={group_size}")
+    scale_dtype = _scale_dtype(qt, scale_dtype, name=name)
+    if double_quant and qt.block_scale is not None:
+        raise ValueError(f"{name}: {qt.name} stores its scales in 8 bits already "
+                         f"({qt.block_scale}); double_quant does not apply")
     axis = axis - w.ndim if axis >= 0 else axis
     if double_quant and (w.ndim < 2 or per_tensor):
         raise ValueError(f"{name}: double_quant needs per-channel or per-group scales of a "
@@ -374,6 +382,19 @@ def quantize_array(
         dtype=np.dtype(w.dtype),
         activation=activation,
     )
+
+
+def _scale_dtype(qt: QType, scale_dtype, *, name: str) -> np.dtype:
+    """``scale_dtype`` resolved (None: bfloat16, or the format's own); a block-scaled format
+    takes only its own."""
+    if scale_dtype is None:
+        return qt.scale_dtype or np.dtype(jnp.bfloat16)
+    scale_dtype = np.dtype(scale_dtype)
+    if qt.scale_dtype is not None and scale_dtype != qt.scale_dtype:
+        raise ValueError(f"{name}: {qt.name} fixes its scales ({qt.block_scale}); "
+                         f"scale_dtype={scale_dtype.name} is not allowed (leave it None, or "
+                         f"give {qt.scale_dtype.name})")
+    return scale_dtype
 
 
 def _report_problems(problems, *, shape, name, scale_dtype):
@@ -414,6 +435,8 @@ def _quantize_core(w, clip_ratio, *, qtype, axis, group_size, per_tensor, scale_
         *(p.astype(jnp.int32) for p in scale_range_problems(exact, scale)),
     ])  # fmt: skip
     stored_scale = scale
+    if qt.block_scale == "e4m3":  # scale holds the same values: codes * tensor scale
+        stored_scale = nvfp4_scale(w_t, group_size, clip_ratio)
     if double_quant:
         stored_scale = double_quantized_scale(scale)
         # Encode against the scales actually kept, so dequantize() is the best fit to them.
@@ -428,6 +451,17 @@ def double_quantized_scale(scale) -> QArray:
     return QArray(
         qvalue=codes, scale=step, zero_point=offset, qtype="log8", k=scale.shape[-2],
         axis=-2, group_size=SCALE_BLOCK, dtype=np.dtype(scale.dtype),
+    )  # fmt: skip
+
+
+def nvfp4_scale(w_t, group_size: int, clip_ratio=1.0) -> QArray:
+    """NVFP4's scale of ``w_t (..., K)``: a QArray of logical shape ``(..., G)`` holding the
+    E4M3 block scales as ``fp8_e4m3`` codes, quantized along its last axis with one float32
+    per-tensor scale (``_scales.nvfp4_scale_parts``); it dequantizes to the kept scales."""
+    codes, tensor_scale = nvfp4_scale_parts(w_t, group_size, clip_ratio)
+    return QArray(
+        qvalue=codes, scale=tensor_scale, zero_point=None, qtype="fp8_e4m3",
+        k=codes.shape[-1], axis=-1, group_size=None, dtype=np.dtype(np.float32),
     )  # fmt: skip
 
 

@@ -14,6 +14,21 @@ scale (and shifted by its zero point) onto a finite set of codes, and back:
   (never produces inf/NaN).
 * ``codebook`` formats (``nf4``) store the index of the nearest codebook entry;
   the scale maps the absmax to 1.0.
+* ``fp4`` formats (``mxfp4``, ``nvfp4``) store an FP4 E2M1 value (OCP MX v1.0: bit 3 the
+  sign, bits 0-2 the magnitude, values ±{0, 0.5, 1, 1.5, 2, 3, 4, 6}), rounded to nearest
+  (ties to even mantissa) and saturating at ±6. They are *block-scaled*: the group size is
+  fixed (``block_size``) and so is how the scales are stored (``block_scale``):
+
+  - ``mxfp4`` (OCP MX v1.0 MXFP4): blocks of 32, one E8M0 scale (a power of two
+    ``2**X``) per block, ``X = floor(log2(amax)) - 2`` (2 = the exponent of E2M1's largest
+    value 6), clamped to [-127, 127]. Values ``amax / 2**X`` lie in [4, 8), so the
+    largest ones saturate to 6, as the spec has it. Stored as ``float8_e8m0fnu``.
+  - ``nvfp4`` (NVIDIA's NVFP4): blocks of 16, one FP8 E4M3 scale per block times one
+    float32 scale per tensor ``g = amax_tensor / (6 * 448)`` (NVIDIA ModelOpt's
+    ``weight_scale_2``; compressed-tensors stores its reciprocal as ``weight_global_scale``):
+    the block scale is ``e4m3(amax_block / 6 / g)``, an E4M3 code of 0 becomes 0.125
+    (as compressed-tensors does), and the QArray's ``scale`` is itself a QArray of those
+    E4M3 codes with the per-tensor ``g`` as its scale (see ``jquant._scales``).
 * the ``log`` format ``log8`` stores only double-quantized scales (never a weight): a uint8
   code ``q`` with a per-block step ``s`` and offset ``z`` stands for ``2 ** ((q - z) * s)``,
   the uint8 identity in the log2 domain (see ``jquant._scales.double_quantize``).
@@ -31,11 +46,13 @@ import ml_dtypes
 import numpy as np
 
 # QLoRA's NormalFloat-4 levels (Dettmers et al. 2023), shared with the kernels.
+from jquant.kernels._formats import FP4_E2M1_VALUES as FP4_E2M1_VALUES
 from jquant.kernels._formats import NF4_CODEBOOK as NF4_CODEBOOK
 from jquant.kernels._formats import codebook_select as _codebook_select
 from jquant.kernels._formats import pack_width as _pack_width
 
-Kind = Literal["int", "uint", "float", "codebook", "log"]
+Kind = Literal["int", "uint", "float", "fp4", "codebook", "log"]
+BlockScale = Literal["e8m0", "e4m3"]
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class QType:
@@ -52,10 +69,27 @@ class QType:
     qmax: float
     # numpy dtype of an unpacked code (int8 / uint8 / float8).
     code_dtype: np.dtype
-    # Codebook values for kind == "codebook".
+    # Codebook values for kind == "codebook" (sorted); the value of each code for "fp4".
     codebook: tuple[float, ...] | None = None
     # Formats whose quality is not yet established (int2/int3).
     experimental: bool = False
+    # Block-scaled formats only: the group size they are defined with (mxfp4 32, nvfp4 16).
+    block_size: int | None = None
+    # Block-scaled formats only: how a block's scale is stored: "e8m0" (a power of two,
+    # float8_e8m0fnu) or "e4m3" (an FP8 E4M3 code times a float32 per-tensor scale).
+    block_scale: BlockScale | None = None
+
+    @property
+    def scale_dtype(self) -> np.dtype | None:
+        """The scale dtype a block-scaled format fixes (None: the caller picks one).
+
+        ``mxfp4``: float8_e8m0fnu. ``nvfp4``: float32, the dtype of its kept scales (each
+        an E4M3 code times the per-tensor float32 scale; stored as a QArray of both)."""
+        if self.block_scale == "e8m0":
+            return np.dtype(ml_dtypes.float8_e8m0fnu)
+        if self.block_scale == "e4m3":
+            return np.dtype(np.float32)
+        return None
 
     @property
     def asymmetric(self) -> bool:
@@ -96,6 +130,13 @@ def _uint(bits: int, **kw) -> QType:
     )  # fmt: skip
 
 
+def _fp4(name: str, block_size: int, block_scale: BlockScale) -> QType:
+    return QType(
+        name=name, bits=4, kind="fp4", qmin=-6.0, qmax=6.0, code_dtype=np.dtype(np.uint8),
+        codebook=FP4_E2M1_VALUES, block_size=block_size, block_scale=block_scale,
+    )  # fmt: skip
+
+
 def _fp8(name: str, dtype) -> QType:
     fmax = float(ml_dtypes.finfo(dtype).max)
     return QType(name=name, bits=8, kind="float", qmin=-fmax, qmax=fmax, code_dtype=np.dtype(dtype))
@@ -111,6 +152,7 @@ QTYPES: dict[str, QType] = {
         _fp8("fp8_e4m3", ml_dtypes.float8_e4m3fn), _fp8("fp8_e5m2", ml_dtypes.float8_e5m2),
         QType(name="nf4", bits=4, kind="codebook", qmin=0, qmax=15,
               code_dtype=np.dtype(np.uint8), codebook=NF4_CODEBOOK),
+        _fp4("mxfp4", 32, "e8m0"), _fp4("nvfp4", 16, "e4m3"),
     )
 }  # fmt: skip
 
@@ -138,8 +180,11 @@ def encode(qtype: str | QType, x: jnp.ndarray) -> jnp.ndarray:
     """Maps already-scaled values ``x`` (float32) to codes of ``qtype``.
 
     Rounding is to nearest (half to even) for integers, IEEE round-to-nearest for
-    float8 after saturating to the finite range, and nearest codebook entry for
-    codebooks. Returns an array of ``qtype.code_dtype``.
+    float8 after saturating to the finite range, nearest codebook entry for
+    codebooks, and for fp4 the nearest E2M1 value (ties to the even mantissa, as IEEE
+    and ``ml_dtypes.float4_e2m1fn`` round) after saturating to ±6, as the E2M1 code (the
+    sign of ``x`` kept, so small negative values give -0). Returns an array of
+    ``qtype.code_dtype``.
     """
     qt = get(qtype)
     if qt.kind == "log":
@@ -149,6 +194,8 @@ def encode(qtype: str | QType, x: jnp.ndarray) -> jnp.ndarray:
         return jnp.clip(jnp.round(x), qt.qmin, qt.qmax).astype(qt.code_dtype)
     if qt.kind == "float":
         return jnp.clip(x, qt.qmin, qt.qmax).astype(qt.code_dtype)
+    if qt.kind == "fp4":
+        return _encode_e2m1(x)
     # Codebook: the nearest entry is found by comparing against the midpoints.
     book = np.asarray(qt.codebook, np.float32)
     mids = jnp.asarray((book[1:] + book[:-1]) / 2)
@@ -161,15 +208,28 @@ def decode(qtype: str | QType, codes: jnp.ndarray) -> jnp.ndarray:
     For ``log8`` these are the codes themselves: the exponent, before ``QArray`` shifts,
     scales and exponentiates it."""
     qt = get(qtype)
-    if qt.kind == "codebook":
+    if qt.kind in ("codebook", "fp4"):
         return _codebook_select(codes, qt.codebook)
     return codes.astype(jnp.float32)
+
+
+# Magnitudes where E2M1 rounding steps up to the next value, and whether a value exactly
+# there steps up: a tie goes to the value with an even mantissa (0, 1, 2, 4, 6 are even).
+_E2M1_STEPS = ((0.25, False), (0.75, True), (1.25, False), (1.75, True), (2.5, False),
+               (3.5, True), (5.0, False))  # fmt: skip
+
+
+def _encode_e2m1(x):
+    """E2M1 codes (uint8 in [0, 16)) of float32 ``x``: round to nearest even, saturate."""
+    a = jnp.abs(x)
+    mag = sum(((a >= t) if up else (a > t)).astype(jnp.uint8) for t, up in _E2M1_STEPS)
+    return mag | (jnp.signbit(x).astype(jnp.uint8) << 3)
 
 
 def half_step(qtype: str | QType, x: np.ndarray) -> np.ndarray:
     """Worst-case |error| of encoding each scaled value in ``x`` (inside the range).
 
-    Integers: 0.5. Float8: half the spacing of the format at ``x`` (relative
+    Integers: 0.5. Float8 and FP4: half the spacing of the format at ``x`` (relative
     precision, with the subnormal floor). Codebooks: half the gap between the two
     entries around ``x`` (its own interval, so the bound is as tight as the levels
     there). Used by tests and reports to state each format's bound.
@@ -180,8 +240,8 @@ def half_step(qtype: str | QType, x: np.ndarray) -> np.ndarray:
     x = np.asarray(x, np.float64)
     if qt.kind in ("int", "uint"):
         return np.full_like(x, 0.5)
-    if qt.kind == "float":
-        info = ml_dtypes.finfo(qt.code_dtype)
+    if qt.kind in ("float", "fp4"):
+        info = ml_dtypes.finfo(ml_dtypes.float4_e2m1fn if qt.kind == "fp4" else qt.code_dtype)
         exp = np.floor(np.log2(np.maximum(np.abs(x), float(info.smallest_normal))))
         return 2.0 ** (exp - info.nmant - 1)
     book = np.asarray(qt.codebook, np.float64)

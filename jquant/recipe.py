@@ -54,14 +54,18 @@ class Rule:
     # With skip: store the float parameters in this dtype ("bfloat16", "float16",
     # "float32"); None keeps the dtype they have.
     dtype: str | None = None
-    # Format name from jquant.qtypes ("int8", "int4", "uint4", "nf4", "fp8_e4m3", ...).
+    # Format name from jquant.qtypes ("int8", "int4", "uint4", "nf4", "fp8_e4m3", "mxfp4",
+    # "nvfp4", ...).
     weight: str | None = None
     # Elements per scale group along the contraction axis; None = one scale per channel.
+    # The block-scaled formats take exactly their block: mxfp4 32, nvfp4 16.
     group_size: int | None = None
     # One scale for the whole tensor (excludes group_size).
     per_tensor: bool = False
-    # Dtype of stored scales and zero points: "bfloat16", "float16" or "float32".
-    scale_dtype: str = "bfloat16"
+    # Dtype of stored scales and zero points: "bfloat16", "float16" or "float32"; None =
+    # "bfloat16", or what a block-scaled format fixes (mxfp4: E8M0, nvfp4: E4M3 blocks with
+    # a float32 per-tensor scale), which takes no other.
+    scale_dtype: str | None = None
     # Range statistic: "absmax" (symmetric formats) or "minmax" (uint*); None = the format's.
     clip: str | None = None
     # Shrink factor of the range in (0, 1]; 1.0 keeps the full absmax / min-max.
@@ -150,6 +154,12 @@ class Rule:
             self._fail(f"per_tensor: true excludes group_size={self.group_size}; drop one")
         if self.double_quant and self.per_tensor:
             self._fail("double_quant needs per-channel or per-group scales, not per_tensor")
+        if qt.block_scale is not None and self.double_quant:
+            self._fail(f"double_quant does not apply to {qt.name}: its scales are 8-bit "
+                       f"({qt.block_scale}) already")
+        if qt.block_scale is not None and self.scale_dtype is not None:
+            self._fail(f"scale_dtype={self.scale_dtype!r}: {qt.name} fixes its scales "
+                       f"({qt.block_scale}); drop scale_dtype")
         if self.activation not in ACTIVATIONS:
             self._fail(f"activation={self.activation!r} is not one of {list(ACTIVATIONS)}")
         if self.clip is not None and self.clip not in CLIPS:
@@ -162,7 +172,7 @@ class Rule:
                        f"{qt.name}; use clip: minmax or an int* format")
 
     def _validate_numerics(self):
-        if self.scale_dtype not in SCALE_DTYPES:
+        if self.scale_dtype is not None and self.scale_dtype not in SCALE_DTYPES:
             self._fail(f"scale_dtype={self.scale_dtype!r} is not one of {list(SCALE_DTYPES)}")
         r = self.clip_ratio
         if not isinstance(r, float) or not math.isfinite(r) or not 0.0 < r <= 1.0:
@@ -195,8 +205,11 @@ class Rule:
 
     @property
     def jnp_scale_dtype(self):
-        """``scale_dtype`` as a JAX dtype."""
-        return SCALE_DTYPES[self.scale_dtype]
+        """``scale_dtype`` as a JAX dtype (the format's own for mxfp4 / nvfp4, bfloat16 when
+        unset)."""
+        if self.format.scale_dtype is not None:
+            return jnp.dtype(self.format.scale_dtype)
+        return SCALE_DTYPES[self.scale_dtype or "bfloat16"]
 
     def matches(self, path: str) -> bool:
         """Whether ``pattern`` is found in ``path``."""

@@ -34,6 +34,13 @@ NF4_CODEBOOK = (
     0.44070982933044434, 0.5626170039176941, 0.7229568362236023, 1.0,
 )
 
+# The 16 FP4 E2M1 values (OCP MX v1.0), indexed by code: bit 3 the sign, bits 0-2 the
+# magnitude (exponent bits 1-2, mantissa bit 0). Codes 0 and 8 are +0 and -0.
+FP4_E2M1_VALUES = (
+    0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0,
+    -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0,
+)
+
 # qtype -> storage dtype of `qvalue`.
 STORAGE_DTYPES = {
     "int8": jnp.dtype(jnp.int8),

@@ -13,8 +13,9 @@ from jquant.transform import quantize
 
 SHIPPED = ["fp8", "mixed", "nf4", "w3a16-gptq-g64", "w4a16-awq-g128", "w4a16-awq-gptq-uint4-g64",
            "w4a16-awq-gptq-uint4-g64-emb8", "w4a16-gptq-g128", "w4a16-gptq-g64",
-           "w4a16-gptq-uint4-g64", "w4a16-hqq-g64", "w4a16-rtn-g128", "w4a16-rtn-g64",
-           "w4a16-uint4-g64", "w8a16", "w8a16-emb8", "w8a8", "w8a8-smoothquant"]  # fmt: skip
+           "w4a16-gptq-uint4-g64", "w4a16-hqq-g64", "w4a16-mxfp4", "w4a16-nvfp4",
+           "w4a16-rtn-g128", "w4a16-rtn-g64", "w4a16-uint4-g64", "w8a16", "w8a16-emb8", "w8a8",
+           "w8a8-smoothquant"]  # fmt: skip
 # Recipes whose algorithms need calibration data: tests/calib/test_recipes.py runs them.
 CALIBRATED = ["w3a16-gptq-g64", "w4a16-awq-g128", "w4a16-awq-gptq-uint4-g64",
               "w4a16-awq-gptq-uint4-g64-emb8", "w4a16-gptq-g128", "w4a16-gptq-g64",
@@ -35,6 +36,8 @@ EXPECT = {
     "mixed": ("int4", 128, None, False),
     "w4a16-hqq-g64": ("uint4", 64, None, False),
     "w8a16-emb8": ("int8", None, None, False),
+    "w4a16-mxfp4": ("mxfp4", 32, None, False),
+    "w4a16-nvfp4": ("nvfp4", 16, None, True),  # its scale: a QArray of E4M3 block scales
 }
 
 D, F, V, LAYERS = 64, 96, 80, 2

@@ -192,7 +192,7 @@ def output_error(weights: Sequence, rules: Sequence, hessian, s) -> jax.Array:
 
 def _rtn_settings(rules) -> tuple:
     """What RTN needs of each rule, hashable (a static argument of the jitted searches)."""
-    return tuple((r.weight, r.group_size, r.per_tensor, r.scale_dtype, r.clip_ratio,
+    return tuple((r.weight, r.group_size, r.per_tensor, r.jnp_scale_dtype, r.clip_ratio,
                   r.double_quant) for r in rules)  # fmt: skip
 
 

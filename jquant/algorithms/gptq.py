@@ -73,6 +73,7 @@ from jquant.qarray import (
     double_quantized_scale,
     encode_groups,
     from_codes,
+    nvfp4_scale,
 )
 
 _HIGHEST = jax.lax.Precision.HIGHEST
@@ -142,6 +143,13 @@ def gptq(weight, rule, *, path: str, calibration=None) -> tuple[QArray, dict[str
             f"{path}: refit fits each group's own float scale; it cannot with "
             f"{'double_quant (quantized scales)' if rule.double_quant else 'per_tensor'}"
         )
+    block_scale = rule.format.block_scale
+    if s["refit"] and block_scale is not None:
+        raise ValueError(f"{path}: refit fits float scales; {rule.format.name}'s are "
+                         f"{block_scale} block scales: drop refit")
+    if block_scale == "e4m3" and not s["static_groups"]:
+        raise ValueError(f"{path}: {rule.format.name}'s block scales share a per-tensor "
+                         "scale of the original weight; it needs static_groups: true")
     static = dict(
         qtype=rule.format.name, group_size=rule.group_size, per_tensor=rule.per_tensor,
         scale_dtype=np.dtype(rule.jnp_scale_dtype), clip_ratio=rule.clip_ratio,
@@ -218,7 +226,8 @@ def _factor(h, damp: float):
 
 
 def _scales(w_t, qt, group_size, per_tensor, scale_dtype, clip_ratio, mse):
-    """RTN's scales of ``w_t (N, L)`` (stored dtype) and float32 ones for the range check."""
+    """RTN's scales of ``w_t (N, L)`` (stored dtype), float32 ones for the range check, and
+    the clip ratios used."""
     ratio = jnp.float32(clip_ratio)
     if mse is not None:
         ratio = search_clip_ratios(
@@ -228,7 +237,7 @@ def _scales(w_t, qt, group_size, per_tensor, scale_dtype, clip_ratio, mse):
     kw = dict(per_tensor=per_tensor, clip_ratio=ratio)
     scale, zero_point = compute_scale(w_t, qt, group_size, scale_dtype=scale_dtype, **kw)
     exact, _ = compute_scale(w_t, qt, group_size, scale_dtype=jnp.float32, **kw)
-    return scale, zero_point, exact
+    return scale, zero_point, exact, ratio
 
 
 def refit_scales(w, h, values, scale, zero_point, group_size):
@@ -359,9 +368,11 @@ def _static_scales(w, perm, qt, group_size, per_tensor, scale_dtype, clip_ratio,
     double quantization) ``(G + 1, N or 1)``, the last row 1 (and 0) for padded rows.
     Rows look their group up a block at a time: no ``(K, N)`` table is built.
     """
-    scale, zero_point, exact = _scales(w.T, qt, group_size, per_tensor, scale_dtype,
-                                       clip_ratio, mse)  # fmt: skip
+    scale, zero_point, exact, ratio = _scales(w.T, qt, group_size, per_tensor, scale_dtype,
+                                              clip_ratio, mse)  # fmt: skip
     cast = stored = scale
+    if qt.block_scale == "e4m3":  # the same values, stored as E4M3 codes and a tensor scale
+        stored = nvfp4_scale(w.T, group_size, ratio)
     if double_quant:  # as quantize_array: encode against the scales actually kept
         stored = double_quantized_scale(scale)
         scale = stored.dequantize(jnp.float32)
@@ -450,8 +461,8 @@ def _sweep(weight, hessian, perm, u, used_damp, factored, damp, *, qtype, group_
             return jax.lax.dynamic_update_slice_in_dim(errors, errs, i1, axis=0), (codes,)
         found = []
         for g1 in range(0, block, group_size):
-            s, z, e = _scales(carry[0][g1 : g1 + group_size].T, qt, None, False, scale_dtype,
-                              clip_ratio, mse)  # fmt: skip
+            s, z, e, _ = _scales(carry[0][g1 : g1 + group_size].T, qt, None, False,
+                                 scale_dtype, clip_ratio, mse)  # fmt: skip
             found.append((s, z, e))
             s1, z1 = (None if a is None else jnp.broadcast_to(a.astype(jnp.float32).T, (block, n))
                       for a in (s, z))  # fmt: skip

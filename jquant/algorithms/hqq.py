@@ -109,6 +109,9 @@ def hqq(weight, rule, *, path: str, calibration=None) -> QArray:
             f"{path}: hqq fits per-group (or per-channel) float scales; "
             f"{key}: true is not supported with it (drop it, or use rtn)"
         )
+    if rule.format.block_scale is not None:
+        raise ValueError(f"{path}: hqq fits free float scales; {rule.format.name} fixes its "
+                         f"scales ({rule.format.block_scale}): use rtn or gptq")
     axis = rule.axis - weight.ndim if rule.axis >= 0 else rule.axis
     # RTN is the starting point; quantize_array also checks the values (NaN/inf, scale
     # range) when called eagerly.

@@ -113,6 +113,7 @@ def init(params, recipe: Recipe | str, *, quantized=None) -> QATState:
         if t.rule is None:
             continue
         value = tree.unwrap(leaf)
+        _check_learnable(t)
         if qflat is not None:
             q = _quantized_leaf(qflat, t, value)
         else:
@@ -169,9 +170,20 @@ def _quantized_leaf(qflat, t: _Target, value) -> QArray:
     return q
 
 
+def _check_learnable(t: _Target) -> None:
+    """nvfp4's scales are E4M3 codes times a per-tensor scale of the weight: no free float
+    scale to learn."""
+    fmt = t.rule.format
+    if fmt.block_scale == "e4m3":
+        raise ValueError(f"{t.path}: QAT cannot learn {fmt.name} scales (E4M3 block scales "
+                         f"under a per-tensor scale of the weight) [{t.rule.where}]; train "
+                         "with state=None (scales recomputed from the weight each step)")
+
+
 def _learned(state: Mapping | None, t: _Target, value) -> Mapping | None:
     if not state:
         return None
+    _check_learnable(t)
     entry = state[t.path]
     want = _scale_shape(value, t.rule)
     for key, arr in entry.items():
