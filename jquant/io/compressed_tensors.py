@@ -25,8 +25,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -41,18 +39,15 @@ from jquant.tree import leaves
 from . import hf
 from ._checkpoint import expected_shapes
 from ._ct_scheme import FLOAT, INT, LINEAR, PACKED, QUANT_METHOD, Scheme, Schemes, scheme_dict
+from ._hf_export import config_json, staged, write_tokenizer
 from ._int32_pack import pack_int32, packed_words, unpack_int32
-from ._packed_writer import _commit, _fsync_dir, check_output_directory
+from ._packed_writer import check_output_directory
 from ._safetensors import write_file
 from .tokenizer import tokenizer_from_hf_dir
 
 __all__ = ["read_compressed_tensors", "write_compressed_tensors"]
 
 # jquant model_type -> the transformers class a written config.json names.
-_ARCHITECTURES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM",
-                  "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM",
-                  "gemma": "GemmaForCausalLM", "gemma2": "Gemma2ForCausalLM",
-                  "gemma3_text": "Gemma3ForCausalLM"}  # fmt: skip
 
 
 def read_compressed_tensors(directory: str | os.PathLike, *, tokenizer: bool = True):
@@ -282,22 +277,13 @@ def write_compressed_tensors(params, config: dict[str, Any], tokenizer, director
     if refused:
         raise ValueError("write_compressed_tensors: compressed-tensors cannot hold these "
                          f"quantized tensors: {'; '.join(refused)}")  # fmt: skip
-    raw = {k: v for k, v in config.items() if v is not None}
-    raw["architectures"] = [_ARCHITECTURES[config["model_type"]]]
-    raw["torch_dtype"] = str(np.dtype(dict(arrays)["model.embed_tokens.weight"].dtype))
-    raw["quantization_config"] = _quantization_config(groups, floats)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
-    try:
+    raw = config_json(config, quantization_config=_quantization_config(groups, floats),
+                      torch_dtype=str(np.dtype(dict(arrays)["model.embed_tokens.weight"].dtype)))
+    with staged(target, overwrite=overwrite) as tmp:
         write_file(tmp / "model.safetensors", arrays)
         (tmp / "config.json").write_text(json.dumps(raw, indent=2))
         if tokenizer is not None:
-            _write_tokenizer(tmp, tokenizer)
-        _fsync_dir(tmp)
-        _commit(tmp, target)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+            write_tokenizer(tmp, tokenizer)
     return target
 
 
@@ -358,16 +344,3 @@ def _quantization_config(groups: dict[Scheme, list[str]], floats: list[str]) -> 
             "format": formats.pop() if len(formats) == 1 else "mixed-precision",
             "quantization_status": "compressed", "ignore": sorted(floats) if single else [],
             "kv_cache_scheme": None}  # fmt: skip
-
-
-def _write_tokenizer(directory: Path, tokenizer) -> None:
-    """tokenizer.json, and the tokenizer_config.json / chat_template.jinja jquant reads back."""
-    tokenizer.backend.save(str(directory / "tokenizer.json"))
-    content = lambda i: None if i is None else tokenizer.backend.id_to_token(i)
-    tok_config = {"bos_token": content(tokenizer.bos_token_id),
-                  "eos_token": content(tokenizer.eos_token_id),
-                  "pad_token": content(tokenizer.pad_token_id),
-                  "add_bos_token": tokenizer.add_bos_token}  # fmt: skip
-    (directory / "tokenizer_config.json").write_text(json.dumps(tok_config, indent=2))
-    if tokenizer.chat_template is not None:
-        (directory / "chat_template.jinja").write_text(tokenizer.chat_template, encoding="utf-8")

@@ -15,8 +15,6 @@ model whose quantized kernels are ``uint{2,3,4,8}`` or ``int{2,3,4,8}`` as a GPT
 from __future__ import annotations
 
 import json
-import shutil
-import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -28,8 +26,9 @@ from jquant.qarray import QArray, from_codes
 
 from . import _gptq_layout as layout
 from ._checkpoint import check_tensors, expected_shapes
+from ._hf_export import config_json, staged, write_tokenizer
 from ._lazy import LazyTensors, TensorEntry
-from ._packed_writer import _commit
+from ._packed_writer import check_output_directory
 from ._safetensors import write_file
 from .hf import _DTYPES, _file_entries, _weight_files, config_from_hf
 from .tokenizer import Tokenizer, tokenizer_from_hf_dir
@@ -222,9 +221,7 @@ def write_gptq(
     """
     if version not in (1, 2):
         raise ValueError(f"version must be 1 or 2 (GPTQ v1 or v2 zero points), got {version!r}")
-    target = Path(directory)
-    if target.exists() and any(target.iterdir()) and not overwrite:
-        raise ValueError(f"{target} exists and is not empty; pass overwrite=True to replace it")
+    target = check_output_directory(directory, overwrite=overwrite)
     out: list[tuple[str, np.ndarray]] = []
     problems: list[str] = []
     schemes: dict[tuple[int, int | None], list[str]] = {}
@@ -285,37 +282,11 @@ def write_gptq(
         "checkpoint_format": "gptq_v2" if version == 2 else "gptq",
         "pack_dtype": "int32",
     }  # fmt: skip
-    hf_config = {k: v for k, v in config.items() if v is not None}
-    hf_config.update(architectures=[_ARCHITECTURES.get(config["model_type"], "LlamaForCausalLM")],
-                     torch_dtype="float16", quantization_config=quant)  # fmt: skip
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
-    try:
+    hf_config = config_json(config, torch_dtype="float16", quantization_config=quant)
+    with staged(target, overwrite=overwrite) as tmp:
         write_file(tmp / "model.safetensors", out)
         (tmp / "config.json").write_text(json.dumps(hf_config, indent=2))
         (tmp / "quantize_config.json").write_text(json.dumps(quant, indent=2))
         if tokenizer is not None:
-            _write_tokenizer(tmp, tokenizer)
-        _commit(tmp, target)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+            write_tokenizer(tmp, tokenizer)
     return target
-
-
-_ARCHITECTURES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM",
-                  "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM",
-                  "gemma": "GemmaForCausalLM", "gemma2": "Gemma2ForCausalLM",
-                  "gemma3_text": "Gemma3ForCausalLM"}  # fmt: skip
-
-
-def _write_tokenizer(directory: Path, tokenizer: Tokenizer) -> None:
-    tokenizer.backend.save(str(directory / "tokenizer.json"))
-    if tokenizer.chat_template is not None:
-        (directory / "chat_template.jinja").write_text(tokenizer.chat_template, encoding="utf-8")
-    tok_config: dict[str, Any] = {"add_bos_token": tokenizer.add_bos_token}
-    for key in ("bos", "eos", "pad"):
-        token_id = getattr(tokenizer, f"{key}_token_id")
-        if token_id is not None:
-            tok_config[f"{key}_token"] = tokenizer.backend.id_to_token(token_id)
-    (directory / "tokenizer_config.json").write_text(json.dumps(tok_config, indent=2))

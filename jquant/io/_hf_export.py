@@ -1,0 +1,59 @@
+"""What every export to a Hugging Face directory shares: the config.json, the tokenizer files
+jquant's HF reader takes back, and writing the directory whole or not at all."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from ._packed_writer import _commit, _fsync_dir, check_output_directory
+
+#: ``architectures`` of the config.json written for each jquant model type.
+ARCHITECTURES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM",
+                 "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM",
+                 "gemma": "GemmaForCausalLM", "gemma2": "Gemma2ForCausalLM",
+                 "gemma3_text": "Gemma3ForCausalLM"}  # fmt: skip
+
+
+def config_json(config: dict[str, Any], **extra: Any) -> dict[str, Any]:
+    """A `Checkpoint.config` as an HF config.json (unset keys left out), with ``extra``."""
+    raw = {k: v for k, v in config.items() if v is not None}
+    raw["architectures"] = [ARCHITECTURES[config["model_type"]]]
+    raw.update(extra)
+    return raw
+
+
+def write_tokenizer(directory: Path, tokenizer) -> None:
+    """tokenizer.json, tokenizer_config.json (the special tokens, ``add_bos_token``) and
+    chat_template.jinja: what `jquant.io.tokenizer.tokenizer_from_hf_dir` reads back."""
+    tokenizer.backend.save(str(directory / "tokenizer.json"))
+    tok_config: dict[str, Any] = {"add_bos_token": tokenizer.add_bos_token}
+    for key in ("bos", "eos", "pad"):
+        token_id = getattr(tokenizer, f"{key}_token_id")
+        if token_id is not None:
+            tok_config[f"{key}_token"] = tokenizer.backend.id_to_token(token_id)
+    (directory / "tokenizer_config.json").write_text(json.dumps(tok_config, indent=2))
+    if tokenizer.chat_template is not None:
+        (directory / "chat_template.jinja").write_text(tokenizer.chat_template, encoding="utf-8")
+
+
+@contextlib.contextmanager
+def staged(directory, *, overwrite: bool) -> Iterator[Path]:
+    """A temporary sibling of ``directory`` to write into, renamed into place when the block
+    ends without an error and removed when it raises: an interrupted export leaves nothing
+    that loads. ``directory`` must not exist or be empty unless ``overwrite``."""
+    target = check_output_directory(directory, overwrite=overwrite)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    try:
+        yield tmp
+        _fsync_dir(tmp)
+        _commit(tmp, target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
