@@ -6,6 +6,7 @@
                       [--max-tokens N] [--json]
     jquant generate MODEL [--recipe R] --prompt TEXT [--max-new-tokens N] [--json]
     jquant quantize MODEL --recipe R [--calib CORPUS] [--calib-samples N] -o DIR [--overwrite]
+    jquant export MODEL --format compressed-tensors|gptq|gptq-v1 -o DIR [--recipe R]
     jquant compare MODEL --recipes a,b,c [--corpus ...] [--plot out.png] [--json]
     jquant allocate MODEL (--target-bits B | --target-size 100MB | --fit DEVICE --context T
                            --batch N [--kv-cache F]) [--calib ...] [-o recipe.yaml] [--json]
@@ -13,9 +14,10 @@
                        [--max-slots N] [--max-context T] [--prefill-chunk C] [--mesh tp=N]
                        [--served-model-name NAME]
 
-MODEL is a registry name (``smollm2-135m``), a local Hugging Face directory, a
-``.gguf`` file, a hub id, or a directory written by ``jquant quantize`` (loaded packed,
-without float weights).
+MODEL is a registry name (``smollm2-135m``), a local Hugging Face directory (float, or
+GPTQ, AWQ and compressed-tensors checkpoints, loaded as their codes), a ``.gguf`` file
+(``--keep-packed`` keeps its quantized matrices packed), a hub id, or a directory written by
+``jquant quantize`` (loaded packed, without float weights).
 
 Every argument that can be checked without the model (numbers, recipes, the text, the
 plot's directory) is checked before the model loads; an error is one line,
@@ -31,7 +33,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from jquant.cli import allocate, eval, generate, inspect, quantize, recipes, serve
+from jquant.cli import allocate, eval, export, generate, inspect, quantize, recipes, serve
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -45,6 +47,7 @@ def build_parser() -> argparse.ArgumentParser:
     eval.add_eval_parser(sub)
     generate.add_parser(sub)
     quantize.add_parser(sub)
+    export.add_parser(sub)
     eval.add_compare_parser(sub)
     allocate.add_parser(sub)
     serve.add_parser(sub)
@@ -57,6 +60,7 @@ _HANDLERS = {
     "eval": eval.run_eval,
     "generate": generate.run,
     "quantize": quantize.run,
+    "export": export.run,
     "compare": eval.run_compare,
     "allocate": allocate.run,
     "serve": serve.run,

@@ -42,9 +42,13 @@ def float_in(low: float, high: float = math.inf, *, open_low: bool = False):
 
 
 def add_model_args(p: argparse.ArgumentParser, *, recipe: bool = True) -> None:
-    p.add_argument("model", help="registry name (smollm2-135m), HF directory, .gguf file or hub id")
+    p.add_argument("model", help="registry name (smollm2-135m), HF directory (float, GPTQ, AWQ "
+                                 "or compressed-tensors), .gguf file or hub id")  # fmt: skip
     if recipe:
         p.add_argument("--recipe", help="shipped recipe name or YAML path (default: float)")
+    p.add_argument("--keep-packed", action="store_true",
+                   help="a GGUF model's quantized matrices stay packed (QArrays), not "
+                        "dequantized to float")  # fmt: skip
 
 
 def add_memory_args(p: argparse.ArgumentParser) -> None:
@@ -161,7 +165,7 @@ def load(args):
     """(model, float params, tokenizer, config) of ``args.model``."""
     from jquant import models
 
-    return models.load(args.model, with_config=True)
+    return models.load(args.model, with_config=True, packed=getattr(args, "keep_packed", False))
 
 
 def recipe(name: str | None):

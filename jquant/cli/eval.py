@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+from pathlib import Path
 
 from jquant.cli import _args
 from jquant.models.cache import KV_CACHE_FORMATS
@@ -37,10 +38,21 @@ def add_compare_parser(sub) -> None:
     p.add_argument("--json", action="store_true", help="print JSON")
 
 
-def _label(model: str) -> str:
+def _label(args) -> str:
+    """What ``args.model`` holds: packed (jquant's), another library's quantization method,
+    a GGUF kept packed, or float."""
     from jquant.io.packed import is_packed
 
-    return "packed" if os.path.isdir(model) and is_packed(model) else "float"
+    model = args.model
+    if os.path.isdir(model) and is_packed(model):
+        return "packed"
+    config = os.path.join(model, "config.json")
+    if os.path.isdir(model) and os.path.isfile(config):
+        raw = json.loads(Path(config).read_text())
+        method = (raw.get("quantization_config") or {}).get("quant_method")
+        if method or os.path.isfile(os.path.join(model, "quantize_config.json")):
+            return method or "gptq"
+    return "gguf packed" if getattr(args, "keep_packed", False) else "float"
 
 
 def run_eval(args) -> int:
@@ -57,7 +69,7 @@ def run_eval(args) -> int:
         print(json.dumps(out))
     else:
         print(
-            f"{args.model} [{args.recipe or _label(args.model)}]: perplexity "
+            f"{args.model} [{args.recipe or _label(args)}]: perplexity "
             f"{out['perplexity']:.3f} over "
             f"{out['tokens']} tokens (seq_len {args.seq_len}"
             f"{', KV cache ' + args.kv_cache if args.kv_cache else ''}); weights "

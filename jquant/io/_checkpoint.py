@@ -63,10 +63,12 @@ class Checkpoint:
         (`"sliding_attention"` or `"full_attention"`; None: all full). `hidden_act`,
         `query_pre_attn_scalar`, the two soft-caps and `rope_local_base_freq` (Gemma 3's
         sliding layers' RoPE base) are None where the family has no such thing.
-      tensors: float32 numpy arrays in HF layout (see `expected_shapes`). `lm_head.weight` is
-        absent when `config["tie_word_embeddings"]` is True. A dict, or, loaded with
-        ``lazy=True``, a `LazyTensors` holding the same names and values that reads each
-        tensor from disk when it is looked up.
+      tensors: float32 numpy arrays in HF layout (see `expected_shapes`); an imported
+        quantized checkpoint (GPTQ, AWQ, compressed-tensors, a GGUF loaded ``packed``) holds
+        a `jquant.QArray` of logical shape ``(in, out)`` for each quantized matrix.
+        `lm_head.weight` is absent when `config["tie_word_embeddings"]` is True. A dict,
+        or, loaded with ``lazy=True``, a `LazyTensors` holding the same names and values
+        that reads each tensor from disk when it is looked up.
       tokenizer: a `jquant.io.Tokenizer`, or None when the source carries none.
       source: where the checkpoint came from (a path or a hub id), for messages and reports.
     """

@@ -42,6 +42,19 @@ def write_tokenizer(directory: Path, tokenizer) -> None:
         (directory / "chat_template.jinja").write_text(tokenizer.chat_template, encoding="utf-8")
 
 
+def refusal(target: str, problems: list[tuple[str, str]]) -> ValueError:
+    """One error for what ``target`` cannot hold: each ``(tensor, reason)`` reason once, with
+    how many tensors it concerns and the first three (a model's 200 kernels share a few
+    reasons)."""
+    by_reason: dict[str, list[str]] = {}
+    for name, reason in problems:
+        by_reason.setdefault(reason, []).append(name)
+    parts = [f"{reason}: {', '.join(names[:3])}"
+             + (f" and {len(names) - 3} more" if len(names) > 3 else "")
+             for reason, names in by_reason.items()]  # fmt: skip
+    return ValueError(f"{target} cannot hold {len(problems)} tensor(s): " + "; ".join(parts))
+
+
 @contextlib.contextmanager
 def staged(directory, *, overwrite: bool) -> Iterator[Path]:
     """A temporary sibling of ``directory`` to write into, renamed into place when the block

@@ -39,7 +39,7 @@ from jquant.tree import leaves
 from . import hf
 from ._checkpoint import expected_shapes
 from ._ct_scheme import FLOAT, INT, LINEAR, PACKED, QUANT_METHOD, Scheme, Schemes, scheme_dict
-from ._hf_export import config_json, staged, write_tokenizer
+from ._hf_export import config_json, refusal, staged, write_tokenizer
 from ._int32_pack import pack_int32, packed_words, unpack_int32
 from ._packed_writer import check_output_directory
 from ._safetensors import write_file
@@ -269,14 +269,13 @@ def write_compressed_tensors(params, config: dict[str, Any], tokenizer, director
         written = (_compress(value, name[: -len(".weight")]) if path.endswith("kernel")
                    else "not a linear layer's weight")  # fmt: skip
         if isinstance(written, str):
-            refused.append(f"{path} ({value.qtype}: {written})")
+            refused.append((path, f"{value.qtype}: {written}"))
             continue
         scheme, tensors = written
         arrays.extend(tensors)
         groups.setdefault(scheme, []).append(name[: -len(".weight")])
     if refused:
-        raise ValueError("write_compressed_tensors: compressed-tensors cannot hold these "
-                         f"quantized tensors: {'; '.join(refused)}")  # fmt: skip
+        raise refusal("compressed-tensors", refused)
     raw = config_json(config, quantization_config=_quantization_config(groups, floats),
                       torch_dtype=str(np.dtype(dict(arrays)["model.embed_tokens.weight"].dtype)))
     with staged(target, overwrite=overwrite) as tmp:

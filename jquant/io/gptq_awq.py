@@ -26,7 +26,7 @@ from jquant.qarray import QArray, from_codes
 
 from . import _gptq_layout as layout
 from ._checkpoint import check_tensors, expected_shapes
-from ._hf_export import config_json, staged, write_tokenizer
+from ._hf_export import config_json, refusal, staged, write_tokenizer
 from ._lazy import LazyTensors, TensorEntry
 from ._packed_writer import check_output_directory
 from ._safetensors import write_file
@@ -223,7 +223,7 @@ def write_gptq(
         raise ValueError(f"version must be 1 or 2 (GPTQ v1 or v2 zero points), got {version!r}")
     target = check_output_directory(directory, overwrite=overwrite)
     out: list[tuple[str, np.ndarray]] = []
-    problems: list[str] = []
+    problems: list[tuple[str, str]] = []
     schemes: dict[tuple[int, int | None], list[str]] = {}
     zero_ranges = {1: (1, 0), 2: (0, -1)}  # (low, offset from 2^b) per version
     low, top = zero_ranges[version]
@@ -233,29 +233,29 @@ def write_gptq(
             out.append((name, np.ascontiguousarray(np.asarray(value))))
             continue
         if name == "model.embed_tokens.weight":
-            problems.append(f"{name}: quantized {value.qtype} embedding (GPTQ quantizes linear "
-                            "layers only)")  # fmt: skip
+            problems.append((name, f"quantized {value.qtype} embedding (GPTQ quantizes linear "
+                                   "layers only)"))  # fmt: skip
             continue
         got = _as_uint(value)
         if isinstance(got, str):
-            problems.append(f"{name}: {got}")
+            problems.append((name, got))
             continue
         bits, codes, scale, zero = got
         if zero.min() < low or zero.max() > (1 << bits) + top:
-            problems.append(
-                f"{name}: {value.qtype} zero points in [{zero.min():g}, {zero.max():g}], outside "
+            problems.append((name,
+                f"{value.qtype} zero points in [{zero.min():g}, {zero.max():g}], outside "
                 f"[{low}, {(1 << bits) + top}] (GPTQ v{version})"
                 + (": write version=1" if version == 2 and zero.min() >= 1 else "")
                 + (": write version=2" if version == 1 and zero.max() < (1 << bits) else "")
-            )  # fmt: skip
+            ))  # fmt: skip
             continue
         half = scale.astype(np.float16)
         if not np.isfinite(half).all() or (
             not round_scales and not np.array_equal(half.astype(np.float32),
                                                     scale.astype(np.float32))
         ):  # fmt: skip
-            problems.append(f"{name}: {value.qtype} scales ({scale.dtype}) that float16 does not "
-                            "hold exactly (pass round_scales=True to round them)")  # fmt: skip
+            problems.append((name, f"{value.qtype} scales ({scale.dtype}) that float16 does "
+                                   "not hold exactly (pass round_scales=True to round them)"))
             continue
         schemes.setdefault((bits, value.group_size), []).append(name)
         symmetric = symmetric and bool(np.all(zero == 1 << (bits - 1)))
@@ -266,11 +266,9 @@ def write_gptq(
     if len(schemes) > 1:
         listed = "; ".join(f"{b}-bit group_size={g}: {', '.join(p[:3])}"
                            for (b, g), p in schemes.items())  # fmt: skip
-        problems.append(f"kernels differ in bits or group size ({listed})")
+        problems.append(("every kernel", f"bits or group size differ ({listed})"))
     if problems:
-        raise ValueError(
-            f"cannot write {len(problems)} tensor(s) as GPTQ:\n  " + "\n  ".join(problems)
-        )
+        raise refusal("GPTQ", problems)
     if not schemes:
         raise ValueError("the model has no quantized kernels to write as GPTQ")
     ((bits, group_size), paths), = schemes.items()

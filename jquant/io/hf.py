@@ -224,7 +224,9 @@ def _weight_files(path: Path) -> list[Path]:
 
 
 def load_hf_dir(path: str | Path, *, tokenizer: bool = True, lazy: bool = False) -> Checkpoint:
-    """Read an HF model directory into a float32 `Checkpoint`.
+    """Read an HF model directory into a float32 `Checkpoint`; a GPTQ, AWQ or
+    compressed-tensors one (`quant_method`) into a `Checkpoint` whose quantized linear weights
+    are QArrays, codes as stored (`jquant.io.gptq_awq`, `jquant.io.compressed_tensors`).
 
     Args:
       path: directory with `config.json` and safetensors weights.
@@ -249,6 +251,9 @@ def load_hf_dir(path: str | Path, *, tokenizer: bool = True, lazy: bool = False)
     if not (path / "config.json").is_file():
         raise FileNotFoundError(f"{path} has no config.json; is it a Hugging Face model directory?")
     raw = json.loads((path / "config.json").read_text())
+    method = quant_method(path, raw)
+    if method is not None:
+        return _load_quantized(path, method, tokenizer=tokenizer, lazy=lazy)
     config = config_from_hf(raw, str(path))
     multimodal = raw.get("model_type") == "gemma3"  # accepted: it has a text_config
     if multimodal:
@@ -264,6 +269,47 @@ def load_hf_dir(path: str | Path, *, tokenizer: bool = True, lazy: bool = False)
     tok = tokenizer_from_hf_dir(path, config) if tokenizer else None
     return Checkpoint(config=config, tensors=tensors if lazy else dict(tensors), tokenizer=tok,
                       source=str(path))  # fmt: skip
+
+
+#: ``quant_method`` of the quantized HF checkpoints jquant reads, and the module reading each.
+QUANT_METHODS = {"compressed-tensors": "compressed_tensors", "gptq": "gptq_awq",
+                 "awq": "gptq_awq"}  # fmt: skip
+
+
+def quant_method(path: Path, raw: dict[str, Any]) -> str | None:
+    """The ``quant_method`` of an HF directory's ``quantization_config`` (or of AutoGPTQ's
+    ``quantize_config.json`` beside it); None for a float checkpoint.
+
+    Raises:
+      ValueError: a quantization method jquant does not read, named with those it does.
+    """
+    qc = raw.get("quantization_config")
+    if qc is None and (path / "quantize_config.json").is_file():
+        qc = json.loads((path / "quantize_config.json").read_text())
+        qc.setdefault("quant_method", "gptq")
+    if qc is None:
+        return None
+    method = qc.get("quant_method") if isinstance(qc, dict) else None
+    if method not in QUANT_METHODS:
+        raise ValueError(
+            f"{path}: quantization_config quant_method {method!r} is not one jquant reads "
+            f"({', '.join(QUANT_METHODS)}); load the float model instead"
+        )
+    return method
+
+
+def _load_quantized(path: Path, method: str, *, tokenizer: bool, lazy: bool) -> Checkpoint:
+    """A GPTQ, AWQ or compressed-tensors directory as a `Checkpoint` holding QArrays."""
+    import importlib
+
+    if lazy:
+        raise ValueError(f"{path}: a {method} checkpoint is read whole; lazy=True reads float "
+                         "checkpoints only")  # fmt: skip
+    module = importlib.import_module(f"jquant.io.{QUANT_METHODS[method]}")
+    read = module.read_compressed_tensors if method == "compressed-tensors" else \
+        module.read_gptq_awq  # fmt: skip
+    config, tensors, tok = read(path, tokenizer=tokenizer)
+    return Checkpoint(config=config, tensors=tensors, tokenizer=tok, source=str(path))
 
 
 def load_hub(

@@ -18,7 +18,8 @@ def default_dtype():
     return jnp.float32 if jax.default_backend() == "cpu" else jnp.bfloat16
 
 
-def load(source, *, dtype=None, param_dtype=jnp.float32, with_config: bool = False) -> tuple:
+def load(source, *, dtype=None, param_dtype=jnp.float32, with_config: bool = False,
+         packed: bool = False) -> tuple:  # fmt: skip
     """Loads a Llama-family model from a registry name, packed or HF directory, ``.gguf`` or
     hub id.
 
@@ -32,6 +33,9 @@ def load(source, *, dtype=None, param_dtype=jnp.float32, with_config: bool = Fal
         quantization recipe starts from these). A packed checkpoint keeps its stored dtypes.
       with_config: also return the checkpoint's HF-style config dict (what
         `jquant.memory_report(config=...)` reads) as a fourth element.
+      packed: a GGUF source keeps its quantized matrices as QArrays (`jquant.io.load_gguf`'s
+        ``packed``). Another library's quantized HF directory (GPTQ, AWQ,
+        compressed-tensors) always loads as its QArrays.
 
     Returns:
       ``(model, params, tokenizer)``: the `Llama` module, its parameter ``nnx.State`` (the
@@ -53,7 +57,7 @@ def load(source, *, dtype=None, param_dtype=jnp.float32, with_config: bool = Fal
         model, params, tokenizer, config = load_packed(source, dtype=dtype)
         return (model, params, tokenizer, config) if with_config else (model, params, tokenizer)
     else:
-        ckpt = load_checkpoint(os.fspath(source))
+        ckpt = load_checkpoint(os.fspath(source), packed=packed)
     config = LlamaConfig.from_hf(ckpt.config)
     model, params = params_from_hf(
         ckpt.tensors, config, dtype=dtype or default_dtype(), param_dtype=param_dtype
