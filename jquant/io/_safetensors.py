@@ -41,6 +41,7 @@ DTYPE_CODES = {
     "uint64": "U64",
     "float8_e4m3fn": "F8_E4M3",
     "float8_e5m2": "F8_E5M2",
+    "float8_e8m0fnu": "F8_E8M0",  # MXFP4's power-of-two scales
 }
 _DTYPES = {code: np.dtype(getattr(ml_dtypes, name, name)) for name, code in DTYPE_CODES.items()}
 

@@ -37,6 +37,8 @@ CASES = {
     "nf4-double-quant": {"weight": "nf4", "group_size": 64, "double_quant": True},
     "int8-a8": {"weight": "int8", "activation": "int8"},
     "fp8": {"weight": "fp8_e4m3"},
+    "mxfp4": {"weight": "mxfp4", "group_size": 32},
+    "nvfp4": {"weight": "nvfp4", "group_size": 16},
 }
 
 
@@ -120,6 +122,8 @@ def test_round_trip_is_bit_identical(tmp_path, name):
         "nf4-double-quant": lambda: isinstance(down.scale, QArray),
         "int8-a8": lambda: down.activation == "int8",
         "fp8": lambda: down.qvalue.dtype == jnp.float8_e4m3fn,
+        "mxfp4": lambda: down.scale.dtype == jnp.float8_e8m0fnu,  # safetensors' F8_E8M0
+        "nvfp4": lambda: isinstance(down.scale, QArray) and down.scale.qtype == "fp8_e4m3",
     }
     assert carries[name]()
     recipe = _recipe(name)
