@@ -46,12 +46,13 @@ def _label(args) -> str:
     model = args.model
     if os.path.isdir(model) and is_packed(model):
         return "packed"
-    config = os.path.join(model, "config.json")
-    if os.path.isdir(model) and os.path.isfile(config):
-        raw = json.loads(Path(config).read_text())
-        method = (raw.get("quantization_config") or {}).get("quant_method")
-        if method or os.path.isfile(os.path.join(model, "quantize_config.json")):
-            return method or "gptq"
+    config = Path(model) / "config.json"
+    if config.is_file():  # another library's quantized checkpoint (it has loaded: known)
+        from jquant.io.hf import quant_method
+
+        method = quant_method(Path(model), json.loads(config.read_text()))
+        if method is not None:
+            return method
     return "gguf packed" if getattr(args, "keep_packed", False) else "float"
 
 

@@ -86,11 +86,7 @@ def gptq_to_codes(
     """
     if bits not in GPTQ_BITS:
         raise ValueError(f"{prefix}: GPTQ bits={bits!r} is not supported; jquant reads {GPTQ_BITS}")
-    for part in ("qweight", "qzeros", "scales"):
-        if part not in parts:
-            raise ValueError(f"{prefix}.{part} is missing (a GPTQ module needs qweight, "
-                             "qzeros and scales)")  # fmt: skip
-    qweight, qzeros, scales = parts["qweight"], parts["qzeros"], parts["scales"]
+    qweight, qzeros, scales = _three_parts(prefix, parts, "a GPTQ")
     if scales.ndim != 2:
         raise ValueError(f"{prefix}.scales has shape {tuple(scales.shape)}, expected (G, out)")
     n_out = scales.shape[1]
@@ -119,6 +115,15 @@ def gptq_to_codes(
     return np.ascontiguousarray(codes), np.ascontiguousarray(scales.T), zeros
 
 
+def _three_parts(prefix: str, parts: dict[str, np.ndarray], module: str):
+    """``parts``' qweight, qzeros and scales; ValueError naming the first one missing."""
+    for part in ("qweight", "qzeros", "scales"):
+        if part not in parts:
+            raise ValueError(f"{prefix}.{part} is missing ({module} module needs qweight, "
+                             "qzeros and scales)")  # fmt: skip
+    return parts["qweight"], parts["qzeros"], parts["scales"]
+
+
 def awq_to_codes(
     prefix: str, parts: dict[str, np.ndarray], *, group_size: int | None, bits: int = 4
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -130,11 +135,7 @@ def awq_to_codes(
     """
     if bits != 4:
         raise ValueError(f"{prefix}: AWQ GEMM bits={bits!r} is not supported; jquant reads 4")
-    for part in ("qweight", "qzeros", "scales"):
-        if part not in parts:
-            raise ValueError(f"{prefix}.{part} is missing (an AWQ module needs qweight, "
-                             "qzeros and scales)")  # fmt: skip
-    qweight, qzeros, scales = parts["qweight"], parts["qzeros"], parts["scales"]
+    qweight, qzeros, scales = _three_parts(prefix, parts, "an AWQ")
     if scales.ndim != 2 or qweight.ndim != 2:
         raise ValueError(f"{prefix}: scales {tuple(scales.shape)} and qweight "
                          f"{tuple(qweight.shape)} must both be 2-D")  # fmt: skip

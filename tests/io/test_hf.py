@@ -198,6 +198,23 @@ def test_unexpected_tensor(tmp_path, tiny):
         jio.load_hf_dir(write_hf_dir(tmp_path / "m", tiny, tensors))
 
 
+def test_quantized_directory_of_an_unknown_method_is_named(tmp_path, tiny):
+    """A quantization_config jquant does not read is refused by its quant_method (the GPTQ,
+    AWQ and compressed-tensors ones load as QArrays: tests/io/test_gptq_awq.py and
+    test_compressed_tensors.py); AutoGPTQ's quantize_config.json alone means GPTQ."""
+    config = dict(hf_config_json(tiny), quantization_config={"quant_method": "bitsandbytes"})
+    path = write_hf_dir(tmp_path / "m", tiny, tiny.tensors(), config=config)
+    with pytest.raises(ValueError, match=r"quant_method 'bitsandbytes' is not one jquant reads "
+                                         r"\(compressed-tensors, gptq, awq\)"):  # fmt: skip
+        jio.load_hf_dir(path)
+    plain = write_hf_dir(tmp_path / "p", tiny, tiny.tensors())
+    assert jhf.quant_method(plain, json.loads((plain / "config.json").read_text())) is None
+    (plain / "quantize_config.json").write_text(json.dumps({"bits": 4}))
+    assert jhf.quant_method(plain, {}) == "gptq"
+    with pytest.raises(ValueError, match=r"is read whole; lazy=True reads float"):
+        jio.load_hf_dir(plain, lazy=True)
+
+
 def test_hub_id_uses_snapshot_download(tmp_path, tiny, monkeypatch):
     import huggingface_hub
     local = write_hf_dir(tmp_path / "snap", tiny, tiny.tensors())
