@@ -55,7 +55,8 @@ def _np_scale(block_t, qt, scale_dtype):
 
 
 def np_gptq(w, h, qtype, group_size, *, act_order, static_groups, damp=0.01, sd=np.float32):
-    """Plain GPTQ, one row at a time in float64 (no lazy batch, no JAX) → codes (N, K)."""
+    """Plain GPTQ, one row at a time in float64 (no lazy batch, no JAX) → codes (N, K),
+    scales (N, G) and zero points (N, G, or None)."""
     qt = qtypes.get(qtype)
     w, h = w.astype(np.float64), h.astype(np.float64).copy()
     k = w.shape[0]
@@ -81,7 +82,9 @@ def np_gptq(w, h, qtype, group_size, *, act_order, static_groups, damp=0.01, sd=
         err = (wp[i] - (c - z) * s) / u[i, i]
         wp[i + 1 :] -= np.outer(u[i, i + 1 :], err)
         codes[:, perm[i]] = c
-    return codes
+    groups = [scales[g] for g in sorted(scales)]
+    zeros = None if groups[0][1] is None else np.stack([z for _, z in groups], -1)
+    return codes, np.stack([s for s, _ in groups], -1), zeros
 
 
 # Every case and most other tests use one (K, N) = (100, 24) layer geometry: K is not a
@@ -104,18 +107,32 @@ def _case_rule(case, **kw):
     return _rule(qtype, group_size=gs, scale_dtype=sd, algorithm_args=args, **kw)
 
 
+def _narrow_sweeps(monkeypatch, cols):
+    """Eager sweeps of ``cols`` output columns at a time (N = 24: chunks and a short last)."""
+    monkeypatch.setattr(jquant.algorithms.gptq, "SWEEP_BYTES", 4 * K * cols)
+
+
+@pytest.mark.parametrize("cols", [None, 7], ids=["one-sweep", "7-column-sweeps"])
 @pytest.mark.parametrize("case", list(CASES))
-def test_codes_equal_numpy_gptq(case):
+def test_codes_equal_numpy_gptq(case, cols, monkeypatch):
+    if cols:
+        _narrow_sweeps(monkeypatch, cols)
     qtype, gs, act_order, static, _, sd, dead = CASES[case]
     w, calib = _layer(len(case), K, N, dead=dead)
     q, info = gptq(w, _case_rule(case), path="w", calibration=calib)
     np_sd = ml_dtypes.bfloat16 if sd == "bfloat16" else np.float32
-    ref = np_gptq(w, np.asarray(calib.hessian), qtype, gs, act_order=act_order,
-                  static_groups=static, sd=np_sd)  # fmt: skip
+    ref, ref_scale, ref_zero = np_gptq(w, np.asarray(calib.hessian), qtype, gs,
+                                       act_order=act_order, static_groups=static, sd=np_sd)
     got = np.asarray(q.codes(), np.float64)
     # Every code equal: float32 (jquant) and float64 (the reference) could in principle
     # round a value at a code boundary differently; none does for these layers.
     np.testing.assert_array_equal(got, ref)
+    # float32 scales may differ in the last bit (the order of the range's arithmetic).
+    np.testing.assert_allclose(np.asarray(q.scale, np.float32), ref_scale.astype(np.float32),
+                               rtol=1e-6)  # fmt: skip
+    if ref_zero is not None:
+        np.testing.assert_array_equal(np.asarray(q.zero_point, np.float32),
+                                      ref_zero.astype(np.float32))  # fmt: skip
     assert float(info["damp"]) == pytest.approx(0.01) and bool(info["factored"])
     rtn = np.asarray(quantize_array(w, qtype, group_size=gs, scale_dtype=jnp.dtype(sd)).codes())
     assert (got != rtn).mean() > 0.1  # GPTQ really moved codes
@@ -202,11 +219,15 @@ def test_nan_hessian_raises_naming_the_path():
         check_info(path, info)
 
 
-def test_nan_weight_raises_naming_the_path():
+@pytest.mark.parametrize("cols", [None, 4], ids=["one-sweep", "4-column-sweeps"])
+def test_nan_weight_raises_naming_the_path(cols, monkeypatch):
+    if cols:  # the NaN is in the second chunk, the first in row-major order of two
+        _narrow_sweeps(monkeypatch, cols)
     w, calib = _layer(8, K, N)
+    w[7, 1] = np.nan
     w[3, 5] = np.nan
     rule = _case_rule("int4-g32-short-last-act-order")
-    with pytest.raises(ValueError, match=r"^w: weight holds 1 NaN/inf values \(first at "
+    with pytest.raises(ValueError, match=r"^w: weight holds 2 NaN/inf values \(first at "
                                          r"index \[3, 5\]\)"):  # fmt: skip
         algorithms.run("gptq", w, rule, path="w", calibration=calib)
 
