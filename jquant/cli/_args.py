@@ -96,13 +96,35 @@ def add_distributed_args(p: argparse.ArgumentParser) -> None:
         "device takes its share of every micro-batch's windows")  # fmt: skip
     g.add_argument("--data-parallel", action="store_true",
                    help="over every device of this process")  # fmt: skip
+    add_process_args(g, "process 0 writes the output")
+
+
+def add_process_args(g, leader: str) -> None:
+    """``--coordinator``, ``--num-processes``, ``--process-id`` (`jax.distributed`);
+    ``leader`` says what process 0 does."""
     g.add_argument("--coordinator", metavar="HOST:PORT",
                    help="join a multi-process run whose process 0 listens at HOST:PORT (with "
                    "--num-processes and --process-id); every device of every process takes "
-                   "part, and process 0 writes the output")  # fmt: skip
+                   f"part, and {leader}")  # fmt: skip
     g.add_argument("--num-processes", type=int_at_least(1), help="processes in the run")
     g.add_argument("--process-id", type=int_at_least(0),
                    help="this process's index, 0 to --num-processes - 1")  # fmt: skip
+
+
+def join_processes(args) -> bool:
+    """Joins the `jax.distributed` run the flags name (checked first); whether they name
+    one."""
+    import jax
+
+    check_distributed(args)
+    if args.coordinator is None:
+        return False
+    # CPU devices of different processes reach each other only through gloo; the setting
+    # is ignored by the other platforms.
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    jax.distributed.initialize(args.coordinator, num_processes=args.num_processes,
+                               process_id=args.process_id)  # fmt: skip
+    return True
 
 
 def check_distributed(args) -> None:
@@ -139,13 +161,7 @@ def placement(args):
 
     from jquant.calib.activations import Placement
 
-    check_distributed(args)
-    if args.coordinator is not None:
-        # CPU devices of different processes reach each other only through gloo; the
-        # setting is ignored by the other platforms.
-        jax.config.update("jax_cpu_collectives_implementation", "gloo")
-        jax.distributed.initialize(args.coordinator, num_processes=args.num_processes,
-                                   process_id=args.process_id)  # fmt: skip
+    if join_processes(args):
         return Placement(Mesh(np.array(jax.devices()), ("data",)))
     if args.data_parallel:
         return Placement(Mesh(np.array(jax.local_devices()), ("data",)))

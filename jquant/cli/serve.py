@@ -1,5 +1,6 @@
 """``jquant serve MODEL [--recipe R] [--kv-cache F] [--mesh tp=N] ...``: serve the model over
-an OpenAI-compatible HTTP API."""
+an OpenAI-compatible HTTP API; with ``--coordinator``, over several processes' devices
+(`jquant.serve.lockstep`)."""
 
 from __future__ import annotations
 
@@ -24,14 +25,20 @@ def add_parser(sub) -> None:
                    help="prompt tokens prefilled per step")
     p.add_argument("--mesh", help="tensor parallelism over devices: tp=N")
     p.add_argument("--served-model-name", help="model id of the API (default: MODEL)")
+    g = p.add_argument_group(
+        "multi-process", "serve one model over the devices of several processes (tensor "
+        "parallel over all of them); every process loads the model")  # fmt: skip
+    _args.add_process_args(g, "process 0 serves the HTTP API while the others follow its steps")
 
 
 def run(args) -> int:
     import socket
 
+    import jax
     import uvicorn
 
     from jquant.calib import quantize_loaded
+    from jquant.serve import lockstep
     from jquant.serve.engine import Engine, engine_report
     from jquant.serve.server import create_app
     from jquant.sharding import make_tp_mesh, parse_tp_mesh
@@ -43,10 +50,19 @@ def run(args) -> int:
         with _args.flag("--mesh"):
             tp = parse_tp_mesh(args.mesh)
     recipe = _args.recipe(args.recipe)
+    multi = _args.join_processes(args)
+    if multi:
+        if tp not in (None, jax.device_count()):
+            raise ValueError(f"--mesh tp={tp}: a multi-process server is tensor parallel "
+                             f"over every process's devices, tp={jax.device_count()}")  # fmt: skip
+        tp = jax.device_count()
     if tp is not None:
         make_tp_mesh(tp)  # enough devices? (before the model loads)
-    family = socket.getaddrinfo(args.host, args.port, type=socket.SOCK_STREAM)[0][0]
-    sock = socket.create_server((args.host, args.port), family=family)  # fails before loading
+    leader = not multi or jax.process_index() == 0
+    sock = None
+    if leader:  # fails before loading
+        family = socket.getaddrinfo(args.host, args.port, type=socket.SOCK_STREAM)[0][0]
+        sock = socket.create_server((args.host, args.port), family=family)
     try:
         model, params, tokenizer, _ = _args.load(args)
         if tokenizer is None:
@@ -56,6 +72,13 @@ def run(args) -> int:
                         max_context=args.max_context, prefill_chunk=args.prefill_chunk,
                         kv_cache=None if args.kv_cache == "none" else args.kv_cache,
                         mesh=tp)  # fmt: skip
+        if not leader:
+            print(f"jquant serve: process {jax.process_index()} follows process 0", flush=True)
+            calls = lockstep.follow(engine.runner)
+            print(f"jquant serve: process 0 stopped after {calls} steps", flush=True)
+            return 0
+        if multi:
+            engine.runner = lockstep.Leader(engine.runner)
         try:
             print(engine_report(engine), file=sys.stderr, flush=True)
             engine.start()
@@ -71,6 +94,9 @@ def run(args) -> int:
                                          log_config=None)).run(sockets=[sock])
         finally:
             engine.close()
+            if multi:
+                engine.runner.stop()
     finally:
-        sock.close()
+        if sock is not None:
+            sock.close()
     return 0

@@ -16,6 +16,7 @@ outputs equal the single-device run's up to float summation order.
 from __future__ import annotations
 
 import jax
+import numpy as np
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
@@ -43,6 +44,10 @@ def runner_sharder(mesh, config):
     notes: list[str] = []
 
     def shard(params, cache):
+        if jax.process_count() > 1:
+            # An array committed to this process's device cannot be put on the others'
+            # devices: each process places its own host copy (the same values everywhere).
+            params, cache = jax.tree.map(np.asarray, (params, cache))
         # tp_logical_specs knows the model's own paths: name the runner's parts after them.
         named = {"embed_tokens": params["embed"], "layers": params["layers"],
                  "norm": params["norm"]}  # fmt: skip

@@ -519,6 +519,11 @@ def test_cli_serve_answers_over_http(tiny_model, capsys, monkeypatch):
         (["--mesh", "tp=64"], "tp=64 needs 64 devices"),  # checked before the model loads
         (["--port", "70000"], "--port 70000 is not a TCP port"),
         (["--recipe", "no-such-recipe"], "no-such-recipe"),
+        (["--coordinator", "127.0.0.1:1"], "--coordinator given alone"),
+        (["--coordinator", "nohost", "--num-processes", "2", "--process-id", "0"],
+         "expected HOST:PORT"),
+        (["--coordinator", "127.0.0.1:1", "--num-processes", "2", "--process-id", "2"],
+         "--process-id 2 is out of range"),
     ],
 )
 def test_cli_serve_bad_arguments_are_one_line_errors(capsys, tmp_path, extra, expected):
