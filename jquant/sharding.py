@@ -95,6 +95,7 @@ def storage_partition_spec(
         zero_point=None
         if qarray.zero_point is None
         else _scale_spec(qarray.zero_point, other, k_spec),
+        perm=None if qarray.perm is None else P(None),  # K indices: small, replicated
     )
 
 
