@@ -21,28 +21,39 @@ import jax.numpy as jnp
 import numpy as np
 
 
-def check_perm(perm, k: int, *, values: bool) -> None:
-    """Raises ValueError unless ``perm`` is an integer ``(k,)`` array and, when ``values``
-    (a concrete array), a permutation of ``0..k-1``."""
+def check_perm(perm, k: int, lead: tuple[int, ...], *, values: bool) -> None:
+    """Raises ValueError unless ``perm`` is an integer ``(k,)`` array, or ``(*stack, k)`` for
+    QArrays stacked along leading axes ``stack`` (a prefix of the codes' leading axes
+    ``lead``: layers stacked for ``lax.scan``), and, when ``values`` (a host array), holds a
+    permutation of ``0..k-1`` in each row."""
     shape = tuple(perm.shape)
-    if shape != (k,) or not jnp.issubdtype(perm.dtype, jnp.integer):
+    if (not shape or shape[-1] != k or shape[:-1] != tuple(lead[: len(shape) - 1])
+            or not jnp.issubdtype(perm.dtype, jnp.integer)):  # fmt: skip
         raise ValueError(f"QArray: perm must be an integer array of shape ({k},) (one stored "
-                         f"position per input of k={k}), got {np.dtype(perm.dtype).name} "
-                         f"{shape}")  # fmt: skip
-    if values and not np.array_equal(np.sort(np.asarray(perm)), np.arange(k)):
+                         f"position per input of k={k}; stacked: leading axes of {lead}), "
+                         f"got {np.dtype(perm.dtype).name} {shape}")  # fmt: skip
+    if values and not (np.sort(np.asarray(perm), axis=-1) == np.arange(k)).all():
         raise ValueError(f"QArray: perm is not a permutation of 0..{k - 1} (an input is "
                          "repeated or missing)")  # fmt: skip
 
 
 def permute_input(x, w, axis: int):
     """``(x[..., perm] along axis, w without perm)``: the contraction of the two is ``x @ w``'s."""
+    if w.perm.ndim != 1:
+        raise ValueError(f"a matmul with a stacked QArray's perm of shape {w.perm.shape}: "
+                         "slice the stack (as lax.scan over layers does) to one weight first")
     x = jnp.take(x, w.perm, axis=axis, unique_indices=True, indices_are_sorted=False)
     return x, dataclasses.replace(w, perm=None)
 
 
 def unpermute(stored: jax.Array, perm) -> jax.Array:
-    """Values in stored order along the last axis, back in logical order."""
-    return jnp.take(stored, jnp.argsort(perm), axis=-1)
+    """Values in stored order along the last axis, back in logical order (``perm`` ``(k,)``,
+    or stacked ``(*stack, k)`` over the leading axes of ``stored``)."""
+    inverse = jnp.argsort(perm, axis=-1)
+    if perm.ndim == 1:
+        return jnp.take(stored, inverse, axis=-1)
+    inverse = inverse.reshape(*perm.shape[:-1], *(1,) * (stored.ndim - perm.ndim), -1)
+    return jnp.take_along_axis(stored, inverse, axis=-1)
 
 
 def from_g_idx(g_idx: np.ndarray, k: int, group_size: int | None, name: str) -> np.ndarray | None:

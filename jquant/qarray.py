@@ -34,6 +34,11 @@ followed by a 1-bit plane of the high bits (``L/8`` bytes); 5-bit as 4 + 1, 6-bi
 4 + 2 (``L/2`` then ``L/4`` bytes). Signed codes are stored
 in two's complement within their bits. Groups are concatenated along the last
 axis. This order is the same on every platform and in every checkpoint.
+
+An optional ``perm`` (act-order checkpoints, ``jquant._perm``) permutes the contraction axis:
+the storage above is then of the inputs in the order ``perm`` (stored position ``j`` is
+logical input ``perm[j]``), so groups are consecutive in stored order; ``dequantize()`` and
+``jquant.ops`` undo it, the codes, scales and kernels never see it.
 """
 
 from __future__ import annotations
@@ -123,8 +128,9 @@ class QArray:
         checkpoints, see ``jquant._perm``): stored position ``j`` along K (of the codes,
         ``codes()`` and ``dequantize_stored()``) holds logical element ``perm[j]``, and the
         groups are consecutive in stored order. ``dequantize()`` returns logical order;
-        ``jquant.ops`` contracts ``x[..., perm]`` with the stored weight. Not batched: a
-        QArray with a perm is one weight (no stacked leading axes under ``vmap``).
+        ``jquant.ops`` contracts ``x[..., perm]`` with the stored weight. QArrays stacked
+        along leading axes (layers, for ``lax.scan`` or ``vmap`` over them) stack their
+        perms ``(*stack, k)``; a matmul takes one weight, sliced from the stack.
     """
 
     qvalue: jax.Array
@@ -288,7 +294,7 @@ def _check_parts(q: QArray) -> None:
             )
     if q.perm is not None:
         # Values only on host arrays: a device array would be copied back at every unflatten.
-        _perm.check_perm(q.perm, int(q.k), values=isinstance(q.perm, np.ndarray))
+        _perm.check_perm(q.perm, int(q.k), shape[:-1], values=isinstance(q.perm, np.ndarray))
 
 
 jax.tree_util.register_dataclass(
@@ -500,7 +506,7 @@ def from_codes(
     g = _num_groups(k, group_size)
     if perm is not None:
         perm = np.asarray(perm)
-        _perm.check_perm(perm, k, values=True)
+        _perm.check_perm(perm, k, codes.shape[:-1], values=True)
     if scale.shape[-1] not in (1, g):
         raise ValueError(f"from_codes: scale has {scale.shape[-1]} groups; K={k} needs {g}")
     return QArray(

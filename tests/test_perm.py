@@ -159,3 +159,25 @@ def test_perm_is_a_leaf_and_sharding_replicates_it():
     sharded = shard_params({"k": q}, {"k": P(None, "model")}, mesh)["k"]
     np.testing.assert_array_equal(np.asarray(sharded.dequantize(jnp.float32)),
                                   w.astype(np.float32))  # fmt: skip
+
+
+def test_stacked_layers_keep_a_perm_per_layer():
+    """Layers stacked for ``lax.scan`` (`jquant.models.core.stack_layers`) stack the perms;
+    each scan step's weight is one layer's, with its own perm."""
+    from jquant.models.core import stack_layers
+
+    (q1, w1), (q2, w2) = _case("uint4", k=64, n=8, seed=1), _case("uint4", k=64, n=8, seed=2)
+    stacked = stack_layers([{"k": q1}, {"k": q2}])["k"]
+    assert isinstance(stacked, QArray) and stacked.perm.shape == (2, 64)
+    np.testing.assert_array_equal(np.asarray(stacked.dequantize(jnp.float32)),
+                                  np.stack([w1, w2]).astype(np.float32))  # fmt: skip
+    x = np.random.default_rng(7).standard_normal((3, 64)).astype(np.float32)
+    _, ys = jax.lax.scan(lambda c, q: (c, ops.qdot(jnp.asarray(x), q)), 0, stacked)
+    want = np.stack([x.astype(np.float64) @ w for w in (w1, w2)])
+    np.testing.assert_allclose(np.asarray(ys), want, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match=r"stacked QArray's perm of shape \(2, 64\)"):
+        ops.qeinsum("bk,lkn->lbn", jnp.asarray(x), stacked)
+    bad = np.stack([np.asarray(q1.perm), np.zeros(64, np.int32)])
+    with pytest.raises(ValueError, match=r"perm is not a permutation of 0\.\.63"):
+        QArray(qvalue=stacked.qvalue, scale=stacked.scale, zero_point=stacked.zero_point,
+               qtype="uint4", k=64, group_size=32, perm=bad)  # fmt: skip
