@@ -332,6 +332,19 @@ def test_what_jquant_does_not_apply_is_refused(tmp_path, tiny, key, value, messa
         read_compressed_tensors(tmp_path)
 
 
+def test_actorder_weight_changes_nothing_in_the_file(tmp_path, tiny):
+    """actorder "weight" reorders calibration only (0.20.1's ActivationOrdering docstring):
+    no weight_g_idx, the file reads as without it."""
+    _write(tmp_path, tiny, "w4a16_g32")
+    _, plain, _ = read_compressed_tensors(tmp_path)
+    _edit_config(tmp_path, lambda g: g["weights"].update(actorder="weight"))
+    QuantizationArgs(**json.loads((tmp_path / "config.json").read_text())
+                     ["quantization_config"]["config_groups"]["group_0"]["weights"])  # valid
+    _, tensors, _ = read_compressed_tensors(tmp_path)
+    assert tensors[f"{M}.weight"].perm is None
+    np.testing.assert_array_equal(tensors[f"{M}.weight"].codes(), plain[f"{M}.weight"].codes())
+
+
 @pytest.mark.parametrize("g_idx", [torch.arange(64, dtype=torch.int32) // 32,
                                    torch.full((64,), -1, dtype=torch.int64)])  # fmt: skip
 def test_trivial_g_idx_is_accepted_without_a_perm(tmp_path, tiny, g_idx):
