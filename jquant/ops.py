@@ -13,7 +13,9 @@ Numerics of the XLA path: the weight is dequantized to the activation dtype and
 the dot accumulates in float32 (``preferred_element_type``), so bf16 inputs are
 not summed in bf16. Integer activations are promoted with the weight's dtype first,
 as ``x @ w`` would. A QArray with ``activation`` set quantizes the activations per
-token first (see ``jquant._act``).
+token first (see ``jquant._act``). A QArray with a ``perm`` (act-order) has its inputs taken
+from ``x`` in stored order once, before any path (``jquant._perm``), so XLA and the kernels
+see ordinary consecutive groups.
 
 Training wrappers are weights too: an ``ActQuantized`` (QAT of W8A8 / W4A8,
 ``jquant.qat.fake_quantize``) fake-quantizes the activations per token and multiplies by
@@ -34,7 +36,7 @@ import math
 import jax
 import jax.numpy as jnp
 
-from jquant import _act, _dispatch, _einsum, _tap
+from jquant import _act, _dispatch, _einsum, _perm, _tap
 from jquant._dequant_dot import _accumulator
 from jquant._dispatch import MATMUL_PATHS as MATMUL_PATHS
 from jquant._dispatch import matmul_path as matmul_path
@@ -130,6 +132,8 @@ def qdot_general(
     _check_dims(op, x, w, dims)
     out_dtype = preferred_element_type or x.dtype
     (lc, rc), (lb, _) = dims
+    if w.perm is not None:  # act-order: x's inputs in the weight's stored order, once
+        x, w = _perm.permute_input(x, w, lc[rc.index(w.ndim + w.axis)])
     if len(lc) == 1 and not lb:
         return _qdot_2d(x, w, lc[0], out_dtype, precision)
     return _qdot_general_xla(x, w, dims, out_dtype, precision)
@@ -322,7 +326,8 @@ def qembed(ids: jax.Array, table, *, dtype=None) -> jax.Array:
         table, qvalue=jnp.take(table.qvalue, ids, axis=0), scale=rows(scale),
         zero_point=rows(table.zero_point),
     )  # fmt: skip
-    return gathered.dequantize_stored(dtype)
+    out = gathered.dequantize_stored(dtype)
+    return out if table.perm is None else _perm.unpermute(out, table.perm)
 
 
 def qattend(x: jax.Array, table, *, precision=None, preferred_element_type=None) -> jax.Array:

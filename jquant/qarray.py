@@ -34,6 +34,11 @@ followed by a 1-bit plane of the high bits (``L/8`` bytes); 5-bit as 4 + 1, 6-bi
 4 + 2 (``L/2`` then ``L/4`` bytes). Signed codes are stored
 in two's complement within their bits. Groups are concatenated along the last
 axis. This order is the same on every platform and in every checkpoint.
+
+An optional ``perm`` (act-order checkpoints, ``jquant._perm``) permutes the contraction axis:
+the storage above is then of the inputs in the order ``perm`` (stored position ``j`` is
+logical input ``perm[j]``), so groups are consecutive in stored order; ``dequantize()`` and
+``jquant.ops`` undo it, the codes, scales and kernels never see it.
 """
 
 from __future__ import annotations
@@ -47,7 +52,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jquant import qtypes
+from jquant import _perm, qtypes
 from jquant._checks import check_activation, raise_nonfinite, raise_scale_range
 from jquant._checks import check_float_weight as check_float_weight
 from jquant._checks import validate_group_size as validate_group_size
@@ -104,7 +109,7 @@ class QArray:
     Building one from arrays checks that the parts agree with ``k``, ``axis``,
     ``group_size`` and the format's packing (ValueError naming the part, the expected
     and the actual shape); see ``_check_parts`` for what transformations skip.
-    Instances are pytrees: ``qvalue``, ``scale`` and ``zero_point`` are leaves and
+    Instances are pytrees: ``qvalue``, ``scale``, ``zero_point`` and ``perm`` are leaves and
     every other field is static, so QArrays pass through ``jit``, ``vmap`` (over
     axes before the contraction axis), ``scan`` and ``device_put``.
 
@@ -119,6 +124,13 @@ class QArray:
       dtype: dtype that ``dequantize()`` returns by default (the original's).
       activation: format that ``jquant.ops`` quantizes the activations into before
         a matmul with this weight (dynamic, per token: W8A8-style recipes), or None.
+      perm: None, or an int32 ``(k,)`` permutation of the contraction axis (act-order
+        checkpoints, see ``jquant._perm``): stored position ``j`` along K (of the codes,
+        ``codes()`` and ``dequantize_stored()``) holds logical element ``perm[j]``, and the
+        groups are consecutive in stored order. ``dequantize()`` returns logical order;
+        ``jquant.ops`` contracts ``x[..., perm]`` with the stored weight. QArrays stacked
+        along leading axes (layers, for ``lax.scan`` or ``vmap`` over them) stack their
+        perms ``(*stack, k)``; a matmul takes one weight, sliced from the stack.
     """
 
     qvalue: jax.Array
@@ -130,6 +142,7 @@ class QArray:
     group_size: int | None = dataclasses.field(metadata=dict(static=True), default=None)
     dtype: Any = dataclasses.field(metadata=dict(static=True), default=np.dtype(np.float32))
     activation: str | None = dataclasses.field(metadata=dict(static=True), default=None)
+    perm: jax.Array | None = None
 
     def __post_init__(self):
         _check_parts(self)
@@ -161,8 +174,9 @@ class QArray:
 
     @property
     def nbytes(self) -> int:
-        """True storage in bytes: packed codes + scales (+ zero points)."""
-        return _nbytes_of(self.qvalue) + _nbytes_of(self.scale) + _nbytes_of(self.zero_point)
+        """True storage in bytes: packed codes + scales (+ zero points, + perm)."""
+        return (_nbytes_of(self.qvalue) + _nbytes_of(self.scale) + _nbytes_of(self.zero_point)
+                + _nbytes_of(self.perm))  # fmt: skip
 
     @property
     def bits_per_weight(self) -> float:
@@ -173,6 +187,7 @@ class QArray:
         g = "channel" if self.group_size is None else f"g{self.group_size}"
         if self.scale is not None and math.prod(_shape_of(self.scale)) == 1:
             g = "tensor"
+        g += "" if self.perm is None else ", act-order perm"
         return (
             f"QArray({self.qtype}, shape={self.shape}, axis={self.axis}, {g}, "
             f"{self.bits_per_weight:.3f} bits/weight, dtype={np.dtype(self.dtype).name})"
@@ -192,7 +207,8 @@ class QArray:
     def dequantize_stored(self, dtype=None) -> jax.Array:
         """Dequantized values in the storage layout ``(*other_axes, K)`` (K last).
 
-        This is what matmuls want: contracting the last axis needs no transpose.
+        This is what matmuls want: contracting the last axis needs no transpose. With a
+        ``perm``, K is in stored order (logical element ``perm[j]`` at ``j``).
         """
         values = qtypes.decode(self.qtype, self.codes())
         zp = None if self.zero_point is None else self.zero_point.astype(jnp.float32)
@@ -202,8 +218,12 @@ class QArray:
         return out.astype(dtype or self.dtype)
 
     def dequantize(self, dtype=None) -> jax.Array:
-        """The dequantized tensor in its logical shape (``dtype`` defaults to the original)."""
-        return jnp.moveaxis(self.dequantize_stored(dtype), -1, self.axis)
+        """The dequantized tensor in its logical shape and order (``dtype`` defaults to the
+        original)."""
+        stored = self.dequantize_stored(dtype)
+        if self.perm is not None:
+            stored = _perm.unpermute(stored, self.perm)
+        return jnp.moveaxis(stored, -1, self.axis)
 
     def __jax_array__(self):
         raise TypeError(
@@ -233,7 +253,7 @@ def _check_parts(q: QArray) -> None:
     ``tree.map``. Leading axes may be stacked (layers): they only have to agree with each
     other, and a scale or zero point may have size 1 on them (per-tensor).
     """
-    leaves = [q.qvalue, q.scale, q.zero_point]
+    leaves = [q.qvalue, q.scale, q.zero_point, q.perm]
     if q.qvalue is None or q.scale is None or not all(
         x is None or _concrete(x) for x in leaves
     ):
@@ -272,11 +292,14 @@ def _check_parts(q: QArray) -> None:
                 f"of k={q.k} with group_size={q.group_size}; size 1 on a leading axis "
                 "broadcasts)"
             )
+    if q.perm is not None:
+        # Values only on host arrays: a device array would be copied back at every unflatten.
+        _perm.check_perm(q.perm, int(q.k), shape[:-1], values=isinstance(q.perm, np.ndarray))
 
 
 jax.tree_util.register_dataclass(
     QArray,
-    data_fields=["qvalue", "scale", "zero_point"],
+    data_fields=["qvalue", "scale", "zero_point", "perm"],
     meta_fields=["qtype", "k", "axis", "group_size", "dtype", "activation"],
 )
 
@@ -467,11 +490,13 @@ def nvfp4_scale(w_t, group_size: int, clip_ratio=1.0) -> QArray:
 
 def from_codes(
     codes, scale, zero_point=None, *, qtype: str | QType, axis: int = -2,
-    group_size: int | None = None, dtype=jnp.float32,
+    group_size: int | None = None, dtype=jnp.float32, perm=None,
 ) -> QArray:  # fmt: skip
     """Builds a QArray from codes already in storage layout ``(*other_axes, K)``.
 
-    For algorithms (GPTQ, AWQ, ...) that choose codes and scales themselves.
+    For algorithms (GPTQ, AWQ, ...) that choose codes and scales themselves. With ``perm``
+    (int32 ``(K,)``) the codes and groups are in stored order: position ``j`` holds logical
+    element ``perm[j]`` (see the ``perm`` attribute).
     """
     qt = qtypes.get(qtype)
     validate_group_size(qt, group_size)
@@ -479,9 +504,13 @@ def from_codes(
         raise ValueError(f"from_codes: axis must be negative (counted from the end), got {axis}")
     k = codes.shape[-1]
     g = _num_groups(k, group_size)
+    if perm is not None:
+        perm = np.asarray(perm)
+        _perm.check_perm(perm, k, codes.shape[:-1], values=True)
     if scale.shape[-1] not in (1, g):
         raise ValueError(f"from_codes: scale has {scale.shape[-1]} groups; K={k} needs {g}")
     return QArray(
         qvalue=pack(codes, qt, group_size), scale=scale, zero_point=zero_point,
         qtype=qt.name, k=k, axis=axis, group_size=group_size, dtype=np.dtype(dtype),
+        perm=None if perm is None else jnp.asarray(perm, jnp.int32),
     )  # fmt: skip

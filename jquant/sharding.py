@@ -15,7 +15,8 @@ last, see ``jquant.qarray``), so the same spec must be rewritten per leaf:
   ``G % n == 0`` and a group packs into whole bytes; then each shard holds ``G / n``
   whole groups, and the scales' group axis is split the same way. Anything else is
   refused (shard the output axis instead, or gather K: it is the axis a matmul sums);
-* size-1 scale axes (per-tensor) and double-quantized scales are replicated.
+* size-1 scale axes (per-tensor), double-quantized scales and an act-order ``perm`` (K
+  indices, `jquant._perm`) are replicated.
 
 Tensor parallelism for the Llama family (``jquant.models.llama``) builds on this:
 :func:`tp_logical_specs` gives Megatron-style specs for a parameter State (falling back
@@ -95,6 +96,7 @@ def storage_partition_spec(
         zero_point=None
         if qarray.zero_point is None
         else _scale_spec(qarray.zero_point, other, k_spec),
+        perm=None if qarray.perm is None else P(None),  # K indices: small, replicated
     )
 
 

@@ -7,7 +7,9 @@ GPTQ (GPTQModel / AutoGPTQ, ``checkpoint_format`` ``"gptq"`` = v1, ``"gptq_v2"``
   ``qweight`` int32 ``[ceil(in·b/32), out]``: codes packed along the input axis;
   ``qzeros`` int32 ``[G, ceil(out·b/32)]``: zero points packed along the output axis;
   ``scales`` ``[G, out]`` (float16; bfloat16 or float32 also read); ``g_idx`` int32
-  ``[in]``, the group of each input.
+  ``[in]``, the group of each input: ``arange(in) // group_size``, or with act-order
+  (``desc_act``) any assignment of ``group_size`` inputs to each group (the last: what is
+  left), which jquant holds as the QArray's ``perm`` (`jquant._perm`).
   Both packings are `jquant.io._int32_pack`'s little-endian bit stream (3-bit codes straddle
   words). ``w = (q − z)·s``; v2 stores ``z``, v1 stores ``z − 1`` in each field. v1 is read
   field by field as AutoGPTQ's, ExLlama's and vLLM's v1 kernels read it (``z = field + 1``,
@@ -28,6 +30,8 @@ from __future__ import annotations
 import ml_dtypes
 import numpy as np
 
+from jquant import _perm
+
 from ._int32_pack import pack_int32, packed_words, unpack_int32
 
 # Scale dtypes read as they are stored (newer bfloat16 checkpoints store bfloat16 scales).
@@ -46,9 +50,7 @@ def num_groups(n_in: int, group_size: int | None) -> int:
 
 def trivial_g_idx(n_in: int, group_size: int | None) -> np.ndarray:
     """The ``g_idx`` of groups of consecutive inputs (no act-order permutation)."""
-    if group_size is None:
-        return np.zeros(n_in, np.int32)
-    return (np.arange(n_in) // group_size).astype(np.int32)
+    return _perm.to_g_idx(None, n_in, group_size)
 
 
 def _need(name: str, array: np.ndarray, shape: tuple[int, ...], dtypes: tuple, what: str) -> None:
@@ -73,16 +75,20 @@ def _unpack(name: str, words: np.ndarray, bits: int, n: int, axis: int) -> np.nd
 def gptq_to_codes(
     prefix: str, parts: dict[str, np.ndarray], *, bits: int, group_size: int | None,
     version: int,
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:  # fmt: skip
-    """``(codes (out, in) uint8, scale (out, G), zero_point (out, G) float16)`` of the GPTQ
-    module ``prefix`` whose ``qweight``, ``qzeros``, ``scales`` and ``g_idx`` are ``parts``.
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray | None]:  # fmt: skip
+    """``(codes (out, in) uint8, scale (out, G), zero_point (out, G) float16, perm)`` of the
+    GPTQ module ``prefix`` whose ``qweight``, ``qzeros``, ``scales`` and ``g_idx`` are
+    ``parts``: the codes in the file's (logical) input order, and ``perm`` the int32 order
+    that sorts the inputs by group (`jquant._perm.from_g_idx`), None for a trivial or
+    absent ``g_idx``.
 
     ``in`` is taken from ``g_idx`` (or from ``qweight``'s rows when there is none),
     ``out`` from ``scales``. Scales keep their stored dtype.
 
     Raises:
       ValueError: a part missing or of the wrong shape or dtype, bits outside `GPTQ_BITS`, or
-        a ``g_idx`` other than the trivial one (act-order), each naming the tensor.
+        a ``g_idx`` with a group index out of range or a group of another size than
+        ``group_size``, each naming the tensor.
     """
     if bits not in GPTQ_BITS:
         raise ValueError(f"{prefix}: GPTQ bits={bits!r} is not supported; jquant reads {GPTQ_BITS}")
@@ -101,18 +107,15 @@ def gptq_to_codes(
           f"{groups} groups × {n_out} zero points of {bits} bits packed along the outputs")
     _need(f"{prefix}.scales", scales, (groups, n_out),
           _SCALE_DTYPES, f"{groups} groups × {n_out} outputs")  # fmt: skip
+    perm = None
     if g_idx is not None:
         _need(f"{prefix}.g_idx", g_idx, (n_in,), ints + (np.dtype(np.int64),), "one per input")
-        if not np.array_equal(g_idx, trivial_g_idx(n_in, group_size)):
-            raise ValueError(
-                f"{prefix}.g_idx is not arange(in) // group_size: act-order (desc_act) group "
-                "indices are not supported yet"
-            )  # fmt: skip
+        perm = _perm.from_g_idx(g_idx, n_in, group_size, f"{prefix}.g_idx")
     codes = _unpack(f"{prefix}.qweight", qweight, bits, n_in, axis=0).T  # (out, in)
     zeros = _unpack(f"{prefix}.qzeros", qzeros, bits, n_out, axis=1).T.astype(np.float16)
     if version == 1:
         zeros += 1
-    return np.ascontiguousarray(codes), np.ascontiguousarray(scales.T), zeros
+    return np.ascontiguousarray(codes), np.ascontiguousarray(scales.T), zeros, perm
 
 
 def _three_parts(prefix: str, parts: dict[str, np.ndarray], module: str):
@@ -163,17 +166,18 @@ def awq_to_codes(
 
 def codes_to_gptq(
     codes: np.ndarray, scale: np.ndarray, zero_point: np.ndarray, *, bits: int,
-    group_size: int | None, version: int,
+    group_size: int | None, version: int, perm: np.ndarray | None = None,
 ) -> dict[str, np.ndarray]:  # fmt: skip
     """GPTQ ``qweight``, ``qzeros``, ``scales`` (float16) and ``g_idx`` of jquant codes
-    ``(out, in)`` with integer zero points ``(out, G)`` (v2: in ``[0, 2^b − 1]``; v1: in
-    ``[1, 2^b]``, stored minus one), the inverse of `gptq_to_codes`. The caller checks the
-    zero points' range; scales are cast to float16 as given."""
+    ``(out, in)`` in logical input order with integer zero points ``(out, G)`` (v2: in
+    ``[0, 2^b − 1]``; v1: in ``[1, 2^b]``, stored minus one), the inverse of `gptq_to_codes`:
+    ``g_idx`` is that of ``perm`` (None: trivial). The caller checks the zero points' range;
+    scales are cast to float16 as given."""
     n_out, n_in = codes.shape
     zeros = np.asarray(zero_point, np.float64).astype(np.int64) - (1 if version == 1 else 0)
     return {
         "qweight": pack_int32(np.asarray(codes).T, bits, axis=0),
         "qzeros": pack_int32(zeros.T, bits, axis=1),
         "scales": np.ascontiguousarray(np.asarray(scale).T.astype(np.float16)),
-        "g_idx": trivial_g_idx(n_in, group_size),
+        "g_idx": _perm.to_g_idx(perm, n_in, group_size),
     }

@@ -216,7 +216,9 @@ def _placeholder(desc: dict, sharding):
     if set(static) != set(_STATIC_FIELDS):
         raise ValueError(f"QArray fields {sorted(static)}, expected {sorted(_STATIC_FIELDS)}")
     static["dtype"] = jnp.dtype(static["dtype"])
-    fields = {f: None if desc[f] is None else _placeholder(desc[f], sharding) for f in _DATA_FIELDS}
+    # .get: a field added later (``perm``) is absent from older files, and None there.
+    fields = {f: None if desc.get(f) is None else _placeholder(desc[f], sharding)
+              for f in _DATA_FIELDS}  # fmt: skip
     return QArray(**fields, **static)
 
 

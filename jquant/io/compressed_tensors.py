@@ -7,7 +7,9 @@ A quantized linear ``m`` is stored by its config group's format (see `jquant.io.
   codes ``q + 2^(b−1)`` as a little-endian bit stream along ``in`` (`_int32_pack`);
   ``m.weight_shape`` ``[out, in]``; ``m.weight_scale`` ``(out, in/G)`` (group), ``(out, 1)``
   (channel) or one value (tensor); when asymmetric, ``m.weight_zero_point`` packed the same
-  way along ``out`` (``(ceil(out·b/32), G)``); an old file's ``m.weight_g_idx``.
+  way along ``out`` (``(ceil(out·b/32), G)``); an old file's ``m.weight_g_idx``
+  (``actorder: "group"``, which compressed-tensors 0.20 removed: the group of each input, all
+  −1 for column order), read into the QArray's ``perm`` (`jquant._perm`).
 * ``int-quantized`` (int), ``float-quantized`` (FP8 E4M3) and ``naive-quantized`` (either):
   the codes one per element as ``m.weight`` (int8 or F8_E4M3, ``(out, in)``),
   ``m.weight_scale`` and an asymmetric int's ``m.weight_zero_point`` (int8, the scale's shape).
@@ -31,6 +33,7 @@ from typing import Any
 import jax.numpy as jnp
 import numpy as np
 
+from jquant import _perm
 from jquant._param_shapes import hf_name
 from jquant.arch import LlamaConfig, param_shapes
 from jquant.qarray import QArray, from_codes
@@ -66,8 +69,9 @@ def read_compressed_tensors(directory: str | os.PathLike, *, tokenizer: bool = T
 
     Raises:
       ValueError: not compressed-tensors, a scheme or strategy jquant cannot hold (naming the
-        module and the strategy), activation-order group indices, or a damaged file (a
-        missing or misshapen tensor, codes out of range), naming the tensor.
+        module and the strategy), or a damaged file (a missing or misshapen tensor, codes out
+        of range, activation-order group indices whose groups are not ``group_size`` inputs
+        each), naming the tensor.
 
     >>> config, tensors, tok = read_compressed_tensors("Llama-W4A16-G128/")  # doctest: +SKIP
     >>> tensors["model.layers.0.mlp.up_proj.weight"]  # doctest: +SKIP
@@ -176,9 +180,11 @@ def _read_linear(entries, module: str, shape: tuple[int, int], s: Scheme, used: 
             raise ValueError(f"{source}: tensor {module}.weight_zero_point has {zp.size} "
                              f"values, expected one per scale ({scale.size})")  # fmt: skip
         zp = zp.reshape(scale.shape)
+    perm = None
     if f"{module}.weight_g_idx" in entries:
-        _check_g_idx(read("weight_g_idx", ("I32", "I64")), k, group, f"{module}.weight_g_idx",
-                     source)  # fmt: skip
+        g_idx = read("weight_g_idx", ("I32", "I64"))
+        if not np.all(g_idx == -1):  # compressed-tensors' initial value: column order
+            perm = _perm.from_g_idx(g_idx, k, group, f"{source}: tensor {module}.weight_g_idx")
     if s.type == "int":
         for name, x in (("weight", codes), ("weight_zero_point", zp)):
             if x is not None and x.size and (x.min() < -offset or x.max() >= offset):
@@ -188,9 +194,11 @@ def _read_linear(entries, module: str, shape: tuple[int, int], s: Scheme, used: 
         if not s.symmetric:
             codes, zp = codes + offset, (zp + offset).astype(scale.dtype)
         codes = codes.astype(np.uint8 if not s.symmetric else np.int8)
+    if perm is not None:  # stored in input order: sort the inputs by group
+        codes = codes[:, perm]
     q = from_codes(jnp.asarray(codes), jnp.asarray(scale),
                    None if zp is None else jnp.asarray(zp), qtype=s.qtype, axis=-2,
-                   group_size=group, dtype=scale.dtype)  # fmt: skip
+                   group_size=group, dtype=scale.dtype, perm=perm)  # fmt: skip
     return dataclasses.replace(q, activation=s.activation)
 
 
@@ -206,16 +214,6 @@ def _group_size(s: Scheme, k: int, where: str) -> int | None:
         f"{where} does not map onto jquant's QArray: it holds one scale per channel, per "
         f"tensor, per group of inputs dividing in_features={k}, or per [1, G] block"
     )
-
-
-def _check_g_idx(g_idx: np.ndarray, k: int, group: int | None, name: str, source: str) -> None:
-    trivial = group is not None and g_idx.shape == (k,)
-    if not trivial or not np.array_equal(g_idx, np.arange(k) // group):
-        raise ValueError(
-            f"{source}: tensor {name} holds activation-order group indices (input {k} "
-            "elements not in group order); these are not supported yet: re-export without "
-            "actorder='group'"
-        )
 
 
 def write_compressed_tensors(params, config: dict[str, Any], tokenizer, directory, *,
@@ -245,7 +243,8 @@ def write_compressed_tensors(params, config: dict[str, Any], tokenizer, director
     Raises:
       ValueError: parameters that do not match ``config``, or quantized ones compressed-tensors
         cannot hold (listed with their formats: nf4, fp8_e5m2, double-quantized scales,
-        non-integer zero points, quantized embeddings, ...), before anything is written.
+        non-integer zero points, quantized embeddings, an act-order ``perm``, ...), before
+        anything is written.
     """
     target = check_output_directory(directory, overwrite=overwrite)
     flat = dict(leaves(params))
@@ -290,6 +289,9 @@ def _compress(q: QArray, module: str):
     """``(Scheme, [(name, array), ...])`` of QArray kernel ``q`` as compressed-tensors stores
     it, or a string saying why it cannot."""
     qt, k = q.format, q.k
+    if q.perm is not None:
+        return ("act-order perm (compressed-tensors 0.20 removed actorder 'group' and its "
+                "weight_g_idx; write_gptq writes it as g_idx)")  # fmt: skip
     if isinstance(q.scale, QArray) or q.ndim != 2:
         return "double-quantized scale" if isinstance(q.scale, QArray) else "not 2-D"
     if q.group_size is not None and k % q.group_size:

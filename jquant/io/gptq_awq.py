@@ -104,13 +104,15 @@ def read_gptq_awq(
       or, for each quantized linear ``<module>.weight``, a `QArray` of logical shape
       ``(in, out)`` (``uint{bits}`` codes as stored, scales in their stored dtype (float16,
       bfloat16 or float32), float16 zero points: GPTQ
-      v2 and AWQ as stored, GPTQ v1 stored + 1; ``group_size=None`` for per-channel) that
-      `jquant.models.params_from_hf` takes as it is.
+      v2 and AWQ as stored, GPTQ v1 stored + 1; ``group_size=None`` for per-channel; an
+      act-order ``g_idx`` becomes the QArray's ``perm``, the codes sorted by group, and a
+      trivial one none) that `jquant.models.params_from_hf` takes as it is.
 
     Raises:
       FileNotFoundError: no such directory or no ``config.json``.
-      ValueError: an unsupported scheme (bits, act-order ``g_idx``, AWQ GEMV, per-module
-        overrides), or a tensor missing, misshapen or of the wrong length, named.
+      ValueError: an unsupported scheme (bits, AWQ GEMV, per-module overrides), or a tensor
+        missing, misshapen or of the wrong length, or a ``g_idx`` whose groups are not
+        ``group_size`` inputs each, named.
     """
     path = Path(directory)
     if not (path / "config.json").is_file():
@@ -132,16 +134,17 @@ def read_gptq_awq(
     expected = expected_shapes(config)
     tensors: dict[str, np.ndarray | QArray] = {}
     for prefix, parts in modules.items():
+        perm = None
         if method == "gptq":
-            codes, scale, zero = layout.gptq_to_codes(
+            codes, scale, zero, perm = layout.gptq_to_codes(
                 prefix, parts, bits=bits, group_size=group_size, version=version
             )
         else:
             codes, scale, zero = layout.awq_to_codes(prefix, parts, group_size=group_size,
                                                      bits=bits)  # fmt: skip
         tensors[f"{prefix}.weight"] = from_codes(
-            codes, scale, zero, qtype=f"uint{bits}", axis=-2, group_size=group_size,
-            dtype=np.float32,
+            codes if perm is None else codes[:, perm], scale, zero, qtype=f"uint{bits}",
+            axis=-2, group_size=group_size, dtype=np.float32, perm=perm,
         )  # fmt: skip
         bias = f"{prefix}.bias"
         # AutoGPTQ saved a bias buffer for every module; an all-zero one the model lacks is none.
@@ -161,7 +164,7 @@ def read_gptq_awq(
 
 def _as_uint(q: QArray) -> tuple[int, np.ndarray, np.ndarray, np.ndarray] | str:
     """``(bits, codes (out, in), scale, zero point)`` of a quantized kernel as unsigned codes
-    with integer zero points, or why it has no GPTQ form."""
+    in logical input order with integer zero points, or why it has no GPTQ form."""
     qt = qtypes.get(q.qtype)
     if qt.kind not in ("int", "uint") or qt.bits not in layout.GPTQ_BITS:
         return f"{qt.name} (GPTQ stores uint/int {', '.join(map(str, layout.GPTQ_BITS))}-bit)"
@@ -172,6 +175,8 @@ def _as_uint(q: QArray) -> tuple[int, np.ndarray, np.ndarray, np.ndarray] | str:
     if q.activation is not None:
         return f"{qt.name} with {q.activation} activations"
     codes = np.asarray(q.codes()).astype(np.int64)
+    if q.perm is not None:  # stored position j is input perm[j]
+        codes[:, np.asarray(q.perm)] = codes.copy()
     scale = np.asarray(q.scale)
     half = 1 << (qt.bits - 1)
     if qt.kind == "int":
@@ -191,8 +196,9 @@ def write_gptq(
     for ``version=2``, "gptq" for ``version=1``).
 
     Every quantized linear ``<module>.weight`` becomes ``<module>.qweight``/``qzeros``/
-    ``scales``/``g_idx`` (trivial ``g_idx``, ``desc_act: false``); every float tensor is
-    written as it is (its own dtype). ``int{b}`` codes are written as ``uint{b}`` with zero
+    ``scales``/``g_idx`` (trivial ``g_idx``, or for a QArray with a ``perm`` its act-order
+    ``g_idx`` and the codes in input order, and then ``desc_act: true``); every float tensor
+    is written as it is (its own dtype). ``int{b}`` codes are written as ``uint{b}`` with zero
     point ``2^(b−1)``.
 
     Args:
@@ -227,7 +233,7 @@ def write_gptq(
     schemes: dict[tuple[int, int | None], list[str]] = {}
     zero_ranges = {1: (1, 0), 2: (0, -1)}  # (low, offset from 2^b) per version
     low, top = zero_ranges[version]
-    symmetric = True
+    symmetric, act_order = True, False
     for name, value in tensors.items():
         if not isinstance(value, QArray):
             out.append((name, np.ascontiguousarray(np.asarray(value))))
@@ -259,8 +265,10 @@ def write_gptq(
             continue
         schemes.setdefault((bits, value.group_size), []).append(name)
         symmetric = symmetric and bool(np.all(zero == 1 << (bits - 1)))
+        perm = None if value.perm is None else np.asarray(value.perm)
+        act_order = act_order or perm is not None
         parts = layout.codes_to_gptq(codes, half, zero, bits=bits, group_size=value.group_size,
-                                     version=version)  # fmt: skip
+                                     version=version, perm=perm)  # fmt: skip
         prefix = name.removesuffix(".weight")
         out.extend((f"{prefix}.{part}", parts[part]) for part in _PARTS)
     if len(schemes) > 1:
@@ -275,7 +283,7 @@ def write_gptq(
     quant = {
         "quant_method": "gptq", "bits": bits,
         "group_size": -1 if group_size is None else group_size,
-        "desc_act": False, "sym": symmetric, "true_sequential": True,
+        "desc_act": act_order, "sym": symmetric, "true_sequential": True,
         "lm_head": any(p.startswith("lm_head") for p in paths),
         "checkpoint_format": "gptq_v2" if version == 2 else "gptq",
         "pack_dtype": "int32",

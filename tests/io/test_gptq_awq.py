@@ -6,6 +6,7 @@ tests judge the layouts with GPTQModel 7.7.0's own packing and dequantization co
 pure-torch modules, loaded from the unpacked sdist named by ``JQUANT_GPTQMODEL_SRC``).
 """
 
+import itertools
 import json
 import re
 
@@ -13,6 +14,7 @@ import ml_dtypes
 import numpy as np
 import pytest
 
+from jquant import _perm
 from jquant.io import _gptq_layout as layout
 from jquant.io.gptq_awq import read_gptq_awq, write_gptq
 from jquant.models import forward, params_from_hf, params_to_hf
@@ -25,6 +27,11 @@ KERNELS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_att
 
 def _words(*values) -> np.ndarray:
     return np.array(values, np.uint32).view(np.int32)
+
+
+def _act_order_g_idx(rng, k, group_size):
+    """A random act-order ``g_idx``: every group ``group_size`` inputs, scattered."""
+    return rng.permutation(np.arange(k) // group_size).astype(np.int32)
 
 
 # ---- hand-worked vectors -------------------------------------------------------------------
@@ -41,13 +48,15 @@ def _gptq_parts(n_in, n_out, bits, qzero_word, *, codes_word=0):
 
 def test_symmetric_4bit_v1_zeros_0x77777777_are_8():
     parts = _gptq_parts(8, 8, 4, 0x77777777, codes_word=0x76543210)
-    codes, scale, zero = layout.gptq_to_codes("m", parts, bits=4, group_size=None, version=1)
+    codes, scale, zero, perm = layout.gptq_to_codes("m", parts, bits=4, group_size=None,
+                                                    version=1)  # fmt: skip
+    assert perm is None  # one group: g_idx all zero is trivial
     np.testing.assert_array_equal(zero, np.full((8, 1), 8))
     # qweight packs the inputs of one output, lowest nibble first: input i holds code i.
     np.testing.assert_array_equal(codes, np.tile(np.arange(8), (8, 1)))
     assert scale.dtype == np.float16
     # v2 stores the zero point itself.
-    _, _, zero2 = layout.gptq_to_codes(
+    _, _, zero2, _ = layout.gptq_to_codes(
         "m", _gptq_parts(8, 8, 4, 0x88888888), bits=4, group_size=None, version=2
     )
     np.testing.assert_array_equal(zero2, np.full((8, 1), 8))
@@ -62,7 +71,7 @@ def test_gptq_3bit_code_straddling_two_words():
     with pytest.raises(ValueError, match=r"m\.qzeros has shape \(1, 3\), expected \(1, 1\)"):
         layout.gptq_to_codes("m", parts, bits=3, group_size=None, version=2)
     parts["qzeros"] = _words(0).reshape(1, 1)
-    codes, _, _ = layout.gptq_to_codes("m", parts, bits=3, group_size=None, version=2)
+    codes, _, _, _ = layout.gptq_to_codes("m", parts, bits=3, group_size=None, version=2)
     want = np.zeros(32, np.uint8)
     want[10] = 7
     np.testing.assert_array_equal(codes[0], want)
@@ -83,9 +92,10 @@ def test_awq_interleave_on_a_hand_worked_word():
 # ---- tiny model directories ----------------------------------------------------------------
 
 
-def _quantized_tensors(tiny, qtype, group_size, *, rng_seed=0, zero_low=0):
+def _quantized_tensors(tiny, qtype, group_size, *, rng_seed=0, zero_low=0, act_order=False):
     """The tiny model's HF tensors with every linear a QArray of ``qtype`` whose scales
-    float16 holds exactly and whose zero points lie in ``[zero_low, 2^b − 1]``."""
+    float16 holds exactly and whose zero points lie in ``[zero_low, 2^b − 1]``; with
+    ``act_order``, each with the ``perm`` of a random act-order ``g_idx``."""
     rng = np.random.default_rng(rng_seed)
     tensors = tiny.tensors(tied=False)
     bits = int(qtype.lstrip("uint"))
@@ -102,7 +112,12 @@ def _quantized_tensors(tiny, qtype, group_size, *, rng_seed=0, zero_low=0):
                 half = 1 << (bits - 1)
                 codes = rng.integers(-half, half, (n_out, n_in)).astype(np.int8)
                 zero = None
-            tensors[name] = from_codes(codes, scale, zero, qtype=qtype, group_size=group_size)
+            perm = None
+            if act_order:
+                g_idx = _act_order_g_idx(rng, n_in, group_size)
+                perm = _perm.from_g_idx(g_idx, n_in, group_size, name)
+            tensors[name] = from_codes(codes, scale, zero, qtype=qtype, group_size=group_size,
+                                       perm=perm)  # fmt: skip
     tensors.pop("lm_head.weight")
     return tensors
 
@@ -148,6 +163,30 @@ def test_round_trip_keeps_codes_scales_and_logits(tiny, tmp_path, version, qtype
         np.testing.assert_array_equal(_logits(got, got_config), _logits(tensors, config))
 
 
+@pytest.mark.parametrize("version", [1, 2])
+@pytest.mark.parametrize("qtype", ["uint4", "uint3", "uint2", "uint8", "int4"])
+def test_act_order_round_trip_keeps_perm_codes_and_logits(tiny, tmp_path, version, qtype):
+    config = _tiny_config(tiny)
+    tensors = _quantized_tensors(tiny, qtype, 32, zero_low=1, act_order=True)
+    write_gptq(tensors, config, None, tmp_path / "gptq", version=version)
+    quant = json.loads((tmp_path / "gptq" / "config.json").read_text())["quantization_config"]
+    assert quant["desc_act"] is True
+    _, got, _ = read_gptq_awq(tmp_path / "gptq")
+    shift = (1 << (int(qtype[-1]) - 1)) if qtype.startswith("int") else 0
+    for name, q in tensors.items():
+        if isinstance(q, QArray):  # stored order, perm and scales come back bit for bit
+            np.testing.assert_array_equal(got[name].perm, q.perm)
+            np.testing.assert_array_equal(got[name].codes(), np.asarray(q.codes()).astype(int)
+                                          + shift)  # fmt: skip
+            np.testing.assert_array_equal(got[name].scale, q.scale)
+            np.testing.assert_array_equal(got[name].dequantize(), q.dequantize())
+    if qtype == "uint4":  # the model through jquant.ops (x permuted) = the float weights
+        floats = {n: np.asarray(q.dequantize()).T if isinstance(q, QArray) else q
+                  for n, q in got.items()}  # fmt: skip
+        np.testing.assert_allclose(_logits(got, config), _logits(floats, config),
+                                   rtol=1e-5, atol=1e-4)  # fmt: skip
+
+
 def _write_dir(path, tensors, config, quant):
     """A checkpoint directory written by hand (safetensors + config.json)."""
     from safetensors.numpy import save_file
@@ -189,20 +228,21 @@ from gptqmodel.utils.model import (convert_gptq_v1_to_v2_format_module,
                                    convert_gptq_v2_to_v1_format_module)
 
 inp, out = dict(np.load(sys.argv[1])), {}
-def module(bits, k, n, g):
-    return TorchLinear(bits=bits, group_size=g, sym=False, desc_act=False, in_features=k,
+def module(bits, k, n, g, desc_act):
+    return TorchLinear(bits=bits, group_size=g, sym=False, desc_act=desc_act, in_features=k,
                        out_features=n, bias=False, pack_dtype=torch.int32,
                        register_buffers=True, enable_wf_unsqueeze=True)
 for case in sorted({key.split("/")[0] for key in inp if key.startswith("gptq")}):
     codes, zeros, scales = (inp[f"{case}/{p}"] for p in ("codes", "zeros", "scales"))
     bits, (n, k), g = int(inp[f"{case}/bits"]), codes.shape, int(inp[f"{case}/group_size"])
-    m = module(bits, k, n, g)
+    g_idx = torch.from_numpy(inp[f"{case}/g_idx"]).long()  # act-order cases: shuffled
+    act = case.endswith("p")
+    m = module(bits, k, n, g, act)
     lin = torch.nn.Linear(k, n, bias=False)
     s = torch.from_numpy(scales.astype(np.float32))
     z = torch.from_numpy(zeros.astype(np.float32))
-    lin.weight.data = (torch.from_numpy(codes.astype(np.float32)) - z.repeat_interleave(g, 1)) \
-        * s.repeat_interleave(g, 1)
-    m.pack_original(lin, s, z, torch.arange(k, dtype=torch.int32) // g)
+    lin.weight.data = (torch.from_numpy(codes.astype(np.float32)) - z[:, g_idx]) * s[:, g_idx]
+    m.pack_original(lin, s, z, g_idx.int())
     m.post_init()
     out[f"{case}/dequant"] = m.dequantize_weight().float().numpy()
     for part in ("qweight", "qzeros", "scales", "g_idx"):
@@ -210,7 +250,7 @@ for case in sorted({key.split("/")[0] for key in inp if key.startswith("gptq")})
     convert_gptq_v2_to_v1_format_module(m, m)  # bits, pack_dtype read from the module
     out[f"{case}/v1/qzeros"] = m.qzeros.numpy().copy()
     for version in (1, 2):
-        m = module(bits, k, n, g)
+        m = module(bits, k, n, g, act)
         for part in ("qweight", "qzeros", "scales", "g_idx"):
             getattr(m, part).data = torch.from_numpy(inp[f"{case}/export_v{version}/{part}"])
         m.qzero_format(version)
@@ -224,15 +264,19 @@ out["awq/qweight"], out["awq/qzeros"] = qweight.numpy(), qzeros.numpy()
 g = codes.shape[1] // scales.shape[1]
 out["awq/dequant"] = dequantize_gemm(qweight, qzeros, scales.T.contiguous(), 4, g).float().numpy()
 from gptqmodel.utils.model_dequant import convert_gptq_file
-directory = sys.argv[3]
-quant = json.load(open(f"{directory}/config.json"))["quantization_config"]
-weights = convert_gptq_file(Path(directory) / "model.safetensors", torch.float32, quant, "cpu")
-out.update({f"file/{k}": v.numpy() for k, v in weights.items()})
+for tag, directory in zip(("file", "act_file"), sys.argv[3:]):
+    quant = json.load(open(f"{directory}/config.json"))["quantization_config"]
+    weights = convert_gptq_file(Path(directory) / "model.safetensors", torch.float32, quant, "cpu")
+    out.update({f"{tag}/{k}": v.numpy() for k, v in weights.items()})
 np.savez(sys.argv[2], **out)
 """
 
 _CASES = [(bits, sym) for bits in (2, 3, 4, 8) for sym in (True, False)]
 _N, _K, _G = 64, 128, 32
+
+
+def _case(bits, sym, act_order=False):
+    return f"gptq{bits}{'s' if sym else 'a'}{'p' if act_order else ''}"
 
 
 @pytest.fixture(scope="module")
@@ -252,8 +296,13 @@ def gptqmodel(tmp_path_factory, tiny):
         pytest.skip(reason)
     rng = np.random.default_rng(7)
     inp = {}
-    for bits, sym in _CASES:
-        case = f"gptq{bits}{'s' if sym else 'a'}"
+    for (bits, sym), act_order in itertools.product(_CASES, (False, True)):
+        case = _case(bits, sym, act_order)
+        g_idx = (_act_order_g_idx(rng, _K, _G) if act_order
+                 else layout.trivial_g_idx(_K, _G))  # fmt: skip
+        inp[f"{case}/g_idx"] = g_idx
+        perm = _perm.from_g_idx(g_idx, _K, _G, case)
+        assert (perm is not None) == act_order
         # v1 holds zero points 1..2^b (field + 1): both versions take 1..2^b − 1.
         zeros = (np.full((_N, _K // _G), 1 << (bits - 1)) if sym
                  else rng.integers(1, 1 << bits, (_N, _K // _G)))  # fmt: skip
@@ -264,7 +313,8 @@ def gptqmodel(tmp_path_factory, tiny):
                     f"{case}/group_size": np.array(_G)})  # fmt: skip
         for version in (1, 2):
             parts = layout.codes_to_gptq(inp[f"{case}/codes"], inp[f"{case}/scales"], zeros,
-                                         bits=bits, group_size=_G, version=version)  # fmt: skip
+                                         bits=bits, group_size=_G, version=version,
+                                         perm=perm)  # fmt: skip
             inp.update({f"{case}/export_v{version}/{p}": a for p, a in parts.items()})
     scales = rng.uniform(0.01, 0.1, (_N, _K // _G)).astype(np.float16)
     inp.update({"awq/codes": rng.integers(0, 16, (_N, _K)).astype(np.uint8),
@@ -274,42 +324,55 @@ def gptqmodel(tmp_path_factory, tiny):
     np.savez(tmp / "in.npz", **inp)
     tensors = _quantized_tensors(tiny, "uint3", 32, zero_low=1)
     write_gptq(tensors, _tiny_config(tiny), None, tmp / "tiny", version=1)
+    act_tensors = _quantized_tensors(tiny, "uint4", 32, act_order=True)
+    write_gptq(act_tensors, _tiny_config(tiny), None, tmp / "tiny_act", version=2)
     (tmp / "run.py").write_text(_GPTQMODEL_SCRIPT)
     env = {**os.environ, "PYTHONPATH": paths, "CUDA_VISIBLE_DEVICES": ""}
-    args = [sys.executable, str(tmp / "run.py"), *(str(tmp / f) for f in ("in.npz", "out.npz",
-                                                                            "tiny"))]  # fmt: skip
+    args = [sys.executable, str(tmp / "run.py"),
+            *(str(tmp / f) for f in ("in.npz", "out.npz", "tiny", "tiny_act"))]  # fmt: skip
     done = subprocess.run(args, env=env, cwd=tmp, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
-    return {**inp, "tensors": tensors}, dict(np.load(tmp / "out.npz"))
+    return {**inp, "tensors": tensors, "act_tensors": act_tensors}, dict(np.load(tmp / "out.npz"))
 
 
 @pytest.mark.reference
+@pytest.mark.parametrize("act_order", [False, True])
 @pytest.mark.parametrize("version", [1, 2])
 @pytest.mark.parametrize("bits,sym", _CASES)
-def test_import_of_gptqmodel_packing(gptqmodel, bits, sym, version):
+def test_import_of_gptqmodel_packing(gptqmodel, bits, sym, version, act_order):
     inp, out = gptqmodel
-    case = f"gptq{bits}{'s' if sym else 'a'}"
+    case = _case(bits, sym, act_order)
     parts = {p: out[f"{case}/v{version if p == 'qzeros' else 2}/{p}"]
              for p in ("qweight", "qzeros", "scales", "g_idx")}  # fmt: skip
     if version == 1 and sym:  # the hand-checkable word: every field 2^(b−1) − 1
         assert bits != 4 or np.all(parts["qzeros"].view(np.uint32) == 0x77777777)
-    codes, scale, zero = layout.gptq_to_codes(case, parts, bits=bits, group_size=_G,
-                                              version=version)  # fmt: skip
+    codes, scale, zero, perm = layout.gptq_to_codes(case, parts, bits=bits, group_size=_G,
+                                                    version=version)  # fmt: skip
     np.testing.assert_array_equal(codes, inp[f"{case}/codes"])
     np.testing.assert_array_equal(zero, inp[f"{case}/zeros"])
     np.testing.assert_array_equal(scale, inp[f"{case}/scales"])
-    q = from_codes(codes, scale, zero, qtype=f"uint{bits}", group_size=_G)
+    g_idx = inp[f"{case}/g_idx"]
+    # perm sorts the inputs by group: stored position j is input perm[j], of group j // G.
+    assert (perm is None) == (not act_order)
+    if act_order:
+        np.testing.assert_array_equal(g_idx[perm], np.arange(_K) // _G)
+    q = from_codes(codes if perm is None else codes[:, perm], scale, zero,
+                   qtype=f"uint{bits}", group_size=_G, perm=perm)  # fmt: skip
     # GPTQModel dequantizes in float16: equal to float16 rounding of the exact product.
-    np.testing.assert_allclose(np.asarray(q.dequantize(np.float32)), out[f"{case}/dequant"],
-                               rtol=2e-3, atol=1e-6)  # fmt: skip
+    got = np.asarray(q.dequantize(np.float32))
+    np.testing.assert_allclose(got, out[f"{case}/dequant"], rtol=2e-3, atol=1e-6)
+    # ...and jquant's dequantization is exactly w[k] = (q[k] − z[g_idx[k]])·s[g_idx[k]].
+    s, z = scale.astype(np.float32), zero.astype(np.float32)
+    np.testing.assert_array_equal(got, ((codes - z[:, g_idx]) * s[:, g_idx]).T)
 
 
 @pytest.mark.reference
+@pytest.mark.parametrize("act_order", [False, True])
 @pytest.mark.parametrize("version", [1, 2])
 @pytest.mark.parametrize("bits,sym", _CASES)
-def test_export_unpacked_by_gptqmodel(gptqmodel, bits, sym, version):
+def test_export_unpacked_by_gptqmodel(gptqmodel, bits, sym, version, act_order):
     inp, out = gptqmodel
-    case = f"gptq{bits}{'s' if sym else 'a'}"
+    case = _case(bits, sym, act_order)
     # jquant's words are GPTQModel's own packing of the same codes...
     for part in ("qweight", "scales", "g_idx"):
         np.testing.assert_array_equal(inp[f"{case}/export_v{version}/{part}"],
@@ -317,8 +380,11 @@ def test_export_unpacked_by_gptqmodel(gptqmodel, bits, sym, version):
     np.testing.assert_array_equal(inp[f"{case}/export_v{version}/qzeros"],
                                   out[f"{case}/v{version}/qzeros"])  # fmt: skip
     # ...and GPTQModel's loader (v1 → v2, dequantize_weight) reads them back to the weights.
-    q = from_codes(inp[f"{case}/codes"], inp[f"{case}/scales"], inp[f"{case}/zeros"],
-                   qtype=f"uint{bits}", group_size=_G)  # fmt: skip
+    codes, g_idx = inp[f"{case}/codes"], inp[f"{case}/g_idx"]
+    perm = _perm.from_g_idx(g_idx, _K, _G, case)
+    q = from_codes(codes if perm is None else codes[:, perm], inp[f"{case}/scales"],
+                   inp[f"{case}/zeros"], qtype=f"uint{bits}", group_size=_G,
+                   perm=perm)  # fmt: skip
     np.testing.assert_allclose(out[f"{case}/export_v{version}/dequant"],
                                np.asarray(q.dequantize(np.float32)),
                                rtol=2e-3, atol=1e-6)  # fmt: skip
@@ -377,8 +443,10 @@ def _edit(path, change_tensors=None, change_quant=None):
          rf"{_Q}\.qweight has shape \(7, 96\), expected \(8, 96\)"),
         (lambda t: t.update({f"{_Q}.scales": t[f"{_Q}.scales"][:, :-8]}), None,
          rf"{_Q}\.qweight has shape \(8, 96\), expected \(8, 88\)"),
-        (lambda t: t.update({f"{_Q}.g_idx": t[f"{_Q}.g_idx"][::-1].copy()}), None,
-         rf"{_Q}\.g_idx is not arange\(in\) // group_size: act-order .* not supported yet"),
+        (lambda t: t[f"{_Q}.g_idx"].__setitem__(0, 2), None,
+         rf"{_Q}\.g_idx holds group indices in \[0, 2\], outside \[0, 1\]"),
+        (lambda t: t[f"{_Q}.g_idx"].__setitem__(0, 1), None,
+         rf"{_Q}\.g_idx: group 0 holds 31 inputs, expected 32"),
         (None, lambda q: q.update(checkpoint_format="marlin"),
          r"checkpoint_format 'marlin' is not supported"),
         (None, lambda q: q.update(dynamic={"-:.*down": {}}), r"per-module overrides"),
@@ -501,8 +569,10 @@ def test_export_zero_point_ranges_and_overwrite(tiny, tmp_path):
 @pytest.mark.reference
 def test_exported_file_dequantized_by_gptqmodel(gptqmodel):
     """GPTQModel's safetensors dequantizer (`convert_gptq_file`, v1 zero points) reads a whole
-    3-bit v1 file from `write_gptq` back to jquant's weights, tensor for tensor."""
+    3-bit v1 file from `write_gptq` back to jquant's weights, tensor for tensor, and a 4-bit
+    v2 act-order one (every kernel with a perm, written as its g_idx)."""
     inp, out = gptqmodel
-    for name, q in inp["tensors"].items():
-        want = np.asarray(q.dequantize(np.float32)).T if isinstance(q, QArray) else q
-        np.testing.assert_allclose(out[f"file/{name}"], want, rtol=1e-6, atol=1e-7)
+    for tag, tensors in (("file", inp["tensors"]), ("act_file", inp["act_tensors"])):
+        for name, q in tensors.items():
+            want = np.asarray(q.dequantize(np.float32)).T if isinstance(q, QArray) else q
+            np.testing.assert_allclose(out[f"{tag}/{name}"], want, rtol=1e-6, atol=1e-7)

@@ -5,6 +5,7 @@ atomic writes, one clear error per kind of damage, and layout 1 (orbax) still lo
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import json
 import os
@@ -668,3 +669,39 @@ def test_a_flipped_byte_in_a_layout_1_file_names_the_array(layout_1, tmp_path):
     with pytest.raises(ValueError, match=r"does not match its sha256.*changed arrays: "
                        r"(layers/\d+/|lm_head/|embed_tokens/|norm/)[\w/]+(\.\w+)*;"):  # fmt: skip
         models.load_packed(copy)
+
+
+# ---- act-order (QArray.perm) ----------------------------------------------------------------
+
+
+def _with_perms(params):
+    """``params`` with every quantized kernel given a random input permutation (act-order)."""
+    rng = np.random.default_rng(3)
+
+    def permuted(x):
+        if not isinstance(x, QArray):
+            return x
+        perm = rng.permutation(x.k).astype(np.int32)
+        return dataclasses.replace(x, perm=jax.device_put(perm))
+
+    return jax.tree.map(permuted, params, is_leaf=lambda x: isinstance(x, QArray))
+
+
+def test_act_order_perm_round_trips_and_older_files_load_without_it(tmp_path):
+    params = _with_perms(_quantized("uint4-g64"))
+    down = _leaves(params)["layers/0/mlp/down_proj/kernel"]
+    assert down.perm is not None and down.k % down.group_size != 0
+    path = packed.save_packed(tmp_path / "m", config=HF_CONFIG, params=params)
+    meta = json.loads((path / packed.METADATA).read_text())
+    assert meta["params"]["layers/0/mlp/down_proj/kernel"]["perm"]["dtype"] == "int32"
+    model, loaded, _, _ = models.load_packed(path, dtype=jnp.float32)
+    _assert_bit_identical(loaded, params)  # perm included: it is a leaf
+    np.testing.assert_array_equal(_logits(model, loaded), _logits(model, params))
+    # A file written before QArrays had a perm has no "perm" entry: it loads, perm None.
+    plain = packed.save_packed(tmp_path / "p", config=HF_CONFIG, params=_quantized("int4-g128"))
+    meta = json.loads((plain / packed.METADATA).read_text())
+    for desc in meta["params"].values():
+        desc.pop("perm", None)
+    (plain / packed.METADATA).write_text(json.dumps(meta))
+    arrays, _, _ = packed.read_packed(plain)
+    assert arrays["layers/0/mlp/down_proj/kernel"].perm is None
