@@ -446,7 +446,7 @@ def engine_report(engine: Engine) -> str:
             f"{runner.fmt.name} {runner.cache.nbytes / 1e6:.1f} MB, weights "
             f"{runner.weight_bytes / 1e6:.1f} MB")  # fmt: skip
     if engine.mesh is not None:
-        held = runner.per_device_bytes()
-        line += (f"; tp={len(held)}: {max(held.values()) / 1e6:.1f} MB per device "
-                 f"({len(engine.tp_notes)} tensors replicated)")  # fmt: skip
+        held = runner.per_device_bytes()  # this process's devices (all of them in one)
+        line += (f"; tp={engine.mesh.devices.size}: {max(held.values()) / 1e6:.1f} MB per "
+                 f"device ({len(engine.tp_notes)} tensors replicated)")  # fmt: skip
     return "\n".join([line, *(f"  replicated: {note}" for note in engine.tp_notes)])
