@@ -305,3 +305,50 @@ def test_export_refuses_fp4_with_quantized_activations(tmp_path, tiny):
     params[path] = dataclasses.replace(params[path], activation="fp8_e4m3")
     with pytest.raises(ValueError, match=rf"nvfp4: FP4 weights with fp8_e4m3 activations.*{path}"):
         write_compressed_tensors(params, tiny.config(tied=True), None, tmp_path / "out")
+
+
+@pytest.mark.parametrize("qtype", list(CASES))
+def test_transformers_loads_export_with_jquant_logits(tmp_path, tiny, qtype):
+    """transformers (compressed-tensors installed) loads jquant's FP4 export on CPU,
+    decompressing it to jquant's bfloat16 dequantized weights (NVFP4: within 1 ulp), and its
+    forward gives jquant's logits (MXFP4: jquant's own forward on the QArrays)."""
+    transformers = pytest.importorskip("transformers")
+    from jquant.arch import LlamaConfig
+    from jquant.models import forward, params_from_hf
+
+    config = tiny.config(tied=False)
+    block = qtypes.get(qtype).block_size
+    # bfloat16 throughout, as transformers holds the model (dtype=bfloat16 below, the dtype
+    # of the library's FP4 decompression): the float tensors bf16 values, the kernels
+    # dequantizing to bfloat16.
+    bf16 = {n: w.astype(ml_dtypes.bfloat16).astype(np.float32)
+            for n, w in tiny.tensors(tied=False).items()}  # fmt: skip
+    tensors = {n: quantize_array(w.T.astype(ml_dtypes.bfloat16), qtype, axis=0, group_size=block)
+               if n.endswith("proj.weight") else w for n, w in bf16.items()}  # fmt: skip
+    model, params = params_from_hf(tensors, LlamaConfig.from_hf(config))
+    write_compressed_tensors(params, config, None, tmp_path / "out")
+    hf = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / "out"),
+                                                           dtype=torch.bfloat16)  # fmt: skip
+    tokens = np.array([[1, 5, 9, 20, 7, 3, 100, 42]])
+    with torch.no_grad():
+        hf(torch.from_numpy(tokens))  # the library decompresses on the first call
+    for name, q in tensors.items():
+        if isinstance(q, QArray):
+            lib = hf.get_parameter(name).detach()
+            assert lib.dtype == torch.bfloat16  # the library's FP4 decompression dtype
+            ours = np.asarray(q.dequantize_stored(jnp.bfloat16), np.float32)
+            assert _ulps_bf16(ours, lib.float().numpy()).max() <= (qtype == "nvfp4"), name
+    # Decompressed, the weights are plain bfloat16 parameters: upcast exactly (past the guard
+    # transformers puts on quantized models' .float()) to run float32 activations as jquant.
+    torch.nn.Module.float(hf)
+    with torch.no_grad():
+        ref = hf(torch.from_numpy(tokens)).logits.numpy()
+    if qtype == "nvfp4":
+        # The library rounds NVFP4 weights to bfloat16 (e2m1 · block scale is not a bfloat16
+        # value); jquant's forward multiplies in float32. On this tiny random model that moves
+        # logits by up to ~1.1 (of ~10): compare with jquant's weights rounded as the library's.
+        dense = {n: np.asarray(q.dequantize(jnp.bfloat16), np.float32).T
+                 if isinstance(q, QArray) else q for n, q in tensors.items()}  # fmt: skip
+        model, params = params_from_hf(dense, LlamaConfig.from_hf(config))
+    ours = np.asarray(forward(model, params, jnp.asarray(tokens))[0])
+    np.testing.assert_allclose(ours, ref, atol=2e-4 * np.abs(ref).max())
