@@ -89,7 +89,10 @@ def from_gpt_oss(blocks, scales, *, dtype=ml_dtypes.bfloat16, name: str = "block
 
     Its logical shape is ``(..., K, N)`` with ``K = 32·G`` (storage ``(..., N, K)``), what
     transformers' ``convert_moe_packed_tensors`` dequantizes them to; ``dtype`` is what
-    ``dequantize()`` returns (bfloat16, that function's default).
+    ``dequantize()`` returns (bfloat16, that function's default). Dequantized, the two agree
+    bit for bit except for values or scales below float32's smallest normal (2**-126): XLA on
+    CPU flushes them to zero (a block with E8M0 code 0, 2**-127, dequantizes to zeros) where
+    torch keeps them subnormal.
 
     >>> q = from_gpt_oss(np.zeros((4, 2, 16), np.uint8), np.full((4, 2), 127, np.uint8))
     >>> q.shape, q.qtype
