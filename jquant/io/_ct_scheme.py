@@ -104,7 +104,8 @@ def _scheme(name: str, raw: Any, default_format: str | None, source: str) -> Sch
         _check_fp4(fmt, weights, where)
     elif not (kind == "int" and f"int{bits}" in QTYPES) and (kind, bits) != ("float", 8):
         raise ValueError(f"{where}: weights of type {kind!r} with num_bits={bits!r} have no "
-                         "jquant format (int 2-6 or 8 bits, float 8 bits)")  # fmt: skip
+                         "jquant format (int 2-6 or 8 bits, float 8 bits; float 4 bits as "
+                         f"{NVFP4} or {MXFP4})")  # fmt: skip
     if fmt not in (NAIVE, *FP4_FORMATS) and (fmt == FLOAT) != (kind == "float"):
         raise ValueError(f"{where}: format {fmt!r} cannot hold {kind} weights of {bits} bits")
     block = weights.get("block_structure")

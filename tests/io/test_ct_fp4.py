@@ -112,7 +112,6 @@ def test_import_equals_library(tmp_path, tiny, qtype):
         # value within 1 bfloat16 ulp after both round to bfloat16.
         assert _ulps_bf16(got, lib).max() <= 1
         diffs.append(np.mean(got != lib))
-        print(module, f"{np.mean(got != lib):.5f} of the values 1 bf16 ulp from the library's")
     assert qtype == "mxfp4" or max(diffs) < 0.01  # nearly all equal; the rest 1 ulp
 
 
@@ -288,7 +287,7 @@ def test_mxfp4_nan_scale_is_named(tmp_path, tiny):
 def test_w4a4_and_foreign_fp4_schemes_are_refused(tmp_path, tiny):
     _write(tmp_path, tiny, "nvfp4", preset="NVFP4")  # W4A4: FP4 activations, input_global_scale
     with pytest.raises(ValueError, match="jquant cannot quantize activations to FP4"):
-        read_compressed_tensors(tmp_path / "")
+        read_compressed_tensors(tmp_path)
     raw = json.loads((tmp_path / "config.json").read_text())
     group = raw["quantization_config"]["config_groups"]["group_0"]
     group["input_activations"] = None
@@ -296,6 +295,10 @@ def test_w4a4_and_foreign_fp4_schemes_are_refused(tmp_path, tiny):
     (tmp_path / "config.json").write_text(json.dumps(raw))
     with pytest.raises(ValueError, match=r"format 'nvfp4-pack-quantized' with weights .* "
                        r"\('float', 4, 'tensor_group', 32, True\) is not jquant's nvfp4"):
+        read_compressed_tensors(tmp_path)
+    raw["quantization_config"]["format"] = "pack-quantized"  # FP4 weights, an int format
+    (tmp_path / "config.json").write_text(json.dumps(raw))
+    with pytest.raises(ValueError, match="float 4 bits as nvfp4-pack-quantized or mxfp4-pack"):
         read_compressed_tensors(tmp_path)
 
 
