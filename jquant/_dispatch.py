@@ -131,7 +131,9 @@ def _kernel_matmul(x, w: QArray, out_dtype, precision):
 
     Weight-only matmuls use ``quantized_matmul``; an int8 (fp8_e4m3) weight with int8
     (fp8_e4m3) per-token activations and per-channel scales uses the W8A8 kernel. Other
-    weights with activation quantization, and double-quantized scales, stay on XLA.
+    weights with activation quantization, double-quantized scales and the formats no kernel
+    decodes (not in ``kernels.QTYPES``: the FP4 formats mxfp4 and nvfp4, int2-int6, uint*
+    but uint4) stay on XLA, which dequantizes and multiplies.
     """
     del precision  # the kernels accumulate in float32 regardless
     forced, backend, m = matmul_path() == "kernel", _device_backend(), x.shape[0]

@@ -16,18 +16,19 @@ from collections.abc import Sequence
 
 
 def select_candidates(names: str | Sequence[str] | None):
-    """The kernel candidates (`jquant.alloc.KERNEL_CANDIDATES`) named by ``names`` (a
-    comma-separated string or a sequence), in that order, each once; None: all of them.
+    """The kernel candidates (`jquant.alloc.KERNEL_CANDIDATES`, and the FP4 ones in
+    `jquant.alloc.FP4_CANDIDATES`) named by ``names`` (a comma-separated string or a
+    sequence), in that order, each once; None: all of `KERNEL_CANDIDATES`.
 
     Raises:
       ValueError: an unknown name, or none; the message starts with ``names`` (repr).
     """
-    from jquant.alloc import KERNEL_CANDIDATES
+    from jquant.alloc import FP4_CANDIDATES, KERNEL_CANDIDATES
 
     if names is None:
         return KERNEL_CANDIDATES
     text = names if isinstance(names, str) else ",".join(names)
-    known = {c.name: c for c in KERNEL_CANDIDATES}
+    known = {c.name: c for c in (*KERNEL_CANDIDATES, *FP4_CANDIDATES)}
     wanted = [n.strip() for n in text.split(",") if n.strip()]
     bad = [n for n in wanted if n not in known]
     if bad or not wanted:

@@ -34,6 +34,13 @@ KERNEL_CANDIDATES: tuple[Candidate, ...] = (
     candidate("uint6-g64", weight="uint6", group_size=64, **_GPTQ),
     candidate("int8", weight="int8", **_GPTQ),
 )
+#: FP4 kernels a request may name (``--formats mxfp4,nvfp4``), not priced by default: E2M1
+#: codes, GPTQ with a clip search per block, in the blocks and block scales each format fixes
+#: (mxfp4: 32, E8M0, 4.25 bits per weight; nvfp4: 16, E4M3 and a per-tensor float32, 4.5).
+FP4_CANDIDATES: tuple[Candidate, ...] = (
+    candidate("mxfp4", weight="mxfp4", group_size=32, **_GPTQ),
+    candidate("nvfp4", weight="nvfp4", group_size=16, **_GPTQ),
+)
 #: What the embedding table (and a tied head) may become: no Hessian for a gather, so
 #: round-to-nearest with a searched clip per group, per-row int8, or bfloat16.
 TABLE_CANDIDATES: tuple[Candidate, ...] = (

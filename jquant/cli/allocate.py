@@ -22,7 +22,8 @@ def add_parser(sub) -> None:
     p.add_argument("--batch", type=_args.int_at_least(1), help="with --fit: sequences at once")
     p.add_argument("--kv-cache", default="bfloat16", help="with --fit: KV cache format")
     p.add_argument("--formats", help="comma-separated kernel candidates to choose from "
-                   "(default: all of jquant.alloc.KERNEL_CANDIDATES)")
+                   "(default: all of jquant.alloc.KERNEL_CANDIDATES; mxfp4 and nvfp4 "
+                   "are also known)")
     p.add_argument("--no-awq", action="store_true",
                    help="GPTQ rules without AWQ's input scales")
     p.add_argument("--name", help="recipe name (default: from the budget)")

@@ -23,7 +23,11 @@ from jquant.qtypes import QTYPES
 QUANT_METHOD = "compressed-tensors"
 # Formats whose tensors jquant reads: int codes packed in int32 words, or one code a byte.
 PACKED, INT, NAIVE, FLOAT = "pack-quantized", "int-quantized", "naive-quantized", "float-quantized"
-FORMATS = (PACKED, INT, NAIVE, FLOAT)
+# FP4 E2M1 codes two to a byte: NVFP4 (blocks of 16, E4M3 scales, a per-tensor global scale)
+# and MXFP4 (blocks of 32, E8M0 scales), each with the strategy and group size it fixes.
+NVFP4, MXFP4 = "nvfp4-pack-quantized", "mxfp4-pack-quantized"
+FORMATS = (PACKED, INT, NAIVE, FLOAT, NVFP4, MXFP4)
+FP4_FORMATS = {NVFP4: ("nvfp4", "tensor_group", 16), MXFP4: ("mxfp4", "group", 32)}
 LINEAR = "Linear"  # the class every jquant Llama projection is (torch.nn.Linear's name)
 # jquant's per-token dynamic activation formats by compressed-tensors (type, num_bits).
 _ACTIVATIONS = {("int", 8): "int8", ("float", 8): "fp8_e4m3"}
@@ -46,6 +50,8 @@ class Scheme:
     @property
     def qtype(self) -> str:
         """The jquant format of the weight codes (``int4``, ``uint8``, ``fp8_e4m3``)."""
+        if self.format in FP4_FORMATS:
+            return FP4_FORMATS[self.format][0]
         if self.type == "float":
             return "fp8_e4m3"
         return f"{'int' if self.symmetric else 'uint'}{self.num_bits}"
@@ -63,6 +69,11 @@ def _strategy(args: dict[str, Any]) -> str:
 def _activation(args: dict[str, Any] | None, where: str) -> str | None:
     if args is None:
         return None
+    if (args.get("type"), args.get("num_bits")) == ("float", 4):
+        raise ValueError(f"{where}: input_activations are FP4 ({args.get('strategy')}, "
+                         f"dynamic {args.get('dynamic')!r}; W4A4, with input_global_scale): "
+                         "jquant cannot quantize activations to FP4; FP4 weights load with "
+                         "float activations only (a W4A16 scheme such as NVFP4A16)")  # fmt: skip
     fmt = _ACTIVATIONS.get((args.get("type", "int"), args.get("num_bits", 8)))
     dynamic = args.get("dynamic") in (True, "true", "True")
     if fmt is None or not dynamic or _strategy(args) != "token" or not args.get("symmetric", True):
@@ -89,10 +100,13 @@ def _scheme(name: str, raw: Any, default_format: str | None, source: str) -> Sch
         raise ValueError(f"{where}: format {fmt!r} is not supported; jquant reads "
                          f"{', '.join(FORMATS)}")  # fmt: skip
     kind, bits = weights.get("type", "int"), weights.get("num_bits", 8)
-    if not (kind == "int" and f"int{bits}" in QTYPES) and (kind, bits) != ("float", 8):
+    if fmt in FP4_FORMATS:
+        _check_fp4(fmt, weights, where)
+    elif not (kind == "int" and f"int{bits}" in QTYPES) and (kind, bits) != ("float", 8):
         raise ValueError(f"{where}: weights of type {kind!r} with num_bits={bits!r} have no "
-                         "jquant format (int 2-6 or 8 bits, float 8 bits)")  # fmt: skip
-    if fmt != NAIVE and (fmt == FLOAT) != (kind == "float"):
+                         "jquant format (int 2-6 or 8 bits, float 8 bits; float 4 bits as "
+                         f"{NVFP4} or {MXFP4})")  # fmt: skip
+    if fmt not in (NAIVE, *FP4_FORMATS) and (fmt == FLOAT) != (kind == "float"):
         raise ValueError(f"{where}: format {fmt!r} cannot hold {kind} weights of {bits} bits")
     block = weights.get("block_structure")
     return Scheme(
@@ -101,6 +115,17 @@ def _scheme(name: str, raw: Any, default_format: str | None, source: str) -> Sch
         group_size=weights.get("group_size"), block_structure=None if block is None else
         tuple(int(b) for b in block), activation=_activation(raw.get("input_activations"), where),
     )  # fmt: skip
+
+
+def _check_fp4(fmt: str, weights: dict[str, Any], where: str) -> None:
+    """An FP4 format's weights as jquant's ``nvfp4`` / ``mxfp4`` define them, or ValueError."""
+    qtype, strategy, size = FP4_FORMATS[fmt]
+    got = (weights.get("type", "int"), weights.get("num_bits", 8), _strategy(weights),
+           weights.get("group_size"), bool(weights.get("symmetric", True)))  # fmt: skip
+    if got != ("float", 4, strategy, size, True):
+        raise ValueError(f"{where}: format {fmt!r} with weights (type, num_bits, strategy, "
+                         f"group_size, symmetric) = {got} is not jquant's {qtype}, which is "
+                         f"{('float', 4, strategy, size, True)}")  # fmt: skip
 
 
 def _matches(name: str, target: str) -> bool:
@@ -149,6 +174,8 @@ def scheme_dict(s: Scheme, targets: list[str]) -> dict[str, Any]:
         "strategy": s.strategy, "group_size": s.group_size, "block_structure": None,
         "dynamic": False, "actorder": None,
     }  # fmt: skip
+    if s.format in FP4_FORMATS:  # the dtype the library's compressor casts the scales to
+        weights["scale_dtype"] = "torch.float8_e4m3fn" if s.format == NVFP4 else "torch.uint8"
     acts = None
     if s.activation is not None:
         kind = "int" if s.activation == "int8" else "float"

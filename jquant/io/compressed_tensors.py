@@ -13,12 +13,17 @@ A quantized linear ``m`` is stored by its config group's format (see `jquant.io.
 * ``int-quantized`` (int), ``float-quantized`` (FP8 E4M3) and ``naive-quantized`` (either):
   the codes one per element as ``m.weight`` (int8 or F8_E4M3, ``(out, in)``),
   ``m.weight_scale`` and an asymmetric int's ``m.weight_zero_point`` (int8, the scale's shape).
+* ``nvfp4-pack-quantized`` / ``mxfp4-pack-quantized`` (FP4 E2M1, jquant's ``nvfp4`` /
+  ``mxfp4``): ``m.weight_packed`` uint8 ``(out, in/2)``, ``m.weight_scale`` (E4M3 per 16 /
+  E8M0 exponents per 32) and NVFP4's ``m.weight_global_scale``, the reciprocal of jquant's
+  per-tensor scale (`jquant.io._fp4_layout` has the layout and what the reciprocal keeps).
 
 compressed-tensors dequantizes ``w = (q − zp)·s`` with ``q`` and ``zp`` signed
 (``[−2^(b−1), 2^(b−1) − 1]``). jquant holds a symmetric weight as ``int{b}`` codes ``q``; an
 asymmetric one as ``uint{b}`` codes ``q + 2^(b−1)`` with zero point ``zp + 2^(b−1)`` (the same
 difference); FP8 as ``fp8_e4m3``. Scales keep their stored dtype and ``dequantize()`` returns
-that dtype, as the library's decompression does. A W8A8 group's dynamic per-token input
+that dtype, as the library's decompression does; FP4 weights dequantize to bfloat16, the
+dtype the library's FP4 decompression returns. A W8A8 group's dynamic per-token input
 activations become the QArray's ``activation`` (``"int8"`` or ``"fp8_e4m3"``).
 """
 
@@ -26,11 +31,13 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 from pathlib import Path
 from typing import Any
 
 import jax.numpy as jnp
+import ml_dtypes
 import numpy as np
 
 from jquant import _perm
@@ -39,9 +46,22 @@ from jquant.arch import LlamaConfig, param_shapes
 from jquant.qarray import QArray, from_codes
 from jquant.tree import leaves
 
+from . import _fp4_layout as fp4
 from . import hf
 from ._checkpoint import expected_shapes
-from ._ct_scheme import FLOAT, INT, LINEAR, PACKED, QUANT_METHOD, Scheme, Schemes, scheme_dict
+from ._ct_scheme import (
+    FLOAT,
+    FP4_FORMATS,
+    INT,
+    LINEAR,
+    MXFP4,
+    NVFP4,
+    PACKED,
+    QUANT_METHOD,
+    Scheme,
+    Schemes,
+    scheme_dict,
+)
 from ._hf_export import config_json, refusal, staged, write_tokenizer
 from ._int32_pack import pack_int32, packed_words, unpack_int32
 from ._packed_writer import check_output_directory
@@ -136,6 +156,8 @@ def _read_linear(entries, module: str, shape: tuple[int, int], s: Scheme, used: 
         used.add(name)
         return entry.load(np.dtype(hf._DTYPES[entry.stored_dtype]))
 
+    if s.format in FP4_FORMATS:
+        return _read_fp4(read, module, shape, s, source)
     group = _group_size(s, k, where)
     groups = 1 if group is None else -(-k // group)
     scale = read("weight_scale", ("F32", "BF16", "F16"))
@@ -202,6 +224,35 @@ def _read_linear(entries, module: str, shape: tuple[int, int], s: Scheme, used: 
     return dataclasses.replace(q, activation=s.activation)
 
 
+def _read_fp4(read, module: str, shape: tuple[int, int], s: Scheme, source: str) -> QArray:
+    """The ``nvfp4`` / ``mxfp4`` QArray of an FP4 linear ``module`` (see `_fp4_layout`)."""
+    out, k = shape
+    block = FP4_FORMATS[s.format][2]
+    if k % block:
+        raise ValueError(f"{source}: {module} has in_features={k}, not a multiple of "
+                         f"{s.format}'s block of {block}")  # fmt: skip
+    packed = read("weight_packed", ("U8",))
+    if packed.shape != (out, k // 2):
+        raise ValueError(f"{source}: tensor {module}.weight_packed has shape {packed.shape}, "
+                         f"expected {(out, k // 2)} for {shape} FP4 codes")  # fmt: skip
+    codes = fp4.unpack_nibbles(packed)
+    nvfp4 = s.format == NVFP4
+    scale = read("weight_scale", ("F8_E4M3",) if nvfp4 else ("U8",))
+    if scale.shape != (out, k // block):
+        raise ValueError(f"{source}: tensor {module}.weight_scale has shape {scale.shape}, "
+                         f"expected {(out, k // block)}")  # fmt: skip
+    if nvfp4:
+        g = fp4.tensor_scale_of(read("weight_global_scale", ("F32",)),
+                                f"{source}: tensor {module}.weight_global_scale")  # fmt: skip
+        scale = QArray(qvalue=jnp.asarray(scale), scale=jnp.full((1, 1), g), zero_point=None,
+                       qtype="fp8_e4m3", k=k // block, axis=-1, group_size=None,
+                       dtype=np.dtype(np.float32))  # fmt: skip
+    else:
+        scale = fp4.e8m0_of_exponents(scale, f"{source}: tensor {module}.weight_scale")
+    return from_codes(jnp.asarray(codes), scale, qtype=s.qtype, axis=-2, group_size=block,
+                      dtype=jnp.bfloat16)  # fmt: skip
+
+
 def _group_size(s: Scheme, k: int, where: str) -> int | None:
     """jquant's group size for scheme ``s`` over ``k`` inputs; ValueError when it has none."""
     if s.strategy in ("tensor", "channel"):
@@ -233,7 +284,9 @@ def write_compressed_tensors(params, config: dict[str, Any], tokenizer, director
     Kernels of ``int2``-``int8`` become ``pack-quantized`` (``int8`` with ``activation="int8"``
     or ``"fp8_e4m3"``: ``int-quantized``), ``uint*`` with integer zero points asymmetric
     ``pack-quantized``, ``fp8_e4m3`` ``float-quantized``; per group (``in`` a multiple of the
-    group size), per channel or per tensor. Float parameters keep their dtype. Everything is
+    group size), per channel or per tensor; ``nvfp4`` (E4M3 block scales of one per-tensor
+    scale, as jquant quantizes it) and ``mxfp4`` weight-only kernels ``nvfp4-pack-quantized`` /
+    ``mxfp4-pack-quantized``. Float parameters keep their dtype. Everything is
     written into a temporary directory renamed into place at the end: an interrupted export
     leaves nothing that loads.
 
@@ -292,6 +345,8 @@ def _compress(q: QArray, module: str):
     if q.perm is not None:
         return ("act-order perm (compressed-tensors 0.20 removed actorder 'group' and its "
                 "weight_g_idx; write_gptq writes it as g_idx)")  # fmt: skip
+    if qt.kind == "fp4" and q.ndim == 2:
+        return _compress_fp4(q, module)
     if isinstance(q.scale, QArray) or q.ndim != 2:
         return "double-quantized scale" if isinstance(q.scale, QArray) else "not 2-D"
     if q.group_size is not None and k % q.group_size:
@@ -329,6 +384,38 @@ def _compress(q: QArray, module: str):
                     else "int", symmetric=zp is None, strategy=strategy,
                     group_size=q.group_size, block_structure=None,
                     activation=q.activation)  # fmt: skip
+    return scheme, out
+
+
+def _compress_fp4(q: QArray, module: str):
+    """`_compress` for an ``nvfp4`` / ``mxfp4`` kernel: ``*-pack-quantized`` FP4 tensors."""
+    qt = q.format
+    if q.activation is not None:
+        return f"FP4 weights with {q.activation} activations (compressed-tensors' FP4 schemes " \
+               "take FP4 activations or none)"
+    if q.k % qt.block_size:
+        return f"in_features={q.k} is not a multiple of {qt.name}'s block of {qt.block_size}"
+    fmt = NVFP4 if qt.name == "nvfp4" else MXFP4
+    _, strategy, block = FP4_FORMATS[fmt]
+    out = [(f"{module}.weight_packed", fp4.pack_nibbles(np.asarray(q.codes())))]
+    scale = q.scale
+    if fmt == NVFP4:
+        tensor = isinstance(scale, QArray) and scale.qtype == "fp8_e4m3" and scale.zero_point \
+            is None and math.prod(scale.scale.shape) == 1 and not isinstance(scale.scale, QArray)
+        if not tensor:
+            return "scales not held as E4M3 codes times one per-tensor scale"
+        out += [(f"{module}.weight_scale", np.asarray(scale.codes())),
+                (f"{module}.weight_global_scale",
+                 np.array([fp4.global_scale_of(np.asarray(scale.scale, np.float32))]))]
+    else:
+        e8m0 = np.asarray(scale)
+        if e8m0.dtype != np.dtype(ml_dtypes.float8_e8m0fnu):
+            return f"scales of {e8m0.dtype}, not float8_e8m0fnu"
+        out.append((f"{module}.weight_scale", np.ascontiguousarray(
+            np.broadcast_to(e8m0, (q.shape[-1], q.num_groups))).view(np.uint8)))
+    scheme = Scheme(group="", format=fmt, num_bits=4, type="float", symmetric=True,
+                    strategy=strategy, group_size=block, block_structure=None,
+                    activation=None)  # fmt: skip
     return scheme, out
 
 
