@@ -171,7 +171,8 @@ def scheme_dict(s: Scheme, targets: list[str]) -> dict[str, Any]:
     """The config group (QuantizationScheme JSON) of ``s`` for ``targets``."""
     weights = {
         "num_bits": s.num_bits, "type": s.type, "symmetric": s.symmetric,
-        "strategy": s.strategy, "group_size": s.group_size, "block_structure": None,
+        "strategy": s.strategy, "group_size": s.group_size,
+        "block_structure": None if s.block_structure is None else list(s.block_structure),
         "dynamic": False, "actorder": None,
     }  # fmt: skip
     if s.format in FP4_FORMATS:  # the dtype the library's compressor casts the scales to

@@ -182,7 +182,8 @@ def _read_linear(entries, module: str, shape: tuple[int, int], s: Scheme, used: 
         codes = unpack_int32(words, s.num_bits, k).astype(np.int32) - offset
         if not s.symmetric:
             zp_words = read("weight_zero_point", ("I32", "I8"))
-            if zp_words.dtype == np.int32 and not per_tensor:
+            # The library packs the zero points of group and channel schemes only.
+            if zp_words.dtype == np.int32 and s.strategy in ("group", "channel"):
                 if zp_words.shape != (packed_words(out, s.num_bits), groups):
                     raise ValueError(f"{source}: tensor {module}.weight_zero_point has shape "
                                      f"{zp_words.shape}, expected "
@@ -349,11 +350,12 @@ def _compress(q: QArray, module: str):
         return _compress_fp4(q, module)
     if isinstance(q.scale, QArray) or q.ndim != 2:
         return "double-quantized scale" if isinstance(q.scale, QArray) else "not 2-D"
-    if q.group_size is not None and k % q.group_size:
-        return f"in_features={k} is not a multiple of group_size={q.group_size}"
+    # A short last group: the library's "group" strategy refuses it, its [1, G] blocks pad it.
+    short = q.group_size is not None and k % q.group_size != 0
     scale = np.asarray(q.scale)
     tensor = q.group_size is None and scale.size == 1
-    strategy = "tensor" if tensor else "channel" if q.group_size is None else "group"
+    strategy = ("tensor" if tensor else "channel" if q.group_size is None
+                else "block" if short else "group")  # fmt: skip
     fmt = {"int": PACKED, "uint": PACKED}.get(qt.kind, FLOAT if qt.name == "fp8_e4m3" else None)
     if fmt is None or qt.bits > 8 or (q.activation is not None and qt.bits != 8):
         return "no compressed-tensors format"
@@ -374,7 +376,7 @@ def _compress(q: QArray, module: str):
                 (f"{module}.weight_shape", np.array(codes.shape, np.int64))]  # fmt: skip
         if zp is not None:
             zp_t = zp.reshape(1) if tensor else zp
-            out.append((f"{module}.weight_zero_point", zp_t.astype(np.int8) if tensor
+            out.append((f"{module}.weight_zero_point", zp_t.astype(np.int8) if tensor or short
                         else pack_int32(zp + offset, qt.bits, axis=0)))  # fmt: skip
     else:
         fmt = INT if fmt == PACKED else fmt
@@ -382,7 +384,8 @@ def _compress(q: QArray, module: str):
     out.insert(0, (f"{module}.weight_scale", scale.reshape(1) if tensor else scale))
     scheme = Scheme(group="", format=fmt, num_bits=qt.bits, type="float" if fmt == FLOAT
                     else "int", symmetric=zp is None, strategy=strategy,
-                    group_size=q.group_size, block_structure=None,
+                    group_size=None if short else q.group_size,
+                    block_structure=(1, q.group_size) if short else None,
                     activation=q.activation)  # fmt: skip
     return scheme, out
 

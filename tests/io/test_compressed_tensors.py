@@ -56,6 +56,12 @@ CASES = {
                            strategy="channel"), None, torch.float32, "uint4", None),
     "w8_asym_tensor": ("pack-quantized", dict(num_bits=8, symmetric=False, strategy="tensor"),
                        None, torch.float32, "uint8", None),
+    # [1, 48] blocks: in_features 64 is one block and a short one of 16 (padded by the library).
+    "w4a16_block_1x48": ("pack-quantized", dict(num_bits=4, strategy="block",
+                         block_structure=[1, 48]), None, torch.float32, "int4", None),
+    "w4a16_asym_block_1x48": ("pack-quantized", dict(num_bits=4, symmetric=False,
+                              strategy="block", block_structure=[1, 48]), None, torch.bfloat16,
+                              "uint4", None),
     "w8a8_int": ("int-quantized", dict(num_bits=8, strategy="channel"), ACT["int8"],
                  torch.float32, "int8", "int8"),
     "fp8_tensor": ("float-quantized", dict(num_bits=8, type="float", strategy="tensor"),
@@ -70,7 +76,12 @@ CASES = {
 def _scales(w: torch.Tensor, args: QuantizationArgs, dtype):
     """Per-group min/max scales (and signed zero points) as an observer would choose them."""
     out, k = w.shape
-    g = {"group": args.group_size, "channel": k}.get(args.strategy, out * k)
+    if args.strategy == "block":  # [1, G]: a short last block padded with zeros
+        g = args.block_structure[1]
+        w = torch.nn.functional.pad(w, (0, -k % g))
+        k = w.shape[1]
+    else:
+        g = {"group": args.group_size, "channel": k}.get(args.strategy, out * k)
     blocks = w.reshape(out, k // g, g) if args.strategy != "tensor" else w.reshape(1, 1, -1)
     if args.type == "float":
         return (blocks.abs().amax(-1) / 448.0).to(dtype), None
@@ -204,7 +215,12 @@ def test_round_trip_and_library_reads_export(tmp_path, tiny, case):
     write_compressed_tensors(params, config, None, tmp_path / "out")
     _, again, _ = read_compressed_tensors(tmp_path / "out")
     lib, raw = _library_decompress(tmp_path / "out")
-    assert raw["quantization_config"]["ignore"] == ["lm_head"]
+    qc = raw["quantization_config"]
+    if "block" in case:  # K=96 is whole 48-blocks (a group scheme), K=64 is not (a block one)
+        assert sorted(g["weights"]["strategy"] for g in qc["config_groups"].values()) == [
+            "block", "group"] and qc["ignore"] == []  # fmt: skip
+    else:  # one scheme targets Linear and ignores the float head
+        assert len(qc["config_groups"]) == 1 and qc["ignore"] == ["lm_head"]
     for name, q in tensors.items():
         if not isinstance(q, QArray):
             np.testing.assert_array_equal(again[name], q)
