@@ -19,8 +19,8 @@ from typing import Any
 import numpy as np
 
 from jquant import settings, tree
-from jquant.io import _gguf_types
 from jquant.alloc.sensitivity import Candidate, Option, candidate
+from jquant.io import _gguf_types
 from jquant.models.convert import EMBED_PATH, HEAD_PATH
 
 _GPTQ = {"algorithm": "gptq", "algorithm_args": {"mse": True}}

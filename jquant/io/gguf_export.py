@@ -15,7 +15,8 @@ by at most half a float16 ulp of ``|z·d|``: ``2⁻¹¹·|z·d|``, or ``2⁻²�
 subnormal. Nothing is requantized: a model with a tensor no ggml type holds is refused, every
 such tensor listed, before anything is written.
 
->>> model, params, tok, config = jquant.models.load("smollm2-135m", with_config=True)  # doctest: +SKIP
+>>> load = jquant.models.load
+>>> model, params, tok, config = load("smollm2-135m", with_config=True)  # doctest: +SKIP
 >>> model, params = jquant.calib.quantize_loaded(model, params, "gguf-q4_0")  # doctest: +SKIP
 >>> write_gguf(params, config, tok, "smollm2-q4_0.gguf")  # doctest: +SKIP
 """
@@ -269,11 +270,13 @@ def write_gguf(params, config: dict[str, Any], tokenizer, path, *, overwrite: bo
         else:
             tensors.append((gguf_name(hf_name(keys)), *written))
     if refused:
-        lines = [f"  {p}: {why}" for p, why in refused]
+        by_format: dict[str, list[str]] = {}
+        for p, why in refused:
+            by_format.setdefault(why, []).append(p)
+        listed = "; ".join(f"{why}: {', '.join(ps)}" for why, ps in by_format.items())
         raise ValueError(f"write_gguf: {len(refused)} tensor(s) have no GGUF type (GGUF holds "
                          "int8, int4, int5, uint4 and uint5 in groups of 32 with float16 scales "
-                         "as Q8_0, Q4_0, Q5_0, Q4_1 and Q5_1; use a gguf-* recipe):\n"
-                         + "\n".join(lines))  # fmt: skip
+                         f"as Q8_0, Q4_0, Q5_0, Q4_1 and Q5_1; use a gguf-* recipe): {listed}")
     fields = None if tokenizer is None else gguf_tokenizer_fields(tokenizer,
                                                                    int(config["vocab_size"]))
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -284,6 +287,11 @@ def write_gguf(params, config: dict[str, Any], tokenizer, path, *, overwrite: bo
         _metadata(w, config, name or target.stem, _file_type(tensors))
         if fields is not None:
             fields.write(w)
+        else:  # the config's special ids, which `load_gguf` reads from the tokenizer keys
+            for key, add in (("bos_token_id", w.add_bos_token_id),
+                             ("eos_token_id", w.add_eos_token_id)):  # fmt: skip
+                if isinstance(config.get(key), int):
+                    add(config[key])
         for tensor_name, ggml, data in tensors:
             w.add_tensor(tensor_name, data, raw_dtype=Q[ggml])
         w.write_header_to_file()
