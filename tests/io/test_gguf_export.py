@@ -300,3 +300,22 @@ def test_llama_cpp_runs_smollm2_export_as_jquant(tmp_path, smollm_path, recipe):
     nll_ours = np.mean([_nll(ours[i], w) for i, w in enumerate(windows)])
     nll_theirs = np.mean([_nll(_llama_logits(llm, w), w) for w in windows])
     assert math.exp(nll_theirs) == pytest.approx(math.exp(nll_ours), rel=5e-3)
+
+
+@pytest.mark.slow
+def test_smollm2_packed_re_export_is_the_original_bytes(tmp_path, smollm_path):
+    """SmolLM2's Q4_1/Q8_0 GGUF loaded packed and written again: every tensor's type and
+    bytes are the original file's (the Q4_1 min ``m`` comes back from ``z = −m/d``), read by
+    the gguf package's own reader."""
+    from jquant.models import load
+
+    model, params, tok, config = load(smollm_path, with_config=True, packed=True)
+    path = write_gguf(params, config, tok, tmp_path / "m.gguf")
+    src = {t.name: t for t in gguf.GGUFReader(str(smollm_path)).tensors}
+    out = {t.name: t for t in gguf.GGUFReader(str(path)).tensors}
+    assert set(out) == set(src)
+    assert {t.tensor_type.name for t in src.values()} == {"Q4_1", "Q8_0", "F32"}
+    for name, t in src.items():
+        assert out[name].tensor_type == t.tensor_type, name
+        np.testing.assert_array_equal(np.asarray(out[name].data).view(np.uint8),
+                                      np.asarray(t.data).view(np.uint8), err_msg=name)
