@@ -13,6 +13,10 @@ int4                        Q4_0   float16 ``d``; codes stored ``q + 8``: bit fo
 int5                        Q5_0   float16 ``d``; codes stored ``q + 16``: bit for bit
 uint4                       Q4_1   float16 ``d``, ``m = −z·d`` rounded to float16
 uint5                       Q5_1   likewise
+int6 (group 16)             Q6_K   a two-level scale: a QArray of int8 sub-scales
+                                   ``sc`` (one per 16) with one float16 ``d`` per 256,
+                                   as `jquant.io.load_gguf(packed=True)` reads Q6_K;
+                                   ``d·sc·q`` bit for bit
 ==========================  =====  ==================================================
 
 "float16" is a property of the values: a float16 scale, or a float32 one every value of which
@@ -38,11 +42,15 @@ QUANT_TYPES: dict[tuple[str, int], str] = {
     ("uint4", GROUP): "Q4_1",
     ("uint5", GROUP): "Q5_1",
 }
+#: (qtype, group size) -> ggml K-quant whose scale is a QArray: int8 sub-scales per group,
+#: in runs of `SUPER` elements sharing one float16 super-scale.
+TWO_LEVEL_TYPES: dict[tuple[str, int], str] = {("int6", 16): "Q6_K"}
+SUPER = 256
 #: Float dtype name -> ggml type name.
 FLOAT_TYPES: dict[str, str] = {"float32": "F32", "float16": "F16", "bfloat16": "BF16"}
 #: The ggml types whose values equal the QArray's bit for bit (the others move by the float16
 #: rounding of ``m``).
-EXACT = frozenset(("Q8_0", "Q4_0", "Q5_0"))
+EXACT = frozenset(("Q8_0", "Q4_0", "Q5_0", "Q6_K"))
 
 
 def quant_type(qtype: str, group_size: int | None, scale_dtype: Any) -> str | None:

@@ -8,7 +8,8 @@ hyperparameters and the tokenizer (`jquant.io._gguf_tokenizer.gguf_tokenizer_fie
 
 Every QArray is written from its own codes and scales, in the ggml type whose blocks hold the
 same numbers (`jquant.io._gguf_types`: int8/int4/int5 in groups of 32 with float16 scales as
-Q8_0/Q4_0/Q5_0, bit for bit; uint4/uint5 as Q4_1/Q5_1). A ``uint`` group ``(q − z)·d`` is
+Q8_0/Q4_0/Q5_0, bit for bit; uint4/uint5 as Q4_1/Q5_1; what `load_gguf(packed=True)` reads
+from Q6_K back as Q6_K, bit for bit). A ``uint`` group ``(q − z)·d`` is
 stored as ``d·q + m`` with ``m = −z·d``: the product is taken in float32 (exact for float16
 ``d`` and ``z``) and rounded to the nearest float16 (round half to even), so each value moves
 by at most half a float16 ulp of ``|z·d|``: ``2⁻¹¹·|z·d|``, or ``2⁻²⁵`` where ``m`` is
@@ -92,6 +93,38 @@ def _blocks(ggml: str, codes: np.ndarray, d: np.ndarray, m: np.ndarray | None) -
     return np.concatenate([d, _f16_bytes(m), _high_bits(u), _nibbles(u & 0xF)], axis=1)
 
 
+def _q6_k(codes: np.ndarray, sc: np.ndarray, d: np.ndarray) -> np.ndarray:
+    """Q6_K super-blocks: ``codes`` (n, 256) int6, ``sc`` (n, 16) int8, ``d`` (n,) float16.
+    ``ql`` holds the low nibbles in two runs of 128 (byte j: element j low, j + 64 high),
+    ``qh`` the high two bits (byte j of run r: elements r·128 + 32·s + j at bits 2s)."""
+    u = (codes.astype(np.int16) + 32).astype(np.uint8).reshape(-1, 2, 128)
+    low = u & 0xF
+    ql = (low[..., :64] | (low[..., 64:] << 4)).reshape(-1, 128)
+    high = (u >> 4).reshape(-1, 2, 4, 32) << np.array([0, 2, 4, 6], np.uint8).reshape(1, 1, 4, 1)
+    qh = np.bitwise_or.reduce(high, axis=2).reshape(-1, 64)
+    return np.concatenate([ql, qh, sc.astype(np.int8).view(np.uint8), _f16_bytes(d)], axis=1)
+
+
+def _two_level(q: QArray, n_head: int | None) -> tuple[str, np.ndarray] | None:
+    """A K-quant of `_gguf_types.TWO_LEVEL_TYPES` (``d·sc·q``), or None where ``q`` is not
+    one: int8 sub-scales per group, one float16 super-scale per 256 elements."""
+    ggml = _gguf_types.TWO_LEVEL_TYPES.get((q.qtype, q.group_size))
+    s = q.scale
+    per = _gguf_types.SUPER // (q.group_size or 1)
+    if (ggml is None or not isinstance(s, QArray) or s.qtype != "int8" or s.zero_point is not None
+            or s.group_size != per or q.k % _gguf_types.SUPER or q.zero_point is not None):
+        return None  # fmt: skip
+    d, _ = _scale_f16(s)
+    if d is None:
+        return None
+    codes, sc = np.asarray(q.codes()), np.asarray(s.codes())
+    if n_head is not None:
+        codes, sc, d = (permute_rope_rows(x, n_head) for x in (codes, sc, d))
+    rows = codes.shape[0]
+    blocks = _q6_k(codes.reshape(-1, _gguf_types.SUPER), sc.reshape(-1, per), d.reshape(-1))
+    return ggml, blocks.reshape(rows, -1)
+
+
 def _scale_f16(q: QArray) -> tuple[np.ndarray | None, str]:
     """The QArray's scales as float16 when they are float16 values, else (None, its dtype)."""
     s = np.asarray(q.scale)
@@ -107,7 +140,8 @@ def _scale_f16(q: QArray) -> tuple[np.ndarray | None, str]:
 
 def _format(q: QArray) -> str:
     g = "channel" if q.group_size is None else f"g{q.group_size}"
-    scale = "QArray" if isinstance(q.scale, QArray) else np.asarray(q.scale).dtype.name
+    scale = (f"{q.scale.qtype}-quantized" if isinstance(q.scale, QArray)
+             else np.asarray(q.scale).dtype.name)  # fmt: skip
     act = f" activation {q.activation}" if q.activation else ""
     return f"{q.qtype} {g} {scale} scales{act}"
 
@@ -117,6 +151,8 @@ def _quantized(q: QArray, leaf: str, n_head: int | None) -> tuple[str, np.ndarra
     heads), or why no ggml type holds it."""
     ggml = _gguf_types.QUANT_TYPES.get((q.qtype, q.group_size))
     want_axis = -1 if leaf == "embedding" else -2
+    if ggml is None and q.axis == want_axis and q.ndim == 2 and q.activation is None:
+        return _two_level(q, n_head) or _format(q)
     if (ggml is None or isinstance(q.scale, QArray) or q.activation is not None or q.ndim != 2
             or q.k % _gguf_types.GROUP):  # fmt: skip
         return _format(q)

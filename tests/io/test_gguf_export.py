@@ -319,3 +319,23 @@ def test_smollm2_packed_re_export_is_the_original_bytes(tmp_path, smollm_path):
         assert out[name].tensor_type == t.tensor_type, name
         np.testing.assert_array_equal(np.asarray(out[name].data).view(np.uint8),
                                       np.asarray(t.data).view(np.uint8), err_msg=name)
+
+
+def test_q6_k_read_packed_is_written_back_byte_for_byte():
+    """Random Q6_K super-blocks read by `load_gguf`'s packed reader (int6 codes, int8
+    sub-scales under a float16 super-scale) are written back as the same bytes, and
+    `gguf.quants.dequantize` of them is the QArray's dequantize()."""
+    from jquant.io._gguf_packed import qarray_from_blocks
+    from jquant.io.gguf_export import _quantized
+
+    rng = np.random.default_rng(0)
+    rows, cols = 6, 512
+    raw = rng.integers(0, 256, (rows * cols // 256, 210), dtype=np.uint8)
+    raw[:, 208:210] = rng.uniform(-1, 1, (len(raw), 1)).astype("<f2").view(np.uint8)
+    q = qarray_from_blocks(raw, gguf.GGMLQuantizationType.Q6_K, (rows, cols))
+    ggml, data = _quantized(q, "kernel", None)
+    assert ggml == "Q6_K"
+    np.testing.assert_array_equal(data.reshape(raw.shape), raw)
+    np.testing.assert_array_equal(
+        gguf.quants.dequantize(data, gguf.GGMLQuantizationType.Q6_K).reshape(rows, cols),
+        np.asarray(q.dequantize_stored()))  # fmt: skip
