@@ -32,8 +32,11 @@ def _recipe(qtype: str, *, scale_dtype: str = "float16", group: int = 32, table:
     return Recipe.from_dict({"name": f"{qtype}-g{group}", "rules": rules})
 
 
-def _model(tmp_path, tiny, *, tied: bool = True):
-    ckpt = jio.load_gguf(tiny.write_gguf(tmp_path / "src.gguf", tiny.tensors(tied=tied)))
+def _model(tmp_path, tiny, *, tied: bool = True, scale: float = 1.0):
+    """The tiny model read from its GGUF; ``scale`` multiplies its N(0, 1) matrices."""
+    tensors = {n: w * np.float32(scale) if w.ndim == 2 else w
+               for n, w in tiny.tensors(tied=tied).items()}  # fmt: skip
+    ckpt = jio.load_gguf(tiny.write_gguf(tmp_path / "src.gguf", tensors))
     model, params = params_from_hf(ckpt.tensors, LlamaConfig.from_hf(ckpt.config))
     return ckpt, model, params
 
@@ -253,8 +256,11 @@ def _nll(logits: np.ndarray, tokens: list[int]) -> float:
 @pytest.mark.parametrize("qtype", [*TYPES, "float"])
 def test_llama_cpp_runs_the_export_as_jquant(tmp_path, tiny, qtype):
     """llama.cpp loads the file, tokenizes as jquant does, and its perplexity on a window is
-    jquant's (same quantized weights) within 0.5%."""
-    ckpt, model, params = _model(tmp_path, tiny)
+    jquant's (same quantized weights) within 0.5%. The matrices are N(0, 0.1²): with N(0, 1)
+    the random model's logits reach the thousands and its perplexity 10⁸, where llama.cpp's
+    8-bit activations (its quantized matmuls quantize the input to Q8_0/Q8_1 blocks) move it
+    by percents."""
+    ckpt, model, params = _model(tmp_path, tiny, scale=0.1)
     if qtype != "float":
         model, params = quantize_model(model, params, _recipe(qtype))
     path = write_gguf(params, ckpt.config, ckpt.tokenizer, tmp_path / "m.gguf")
@@ -268,8 +274,9 @@ def test_llama_cpp_runs_the_export_as_jquant(tmp_path, tiny, qtype):
     theirs = _llama_logits(llm, tokens)
     ppl_ours, ppl_theirs = math.exp(_nll(ours, tokens)), math.exp(_nll(theirs, tokens))
     assert ppl_theirs == pytest.approx(ppl_ours, rel=5e-3)
-    if qtype == "float":  # no activation quantization in llama.cpp's F32 matmuls
-        np.testing.assert_allclose(theirs, ours, atol=1e-3 * np.abs(ours).max())
+    if qtype == "float":  # no activation quantization in llama.cpp's F32 matmuls (its KV
+        # cache is float16)
+        np.testing.assert_allclose(theirs, ours, atol=2e-3 * np.abs(ours).max())
 
 
 def quantize_model(model, params, recipe):
