@@ -27,7 +27,8 @@ from pathlib import Path
 HERE = Path(__file__).parent
 RECIPES = ("w8a16,fp8,w8a8-smoothquant,w4a16-rtn-g128,w4a16-rtn-g64,w4a16-gptq-g128,"
            "w4a16-gptq-g64,w4a16-awq-g128,w4a16-uint4-g64,w4a16-hqq-g64,w4a16-gptq-uint4-g64,"
-           "w4a16-awq-gptq-uint4-g64,nf4,w3a16-gptq-g64,w8a16-emb8,w4a16-awq-gptq-uint4-g64-emb8,"
+           "w4a16-awq-gptq-uint4-g64,nf4,w4a16-mxfp4,w4a16-nvfp4,w3a16-gptq-g64,w8a16-emb8,"
+           "w4a16-awq-gptq-uint4-g64-emb8,"
            "configs/examples/smollm2-alloc-105.5MB.yaml,configs/examples/smollm2-alloc-93.5MB.yaml,"
            "configs/examples/smollm2-alloc-88.2MB.yaml,"
            "configs/examples/smollm2-alloc-75MB.yaml")  # fmt: skip

@@ -20,11 +20,12 @@ from jquant.io._gguf_tokenizer import _bytes_to_unicode
 
 jax.config.update("jax_numpy_dtype_promotion", "strict")
 
-# The `reference` extra (torch, sentencepiece) is optional: tests that compare against
-# transformers' torch models or the original SentencePiece importorskip it. CI installs it and
+# The `reference` extra (torch, sentencepiece, llama-cpp-python) is optional: tests that
+# compare against transformers' torch models, the original SentencePiece or llama.cpp
+# importorskip it. CI installs it and
 # sets JQUANT_REQUIRE_REFERENCE=1, so there a missing or broken one fails the run instead of
 # silently skipping those tests.
-REFERENCE_MODULES = ("torch", "sentencepiece", "google.protobuf")
+REFERENCE_MODULES = ("torch", "sentencepiece", "google.protobuf", "llama_cpp")
 
 
 def pytest_configure(config):

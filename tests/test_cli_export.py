@@ -48,3 +48,27 @@ def test_export_refuses_a_format_it_cannot_hold(capsys, tiny_model, tmp_path):
     err = capsys.readouterr().err
     assert "GPTQ cannot hold" in err and "nf4" in err and err.count("\n") == 1
     assert not out.exists()
+
+
+def test_export_gguf_writes_a_file_load_gguf_reads(capsys, tiny_model, text_file, tmp_path):
+    """``--format gguf -o FILE``: the gguf-q4_0 model evaluates (read back packed by
+    ``--keep-packed``) to the perplexity of the model it was written from."""
+    out = tmp_path / "m.gguf"
+    args = ["export", tiny_model, "--recipe", "gguf-q4_0", "--format", "gguf", "-o", str(out)]
+    assert main(args) == 0
+    assert f"wrote {out} (gguf)" in capsys.readouterr().out
+    want = _perplexity(capsys, tiny_model, text_file, "--recipe", "gguf-q4_0")
+    got = _perplexity(capsys, str(out), text_file, "--keep-packed")
+    assert got["perplexity"] == pytest.approx(want["perplexity"], rel=1e-5)
+    assert main(args) == 2
+    assert "exists; pass --overwrite" in capsys.readouterr().err
+    assert main([*args, "--overwrite"]) == 0
+
+
+def test_export_gguf_refuses_group_64(capsys, tiny_model, tmp_path):
+    out = tmp_path / "m.gguf"
+    assert main(["export", tiny_model, "--recipe", "w4a16-rtn-g64", "--format", "gguf", "-o",
+                 str(out)]) == 2  # fmt: skip
+    err = capsys.readouterr().err
+    assert "have no GGUF type" in err and "int4 g64 bfloat16 scales: layers/0/" in err
+    assert err.count("\n") == 1 and not out.exists()

@@ -11,7 +11,8 @@ from jquant.qarray import QArray
 from jquant.recipe import Recipe
 from jquant.transform import quantize
 
-SHIPPED = ["fp8", "mixed", "nf4", "w3a16-gptq-g64", "w4a16-awq-g128", "w4a16-awq-gptq-uint4-g64",
+SHIPPED = ["fp8", "gguf-q4_0", "gguf-q4_1", "gguf-q5_0", "gguf-q5_1", "gguf-q8_0", "mixed", "nf4",
+           "w3a16-gptq-g64", "w4a16-awq-g128", "w4a16-awq-gptq-uint4-g64",
            "w4a16-awq-gptq-uint4-g64-emb8", "w4a16-gptq-g128", "w4a16-gptq-g64",
            "w4a16-gptq-uint4-g64", "w4a16-hqq-g64", "w4a16-mxfp4", "w4a16-nvfp4",
            "w4a16-rtn-g128", "w4a16-rtn-g64", "w4a16-uint4-g64", "w8a16", "w8a16-emb8", "w8a8",
@@ -38,6 +39,11 @@ EXPECT = {
     "w8a16-emb8": ("int8", None, None, False),
     "w4a16-mxfp4": ("mxfp4", 32, None, False),
     "w4a16-nvfp4": ("nvfp4", 16, None, True),  # its scale: a QArray of E4M3 block scales
+    "gguf-q4_0": ("int4", 32, None, False),
+    "gguf-q4_1": ("uint4", 32, None, False),
+    "gguf-q5_0": ("int5", 32, None, False),
+    "gguf-q5_1": ("uint5", 32, None, False),
+    "gguf-q8_0": ("int8", 32, None, False),
 }
 
 D, F, V, LAYERS = 64, 96, 80, 2
@@ -124,3 +130,15 @@ def test_shipped_on_stock_linen(name):
     assert q["lm_head"]["kernel"] is params["params"]["lm_head"]["kernel"]
     assert isinstance(q["Dense_0"]["kernel"], QArray) and isinstance(q["Dense_1"]["kernel"], QArray)
     assert q["Dense_0"]["bias"] is params["params"]["Dense_0"]["bias"]
+
+
+@pytest.mark.parametrize("name, ggml", [("gguf-q4_0", "Q4_0"), ("gguf-q4_1", "Q4_1"),
+                                        ("gguf-q5_0", "Q5_0"), ("gguf-q5_1", "Q5_1"),
+                                        ("gguf-q8_0", "Q8_0")])  # fmt: skip
+def test_gguf_recipes_map_onto_their_ggml_type(name, ggml):
+    from jquant.io._gguf_types import rule_type
+
+    kernel = Recipe.load(name).rules[2]
+    assert kernel.scale_dtype == "float16"
+    assert rule_type({k: getattr(kernel, k) for k in ("weight", "group_size", "scale_dtype",
+                                                      "double_quant", "activation")}) == ggml

@@ -36,6 +36,8 @@ from jquant.alloc.sensitivity import Candidate as Candidate
 from jquant.alloc.sensitivity import Option as Option
 from jquant.alloc.sensitivity import candidate as candidate
 from jquant.alloc.table import FP4_CANDIDATES as FP4_CANDIDATES
+from jquant.alloc.table import GGUF_KERNEL_CANDIDATES as GGUF_KERNEL_CANDIDATES
+from jquant.alloc.table import GGUF_TABLE_CANDIDATES as GGUF_TABLE_CANDIDATES
 from jquant.alloc.table import KERNEL_CANDIDATES as KERNEL_CANDIDATES
 from jquant.alloc.table import TABLE_CANDIDATES as TABLE_CANDIDATES
 from jquant.alloc.table import Sensitivity as Sensitivity
@@ -44,4 +46,4 @@ from jquant.alloc.table import measure as measure
 
 __all__ = ["BudgetError", "Candidate", "candidate", "measure", "allocate", "budget_bytes",
            "Sensitivity", "Allocation", "KERNEL_CANDIDATES", "FP4_CANDIDATES",
-           "TABLE_CANDIDATES"]  # fmt: skip
+           "TABLE_CANDIDATES", "GGUF_KERNEL_CANDIDATES", "GGUF_TABLE_CANDIDATES"]  # fmt: skip

@@ -15,25 +15,27 @@ import re
 from collections.abc import Sequence
 
 
-def select_candidates(names: str | Sequence[str] | None):
-    """The kernel candidates (`jquant.alloc.KERNEL_CANDIDATES`, and the FP4 ones in
-    `jquant.alloc.FP4_CANDIDATES`) named by ``names`` (a comma-separated string or a
-    sequence), in that order, each once; None: all of `KERNEL_CANDIDATES`.
+def select_candidates(names: str | Sequence[str] | None, *, gguf: bool = False):
+    """The kernel candidates (`jquant.alloc.KERNEL_CANDIDATES` and the FP4 ones in
+    `jquant.alloc.FP4_CANDIDATES`, or with ``gguf`` `jquant.alloc.GGUF_KERNEL_CANDIDATES`)
+    named by ``names`` (a comma-separated string or a sequence), in that order, each once;
+    None: all of `KERNEL_CANDIDATES` (or of the GGUF ones).
 
     Raises:
       ValueError: an unknown name, or none; the message starts with ``names`` (repr).
     """
-    from jquant.alloc import FP4_CANDIDATES, KERNEL_CANDIDATES
+    from jquant.alloc import FP4_CANDIDATES, GGUF_KERNEL_CANDIDATES, KERNEL_CANDIDATES
 
+    pool = GGUF_KERNEL_CANDIDATES if gguf else KERNEL_CANDIDATES
     if names is None:
-        return KERNEL_CANDIDATES
+        return pool
     text = names if isinstance(names, str) else ",".join(names)
-    known = {c.name: c for c in (*KERNEL_CANDIDATES, *FP4_CANDIDATES)}
+    known = {c.name: c for c in (pool if gguf else (*KERNEL_CANDIDATES, *FP4_CANDIDATES))}
     wanted = [n.strip() for n in text.split(",") if n.strip()]
     bad = [n for n in wanted if n not in known]
     if bad or not wanted:
         raise ValueError(f"{text!r}: unknown {', '.join(bad) or 'empty'}; "
-                         f"known: {', '.join(known)}")  # fmt: skip
+                         f"known{' with --gguf' if gguf else ''}: {', '.join(known)}")  # fmt: skip
     return tuple(known[n] for n in dict.fromkeys(wanted))
 
 

@@ -20,6 +20,7 @@ import numpy as np
 
 from jquant import settings, tree
 from jquant.alloc.sensitivity import Candidate, Option, candidate
+from jquant.io import _gguf_types
 from jquant.models.convert import EMBED_PATH, HEAD_PATH
 
 _GPTQ = {"algorithm": "gptq", "algorithm_args": {"mse": True}}
@@ -50,6 +51,22 @@ TABLE_CANDIDATES: tuple[Candidate, ...] = (
               algorithm_args={"clip_search": {"grid": 20}}),
     candidate("int8", weight="int8"),
     candidate("bfloat16", skip=True, dtype="bfloat16"),
+)
+
+#: ``jquant allocate --gguf``: the kernel formats a GGUF file holds as they are, one per row
+#: of `jquant.io._gguf_types.QUANT_TYPES` (ggml's Q4_0, Q4_1, Q5_0, Q5_1 and Q8_0 blocks:
+#: group 32, float16 scales), by GPTQ.
+GGUF_KERNEL_CANDIDATES: tuple[Candidate, ...] = tuple(
+    candidate(f"{w}-g{g}", weight=w, group_size=g, scale_dtype=_gguf_types.SCALE_DTYPE, **_GPTQ)
+    for w, g in _gguf_types.QUANT_TYPES
+)
+#: ``--gguf``'s table formats: the same blocks by round-to-nearest with a searched clip, or
+#: float16 (F16).
+GGUF_TABLE_CANDIDATES: tuple[Candidate, ...] = (
+    *(candidate(f"{w}-g{g}", weight=w, group_size=g, scale_dtype=_gguf_types.SCALE_DTYPE,
+                algorithm_args={"clip_search": {"grid": 20}})
+      for w, g in _gguf_types.QUANT_TYPES),  # fmt: skip
+    candidate("float16", skip=True, dtype="float16"),
 )
 
 

@@ -24,6 +24,11 @@ def add_parser(sub) -> None:
     p.add_argument("--formats", help="comma-separated kernel candidates to choose from "
                    "(default: all of jquant.alloc.KERNEL_CANDIDATES; mxfp4 and nvfp4 "
                    "are also known)")
+    p.add_argument("--gguf", action="store_true",
+                   help="choose only formats GGUF holds as they are (Q4_0, Q4_1, Q5_0, Q5_1, "
+                        "Q8_0 blocks, F16), so that jquant export --format gguf writes the "
+                        "recipe's model; --formats then names jquant.alloc."
+                        "GGUF_KERNEL_CANDIDATES")  # fmt: skip
     p.add_argument("--no-awq", action="store_true",
                    help="GPTQ rules without AWQ's input scales")
     p.add_argument("--name", help="recipe name (default: from the budget)")
@@ -60,7 +65,8 @@ def run(args) -> int:
     if args.output and os.path.exists(args.output) and not args.overwrite:
         raise ValueError(f"--output {args.output!r} exists; pass --overwrite to replace it")
     with _args.flag("--formats"):
-        kernel_candidates = request.select_candidates(args.formats)
+        kernel_candidates = request.select_candidates(args.formats, gguf=args.gguf)
+    table_candidates = alloc.GGUF_TABLE_CANDIDATES if args.gguf else alloc.TABLE_CANDIDATES
     _args.check_calib(args)
     model, params, tokenizer, config = _args.load(args)
     if calib.is_quantized(params):
@@ -70,7 +76,8 @@ def run(args) -> int:
     tokens = calib.calibration_tokens(tokenizer, args.calib, samples=args.calib_samples,
                                       seq_len=args.calib_seq_len)  # fmt: skip
     table = alloc.measure(model, params, tokens, config=config,
-                          kernel_candidates=kernel_candidates, progress=not args.json)  # fmt: skip
+                          kernel_candidates=kernel_candidates, table_candidates=table_candidates,
+                          progress=not args.json)  # fmt: skip
     budget_kw = dict(target_bits=args.target_bits, target_size=args.target_size, fit=args.fit,
                      context=args.context, batch=args.batch)  # fmt: skip
     budget = alloc.budget_bytes(table, kv_cache=args.kv_cache, **budget_kw)

@@ -89,3 +89,19 @@ def test_unknown_format_is_one_clear_error(capsys, tiny_model, text_file):
     code, err = _allocate(capsys, tiny_model, text_file, "--target-bits", "4",
                           extra=["--formats", "uint4-g64,int5"])  # fmt: skip
     assert code == 2 and "--formats 'uint4-g64,int5': unknown int5; known: uint3-g64" in err
+
+
+def test_gguf_allocation_exports_as_gguf(capsys, tiny_model, text_file, tmp_path):
+    """``--gguf``: the recipe chooses among GGUF's block formats only, and the model it
+    quantizes is written by ``jquant export --format gguf`` (no tensor refused)."""
+    recipe, q, out = tmp_path / "r.yaml", tmp_path / "q", tmp_path / "m.gguf"
+    assert main(["allocate", tiny_model, "--target-bits", "6", "--calib", text_file, *CALIB,
+                 "--gguf", "--formats", "uint4-g32,int8-g32", "--json", "-o",
+                 str(recipe)]) == 0  # fmt: skip
+    choice = json.loads(capsys.readouterr().out)["choice"]
+    assert set(choice.values()) <= {"uint4-g32", "int8-g32", "int4-g32", "int5-g32",
+                                    "uint5-g32", "float16"}  # fmt: skip
+    assert main(["quantize", tiny_model, "--recipe", str(recipe), "--calib", text_file, *CALIB,
+                 "-o", str(q)]) == 0  # fmt: skip
+    assert main(["export", str(q), "--format", "gguf", "-o", str(out)]) == 0
+    assert f"wrote {out} (gguf)" in capsys.readouterr().out

@@ -51,3 +51,32 @@ def test_write_recipe_replaces_the_file_and_leaves_no_temporary(tmp_path):
     write_recipe("name: x\n", str(path))
     assert path.read_text() == "name: x\n"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["r.yaml"]
+
+
+def test_gguf_candidates_are_what_a_gguf_file_holds(tmp_path, tiny):
+    """Every ``--gguf`` candidate maps onto a ggml type, and a model quantized by each one
+    (kernels and table) is written by `write_gguf` without refusal."""
+    from jquant import io as jio
+    from jquant.alloc import GGUF_KERNEL_CANDIDATES, GGUF_TABLE_CANDIDATES
+    from jquant.arch import LlamaConfig
+    from jquant.io._gguf_types import rule_type
+    from jquant.io.gguf_export import write_gguf
+    from jquant.models import params_from_hf
+    from jquant.recipe import Recipe
+    from jquant.transform import quantize
+
+    assert select_candidates(None, gguf=True) is GGUF_KERNEL_CANDIDATES
+    assert [c.name for c in select_candidates("uint4-g32,int8-g32", gguf=True)] == [
+        "uint4-g32", "int8-g32"]  # fmt: skip
+    with pytest.raises(ValueError, match="unknown uint4-g64; known with --gguf: int8-g32"):
+        select_candidates("uint4-g64", gguf=True)
+    types = {rule_type(dict(c.settings)) for c in GGUF_KERNEL_CANDIDATES + GGUF_TABLE_CANDIDATES}
+    assert types == {"Q8_0", "Q4_0", "Q5_0", "Q4_1", "Q5_1", "F16"}
+    ckpt = jio.load_gguf(tiny.write_gguf(tmp_path / "t.gguf", tiny.tensors(tied=True)))
+    _, params = params_from_hf(ckpt.tensors, LlamaConfig.from_hf(ckpt.config))
+    for kernel, table in zip(GGUF_KERNEL_CANDIDATES, GGUF_TABLE_CANDIDATES):
+        settings = {k: v for k, v in kernel.settings.items() if k != "algorithm_args"}
+        recipe = Recipe.from_dict({"name": "c", "rules": [
+            {"pattern": "embed", **table.settings}, {"pattern": "kernel$", **settings,
+                                                     "algorithm": "rtn"}]})  # fmt: skip
+        write_gguf(quantize(params, recipe), ckpt.config, None, tmp_path / f"{kernel.name}.gguf")
