@@ -149,6 +149,8 @@ def _format(q: QArray) -> str:
 def _quantized(q: QArray, leaf: str, n_head: int | None) -> tuple[str, np.ndarray] | str:
     """``(ggml type, (rows, bytes) uint8)`` of QArray ``q`` (rows permuted for `n_head`
     heads), or why no ggml type holds it."""
+    if q.perm is not None:  # ggml blocks run along the inputs in their own order
+        return f"{_format(q)} with an act-order input permutation"
     ggml = _gguf_types.QUANT_TYPES.get((q.qtype, q.group_size))
     want_axis = -1 if leaf == "embedding" else -2
     if ggml is None and q.axis == want_axis and q.ndim == 2 and q.activation is None:

@@ -18,6 +18,7 @@ from jquant.models import forward, params_from_hf, params_to_hf
 from jquant.qarray import QArray
 from jquant.recipe import Recipe
 from jquant.transform import quantize
+from jquant.tree import leaves
 
 EXACT = {"int8": "Q8_0", "int4": "Q4_0", "int5": "Q5_0"}
 AFFINE = {"uint4": "Q4_1", "uint5": "Q5_1"}
@@ -164,6 +165,24 @@ def test_shipped_w4a16_recipe_is_refused(tmp_path, tiny):
     ckpt, _, params = _model(tmp_path, tiny)
     with pytest.raises(ValueError, match="int4 g64 bfloat16 scales: layers/0/"):
         write_gguf(quantize(params, "w4a16-rtn-g64"), ckpt.config, None, tmp_path / "m.gguf")
+    assert not (tmp_path / "m.gguf").exists()
+
+
+def test_act_order_kernel_is_refused(tmp_path, tiny):
+    """A kernel with an input permutation (an act-order GPTQ import) has no GGUF type: its
+    stored codes are not in the inputs' order."""
+    import dataclasses
+
+    ckpt, _, params = _model(tmp_path, tiny)
+    qparams = dict(leaves(quantize(params, _recipe("int4", table=False))))
+    path = "layers/0/mlp/down_proj/kernel"
+    q = qparams[path]
+    perm = np.random.default_rng(0).permutation(q.k).astype(np.int32)
+    qparams[path] = dataclasses.replace(q, perm=jnp.asarray(perm))
+    with pytest.raises(ValueError, match=r"write_gguf: 1 tensor\(s\) have no GGUF type .*"
+                       r"int4 g32 float16 scales with an act-order input permutation: "
+                       + path):  # fmt: skip
+        write_gguf(qparams, ckpt.config, ckpt.tokenizer, tmp_path / "m.gguf")
     assert not (tmp_path / "m.gguf").exists()
 
 
