@@ -116,9 +116,10 @@ def from_gpt_oss(blocks, scales, *, dtype=ml_dtypes.bfloat16, name: str = "block
 def to_gpt_oss(q: QArray) -> tuple[np.ndarray, np.ndarray]:
     """``(blocks, scales)`` of an ``mxfp4`` QArray ``q`` (logical ``(..., K, N)``) in gpt-oss'
     layout: the inverse of `from_gpt_oss`. ValueError for any other QArray."""
-    if q.qtype != "mxfp4" or q.axis != -2 or q.ndim < 2:
-        raise ValueError(f"to_gpt_oss takes an mxfp4 QArray with its contraction axis -2, got "
-                         f"{q.qtype} of shape {q.shape}, axis {q.axis}")  # fmt: skip
+    if q.qtype != "mxfp4" or q.axis != -2 or q.ndim < 2 or q.perm is not None:
+        raise ValueError(f"to_gpt_oss takes an mxfp4 QArray with its contraction axis -2 and no "
+                         f"input permutation, got {q.qtype} of shape {q.shape}, axis {q.axis}"
+                         f"{'' if q.perm is None else ', a perm'}")  # fmt: skip
     codes = np.asarray(q.codes())
     blocks = pack_nibbles(codes).reshape(*codes.shape[:-1], q.num_groups, 16)
     scale = np.broadcast_to(np.asarray(q.scale), (*codes.shape[:-1], q.num_groups))

@@ -76,3 +76,18 @@ def test_smallest_scale_is_flushed_to_zero_on_cpu():
 def test_bad_input_is_named(blocks, scales, message):
     with pytest.raises(ValueError, match=message):
         from_gpt_oss(blocks, scales, name="experts.gate_up_proj")
+
+
+def test_to_gpt_oss_refuses_what_its_layout_cannot_hold():
+    """Another format, or an act-order input permutation (gpt-oss blocks run along the
+    inputs in order)."""
+    import dataclasses
+
+    rng = np.random.default_rng(0)
+    q = from_gpt_oss(rng.integers(0, 256, (3, 2, 16), dtype=np.uint8),
+                     np.full((3, 2), 127, np.uint8))  # fmt: skip
+    permuted = dataclasses.replace(q, perm=jnp.asarray(rng.permutation(64).astype(np.int32)))
+    with pytest.raises(ValueError, match=r"no input permutation, .*, a perm"):
+        to_gpt_oss(permuted)
+    with pytest.raises(ValueError, match=r"got int4"):
+        to_gpt_oss(quantize_array(jnp.ones((64, 3)), "int4", group_size=32))
