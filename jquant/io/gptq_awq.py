@@ -15,6 +15,7 @@ model whose quantized kernels are ``uint{2,3,4,8}`` or ``int{2,3,4,8}`` as a GPT
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -71,9 +72,6 @@ def _scheme(path: Path, qc: dict[str, Any]) -> tuple[str, int, int | None, int]:
         if fmt not in _FORMATS:
             raise ValueError(f"{path}: GPTQ checkpoint_format {fmt!r} is not supported; jquant "
                              f"reads {', '.join(_FORMATS)}")  # fmt: skip
-        if qc.get("dynamic"):
-            raise ValueError(f"{path}: per-module overrides (quantization_config 'dynamic') "
-                             "are not supported")  # fmt: skip
         return method, qc.get("bits", 4), _group_size(path, qc, "group_size"), _FORMATS[fmt]
     if method == "awq":
         version = str(qc.get("version", "gemm")).lower()
@@ -86,6 +84,39 @@ def _scheme(path: Path, qc: dict[str, Any]) -> tuple[str, int, int | None, int]:
         size = "group_size" if "group_size" in qc else "q_group_size"
         return method, bits, _group_size(path, qc, size), 2
     raise ValueError(f"{path}: quant_method {method!r} is neither 'gptq' nor 'awq'")
+
+
+def _dynamic_rules(path: Path, qc: dict[str, Any]) -> list[tuple[bool, re.Pattern, dict]]:
+    """GPTQModel's per-module overrides (``quantization_config["dynamic"]``) in their order:
+    ``(excluded, pattern, overrides)``; a ``-:`` pattern excludes the modules it matches from
+    quantization, a ``+:`` one (or a bare one) overrides the base scheme's keys for them."""
+    dynamic = qc.get("dynamic") or {}
+    if not isinstance(dynamic, dict):
+        raise ValueError(f"{path}: quantization_config 'dynamic' must map patterns to "
+                         f"overrides, got {type(dynamic).__name__}")  # fmt: skip
+    rules = []
+    for pattern, overrides in dynamic.items():
+        excluded = pattern.startswith("-:")
+        raw = pattern[2:] if pattern.startswith(("-:", "+:")) else pattern
+        try:
+            compiled = re.compile(raw)
+        except re.error as e:
+            raise ValueError(f"{path}: quantization_config 'dynamic' pattern {pattern!r} is not "
+                             f"a regular expression ({e})") from None
+        if not isinstance(overrides, dict):
+            raise ValueError(f"{path}: quantization_config 'dynamic'[{pattern!r}] must be a "
+                             f"dict of overrides, got {overrides!r}")  # fmt: skip
+        rules.append((excluded, compiled, overrides))
+    return rules
+
+
+def _override(rules, module: str) -> dict | bool | None:
+    """GPTQModel's choice for ``module``: the first rule whose pattern matches its start
+    (``re.match``): False when it excludes it, its overrides otherwise; None: no rule."""
+    for excluded, pattern, overrides in rules:
+        if pattern.match(module):
+            return False if excluded else overrides
+    return None
 
 
 def read_gptq_awq(
@@ -119,7 +150,9 @@ def read_gptq_awq(
         raise FileNotFoundError(f"{path} has no config.json; is it a Hugging Face model directory?")
     raw = json.loads((path / "config.json").read_text())
     config = config_from_hf(raw, str(path))
-    method, bits, group_size, version = _scheme(path, _quant_config(path, raw))
+    qc = _quant_config(path, raw)
+    method, bits, group_size, version = _scheme(path, qc)
+    rules = _dynamic_rules(path, qc) if method == "gptq" else []
     entries: dict[str, TensorEntry] = {}
     for file in _weight_files(path):
         entries.update(_file_entries(file, multimodal=False))
@@ -134,17 +167,28 @@ def read_gptq_awq(
     expected = expected_shapes(config)
     tensors: dict[str, np.ndarray | QArray] = {}
     for prefix, parts in modules.items():
-        perm = None
+        perm, m_bits, m_group = None, bits, group_size
+        override = _override(rules, prefix)
+        if override is False:
+            raise ValueError(f"{path}: {prefix} holds GPTQ tensors, but quantization_config "
+                             "'dynamic' excludes it from quantization")  # fmt: skip
+        if override:
+            m_bits = override.get("bits", bits)
+            if "group_size" in override:
+                m_group = _group_size(path, override, "group_size")
+            if m_bits not in layout.GPTQ_BITS:
+                raise ValueError(f"{path}: quantization_config 'dynamic' gives {prefix} "
+                                 f"bits={m_bits!r}; GPTQ packs {layout.GPTQ_BITS}")  # fmt: skip
         if method == "gptq":
             codes, scale, zero, perm = layout.gptq_to_codes(
-                prefix, parts, bits=bits, group_size=group_size, version=version
+                prefix, parts, bits=m_bits, group_size=m_group, version=version
             )
         else:
             codes, scale, zero = layout.awq_to_codes(prefix, parts, group_size=group_size,
                                                      bits=bits)  # fmt: skip
         tensors[f"{prefix}.weight"] = from_codes(
-            codes if perm is None else codes[:, perm], scale, zero, qtype=f"uint{bits}",
-            axis=-2, group_size=group_size, dtype=np.float32, perm=perm,
+            codes if perm is None else codes[:, perm], scale, zero, qtype=f"uint{m_bits}",
+            axis=-2, group_size=m_group, dtype=np.float32, perm=perm,
         )  # fmt: skip
         bias = f"{prefix}.bias"
         # AutoGPTQ saved a bias buffer for every module; an all-zero one the model lacks is none.
@@ -221,9 +265,12 @@ def write_gptq(
       ValueError: a bad ``version``, an existing directory without ``overwrite``, or
         parameters with no GPTQ form, each listed with its format: a format other than
         uint/int 2/3/4/8 (nf4, fp8, int5, ...), a quantized embedding, non-integer or
-        out-of-range zero points, scales float16 cannot hold, or kernels that differ in bits
-        or group size (one scheme per checkpoint: per-module ``dynamic`` overrides are not
-        written).
+        out-of-range zero points, scales float16 cannot hold.
+
+    Kernels of other bit widths or group sizes than the most common (mixed-precision
+    recipes) are written with GPTQModel's per-module ``dynamic`` overrides
+    (``"+:^<module>$": {"bits": b, "group_size": g}``), and the float linears of the decoder
+    layers as excluded (``"-:^<module>$": {}``).
     """
     if version not in (1, 2):
         raise ValueError(f"version must be 1 or 2 (GPTQ v1 or v2 zero points), got {version!r}")
@@ -271,23 +318,33 @@ def write_gptq(
                                      version=version, perm=perm)  # fmt: skip
         prefix = name.removesuffix(".weight")
         out.extend((f"{prefix}.{part}", parts[part]) for part in _PARTS)
-    if len(schemes) > 1:
-        listed = "; ".join(f"{b}-bit group_size={g}: {', '.join(p[:3])}"
-                           for (b, g), p in schemes.items())  # fmt: skip
-        problems.append(("every kernel", f"bits or group size differ ({listed})"))
     if problems:
         raise refusal("GPTQ", problems)
     if not schemes:
         raise ValueError("the model has no quantized kernels to write as GPTQ")
-    ((bits, group_size), paths), = schemes.items()
+    # The scheme of the most kernels is the base; the others, and the float linears of the
+    # decoder layers, are GPTQModel's per-module ``dynamic`` overrides (exact names).
+    (bits, group_size), _ = max(schemes.items(), key=lambda item: len(item[1]))
+    dynamic: dict[str, dict[str, int]] = {}
+    for name, value in tensors.items():
+        module = name.removesuffix(".weight")
+        literal = f"^{re.escape(module)}$"
+        if isinstance(value, QArray):
+            b, g = value.format.bits, value.group_size
+            if (b, g) != (bits, group_size):
+                dynamic[f"+:{literal}"] = {"bits": b, "group_size": -1 if g is None else g}
+        elif name.startswith("model.layers.") and name.endswith(".weight") and value.ndim == 2:
+            dynamic[f"-:{literal}"] = {}
     quant = {
         "quant_method": "gptq", "bits": bits,
         "group_size": -1 if group_size is None else group_size,
         "desc_act": act_order, "sym": symmetric, "true_sequential": True,
-        "lm_head": any(p.startswith("lm_head") for p in paths),
+        "lm_head": isinstance(tensors.get("lm_head.weight"), QArray),
         "checkpoint_format": "gptq_v2" if version == 2 else "gptq",
         "pack_dtype": "int32",
     }  # fmt: skip
+    if dynamic:
+        quant["dynamic"] = dynamic
     hf_config = config_json(config, torch_dtype="float16", quantization_config=quant)
     with staged(target, overwrite=overwrite) as tmp:
         write_file(tmp / "model.safetensors", out)

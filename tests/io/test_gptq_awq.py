@@ -264,10 +264,19 @@ out["awq/qweight"], out["awq/qzeros"] = qweight.numpy(), qzeros.numpy()
 g = codes.shape[1] // scales.shape[1]
 out["awq/dequant"] = dequantize_gemm(qweight, qzeros, scales.T.contiguous(), 4, g).float().numpy()
 from gptqmodel.utils.model_dequant import convert_gptq_file
-for tag, directory in zip(("file", "act_file"), sys.argv[3:]):
+for tag, directory in zip(("file", "act_file"), sys.argv[3:5]):
     quant = json.load(open(f"{directory}/config.json"))["quantization_config"]
     weights = convert_gptq_file(Path(directory) / "model.safetensors", torch.float32, quant, "cpu")
     out.update({f"{tag}/{k}": v.numpy() for k, v in weights.items()})
+from gptqmodel.quantization.config import dynamic_get
+from safetensors import safe_open
+for directory in sys.argv[5:]:  # what GPTQModel's per-module overrides give each linear
+    quant = json.load(open(f"{directory}/config.json"))["quantization_config"]
+    with safe_open(f"{directory}/model.safetensors", "pt") as f:
+        names = {k.rsplit(".", 1)[0] for k in f.keys() if k.startswith("model.layers.")
+                 and k.endswith((".qweight", "_proj.weight"))}
+    json.dump({m: dynamic_get(quant.get("dynamic"), m) for m in sorted(names)},
+              open(f"{directory}/dynamic.json", "w"))
 np.savez(sys.argv[2], **out)
 """
 
@@ -326,13 +335,119 @@ def gptqmodel(tmp_path_factory, tiny):
     write_gptq(tensors, _tiny_config(tiny), None, tmp / "tiny", version=1)
     act_tensors = _quantized_tensors(tiny, "uint4", 32, act_order=True)
     write_gptq(act_tensors, _tiny_config(tiny), None, tmp / "tiny_act", version=2)
+    mixed = _mixed_tensors(tiny)
+    write_gptq(mixed, _tiny_config(tiny), None, tmp / "tiny_mixed", version=2)
+    regex = _write_regex_dynamic(tiny, tmp / "tiny_regex")
     (tmp / "run.py").write_text(_GPTQMODEL_SCRIPT)
     env = {**os.environ, "PYTHONPATH": paths, "CUDA_VISIBLE_DEVICES": ""}
     args = [sys.executable, str(tmp / "run.py"),
-            *(str(tmp / f) for f in ("in.npz", "out.npz", "tiny", "tiny_act"))]  # fmt: skip
+            *(str(tmp / f) for f in ("in.npz", "out.npz", "tiny", "tiny_act", "tiny_mixed",
+                                     "tiny_regex"))]  # fmt: skip
     done = subprocess.run(args, env=env, cwd=tmp, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
-    return {**inp, "tensors": tensors, "act_tensors": act_tensors}, dict(np.load(tmp / "out.npz"))
+    return ({**inp, "tensors": tensors, "act_tensors": act_tensors,
+             "mixed": (mixed, tmp / "tiny_mixed"), "regex": (regex, tmp / "tiny_regex")},
+            dict(np.load(tmp / "out.npz")))  # fmt: skip
+
+
+def _uint(rng, n_out, n_in, bits, group_size):
+    """A random ``uint{bits}`` QArray (logical ``(n_in, n_out)``) GPTQ holds exactly."""
+    groups = 1 if group_size is None else n_in // group_size
+    return from_codes(rng.integers(0, 1 << bits, (n_out, n_in)).astype(np.uint8),
+                      rng.uniform(0.01, 0.1, (n_out, groups)).astype(np.float16),
+                      rng.integers(0, 1 << bits, (n_out, groups)).astype(np.float16),
+                      qtype=f"uint{bits}", group_size=group_size)  # fmt: skip
+
+
+def _mixed_tensors(tiny):
+    """uint4 g32 kernels but for an 8-bit down_proj, a per-channel 2-bit q_proj and a float
+    o_proj (what a mixed-precision recipe gives)."""
+    rng = np.random.default_rng(3)
+    tensors = _quantized_tensors(tiny, "uint4", 32)
+    floats = tiny.tensors(tied=False)
+    for name, bits, group in (("model.layers.0.mlp.down_proj.weight", 8, 32),
+                              ("model.layers.1.self_attn.q_proj.weight", 2, None)):  # fmt: skip
+        tensors[name] = _uint(rng, *floats[name].shape, bits, group)
+    o_proj = "model.layers.1.self_attn.o_proj.weight"
+    tensors[o_proj] = floats[o_proj]
+    return tensors
+
+
+_REGEX_DYNAMIC = {  # the first pattern matching a module's start decides, as in GPTQModel
+    "-:model\\.layers\\.1\\.self_attn\\.o_proj$": {},
+    "+:.*down_proj": {"bits": 8},
+    ".*mlp\\.": {"group_size": 64},
+    "+:.*layers\\.0\\.self_attn\\.[qk]": {"bits": 2, "group_size": -1},
+}
+
+
+def _write_regex_dynamic(tiny, path):
+    """A GPTQ v2 directory packed by hand (`codes_to_gptq`) under `_REGEX_DYNAMIC`, base
+    uint4 g32; returns its tensors."""
+    rng = np.random.default_rng(5)
+    scheme = {"model.layers.1.self_attn.o_proj": (None, None),
+              "model.layers.0.mlp.down_proj": (8, 32),
+              "model.layers.1.mlp.down_proj": (8, 32), "model.layers.0.self_attn.q_proj":
+              (2, None), "model.layers.0.self_attn.k_proj": (2, None)}  # fmt: skip
+    floats, tensors, files = tiny.tensors(tied=False), {}, {}
+    for name, w in floats.items():
+        module = name.removesuffix(".weight")
+        kernel = name.startswith("model.layers.") and name.endswith("_proj.weight")
+        bits, group = scheme.get(module, (4, 64 if ".mlp." in module else 32)) if kernel \
+            else (None, None)  # fmt: skip
+        if bits is None:
+            tensors[name] = files[name] = w
+            continue
+        q = tensors[name] = _uint(rng, *w.shape, bits, group)
+        parts = layout.codes_to_gptq(np.asarray(q.codes()), np.asarray(q.scale),
+                                     np.asarray(q.zero_point), bits=bits, group_size=group,
+                                     version=2)  # fmt: skip
+        files.update({f"{module}.{p}": a for p, a in parts.items()})
+    files.pop("lm_head.weight")
+    tensors.pop("lm_head.weight")
+    quant = {"quant_method": "gptq", "bits": 4, "group_size": 32, "checkpoint_format": "gptq_v2",
+             "dynamic": _REGEX_DYNAMIC}  # fmt: skip
+    _write_dir(path, files, _tiny_config(tiny), quant)
+    return tensors
+
+
+def _expected_override(tensors, name, base):
+    """What GPTQModel's dynamic_get must give module ``name``: False for a float linear,
+    None for the base scheme, else bits and group size."""
+    q = tensors[f"{name}.weight"]
+    if not isinstance(q, QArray):
+        return False
+    scheme = (q.format.bits, -1 if q.group_size is None else q.group_size)
+    return None if scheme == base else scheme
+
+
+@pytest.mark.reference
+@pytest.mark.parametrize("which", ["mixed", "regex"])
+def test_dynamic_overrides_are_gptqmodels(gptqmodel, which):
+    """Per-module ``dynamic`` overrides, as GPTQModel 7.7.0's `dynamic_get` resolves them:
+    `write_gptq`'s exact-name ones for a mixed-precision model (``mixed``), and hand-written
+    regular expressions whose order decides (``regex``); jquant reads each module with the
+    scheme GPTQModel gives it, codes, scales and zero points equal, float ones as floats."""
+    inp, _ = gptqmodel
+    tensors, path = inp[which]
+    judged = json.loads((path / "dynamic.json").read_text())
+    assert len(judged) == 2 * len(KERNELS)
+    for name, got in judged.items():
+        want = _expected_override(tensors, name, (4, 32))
+        if isinstance(got, dict):
+            got = (got.get("bits", 4), got.get("group_size", 32))
+            got = None if got == (4, 32) else got
+        assert got == want, name
+    _, back, _ = read_gptq_awq(path)
+    for name, q in tensors.items():
+        if not isinstance(q, QArray):
+            np.testing.assert_array_equal(back[name], q)
+            continue
+        r = back[name]
+        assert (r.qtype, r.group_size) == (q.qtype, q.group_size), name
+        for part in ("codes", "scale", "zero_point"):
+            a, b = (np.asarray(x.codes() if part == "codes" else getattr(x, part)) for x in (r, q))
+            np.testing.assert_array_equal(a, b)
 
 
 @pytest.mark.reference
@@ -449,7 +564,13 @@ def _edit(path, change_tensors=None, change_quant=None):
          rf"{_Q}\.g_idx: group 0 holds 31 inputs, expected 32"),
         (None, lambda q: q.update(checkpoint_format="marlin"),
          r"checkpoint_format 'marlin' is not supported"),
-        (None, lambda q: q.update(dynamic={"-:.*down": {}}), r"per-module overrides"),
+        (None, lambda q: q.update(dynamic={"-:.*down": {}}),
+         r"model\.layers\.0\.mlp\.down_proj holds GPTQ tensors, but quantization_config "
+         r"'dynamic' excludes it"),
+        (None, lambda q: q.update(dynamic={"+:.*down": {"bits": 5}}),
+         r"'dynamic' gives model\.layers\.0\.mlp\.down_proj bits=5; GPTQ packs"),
+        (None, lambda q: q.update(dynamic={"+:(": {}}), r"pattern '\+:\(' is not a regular"),
+        (None, lambda q: q.update(dynamic=["x"]), r"'dynamic' must map patterns"),
     ],
 )  # fmt: skip
 def test_bad_gptq_files_are_named(gptq_dir, change_tensors, change_quant, message):
@@ -533,9 +654,6 @@ def test_export_refuses_what_gptq_cannot_hold(tiny, tmp_path):
                                        np.full((64, 3), 2.5, np.float16), qtype="uint4",
                                        group_size=32),
                             r"uint4 with non-integer zero points"),
-        "mixed bits": (quantize_array(w, "uint8", group_size=32),
-                       r"bits or group size differ \(4-bit group_size=32: .*; "
-                       r"8-bit group_size=32: model\.layers\.1\.mlp\.down_proj\.weight"),
         "float32 scales": (quantize_array(w, "uint4", group_size=32, scale_dtype=np.float32),
                            r"scales \(float32\) that float16 does not hold exactly"),
     }  # fmt: skip
