@@ -271,8 +271,19 @@ def _nll(logits: np.ndarray, tokens: list[int]) -> float:
     return float(np.mean(lse - x[np.arange(len(x)), tokens[1:]]))
 
 
+def _mixed_recipe():
+    """One GGUF type per kind of tensor, as `jquant allocate --gguf` mixes them."""
+    rule = {"group_size": 32, "scale_dtype": "float16"}
+    rules = [{"pattern": "(?i)embed", "weight": "int8", **rule},
+             {"pattern": "self_attn/[qk]_proj", "weight": "uint5", **rule},
+             {"pattern": "self_attn", "weight": "int4", **rule},
+             {"pattern": "down_proj", "weight": "int5", **rule},
+             {"pattern": "kernel$", "weight": "uint4", **rule}]  # fmt: skip
+    return Recipe.from_dict({"name": "mixed", "rules": rules})
+
+
 @pytest.mark.reference
-@pytest.mark.parametrize("qtype", [*TYPES, "float"])
+@pytest.mark.parametrize("qtype", [*TYPES, "float", "mixed"])
 def test_llama_cpp_runs_the_export_as_jquant(tmp_path, tiny, qtype):
     """llama.cpp loads the file, tokenizes as jquant does, and its perplexity on a window is
     jquant's (same quantized weights) within 0.5%. The matrices are N(0, 0.1²): with N(0, 1)
@@ -281,8 +292,14 @@ def test_llama_cpp_runs_the_export_as_jquant(tmp_path, tiny, qtype):
     by percents."""
     ckpt, model, params = _model(tmp_path, tiny, scale=0.1)
     if qtype != "float":
-        model, params = quantize_model(model, params, _recipe(qtype))
-    path = write_gguf(params, ckpt.config, ckpt.tokenizer, tmp_path / "m.gguf")
+        recipe = _mixed_recipe() if qtype == "mixed" else _recipe(qtype)
+        model, params = quantize_model(model, params, recipe)
+    # A head quantized apart from its tied embedding unties the model (the mixed recipe).
+    config = {**ckpt.config, "tie_word_embeddings": model.config.tie_word_embeddings}
+    path = write_gguf(params, config, ckpt.tokenizer, tmp_path / "m.gguf")
+    if qtype == "mixed":  # five ggml types in one file
+        types = {t.tensor_type.name for t in gguf.GGUFReader(path).tensors if len(t.shape) == 2}
+        assert types == {"Q8_0", "Q5_1", "Q4_0", "Q5_0", "Q4_1"}, types
     llm = _llama(path, 64)
     text = "hello world, hello <|im_start|>user\nworld hello<|im_end|>"
     assert llm.tokenize(text.encode(), add_bos=False, special=True) == ckpt.tokenizer.encode(
