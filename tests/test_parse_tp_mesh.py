@@ -37,12 +37,22 @@ def test_engine_report_one_line_without_a_mesh():
         "jquant serve: 4 slots x 256 tokens, KV cache int8 12.3 MB, weights 98.8 MB")
 
 
+def _mesh(size):
+    return types.SimpleNamespace(devices=types.SimpleNamespace(size=size))
+
+
 def test_engine_report_per_device_and_replicated_tensors_under_a_mesh():
     held = {"d0": 60_000_000, "d1": 61_000_000}
-    report = engine_report(_engine("mesh", ["lm_head/kernel: vocab 49 % 2", "x: y"], held))
+    report = engine_report(_engine(_mesh(2), ["lm_head/kernel: vocab 49 % 2", "x: y"], held))
     assert report.splitlines() == [
         "jquant serve: 4 slots x 256 tokens, KV cache int8 12.3 MB, weights 98.8 MB; "
         "tp=2: 61.0 MB per device (2 tensors replicated)",
         "  replicated: lm_head/kernel: vocab 49 % 2",
         "  replicated: x: y",
     ]
+
+
+def test_engine_report_counts_the_whole_mesh_over_several_processes():
+    """Over 2 processes this one holds one of the mesh's 2 devices: tp is the mesh's."""
+    report = engine_report(_engine(_mesh(2), [], {"d0": 61_000_000}))
+    assert report.endswith("; tp=2: 61.0 MB per device (0 tensors replicated)")
