@@ -42,6 +42,21 @@ def write_tokenizer(directory: Path, tokenizer) -> None:
         (directory / "chat_template.jinja").write_text(tokenizer.chat_template, encoding="utf-8")
 
 
+def model_params(params, config: dict[str, Any], writer: str):
+    """``({jquant path: value}, {jquant path: shape})`` of a parameter tree and the shapes
+    ``config`` implies; ValueError naming ``writer`` when their paths differ."""
+    from jquant.arch import LlamaConfig, param_shapes
+    from jquant.tree import leaves
+
+    flat = dict(leaves(params))
+    shapes = param_shapes(LlamaConfig.from_hf(config))
+    if set(flat) != set(shapes):
+        missing, extra = sorted(set(shapes) - set(flat)), sorted(set(flat) - set(shapes))
+        raise ValueError(f"{writer}: params do not match the config: missing {missing[:3]}, "
+                         f"not in the model {extra[:3]}")  # fmt: skip
+    return flat, shapes
+
+
 def refusal(target: str, problems: list[tuple[str, str]]) -> ValueError:
     """One error for what ``target`` cannot hold: each ``(tensor, reason)`` reason once, with
     how many tensors it concerns and the first three (a model's 200 kernels share a few

@@ -42,9 +42,7 @@ import numpy as np
 
 from jquant import _perm
 from jquant._param_shapes import hf_name
-from jquant.arch import LlamaConfig, param_shapes
 from jquant.qarray import QArray, from_codes
-from jquant.tree import leaves
 
 from . import _fp4_layout as fp4
 from . import hf
@@ -62,7 +60,7 @@ from ._ct_scheme import (
     Schemes,
     scheme_dict,
 )
-from ._hf_export import config_json, refusal, staged, write_tokenizer
+from ._hf_export import config_json, model_params, refusal, staged, write_tokenizer
 from ._int32_pack import pack_int32, packed_words, unpack_int32
 from ._packed_writer import check_output_directory
 from ._safetensors import write_file
@@ -301,12 +299,7 @@ def write_compressed_tensors(params, config: dict[str, Any], tokenizer, director
         anything is written.
     """
     target = check_output_directory(directory, overwrite=overwrite)
-    flat = dict(leaves(params))
-    shapes = param_shapes(LlamaConfig.from_hf(config))
-    if set(flat) != set(shapes):
-        missing, extra = sorted(set(shapes) - set(flat)), sorted(set(flat) - set(shapes))
-        raise ValueError(f"write_compressed_tensors: params do not match the config: missing "
-                         f"{missing[:3]}, not in the model {extra[:3]}")  # fmt: skip
+    flat, shapes = model_params(params, config, "write_compressed_tensors")
     arrays, groups, refused, floats = [], {}, [], []
     for path, value in flat.items():
         name = hf_name(tuple(path.split("/")))

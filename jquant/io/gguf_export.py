@@ -33,12 +33,11 @@ import gguf
 import numpy as np
 
 from jquant._param_shapes import hf_name
-from jquant.arch import LlamaConfig, param_shapes
 from jquant.qarray import QArray
-from jquant.tree import leaves
 
 from . import _gguf_types
 from ._gguf_tokenizer import gguf_tokenizer_fields
+from ._hf_export import model_params
 from ._packed_writer import _fsync_dir
 from .gguf import gguf_name
 
@@ -284,12 +283,7 @@ def write_gguf(params, config: dict[str, Any], tokenizer, path, *, overwrite: bo
         raise ValueError(f"{target} exists; pass overwrite=True (--overwrite) to replace it"
                          if target.is_file() else f"{target} is not a file")  # fmt: skip
     _check_config(config)
-    flat = dict(leaves(params))
-    shapes = param_shapes(LlamaConfig.from_hf(config))
-    if set(flat) != set(shapes):
-        missing, extra = sorted(set(shapes) - set(flat)), sorted(set(flat) - set(shapes))
-        raise ValueError(f"write_gguf: params do not match the config: missing {missing[:3]}, "
-                         f"not in the model {extra[:3]}")  # fmt: skip
+    flat, shapes = model_params(params, config, "write_gguf")
     heads = {"q_proj": config["num_attention_heads"], "k_proj": config["num_key_value_heads"]}
     tensors, refused = [], []
     for p, value in flat.items():
