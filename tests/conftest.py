@@ -25,7 +25,7 @@ jax.config.update("jax_numpy_dtype_promotion", "strict")
 # importorskip it. CI installs it and
 # sets JQUANT_REQUIRE_REFERENCE=1, so there a missing or broken one fails the run instead of
 # silently skipping those tests.
-REFERENCE_MODULES = ("torch", "sentencepiece", "google.protobuf", "llama_cpp")
+REFERENCE_MODULES = ("torch", "sentencepiece", "google.protobuf", "llama_cpp", "compressed_tensors")
 
 
 def pytest_configure(config):
