@@ -8,6 +8,7 @@ import pytest
 
 import jquant.algorithms.gptq  # noqa: F401 (registers "gptq")
 from jquant import algorithms, qtypes
+from jquant.algorithms import _gptq_host
 from jquant.algorithms.gptq import check_info, gptq
 from jquant.calib.stats import Calibration, from_inputs
 from jquant.qarray import quantize_array
@@ -109,7 +110,7 @@ def _case_rule(case, **kw):
 
 def _narrow_sweeps(monkeypatch, cols):
     """Eager sweeps of ``cols`` output columns at a time (N = 24: chunks and a short last)."""
-    monkeypatch.setattr(jquant.algorithms.gptq, "SWEEP_BYTES", 4 * K * cols)
+    monkeypatch.setattr(_gptq_host, "SWEEP_BYTES", 4 * K * cols)
 
 
 @pytest.mark.parametrize("cols", [None, 7], ids=["one-sweep", "7-column-sweeps"])

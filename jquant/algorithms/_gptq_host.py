@@ -1,4 +1,5 @@
-"""GPTQ's factorization on the host, in one ``K × K`` float32 buffer (LAPACK, in place).
+"""GPTQ's eager host path: the factorization in one ``K × K`` float32 buffer (LAPACK, in
+place), and the sweep taken a chunk of output columns at a time (`sweep_columns`).
 
 The traced factorization (``gptq._factor``) holds about seven ``K × K`` buffers at its
 peak (XLA's buffer assignment for the recursive inverse, the damped copy, the retry
@@ -15,12 +16,14 @@ processing order, ``J Pᵀ H P J = L Lᵀ`` and ``U = J L⁻¹ J`` is upper with
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
-from jquant.algorithms._gptq_args import MAX_DAMP
+from jquant.algorithms._gptq_args import MAX_DAMP, SCALE_RANGE
 
 _CHUNK = 1 << 22  # elements swapped per step of the in-place reversal
 
@@ -112,3 +115,37 @@ def _reverse(a: np.ndarray) -> None:
         head = flat[lo:hi].copy()
         flat[lo:hi] = flat[n - hi : n - lo][::-1]
         flat[n - hi : n - lo] = head[::-1]
+
+
+SWEEP_BYTES = 64 << 20
+"""Float32 bytes of the weight's columns one eager sweep takes at a time (the sweep holds
+about four such buffers: the rows in processing order, the running errors, the codes)."""
+
+
+def sweep_columns(k: int, n: int, rule) -> int:
+    """How many output columns one eager sweep takes: columns are independent given the
+    factor, so a wide kernel is swept in chunks of about :data:`SWEEP_BYTES`. Formats with a
+    scale shared across columns (per-tensor, double quantization, NVFP4's tensor scale)
+    take every column at once."""
+    if rule.per_tensor or rule.double_quant or rule.format.block_scale == "e4m3":
+        return n
+    return max(1, min(n, SWEEP_BYTES // (4 * k)))
+
+
+def join_columns(parts):
+    """One ``(QArray, info)`` from sweeps of consecutive column chunks."""
+    qs, infos = zip(*parts)
+    cat = lambda *xs: None if xs[0] is None else jnp.concatenate(xs, axis=0)  # noqa: E731
+    q = dataclasses.replace(qs[0], qvalue=cat(*(q.qvalue for q in qs)),
+                            scale=cat(*(q.scale for q in qs)),
+                            zero_point=cat(*(q.zero_point for q in qs)))  # fmt: skip
+    info = dict(infos[0])
+    offsets = np.cumsum([0] + [int(q.shape[-1]) for q in qs[:-1]])
+    bad = [(int(i["nonfinite"][0]), int(i["nonfinite"][1]), int(i["nonfinite"][2]) + int(o))
+           for i, o in zip(infos, offsets)]  # fmt: skip
+    first = min(((r, c) for n_bad, r, c in bad if n_bad), default=(0, 0))
+    info["nonfinite"] = jnp.asarray([sum(b[0] for b in bad), *first], jnp.int32)
+    for key in info:
+        if key.startswith(SCALE_RANGE):
+            info[key] = sum(i[key] for i in infos)
+    return q, info

@@ -169,48 +169,14 @@ def gptq(weight, rule, *, path: str, calibration=None) -> tuple[QArray, dict[str
                 put(perm.astype(np.int32)), u_device,
                 put(used), put(np.bool_(factored)), put(np.float32(s["damp"])))  # fmt: skip
         n = weight.shape[1]
-        step = sweep_columns(k, n, rule)
+        step = _gptq_host.sweep_columns(k, n, rule)
         parts = [_gptq_sweep(weight if step >= n else weight[:, lo : lo + step], *args, **static)
                  for lo in range(0, n, step)]  # fmt: skip
-        q, info = parts[0] if len(parts) == 1 else _join_columns(parts)
+        q, info = parts[0] if len(parts) == 1 else _gptq_host.join_columns(parts)
     else:
         q, info = _gptq_core(jnp.asarray(weight), jnp.asarray(hessian), damp=float(s["damp"]),
                              act_order=s["act_order"], **static)  # fmt: skip
     return dataclasses.replace(q, activation=rule.activation), info
-
-
-SWEEP_BYTES = 64 << 20
-"""Float32 bytes of the weight's columns one eager sweep takes at a time (the sweep holds
-about four such buffers: the rows in processing order, the running errors, the codes)."""
-
-
-def sweep_columns(k: int, n: int, rule) -> int:
-    """How many output columns one eager sweep takes: columns are independent given the
-    factor, so a wide kernel is swept in chunks of about :data:`SWEEP_BYTES`. Formats with a
-    scale shared across columns (per-tensor, double quantization, NVFP4's tensor scale)
-    take every column at once."""
-    if rule.per_tensor or rule.double_quant or rule.format.block_scale == "e4m3":
-        return n
-    return max(1, min(n, SWEEP_BYTES // (4 * k)))
-
-
-def _join_columns(parts):
-    """One ``(QArray, info)`` from sweeps of consecutive column chunks."""
-    qs, infos = zip(*parts)
-    cat = lambda *xs: None if xs[0] is None else jnp.concatenate(xs, axis=0)  # noqa: E731
-    q = dataclasses.replace(qs[0], qvalue=cat(*(q.qvalue for q in qs)),
-                            scale=cat(*(q.scale for q in qs)),
-                            zero_point=cat(*(q.zero_point for q in qs)))  # fmt: skip
-    info = dict(infos[0])
-    offsets = np.cumsum([0] + [int(q.shape[-1]) for q in qs[:-1]])
-    bad = [(int(i["nonfinite"][0]), int(i["nonfinite"][1]), int(i["nonfinite"][2]) + int(o))
-           for i, o in zip(infos, offsets)]  # fmt: skip
-    first = min(((r, c) for n_bad, r, c in bad if n_bad), default=(0, 0))
-    info["nonfinite"] = jnp.asarray([sum(b[0] for b in bad), *first], jnp.int32)
-    for key in info:
-        if key.startswith(SCALE_RANGE):
-            info[key] = sum(i[key] for i in infos)
-    return q, info
 
 
 def _inverse_cholesky_upper(h):

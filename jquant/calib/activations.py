@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jquant.algorithms.gptq import SWEEP_BYTES
+from jquant.algorithms._gptq_host import SWEEP_BYTES
 
 #: Tokens per micro-batch `micro_batch_for` aims at when the model's intermediates allow.
 TOKENS_PER_MICRO_BATCH = 8192
@@ -278,7 +278,8 @@ def estimate(config, *, samples: int, seq_len: int, batch: int, compute_dtype,
     * the statistics of one layer (a ``K x K`` float32 matrix per distinct kernel input);
     * GPTQ's working arrays for the kernel that needs the most (``K²`` floats for the
       factor, factored on the host in place, and six of the sweep's float32 arrays of
-      ``K x N`` floats, or of the columns one sweep takes, `jquant.algorithms.gptq.SWEEP_BYTES`);
+      ``K x N`` floats, or of the columns one sweep takes,
+      `jquant.algorithms._gptq_host.SWEEP_BYTES`);
     * one micro-batch's intermediates (`window_bytes`);
     * the two activation buffers between layers, unless spilled to disk.
 
@@ -294,9 +295,9 @@ def estimate(config, *, samples: int, seq_len: int, batch: int, compute_dtype,
     kernels = ((d, q), (d, kv), (q, d), (d, f), (f, d))  # (K, N) of q, k/v, o, gate/up, down
     # Besides H (in the statistics): the factor U, made in place from one copy of H by
     # LAPACK, and the sweep's float32 K x cols arrays, cols the columns of one eager sweep
-    # (`gptq.sweep_columns`: XLA's buffers for a sweep of Llama-3-8B's whole down_proj were
-    # 1.23 GiB = 5.6 K·N floats with the mse clip search). A traced factorization (on an
-    # accelerator) holds about 7 K² in device memory instead.
+    # (`_gptq_host.sweep_columns`: XLA's buffers for a sweep of Llama-3-8B's whole down_proj
+    # were 1.23 GiB = 5.6 K·N floats with the mse clip search). A traced factorization (on
+    # an accelerator) holds about 7 K² in device memory instead.
     solve = max(4 * k * k + 6 * min(4 * k * n, SWEEP_BYTES) for k, n in kernels)
     solve = solve if calibrated else 0
     micro = batch * window_bytes(config, seq_len)
