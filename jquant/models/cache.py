@@ -18,10 +18,13 @@ every kind handles both. The kinds here:
 - `KVCache`: dense, per batch: rows share one write index, prompts left-padded
   (`jquant.models.generate`);
 - `SlotView` over a `SlotCache`: one row per slot, each its own sequence at its own position
-  (the serving engine), with an optional int8 / fp8 format (`KVFormat`).
+  (the serving engine), with an optional int8 / fp8 format (`KVFormat`);
+- `PagedView` over a `SlotCache` whose rows are *pages* of ``page_size`` positions: each
+  sequence reads and writes the pages its block table lists, so sequences hold only the
+  pages they need and may share the pages of a common prefix (`jquant.serve.pages` hands
+  them out).
 
-A new kind (a paged cache: pages plus a page table in a view like `SlotView`) implements
-the same three methods and nothing else changes.
+A new kind implements the same three methods and nothing else changes.
 
 **Terminology**: a *slot* is a column of a dense cache; a *position* is what RoPE rotates
 by. In a left-padded batch row ``b``'s first real token sits in slot ``pad_b`` but has
@@ -332,6 +335,73 @@ class SlotView:
 
         def take(x):  # (R, T, KV[, Dh]): the transposes fold into attention's matmuls
             return None if x is None else jnp.swapaxes(x[layer, self.rows, :, : self.key_len], 1, 2)
+
+        return dataclasses.replace(self, cache=c), Read(*(take(x) for x in c))
+
+    def end(self, length):
+        return self
+
+
+# ---- pages (serving) ---------------------------------------------------------------------
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class PagedView:
+    """One forward's view of a `SlotCache` used as pages: its rows are pages of
+    ``page_size`` positions (``init_slot_cache(config, num_pages, page_size, ...)``).
+
+    Row ``r`` of the tokens is a sequence whose position ``p`` lives in page
+    ``pages[r, p // page_size]`` at offset ``p % page_size``; its queries read positions
+    ``0 .. key_len - 1`` (``key_len = pages.shape[1] * page_size``), in order, so attention
+    and its masks are those of `SlotView`. A block-table entry outside the cache (any value
+    ``>= num_pages``, e.g. `num_pages` itself for "no page") drops the writes aimed at it,
+    and its reads return finite values that the causal mask hides: a query at ``p`` reads
+    only positions ``<= p``, which its own pages hold.
+
+    Pages may be shared between rows (a common prompt prefix): a forward must not write a
+    shared page, which holds when every row writes only positions past its shared prefix.
+    """
+
+    cache: SlotCache
+    pages: jax.Array  # (R, P) int32: the block table
+    positions: jax.Array  # (R, S) int32
+    fmt: KVFormat = dataclasses.field(metadata=dict(static=True))
+
+    @property
+    def page_size(self) -> int:
+        return self.cache.k.shape[3]
+
+    @property
+    def key_len(self) -> int:
+        return self.pages.shape[1] * self.page_size
+
+    def begin(self, mask, positions, window):
+        key = jnp.arange(self.key_len, dtype=jnp.int32)
+        fn = lambda w: causal_mask(self.positions, key, window=w)  # noqa: E731
+        return (self, self.positions, *_windowed(fn, window))
+
+    def update(self, layer, k, v):
+        c, size = self.cache, self.page_size
+        num_pages = c.k.shape[1]
+        slot = self.positions // size
+        page = jnp.take_along_axis(self.pages, jnp.minimum(slot, self.pages.shape[1] - 1), 1)
+        page = jnp.where(slot < self.pages.shape[1], page, num_pages)  # past the table: drop
+        at = (layer, page, slice(None), self.positions % size)
+        put = lambda x, new: x.at[at].set(new.astype(x.dtype), mode="drop")  # noqa: E731
+        if self.fmt.quantized:
+            (kc, ks), (vc, vs) = self.fmt.quantize(k), self.fmt.quantize(v)
+            c = SlotCache(put(c.k, kc), put(c.v, vc), put(c.k_scale, ks), put(c.v_scale, vs))
+        else:
+            c = c._replace(k=put(c.k, k), v=put(c.v, v))
+        rows = self.pages.shape[0]
+
+        def take(x):  # (R, P, KV, size[, Dh]) -> (R, P * size, KV[, Dh]), positions in order
+            if x is None:
+                return None
+            g = jnp.take(x[layer], self.pages, axis=0, mode="clip")
+            g = jnp.swapaxes(g, 2, 3)  # (R, P, size, KV[, Dh])
+            return g.reshape(rows, self.key_len, *g.shape[3:])
 
         return dataclasses.replace(self, cache=c), Read(*(take(x) for x in c))
 
