@@ -52,7 +52,7 @@ def main(argv=None) -> None:
 
     from jquant.serve.runner import Runner
 
-    runner = Runner(model, params, slots=4, max_len=256, prefill_chunk=64)
+    runner = Runner(model, params, rows=4, max_len=256, prefill_chunk=64)
     seconds = runner.compile()
     rows.append((f"engine: {len(runner.programs)} programs", seconds))
 

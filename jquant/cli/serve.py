@@ -22,7 +22,16 @@ def add_parser(sub) -> None:
     p.add_argument("--max-context", type=_args.int_at_least(2),
                    help="longest prompt + completion (default: the engine's)")
     p.add_argument("--prefill-chunk", type=_args.int_at_least(1), default=128,
-                   help="prompt tokens prefilled per step")
+                   help="prompt tokens of one request prefilled per step")
+    p.add_argument("--prefill-rows", type=_args.int_at_least(1), default=4,
+                   help="prompts prefilled together in one step")
+    p.add_argument("--page-size", type=_args.int_at_least(1), default=16,
+                   help="positions per page of the KV cache")
+    p.add_argument("--kv-cache-tokens", type=_args.int_at_least(2),
+                   help="positions the KV cache holds in all (default: max-slots x "
+                   "max-context); requests take pages as they need them")
+    p.add_argument("--no-prefix-caching", dest="prefix_caching", action="store_false",
+                   help="do not reuse the cached pages of a prompt prefix seen before")
     p.add_argument("--mesh", help="tensor parallelism over devices: tp=N")
     p.add_argument("--served-model-name", help="model id of the API (default: MODEL)")
     g = p.add_argument_group(
@@ -70,6 +79,9 @@ def run(args) -> int:
         model, params = quantize_loaded(model, params, recipe)
         engine = Engine(model, params, tokenizer, max_slots=args.max_slots,
                         max_context=args.max_context, prefill_chunk=args.prefill_chunk,
+                        prefill_rows=args.prefill_rows, page_size=args.page_size,
+                        kv_cache_tokens=args.kv_cache_tokens,
+                        prefix_caching=args.prefix_caching,
                         kv_cache=None if args.kv_cache == "none" else args.kv_cache,
                         mesh=tp)  # fmt: skip
         if not leader:

@@ -1,19 +1,28 @@
-"""A continuous-batching inference engine over a `Runner`'s fixed slots.
+"""A continuous-batching inference engine over a `Runner`'s paged KV cache.
 
 One background thread runs the loop; every iteration it
 
-1. admits waiting requests into free slots (first come, first served);
-2. runs one prefill chunk (at most ``prefill_chunk`` tokens) of the slot that has waited
-   longest for its prompt, so a long prompt is spread over several iterations and never
-   stalls the streams already decoding;
-3. runs one decode step for every decoding slot at once (the smallest compiled batch that
-   holds them), and hands each request its token.
+1. admits waiting requests (first come, first served) while a row is free and the cache has
+   the pages of the prompt: pages come from a `jquant.serve.pages.PagePool`, so the cache
+   holds what requests use rather than a whole context per row, and the leading full pages
+   of a prompt that an earlier request already computed (a shared system prompt) are
+   reused, not prefilled again;
+2. runs one prefill step: the next chunk (at most ``prefill_chunk`` tokens) of up to
+   ``prefill_rows`` prompts at once, oldest first, within ``prefill_chunk`` tokens in all
+   after the first, so a long prompt is spread over several iterations and never stalls the
+   streams already decoding;
+3. runs one decode step for every decoding request at once (the smallest compiled batch
+   that holds them), and hands each request its token. A request whose next position needs a
+   page when none is left is preempted: the newest running request gives its pages back and
+   waits again, and later recomputes its prompt and what it had generated.
 
 Requests join and leave between decode steps. A request ends at a stop token (the model's
 EOS unless ``ignore_eos``, plus its ``stop_token_ids``), at a stop string (the text is cut
-before it), after ``max_tokens``, or when it is cancelled; its slot is free for the next
-iteration. Text is streamed as it becomes final: a trailing incomplete UTF-8 character, or a
-tail that could still grow into a stop string, is held back until it cannot. A request whose
+before it), after ``max_tokens``, or when it is cancelled; its pages are free for the next
+iteration. Text is decoded incrementally (`jquant.serve.detok`: constant work per token) and
+streamed as it becomes final: a trailing incomplete UTF-8 character, or a tail that could
+still grow into a stop string (searched across token boundaries), is held back until it
+cannot. A request whose
 step raises in the loop ends alone, with finish_reason ``"error"`` and the exception in
 `Output.error`; the loop serves the others on.
 
@@ -36,6 +45,8 @@ from collections.abc import Callable, Sequence
 import numpy as np
 
 from jquant.serve import limits
+from jquant.serve.detok import IncrementalText
+from jquant.serve.pages import PagedSeq, PagePool
 from jquant.serve.runner import Runner, Sampling
 
 _log = logging.getLogger(__name__)
@@ -83,12 +94,23 @@ class _Request:
     seed: int
     arrived: float
     stops: frozenset[int]
-    slot: int = -1
-    filled: int = 0  # prompt tokens in the cache
+    seq: PagedSeq | None = None  # its pages while it runs
+    filled: int = 0  # tokens of `context()` in the cache
     generated: list[int] = dataclasses.field(default_factory=list)
+    text: IncrementalText | None = None  # the generated tokens' text, decoded as they come
     sent_text: int = 0  # characters of the decoded text already streamed
     sent_tokens: int = 0
     cancelled: bool = False
+
+    def context(self) -> list[int]:
+        """What the cache must hold before the next decode step: the prompt, and after a
+        preemption what had been generated but the last token (the next step's input)."""
+        return self.prompt + self.generated[:-1] if self.generated else self.prompt
+
+    @property
+    def decoding(self) -> bool:
+        return self.seq is not None and self.filled == len(self.prompt) + max(
+            len(self.generated) - 1, 0)
 
 
 class Engine:
@@ -99,18 +121,26 @@ class Engine:
       params: its parameters, float or quantized.
       tokenizer: a `jquant.io.Tokenizer` (or any object with ``decode(ids,
         skip_special_tokens=True)``).
-      max_slots: sequences decoded at once.
+      max_slots: sequences decoded at once (rows of a decode step).
       max_context: longest prompt + completion of one request (default: the model's
         context, at most 2048).
-      prefill_chunk: the most prompt tokens run per iteration.
+      prefill_chunk: the most prompt tokens of one request run per iteration, and the
+        budget of every prompt's tokens after the first in one prefill step.
+      prefill_rows: prompts prefilled in one step.
+      page_size: positions per page of the KV cache.
+      kv_cache_tokens: positions the KV cache holds in all (rounded up to whole pages; at
+        least ``max_context``); default ``max_slots * max_context``, a whole context per row.
+      prefix_caching: reuse the cached pages of a prompt's leading full pages.
       kv_cache: KV cache format: None (the compute dtype), "int8" or "fp8".
       mesh: tensor parallelism: an int ``tp`` (devices) or a ``jax.sharding.Mesh`` with a
         ``"tp"`` axis; None runs on one device.
     """
 
     def __init__(self, model, params, tokenizer, *, max_slots: int = 8,
-                 max_context: int | None = None, prefill_chunk: int = 128, kv_cache=None,
-                 mesh=None):  # fmt: skip
+                 max_context: int | None = None, prefill_chunk: int = 128,
+                 prefill_rows: int = 4, page_size: int = 16,
+                 kv_cache_tokens: int | None = None, prefix_caching: bool = True,
+                 kv_cache=None, mesh=None):  # fmt: skip
         config = model.config
         limit = config.max_position_embeddings
         max_context = min(limit, 2048) if max_context is None else max_context
@@ -121,6 +151,13 @@ class Engine:
             )
         if max_slots < 1:
             raise ValueError(f"max_slots={max_slots} must be >= 1")
+        if page_size < 1:
+            raise ValueError(f"page_size={page_size} must be >= 1")
+        if kv_cache_tokens is None:
+            kv_cache_tokens = max_slots * max_context
+        if kv_cache_tokens < max_context:
+            raise ValueError(f"kv_cache_tokens={kv_cache_tokens} must be >= max_context="
+                             f"{max_context}: one request of the longest context must fit")
         self.tokenizer = tokenizer
         self.max_slots, self.max_context = max_slots, max_context
         self.eos_ids = frozenset(config.eos_token_ids)
@@ -133,12 +170,18 @@ class Engine:
             shard, self.mesh, self.tp_notes = runner_sharder(mesh, config)
         else:
             self.mesh = None
-        self.runner = Runner(model, params, slots=max_slots, max_len=max_context,
-                             prefill_chunk=prefill_chunk, kv_cache=kv_cache,
-                             shard=shard)  # fmt: skip
+        self.runner = Runner(model, params, rows=max_slots, max_len=max_context,
+                             page_size=page_size, num_pages=-(-kv_cache_tokens // page_size),
+                             prefill_chunk=prefill_chunk, prefill_rows=prefill_rows,
+                             kv_cache=kv_cache, shard=shard)  # fmt: skip
+        self.pool = PagePool(self.runner.num_pages, page_size, prefix_caching=prefix_caching)
+        # Pages behind every layer's window can be given back (a model of sliding layers
+        # only); a model with any full-attention layer keeps them all.
+        sliding = [config.is_sliding(i) for i in range(config.num_layers)]
+        self._window = config.sliding_window if all(sliding) else None
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()
         self._waiting: collections.deque[_Request] = collections.deque()
-        self._slots: list[_Request | None] = [None] * max_slots
+        self._running: list[_Request] = []
         self._by_id: dict[int, _Request] = {}
         self._ids = itertools.count(1)
         self._lock = threading.Lock()
@@ -168,7 +211,7 @@ class Engine:
             self._thread.join()
             self._thread = None
         self._drain_inbox()
-        for req in [*self._waiting, *(r for r in self._slots if r is not None)]:
+        for req in [*self._waiting, *self._running]:
             self._finish(req, "abort")
 
     def __enter__(self) -> Engine:
@@ -204,7 +247,8 @@ class Engine:
             frozenset() if params.ignore_eos else self.eos_ids
         )
         req = _Request(rid, [int(t) for t in prompt_ids], params, callback, seed,
-                       time.perf_counter(), stops)  # fmt: skip
+                       time.perf_counter(), stops,
+                       text=IncrementalText(self.tokenizer))  # fmt: skip
         with self._lock:
             self._by_id[rid] = req
             self._stats["requests_total"] += 1
@@ -244,8 +288,8 @@ class Engine:
     def metrics(self) -> dict[str, float]:
         """A snapshot: slots, queue, KV-cache use, totals and recent decode tokens/s."""
         with self._lock:
-            active = [r for r in self._slots if r is not None]
-            used = sum(r.filled + max(len(r.generated) - 1, 0) for r in active)
+            active = list(self._running)
+            used = sum(r.filled for r in active)
             now = time.perf_counter()
             while self._recent and now - self._recent[0][0] > 10:
                 self._recent.popleft()
@@ -255,12 +299,18 @@ class Engine:
                 "active_slots": len(active),
                 "queue_depth": len(self._waiting) + self._inbox.qsize(),
                 "kv_cache_used_tokens": used,
-                "kv_cache_capacity_tokens": self.max_slots * self.max_context,
+                "kv_cache_capacity_tokens": self.runner.capacity_tokens,
                 "kv_cache_bytes": self.runner.cache.nbytes,
+                "kv_cache_pages_total": self.pool.num_pages,
+                "kv_cache_pages_used": self.pool.used,
+                "kv_cache_pages_cached": self.pool.cached_pages,
+                "prefix_cache_hit_tokens": self.pool.hit_tokens,
+                "prefix_cache_queried_tokens": self.pool.queried_tokens,
                 "generated_tokens_total": self._stats["generated_tokens_total"],
                 "prompt_tokens_total": self._stats["prompt_tokens_total"],
                 "requests_total": self._stats["requests_total"],
                 "failed_requests_total": self._stats["failed_requests_total"],
+                "preemptions_total": self._stats["preemptions_total"],
                 "tokens_per_second": recent / span if span > 0.5 else 0.0,
             }
 
@@ -275,21 +325,20 @@ class Engine:
                 self._drain_inbox()
                 self._reap_cancelled()
                 self._admit()
-                prefilling = [r for r in self._slots if r is not None and r.filled < len(r.prompt)]
-                decoding = [r for r in self._slots if r is not None and r.filled == len(r.prompt)]
-                if not prefilling and not decoding:
+                prefilling = [r for r in self._running if not r.decoding]
+                if not self._running:
                     self._wake.wait(0.05)
                     self._wake.clear()
                     continue
                 if prefilling:
-                    first = min(prefilling, key=lambda r: r.arrived)
-                    self._isolated([first], self._prefill, first)
+                    self._prefill_step(self._prefill_batch(prefilling))
+                decoding = self._make_room([r for r in self._running if r.decoding])
                 if decoding:
                     self._isolated(decoding, self._decode, decoding)
         except BaseException as e:  # the loop must not die silently: fail every request
             self.error = e
             self._drain_inbox()
-            for req in [*self._waiting, *(r for r in self._slots if r is not None)]:
+            for req in [*self._waiting, *self._running]:
                 self._finish(req, "abort")
             raise
 
@@ -318,17 +367,63 @@ class Engine:
         for req in [r for r in self._waiting if r.cancelled]:
             self._waiting.remove(req)
             self._finish(req, "abort")
-        for req in self._slots:
-            if req is not None and req.cancelled:
-                self._finish(req, "abort")
+        for req in [r for r in self._running if r.cancelled]:
+            self._finish(req, "abort")
 
     def _admit(self) -> None:
-        for slot, occupant in enumerate(self._slots):
-            if occupant is None and self._waiting:
-                with self._lock:  # a request is always waiting or in a slot for `metrics`
-                    req = self._waiting.popleft()
-                    req.slot = slot
-                    self._slots[slot] = req
+        """Moves waiting requests to running, oldest first, while a row is free and the pool
+        has their pages (the prompt's, and the first decode position's)."""
+        while self._waiting and len(self._running) < self.max_slots:
+            req = self._waiting[0]
+            context = req.context()
+            seq = self.pool.admit(context, reserve=1)
+            if seq is None:
+                return  # first come, first served: later requests wait behind it
+            with self._lock:  # a request is always waiting or running for `metrics`
+                self._waiting.popleft()
+                req.seq, req.filled = seq, seq.cached
+                self._running.append(req)
+
+    def _prefill_batch(self, prefilling: list[_Request]) -> list[tuple[_Request, list[int]]]:
+        """The chunks of one prefill step: the oldest prompt's next chunk, then the next
+        prompts' while the rows and the token budget allow."""
+        runner, batch, budget = self.runner, [], self.runner.prefill_buckets[-1]
+        for req in sorted(prefilling, key=lambda r: r.arrived):
+            if len(batch) == runner.prefill_row_buckets[-1]:
+                break
+            chunk = req.context()[req.filled : req.filled + runner.prefill_buckets[-1]]
+            if batch and len(chunk) > budget:
+                continue
+            if batch:
+                budget -= len(chunk)
+            batch.append((req, chunk))
+        return batch
+
+    def _make_room(self, decoding: list[_Request]) -> list[_Request]:
+        """Grows each decoding request's pages to hold its next position; where the pool
+        runs out, preempts the newest running request (possibly the one in need) until it
+        fits. Returns the requests still decoding."""
+        for req in sorted(decoding, key=lambda r: r.arrived):
+            if req.seq is None:
+                continue  # preempted below for an older request
+            position = len(req.prompt) + len(req.generated) - 1
+            while not self.pool.extend(req.seq, position + 1):
+                victim = max(self._running, key=lambda r: r.arrived)
+                self._preempt(victim)
+                if victim is req:
+                    break
+            if req.seq is not None and self._window is not None:
+                self.pool.release_before(req.seq, position - self._window + 1)
+        return [r for r in decoding if r.seq is not None]
+
+    def _preempt(self, req: _Request) -> None:
+        """Gives back ``req``'s pages; it waits at the front and later recomputes."""
+        with self._lock:
+            self.pool.release(req.seq)
+            req.seq, req.filled = None, 0
+            self._running.remove(req)
+            self._waiting.appendleft(req)
+            self._stats["preemptions_total"] += 1
 
     def _sampling(self, reqs: list[_Request], rows: int, row_of) -> Sampling:
         s = Sampling.greedy(rows)
@@ -338,23 +433,48 @@ class Engine:
             s.seed[i], s.counter[i] = req.seed, len(req.generated)
         return s
 
-    def _prefill(self, req: _Request) -> None:
-        chunk = req.prompt[req.filled : req.filled + self.runner.prefill_buckets[-1]]
-        token = self.runner.prefill(req.slot, chunk, req.filled,
-                                    self._sampling([req], 1, lambda r: 0))  # fmt: skip
-        req.filled += len(chunk)
-        with self._lock:
-            self._stats["prompt_tokens_total"] += len(chunk)
-        if req.filled == len(req.prompt):
-            self._accept(req, token)
+    def _prefill_step(self, batch: list[tuple[_Request, list[int]]]) -> None:
+        """Prefills ``batch`` in one step; if that raises, each prompt alone, so that only
+        the one at fault fails."""
+        if len(batch) == 1:
+            self._isolated([batch[0][0]], self._prefill, batch)
+            return
+        try:
+            self._prefill(batch)
+        except Exception:
+            _log.warning("engine: a batched prefill failed; running its prompts one by one")
+            for item in batch:
+                self._isolated([item[0]], self._prefill, [item])
+
+    def _prefill(self, batch: list[tuple[_Request, list[int]]]) -> None:
+        reqs = [r for r, _ in batch]
+        index = {id(r): i for i, r in enumerate(reqs)}
+        out = self.runner.prefill(
+            [r.seq.pages for r in reqs], [c for _, c in batch], [r.filled for r in reqs],
+            self._sampling(reqs, len(reqs), lambda r: index[id(r)]),
+        )  # fmt: skip
+        for (req, chunk), token in zip(batch, out):
+            req.filled += len(chunk)
+            context = req.context()
+            self.pool.commit(req.seq, context[: req.filled])
+            with self._lock:
+                self._stats["prompt_tokens_total"] += len(chunk)
+            if req.filled == len(context) and not req.generated:
+                self._isolated([req], self._accept, req, int(token))
+            # A preempted request resumes decoding with its own last token instead.
 
     def _decode(self, reqs: list[_Request]) -> None:
         index = {id(r): i for i, r in enumerate(reqs)}
+        positions = [len(r.prompt) + len(r.generated) - 1 for r in reqs]
         out = self.runner.decode(
-            [r.slot for r in reqs], [r.generated[-1] for r in reqs],
-            [r.filled + len(r.generated) - 1 for r in reqs],
+            [r.seq.pages for r in reqs], [r.generated[-1] for r in reqs], positions,
             self._sampling(reqs, len(reqs), lambda r: index[id(r)]),
         )  # fmt: skip
+        size = self.pool.page_size
+        for r, p in zip(reqs, positions):
+            r.filled = p + 1
+            if (p + 1) % size == 0:  # a page just filled: findable by later prompts
+                self.pool.commit(r.seq, r.prompt + r.generated)
         now = time.perf_counter()
         with self._lock:
             self._recent.append((now, len(reqs)))
@@ -370,24 +490,29 @@ class Engine:
             self._finish(req, "stop")
             return
         req.generated.append(token)
-        text = self.tokenizer.decode(req.generated, skip_special_tokens=True)
+        req.text.push(token)  # constant work per token: `jquant.serve.detok`
+        at_length = len(req.generated) >= req.params.max_tokens
+        if at_length:
+            req.text.flush()
+        text = req.text.text
         cut = _first_stop(text, req.params.stop, req.sent_text)
         if cut is not None:
-            self._emit(req, text[:cut], final=True)
+            self._emit(req, cut)
             self._finish(req, "stop")
-        elif len(req.generated) >= req.params.max_tokens:
-            self._emit(req, text, final=True)
+        elif at_length:
+            self._emit(req, len(text))
             self._finish(req, "length")
         else:
-            self._emit(req, text[: _stable_end(text, req.params.stop)])
+            self._emit(req, _stable_end(text, req.params.stop))
 
-    def _emit(self, req: _Request, text: str | None = None, *, final: bool = False) -> None:
-        """Sends the text past what was sent (up to ``text``'s end) and the new ids."""
-        if text is None:
-            text = self.tokenizer.decode(req.generated, skip_special_tokens=True)
-            if not final:
-                text = text[: _stable_end(text, req.params.stop)]
-        delta = text[req.sent_text :] if len(text) > req.sent_text else ""
+    def _emit(self, req: _Request, end: int | None = None, *, final: bool = False) -> None:
+        """Sends the text past what was sent, up to character ``end`` (``final``: all of
+        it), and the new ids."""
+        if final:
+            req.text.flush()
+            end = len(req.text.text)
+        text = req.text.text
+        delta = text[req.sent_text : end] if end > req.sent_text else ""
         ids = req.generated[req.sent_tokens :]
         if not delta and not ids:
             return
@@ -399,8 +524,11 @@ class Engine:
         with self._lock:
             if self._by_id.pop(req.id, None) is None:
                 return  # already finished
-            if req.slot >= 0 and self._slots[req.slot] is req:
-                self._slots[req.slot] = None
+            if req.seq is not None:
+                self.pool.release(req.seq)
+                req.seq = None
+            if req in self._running:
+                self._running.remove(req)
         self._call(req, Output(req.id, "", [], reason, len(req.prompt), len(req.generated),
                                error))  # fmt: skip
 
@@ -423,12 +551,10 @@ def _first_stop(text: str, stops: tuple[str, ...], sent: int) -> int | None:
 
 
 def _stable_end(text: str, stops: tuple[str, ...]) -> int:
-    """How much of ``text`` can be streamed: not a trailing replacement character (a UTF-8
-    sequence still incomplete), nor a tail that is the start of a stop string."""
-    full = len(text)
-    while full and text[full - 1] == "\ufffd":
-        full -= 1
-    end = full
+    """How much of ``text`` (complete characters: `IncrementalText` holds back a UTF-8
+    sequence still incomplete) can be streamed: not a tail that is the start of a stop
+    string."""
+    full = end = len(text)
     for s in stops:
         for n in range(min(len(s) - 1, full), 0, -1):
             if text[full - n : full] == s[:n]:
@@ -442,8 +568,9 @@ def engine_report(engine: Engine) -> str:
     and weights in one line; under a mesh, the bytes per device, and one more line per
     tensor that stayed replicated."""
     runner = engine.runner
-    line = (f"jquant serve: {engine.max_slots} slots x {engine.max_context} tokens, KV cache "
-            f"{runner.fmt.name} {runner.cache.nbytes / 1e6:.1f} MB, weights "
+    line = (f"jquant serve: {engine.max_slots} rows, {engine.max_context} tokens per request, "
+            f"KV cache {runner.fmt.name} {runner.num_pages} pages x {runner.page_size} tokens "
+            f"{runner.cache.nbytes / 1e6:.1f} MB, weights "
             f"{runner.weight_bytes / 1e6:.1f} MB")  # fmt: skip
     if engine.mesh is not None:
         held = runner.per_device_bytes()  # this process's devices (all of them in one)

@@ -1,16 +1,21 @@
-"""The serving engine's compiled programs: prefill a chunk, decode every slot, score windows.
+"""The serving engine's compiled programs over a paged KV cache: prefill, decode, score.
 
 A `Runner` holds a model's parameters as the core forward reads them (`jquant.models.core`:
 the decoder layers stacked and run by one ``lax.scan`` where their trees match, so the
 programs compile in about the time of one layer; unrolled where a mixed-precision recipe
-makes them differ) and a `SlotCache` (`jquant.models.cache`): one row per slot, each row its
-own sequence at its own length. Every program is the core forward over a `SlotView` of the
-cache, so what serving computes is what `generate` and evaluation compute.
+makes them differ) and a paged cache: a `SlotCache` (`jquant.models.cache`) of
+``num_pages`` pages of ``page_size`` positions. Every program is the core forward over a
+`PagedView` of it: row ``r`` of a step is a sequence whose positions live in the pages its
+block table lists (`jquant.serve.pages` decides which), so what serving computes is what
+`generate` and evaluation compute.
 
-Shapes are fixed: the decode step runs ``R`` slots (``(R, 1)`` tokens) for ``R`` in
-power-of-two row buckets up to the number of slots, and attends to the first ``key_len``
-positions for ``key_len`` in a few key-length buckets; a prefill chunk is one slot's next
-``C`` prompt tokens, ``C`` from a few buckets. All of them are compiled by `Runner.compile`.
+Shapes are fixed buckets, all compiled by `Runner.compile`:
+
+- decode: ``(R, 1)`` tokens for ``R`` in power-of-two row buckets up to ``rows``, reading
+  block tables of ``P`` pages for ``P`` in a few width buckets (the key length is
+  ``P * page_size``);
+- prefill: ``(R, C)`` tokens, ``R`` up to ``prefill_rows`` prompts at once, ``C`` from a
+  few chunk buckets up to ``prefill_chunk``, over the full table width.
 """
 
 from __future__ import annotations
@@ -25,7 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jquant.models import core
-from jquant.models.cache import KVFormat, SlotCache, SlotView, init_slot_cache, kv_format
+from jquant.models.cache import KVFormat, PagedView, SlotCache, init_slot_cache, kv_format
 from jquant.models.config import LlamaConfig
 from jquant.models.sampling import Sampling, sample
 
@@ -41,9 +46,9 @@ class _Static:
     cache_sharding: Any = None  # the cache's placement under tensor parallelism, kept per step
 
 
-def _hidden(st: _Static, w, cache: SlotCache, tokens, rows, starts, key_len: int):
+def _hidden(st: _Static, w, cache: SlotCache, tokens, tables, starts):
     positions = starts[:, None] + jnp.arange(tokens.shape[1], dtype=jnp.int32)[None, :]
-    view = SlotView(cache, rows, positions, key_len=key_len, fmt=st.fmt)
+    view = PagedView(cache, tables, positions, fmt=st.fmt)
     x, view = core.hidden(st.model, w, tokens, view)
     return x, view.cache
 
@@ -54,24 +59,24 @@ def _placed(st: _Static, cache: SlotCache) -> SlotCache:
     return jax.lax.with_sharding_constraint(cache, st.cache_sharding)
 
 
-@functools.partial(jax.jit, static_argnames=("st", "key_len"),
-                   donate_argnames=("cache",))  # fmt: skip
-def _step(st, w, cache, tokens, rows, starts, last, sampling, *, key_len):
-    """Runs ``tokens (R, S)`` of slots ``rows`` from positions ``starts``; samples one token
-    per row from the logits at column ``last[r]``. Returns ``(tokens (R,), cache)``."""
-    x, cache = _hidden(st, w, cache, tokens, rows, starts, key_len)
+@functools.partial(jax.jit, static_argnames=("st",), donate_argnames=("cache",))
+def _step(st, w, cache, tokens, tables, starts, last, sampling):
+    """Runs ``tokens (R, S)`` of the sequences with block tables ``tables (R, P)`` from
+    positions ``starts``; samples one token per row from the logits at column ``last[r]``.
+    Returns ``(tokens (R,), cache)``."""
+    x, cache = _hidden(st, w, cache, tokens, tables, starts)
     x = jnp.take_along_axis(x, last[:, None, None], axis=1)
     logits = core.logits(st.model, w, x)[:, 0]
     return sample(logits, sampling), _placed(st, cache)
 
 
 @functools.partial(jax.jit, static_argnames=("st",), donate_argnames=("cache",))
-def _window_nll(st, w, cache, tokens):
+def _window_nll(st, w, cache, tokens, tables):
     """Summed next-token NLL of each row of ``tokens (R, S)`` run through the cache (one
-    prefill per row, slot ``r``, from position 0). Returns ``((R,) float32, cache)``."""
+    prefill per row, pages ``tables[r]``, from position 0). Returns ``((R,) float32,
+    cache)``."""
     r, s = tokens.shape
-    rows = jnp.arange(r, dtype=jnp.int32)
-    x, cache = _hidden(st, w, cache, tokens, rows, jnp.zeros(r, jnp.int32), s)
+    x, cache = _hidden(st, w, cache, tokens, tables, jnp.zeros(r, jnp.int32))
     logits = core.logits(st.model, w, x)[:, :-1]
     logp = jax.nn.log_softmax(logits, axis=-1)
     picked = jnp.take_along_axis(logp, tokens[:, 1:, None], axis=-1)[..., 0]
@@ -88,35 +93,44 @@ def _buckets(smallest: int, largest: int) -> tuple[int, ...]:
 
 
 class Runner:
-    """A model's serving programs over a `SlotCache` of ``slots`` rows of ``max_len``.
+    """A model's serving programs over a paged cache.
 
     Args:
       model: a `jquant.models.Llama` (its structure and dtype; parameters come from
         ``params``).
       params: its parameter State, float or quantized (QArrays).
-      slots: rows of the cache (sequences served at once).
-      max_len: positions per row (prompt + completion of one request).
-      prefill_chunk: the longest prefill chunk; shorter chunks use power-of-two buckets
-        from 16.
+      rows: sequences decoded in one step.
+      max_len: positions one sequence may reach (prompt + completion of one request).
+      page_size: positions per page.
+      num_pages: pages in the cache (default: ``rows`` whole contexts, ``rows *
+        ceil(max_len / page_size)``).
+      prefill_chunk: the longest prefill chunk of one row; shorter chunks use power-of-two
+        buckets from 16.
+      prefill_rows: prompts prefilled in one step.
       kv_cache: the cache format (a name in `jquant.models.cache.KV_CACHE_FORMATS`; None: the
         compute dtype).
       shard: optional ``(params, cache) -> (params, cache)`` placing both on devices
         (tensor parallelism); the programs then run sharded (GSPMD).
     """
 
-    def __init__(self, model, params, *, slots: int, max_len: int,
-                 prefill_chunk: int = 128, kv_cache=None, shard=None):  # fmt: skip
+    def __init__(self, model, params, *, rows: int, max_len: int, page_size: int = 16,
+                 num_pages: int | None = None, prefill_chunk: int = 128,
+                 prefill_rows: int = 4, kv_cache=None, shard=None):  # fmt: skip
         config: LlamaConfig = model.config
-        if slots < 1 or max_len < 2 or prefill_chunk < 1:
+        if min(rows, page_size, prefill_chunk, prefill_rows) < 1 or max_len < 2:
             raise ValueError(
-                f"Runner: slots={slots}, max_len={max_len}, prefill_chunk={prefill_chunk} "
-                "must be >= 1, >= 2 and >= 1"
+                f"Runner: rows={rows}, page_size={page_size}, prefill_chunk={prefill_chunk} "
+                f"and prefill_rows={prefill_rows} must be >= 1, max_len={max_len} >= 2"
             )
         self.config, self.dtype = config, model.dtype
-        self.slots, self.max_len = slots, max_len
+        self.rows, self.max_len, self.page_size = rows, max_len, page_size
+        self.table_width = -(-max_len // page_size)
+        self.num_pages = rows * self.table_width if num_pages is None else num_pages
+        if self.num_pages < 1:
+            raise ValueError(f"Runner: num_pages={self.num_pages} must be >= 1")
         self.fmt = kv_format(kv_cache)
         self.params = core.weights(params, config.num_layers)
-        cache = init_slot_cache(config, slots, max_len, self.fmt, model.dtype)
+        cache = init_slot_cache(config, self.num_pages, page_size, self.fmt, model.dtype)
         cache_sharding = None
         if shard is not None:
             self.params, cache = shard(self.params, cache)
@@ -124,14 +138,16 @@ class Runner:
         self.cache = cache
         self._static = _Static(core.Static.of(model), self.fmt, cache_sharding)
         self.prefill_buckets = _buckets(min(16, prefill_chunk), min(prefill_chunk, max_len))
-        self.key_buckets = _buckets(min(128, max_len), max_len)
-        self.row_buckets = _buckets(1, slots)
+        self.prefill_row_buckets = _buckets(1, min(prefill_rows, rows))
+        self.width_buckets = _buckets(min(-(-128 // page_size), self.table_width),
+                                      self.table_width)  # fmt: skip
+        self.row_buckets = _buckets(1, rows)
         self._compiled: dict = {}
         self.compile_seconds = 0.0
 
     @property
-    def programs(self) -> list[tuple[int, int, int, bool]]:
-        """The compiled programs: ``(rows, tokens per row, key_len)`` each."""
+    def programs(self) -> list[tuple[int, int, int]]:
+        """The compiled programs: ``(rows, tokens per row, table width)`` each."""
         return list(self._compiled)
 
     @property
@@ -143,6 +159,11 @@ class Runner:
     def weight_bytes(self) -> int:
         return core.weight_bytes(self.params)
 
+    @property
+    def capacity_tokens(self) -> int:
+        """Positions the cache holds, over every page."""
+        return self.num_pages * self.page_size
+
     def per_device_bytes(self) -> dict:
         """Bytes of parameters and cache each device holds (`jquant.sharding`'s count)."""
         from jquant.sharding import per_device_bytes
@@ -150,22 +171,20 @@ class Runner:
         return per_device_bytes((self.params, self.cache))
 
     def bytes_per_token(self) -> int:
-        """KV-cache bytes one token of one slot takes (all layers, K and V, scales)."""
+        """KV-cache bytes one position of one sequence takes (all layers, K and V, scales)."""
         c = self.config
         return self.fmt.bytes_per_token(c.num_kv_heads, c.head_dim, c.num_layers, self.dtype)
 
     # ---- compilation -----------------------------------------------------------------
 
-    def _args(self, rows: int, length: int):
-        z = np.zeros(rows, np.int32)
-        return (np.zeros((rows, length), np.int32), z, z, z, Sampling.greedy(rows))
-
-    def _program(self, rows: int, length: int, key_len: int):
-        key = (rows, length, key_len)
+    def _program(self, rows: int, length: int, width: int):
+        key = (rows, length, width)
         if key not in self._compiled:
             start = time.perf_counter()
-            lowered = _step.lower(self._static, self.params, self.cache,
-                                  *self._args(rows, length), key_len=key_len)  # fmt: skip
+            z = np.zeros(rows, np.int32)
+            args = (np.zeros((rows, length), np.int32), np.zeros((rows, width), np.int32),
+                    z, z, Sampling.greedy(rows))  # fmt: skip
+            lowered = _step.lower(self._static, self.params, self.cache, *args)
             self._compiled[key] = lowered.compile()
             self.compile_seconds += time.perf_counter() - start
         return self._compiled[key]
@@ -173,11 +192,12 @@ class Runner:
     def compile(self) -> float:
         """Compiles every decode and prefill program now; returns the seconds it took."""
         before = self.compile_seconds
-        for key_len in self.key_buckets:
+        for width in self.width_buckets:
             for rows in self.row_buckets:
-                self._program(rows, 1, key_len)
-        for chunk in self.prefill_buckets:
-            self._program(1, chunk, self.max_len)
+                self._program(rows, 1, width)
+        for rows in self.prefill_row_buckets:
+            for chunk in self.prefill_buckets:
+                self._program(rows, chunk, self.table_width)
         return self.compile_seconds - before
 
     # ---- running ---------------------------------------------------------------------
@@ -186,48 +206,90 @@ class Runner:
         """The chunk length ``n`` prompt tokens run as (the largest bucket caps a chunk)."""
         return next((b for b in self.prefill_buckets if b >= n), self.prefill_buckets[-1])
 
-    def prefill(self, slot: int, tokens, start: int, sampling: Sampling) -> int:
-        """Runs prompt ``tokens`` (at most the largest bucket) of ``slot`` from position
-        ``start``; returns the token sampled after the last of them."""
-        n = len(tokens)
-        chunk = self.prefill_bucket(n)
-        if n > chunk or start + n > self.max_len:
-            raise ValueError(f"prefill of {n} tokens at {start} does not fit (chunk {chunk}, "
-                             f"max_len {self.max_len})")  # fmt: skip
-        padded = np.zeros((1, chunk), np.int32)
-        padded[0, :n] = tokens
-        program = self._program(1, chunk, self.max_len)
-        out, self.cache = program(self.params, self.cache, padded,
-                                  np.array([slot], np.int32), np.array([start], np.int32),
-                                  np.array([n - 1], np.int32), sampling)  # fmt: skip
-        return int(np.asarray(out)[0])
+    def _tables(self, tables, rows: int, width: int) -> np.ndarray:
+        """Block tables (lists of pages, None for a released one) as int32 ``(rows,
+        width)``: each padded with `num_pages` (no page: writes dropped, reads masked), rows
+        past ``len(tables)`` copies of the first."""
+        out = np.full((rows, width), self.num_pages, np.int32)
+        for i, t in enumerate(tables):
+            t = [self.num_pages if p is None else p for p in t[:width]]
+            out[i, : len(t)] = t
+        out[len(tables):] = out[0]
+        return out
 
-    def decode(self, slots, tokens, positions, sampling: Sampling) -> np.ndarray:
-        """One token for each of ``slots`` (distinct slot indices): ``tokens`` at
-        ``positions`` (all of that length), sampled by the rows of ``sampling``.
+    def prefill(self, tables, chunks, starts, sampling: Sampling) -> np.ndarray:
+        """Runs prompt chunks, ``chunks[i]`` (at most ``prefill_buckets[-1]`` tokens) of the
+        sequence with block table ``tables[i]`` from position ``starts[i]``, at most
+        ``prefill_row_buckets[-1]`` of them; returns the token sampled after each chunk's
+        last (``sampling``: one row per chunk)."""
+        n = len(chunks)
+        if not 1 <= n <= self.prefill_row_buckets[-1]:
+            raise ValueError(f"prefill of {n} chunks; 1 to {self.prefill_row_buckets[-1]} "
+                             "fit one step")  # fmt: skip
+        longest = max(len(c) for c in chunks)
+        chunk = self.prefill_bucket(longest)
+        for c, s in zip(chunks, starts):
+            if not c or len(c) > chunk or s + len(c) > self.max_len:
+                raise ValueError(f"prefill of {len(c)} tokens at {s} does not fit (chunk "
+                                 f"{chunk}, max_len {self.max_len})")  # fmt: skip
+        rows = next(b for b in self.prefill_row_buckets if b >= n)
+        tokens = np.zeros((rows, chunk), np.int32)
+        for i, c in enumerate(chunks):
+            tokens[i, : len(c)] = c
+        # Padding rows repeat row 0 with its tokens, so they write what row 0 writes.
+        tokens[n:] = tokens[0]
+        pad = lambda x: np.concatenate([x, np.repeat(x[:1], rows - n)])  # noqa: E731
+        last = pad(np.array([len(c) - 1 for c in chunks], np.int32))
+        program = self._program(rows, chunk, self.table_width)
+        out, self.cache = program(self.params, self.cache, tokens,
+                                  self._tables(tables, rows, self.table_width),
+                                  pad(np.asarray(starts, np.int32)), last,
+                                  _pad_sampling(sampling, rows))  # fmt: skip
+        return np.asarray(out)[:n]
+
+    def decode(self, tables, tokens, positions, sampling: Sampling) -> np.ndarray:
+        """One token for each sequence: ``tokens[i]`` at ``positions[i]`` of the sequence
+        with block table ``tables[i]``, sampled by row ``i`` of ``sampling``.
 
         Runs the smallest compiled batch that holds them (rows padded with copies of the
-        first, which write the same key and value again) attending to the smallest key
-        bucket that holds the longest. Returns the sampled ids, one per slot."""
-        n = len(slots)
+        first, which write the same key and value again) over the narrowest table width
+        that holds the furthest position. Returns the sampled ids, one per sequence."""
+        n = len(tokens)
         rows = next(b for b in self.row_buckets if b >= n)
-        pad = lambda x, dtype: np.concatenate(  # noqa: E731
-            [np.asarray(x, dtype), np.repeat(np.asarray(x, dtype)[:1], rows - n, axis=0)])
-        positions = pad(positions, np.int32)
-        key_len = next(b for b in self.key_buckets if b > int(positions.max()))
-        program = self._program(rows, 1, key_len)
-        sampling = Sampling(*(pad(x, np.asarray(x).dtype) for x in sampling))
-        out, self.cache = program(self.params, self.cache, pad(tokens, np.int32)[:, None],
-                                  pad(slots, np.int32), positions, np.zeros(rows, np.int32),
-                                  sampling)  # fmt: skip
+        pad = lambda x: np.concatenate([x, np.repeat(x[:1], rows - n, axis=0)])  # noqa: E731
+        positions = pad(np.asarray(positions, np.int32))
+        need = int(positions.max()) // self.page_size + 1
+        width = next(b for b in self.width_buckets if b >= need)
+        program = self._program(rows, 1, width)
+        tokens = pad(np.asarray(tokens, np.int32))[:, None]
+        out, self.cache = program(self.params, self.cache, tokens,
+                                  self._tables(tables, rows, width), positions,
+                                  np.zeros(rows, np.int32),
+                                  _pad_sampling(sampling, rows))  # fmt: skip
         return np.asarray(out)[:n]
 
     def window_nll(self, windows) -> np.ndarray:
-        """Summed next-token NLL of each row of ``windows (R, S)``, ``R <= slots`` and
-        ``S <= max_len``, each run as one prefill through the cache (the serving path)."""
+        """Summed next-token NLL of each row of ``windows (R, S)``, ``S <= max_len`` and
+        ``R * ceil(S / page_size) <= num_pages``, each run as one prefill through the cache
+        (the serving path) in pages of its own."""
         windows = jnp.asarray(windows, jnp.int32)
-        nll, self.cache = _window_nll(self._static, self.params, self.cache, windows)
+        r, s = windows.shape
+        width = -(-s // self.page_size)
+        if s > self.max_len or r * width > self.num_pages:
+            raise ValueError(f"window_nll: {r} windows of {s} tokens need {r * width} pages "
+                             f"of {self.page_size}; the cache has {self.num_pages}")  # fmt: skip
+        tables = np.arange(r * width, dtype=np.int32).reshape(r, width)
+        nll, self.cache = _window_nll(self._static, self.params, self.cache, windows, tables)
         return np.asarray(nll)
+
+
+def _pad_sampling(sampling: Sampling, rows: int) -> Sampling:
+    """``sampling`` with rows past its own repeating its first, up to ``rows``."""
+    def pad(x):
+        x = np.asarray(x)
+        return np.concatenate([x, np.repeat(x[:1], rows - len(x), axis=0)])
+
+    return Sampling(*(pad(x) for x in sampling))
 
 
 def cache_perplexity(model, params, text, *, tokenizer=None, kv_cache=None,
@@ -242,7 +304,7 @@ def cache_perplexity(model, params, text, *, tokenizer=None, kv_cache=None,
     from jquant.eval.perplexity import score_windows
 
     def make_step(rows: int):
-        runner = Runner(model, params, slots=rows, max_len=seq_len, kv_cache=kv_cache)
+        runner = Runner(model, params, rows=rows, max_len=seq_len, kv_cache=kv_cache)
         return runner.window_nll
 
     return score_windows(make_step, text, tokenizer=tokenizer, seq_len=seq_len,

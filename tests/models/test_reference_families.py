@@ -161,15 +161,15 @@ def test_greedy_through_kv_cache_matches(pair, hf_tokens):
 
 def test_greedy_through_serving_cache_matches(pair, hf_tokens):
     _, _, model, params = pair
-    runner = Runner(model, params, slots=2, max_len=128, prefill_chunk=16)
+    runner = Runner(model, params, rows=2, max_len=128, prefill_chunk=16)
     greedy = Sampling.greedy(1)
-    slot, pos = 1, 0
+    table, pos = [list(range(15, 7, -1))], 0  # pages in reverse order
     for start in range(0, len(PROMPT), 16):  # chunked prefill, as the engine runs it
-        token = runner.prefill(slot, PROMPT[start : start + 16], start, greedy)
+        token = int(runner.prefill(table, [PROMPT[start : start + 16]], [start], greedy)[0])
         pos = start + len(PROMPT[start : start + 16])
     out = [token]
     for _ in range(STEPS - 1):
-        token = int(runner.decode([slot], [token], [pos], greedy)[0])
+        token = int(runner.decode(table, [token], [pos], greedy)[0])
         out.append(token)
         pos += 1
     assert out == hf_tokens

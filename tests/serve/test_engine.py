@@ -211,10 +211,10 @@ def test_a_request_failing_in_the_engine_fails_alone(engine, monkeypatch, where)
         bad = greedy
         prefill = engine.runner.prefill
 
-        def failing_prefill(slot, chunk, start, sampling):
-            if list(chunk[:3]) == [77, 77, 77]:
+        def failing_prefill(tables, chunks, starts, sampling):
+            if any(list(c[:3]) == [77, 77, 77] for c in chunks):
                 raise RuntimeError("planted prefill failure")
-            return prefill(slot, chunk, start, sampling)
+            return prefill(tables, chunks, starts, sampling)
 
         monkeypatch.setattr(engine.runner, "prefill", failing_prefill)
     beside, done = [], threading.Event()  # a long request decoding beside the failing ones
@@ -253,9 +253,9 @@ def test_float_cache_perplexity_equals_the_cacheless_perplexity(tiny):
 def test_a_bfloat16_cache_stores_bfloat16_whatever_the_compute_dtype(tiny):
     """`--kv-cache bfloat16` on a float32 model: keys and values rounded to bfloat16 (their
     bytes halve), attention still in float32; close to, and not equal to, the float cache."""
-    runner = Runner(*tiny, slots=2, max_len=64, kv_cache="bfloat16")
+    runner = Runner(*tiny, rows=2, max_len=64, kv_cache="bfloat16")
     assert runner.cache.k.dtype == jnp.bfloat16 and runner.cache.k_scale is None
-    assert runner.cache.nbytes == Runner(*tiny, slots=2, max_len=64).cache.nbytes // 2
+    assert runner.cache.nbytes == Runner(*tiny, rows=2, max_len=64).cache.nbytes // 2
     text = np.random.default_rng(3).integers(0, 96, 700).tolist()
     exact = cache_perplexity(*tiny, text, seq_len=64)
     bf16 = cache_perplexity(*tiny, text, seq_len=64, kv_cache="bfloat16")
@@ -289,10 +289,11 @@ def test_mixed_layer_structures_run_unrolled(tiny):
     params = jax.tree.map(lambda x: x, params)
     kernel = params["layers"][1]["mlp"]["up_proj"]["kernel"]
     kernel.set_value(quantize_array(kernel.get_value(), "int8"))
-    runner = Runner(model, params, slots=2, max_len=64, prefill_chunk=16)
+    runner = Runner(model, params, rows=2, max_len=64, prefill_chunk=16)
     assert not runner.stacked
     prompt = _prompts(1, seed=9)[0][:20]
     ref = generate(model, params, [prompt], max_new_tokens=1, stop_tokens=()).sequences()[0]
     sampling = __import__("jquant.serve.runner", fromlist=["Sampling"]).Sampling.greedy(1)
-    runner.prefill(1, prompt[:16], 0, sampling)
-    assert runner.prefill(1, prompt[16:], 16, sampling) == ref[0]
+    table = [[5, 2]]  # two pages of 16
+    runner.prefill(table, [prompt[:16]], [0], sampling)
+    assert runner.prefill(table, [prompt[16:]], [16], sampling)[0] == ref[0]
