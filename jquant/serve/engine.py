@@ -11,11 +11,17 @@ One background thread runs the loop; every iteration it
 
 Requests join and leave between decode steps. A request ends at a stop token (the model's
 EOS unless ``ignore_eos``, plus its ``stop_token_ids``), at a stop string (the text is cut
-before it), after ``max_tokens``, or when it is cancelled; its slot is free for the next
-iteration. Text is streamed as it becomes final: a trailing incomplete UTF-8 character, or a
-tail that could still grow into a stop string, is held back until it cannot. A request whose
-step raises in the loop ends alone, with finish_reason ``"error"`` and the exception in
-`Output.error`; the loop serves the others on.
+before it), after ``max_tokens``, when it is cancelled, or after the engine's
+``request_timeout``; its slot is free for the next iteration. Text is streamed as it becomes
+final: a trailing incomplete UTF-8 character, or a tail that could still grow into a stop
+string, is held back until it cannot. A request whose step raises in the loop ends alone,
+with finish_reason ``"error"`` and the exception in `Output.error`; the loop serves the
+others on.
+
+Admission is bounded: at most ``max_slots + max_queue`` requests are in the engine at once
+(running or waiting); `submit_many` queues one HTTP request's choices all or none, and raises
+`QueueFull` beyond the bound. `shutdown` ends the waiting requests at once and the running
+ones after a grace period, each with an error, so no caller waits forever.
 
 >>> engine = Engine(model, params, tokenizer, max_slots=8)  # doctest: +SKIP
 >>> engine.start()  # doctest: +SKIP
@@ -39,6 +45,16 @@ from jquant.serve import limits
 from jquant.serve.runner import Runner, Sampling
 
 _log = logging.getLogger(__name__)
+
+#: Decode steps remembered for the tokens/s metric (the last 10 s of them, at most this many).
+RECENT_STEPS = 1024
+
+
+Callback = Callable[["Output"], None]
+
+
+class QueueFull(RuntimeError):
+    """The engine holds ``max_slots + max_queue`` requests already: try again later."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -72,6 +88,9 @@ class Output:
     prompt_tokens: int
     completion_tokens: int  # total so far
     error: str | None = None  # the request failed in the engine (finish_reason "error")
+    #: with ``error``, why: "engine_error" (its step raised), "timeout" (the engine's
+    #: ``request_timeout`` passed) or "shutdown" (the engine stopped first)
+    error_code: str | None = None
 
 
 @dataclasses.dataclass(eq=False)
@@ -83,6 +102,7 @@ class _Request:
     seed: int
     arrived: float
     stops: frozenset[int]
+    deadline: float | None  # perf_counter time past which it ends with a timeout
     slot: int = -1
     filled: int = 0  # prompt tokens in the cache
     generated: list[int] = dataclasses.field(default_factory=list)
@@ -106,11 +126,16 @@ class Engine:
       kv_cache: KV cache format: None (the compute dtype), "int8" or "fp8".
       mesh: tensor parallelism: an int ``tp`` (devices) or a ``jax.sharding.Mesh`` with a
         ``"tp"`` axis; None runs on one device.
+      max_queue: requests that may wait for a slot beyond the ``max_slots`` running (default
+        ``8 * max_slots``); `submit` raises `QueueFull` past it.
+      request_timeout: seconds after which a request still waiting or running ends with an
+        error (``error_code`` "timeout"); None: no limit.
     """
 
     def __init__(self, model, params, tokenizer, *, max_slots: int = 8,
                  max_context: int | None = None, prefill_chunk: int = 128, kv_cache=None,
-                 mesh=None):  # fmt: skip
+                 mesh=None, max_queue: int | None = None,
+                 request_timeout: float | None = None):  # fmt: skip
         config = model.config
         limit = config.max_position_embeddings
         max_context = min(limit, 2048) if max_context is None else max_context
@@ -121,6 +146,12 @@ class Engine:
             )
         if max_slots < 1:
             raise ValueError(f"max_slots={max_slots} must be >= 1")
+        max_queue = 8 * max_slots if max_queue is None else max_queue
+        if max_queue < 0:
+            raise ValueError(f"max_queue={max_queue} must be >= 0")
+        if request_timeout is not None and not request_timeout > 0:
+            raise ValueError(f"request_timeout={request_timeout} must be > 0 seconds or None")
+        self.max_queue, self.request_timeout = max_queue, request_timeout
         self.tokenizer = tokenizer
         self.max_slots, self.max_context = max_slots, max_context
         self.eos_ids = frozenset(config.eos_token_ids)
@@ -144,10 +175,11 @@ class Engine:
         self._lock = threading.Lock()
         self._wake = threading.Event()
         self._thread: threading.Thread | None = None
-        self._stopping = False
+        self._stop_at: float | None = None  # set by `shutdown`: when the running requests end
         self.error: BaseException | None = None
         self._stats = collections.Counter()
-        self._recent: collections.deque[tuple[float, int]] = collections.deque()
+        self._recent: collections.deque[tuple[float, int]] = collections.deque(
+            maxlen=RECENT_STEPS)  # fmt: skip
         self.compile_seconds = 0.0
 
     # ---- lifecycle ---------------------------------------------------------------------
@@ -160,16 +192,26 @@ class Engine:
         self._thread = threading.Thread(target=self._loop, name="jquant-engine", daemon=True)
         self._thread.start()
 
-    def close(self) -> None:
-        """Stops the loop; running and waiting requests end with ``"abort"``."""
-        self._stopping = True
+    def shutdown(self, grace: float = 0.0) -> None:
+        """Starts stopping and returns at once: from now on `submit` raises RuntimeError; the
+        requests waiting for a slot end at once, the running ones when they finish or after
+        ``grace`` seconds, whichever is first; every one that did not finish ends with
+        finish_reason ``"error"`` (``error_code`` "shutdown"). Then the loop stops (`close`
+        waits for it). A second call can only bring the end nearer."""
+        with self._lock:
+            stop_at = time.perf_counter() + max(grace, 0.0)
+            if self._stop_at is None or stop_at < self._stop_at:
+                self._stop_at = stop_at
         self._wake.set()
+
+    def close(self, grace: float = 0.0) -> None:
+        """`shutdown` (with ``grace``), then waits for the loop to stop; every request the
+        engine took has ended when it returns."""
+        self.shutdown(grace)
         if self._thread is not None:
             self._thread.join()
             self._thread = None
-        self._drain_inbox()
-        for req in [*self._waiting, *(r for r in self._slots if r is not None)]:
-            self._finish(req, "abort")
+        self._end_all("shutdown", "the server is shutting down")
 
     def __enter__(self) -> Engine:
         self.start()
@@ -193,24 +235,53 @@ class Engine:
 
         Raises:
           ValueError: the request cannot be served (see `check`); nothing was queued.
-          RuntimeError: the engine is not running (never started, closed, or failed).
+          QueueFull: ``max_slots + max_queue`` requests are in the engine already.
+          RuntimeError: the engine is not running (never started, shut down, or failed).
         """
-        self.check(prompt_ids, params)
-        if self._thread is None or self._stopping or self.error is not None:
-            raise RuntimeError(f"the engine is not running{self._failure()}")
-        rid = next(self._ids)
-        seed = params.seed if params.seed is not None else int(np.random.randint(2**31))
-        stops = frozenset(params.stop_token_ids) | (
-            frozenset() if params.ignore_eos else self.eos_ids
-        )
-        req = _Request(rid, [int(t) for t in prompt_ids], params, callback, seed,
-                       time.perf_counter(), stops)  # fmt: skip
+        return self.submit_many([(prompt_ids, params, callback)])[0]
+
+    @property
+    def capacity(self) -> int:
+        """The most requests the engine holds at once: ``max_slots + max_queue``."""
+        return self.max_slots + self.max_queue
+
+    def submit_many(self, requests: Sequence[tuple[Sequence[int], SamplingParams, Callback]]
+                    ) -> list[int]:  # fmt: skip
+        """`submit` for several ``(prompt_ids, params, callback)`` at once, all or none (one
+        HTTP request's choices). Raises as `submit` does, and `limits.LimitError` if there are
+        more than `capacity`."""
+        for prompt_ids, params, _ in requests:
+            self.check(prompt_ids, params)
+        if len(requests) > self.capacity:
+            raise limits.LimitError("n", f"Invalid 'n': {len(requests)} completions in one "
+                                    f"request; this server takes at most {self.capacity} "
+                                    f"(its {self.max_slots} slots and a queue of "
+                                    f"{self.max_queue}).")  # fmt: skip
+        seeds = [p.seed if p.seed is not None else int(np.random.randint(2**31))
+                 for _, p, _ in requests]  # fmt: skip
+        # Checked and queued under the lock `shutdown` takes: a request is either refused
+        # here or queued before the loop's last look at the inbox, never left waiting.
         with self._lock:
-            self._by_id[rid] = req
-            self._stats["requests_total"] += 1
-        self._inbox.put(req)
+            if self._thread is None or self._stop_at is not None or self.error is not None:
+                raise RuntimeError(f"the engine is not running{self._failure()}")
+            if len(self._by_id) + len(requests) > self.capacity:
+                raise QueueFull(f"the server is busy: {len(self._by_id)} requests are running "
+                                f"or waiting ({self.max_slots} slots, a queue of "
+                                f"{self.max_queue}); try again later")  # fmt: skip
+            now = time.perf_counter()
+            deadline = None if self.request_timeout is None else now + self.request_timeout
+            reqs = []
+            for (prompt_ids, params, callback), seed in zip(requests, seeds):
+                stops = frozenset(params.stop_token_ids) | (
+                    frozenset() if params.ignore_eos else self.eos_ids)  # fmt: skip
+                req = _Request(next(self._ids), [int(t) for t in prompt_ids], params, callback,
+                               seed, now, stops, deadline)  # fmt: skip
+                self._by_id[req.id] = req
+                self._inbox.put(req)
+                reqs.append(req)
+            self._stats["requests_total"] += len(reqs)
         self._wake.set()
-        return rid
+        return [req.id for req in reqs]
 
     def cancel(self, request_id: int) -> None:
         """Ends a request with ``"abort"`` and frees its slot (a no-op once it has ended)."""
@@ -261,6 +332,7 @@ class Engine:
                 "prompt_tokens_total": self._stats["prompt_tokens_total"],
                 "requests_total": self._stats["requests_total"],
                 "failed_requests_total": self._stats["failed_requests_total"],
+                "timed_out_requests_total": self._stats["timed_out_requests_total"],
                 "tokens_per_second": recent / span if span > 0.5 else 0.0,
             }
 
@@ -271,9 +343,11 @@ class Engine:
 
     def _loop(self) -> None:
         try:
-            while not self._stopping:
+            while True:
                 self._drain_inbox()
-                self._reap_cancelled()
+                if self._stop_at is not None and self._stopped():
+                    return
+                self._reap()
                 self._admit()
                 prefilling = [r for r in self._slots if r is not None and r.filled < len(r.prompt)]
                 decoding = [r for r in self._slots if r is not None and r.filled == len(r.prompt)]
@@ -287,11 +361,30 @@ class Engine:
                 if decoding:
                     self._isolated(decoding, self._decode, decoding)
         except BaseException as e:  # the loop must not die silently: fail every request
-            self.error = e
-            self._drain_inbox()
-            for req in [*self._waiting, *(r for r in self._slots if r is not None)]:
-                self._finish(req, "abort")
+            with self._lock:
+                self.error = e
+            self._end_all("engine_error", f"the engine failed: {e!r}")
             raise
+
+    def _stopped(self) -> bool:
+        """While shutting down: ends the waiting requests, and the running ones once the
+        grace period is over; True when none is left running."""
+        self._drain_inbox()  # what was queued before `shutdown` took the lock
+        self._end(list(self._waiting), "shutdown", "the server is shutting down")
+        running = [r for r in self._slots if r is not None]
+        if running and time.perf_counter() < self._stop_at:
+            return False
+        self._end(running, "shutdown", "the server shut down before the request finished")
+        return True
+
+    def _end_all(self, code: str, message: str) -> None:
+        """Ends every request the engine holds with an error (the loop has stopped)."""
+        self._drain_inbox()
+        self._end([*self._waiting, *(r for r in self._slots if r is not None)], code, message)
+
+    def _end(self, reqs: list[_Request], code: str, message: str) -> None:
+        for req in reqs:
+            self._finish(req, "error", error=message, code=code)
 
     def _isolated(self, reqs: list[_Request], step, *args) -> None:
         """Runs ``step(*args)``; if it raises, only ``reqs`` (the requests it was for) fail,
@@ -303,7 +396,7 @@ class Engine:
             for req in reqs:
                 with self._lock:
                     self._stats["failed_requests_total"] += 1
-                self._finish(req, "error", error=f"{type(e).__name__}: {e}")
+                self._finish(req, "error", error=f"{type(e).__name__}: {e}", code="engine_error")
 
     def _drain_inbox(self) -> None:
         # Under the lock, so that `metrics` never sees a request in neither place.
@@ -314,13 +407,18 @@ class Engine:
                 except queue.Empty:
                     return
 
-    def _reap_cancelled(self) -> None:
-        for req in [r for r in self._waiting if r.cancelled]:
-            self._waiting.remove(req)
-            self._finish(req, "abort")
-        for req in self._slots:
-            if req is not None and req.cancelled:
+    def _reap(self) -> None:
+        """Ends the cancelled requests, and those past their deadline with an error."""
+        now = time.perf_counter()
+        for req in [*self._waiting, *(r for r in self._slots if r is not None)]:
+            if req.cancelled:
                 self._finish(req, "abort")
+            elif req.deadline is not None and now >= req.deadline:
+                with self._lock:
+                    self._stats["timed_out_requests_total"] += 1
+                self._finish(req, "error", code="timeout",
+                             error=f"the request did not finish within the server's request "
+                             f"timeout ({self.request_timeout:g} s)")  # fmt: skip
 
     def _admit(self) -> None:
         for slot, occupant in enumerate(self._slots):
@@ -330,18 +428,17 @@ class Engine:
                     req.slot = slot
                     self._slots[slot] = req
 
-    def _sampling(self, reqs: list[_Request], rows: int, row_of) -> Sampling:
-        s = Sampling.greedy(rows)
-        for req in reqs:
-            i, p = row_of(req), req.params
-            s.temperature[i], s.top_k[i], s.top_p[i] = p.temperature, p.top_k, p.top_p
-            s.seed[i], s.counter[i] = req.seed, len(req.generated)
-        return s
+    @staticmethod
+    def _write_row(s: Sampling, i: int, req: _Request) -> None:
+        p = req.params
+        s.temperature[i], s.top_k[i], s.top_p[i] = p.temperature, p.top_k, p.top_p
+        s.seed[i], s.counter[i] = req.seed, len(req.generated)
 
     def _prefill(self, req: _Request) -> None:
         chunk = req.prompt[req.filled : req.filled + self.runner.prefill_buckets[-1]]
-        token = self.runner.prefill(req.slot, chunk, req.filled,
-                                    self._sampling([req], 1, lambda r: 0))  # fmt: skip
+        sampling = Sampling.greedy(1)
+        self._write_row(sampling, 0, req)
+        token = self.runner.prefill(req.slot, chunk, req.filled, sampling)
         req.filled += len(chunk)
         with self._lock:
             self._stats["prompt_tokens_total"] += len(chunk)
@@ -349,11 +446,19 @@ class Engine:
             self._accept(req, token)
 
     def _decode(self, reqs: list[_Request]) -> None:
-        index = {id(r): i for i, r in enumerate(reqs)}
+        sampling, rows = Sampling.greedy(len(reqs)), []
+        for req in reqs:  # a row that cannot be written fails its request alone
+            self._isolated([req], self._write_row, sampling, len(rows), req)
+            if self._slots[req.slot] is req:
+                rows.append(req)
+        if len(rows) < len(reqs):
+            sampling = Sampling(*(x[: len(rows)] for x in sampling))
+        if not rows:
+            return
+        reqs = rows
         out = self.runner.decode(
             [r.slot for r in reqs], [r.generated[-1] for r in reqs],
-            [r.filled + len(r.generated) - 1 for r in reqs],
-            self._sampling(reqs, len(reqs), lambda r: index[id(r)]),
+            [r.filled + len(r.generated) - 1 for r in reqs], sampling,
         )  # fmt: skip
         now = time.perf_counter()
         with self._lock:
@@ -395,14 +500,18 @@ class Engine:
         req.sent_tokens = len(req.generated)
         self._call(req, Output(req.id, delta, ids, None, len(req.prompt), len(req.generated)))
 
-    def _finish(self, req: _Request, reason: str, error: str | None = None) -> None:
+    def _finish(self, req: _Request, reason: str, error: str | None = None,
+                code: str | None = None) -> None:  # fmt: skip
+        """Ends a request that is waiting (drained from the inbox) or in a slot."""
         with self._lock:
             if self._by_id.pop(req.id, None) is None:
                 return  # already finished
             if req.slot >= 0 and self._slots[req.slot] is req:
                 self._slots[req.slot] = None
+            elif req.slot < 0 and req in self._waiting:
+                self._waiting.remove(req)
         self._call(req, Output(req.id, "", [], reason, len(req.prompt), len(req.generated),
-                               error))  # fmt: skip
+                               error, code))  # fmt: skip
 
     def _call(self, req: _Request, out: Output) -> None:
         """Runs a request's callback; one that raises (its client is gone) cancels it."""
