@@ -246,7 +246,8 @@ def _json_type(value) -> str:
     if isinstance(value, bool):
         return f"a boolean ({json.dumps(value)})"
     if isinstance(value, int | float):
-        return f"a number ({value!r})"
+        text = repr(value)  # a JSON integer may have thousands of digits
+        return f"a number ({text if len(text) <= 40 else text[:20] + '...' + text[-8:]})"
     if isinstance(value, str):
         return "a string"
     return "an array" if isinstance(value, list) else "an object"

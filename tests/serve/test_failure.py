@@ -213,6 +213,17 @@ def test_request_timeout_ends_running_and_waiting_requests(base_url, engine, mon
 # ---- the engine thread survives --------------------------------------------------------
 
 
+def test_a_huge_number_is_a_short_400(base_url):
+    """A temperature of 10**400 (valid JSON, no float): a 400 naming the field, its message
+    not thousands of digits long."""
+    body = f'{{"model": "{MODEL}", "prompt": "hi", "temperature": 1{"0" * 4000}}}'
+    r = httpx.post(f"{base_url}/v1/completions", content=body.encode(), timeout=30,
+                   headers={"content-type": "application/json"})  # fmt: skip
+    assert r.status_code == 400, r.text
+    error = r.json()["error"]
+    assert error["param"] == "temperature" and len(error["message"]) < 200, error
+
+
 def test_a_decode_row_that_cannot_be_written_fails_its_request_alone(engine, monkeypatch):
     """A request whose sampling row raises at a decode step (planted: a top_k that converts
     for the prefill, then raises once its first token is out) fails alone; the one decoding
