@@ -63,6 +63,7 @@ _METRIC_HELP = {
     "generated_tokens_total": "Completion tokens generated.",
     "prompt_tokens_total": "Prompt tokens prefilled.",
     "requests_total": "Requests submitted to the engine.",
+    "timed_out_requests_total": "Requests ended by the request timeout.",
     "tokens_per_second": "Recent decode throughput (tokens/s).",
 }
 

@@ -366,9 +366,10 @@ def test_submit_racing_close_is_refused_or_answered(loaded, monkeypatch):
 
 def test_sigterm_ends_queued_streams_at_once_and_running_ones_within_the_grace(loaded,
                                                                               monkeypatch):
-    """SIGTERM (uvicorn's handler, `Server.handle_exit`) during 6 streams on 2 slots: the 4
-    queued streams get an error event at once, the 2 running ones within the grace period,
-    each then [DONE]; new connections are refused and the server exits."""
+    """SIGTERM (uvicorn's handler, `Server.handle_exit`) during 6 streams and a plain request
+    on 2 slots: the 4 queued streams get an error event at once and the queued plain request
+    a 503, the 2 running streams an error event within the grace period, each stream then
+    [DONE]; new connections are refused and the server exits."""
     grace = 2.0
     engine = Engine(*loaded, max_slots=2, max_context=64, prefill_chunk=16)
     server, thread, url = _serve(engine, grace)
@@ -387,13 +388,21 @@ def test_sigterm_ends_queued_streams_at_once_and_running_ones_within_the_grace(l
             lines[i] += list(it)
         ended[i] = time.monotonic()
 
+    def plain():
+        plain_answer.append(httpx.post(f"{url}/v1/chat/completions", timeout=60,
+                                       json={**body, "stream": False}))  # fmt: skip
+        ended[6] = time.monotonic()
+
+    plain_answer: list[httpx.Response] = []
     try:
         threads = [threading.Thread(target=stream, args=(i,), daemon=True) for i in range(6)]
         for t in threads:
             t.start()
         opened.wait(30)
+        threads.append(threading.Thread(target=plain, daemon=True))
+        threads[-1].start()
         deadline = time.monotonic() + 30
-        while engine.metrics()["active_slots"] < 2 or any(
+        while engine.metrics()["queue_depth"] < 5 or any(
                 r is not None and not r.generated for r in engine._slots):  # fmt: skip
             assert time.monotonic() < deadline, engine.metrics()
             time.sleep(0.01)
@@ -408,6 +417,8 @@ def test_sigterm_ends_queued_streams_at_once_and_running_ones_within_the_grace(l
     finally:
         server.should_exit = True
         engine.close()
+    assert ended[6] - signalled < 1.0 and plain_answer[0].status_code == 503
+    assert plain_answer[0].json()["error"]["code"] == "engine_unavailable"
     took = sorted(ended[i] - signalled for i in range(6))
     assert len(took) == 6 and max(took[:4]) < 1.0 and max(took) < grace + 1.5, took
     assert min(took[4:]) > grace - 0.5, took  # the running ones ran on through the grace
