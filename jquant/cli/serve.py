@@ -34,6 +34,15 @@ def add_parser(sub) -> None:
                    help="do not reuse the cached pages of a prompt prefix seen before")
     p.add_argument("--mesh", help="tensor parallelism over devices: tp=N")
     p.add_argument("--served-model-name", help="model id of the API (default: MODEL)")
+    p.add_argument("--max-queue", type=_args.int_at_least(0),
+                   help="requests (completions: prompts x n) that may wait for a slot; beyond, "
+                   "HTTP 429 with Retry-After (default: 8 x --max-slots)")
+    p.add_argument("--request-timeout", type=_args.float_in(0, open_low=True),
+                   help="seconds after which a waiting or running request ends with an error "
+                   "(default: no limit)")
+    p.add_argument("--shutdown-grace", type=_args.float_in(0), default=5.0,
+                   help="seconds running requests may take to finish after SIGTERM before "
+                   "they end with an error (queued ones end at once)")
     g = p.add_argument_group(
         "multi-process", "serve one model over the devices of several processes (tensor "
         "parallel over all of them); every process loads the model")  # fmt: skip
@@ -49,7 +58,7 @@ def run(args) -> int:
     from jquant.calib import quantize_loaded
     from jquant.serve import lockstep
     from jquant.serve.engine import Engine, engine_report
-    from jquant.serve.server import create_app
+    from jquant.serve.server import Server, create_app
     from jquant.sharding import make_tp_mesh, parse_tp_mesh
 
     if args.port > 65535:
@@ -83,7 +92,8 @@ def run(args) -> int:
                         kv_cache_tokens=args.kv_cache_tokens,
                         prefix_caching=args.prefix_caching,
                         kv_cache=None if args.kv_cache == "none" else args.kv_cache,
-                        mesh=tp)  # fmt: skip
+                        mesh=tp, max_queue=args.max_queue,
+                        request_timeout=args.request_timeout)  # fmt: skip
         if not leader:
             print(f"jquant serve: process {jax.process_index()} follows process 0", flush=True)
             calls = lockstep.follow(engine.runner)
@@ -102,8 +112,8 @@ def run(args) -> int:
                   f"in {engine.compile_seconds:.1f} s)", flush=True)  # fmt: skip
             # No logging config of uvicorn's own (it would bind handlers to this moment's
             # stderr); its warnings still reach stderr through logging's last resort.
-            uvicorn.Server(uvicorn.Config(app, log_level="warning",
-                                         log_config=None)).run(sockets=[sock])
+            config = uvicorn.Config(app, log_level="warning", log_config=None)
+            Server(config, engine, args.shutdown_grace).run(sockets=[sock])
         finally:
             engine.close()
             if multi:

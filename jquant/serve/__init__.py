@@ -9,6 +9,7 @@ OpenAI-compatible HTTP server (`jquant serve`), and tensor parallelism over a de
 from jquant.models.cache import kv_format as kv_format
 from jquant.serve.engine import Engine as Engine
 from jquant.serve.engine import Output as Output
+from jquant.serve.engine import QueueFull as QueueFull
 from jquant.serve.engine import SamplingParams as SamplingParams
 from jquant.serve.engine import engine_report as engine_report
 from jquant.serve.runner import Runner as Runner

@@ -18,13 +18,18 @@ One background thread runs the loop; every iteration it
 
 Requests join and leave between decode steps. A request ends at a stop token (the model's
 EOS unless ``ignore_eos``, plus its ``stop_token_ids``), at a stop string (the text is cut
-before it), after ``max_tokens``, or when it is cancelled; its pages are free for the next
-iteration. Text is decoded incrementally (`jquant.serve.detok`: constant work per token) and
-streamed as it becomes final: a trailing incomplete UTF-8 character, or a tail that could
-still grow into a stop string (searched across token boundaries), is held back until it
-cannot. A request whose
+before it), after ``max_tokens``, when it is cancelled, or after the engine's
+``request_timeout``; its pages are free for the next iteration. Text is decoded
+incrementally (`jquant.serve.detok`: constant work per token) and streamed as it becomes
+final: a trailing incomplete UTF-8 character, or a tail that could still grow into a stop
+string (searched across token boundaries), is held back until it cannot. A request whose
 step raises in the loop ends alone, with finish_reason ``"error"`` and the exception in
 `Output.error`; the loop serves the others on.
+
+Admission is bounded: at most ``max_slots + max_queue`` requests are in the engine at once
+(running or waiting); `submit_many` queues one HTTP request's choices all or none, and raises
+`QueueFull` beyond the bound. `shutdown` ends the waiting requests at once and the running
+ones after a grace period, each with an error, so no caller waits forever.
 
 >>> engine = Engine(model, params, tokenizer, max_slots=8)  # doctest: +SKIP
 >>> engine.start()  # doctest: +SKIP
@@ -50,6 +55,16 @@ from jquant.serve.pages import PagedSeq, PagePool
 from jquant.serve.runner import Runner, Sampling
 
 _log = logging.getLogger(__name__)
+
+#: Decode steps remembered for the tokens/s metric (the last 10 s of them, at most this many).
+RECENT_STEPS = 1024
+
+
+Callback = Callable[["Output"], None]
+
+
+class QueueFull(RuntimeError):
+    """The engine holds ``max_slots + max_queue`` requests already: try again later."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -83,6 +98,9 @@ class Output:
     prompt_tokens: int
     completion_tokens: int  # total so far
     error: str | None = None  # the request failed in the engine (finish_reason "error")
+    #: with ``error``, why: "engine_error" (its step raised), "timeout" (the engine's
+    #: ``request_timeout`` passed) or "shutdown" (the engine stopped first)
+    error_code: str | None = None
 
 
 @dataclasses.dataclass(eq=False)
@@ -94,6 +112,7 @@ class _Request:
     seed: int
     arrived: float
     stops: frozenset[int]
+    deadline: float | None  # perf_counter time past which it ends with a timeout
     seq: PagedSeq | None = None  # its pages while it runs
     filled: int = 0  # tokens of `context()` in the cache
     generated: list[int] = dataclasses.field(default_factory=list)
@@ -134,13 +153,18 @@ class Engine:
       kv_cache: KV cache format: None (the compute dtype), "int8" or "fp8".
       mesh: tensor parallelism: an int ``tp`` (devices) or a ``jax.sharding.Mesh`` with a
         ``"tp"`` axis; None runs on one device.
+      max_queue: requests that may wait for a slot beyond the ``max_slots`` running (default
+        ``8 * max_slots``); `submit` raises `QueueFull` past it.
+      request_timeout: seconds after which a request still waiting or running ends with an
+        error (``error_code`` "timeout"); None: no limit.
     """
 
     def __init__(self, model, params, tokenizer, *, max_slots: int = 8,
                  max_context: int | None = None, prefill_chunk: int = 128,
                  prefill_rows: int = 4, page_size: int = 16,
                  kv_cache_tokens: int | None = None, prefix_caching: bool = True,
-                 kv_cache=None, mesh=None):  # fmt: skip
+                 kv_cache=None, mesh=None, max_queue: int | None = None,
+                 request_timeout: float | None = None):  # fmt: skip
         config = model.config
         limit = config.max_position_embeddings
         max_context = min(limit, 2048) if max_context is None else max_context
@@ -158,6 +182,12 @@ class Engine:
         if kv_cache_tokens < max_context:
             raise ValueError(f"kv_cache_tokens={kv_cache_tokens} must be >= max_context="
                              f"{max_context}: one request of the longest context must fit")
+        max_queue = 8 * max_slots if max_queue is None else max_queue
+        if max_queue < 0:
+            raise ValueError(f"max_queue={max_queue} must be >= 0")
+        if request_timeout is not None and not request_timeout > 0:
+            raise ValueError(f"request_timeout={request_timeout} must be > 0 seconds or None")
+        self.max_queue, self.request_timeout = max_queue, request_timeout
         self.tokenizer = tokenizer
         self.max_slots, self.max_context = max_slots, max_context
         self.eos_ids = frozenset(config.eos_token_ids)
@@ -187,10 +217,11 @@ class Engine:
         self._lock = threading.Lock()
         self._wake = threading.Event()
         self._thread: threading.Thread | None = None
-        self._stopping = False
+        self._stop_at: float | None = None  # set by `shutdown`: when the running requests end
         self.error: BaseException | None = None
         self._stats = collections.Counter()
-        self._recent: collections.deque[tuple[float, int]] = collections.deque()
+        self._recent: collections.deque[tuple[float, int]] = collections.deque(
+            maxlen=RECENT_STEPS)  # fmt: skip
         self.compile_seconds = 0.0
 
     # ---- lifecycle ---------------------------------------------------------------------
@@ -203,16 +234,26 @@ class Engine:
         self._thread = threading.Thread(target=self._loop, name="jquant-engine", daemon=True)
         self._thread.start()
 
-    def close(self) -> None:
-        """Stops the loop; running and waiting requests end with ``"abort"``."""
-        self._stopping = True
+    def shutdown(self, grace: float = 0.0) -> None:
+        """Starts stopping and returns at once: from now on `submit` raises RuntimeError; the
+        requests waiting for a slot end at once, the running ones when they finish or after
+        ``grace`` seconds, whichever is first; every one that did not finish ends with
+        finish_reason ``"error"`` (``error_code`` "shutdown"). Then the loop stops (`close`
+        waits for it). A second call can only bring the end nearer."""
+        with self._lock:
+            stop_at = time.perf_counter() + max(grace, 0.0)
+            if self._stop_at is None or stop_at < self._stop_at:
+                self._stop_at = stop_at
         self._wake.set()
+
+    def close(self, grace: float = 0.0) -> None:
+        """`shutdown` (with ``grace``), then waits for the loop to stop; every request the
+        engine took has ended when it returns."""
+        self.shutdown(grace)
         if self._thread is not None:
             self._thread.join()
             self._thread = None
-        self._drain_inbox()
-        for req in [*self._waiting, *self._running]:
-            self._finish(req, "abort")
+        self._end_all("shutdown", "the server is shutting down")
 
     def __enter__(self) -> Engine:
         self.start()
@@ -236,25 +277,54 @@ class Engine:
 
         Raises:
           ValueError: the request cannot be served (see `check`); nothing was queued.
-          RuntimeError: the engine is not running (never started, closed, or failed).
+          QueueFull: ``max_slots + max_queue`` requests are in the engine already.
+          RuntimeError: the engine is not running (never started, shut down, or failed).
         """
-        self.check(prompt_ids, params)
-        if self._thread is None or self._stopping or self.error is not None:
-            raise RuntimeError(f"the engine is not running{self._failure()}")
-        rid = next(self._ids)
-        seed = params.seed if params.seed is not None else int(np.random.randint(2**31))
-        stops = frozenset(params.stop_token_ids) | (
-            frozenset() if params.ignore_eos else self.eos_ids
-        )
-        req = _Request(rid, [int(t) for t in prompt_ids], params, callback, seed,
-                       time.perf_counter(), stops,
-                       text=IncrementalText(self.tokenizer))  # fmt: skip
+        return self.submit_many([(prompt_ids, params, callback)])[0]
+
+    @property
+    def capacity(self) -> int:
+        """The most requests the engine holds at once: ``max_slots + max_queue``."""
+        return self.max_slots + self.max_queue
+
+    def submit_many(self, requests: Sequence[tuple[Sequence[int], SamplingParams, Callback]]
+                    ) -> list[int]:  # fmt: skip
+        """`submit` for several ``(prompt_ids, params, callback)`` at once, all or none (one
+        HTTP request's choices). Raises as `submit` does, and `limits.LimitError` if there are
+        more than `capacity`."""
+        for prompt_ids, params, _ in requests:
+            self.check(prompt_ids, params)
+        if len(requests) > self.capacity:
+            raise limits.LimitError("n", f"Invalid 'n': {len(requests)} completions in one "
+                                    f"request; this server takes at most {self.capacity} "
+                                    f"(its {self.max_slots} slots and a queue of "
+                                    f"{self.max_queue}).")  # fmt: skip
+        seeds = [p.seed if p.seed is not None else int(np.random.randint(2**31))
+                 for _, p, _ in requests]  # fmt: skip
+        # Checked and queued under the lock `shutdown` takes: a request is either refused
+        # here or queued before the loop's last look at the inbox, never left waiting.
         with self._lock:
-            self._by_id[rid] = req
-            self._stats["requests_total"] += 1
-        self._inbox.put(req)
+            if self._thread is None or self._stop_at is not None or self.error is not None:
+                raise RuntimeError(f"the engine is not running{self._failure()}")
+            if len(self._by_id) + len(requests) > self.capacity:
+                raise QueueFull(f"the server is busy: {len(self._by_id)} requests are running "
+                                f"or waiting ({self.max_slots} slots, a queue of "
+                                f"{self.max_queue}); try again later")  # fmt: skip
+            now = time.perf_counter()
+            deadline = None if self.request_timeout is None else now + self.request_timeout
+            reqs = []
+            for (prompt_ids, params, callback), seed in zip(requests, seeds):
+                stops = frozenset(params.stop_token_ids) | (
+                    frozenset() if params.ignore_eos else self.eos_ids)  # fmt: skip
+                req = _Request(next(self._ids), [int(t) for t in prompt_ids], params, callback,
+                               seed, now, stops, deadline,
+                               text=IncrementalText(self.tokenizer))  # fmt: skip
+                self._by_id[req.id] = req
+                self._inbox.put(req)
+                reqs.append(req)
+            self._stats["requests_total"] += len(reqs)
         self._wake.set()
-        return rid
+        return [req.id for req in reqs]
 
     def cancel(self, request_id: int) -> None:
         """Ends a request with ``"abort"`` and frees its slot (a no-op once it has ended)."""
@@ -311,6 +381,7 @@ class Engine:
                 "requests_total": self._stats["requests_total"],
                 "failed_requests_total": self._stats["failed_requests_total"],
                 "preemptions_total": self._stats["preemptions_total"],
+                "timed_out_requests_total": self._stats["timed_out_requests_total"],
                 "tokens_per_second": recent / span if span > 0.5 else 0.0,
             }
 
@@ -321,9 +392,11 @@ class Engine:
 
     def _loop(self) -> None:
         try:
-            while not self._stopping:
+            while True:
                 self._drain_inbox()
-                self._reap_cancelled()
+                if self._stop_at is not None and self._stopped():
+                    return
+                self._reap()
                 self._admit()
                 prefilling = [r for r in self._running if not r.decoding]
                 if not self._running:
@@ -336,11 +409,30 @@ class Engine:
                 if decoding:
                     self._isolated(decoding, self._decode, decoding)
         except BaseException as e:  # the loop must not die silently: fail every request
-            self.error = e
-            self._drain_inbox()
-            for req in [*self._waiting, *self._running]:
-                self._finish(req, "abort")
+            with self._lock:
+                self.error = e
+            self._end_all("engine_error", f"the engine failed: {e!r}")
             raise
+
+    def _stopped(self) -> bool:
+        """While shutting down: ends the waiting requests, and the running ones once the
+        grace period is over; True when none is left running."""
+        self._drain_inbox()  # what was queued before `shutdown` took the lock
+        self._end(list(self._waiting), "shutdown", "the server is shutting down")
+        running = list(self._running)
+        if running and time.perf_counter() < self._stop_at:
+            return False
+        self._end(running, "shutdown", "the server shut down before the request finished")
+        return True
+
+    def _end_all(self, code: str, message: str) -> None:
+        """Ends every request the engine holds with an error (the loop has stopped)."""
+        self._drain_inbox()
+        self._end([*self._waiting, *self._running], code, message)
+
+    def _end(self, reqs: list[_Request], code: str, message: str) -> None:
+        for req in reqs:
+            self._finish(req, "error", error=message, code=code)
 
     def _isolated(self, reqs: list[_Request], step, *args) -> None:
         """Runs ``step(*args)``; if it raises, only ``reqs`` (the requests it was for) fail,
@@ -352,7 +444,7 @@ class Engine:
             for req in reqs:
                 with self._lock:
                     self._stats["failed_requests_total"] += 1
-                self._finish(req, "error", error=f"{type(e).__name__}: {e}")
+                self._finish(req, "error", error=f"{type(e).__name__}: {e}", code="engine_error")
 
     def _drain_inbox(self) -> None:
         # Under the lock, so that `metrics` never sees a request in neither place.
@@ -363,12 +455,18 @@ class Engine:
                 except queue.Empty:
                     return
 
-    def _reap_cancelled(self) -> None:
-        for req in [r for r in self._waiting if r.cancelled]:
-            self._waiting.remove(req)
-            self._finish(req, "abort")
-        for req in [r for r in self._running if r.cancelled]:
-            self._finish(req, "abort")
+    def _reap(self) -> None:
+        """Ends the cancelled requests, and those past their deadline with an error."""
+        now = time.perf_counter()
+        for req in [*self._waiting, *self._running]:
+            if req.cancelled:
+                self._finish(req, "abort")
+            elif req.deadline is not None and now >= req.deadline:
+                with self._lock:
+                    self._stats["timed_out_requests_total"] += 1
+                self._finish(req, "error", code="timeout",
+                             error=f"the request did not finish within the server's request "
+                             f"timeout ({self.request_timeout:g} s)")  # fmt: skip
 
     def _admit(self) -> None:
         """Moves waiting requests to running, oldest first, while a row is free and the pool
@@ -425,13 +523,11 @@ class Engine:
             self._waiting.appendleft(req)
             self._stats["preemptions_total"] += 1
 
-    def _sampling(self, reqs: list[_Request], rows: int, row_of) -> Sampling:
-        s = Sampling.greedy(rows)
-        for req in reqs:
-            i, p = row_of(req), req.params
-            s.temperature[i], s.top_k[i], s.top_p[i] = p.temperature, p.top_k, p.top_p
-            s.seed[i], s.counter[i] = req.seed, len(req.generated)
-        return s
+    @staticmethod
+    def _write_row(s: Sampling, i: int, req: _Request) -> None:
+        p = req.params
+        s.temperature[i], s.top_k[i], s.top_p[i] = p.temperature, p.top_k, p.top_p
+        s.seed[i], s.counter[i] = req.seed, len(req.generated)
 
     def _prefill_step(self, batch: list[tuple[_Request, list[int]]]) -> None:
         """Prefills ``batch`` in one step; if that raises, each prompt alone, so that only
@@ -448,11 +544,11 @@ class Engine:
 
     def _prefill(self, batch: list[tuple[_Request, list[int]]]) -> None:
         reqs = [r for r, _ in batch]
-        index = {id(r): i for i, r in enumerate(reqs)}
-        out = self.runner.prefill(
-            [r.seq.pages for r in reqs], [c for _, c in batch], [r.filled for r in reqs],
-            self._sampling(reqs, len(reqs), lambda r: index[id(r)]),
-        )  # fmt: skip
+        sampling = Sampling.greedy(len(reqs))
+        for i, req in enumerate(reqs):
+            self._write_row(sampling, i, req)
+        out = self.runner.prefill([r.seq.pages for r in reqs], [c for _, c in batch],
+                                  [r.filled for r in reqs], sampling)  # fmt: skip
         for (req, chunk), token in zip(batch, out):
             req.filled += len(chunk)
             context = req.context()
@@ -464,11 +560,19 @@ class Engine:
             # A preempted request resumes decoding with its own last token instead.
 
     def _decode(self, reqs: list[_Request]) -> None:
-        index = {id(r): i for i, r in enumerate(reqs)}
+        sampling, rows = Sampling.greedy(len(reqs)), []
+        for req in reqs:  # a row that cannot be written fails its request alone
+            self._isolated([req], self._write_row, sampling, len(rows), req)
+            if req.seq is not None:
+                rows.append(req)
+        if len(rows) < len(reqs):
+            sampling = Sampling(*(x[: len(rows)] for x in sampling))
+        if not rows:
+            return
+        reqs = rows
         positions = [len(r.prompt) + len(r.generated) - 1 for r in reqs]
         out = self.runner.decode(
-            [r.seq.pages for r in reqs], [r.generated[-1] for r in reqs], positions,
-            self._sampling(reqs, len(reqs), lambda r: index[id(r)]),
+            [r.seq.pages for r in reqs], [r.generated[-1] for r in reqs], positions, sampling,
         )  # fmt: skip
         size = self.pool.page_size
         for r, p in zip(reqs, positions):
@@ -520,7 +624,9 @@ class Engine:
         req.sent_tokens = len(req.generated)
         self._call(req, Output(req.id, delta, ids, None, len(req.prompt), len(req.generated)))
 
-    def _finish(self, req: _Request, reason: str, error: str | None = None) -> None:
+    def _finish(self, req: _Request, reason: str, error: str | None = None,
+                code: str | None = None) -> None:  # fmt: skip
+        """Ends a request that is waiting (drained from the inbox) or in a slot."""
         with self._lock:
             if self._by_id.pop(req.id, None) is None:
                 return  # already finished
@@ -529,8 +635,10 @@ class Engine:
                 req.seq = None
             if req in self._running:
                 self._running.remove(req)
+            elif req in self._waiting:
+                self._waiting.remove(req)
         self._call(req, Output(req.id, "", [], reason, len(req.prompt), len(req.generated),
-                               error))  # fmt: skip
+                               error, code))  # fmt: skip
 
     def _call(self, req: _Request, out: Output) -> None:
         """Runs a request's callback; one that raises (its client is gone) cancels it."""

@@ -35,7 +35,8 @@ ROLES = ("system", "developer", "user", "assistant", "tool")
 
 
 class APIError(Exception):
-    """A request the server refuses: HTTP ``status`` with OpenAI's error body."""
+    """A request the server refuses: HTTP ``status`` with OpenAI's error body (and HTTP
+    ``headers``, e.g. ``Retry-After``)."""
 
     def __init__(
         self,
@@ -45,11 +46,13 @@ class APIError(Exception):
         code: str | None = None,
         status: int = 400,
         type: str = "invalid_request_error",
+        headers: dict[str, str] | None = None,
     ):
         super().__init__(message)
         self.message, self.param, self.code, self.status, self.type = (
             message, param, code, status, type
         )  # fmt: skip
+        self.headers = headers
 
     def body(self) -> dict:
         return {"error": {"message": self.message, "type": self.type, "param": self.param,
@@ -243,7 +246,8 @@ def _json_type(value) -> str:
     if isinstance(value, bool):
         return f"a boolean ({json.dumps(value)})"
     if isinstance(value, int | float):
-        return f"a number ({value!r})"
+        text = repr(value)  # a JSON integer may have thousands of digits
+        return f"a number ({text if len(text) <= 40 else text[:20] + '...' + text[-8:]})"
     if isinstance(value, str):
         return "a string"
     return "an array" if isinstance(value, list) else "an object"

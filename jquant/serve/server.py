@@ -16,6 +16,13 @@ within `jquant.serve.limits` (the engine checks the same limits). Every bad requ
 fails inside the engine is an HTTP 500 (streamed: an ``error`` event, then ``[DONE]``); the
 engine serves the others on. A streaming client that disconnects has its engine requests
 cancelled, so their slots free at once.
+
+Under load and at shutdown every request is answered, never left waiting: beyond the engine's
+``max_slots + max_queue`` requests the server answers HTTP 429 with ``Retry-After``; a request
+past the engine's ``request_timeout`` ends with HTTP 504 (streamed: an ``error`` event); one the
+engine's `~jquant.serve.engine.Engine.shutdown` ends is an HTTP 503 (streamed: an ``error``
+event). `Server` (uvicorn's, as ``jquant serve`` runs it) starts that shutdown on SIGTERM.
+An exception of the server's own is an HTTP 500 in OpenAI's shape, the connection kept.
 """
 
 from __future__ import annotations
@@ -25,9 +32,12 @@ import contextlib
 import dataclasses
 import functools
 import json
+import logging
+import threading
 import time
 import uuid
 
+import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -35,8 +45,14 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from jquant.serve import limits, protocol
 from jquant.serve.protocol import APIError, ChatCompletionRequest, CompletionRequest
 
+_log = logging.getLogger(__name__)
+
 #: Seconds between checks that a non-streaming client is still connected.
 _DISCONNECT_POLL_S = 0.5
+#: What a 429 tells the client to wait before trying again (seconds).
+RETRY_AFTER_S = 1
+#: HTTP status of a request the engine ended with an error, by `Output.error_code`.
+_ERROR_STATUS = {"timeout": (504, "request_timeout"), "shutdown": (503, "engine_unavailable")}
 
 #: Help text of the engine's metrics; any other numeric key is exported too.
 _METRIC_HELP = {
@@ -53,6 +69,7 @@ _METRIC_HELP = {
     "generated_tokens_total": "Completion tokens generated.",
     "prompt_tokens_total": "Prompt tokens prefilled.",
     "requests_total": "Requests submitted to the engine.",
+    "timed_out_requests_total": "Requests ended by the request timeout.",
     "tokens_per_second": "Recent decode throughput (tokens/s).",
 }
 
@@ -75,7 +92,7 @@ def create_app(engine, model_name: str) -> FastAPI:
     @app.exception_handler(APIError)
     async def api_error(_request, e: APIError):
         rejected.labels(code=e.code or str(e.status)).inc()
-        return JSONResponse(e.body(), status_code=e.status)
+        return JSONResponse(e.body(), status_code=e.status, headers=e.headers)
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, e: StarletteHTTPException):
@@ -114,6 +131,7 @@ def create_app(engine, model_name: str) -> FastAPI:
         return Response(body, media_type=CONTENT_TYPE_LATEST)
 
     @app.post("/v1/completions")
+    @_guarded
     async def completions(request: Request):
         r = await _parse(request, CompletionRequest)
         _check_model(r, model_name)
@@ -125,6 +143,7 @@ def create_app(engine, model_name: str) -> FastAPI:
         return await _respond(engine, request, r, encoded, max_tokens, model_name, chat=False)
 
     @app.post("/v1/chat/completions")
+    @_guarded
     async def chat_completions(request: Request):
         r = await _parse(request, ChatCompletionRequest)
         _check_model(r, model_name)
@@ -134,6 +153,24 @@ def create_app(engine, model_name: str) -> FastAPI:
         return await _respond(engine, request, r, [ids], max_tokens, model_name, chat=True)
 
     return app
+
+
+def _guarded(endpoint):
+    """``endpoint``, its unexpected exceptions answered as an HTTP 500 in OpenAI's shape. An
+    exception reaching Starlette would be re-raised to uvicorn, which closes the connection
+    (a keep-alive client sees it reset)."""
+
+    @functools.wraps(endpoint)
+    async def guarded(request: Request):
+        try:
+            return await endpoint(request)
+        except APIError:
+            raise
+        except Exception as e:
+            _log.exception("jquant serve: %s %s failed", request.method, request.url.path)
+            raise APIError(f"The server failed on this request: {type(e).__name__}: {e}",
+                           status=500, type="server_error", code="internal_error") from None
+    return guarded
 
 
 def _registry(engine):
@@ -220,6 +257,12 @@ def _sampling(engine, r, prompts: list[list[int]], max_tokens: int | None, chat:
     try:
         n = limits.check_int("n", 1 if r.n is None else r.n, 1, engine.max_slots,
                              " (the server's slots)")  # fmt: skip
+        if len(prompts) * n > engine.capacity:  # it could never be queued whole
+            raise limits.LimitError(
+                "n" if n > 1 else "prompt", f"Invalid '{'n' if n > 1 else 'prompt'}': "
+                f"{len(prompts)} prompts x n={n} = {len(prompts) * n} completions; this server "
+                f"takes at most {engine.capacity} per request (its {engine.max_slots} slots and "
+                f"a queue of {engine.max_queue}).", code="too_many_completions")  # fmt: skip
         seed = None if r.seed is None else limits.check_int(
             "seed", r.seed, limits.REQUEST_SEED_MIN, limits.REQUEST_SEED_MAX)  # fmt: skip
         base = SamplingParams(
@@ -246,23 +289,29 @@ def _sampling(engine, r, prompts: list[list[int]], max_tokens: int | None, chat:
 
 
 class _Run:
-    """The engine requests behind one HTTP request; their events arrive on one queue."""
+    """The engine requests behind one HTTP request (queued all or none); their events arrive
+    on one queue."""
 
     def __init__(self, engine, requests: list):
+        from jquant.serve.engine import QueueFull
+
         self.engine = engine
         self.loop = asyncio.get_running_loop()
         self.queue: asyncio.Queue = asyncio.Queue()
         self.ids: list[int] = []
         self.finished = [False] * len(requests)
         try:
-            for i, (prompt, params) in enumerate(requests):
-                callback = functools.partial(self._on_output, i)
-                self.ids.append(engine.submit(prompt, params, callback))
+            self.ids = engine.submit_many([
+                (prompt, params, functools.partial(self._on_output, i))
+                for i, (prompt, params) in enumerate(requests)
+            ])  # fmt: skip
         except limits.LimitError as e:  # checked before (`_sampling`): not expected here
-            self.cancel()
             raise protocol.limit_error(e) from None
+        except QueueFull as e:
+            raise APIError(f"{str(e)[0].upper()}{str(e)[1:]}.", status=429,
+                           type="rate_limit_error", code="queue_full",
+                           headers={"Retry-After": str(RETRY_AFTER_S)}) from None  # fmt: skip
         except RuntimeError as e:  # the engine is not running
-            self.cancel()
             raise APIError(str(e), status=503, type="server_error",
                            code="engine_unavailable") from None  # fmt: skip
 
@@ -332,9 +381,12 @@ async def _respond(engine, request: Request, r, prompts, max_tokens, model_name,
 
 
 def _engine_error(out) -> APIError:
-    """The HTTP 500 of a request that failed inside the engine."""
-    return APIError(f"The server failed while generating this request: {out.error}",
-                    status=500, type="server_error", code="engine_error")  # fmt: skip
+    """The error of a request the engine ended with one: HTTP 500 if it failed there, 504
+    past the request timeout, 503 at shutdown."""
+    status, code = _ERROR_STATUS.get(out.error_code, (500, "engine_error"))
+    what = "failed while generating" if status == 500 else "could not finish"
+    return APIError(f"The server {what} this request: {out.error}", status=status,
+                    type="server_error", code=code)  # fmt: skip
 
 
 def _usage(prompt_tokens: int, completion_tokens: int) -> dict:
@@ -398,3 +450,29 @@ class _EngineStream(StreamingResponse):
             await super().__call__(scope, receive, send)
         finally:
             self.run.cancel()
+
+
+class Server(uvicorn.Server):
+    """uvicorn's server, whose SIGTERM or SIGINT also starts the engine's shutdown
+    (`jquant.serve.engine.Engine.shutdown` with ``shutdown_grace``): requests waiting for a
+    slot are answered with an error at once, running ones finish or end with an error within
+    ``shutdown_grace`` seconds, and the server exits once their responses are sent (uvicorn
+    stops taking connections meanwhile). A client that does not read its stream is cut off
+    ``shutdown_grace + 5`` seconds after the signal (uvicorn's ``timeout_graceful_shutdown``,
+    unless the config sets one).
+
+    >>> Server(uvicorn.Config(create_app(engine, "m")), engine, 5.0).run()  # doctest: +SKIP
+    """
+
+    def __init__(self, config: uvicorn.Config, engine, shutdown_grace: float):
+        if config.timeout_graceful_shutdown is None:
+            config.timeout_graceful_shutdown = shutdown_grace + 5
+        super().__init__(config)
+        self.engine, self.shutdown_grace = engine, shutdown_grace
+
+    def handle_exit(self, sig, frame) -> None:
+        # A signal handler may run while this thread holds the engine's lock (in `submit`):
+        # the shutdown, which takes it, runs in a thread of its own.
+        threading.Thread(target=self.engine.shutdown, args=(self.shutdown_grace,),
+                         name="jquant-shutdown", daemon=True).start()  # fmt: skip
+        super().handle_exit(sig, frame)

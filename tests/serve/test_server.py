@@ -542,6 +542,24 @@ def test_cli_serve_kv_cache_choices(capsys):
     assert e.value.code == 2 and "invalid choice: 'int4'" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize(
+    "flag,value,expected",
+    [
+        ("--max-queue", "-1", "must be >= 0"),
+        ("--request-timeout", "0", "must be > 0"),
+        ("--shutdown-grace", "-1", "must be >= 0"),
+        ("--shutdown-grace", "nan", "must be >= 0"),
+    ],
+)
+def test_cli_serve_limit_flags_are_checked(capsys, flag, value, expected):
+    from jquant.cli import main
+
+    with pytest.raises(SystemExit) as e:
+        main(["serve", "m", flag, value])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and f"argument {flag}: {expected}" in err, err
+
+
 @pytest.mark.slow
 def test_smollm2_chat_over_http():
     """The real SmolLM2-135M-Instruct: its tokenizer, chat template and EOS."""
