@@ -7,8 +7,8 @@ published int4 kernels drop to about half of bf16 speed there. So `jquant.ops` r
 kernel only while M <= the table's limit for (backend, kind) and XLA above it.
 
 `kind` is the weight qtype for weight-only matmuls ("int4", "nf4", "mxfp4", ...) and
-"w8a8_int8" / "w8a8_fp8" for the W8A8 kernels. A limit of None means "the kernel at every M"; 0, or no
-entry, means "never under auto".
+"w8a8_int8" / "w8a8_fp8" for the W8A8 kernels. A limit of None means "the kernel at every
+M"; 0, or no entry, means "never under auto".
 
 **No unmeasured kernel by default.** The kernels have run in interpret mode and through
 `jax.export` only, so a backend gets kernels under "auto" only from a *measured* table: one

@@ -4,8 +4,9 @@ The layout (fixed by jquant's `QArray`): a logical (K, N) weight is stored trans
 contraction axis last.
 
 * `qvalue` (N, Kbytes): int8 / float8 one code per byte; int4, uint4, nf4, mxfp4, nvfp4
-  two codes per byte, packed per group: a group of L elements (L rounded up to even with a zero code)
-  is L/2 bytes, element j in the low nibble of byte j, element j + L/2 in the high nibble.
+  two codes per byte, packed per group: a group of L elements (L rounded up to even with a
+  zero code) is L/2 bytes, element j in the low nibble of byte j, element j + L/2 in the
+  high nibble.
 * `scale` (N, G) and, for uint4 only, `zero_point` (N, G) in the scale's dtype, with
   G = ceil(K / group_size); the last group is short when group_size does not divide K.
   Per-channel is one group: `group_size=None` (or any group_size >= K).
