@@ -12,7 +12,7 @@
 # When the kernel tests and the speed table both succeeded in this run, the table is also
 # copied to OUT_DIR/measured/<backend>.json: commit it as kernels/measured/<backend>.json
 # and "auto" uses the kernels on that backend (without a measured table it never does).
-# The full table compiles ~900 programs; where one call has a time limit, split it with
+# The full table compiles ~1150 programs; where one call has a time limit, split it with
 # BENCH_ARGS="--kinds int4,int8" (passed to benchmarks/kernels.py) and STEPS="bench".
 set -u -o pipefail
 out="${1:-device-out}"

@@ -12,7 +12,8 @@ the same device. A kind is a weight qtype (weight-only, bf16 activations) or `w8
 `kernel` (the backend's Pallas kernel) and `qdot` (`"auto"`: what users get, the kernel
 or XLA as the dispatch table in `jquant.kernels.dispatch_table` picks by M). On CPU the
 kernels only run in interpret mode, whose timings mean nothing, so `kernel` is not timed
-there. Weights are random codes with random scales: speed does not depend on values.
+there. Weights are random codes with random scales (mxfp4 and nvfp4 at their block sizes,
+32 and 16, scales stored as those formats store them): speed does not depend on values.
 It prints a table and never asserts speed. The JSON it writes is also a dispatch table:
 `JQUANT_DISPATCH_TABLE=docs/kernels.json` makes `qdot` use the measured crossovers (without
 one, "auto" runs no kernel: `kernels/dispatch_table.py`). Once the kernel tests pass on that
@@ -30,10 +31,10 @@ import jax
 import jax.numpy as jnp
 from jquant.kernels._formats import PACKED_QTYPES, STORAGE_DTYPES, num_groups, packed_k
 
-from jquant import kernels, ops
+from jquant import kernels, ops, qtypes
 from jquant.qarray import QArray
 
-KINDS = ("int4", "int8", "uint4", "nf4", "fp8_e4m3", "w8a8_int8", "w8a8_fp8")
+KINDS = ("int4", "int8", "uint4", "nf4", "mxfp4", "nvfp4", "fp8_e4m3", "w8a8_int8", "w8a8_fp8")
 
 FULL_SHAPES = ((4096, 4096), (4096, 14336), (14336, 4096), (8192, 28672))
 FULL_MS = (1, 8, 16, 32, 64, 128, 512, 2048)
@@ -79,6 +80,20 @@ def random_weight(key, qtype: str, k: int, n: int, group_size: int | None):
     return q, scale, zp
 
 
+def stored_scale(qtype: str, scale):
+    """Float scales (N, G) as a QArray of `qtype` stores them: mxfp4 E8M0 (the nearest
+    powers of two), nvfp4 E4M3 codes times a float32 per-tensor scale; others as given.
+    (The kernels take float scales: `jquant.ops` passes `QArray.scales()` for FP4.)"""
+    if qtype == "mxfp4":
+        return scale.astype(jnp.float8_e8m0fnu)
+    if qtype == "nvfp4":
+        tensor = jnp.full((1, 1), 1e-5, jnp.float32)
+        codes = (scale.astype(jnp.float32) / tensor).astype(jnp.float8_e4m3fn)
+        return QArray(qvalue=codes, scale=tensor, zero_point=None, qtype="fp8_e4m3",
+                      k=scale.shape[1], axis=-1, group_size=None)
+    return scale
+
+
 def time_fn(fn, args, warmup: int, iters: int) -> float:
     """Median seconds of `fn(*args)` after warmup, each call waited on."""
     for _ in range(warmup):
@@ -111,7 +126,7 @@ def _methods(kind, k, n, group_size, backend):
     w8a8 = kind.startswith("w8a8_")
     qtype = {"w8a8_int8": "int8", "w8a8_fp8": "fp8_e4m3"}.get(kind, kind)
     q, scale, zp = random_weight(jax.random.key(0), qtype, k, n, group_size)
-    w = QArray(qvalue=q, scale=scale, zero_point=zp, qtype=qtype, k=k, axis=-2,
+    w = QArray(qvalue=q, scale=stored_scale(qtype, scale), zero_point=zp, qtype=qtype, k=k, axis=-2,
                group_size=group_size, dtype=jnp.dtype(jnp.bfloat16),
                activation=qtype if w8a8 else None)
     paths = ("xla", "kernel", "auto") if backend in ("tpu", "gpu") else ("xla", "auto")
@@ -160,7 +175,8 @@ def main(argv=None):
     p.add_argument("--shapes", choices=("full", "small"), default="full")
     p.add_argument("--kinds", default=",".join(KINDS),
                    help="weight qtypes (weight-only) and w8a8_int8 / w8a8_fp8")
-    p.add_argument("--group-size", type=int, default=128, help="0 means per-channel")
+    p.add_argument("--group-size", type=int, default=128,
+                   help="0 means per-channel; mxfp4 and nvfp4 always use their blocks (32, 16)")
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--iters", type=int, default=20)
     p.add_argument("--out", help="write the rows and device info as JSON here")
@@ -184,6 +200,8 @@ def main(argv=None):
         p.error(f"unknown --kinds {unknown}; choose from {KINDS}")
     for kind in kinds:
         g = None if kind.startswith(("fp8", "w8a8")) else group_size  # per-channel formats
+        if kind in qtypes.QTYPES and qtypes.get(kind).block_size:  # mxfp4 32, nvfp4 16
+            g = qtypes.get(kind).block_size
         for k, n in shapes:
             rows += bench_shape(kind, k, n, ms, g, backend, peak, args.warmup, args.iters)
     if args.out:

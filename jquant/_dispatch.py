@@ -130,20 +130,25 @@ def _kernel_matmul(x, w: QArray, out_dtype, precision):
     """The fused Pallas kernel for ``x (M, K) @ w``, or None where none applies.
 
     Weight-only matmuls use ``quantized_matmul``; an int8 (fp8_e4m3) weight with int8
-    (fp8_e4m3) per-token activations and per-channel scales uses the W8A8 kernel. Other
-    weights with activation quantization, double-quantized scales and the formats no kernel
-    decodes (not in ``kernels.QTYPES``: the FP4 formats mxfp4 and nvfp4, int2-int6, uint*
-    but uint4) stay on XLA, which dequantizes and multiplies.
+    (fp8_e4m3) per-token activations and per-channel scales uses the W8A8 kernel. The FP4
+    formats (mxfp4, nvfp4) pass their scales as ``w.scales()``, float32: the kernels take
+    float scales, not mxfp4's stored E8M0 nor nvfp4's E4M3 codes and per-tensor scale.
+    Other weights with activation quantization, double-quantized scales and the formats no
+    kernel decodes (not in ``kernels.QTYPES``: int2-int6, uint* but uint4) stay on XLA,
+    which dequantizes and multiplies.
     """
     del precision  # the kernels accumulate in float32 regardless
     forced, backend, m = matmul_path() == "kernel", _device_backend(), x.shape[0]
     fmt = _w8a8_format(w)
     if fmt is not None:
         return _w8a8_kernel_matmul(x, w, out_dtype, fmt, backend, forced)
-    if w.activation is not None or isinstance(w.scale, QArray) or w.qtype not in kernels.QTYPES:
+    fp4 = w.format.kind == "fp4"
+    if (w.activation is not None or w.qtype not in kernels.QTYPES
+            or (isinstance(w.scale, QArray) and not fp4)):
         return None
     n = w.qvalue.shape[0]
-    scale = jnp.broadcast_to(w.scale, (n, w.scale.shape[-1]))  # per-tensor → per-row
+    stored = w.scales() if fp4 else w.scale
+    scale = jnp.broadcast_to(stored, (n, stored.shape[-1]))  # per-tensor → per-row
     zp = None if w.zero_point is None else jnp.broadcast_to(w.zero_point, scale.shape)
     args, kw = (x, w.qvalue, scale, zp), dict(qtype=w.qtype, k=w.k, group_size=w.group_size)
     if backend in ("tpu", "gpu"):

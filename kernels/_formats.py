@@ -5,8 +5,9 @@ Terminology used across `kernels/`:
 * **group**: `group_size` consecutive elements along K that share one scale (and zero
   point). The last group is short when `group_size` does not divide K. Per-channel
   quantization is one group of length K (`group_size=None`, or any value >= K).
-* **plane**: packed 4-bit storage is read as two byte-aligned planes, the low nibbles and
-  the high nibbles of `qvalue`. Plane p, byte b holds one element of W; `plane_indices`
+* **plane**: packed 4-bit storage (int4, uint4, nf4 and the FP4 E2M1 formats mxfp4 and
+  nvfp4) is read as two byte-aligned planes, the low nibbles and the high nibbles of
+  `qvalue`. Plane p, byte b holds one element of W; `plane_indices`
   says which. 8-bit formats have a single plane (the bytes themselves).
 * **block**: the tile of a kernel's grid (`block_m`, `block_n`, `block_k`), counted in
   elements of K for `block_k`. Blocks always hold whole groups, so no block straddles a
@@ -49,9 +50,15 @@ STORAGE_DTYPES = {
     "int4": jnp.dtype(jnp.uint8),
     "uint4": jnp.dtype(jnp.uint8),
     "nf4": jnp.dtype(jnp.uint8),
+    "mxfp4": jnp.dtype(jnp.uint8),
+    "nvfp4": jnp.dtype(jnp.uint8),
 }
 QTYPES = tuple(STORAGE_DTYPES)
-PACKED_QTYPES = frozenset({"int4", "uint4", "nf4"})
+PACKED_QTYPES = frozenset({"int4", "uint4", "nf4", "mxfp4", "nvfp4"})
+# 4-bit formats whose code indexes a table of 16 values. The FP4 formats differ only in
+# their scales (mxfp4: E8M0 powers of two, nvfp4: E4M3 times a per-tensor float), which
+# reach the kernels already converted to float (`jquant._dispatch`).
+CODEBOOKS = {"nf4": NF4_CODEBOOK, "mxfp4": FP4_E2M1_VALUES, "nvfp4": FP4_E2M1_VALUES}
 ZERO_POINT_QTYPES = frozenset({"uint4"})
 SCALE_DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16), jnp.dtype(jnp.float32))
 
@@ -213,8 +220,8 @@ def decode(codes: jnp.ndarray, qtype: str) -> jnp.ndarray:
     point."""
     if qtype == "int4":
         return (codes ^ 8).astype(jnp.float32) - 8.0  # two's complement nibble
-    if qtype == "nf4":
-        return codebook_select(codes, NF4_CODEBOOK)
+    if qtype in CODEBOOKS:
+        return codebook_select(codes, CODEBOOKS[qtype])
     return codes.astype(jnp.float32)
 
 

@@ -13,7 +13,9 @@ still imports and `unsupported_reason` says why it cannot run (`TRITON_AVAILABLE
 Each program owns a (block_m, block_n) output tile and loops over K inside (GPU grid
 programs run concurrently, so the reduction cannot be a grid axis). A grouped weight is
 read one group per step, so the group's scale is a (block_n,) vector broadcast over the
-group; per-channel steps over `block_k` elements with one scale.
+group; per-channel steps over `block_k` elements with one scale. A step is at least 16
+bytes (`_MIN_TILE`), so 4-bit groups start at 32 elements: mxfp4's blocks of 32 run here,
+nvfp4's blocks of 16 (8 bytes a plane) do not (`unsupported_reason`; XLA takes them).
 
 * M <= 8 (decode): no tensor cores. Each row of x is a multiply and a row reduction over
   the dequantized tile on CUDA cores; padding M to the MMA minimum of 16 would waste

@@ -25,8 +25,8 @@ GMEM -> SMEM by TMA (double-buffered). The step then:
 
 1. loads the code tile into registers (WGMMA layout, from a swizzled SMEM tile),
 2. per plane: splits nibbles and decodes them with `_formats.code_planes` / `decode` (the
-   one decoder every kernel and the reference share: int4 sign, NF4 select chain, fp8
-   convert), applies `(code - zero_point) * scale` in f32 with the scale of
+   one decoder every kernel and the reference share: int4 sign, NF4 / FP4 E2M1 select
+   chain, fp8 convert), applies `(code - zero_point) * scale` in f32 with the scale of
    the step's group (one (tn,) row, broadcast along K), rounds to x's dtype exactly like
    `quantized_matmul_reference`,
 3. stores the bf16/f16 tile to a swizzled SMEM staging buffer, `commit_smem`, and issues
@@ -45,12 +45,15 @@ for every qtype, but its numerics have not been checked anywhere.
 
 Constraints (`unsupported_reason`): x bfloat16 or float16 (wgmma has no f32 x f32 other
 than tf32, which would not match the reference's rounding); grouped weights need a group
-of a power of two >= 32 bytes per plane (4-bit group sizes 64, 128, ...; 8-bit 32, ...);
-`qvalue`'s K bytes a multiple of 32 and N a multiple of 8, because TMA tiles the whole
-weight array (not just the slice read) with an (8, >= 32-byte) swizzled tile. Within
-those, shapes are free: rows of N past the last whole `tn` tile are computed by XLA inside
-`weight_only_matmul_mgpu`; K past `plan.kb_main` (a short last group, bytes past the last
-whole step, K below one step) is left to the caller's XLA tail, as for `_gpu.py`.
+of a power of two >= 32 bytes per plane (4-bit group sizes 64, 128, ...; 8-bit 32, ...),
+so mxfp4 and nvfp4 at the block sizes they are defined with (32 and 16) stay with the
+Triton kernel (mxfp4) or XLA (nvfp4), and only per-channel or >= 64-element groups of them
+reach this kernel; `qvalue`'s K bytes a multiple of 32 and N a multiple of 8, because TMA
+tiles the whole weight array (not just the slice read) with an (8, >= 32-byte) swizzled
+tile. Within those, shapes are free: rows of N past the last whole `tn` tile are computed
+by XLA inside `weight_only_matmul_mgpu`; K past `plan.kb_main` (a short last group, bytes
+past the last whole step, K below one step) is left to the caller's XLA tail, as for
+`_gpu.py`.
 
 Layouts: the scale / zero-point row is loaded with `plgpu.load(..., layout=WGMMA row)`
 so it broadcasts against the code tile; the interpreter of JAX 0.10 has no rule for

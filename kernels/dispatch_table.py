@@ -6,9 +6,9 @@ thousands) the repeated dequantization costs more than XLA's dequantize-once-the
 published int4 kernels drop to about half of bf16 speed there. So `jquant.ops` runs the
 kernel only while M <= the table's limit for (backend, kind) and XLA above it.
 
-`kind` is the weight qtype for weight-only matmuls ("int4", "nf4", ...) and "w8a8_int8" /
-"w8a8_fp8" for the W8A8 kernels. A limit of None means "the kernel at every M"; 0, or no
-entry, means "never under auto".
+`kind` is the weight qtype for weight-only matmuls ("int4", "nf4", "mxfp4", ...) and
+"w8a8_int8" / "w8a8_fp8" for the W8A8 kernels. A limit of None means "the kernel at every
+M"; 0, or no entry, means "never under auto".
 
 **No unmeasured kernel by default.** The kernels have run in interpret mode and through
 `jax.export` only, so a backend gets kernels under "auto" only from a *measured* table: one
@@ -36,8 +36,9 @@ from collections import defaultdict
 from collections.abc import Iterable, Mapping
 
 from . import _env
+from ._formats import QTYPES
 
-WEIGHT_ONLY_KINDS = ("int8", "int4", "uint4", "nf4", "fp8_e4m3", "fp8_e5m2")
+WEIGHT_ONLY_KINDS = QTYPES  # every format the weight-only kernels decode
 W8A8_KINDS = ("w8a8_int8", "w8a8_fp8")
 KINDS = WEIGHT_ONLY_KINDS + W8A8_KINDS
 BACKENDS = ("tpu", "gpu")

@@ -3,15 +3,19 @@
 The layout (fixed by jquant's `QArray`): a logical (K, N) weight is stored transposed,
 contraction axis last.
 
-* `qvalue` (N, Kbytes): int8 / float8 one code per byte; int4, uint4, nf4 two codes per
-  byte, packed per group: a group of L elements (L rounded up to even with a zero code)
-  is L/2 bytes, element j in the low nibble of byte j, element j + L/2 in the high nibble.
+* `qvalue` (N, Kbytes): int8 / float8 one code per byte; int4, uint4, nf4, mxfp4, nvfp4
+  two codes per byte, packed per group: a group of L elements (L rounded up to even with a
+  zero code) is L/2 bytes, element j in the low nibble of byte j, element j + L/2 in the
+  high nibble.
 * `scale` (N, G) and, for uint4 only, `zero_point` (N, G) in the scale's dtype, with
   G = ceil(K / group_size); the last group is short when group_size does not divide K.
   Per-channel is one group: `group_size=None` (or any group_size >= K).
 * Identity: w[k, n] = (decode(code[n, k]) - zero_point[n, k // g]) * scale[n, k // g],
-  where decode is two's complement for int4, the NF4 codebook for nf4, the value itself
-  otherwise.
+  where decode is two's complement for int4, the NF4 codebook for nf4, the FP4 E2M1
+  value for mxfp4 and nvfp4, the value itself otherwise. The kernels take float scales
+  only (bfloat16, float16, float32): an mxfp4 E8M0 scale or an nvfp4 E4M3-times-tensor
+  scale is passed converted to float (as `jquant.ops` does), and the group size is
+  whatever the caller gives (mxfp4 is defined with 32, nvfp4 with 16).
 
 `quantized_matmul` picks the Pallas kernel of the backend (`_tpu.py`; on GPU `_mgpu.py`,
 Mosaic GPU for Hopper, or `_gpu.py`, Triton lowering, see `select_gpu_kernel`); the part
@@ -356,7 +360,7 @@ def quantized_matmul(x, qvalue, scale, zero_point=None, *, qtype: str, k: int,
     Args:
       x: activations (..., K), bfloat16 / float16 / float32; the result has x's dtype.
       qvalue, scale, zero_point: the packed weight (see module docstring).
-      qtype: "int8", "int4", "uint4", "nf4", "fp8_e4m3" or "fp8_e5m2".
+      qtype: "int8", "int4", "uint4", "nf4", "mxfp4", "nvfp4", "fp8_e4m3" or "fp8_e5m2".
       k: logical K (needed because 4-bit storage rounds odd groups up).
       group_size: elements per scale along K; None for per-channel.
       backend: "tpu" or "gpu" run the Pallas kernel, anything else (e.g. "cpu") the XLA

@@ -63,20 +63,20 @@ def kernels_bench():
 
 def test_kernels_benchmark_writes_rows(kernels_bench, tmp_path, capsys):
     out = tmp_path / "k.json"
-    kernels_bench.main(["--shapes", "small", "--kinds", "int4,w8a8_fp8", "--warmup", "0",
+    kernels_bench.main(["--shapes", "small", "--kinds", "int4,nvfp4,w8a8_fp8", "--warmup", "0",
                         "--iters", "1", "--out", str(out)])  # fmt: skip
     data = json.loads(out.read_text())
     assert data["backend"] == "cpu" and data["shapes"] == "small"
     rows = data["rows"]
     # CPU: no kernel timing (interpret mode is not a speed); qdot runs the dispatched path
     keys = {(r["kind"], r["k"], r["n"], r["m"], r["method"]) for r in rows}
-    want = {(kind, k, n, m, method) for kind in ("int4", "w8a8_fp8")
+    want = {(kind, k, n, m, method) for kind in ("int4", "nvfp4", "w8a8_fp8")
             for k, n in kernels_bench.SMALL_SHAPES for m in kernels_bench.SMALL_MS
             for method in ("bf16_dot", "xla", "qdot")}  # fmt: skip
     assert keys == want and len(rows) == len(want)
     for r in rows:
         assert r["ms"] > 0 and r["gb_s"] > 0 and r["hbm_frac"] is None
-        assert r["group_size"] == (None if r["kind"] == "w8a8_fp8" else 128)
+        assert r["group_size"] == {"w8a8_fp8": None, "nvfp4": 16}.get(r["kind"], 128)
         if r["method"] == "bf16_dot":
             assert r["speedup_vs_bf16"] == 1.0
     assert "w8a8_fp8" in capsys.readouterr().out

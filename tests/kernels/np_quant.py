@@ -10,6 +10,20 @@ import numpy as np
 from jquant.kernels import NF4_CODEBOOK
 
 _FP8 = {"fp8_e4m3": (ml_dtypes.float8_e4m3fn, 448.0), "fp8_e5m2": (ml_dtypes.float8_e5m2, 57344.0)}
+FP4 = ("mxfp4", "nvfp4")
+PACKED = ("int4", "uint4", "nf4", *FP4)
+# FP4 E2M1 by code, as ml_dtypes reads the 4 bits (OCP MX v1.0): not jquant's table.
+_E2M1 = np.arange(16, dtype=np.uint8).view(ml_dtypes.float4_e2m1fn).astype(np.float32)
+
+
+def _e2m1_codes(v):
+    """float -> E2M1 code (nearest, ties to even, saturating at +-6), by ml_dtypes."""
+    return np.clip(v, -6, 6).astype(ml_dtypes.float4_e2m1fn).view(np.uint8).astype(np.int8)
+
+
+# nvfp4's per-tensor scale: a fixed power of two here (any float does), so block scales of
+# standard-normal weights land mid-range in E4M3.
+_NVFP4_TENSOR_SCALE = np.float32(2.0 ** -6)
 
 
 def _groups(k, group_size):
@@ -35,6 +49,13 @@ def _quantize_group(block, qtype):
         book = np.asarray(NF4_CODEBOOK, np.float32)
         codes = np.abs(block[..., None] / amax[:, None, None] - book).argmin(-1)
         return codes.astype(np.int8), amax, None
+    if qtype == "mxfp4":  # OCP MX: scale 2**(floor(log2 amax) - 2), 2 = E2M1's emax
+        s = np.exp2(np.floor(np.log2(amax)) - 2).astype(np.float32)
+        return _e2m1_codes(block / s[:, None]), s, None
+    if qtype == "nvfp4":  # E4M3 block scale of amax / 6, times a per-tensor float
+        s = (amax / 6 / _NVFP4_TENSOR_SCALE).astype(ml_dtypes.float8_e4m3fn)
+        s = s.astype(np.float32) * _NVFP4_TENSOR_SCALE
+        return _e2m1_codes(block / s[:, None]), s, None
     dtype, fmax = _FP8[qtype]
     s = amax / fmax
     return (block / s[:, None]).astype(dtype), s, None
@@ -50,13 +71,16 @@ def _pack_nibbles(codes):
 
 
 def quantize_np(w, qtype, group_size, scale_dtype=np.float32):
-    """Float weight (K, N) -> (qvalue (N, Kbytes), scale (N, G), zero_point or None)."""
+    """Float weight (K, N) -> (qvalue (N, Kbytes), scale (N, G), zero_point or None).
+
+    FP4 scales come out as the floats the kernels take: mxfp4's power of two, nvfp4's E4M3
+    block scale times its per-tensor scale."""
     k = w.shape[0]
     wt = np.asarray(w, np.float32).T
     qs, ss, zs = [], [], []
     for start, length in _groups(k, group_size):
         codes, s, zp = _quantize_group(wt[:, start:start + length], qtype)
-        qs.append(_pack_nibbles(codes) if qtype in ("int4", "uint4", "nf4") else codes)
+        qs.append(_pack_nibbles(codes) if qtype in PACKED else codes)
         ss.append(s)
         zs.append(zp)
     qvalue = np.concatenate(qs, axis=1)
@@ -71,15 +95,19 @@ def dequantize_np(qvalue, scale, zero_point, qtype, k, group_size):
     out = np.zeros((n, k), np.float32)
     pos = 0
     for t, (start, length) in enumerate(_groups(k, group_size)):
-        if qtype in ("int4", "uint4", "nf4"):
+        if qtype in PACKED:
             nbytes = (length + 1) // 2
             b = qvalue[:, pos:pos + nbytes]
             codes = np.concatenate([b & 0xF, b >> 4], axis=1)[:, :length].astype(np.int32)
             pos += nbytes
             if qtype == "int4":
                 codes = np.where(codes >= 8, codes - 16, codes)
-            vals = (np.asarray(NF4_CODEBOOK, np.float32)[codes] if qtype == "nf4"
-                    else codes.astype(np.float32))
+            if qtype == "nf4":
+                vals = np.asarray(NF4_CODEBOOK, np.float32)[codes]
+            elif qtype in FP4:
+                vals = _E2M1[codes]
+            else:
+                vals = codes.astype(np.float32)
         else:
             vals = qvalue[:, pos:pos + length].astype(np.float32)
             pos += length

@@ -23,11 +23,15 @@ from jquant import kernels
 _npq = runpy.run_path(str(Path(__file__).with_name("np_quant.py")))
 quantize_np, dequantize_np, grad_np = _npq["quantize_np"], _npq["dequantize_np"], _npq["grad_np"]
 
-QTYPES = ("int8", "int4", "uint4", "nf4", "fp8_e4m3", "fp8_e5m2")
+QTYPES = ("int8", "int4", "uint4", "nf4", "mxfp4", "nvfp4", "fp8_e4m3", "fp8_e5m2")
 # Decode and prefill: M = 1 (the GPU FMA path), M = 256 (the GPU dot path, two M blocks).
 # K = 4160 = 32 * 128 + 64: several K steps and a short last group left to XLA.
 SHAPES = ((1, 4160, 128), (256, 4160, 384))
 PLATFORMS = {"tpu": "tpu", "gpu": "cuda"}
+# FP4 at the block sizes the formats are defined with; nvfp4's 16 is 8 bytes a plane, below
+# the Triton kernel's 16-byte step (XLA takes it on GPU), so its GPU lowering is at 32.
+FP4_GROUP_SIZES = {("tpu", "mxfp4"): 32, ("gpu", "mxfp4"): 32, ("tpu", "nvfp4"): 16,
+                   ("gpu", "nvfp4"): 32}
 
 
 def _exported(fn, *args, platform):
@@ -55,7 +59,8 @@ def _weight(qtype, k, n, group_size):
 @pytest.mark.parametrize("qtype", QTYPES)
 @pytest.mark.parametrize("m,k,n", SHAPES)
 def test_weight_only_kernel_lowers(backend, qtype, m, k, n):
-    group_size = None if qtype.startswith("fp8") else 128
+    group_size = FP4_GROUP_SIZES.get((backend, qtype),
+                                     None if qtype.startswith("fp8") else 128)
     q, s, zp = _weight(qtype, k, n, group_size)
     x = jax.ShapeDtypeStruct((m, k), jnp.bfloat16)
     fn = lambda x: kernels.quantized_matmul(x, q, s, zp, qtype=qtype, k=k,

@@ -47,7 +47,7 @@ def _interpret():
     return False if ON_HOPPER else InterpretGPUParams()
 
 
-QTYPES = ("int8", "int4", "uint4", "nf4", "fp8_e4m3", "fp8_e5m2")
+QTYPES = ("int8", "int4", "uint4", "nf4", "mxfp4", "nvfp4", "fp8_e4m3", "fp8_e5m2")
 F32_TOL = 2e-5  # max |y - ref| / max |ref|, f32 outputs (see the module docstring)
 BF16_TOL = 2 ** -7  # plus one bf16 rounding of the output
 
@@ -55,7 +55,7 @@ BF16_TOL = 2 ** -7  # plus one bf16 rounding of the output
 
 
 _npq = runpy.run_path(str(Path(__file__).with_name("np_quant.py")))
-quantize_np = _npq["quantize_np"]
+quantize_np, PACKED = _npq["quantize_np"], _npq["PACKED"]
 
 
 def make_inputs(qtype, k, group_size, m, n, x_dtype=jnp.bfloat16, seed=0,
@@ -113,13 +113,16 @@ def _fresh_interpreter():
 # ---- Planner and predicate
 
 class TestPlan:
+    # mxfp4 and nvfp4 at the block sizes they are defined with: 16 and 8 bytes a plane
     @pytest.mark.parametrize("qtype,group_size", (("int4", 32), ("nf4", 48), ("int8", 16),
-                                                  ("int8", 96), ("uint4", 20)))
+                                                  ("int8", 96), ("uint4", 20), ("mxfp4", 32),
+                                                  ("nvfp4", 16)))
     def test_rejects_small_or_odd_groups(self, qtype, group_size):
         assert "bytes per group" in _mgpu.unsupported_reason(qtype, 4096, group_size)
 
     @pytest.mark.parametrize("qtype,group_size", (("int4", 64), ("uint4", 128), ("nf4", None),
                                                   ("int8", 32), ("fp8_e4m3", 256),
+                                                  ("mxfp4", 64), ("nvfp4", None),
                                                   ("int4", 8192)))  # >= K: per-channel
     def test_accepts(self, qtype, group_size):
         assert _mgpu.unsupported_reason(qtype, 4096, group_size) is None
@@ -193,13 +196,17 @@ class TestPlan:
 # (K, group_size): K split over CTAs (16 groups), SmolLM2's K with a short last group,
 # per-channel with a K tail.
 GEOMETRIES = ((1024, 64), (576, 128), (576, None))
+# FP4's own block sizes (32, 16) are below this kernel's groups (TestPlan); its E2M1 decode
+# is checked at one geometry each that the kernel takes (the interpreter is slow).
+FP4_GEOMETRIES = {"mxfp4": ((1024, 64),), "nvfp4": ((576, None),)}
 # (M, N): decode, odd M with N rows left to XLA, one M tile, several M tiles.
 PROBLEMS = ((1, 128), (7, 200), (16, 128), (128, 200))
 
 
 def _cases():
     problems = itertools.cycle(PROBLEMS)
-    return [(q, k, g, *next(problems)) for q in QTYPES for k, g in GEOMETRIES]
+    return [(q, k, g, *next(problems)) for q in QTYPES
+            for k, g in FP4_GEOMETRIES.get(q, GEOMETRIES)]
 
 
 def _check(qtype, k, group_size, m, n, x_dtype=jnp.bfloat16, scale_dtype=np.float32,
@@ -323,7 +330,7 @@ class TestLowering:
         s = jnp.ones((n, num_groups(k, g)), jnp.bfloat16)
         zp = s if qtype == "uint4" else None
         planes = [jax.ShapeDtypeStruct((m, plan.kb_main), jnp.bfloat16)] * (
-            2 if qtype in ("int4", "uint4", "nf4") else 1)
+            2 if qtype in PACKED else 1)
         fn = lambda *xs: _mgpu.weight_only_matmul_mgpu(
             list(xs), q, s, zp, plan=plan, qtype=qtype, k=k, group_size=g,
             out_dtype=jnp.bfloat16)

@@ -34,9 +34,15 @@ quantize_np, dequantize_np, grad_np = _npq["quantize_np"], _npq["dequantize_np"]
 
 # ---- Tests
 
-QTYPES = ("int8", "int4", "uint4", "nf4", "fp8_e4m3", "fp8_e5m2")
+QTYPES = ("int8", "int4", "uint4", "nf4", "mxfp4", "nvfp4", "fp8_e4m3", "fp8_e5m2")
 # (K, group_size): whole groups, a short last group (576 = 4 * 128 + 64), per-channel.
 GEOMETRIES = ((256, 64), (576, 128), (576, None))
+# FP4 at the block sizes the formats are defined with (mxfp4 32, nvfp4 16): whole blocks,
+# and a short last block (584 = 18 * 32 + 8 = 36 * 16 + 8).
+FP4_GEOMETRIES = {"mxfp4": ((512, 32), (584, 32)), "nvfp4": ((512, 16), (584, 16))}
+# The Triton kernel's steps are >= 16 bytes a plane, so nvfp4's blocks of 16 (8 bytes) are
+# not its to take (see TestGpuKernel); its E2M1 decoding is checked at groups it takes.
+GPU_FP4_GEOMETRIES = {**FP4_GEOMETRIES, "nvfp4": ((512, 32), (584, None))}
 # (M, N, x dtype): decode rows, odd M and N, a block of rows.
 PROBLEMS = ((1, 128, jnp.bfloat16), (7, 200, jnp.float32), (16, 128, jnp.float32),
             (128, 200, jnp.bfloat16))
@@ -63,15 +69,16 @@ def assert_close(y, ref):
     assert err <= tol, err
 
 
-def _cases():
+def _cases(fp4_geometries=FP4_GEOMETRIES):
     """Every qtype x geometry, each with one (M, N, dtype) problem, rotating through them."""
     problems = itertools.cycle(PROBLEMS)
-    return [(q, k, g, *next(problems)) for q in QTYPES for k, g in GEOMETRIES]
+    return [(q, k, g, *next(problems)) for q in QTYPES
+            for k, g in fp4_geometries.get(q, GEOMETRIES)]
 
 
 class TestReference:
     @pytest.mark.parametrize("qtype", QTYPES)
-    @pytest.mark.parametrize("k,group_size", GEOMETRIES + ((129, 32), (65, None)))
+    @pytest.mark.parametrize("k,group_size", GEOMETRIES + ((129, 32), (65, None), (584, 16)))
     def test_dequantize_matches_numpy(self, qtype, k, group_size):
         x, q, s, zp = make_inputs(qtype, k, group_size, 1, 24)
         got = kernels.dequantize(q, s, zp, qtype=qtype, k=k, group_size=group_size)
@@ -86,10 +93,11 @@ class TestReference:
         rng = np.random.default_rng(1)
         w = rng.standard_normal((576, 64)).astype(np.float32)
         x = rng.standard_normal((8, 576)).astype(np.float32)
-        q, s, zp = quantize_np(w, qtype, 64)
+        g = {"mxfp4": 32, "nvfp4": 16}.get(qtype, 64)
+        q, s, zp = quantize_np(w, qtype, g)
         y = quantized_matmul_reference(jnp.asarray(x), jnp.asarray(q), jnp.asarray(s),
                                        None if zp is None else jnp.asarray(zp),
-                                       qtype=qtype, k=576, group_size=64)
+                                       qtype=qtype, k=576, group_size=g)
         err = np.linalg.norm(np.asarray(y) - x @ w) / np.linalg.norm(x @ w)
         bound = {"int8": 0.01, "fp8_e4m3": 0.04, "fp8_e5m2": 0.08}.get(qtype, 0.15)
         assert err < bound, err
@@ -128,6 +136,9 @@ class KernelTest:
     def test_matches_reference(self, qtype, k, group_size, m, n, x_dtype):
         x, q, s, zp = make_inputs(qtype, k, group_size, m, n, x_dtype)
         ref = quantized_matmul_reference(x, q, s, zp, qtype=qtype, k=k, group_size=group_size)
+        # every case reaches the kernel, not only the XLA fallback
+        jaxpr = jax.make_jaxpr(lambda x: self.run(x, q, s, zp, qtype, k, group_size))(x)
+        assert "pallas_call" in str(jaxpr)
         assert_close(self.run(x, q, s, zp, qtype, k, group_size), ref)
 
     @pytest.mark.parametrize("k,group_size", GEOMETRIES)
@@ -165,7 +176,8 @@ class KernelTest:
         ref = quantized_matmul_reference(x, q, s, zp, qtype="int4", k=k, group_size=group_size)
         assert_close(self.run(x, q, s, zp, "int4", k, group_size), ref)
 
-    @pytest.mark.parametrize("qtype,group_size", (("int4", 128), ("uint4", 64), ("nf4", None)))
+    @pytest.mark.parametrize("qtype,group_size", (("int4", 128), ("uint4", 64), ("nf4", None),
+                                                  ("mxfp4", 32)))
     def test_grad_matches_numpy(self, qtype, group_size):
         # The custom backward is the vjp of the reference, so the expected gradients are
         # computed without it: those of sum((x @ W) * cot) with W dequantized in NumPy.
@@ -196,7 +208,7 @@ class TestTpuKernelSimulated:
     uninitialized memory and out-of-bounds checks. Slower, so a few cases only."""
 
     @pytest.mark.parametrize("qtype,k,group_size", (("int4", 576, 128), ("uint4", 512, None),
-                                                    ("nf4", 1088, 64)))
+                                                    ("nf4", 1088, 64), ("nvfp4", 584, 16)))
     def test_matches_reference(self, qtype, k, group_size):
         x, q, s, zp = make_inputs(qtype, k, group_size, 7, 200, jnp.bfloat16)
         ref = quantized_matmul_reference(x, q, s, zp, qtype=qtype, k=k, group_size=group_size)
@@ -212,6 +224,18 @@ class TestGpuKernel(KernelTest):
     # Triton steps one group (g = 32: 16 bytes) at a time, so K = 96, g = 32 runs the
     # kernel; per-channel K = 24 is 12 bytes, below the 16-byte minimum step.
     BELOW_ONE_BLOCK = (24, None)
+
+    @pytest.mark.parametrize("qtype,k,group_size,m,n,x_dtype", _cases(GPU_FP4_GEOMETRIES))
+    def test_matches_reference(self, qtype, k, group_size, m, n, x_dtype):
+        super().test_matches_reference(qtype, k, group_size, m, n, x_dtype)
+
+    def test_nvfp4_blocks_of_16_are_not_taken(self):
+        x, q, s, zp = make_inputs("nvfp4", 512, 16, 2, 128)
+        kw = dict(qtype="nvfp4", k=512, group_size=16, backend="gpu")
+        assert not kernels.can_use_gpu_kernel(x, q, s, zp, gpu_kernel="triton", **kw)
+        assert not kernels.can_use_gpu_kernel(x, q, s, zp, gpu_kernel="mosaic", **kw)
+        with pytest.raises(ValueError, match="gives 8 bytes per group"):
+            quantized_matmul(x, q, s, zp, interpret=True, gpu_kernel="triton", **kw)
 
     @pytest.mark.parametrize("m", (1, 3, 8, 9, 33))
     def test_decode_and_prefill_paths(self, m):
@@ -336,6 +360,12 @@ class TestErrors:
         x, q, s, _ = self._inputs("int4")
         with pytest.raises(ValueError, match="zero_point must be None"):
             self._call(x, q, s, s)
+
+    def test_e8m0_scale_is_refused(self):
+        # mxfp4 stores float8_e8m0fnu scales; the kernels take floats (jquant.ops converts)
+        x, q, s, zp = make_inputs("mxfp4", 256, 32, 2, 128)
+        with pytest.raises(ValueError, match="scale.dtype=float8_e8m0fnu must be bfloat16"):
+            self._call(x, q, s.astype(jnp.float8_e8m0fnu), zp, qtype="mxfp4", group_size=32)
 
     def test_unknown_qtype(self):
         x, q, s, zp = self._inputs()
