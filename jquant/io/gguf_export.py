@@ -207,8 +207,7 @@ def _check_config(config: dict[str, Any]) -> tuple[str, LlamaConfig]:
     if kind not in ARCHITECTURES:
         raise ValueError(f"write_gguf: the model has model_type {kind!r} (GGUF export writes "
                          f"{', '.join(MODEL_TYPES)})")  # fmt: skip
-    arch, cfg = ARCHITECTURES[kind], LlamaConfig.from_hf(config)
-    problems = []
+    arch, problems = ARCHITECTURES[kind], []
     if config.get("attention_bias") and arch != "qwen2":
         problems.append("attention biases")
     if config.get("sliding_window") and arch not in _SWA_PATTERN:
@@ -220,6 +219,9 @@ def _check_config(config: dict[str, Any]) -> tuple[str, LlamaConfig]:
         if rope_kind not in _ROPE_KEYS or set(rope) - _ROPE_KEYS[rope_kind]:
             problems.append(f"rope_scaling {rope} (GGUF export writes linear and yarn with a "
                             "factor and original context)")  # fmt: skip
+    if problems:  # before LlamaConfig, which refuses some of them with less to say
+        raise ValueError("write_gguf: the model has " + "; ".join(problems))
+    cfg = LlamaConfig.from_hf(config)
     act = ("gelu_pytorch_tanh", "gelu_new") if arch in _GEMMA else ("silu",)
     if cfg.hidden_act not in act:
         problems.append(f"hidden_act={cfg.hidden_act!r} (llama.cpp's {arch} uses {act[0]})")
