@@ -249,8 +249,8 @@ def _sentencepiece_fields(tokenizer: Tokenizer, spec: dict, vocab_size: int) -> 
             kind, score = _BYTE, 0.0
         elif tok in first:
             kind, score = _NORMAL, -1.0 - first[tok]
-        else:  # a character, or a piece no merge builds
-            kind, score = (_NORMAL if len(tok) == 1 else _UNUSED), -1.0 - len(merges)
+        else:  # a character, or a piece no merge builds (`_check_merges`: nor do the scores)
+            kind, score = _NORMAL, -1.0 - len(merges)
         tokens.append(tok)
         types.append(kind)
         scores.append(score)
