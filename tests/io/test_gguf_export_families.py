@@ -190,8 +190,8 @@ def _nll(logits: np.ndarray, tokens: list[int]) -> float:
 def test_llama_cpp_logits_are_jquants(tmp_path, tiny, tiny_tokenizer, arch):
     """llama.cpp runs the float export (its KV cache in float32, so nothing is rounded to
     float16 on the way) and its logits on 24 tokens (three times the sliding window) are
-    jquant's: within 1e-4 of the largest logit for Qwen (measured 4e-7), 1e-3 for Gemma
-    (measured 3.3e-4), whose GELU ggml's CPU backend reads from a table indexed by the
+    jquant's: within 1e-4 of the largest logit for Qwen (measured 7.5e-7), 1e-3 for Gemma
+    (measured 4.3e-4), whose GELU ggml's CPU backend reads from a table indexed by the
     float16-rounded input (ggml-cpu/vec.h, GGML_GELU_FP16)."""
     config, model, params = _family(tiny, arch)
     llm = _llama(write_gguf(params, config, tiny_tokenizer, tmp_path / "m.gguf"),
@@ -209,15 +209,16 @@ def test_llama_cpp_logits_are_jquants(tmp_path, tiny, tiny_tokenizer, arch):
 @pytest.mark.parametrize("arch", list(ARCHS))
 def test_llama_cpp_runs_quantized_export_as_jquant(tmp_path, tiny, tiny_tokenizer, arch, recipe):
     """The same with Q8_0/Q4_0 blocks: llama.cpp's quantized matmuls quantize activations to
-    8 bits, so its per-token NLL on 24 tokens is compared: within 0.5% of jquant's (as for
-    Llama, tests/io/test_gguf_export.py)."""
+    8 bits, so the perplexity of 64 tokens is compared: within 0.5% of jquant's, as for Llama
+    (tests/io/test_gguf_export.py; measured at most 0.36%, gemma3 Q8_0)."""
     config, model, params = _family(tiny, arch, recipe)
-    llm = _llama(write_gguf(params, config, tiny_tokenizer, tmp_path / "m.gguf"))
+    llm = _llama(write_gguf(params, config, tiny_tokenizer, tmp_path / "m.gguf"), n_ctx=64)
+    tokens = [int(t) for t in np.random.default_rng(1).integers(3, 200, 64)]
     llm.reset()
-    llm.eval(TOKENS)
-    theirs = np.array(llm.scores[: len(TOKENS)], np.float32)
-    ours = _logits(model, params, TOKENS)
-    assert math.exp(_nll(theirs, TOKENS)) == pytest.approx(math.exp(_nll(ours, TOKENS)), rel=5e-3)
+    llm.eval(tokens)
+    theirs = np.array(llm.scores[: len(tokens)], np.float32)
+    ours = _logits(model, params, tokens)
+    assert math.exp(_nll(theirs, tokens)) == pytest.approx(math.exp(_nll(ours, tokens)), rel=5e-3)
 
 
 # ---- SentencePiece tokenizers -----------------------------------------------------------
