@@ -1,10 +1,20 @@
 """Writing a jquant model as a GGUF file that llama.cpp loads, quantized blocks as held.
 
-`write_gguf` is the inverse of `jquant.io.load_gguf` for Llama-family models (jquant model
-types ``llama`` and ``mistral``, GGUF architecture ``llama``): tensor names in llama.cpp's
-spelling (`jquant.io.gguf.gguf_name`), Q and K rows permuted into llama.cpp's interleaved
-rotary order (what `jquant.io.gguf.unpermute_rope_rows` undoes), the ``llama.*``
-hyperparameters and the tokenizer (`jquant.io._gguf_tokenizer.gguf_tokenizer_fields`).
+`write_gguf` is the inverse of `jquant.io.load_gguf` for the jquant model types of
+`ARCHITECTURES`: ``llama`` and ``mistral`` (GGUF architecture ``llama``), ``qwen2`` (q/k/v
+biases), ``qwen3`` (q/k norms), ``gemma``, ``gemma2`` and ``gemma3_text`` (``gemma3``). Tensor
+names are llama.cpp's for the architecture (`jquant.io.gguf.gguf_name`: Gemma 2/3's sandwich
+norms); Q and K rows are permuted into llama.cpp's interleaved rotary order for ``llama`` only
+(what `jquant.io.gguf.unpermute_rope_rows` undoes); Gemma's RMSNorm weights are stored as
+``1 + w`` (float32), as llama.cpp's converter stores them and `load_gguf` takes off again. The
+hyperparameters are the keys llama.cpp reads: Gemma 2's soft-caps, Gemma 2/3's sliding window
+(with the per-layer flags where the layers differ from llama.cpp's default pattern), Gemma 3's
+local RoPE base (``rope.freq_base_swa``) and final soft-cap. What llama.cpp would compute
+otherwise is refused: it stores no query scale (Gemma 2/3 scale by ``head_dim ** -0.5``, by
+``(hidden / heads) ** -0.5`` at 46/62 layers), caps Gemma 2 always and Gemma 1/3's attention
+never, slides no Qwen layer and reuses the embedding as Gemma 1/2's head. The tokenizer is
+written by `jquant.io._gguf_tokenizer_export.gguf_tokenizer_fields`: byte-level BPE, or
+SentencePiece BPE with scores derived from its merges.
 
 Every QArray is written from its own codes and scales, in the ggml type whose blocks hold the
 same numbers (`jquant.io._gguf_types`: int8/int4/int5 in groups of 32 with float16 scales as
@@ -309,7 +319,7 @@ def _file_type(tensors: list[tuple[str, str, np.ndarray]]) -> int:
 
 def write_gguf(params, config: dict[str, Any], tokenizer, path, *, overwrite: bool = False,
                name: str | None = None) -> Path:  # fmt: skip
-    """Write a jquant Llama-family model as one GGUF file llama.cpp loads.
+    """Write a jquant model (one of `MODEL_TYPES`) as one GGUF file llama.cpp loads.
 
     Args:
       params: the parameter tree (``nnx.State`` or a dict of jquant paths such as
@@ -317,8 +327,9 @@ def write_gguf(params, config: dict[str, Any], tokenizer, path, *, overwrite: bo
         for those written).
       config: its HF-style config dict (`Checkpoint.config`); ``tie_word_embeddings`` says
         whether ``output.weight`` is written (untied) or llama.cpp reuses the embedding.
-      tokenizer: a byte-level BPE `jquant.io.Tokenizer` (written as ``tokenizer.ggml.*``),
-        or None for a file without one (jquant reads it; llama.cpp wants a tokenizer).
+      tokenizer: a byte-level BPE or SentencePiece BPE `jquant.io.Tokenizer` (written as
+        ``tokenizer.ggml.*``), or None for a file without one (jquant reads it; llama.cpp wants
+        a tokenizer).
       path: the ``.gguf`` file to write.
       overwrite: replace an existing file.
       name: ``general.name`` (default: the file's stem).
@@ -328,10 +339,11 @@ def write_gguf(params, config: dict[str, Any], tokenizer, path, *, overwrite: bo
       end: an error or an interruption leaves no file at ``path`` (or the old one).
 
     Raises:
-      ValueError: ``path`` exists (without ``overwrite``); an architecture or feature the
-        ``llama`` GGUF architecture does not hold; params that do not match ``config``; a
-        tokenizer that is not byte-level BPE; or tensors no ggml type holds exactly, each
-        listed with its format (group size, scale dtype), before anything is written.
+      ValueError: ``path`` exists (without ``overwrite``); a model type not written, or a
+        feature llama.cpp's architecture computes otherwise (the module docstring); params
+        that do not match ``config``; a tokenizer of another kind, or one llama.cpp would
+        encode differently; or tensors no ggml type holds exactly, each listed with its
+        format (group size, scale dtype), before anything is written.
     """
     target = Path(os.path.abspath(os.path.expanduser(path)))
     if target.exists() and (not overwrite or target.is_dir()):
