@@ -18,15 +18,18 @@ are derived from the merges: the piece the merge of rank ``r`` (its first one) b
 and byte pieces 0, user-defined ones −1000, padding −1000 (SentencePiece's and the converter's
 values). SentencePiece BPE (and llama.cpp's ``llm_tokenizer_spm``) merges the adjacent pair
 whose concatenation is the piece of highest score, so these scores merge in the merges' order;
-this is how transformers' ``SentencePieceExtractor`` made such merges from scores in the first
-place. llama.cpp's own converter for a ``tokenizer.json`` without ``tokenizer.model``
+this is how transformers (``generate_merges``) makes such merges from scores in the first place.
+llama.cpp's own converter for a ``tokenizer.json`` without ``tokenizer.model``
 (``_set_vocab_llama_hf``, ``gguf.LlamaHfVocab.get_token_score``) writes −1000 for every piece,
 a placeholder under which llama.cpp merges leftmost first instead of in the BPE's order; that is
 not done here. A tokenizer whose merges are not those a scored vocabulary implies (every split
-of a piece into two pieces, grouped by the piece built: what `_spm_merges` rebuilds from the
-scores) is refused, as is anything else either reader would encode differently (a
-``Metaspace`` that adds the prefix space only where the text does not start with one,
-special tokens matched after normalization, no byte fallback).
+of a normal piece into two normal pieces, what `_spm_merges` rebuilds from the scores; a
+piece's merges are taken at the rank of its first, and merges into or out of added tokens,
+which never apply, are left out) is refused, as is anything else either reader would encode
+differently (a ``Metaspace`` that adds the prefix space only where the text does not start
+with one, special tokens matched after normalization, no byte fallback). The BOS convention
+written is the `Tokenizer`'s ``add_bos_token``; an EOS the tokenizer's post-processor appends
+is written as ``add_eos_token``.
 """
 
 from __future__ import annotations
@@ -210,11 +213,14 @@ def _sentencepiece_fields(tokenizer: Tokenizer, spec: dict, vocab_size: int) -> 
         raise ValueError("tokenizer: a SentencePiece BPE without byte fallback (or without the "
                          f"byte pieces {missing[:3]}); llama.cpp spells a character outside the "
                          "vocabulary as its <0x..> byte pieces")  # fmt: skip
+    added = {t["id"]: t for t in spec.get("added_tokens", [])}
+    # A merge into or out of an added token never applies: those are matched before the BPE.
+    whole = {t["content"] for t in added.values()}
     merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in model["merges"]]
+    merges = [m for m in merges if not whole & {m[0], m[1], m[0] + m[1]}]
     first: dict[str, int] = {}  # piece -> rank of the first merge that builds it
     for rank, (left, right) in enumerate(merges):
         first.setdefault(left + right, rank)
-    added = {t["id"]: t for t in spec.get("added_tokens", [])}
     unk = vocab.get(model.get("unk_token")) if model.get("unk_token") is not None else None
     n = tokenizer.backend.get_vocab_size(with_added_tokens=True)
     tokens, types, scores = [], [], []
@@ -260,10 +266,10 @@ def _sentencepiece_fields(tokenizer: Tokenizer, spec: dict, vocab_size: int) -> 
     plain = tokenizer.backend.encode("a", add_special_tokens=False).ids
     full = tokenizer.backend.encode("a", add_special_tokens=True).ids
     add_eos = eos is not None and full[-1:] == [eos] and plain[-1:] != [eos]
-    if full != [bos] * add_bos + plain + [eos] * add_eos:
+    lead = int(bos is not None and full[:1] == [bos] and plain[:1] != [bos])
+    if full[lead:len(full) - add_eos] != plain:
         raise ValueError(f"tokenizer: encode('a') adds special tokens {full} around {plain}; GGUF "
-                         f"holds a leading BOS (add_bos_token={tokenizer.add_bos_token}) and a "
-                         "trailing EOS")  # fmt: skip
+                         "holds a leading BOS and a trailing EOS")  # fmt: skip
     return GGUFTokenizer(model="llama", pre="default", tokens=tokens, token_types=types, merges=[],
                          scores=scores, bos=bos, eos=eos, pad=tokenizer.pad_token_id, unk=unk,
                          add_bos=add_bos, add_eos=add_eos, add_space_prefix=prefix,
@@ -271,13 +277,10 @@ def _sentencepiece_fields(tokenizer: Tokenizer, spec: dict, vocab_size: int) -> 
 
 
 def _check_merges(merges, first, tokens, scores, types) -> None:
-    """ValueError unless the scores rebuild the merges (`_spm_merges`), up to the order of
-    the merges that build one piece (which never compete): those of a scored vocabulary."""
-    products = [left + right for left, right in merges]
-    runs = sum(1 for i, p in enumerate(products) if i == 0 or p != products[i - 1])
-    if runs != len(first):
-        raise ValueError("tokenizer: the merges that build one piece are not consecutive; a "
-                         "SentencePiece vocabulary's merges are ordered by the piece built")
+    """ValueError unless the scores rebuild the merges (`_spm_merges`), each piece's merges
+    taken at the rank of its first: the merges of a scored vocabulary. (transformers' own
+    ``generate_merges`` interleaves the merges of pieces of equal score, by split length; for
+    such pieces SentencePiece has no order, and they are written in that of their first.)"""
     canonical = sorted(merges, key=lambda m: (first[m[0] + m[1]], len(m[0])))
     rebuilt = _spm_merges(tokens, scores, types)
     if rebuilt != canonical:

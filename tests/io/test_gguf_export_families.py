@@ -335,3 +335,48 @@ def test_tokenizer_json_forms(tmp_path, vocab_dir):
         gguf_tokenizer_fields(variant(model=dropped), 32000)
     with pytest.raises(ValueError, match="without byte fallback"):
         gguf_tokenizer_fields(variant(model={**spec["model"], "byte_fallback": False}), 32000)
+
+
+@pytest.mark.reference
+def test_llama_cpp_tokenizes_a_transformers_tokenizer_json(tmp_path, tiny, vocab_dir, vocab_cases):
+    """A Llama 2 tokenizer.json as transformers builds one (`LlamaConverter` with
+    ``legacy=True``: Prepend + Replace, BPE with byte fallback, merges from
+    `transformers.tokenization_utils_base.generate_merges` over the scored vocabulary, which
+    interleaves the merges of equal-score pieces) read by `tokenizer_from_hf_dir` and written:
+    llama.cpp tokenizes llama.cpp's test texts as its recorded ids and as the tokenizer.json,
+    and jquant reads back the same encoder on them and on Python's pydoc topics (465k chars)."""
+    from pydoc_data.topics import topics
+
+    import tokenizers
+    from tokenizers import AddedToken, decoders, normalizers
+    from transformers.tokenization_utils_base import generate_merges
+
+    from jquant.io._hf_export import write_tokenizer
+    from jquant.io.tokenizer import tokenizer_from_hf_dir
+
+    meta = jio.gguf.read_metadata(vocab_dir / "ggml-vocab-llama-spm.gguf")
+    pieces, scores = meta["tokenizer.ggml.tokens"], meta["tokenizer.ggml.scores"]
+    vocab = {t: i for i, t in enumerate(pieces)}
+    merges = generate_merges(vocab, dict(zip(pieces, scores)))
+    backend = tokenizers.Tokenizer(tokenizers.models.BPE(
+        vocab=vocab, merges=merges, unk_token="<unk>", fuse_unk=True, byte_fallback=True))
+    backend.normalizer = normalizers.Sequence([normalizers.Prepend("▁"),
+                                               normalizers.Replace(" ", "▁")])
+    backend.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(),
+                                         decoders.Fuse(), decoders.Strip(" ", 1, 0)])
+    backend.add_special_tokens([AddedToken(t, normalized=False, special=True)
+                                for t in ("<unk>", "<s>", "</s>")])  # fmt: skip
+    (tmp_path / "hf").mkdir()
+    write_tokenizer(tmp_path / "hf", Tokenizer(backend, bos_token_id=1, eos_token_id=2,
+                                               add_bos_token=True))  # fmt: skip
+    tok = tokenizer_from_hf_dir(tmp_path / "hf")
+    path = _write_vocab(tmp_path, tiny, tok, "llama-spm")
+    llm = _llama(path, vocab_only=True)
+    back = jio.load_gguf(path).tokenizer
+    for text, want in vocab_cases("llama-spm"):
+        ours = tok.encode(text, add_special_tokens=False)
+        assert ours == want, text
+        assert llm.tokenize(text.encode(), add_bos=False, special=True) == want, text
+        assert back.encode(text, add_special_tokens=False) == want, text
+    big = "\n\n".join(topics[k] for k in sorted(topics))
+    assert back.encode(big, add_special_tokens=False) == tok.encode(big, add_special_tokens=False)
