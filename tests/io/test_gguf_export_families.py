@@ -225,12 +225,22 @@ def test_llama_cpp_runs_quantized_export_as_jquant(tmp_path, tiny, tiny_tokenize
 
 SPM_TEXTS = ["Hello world", " leading space", "two  spaces and\ttabs\nnewline",
              "digits 1234567", "naïve café, Ελληνικά, 日本語", "a byte-fallback 鬱 and 🤖",
-             "<s>after a control token", ""]  # fmt: skip
+             "<s>after a control token", "a" + " " * 11 + "b", ""]  # fmt: skip
 
 
-def _spm(vocab_dir, name: str, **override) -> Tokenizer:
+def _spm(vocab_dir, name: str, style: str = "prefix") -> Tokenizer:
+    """llama.cpp's vocabulary ``name`` as it is (``"prefix"``), or made Gemma-like
+    (``"gemma"``): no prefix space, and the runs of 2 to 8 ``▁`` user-defined pieces spelled
+    with spaces, as the converter writes Gemma's."""
     meta = jio.gguf.read_metadata(vocab_dir / f"ggml-vocab-{name}.gguf")
-    return tokenizer_from_gguf_fields({**meta, **override}, name)
+    if style == "gemma":
+        tokens, types = list(meta["tokenizer.ggml.tokens"]), list(meta["tokenizer.ggml.token_type"])
+        for n in range(2, 9):
+            i = tokens.index("▁" * n)
+            tokens[i], types[i] = " " * n, gguf.TokenType.USER_DEFINED
+        meta.update({"tokenizer.ggml.tokens": tokens, "tokenizer.ggml.token_type": types,
+                     "tokenizer.ggml.add_space_prefix": False})  # fmt: skip
+    return tokenizer_from_gguf_fields(meta, name)
 
 
 def _write_vocab(tmp_path, tiny, tok: Tokenizer, name: str):
@@ -244,18 +254,23 @@ def _write_vocab(tmp_path, tiny, tok: Tokenizer, name: str):
     return write_gguf(params, config, tok, tmp_path / f"{name}.gguf")
 
 
-@pytest.mark.parametrize("name, prefix", [("llama-spm", True), ("phi-3", True),
-                                          ("llama-spm", False)])  # fmt: skip
+@pytest.mark.parametrize("name, style", [("llama-spm", "prefix"), ("phi-3", "prefix"),
+                                         ("llama-spm", "gemma")])  # fmt: skip
 def test_sentencepiece_reads_back_the_same_encoder(tmp_path, tiny, vocab_dir, vocab_cases, name,
-                                                   prefix):  # fmt: skip
-    """Llama 2's and Phi-3's vocabularies (and Llama 2's without the prefix space, Gemma's
-    convention) written and read back: the same `tokenizers` model, normalizer and special
-    tokens, and llama.cpp's recorded ids for its test texts."""
-    tok = _spm(vocab_dir, name, **{"tokenizer.ggml.add_space_prefix": prefix})
+                                                   style):  # fmt: skip
+    """Llama 2's and Phi-3's vocabularies (and Llama 2's made Gemma-like) written and read
+    back: the same `tokenizers` model, normalizer and added tokens, and llama.cpp's recorded
+    ids for its test texts."""
+    tok = _spm(vocab_dir, name, style)
+    prefix = style == "prefix"
     path = _write_vocab(tmp_path, tiny, tok, name)
     meta = jio.gguf.read_metadata(path)
     assert meta["tokenizer.ggml.model"] == "llama" and "tokenizer.ggml.merges" not in meta
     assert meta["tokenizer.ggml.add_space_prefix"] is prefix
+    user = [t for t, k in zip(meta["tokenizer.ggml.tokens"], meta["tokenizer.ggml.token_type"])
+            if k == gguf.TokenType.USER_DEFINED]  # fmt: skip
+    assert sorted(user) == ([" " * n for n in range(2, 9)] if style == "gemma" else
+                            ["</s>"] if name == "phi-3" else [])  # Phi-3's file types it so
     back = jio.load_gguf(path).tokenizer
     assert back.backend.to_str() == tok.backend.to_str()
     assert (back.bos_token_id, back.eos_token_id, back.pad_token_id, back.add_bos_token) == (
@@ -266,15 +281,16 @@ def test_sentencepiece_reads_back_the_same_encoder(tmp_path, tiny, vocab_dir, vo
 
 
 @pytest.mark.reference
-@pytest.mark.parametrize("name, prefix", [("llama-spm", True), ("phi-3", True),
-                                          ("llama-spm", False)])  # fmt: skip
+@pytest.mark.parametrize("name, style", [("llama-spm", "prefix"), ("phi-3", "prefix"),
+                                         ("llama-spm", "gemma")])  # fmt: skip
 def test_llama_cpp_tokenizes_the_export_as_jquant(tmp_path, tiny, vocab_dir, vocab_cases, name,
-                                                  prefix):  # fmt: skip
+                                                  style):  # fmt: skip
     """llama.cpp loads the exported vocabulary (scores derived from the merges) and tokenizes
     llama.cpp's own test texts and ours (spaces, digits, accents, CJK, a character outside
-    the vocabulary spelled as bytes, a control token) as jquant does; with the prefix space,
-    also as it recorded for the original file."""
-    tok = _spm(vocab_dir, name, **{"tokenizer.ggml.add_space_prefix": prefix})
+    the vocabulary spelled as bytes, a control token, Gemma-like whitespace pieces) as jquant
+    does; as it is, also as it recorded for the original file."""
+    tok = _spm(vocab_dir, name, style)
+    prefix = style == "prefix"
     llm = _llama(_write_vocab(tmp_path, tiny, tok, name), vocab_only=True)
     cases = vocab_cases(name)
     bytes_seen = 0
