@@ -6,9 +6,15 @@ synthetic model files (GGUF with a byte-level BPE tokenizer) that any test can w
 
 from __future__ import annotations
 
+import hashlib
 import importlib
 import os
+import subprocess
+import sys
+import tarfile
+import tempfile
 import types
+from pathlib import Path
 
 import gguf
 import jax
@@ -17,6 +23,7 @@ import pytest
 
 from jquant import io as jio
 from jquant.io._gguf_tokenizer import _bytes_to_unicode
+from jquant.io.registry import cache_dir
 
 jax.config.update("jax_numpy_dtype_promotion", "strict")
 
@@ -287,3 +294,57 @@ def eight_cpu_devices():
              "--xla_cpu_collective_call_terminate_timeout_seconds=900 "
              "--xla_cpu_collective_timeout_seconds=900")  # fmt: skip
     return dict(os.environ, XLA_FLAGS=flags, JAX_PLATFORMS="cpu")
+
+
+# llama.cpp's vocabulary-only GGUF files of real models, with its test texts and ids, as the
+# llama-cpp-python 0.3.36 source distribution ships them.
+LLAMA_CPP_SDIST = "llama_cpp_python-0.3.36.tar.gz"
+LLAMA_CPP_SHA256 = "832db0699007f1be95a7e41ef12e88926b02ba836461e36a36372db2760c1a2e"
+LLAMA_CPP_MODELS = "llama_cpp_python-0.3.36/vendor/llama.cpp/models/"
+LLAMA_CPP_VOCABS = ("llama-spm", "phi-3", "llama-bpe", "qwen2", "gpt-2")
+VOCAB_SEPARATOR = "\n__ggml_vocab_test__\n"
+
+
+@pytest.fixture(scope="session")
+def vocab_dir():
+    """llama.cpp's vocabulary files `ggml-vocab-{name}.gguf` (+ `.inp` texts, `.out` ids) of
+    `LLAMA_CPP_VOCABS`, extracted once into the jquant cache (a pinned PyPI download; its
+    sha256 is checked)."""
+    target = cache_dir() / "llama-cpp-vocab-0.3.36"
+    names = [f"ggml-vocab-{v}.gguf{ext}" for v in LLAMA_CPP_VOCABS for ext in ("", ".inp", ".out")]
+    if all((target / n).is_file() for n in names):
+        return target
+    target.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=target, prefix=".fetch-") as tmp:
+        subprocess.run(
+            [sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", "--no-binary",
+             ":all:", "--dest", tmp, "llama-cpp-python==0.3.36"],
+            check=True,
+        )  # fmt: skip
+        sdist = Path(tmp) / LLAMA_CPP_SDIST
+        assert hashlib.sha256(sdist.read_bytes()).hexdigest() == LLAMA_CPP_SHA256
+        with tarfile.open(sdist) as tar:
+            for n in names:
+                data = tar.extractfile(LLAMA_CPP_MODELS + n).read()
+                part = target / f".{n}.part"
+                part.write_bytes(data)
+                part.rename(target / n)
+    return target
+
+
+@pytest.fixture(scope="session")
+def vocab_cases(vocab_dir):
+    """``vocab_cases(name)``: llama.cpp's ``[(text, ids)]`` for vocabulary ``name`` (its
+    test-tokenizer-0 output, no special tokens added)."""
+
+    def cases(name: str) -> list[tuple[str, list[int]]]:
+        texts = (vocab_dir / f"ggml-vocab-{name}.gguf.inp").read_text("utf-8")
+        texts = texts.split(VOCAB_SEPARATOR)
+        assert texts[-1] == ""  # every text ends with the separator
+        lines = (vocab_dir / f"ggml-vocab-{name}.gguf.out").read_text("utf-8").split("\n")
+        assert lines[-1] == ""
+        texts, lines = texts[:-1], lines[:-1]
+        assert len(texts) == len(lines) > 30
+        return [(t, [int(i) for i in line.split()]) for t, line in zip(texts, lines)]
+
+    return cases

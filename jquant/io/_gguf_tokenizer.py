@@ -5,14 +5,14 @@ metadata. `tokenizer_from_gguf_fields` rebuilds from them the same `tokenizers.T
 transformers' GGUF converter builds (`transformers/integrations/gguf/gguf_tokenizer_mapping.py`),
 which transformers 5 can only reach through torch: byte-level BPE (``"gpt2"``) and
 SentencePiece (``"llama"``), with llama.cpp's defaults where the file is silent
-(`_gguf_add_bos`). `jquant.io.tokenizer` re-exports it beside the `Tokenizer` it returns.
+(`_gguf_add_bos`). `jquant.io.tokenizer` re-exports it beside the `Tokenizer` it returns;
+`jquant.io._gguf_tokenizer_export` writes a `Tokenizer` back as such metadata.
 """
 
 from __future__ import annotations
 
 import functools
-import json
-from typing import TYPE_CHECKING, Any, NamedTuple
+from typing import TYPE_CHECKING, Any
 
 import tokenizers
 from tokenizers import (
@@ -286,98 +286,3 @@ def _spm_merges(tokens: list[str], scores: list[float], types: list[int]) -> lis
     ranked.sort()
     return [(tokens[i][:k], tokens[i][k:]) for _, i, k in ranked]
 
-
-# ---- writing: a tokenizer as GGUF metadata --------------------------------------------
-
-_UNUSED = 5
-# llama.cpp's `tokenizer.ggml.pre` for the byte-level pre-tokenizers jquant builds and reads
-# (see `_PRE_TOKENIZER_SPLITS`): the split regex (None: GPT-2's built-in one) -> name.
-_PRE_NAMES = {None: "gpt-2", _LLAMA3_SPLIT: "llama-bpe", _QWEN2_SPLIT: "qwen2"}
-
-
-class GGUFTokenizer(NamedTuple):
-    """The ``tokenizer.*`` metadata of a byte-level BPE tokenizer, as llama.cpp reads it."""
-
-    pre: str  # tokenizer.ggml.pre
-    tokens: list[str]  # byte-level spelled, one per id; [PAD{i}] fills up to the model's vocab
-    token_types: list[int]  # 1 normal, 3 control, 4 user-defined, 5 unused (padding)
-    merges: list[str]  # "a b", in priority order
-    bos: int | None
-    eos: int | None
-    pad: int | None
-    add_bos: bool
-    chat_template: str | None
-
-    def write(self, w) -> None:
-        """Add these fields to a `gguf.GGUFWriter`."""
-        w.add_tokenizer_model("gpt2")
-        w.add_tokenizer_pre(self.pre)
-        w.add_token_list(self.tokens)
-        w.add_token_types(self.token_types)
-        w.add_token_merges(self.merges)
-        for value, add in ((self.bos, w.add_bos_token_id), (self.eos, w.add_eos_token_id),
-                           (self.pad, w.add_pad_token_id)):  # fmt: skip
-            if value is not None:
-                add(value)
-        w.add_add_bos_token(self.add_bos)
-        if self.chat_template is not None:
-            w.add_chat_template(self.chat_template)
-
-
-def _pre_name(pre: dict | None) -> str | None:
-    """llama.cpp's name of a byte-level pre-tokenizer (tokenizer.json's ``pre_tokenizer``)."""
-    if pre is None:
-        return None
-    if pre["type"] == "ByteLevel":
-        return "gpt-2" if pre.get("use_regex", True) else None
-    steps = pre.get("pretokenizers", []) if pre["type"] == "Sequence" else []
-    kinds = [s["type"] for s in steps]
-    if kinds == ["Split", "ByteLevel"] and not steps[1].get("use_regex", True):
-        regex = steps[0].get("pattern", {}).get("Regex")
-        return _PRE_NAMES.get(regex) if regex is not None else None
-    if (kinds == ["Digits", "ByteLevel"] and steps[0].get("individual_digits")
-            and steps[1].get("use_regex", True)):  # fmt: skip
-        return "smollm"  # SmolLM's tokenizer.json; llama.cpp splits digits one by one too
-    return None
-
-
-def gguf_tokenizer_fields(tokenizer: Tokenizer, vocab_size: int) -> GGUFTokenizer:
-    """The GGUF metadata of a byte-level BPE `Tokenizer` for a model of ``vocab_size``
-    embedding rows: what `tokenizer_from_gguf_fields` reads back into the same encoder, and
-    llama.cpp tokenizes with (a pre-tokenizer of `_PRE_NAMES`, or SmolLM's digit split).
-
-    Raises:
-      ValueError: a tokenizer of another kind (SentencePiece's, WordPiece, ...), a
-        pre-tokenizer llama.cpp has no name for, or more tokens than ``vocab_size``.
-    """
-    spec = json.loads(tokenizer.backend.to_str())
-    model, pre = spec["model"], _pre_name(spec.get("pre_tokenizer"))
-    decoder = (spec.get("decoder") or {}).get("type")
-    if model["type"] != "BPE" or decoder != "ByteLevel":
-        raise ValueError(f"tokenizer: a {model['type']} model with a {decoder} decoder; GGUF "
-                         "export writes byte-level BPE tokenizers only (pass tokenizer=None "
-                         "to write the weights alone)")  # fmt: skip
-    if pre is None:
-        raise ValueError(f"tokenizer: pre-tokenizer {json.dumps(spec.get('pre_tokenizer'))} has "
-                         "no llama.cpp name (byte-level GPT-2, Llama 3 and Qwen2 splits, "
-                         "SmolLM's digits)")  # fmt: skip
-    n = tokenizer.backend.get_vocab_size(with_added_tokens=True)
-    if n > vocab_size:
-        raise ValueError(f"tokenizer: {n} tokens, more than the model's {vocab_size} "
-                         "embedding rows")  # fmt: skip
-    added = {t["id"]: t for t in spec.get("added_tokens", [])}
-    tokens, types = [], []
-    for i in range(vocab_size):
-        tok = tokenizer.backend.id_to_token(i) if i < n else None
-        if tok is None:
-            tokens.append(f"[PAD{i}]")
-            types.append(_UNUSED)
-        else:
-            tokens.append(tok)
-            types.append(_NORMAL if i not in added else
-                         _CONTROL if added[i]["special"] else _USER_DEFINED)  # fmt: skip
-    merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges", [])]
-    return GGUFTokenizer(pre=pre, tokens=tokens, token_types=types, merges=merges,
-                         bos=tokenizer.bos_token_id, eos=tokenizer.eos_token_id,
-                         pad=tokenizer.pad_token_id, add_bos=tokenizer.add_bos_token,
-                         chat_template=tokenizer.chat_template)  # fmt: skip

@@ -1,10 +1,20 @@
 """Writing a jquant model as a GGUF file that llama.cpp loads, quantized blocks as held.
 
-`write_gguf` is the inverse of `jquant.io.load_gguf` for Llama-family models (jquant model
-types ``llama`` and ``mistral``, GGUF architecture ``llama``): tensor names in llama.cpp's
-spelling (`jquant.io.gguf.gguf_name`), Q and K rows permuted into llama.cpp's interleaved
-rotary order (what `jquant.io.gguf.unpermute_rope_rows` undoes), the ``llama.*``
-hyperparameters and the tokenizer (`jquant.io._gguf_tokenizer.gguf_tokenizer_fields`).
+`write_gguf` is the inverse of `jquant.io.load_gguf` for the jquant model types of
+`ARCHITECTURES`: ``llama`` and ``mistral`` (GGUF architecture ``llama``), ``qwen2`` (q/k/v
+biases), ``qwen3`` (q/k norms), ``gemma``, ``gemma2`` and ``gemma3_text`` (``gemma3``). Tensor
+names are llama.cpp's for the architecture (`jquant.io.gguf.gguf_name`: Gemma 2/3's sandwich
+norms); Q and K rows are permuted into llama.cpp's interleaved rotary order for ``llama`` only
+(what `jquant.io.gguf.unpermute_rope_rows` undoes); Gemma's RMSNorm weights are stored as
+``1 + w`` (float32), as llama.cpp's converter stores them and `load_gguf` takes off again. The
+hyperparameters are the keys llama.cpp reads: Gemma 2's soft-caps, Gemma 2/3's sliding window
+(with the per-layer flags where the layers differ from llama.cpp's default pattern), Gemma 3's
+local RoPE base (``rope.freq_base_swa``) and final soft-cap. What llama.cpp would compute
+otherwise is refused: it stores no query scale (Gemma 2/3 scale by ``head_dim ** -0.5``, by
+``(hidden / heads) ** -0.5`` at 46/62 layers), caps Gemma 2 always and Gemma 1/3's attention
+never, slides no Qwen layer and reuses the embedding as Gemma 1/2's head. The tokenizer is
+written by `jquant.io._gguf_tokenizer_export.gguf_tokenizer_fields`: byte-level BPE, or
+SentencePiece BPE with scores derived from its merges.
 
 Every QArray is written from its own codes and scales, in the ggml type whose blocks hold the
 same numbers (`jquant.io._gguf_types`: int8/int4/int5 in groups of 32 with float16 scales as
@@ -33,10 +43,11 @@ import gguf
 import numpy as np
 
 from jquant._param_shapes import hf_name
+from jquant.arch import LlamaConfig
 from jquant.qarray import QArray
 
 from . import _gguf_types
-from ._gguf_tokenizer import gguf_tokenizer_fields
+from ._gguf_tokenizer_export import gguf_tokenizer_fields
 from ._hf_export import model_params
 from ._packed_writer import _fsync_dir
 from .gguf import gguf_name
@@ -44,11 +55,18 @@ from .gguf import gguf_name
 __all__ = ["write_gguf"]
 
 Q = gguf.GGMLQuantizationType
-#: jquant model types written, as GGUF architecture ``llama``.
-MODEL_TYPES = ("llama", "mistral")
+#: jquant model type -> the GGUF architecture it is written as.
+ARCHITECTURES = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2", "qwen3": "qwen3",
+                 "gemma": "gemma", "gemma2": "gemma2", "gemma3_text": "gemma3"}  # fmt: skip
+#: jquant model types written.
+MODEL_TYPES = tuple(ARCHITECTURES)
 _ROPE_KEYS = {"linear": {"rope_type", "type", "factor"},
               "yarn": {"rope_type", "type", "factor", "original_max_position_embeddings"}}
-
+_GEMMA = ("gemma", "gemma2", "gemma3")
+# llama.cpp's default sliding pattern (every n-th layer global) and the layer count of the 27B
+# models, whose query scale it takes from hidden / heads rather than head_dim.
+_SWA_PATTERN = {"gemma2": 2, "gemma3": 6}
+_BIG = {"gemma2": 46, "gemma3": 62}
 
 def permute_rope_rows(w: np.ndarray, n_head: int) -> np.ndarray:
     """llama.cpp's Q/K row order from HF's (the inverse of
@@ -192,41 +210,73 @@ def _float(x: np.ndarray, n_head: int | None) -> tuple[str, np.ndarray] | str:
     return ggml, x.view(np.uint8) if ggml == "BF16" else x
 
 
-def _check_config(config: dict[str, Any]) -> None:
+def _check_config(config: dict[str, Any]) -> tuple[str, LlamaConfig]:
+    """The GGUF architecture ``config`` is written as and its `LlamaConfig`, or one ValueError
+    listing what llama.cpp's architecture would compute differently."""
     kind = config.get("model_type")
-    problems = []
-    if kind not in MODEL_TYPES:
-        problems.append(f"model_type {kind!r} (GGUF export writes {', '.join(MODEL_TYPES)})")
-    if config.get("attention_bias"):
+    if kind not in ARCHITECTURES:
+        raise ValueError(f"write_gguf: the model has model_type {kind!r} (GGUF export writes "
+                         f"{', '.join(MODEL_TYPES)})")  # fmt: skip
+    arch, problems = ARCHITECTURES[kind], []
+    if config.get("attention_bias") and arch != "qwen2":
         problems.append("attention biases")
-    if config.get("sliding_window"):
-        problems.append(f"sliding_window={config['sliding_window']} (llama.cpp's llama "
+    if config.get("sliding_window") and arch not in _SWA_PATTERN:
+        problems.append(f"sliding_window={config['sliding_window']} (llama.cpp's {arch} "
                         "architecture attends to every position)")  # fmt: skip
     rope = config.get("rope_scaling")
     if rope:
-        kind = rope.get("rope_type", rope.get("type"))
-        if kind not in _ROPE_KEYS or set(rope) - _ROPE_KEYS[kind]:
+        rope_kind = rope.get("rope_type", rope.get("type"))
+        if rope_kind not in _ROPE_KEYS or set(rope) - _ROPE_KEYS[rope_kind]:
             problems.append(f"rope_scaling {rope} (GGUF export writes linear and yarn with a "
                             "factor and original context)")  # fmt: skip
+    if problems:  # before LlamaConfig, which refuses some of them with less to say
+        raise ValueError("write_gguf: the model has " + "; ".join(problems))
+    cfg = LlamaConfig.from_hf(config)
+    act = ("gelu_pytorch_tanh", "gelu_new") if arch in _GEMMA else ("silu",)
+    if cfg.hidden_act not in act:
+        problems.append(f"hidden_act={cfg.hidden_act!r} (llama.cpp's {arch} uses {act[0]})")
+    caps = {"attn_logit_softcapping": cfg.attn_logit_softcap,
+            "final_logit_softcapping": cfg.final_logit_softcap}  # fmt: skip
+    for key, cap in caps.items():
+        if arch == "gemma2" and cap is None:  # llama.cpp caps anyway, at 50 and 30
+            problems.append(f"no {key} (llama.cpp's gemma2 always caps)")
+        elif cap is not None and arch != "gemma2" and (arch, key) != ("gemma3",
+                                                                      "final_logit_softcapping"):
+            problems.append(f"{key}={cap} (llama.cpp's {arch} does not cap)")
+    if arch in _BIG:  # llama.cpp does not store the query scale: it follows the layer count
+        scalar = (cfg.hidden_size // cfg.num_heads if cfg.num_layers == _BIG[arch]
+                  else cfg.head_dim)  # fmt: skip
+        if cfg.query_pre_attn_scalar != scalar:
+            problems.append(f"query_pre_attn_scalar={cfg.query_pre_attn_scalar:g} (llama.cpp's "
+                            f"{arch} scales queries by {scalar} ** -0.5 at {cfg.num_layers} "
+                            "layers)")  # fmt: skip
+    if arch == "qwen2" and cfg.num_heads * cfg.head_dim != cfg.hidden_size:
+        problems.append(f"{cfg.num_heads} heads of {cfg.head_dim} (llama.cpp's qwen2 wants "
+                        f"heads × head_dim = hidden_size {cfg.hidden_size})")  # fmt: skip
+    if arch in ("gemma", "gemma2") and not cfg.tie_word_embeddings:
+        problems.append(f"an untied lm_head (llama.cpp's {arch} reuses the embedding)")
     if problems:
         raise ValueError("write_gguf: the model has " + "; ".join(problems))
+    return arch, cfg
 
 
-def _metadata(w: gguf.GGUFWriter, config: dict[str, Any], name: str, file_type: int) -> None:
-    hidden, heads = int(config["hidden_size"]), int(config["num_attention_heads"])
-    head_dim = int(config.get("head_dim") or hidden // heads)
+def _metadata(w: gguf.GGUFWriter, config: dict[str, Any], cfg: LlamaConfig, name: str,
+              file_type: int) -> None:  # fmt: skip
+    """The architecture's hyperparameters, as llama.cpp's converter writes them and
+    `jquant.io.gguf.config_from_metadata` reads them back."""
+    arch, hidden, heads, head_dim = w.arch, cfg.hidden_size, cfg.num_heads, cfg.head_dim
     w.add_name(name)
     w.add_context_length(int(config["max_position_embeddings"]))
     w.add_embedding_length(hidden)
-    w.add_block_count(int(config["num_hidden_layers"]))
-    w.add_feed_forward_length(int(config["intermediate_size"]))
+    w.add_block_count(cfg.num_layers)
+    w.add_feed_forward_length(cfg.intermediate_size)
     w.add_head_count(heads)
-    w.add_head_count_kv(int(config["num_key_value_heads"]))
+    w.add_head_count_kv(cfg.num_kv_heads)
     w.add_layer_norm_rms_eps(float(config["rms_norm_eps"]))
     w.add_rope_freq_base(float(config["rope_theta"]))
     w.add_rope_dimension_count(head_dim)
-    w.add_vocab_size(int(config["vocab_size"]))
-    if head_dim != hidden // heads:
+    w.add_vocab_size(cfg.vocab_size)
+    if head_dim != hidden // heads or arch in _GEMMA:
         w.add_key_length(head_dim)
         w.add_value_length(head_dim)
     rope = config.get("rope_scaling")
@@ -236,6 +286,21 @@ def _metadata(w: gguf.GGUFWriter, config: dict[str, Any], name: str, file_type: 
         w.add_rope_scaling_factor(float(rope["factor"]))
         if kind == "yarn":
             w.add_rope_scaling_orig_ctx_len(int(rope["original_max_position_embeddings"]))
+    if arch == "gemma2":
+        w.add_attn_logit_softcapping(cfg.attn_logit_softcap)
+    if cfg.final_logit_softcap is not None:
+        w.add_final_logit_softcapping(cfg.final_logit_softcap)
+    if arch in _SWA_PATTERN:
+        sliding = [cfg.is_sliding(i) for i in range(cfg.num_layers)]
+        if cfg.has_sliding:
+            w.add_sliding_window(cfg.sliding_window)
+            if arch == "gemma3":  # gemma2's sliding layers rotate as the global ones
+                w.add_rope_freq_base_swa(cfg.rope_local_theta)
+        # llama.cpp's gemma2 slides (4096) unless told otherwise; gemma3 only with a window.
+        n = _SWA_PATTERN[arch]
+        if sliding != [(i + 1) % n != 0 for i in range(cfg.num_layers)] and (
+                cfg.has_sliding or arch == "gemma2"):  # fmt: skip
+            w.add_sliding_window_pattern(sliding)
     w.add_file_type(file_type)
     w.add_quantization_version(gguf.GGML_QUANT_VERSION)
 
@@ -254,7 +319,7 @@ def _file_type(tensors: list[tuple[str, str, np.ndarray]]) -> int:
 
 def write_gguf(params, config: dict[str, Any], tokenizer, path, *, overwrite: bool = False,
                name: str | None = None) -> Path:  # fmt: skip
-    """Write a jquant Llama-family model as one GGUF file llama.cpp loads.
+    """Write a jquant model (one of `MODEL_TYPES`) as one GGUF file llama.cpp loads.
 
     Args:
       params: the parameter tree (``nnx.State`` or a dict of jquant paths such as
@@ -262,8 +327,9 @@ def write_gguf(params, config: dict[str, Any], tokenizer, path, *, overwrite: bo
         for those written).
       config: its HF-style config dict (`Checkpoint.config`); ``tie_word_embeddings`` says
         whether ``output.weight`` is written (untied) or llama.cpp reuses the embedding.
-      tokenizer: a byte-level BPE `jquant.io.Tokenizer` (written as ``tokenizer.ggml.*``),
-        or None for a file without one (jquant reads it; llama.cpp wants a tokenizer).
+      tokenizer: a byte-level BPE or SentencePiece BPE `jquant.io.Tokenizer` (written as
+        ``tokenizer.ggml.*``), or None for a file without one (jquant reads it; llama.cpp wants
+        a tokenizer).
       path: the ``.gguf`` file to write.
       overwrite: replace an existing file.
       name: ``general.name`` (default: the file's stem).
@@ -273,18 +339,20 @@ def write_gguf(params, config: dict[str, Any], tokenizer, path, *, overwrite: bo
       end: an error or an interruption leaves no file at ``path`` (or the old one).
 
     Raises:
-      ValueError: ``path`` exists (without ``overwrite``); an architecture or feature the
-        ``llama`` GGUF architecture does not hold; params that do not match ``config``; a
-        tokenizer that is not byte-level BPE; or tensors no ggml type holds exactly, each
-        listed with its format (group size, scale dtype), before anything is written.
+      ValueError: ``path`` exists (without ``overwrite``); a model type not written, or a
+        feature llama.cpp's architecture computes otherwise (the module docstring); params
+        that do not match ``config``; a tokenizer of another kind, or one llama.cpp would
+        encode differently; or tensors no ggml type holds exactly, each listed with its
+        format (group size, scale dtype), before anything is written.
     """
     target = Path(os.path.abspath(os.path.expanduser(path)))
     if target.exists() and (not overwrite or target.is_dir()):
         raise ValueError(f"{target} exists; pass overwrite=True (--overwrite) to replace it"
                          if target.is_file() else f"{target} is not a file")  # fmt: skip
-    _check_config(config)
+    arch, cfg = _check_config(config)
     flat, shapes = model_params(params, config, "write_gguf")
-    heads = {"q_proj": config["num_attention_heads"], "k_proj": config["num_key_value_heads"]}
+    # llama.cpp's converter permutes the Q/K rows of its llama architecture only.
+    heads = {"q_proj": cfg.num_heads, "k_proj": cfg.num_kv_heads} if arch == "llama" else {}
     tensors, refused = [], []
     for p, value in flat.items():
         if tuple(value.shape) != shapes[p]:
@@ -296,11 +364,13 @@ def write_gguf(params, config: dict[str, Any], tokenizer, path, *, overwrite: bo
             written = _quantized(value, keys[-1], n_head)
         else:
             x = np.asarray(value)
+            if arch in _GEMMA and keys[-1] == "scale":  # llama.cpp's Gemma norms hold 1 + w
+                x = x.astype(np.float32) + np.float32(1.0)
             written = _float(x.T if keys[-1] == "kernel" else x, n_head)
         if isinstance(written, str):
             refused.append((p, written))
         else:
-            tensors.append((gguf_name(hf_name(keys)), *written))
+            tensors.append((gguf_name(hf_name(keys), arch), *written))
     if refused:
         by_format: dict[str, list[str]] = {}
         for p, why in refused:
@@ -315,8 +385,8 @@ def write_gguf(params, config: dict[str, Any], tokenizer, path, *, overwrite: bo
     fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
     os.close(fd)
     try:
-        w = gguf.GGUFWriter(tmp, arch="llama")
-        _metadata(w, config, name or target.stem, _file_type(tensors))
+        w = gguf.GGUFWriter(tmp, arch=arch)
+        _metadata(w, config, cfg, name or target.stem, _file_type(tensors))
         if fields is not None:
             fields.write(w)
         else:  # the config's special ids, which `load_gguf` reads from the tokenizer keys

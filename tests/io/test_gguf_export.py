@@ -187,7 +187,8 @@ def test_act_order_kernel_is_refused(tmp_path, tiny):
 
 
 @pytest.mark.parametrize("change, message", [
-    ({"model_type": "qwen2"}, "model_type 'qwen2' (GGUF export writes llama, mistral)"),
+    ({"model_type": "phi3"}, "model_type 'phi3' (GGUF export writes llama, mistral, qwen2, "
+                             "qwen3, gemma, gemma2, gemma3_text)"),
     ({"sliding_window": 8}, "sliding_window=8"),
     ({"rope_scaling": {"rope_type": "llama3", "factor": 8.0}}, "rope_scaling"),
 ])  # fmt: skip
@@ -239,14 +240,17 @@ def test_tokenizer_metadata_round_trips(tmp_path, tiny):
     assert tok.encode(text) == ckpt.tokenizer.encode(text)
 
 
-def test_sentencepiece_tokenizer_is_refused(tmp_path, tiny):
-    from jquant.io._gguf_tokenizer import gguf_tokenizer_fields, tokenizer_from_gguf_fields
+def test_wordpiece_tokenizer_is_refused():
+    import tokenizers
 
-    spm = tokenizer_from_gguf_fields({"tokenizer.ggml.model": "llama",
-                                      "tokenizer.ggml.tokens": ["<unk>", "<s>", "▁a", "b"],
-                                      "tokenizer.ggml.token_type": [2, 3, 1, 1]})  # fmt: skip
-    with pytest.raises(ValueError, match="writes byte-level BPE tokenizers only"):
-        gguf_tokenizer_fields(spm, 4)
+    from jquant.io._gguf_tokenizer_export import gguf_tokenizer_fields
+    from jquant.io.tokenizer import Tokenizer
+
+    backend = tokenizers.Tokenizer(tokenizers.models.WordPiece({"[UNK]": 0, "a": 1},
+                                                               unk_token="[UNK]"))  # fmt: skip
+    with pytest.raises(ValueError, match="a WordPiece model with a None decoder; GGUF export "
+                       "writes byte-level BPE and SentencePiece BPE tokenizers only"):  # fmt: skip
+        gguf_tokenizer_fields(Tokenizer(backend, bos_token_id=None, eos_token_id=None), 2)
 
 
 # ---- llama.cpp ------------------------------------------------------------------------
