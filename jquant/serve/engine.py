@@ -114,6 +114,7 @@ class _Request:
     stops: frozenset[int]
     deadline: float | None  # perf_counter time past which it ends with a timeout
     seq: PagedSeq | None = None  # its pages while it runs
+    digests: list[bytes] | None = None  # its context's page digests (`PagePool`)
     filled: int = 0  # tokens of `context()` in the cache
     generated: list[int] = dataclasses.field(default_factory=list)
     text: IncrementalText | None = None  # the generated tokens' text, decoded as they come
@@ -470,15 +471,22 @@ class Engine:
 
     def _admit(self) -> None:
         """Moves waiting requests to running, oldest first, while a row is free and the pool
-        has their pages (the prompt's, and the first decode position's)."""
-        while self._waiting and len(self._running) < self.max_slots:
-            req = self._waiting[0]
+        has their pages (the prompt's, and the first decode position's). A request whose
+        prompt continues into pages another request is prefilling now waits for them to be
+        committed and shares them (requests behind it go ahead meanwhile)."""
+        for req in list(self._waiting):
+            if len(self._running) >= self.max_slots:
+                return
             context = req.context()
-            seq = self.pool.admit(context, reserve=1)
+            if req.digests is None:
+                req.digests = self.pool.prompt_digests(context) if self.pool.prefix_caching else []
+            if self.pool.waits_for(req.digests):
+                continue
+            seq = self.pool.admit(context, reserve=1, digests=req.digests)
             if seq is None:
                 return  # first come, first served: later requests wait behind it
             with self._lock:  # a request is always waiting or running for `metrics`
-                self._waiting.popleft()
+                self._waiting.remove(req)
                 req.seq, req.filled = seq, seq.cached
                 self._running.append(req)
 
@@ -518,7 +526,7 @@ class Engine:
         """Gives back ``req``'s pages; it waits at the front and later recomputes."""
         with self._lock:
             self.pool.release(req.seq)
-            req.seq, req.filled = None, 0
+            req.seq, req.filled, req.digests = None, 0, None
             self._running.remove(req)
             self._waiting.appendleft(req)
             self._stats["preemptions_total"] += 1

@@ -12,7 +12,11 @@ host-side bookkeeping:
   at the start of a prompt; the sequence then prefills only the rest;
 - reference counts: a page is in use while a sequence lists it; a released page with a
   digest stays cached, evictable, and pages are evicted least recently used first when the
-  free list runs out (a released page without one is free at once).
+  free list runs out (a released page without one is free at once);
+- pages being prefilled are *pending*: `PagePool.waits_for` tells the engine that a prompt's
+  next pages are being computed by another sequence, so it can admit that prompt once they
+  are committed and share them, rather than compute them a second time (32 requests with
+  one system prompt arriving at once prefill it once).
 
 Everything here is plain Python on the engine's thread; nothing touches a device.
 
@@ -58,6 +62,7 @@ class PagedSeq:
     pages: list[int | None] = dataclasses.field(default_factory=list)
     cached: int = 0
     digests: list[bytes] = dataclasses.field(default_factory=list)
+    pending: list[bytes] = dataclasses.field(default_factory=list)  # announced, not committed
 
     @property
     def capacity(self) -> int:
@@ -85,6 +90,7 @@ class PagePool:
         self._table: dict[bytes, int] = {}  # digest -> page
         self._digest_of: dict[int, bytes] = {}  # page -> its registered digest
         self._evictable: collections.OrderedDict[int, None] = collections.OrderedDict()
+        self._pending: set[bytes] = set()  # digests of pages some sequence is prefilling
         self.hit_tokens = self.queried_tokens = 0  # prefix cache statistics
 
     # ---- counts --------------------------------------------------------------------
@@ -109,21 +115,33 @@ class PagePool:
 
     # ---- sequences -----------------------------------------------------------------
 
-    def _match(self, tokens: Sequence[int]) -> tuple[list[int], list[bytes]]:
-        """The cached pages of the longest prefix of ``tokens`` made of full pages, leaving
-        at least one token uncached (a prefill must compute the last prompt token)."""
-        pages, digests, parent = [], [], b""
-        if not self.prefix_caching:
-            return pages, digests
+    def prompt_digests(self, tokens: Sequence[int]) -> list[bytes]:
+        """The digests of the full pages of a prompt that a prefix may share: all but one
+        token (a prefill must compute the last prompt token)."""
+        out, parent = [], b""
         for i in range((len(tokens) - 1) // self.page_size):
-            d = _digest(parent, tokens[i * self.page_size:(i + 1) * self.page_size])
+            parent = _digest(parent, tokens[i * self.page_size:(i + 1) * self.page_size])
+            out.append(parent)
+        return out
+
+    def _match(self, digests: list[bytes]) -> list[int]:
+        """The cached pages of the longest run of ``digests`` from the start."""
+        pages = []
+        for d in digests if self.prefix_caching else ():
             page = self._table.get(d)
             if page is None:
                 break
             pages.append(page)
-            digests.append(d)
-            parent = d
-        return pages, digests
+        return pages
+
+    def waits_for(self, digests: list[bytes]) -> bool:
+        """Whether the first of a prompt's ``digests`` (`prompt_digests`) not in the cache
+        is a page another sequence is prefilling now: admitted once that page is committed,
+        the prompt shares it instead of computing it again."""
+        if not self.prefix_caching:
+            return False
+        d = next((d for d in digests if d not in self._table), None)
+        return d is not None and d in self._pending
 
     def _take(self) -> int:
         if self._free:
@@ -139,12 +157,17 @@ class PagePool:
             self._evictable.pop(page)
         self._refs[page] += 1
 
-    def admit(self, tokens: Sequence[int], *, reserve: int = 0) -> PagedSeq | None:
+    def admit(self, tokens: Sequence[int], *, reserve: int = 0,
+              digests: list[bytes] | None = None) -> PagedSeq | None:  # fmt: skip
         """Pages for a prompt of ``tokens`` plus ``reserve`` more positions, or None (nothing
         taken) when the pool cannot hold them. Cached pages of the prompt's prefix are shared
-        (``cached`` positions need no prefill)."""
+        (``cached`` positions need no prefill); the prompt's other full pages are announced
+        as pending until `commit` registers them. ``digests``: `prompt_digests(tokens)`,
+        when the caller has them already."""
         need = self.pages_for(len(tokens) + reserve)
-        shared, digests = self._match(tokens)
+        if digests is None:
+            digests = self.prompt_digests(tokens) if self.prefix_caching else []
+        shared = self._match(digests)
         # Shared pages that sit evictable are counted in `free`: taking them uses them up.
         idle = sum(1 for p in shared if self._refs[p] == 0)
         if need - len(shared) > self.free - idle:
@@ -152,8 +175,10 @@ class PagePool:
         for p in shared:
             self._ref(p)
         seq = PagedSeq(pages=list(shared), cached=len(shared) * self.page_size,
-                       digests=digests)  # fmt: skip
+                       digests=digests[:len(shared)])  # fmt: skip
         seq.pages.extend(self._take() for _ in range(need - len(shared)))
+        seq.pending = [d for d in digests[len(shared):] if d not in self._pending]
+        self._pending.update(seq.pending)
         self.queried_tokens += len(tokens)
         self.hit_tokens += seq.cached
         return seq
@@ -185,6 +210,10 @@ class PagePool:
             if page is not None and d not in self._table and page not in self._digest_of:
                 self._table[d] = page
                 self._digest_of[page] = d
+            if d in seq.pending:
+                seq.pending.remove(d)
+            if d in self._table:  # computed: no one need wait for it any more
+                self._pending.discard(d)
 
     def _drop(self, page: int) -> None:
         self._refs[page] -= 1
@@ -201,6 +230,8 @@ class PagePool:
             if page is not None:
                 self._drop(page)
         seq.pages = []
+        self._pending.difference_update(seq.pending)
+        seq.pending = []
 
     def release_before(self, seq: PagedSeq, position: int) -> None:
         """Gives back ``seq``'s pages wholly before ``position`` (no later query reads them:
@@ -228,3 +259,4 @@ class PagePool:
         assert all(self._refs[p] == 0 for p in free | idle)
         assert idle <= set(self._digest_of)
         assert {v: k for k, v in self._table.items()} == self._digest_of
+        assert not (self._pending & set(self._table))

@@ -67,6 +67,32 @@ def test_a_shared_prefix_is_prefilled_once_and_outputs_are_unchanged(tiny):
     assert m["prompt_tokens_total"] - prefilled == sum(len(p) - 32 for p in prompts[1:])
 
 
+def test_requests_arriving_together_prefill_their_shared_prefix_once(tiny):
+    rng = np.random.default_rng(5)
+    system = rng.integers(4, 96, 40).tolist()  # two full pages of 16 shared
+    prompts = [system + rng.integers(4, 96, int(n)).tolist() for n in (3, 5, 8, 11, 2, 6)]
+    refs = [_reference(tiny, p, 5) for p in prompts]
+    with Engine(*tiny, Letters(), max_slots=6, max_context=96, prefill_chunk=64,
+                page_size=16) as eng:  # fmt: skip
+        outs, done = [[] for _ in prompts], threading.Semaphore(0)
+
+        def on(out, i):
+            outs[i].extend(out.token_ids)
+            if out.finish_reason:
+                done.release()
+
+        # One call queues all six at once (`submit_many`): they are admitted together.
+        eng.submit_many([(p, SamplingParams(max_tokens=5, **GREEDY),
+                          lambda out, i=i: on(out, i)) for i, p in enumerate(prompts)])
+        for _ in prompts:
+            assert done.acquire(timeout=120)
+        m = eng.metrics()
+    assert outs == refs
+    # Whichever arrived first computed the two pages; the five others read them.
+    assert m["prefix_cache_hit_tokens"] == 5 * 32
+    assert m["prompt_tokens_total"] == sum(len(p) for p in prompts) - 5 * 32
+
+
 def test_pages_run_out_preempt_and_recompute_with_the_same_outputs(tiny):
     rng = np.random.default_rng(1)
     prompts = [rng.integers(4, 96, int(n)).tolist() for n in rng.integers(10, 30, 6)]

@@ -195,3 +195,23 @@ def test_admit_refuses_without_taking_anything_and_evicts_lru():
     pool.release(b)
     c = pool.admit([1, 2, 3, 4, 5], reserve=0)
     assert c.cached == 0  # evicted: recomputed, never read stale
+
+
+def test_a_prompt_waits_for_the_prefix_pages_another_is_prefilling():
+    pool = PagePool(16, 2)
+    a = pool.admit([1, 2, 3, 4, 5, 6, 7], reserve=1)  # pages [1,2] [3,4] [5,6] announced
+    b_prompt = [1, 2, 3, 4, 9]
+    digests = pool.prompt_digests(b_prompt)
+    assert len(digests) == 2 and pool.waits_for(digests)
+    assert not pool.waits_for(pool.prompt_digests([1, 3, 3, 4, 9]))  # another prefix
+    pool.commit(a, [1, 2])  # the first page computed; the second still pending
+    assert pool.waits_for(digests)
+    pool.commit(a, [1, 2, 3, 4, 5, 6, 7])
+    assert not pool.waits_for(digests)
+    b = pool.admit(b_prompt, reserve=1, digests=digests)
+    assert b.cached == 4 and b.pages[:2] == a.pages[:2]
+    pool.check()
+    c = pool.admit([8, 8, 8, 8, 8], reserve=0)  # announces [8,8] [8,8]
+    pool.release(c)  # released before computing: nobody waits on its pages any more
+    assert not pool.waits_for(pool.prompt_digests([8, 8, 8, 8, 1]))
+    pool.check()
