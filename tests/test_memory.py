@@ -92,12 +92,12 @@ def test_report_counts_the_serving_cache_bytes(head_dim, kv_cache, code_bytes, s
     import jax.numpy as jnp
 
     from jquant.models import LlamaConfig
-    from jquant.models.cache import init_slot_cache, kv_format
+    from jquant.models.cache import init_paged_cache, kv_format
 
     cfg = LlamaConfig(vocab_size=16, hidden_size=2 * head_dim, intermediate_size=8,
                       num_layers=3, num_heads=2, num_kv_heads=2, head_dim=head_dim)  # fmt: skip
     slots, max_len = 2, 40
-    cache = jax.eval_shape(lambda: init_slot_cache(cfg, slots, max_len, kv_format(kv_cache),
+    cache = jax.eval_shape(lambda: init_paged_cache(cfg, slots, max_len, kv_format(kv_cache),
                                                    jnp.float32))  # fmt: skip
     allocated = sum(np.prod(x.shape) * x.dtype.itemsize for x in jax.tree.leaves(cache))
     expected = _numpy_cache_bytes(3, slots, 2, max_len, head_dim, code_bytes, scale_bytes)

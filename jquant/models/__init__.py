@@ -8,7 +8,7 @@
 from jquant.models.cache import KV_CACHE_FORMATS as KV_CACHE_FORMATS
 from jquant.models.cache import KVCache as KVCache
 from jquant.models.cache import KVFormat as KVFormat
-from jquant.models.cache import SlotCache as SlotCache
+from jquant.models.cache import PagedCache as PagedCache
 from jquant.models.cache import init_cache as init_cache
 from jquant.models.cache import kv_format as kv_format
 from jquant.models.config import LlamaConfig as LlamaConfig

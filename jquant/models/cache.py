@@ -17,12 +17,10 @@ every kind handles both. The kinds here:
 - `NoCache`: attend within this call's tokens only (scoring, calibration, training);
 - `KVCache`: dense, per batch: rows share one write index, prompts left-padded
   (`jquant.models.generate`);
-- `SlotView` over a `SlotCache`: one row per slot, each its own sequence at its own position
-  (the serving engine), with an optional int8 / fp8 format (`KVFormat`);
-- `PagedView` over a `SlotCache` whose rows are *pages* of ``page_size`` positions: each
-  sequence reads and writes the pages its block table lists, so sequences hold only the
-  pages they need and may share the pages of a common prefix (`jquant.serve.pages` hands
-  them out).
+- `PagedView` over a `PagedCache` whose rows are *pages* of ``page_size`` positions (the
+  serving engine): each sequence reads and writes the pages its block table lists, so
+  sequences hold only the pages they need and may share the pages of a common prefix
+  (`jquant.serve.pages` hands them out); an optional int8 / fp8 format (`KVFormat`).
 
 A new kind implements the same three methods and nothing else changes.
 
@@ -265,19 +263,18 @@ def init_cache(config: LlamaConfig, batch: int, max_len: int, dtype=jnp.float32)
     )
 
 
-# ---- slots (serving) ---------------------------------------------------------------------
+# ---- pages (serving) ---------------------------------------------------------------------
 
 
-class SlotCache(NamedTuple):
-    """Keys and values of every layer for ``slots`` independent sequences.
+class PagedCache(NamedTuple):
+    """Keys and values of every layer in ``num_pages`` pages of ``page_size`` positions.
 
     Attributes:
-      k, v: ``(layers, slots, kv_heads, max_len, head_dim)``: values in the format's dtype,
-        or its codes (int8 / fp8). Heads before positions: each (slot, head) is one
-        contiguous ``(positions, head_dim)`` matrix, the layout attention's batched matmuls
-        take without a transpose.
-      k_scale, v_scale: ``(layers, slots, kv_heads, max_len)`` bfloat16 per-token, per-head
-        scales of a quantized format; None otherwise.
+      k, v: ``(layers, num_pages, kv_heads, page_size, head_dim)``: values in the format's
+        dtype, or its codes (int8 / fp8). Heads before positions: each (page, head) is one
+        contiguous ``(positions, head_dim)`` matrix.
+      k_scale, v_scale: ``(layers, num_pages, kv_heads, page_size)`` bfloat16 per-token,
+        per-head scales of a quantized format; None otherwise.
     """
 
     k: jax.Array
@@ -290,71 +287,27 @@ class SlotCache(NamedTuple):
         return sum(int(x.nbytes) for x in self if x is not None)
 
 
-def init_slot_cache(config: LlamaConfig, slots: int, max_len: int, fmt: KVFormat,
-                    dtype) -> SlotCache:  # fmt: skip
-    """An all-zero `SlotCache` of format ``fmt`` (``dtype``: the model's compute dtype)."""
-    shape = (config.num_layers, slots, config.num_kv_heads, max_len, config.head_dim)
+def init_paged_cache(config: LlamaConfig, num_pages: int, page_size: int, fmt: KVFormat,
+                     dtype) -> PagedCache:  # fmt: skip
+    """An all-zero `PagedCache` of format ``fmt`` (``dtype``: the model's compute dtype)."""
+    shape = (config.num_layers, num_pages, config.num_kv_heads, page_size, config.head_dim)
     values = lambda: jnp.zeros(shape, fmt.dtype(dtype))  # noqa: E731
     if not fmt.quantized:
-        return SlotCache(values(), values(), None, None)
+        return PagedCache(values(), values(), None, None)
     scales = lambda: jnp.zeros(shape[:-1], SCALE_DTYPE)  # noqa: E731
-    return SlotCache(values(), values(), scales(), scales())
-
-
-@jax.tree_util.register_dataclass
-@dataclasses.dataclass(frozen=True)
-class SlotView:
-    """One forward's view of a `SlotCache`: row ``r`` of the tokens is slot ``rows[r]``,
-    its tokens at ``positions[r]``; queries read the first ``key_len`` positions.
-
-    A query at position ``p`` sees its slot's keys at positions ``<= p``: keys a previous
-    request left beyond ``p`` are never read, so a freed slot needs no clearing. Writes past
-    the cache (the padding of a last prefill chunk) are dropped.
-    """
-
-    cache: SlotCache
-    rows: jax.Array  # (R,) int32
-    positions: jax.Array  # (R, S) int32
-    key_len: int = dataclasses.field(metadata=dict(static=True))
-    fmt: KVFormat = dataclasses.field(metadata=dict(static=True))
-
-    def begin(self, mask, positions, window):
-        key = jnp.arange(self.key_len, dtype=jnp.int32)
-        fn = lambda w: causal_mask(self.positions, key, window=w)  # noqa: E731
-        return (self, self.positions, *_windowed(fn, window))
-
-    def update(self, layer, k, v):
-        c = self.cache
-        at = (layer, self.rows[:, None], slice(None), self.positions)
-        put = lambda x, new: x.at[at].set(new.astype(x.dtype), mode="drop")  # noqa: E731
-        if self.fmt.quantized:
-            (kc, ks), (vc, vs) = self.fmt.quantize(k), self.fmt.quantize(v)
-            c = SlotCache(put(c.k, kc), put(c.v, vc), put(c.k_scale, ks), put(c.v_scale, vs))
-        else:
-            c = c._replace(k=put(c.k, k), v=put(c.v, v))
-
-        def take(x):  # (R, T, KV[, Dh]): the transposes fold into attention's matmuls
-            return None if x is None else jnp.swapaxes(x[layer, self.rows, :, : self.key_len], 1, 2)
-
-        return dataclasses.replace(self, cache=c), Read(*(take(x) for x in c))
-
-    def end(self, length):
-        return self
-
-
-# ---- pages (serving) ---------------------------------------------------------------------
+    return PagedCache(values(), values(), scales(), scales())
 
 
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class PagedView:
-    """One forward's view of a `SlotCache` used as pages: its rows are pages of
-    ``page_size`` positions (``init_slot_cache(config, num_pages, page_size, ...)``).
+    """One forward's view of a `PagedCache` (``init_paged_cache(config, num_pages,
+    page_size, ...)``).
 
     Row ``r`` of the tokens is a sequence whose position ``p`` lives in page
     ``pages[r, p // page_size]`` at offset ``p % page_size``; its queries read positions
     ``0 .. key_len - 1`` (``key_len = pages.shape[1] * page_size``), in order, so attention
-    and its masks are those of `SlotView`. A block-table entry outside the cache (any value
+    and its masks are those of a contiguous cache. A block-table entry outside the cache (any value
     ``>= num_pages``, e.g. `num_pages` itself for "no page") drops the writes aimed at it,
     and its reads return finite values that the causal mask hides: a query at ``p`` reads
     only positions ``<= p``, which its own pages hold.
@@ -363,7 +316,7 @@ class PagedView:
     shared page, which holds when every row writes only positions past its shared prefix.
     """
 
-    cache: SlotCache
+    cache: PagedCache
     pages: jax.Array  # (R, P) int32: the block table
     positions: jax.Array  # (R, S) int32
     fmt: KVFormat = dataclasses.field(metadata=dict(static=True))
@@ -391,7 +344,7 @@ class PagedView:
         put = lambda x, new: x.at[at].set(new.astype(x.dtype), mode="drop")  # noqa: E731
         if self.fmt.quantized:
             (kc, ks), (vc, vs) = self.fmt.quantize(k), self.fmt.quantize(v)
-            c = SlotCache(put(c.k, kc), put(c.v, vc), put(c.k_scale, ks), put(c.v_scale, vs))
+            c = PagedCache(put(c.k, kc), put(c.v, vc), put(c.k_scale, ks), put(c.v_scale, vs))
         else:
             c = c._replace(k=put(c.k, k), v=put(c.v, v))
         rows = self.pages.shape[0]

@@ -1,7 +1,7 @@
 """The one forward: embedding, decoder layers over a cache, final norm and LM head.
 
 Every caller runs the model through these functions: `Llama.__call__` and `forward`
-(training, QAT, scoring), `generate` (a dense `KVCache`), the serving runner (a `SlotView`),
+(training, QAT, scoring), `generate` (a dense `KVCache`), the serving runner (a `PagedView`),
 and, one layer at a time, evaluation and calibration (`jquant.models.blocks`). What differs
 between them is data: the cache kind (`jquant.models.cache`) and how the decoder layers'
 parameters are laid out:

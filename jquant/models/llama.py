@@ -259,7 +259,7 @@ class Llama(nnx.Module):
           positions: RoPE positions ``(B, S)``; default: the cache's rule (a `KVCache`:
             each row's count of real tokens so far, so a left-padded row starts at 0 on its
             first real token).
-          cache: a cache (`jquant.models.cache`: `KVCache`, a `SlotView`, ...) to read and
+          cache: a cache (`jquant.models.cache`: `KVCache`, a `PagedView`, ...) to read and
             extend, or None (attend within ``tokens`` only). A `KVCache` writes slots
             ``index .. index + S - 1``; keeping them below ``max_len`` is the caller's job.
           mask: ``(B, S)`` True for real tokens, False for padding (never attended to);

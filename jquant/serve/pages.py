@@ -1,6 +1,6 @@
 """Pages of the serving KV cache: who holds which, and which prompt prefixes they cache.
 
-The device cache is a `jquant.models.cache.SlotCache` whose rows are pages of
+The device cache is a `jquant.models.cache.PagedCache` whose rows are pages of
 ``page_size`` positions, read through a `jquant.models.cache.PagedView`. This module is its
 host-side bookkeeping:
 

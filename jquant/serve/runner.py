@@ -3,7 +3,7 @@
 A `Runner` holds a model's parameters as the core forward reads them (`jquant.models.core`:
 the decoder layers stacked and run by one ``lax.scan`` where their trees match, so the
 programs compile in about the time of one layer; unrolled where a mixed-precision recipe
-makes them differ) and a paged cache: a `SlotCache` (`jquant.models.cache`) of
+makes them differ) and a paged cache: a `PagedCache` (`jquant.models.cache`) of
 ``num_pages`` pages of ``page_size`` positions. Every program is the core forward over a
 `PagedView` of it: row ``r`` of a step is a sequence whose positions live in the pages its
 block table lists (`jquant.serve.pages` decides which), so what serving computes is what
@@ -30,11 +30,11 @@ import jax.numpy as jnp
 import numpy as np
 
 from jquant.models import core
-from jquant.models.cache import KVFormat, PagedView, SlotCache, init_slot_cache, kv_format
+from jquant.models.cache import KVFormat, PagedCache, PagedView, init_paged_cache, kv_format
 from jquant.models.config import LlamaConfig
 from jquant.models.sampling import Sampling, sample
 
-__all__ = ["Runner", "Sampling", "SlotCache", "cache_perplexity"]
+__all__ = ["Runner", "Sampling", "PagedCache", "cache_perplexity"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -46,14 +46,14 @@ class _Static:
     cache_sharding: Any = None  # the cache's placement under tensor parallelism, kept per step
 
 
-def _hidden(st: _Static, w, cache: SlotCache, tokens, tables, starts):
+def _hidden(st: _Static, w, cache: PagedCache, tokens, tables, starts):
     positions = starts[:, None] + jnp.arange(tokens.shape[1], dtype=jnp.int32)[None, :]
     view = PagedView(cache, tables, positions, fmt=st.fmt)
     x, view = core.hidden(st.model, w, tokens, view)
     return x, view.cache
 
 
-def _placed(st: _Static, cache: SlotCache) -> SlotCache:
+def _placed(st: _Static, cache: PagedCache) -> PagedCache:
     if st.cache_sharding is None:
         return cache
     return jax.lax.with_sharding_constraint(cache, st.cache_sharding)
@@ -130,7 +130,7 @@ class Runner:
             raise ValueError(f"Runner: num_pages={self.num_pages} must be >= 1")
         self.fmt = kv_format(kv_cache)
         self.params = core.weights(params, config.num_layers)
-        cache = init_slot_cache(config, self.num_pages, page_size, self.fmt, model.dtype)
+        cache = init_paged_cache(config, self.num_pages, page_size, self.fmt, model.dtype)
         cache_sharding = None
         if shard is not None:
             self.params, cache = shard(self.params, cache)
@@ -297,7 +297,7 @@ def cache_perplexity(model, params, text, *, tokenizer=None, kv_cache=None,
                      batch_size: int = 4, progress: bool = False,
                      bos_token_id: int | None = None):  # fmt: skip
     """`jquant.eval.perplexity` through the serving KV cache: each window is prefilled into a
-    `SlotCache` of format ``kv_cache`` and every query attends to the cache's (quantized)
+    `PagedCache` of format ``kv_cache`` and every query attends to the cache's (quantized)
     keys and values, as in serving. The same windows (a leading BOS exactly when the
     tokenizer's ``add_bos_token`` says, or ``bos_token_id`` asks). Returns a
     `jquant.eval.PerplexityResult`."""

@@ -1,9 +1,9 @@
-"""Tensor parallelism for the serving engine: its parameters and slot cache on a mesh.
+"""Tensor parallelism for the serving engine: its parameters and paged cache on a mesh.
 
 The rules are `jquant.sharding.tp_logical_specs` (Megatron-style: q/k/v/gate/up split on
 their output features, o/down on their input features at group boundaries, the embedding
 and the LM head on the vocabulary); the stacked decoder layers get None on their leading
-layer axis. The slot cache is split on its kv-head axis when ``tp`` divides the kv heads.
+layer axis. The paged cache is split on its kv-head axis when ``tp`` divides the kv heads.
 What cannot be split (a dimension ``tp`` does not divide, a contraction axis whose groups do
 not fall on shard boundaries, heads that would be cut) stays replicated and is listed in the
 notes. The programs then run under GSPMD: the compiler inserts the all-reduces, and the
@@ -38,7 +38,7 @@ def as_mesh(mesh) -> Mesh:
 def runner_sharder(mesh, config):
     """``(shard, mesh, notes)``: ``shard(params, cache) -> (params, cache)`` places a
     `jquant.serve.runner.Runner`'s parameters (``embed``, stacked or listed ``layers``,
-    ``norm``, optional ``head``) and `SlotCache` on ``mesh`` (an int tp or a Mesh)."""
+    ``norm``, optional ``head``) and `PagedCache` on ``mesh`` (an int tp or a Mesh)."""
     mesh = as_mesh(mesh)
     tp = mesh.shape[AXIS]
     notes: list[str] = []
@@ -63,7 +63,7 @@ def runner_sharder(mesh, config):
         kv_spec, kv_notes = kv_cache_spec(config.num_kv_heads, tp, AXIS)
         notes.extend(kv_notes)
         scale_spec = P(*tuple(kv_spec)[:4]) if len(kv_spec) else P()
-        # The slot cache is (layers, slots, kv_heads, positions, head_dim): heads on axis 2.
+        # The paged cache is (layers, pages, kv_heads, positions, head_dim): heads on axis 2.
         kv_spec = P(None, None, AXIS, None, None) if len(kv_spec) else P()
         scale_spec = P(None, None, AXIS, None) if len(scale_spec) else P()
 

@@ -5,7 +5,7 @@ Qwen3, and the sliding windows of Mistral, Qwen2 and Qwen3. Every sliding window
 tokens and every prompt is longer, so a mask that ignored the window would change the
 logits (`test_window_is_real` checks that it does). Each model is compared three ways:
 logits of a whole prompt (`forward`), 64 greedy tokens through `generate`'s KV cache, and
-the same 64 tokens through the serving engine's slot cache (`Runner`: chunked prefill, then
+the same 64 tokens through the serving engine's paged cache (`Runner`: chunked prefill, then
 one-token decode steps).
 """
 

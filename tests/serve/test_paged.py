@@ -11,7 +11,7 @@ import pytest
 from flax import nnx
 
 from jquant.models import LlamaConfig, core, init_model
-from jquant.models.cache import PagedView, SlotView, init_slot_cache, kv_format
+from jquant.models.cache import NoCache, PagedView, Read, init_paged_cache, kv_format
 from jquant.serve.pages import PagePool
 
 CFG = LlamaConfig(vocab_size=96, hidden_size=64, intermediate_size=128, num_layers=2,
@@ -56,7 +56,7 @@ def test_prefill_in_chunks_then_decode_equals_the_uncached_forward(tiny):
     st, w = tiny
     rng = np.random.default_rng(0)
     prompt = rng.integers(0, 96, 23).tolist()
-    cache = init_slot_cache(CFG, 16, PAGE, kv_format(None), jnp.float32)
+    cache = init_paged_cache(CFG, 16, PAGE, kv_format(None), jnp.float32)
     table = rng.permutation(16)[:8].astype(np.int32)[None]  # scattered pages, 32 positions
     seq, got = list(prompt), []
     for start, n in ((0, 10), (10, 13)):  # two chunks, padded to 16 tokens each
@@ -78,7 +78,7 @@ def test_rows_sharing_prefix_pages_read_them_and_write_only_their_own(tiny):
     shared = rng.integers(0, 96, 8).tolist()  # two full pages
     a, b = shared + rng.integers(0, 96, 5).tolist(), shared + rng.integers(0, 96, 7).tolist()
     pool = PagePool(12, PAGE)
-    cache = init_slot_cache(CFG, 12, PAGE, kv_format(None), jnp.float32)
+    cache = init_paged_cache(CFG, 12, PAGE, kv_format(None), jnp.float32)
     sa = pool.admit(a, reserve=1)
     width = 4
     logits, cache = _paged_step(st, w, cache, np.array([a + [0] * 3]),
@@ -100,21 +100,35 @@ def test_rows_sharing_prefix_pages_read_them_and_write_only_their_own(tiny):
                                rtol=2e-5, atol=2e-5)  # fmt: skip
 
 
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class _QuantizedNoCache:
+    """The reference: attention within the call's own tokens over keys and values stored in
+    ``fmt`` (codes and scales from `KVFormat.quantize`), no pages."""
+
+    fmt: object = dataclasses.field(metadata=dict(static=True))
+
+    def begin(self, mask, positions, window):
+        return (self, *NoCache().begin(mask, positions, window)[1:])
+
+    def update(self, layer, k, v):
+        (kc, ks), (vc, vs) = self.fmt.quantize(k), self.fmt.quantize(v)
+        return self, Read(kc, vc, ks, vs)
+
+    def end(self, length):
+        return self
+
+
 @pytest.mark.parametrize("fmt", ["int8", "fp8"])
-def test_quantized_pages_equal_quantized_slots(tiny, fmt):
+def test_quantized_pages_equal_attention_over_quantized_keys(tiny, fmt):
     st, w = tiny
     fmt = kv_format(fmt)
     rng = np.random.default_rng(2)
     tokens = rng.integers(0, 96, (2, 12)).astype(np.int32)
-    starts = np.zeros(2, np.int32)
-    pages = init_slot_cache(CFG, 8, PAGE, fmt, jnp.float32)
+    pages = init_paged_cache(CFG, 8, PAGE, fmt, jnp.float32)
     table = np.array([[5, 0, 7], [2, 6, 1]], np.int32)
-    got, _ = _paged_step(st, w, pages, tokens, table, starts, fmt)
-
-    slots = init_slot_cache(CFG, 2, 12, fmt, jnp.float32)
-    positions = jnp.broadcast_to(jnp.arange(12, dtype=jnp.int32), (2, 12))
-    view = SlotView(slots, jnp.arange(2, dtype=jnp.int32), positions, key_len=12, fmt=fmt)
-    x, _ = core.hidden(st, w, tokens, view)
+    got, _ = _paged_step(st, w, pages, tokens, table, np.zeros(2, np.int32), fmt)
+    x, _ = core.hidden(st, w, jnp.asarray(tokens), _QuantizedNoCache(fmt))
     want = core.logits(st, w, x)
     np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-5)
     # The quantized cache differs from the float forward: the comparison can see the codes.
@@ -128,7 +142,7 @@ def test_sliding_window_pages_released_behind_the_window():
     seq = rng.integers(0, 96, 9).tolist()
     pool = PagePool(8, PAGE)
     s = pool.admit(seq, reserve=8)
-    cache = init_slot_cache(cfg, 8, PAGE, kv_format(None), jnp.float32)
+    cache = init_paged_cache(cfg, 8, PAGE, kv_format(None), jnp.float32)
     width = 5
     logits, cache = _paged_step(st, w, cache, np.array([seq]), pool.block_table(s, width)[None],
                                 np.array([0]), NONE)  # fmt: skip
