@@ -177,7 +177,8 @@ class PagePool:
         seq = PagedSeq(pages=list(shared), cached=len(shared) * self.page_size,
                        digests=digests[:len(shared)])  # fmt: skip
         seq.pages.extend(self._take() for _ in range(need - len(shared)))
-        seq.pending = [d for d in digests[len(shared):] if d not in self._pending]
+        seq.pending = [d for d in digests[len(shared):]
+                       if d not in self._pending and d not in self._table]  # fmt: skip
         self._pending.update(seq.pending)
         self.queried_tokens += len(tokens)
         self.hit_tokens += seq.cached
@@ -240,14 +241,6 @@ class PagePool:
             if seq.pages[i] is not None:
                 self._drop(seq.pages[i])
                 seq.pages[i] = None
-
-    def block_table(self, seq: PagedSeq, width: int) -> np.ndarray:
-        """``seq``'s block table as int32 ``(width,)``: its pages, then `num_pages` (no page:
-        writes dropped, reads masked)."""
-        out = np.full(width, self.num_pages, np.int32)
-        pages = [self.num_pages if p is None else p for p in seq.pages[:width]]
-        out[:len(pages)] = pages
-        return out
 
     def check(self) -> None:
         """Asserts the pool's invariants (for tests): every page is free, evictable or in

@@ -48,6 +48,14 @@ def _paged_step(st, w, cache, tokens, table, starts, fmt):
 _paged_step = jax.jit(_paged_step, static_argnums=(0, 6))
 
 
+def _block_table(pool, seq, width):
+    """``seq``'s pages as a block table row of ``width`` (None and past the end: no page)."""
+    out = np.full(width, pool.num_pages, np.int32)
+    pages = [pool.num_pages if p is None else p for p in seq.pages[:width]]
+    out[: len(pages)] = pages
+    return out
+
+
 def _reference(st, w, seq):
     return np.asarray(_uncached(st, w, jnp.asarray([seq], jnp.int32)))[0]
 
@@ -81,8 +89,9 @@ def test_rows_sharing_prefix_pages_read_them_and_write_only_their_own(tiny):
     cache = init_paged_cache(CFG, 12, PAGE, kv_format(None), jnp.float32)
     sa = pool.admit(a, reserve=1)
     width = 4
-    logits, cache = _paged_step(st, w, cache, np.array([a + [0] * 3]),
-                                pool.block_table(sa, width)[None], np.array([0]), NONE)  # fmt: skip
+    table = _block_table(pool, sa, width)[None]
+    logits, cache = _paged_step(st, w, cache, np.array([a + [0] * 3]), table, np.array([0]),
+                                NONE)  # fmt: skip
     pool.commit(sa, a)
     sb = pool.admit(b, reserve=1)
     assert sb.cached == 8 and sb.pages[:2] == sa.pages[:2] and sb.pages[2] not in sa.pages
@@ -92,7 +101,7 @@ def test_rows_sharing_prefix_pages_read_them_and_write_only_their_own(tiny):
     tokens[0, 0], tokens[1] = nxt, b[8:]
     # Row 0's padding would land at positions 14..19: past its table (dropped), or in its
     # own last page; never in row 1's.
-    table = np.stack([pool.block_table(sa, width), pool.block_table(sb, width)])
+    table = np.stack([_block_table(pool, sa, width), _block_table(pool, sb, width)])
     logits, cache = _paged_step(st, w, cache, tokens, table, np.array([len(a), 8]), NONE)
     np.testing.assert_allclose(np.asarray(logits)[1], _reference(st, w, b)[8:],
                                rtol=2e-5, atol=2e-5)  # fmt: skip
@@ -144,7 +153,7 @@ def test_sliding_window_pages_released_behind_the_window():
     s = pool.admit(seq, reserve=8)
     cache = init_paged_cache(cfg, 8, PAGE, kv_format(None), jnp.float32)
     width = 5
-    logits, cache = _paged_step(st, w, cache, np.array([seq]), pool.block_table(s, width)[None],
+    logits, cache = _paged_step(st, w, cache, np.array([seq]), _block_table(pool, s, width)[None],
                                 np.array([0]), NONE)  # fmt: skip
     got = [np.asarray(logits)[0, -1]]
     for _ in range(8):
@@ -152,7 +161,7 @@ def test_sliding_window_pages_released_behind_the_window():
         pos = len(seq) - 1
         pool.release_before(s, pos - cfg.sliding_window + 1)  # keys this query cannot see
         logits, cache = _paged_step(st, w, cache, np.array([[seq[-1]]]),
-                                    pool.block_table(s, width)[None], np.array([pos]), NONE)
+                                    _block_table(pool, s, width)[None], np.array([pos]), NONE)
         got.append(np.asarray(logits)[0, 0])
     assert s.pages[:2] == [None, None] and pool.free == 8 - 3
     want = _reference(st, w, seq)[8:]
