@@ -207,7 +207,8 @@ def params_from_hf(
 
 def params_to_hf(params) -> dict[str, np.ndarray | QArray]:
     """The inverse of `params_from_hf`: ``{hf_name: tensor}`` of a parameter State (or nested
-    dict), floats as numpy arrays in HF layout (kernels transposed to ``(out, in)``), QArrays
+    dict), floats as numpy arrays in HF layout (kernels transposed to ``(out, in)``, an MoE
+    expert stack per expert: ``(E, out, in)``), QArrays
     kept as they are (logical ``(in, out)``). A tied model has no ``lm_head.weight``.
 
     What the exporters of quantized checkpoints take (`jquant.io.gptq_awq.write_gptq`).
@@ -221,7 +222,7 @@ def params_to_hf(params) -> dict[str, np.ndarray | QArray]:
             out[hf_name(keys)] = value
         else:
             array = np.asarray(value)
-            out[hf_name(keys)] = array.T if keys[-1] == "kernel" else array
+            out[hf_name(keys)] = np.swapaxes(array, -1, -2) if keys[-1] == "kernel" else array
     return out
 
 
