@@ -156,7 +156,9 @@ def test_greedy_matches(pair):
 @pytest.mark.reference
 def test_quantized_experts_run(pair):
     """A recipe quantizes the stacked experts along each expert's K (int8, per channel) and
-    leaves the router float; the logits stay near transformers' float ones."""
+    leaves the router float; the model runs them (under scan where stacked) as it runs
+    their dequantized float weights, and stays near transformers' float logits (routing
+    near ties may flip, so that bound is loose)."""
     _, hf, model, params = pair
     qparams = jquant.quantize(params, jquant.Recipe.load("w8a16"))
     i = model.config.moe_layers[0]
@@ -166,7 +168,11 @@ def test_quantized_experts_run(pair):
     assert q.k == model.config.moe_intermediate_size
     assert not isinstance(qparams["layers"][i]["mlp"]["gate"]["weight"].get_value(), QArray)
     got, _ = forward(model, qparams, jnp.asarray(IDS, jnp.int32))
-    assert _close(got, _hf_logits(hf)) < 5e-2
+    dequantized = jax.tree.map(lambda v: v.dequantize() if isinstance(v, QArray) else v,
+                               qparams, is_leaf=lambda v: isinstance(v, QArray))  # fmt: skip
+    want, _ = forward(model, dequantized, jnp.asarray(IDS, jnp.int32))
+    assert _close(got, np.asarray(want)) < 1e-5
+    assert _close(got, _hf_logits(hf)) < 0.1
 
 
 # ---- the grouped matmul and the routing against NumPy -----------------------------------
