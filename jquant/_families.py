@@ -30,7 +30,8 @@ class Family:
       moe: how the config names its mixture-of-experts fields: "none" (dense), "mixtral"
         (``num_local_experts``; every layer sparse; top-k weights always renormalized) or
         "qwen_moe" (``num_experts``, ``moe_intermediate_size``, ``norm_topk_prob``, dense
-        layers by ``decoder_sparse_step`` / ``mlp_only_layers``).
+        layers by ``decoder_sparse_step`` / ``mlp_only_layers``, and Qwen2-MoE's shared
+        expert by ``shared_expert_intermediate_size``).
     """
 
     qkv_bias: bool = False
@@ -50,6 +51,7 @@ FAMILIES = {
     "qwen2": Family(qkv_bias=True, sliding="upper"),
     "qwen3": Family(qk_norm=True, sliding="upper"),
     "mixtral": Family(sliding="all", moe="mixtral"),
+    "qwen2_moe": Family(qkv_bias=True, sliding="upper", moe="qwen_moe"),
     "qwen3_moe": Family(qk_norm=True, sliding="upper", moe="qwen_moe"),
     "gemma": Family(gemma=True, activation="gelu_pytorch_tanh"),
     "gemma2": Family(gemma=True, sandwich_norms=True, activation="gelu_pytorch_tanh",

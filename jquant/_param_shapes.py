@@ -61,6 +61,11 @@ def param_shapes(config: LlamaConfig) -> dict[str, tuple[int, ...]]:
             for proj, shape in {"gate_proj": (e, d, fe), "up_proj": (e, d, fe),
                                 "down_proj": (e, fe, d)}.items():  # fmt: skip
                 shapes[f"{p}mlp/experts/{proj}/kernel"] = shape
+            if fs := config.shared_expert_intermediate_size:
+                for proj, shape in {"gate_proj": (d, fs), "up_proj": (d, fs),
+                                    "down_proj": (fs, d)}.items():  # fmt: skip
+                    shapes[f"{p}mlp/shared_expert/{proj}/kernel"] = shape
+                shapes[f"{p}mlp/shared_expert_gate/kernel"] = (d, 1)
         else:
             for proj, shape in {"gate_proj": (d, f), "up_proj": (d, f),
                                 "down_proj": (f, d)}.items():  # fmt: skip

@@ -129,6 +129,8 @@ class LlamaConfig:
     moe_intermediate_size: int = 0  # one expert's MLP width; 0 means intermediate_size
     norm_topk_prob: bool = True  # the top-k routing weights are renormalized to sum to 1
     moe_layers: tuple[int, ...] = ()  # which layers are MoE (the rest dense MLPs)
+    shared_expert_intermediate_size: int = 0  # Qwen2-MoE: width of the shared expert every
+    #   token also goes through (its output gated by a sigmoid); 0: none
 
     def __post_init__(self):
         for name in ("vocab_size", "hidden_size", "intermediate_size", "num_layers",
@@ -205,6 +207,13 @@ class LlamaConfig:
             raise ValueError(
                 f"LlamaConfig: moe_intermediate_size={self.moe_intermediate_size!r} must be a "
                 "positive int (or 0: intermediate_size)"
+            )
+        if not isinstance(self.shared_expert_intermediate_size, int) or (
+            self.shared_expert_intermediate_size < 0
+        ):
+            raise ValueError(
+                "LlamaConfig: shared_expert_intermediate_size="
+                f"{self.shared_expert_intermediate_size!r} must be an int >= 0 (0: none)"
             )
         if self.moe_intermediate_size == 0:
             object.__setattr__(self, "moe_intermediate_size", self.intermediate_size)
@@ -314,6 +323,9 @@ class LlamaConfig:
         rope = _rope_fields(scaling, config.get("max_position_embeddings", 2048))
         heads = int(config["num_attention_heads"])
         hidden = int(config["hidden_size"])
+        if model_type == "qwen2_moe" and config.get("qkv_bias", True) is False:
+            raise ValueError("qwen2_moe with qkv_bias=False is not supported (the family's "
+                             "q/k/v projections carry biases)")  # fmt: skip
         # As in transformers: qwen2 always has q/k/v biases and never an o_proj bias;
         # llama's attention_bias covers all four projections; mistral has none.
         bias = family.qkv_bias or bool(config.get("attention_bias", False))
@@ -357,16 +369,17 @@ class LlamaConfig:
             layer_types=types if SLIDING in types else (),
             rope_local_theta=(local_theta or 10000.0) if model_type == "gemma3_text" else None,
             **rope,
-            **_moe_fields(config, family, layers),
+            **_moe_fields(config, model_type, layers),
         )
 
 
-def _moe_fields(config: Mapping[str, Any], family: Family, num_layers: int) -> dict[str, Any]:
+def _moe_fields(config: Mapping[str, Any], model_type: str, num_layers: int) -> dict[str, Any]:
     """The mixture-of-experts fields of a config, as transformers reads them: Mixtral's
     ``num_local_experts`` (every layer sparse, top-k weights renormalized) or Qwen-MoE's
     ``num_experts``, ``moe_intermediate_size`` and ``norm_topk_prob`` (default False), with
     layer ``i`` sparse unless it is in ``mlp_only_layers`` or ``(i + 1) %
-    decoder_sparse_step`` is not 0."""
+    decoder_sparse_step`` is not 0; Qwen2-MoE's ``shared_expert_intermediate_size`` too."""
+    family = FAMILIES[model_type]
     if family.moe == "none":
         return {}
     # Mixtral's own name first; transformers maps num_experts to it (Qwen3-MoE files carry
@@ -393,6 +406,8 @@ def _moe_fields(config: Mapping[str, Any], family: Family, num_layers: int) -> d
         fields,
         moe_intermediate_size=int(config.get("moe_intermediate_size") or 0),
         norm_topk_prob=bool(config.get("norm_topk_prob", False)),
+        shared_expert_intermediate_size=int(config.get("shared_expert_intermediate_size") or 0)
+        if model_type == "qwen2_moe" else 0,
         moe_layers=tuple(i for i in range(num_layers) if i not in dense and (i + 1) % step == 0),
     )
 

@@ -53,7 +53,8 @@ CONFIG_KEYS = (
 #: transformers' Qwen3-MoE config names them; `jquant.arch.LlamaConfig.from_hf` reads them
 #: for Mixtral too): ``mlp_only_layers`` lists the dense layers, ``decoder_sparse_step`` is 1.
 MOE_CONFIG_KEYS = ("num_experts", "num_experts_per_tok", "moe_intermediate_size",
-                   "norm_topk_prob", "mlp_only_layers", "decoder_sparse_step")  # fmt: skip
+                   "norm_topk_prob", "mlp_only_layers", "decoder_sparse_step",
+                   "shared_expert_intermediate_size")  # fmt: skip
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -164,6 +165,10 @@ def _moe_shapes(config, prefix: str) -> dict[str, tuple[int, ...]]:
     for e in range(config.num_experts):
         for proj, shape in (("gate_proj", (f, d)), ("up_proj", (f, d)), ("down_proj", (d, f))):
             shapes[f"{prefix}{block}.experts.{e}.{names[proj]}.weight"] = shape
+    if fs := config.shared_expert_intermediate_size:  # Qwen2-MoE
+        for proj, shape in (("gate_proj", (fs, d)), ("up_proj", (fs, d)), ("down_proj", (d, fs))):
+            shapes[f"{prefix}mlp.shared_expert.{proj}.weight"] = shape
+        shapes[f"{prefix}mlp.shared_expert_gate.weight"] = (1, d)
     return shapes
 
 

@@ -91,6 +91,7 @@ def config_from_hf(raw: dict[str, Any], source: str = "<config.json>") -> dict[s
         moe = dict(num_experts=cfg.num_experts, num_experts_per_tok=cfg.num_experts_per_tok,
                    moe_intermediate_size=cfg.moe_intermediate_size,
                    norm_topk_prob=cfg.norm_topk_prob, decoder_sparse_step=1,
+                   shared_expert_intermediate_size=cfg.shared_expert_intermediate_size,
                    mlp_only_layers=[i for i in range(cfg.num_layers) if not cfg.is_moe(i)])
     return {
         **moe,

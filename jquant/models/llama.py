@@ -31,6 +31,7 @@ parameter paths above), nothing else.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import jax
@@ -191,8 +192,12 @@ class DecoderLayer(nnx.Module):
             self.post_feedforward_layernorm = norm()
         self.sandwich = config.sandwich_norms
         if config.is_moe(layer):  # layer ``layer`` of the model: MoE or dense by the config
-            self.mlp = MoE(config, _ACTIVATIONS[config.hidden_act], param_dtype=param_dtype,
-                           rngs=rngs)  # fmt: skip
+            shared = None
+            if fs := config.shared_expert_intermediate_size:  # Qwen2-MoE
+                shared_config = dataclasses.replace(config, intermediate_size=fs)
+                shared = MLP(shared_config, param_dtype=param_dtype, rngs=rngs)
+            self.mlp = MoE(config, _ACTIVATIONS[config.hidden_act], shared=shared,
+                           param_dtype=param_dtype, rngs=rngs)  # fmt: skip
         else:
             self.mlp = MLP(config, param_dtype=param_dtype, rngs=rngs)
 

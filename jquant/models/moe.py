@@ -23,6 +23,9 @@ Parameter paths of an MoE layer (beside the attention and norms of `jquant.model
     layers/{i}/mlp/gate/weight                        (E, D)     router, HF layout, float
     layers/{i}/mlp/experts/{gate,up}_proj/kernel      (E, D, F)
     layers/{i}/mlp/experts/down_proj/kernel           (E, F, D)
+    layers/{i}/mlp/shared_expert/{gate,up,down}_proj/kernel   Qwen2-MoE's shared expert (an
+    layers/{i}/mlp/shared_expert_gate/kernel          (D, 1)  MLP every token goes through,
+                                                               weighted by sigmoid(x @ gate))
 
 The router is a ``weight`` rather than a ``kernel`` so that recipes' ``kernel$`` rules leave
 it in float (a rule that names it still quantizes it; it is dequantized before use).
@@ -107,6 +110,17 @@ class Router(nnx.Module):
         return jnp.einsum("td,ed->te", x, w, preferred_element_type=jnp.float32)
 
 
+class SharedGate(nnx.Module):
+    """Qwen2-MoE's ``shared_expert_gate``: ``x @ kernel``, kernel ``(D, 1)`` (float or QArray)."""
+
+    def __init__(self, d: int, *, param_dtype, rngs: nnx.Rngs):
+        init = jax.nn.initializers.normal(0.02)
+        self.kernel = nnx.Param(init(rngs.params(), (d, 1), param_dtype))
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return x @ _dense(self.kernel.get_value(), x.dtype)
+
+
 class MoE(nnx.Module):
     """A sparse MoE block in place of the MLP: routing as in the module docstring.
 
@@ -114,12 +128,19 @@ class MoE(nnx.Module):
       config: ``num_experts``, ``num_experts_per_tok``, ``moe_intermediate_size`` and
         ``norm_topk_prob`` are read.
       act: the experts' activation (the config's ``hidden_act``).
+      shared: Qwen2-MoE's shared expert (a dense MLP module) or None; its output, times
+        ``sigmoid(x @ shared_expert_gate)``, is added to the routed experts'.
     """
 
-    def __init__(self, config: LlamaConfig, act: Callable, *, param_dtype, rngs: nnx.Rngs):
+    def __init__(self, config: LlamaConfig, act: Callable, *, shared: nnx.Module | None = None,
+                 param_dtype, rngs: nnx.Rngs):  # fmt: skip
         kw = dict(param_dtype=param_dtype, rngs=rngs)
         self.gate = Router(config.num_experts, config.hidden_size, **kw)
         self.experts = Experts(config, act, **kw)
+        self.shared_expert = shared
+        if shared is not None:
+            self.shared_expert_gate = SharedGate(config.hidden_size, param_dtype=param_dtype,
+                                                 rngs=rngs)  # fmt: skip
         self.num_experts, self.top_k = config.num_experts, config.num_experts_per_tok
         self.normalize = config.norm_topk_prob
 
@@ -133,4 +154,8 @@ class MoE(nnx.Module):
         sizes = jnp.bincount(flat, length=self.num_experts).astype(jnp.int32)
         y = self.experts(tokens[source], sizes)
         y = y * weights.reshape(-1)[order][:, None].astype(y.dtype)
-        return jnp.zeros_like(tokens).at[source].add(y).reshape(shape)
+        out = jnp.zeros_like(tokens).at[source].add(y)
+        if self.shared_expert is not None:
+            gate = jax.nn.sigmoid(self.shared_expert_gate(tokens))
+            out = out + gate * self.shared_expert(tokens)
+        return out.reshape(shape)

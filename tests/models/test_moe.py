@@ -41,8 +41,15 @@ CASES = {
                         dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=24,
                              norm_topk_prob=False, decoder_sparse_step=2,
                              mlp_only_layers=[2])),
+    # Qwen2-MoE: q/k/v biases, a shared expert beside the routed ones; layer 0 dense.
+    "qwen2_moe": ("Qwen2MoeConfig", "Qwen2MoeForCausalLM",
+                  dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=24,
+                       shared_expert_intermediate_size=40, norm_topk_prob=False,
+                       mlp_only_layers=[0])),
 }  # fmt: skip
-MOE_LAYERS = {"mixtral": (0, 1, 2), "qwen3_moe": (0, 1, 2), "qwen3_moe-mixed": (1,)}
+MOE_LAYERS = {"mixtral": (0, 1, 2), "qwen3_moe": (0, 1, 2), "qwen3_moe-mixed": (1,),
+              "qwen2_moe": (1, 2)}  # fmt: skip
+MIXED = ("qwen3_moe-mixed", "qwen2_moe")
 
 
 def _hf_model(case):
@@ -57,7 +64,7 @@ def _hf_model(case):
         for name, p in model.named_parameters():
             if name.endswith("mlp.gate.weight"):  # routers: spread the logits out
                 p.mul_(20.0)
-            elif "norm" in name:
+            elif "norm" in name or name.endswith("bias"):
                 p.add_(0.2 * torch.randn_like(p))
     return model
 
@@ -92,9 +99,10 @@ def test_config_reads_the_experts(pair):
     case, hf, model, _ = pair
     c, hc = model.config, hf.config
     assert c.model_type == hc.model_type and c.moe_layers == MOE_LAYERS[case]
-    assert c.num_experts == hc.num_local_experts
+    assert c.num_experts == getattr(hc, "num_local_experts", None) or hc.num_experts
     assert c.num_experts_per_tok == hc.num_experts_per_tok
-    assert c.norm_topk_prob == (case != "qwen3_moe-mixed")
+    assert c.norm_topk_prob == (case in ("mixtral", "qwen3_moe"))
+    assert c.shared_expert_intermediate_size == (40 if case == "qwen2_moe" else 0)
 
 
 @pytest.mark.reference
@@ -122,7 +130,7 @@ def test_logits_match(pair):
     want = _hf_logits(hf)
     got, _ = forward(model, params, jnp.asarray(IDS, jnp.int32))
     stacked = core.is_stacked(core.weights(params, model.config.num_layers)["layers"])
-    assert stacked == (case != "qwen3_moe-mixed")
+    assert stacked == (case not in MIXED)
     assert _close(got, want) < 2e-5
     assert _close(blocks.layerwise_forward(model, params, IDS), want) < 2e-5
 
@@ -173,6 +181,47 @@ def test_quantized_experts_run(pair):
     want, _ = forward(model, dequantized, jnp.asarray(IDS, jnp.int32))
     assert _close(got, np.asarray(want)) < 1e-5
     assert _close(got, _hf_logits(hf)) < 0.1
+
+
+@pytest.mark.reference
+def test_lazy_layers_read_the_saved_experts(pair, tmp_path_factory):
+    """`layer_params_from_hf` on a lazily read checkpoint assembles each layer's expert
+    stacks from the per-expert tensors, equal to the eager load's."""
+    case, hf, _, params = pair
+    from jquant.io import load_checkpoint
+    from jquant.models import layer_params_from_hf
+
+    path = tmp_path_factory.mktemp(f"{case}-lazy")
+    hf.save_pretrained(path)
+    ckpt = load_checkpoint(str(path), lazy=True)
+    config = LlamaConfig.from_hf(ckpt.config)
+    for i in range(config.num_layers):
+        got = nnx.to_flat_state(layer_params_from_hf(ckpt.tensors, config, i))
+        want = dict(nnx.to_flat_state(params["layers"][i]))
+        assert [k for k, _ in got] == list(want)
+        for k, v in got:
+            np.testing.assert_array_equal(v.get_value(), want[k].get_value())
+
+
+@pytest.mark.reference
+def test_greedy_through_serving_runner(pair):
+    """The serving engine's slot cache (chunked prefill, then one-token decode steps) gives
+    `generate`'s greedy tokens."""
+    from jquant.serve.runner import Runner, Sampling
+
+    _, _, model, params = pair
+    prompt = IDS[0, :12].tolist()
+    want = generate(model, params, prompt, max_new_tokens=8, stop_tokens=()).sequences()[0]
+    runner = Runner(model, params, rows=2, max_len=64, prefill_chunk=8)
+    greedy, table = Sampling.greedy(1), [list(range(8))]
+    token = int(runner.prefill(table, [prompt[:8]], [0], greedy)[0])
+    token = int(runner.prefill(table, [prompt[8:]], [8], greedy)[0])
+    out, pos = [token], len(prompt)
+    for _ in range(7):
+        token = int(runner.decode(table, [token], [pos], greedy)[0])
+        out.append(token)
+        pos += 1
+    assert out == want
 
 
 # ---- the grouped matmul and the routing against NumPy -----------------------------------
