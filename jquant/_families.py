@@ -27,6 +27,11 @@ class Family:
         from ``max_window_layers`` on when ``use_sliding_window``), or "pattern" (gemma2/3:
         every layer but each ``sliding_window_pattern``-th).
       pattern: the default ``sliding_window_pattern``.
+      moe: how the config names its mixture-of-experts fields: "none" (dense), "mixtral"
+        (``num_local_experts``; every layer sparse; top-k weights always renormalized) or
+        "qwen_moe" (``num_experts``, ``moe_intermediate_size``, ``norm_topk_prob``, dense
+        layers by ``decoder_sparse_step`` / ``mlp_only_layers``, and Qwen2-MoE's shared
+        expert by ``shared_expert_intermediate_size``).
     """
 
     qkv_bias: bool = False
@@ -36,6 +41,7 @@ class Family:
     activation: str = "silu"
     sliding: str = "none"
     pattern: int = 0
+    moe: str = "none"
 
 
 #: Every `model_type` `LlamaConfig.from_hf` accepts, and what it fixes.
@@ -44,6 +50,9 @@ FAMILIES = {
     "mistral": Family(sliding="all"),
     "qwen2": Family(qkv_bias=True, sliding="upper"),
     "qwen3": Family(qk_norm=True, sliding="upper"),
+    "mixtral": Family(sliding="all", moe="mixtral"),
+    "qwen2_moe": Family(qkv_bias=True, sliding="upper", moe="qwen_moe"),
+    "qwen3_moe": Family(qk_norm=True, sliding="upper", moe="qwen_moe"),
     "gemma": Family(gemma=True, activation="gelu_pytorch_tanh"),
     "gemma2": Family(gemma=True, sandwich_norms=True, activation="gelu_pytorch_tanh",
                      sliding="pattern", pattern=2),

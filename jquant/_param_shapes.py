@@ -13,7 +13,8 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     from jquant.arch import LlamaConfig
 
-_HF_LEAF = {"kernel": "weight", "embedding": "weight", "scale": "weight", "bias": "bias"}
+_HF_LEAF = {"kernel": "weight", "embedding": "weight", "scale": "weight", "bias": "bias",
+            "weight": "weight"}  # fmt: skip
 
 
 def hf_name(path: tuple) -> str:
@@ -54,8 +55,21 @@ def param_shapes(config: LlamaConfig) -> dict[str, tuple[int, ...]]:
         if config.qk_norm:
             shapes[f"{p}self_attn/q_norm/scale"] = (dh,)
             shapes[f"{p}self_attn/k_norm/scale"] = (dh,)
-        for proj, shape in {"gate_proj": (d, f), "up_proj": (d, f), "down_proj": (f, d)}.items():
-            shapes[f"{p}mlp/{proj}/kernel"] = shape
+        if config.is_moe(i):  # jquant.models.moe.MoE: router (E, D) as HF stores it, experts
+            e, fe = config.num_experts, config.moe_intermediate_size
+            shapes[f"{p}mlp/gate/weight"] = (e, d)
+            for proj, shape in {"gate_proj": (e, d, fe), "up_proj": (e, d, fe),
+                                "down_proj": (e, fe, d)}.items():  # fmt: skip
+                shapes[f"{p}mlp/experts/{proj}/kernel"] = shape
+            if fs := config.shared_expert_intermediate_size:
+                for proj, shape in {"gate_proj": (d, fs), "up_proj": (d, fs),
+                                    "down_proj": (fs, d)}.items():  # fmt: skip
+                    shapes[f"{p}mlp/shared_expert/{proj}/kernel"] = shape
+                shapes[f"{p}mlp/shared_expert_gate/kernel"] = (d, 1)
+        else:
+            for proj, shape in {"gate_proj": (d, f), "up_proj": (d, f),
+                                "down_proj": (f, d)}.items():  # fmt: skip
+                shapes[f"{p}mlp/{proj}/kernel"] = shape
         norms = ["input_layernorm", "post_attention_layernorm"]
         if config.sandwich_norms:
             norms += ["pre_feedforward_layernorm", "post_feedforward_layernorm"]

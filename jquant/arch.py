@@ -8,7 +8,9 @@ re-exports it), so io never imports models.
 
 One config covers the decoder families that share Llama's skeleton (RMSNorm, RoPE attention
 with grouped key/value heads, a gated MLP): `llama` (SmolLM2 is one), `mistral`, `qwen2`,
-`qwen3`, `gemma`, `gemma2` and `gemma3_text`. What differs between them is data, not code, and
+`qwen3`, `gemma`, `gemma2` and `gemma3_text`, and the mixture-of-experts families `mixtral`
+and `qwen3_moe` (the MLP of some or all layers replaced by routed experts,
+`jquant.models.moe`). What differs between them is data, not code, and
 `FAMILIES` holds it per `model_type`:
 
 * q/k/v biases (qwen2); RMSNorm of every query and key head before RoPE (qwen3, gemma3);
@@ -122,6 +124,13 @@ class LlamaConfig:
     layer_types: tuple[str, ...] = ()  # FULL / SLIDING per layer; () means all FULL
     rope_local_theta: float | None = None  # RoPE base of sliding layers (default rope, no
     #   scaling); None: they rotate as the full-attention layers do
+    num_experts: int = 0  # experts per mixture-of-experts layer; 0: a dense model
+    num_experts_per_tok: int = 0  # experts each token is routed to (top-k)
+    moe_intermediate_size: int = 0  # one expert's MLP width; 0 means intermediate_size
+    norm_topk_prob: bool = True  # the top-k routing weights are renormalized to sum to 1
+    moe_layers: tuple[int, ...] = ()  # which layers are MoE (the rest dense MLPs)
+    shared_expert_intermediate_size: int = 0  # Qwen2-MoE: width of the shared expert every
+    #   token also goes through (its output gated by a sigmoid); 0: none
 
     def __post_init__(self):
         for name in ("vocab_size", "hidden_size", "intermediate_size", "num_layers",
@@ -175,7 +184,46 @@ class LlamaConfig:
                 f"LlamaConfig: model_type={self.model_type!r} is not supported; "
                 f"supported: {', '.join(SUPPORTED_MODEL_TYPES)}"
             )
+        self._check_moe()
         self._check_ranges()
+
+    def _check_moe(self) -> None:
+        """Mixture-of-experts fields consistent: top-k within the expert count, MoE layers
+        only with experts and only among the model's layers."""
+        if not self.num_experts and not self.moe_layers:
+            return
+        if not isinstance(self.num_experts, int) or self.num_experts < 1:
+            raise ValueError(
+                f"LlamaConfig: num_experts={self.num_experts!r} must be a positive int when "
+                f"moe_layers={self.moe_layers!r} are given"
+            )
+        k = self.num_experts_per_tok
+        if not isinstance(k, int) or not 1 <= k <= self.num_experts:
+            raise ValueError(
+                f"LlamaConfig: num_experts_per_tok={k!r} must be an int in [1, num_experts="
+                f"{self.num_experts}]: each token is routed to that many distinct experts"
+            )
+        if not isinstance(self.moe_intermediate_size, int) or self.moe_intermediate_size < 0:
+            raise ValueError(
+                f"LlamaConfig: moe_intermediate_size={self.moe_intermediate_size!r} must be a "
+                "positive int (or 0: intermediate_size)"
+            )
+        if not isinstance(self.shared_expert_intermediate_size, int) or (
+            self.shared_expert_intermediate_size < 0
+        ):
+            raise ValueError(
+                "LlamaConfig: shared_expert_intermediate_size="
+                f"{self.shared_expert_intermediate_size!r} must be an int >= 0 (0: none)"
+            )
+        if self.moe_intermediate_size == 0:
+            object.__setattr__(self, "moe_intermediate_size", self.intermediate_size)
+        bad = [i for i in self.moe_layers if not isinstance(i, int) or
+               not 0 <= i < self.num_layers]  # fmt: skip
+        if bad or len(set(self.moe_layers)) != len(self.moe_layers):
+            raise ValueError(
+                f"LlamaConfig: moe_layers={self.moe_layers!r} must list distinct layer indices "
+                f"in [0, num_layers={self.num_layers})"
+            )
 
     def _check_ranges(self) -> None:
         """Every number within what real checkpoints of the families use (a value outside,
@@ -237,6 +285,10 @@ class LlamaConfig:
         """Whether decoder layer ``layer`` attends within the sliding window only."""
         return bool(self.layer_types) and self.layer_types[layer] == SLIDING
 
+    def is_moe(self, layer: int) -> bool:
+        """Whether decoder layer ``layer`` runs a mixture of experts (else a dense MLP)."""
+        return layer in self.moe_layers
+
     @property
     def has_sliding(self) -> bool:
         """Whether any layer uses sliding-window attention."""
@@ -271,6 +323,9 @@ class LlamaConfig:
         rope = _rope_fields(scaling, config.get("max_position_embeddings", 2048))
         heads = int(config["num_attention_heads"])
         hidden = int(config["hidden_size"])
+        if model_type == "qwen2_moe" and config.get("qkv_bias", True) is False:
+            raise ValueError("qwen2_moe with qkv_bias=False is not supported (the family's "
+                             "q/k/v projections carry biases)")  # fmt: skip
         # As in transformers: qwen2 always has q/k/v biases and never an o_proj bias;
         # llama's attention_bias covers all four projections; mistral has none.
         bias = family.qkv_bias or bool(config.get("attention_bias", False))
@@ -314,7 +369,47 @@ class LlamaConfig:
             layer_types=types if SLIDING in types else (),
             rope_local_theta=(local_theta or 10000.0) if model_type == "gemma3_text" else None,
             **rope,
+            **_moe_fields(config, model_type, layers),
         )
+
+
+def _moe_fields(config: Mapping[str, Any], model_type: str, num_layers: int) -> dict[str, Any]:
+    """The mixture-of-experts fields of a config, as transformers reads them: Mixtral's
+    ``num_local_experts`` (every layer sparse, top-k weights renormalized) or Qwen-MoE's
+    ``num_experts``, ``moe_intermediate_size`` and ``norm_topk_prob`` (default False), with
+    layer ``i`` sparse unless it is in ``mlp_only_layers`` or ``(i + 1) %
+    decoder_sparse_step`` is not 0; Qwen2-MoE's ``shared_expert_intermediate_size`` too."""
+    family = FAMILIES[model_type]
+    if family.moe == "none":
+        return {}
+    # Mixtral's own name first; transformers maps num_experts to it (Qwen3-MoE files carry
+    # both), and jquant's Checkpoint.config spells it num_experts for every family.
+    keys = ("num_local_experts", "num_experts")
+    if family.moe != "mixtral":
+        keys = keys[::-1]
+    key = next((k for k in keys if config.get(k) is not None), keys[0])
+    for name in (key, "num_experts_per_tok"):
+        if config.get(name) is None:
+            raise ValueError(f"a {family.moe} config needs {name!r}, the config has none")
+    experts = int(config[key])
+    if experts == 0 and family.moe != "mixtral":  # transformers: num_experts=0 is all dense
+        return {}
+    if experts < 1:
+        raise ValueError(f"config {key}={experts} must be at least 1 for a {family.moe} model")
+    fields: dict[str, Any] = dict(num_experts=experts,
+                                  num_experts_per_tok=int(config["num_experts_per_tok"]))
+    if family.moe == "mixtral":
+        return dict(fields, moe_layers=tuple(range(num_layers)))
+    step = int(config.get("decoder_sparse_step", 1) or 1)
+    dense = {int(i) for i in config.get("mlp_only_layers") or ()}
+    return dict(
+        fields,
+        moe_intermediate_size=int(config.get("moe_intermediate_size") or 0),
+        norm_topk_prob=bool(config.get("norm_topk_prob", False)),
+        shared_expert_intermediate_size=int(config.get("shared_expert_intermediate_size") or 0)
+        if model_type == "qwen2_moe" else 0,
+        moe_layers=tuple(i for i in range(num_layers) if i not in dense and (i + 1) % step == 0),
+    )
 
 
 def _rope(config: Mapping[str, Any]) -> tuple[float, dict[str, Any] | None, float | None]:

@@ -73,7 +73,8 @@ class Rule:
     # Quantize the scales too (8-bit log-domain codes, QLoRA-style double quantization).
     double_quant: bool = False
     # Contraction axis; None = -1 for a leaf named "embedding" (rows gathered, a tied head
-    # contracts features), else 0 (a Dense kernel (K, N)).
+    # contracts features), else 0 (a Dense kernel (K, N)), or ndim - 2 for a stack of
+    # kernels (an MoE layer's experts (E, K, N)).
     axis: int | None = None
     # Name of a registered algorithm (jquant.algorithms.names()).
     algorithm: str = "rtn"
@@ -225,7 +226,7 @@ class Rule:
         """
         axis = self.axis
         if axis is None:
-            axis = -1 if path.rsplit("/", 1)[-1] == "embedding" else 0
+            axis = -1 if path.rsplit("/", 1)[-1] == "embedding" else max(0, ndim - 2)
         if not -ndim <= axis < ndim:
             raise RuleError(f"{path}: {self.where}: axis={axis} is out of range for a "
                             f"{ndim}-D parameter")

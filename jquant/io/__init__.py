@@ -11,6 +11,7 @@ up: a model larger than host memory is then read a layer at a time.
 """
 
 from ._checkpoint import CONFIG_KEYS as CONFIG_KEYS
+from ._checkpoint import MOE_CONFIG_KEYS as MOE_CONFIG_KEYS
 from ._checkpoint import SUPPORTED_MODEL_TYPES as SUPPORTED_MODEL_TYPES
 from ._checkpoint import Checkpoint as Checkpoint
 from ._checkpoint import expected_shapes as expected_shapes

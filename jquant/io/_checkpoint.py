@@ -15,11 +15,11 @@ from typing import Any
 
 import numpy as np
 
-from jquant.arch import FAMILIES, SUPPORTED_MODEL_TYPES
+from jquant.arch import FAMILIES, SUPPORTED_MODEL_TYPES, LlamaConfig
 
 from ._lazy import shape_of
 
-__all__ = ["CONFIG_KEYS", "SUPPORTED_MODEL_TYPES", "Checkpoint", "check_tensors",
+__all__ = ["CONFIG_KEYS", "MOE_CONFIG_KEYS", "SUPPORTED_MODEL_TYPES", "Checkpoint", "check_tensors",
            "expected_shapes", "normalize_rope"]  # fmt: skip
 
 #: Keys every `Checkpoint.config` has, HF `config.json` style.
@@ -48,6 +48,13 @@ CONFIG_KEYS = (
     "layer_types",
     "rope_local_base_freq",
 )
+
+#: Keys a mixture-of-experts family's `Checkpoint.config` has besides `CONFIG_KEYS` (as
+#: transformers' Qwen3-MoE config names them; `jquant.arch.LlamaConfig.from_hf` reads them
+#: for Mixtral too): ``mlp_only_layers`` lists the dense layers, ``decoder_sparse_step`` is 1.
+MOE_CONFIG_KEYS = ("num_experts", "num_experts_per_tok", "moe_intermediate_size",
+                   "norm_topk_prob", "mlp_only_layers", "decoder_sparse_step",
+                   "shared_expert_intermediate_size")  # fmt: skip
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -108,6 +115,9 @@ def expected_shapes(config: dict[str, Any]) -> dict[str, tuple[int, ...]]:
     }
     if not config["tie_word_embeddings"]:
         shapes["lm_head.weight"] = (v, d)
+    moe = None
+    if FAMILIES[config["model_type"]].moe != "none":
+        moe = LlamaConfig.from_hf(config)
     for i in range(config["num_hidden_layers"]):
         p = f"model.layers.{i}."
         attn = {
@@ -131,11 +141,34 @@ def expected_shapes(config: dict[str, Any]) -> dict[str, tuple[int, ...]]:
         if family.sandwich_norms:
             shapes[f"{p}pre_feedforward_layernorm.weight"] = (d,)
             shapes[f"{p}post_feedforward_layernorm.weight"] = (d,)
-        shapes[f"{p}mlp.gate_proj.weight"] = (f, d)
-        shapes[f"{p}mlp.up_proj.weight"] = (f, d)
-        shapes[f"{p}mlp.down_proj.weight"] = (d, f)
+        if moe is not None and moe.is_moe(i):
+            shapes.update(_moe_shapes(moe, p))
+        else:
+            shapes[f"{p}mlp.gate_proj.weight"] = (f, d)
+            shapes[f"{p}mlp.up_proj.weight"] = (f, d)
+            shapes[f"{p}mlp.down_proj.weight"] = (d, f)
         shapes[f"{p}input_layernorm.weight"] = (d,)
         shapes[f"{p}post_attention_layernorm.weight"] = (d,)
+    return shapes
+
+
+def _moe_shapes(config, prefix: str) -> dict[str, tuple[int, ...]]:
+    """An MoE layer's tensors as transformers' save_pretrained writes them: one Linear per
+    expert, ``mlp.experts.{e}.{gate,up,down}_proj`` and the router ``mlp.gate`` (Qwen-MoE),
+    ``block_sparse_moe.experts.{e}.w1/w3/w2`` and ``block_sparse_moe.gate`` (Mixtral)."""
+    d, f = config.hidden_size, config.moe_intermediate_size
+    if config.model_type == "mixtral":
+        block, names = "block_sparse_moe", {"gate_proj": "w1", "up_proj": "w3", "down_proj": "w2"}
+    else:
+        block, names = "mlp", {p: p for p in ("gate_proj", "up_proj", "down_proj")}
+    shapes = {f"{prefix}{block}.gate.weight": (config.num_experts, d)}
+    for e in range(config.num_experts):
+        for proj, shape in (("gate_proj", (f, d)), ("up_proj", (f, d)), ("down_proj", (d, f))):
+            shapes[f"{prefix}{block}.experts.{e}.{names[proj]}.weight"] = shape
+    if fs := config.shared_expert_intermediate_size:  # Qwen2-MoE
+        for proj, shape in (("gate_proj", (fs, d)), ("up_proj", (fs, d)), ("down_proj", (d, fs))):
+            shapes[f"{prefix}mlp.shared_expert.{proj}.weight"] = shape
+        shapes[f"{prefix}mlp.shared_expert_gate.weight"] = (1, d)
     return shapes
 
 

@@ -86,7 +86,15 @@ def config_from_hf(raw: dict[str, Any], source: str = "<config.json>") -> dict[s
     if cfg.rope_local_theta is not None or model_type.startswith("gemma3"):
         theta = cfg.rope_theta  # transformers 5 nests it per layer type
         scaling = None if cfg.rope_type == "default" else _scaling_of(cfg)
+    moe = {}
+    if cfg.num_experts:  # MOE_CONFIG_KEYS
+        moe = dict(num_experts=cfg.num_experts, num_experts_per_tok=cfg.num_experts_per_tok,
+                   moe_intermediate_size=cfg.moe_intermediate_size,
+                   norm_topk_prob=cfg.norm_topk_prob, decoder_sparse_step=1,
+                   shared_expert_intermediate_size=cfg.shared_expert_intermediate_size,
+                   mlp_only_layers=[i for i in range(cfg.num_layers) if not cfg.is_moe(i)])
     return {
+        **moe,
         "model_type": model_type,
         "vocab_size": need("vocab_size"),
         "hidden_size": hidden,

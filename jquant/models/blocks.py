@@ -86,7 +86,7 @@ def layerwise_forward(model, params: nnx.State, tokens, mask=None) -> jax.Array:
     Float32 logits ``(B, S, V)``. Layers of equal structure share one compiled program.
     """
     x, ctx = embed(model, params, tokens, mask)
-    graphdef = layer_graphdef(model)
-    for i in range(model.config.num_layers):
+    for i in range(model.config.num_layers):  # dense and MoE layers may differ in structure
+        graphdef = nnx.graphdef(model.layers[i])
         x = run_layer(graphdef, layer_params(params, i), x, ctx.at(model.config, i))
     return head(model, params, x)

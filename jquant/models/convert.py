@@ -54,8 +54,8 @@ def _param(tensors: Mapping[str, np.ndarray], path: tuple, shape: tuple[int, ...
     from jquant.io import LazyTensors  # io is optional until a checkpoint is read
 
     name = hf_name(path)
-    transpose = path[-1] == "kernel"
-    hf_shape = shape[::-1] if transpose else shape
+    transpose = path[-1] == "kernel"  # the last two axes (an MoE expert stack: per expert)
+    hf_shape = (*shape[:-2], shape[-1], shape[-2]) if transpose else shape
     if name not in tensors:
         raise ValueError(
             f"missing tensor {name!r} (for parameter {'/'.join(map(str, path))}, "
@@ -81,7 +81,67 @@ def _param(tensors: Mapping[str, np.ndarray], path: tuple, shape: tuple[int, ...
             "and the weights disagree"
         )
     array = tensors.read(name, np.dtype(param_dtype)) if lazy else np.asarray(tensors[name])
-    return jnp.asarray(array.T if transpose else array, param_dtype)
+    return jnp.asarray(np.swapaxes(array, -1, -2) if transpose else array, param_dtype)
+
+
+# ---- mixture-of-experts layouts --------------------------------------------------------
+# jquant's MoE paths map (by `hf_name`) to one stacked tensor per projection,
+# ``model.layers.{i}.mlp.experts.{gate,up,down}_proj.weight`` (E, out, in), and the router
+# ``model.layers.{i}.mlp.gate.weight``. Checkpoints store experts otherwise: transformers 5's
+# save_pretrained (and the Hub's files) one Linear per expert, ``...mlp.experts.{e}.{proj}``
+# (Qwen-MoE) or ``...block_sparse_moe.experts.{e}.w1/w3/w2`` and ``...block_sparse_moe.gate``
+# (Mixtral); transformers 5's in-memory state_dict fuses ``mlp.experts.gate_up_proj``
+# (E, 2F, D: gate rows first) and ``mlp.experts.down_proj`` (E, D, F).
+
+_MIXTRAL_W = {"gate_proj": "w1", "up_proj": "w3", "down_proj": "w2"}
+
+
+def _moe_parts(tensors, path: tuple) -> tuple[list[str], str] | None:
+    """``(source names, how)`` of an MoE parameter the checkpoint stores otherwise than
+    under its `hf_name`; None when the name itself is there or no other layout is."""
+    if path[0] != "layers" or path[2] != "mlp" or hf_name(path) in tensors:
+        return None
+    layer = f"model.layers.{path[1]}"
+    if path[3] == "gate":  # the router
+        name = f"{layer}.block_sparse_moe.gate.weight"
+        return ([name], "one") if name in tensors else None
+    if path[3] != "experts":
+        return None
+    proj = path[4]
+    fused = f"{layer}.mlp.experts.{'down_proj' if proj == 'down_proj' else 'gate_up_proj'}"
+    if fused in tensors:
+        return [fused], {"gate_proj": "first", "up_proj": "second"}.get(proj, "one")
+    mixtral = f"{layer}.block_sparse_moe.experts.{{}}.{_MIXTRAL_W[proj]}.weight"
+    for pattern in (f"{layer}.mlp.experts.{{}}.{proj}.weight", mixtral):
+        if pattern.format(0) in tensors:
+            names, e = [], 0
+            while pattern.format(e) in tensors:
+                names.append(pattern.format(e))
+                e += 1
+            return names, "stack"
+    return None
+
+
+def _moe_tensor(tensors, names: list[str], how: str, param_dtype) -> np.ndarray:
+    """The HF-layout tensor `_moe_parts` describes, assembled from its sources."""
+    from jquant.io import LazyTensors
+
+    def read(n):
+        if isinstance(tensors, LazyTensors):
+            return tensors.read(n, np.dtype(param_dtype))
+        if isinstance(tensors[n], QArray):
+            raise ValueError(f"tensor {n!r} is quantized; jquant assembles MoE experts from "
+                             "float tensors only")  # fmt: skip
+        return np.asarray(tensors[n])
+
+    if how == "stack":
+        return np.stack([read(n) for n in names])
+    array = read(names[0])
+    if how == "one":
+        return array
+    half = array.shape[-2] // 2
+    return array[..., :half, :] if how == "first" else array[..., half:, :]
+
 
 
 def _fill(state: nnx.State, prefix: tuple, tensors: Mapping[str, np.ndarray],
@@ -92,7 +152,12 @@ def _fill(state: nnx.State, prefix: tuple, tensors: Mapping[str, np.ndarray],
     used = set()
     for path, var in nnx.to_flat_state(state):
         full = (*prefix, *path)
-        _set(pure, path, _param(tensors, full, tuple(var.get_value().shape), config, param_dtype))
+        source, parts = tensors, _moe_parts(tensors, full)
+        if parts is not None:
+            source = {hf_name(full): _moe_tensor(tensors, *parts, param_dtype)}
+            used.update(parts[0])
+        shape = tuple(var.get_value().shape)
+        _set(pure, path, _param(source, full, shape, config, param_dtype))
         used.add(hf_name(full))
     nnx.replace_by_pure_dict(state, pure)
     return used
@@ -142,7 +207,8 @@ def params_from_hf(
 
 def params_to_hf(params) -> dict[str, np.ndarray | QArray]:
     """The inverse of `params_from_hf`: ``{hf_name: tensor}`` of a parameter State (or nested
-    dict), floats as numpy arrays in HF layout (kernels transposed to ``(out, in)``), QArrays
+    dict), floats as numpy arrays in HF layout (kernels transposed to ``(out, in)``, an MoE
+    expert stack per expert: ``(E, out, in)``), QArrays
     kept as they are (logical ``(in, out)``). A tied model has no ``lm_head.weight``.
 
     What the exporters of quantized checkpoints take (`jquant.io.gptq_awq.write_gptq`).
@@ -156,7 +222,7 @@ def params_to_hf(params) -> dict[str, np.ndarray | QArray]:
             out[hf_name(keys)] = value
         else:
             array = np.asarray(value)
-            out[hf_name(keys)] = array.T if keys[-1] == "kernel" else array
+            out[hf_name(keys)] = np.swapaxes(array, -1, -2) if keys[-1] == "kernel" else array
     return out
 
 
@@ -197,7 +263,7 @@ def layer_params_from_hf(
     if not 0 <= layer < config.num_layers:
         raise ValueError(f"{layer=} is out of range: the model has {config.num_layers} layers")
     abstract = nnx.eval_shape(
-        lambda: DecoderLayer(config, param_dtype=param_dtype, rngs=nnx.Rngs(0))
+        lambda: DecoderLayer(config, param_dtype=param_dtype, rngs=nnx.Rngs(0), layer=layer)
     )
     state = nnx.state(abstract)
     used = _fill(state, ("layers", layer), tensors, config, param_dtype)

@@ -75,9 +75,15 @@ class Static:
 
     config: LlamaConfig
     embed: nnx.GraphDef
-    layer: nnx.GraphDef  # every decoder layer's (QArrays or arrays live in the States)
+    layer: nnx.GraphDef  # the first decoder layer's (QArrays or arrays live in the States)
     norm: nnx.GraphDef
     dtype: Any  # activations' compute dtype
+    layers: tuple | None = None  # every layer's GraphDef where they differ (dense and MoE
+    #   layers mixed); None: all are `layer`
+
+    def layer_at(self, i: int) -> nnx.GraphDef:
+        """Decoder layer ``i``'s GraphDef."""
+        return self.layer if self.layers is None else self.layers[i]
 
     @property
     def tied(self) -> bool:
@@ -85,9 +91,10 @@ class Static:
 
     @classmethod
     def of(cls, module) -> Static:
-        return cls(module.config, nnx.graphdef(module.embed_tokens),
-                   nnx.graphdef(module.layers[0]), nnx.graphdef(module.norm),
-                   module.dtype)  # fmt: skip
+        defs = tuple(nnx.graphdef(layer) for layer in module.layers)
+        return cls(module.config, nnx.graphdef(module.embed_tokens), defs[0],
+                   nnx.graphdef(module.norm), module.dtype,
+                   None if len(set(defs)) == 1 else defs)  # fmt: skip
 
 
 def weights(params, num_layers: int, *, stack: bool = True) -> dict:
@@ -128,7 +135,7 @@ def run_layers(st: Static, layers, x, ctxs: Contexts, cache: Cache):
     config = st.config
     if not is_stacked(layers):
         for i, state in enumerate(layers):
-            x, cache = nnx.merge(st.layer, state)(x, ctxs.at(config, i), cache, i)
+            x, cache = nnx.merge(st.layer_at(i), state)(x, ctxs.at(config, i), cache, i)
         return x, cache
 
     def body(carry, xs):

@@ -1,6 +1,7 @@
 """The decoder of every supported family in Flax NNX, and a functional `forward` for jit.
 
-Llama, Mistral, Qwen2/3 and Gemma 1/2/3 share one skeleton; what differs is data in
+Llama, Mistral, Qwen2/3, Gemma 1/2/3 and the mixture-of-experts Mixtral and Qwen3-MoE (whose
+MLP is `jquant.models.moe.MoE` in some or all layers) share one skeleton; what differs is data in
 `LlamaConfig` (see `jquant.models.config`), so this one file runs them all.
 
 Every weight matmul goes through `jquant.ops` (`qdot`, `qembed`, `qattend`), so the same code
@@ -12,7 +13,8 @@ Parameter paths (recipes match them; keep them stable; they follow HF's names)::
     embed_tokens/embedding                      (V, D)
     layers/{i}/self_attn/{q,k,v,o}_proj/kernel  (K, N)  + bias (N,): q/k/v if qkv_bias, o if o_bias
     layers/{i}/self_attn/{q,k}_norm/scale       (Dh,)    qk_norm only (qwen3, gemma3)
-    layers/{i}/mlp/{gate,up,down}_proj/kernel   (K, N)
+    layers/{i}/mlp/{gate,up,down}_proj/kernel   (K, N)   a dense layer; an MoE layer's
+                                                         router and experts: jquant.models.moe
     layers/{i}/input_layernorm/scale            (D,)     before attention
     layers/{i}/post_attention_layernorm/scale   (D,)     before the MLP; with sandwich norms
                                                          (gemma2/3): after attention
@@ -29,6 +31,7 @@ parameter paths above), nothing else.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import jax
@@ -42,6 +45,7 @@ from jquant.models.attention import apply_rope, attend
 from jquant.models.cache import Cache
 from jquant.models.config import LlamaConfig
 from jquant.models.core import LayerContext
+from jquant.models.moe import MoE
 from jquant.qarray import QArray
 
 _ACTIVATIONS = {
@@ -178,7 +182,7 @@ class DecoderLayer(nnx.Module):
     """Pre-norm block: ``x + attn(norm(x))``, then ``x + mlp(norm(x))``; with sandwich norms
     (Gemma 2/3) the attention and MLP outputs are normalized too before they are added."""
 
-    def __init__(self, config: LlamaConfig, *, param_dtype, rngs: nnx.Rngs):
+    def __init__(self, config: LlamaConfig, *, param_dtype, rngs: nnx.Rngs, layer: int = 0):
         norm = functools.partial(_norm, config, config.hidden_size, param_dtype)
         self.input_layernorm = norm()
         self.self_attn = Attention(config, param_dtype=param_dtype, rngs=rngs)
@@ -187,7 +191,15 @@ class DecoderLayer(nnx.Module):
             self.pre_feedforward_layernorm = norm()
             self.post_feedforward_layernorm = norm()
         self.sandwich = config.sandwich_norms
-        self.mlp = MLP(config, param_dtype=param_dtype, rngs=rngs)
+        if config.is_moe(layer):  # layer ``layer`` of the model: MoE or dense by the config
+            shared = None
+            if fs := config.shared_expert_intermediate_size:  # Qwen2-MoE
+                shared_config = dataclasses.replace(config, intermediate_size=fs)
+                shared = MLP(shared_config, param_dtype=param_dtype, rngs=rngs)
+            self.mlp = MoE(config, _ACTIVATIONS[config.hidden_act], shared=shared,
+                           param_dtype=param_dtype, rngs=rngs)  # fmt: skip
+        else:
+            self.mlp = MLP(config, param_dtype=param_dtype, rngs=rngs)
 
     def __call__(self, x, ctx: LayerContext, cache: Cache, layer):
         """The one decoder-layer function: ``(x (B, S, D), cache)`` after this layer.
@@ -237,7 +249,9 @@ class Llama(nnx.Module):
         kw = dict(param_dtype=param_dtype, rngs=rngs)
         self.embed_tokens = Embed(config.vocab_size, config.hidden_size, scale=config.embed_scale,
                                   **kw)  # fmt: skip
-        self.layers = nnx.List([DecoderLayer(config, **kw) for _ in range(config.num_layers)])
+        self.layers = nnx.List(
+            [DecoderLayer(config, layer=i, **kw) for i in range(config.num_layers)]
+        )
         self.norm = _norm(config, config.hidden_size, param_dtype)
         if not config.tie_word_embeddings:
             self.lm_head = Dense(config.hidden_size, config.vocab_size, bias=False, **kw)
