@@ -392,10 +392,10 @@ def test_a_request_failing_in_the_engine_is_a_500_and_the_others_are_served(
     prefill = engine.runner.prefill
     marker = [7, 7, 7, 7]
 
-    def failing_prefill(tables, chunks, starts, sampling):
+    def failing_prefill(tables, chunks, starts, sampling, *rest, **kw):
         if any(list(c[:4]) == marker for c in chunks):
             raise RuntimeError("planted failure")
-        return prefill(tables, chunks, starts, sampling)
+        return prefill(tables, chunks, starts, sampling, *rest, **kw)
 
     monkeypatch.setattr(engine.runner, "prefill", failing_prefill)
     body = {"model": MODEL, "prompt": [*marker, 5], "max_tokens": 4}
