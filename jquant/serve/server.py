@@ -419,8 +419,9 @@ class _Logprobs:
     Each token's text is ``tokenizer.decode([id])`` (a token that is part of a UTF-8
     character decodes to U+FFFD), and ``bytes`` its UTF-8 encoding. The completions API's
     ``text_offset`` is where each token's text starts in the completion: the sum of the
-    lengths of the texts before it. Every generated token is listed, those of a stop string
-    included, the stop token not."""
+    lengths of the texts before it; its ``top_logprobs`` are dicts keyed by text, so of two
+    alternatives with one text only the more likely is listed. Every generated token is
+    listed, those of a stop string included, the stop token not."""
 
     def __init__(self, tokenizer, chat: bool):
         self.tokenizer, self.chat = tokenizer, chat
@@ -445,7 +446,10 @@ class _Logprobs:
             else:
                 self.tokens.append(text)
                 self.token_logprobs.append(logprob)
-                self.top.append({self._text(t): v for t, v in top})
+                alternatives: dict[str, float] = {}
+                for t, v in top:  # two ids of one text: the more likely one's
+                    alternatives.setdefault(self._text(t), v)
+                self.top.append(alternatives)
                 self.offsets.append(self.offset)
                 self.offset += len(text)
         return self.body(start)
