@@ -9,8 +9,11 @@ Endpoints: ``POST /v1/completions``, ``POST /v1/chat/completions`` (both with
 
 Bodies follow OpenAI's API. Sampling: ``n`` (up to the engine's slots; choice ``i`` is
 seeded ``seed + i``), ``max_tokens`` (``max_completion_tokens`` in chat), ``temperature``,
-``top_p``, ``stop``, ``seed``, and vLLM's extensions ``top_k`` and ``ignore_eos``, each
-within `jquant.serve.limits` (the engine checks the same limits). Every bad request is an HTTP
+``top_p``, ``stop``, ``seed``, ``presence_penalty``, ``frequency_penalty``, vLLM's extensions
+``top_k``, ``ignore_eos`` and ``repetition_penalty``, and log-probabilities (completions'
+``logprobs: N``, chat's ``logprobs``/``top_logprobs``; of the model's logits before penalties
+and temperature, in OpenAI's shapes: `_Logprobs`), each within `jquant.serve.limits` (the
+engine checks the same limits). Every bad request is an HTTP
 400 with OpenAI's error body, an unknown model included (OpenAI answers 404 there), a body over
 `jquant.serve.protocol.MAX_BODY_BYTES` is a 413; see `jquant.serve.protocol`. A request that
 fails inside the engine is an HTTP 500 (streamed: an ``error`` event, then ``[DONE]``); the
