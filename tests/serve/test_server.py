@@ -305,6 +305,17 @@ def test_chat_logprobs_equal_the_uncached_log_softmax(client, engine):
                 for x in c.choices[0].logprobs.content]  # fmt: skip
     assert [x.model_dump() for x in streamed] == [x.model_dump() for x in content]
     assert client.chat.completions.create(**kw).choices[0].logprobs is None
+    # Sampled (seeded: the engine's own tokens are known): each token's own log-probability
+    # of the model's distribution, not the most likely one's, nor the tempered one's.
+    sampled = engine.generate(ids, SamplingParams(max_tokens=6, temperature=1.5, seed=11,
+                                                  ignore_eos=True))  # fmt: skip
+    ref = _reference_logprobs(engine, ids, sampled.token_ids)
+    r = client.chat.completions.create(**{**kw, "temperature": 1.5}, seed=11, logprobs=True)
+    content = r.choices[0].logprobs.content
+    assert [x.token for x in content] == [tok.decode([t]) for t in sampled.token_ids]
+    assert [x.logprob for x in content] == pytest.approx(
+        [ref[j, t] for j, t in enumerate(sampled.token_ids)], abs=1e-4)  # fmt: skip
+    assert any(ref[j, t] < ref[j].max() - 1e-3 for j, t in enumerate(sampled.token_ids))
 
 
 def test_penalties_over_http_are_the_engines(client, engine):
