@@ -16,7 +16,11 @@ One background thread runs the loop; every iteration it
    page when none is left is preempted: the newest running request gives its pages back and
    waits again, and later recomputes its prompt and what it had generated.
 
-Requests join and leave between decode steps. A request ends at a stop token (the model's
+Each request samples with its own settings (`SamplingParams`), repetition penalties and
+log-probabilities included: penalties are data of the step program (per-row scalars and a
+``(rows, V)`` count array, `jquant.models.sampling.Penalties`), and every step returns the
+chosen tokens' log-probabilities and the 20 most likely, so neither compiles a program of its
+own. Requests join and leave between decode steps. A request ends at a stop token (the model's
 EOS unless ``ignore_eos``, plus its ``stop_token_ids``), at a stop string (the text is cut
 before it), after ``max_tokens``, when it is cancelled, or after the engine's
 ``request_timeout``; its pages are free for the next iteration. Text is decoded
