@@ -16,7 +16,11 @@ One background thread runs the loop; every iteration it
    page when none is left is preempted: the newest running request gives its pages back and
    waits again, and later recomputes its prompt and what it had generated.
 
-Requests join and leave between decode steps. A request ends at a stop token (the model's
+Each request samples with its own settings (`SamplingParams`), repetition penalties and
+log-probabilities included: penalties are data of the step program (per-row scalars and a
+``(rows, V)`` count array, `jquant.models.sampling.Penalties`), and every step returns the
+chosen tokens' log-probabilities and the 20 most likely, so neither compiles a program of its
+own. Requests join and leave between decode steps. A request ends at a stop token (the model's
 EOS unless ``ignore_eos``, plus its ``stop_token_ids``), at a stop string (the text is cut
 before it), after ``max_tokens``, when it is cancelled, or after the engine's
 ``request_timeout``; its pages are free for the next iteration. Text is decoded
@@ -52,7 +56,7 @@ import numpy as np
 from jquant.serve import limits
 from jquant.serve.detok import IncrementalText
 from jquant.serve.pages import PagedSeq, PagePool
-from jquant.serve.runner import Runner, Sampling
+from jquant.serve.runner import Penalties, Runner, Sampled, Sampling
 
 _log = logging.getLogger(__name__)
 
@@ -80,6 +84,16 @@ class SamplingParams:
     stop: tuple[str, ...] = ()  # stop strings; the output is cut before the first one
     stop_token_ids: tuple[int, ...] = ()  # stop tokens besides the model's EOS
     ignore_eos: bool = False
+    presence_penalty: float = 0.0  # OpenAI's: -presence where the output holds the token
+    frequency_penalty: float = 0.0  # OpenAI's: -frequency * its count in the output
+    repetition_penalty: float = 1.0  # vLLM's: over prompt and output (1 = off)
+    #: None: no log-probabilities; k in 0..20: each token's, and the k most likely with theirs
+    logprobs: int | None = None
+
+    @property
+    def penalized(self) -> bool:
+        return (self.presence_penalty != 0 or self.frequency_penalty != 0
+                or self.repetition_penalty != 1)  # fmt: skip
 
     def check(self, vocab_size: int | None = None) -> None:
         """Raises `jquant.serve.limits.LimitError` (a ValueError) naming the first bad field;
@@ -101,6 +115,11 @@ class Output:
     #: with ``error``, why: "engine_error" (its step raised), "timeout" (the engine's
     #: ``request_timeout`` passed) or "shutdown" (the engine stopped first)
     error_code: str | None = None
+    #: with `SamplingParams.logprobs`: one per id of ``token_ids``, the log-probability
+    #: (``log_softmax`` of the model's logits, before penalties and temperature) of that token
+    logprobs: list[float] | None = None
+    #: and the ``SamplingParams.logprobs`` most likely ``(id, logprob)``, most likely first
+    top_logprobs: list[list[tuple[int, float]]] | None = None
 
 
 @dataclasses.dataclass(eq=False)
@@ -121,6 +140,10 @@ class _Request:
     sent_text: int = 0  # characters of the decoded text already streamed
     sent_tokens: int = 0
     cancelled: bool = False
+    #: with penalties: `Penalties.counts`' row (2 * generated count + in the prompt)
+    counts: np.ndarray | None = None
+    logprobs: list[float] = dataclasses.field(default_factory=list)
+    top_logprobs: list[list[tuple[int, float]]] = dataclasses.field(default_factory=list)
 
     def context(self) -> list[int]:
         """What the cache must hold before the next decode step: the prompt, and after a
@@ -320,6 +343,9 @@ class Engine:
                 req = _Request(next(self._ids), [int(t) for t in prompt_ids], params, callback,
                                seed, now, stops, deadline,
                                text=IncrementalText(self.tokenizer))  # fmt: skip
+                if params.penalized:
+                    req.counts = np.zeros(self.vocab_size, np.int32)
+                    req.counts[req.prompt] = 1
                 self._by_id[req.id] = req
                 self._inbox.put(req)
                 reqs.append(req)
@@ -352,9 +378,13 @@ class Engine:
         last = parts[-1]
         if last.error is not None:
             raise RuntimeError(f"request {last.request_id} failed in the engine: {last.error}")
+        logprobs = params.logprobs is not None
         return Output(last.request_id, "".join(p.text for p in parts),
                       [t for p in parts for t in p.token_ids], last.finish_reason,
-                      last.prompt_tokens, last.completion_tokens)  # fmt: skip
+                      last.prompt_tokens, last.completion_tokens,
+                      logprobs=[x for p in parts for x in p.logprobs or []] if logprobs else None,
+                      top_logprobs=[x for p in parts for x in p.top_logprobs or []]
+                      if logprobs else None)  # fmt: skip
 
     def metrics(self) -> dict[str, float]:
         """A snapshot: slots, queue, KV-cache use, totals and recent decode tokens/s."""
@@ -537,6 +567,29 @@ class Engine:
         s.temperature[i], s.top_k[i], s.top_p[i] = p.temperature, p.top_k, p.top_p
         s.seed[i], s.counter[i] = req.seed, len(req.generated)
 
+    def _penalties(self, reqs: list[_Request]) -> Penalties | None:
+        """The penalties of a step's rows; None when no row has any (the runner then passes
+        a count array it keeps on the device, and no ``(rows, V)`` array is built here)."""
+        if not any(r.counts is not None for r in reqs):
+            return None
+        p = Penalties.none(len(reqs), self.vocab_size)
+        for i, r in enumerate(reqs):
+            if r.counts is not None:
+                q = r.params
+                p.presence[i], p.frequency[i] = q.presence_penalty, q.frequency_penalty
+                p.repetition[i], p.counts[i] = q.repetition_penalty, r.counts
+        return p
+
+    @staticmethod
+    def _sampled(out: Sampled, i: int, req: _Request) -> tuple:
+        """Row ``i`` of a step: ``(token, logprob, top (id, logprob) pairs)``, the last two
+        None unless ``req`` asks for log-probabilities."""
+        k = req.params.logprobs
+        if k is None:
+            return int(out.tokens[i]), None, None
+        top = [(int(t), float(v)) for t, v in zip(out.top_ids[i, :k], out.top_logprobs[i, :k])]
+        return int(out.tokens[i]), float(out.logprob[i]), top
+
     def _prefill_step(self, batch: list[tuple[_Request, list[int]]]) -> None:
         """Prefills ``batch`` in one step; if that raises, each prompt alone, so that only
         the one at fault fails."""
@@ -556,15 +609,16 @@ class Engine:
         for i, req in enumerate(reqs):
             self._write_row(sampling, i, req)
         out = self.runner.prefill([r.seq.pages for r in reqs], [c for _, c in batch],
-                                  [r.filled for r in reqs], sampling)  # fmt: skip
-        for (req, chunk), token in zip(batch, out):
+                                  [r.filled for r in reqs], sampling, self._penalties(reqs),
+                                  logprobs=True)  # fmt: skip
+        for i, (req, chunk) in enumerate(batch):
             req.filled += len(chunk)
             context = req.context()
             self.pool.commit(req.seq, context[: req.filled])
             with self._lock:
                 self._stats["prompt_tokens_total"] += len(chunk)
             if req.filled == len(context) and not req.generated:
-                self._isolated([req], self._accept, req, int(token))
+                self._isolated([req], self._accept, req, *self._sampled(out, i, req))
             # A preempted request resumes decoding with its own last token instead.
 
     def _decode(self, reqs: list[_Request]) -> None:
@@ -581,6 +635,7 @@ class Engine:
         positions = [len(r.prompt) + len(r.generated) - 1 for r in reqs]
         out = self.runner.decode(
             [r.seq.pages for r in reqs], [r.generated[-1] for r in reqs], positions, sampling,
+            self._penalties(reqs), logprobs=True,
         )  # fmt: skip
         size = self.pool.page_size
         for r, p in zip(reqs, positions):
@@ -590,11 +645,13 @@ class Engine:
         now = time.perf_counter()
         with self._lock:
             self._recent.append((now, len(reqs)))
-        for r, token in zip(reqs, out):
-            self._isolated([r], self._accept, r, int(token))
+        for i, r in enumerate(reqs):
+            self._isolated([r], self._accept, r, *self._sampled(out, i, r))
 
-    def _accept(self, req: _Request, token: int) -> None:
-        """Records a sampled token, streams what became final, ends the request if due."""
+    def _accept(self, req: _Request, token: int, logprob: float | None = None,
+                top: list[tuple[int, float]] | None = None) -> None:  # fmt: skip
+        """Records a sampled token (and its log-probabilities, if the request asks), streams
+        what became final, ends the request if due."""
         with self._lock:
             self._stats["generated_tokens_total"] += 1
         if token in req.stops:
@@ -602,6 +659,11 @@ class Engine:
             self._finish(req, "stop")
             return
         req.generated.append(token)
+        if req.counts is not None:
+            req.counts[token] += 2
+        if logprob is not None:
+            req.logprobs.append(logprob)
+            req.top_logprobs.append(top)
         req.text.push(token)  # constant work per token: `jquant.serve.detok`
         at_length = len(req.generated) >= req.params.max_tokens
         if at_length:
@@ -625,12 +687,16 @@ class Engine:
             end = len(req.text.text)
         text = req.text.text
         delta = text[req.sent_text : end] if end > req.sent_text else ""
-        ids = req.generated[req.sent_tokens :]
+        start = req.sent_tokens
+        ids = req.generated[start:]
         if not delta and not ids:
             return
         req.sent_text += len(delta)
         req.sent_tokens = len(req.generated)
-        self._call(req, Output(req.id, delta, ids, None, len(req.prompt), len(req.generated)))
+        out = Output(req.id, delta, ids, None, len(req.prompt), len(req.generated))
+        if req.params.logprobs is not None:
+            out.logprobs, out.top_logprobs = req.logprobs[start:], req.top_logprobs[start:]
+        self._call(req, out)
 
     def _finish(self, req: _Request, reason: str, error: str | None = None,
                 code: str | None = None) -> None:  # fmt: skip
@@ -645,8 +711,10 @@ class Engine:
                 self._running.remove(req)
             elif req in self._waiting:
                 self._waiting.remove(req)
-        self._call(req, Output(req.id, "", [], reason, len(req.prompt), len(req.generated),
-                               error, code))  # fmt: skip
+        out = Output(req.id, "", [], reason, len(req.prompt), len(req.generated), error, code)
+        if req.params.logprobs is not None:
+            out.logprobs, out.top_logprobs = [], []
+        self._call(req, out)
 
     def _call(self, req: _Request, out: Output) -> None:
         """Runs a request's callback; one that raises (its client is gone) cancels it."""

@@ -14,6 +14,10 @@ field is bounded above and below:
                               engine's sampling arrays are int32)
 ``seed``                      engine: 0 .. 2**32 - 1 (its sampling seeds are uint32);
                               HTTP: a signed 64-bit integer, reduced modulo 2**32
+``presence_penalty``          -2 .. 2 (OpenAI's range; 0 = off), finite
+``frequency_penalty``         -2 .. 2 (OpenAI's range; 0 = off), finite
+``repetition_penalty``        above 0 .. 2 (vLLM's range; 1 = off), finite
+``logprobs``                  null or 0 .. ``MAX_LOGPROBS`` (chat: ``top_logprobs``)
 ``n``                         1 .. the engine's slots
 ``stop``                      at most ``MAX_STOP`` non-empty strings of at most
                               ``MAX_STOP_CHARS`` characters each
@@ -33,6 +37,10 @@ from collections.abc import Sequence
 
 INT32_MAX = 2**31 - 1
 MAX_TEMPERATURE = 2.0
+MAX_PENALTY = 2.0  # presence and frequency: OpenAI's [-2, 2]
+MAX_REPETITION_PENALTY = 2.0  # vLLM's (0, 2]
+#: Alternatives one position's log-probabilities may list (OpenAI's limit).
+MAX_LOGPROBS = 20
 #: Stop strings one request may give (OpenAI's limit), and their longest length.
 MAX_STOP = 4
 MAX_STOP_CHARS = 256
@@ -90,6 +98,15 @@ def check_sampling(params, vocab_size: int | None = None) -> None:
               " (-1 or 0 = off; at most the vocabulary size)")  # fmt: skip
     if params.seed is not None:
         check_int("seed", params.seed, 0, SEED_MODULUS - 1)
+    check_number("presence_penalty", params.presence_penalty, -MAX_PENALTY, MAX_PENALTY)
+    check_number("frequency_penalty", params.frequency_penalty, -MAX_PENALTY, MAX_PENALTY)
+    r = check_number("repetition_penalty", params.repetition_penalty, 0.0,
+                     MAX_REPETITION_PENALTY, " (above 0; 1 = off)")  # fmt: skip
+    if r == 0:
+        raise LimitError("repetition_penalty", "Invalid 'repetition_penalty': expected a value "
+                         f"above 0 and at most {MAX_REPETITION_PENALTY:g} (1 = off), got 0.0.")
+    if params.logprobs is not None:
+        check_int("logprobs", params.logprobs, 0, MAX_LOGPROBS)
     stop = params.stop
     if isinstance(stop, str) or not isinstance(stop, Sequence):
         raise LimitError("stop", f"Invalid type for 'stop': expected a sequence of strings, got "

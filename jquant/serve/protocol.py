@@ -68,14 +68,10 @@ class _Only:
     why: str
 
 
-_NO_PENALTY = _Only((None, 0), "only 0 (no penalty) is accepted.")
 _NO_LOGIT_BIAS = _Only((None, {}), "only an empty or null logit_bias is accepted.")
-_NO_LOGPROBS = _Only((None,), "log probabilities are not returned; use null.")
 _NO_ECHO = _Only((None, False), "the prompt is not echoed; use false.")
 _ONE_BEST = _Only((None, 1), "only 1 is accepted; use n for several choices.")
 _NO_SUFFIX = _Only((None, ""), "insertion is not supported; use null.")
-_NO_CHAT_LOGPROBS = _Only((None, False), "log probabilities are not returned; use false.")
-_NO_TOP_LOGPROBS = _Only((None, 0), "log probabilities are not returned.")
 _TEXT_FORMAT = _Only((None, {"type": "text"}), "only {'type': 'text'} is accepted.")
 _TEXT_ONLY = _Only((None, ["text"]), "only ['text'] is accepted.")
 _NO_TOOLS = _Only((None, []), "tool calling is not supported.")
@@ -103,9 +99,9 @@ class _Common(BaseModel):
     stream: bool | None = False
     stream_options: StreamOptions | None = None
     max_tokens: int | None = None
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
     # Supported only at their default value.
-    presence_penalty: Annotated[float | None, _NO_PENALTY] = None
-    frequency_penalty: Annotated[float | None, _NO_PENALTY] = None
     logit_bias: Annotated[dict[str, Any] | None, _NO_LOGIT_BIAS] = None
     # Metadata: accepted and ignored.
     user: str | None = None
@@ -114,16 +110,18 @@ class _Common(BaseModel):
     service_tier: str | None = None
     prompt_cache_key: str | None = None
     safety_identifier: str | None = None
-    # Extensions (vLLM's names): top_k 0 or -1 = off; ignore_eos keeps going past EOS.
+    # Extensions (vLLM's names): top_k 0 or -1 = off; ignore_eos keeps going past EOS;
+    # repetition_penalty (1 = off) divides positive logits of the prompt's and output's tokens.
     top_k: int | None = None
     ignore_eos: bool | None = None
+    repetition_penalty: float | None = None
 
 
 class CompletionRequest(_Common):
     """``POST /v1/completions``."""
 
     prompt: Any
-    logprobs: Annotated[int | None, _NO_LOGPROBS] = None
+    logprobs: int | None = None  # 0..20: each token's log-probability and this many others
     echo: Annotated[bool | None, _NO_ECHO] = None
     best_of: Annotated[int | None, _ONE_BEST] = None
     suffix: Annotated[str | None, _NO_SUFFIX] = None
@@ -134,8 +132,8 @@ class ChatCompletionRequest(_Common):
 
     messages: Any
     max_completion_tokens: int | None = None
-    logprobs: Annotated[bool | None, _NO_CHAT_LOGPROBS] = None
-    top_logprobs: Annotated[int | None, _NO_TOP_LOGPROBS] = None
+    logprobs: bool | None = None
+    top_logprobs: int | None = None  # 0..20, only with logprobs: true
     tools: Annotated[list[Any] | None, _NO_TOOLS] = None
     functions: Annotated[list[Any] | None, _NO_TOOLS] = None
     tool_choice: Annotated[Any, _TOOL_NONE] = None
@@ -264,6 +262,9 @@ def _check_unsupported(r: _Common) -> None:
     if r.stream_options is not None and not r.stream:
         raise APIError("The 'stream_options' parameter is only allowed when 'stream' is "
                        "enabled.", param="stream_options", code="invalid_value")  # fmt: skip
+    if getattr(r, "top_logprobs", None) is not None and not r.logprobs:
+        raise APIError("The 'top_logprobs' parameter is only allowed when 'logprobs' is "
+                       "true.", param="top_logprobs", code="invalid_value")  # fmt: skip
     for name, field in type(r).model_fields.items():
         for only in field.metadata:
             if isinstance(only, _Only) and getattr(r, name) not in only.accepted:

@@ -23,7 +23,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import time
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -32,9 +32,21 @@ import numpy as np
 from jquant.models import core
 from jquant.models.cache import KVFormat, PagedCache, PagedView, init_paged_cache, kv_format
 from jquant.models.config import LlamaConfig
-from jquant.models.sampling import Sampling, sample
+from jquant.models.sampling import Penalties, Sampling, penalize, sample, top_logprobs
 
-__all__ = ["Runner", "Sampling", "PagedCache", "cache_perplexity"]
+__all__ = ["PagedCache", "Penalties", "Runner", "Sampled", "Sampling", "cache_perplexity"]
+
+
+class Sampled(NamedTuple):
+    """What one step sampled, per row: the token, and the log-probabilities of the model's
+    own distribution (``log_softmax`` of its logits, before penalties, temperature, top-k
+    and top-p, as vLLM returns them by default): the token's, and the
+    `~jquant.models.sampling.MAX_TOP_LOGPROBS` most likely ids with theirs."""
+
+    tokens: np.ndarray  # (n,) int32
+    logprob: np.ndarray  # (n,) float32
+    top_ids: np.ndarray  # (n, k) int32, most likely first
+    top_logprobs: np.ndarray  # (n, k) float32
 
 
 @dataclasses.dataclass(frozen=True)
@@ -60,14 +72,16 @@ def _placed(st: _Static, cache: PagedCache) -> PagedCache:
 
 
 @functools.partial(jax.jit, static_argnames=("st",), donate_argnames=("cache",))
-def _step(st, w, cache, tokens, tables, starts, last, sampling):
+def _step(st, w, cache, tokens, tables, starts, last, sampling, penalties):
     """Runs ``tokens (R, S)`` of the sequences with block tables ``tables (R, P)`` from
-    positions ``starts``; samples one token per row from the logits at column ``last[r]``.
-    Returns ``(tokens (R,), cache)``."""
+    positions ``starts``; samples one token per row from the logits at column ``last[r]``,
+    penalized by ``penalties``. Returns ``((tokens (R,), logprob (R,), top ids (R, k), top
+    logprobs (R, k)), cache)``, the log-probabilities of the unpenalized logits."""
     x, cache = _hidden(st, w, cache, tokens, tables, starts)
     x = jnp.take_along_axis(x, last[:, None, None], axis=1)
     logits = core.logits(st.model, w, x)[:, 0]
-    return sample(logits, sampling), _placed(st, cache)
+    out = sample(penalize(logits, penalties), sampling)
+    return (out, *top_logprobs(logits, out)), _placed(st, cache)
 
 
 @functools.partial(jax.jit, static_argnames=("st",), donate_argnames=("cache",))
@@ -143,6 +157,7 @@ class Runner:
                                       self.table_width)  # fmt: skip
         self.row_buckets = _buckets(1, rows)
         self._compiled: dict = {}
+        self._zeros: dict = {}
         self.compile_seconds = 0.0
 
     @property
@@ -183,7 +198,7 @@ class Runner:
             start = time.perf_counter()
             z = np.zeros(rows, np.int32)
             args = (np.zeros((rows, length), np.int32), np.zeros((rows, width), np.int32),
-                    z, z, Sampling.greedy(rows))  # fmt: skip
+                    z, z, Sampling.greedy(rows), self._no_penalties(rows))  # fmt: skip
             lowered = _step.lower(self._static, self.params, self.cache, *args)
             self._compiled[key] = lowered.compile()
             self.compile_seconds += time.perf_counter() - start
@@ -217,11 +232,31 @@ class Runner:
         out[len(tables):] = out[0]
         return out
 
-    def prefill(self, tables, chunks, starts, sampling: Sampling) -> np.ndarray:
+    def _no_penalties(self, rows: int) -> Penalties:
+        """No penalty for ``rows`` rows, its count array made once and kept on the device."""
+        key = ("no_penalties", rows)
+        if key not in self._zeros:
+            self._zeros[key] = Penalties(*map(jnp.asarray, Penalties.none(
+                rows, self.config.vocab_size)))  # fmt: skip
+        return self._zeros[key]
+
+    def _penalties(self, penalties: Penalties | None, rows: int) -> Penalties:
+        if penalties is None:
+            return self._no_penalties(rows)
+        return Penalties(*(_pad(x, rows) for x in penalties))
+
+    def _result(self, out, n: int, logprobs: bool):
+        if not logprobs:
+            return np.asarray(out[0])[:n]
+        return Sampled(*(np.asarray(x)[:n] for x in out))
+
+    def prefill(self, tables, chunks, starts, sampling: Sampling,
+                penalties: Penalties | None = None, *, logprobs: bool = False):  # fmt: skip
         """Runs prompt chunks, ``chunks[i]`` (at most ``prefill_buckets[-1]`` tokens) of the
         sequence with block table ``tables[i]`` from position ``starts[i]``, at most
         ``prefill_row_buckets[-1]`` of them; returns the token sampled after each chunk's
-        last (``sampling``: one row per chunk)."""
+        last (``sampling`` and ``penalties``, None for none: one row per chunk); with
+        ``logprobs``, a `Sampled` of them and their log-probabilities."""
         n = len(chunks)
         if not 1 <= n <= self.prefill_row_buckets[-1]:
             raise ValueError(f"prefill of {n} chunks; 1 to {self.prefill_row_buckets[-1]} "
@@ -244,12 +279,15 @@ class Runner:
         out, self.cache = program(self.params, self.cache, tokens,
                                   self._tables(tables, rows, self.table_width),
                                   pad(np.asarray(starts, np.int32)), last,
-                                  _pad_sampling(sampling, rows))  # fmt: skip
-        return np.asarray(out)[:n]
+                                  _pad_sampling(sampling, rows),
+                                  self._penalties(penalties, rows))  # fmt: skip
+        return self._result(out, n, logprobs)
 
-    def decode(self, tables, tokens, positions, sampling: Sampling) -> np.ndarray:
+    def decode(self, tables, tokens, positions, sampling: Sampling,
+               penalties: Penalties | None = None, *, logprobs: bool = False):  # fmt: skip
         """One token for each sequence: ``tokens[i]`` at ``positions[i]`` of the sequence
-        with block table ``tables[i]``, sampled by row ``i`` of ``sampling``.
+        with block table ``tables[i]``, sampled by row ``i`` of ``sampling`` and of
+        ``penalties`` (None: none); with ``logprobs``, a `Sampled`.
 
         Runs the smallest compiled batch that holds them (rows padded with copies of the
         first, which write the same key and value again) over the narrowest table width
@@ -265,8 +303,9 @@ class Runner:
         out, self.cache = program(self.params, self.cache, tokens,
                                   self._tables(tables, rows, width), positions,
                                   np.zeros(rows, np.int32),
-                                  _pad_sampling(sampling, rows))  # fmt: skip
-        return np.asarray(out)[:n]
+                                  _pad_sampling(sampling, rows),
+                                  self._penalties(penalties, rows))  # fmt: skip
+        return self._result(out, n, logprobs)
 
     def window_nll(self, windows) -> np.ndarray:
         """Summed next-token NLL of each row of ``windows (R, S)``, ``S <= max_len`` and
@@ -283,13 +322,15 @@ class Runner:
         return np.asarray(nll)
 
 
+def _pad(x, rows: int) -> np.ndarray:
+    """``x`` with rows past its own repeating its first, up to ``rows``."""
+    x = np.asarray(x)
+    return np.concatenate([x, np.repeat(x[:1], rows - len(x), axis=0)])
+
+
 def _pad_sampling(sampling: Sampling, rows: int) -> Sampling:
     """``sampling`` with rows past its own repeating its first, up to ``rows``."""
-    def pad(x):
-        x = np.asarray(x)
-        return np.concatenate([x, np.repeat(x[:1], rows - len(x), axis=0)])
-
-    return Sampling(*(pad(x) for x in sampling))
+    return Sampling(*(_pad(x, rows) for x in sampling))
 
 
 def cache_perplexity(model, params, text, *, tokenizer=None, kv_cache=None,

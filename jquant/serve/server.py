@@ -9,8 +9,11 @@ Endpoints: ``POST /v1/completions``, ``POST /v1/chat/completions`` (both with
 
 Bodies follow OpenAI's API. Sampling: ``n`` (up to the engine's slots; choice ``i`` is
 seeded ``seed + i``), ``max_tokens`` (``max_completion_tokens`` in chat), ``temperature``,
-``top_p``, ``stop``, ``seed``, and vLLM's extensions ``top_k`` and ``ignore_eos``, each
-within `jquant.serve.limits` (the engine checks the same limits). Every bad request is an HTTP
+``top_p``, ``stop``, ``seed``, ``presence_penalty``, ``frequency_penalty``, vLLM's extensions
+``top_k``, ``ignore_eos`` and ``repetition_penalty``, and log-probabilities (completions'
+``logprobs: N``, chat's ``logprobs``/``top_logprobs``; of the model's logits before penalties
+and temperature, in OpenAI's shapes: `_Logprobs`), each within `jquant.serve.limits` (the
+engine checks the same limits). Every bad request is an HTTP
 400 with OpenAI's error body, an unknown model included (OpenAI answers 404 there), a body over
 `jquant.serve.protocol.MAX_BODY_BYTES` is a 413; see `jquant.serve.protocol`. A request that
 fails inside the engine is an HTTP 500 (streamed: an ``error`` event, then ``[DONE]``); the
@@ -265,10 +268,18 @@ def _sampling(engine, r, prompts: list[list[int]], max_tokens: int | None, chat:
                 f"a queue of {engine.max_queue}).", code="too_many_completions")  # fmt: skip
         seed = None if r.seed is None else limits.check_int(
             "seed", r.seed, limits.REQUEST_SEED_MIN, limits.REQUEST_SEED_MAX)  # fmt: skip
+        if chat:
+            logprobs = (r.top_logprobs or 0) if r.logprobs else None
+        else:
+            logprobs = r.logprobs
         base = SamplingParams(
             temperature=1.0 if r.temperature is None else r.temperature,
             top_p=1.0 if r.top_p is None else r.top_p, top_k=r.top_k or 0,
             stop=protocol.stop_strings(r.stop), ignore_eos=bool(r.ignore_eos),
+            presence_penalty=r.presence_penalty or 0.0,
+            frequency_penalty=r.frequency_penalty or 0.0,
+            repetition_penalty=1.0 if r.repetition_penalty is None else r.repetition_penalty,
+            logprobs=logprobs,
         )  # fmt: skip
         out = []
         for ids in prompts:
@@ -284,7 +295,10 @@ def _sampling(engine, r, prompts: list[list[int]], max_tokens: int | None, chat:
                     params, seed=None if seed is None else (seed + len(out)) % limits.SEED_MODULUS
                 ))  # fmt: skip
     except limits.LimitError as e:
-        raise protocol.limit_error(e, {"prompt": where, "max_tokens": max_name}) from None
+        rename = {"prompt": where, "max_tokens": max_name}
+        if chat:
+            rename["logprobs"] = "top_logprobs"
+        raise protocol.limit_error(e, rename) from None
     return n, out
 
 
@@ -350,11 +364,16 @@ async def _respond(engine, request: Request, r, prompts, max_tokens, model_name,
             "object": "chat.completion" if chat else "text_completion",
             "created": int(time.time()), "model": model_name}  # fmt: skip
     if r.stream:
-        stream = _stream(run, head, len(requests), prompt_tokens, include_usage, chat)
+        logprobs = None
+        if params[0].logprobs is not None:
+            logprobs = [_Logprobs(engine.tokenizer, chat) for _ in requests]
+        stream = _stream(run, head, len(requests), prompt_tokens, include_usage, chat, logprobs)
         return _EngineStream(stream, run, media_type="text/event-stream",
                              headers={"Cache-Control": "no-cache",
                                       "X-Accel-Buffering": "no"})  # fmt: skip
     texts, reasons, tokens = [""] * len(requests), [None] * len(requests), [0] * len(requests)
+    want = params[0].logprobs is not None
+    logprobs = [_Logprobs(engine.tokenizer, chat) for _ in requests] if want else None
     try:
         while not run.done:
             try:
@@ -367,13 +386,16 @@ async def _respond(engine, request: Request, r, prompts, max_tokens, model_name,
                 raise _engine_error(out)
             texts[i] += out.text
             tokens[i] = out.completion_tokens
+            if logprobs is not None:
+                logprobs[i].add(out)
             reasons[i] = out.finish_reason
     finally:
         run.cancel()
+    lp = [None] * len(requests) if logprobs is None else [x.body() for x in logprobs]
     choices = [
         {"index": i, "message": {"role": "assistant", "content": text, "refusal": None},
-         "logprobs": None, "finish_reason": reason} if chat else
-        {"index": i, "text": text, "logprobs": None, "finish_reason": reason}
+         "logprobs": lp[i], "finish_reason": reason} if chat else
+        {"index": i, "text": text, "logprobs": lp[i], "finish_reason": reason}
         for i, (text, reason) in enumerate(zip(texts, reasons))
     ]  # fmt: skip
     return JSONResponse({**head, "choices": choices, "usage": _usage(prompt_tokens, sum(tokens)),
@@ -394,9 +416,63 @@ def _usage(prompt_tokens: int, completion_tokens: int) -> dict:
             "total_tokens": prompt_tokens + completion_tokens}  # fmt: skip
 
 
+class _Logprobs:
+    """One choice's log-probabilities in OpenAI's shape, gathered from the engine's events.
+
+    Each token's text is ``tokenizer.decode([id])`` (a token that is part of a UTF-8
+    character decodes to U+FFFD), and ``bytes`` its UTF-8 encoding. The completions API's
+    ``text_offset`` is where each token's text starts in the completion: the sum of the
+    lengths of the texts before it; its ``top_logprobs`` are dicts keyed by text, so of two
+    alternatives with one text only the more likely is listed. Every generated token is
+    listed, those of a stop string included, the stop token not."""
+
+    def __init__(self, tokenizer, chat: bool):
+        self.tokenizer, self.chat = tokenizer, chat
+        self.offset = 0
+        self.tokens, self.token_logprobs, self.top, self.offsets, self.content = [], [], [], [], []
+
+    def _text(self, token: int) -> str:
+        return self.tokenizer.decode([token])
+
+    def add(self, out) -> dict | None:
+        """Records ``out``'s tokens; returns their part alone (a stream chunk's
+        ``logprobs``), None if it has none."""
+        if not out.token_ids:
+            return None
+        start = len(self.content) if self.chat else len(self.tokens)
+        for token, logprob, top in zip(out.token_ids, out.logprobs, out.top_logprobs):
+            text = self._text(token)
+            if self.chat:
+                entry = self._entry(text, logprob)
+                entry["top_logprobs"] = [self._entry(self._text(t), v) for t, v in top]
+                self.content.append(entry)
+            else:
+                self.tokens.append(text)
+                self.token_logprobs.append(logprob)
+                alternatives: dict[str, float] = {}
+                for t, v in top:  # two ids of one text: the more likely one's
+                    alternatives.setdefault(self._text(t), v)
+                self.top.append(alternatives)
+                self.offsets.append(self.offset)
+                self.offset += len(text)
+        return self.body(start)
+
+    @staticmethod
+    def _entry(text: str, logprob: float) -> dict:
+        return {"token": text, "logprob": logprob, "bytes": list(text.encode("utf-8"))}
+
+    def body(self, start: int = 0) -> dict:
+        """The ``logprobs`` of a choice, from token ``start`` on."""
+        if self.chat:
+            return {"content": self.content[start:], "refusal": None}
+        return {"tokens": self.tokens[start:], "token_logprobs": self.token_logprobs[start:],
+                "top_logprobs": self.top[start:], "text_offset": self.offsets[start:]}  # fmt: skip
+
+
 async def _stream(run: _Run, head: dict, k: int, prompt_tokens: int, include_usage: bool,
-                  chat: bool):  # fmt: skip
-    """Server-sent events of OpenAI's chunk format, then ``data: [DONE]``."""
+                  chat: bool, logprobs: list[_Logprobs] | None = None):  # fmt: skip
+    """Server-sent events of OpenAI's chunk format, then ``data: [DONE]``; with
+    ``logprobs``, each chunk carries those of the tokens it brings."""
     head = {**head, "object": "chat.completion.chunk" if chat else "text_completion",
             "system_fingerprint": None}  # fmt: skip
 
@@ -406,11 +482,11 @@ async def _stream(run: _Run, head: dict, k: int, prompt_tokens: int, include_usa
             body["usage"] = None
         return f"data: {json.dumps(body, ensure_ascii=False)}\n\n"
 
-    def choice(i: int, piece: str | None, reason: str | None) -> dict:
+    def choice(i: int, piece: str | None, reason: str | None, lp: dict | None = None) -> dict:
         if not chat:
-            return {"index": i, "text": piece or "", "logprobs": None, "finish_reason": reason}
+            return {"index": i, "text": piece or "", "logprobs": lp, "finish_reason": reason}
         delta = {} if piece is None else {"content": piece}
-        return {"index": i, "delta": delta, "logprobs": None, "finish_reason": reason}
+        return {"index": i, "delta": delta, "logprobs": lp, "finish_reason": reason}
 
     tokens = [0] * k
     try:
@@ -425,8 +501,9 @@ async def _stream(run: _Run, head: dict, k: int, prompt_tokens: int, include_usa
                 yield f"data: {json.dumps(_engine_error(out).body(), ensure_ascii=False)}\n\n"
                 break
             tokens[i] = out.completion_tokens
-            if out.text and (chat or out.finish_reason is None):
-                yield event([choice(i, out.text, None)])
+            lp = None if logprobs is None else logprobs[i].add(out)
+            if (out.text or lp is not None) and (chat or out.finish_reason is None):
+                yield event([choice(i, out.text, None, lp)])
             if out.finish_reason is not None:
                 yield event([choice(i, None if chat else out.text, out.finish_reason)])
         else:

@@ -211,10 +211,10 @@ def test_a_request_failing_in_the_engine_fails_alone(engine, monkeypatch, where)
         bad = greedy
         prefill = engine.runner.prefill
 
-        def failing_prefill(tables, chunks, starts, sampling):
+        def failing_prefill(tables, chunks, starts, sampling, *rest, **kw):
             if any(list(c[:3]) == [77, 77, 77] for c in chunks):
                 raise RuntimeError("planted prefill failure")
-            return prefill(tables, chunks, starts, sampling)
+            return prefill(tables, chunks, starts, sampling, *rest, **kw)
 
         monkeypatch.setattr(engine.runner, "prefill", failing_prefill)
     beside, done = [], threading.Event()  # a long request decoding beside the failing ones

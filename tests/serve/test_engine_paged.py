@@ -117,9 +117,9 @@ def test_more_short_requests_than_whole_contexts_run_at_once(tiny):
         seen = []
         decode = eng.runner.decode
 
-        def counting(tables, tokens, positions, sampling):
+        def counting(tables, tokens, positions, sampling, *rest, **kw):
             seen.append(len(tokens))
-            return decode(tables, tokens, positions, sampling)
+            return decode(tables, tokens, positions, sampling, *rest, **kw)
 
         eng.runner.decode = counting
         outs = _run_all(eng, prompts, 16)
@@ -136,10 +136,10 @@ def test_prompts_are_prefilled_together(tiny):
         rows, held = [], threading.Event()
         prefill = eng.runner.prefill
 
-        def counting(tables, chunks, starts, sampling):
+        def counting(tables, chunks, starts, sampling, *rest, **kw):
             held.wait(60)  # the first prefill waits until every request is queued
             rows.append(len(chunks))
-            return prefill(tables, chunks, starts, sampling)
+            return prefill(tables, chunks, starts, sampling, *rest, **kw)
 
         eng.runner.prefill = counting
         outs = [None] * 4
@@ -171,9 +171,9 @@ def test_sliding_window_model_gives_back_pages_behind_its_window():
         held = []
         decode = eng.runner.decode
 
-        def counting(tables, tokens, positions, sampling):
+        def counting(tables, tokens, positions, sampling, *rest, **kw):
             held.append(sum(p is not None for p in tables[0]))
-            return decode(tables, tokens, positions, sampling)
+            return decode(tables, tokens, positions, sampling, *rest, **kw)
 
         eng.runner.decode = counting
         out = eng.generate(prompt, SamplingParams(max_tokens=50, **GREEDY))

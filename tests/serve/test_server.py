@@ -31,6 +31,7 @@ def engine(tiny_model):
     model, params, tokenizer = models.load(tiny_model)
     engine = Engine(model, params, tokenizer, max_slots=SLOTS, max_context=MAX_CONTEXT,
                     prefill_chunk=32)  # fmt: skip
+    engine._test_model, engine._test_params = model, params  # the uncached references'
     engine.start()
     yield engine
     engine.close()
@@ -61,6 +62,12 @@ def client(base_url):
 
 def _greedy(engine, ids, max_tokens, **kw):
     return engine.generate(list(ids), SamplingParams(max_tokens=max_tokens, temperature=0.0, **kw))
+
+
+def server_encode(engine, text):
+    from jquant.serve.server import _encode
+
+    return _encode(engine, text)
 
 
 def _chat_ids(engine, messages):
@@ -221,6 +228,117 @@ def test_n_choices_are_seeded_seed_plus_i(client, engine):
     assert texts == [c.text for c in r.choices]
 
 
+def _reference_logprobs(engine, prompt, generated):
+    """log_softmax (NumPy) of the uncached forward's logits at each generated position."""
+    import numpy as np
+
+    tokens = np.asarray([prompt + generated[:-1]], np.int32)
+    logits, _ = models.forward(engine._test_model, engine._test_params, tokens)
+    x = np.asarray(logits[0, len(prompt) - 1 :], np.float64)
+    x = x - x.max(-1, keepdims=True)
+    return x - np.log(np.exp(x).sum(-1, keepdims=True))
+
+
+def _top(ref_row, k):
+    import numpy as np
+
+    ids = np.argsort(-ref_row)[:k]
+    return ids, ref_row[ids]
+
+
+def test_completion_logprobs_equal_the_uncached_log_softmax(client, engine):
+    tok = engine.tokenizer
+    prompts = ["hello world", "the cat"]
+    r = client.completions.create(model=MODEL, prompt=prompts, max_tokens=8, temperature=0,
+                                  logprobs=3, extra_body={"ignore_eos": True})  # fmt: skip
+    for text, choice in zip(prompts, r.choices):
+        ids = server_encode(engine, text)
+        out = _greedy(engine, ids, 8, ignore_eos=True)
+        ref = _reference_logprobs(engine, ids, out.token_ids)
+        lp = choice.logprobs
+        assert lp.tokens == [tok.decode([t]) for t in out.token_ids]
+        assert lp.token_logprobs == pytest.approx(
+            [ref[j, t] for j, t in enumerate(out.token_ids)], abs=1e-4)  # fmt: skip
+        offsets = [sum(len(t) for t in lp.tokens[:j]) for j in range(len(lp.tokens))]
+        assert lp.text_offset == offsets
+        for j, top in enumerate(lp.top_logprobs):
+            want_ids, want = _top(ref[j], 3)
+            expected = {}
+            for t, v in zip(want_ids, want):  # keyed by text: the first (likelier) of a text
+                expected.setdefault(tok.decode([int(t)]), v)
+            assert top == pytest.approx(expected, abs=1e-4)
+    # Streamed: the chunks' log-probabilities add up to the whole one's.
+    kw = dict(model=MODEL, prompt=prompts[0], max_tokens=8, temperature=0, logprobs=2)
+    whole = client.completions.create(**kw).choices[0].logprobs
+    chunks = [c.choices[0].logprobs for c in client.completions.create(**kw, stream=True)
+              if c.choices and c.choices[0].logprobs]  # fmt: skip
+    assert [t for c in chunks for t in c.tokens] == whole.tokens
+    assert [x for c in chunks for x in c.token_logprobs] == whole.token_logprobs
+    assert [x for c in chunks for x in c.top_logprobs] == whole.top_logprobs
+    assert [x for c in chunks for x in c.text_offset] == whole.text_offset
+
+
+def test_chat_logprobs_equal_the_uncached_log_softmax(client, engine):
+    tok = engine.tokenizer
+    messages = [{"role": "user", "content": "hello"}]
+    ids = _chat_ids(engine, messages)
+    out = _greedy(engine, ids, 6, ignore_eos=True)
+    ref = _reference_logprobs(engine, ids, out.token_ids)
+    kw = dict(model=MODEL, messages=messages, max_tokens=6, temperature=0,
+              extra_body={"ignore_eos": True})  # fmt: skip
+    r = client.chat.completions.create(**kw, logprobs=True, top_logprobs=4)
+    content = r.choices[0].logprobs.content
+    assert len(content) == len(out.token_ids)
+    for j, (item, t) in enumerate(zip(content, out.token_ids)):
+        assert item.token == tok.decode([t]) and item.bytes == list(item.token.encode())
+        assert item.logprob == pytest.approx(ref[j, t], abs=1e-4)
+        want_ids, want = _top(ref[j], 4)
+        assert [x.logprob for x in item.top_logprobs] == pytest.approx(list(want), abs=1e-4)
+        assert {x.token for x in item.top_logprobs} == {tok.decode([int(i)]) for i in want_ids}
+    # logprobs without top_logprobs: the tokens' own, no alternatives; and streamed alike.
+    plain = client.chat.completions.create(**kw, logprobs=True).choices[0].logprobs.content
+    assert [x.logprob for x in plain] == [x.logprob for x in content]
+    assert all(x.top_logprobs == [] for x in plain)
+    chunks = list(client.chat.completions.create(**kw, logprobs=True, top_logprobs=4,
+                                                 stream=True))  # fmt: skip
+    streamed = [x for c in chunks if c.choices and c.choices[0].logprobs
+                for x in c.choices[0].logprobs.content]  # fmt: skip
+    assert [x.model_dump() for x in streamed] == [x.model_dump() for x in content]
+    assert client.chat.completions.create(**kw).choices[0].logprobs is None
+    # Sampled (seeded: the engine's own tokens are known): each token's own log-probability
+    # of the model's distribution, not the most likely one's, nor the tempered one's.
+    sampled = engine.generate(ids, SamplingParams(max_tokens=6, temperature=1.5, seed=11,
+                                                  ignore_eos=True))  # fmt: skip
+    ref = _reference_logprobs(engine, ids, sampled.token_ids)
+    r = client.chat.completions.create(**{**kw, "temperature": 1.5}, seed=11, logprobs=True)
+    content = r.choices[0].logprobs.content
+    assert [x.token for x in content] == [tok.decode([t]) for t in sampled.token_ids]
+    assert [x.logprob for x in content] == pytest.approx(
+        [ref[j, t] for j, t in enumerate(sampled.token_ids)], abs=1e-4)  # fmt: skip
+    assert any(ref[j, t] < ref[j].max() - 1e-3 for j, t in enumerate(sampled.token_ids))
+
+
+def test_penalties_over_http_are_the_engines(client, engine):
+    ids = server_encode(engine, "hello world")
+    for penalty in ({"presence_penalty": 1.5, "frequency_penalty": 0.5},
+                    {"repetition_penalty": 1.7}):  # fmt: skip
+        want = _greedy(engine, ids, 12, ignore_eos=True, **penalty)
+        kw = {k: v for k, v in penalty.items() if k != "repetition_penalty"}
+        extra = {"ignore_eos": True}
+        if "repetition_penalty" in penalty:
+            extra["repetition_penalty"] = penalty["repetition_penalty"]
+        r = client.completions.create(model=MODEL, prompt="hello world", max_tokens=12,
+                                      temperature=0, extra_body=extra, **kw)  # fmt: skip
+        assert r.choices[0].text == want.text
+
+
+def test_non_finite_penalty_is_a_400_naming_it(base_url):
+    raw = b'{"model": "%s", "prompt": "hi", "presence_penalty": 1e999}' % MODEL.encode()
+    r = httpx.post(f"{base_url}/v1/completions", content=raw,
+                   headers={"content-type": "application/json"})  # fmt: skip
+    assert r.status_code == 400 and r.json()["error"]["param"] == "presence_penalty"
+
+
 def test_stop_string_cuts_the_text(client, engine):
     ids = engine.tokenizer.encode("hello world", add_special_tokens=False)
     full = _greedy(engine, ids, 24, ignore_eos=True).text
@@ -273,13 +391,29 @@ _LONG = "hello world " * 400  # over 512 tokens
          "Unrecognized request argument supplied: foo"),
         ("chat/completions", {"messages": [{"role": "user", "content": "hi"}], "bar": None},
          "bar", "Unrecognized request argument supplied: bar"),
-        ("completions", {"prompt": "hi", "logprobs": 2}, "logprobs", "not supported"),
+        ("completions", {"prompt": "hi", "logprobs": 21}, "logprobs", "between 0 and 20"),
+        ("completions", {"prompt": "hi", "logprobs": -1}, "logprobs", "between 0 and 20"),
+        ("completions", {"prompt": "hi", "logprobs": True}, "logprobs", "valid integer"),
         ("chat/completions", {"messages": [{"role": "user", "content": "hi"}],
-                              "logprobs": True}, "logprobs", "not supported"),
-        ("completions", {"prompt": "hi", "presence_penalty": 0.5}, "presence_penalty",
-         "not supported"),
+                              "logprobs": True, "top_logprobs": 21}, "top_logprobs",
+         "between 0 and 20"),
         ("chat/completions", {"messages": [{"role": "user", "content": "hi"}],
-                              "frequency_penalty": 1.0}, "frequency_penalty", "not supported"),
+                              "top_logprobs": 2}, "top_logprobs", "only allowed when"),
+        ("chat/completions", {"messages": [{"role": "user", "content": "hi"}],
+                              "logprobs": 3}, "logprobs", "valid boolean"),
+        ("completions", {"prompt": "hi", "presence_penalty": 2.5}, "presence_penalty",
+         "between -2 and 2"),
+        ("chat/completions", {"messages": [{"role": "user", "content": "hi"}],
+                              "frequency_penalty": -2.01}, "frequency_penalty",
+         "between -2 and 2"),
+        ("completions", {"prompt": "hi", "frequency_penalty": "1"}, "frequency_penalty",
+         "valid number"),
+        ("completions", {"prompt": "hi", "repetition_penalty": 0}, "repetition_penalty",
+         "above 0"),
+        ("chat/completions", {"messages": [{"role": "user", "content": "hi"}],
+                              "repetition_penalty": 2.5}, "repetition_penalty", "above 0"),
+        ("completions", {"prompt": "hi", "repetition_penalty": -1.0}, "repetition_penalty",
+         "above 0"),
         ("completions", {"prompt": "hi", "logit_bias": {"5": 10}}, "logit_bias",
          "not supported"),
         ("chat/completions", {"messages": [{"role": "user", "content": "hi"}], "tools": [
@@ -392,10 +526,10 @@ def test_a_request_failing_in_the_engine_is_a_500_and_the_others_are_served(
     prefill = engine.runner.prefill
     marker = [7, 7, 7, 7]
 
-    def failing_prefill(tables, chunks, starts, sampling):
+    def failing_prefill(tables, chunks, starts, sampling, *rest, **kw):
         if any(list(c[:4]) == marker for c in chunks):
             raise RuntimeError("planted failure")
-        return prefill(tables, chunks, starts, sampling)
+        return prefill(tables, chunks, starts, sampling, *rest, **kw)
 
     monkeypatch.setattr(engine.runner, "prefill", failing_prefill)
     body = {"model": MODEL, "prompt": [*marker, 5], "max_tokens": 4}
