@@ -73,8 +73,8 @@ class Rule:
     # Quantize the scales too (8-bit log-domain codes, QLoRA-style double quantization).
     double_quant: bool = False
     # Contraction axis; None = -1 for a leaf named "embedding" (rows gathered, a tied head
-    # contracts features), else 0 (a Dense kernel (K, N)), or ndim - 2 for a stack of
-    # kernels (an MoE layer's experts (E, K, N)).
+    # contracts features), 1 for an MoE layer's expert stack (E, K, N) (a path through
+    # "experts"), else 0 (a Dense kernel (K, N), a DenseGeneral kernel (K, ...)).
     axis: int | None = None
     # Name of a registered algorithm (jquant.algorithms.names()).
     algorithm: str = "rtn"
@@ -226,7 +226,11 @@ class Rule:
         """
         axis = self.axis
         if axis is None:
-            axis = -1 if path.rsplit("/", 1)[-1] == "embedding" else max(0, ndim - 2)
+            parts = path.split("/")
+            if parts[-1] == "embedding":
+                axis = -1
+            else:  # an MoE layer's expert stack (E, K, N) contracts K; a Dense kernel, axis 0
+                axis = ndim - 2 if "experts" in parts and ndim == 3 else 0
         if not -ndim <= axis < ndim:
             raise RuleError(f"{path}: {self.where}: axis={axis} is out of range for a "
                             f"{ndim}-D parameter")

@@ -24,8 +24,8 @@ def test_parse_tp_mesh_refuses_anything_else(text):
 
 
 def _engine(mesh, notes=(), held=None):
-    runner = types.SimpleNamespace(fmt=types.SimpleNamespace(name="int8"),
-                                   cache=types.SimpleNamespace(nbytes=12_345_678),
+    runner = types.SimpleNamespace(fmt=types.SimpleNamespace(name="int8"), num_pages=64,
+                                   page_size=16, cache=types.SimpleNamespace(nbytes=12_345_678),
                                    weight_bytes=98_765_432,
                                    per_device_bytes=lambda: held)  # fmt: skip
     return types.SimpleNamespace(runner=runner, max_slots=4, max_context=256, mesh=mesh,
@@ -34,7 +34,8 @@ def _engine(mesh, notes=(), held=None):
 
 def test_engine_report_one_line_without_a_mesh():
     assert engine_report(_engine(None)) == (
-        "jquant serve: 4 slots x 256 tokens, KV cache int8 12.3 MB, weights 98.8 MB")
+        "jquant serve: 4 rows, 256 tokens per request, KV cache int8 64 pages x 16 tokens "
+        "12.3 MB, weights 98.8 MB")
 
 
 def _mesh(size):
@@ -45,8 +46,8 @@ def test_engine_report_per_device_and_replicated_tensors_under_a_mesh():
     held = {"d0": 60_000_000, "d1": 61_000_000}
     report = engine_report(_engine(_mesh(2), ["lm_head/kernel: vocab 49 % 2", "x: y"], held))
     assert report.splitlines() == [
-        "jquant serve: 4 slots x 256 tokens, KV cache int8 12.3 MB, weights 98.8 MB; "
-        "tp=2: 61.0 MB per device (2 tensors replicated)",
+        "jquant serve: 4 rows, 256 tokens per request, KV cache int8 64 pages x 16 tokens "
+        "12.3 MB, weights 98.8 MB; tp=2: 61.0 MB per device (2 tensors replicated)",
         "  replicated: lm_head/kernel: vocab 49 % 2",
         "  replicated: x: y",
     ]

@@ -52,12 +52,12 @@ class Leader:
         if name not in CALLS:
             return attr
 
-        def announced(*args):
+        def announced(*args, **kwargs):
             if self.stopped:
                 raise RuntimeError("the followers were stopped; no more calls can run")
-            _broadcast(pickle.dumps((name, args)))
+            _broadcast(pickle.dumps((name, args, kwargs)))
             self.calls += 1
-            return attr(*args)
+            return attr(*args, **kwargs)
 
         return announced
 
@@ -65,7 +65,7 @@ class Leader:
         """Releases the followers (idempotent)."""
         if not self.stopped:
             self.stopped = True
-            _broadcast(pickle.dumps((_STOP, ())))
+            _broadcast(pickle.dumps((_STOP, (), {})))
 
 
 def follow(runner) -> int:
@@ -75,10 +75,10 @@ def follow(runner) -> int:
         raise ValueError("follow runs on processes other than 0 (process 0 leads)")
     calls = 0
     while True:
-        name, args = pickle.loads(_broadcast(None))
+        name, args, kwargs = pickle.loads(_broadcast(None))
         if name == _STOP:
             return calls
         if name not in CALLS:
             raise ValueError(f"process 0 announced {name!r}; a follower runs {CALLS}")
-        getattr(runner, name)(*args)
+        getattr(runner, name)(*args, **kwargs)
         calls += 1
