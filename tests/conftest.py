@@ -6,6 +6,7 @@ synthetic model files (GGUF with a byte-level BPE tokenizer) that any test can w
 
 from __future__ import annotations
 
+import gc
 import hashlib
 import importlib
 import os
@@ -57,6 +58,30 @@ TINY_TEMPLATE = (
     "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
     "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
 )
+
+
+# Every program XLA:CPU compiles keeps its machine code in memory maps of its own (about 140
+# for a small transformer) until JAX's caches let it go. One xdist worker held 14,500 maps
+# after 450 of its tests, on the way to Linux's default limit of 65,530 past which mmap fails;
+# in CI a worker died while compiling at 85% of the suite. Past MAX_MAPS the caches are
+# cleared (programs still referenced by a fixture stay alive; the rest recompile on demand).
+MAX_MAPS = 20_000
+
+
+def _memory_maps() -> int:
+    try:
+        with open("/proc/self/maps", "rb") as f:
+            return sum(1 for _ in f)
+    except OSError:  # not Linux
+        return 0
+
+
+@pytest.fixture(autouse=True)
+def _bounded_compiled_code():
+    yield
+    if _memory_maps() > MAX_MAPS:
+        jax.clear_caches()
+        gc.collect()
 
 
 @pytest.fixture(scope="session")
