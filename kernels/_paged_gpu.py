@@ -27,11 +27,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 
 from ._formats import is_pow2
-
-try:
-    from jax.experimental.pallas import triton as pltr
-except ImportError:  # a JAX whose Pallas has no Triton backend any more
-    pltr = None
+from ._gpu import pltr  # None in a JAX whose Pallas has no Triton backend any more
 
 _NT = (((1,), (1,)), ((), ()))
 MIN_TILE = 16  # smallest MMA side Triton accepts

@@ -51,8 +51,10 @@ _NO_KEYS = 1 << 30  # the first position of a padding query row: past every real
 
 
 def validate_inputs(q, k_pages, v_pages, tables, positions, k_scale=None, v_scale=None,
-                    layer=None) -> None:  # fmt: skip
+                    layer=None, window=None) -> None:  # fmt: skip
     """Raise `ValueError` naming the first argument that breaks the layout above."""
+    if isinstance(window, int) and window < 1:
+        raise ValueError(f"{window=} must be >= 1 (None for no window)")
     if q.ndim != 4 or jnp.dtype(q.dtype) not in Q_DTYPES:
         raise ValueError(f"q must be (R, S, heads, head_dim) bfloat16, float16 or float32, "
                          f"got {q.shape} {q.dtype}")
@@ -80,9 +82,12 @@ def validate_inputs(q, k_pages, v_pages, tables, positions, k_scale=None, v_scal
         raise ValueError(f"pages of dtype {k_pages.dtype} " + (
             "need k_scale and v_scale (int8 / float8_e4m3fn codes)" if not quantized
             else "are not codes; scales go with int8 or float8_e4m3fn pages"))
-    if quantized and (k_scale.shape != k_pages.shape[:-1] or v_scale.shape != k_scale.shape):
-        raise ValueError(f"k_scale {k_scale.shape} and v_scale {v_scale.shape} must be the "
-                         f"pages' shape without head_dim, {k_pages.shape[:-1]}")
+    if quantized and (k_scale.shape != k_pages.shape[:-1] or v_scale.shape != k_scale.shape
+                      or not all(jnp.issubdtype(x.dtype, jnp.floating)
+                                 for x in (k_scale, v_scale))):
+        raise ValueError(f"k_scale {k_scale.shape} {k_scale.dtype} and v_scale "
+                         f"{v_scale.shape} {v_scale.dtype} must be floats of the pages' shape "
+                         f"without head_dim, {k_pages.shape[:-1]}")
     if tables.ndim != 2 or tables.shape[0] != r or not jnp.issubdtype(tables.dtype,
                                                                        jnp.integer):
         raise ValueError(f"tables must be (R={r}, P) integers, got {tables.shape} "
@@ -227,7 +232,7 @@ def paged_attention(q, k_pages, v_pages, tables, positions, *, k_scale=None, v_s
 
     >>> out = paged_attention(q, k_pages, v_pages, tables, positions, backend="gpu")
     """
-    validate_inputs(q, k_pages, v_pages, tables, positions, k_scale, v_scale, layer)
+    validate_inputs(q, k_pages, v_pages, tables, positions, k_scale, v_scale, layer, window)
     backend = _normalize_backend(backend)
     scale = float(q.shape[-1] ** -0.5 if scale is None else scale)
     softcap = None if softcap is None else float(softcap)
@@ -250,7 +255,7 @@ def paged_attention_reference(q, k_pages, v_pages, tables, positions, *, k_scale
                               window=None, softcap: float | None = None) -> jax.Array:
     """`paged_attention` in plain jnp: gather each row's pages in order, dequantize, mask,
     softmax. Reads (and copies) every listed page whatever the positions."""
-    validate_inputs(q, k_pages, v_pages, tables, positions, k_scale, v_scale, layer)
+    validate_inputs(q, k_pages, v_pages, tables, positions, k_scale, v_scale, layer, window)
     if layer is not None:
         k_pages, v_pages = k_pages[layer], v_pages[layer]
         k_scale = None if k_scale is None else k_scale[layer]

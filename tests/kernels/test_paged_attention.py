@@ -14,6 +14,7 @@ import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 import pytest
+from jax.experimental.pallas import tpu as pltpu
 from jquant.kernels.paged_attention import paged_attention, paged_attention_reference
 
 from jquant import kernels
@@ -59,8 +60,10 @@ def np_paged_attention(q, k_pages, v_pages, tables, positions, k_scale=None, v_s
 
 
 def _pages(rng, fmt, shape, dtype):
-    """(k, v, k_scale, v_scale): float pages of `dtype`, or int8 / fp8 codes and scales."""
-    if fmt is None:
+    """(k, v, k_scale, v_scale): float pages of `dtype` (or bfloat16), or int8 / fp8 codes
+    and scales."""
+    if fmt in (None, "bfloat16"):
+        dtype = dtype if fmt is None else jnp.bfloat16
         return (*(jnp.asarray(rng.standard_normal(shape), dtype) for _ in "kv"), None, None)
     if fmt == "int8":
         codes = [jnp.asarray(rng.integers(-127, 128, shape), jnp.int8) for _ in "kv"]
@@ -103,6 +106,7 @@ CASES = {
     "f32": (jnp.float32, None, 16, 1, 6, 2, 16, None, None, None, None),
     "bf16": (jnp.bfloat16, None, 16, 1, 4, 2, 32, None, None, None, None),
     "int8": (jnp.float32, "int8", 16, 1, 6, 2, 16, None, None, None, None),
+    "f32_bf16_pages": (jnp.float32, "bfloat16", 16, 2, 4, 2, 16, None, None, None, None),
     "fp8_bf16": (jnp.bfloat16, "fp8", 16, 1, 4, 1, 16, None, None, None, None),
     "window_softcap_prefill": (jnp.float32, None, 16, 5, 4, 2, 16, 13, 3.0, 1.0, None),
     "page32_int8_prefill": (jnp.float32, "int8", 32, 4, 6, 3, 32, None, None, None, None),
@@ -179,6 +183,19 @@ class TestTpuKernel(PagedAttentionCases):
         np.testing.assert_allclose(np.asarray(got), want, rtol=2e-5, atol=2e-5)
 
 
+    def test_simulated_tpu_interpreter(self):
+        """`pltpu.InterpretParams`: simulated VMEM and DMAs, uninitialized memory poisoned
+        with NaNs, so a page fetched for the wrong step or read before its copy shows."""
+        rng = np.random.default_rng(1)
+        q = jnp.asarray(rng.standard_normal((3, 5, 4, 16)), jnp.float32)
+        k, v, ks, vs = _pages(rng, "int8", (NUM_PAGES, 2, 16, 16), jnp.float32)
+        tables, positions = _tables(rng, 16), _positions(16, 5)
+        got = paged_attention(q, k, v, tables, positions, k_scale=ks, v_scale=vs, window=13,
+                              backend="tpu", interpret=pltpu.InterpretParams())
+        want = np_paged_attention(q, k, v, tables, positions, ks, vs, scale=0.25, window=13)
+        np.testing.assert_allclose(np.asarray(got), want, rtol=2e-5, atol=2e-5)
+
+
 class TestGpuKernel(PagedAttentionCases):
     BACKEND = "gpu"
 
@@ -220,12 +237,21 @@ class TestErrors:
         with pytest.raises(ValueError, match=match):
             paged_attention(q, pages, pages, tables, positions, backend="tpu", interpret=True)
 
+    def test_window_must_be_positive(self):
+        q, pages, tables, positions = self._inputs()
+        with pytest.raises(ValueError, match="window=0 must be >= 1"):
+            paged_attention(q, pages, pages, tables, positions, window=0, backend="tpu")
+
     def test_scales_must_match_the_pages(self):
         q, pages, tables, positions = self._inputs()
         codes = pages.astype(jnp.int8)
         with pytest.raises(ValueError, match="without head_dim"):
             paged_attention(q, codes, codes, tables, positions, k_scale=pages[..., 0, 0],
                             v_scale=pages[..., 0, 0], backend="tpu", interpret=True)
+        int_scales = codes[..., 0]
+        with pytest.raises(ValueError, match="must be floats"):
+            paged_attention(q, codes, codes, tables, positions, k_scale=int_scales,
+                            v_scale=int_scales, backend="tpu", interpret=True)
 
     def test_gpu_rules(self):
         q, pages, tables, positions = self._inputs()
