@@ -7,13 +7,17 @@
 # 1. the kernel tests, run natively (tests/kernels picks the device, not interpret mode),
 # 2. the speed table (benchmarks/kernels.py -> OUT_DIR/kernels.json, also a dispatch
 #    table: JQUANT_DISPATCH_TABLE=OUT_DIR/kernels.json),
-# 3. the block-size sweep (benchmarks/tune_blocks.py -> OUT_DIR/tune.json).
+# 3. the paged-attention timings, XLA against the kernel (benchmarks/paged_attention.py ->
+#    OUT_DIR/paged_attention.json; ATTN_ARGS are passed to it),
+# 4. the block-size sweep (benchmarks/tune_blocks.py -> OUT_DIR/tune.json).
 # Each step logs to OUT_DIR; a failing step is reported and the next one still runs.
 # When the kernel tests and the speed table both succeeded in this run, the table is also
-# copied to OUT_DIR/measured/<backend>.json: commit it as kernels/measured/<backend>.json
-# and "auto" uses the kernels on that backend (without a measured table it never does).
+# copied to OUT_DIR/measured/<backend>.json, and the paged-attention rows are added to it
+# when the tests and that step succeeded: commit it as kernels/measured/<backend>.json and
+# "auto" uses the kernels on that backend (without a measured table it never does).
 # The full table compiles ~1150 programs; where one call has a time limit, split it with
-# BENCH_ARGS="--kinds int4,int8" (passed to benchmarks/kernels.py) and STEPS="bench".
+# BENCH_ARGS="--kinds int4,int8" (passed to benchmarks/kernels.py) and STEPS="bench"
+# (steps: tests bench attn tune).
 set -u -o pipefail
 out="${1:-device-out}"
 mkdir -p "$out"
@@ -26,7 +30,7 @@ export PYTHONPATH="$src${PYTHONPATH:+:$PYTHONPATH}"
 python3 -c "import jax; print('jax', jax.__version__, jax.devices())" | tee "$out/device.txt"
 status=0
 tests_ok=0
-steps="${STEPS:-tests bench tune}"
+steps="${STEPS:-tests bench attn tune}"
 [[ " $steps " == *" tests "* ]] && { python3 -m pytest -q -p no:cacheprovider tests/kernels \
   2>&1 | tee "$out/kernel_tests.log" && tests_ok=1 \
   || { echo "kernel tests FAILED"; status=1; }; }
@@ -44,6 +48,30 @@ if [[ " $steps " == *" bench "* ]]; then
     fi
   else
     echo "benchmarks/kernels.py FAILED"; status=1
+  fi
+fi
+if [[ " $steps " == *" attn "* ]]; then
+  # shellcheck disable=SC2086  # ATTN_ARGS is a list of arguments
+  if python3 benchmarks/paged_attention.py ${ATTN_ARGS:-} --out "$out/paged_attention.json" \
+      2>&1 | tee "$out/paged_attention.log"; then
+    if [[ $tests_ok == 1 ]]; then
+      python3 - "$out/paged_attention.json" "$out/measured" <<'PY'
+import json, os, sys
+attn = json.load(open(sys.argv[1]))
+path = os.path.join(sys.argv[2], attn["backend"] + ".json")
+table = json.load(open(path)) if os.path.exists(path) else dict(attn, rows=[])
+table["rows"] = [r for r in table["rows"] if r.get("kind") != "paged_attention"]
+table["rows"] += attn["rows"]
+os.makedirs(sys.argv[2], exist_ok=True)
+with open(path, "w") as f:
+    json.dump(table, f, indent=1)
+print(f"paged-attention rows added to the measured dispatch table {path}")
+PY
+    else
+      echo "paged-attention rows not added to a measured table: the kernel tests did not pass"
+    fi
+  else
+    echo "benchmarks/paged_attention.py FAILED"; status=1
   fi
 fi
 [[ " $steps " == *" tune "* ]] && { python3 benchmarks/tune_blocks.py --out "$out/tune.json" \

@@ -25,7 +25,9 @@ its float value; a ``LoRAWeight`` (QLoRA, ``jquant.qat.lora``) computes
 Which path runs is ``"auto"`` (a fused kernel where one applies and a measured
 dispatch table allows it, else XLA), ``"xla"`` or ``"kernel"`` (fail rather than fall
 back): ``set_matmul_path`` sets it, else the ``JQUANT_MATMUL`` environment variable,
-else ``"auto"`` (``jquant._dispatch`` has the rules).
+else ``"auto"`` (``jquant._dispatch`` has the rules). Paged attention (the serving cache,
+``jquant.kernels.paged_attention``) has its own path with the same three values:
+``set_attention_path``, else ``JQUANT_ATTENTION`` (``jquant._attention_path``).
 """
 
 from __future__ import annotations
@@ -37,6 +39,9 @@ import jax
 import jax.numpy as jnp
 
 from jquant import _act, _dispatch, _einsum, _perm, _tap
+from jquant._attention_path import ATTENTION_PATHS as ATTENTION_PATHS
+from jquant._attention_path import attention_path as attention_path
+from jquant._attention_path import set_attention_path as set_attention_path
 from jquant._dequant_dot import _accumulator
 from jquant._dispatch import MATMUL_PATHS as MATMUL_PATHS
 from jquant._dispatch import matmul_path as matmul_path

@@ -15,6 +15,10 @@ Variable                    Read by                Meaning
                                                    the quantized matmul path when
                                                    `jquant.ops.set_matmul_path` sets none;
                                                    read at trace time.
+``JQUANT_ATTENTION``        `attention_path`       ``auto`` (default), ``xla`` or ``kernel``:
+                                                   paged attention's path when
+                                                   `jquant.ops.set_attention_path` sets
+                                                   none; read at trace time.
 ``JQUANT_GPU_KERNEL``       ``kernels._env``       Forces one GPU kernel by name
                                                    (``kernels.quantized_matmul.GPU_KERNELS``)
                                                    when a call names none.
@@ -45,3 +49,8 @@ def cache_dir() -> Path:
 def matmul_path() -> str | None:
     """``$JQUANT_MATMUL`` as set (None when unset); `jquant.ops` checks the value."""
     return _read("JQUANT_MATMUL")
+
+
+def attention_path() -> str | None:
+    """``$JQUANT_ATTENTION`` as set (None when unset); `jquant.ops` checks the value."""
+    return _read("JQUANT_ATTENTION")

@@ -110,6 +110,24 @@ def test_tune_blocks_smoke_sweep(tmp_path, capsys):
     assert data["interpret"] is True and len(data["results"][0]["timings"]) == 4
 
 
+def test_paged_attention_benchmark_rows_are_a_dispatch_table(tmp_path, capsys):
+    from jquant.kernels import dispatch_table
+
+    bench = _load("paged_attention")
+    out = tmp_path / "a.json"
+    bench.main(["--shapes", "small", "--warmup", "0", "--iters", "1", "--out", str(out)])
+    data = json.loads(out.read_text())
+    rows = data["rows"]
+    # CPU: XLA only (the kernel would run interpreted); one row per (model, format, case)
+    keys = {(r["kv_cache"], r["m"], r["rows"], r["context"], r["method"]) for r in rows}
+    assert keys == {(f, s, n, c, "xla") for f in bench.SMALL_FORMATS
+                    for s, n, c in bench.SMALL_CASES}  # fmt: skip
+    assert all(r["kind"] == "paged_attention" and r["ms"] > 0 and r["gb_s"] > 0 for r in rows)
+    # ... loadable as a dispatch table: no kernel timings, so no kernel at any S
+    assert dispatch_table.table_from_benchmark(rows, "gpu") == {("gpu", "paged_attention"): 0}
+    assert "tiny" in capsys.readouterr().out
+
+
 def test_tune_blocks_needs_a_device_or_smoke():
     with pytest.raises(SystemExit):
         _load("tune_blocks").main([])

@@ -6,9 +6,11 @@ A forward never knows which cache it writes to. It asks the cache three things:
   and which keys each query may see (for full-attention layers and, with ``window``, for
   sliding-window ones); the cache may record the new tokens (a dense cache marks its slots);
 - ``update(layer, k, v)``: in every decoder layer, store this layer's new keys and values
-  and return what attention reads: ``(keys, values, k_scale, v_scale)``, keys and values
-  ``(B, T, kv_heads, head_dim)`` and the scales ``(B, T, kv_heads)`` of a quantized format
-  (else None);
+  and return what attention reads, which knows how it is attended (``read.attend(q,
+  allowed, window, scale=, softcap=)``): a `Read` of keys and values ``(B, T, kv_heads,
+  head_dim)`` and the scales ``(B, T, kv_heads)`` of a quantized format (else None), which
+  `jquant.models.attention.attend` takes under the mask ``allowed``; or, from a `PagedView`
+  whose attention runs in the paged-attention kernel, a `PagedRead` of the pages in place;
 - ``end(length)``: once after the layers (a dense cache advances its write index).
 
 ``layer`` is a Python int when layers run unrolled and a traced int32 under ``lax.scan``;
@@ -39,7 +41,9 @@ import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 
-from jquant.models.attention import causal_mask
+from jquant import kernels
+from jquant._attention_path import AttentionKernel, paged_attention_kernel
+from jquant.models.attention import attend, causal_mask
 from jquant.models.config import LlamaConfig
 
 # ---- formats ---------------------------------------------------------------------------
@@ -143,12 +147,44 @@ def kv_format(name: str | KVFormat | None) -> KVFormat:
 
 
 class Read(NamedTuple):
-    """What attention reads from a cache in one layer."""
+    """What attention reads from a cache in one layer: the keys and values in order."""
 
     k: jax.Array  # (B, T, kv_heads, head_dim): values, or codes with k_scale
     v: jax.Array
     k_scale: jax.Array | None = None  # (B, T, kv_heads)
     v_scale: jax.Array | None = None
+
+    def attend(self, q, allowed, window, *, scale, softcap) -> jax.Array:
+        """`attend` of ``q`` over these keys and values: ``(B, S, heads * head_dim)``
+        (``allowed`` holds the layer's sliding window, if any, so ``window`` is unused)."""
+        del window
+        return attend(q, self.k, self.v, allowed, k_scale=self.k_scale, v_scale=self.v_scale,
+                      scale=scale, softcap=softcap)  # fmt: skip
+
+
+class PagedRead(NamedTuple):
+    """What attention reads from a `PagedView` whose attention runs in the paged-attention
+    kernel (`jquant.kernels.paged_attention`): the cache's pages in place, every layer's (the
+    kernel reads this layer's through the block table; nothing is gathered or sliced)."""
+
+    k: jax.Array  # (layers, num_pages, kv_heads, page_size, head_dim)
+    v: jax.Array
+    k_scale: jax.Array | None  # (layers, num_pages, kv_heads, page_size)
+    v_scale: jax.Array | None
+    layer: jax.Array | int
+    pages: jax.Array  # (R, P) the block table
+    positions: jax.Array  # (R, S) the queries' positions
+    kernel: AttentionKernel
+
+    def attend(self, q, allowed, window, *, scale, softcap) -> jax.Array:
+        """The kernel's attention of ``q``: ``(R, S, heads * head_dim)``. Its causal mask
+        and ``window`` come from the positions; ``allowed`` is unused."""
+        del allowed
+        out = kernels.paged_attention(
+            q, self.k, self.v, self.pages, self.positions, k_scale=self.k_scale,
+            v_scale=self.v_scale, layer=self.layer, scale=scale, window=window,
+            softcap=softcap, backend=self.kernel.backend, interpret=self.kernel.interpret)
+        return out.reshape(*q.shape[:2], -1)
 
 
 class Cache(Protocol):
@@ -158,7 +194,7 @@ class Cache(Protocol):
               ) -> tuple[Cache, jax.Array, jax.Array, jax.Array | None]:  # fmt: skip
         """``(cache, positions (B, S), allowed (B, S, T), allowed_in_window or None)``."""
 
-    def update(self, layer, k: jax.Array, v: jax.Array) -> tuple[Cache, Read]: ...
+    def update(self, layer, k: jax.Array, v: jax.Array) -> tuple[Cache, Read | PagedRead]: ...
 
     def end(self, length: int) -> Cache: ...
 
@@ -314,12 +350,18 @@ class PagedView:
 
     Pages may be shared between rows (a common prompt prefix): a forward must not write a
     shared page, which holds when every row writes only positions past its shared prefix.
+
+    Attention runs in XLA over the gathered pages, or in the paged-attention kernel, which
+    reads the listed pages in place (`attention`; the same result, up to float rounding).
     """
 
     cache: PagedCache
     pages: jax.Array  # (R, P) int32: the block table
     positions: jax.Array  # (R, S) int32
     fmt: KVFormat = dataclasses.field(metadata=dict(static=True))
+    # "auto", "xla" or "kernel" (`jquant._attention_path`); None: the process setting
+    # (`jquant.ops.set_attention_path`) when the forward is traced.
+    attention: str | None = dataclasses.field(default=None, metadata=dict(static=True))
 
     @property
     def page_size(self) -> int:
@@ -347,6 +389,11 @@ class PagedView:
             c = PagedCache(put(c.k, kc), put(c.v, vc), put(c.k_scale, ks), put(c.v_scale, vs))
         else:
             c = c._replace(k=put(c.k, k), v=put(c.v, v))
+        view = dataclasses.replace(self, cache=c)
+        kernel = paged_attention_kernel(self.attention, tokens=k.shape[1], dtype=k.dtype,
+                                        page_size=size, head_dim=c.k.shape[-1])
+        if kernel is not None:
+            return view, PagedRead(*c, layer, self.pages, self.positions, kernel)
         rows = self.pages.shape[0]
 
         def take(x):  # (R, P, KV, size[, Dh]) -> (R, P * size, KV[, Dh]), positions in order
@@ -356,7 +403,7 @@ class PagedView:
             g = jnp.swapaxes(g, 2, 3)  # (R, P, size, KV[, Dh])
             return g.reshape(rows, self.key_len, *g.shape[3:])
 
-        return dataclasses.replace(self, cache=c), Read(*(take(x) for x in c))
+        return view, Read(*(take(x) for x in c))
 
     def end(self, length):
         return self

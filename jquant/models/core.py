@@ -32,6 +32,9 @@ from jquant.models.cache import Cache, NoCache
 from jquant.models.config import LlamaConfig
 from jquant.qarray import QArray
 
+#: The window of a full-attention layer in a model with sliding ones: covers any position.
+NO_WINDOW = np.iinfo(np.int32).max
+
 
 class LayerContext(NamedTuple):
     """What a decoder layer needs besides its input: RoPE tables and the attention mask."""
@@ -39,6 +42,9 @@ class LayerContext(NamedTuple):
     cos: jax.Array  # (B, S, head_dim) float32
     sin: jax.Array
     allowed: jax.Array  # (B, S, T) bool
+    # The layer's sliding window, int32 (`NO_WINDOW` for a full layer), for a cache that
+    # attends by positions rather than `allowed` (the paged kernel); None: no sliding layers.
+    window: jax.Array | None = None
 
 
 class Contexts(NamedTuple):
@@ -65,7 +71,9 @@ def begin(config: LlamaConfig, cache: Cache, mask: jax.Array, positions=None):
     full = LayerContext(*rope_tables(config, positions), allowed)
     local = None
     if in_window is not None:
-        local = LayerContext(*rope_tables(config, positions, local=True), in_window)
+        local = LayerContext(*rope_tables(config, positions, local=True), in_window,
+                             jnp.int32(window))
+        full = full._replace(window=jnp.int32(NO_WINDOW))
     return cache, Contexts(full, local)
 
 

@@ -41,7 +41,7 @@ from flax import nnx
 
 from jquant import ops
 from jquant.models import core
-from jquant.models.attention import apply_rope, attend
+from jquant.models.attention import apply_rope
 from jquant.models.cache import Cache
 from jquant.models.config import LlamaConfig
 from jquant.models.core import LayerContext
@@ -158,8 +158,7 @@ class Attention(nnx.Module):
         read from, ``cache`` (`jquant.models.cache`). Returns ``((B, S, D), cache)``."""
         q, k, v = self.project(x, ctx.cos, ctx.sin)
         cache, kv = cache.update(layer, k, v)
-        out = attend(q, kv.k, kv.v, ctx.allowed, k_scale=kv.k_scale, v_scale=kv.v_scale,
-                     scale=self.scale, softcap=self.softcap)  # fmt: skip
+        out = kv.attend(q, ctx.allowed, ctx.window, scale=self.scale, softcap=self.softcap)
         return self.o_proj(out), cache
 
 

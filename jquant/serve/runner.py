@@ -29,6 +29,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jquant._attention_path import attention_path
 from jquant.models import core
 from jquant.models.cache import KVFormat, PagedCache, PagedView, init_paged_cache, kv_format
 from jquant.models.config import LlamaConfig
@@ -56,11 +57,12 @@ class _Static:
     model: core.Static
     fmt: KVFormat
     cache_sharding: Any = None  # the cache's placement under tensor parallelism, kept per step
+    attention: str = "auto"  # the attention path (`jquant.ops.set_attention_path`)
 
 
 def _hidden(st: _Static, w, cache: PagedCache, tokens, tables, starts):
     positions = starts[:, None] + jnp.arange(tokens.shape[1], dtype=jnp.int32)[None, :]
-    view = PagedView(cache, tables, positions, fmt=st.fmt)
+    view = PagedView(cache, tables, positions, fmt=st.fmt, attention=st.attention)
     x, view = core.hidden(st.model, w, tokens, view)
     return x, view.cache
 
@@ -124,7 +126,10 @@ class Runner:
       kv_cache: the cache format (a name in `jquant.models.cache.KV_CACHE_FORMATS`; None: the
         compute dtype).
       shard: optional ``(params, cache) -> (params, cache)`` placing both on devices
-        (tensor parallelism); the programs then run sharded (GSPMD).
+        (tensor parallelism); the programs then run sharded (GSPMD), attention in XLA.
+
+    Attention takes the path `jquant.ops.attention_path()` names when the Runner is made
+    (``"kernel"``: `jquant.kernels.paged_attention`, reading the pages in place).
     """
 
     def __init__(self, model, params, *, rows: int, max_len: int, page_size: int = 16,
@@ -145,12 +150,16 @@ class Runner:
         self.fmt = kv_format(kv_cache)
         self.params = core.weights(params, config.num_layers)
         cache = init_paged_cache(config, self.num_pages, page_size, self.fmt, model.dtype)
-        cache_sharding = None
+        cache_sharding, attention = None, attention_path()
         if shard is not None:
+            if attention == "kernel":
+                raise ValueError("Runner: the paged-attention kernel does not run on a "
+                                 "sharded cache; use set_attention_path('auto') with shard")
+            attention = "xla"
             self.params, cache = shard(self.params, cache)
             cache_sharding = jax.tree.map(lambda x: x.sharding, cache)
         self.cache = cache
-        self._static = _Static(core.Static.of(model), self.fmt, cache_sharding)
+        self._static = _Static(core.Static.of(model), self.fmt, cache_sharding, attention)
         self.prefill_buckets = _buckets(min(16, prefill_chunk), min(prefill_chunk, max_len))
         self.prefill_row_buckets = _buckets(1, min(prefill_rows, rows))
         self.width_buckets = _buckets(min(-(-128 // page_size), self.table_width),

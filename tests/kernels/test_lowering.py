@@ -134,3 +134,28 @@ def test_tpu_block_rule_is_enforced():
                                                out_dtype=jnp.float32)
     with pytest.raises(ValueError, match="divisible by 8 and 128"):
         _export(fn, jax.ShapeDtypeStruct((8, 512), jnp.float32), platform="tpu")
+
+
+@pytest.mark.parametrize("backend", ("tpu", "gpu"))
+@pytest.mark.parametrize("pages", ("bfloat16", "int8", "fp8"))
+@pytest.mark.parametrize("s", (1, 24))
+def test_paged_attention_lowers(backend, pages, s):
+    # Decode (S = 1) and a prefill chunk (S = 24, several query blocks), every layer's pages
+    # with a traced layer index, a traced sliding window and a soft-cap: the serving call.
+    layers, num_pages, kv, size, d = 2, 40, 2, 16, 64
+    code = {"bfloat16": jnp.bfloat16, "int8": jnp.int8, "fp8": jnp.float8_e4m3fn}[pages]
+    spec = jax.ShapeDtypeStruct
+    page = spec((layers, num_pages, kv, size, d), code)
+    scale = spec(page.shape[:-1], jnp.bfloat16) if pages != "bfloat16" else None
+    i32 = jnp.int32
+
+    def fn(q, k, v, ks, vs, tables, positions, layer, window):
+        return kernels.paged_attention(q, k, v, tables, positions, k_scale=ks, v_scale=vs,
+                                       layer=layer, window=window, softcap=50.0,
+                                       backend=backend)
+
+    args = (spec((4, s, 6, d), jnp.bfloat16), page, page, scale, scale, spec((4, 8), i32),
+            spec((4, s), i32), spec((), i32), spec((), i32))
+    targets = _export(fn, *args, platform=PLATFORMS[backend])
+    expected = "tpu_custom_call" if backend == "tpu" else _gpu.TRITON_CUSTOM_CALL
+    assert expected in targets, targets
