@@ -443,9 +443,8 @@ def _entries(reader: _gguf_reader.GGUFFile, config: dict[str, Any], source: Path
         if name.endswith(".mlp.shared_expert_gate.weight") and len(shape) == 1:
             shape = (1, *shape)  # llama.cpp accepts the squeezed [D] too
         load = functools.partial(_load_tensor, t, source, n_head, gemma_norm, shape)
-        if packed and len(shape) in (2, 3) and t.tensor_type in _gguf_packed.PACKED_TYPES and (
-            not _gguf_moe.is_router(name)
-        ):
+        packable = len(shape) in (2, 3) and not _gguf_moe.is_router(name)
+        if packed and packable and t.tensor_type in _gguf_packed.PACKED_TYPES:
             embedding = name == "model.embed_tokens.weight"
             load = functools.partial(_load_packed, t, source, n_head, embedding, shape)
         entries[name] = TensorEntry(shape=shape, stored_dtype=t.tensor_type.name, load=load)
