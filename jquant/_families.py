@@ -17,7 +17,10 @@ class Family:
 
     Attributes:
       qkv_bias: q/k/v projections always carry a bias (qwen2), whatever the config says.
-      qk_norm: an RMSNorm over ``head_dim`` on every query and key head, before RoPE.
+      qk_norm: an RMSNorm on the queries and keys before RoPE: over ``head_dim``, every
+        head alone, unless `qk_norm_whole`.
+      qk_norm_whole: the q/k norms span the whole projection (``heads * head_dim`` and
+        ``kv_heads * head_dim``: OLMoE) rather than each head.
       gemma: Gemma's conventions: RMSNorm weight applied as ``1 + w`` and embeddings
         multiplied by ``sqrt(hidden_size)``.
       sandwich_norms: norms after attention and around the MLP (Gemma 2/3).
@@ -31,11 +34,13 @@ class Family:
         (``num_local_experts``; every layer sparse; top-k weights always renormalized) or
         "qwen_moe" (``num_experts``, ``moe_intermediate_size``, ``norm_topk_prob``, dense
         layers by ``decoder_sparse_step`` / ``mlp_only_layers``, and Qwen2-MoE's shared
-        expert by ``shared_expert_intermediate_size``).
+        expert by ``shared_expert_intermediate_size``) or "olmoe" (``num_experts``; every
+        layer sparse; experts of width ``intermediate_size``; ``norm_topk_prob``).
     """
 
     qkv_bias: bool = False
     qk_norm: bool = False
+    qk_norm_whole: bool = False
     gemma: bool = False
     sandwich_norms: bool = False
     activation: str = "silu"
@@ -53,6 +58,7 @@ FAMILIES = {
     "mixtral": Family(sliding="all", moe="mixtral"),
     "qwen2_moe": Family(qkv_bias=True, sliding="upper", moe="qwen_moe"),
     "qwen3_moe": Family(qk_norm=True, sliding="upper", moe="qwen_moe"),
+    "olmoe": Family(qk_norm=True, qk_norm_whole=True, moe="olmoe"),
     "gemma": Family(gemma=True, activation="gelu_pytorch_tanh"),
     "gemma2": Family(gemma=True, sandwich_norms=True, activation="gelu_pytorch_tanh",
                      sliding="pattern", pattern=2),

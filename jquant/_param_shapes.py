@@ -52,9 +52,10 @@ def param_shapes(config: LlamaConfig) -> dict[str, tuple[int, ...]]:
             shapes[f"{p}self_attn/{proj}/kernel"] = shape
             if (config.qkv_bias and proj != "o_proj") or (config.o_bias and proj == "o_proj"):
                 shapes[f"{p}self_attn/{proj}/bias"] = shape[1:]
-        if config.qk_norm:
-            shapes[f"{p}self_attn/q_norm/scale"] = (dh,)
-            shapes[f"{p}self_attn/k_norm/scale"] = (dh,)
+        if config.qk_norm:  # per head, or the whole projection (OLMoE)
+            whole = config.qk_norm_whole
+            shapes[f"{p}self_attn/q_norm/scale"] = (q_out if whole else dh,)
+            shapes[f"{p}self_attn/k_norm/scale"] = (kv_out if whole else dh,)
         if config.is_moe(i):  # jquant.models.moe.MoE: router (E, D) as HF stores it, experts
             e, fe = config.num_experts, config.moe_intermediate_size
             shapes[f"{p}mlp/gate/weight"] = (e, d)

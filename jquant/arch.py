@@ -8,12 +8,13 @@ re-exports it), so io never imports models.
 
 One config covers the decoder families that share Llama's skeleton (RMSNorm, RoPE attention
 with grouped key/value heads, a gated MLP): `llama` (SmolLM2 is one), `mistral`, `qwen2`,
-`qwen3`, `gemma`, `gemma2` and `gemma3_text`, and the mixture-of-experts families `mixtral`
-and `qwen3_moe` (the MLP of some or all layers replaced by routed experts,
+`qwen3`, `gemma`, `gemma2` and `gemma3_text`, and the mixture-of-experts families `mixtral`,
+`qwen2_moe`, `qwen3_moe` and `olmoe` (the MLP of some or all layers replaced by routed experts,
 `jquant.models.moe`). What differs between them is data, not code, and
 `FAMILIES` holds it per `model_type`:
 
-* q/k/v biases (qwen2); RMSNorm of every query and key head before RoPE (qwen3, gemma3);
+* q/k/v biases (qwen2); RMSNorm of every query and key head before RoPE (qwen3, gemma3), or of
+  the whole query and key projections (olmoe);
 * Gemma's RMSNorm weight applied as ``1 + w`` and its embeddings scaled by ``sqrt(hidden)``;
 * Gemma 2/3's "sandwich" norms: after attention and around the MLP, not only before;
 * the MLP's activation (SiLU, or GELU with the tanh approximation in Gemma's GeGLU);
@@ -114,6 +115,8 @@ class LlamaConfig:
     eos_token_ids: tuple[int, ...] = ()  # default stop tokens for generation
     hidden_act: str = "silu"  # MLP activation: down(act(gate(x)) * up(x))
     qk_norm: bool = False  # RMSNorm (head_dim) on query and key heads before RoPE
+    qk_norm_whole: bool = False  # the qk_norm spans the whole projection (heads * head_dim),
+    #   not one head (OLMoE)
     norm_offset: float = 0.0  # RMSNorm multiplies by (norm_offset + weight): 1 for Gemma
     embed_scale: float = 1.0  # embeddings are multiplied by this (Gemma: sqrt(hidden_size))
     sandwich_norms: bool = False  # Gemma 2/3: post-attention, pre- and post-MLP norms
@@ -179,6 +182,8 @@ class LlamaConfig:
                 )
             if SLIDING in self.layer_types and not (self.sliding_window or 0) > 0:
                 raise ValueError("LlamaConfig: sliding layers need a positive sliding_window")
+        if self.qk_norm_whole and not self.qk_norm:
+            raise ValueError("LlamaConfig: qk_norm_whole=True needs qk_norm=True")
         if self.model_type not in SUPPORTED_MODEL_TYPES:
             raise ValueError(
                 f"LlamaConfig: model_type={self.model_type!r} is not supported; "
@@ -326,6 +331,9 @@ class LlamaConfig:
         if model_type == "qwen2_moe" and config.get("qkv_bias", True) is False:
             raise ValueError("qwen2_moe with qkv_bias=False is not supported (the family's "
                              "q/k/v projections carry biases)")  # fmt: skip
+        if model_type == "olmoe" and config.get("clip_qkv") is not None:
+            raise ValueError(f"olmoe with clip_qkv={config['clip_qkv']!r} is not supported "
+                             "(q/k/v clamped); only clip_qkv=None is")  # fmt: skip
         # As in transformers: qwen2 always has q/k/v biases and never an o_proj bias;
         # llama's attention_bias covers all four projections; mistral has none.
         bias = family.qkv_bias or bool(config.get("attention_bias", False))
@@ -357,6 +365,7 @@ class LlamaConfig:
             eos_token_ids=eos,
             hidden_act=act,
             qk_norm=family.qk_norm,
+            qk_norm_whole=family.qk_norm_whole,
             norm_offset=1.0 if family.gemma else 0.0,
             embed_scale=float(np.float32(hidden**0.5)) if family.gemma else 1.0,
             sandwich_norms=family.sandwich_norms,
@@ -375,7 +384,9 @@ class LlamaConfig:
 
 def _moe_fields(config: Mapping[str, Any], model_type: str, num_layers: int) -> dict[str, Any]:
     """The mixture-of-experts fields of a config, as transformers reads them: Mixtral's
-    ``num_local_experts`` (every layer sparse, top-k weights renormalized) or Qwen-MoE's
+    ``num_local_experts`` (every layer sparse, top-k weights renormalized), OLMoE's
+    ``num_experts`` and ``norm_topk_prob`` (default False; every layer sparse, experts of
+    width ``intermediate_size``) or Qwen-MoE's
     ``num_experts``, ``moe_intermediate_size`` and ``norm_topk_prob`` (default False), with
     layer ``i`` sparse unless it is in ``mlp_only_layers`` or ``(i + 1) %
     decoder_sparse_step`` is not 0; Qwen2-MoE's ``shared_expert_intermediate_size`` too."""
@@ -392,7 +403,7 @@ def _moe_fields(config: Mapping[str, Any], model_type: str, num_layers: int) -> 
         if config.get(name) is None:
             raise ValueError(f"a {family.moe} config needs {name!r}, the config has none")
     experts = int(config[key])
-    if experts == 0 and family.moe != "mixtral":  # transformers: num_experts=0 is all dense
+    if experts == 0 and family.moe == "qwen_moe":  # transformers: num_experts=0 is all dense
         return {}
     if experts < 1:
         raise ValueError(f"config {key}={experts} must be at least 1 for a {family.moe} model")
@@ -400,6 +411,9 @@ def _moe_fields(config: Mapping[str, Any], model_type: str, num_layers: int) -> 
                                   num_experts_per_tok=int(config["num_experts_per_tok"]))
     if family.moe == "mixtral":
         return dict(fields, moe_layers=tuple(range(num_layers)))
+    if family.moe == "olmoe":
+        return dict(fields, norm_topk_prob=bool(config.get("norm_topk_prob", False)),
+                    moe_layers=tuple(range(num_layers)))  # fmt: skip
     step = int(config.get("decoder_sparse_step", 1) or 1)
     dense = {int(i) for i in config.get("mlp_only_layers") or ()}
     return dict(

@@ -141,19 +141,24 @@ def _leaf_usage(leaf) -> tuple[str, int, int]:
 
 _K_PROJ = re.compile(r"(?:^|/)layers/(\d+)/.*k_proj/kernel$")
 _K_NORM = re.compile(r"(?:^|/)layers/\d+/.*k_norm/scale$")
+_Q = re.compile(r"(?:^|/)layers/\d+/.*(q_proj/kernel|q_norm/scale)$")
 
 
 def _infer_kv(paths_and_leaves) -> tuple[int, int, int | None]:
     """``(layers, kv_width, head_dim)`` from ``layers/{i}/.../k_proj/kernel`` leaves (and a
-    per-head ``k_norm``, where the model has one), else ``(0, 0, None)``."""
-    layers, width, head_dim = set(), 0, None
+    per-head ``k_norm``, where the model has one), else ``(0, 0, None)``. A q_norm as wide as
+    q_proj's output spans the whole projection (OLMoE) and says nothing of the head."""
+    layers, width, head_dim, q = set(), 0, None, {}
     for path, leaf in paths_and_leaves:
-        m = _K_PROJ.search(path)
-        if m:
+        if m := _K_PROJ.search(path):
             layers.add(int(m.group(1)))
             width = leaf.shape[-1]
         elif _K_NORM.search(path):
             head_dim = leaf.shape[-1]
+        elif m := _Q.search(path):
+            q[m.group(1)] = leaf.shape[-1]
+    if len(q) == 2 and q["q_proj/kernel"] == q["q_norm/scale"]:
+        head_dim = None
     return len(layers), width, head_dim
 
 

@@ -46,6 +46,23 @@ def test_kv_cache_math_from_inferred_layers():
     assert r.total_bytes == r.weight_bytes + r.kv_cache_bytes
 
 
+@pytest.mark.parametrize("q_norm, k_norm, head_dim", [(32, 32, 32), (256, 64, None)])
+def test_head_dim_from_a_per_head_k_norm_only(q_norm, k_norm, head_dim):
+    """A per-head k_norm (Qwen3) gives head_dim; OLMoE's span the whole projections (its
+    q_norm as wide as q_proj), which says nothing of the heads: a quantized cache then needs
+    head_dim= or config=."""
+    params = _llama_like(layers=2, kv=64)
+    for layer in params["layers"].values():
+        layer["self_attn"]["q_norm"] = {"scale": np.ones((q_norm,), np.float32)}
+        layer["self_attn"]["k_norm"] = {"scale": np.ones((k_norm,), np.float32)}
+    if head_dim is None:
+        with pytest.raises(ValueError, match="pass head_dim= or config="):
+            memory_report(params, kv_cache="int8")
+    else:
+        r = memory_report(params, kv_cache="int8", context=10, overhead=0)
+        assert r.kv_cache_bytes == 2 * 2 * 10 * 64 + 2 * 2 * 10 * 2 * 2  # codes + bf16 scales
+
+
 def test_kv_cache_from_config_and_quantized_cache_scales():
     config = {"num_hidden_layers": 30, "num_attention_heads": 9, "num_key_value_heads": 3,
               "hidden_size": 576}

@@ -91,11 +91,16 @@ class Checkpoint:
         return sum(math.prod(shape_of(self.tensors, n)) for n in self.tensors)
 
 
-def expected_shapes(config: dict[str, Any]) -> dict[str, tuple[int, ...]]:
+def expected_shapes(config: dict[str, Any], *,
+                    stacked_experts: bool = False) -> dict[str, tuple[int, ...]]:  # fmt: skip
     """Every tensor name a checkpoint with this config must have, with its HF-layout shape.
 
     Args:
-      config: a dict with the keys of `CONFIG_KEYS`.
+      config: a dict with the keys of `CONFIG_KEYS` (and `MOE_CONFIG_KEYS` for an MoE family).
+      stacked_experts: an MoE layer's experts as one tensor per projection,
+        ``mlp.experts.{gate,up,down}_proj.weight`` ``(E, out, in)``, and its router as
+        ``mlp.gate.weight`` (the names `jquant.models.params_to_hf` writes, and a GGUF's
+        layout), instead of the per-expert Linears of transformers' ``save_pretrained``.
 
     Returns:
       `{name: shape}`; linear weights are (out_features, in_features).
@@ -135,14 +140,15 @@ def expected_shapes(config: dict[str, Any]) -> dict[str, tuple[int, ...]]:
                 biased += ("o_proj",)
             for proj in biased:
                 shapes[f"{p}self_attn.{proj}.bias"] = attn[proj][:1]
-        if family.qk_norm:
-            shapes[f"{p}self_attn.q_norm.weight"] = (config["head_dim"],)
-            shapes[f"{p}self_attn.k_norm.weight"] = (config["head_dim"],)
+        if family.qk_norm:  # per head, or the whole projection (OLMoE)
+            whole = family.qk_norm_whole
+            shapes[f"{p}self_attn.q_norm.weight"] = (q_out if whole else config["head_dim"],)
+            shapes[f"{p}self_attn.k_norm.weight"] = (kv_out if whole else config["head_dim"],)
         if family.sandwich_norms:
             shapes[f"{p}pre_feedforward_layernorm.weight"] = (d,)
             shapes[f"{p}post_feedforward_layernorm.weight"] = (d,)
         if moe is not None and moe.is_moe(i):
-            shapes.update(_moe_shapes(moe, p))
+            shapes.update(_moe_shapes(moe, p, stacked_experts))
         else:
             shapes[f"{p}mlp.gate_proj.weight"] = (f, d)
             shapes[f"{p}mlp.up_proj.weight"] = (f, d)
@@ -152,19 +158,25 @@ def expected_shapes(config: dict[str, Any]) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
-def _moe_shapes(config, prefix: str) -> dict[str, tuple[int, ...]]:
+def _moe_shapes(config, prefix: str, stacked: bool) -> dict[str, tuple[int, ...]]:
     """An MoE layer's tensors as transformers' save_pretrained writes them: one Linear per
-    expert, ``mlp.experts.{e}.{gate,up,down}_proj`` and the router ``mlp.gate`` (Qwen-MoE),
-    ``block_sparse_moe.experts.{e}.w1/w3/w2`` and ``block_sparse_moe.gate`` (Mixtral)."""
-    d, f = config.hidden_size, config.moe_intermediate_size
-    if config.model_type == "mixtral":
-        block, names = "block_sparse_moe", {"gate_proj": "w1", "up_proj": "w3", "down_proj": "w2"}
+    expert, ``mlp.experts.{e}.{gate,up,down}_proj`` and the router ``mlp.gate`` (Qwen-MoE,
+    OLMoE), ``block_sparse_moe.experts.{e}.w1/w3/w2`` and ``block_sparse_moe.gate`` (Mixtral);
+    or, `stacked`, ``mlp.experts.{gate,up,down}_proj`` ``(E, out, in)`` and ``mlp.gate``."""
+    d, f, e = config.hidden_size, config.moe_intermediate_size, config.num_experts
+    projs = (("gate_proj", (f, d)), ("up_proj", (f, d)), ("down_proj", (d, f)))
+    if stacked:
+        shapes = {f"{prefix}mlp.gate.weight": (e, d)}
+        shapes.update({f"{prefix}mlp.experts.{p}.weight": (e, *s) for p, s in projs})
     else:
-        block, names = "mlp", {p: p for p in ("gate_proj", "up_proj", "down_proj")}
-    shapes = {f"{prefix}{block}.gate.weight": (config.num_experts, d)}
-    for e in range(config.num_experts):
-        for proj, shape in (("gate_proj", (f, d)), ("up_proj", (f, d)), ("down_proj", (d, f))):
-            shapes[f"{prefix}{block}.experts.{e}.{names[proj]}.weight"] = shape
+        block, names = "mlp", {p: p for p, _ in projs}
+        if config.model_type == "mixtral":
+            block, names = "block_sparse_moe", {"gate_proj": "w1", "up_proj": "w3",
+                                                "down_proj": "w2"}  # fmt: skip
+        shapes = {f"{prefix}{block}.gate.weight": (e, d)}
+        for i in range(e):
+            for proj, shape in projs:
+                shapes[f"{prefix}{block}.experts.{i}.{names[proj]}.weight"] = shape
     if fs := config.shared_expert_intermediate_size:  # Qwen2-MoE
         for proj, shape in (("gate_proj", (fs, d)), ("up_proj", (fs, d)), ("down_proj", (d, fs))):
             shapes[f"{prefix}mlp.shared_expert.{proj}.weight"] = shape
@@ -178,6 +190,7 @@ def check_tensors(
     source: str,
     *,
     file_name: Callable[[str], str] | None = None,
+    stacked_experts: bool = False,
 ) -> None:
     """Raise a `ValueError` unless `tensors` has exactly the names and shapes `config` implies.
 
@@ -186,9 +199,10 @@ def check_tensors(
       config: the checkpoint config.
       source: the file or directory, named in the message.
       file_name: maps an HF name to what the file calls that tensor, for messages.
+      stacked_experts: MoE experts stacked per projection (see `expected_shapes`).
     """
     file_name = file_name or (lambda name: name)
-    expected = expected_shapes(config)
+    expected = expected_shapes(config, stacked_experts=stacked_experts)
     missing = sorted(set(expected) - set(tensors))
     unexpected = sorted(set(tensors) - set(expected))
     shown = lambda names: ", ".join(file_name(n) for n in names[:5])

@@ -6,7 +6,10 @@ row a run of blocks along ``cols``: exactly a QArray's storage, one row per outp
 the contraction axis last. So a linear weight's QArray stores GGUF's rows as they are and has
 the logical shape ``(in, out)`` (``axis=-2``); the token embedding ``(vocab, hidden)``, whose
 rows are looked up, is a QArray along hidden (``axis=-1``), as `jquant.ops.qembed` and the
-tied head (`jquant.ops.qattend`) take it.
+tied head (`jquant.ops.qattend`) take it. A mixture-of-experts stack ``(E, out, in)`` (ggml's
+3-D ``[in, out, E]``, each expert's rows after the previous expert's) is one QArray of logical
+shape ``(E, in, out)``, each expert quantized along its own ``in``, as
+`jquant.models.moe.ExpertDense` takes it.
 
 Each ggml type is written as ``w = (q - z) * s`` per group of the QArray (codes ``q``):
 
@@ -40,11 +43,12 @@ it is stored exactly as codes 0, scale ``c``, zero point −1.
 
 Not kept packed (dequantized to float32 as `load_gguf` does without ``packed``): every other
 ggml type (the I-quants IQ1_S ... IQ4_XS, TQ1_0, TQ2_0, MXFP4, NVFP4, and the float types
-F32, F16, BF16), and any tensor that is not 2-D (norms, biases).
+F32, F16, BF16), and any tensor that is neither 2-D nor an expert stack (norms, biases).
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from typing import NamedTuple
 
@@ -177,24 +181,26 @@ PACKED_TYPES: dict[Q, Callable[[np.ndarray], Blocks]] = {
 }  # fmt: skip
 
 
-def qarray_from_blocks(raw: np.ndarray, ggml_type: Q, shape: tuple[int, int], *,
+def qarray_from_blocks(raw: np.ndarray, ggml_type: Q, shape: tuple[int, ...], *,
                        rows: Callable[[np.ndarray], np.ndarray] | None = None,
                        embedding: bool = False, name: str = "tensor") -> QArray:  # fmt: skip
-    """The QArray of a (rows, cols) matrix stored as ggml blocks of `ggml_type`.
+    """The QArray of a (rows, cols) matrix, or an (E, rows, cols) stack of them, stored as ggml
+    blocks of `ggml_type`.
 
     Args:
       raw: the tensor's bytes as stored (uint8, any shape).
       ggml_type: one of `PACKED_TYPES`.
-      shape: ``(rows, cols)``, slowest first (HF's ``(out, in)``, ``(vocab, hidden)``).
-      rows: a permutation of the rows (applied to codes, scales and zero points alike), e.g.
-        `jquant.io.gguf.unpermute_rope_rows`; None keeps the file's order.
+      shape: ``(rows, cols)`` or ``(E, rows, cols)``, slowest first (HF's ``(out, in)``,
+        ``(vocab, hidden)``, an expert stack's ``(E, out, in)``).
+      rows: a permutation of a matrix's rows (applied to codes, scales and zero points
+        alike), e.g. `jquant.io.gguf.unpermute_rope_rows`; None keeps the file's order.
       embedding: make an embedding table (logical ``(rows, cols)``, ``axis=-1``) instead of a
-        linear kernel (logical ``(cols, rows)``, ``axis=-2``).
+        linear kernel (logical ``(cols, rows)``, ``axis=-2``; a stack's ``(E, cols, rows)``).
       name: what errors call the tensor.
 
     Returns:
-      A QArray (float32 ``dtype``) whose ``dequantize()`` is the matrix (see the module
-      docstring for which types are exact).
+      A QArray (float32 ``dtype``) whose ``dequantize()`` is the matrix, or the stack of each
+      matrix's transpose (see the module docstring for which types are exact).
 
     Raises:
       ValueError: naming `name`, for a type not in `PACKED_TYPES`, a row that is not whole
@@ -204,7 +210,8 @@ def qarray_from_blocks(raw: np.ndarray, ggml_type: Q, shape: tuple[int, int], *,
         raise ValueError(f"{name}: ggml type {Q(ggml_type).name} cannot be kept packed; "
                          f"packed types: {', '.join(t.name for t in PACKED_TYPES)}")  # fmt: skip
     block, type_size = gguf.GGML_QUANT_SIZES[ggml_type]
-    n, k = shape
+    *lead, k = shape
+    n = math.prod(lead)
     if k % block:
         raise ValueError(f"{name}: rows of {k} elements are not whole {ggml_type.name} blocks "
                          f"of {block}")  # fmt: skip
@@ -216,7 +223,7 @@ def qarray_from_blocks(raw: np.ndarray, ggml_type: Q, shape: tuple[int, int], *,
     perm = rows or (lambda a: a)
 
     def per_row(a):
-        return None if a is None else perm(np.ascontiguousarray(a).reshape(n, -1))
+        return None if a is None else perm(np.ascontiguousarray(a).reshape(*lead, -1))
 
     scale = per_row(parts.scale)
     if parts.super_scale is not None:  # two-level: int8 sub-scales times a float16 per block

@@ -12,7 +12,9 @@ Three things differ from an HF checkpoint and are undone here:
   HF, and jquant, keep ``w``, so 1 is taken off again.
 
 Architectures: `llama` (and `mistral`), `qwen2`, `qwen3`, `gemma`, `gemma2` and `gemma3` (the
-text decoder; its model_type is `gemma3_text`). Values a GGUF does not store are set as
+text decoder; its model_type is `gemma3_text`), and the mixture-of-experts `llama` with experts
+(Mixtral), `qwen2moe`, `qwen3moe` and `olmoe` (their expert tensors and metadata:
+`jquant.io._gguf_moe`). Values a GGUF does not store are set as
 llama.cpp sets them: Gemma 2/3's query scale is ``head_dim ** -0.5``, except for the 27B models
 (46 and 62 layers), which use ``(hidden / heads) ** -0.5``; Gemma 3 alternates five sliding
 layers with one global layer (unless the file lists its own pattern) and rotates the sliding
@@ -48,7 +50,7 @@ import numpy as np
 
 from jquant.qarray import QArray
 
-from . import _gguf_packed, _gguf_reader, _lazy
+from . import _gguf_moe, _gguf_packed, _gguf_reader, _lazy
 from ._checkpoint import Checkpoint, check_tensors
 from ._lazy import LazyTensors, TensorEntry
 from .tokenizer import tokenizer_from_gguf_fields
@@ -70,7 +72,8 @@ _BLOCK_NAMES = {
     "attn_norm": "input_layernorm",
     "ffn_norm": "post_attention_layernorm",
 }
-_BLOCK_NAMES.update({"attn_q_norm": "self_attn.q_norm", "attn_k_norm": "self_attn.k_norm"})
+_BLOCK_NAMES.update({"attn_q_norm": "self_attn.q_norm", "attn_k_norm": "self_attn.k_norm",
+                     **_gguf_moe.BLOCK_NAMES})  # fmt: skip
 # Gemma 2/3 blocks: ffn_norm is the norm before the MLP; two more norms follow attention and MLP.
 _SANDWICH_NAMES = {
     **_BLOCK_NAMES,
@@ -81,7 +84,8 @@ _SANDWICH_NAMES = {
 # GGUF `general.architecture` -> HF model_type, for those whose names differ.
 _MODEL_TYPES = {"gemma3": "gemma3_text"}
 #: GGUF architectures `load_gguf` reads.
-SUPPORTED_ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3")
+SUPPORTED_ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3",
+                           *_gguf_moe.MODEL_TYPES)  # fmt: skip
 _GEMMA_ARCHS = ("gemma", "gemma2", "gemma3")
 _BLOCK_RE = re.compile(r"blk\.(\d+)\.(\w+)\.(weight|bias)")
 _GLOBAL_RE = re.compile(r"(\w+)\.(weight|bias)")
@@ -276,12 +280,14 @@ def _rope_scaling(meta: dict[str, Any], arch: str) -> dict[str, Any] | None:
 def config_from_metadata(
     meta: dict[str, Any], tensor_names: set[str], source: str = "<gguf>"
 ) -> dict[str, Any]:
-    """HF-style config (keys of `jquant.io.CONFIG_KEYS`) from GGUF metadata.
+    """HF-style config (keys of `jquant.io.CONFIG_KEYS`, and `jquant.io.MOE_CONFIG_KEYS` for a
+    mixture of experts) from GGUF metadata.
 
     Args:
       meta: `read_metadata` output.
       tensor_names: the file's tensor names (GGUF spelling); they decide tied embeddings
-        (no `output.weight`) and attention biases (`blk.0.attn_q.bias`).
+        (no `output.weight`), attention biases (`blk.0.attn_q.bias`) and an MoE model's
+        sparse blocks (those with a router, `blk.N.ffn_gate_inp.weight`).
       source: the file, named in errors.
 
     Raises:
@@ -337,11 +343,14 @@ def config_from_metadata(
         value = meta.get(f"{arch}.{key}")
         return None if value is None else _f32(value)
 
+    ffn = get("feed_forward_length")
+    moe = _gguf_moe.config_keys(meta, arch, tensor_names, layers, ffn, source)
     return {
-        "model_type": _MODEL_TYPES.get(arch, arch),
+        **moe,
+        "model_type": _gguf_moe.model_type(meta, arch) or _MODEL_TYPES.get(arch, arch),
         "vocab_size": vocab,
         "hidden_size": hidden,
-        "intermediate_size": get("feed_forward_length"),
+        "intermediate_size": ffn,
         "num_hidden_layers": layers,
         "num_attention_heads": heads,
         "num_key_value_heads": get("attention.head_count_kv", heads),
@@ -391,24 +400,24 @@ def _dequantize(t: _gguf_reader.GGUFTensor, source: Path) -> np.ndarray:
 
 
 def _load_tensor(t: _gguf_reader.GGUFTensor, source: Path, n_head: int | None, gemma_norm: bool,
-                 dtype: np.dtype) -> np.ndarray:  # fmt: skip
-    """Tensor `t` in HF layout, as `dtype`: dequantized, ``1 + w`` stored Gemma norms back to
-    ``w``, and Q/K rows of a permuted architecture back in HF order (`n_head`: its heads)."""
+                 shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:  # fmt: skip
+    """Tensor `t` in HF layout `shape`, as `dtype`: dequantized, ``1 + w`` stored Gemma norms
+    back to ``w``, and Q/K rows of a permuted architecture back in HF order (`n_head`: its
+    heads)."""
     w = _dequantize(t, source)
     if gemma_norm:
         w -= np.float32(1.0)  # llama.cpp stored 1 + w
     if n_head is not None:
         w = unpermute_rope_rows(w, n_head)
-    return _lazy.cast(w, dtype)
+    return _lazy.cast(w.reshape(shape), dtype)
 
 
 def _load_packed(t: _gguf_reader.GGUFTensor, source: Path, n_head: int | None, embedding: bool,
-                 dtype: np.dtype) -> QArray:  # fmt: skip
-    """Matrix `t` as a QArray (`_gguf_packed.qarray_from_blocks`); `dtype` is ignored (the
-    QArray's own dtype is float32)."""
+                 shape: tuple[int, ...], dtype: np.dtype) -> QArray:  # fmt: skip
+    """Matrix or expert stack `t` (HF layout `shape`) as a QArray
+    (`_gguf_packed.qarray_from_blocks`); `dtype` is ignored (the QArray's is float32)."""
     del dtype
     rows = None if n_head is None else functools.partial(unpermute_rope_rows, n_head=n_head)
-    shape = tuple(int(n) for n in reversed(t.shape.tolist()))
     name = f"{source}: tensor {t.name}"
     return _gguf_packed.qarray_from_blocks(t.read(), t.tensor_type, shape, rows=rows,
                                            embedding=embedding, name=name)  # fmt: skip
@@ -417,7 +426,8 @@ def _load_packed(t: _gguf_reader.GGUFTensor, source: Path, n_head: int | None, e
 def _entries(reader: _gguf_reader.GGUFFile, config: dict[str, Any], source: Path,
              packed: bool = False) -> dict[str, TensorEntry]:  # fmt: skip
     """The file's tensors by HF name, with their HF-layout shapes and how to read each;
-    `packed`: matrices of `_gguf_packed.PACKED_TYPES` read as QArrays."""
+    `packed`: matrices and expert stacks of `_gguf_packed.PACKED_TYPES` (not MoE routers)
+    read as QArrays."""
     arch = reader.metadata["general.architecture"]
     heads = {"q_proj": config["num_attention_heads"], "k_proj": config["num_key_value_heads"]}
     entries: dict[str, TensorEntry] = {}
@@ -430,10 +440,13 @@ def _entries(reader: _gguf_reader.GGUFFile, config: dict[str, Any], source: Path
             n_head = next((n for p, n in heads.items() if f".self_attn.{p}." in name), None)
         gemma_norm = arch in _GEMMA_ARCHS and name.endswith("norm.weight")
         shape = tuple(int(n) for n in reversed(t.shape.tolist()))
-        load = functools.partial(_load_tensor, t, source, n_head, gemma_norm)
-        if packed and len(shape) == 2 and t.tensor_type in _gguf_packed.PACKED_TYPES:
+        if name.endswith(".mlp.shared_expert_gate.weight") and len(shape) == 1:
+            shape = (1, *shape)  # llama.cpp accepts the squeezed [D] too
+        load = functools.partial(_load_tensor, t, source, n_head, gemma_norm, shape)
+        packable = len(shape) in (2, 3) and not _gguf_moe.is_router(name)
+        if packed and packable and t.tensor_type in _gguf_packed.PACKED_TYPES:
             embedding = name == "model.embed_tokens.weight"
-            load = functools.partial(_load_packed, t, source, n_head, embedding)
+            load = functools.partial(_load_packed, t, source, n_head, embedding, shape)
         entries[name] = TensorEntry(shape=shape, stored_dtype=t.tensor_type.name, load=load)
     return entries
 
@@ -481,7 +494,8 @@ def load_gguf(path: str | Path, *, tokenizer: bool = True, lazy: bool = False,
     config = config_from_metadata(meta, {t.name for t in reader.tensors}, str(path))
     arch = meta["general.architecture"]
     tensors = LazyTensors(_entries(reader, config, path, packed), str(path))
-    check_tensors(tensors, config, str(path), file_name=lambda n: gguf_name(n, arch))
+    check_tensors(tensors, config, str(path), file_name=lambda n: gguf_name(n, arch),
+                  stacked_experts=True)  # fmt: skip
     tok = None
     if tokenizer and "tokenizer.ggml.model" in meta:
         try:

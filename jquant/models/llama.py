@@ -1,8 +1,8 @@
 """The decoder of every supported family in Flax NNX, and a functional `forward` for jit.
 
-Llama, Mistral, Qwen2/3, Gemma 1/2/3 and the mixture-of-experts Mixtral and Qwen3-MoE (whose
-MLP is `jquant.models.moe.MoE` in some or all layers) share one skeleton; what differs is data in
-`LlamaConfig` (see `jquant.models.config`), so this one file runs them all.
+Llama, Mistral, Qwen2/3, Gemma 1/2/3 and the mixture-of-experts Mixtral, Qwen2/3-MoE and
+OLMoE (whose MLP is `jquant.models.moe.MoE` in some or all layers) share one skeleton; what
+differs is data in `LlamaConfig` (see `jquant.models.config`), so this one file runs them all.
 
 Every weight matmul goes through `jquant.ops` (`qdot`, `qembed`, `qattend`), so the same code
 runs float parameters and quantized ones: `nnx.merge(graphdef, qparams)` with QArrays in the
@@ -12,7 +12,9 @@ Parameter paths (recipes match them; keep them stable; they follow HF's names)::
 
     embed_tokens/embedding                      (V, D)
     layers/{i}/self_attn/{q,k,v,o}_proj/kernel  (K, N)  + bias (N,): q/k/v if qkv_bias, o if o_bias
-    layers/{i}/self_attn/{q,k}_norm/scale       (Dh,)    qk_norm only (qwen3, gemma3)
+    layers/{i}/self_attn/{q,k}_norm/scale       (Dh,)    qk_norm only (qwen3, gemma3); the
+                                                         whole projection's width with
+                                                         qk_norm_whole (olmoe)
     layers/{i}/mlp/{gate,up,down}_proj/kernel   (K, N)   a dense layer; an MoE layer's
                                                          router and experts: jquant.models.moe
     layers/{i}/input_layernorm/scale            (D,)     before attention
@@ -132,23 +134,27 @@ class Attention(nnx.Module):
         self.v_proj = Dense(d, kv * dh, bias=config.qkv_bias, **kw)
         self.o_proj = Dense(h * dh, d, bias=config.o_bias, **kw)
         if config.qk_norm:
-            self.q_norm = _norm(config, dh, param_dtype)
-            self.k_norm = _norm(config, dh, param_dtype)
-        self.qk_norm = config.qk_norm
+            whole = config.qk_norm_whole
+            self.q_norm = _norm(config, h * dh if whole else dh, param_dtype)
+            self.k_norm = _norm(config, kv * dh if whole else dh, param_dtype)
+        self.qk_norm, self.qk_norm_whole = config.qk_norm, config.qk_norm_whole
         self.num_kv_heads, self.num_groups, self.head_dim = kv, config.num_groups, dh
         self.scale, self.softcap = config.attn_scale, config.attn_logit_softcap
 
     def project(self, x, cos, sin) -> tuple[jax.Array, jax.Array, jax.Array]:
         """RoPE'd queries ``(B, S, heads, Dh)``, keys and values ``(B, S, kv_heads, Dh)``
-        (queries and keys normalized per head first, with ``qk_norm``).
+        (queries and keys normalized first with ``qk_norm``: per head, or across all heads
+        with ``qk_norm_whole``).
 
         Query head ``h`` attends with key/value head ``h // num_groups`` (transformers'
         repeat_kv order)."""
         b, s, _ = x.shape
         kv, dh = self.num_kv_heads, self.head_dim
-        q = self.q_proj(x).reshape(b, s, kv * self.num_groups, dh)
-        k = self.k_proj(x).reshape(b, s, kv, dh)
-        if self.qk_norm:
+        q, k = self.q_proj(x), self.k_proj(x)
+        if self.qk_norm_whole:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = q.reshape(b, s, kv * self.num_groups, dh), k.reshape(b, s, kv, dh)
+        if self.qk_norm and not self.qk_norm_whole:
             q, k = self.q_norm(q), self.k_norm(k)
         v = self.v_proj(x).reshape(b, s, kv, dh)
         return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v

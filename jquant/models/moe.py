@@ -1,15 +1,16 @@
-"""Mixture-of-experts MLP (Mixtral, Qwen3-MoE): a router picks ``k`` experts per token, each
-expert is a gated MLP, and their outputs are summed with the routing weights.
+"""Mixture-of-experts MLP (Mixtral, Qwen2/3-MoE, OLMoE): a router picks ``k`` experts per
+token, each expert is a gated MLP, and their outputs are summed with the routing weights.
 
 Terminology: an **expert** is one gated MLP ``down(act(gate(x)) * up(x))``; the **router**
 (``gate`` in transformers' names) scores every expert per token; a token's **top-k** are the
 ``k`` experts of highest routing probability.
 
-Routing, as transformers' ``MixtralTopKRouter`` / ``Qwen3MoeTopKRouter`` compute it::
+Routing, as transformers' ``MixtralTopKRouter`` / ``Qwen3MoeTopKRouter`` /
+``OlmoeTopKRouter`` compute it::
 
     p = softmax(x @ router.T)            # float32, over the E experts
     w, idx = top_k(p, k)                 # the k largest probabilities and their experts
-    w = w / sum(w)                       # Mixtral always; Qwen-MoE when norm_topk_prob
+    w = w / sum(w)                       # Mixtral always; Qwen-MoE, OLMoE when norm_topk_prob
     y = sum_j w_j * expert_{idx_j}(x)
 
 The experts' weights are stacked along a leading expert axis, ``(E, K, N)`` in the Dense
