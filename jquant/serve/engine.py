@@ -20,10 +20,12 @@ Each request samples with its own settings (`SamplingParams`), repetition penalt
 log-probabilities included: penalties are data of the step program (per-row scalars and a
 ``(rows, V)`` count array, `jquant.models.sampling.Penalties`), and every step returns the
 chosen tokens' log-probabilities and the 20 most likely, so neither compiles a program of its
-own. Requests join and leave between decode steps. A request ends at a stop token (the model's
+own. A request with a grammar (``SamplingParams.grammar``: structured output) samples among
+the tokens its llguidance matcher allows, a bitmask every step takes (`jquant.serve.grammar`).
+Requests join and leave between decode steps. A request ends at a stop token (the model's
 EOS unless ``ignore_eos``, plus its ``stop_token_ids``), at a stop string (the text is cut
-before it), after ``max_tokens``, when it is cancelled, or after the engine's
-``request_timeout``; its pages are free for the next iteration. Text is decoded
+before it), when its grammar is complete, after ``max_tokens``, when it is cancelled, or
+after the engine's ``request_timeout``; its pages are free for the next iteration. Text is decoded
 incrementally (`jquant.serve.detok`: constant work per token) and streamed as it becomes
 final: a trailing incomplete UTF-8 character, or a tail that could still grow into a stop
 string (searched across token boundaries), is held back until it cannot. A request whose

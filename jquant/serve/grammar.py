@@ -9,7 +9,11 @@ each row of a step may sample next, in the layout `jquant.models.sampling.allow`
 Each step, the engine fills the bitmask rows of its constrained requests (`Grammars.bitmask`;
 the other rows allow everything) and the step program masks the logits before sampling; each
 sampled token is then consumed by the request's matcher (`advance`), which ends the request
-once its grammar is complete. llguidance is an optional dependency (``pip install
+once its grammar is complete. The bitmask is one more input of every compiled step, rather
+than a second set of programs for steps with a constrained row: nothing more compiles (twice
+the programs would double start-up), constrained and free requests share steps, and a step
+without any passes an all-ones bitmask kept on the device; unpacking it costs about 0.1% of a
+SmolLM2 decode step on CPU (docs/serving.md). llguidance is an optional dependency (``pip install
 'jquant[structured]'``), imported only when a request asks for a grammar.
 
 JSON is written with one space after ``:`` and ``,`` and no other whitespace (`JSON_FORMAT`,
@@ -31,7 +35,7 @@ __all__ = ["GrammarError", "Grammars", "advance", "response_format_grammar"]
 INSTALL = "pip install 'jquant[structured]'"
 #: llguidance's JSON options for every schema (a schema's own "x-guidance" cannot change them).
 JSON_FORMAT = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
-#: ``response_format.type`` values and what each constrains the output to.
+#: The ``response_format.type`` values accepted.
 RESPONSE_FORMATS = ("text", "json_object", "json_schema")
 _JSON_SCHEMA_KEYS = ("name", "description", "schema", "strict")
 _NAME_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_-")
@@ -174,7 +178,10 @@ class Grammars:
     def matcher(self, grammar: str):
         """A fresh ``llguidance.LLMatcher`` of ``grammar``; `LimitError` (param ``grammar``)
         if llguidance refuses it."""
-        m = _llg().LLMatcher(self.tokenizer, grammar, log_level=0)  # errors: `get_error`
+        llg = _llg()
+        # Errors come back by `get_error`, without llguidance's dump of the parser's state.
+        m = llg.LLMatcher(self.tokenizer, grammar, log_level=0,
+                          limits=llg.LLParserLimits(verbose_errors=False))  # fmt: skip
         if m.is_error():
             raise LimitError("grammar", f"Invalid 'grammar': {m.get_error()}")
         return m
