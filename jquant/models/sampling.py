@@ -142,6 +142,37 @@ def penalize(logits: jax.Array, p: Penalties) -> jax.Array:
     return jnp.where(active[:, None], out, logits)
 
 
+#: Token ids one word of a token bitmask holds (`allow`).
+BITMASK_WORD = 32
+
+
+def bitmask_words(vocab: int) -> int:
+    """Words of one row of a token bitmask over ``vocab`` ids: ``ceil(vocab / 32)``."""
+    return -(-vocab // BITMASK_WORD)
+
+
+def allow_all(rows: int, vocab: int) -> np.ndarray:
+    """A token bitmask allowing every id of ``vocab`` in each of ``rows`` rows (`allow`)."""
+    return np.full((rows, bitmask_words(vocab)), -1, np.int32)
+
+
+def allow(logits: jax.Array, bitmask: jax.Array) -> jax.Array:
+    """``logits (rows, V)`` with each token its row's ``bitmask`` forbids set to ``-inf``.
+
+    ``bitmask (rows, ceil(V / 32))`` int32 allows token ``t`` when bit ``t % 32`` (least
+    significant first) of word ``t // 32`` is 1: llguidance's layout, which
+    ``llguidance.numpy.fill_next_token_bitmask`` writes. A row of all ones (every word -1)
+    leaves its logits unchanged, bit for bit.
+
+    >>> allow(jnp.zeros((1, 3)), np.array([[0b101]], np.int32)).tolist()
+    [[0.0, -inf, 0.0]]
+    """
+    shifts = jnp.arange(BITMASK_WORD, dtype=jnp.int32)
+    bits = (bitmask[:, :, None] >> shifts) & 1
+    keep = bits.reshape(bitmask.shape[0], -1)[:, : logits.shape[-1]] != 0
+    return jnp.where(keep, logits, -jnp.inf)
+
+
 def top_logprobs(logits: jax.Array, tokens: jax.Array, k: int = MAX_TOP_LOGPROBS):
     """The log-probabilities of ``logits (rows, V)`` (``log_softmax``, float32): the chosen
     ``tokens (rows,)``' ``(rows,)`` and the ``k`` largest, ``(ids (rows, k) int32, logprobs

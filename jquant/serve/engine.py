@@ -20,10 +20,12 @@ Each request samples with its own settings (`SamplingParams`), repetition penalt
 log-probabilities included: penalties are data of the step program (per-row scalars and a
 ``(rows, V)`` count array, `jquant.models.sampling.Penalties`), and every step returns the
 chosen tokens' log-probabilities and the 20 most likely, so neither compiles a program of its
-own. Requests join and leave between decode steps. A request ends at a stop token (the model's
+own. A request with a grammar (``SamplingParams.grammar``: structured output) samples among
+the tokens its llguidance matcher allows, a bitmask every step takes (`jquant.serve.grammar`).
+Requests join and leave between decode steps. A request ends at a stop token (the model's
 EOS unless ``ignore_eos``, plus its ``stop_token_ids``), at a stop string (the text is cut
-before it), after ``max_tokens``, when it is cancelled, or after the engine's
-``request_timeout``; its pages are free for the next iteration. Text is decoded
+before it), when its grammar is complete, after ``max_tokens``, when it is cancelled, or
+after the engine's ``request_timeout``; its pages are free for the next iteration. Text is decoded
 incrementally (`jquant.serve.detok`: constant work per token) and streamed as it becomes
 final: a trailing incomplete UTF-8 character, or a tail that could still grow into a stop
 string (searched across token boundaries), is held back until it cannot. A request whose
@@ -55,6 +57,7 @@ import numpy as np
 
 from jquant.serve import limits
 from jquant.serve.detok import IncrementalText
+from jquant.serve.grammar import Grammars, advance
 from jquant.serve.pages import PagedSeq, PagePool
 from jquant.serve.runner import Penalties, Runner, Sampled, Sampling
 
@@ -89,6 +92,8 @@ class SamplingParams:
     repetition_penalty: float = 1.0  # vLLM's: over prompt and output (1 = off)
     #: None: no log-probabilities; k in 0..20: each token's, and the k most likely with theirs
     logprobs: int | None = None
+    #: an llguidance grammar the output follows (`jquant.serve.grammar`); None: free text
+    grammar: str | None = None
 
     @property
     def penalized(self) -> bool:
@@ -144,6 +149,7 @@ class _Request:
     counts: np.ndarray | None = None
     logprobs: list[float] = dataclasses.field(default_factory=list)
     top_logprobs: list[list[tuple[int, float]]] = dataclasses.field(default_factory=list)
+    matcher: object | None = None  # with `SamplingParams.grammar`: its llguidance matcher
 
     def context(self) -> list[int]:
         """What the cache must hold before the next decode step: the prompt, and after a
@@ -216,6 +222,7 @@ class Engine:
         self.max_slots, self.max_context = max_slots, max_context
         self.eos_ids = frozenset(config.eos_token_ids)
         self.vocab_size = config.vocab_size  # prompt ids, top_k: `jquant.serve.limits`
+        self.grammars = Grammars(tokenizer, config.vocab_size, config.eos_token_ids)
         self.tp_notes: list[str] = []
         shard = None
         if mesh is not None:
@@ -325,6 +332,8 @@ class Engine:
                                     f"{self.max_queue}).")  # fmt: skip
         seeds = [p.seed if p.seed is not None else int(np.random.randint(2**31))
                  for _, p, _ in requests]  # fmt: skip
+        matchers = [self.grammars.matcher(p.grammar) if p.grammar is not None else None
+                    for _, p, _ in requests]  # fmt: skip
         # Checked and queued under the lock `shutdown` takes: a request is either refused
         # here or queued before the loop's last look at the inbox, never left waiting.
         with self._lock:
@@ -337,12 +346,13 @@ class Engine:
             now = time.perf_counter()
             deadline = None if self.request_timeout is None else now + self.request_timeout
             reqs = []
-            for (prompt_ids, params, callback), seed in zip(requests, seeds):
+            for (prompt_ids, params, callback), seed, matcher in zip(requests, seeds, matchers):
                 stops = frozenset(params.stop_token_ids) | (
                     frozenset() if params.ignore_eos else self.eos_ids)  # fmt: skip
                 req = _Request(next(self._ids), [int(t) for t in prompt_ids], params, callback,
                                seed, now, stops, deadline,
-                               text=IncrementalText(self.tokenizer))  # fmt: skip
+                               text=IncrementalText(self.tokenizer),
+                               matcher=matcher)  # fmt: skip
                 if params.penalized:
                     req.counts = np.zeros(self.vocab_size, np.int32)
                     req.counts[req.prompt] = 1
@@ -580,6 +590,13 @@ class Engine:
                 p.repetition[i], p.counts[i] = q.repetition_penalty, r.counts
         return p
 
+    def _bitmask(self, reqs: list[_Request], used: list[bool] | None = None):
+        """The token bitmask of a step's rows (`jquant.serve.grammar`): filled by the
+        matchers of the constrained rows whose token is ``used``, None when there is none."""
+        rows = [(r.matcher, i) for i, r in enumerate(reqs)
+                if r.matcher is not None and (used is None or used[i])]  # fmt: skip
+        return self.grammars.bitmask(len(reqs), rows) if rows else None
+
     @staticmethod
     def _sampled(out: Sampled, i: int, req: _Request) -> tuple:
         """Row ``i`` of a step: ``(token, logprob, top (id, logprob) pairs)``, the last two
@@ -608,9 +625,11 @@ class Engine:
         sampling = Sampling.greedy(len(reqs))
         for i, req in enumerate(reqs):
             self._write_row(sampling, i, req)
+        # Only a prompt's last chunk samples a token that is used: only there a grammar acts.
+        last = [r.filled + len(c) == len(r.context()) and not r.generated for r, c in batch]
         out = self.runner.prefill([r.seq.pages for r in reqs], [c for _, c in batch],
                                   [r.filled for r in reqs], sampling, self._penalties(reqs),
-                                  logprobs=True)  # fmt: skip
+                                  logprobs=True, bitmask=self._bitmask(reqs, last))  # fmt: skip
         for i, (req, chunk) in enumerate(batch):
             req.filled += len(chunk)
             context = req.context()
@@ -635,7 +654,7 @@ class Engine:
         positions = [len(r.prompt) + len(r.generated) - 1 for r in reqs]
         out = self.runner.decode(
             [r.seq.pages for r in reqs], [r.generated[-1] for r in reqs], positions, sampling,
-            self._penalties(reqs), logprobs=True,
+            self._penalties(reqs), logprobs=True, bitmask=self._bitmask(reqs),
         )  # fmt: skip
         size = self.pool.page_size
         for r, p in zip(reqs, positions):
@@ -654,6 +673,8 @@ class Engine:
         what became final, ends the request if due."""
         with self._lock:
             self._stats["generated_tokens_total"] += 1
+        # A token sampled under the grammar's bitmask; refused only if the matcher failed.
+        complete = req.matcher is not None and advance(req.matcher, token)
         if token in req.stops:
             self._emit(req, final=True)
             self._finish(req, "stop")
@@ -666,12 +687,15 @@ class Engine:
             req.top_logprobs.append(top)
         req.text.push(token)  # constant work per token: `jquant.serve.detok`
         at_length = len(req.generated) >= req.params.max_tokens
-        if at_length:
+        if at_length or complete:
             req.text.flush()
         text = req.text.text
         cut = _first_stop(text, req.params.stop, req.sent_text)
         if cut is not None:
             self._emit(req, cut)
+            self._finish(req, "stop")
+        elif complete:  # the grammar allows nothing more (but EOS)
+            self._emit(req, len(text))
             self._finish(req, "stop")
         elif at_length:
             self._emit(req, len(text))

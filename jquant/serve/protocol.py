@@ -72,7 +72,6 @@ _NO_LOGIT_BIAS = _Only((None, {}), "only an empty or null logit_bias is accepted
 _NO_ECHO = _Only((None, False), "the prompt is not echoed; use false.")
 _ONE_BEST = _Only((None, 1), "only 1 is accepted; use n for several choices.")
 _NO_SUFFIX = _Only((None, ""), "insertion is not supported; use null.")
-_TEXT_FORMAT = _Only((None, {"type": "text"}), "only {'type': 'text'} is accepted.")
 _TEXT_ONLY = _Only((None, ["text"]), "only ['text'] is accepted.")
 _NO_TOOLS = _Only((None, []), "tool calling is not supported.")
 _TOOL_NONE = _Only((None, "none"), "tool calling is not supported; use 'none'.")
@@ -125,6 +124,7 @@ class CompletionRequest(_Common):
     echo: Annotated[bool | None, _NO_ECHO] = None
     best_of: Annotated[int | None, _ONE_BEST] = None
     suffix: Annotated[str | None, _NO_SUFFIX] = None
+    response_format: dict[str, Any] | None = None  # vLLM's extension: as chat's
 
 
 class ChatCompletionRequest(_Common):
@@ -139,7 +139,7 @@ class ChatCompletionRequest(_Common):
     tool_choice: Annotated[Any, _TOOL_NONE] = None
     function_call: Annotated[Any, _TOOL_NONE] = None
     parallel_tool_calls: bool | None = None
-    response_format: Annotated[dict[str, Any] | None, _TEXT_FORMAT] = None
+    response_format: dict[str, Any] | None = None  # `jquant.serve.grammar`
     modalities: Annotated[list[str] | None, _TEXT_ONLY] = None
     audio: Annotated[Any, _NULL] = None
     prediction: Annotated[Any, _NULL] = None

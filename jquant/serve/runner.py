@@ -31,6 +31,7 @@ import numpy as np
 
 from jquant._attention_path import attention_path
 from jquant.models import core
+from jquant.models import sampling as _sampling
 from jquant.models.cache import KVFormat, PagedCache, PagedView, init_paged_cache, kv_format
 from jquant.models.config import LlamaConfig
 from jquant.models.sampling import Penalties, Sampling, penalize, sample, top_logprobs
@@ -74,15 +75,17 @@ def _placed(st: _Static, cache: PagedCache) -> PagedCache:
 
 
 @functools.partial(jax.jit, static_argnames=("st",), donate_argnames=("cache",))
-def _step(st, w, cache, tokens, tables, starts, last, sampling, penalties):
+def _step(st, w, cache, tokens, tables, starts, last, sampling, penalties, bitmask):
     """Runs ``tokens (R, S)`` of the sequences with block tables ``tables (R, P)`` from
     positions ``starts``; samples one token per row from the logits at column ``last[r]``,
-    penalized by ``penalties``. Returns ``((tokens (R,), logprob (R,), top ids (R, k), top
-    logprobs (R, k)), cache)``, the log-probabilities of the unpenalized logits."""
+    penalized by ``penalties``, among the tokens ``bitmask (R, ceil(V / 32))`` allows
+    (`jquant.models.sampling.allow`). Returns ``((tokens (R,), logprob (R,), top ids (R, k),
+    top logprobs (R, k)), cache)``, the log-probabilities of the unpenalized, unmasked
+    logits."""
     x, cache = _hidden(st, w, cache, tokens, tables, starts)
     x = jnp.take_along_axis(x, last[:, None, None], axis=1)
     logits = core.logits(st.model, w, x)[:, 0]
-    out = sample(penalize(logits, penalties), sampling)
+    out = sample(_sampling.allow(penalize(logits, penalties), bitmask), sampling)
     return (out, *top_logprobs(logits, out)), _placed(st, cache)
 
 
@@ -207,7 +210,8 @@ class Runner:
             start = time.perf_counter()
             z = np.zeros(rows, np.int32)
             args = (np.zeros((rows, length), np.int32), np.zeros((rows, width), np.int32),
-                    z, z, Sampling.greedy(rows), self._no_penalties(rows))  # fmt: skip
+                    z, z, Sampling.greedy(rows), self._no_penalties(rows),
+                    self._allow_all(rows))  # fmt: skip
             lowered = _step.lower(self._static, self.params, self.cache, *args)
             self._compiled[key] = lowered.compile()
             self.compile_seconds += time.perf_counter() - start
@@ -254,18 +258,31 @@ class Runner:
             return self._no_penalties(rows)
         return Penalties(*(_pad(x, rows) for x in penalties))
 
+    def _allow_all(self, rows: int) -> jax.Array:
+        """A bitmask allowing every token in ``rows`` rows, made once and kept on the
+        device: a step without a constrained row passes this."""
+        key = ("allow_all", rows)
+        if key not in self._zeros:
+            self._zeros[key] = jnp.asarray(_sampling.allow_all(rows, self.config.vocab_size))
+        return self._zeros[key]
+
+    def _bitmask(self, bitmask, rows: int) -> jax.Array | np.ndarray:
+        return self._allow_all(rows) if bitmask is None else _pad(bitmask, rows)
+
     def _result(self, out, n: int, logprobs: bool):
         if not logprobs:
             return np.asarray(out[0])[:n]
         return Sampled(*(np.asarray(x)[:n] for x in out))
 
     def prefill(self, tables, chunks, starts, sampling: Sampling,
-                penalties: Penalties | None = None, *, logprobs: bool = False):  # fmt: skip
+                penalties: Penalties | None = None, *, logprobs: bool = False,
+                bitmask=None):  # fmt: skip
         """Runs prompt chunks, ``chunks[i]`` (at most ``prefill_buckets[-1]`` tokens) of the
         sequence with block table ``tables[i]`` from position ``starts[i]``, at most
         ``prefill_row_buckets[-1]`` of them; returns the token sampled after each chunk's
-        last (``sampling`` and ``penalties``, None for none: one row per chunk); with
-        ``logprobs``, a `Sampled` of them and their log-probabilities."""
+        last (``sampling``, ``penalties`` and the token ``bitmask`` (int32 ``(n, ceil(V /
+        32))``), None for none: one row per chunk); with ``logprobs``, a `Sampled` of them
+        and their log-probabilities."""
         n = len(chunks)
         if not 1 <= n <= self.prefill_row_buckets[-1]:
             raise ValueError(f"prefill of {n} chunks; 1 to {self.prefill_row_buckets[-1]} "
@@ -289,14 +306,17 @@ class Runner:
                                   self._tables(tables, rows, self.table_width),
                                   pad(np.asarray(starts, np.int32)), last,
                                   _pad_sampling(sampling, rows),
-                                  self._penalties(penalties, rows))  # fmt: skip
+                                  self._penalties(penalties, rows),
+                                  self._bitmask(bitmask, rows))  # fmt: skip
         return self._result(out, n, logprobs)
 
     def decode(self, tables, tokens, positions, sampling: Sampling,
-               penalties: Penalties | None = None, *, logprobs: bool = False):  # fmt: skip
+               penalties: Penalties | None = None, *, logprobs: bool = False,
+               bitmask=None):  # fmt: skip
         """One token for each sequence: ``tokens[i]`` at ``positions[i]`` of the sequence
-        with block table ``tables[i]``, sampled by row ``i`` of ``sampling`` and of
-        ``penalties`` (None: none); with ``logprobs``, a `Sampled`.
+        with block table ``tables[i]``, sampled by row ``i`` of ``sampling``, of
+        ``penalties`` and of the token ``bitmask`` (None: none); with ``logprobs``, a
+        `Sampled`.
 
         Runs the smallest compiled batch that holds them (rows padded with copies of the
         first, which write the same key and value again) over the narrowest table width
@@ -313,7 +333,8 @@ class Runner:
                                   self._tables(tables, rows, width), positions,
                                   np.zeros(rows, np.int32),
                                   _pad_sampling(sampling, rows),
-                                  self._penalties(penalties, rows))  # fmt: skip
+                                  self._penalties(penalties, rows),
+                                  self._bitmask(bitmask, rows))  # fmt: skip
         return self._result(out, n, logprobs)
 
     def window_nll(self, windows) -> np.ndarray:

@@ -7,14 +7,15 @@ Endpoints: ``POST /v1/completions``, ``POST /v1/chat/completions`` (both with
 ``stream: true`` as server-sent events ending in ``data: [DONE]``), ``GET /v1/models``,
 ``GET /v1/models/{id}``, ``GET /health`` and ``GET /metrics`` (Prometheus text, ``jquant_*``).
 
-Bodies follow OpenAI's API. Sampling: ``n`` (up to the engine's slots; choice ``i`` is
-seeded ``seed + i``), ``max_tokens`` (``max_completion_tokens`` in chat), ``temperature``,
-``top_p``, ``stop``, ``seed``, ``presence_penalty``, ``frequency_penalty``, vLLM's extensions
-``top_k``, ``ignore_eos`` and ``repetition_penalty``, and log-probabilities (completions'
-``logprobs: N``, chat's ``logprobs``/``top_logprobs``; of the model's logits before penalties
-and temperature, in OpenAI's shapes: `_Logprobs`), each within `jquant.serve.limits` (the
-engine checks the same limits). Every bad request is an HTTP
-400 with OpenAI's error body, an unknown model included (OpenAI answers 404 there), a body over
+Bodies follow OpenAI's API. Sampling: ``n`` (up to the engine's slots; choice ``i`` is seeded
+``seed + i``), ``max_tokens`` (``max_completion_tokens`` in chat), ``temperature``, ``top_p``,
+``stop``, ``seed``, ``presence_penalty``, ``frequency_penalty``, vLLM's extensions ``top_k``,
+``ignore_eos`` and ``repetition_penalty``, and log-probabilities (completions' ``logprobs: N``,
+chat's ``logprobs``/``top_logprobs``; of the model's logits before penalties and temperature,
+in OpenAI's shapes: `_Logprobs`), each within `jquant.serve.limits` (the engine checks the same
+limits). Structured output: ``response_format`` (``json_object``, ``json_schema``; on
+completions too, as vLLM takes it), by `jquant.serve.grammar`. Every bad request is an HTTP 400
+with OpenAI's error body, an unknown model included (OpenAI answers 404 there), a body over
 `jquant.serve.protocol.MAX_BODY_BYTES` is a 413; see `jquant.serve.protocol`. A request that
 fails inside the engine is an HTTP 500 (streamed: an ``error`` event, then ``[DONE]``); the
 engine serves the others on. A streaming client that disconnects has its engine requests
@@ -143,7 +144,9 @@ def create_app(engine, model_name: str) -> FastAPI:
             lambda: [_encode(engine, p) if isinstance(p, str) else list(p) for p in items]
         )
         max_tokens = 16 if r.max_tokens is None else r.max_tokens
-        return await _respond(engine, request, r, encoded, max_tokens, model_name, chat=False)
+        grammar = await asyncio.to_thread(_grammar, engine, r.response_format)
+        return await _respond(engine, request, r, encoded, max_tokens, model_name, chat=False,
+                              grammar=grammar)  # fmt: skip
 
     @app.post("/v1/chat/completions")
     @_guarded
@@ -153,7 +156,9 @@ def create_app(engine, model_name: str) -> FastAPI:
         conversation = protocol.messages(r.messages)
         ids = await asyncio.to_thread(_chat_prompt, engine, conversation)
         max_tokens = r.max_tokens if r.max_completion_tokens is None else r.max_completion_tokens
-        return await _respond(engine, request, r, [ids], max_tokens, model_name, chat=True)
+        grammar = await asyncio.to_thread(_grammar, engine, r.response_format)
+        return await _respond(engine, request, r, [ids], max_tokens, model_name, chat=True,
+                              grammar=grammar)  # fmt: skip
 
     return app
 
@@ -249,7 +254,25 @@ def _chat_prompt(engine, conversation: list[dict]) -> list[int]:
                        code="invalid_value") from None  # fmt: skip
 
 
-def _sampling(engine, r, prompts: list[list[int]], max_tokens: int | None, chat: bool):
+def _grammar(engine, response_format) -> str | None:
+    """The grammar of ``response_format`` (None: free text), its matcher built once here, off
+    the event loop (the first builds llguidance's tokenizer); HTTP 400 naming what is wrong."""
+    from jquant.serve.grammar import response_format_grammar
+
+    try:
+        grammar = response_format_grammar(response_format)
+        if grammar is not None:
+            engine.grammars.matcher(grammar)
+    except limits.LimitError as e:
+        raise protocol.limit_error(e, {"grammar": "response_format"}) from None
+    except ImportError as e:
+        raise APIError(f"'response_format' is not supported by this server: {e}",
+                       param="response_format", code="unsupported_parameter") from None
+    return grammar
+
+
+def _sampling(engine, r, prompts: list[list[int]], max_tokens: int | None, chat: bool,
+              grammar: str | None = None):  # fmt: skip
     """One `SamplingParams` per choice, ``len(prompts) * n`` of them, prompt-major, each
     checked against `jquant.serve.limits` as the engine will check it."""
     from jquant.serve.engine import SamplingParams
@@ -279,7 +302,7 @@ def _sampling(engine, r, prompts: list[list[int]], max_tokens: int | None, chat:
             presence_penalty=r.presence_penalty or 0.0,
             frequency_penalty=r.frequency_penalty or 0.0,
             repetition_penalty=1.0 if r.repetition_penalty is None else r.repetition_penalty,
-            logprobs=logprobs,
+            logprobs=logprobs, grammar=grammar,
         )  # fmt: skip
         out = []
         for ids in prompts:
@@ -353,9 +376,10 @@ class _Run:
                     self.engine.cancel(request_id)
 
 
-async def _respond(engine, request: Request, r, prompts, max_tokens, model_name, *, chat: bool):
+async def _respond(engine, request: Request, r, prompts, max_tokens, model_name, *, chat: bool,
+                   grammar: str | None = None):  # fmt: skip
     """Submits the choices of a validated request and answers it, streamed or whole."""
-    n, params = _sampling(engine, r, prompts, max_tokens, chat)
+    n, params = _sampling(engine, r, prompts, max_tokens, chat, grammar)
     requests = [(prompts[k // n], p) for k, p in enumerate(params)]
     prompt_tokens = sum(len(ids) for ids in prompts)
     include_usage = bool(r.stream_options and r.stream_options.include_usage)

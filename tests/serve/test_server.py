@@ -419,8 +419,8 @@ _LONG = "hello world " * 400  # over 512 tokens
         ("chat/completions", {"messages": [{"role": "user", "content": "hi"}], "tools": [
             {"type": "function", "function": {"name": "f"}}]}, "tools", "not supported"),
         ("chat/completions", {"messages": [{"role": "user", "content": "hi"}],
-                              "response_format": {"type": "json_object"}}, "response_format",
-         "not supported"),
+                              "response_format": {"type": "xml"}}, "response_format.type",
+         "expected one of"),
         ("completions", {"prompt": "hi", "echo": True}, "echo", "not supported"),
         ("completions", {"prompt": "hi", "best_of": 2}, "best_of", "not supported"),
         ("completions", {"prompt": "hi", "suffix": "end"}, "suffix", "not supported"),
