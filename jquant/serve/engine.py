@@ -20,7 +20,9 @@ Each request samples with its own settings (`SamplingParams`), repetition penalt
 log-probabilities included: penalties are data of the step program (per-row scalars and a
 ``(rows, V)`` count array, `jquant.models.sampling.Penalties`), and every step returns the
 chosen tokens' log-probabilities and the 20 most likely, so neither compiles a program of its
-own. Requests join and leave between decode steps. A request ends at a stop token (the model's
+own. So is each request's LoRA adapter, if the engine serves any (``adapters``, a request's
+``adapter``: `jquant.serve.adapters`): rows of different adapters and of none share a step.
+Requests join and leave between decode steps. A request ends at a stop token (the model's
 EOS unless ``ignore_eos``, plus its ``stop_token_ids``), at a stop string (the text is cut
 before it), after ``max_tokens``, when it is cancelled, or after the engine's
 ``request_timeout``; its pages are free for the next iteration. Text is decoded
@@ -54,6 +56,7 @@ from collections.abc import Callable, Sequence
 import numpy as np
 
 from jquant.serve import limits
+from jquant.serve.adapters import AdapterSet
 from jquant.serve.detok import IncrementalText
 from jquant.serve.pages import PagedSeq, PagePool
 from jquant.serve.runner import Penalties, Runner, Sampled, Sampling
@@ -144,6 +147,8 @@ class _Request:
     counts: np.ndarray | None = None
     logprobs: list[float] = dataclasses.field(default_factory=list)
     top_logprobs: list[list[tuple[int, float]]] = dataclasses.field(default_factory=list)
+    adapter: int = 0  # its LoRA adapter's slot (0: the base)
+    salt: bytes = b""  # where its prefix-cache digests start (`PagePool.prompt_digests`)
 
     def context(self) -> list[int]:
         """What the cache must hold before the next decode step: the prompt, and after a
@@ -181,6 +186,8 @@ class Engine:
         ``8 * max_slots``); `submit` raises `QueueFull` past it.
       request_timeout: seconds after which a request still waiting or running ends with an
         error (``error_code`` "timeout"); None: no limit.
+      adapters: LoRA adapters a request may name, ``{name: jquant.qat.lora.LoRA}``
+        (`jquant.serve.adapters`); None: the base model only.
     """
 
     def __init__(self, model, params, tokenizer, *, max_slots: int = 8,
@@ -188,7 +195,7 @@ class Engine:
                  prefill_rows: int = 4, page_size: int = 16,
                  kv_cache_tokens: int | None = None, prefix_caching: bool = True,
                  kv_cache=None, mesh=None, max_queue: int | None = None,
-                 request_timeout: float | None = None):  # fmt: skip
+                 request_timeout: float | None = None, adapters=None):  # fmt: skip
         config = model.config
         limit = config.max_position_embeddings
         max_context = min(limit, 2048) if max_context is None else max_context
@@ -224,10 +231,11 @@ class Engine:
             shard, self.mesh, self.tp_notes = runner_sharder(mesh, config)
         else:
             self.mesh = None
+        self.adapters = AdapterSet(params, adapters, dtype=model.dtype) if adapters else None
         self.runner = Runner(model, params, rows=max_slots, max_len=max_context,
                              page_size=page_size, num_pages=-(-kv_cache_tokens // page_size),
                              prefill_chunk=prefill_chunk, prefill_rows=prefill_rows,
-                             kv_cache=kv_cache, shard=shard)  # fmt: skip
+                             kv_cache=kv_cache, shard=shard, adapters=self.adapters)  # fmt: skip
         self.pool = PagePool(self.runner.num_pages, page_size, prefix_caching=prefix_caching)
         # Pages behind every layer's window can be given back (a model of sliding layers
         # only); a model with any full-attention layer keeps them all.
@@ -295,27 +303,31 @@ class Engine:
                              max_context=self.max_context)  # fmt: skip
 
     def submit(self, prompt_ids: Sequence[int], params: SamplingParams,
-               callback: Callable[[Output], None]) -> int:  # fmt: skip
+               callback: Callable[[Output], None], *,
+               adapter: str | None = None) -> int:  # fmt: skip
         """Queues a request; ``callback(Output)`` is called from the engine's thread for each
-        new piece and exactly once with ``finish_reason`` set. Returns the request id.
+        new piece and exactly once with ``finish_reason`` set. ``adapter``: the name of the
+        LoRA adapter it runs with (None: the base model). Returns the request id.
 
         Raises:
-          ValueError: the request cannot be served (see `check`); nothing was queued.
+          ValueError: the request cannot be served (see `check`), or names an adapter the
+            engine does not serve; nothing was queued.
           QueueFull: ``max_slots + max_queue`` requests are in the engine already.
           RuntimeError: the engine is not running (never started, shut down, or failed).
         """
-        return self.submit_many([(prompt_ids, params, callback)])[0]
+        return self.submit_many([(prompt_ids, params, callback)], adapter=adapter)[0]
 
     @property
     def capacity(self) -> int:
         """The most requests the engine holds at once: ``max_slots + max_queue``."""
         return self.max_slots + self.max_queue
 
-    def submit_many(self, requests: Sequence[tuple[Sequence[int], SamplingParams, Callback]]
-                    ) -> list[int]:  # fmt: skip
+    def submit_many(self, requests: Sequence[tuple[Sequence[int], SamplingParams, Callback]],
+                    *, adapter: str | None = None) -> list[int]:  # fmt: skip
         """`submit` for several ``(prompt_ids, params, callback)`` at once, all or none (one
-        HTTP request's choices). Raises as `submit` does, and `limits.LimitError` if there are
-        more than `capacity`."""
+        HTTP request's choices), all with ``adapter``. Raises as `submit` does, and
+        `limits.LimitError` if there are more than `capacity`."""
+        slot = self._adapter_slot(adapter)
         for prompt_ids, params, _ in requests:
             self.check(prompt_ids, params)
         if len(requests) > self.capacity:
@@ -342,7 +354,8 @@ class Engine:
                     frozenset() if params.ignore_eos else self.eos_ids)  # fmt: skip
                 req = _Request(next(self._ids), [int(t) for t in prompt_ids], params, callback,
                                seed, now, stops, deadline,
-                               text=IncrementalText(self.tokenizer))  # fmt: skip
+                               text=IncrementalText(self.tokenizer), adapter=slot,
+                               salt=AdapterSet.salt(adapter))  # fmt: skip
                 if params.penalized:
                     req.counts = np.zeros(self.vocab_size, np.int32)
                     req.counts[req.prompt] = 1
@@ -353,6 +366,16 @@ class Engine:
         self._wake.set()
         return [req.id for req in reqs]
 
+    @property
+    def adapter_names(self) -> tuple[str, ...]:
+        """The LoRA adapters a request may name, in slot order."""
+        return () if self.adapters is None else self.adapters.names
+
+    def _adapter_slot(self, adapter: str | None) -> int:
+        if adapter is not None and self.adapters is None:
+            raise ValueError(f"unknown adapter {adapter!r}; this engine serves none")
+        return 0 if adapter is None else self.adapters.slot(adapter)
+
     def cancel(self, request_id: int) -> None:
         """Ends a request with ``"abort"`` and frees its slot (a no-op once it has ended)."""
         with self._lock:
@@ -361,8 +384,10 @@ class Engine:
             req.cancelled = True
             self._wake.set()
 
-    def generate(self, prompt_ids: Sequence[int], params: SamplingParams) -> Output:
-        """Blocking: the whole completion of one request as one `Output`."""
+    def generate(self, prompt_ids: Sequence[int], params: SamplingParams, *,
+                 adapter: str | None = None) -> Output:  # fmt: skip
+        """Blocking: the whole completion of one request (with LoRA adapter ``adapter``) as
+        one `Output`."""
         done = threading.Event()
         parts: list[Output] = []
 
@@ -371,7 +396,7 @@ class Engine:
             if out.finish_reason is not None:
                 done.set()
 
-        self.submit(prompt_ids, params, collect)
+        self.submit(prompt_ids, params, collect, adapter=adapter)
         while not done.wait(0.5):
             if self._thread is None or self.error is not None:
                 raise RuntimeError(f"the engine stopped{self._failure()}")
@@ -509,10 +534,11 @@ class Engine:
                 return
             context = req.context()
             if req.digests is None:
-                req.digests = self.pool.prompt_digests(context) if self.pool.prefix_caching else []
+                req.digests = (self.pool.prompt_digests(context, salt=req.salt)
+                               if self.pool.prefix_caching else [])  # fmt: skip
             if self.pool.waits_for(req.digests):
                 continue
-            seq = self.pool.admit(context, reserve=1, digests=req.digests)
+            seq = self.pool.admit(context, reserve=1, digests=req.digests, salt=req.salt)
             if seq is None:
                 return  # first come, first served: later requests wait behind it
             with self._lock:  # a request is always waiting or running for `metrics`
@@ -580,6 +606,10 @@ class Engine:
                 p.repetition[i], p.counts[i] = q.repetition_penalty, r.counts
         return p
 
+    def _slots(self, reqs: list[_Request]) -> list[int] | None:
+        """The LoRA adapter slots of a step's rows (None when the engine serves none)."""
+        return None if self.adapters is None else [r.adapter for r in reqs]
+
     @staticmethod
     def _sampled(out: Sampled, i: int, req: _Request) -> tuple:
         """Row ``i`` of a step: ``(token, logprob, top (id, logprob) pairs)``, the last two
@@ -610,7 +640,7 @@ class Engine:
             self._write_row(sampling, i, req)
         out = self.runner.prefill([r.seq.pages for r in reqs], [c for _, c in batch],
                                   [r.filled for r in reqs], sampling, self._penalties(reqs),
-                                  logprobs=True)  # fmt: skip
+                                  logprobs=True, adapters=self._slots(reqs))  # fmt: skip
         for i, (req, chunk) in enumerate(batch):
             req.filled += len(chunk)
             context = req.context()
@@ -635,7 +665,7 @@ class Engine:
         positions = [len(r.prompt) + len(r.generated) - 1 for r in reqs]
         out = self.runner.decode(
             [r.seq.pages for r in reqs], [r.generated[-1] for r in reqs], positions, sampling,
-            self._penalties(reqs), logprobs=True,
+            self._penalties(reqs), logprobs=True, adapters=self._slots(reqs),
         )  # fmt: skip
         size = self.pool.page_size
         for r, p in zip(reqs, positions):

@@ -16,6 +16,9 @@ Shapes are fixed buckets, all compiled by `Runner.compile`:
   ``P * page_size``);
 - prefill: ``(R, C)`` tokens, ``R`` up to ``prefill_rows`` prompts at once, ``C`` from a
   few chunk buckets up to ``prefill_chunk``, over the full table width.
+
+With LoRA adapters (`jquant.serve.adapters`), each program also takes every row's adapter
+slot, so rows of different adapters, and of none, run in the same step.
 """
 
 from __future__ import annotations
@@ -33,6 +36,7 @@ from jquant.models import core
 from jquant.models.cache import KVFormat, PagedCache, PagedView, init_paged_cache, kv_format
 from jquant.models.config import LlamaConfig
 from jquant.models.sampling import Penalties, Sampling, penalize, sample, top_logprobs
+from jquant.serve.adapters import AdapterSet, bind_rows
 
 __all__ = ["PagedCache", "Penalties", "Runner", "Sampled", "Sampling", "cache_perplexity"]
 
@@ -72,11 +76,14 @@ def _placed(st: _Static, cache: PagedCache) -> PagedCache:
 
 
 @functools.partial(jax.jit, static_argnames=("st",), donate_argnames=("cache",))
-def _step(st, w, cache, tokens, tables, starts, last, sampling, penalties):
+def _step(st, w, cache, tokens, tables, starts, last, sampling, penalties, adapters=None):
     """Runs ``tokens (R, S)`` of the sequences with block tables ``tables (R, P)`` from
     positions ``starts``; samples one token per row from the logits at column ``last[r]``,
     penalized by ``penalties``. Returns ``((tokens (R,), logprob (R,), top ids (R, k), top
-    logprobs (R, k)), cache)``, the log-probabilities of the unpenalized logits."""
+    logprobs (R, k)), cache)``, the log-probabilities of the unpenalized logits. With LoRA
+    adapters, ``adapters (R,)`` are the rows' slots."""
+    if adapters is not None:
+        w = bind_rows(w, adapters)
     x, cache = _hidden(st, w, cache, tokens, tables, starts)
     x = jnp.take_along_axis(x, last[:, None, None], axis=1)
     logits = core.logits(st.model, w, x)[:, 0]
@@ -125,11 +132,13 @@ class Runner:
         compute dtype).
       shard: optional ``(params, cache) -> (params, cache)`` placing both on devices
         (tensor parallelism); the programs then run sharded (GSPMD).
+      adapters: an `AdapterSet` of LoRA adapters a step's rows may each use (None: none).
     """
 
     def __init__(self, model, params, *, rows: int, max_len: int, page_size: int = 16,
                  num_pages: int | None = None, prefill_chunk: int = 128,
-                 prefill_rows: int = 4, kv_cache=None, shard=None):  # fmt: skip
+                 prefill_rows: int = 4, kv_cache=None, shard=None,
+                 adapters: AdapterSet | None = None):  # fmt: skip
         config: LlamaConfig = model.config
         if min(rows, page_size, prefill_chunk, prefill_rows) < 1 or max_len < 2:
             raise ValueError(
@@ -149,6 +158,9 @@ class Runner:
         if shard is not None:
             self.params, cache = shard(self.params, cache)
             cache_sharding = jax.tree.map(lambda x: x.sharding, cache)
+        self.adapters = adapters
+        if adapters is not None:
+            self.params = adapters.attach(self.params)
         self.cache = cache
         self._static = _Static(core.Static.of(model), self.fmt, cache_sharding)
         self.prefill_buckets = _buckets(min(16, prefill_chunk), min(prefill_chunk, max_len))
@@ -198,7 +210,8 @@ class Runner:
             start = time.perf_counter()
             z = np.zeros(rows, np.int32)
             args = (np.zeros((rows, length), np.int32), np.zeros((rows, width), np.int32),
-                    z, z, Sampling.greedy(rows), self._no_penalties(rows))  # fmt: skip
+                    z, z, Sampling.greedy(rows), self._no_penalties(rows),
+                    self._slots(None, rows))  # fmt: skip
             lowered = _step.lower(self._static, self.params, self.cache, *args)
             self._compiled[key] = lowered.compile()
             self.compile_seconds += time.perf_counter() - start
@@ -245,18 +258,33 @@ class Runner:
             return self._no_penalties(rows)
         return Penalties(*(_pad(x, rows) for x in penalties))
 
+    def _slots(self, adapters, rows: int) -> np.ndarray | None:
+        """The rows' adapter slots (None: all 0, the base) padded like the rows, or None
+        when the runner has no adapters."""
+        if self.adapters is None:
+            if adapters is not None and any(adapters):
+                raise ValueError("this runner has no LoRA adapters; every row's slot is 0")
+            return None
+        slots = np.asarray([0] if adapters is None else adapters, np.int32)
+        if slots.min() < 0 or slots.max() > len(self.adapters.names):
+            raise ValueError(f"adapter slots {slots.tolist()} must be in [0, "
+                             f"{len(self.adapters.names)}]")  # fmt: skip
+        return _pad(slots, rows)
+
     def _result(self, out, n: int, logprobs: bool):
         if not logprobs:
             return np.asarray(out[0])[:n]
         return Sampled(*(np.asarray(x)[:n] for x in out))
 
     def prefill(self, tables, chunks, starts, sampling: Sampling,
-                penalties: Penalties | None = None, *, logprobs: bool = False):  # fmt: skip
+                penalties: Penalties | None = None, *, logprobs: bool = False,
+                adapters=None):  # fmt: skip
         """Runs prompt chunks, ``chunks[i]`` (at most ``prefill_buckets[-1]`` tokens) of the
         sequence with block table ``tables[i]`` from position ``starts[i]``, at most
         ``prefill_row_buckets[-1]`` of them; returns the token sampled after each chunk's
         last (``sampling`` and ``penalties``, None for none: one row per chunk); with
-        ``logprobs``, a `Sampled` of them and their log-probabilities."""
+        ``logprobs``, a `Sampled` of them and their log-probabilities. ``adapters``: each
+        chunk's adapter slot (None: the base for all)."""
         n = len(chunks)
         if not 1 <= n <= self.prefill_row_buckets[-1]:
             raise ValueError(f"prefill of {n} chunks; 1 to {self.prefill_row_buckets[-1]} "
@@ -280,14 +308,17 @@ class Runner:
                                   self._tables(tables, rows, self.table_width),
                                   pad(np.asarray(starts, np.int32)), last,
                                   _pad_sampling(sampling, rows),
-                                  self._penalties(penalties, rows))  # fmt: skip
+                                  self._penalties(penalties, rows),
+                                  self._slots(adapters, rows))  # fmt: skip
         return self._result(out, n, logprobs)
 
     def decode(self, tables, tokens, positions, sampling: Sampling,
-               penalties: Penalties | None = None, *, logprobs: bool = False):  # fmt: skip
+               penalties: Penalties | None = None, *, logprobs: bool = False,
+               adapters=None):  # fmt: skip
         """One token for each sequence: ``tokens[i]`` at ``positions[i]`` of the sequence
         with block table ``tables[i]``, sampled by row ``i`` of ``sampling`` and of
-        ``penalties`` (None: none); with ``logprobs``, a `Sampled`.
+        ``penalties`` (None: none), with adapter slot ``adapters[i]`` (None: the base for
+        all); with ``logprobs``, a `Sampled`.
 
         Runs the smallest compiled batch that holds them (rows padded with copies of the
         first, which write the same key and value again) over the narrowest table width
@@ -304,7 +335,8 @@ class Runner:
                                   self._tables(tables, rows, width), positions,
                                   np.zeros(rows, np.int32),
                                   _pad_sampling(sampling, rows),
-                                  self._penalties(penalties, rows))  # fmt: skip
+                                  self._penalties(penalties, rows),
+                                  self._slots(adapters, rows))  # fmt: skip
         return self._result(out, n, logprobs)
 
     def window_nll(self, windows) -> np.ndarray:
