@@ -114,20 +114,25 @@ def init(base, targets: Sequence[str] | str, *, rank: int = 8, key=None,
     return adapters
 
 
-def _check(have: dict, adapters) -> None:
+def check(base, adapters) -> None:
+    """Raises ValueError naming the first adapter of ``adapters`` that does not fit
+    ``base``: a path ``base`` lacks, keys other than ``a`` and ``b``, or shapes that are not
+    ``a (K, r)``, ``b (r, N)`` for the 2-D kernel ``(K, N)`` at that path."""
+    have = dict(tree.leaves(base))
     for path, ad in adapters.items():
         if path not in have:
             raise ValueError(f"lora: adapter {path!r} has no parameter in the base tree")
         if set(ad) != {"a", "b"}:
             raise ValueError(f"lora: adapter {path!r} needs keys a and b, got {sorted(ad)}")
-        k, n = tuple(have[path].shape)
+        shape = tuple(have[path].shape)
         (ka, ra), (rb, nb) = ad["a"].shape, ad["b"].shape
-        if (ka, nb) != (k, n) or ra != rb:
+        if len(shape) != 2 or (ka, nb) != shape or ra != rb:
             raise ValueError(f"lora: adapter {path!r} has a {tuple(ad['a'].shape)} and b "
-                             f"{tuple(ad['b'].shape)}; the kernel is ({k}, {n})")
+                             f"{tuple(ad['b'].shape)}; the kernel is {shape}")
 
 
-def _scale(adapters, alpha: float | None) -> dict[str, float]:
+def scales(adapters, alpha: float | None) -> dict[str, float]:
+    """Each adapter's scale: ``alpha / r`` (its rank), 1 when ``alpha`` is None."""
     out = {}
     for path, ad in adapters.items():
         r = ad["a"].shape[1]
@@ -137,10 +142,10 @@ def _scale(adapters, alpha: float | None) -> dict[str, float]:
 
 def _map_adapted(base, adapters, alpha, fn):
     """``base`` with ``fn(value, adapter, scale)`` in place of each adapted kernel."""
-    _check(dict(tree.leaves(base)), adapters)
-    scales = _scale(adapters, alpha)
+    check(base, adapters)
+    scale = scales(adapters, alpha)
     return tree.map_with_path(
-        lambda p, v: fn(v, adapters[p], scales[p]) if p in adapters else v, base)
+        lambda p, v: fn(v, adapters[p], scale[p]) if p in adapters else v, base)
 
 
 def apply(base, adapters, *, alpha: float | None = None):

@@ -95,10 +95,10 @@ class AdapterSet:
                                      "serving (the decoder layers' 2-D kernels and lm_head's "
                                      "can)")  # fmt: skip
             try:
-                lora._check(have, loaded.adapters)
+                lora.check(params, loaded.adapters)
             except ValueError as e:
                 raise ValueError(f"adapter {name!r} does not fit this model: {e}") from None
-            scales = lora._scale(loaded.adapters, loaded.alpha)
+            scales = lora.scales(loaded.adapters, loaded.alpha)
             for path, ad in loaded.adapters.items():
                 b = np.asarray(ad["b"], np.float32) * np.float32(scales[path])
                 self._parts.setdefault(path, [None] * len(adapters))[i] = (
@@ -139,9 +139,9 @@ class AdapterSet:
         """The runner's weights ``w`` (`jquant.models.core.weights`' form, possibly placed on
         a mesh) with every adapted kernel a `MultiLoRAWeight` (its rows unbound)."""
 
-        def wrap(value, stacks: list[tuple[np.ndarray, np.ndarray]]):
-            """``value`` with the stacks of its layers (one, unless the layers are stacked)."""
-            a, b = (jnp.asarray(np.stack(x) if value.ndim == 3 else x[0], self.dtype)
+        def wrap(value, stacks: list[tuple[np.ndarray, np.ndarray]], stacked: bool = False):
+            """``value`` with the stacks of its layer (each layer's, stacked, if ``stacked``)."""
+            a, b = (jnp.asarray(np.stack(x) if stacked else x[0], self.dtype)
                     for x in zip(*stacks))  # fmt: skip
             sharding = getattr(jax.tree.leaves(value)[0], "sharding", None)
             if isinstance(sharding, NamedSharding):  # tensor parallel: replicate the stacks
@@ -156,7 +156,8 @@ class AdapterSet:
                 if p not in self._in_layer:
                     return v
                 k, n = v.shape[1:]
-                return wrap(v, [self._stack(f"layers/{i}/{p}", k, n) for i in range(count)])
+                return wrap(v, [self._stack(f"layers/{i}/{p}", k, n) for i in range(count)],
+                            stacked=True)
 
             layers = tree.map_with_path(stacked, layers)
         else:

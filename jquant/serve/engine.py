@@ -786,6 +786,9 @@ def engine_report(engine: Engine) -> str:
             f"KV cache {runner.fmt.name} {runner.num_pages} pages x {runner.page_size} tokens "
             f"{runner.cache.nbytes / 1e6:.1f} MB, weights "
             f"{runner.weight_bytes / 1e6:.1f} MB")  # fmt: skip
+    if engine.adapters is not None:
+        line += (f" (with {len(engine.adapter_names)} LoRA adapters of rank "
+                 f"{engine.adapters.rank}: {', '.join(engine.adapter_names)})")  # fmt: skip
     if engine.mesh is not None:
         held = runner.per_device_bytes()  # this process's devices (all of them in one)
         line += (f"; tp={engine.mesh.devices.size}: {max(held.values()) / 1e6:.1f} MB per "

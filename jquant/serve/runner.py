@@ -342,7 +342,7 @@ class Runner:
     def window_nll(self, windows) -> np.ndarray:
         """Summed next-token NLL of each row of ``windows (R, S)``, ``S <= max_len`` and
         ``R * ceil(S / page_size) <= num_pages``, each run as one prefill through the cache
-        (the serving path) in pages of its own."""
+        (the serving path) in pages of its own, by the base model (no adapter)."""
         windows = jnp.asarray(windows, jnp.int32)
         r, s = windows.shape
         width = -(-s // self.page_size)
@@ -350,7 +350,10 @@ class Runner:
             raise ValueError(f"window_nll: {r} windows of {s} tokens need {r * width} pages "
                              f"of {self.page_size}; the cache has {self.num_pages}")  # fmt: skip
         tables = np.arange(r * width, dtype=np.int32).reshape(r, width)
-        nll, self.cache = _window_nll(self._static, self.params, self.cache, windows, tables)
+        params = self.params
+        if self.adapters is not None:  # the base model's NLL
+            params = bind_rows(params, jnp.zeros(r, jnp.int32))
+        nll, self.cache = _window_nll(self._static, params, self.cache, windows, tables)
         return np.asarray(nll)
 
 

@@ -122,3 +122,70 @@ def test_unknown_adapter_is_refused_before_queueing(setup, engine):
     plain = Engine(model, base, Letters(), max_slots=2, max_context=32)  # checked unstarted
     with pytest.raises(ValueError, match="unknown adapter 'x'; this engine serves none"):
         plain.generate([5, 6], GREEDY, adapter="x")
+
+
+_TP_RUN = """
+import jax, jax.numpy as jnp, numpy as np
+from flax import nnx
+import jquant
+from jquant.models import LlamaConfig, generate, init_model
+from jquant.qat import lora
+from jquant.serve.engine import Engine, SamplingParams
+
+jax.config.update("jax_numpy_dtype_promotion", "strict")
+
+class Letters:
+    def decode(self, ids, skip_special_tokens=True):
+        return "".join(chr(0x30 + i) for i in ids)
+
+cfg = LlamaConfig(vocab_size=96, hidden_size=64, intermediate_size=128, num_layers=2,
+                  num_heads=4, num_kv_heads=2, max_position_embeddings=256)
+model = init_model(cfg, seed=0)
+params = jax.tree.map(lambda x: x * 12, nnx.state(model, nnx.Param))
+base = jquant.quantize(params, "w8a16")
+ad = lora.init(base, r"_proj/kernel$", rank=4, key=jax.random.key(1))
+rng = np.random.default_rng(1)
+for v in ad.values():
+    v["b"] = jnp.asarray(rng.normal(0, 0.1, v["b"].shape), jnp.float32)
+x = lora.LoRA(ad, alpha=8.0)
+dense = jquant.tree.map_with_path(
+    lambda _, v: v.dequantize(jnp.float32) if isinstance(v, jquant.QArray) else v, base)
+prompts = [rng.integers(4, 96, n).tolist() for n in (9, 6, 12)]
+names = ["x", None, "x"]
+refs = [generate(model, lora.merge(dense, ad, alpha=8.0) if n else dense, [p],
+                 max_new_tokens=8, stop_tokens=()).sequences()[0] for p, n in zip(prompts, names)]
+assert refs[0] != generate(model, dense, [prompts[0]], max_new_tokens=8,
+                           stop_tokens=()).sequences()[0]
+with Engine(model, base, Letters(), max_slots=4, max_context=64, prefill_chunk=16,
+            prefill_rows=1, mesh=2, adapters={"x": x}) as eng:
+    q = eng.runner.params["layers"]["self_attn"]["q_proj"]["kernel"].get_value()
+    assert q.a.sharding.is_fully_replicated and not q.base.qvalue.sharding.is_fully_replicated
+    outs = [eng.generate(p, SamplingParams(max_tokens=8, temperature=0, ignore_eos=True),
+                         adapter=n).token_ids for p, n in zip(prompts, names)]
+assert outs == refs, (outs, refs)
+print("OK")
+"""
+
+
+def test_adapters_under_tensor_parallelism_equal_their_merged_models(eight_cpu_devices):
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-c", _TP_RUN], env=eight_cpu_devices,
+                         capture_output=True, text=True, timeout=900)  # fmt: skip
+    assert out.returncode == 0 and out.stdout.strip().endswith("OK"), (
+        out.stdout[-2000:] + out.stderr[-3000:])
+
+
+def test_window_nll_of_a_runner_with_adapters_is_the_base_models(setup):
+    from jquant.models import forward
+    from jquant.serve.adapters import AdapterSet
+    from jquant.serve.runner import Runner
+
+    model, base, adapters = setup
+    runner = Runner(model, base, rows=2, max_len=32, adapters=AdapterSet(base, adapters))
+    windows = np.random.default_rng(3).integers(4, 96, (2, 32))
+    logits, _ = forward(model, base, jnp.asarray(windows, jnp.int32))
+    logp = np.asarray(jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1), np.float64)
+    want = -np.take_along_axis(logp[:, :-1], windows[:, 1:, None], axis=-1)[..., 0].sum(-1)
+    np.testing.assert_allclose(runner.window_nll(windows), want, rtol=1e-5)
