@@ -167,6 +167,7 @@ print("OK")
 """
 
 
+@pytest.mark.slow  # a subprocess compiling the sharded programs
 def test_adapters_under_tensor_parallelism_equal_their_merged_models(eight_cpu_devices):
     import subprocess
     import sys
