@@ -4,7 +4,7 @@
                                      [--adapters 4] [--rank 16] [--steps 30]
 
 Times `Runner.decode` (one step of ``--rows`` sequences at position 200, the compiled
-program already warm) in three runners of one model:
+program already warm) in three runners of one model, their steps interleaved:
 
 1. no adapters: the program without any adapter code;
 2. ``--adapters`` adapters loaded, every row on the base (slot 0);
@@ -42,7 +42,8 @@ def _adapters(params, count: int, rank: int) -> dict:
     return out
 
 
-def _time_decode(runner, rows: int, slots, steps: int) -> list[float]:
+def _decoder(runner, rows: int, slots, position: int):
+    """A function running one decode step of ``runner`` (``rows`` rows at ``position``)."""
     import numpy as np
 
     from jquant.models.sampling import Sampling
@@ -50,18 +51,14 @@ def _time_decode(runner, rows: int, slots, steps: int) -> list[float]:
     width = runner.table_width
     tables = [list(range(i * width, (i + 1) * width)) for i in range(rows)]
     tokens = np.random.default_rng(0).integers(0, runner.config.vocab_size, rows).tolist()
-    positions = [200] * rows
-    times = []
-    for step in range(steps + 3):  # 3 warm-up steps (the first compiles)
-        start = time.perf_counter()
-        runner.decode(tables, tokens, positions, Sampling.greedy(rows), adapters=slots)
-        if step >= 3:
-            times.append(time.perf_counter() - start)
-    return times
+    return lambda: runner.decode(tables, tokens, [position] * rows, Sampling.greedy(rows),
+                                 adapters=slots)  # fmt: skip
 
 
-def run(model, params, *, rows: int, count: int, rank: int, steps: int) -> list[tuple]:
-    """``(label, median s, p90 s)`` of the three runners."""
+def run(model, params, *, rows: int, count: int, rank: int, steps: int,
+        position: int = 200) -> list[tuple]:  # fmt: skip
+    """``(label, median s, p90 s)`` of the three runners, decoding at ``position``; their
+    steps interleaved, so that a change of the machine's load falls on all three alike."""
     from jquant.serve.adapters import AdapterSet
     from jquant.serve.runner import Runner
 
@@ -69,13 +66,21 @@ def run(model, params, *, rows: int, count: int, rank: int, steps: int) -> list[
     spread = [i % (count + 1) for i in range(rows)]
     cases = [("no adapters", None, None), (f"{count} loaded, all rows base", aset, None),
              (f"{count} loaded, rows spread", aset, spread)]  # fmt: skip
-    out = []
-    for label, adapters, slots in cases:
-        runner = Runner(model, params, rows=rows, max_len=256, page_size=16,
-                        num_pages=rows * 16, prefill_rows=1, adapters=adapters)  # fmt: skip
-        times = sorted(_time_decode(runner, rows, slots, steps))
-        out.append((label, statistics.median(times), times[int(0.9 * (len(times) - 1))]))
-    return out
+    steppers = []
+    for _, adapters, slots in cases:
+        runner = Runner(model, params, rows=rows, max_len=position + 1, page_size=16,
+                        prefill_rows=1, adapters=adapters)  # fmt: skip
+        steppers.append(_decoder(runner, rows, slots, position))
+        for _ in range(3):  # the first compiles
+            steppers[-1]()
+    times = [[] for _ in cases]
+    for _ in range(steps):
+        for step, out in zip(steppers, times):
+            start = time.perf_counter()
+            step()  # returns NumPy arrays: the step has finished
+            out.append(time.perf_counter() - start)
+    return [(label, statistics.median(t), sorted(t)[int(0.9 * (len(t) - 1))])
+            for (label, _, _), t in zip(cases, times)]  # fmt: skip
 
 
 def main(argv=None) -> int:
