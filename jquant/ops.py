@@ -20,7 +20,8 @@ see ordinary consecutive groups.
 Training wrappers are weights too: an ``ActQuantized`` (QAT of W8A8 / W4A8,
 ``jquant.qat.fake_quantize``) fake-quantizes the activations per token and multiplies by
 its float value; a ``LoRAWeight`` (QLoRA, ``jquant.qat.lora``) computes
-``x @ base + scale * (x @ a) @ b`` with its base through these same ops.
+``x @ base + scale * (x @ a) @ b`` with its base through these same ops, and a
+``MultiLoRAWeight`` (serving, ``jquant.serve.adapters``) the same with each row's own adapter.
 
 Which path runs is ``"auto"`` (a fused kernel where one applies and a measured
 dispatch table allows it, else XLA), ``"xla"`` or ``"kernel"`` (fail rather than fall
@@ -46,7 +47,7 @@ from jquant._dequant_dot import _accumulator
 from jquant._dispatch import MATMUL_PATHS as MATMUL_PATHS
 from jquant._dispatch import matmul_path as matmul_path
 from jquant._dispatch import set_matmul_path as set_matmul_path
-from jquant._lora import LoRAWeight
+from jquant._lora import LoRAWeight, MultiLoRAWeight
 from jquant._tap import Tap
 from jquant.qarray import QArray
 
@@ -127,6 +128,8 @@ def qdot_general(
         x, w = _act_quantized(x, w, dimension_numbers)
     if isinstance(w, LoRAWeight):
         return _lora_dot(x, w, dimension_numbers, precision, preferred_element_type, op)
+    if isinstance(w, MultiLoRAWeight):
+        return _multi_lora_dot(x, w, dimension_numbers, precision, preferred_element_type, op)
     if not isinstance(w, QArray):
         return jax.lax.dot_general(
             x, w, dimension_numbers, precision=precision,
@@ -196,6 +199,32 @@ def _lora_dot(x, w: LoRAWeight, dimension_numbers, precision, preferred, op):
     return y + delta.astype(y.dtype)
 
 
+def _multi_lora_dot(x, w: MultiLoRAWeight, dimension_numbers, precision, preferred, op):
+    """``x @ base`` plus each row's adapter: every adapter's low-rank product is computed for
+    every row, the other adapters' zeroed, then one matmul by all the ``b`` at once."""
+    dims = _normalize_dims(dimension_numbers, x.ndim, w.ndim)
+    (lc, rc), (lb, _) = dims
+    if w.ndim != 2 or len(lc) != 1 or lb or tuple(rc) != (0,) or lc[0] == 0:
+        raise ValueError(f"{op}: a multi-adapter LoRA weight needs x (rows, ..., K) contracted "
+                         f"on a later axis than its rows with a 2-D kernel (K, N); got a "
+                         f"{w.ndim}-D weight, x of shape {tuple(x.shape)} and dimension "
+                         f"numbers {dims}")  # fmt: skip
+    if w.rows is None or w.rows.shape != x.shape[:1]:
+        got = None if w.rows is None else tuple(w.rows.shape)
+        raise ValueError(f"{op}: a multi-adapter LoRA weight needs one adapter index per row "
+                         f"of x {tuple(x.shape)}, rows of shape {x.shape[:1]}; got {got} "
+                         f"(jquant.serve.adapters.bind_rows sets them)")  # fmt: skip
+    y = qdot_general(x, w.base, dims, precision, preferred, op=op)
+    x = jnp.moveaxis(_promote(x, w), lc[0], -1)
+    num = w.a.shape[0]
+    low = jnp.einsum("...k,akr->...ar", x, w.a.astype(x.dtype))
+    mine = w.rows[:, None] == jnp.arange(1, num + 1, dtype=w.rows.dtype)  # (R, A)
+    mine = mine.reshape(mine.shape[:1] + (1,) * (x.ndim - 2) + (num, 1))
+    low = jnp.where(mine, low, jnp.zeros((), low.dtype))  # exact zeros, whatever low holds
+    delta = jnp.einsum("...ar,arn->...n", low, w.b.astype(x.dtype))
+    return y + delta.astype(y.dtype)
+
+
 def _resolve_tap(x, tap: Tap, dimension_numbers, op: str):
     """``(weight, output function)`` a calibration handler gives for ``tap`` (`jquant._tap`)."""
     dims = _normalize_dims(dimension_numbers, x.ndim, tap.ndim)
@@ -254,7 +283,7 @@ def qdot(x: jax.Array, w, *, precision=None, preferred_element_type=None) -> jax
     if isinstance(w, Tap):
         w, output = _resolve_tap(x, w, dims, "qdot")
         return output(qdot(x, w, precision=precision, preferred_element_type=out_dtype))
-    if isinstance(w, QArray | _act.ActQuantized | LoRAWeight):
+    if isinstance(w, QArray | _act.ActQuantized | LoRAWeight | MultiLoRAWeight):
         return qdot_general(x, w, dims, precision, out_dtype, op="qdot")
     return _array_dot(x, w, dims, precision, out_dtype, op="qdot")
 

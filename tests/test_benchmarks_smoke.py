@@ -251,3 +251,12 @@ def test_synthetic_checkpoint_loads_in_transformers(tmp_path, shape):
     )
     assert type(model).__name__ == synth.SHAPES[shape]["architectures"][0]
     assert all(not v for v in info.values()), info
+
+
+def test_lora_decode_benchmark_runs_its_three_runners():
+    model = init_model(LlamaConfig(**TINY), seed=0)
+    rows = _load("lora_decode").run(model, nnx.state(model), rows=3, count=2, rank=2, steps=2,
+                                    position=20)  # fmt: skip
+    assert [r[0] for r in rows] == ["no adapters", "2 loaded, all rows base",
+                                    "2 loaded, rows spread"]  # fmt: skip
+    assert all(median > 0 and p90 > 0 for _, median, p90 in rows)

@@ -1,5 +1,6 @@
-"""``jquant serve MODEL [--recipe R] [--kv-cache F] [--mesh tp=N] ...``: serve the model over
-an OpenAI-compatible HTTP API; with ``--coordinator``, over several processes' devices
+"""``jquant serve MODEL [--recipe R] [--kv-cache F] [--mesh tp=N] [--lora NAME=PATH] ...``:
+serve the model over an OpenAI-compatible HTTP API (with LoRA adapters a request picks by
+model ``MODEL:NAME``); with ``--coordinator``, over several processes' devices
 (`jquant.serve.lockstep`)."""
 
 from __future__ import annotations
@@ -34,6 +35,9 @@ def add_parser(sub) -> None:
                    help="do not reuse the cached pages of a prompt prefix seen before")
     p.add_argument("--mesh", help="tensor parallelism over devices: tp=N")
     p.add_argument("--served-model-name", help="model id of the API (default: MODEL)")
+    p.add_argument("--lora", action="append", default=[], metavar="NAME=PATH",
+                   help="a LoRA adapter file (jquant.qat.lora.save) that requests use with "
+                   "model '<model id>:NAME'; repeat for more, all served in one batch")
     p.add_argument("--max-queue", type=_args.int_at_least(0),
                    help="requests (completions: prompts x n) that may wait for a slot; beyond, "
                    "HTTP 429 with Retry-After (default: 8 x --max-slots)")
@@ -68,6 +72,8 @@ def run(args) -> int:
         with _args.flag("--mesh"):
             tp = parse_tp_mesh(args.mesh)
     recipe = _args.recipe(args.recipe)
+    with _args.flag("--lora"):
+        adapters = _adapters(args.lora)  # before the model loads
     multi = _args.join_processes(args)
     if multi:
         if tp not in (None, jax.device_count()):
@@ -93,7 +99,8 @@ def run(args) -> int:
                         prefix_caching=args.prefix_caching,
                         kv_cache=None if args.kv_cache == "none" else args.kv_cache,
                         mesh=tp, max_queue=args.max_queue,
-                        request_timeout=args.request_timeout)  # fmt: skip
+                        request_timeout=args.request_timeout,
+                        adapters=adapters or None)  # fmt: skip
         if not leader:
             print(f"jquant serve: process {jax.process_index()} follows process 0", flush=True)
             calls = lockstep.follow(engine.runner)
@@ -122,3 +129,21 @@ def run(args) -> int:
         if sock is not None:
             sock.close()
     return 0
+
+
+def _adapters(specs: list[str]) -> dict:
+    """``{name: lora.LoRA}`` of ``--lora NAME=PATH`` arguments, each file loaded."""
+    from jquant.qat import lora
+    from jquant.serve.adapters import NAME
+
+    out = {}
+    for spec in specs:
+        name, sep, path = spec.partition("=")
+        if not sep or not path:
+            raise ValueError(f"{spec!r}: expected NAME=PATH")
+        if not NAME.fullmatch(name):
+            raise ValueError(f"{spec!r}: the name {name!r} must match {NAME.pattern}")
+        if name in out:
+            raise ValueError(f"{spec!r}: the name {name!r} is given twice")
+        out[name] = lora.load(path)
+    return out

@@ -55,10 +55,14 @@ def dtype_code(dtype) -> str | None:
     return DTYPE_CODES.get(np.dtype(dtype).name)
 
 
-def header_of(tensors: list[tuple[str, np.ndarray]]) -> tuple[bytes, dict[str, list[int]]]:
-    """The header bytes (length prefix included) of a file holding ``tensors`` in order, and
-    each tensor's ``[begin, end]`` byte offsets in the whole file."""
+def header_of(tensors: list[tuple[str, np.ndarray]], metadata: dict[str, str] | None = None
+              ) -> tuple[bytes, dict[str, list[int]]]:  # fmt: skip
+    """The header bytes (length prefix included) of a file holding ``tensors`` in order (and
+    the format's ``__metadata__``, strings to strings, when given), and each tensor's
+    ``[begin, end]`` byte offsets in the whole file."""
     entries, spans, pos = {}, {}, 0
+    if metadata is not None:
+        entries["__metadata__"] = dict(metadata)
     for name, array in tensors:
         code = dtype_code(array.dtype)
         if code is None:
@@ -75,11 +79,12 @@ def header_of(tensors: list[tuple[str, np.ndarray]]) -> tuple[bytes, dict[str, l
 
 
 def write_file(
-    path: Path, tensors: list[tuple[str, np.ndarray]]
+    path: Path, tensors: list[tuple[str, np.ndarray]], metadata: dict[str, str] | None = None
 ) -> tuple[int, str, dict[str, list[int]]]:
-    """Writes ``tensors`` to ``path`` and fsyncs it; returns the file's bytes and sha256
-    (hashed as it is written: nothing is read back) and each tensor's offsets in it."""
-    header, offsets = header_of(tensors)
+    """Writes ``tensors`` (and ``metadata``) to ``path`` and fsyncs it; returns the file's
+    bytes and sha256 (hashed as it is written: nothing is read back) and each tensor's
+    offsets in it."""
+    header, offsets = header_of(tensors, metadata)
     digest = hashlib.sha256(header)
     size = len(header)
     with open(path, "wb") as f:
@@ -99,6 +104,12 @@ def write_file(
 def read_header(path: Path) -> dict[str, dict]:
     """``{tensor name: {"dtype": np.dtype, "shape": tuple, "offsets": (begin, end)}}`` of a
     file, offsets in the whole file; ValueError when the header cannot be what it claims."""
+    return read_header_and_metadata(path)[0]
+
+
+def read_header_and_metadata(path: Path) -> tuple[dict[str, dict], object]:
+    """`read_header`'s entries and the file's ``__metadata__`` as its JSON holds it (the
+    format says strings to strings; None when it has none)."""
     size = path.stat().st_size
     with open(path, "rb") as f:
         prefix = f.read(8)
@@ -114,7 +125,7 @@ def read_header(path: Path) -> dict[str, dict]:
         raise ValueError(f"header is not valid JSON ({e})") from None
     if not isinstance(header, dict):
         raise ValueError("header is not a JSON object")
-    header.pop("__metadata__", None)
+    metadata = header.pop("__metadata__", None)
     out, start = {}, 8 + length
     for name, entry in header.items():
         try:
@@ -124,7 +135,7 @@ def read_header(path: Path) -> dict[str, dict]:
         except (KeyError, TypeError, ValueError) as e:
             raise ValueError(f"header entry of {name} is malformed ({e!r})") from None
         out[name] = {"dtype": dtype, "shape": shape, "offsets": (begin, end)}
-    return out
+    return out, metadata
 
 
 def read_tensor(f, dtype: np.dtype, shape: tuple[int, ...], begin: int, end: int) -> np.ndarray:

@@ -22,6 +22,8 @@ log-probabilities included: penalties are data of the step program (per-row scal
 chosen tokens' log-probabilities and the 20 most likely, so neither compiles a program of its
 own. A request with a grammar (``SamplingParams.grammar``: structured output) samples among
 the tokens its llguidance matcher allows, a bitmask every step takes (`jquant.serve.grammar`).
+So is each request's LoRA adapter, if the engine serves any (``adapters``, a request's
+``adapter``: `jquant.serve.adapters`): rows of different adapters and of none share a step.
 Requests join and leave between decode steps. A request ends at a stop token (the model's
 EOS unless ``ignore_eos``, plus its ``stop_token_ids``), at a stop string (the text is cut
 before it), when its grammar is complete, after ``max_tokens``, when it is cancelled, or
@@ -56,6 +58,7 @@ from collections.abc import Callable, Sequence
 import numpy as np
 
 from jquant.serve import limits
+from jquant.serve.adapters import AdapterSet
 from jquant.serve.detok import IncrementalText
 from jquant.serve.grammar import Grammars, advance
 from jquant.serve.pages import PagedSeq, PagePool
@@ -150,6 +153,8 @@ class _Request:
     logprobs: list[float] = dataclasses.field(default_factory=list)
     top_logprobs: list[list[tuple[int, float]]] = dataclasses.field(default_factory=list)
     matcher: object | None = None  # with `SamplingParams.grammar`: its llguidance matcher
+    adapter: int = 0  # its LoRA adapter's slot (0: the base)
+    salt: bytes = b""  # where its prefix-cache digests start (`PagePool.prompt_digests`)
 
     def context(self) -> list[int]:
         """What the cache must hold before the next decode step: the prompt, and after a
@@ -187,6 +192,8 @@ class Engine:
         ``8 * max_slots``); `submit` raises `QueueFull` past it.
       request_timeout: seconds after which a request still waiting or running ends with an
         error (``error_code`` "timeout"); None: no limit.
+      adapters: LoRA adapters a request may name, ``{name: jquant.qat.lora.LoRA}``
+        (`jquant.serve.adapters`); None: the base model only.
     """
 
     def __init__(self, model, params, tokenizer, *, max_slots: int = 8,
@@ -194,7 +201,7 @@ class Engine:
                  prefill_rows: int = 4, page_size: int = 16,
                  kv_cache_tokens: int | None = None, prefix_caching: bool = True,
                  kv_cache=None, mesh=None, max_queue: int | None = None,
-                 request_timeout: float | None = None):  # fmt: skip
+                 request_timeout: float | None = None, adapters=None):  # fmt: skip
         config = model.config
         limit = config.max_position_embeddings
         max_context = min(limit, 2048) if max_context is None else max_context
@@ -231,10 +238,11 @@ class Engine:
             shard, self.mesh, self.tp_notes = runner_sharder(mesh, config)
         else:
             self.mesh = None
+        self.adapters = AdapterSet(params, adapters, dtype=model.dtype) if adapters else None
         self.runner = Runner(model, params, rows=max_slots, max_len=max_context,
                              page_size=page_size, num_pages=-(-kv_cache_tokens // page_size),
                              prefill_chunk=prefill_chunk, prefill_rows=prefill_rows,
-                             kv_cache=kv_cache, shard=shard)  # fmt: skip
+                             kv_cache=kv_cache, shard=shard, adapters=self.adapters)  # fmt: skip
         self.pool = PagePool(self.runner.num_pages, page_size, prefix_caching=prefix_caching)
         # Pages behind every layer's window can be given back (a model of sliding layers
         # only); a model with any full-attention layer keeps them all.
@@ -302,27 +310,31 @@ class Engine:
                              max_context=self.max_context)  # fmt: skip
 
     def submit(self, prompt_ids: Sequence[int], params: SamplingParams,
-               callback: Callable[[Output], None]) -> int:  # fmt: skip
+               callback: Callable[[Output], None], *,
+               adapter: str | None = None) -> int:  # fmt: skip
         """Queues a request; ``callback(Output)`` is called from the engine's thread for each
-        new piece and exactly once with ``finish_reason`` set. Returns the request id.
+        new piece and exactly once with ``finish_reason`` set. ``adapter``: the name of the
+        LoRA adapter it runs with (None: the base model). Returns the request id.
 
         Raises:
-          ValueError: the request cannot be served (see `check`); nothing was queued.
+          ValueError: the request cannot be served (see `check`), or names an adapter the
+            engine does not serve; nothing was queued.
           QueueFull: ``max_slots + max_queue`` requests are in the engine already.
           RuntimeError: the engine is not running (never started, shut down, or failed).
         """
-        return self.submit_many([(prompt_ids, params, callback)])[0]
+        return self.submit_many([(prompt_ids, params, callback)], adapter=adapter)[0]
 
     @property
     def capacity(self) -> int:
         """The most requests the engine holds at once: ``max_slots + max_queue``."""
         return self.max_slots + self.max_queue
 
-    def submit_many(self, requests: Sequence[tuple[Sequence[int], SamplingParams, Callback]]
-                    ) -> list[int]:  # fmt: skip
+    def submit_many(self, requests: Sequence[tuple[Sequence[int], SamplingParams, Callback]],
+                    *, adapter: str | None = None) -> list[int]:  # fmt: skip
         """`submit` for several ``(prompt_ids, params, callback)`` at once, all or none (one
-        HTTP request's choices). Raises as `submit` does, and `limits.LimitError` if there are
-        more than `capacity`."""
+        HTTP request's choices), all with ``adapter``. Raises as `submit` does, and
+        `limits.LimitError` if there are more than `capacity`."""
+        slot = self._adapter_slot(adapter)
         for prompt_ids, params, _ in requests:
             self.check(prompt_ids, params)
         if len(requests) > self.capacity:
@@ -351,8 +363,8 @@ class Engine:
                     frozenset() if params.ignore_eos else self.eos_ids)  # fmt: skip
                 req = _Request(next(self._ids), [int(t) for t in prompt_ids], params, callback,
                                seed, now, stops, deadline,
-                               text=IncrementalText(self.tokenizer),
-                               matcher=matcher)  # fmt: skip
+                               text=IncrementalText(self.tokenizer), matcher=matcher,
+                               adapter=slot, salt=AdapterSet.salt(adapter))  # fmt: skip
                 if params.penalized:
                     req.counts = np.zeros(self.vocab_size, np.int32)
                     req.counts[req.prompt] = 1
@@ -363,6 +375,16 @@ class Engine:
         self._wake.set()
         return [req.id for req in reqs]
 
+    @property
+    def adapter_names(self) -> tuple[str, ...]:
+        """The LoRA adapters a request may name, in slot order."""
+        return () if self.adapters is None else self.adapters.names
+
+    def _adapter_slot(self, adapter: str | None) -> int:
+        if adapter is not None and self.adapters is None:
+            raise ValueError(f"unknown adapter {adapter!r}; this engine serves none")
+        return 0 if adapter is None else self.adapters.slot(adapter)
+
     def cancel(self, request_id: int) -> None:
         """Ends a request with ``"abort"`` and frees its slot (a no-op once it has ended)."""
         with self._lock:
@@ -371,8 +393,10 @@ class Engine:
             req.cancelled = True
             self._wake.set()
 
-    def generate(self, prompt_ids: Sequence[int], params: SamplingParams) -> Output:
-        """Blocking: the whole completion of one request as one `Output`."""
+    def generate(self, prompt_ids: Sequence[int], params: SamplingParams, *,
+                 adapter: str | None = None) -> Output:  # fmt: skip
+        """Blocking: the whole completion of one request (with LoRA adapter ``adapter``) as
+        one `Output`."""
         done = threading.Event()
         parts: list[Output] = []
 
@@ -381,7 +405,7 @@ class Engine:
             if out.finish_reason is not None:
                 done.set()
 
-        self.submit(prompt_ids, params, collect)
+        self.submit(prompt_ids, params, collect, adapter=adapter)
         while not done.wait(0.5):
             if self._thread is None or self.error is not None:
                 raise RuntimeError(f"the engine stopped{self._failure()}")
@@ -519,10 +543,11 @@ class Engine:
                 return
             context = req.context()
             if req.digests is None:
-                req.digests = self.pool.prompt_digests(context) if self.pool.prefix_caching else []
+                req.digests = (self.pool.prompt_digests(context, salt=req.salt)
+                               if self.pool.prefix_caching else [])  # fmt: skip
             if self.pool.waits_for(req.digests):
                 continue
-            seq = self.pool.admit(context, reserve=1, digests=req.digests)
+            seq = self.pool.admit(context, reserve=1, digests=req.digests, salt=req.salt)
             if seq is None:
                 return  # first come, first served: later requests wait behind it
             with self._lock:  # a request is always waiting or running for `metrics`
@@ -597,6 +622,10 @@ class Engine:
                 if r.matcher is not None and (used is None or used[i])]  # fmt: skip
         return self.grammars.bitmask(len(reqs), rows) if rows else None
 
+    def _slots(self, reqs: list[_Request]) -> list[int] | None:
+        """The LoRA adapter slots of a step's rows (None when the engine serves none)."""
+        return None if self.adapters is None else [r.adapter for r in reqs]
+
     @staticmethod
     def _sampled(out: Sampled, i: int, req: _Request) -> tuple:
         """Row ``i`` of a step: ``(token, logprob, top (id, logprob) pairs)``, the last two
@@ -629,7 +658,8 @@ class Engine:
         last = [r.filled + len(c) == len(r.context()) and not r.generated for r, c in batch]
         out = self.runner.prefill([r.seq.pages for r in reqs], [c for _, c in batch],
                                   [r.filled for r in reqs], sampling, self._penalties(reqs),
-                                  logprobs=True, bitmask=self._bitmask(reqs, last))  # fmt: skip
+                                  logprobs=True, bitmask=self._bitmask(reqs, last),
+                                  adapters=self._slots(reqs))  # fmt: skip
         for i, (req, chunk) in enumerate(batch):
             req.filled += len(chunk)
             context = req.context()
@@ -655,6 +685,7 @@ class Engine:
         out = self.runner.decode(
             [r.seq.pages for r in reqs], [r.generated[-1] for r in reqs], positions, sampling,
             self._penalties(reqs), logprobs=True, bitmask=self._bitmask(reqs),
+            adapters=self._slots(reqs),
         )  # fmt: skip
         size = self.pool.page_size
         for r, p in zip(reqs, positions):
@@ -780,6 +811,9 @@ def engine_report(engine: Engine) -> str:
             f"KV cache {runner.fmt.name} {runner.num_pages} pages x {runner.page_size} tokens "
             f"{runner.cache.nbytes / 1e6:.1f} MB, weights "
             f"{runner.weight_bytes / 1e6:.1f} MB")  # fmt: skip
+    if engine.adapters is not None:
+        line += (f" (with {len(engine.adapter_names)} LoRA adapters of rank "
+                 f"{engine.adapters.rank}: {', '.join(engine.adapter_names)})")  # fmt: skip
     if engine.mesh is not None:
         held = runner.per_device_bytes()  # this process's devices (all of them in one)
         line += (f"; tp={engine.mesh.devices.size}: {max(held.values()) / 1e6:.1f} MB per "

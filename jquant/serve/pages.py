@@ -9,7 +9,10 @@ host-side bookkeeping:
 - **prefix caching**: a full page is known by a digest of every token up to its end (a
   chain: the previous page's digest and this page's tokens, BLAKE2b), so two prompts that
   begin alike find the same pages. `PagePool.admit` reuses the longest run of cached pages
-  at the start of a prompt; the sequence then prefills only the rest;
+  at the start of a prompt; the sequence then prefills only the rest. The chain starts from
+  a sequence's *salt* (empty for the base model; a LoRA adapter's own,
+  `jquant.serve.adapters`): under another adapter the same tokens have other keys and
+  values;
 - reference counts: a page is in use while a sequence lists it; a released page with a
   digest stays cached, evictable, and pages are evicted least recently used first when the
   free list runs out (a released page without one is free at once);
@@ -57,12 +60,14 @@ class PagedSeq:
         every later query's window has passed it (`PagePool.release_before`).
       cached: positions at the start found in the prefix cache (not to be prefilled).
       digests: the digests of the leading full pages known so far (registered or not).
+      salt: what the digest chain starts from (`PagePool.prompt_digests`).
     """
 
     pages: list[int | None] = dataclasses.field(default_factory=list)
     cached: int = 0
     digests: list[bytes] = dataclasses.field(default_factory=list)
     pending: list[bytes] = dataclasses.field(default_factory=list)  # announced, not committed
+    salt: bytes = b""
 
     @property
     def capacity(self) -> int:
@@ -115,10 +120,11 @@ class PagePool:
 
     # ---- sequences -----------------------------------------------------------------
 
-    def prompt_digests(self, tokens: Sequence[int]) -> list[bytes]:
+    def prompt_digests(self, tokens: Sequence[int], *, salt: bytes = b"") -> list[bytes]:
         """The digests of the full pages of a prompt that a prefix may share: all but one
-        token (a prefill must compute the last prompt token)."""
-        out, parent = [], b""
+        token (a prefill must compute the last prompt token); the chain starts from ``salt``
+        (pages of two salts are never shared)."""
+        out, parent = [], salt
         for i in range((len(tokens) - 1) // self.page_size):
             parent = _digest(parent, tokens[i * self.page_size:(i + 1) * self.page_size])
             out.append(parent)
@@ -158,15 +164,16 @@ class PagePool:
         self._refs[page] += 1
 
     def admit(self, tokens: Sequence[int], *, reserve: int = 0,
-              digests: list[bytes] | None = None) -> PagedSeq | None:  # fmt: skip
+              digests: list[bytes] | None = None,
+              salt: bytes = b"") -> PagedSeq | None:  # fmt: skip
         """Pages for a prompt of ``tokens`` plus ``reserve`` more positions, or None (nothing
         taken) when the pool cannot hold them. Cached pages of the prompt's prefix are shared
         (``cached`` positions need no prefill); the prompt's other full pages are announced
-        as pending until `commit` registers them. ``digests``: `prompt_digests(tokens)`,
-        when the caller has them already."""
+        as pending until `commit` registers them. ``digests``: `prompt_digests(tokens,
+        salt=salt)`, when the caller has them already."""
         need = self.pages_for(len(tokens) + reserve)
         if digests is None:
-            digests = self.prompt_digests(tokens) if self.prefix_caching else []
+            digests = self.prompt_digests(tokens, salt=salt) if self.prefix_caching else []
         shared = self._match(digests)
         # Shared pages that sit evictable are counted in `free`: taking them uses them up.
         idle = sum(1 for p in shared if self._refs[p] == 0)
@@ -175,7 +182,7 @@ class PagePool:
         for p in shared:
             self._ref(p)
         seq = PagedSeq(pages=list(shared), cached=len(shared) * self.page_size,
-                       digests=digests[:len(shared)])  # fmt: skip
+                       digests=digests[:len(shared)], salt=salt)  # fmt: skip
         seq.pages.extend(self._take() for _ in range(need - len(shared)))
         seq.pending = [d for d in digests[len(shared):]
                        if d not in self._pending and d not in self._table]  # fmt: skip
@@ -202,7 +209,7 @@ class PagePool:
         if not self.prefix_caching:
             return
         full = min(len(tokens) // self.page_size, seq.capacity)
-        parent = seq.digests[-1] if seq.digests else b""
+        parent = seq.digests[-1] if seq.digests else seq.salt
         for i in range(len(seq.digests), full):
             d = _digest(parent, tokens[i * self.page_size:(i + 1) * self.page_size])
             seq.digests.append(d)

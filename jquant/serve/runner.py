@@ -16,6 +16,9 @@ Shapes are fixed buckets, all compiled by `Runner.compile`:
   ``P * page_size``);
 - prefill: ``(R, C)`` tokens, ``R`` up to ``prefill_rows`` prompts at once, ``C`` from a
   few chunk buckets up to ``prefill_chunk``, over the full table width.
+
+With LoRA adapters (`jquant.serve.adapters`), each program also takes every row's adapter
+slot, so rows of different adapters, and of none, run in the same step.
 """
 
 from __future__ import annotations
@@ -35,6 +38,7 @@ from jquant.models import sampling as _sampling
 from jquant.models.cache import KVFormat, PagedCache, PagedView, init_paged_cache, kv_format
 from jquant.models.config import LlamaConfig
 from jquant.models.sampling import Penalties, Sampling, penalize, sample, top_logprobs
+from jquant.serve.adapters import AdapterSet, bind_rows
 
 __all__ = ["PagedCache", "Penalties", "Runner", "Sampled", "Sampling", "cache_perplexity"]
 
@@ -75,13 +79,16 @@ def _placed(st: _Static, cache: PagedCache) -> PagedCache:
 
 
 @functools.partial(jax.jit, static_argnames=("st",), donate_argnames=("cache",))
-def _step(st, w, cache, tokens, tables, starts, last, sampling, penalties, bitmask):
+def _step(st, w, cache, tokens, tables, starts, last, sampling, penalties, bitmask,
+          adapters=None):
     """Runs ``tokens (R, S)`` of the sequences with block tables ``tables (R, P)`` from
     positions ``starts``; samples one token per row from the logits at column ``last[r]``,
     penalized by ``penalties``, among the tokens ``bitmask (R, ceil(V / 32))`` allows
     (`jquant.models.sampling.allow`). Returns ``((tokens (R,), logprob (R,), top ids (R, k),
     top logprobs (R, k)), cache)``, the log-probabilities of the unpenalized, unmasked
-    logits."""
+    logits. With LoRA adapters, ``adapters (R,)`` are the rows' slots."""
+    if adapters is not None:
+        w = bind_rows(w, adapters)
     x, cache = _hidden(st, w, cache, tokens, tables, starts)
     x = jnp.take_along_axis(x, last[:, None, None], axis=1)
     logits = core.logits(st.model, w, x)[:, 0]
@@ -130,6 +137,7 @@ class Runner:
         compute dtype).
       shard: optional ``(params, cache) -> (params, cache)`` placing both on devices
         (tensor parallelism); the programs then run sharded (GSPMD), attention in XLA.
+      adapters: an `AdapterSet` of LoRA adapters a step's rows may each use (None: none).
 
     Attention takes the path `jquant.ops.attention_path()` names when the Runner is made
     (``"kernel"``: `jquant.kernels.paged_attention`, reading the pages in place).
@@ -137,7 +145,8 @@ class Runner:
 
     def __init__(self, model, params, *, rows: int, max_len: int, page_size: int = 16,
                  num_pages: int | None = None, prefill_chunk: int = 128,
-                 prefill_rows: int = 4, kv_cache=None, shard=None):  # fmt: skip
+                 prefill_rows: int = 4, kv_cache=None, shard=None,
+                 adapters: AdapterSet | None = None):  # fmt: skip
         config: LlamaConfig = model.config
         if min(rows, page_size, prefill_chunk, prefill_rows) < 1 or max_len < 2:
             raise ValueError(
@@ -161,6 +170,9 @@ class Runner:
             attention = "xla"
             self.params, cache = shard(self.params, cache)
             cache_sharding = jax.tree.map(lambda x: x.sharding, cache)
+        self.adapters = adapters
+        if adapters is not None:
+            self.params = adapters.attach(self.params)
         self.cache = cache
         self._static = _Static(core.Static.of(model), self.fmt, cache_sharding, attention)
         self.prefill_buckets = _buckets(min(16, prefill_chunk), min(prefill_chunk, max_len))
@@ -211,7 +223,7 @@ class Runner:
             z = np.zeros(rows, np.int32)
             args = (np.zeros((rows, length), np.int32), np.zeros((rows, width), np.int32),
                     z, z, Sampling.greedy(rows), self._no_penalties(rows),
-                    self._allow_all(rows))  # fmt: skip
+                    self._allow_all(rows), self._slots(None, rows))  # fmt: skip
             lowered = _step.lower(self._static, self.params, self.cache, *args)
             self._compiled[key] = lowered.compile()
             self.compile_seconds += time.perf_counter() - start
@@ -269,6 +281,19 @@ class Runner:
     def _bitmask(self, bitmask, rows: int) -> jax.Array | np.ndarray:
         return self._allow_all(rows) if bitmask is None else _pad(bitmask, rows)
 
+    def _slots(self, adapters, rows: int) -> np.ndarray | None:
+        """The rows' adapter slots (None: all 0, the base) padded like the rows, or None
+        when the runner has no adapters."""
+        if self.adapters is None:
+            if adapters is not None and any(adapters):
+                raise ValueError("this runner has no LoRA adapters; every row's slot is 0")
+            return None
+        slots = np.asarray([0] if adapters is None else adapters, np.int32)
+        if slots.min() < 0 or slots.max() > len(self.adapters.names):
+            raise ValueError(f"adapter slots {slots.tolist()} must be in [0, "
+                             f"{len(self.adapters.names)}]")  # fmt: skip
+        return _pad(slots, rows)
+
     def _result(self, out, n: int, logprobs: bool):
         if not logprobs:
             return np.asarray(out[0])[:n]
@@ -276,13 +301,14 @@ class Runner:
 
     def prefill(self, tables, chunks, starts, sampling: Sampling,
                 penalties: Penalties | None = None, *, logprobs: bool = False,
-                bitmask=None):  # fmt: skip
+                bitmask=None, adapters=None):  # fmt: skip
         """Runs prompt chunks, ``chunks[i]`` (at most ``prefill_buckets[-1]`` tokens) of the
         sequence with block table ``tables[i]`` from position ``starts[i]``, at most
         ``prefill_row_buckets[-1]`` of them; returns the token sampled after each chunk's
         last (``sampling``, ``penalties`` and the token ``bitmask`` (int32 ``(n, ceil(V /
         32))``), None for none: one row per chunk); with ``logprobs``, a `Sampled` of them
-        and their log-probabilities."""
+        and their log-probabilities. ``adapters``: each chunk's adapter slot (None: the base
+        for all)."""
         n = len(chunks)
         if not 1 <= n <= self.prefill_row_buckets[-1]:
             raise ValueError(f"prefill of {n} chunks; 1 to {self.prefill_row_buckets[-1]} "
@@ -307,16 +333,17 @@ class Runner:
                                   pad(np.asarray(starts, np.int32)), last,
                                   _pad_sampling(sampling, rows),
                                   self._penalties(penalties, rows),
-                                  self._bitmask(bitmask, rows))  # fmt: skip
+                                  self._bitmask(bitmask, rows),
+                                  self._slots(adapters, rows))  # fmt: skip
         return self._result(out, n, logprobs)
 
     def decode(self, tables, tokens, positions, sampling: Sampling,
                penalties: Penalties | None = None, *, logprobs: bool = False,
-               bitmask=None):  # fmt: skip
+               bitmask=None, adapters=None):  # fmt: skip
         """One token for each sequence: ``tokens[i]`` at ``positions[i]`` of the sequence
         with block table ``tables[i]``, sampled by row ``i`` of ``sampling``, of
-        ``penalties`` and of the token ``bitmask`` (None: none); with ``logprobs``, a
-        `Sampled`.
+        ``penalties`` and of the token ``bitmask`` (None: none), with adapter slot
+        ``adapters[i]`` (None: the base for all); with ``logprobs``, a `Sampled`.
 
         Runs the smallest compiled batch that holds them (rows padded with copies of the
         first, which write the same key and value again) over the narrowest table width
@@ -334,13 +361,14 @@ class Runner:
                                   np.zeros(rows, np.int32),
                                   _pad_sampling(sampling, rows),
                                   self._penalties(penalties, rows),
-                                  self._bitmask(bitmask, rows))  # fmt: skip
+                                  self._bitmask(bitmask, rows),
+                                  self._slots(adapters, rows))  # fmt: skip
         return self._result(out, n, logprobs)
 
     def window_nll(self, windows) -> np.ndarray:
         """Summed next-token NLL of each row of ``windows (R, S)``, ``S <= max_len`` and
         ``R * ceil(S / page_size) <= num_pages``, each run as one prefill through the cache
-        (the serving path) in pages of its own."""
+        (the serving path) in pages of its own, by the base model (no adapter)."""
         windows = jnp.asarray(windows, jnp.int32)
         r, s = windows.shape
         width = -(-s // self.page_size)
@@ -348,7 +376,10 @@ class Runner:
             raise ValueError(f"window_nll: {r} windows of {s} tokens need {r * width} pages "
                              f"of {self.page_size}; the cache has {self.num_pages}")  # fmt: skip
         tables = np.arange(r * width, dtype=np.int32).reshape(r, width)
-        nll, self.cache = _window_nll(self._static, self.params, self.cache, windows, tables)
+        params = self.params
+        if self.adapters is not None:  # the base model's NLL
+            params = bind_rows(params, jnp.zeros(r, jnp.int32))
+        nll, self.cache = _window_nll(self._static, params, self.cache, windows, tables)
         return np.asarray(nll)
 
 

@@ -16,10 +16,12 @@ in OpenAI's shapes: `_Logprobs`), each within `jquant.serve.limits` (the engine 
 limits). Structured output: ``response_format`` (``json_object``, ``json_schema``; on
 completions too, as vLLM takes it), by `jquant.serve.grammar`. Every bad request is an HTTP 400
 with OpenAI's error body, an unknown model included (OpenAI answers 404 there), a body over
-`jquant.serve.protocol.MAX_BODY_BYTES` is a 413; see `jquant.serve.protocol`. A request that
-fails inside the engine is an HTTP 500 (streamed: an ``error`` event, then ``[DONE]``); the
-engine serves the others on. A streaming client that disconnects has its engine requests
-cancelled, so their slots free at once.
+`jquant.serve.protocol.MAX_BODY_BYTES` is a 413; see `jquant.serve.protocol`. An engine with
+LoRA adapters (`jquant.serve.adapters`) serves each as the model ``<model>:<adapter>``, listed
+by ``/v1/models`` (with ``parent``: the base's id); an unknown adapter is an unknown model.
+A request that fails inside the engine is an HTTP 500 (streamed: an ``error`` event, then
+``[DONE]``); the engine serves the others on. A streaming client that disconnects has its
+engine requests cancelled, so their slots free at once.
 
 Under load and at shutdown every request is answered, never left waiting: beyond the engine's
 ``max_slots + max_queue`` requests the server answers HTTP 429 with ``Retry-After``; a request
@@ -112,20 +114,25 @@ def create_app(engine, model_name: str) -> FastAPI:
             return JSONResponse({"status": "error", "error": repr(error)}, status_code=503)
         return {"status": "ok"}
 
-    def card() -> dict:
-        return {"id": model_name, "object": "model", "created": created, "owned_by": "jquant",
-                "max_model_len": engine.max_context}  # fmt: skip
+    ids = [model_name, *(f"{model_name}:{a}" for a in engine.adapter_names)]
+
+    def card(model_id: str) -> dict:
+        out = {"id": model_id, "object": "model", "created": created, "owned_by": "jquant",
+               "max_model_len": engine.max_context}  # fmt: skip
+        if model_id != model_name:
+            out["parent"] = model_name
+        return out
 
     @app.get("/v1/models")
     async def list_models():
-        return {"object": "list", "data": [card()]}
+        return {"object": "list", "data": [card(i) for i in ids]}
 
     @app.get("/v1/models/{model_id:path}")
     async def get_model(model_id: str):
-        if model_id != model_name:
+        if model_id not in ids:
             raise APIError(f"The model '{model_id}' does not exist", param="model",
                            code="model_not_found", status=404)  # fmt: skip
-        return card()
+        return card(model_id)
 
     @app.get("/metrics")
     async def metrics():
@@ -138,26 +145,26 @@ def create_app(engine, model_name: str) -> FastAPI:
     @_guarded
     async def completions(request: Request):
         r = await _parse(request, CompletionRequest)
-        _check_model(r, model_name)
+        adapter = _adapter_of(r, model_name, ids)
         items = protocol.prompts(r.prompt)
         encoded = await asyncio.to_thread(
             lambda: [_encode(engine, p) if isinstance(p, str) else list(p) for p in items]
         )
         max_tokens = 16 if r.max_tokens is None else r.max_tokens
         grammar = await asyncio.to_thread(_grammar, engine, r.response_format)
-        return await _respond(engine, request, r, encoded, max_tokens, model_name, chat=False,
+        return await _respond(engine, request, r, encoded, max_tokens, adapter, chat=False,
                               grammar=grammar)  # fmt: skip
 
     @app.post("/v1/chat/completions")
     @_guarded
     async def chat_completions(request: Request):
         r = await _parse(request, ChatCompletionRequest)
-        _check_model(r, model_name)
+        adapter = _adapter_of(r, model_name, ids)
         conversation = protocol.messages(r.messages)
-        ids = await asyncio.to_thread(_chat_prompt, engine, conversation)
+        prompt = await asyncio.to_thread(_chat_prompt, engine, conversation)
         max_tokens = r.max_tokens if r.max_completion_tokens is None else r.max_completion_tokens
         grammar = await asyncio.to_thread(_grammar, engine, r.response_format)
-        return await _respond(engine, request, r, [ids], max_tokens, model_name, chat=True,
+        return await _respond(engine, request, r, [prompt], max_tokens, adapter, chat=True,
                               grammar=grammar)  # fmt: skip
 
     return app
@@ -205,11 +212,15 @@ def _registry(engine):
     return registry, rejected
 
 
-def _check_model(r, model_name: str) -> None:
-    if r.model != model_name:
+def _adapter_of(r, model_name: str, ids: list[str]) -> str | None:
+    """The LoRA adapter a request's ``model`` names (``<model>:<adapter>``), None for the
+    base; HTTP 400 ``model_not_found`` for a model or adapter not served."""
+    if r.model not in ids:
+        served = ", ".join(f"'{i}'" for i in ids)
         raise APIError(f"The model '{r.model}' does not exist or you do not have access to it. "
-                       f"This server serves '{model_name}'.", param="model",
+                       f"This server serves {served}.", param="model",
                        code="model_not_found")  # fmt: skip
+    return None if r.model == model_name else r.model[len(model_name) + 1 :]
 
 
 def _encode(engine, text: str) -> list[int]:
@@ -329,7 +340,7 @@ class _Run:
     """The engine requests behind one HTTP request (queued all or none); their events arrive
     on one queue."""
 
-    def __init__(self, engine, requests: list):
+    def __init__(self, engine, requests: list, adapter: str | None = None):
         from jquant.serve.engine import QueueFull
 
         self.engine = engine
@@ -341,7 +352,7 @@ class _Run:
             self.ids = engine.submit_many([
                 (prompt, params, functools.partial(self._on_output, i))
                 for i, (prompt, params) in enumerate(requests)
-            ])  # fmt: skip
+            ], adapter=adapter)  # fmt: skip
         except limits.LimitError as e:  # checked before (`_sampling`): not expected here
             raise protocol.limit_error(e) from None
         except QueueFull as e:
@@ -376,17 +387,18 @@ class _Run:
                     self.engine.cancel(request_id)
 
 
-async def _respond(engine, request: Request, r, prompts, max_tokens, model_name, *, chat: bool,
+async def _respond(engine, request: Request, r, prompts, max_tokens, adapter, *, chat: bool,
                    grammar: str | None = None):  # fmt: skip
-    """Submits the choices of a validated request and answers it, streamed or whole."""
+    """Submits the choices of a validated request (with LoRA ``adapter``, None for none) and
+    answers it, streamed or whole."""
     n, params = _sampling(engine, r, prompts, max_tokens, chat, grammar)
     requests = [(prompts[k // n], p) for k, p in enumerate(params)]
     prompt_tokens = sum(len(ids) for ids in prompts)
     include_usage = bool(r.stream_options and r.stream_options.include_usage)
-    run = _Run(engine, requests)
+    run = _Run(engine, requests, adapter)
     head = {"id": f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}",
             "object": "chat.completion" if chat else "text_completion",
-            "created": int(time.time()), "model": model_name}  # fmt: skip
+            "created": int(time.time()), "model": r.model}  # fmt: skip
     if r.stream:
         logprobs = None
         if params[0].logprobs is not None:
