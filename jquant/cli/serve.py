@@ -33,6 +33,14 @@ def add_parser(sub) -> None:
     p.add_argument("--no-prefix-caching", dest="prefix_caching", action="store_false",
                    help="do not reuse the cached pages of a prompt prefix seen before")
     p.add_argument("--mesh", help="tensor parallelism over devices: tp=N")
+    p.add_argument("--speculative-ngram", type=_args.int_at_least(0), default=0, metavar="K",
+                   help="speculative decoding by n-gram prompt lookup: up to K draft tokens "
+                   "per step, copied from where the sequence's last tokens occurred before "
+                   "(0 = off; outputs are unchanged)")
+    p.add_argument("--ngram-min", type=_args.int_at_least(1), default=2,
+                   help="shortest suffix the n-gram lookup matches")
+    p.add_argument("--ngram-max", type=_args.int_at_least(1), default=4,
+                   help="longest suffix the n-gram lookup matches (tried first)")
     p.add_argument("--served-model-name", help="model id of the API (default: MODEL)")
     p.add_argument("--max-queue", type=_args.int_at_least(0),
                    help="requests (completions: prompts x n) that may wait for a slot; beyond, "
@@ -68,6 +76,7 @@ def run(args) -> int:
         with _args.flag("--mesh"):
             tp = parse_tp_mesh(args.mesh)
     recipe = _args.recipe(args.recipe)
+    speculative = _speculative(args)
     multi = _args.join_processes(args)
     if multi:
         if tp not in (None, jax.device_count()):
@@ -93,7 +102,8 @@ def run(args) -> int:
                         prefix_caching=args.prefix_caching,
                         kv_cache=None if args.kv_cache == "none" else args.kv_cache,
                         mesh=tp, max_queue=args.max_queue,
-                        request_timeout=args.request_timeout)  # fmt: skip
+                        request_timeout=args.request_timeout,
+                        speculative=speculative)  # fmt: skip
         if not leader:
             print(f"jquant serve: process {jax.process_index()} follows process 0", flush=True)
             calls = lockstep.follow(engine.runner)
@@ -122,3 +132,14 @@ def run(args) -> int:
         if sock is not None:
             sock.close()
     return 0
+
+
+def _speculative(args):
+    """`--speculative-ngram`, `--ngram-min` and `--ngram-max` as an `Ngram`, or None."""
+    from jquant.serve.speculative import Ngram
+
+    if not args.speculative_ngram:
+        return None
+    with _args.flag("--ngram-min / --ngram-max"):
+        return Ngram(num_tokens=args.speculative_ngram, min_n=args.ngram_min,
+                     max_n=args.ngram_max)  # fmt: skip
