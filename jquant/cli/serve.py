@@ -140,6 +140,7 @@ def _speculative(args):
 
     if not args.speculative_ngram:
         return None
-    with _args.flag("--ngram-min / --ngram-max"):
-        return Ngram(num_tokens=args.speculative_ngram, min_n=args.ngram_min,
-                     max_n=args.ngram_max)  # fmt: skip
+    if args.ngram_min > args.ngram_max:
+        raise ValueError(f"--ngram-min {args.ngram_min} must be <= --ngram-max "
+                         f"{args.ngram_max}")  # fmt: skip
+    return Ngram(num_tokens=args.speculative_ngram, min_n=args.ngram_min, max_n=args.ngram_max)

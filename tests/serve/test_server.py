@@ -656,6 +656,8 @@ def test_cli_serve_answers_over_http(tiny_model, capsys, monkeypatch):
         (["--port", "70000"], "--port 70000 is not a TCP port"),
         (["--recipe", "no-such-recipe"], "no-such-recipe"),
         (["--coordinator", "127.0.0.1:1"], "--coordinator given alone"),
+        (["--speculative-ngram", "4", "--ngram-min", "3", "--ngram-max", "2"],
+         "--ngram-min 3 must be <= --ngram-max 2"),
         (["--coordinator", "nohost", "--num-processes", "2", "--process-id", "0"],
          "expected HOST:PORT"),
         (["--coordinator", "127.0.0.1:1", "--num-processes", "2", "--process-id", "2"],

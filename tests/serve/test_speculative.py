@@ -355,3 +355,31 @@ def test_tokens_a_verify_step_yields_are_distributed_as_plain_sampling():
     assert _chi_square_p(np.asarray(first), p0) > 1e-3
     assert _chi_square_p(np.asarray(second), p1) > 1e-3
     assert _chi_square_p(np.asarray(plain), p0) > 1e-3
+
+
+# ---- SmolLM2 ---------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_smollm2_copying_a_passage_equals_generate():
+    from pydoc_data.topics import topics
+
+    from jquant import models
+
+    model, params, tokenizer = models.load("smollm2-135m")
+    passage = topics["with"][:400].rsplit("\n", 1)[0]
+    prompt = models.chat_prompt(tokenizer, f"Here is a passage from the Python documentation:"
+                                f"\n\n{passage}\n\nRepeat the passage above word for word.")
+    ref = generate(model, params, [prompt], max_new_tokens=48).sequences()[0]
+    eos = set(model.config.eos_token_ids)
+    ref = ref[: next((i for i, t in enumerate(ref) if t in eos), len(ref))]
+    text = tokenizer.decode(ref, skip_special_tokens=True)
+    stop = text[len(text) // 2 : len(text) // 2 + 6]
+    with Engine(model, params, tokenizer, max_slots=1, max_context=256,
+                speculative=Ngram(num_tokens=4)) as eng:  # fmt: skip
+        out = eng.generate(prompt, SamplingParams(max_tokens=48, temperature=0))
+        cut = eng.generate(prompt, SamplingParams(max_tokens=48, temperature=0, stop=(stop,)))
+        m = eng.metrics()
+    assert out.token_ids == ref and out.text == text
+    assert cut.text == text[: text.index(stop)] and cut.finish_reason == "stop"
+    assert m["spec_decode_acceptance_rate"] > 0.5  # it copies: most drafts are right
