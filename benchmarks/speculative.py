@@ -4,12 +4,12 @@
                                      [--k 0,2,4,8] [--max-tokens 160] [--repeats 2]
 
 Two chat requests, one at a time (concurrency 1), greedy, each run ``--repeats`` times per
-setting through the engine in this process (no HTTP):
+setting through engines in this process (no HTTP), the settings' runs interleaved:
 
 - **copy**: a passage of Python's pydoc topics (the ``with`` statement, prose and code) and
   the instruction to repeat it word for word: a copy-from-context workload (editing,
   quoting, code rewriting), where the n-gram drafts come from the prompt;
-- **fresh**: an open question whose answer shares little with its prompt.
+- **fresh**: a request for a short story, whose answer shares little with its prompt.
 
 For each ``--k`` (0: no speculation) the table gives the completion tokens, the acceptance
 rate (accepted / proposed drafts), the mean tokens a request gets per verify step (vLLM's
@@ -56,26 +56,37 @@ def _decode_run(engine, prompt, max_tokens: int) -> tuple[list[int], float]:
     return tokens, stamps[-1] - stamps[0]
 
 
-def measure(model, params, tokenizer, prompts: dict, k: int, args) -> dict:
-    """Each workload's tokens, acceptance and best decode tokens/s with ``k`` drafts."""
+def measure(model, params, tokenizer, prompts: dict, ks: list[int], args) -> dict:
+    """``{k: {workload: tokens, acceptance, tokens per step, best decode tokens/s}}``: one
+    engine per ``k``, all compiled first; the runs interleave (each repeat runs every
+    workload on every engine in turn), so a change in the machine's load hits all alike."""
+    from contextlib import ExitStack
+
     from jquant.serve.engine import Engine
     from jquant.serve.speculative import Ngram
 
-    spec = Ngram(num_tokens=k, min_n=args.ngram_min, max_n=args.ngram_max) if k else None
-    out = {}
-    with Engine(model, params, tokenizer, max_slots=1, max_context=args.max_context,
-                speculative=spec) as engine:  # fmt: skip
-        for name, prompt in prompts.items():
-            before, best, tokens = engine.metrics(), 0.0, None
-            for _ in range(args.repeats):
-                tokens, seconds = _decode_run(engine, prompt, args.max_tokens)
-                best = max(best, (len(tokens) - 1) / seconds)
-            after = engine.metrics()
-            drafted, taken, steps = (after[key] - before[key] for key in (
-                "spec_decode_draft_tokens_total", "spec_decode_accepted_tokens_total",
-                "spec_decode_drafts_total"))  # fmt: skip
-            out[name] = dict(tokens=tokens, rate=taken / drafted if drafted else None,
-                             per_step=1 + taken / steps if steps else None, tok_s=best)
+    keys = ("spec_decode_draft_tokens_total", "spec_decode_accepted_tokens_total",
+            "spec_decode_drafts_total")  # fmt: skip
+    with ExitStack() as stack:
+        engines = {k: stack.enter_context(Engine(
+            model, params, tokenizer, max_slots=1, max_context=args.max_context,
+            speculative=Ngram(num_tokens=k, min_n=args.ngram_min, max_n=args.ngram_max)
+            if k else None)) for k in ks}  # fmt: skip
+        out = {k: {name: dict(tok_s=0.0, counts=[0, 0, 0]) for name in prompts} for k in ks}
+        for _ in range(args.repeats):
+            for name, prompt in prompts.items():
+                for k, engine in engines.items():
+                    r, before = out[k][name], engine.metrics()
+                    r["tokens"], seconds = _decode_run(engine, prompt, args.max_tokens)
+                    r["tok_s"] = max(r["tok_s"], (len(r["tokens"]) - 1) / seconds)
+                    after = engine.metrics()
+                    r["counts"] = [c + after[key] - before[key]
+                                   for c, key in zip(r["counts"], keys)]  # fmt: skip
+    for by_name in out.values():
+        for r in by_name.values():
+            drafted, taken, steps = r.pop("counts")
+            r["rate"] = taken / drafted if drafted else None
+            r["per_step"] = 1 + taken / steps if steps else None
     return out
 
 
@@ -103,7 +114,7 @@ def main(argv=None) -> int:
         model, params = quantize_loaded(model, params, args.recipe)
     prompts = {name: models.chat_prompt(tokenizer, text.format(passage=_passage(
         args.passage_chars))) for name, text in WORKLOADS.items()}  # fmt: skip
-    results = {k: measure(model, params, tokenizer, prompts, k, args) for k in ks}
+    results = measure(model, params, tokenizer, prompts, ks, args)
     print(f"{args.model} {args.recipe}, concurrency 1, greedy, n-gram n {args.ngram_min}.."
           f"{args.ngram_max}; prompts {', '.join(f'{n} {len(p)}' for n, p in prompts.items())} "
           "tokens\n")

@@ -385,7 +385,7 @@ class Runner:
         own pages or nowhere, so the table must hold the drafts' positions only.
 
         Runs like `decode`: the smallest row bucket, the narrowest width bucket that holds
-        the furthest position (up to the full table)."""
+        the furthest draft."""
         if not self.draft_tokens:
             raise ValueError("verify: this Runner was built with draft_tokens=0")
         n, s = len(tokens), 1 + self.draft_tokens
@@ -397,9 +397,12 @@ class Runner:
         for i, t in enumerate(tokens):
             grid[i, : len(t)], grid[i, len(t) :] = t, t[-1]
         grid[n:] = grid[0]
+        furthest = max(p + len(t) - 1 for p, t in zip(positions, tokens))
+        if furthest >= self.max_len:
+            raise ValueError(f"verify: a row reaches position {furthest}; max_len is "
+                             f"{self.max_len}")  # fmt: skip
+        width = next(b for b in self.width_buckets if b > furthest // self.page_size)
         positions = _pad(np.asarray(positions, np.int32), rows)
-        need = min((int(positions.max()) + s - 1) // self.page_size + 1, self.table_width)
-        width = next(b for b in self.width_buckets if b >= need)
         program = self._verifier(rows, width)
         out, self.cache = program(self.params, self.cache, grid,
                                   self._tables(tables, rows, width), positions,

@@ -272,9 +272,11 @@ def test_metrics_and_report_count_drafts(engine):
         f"({100 * m['spec_decode_acceptance_rate']:.1f}%)")
 
 
-def test_verify_refuses_rows_of_too_many_tokens(engine):
+def test_verify_refuses_rows_of_too_many_tokens_or_past_the_context(engine):
     with pytest.raises(ValueError, match="1 to 5"):
         engine.runner.verify([[0]], [[1, 2, 3, 4, 5, 6]], [0], Sampling.greedy(1))
+    with pytest.raises(ValueError, match="position 64; max_len is 64"):
+        engine.runner.verify([[0]], [[1, 2, 3]], [MAX_CONTEXT - 2], Sampling.greedy(1))
 
 
 def _logits(tiny, seq) -> np.ndarray:
