@@ -3,8 +3,9 @@
     python benchmarks/speculative.py [--model smollm2-135m] [--recipe w8a16]
                                      [--k 0,2,4,8] [--max-tokens 160] [--repeats 2]
 
-Two chat requests, one at a time (concurrency 1), greedy, each run ``--repeats`` times per
-setting through engines in this process (no HTTP), the settings' runs interleaved:
+Two chat requests, one at a time (concurrency 1), greedy, ``--max-tokens`` tokens each
+(``ignore_eos``), each run ``--repeats`` times per setting through engines in this process
+(no HTTP), the settings' runs interleaved:
 
 - **copy**: a passage of Python's pydoc topics (the ``with`` statement, prose and code) and
   the instruction to repeat it word for word: a copy-from-context workload (editing,
@@ -51,7 +52,8 @@ def _decode_run(engine, prompt, max_tokens: int) -> tuple[list[int], float]:
         if out.finish_reason:
             done.set()
 
-    engine.submit(prompt, SamplingParams(max_tokens=max_tokens, temperature=0), on)
+    engine.submit(prompt, SamplingParams(max_tokens=max_tokens, temperature=0, ignore_eos=True),
+                  on)  # fmt: skip
     done.wait()
     return tokens, stamps[-1] - stamps[0]
 
