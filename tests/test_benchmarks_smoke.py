@@ -260,3 +260,15 @@ def test_lora_decode_benchmark_runs_its_three_runners():
     assert [r[0] for r in rows] == ["no adapters", "2 loaded, all rows base",
                                     "2 loaded, rows spread"]  # fmt: skip
     assert all(median > 0 and p90 > 0 for _, median, p90 in rows)
+
+
+def test_speculative_benchmark_table(tiny_model, capsys):
+    """benchmarks/speculative.py on a tiny GGUF: a row per workload and k, the same greedy
+    tokens with and without speculation."""
+    _load("speculative").main(["--model", tiny_model, "--recipe", "float", "--k", "0,2",
+                               "--max-tokens", "12", "--repeats", "1", "--max-context", "256",
+                               "--passage-chars", "100"])  # fmt: skip
+    out = capsys.readouterr().out
+    rows = [line for line in out.splitlines() if line.startswith(("| copy |", "| fresh |"))]
+    assert len(rows) == 4 and "differs" not in out, out
+    assert all(row.endswith("1.00x |") for row in rows[::2]) and "| 12 |" in rows[1]

@@ -34,6 +34,14 @@ def add_parser(sub) -> None:
     p.add_argument("--no-prefix-caching", dest="prefix_caching", action="store_false",
                    help="do not reuse the cached pages of a prompt prefix seen before")
     p.add_argument("--mesh", help="tensor parallelism over devices: tp=N")
+    p.add_argument("--speculative-ngram", type=_args.int_at_least(0), default=0, metavar="K",
+                   help="speculative decoding by n-gram prompt lookup: up to K draft tokens "
+                   "per step, copied from where the sequence's last tokens occurred before "
+                   "(0 = off; outputs are unchanged)")
+    p.add_argument("--ngram-min", type=_args.int_at_least(1), default=2,
+                   help="shortest suffix the n-gram lookup matches")
+    p.add_argument("--ngram-max", type=_args.int_at_least(1), default=4,
+                   help="longest suffix the n-gram lookup matches (tried first)")
     p.add_argument("--served-model-name", help="model id of the API (default: MODEL)")
     p.add_argument("--lora", action="append", default=[], metavar="NAME=PATH",
                    help="a LoRA adapter file (jquant.qat.lora.save) that requests use with "
@@ -74,6 +82,7 @@ def run(args) -> int:
     recipe = _args.recipe(args.recipe)
     with _args.flag("--lora"):
         adapters = _adapters(args.lora)  # before the model loads
+    speculative = _speculative(args)
     multi = _args.join_processes(args)
     if multi:
         if tp not in (None, jax.device_count()):
@@ -100,7 +109,7 @@ def run(args) -> int:
                         kv_cache=None if args.kv_cache == "none" else args.kv_cache,
                         mesh=tp, max_queue=args.max_queue,
                         request_timeout=args.request_timeout,
-                        adapters=adapters or None)  # fmt: skip
+                        adapters=adapters or None, speculative=speculative)  # fmt: skip
         if not leader:
             print(f"jquant serve: process {jax.process_index()} follows process 0", flush=True)
             calls = lockstep.follow(engine.runner)
@@ -147,3 +156,15 @@ def _adapters(specs: list[str]) -> dict:
             raise ValueError(f"{spec!r}: the name {name!r} is given twice")
         out[name] = lora.load(path)
     return out
+
+
+def _speculative(args):
+    """`--speculative-ngram`, `--ngram-min` and `--ngram-max` as an `Ngram`, or None."""
+    from jquant.serve.speculative import Ngram
+
+    if not args.speculative_ngram:
+        return None
+    if args.ngram_min > args.ngram_max:
+        raise ValueError(f"--ngram-min {args.ngram_min} must be <= --ngram-max "
+                         f"{args.ngram_max}")  # fmt: skip
+    return Ngram(num_tokens=args.speculative_ngram, min_n=args.ngram_min, max_n=args.ngram_max)

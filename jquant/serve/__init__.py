@@ -14,3 +14,4 @@ from jquant.serve.engine import SamplingParams as SamplingParams
 from jquant.serve.engine import engine_report as engine_report
 from jquant.serve.runner import Runner as Runner
 from jquant.serve.runner import cache_perplexity as cache_perplexity
+from jquant.serve.speculative import Ngram as Ngram

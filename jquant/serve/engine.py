@@ -14,7 +14,11 @@ One background thread runs the loop; every iteration it
 3. runs one decode step for every decoding request at once (the smallest compiled batch
    that holds them), and hands each request its token. A request whose next position needs a
    page when none is left is preempted: the newest running request gives its pages back and
-   waits again, and later recomputes its prompt and what it had generated.
+   waits again, and later recomputes its prompt and what it had generated. With
+   ``speculative`` (`jquant.serve.speculative`), a request whose context repeats its own tail
+   gets n-gram drafts, and the step verifies them: it yields one to ``k + 1`` tokens per
+   request, each handed over as if decoded alone (stops, ``max_tokens``, penalties and
+   log-probabilities as without speculation, the tokens past an end dropped).
 
 Each request samples with its own settings (`SamplingParams`), repetition penalties and
 log-probabilities included: penalties are data of the step program (per-row scalars and a
@@ -63,6 +67,7 @@ from jquant.serve.detok import IncrementalText
 from jquant.serve.grammar import Grammars, advance
 from jquant.serve.pages import PagedSeq, PagePool
 from jquant.serve.runner import Penalties, Runner, Sampled, Sampling
+from jquant.serve.speculative import Ngram, accepted, propose
 
 _log = logging.getLogger(__name__)
 
@@ -194,6 +199,9 @@ class Engine:
         error (``error_code`` "timeout"); None: no limit.
       adapters: LoRA adapters a request may name, ``{name: jquant.qat.lora.LoRA}``
         (`jquant.serve.adapters`); None: the base model only.
+      speculative: speculative decoding by n-gram prompt lookup (`jquant.serve.speculative`);
+        None: off. The outputs are those of plain decoding (the same tokens for a seed, up
+        to float rounding).
     """
 
     def __init__(self, model, params, tokenizer, *, max_slots: int = 8,
@@ -201,7 +209,8 @@ class Engine:
                  prefill_rows: int = 4, page_size: int = 16,
                  kv_cache_tokens: int | None = None, prefix_caching: bool = True,
                  kv_cache=None, mesh=None, max_queue: int | None = None,
-                 request_timeout: float | None = None, adapters=None):  # fmt: skip
+                 request_timeout: float | None = None, adapters=None,
+                 speculative: Ngram | None = None):  # fmt: skip
         config = model.config
         limit = config.max_position_embeddings
         max_context = min(limit, 2048) if max_context is None else max_context
@@ -224,6 +233,10 @@ class Engine:
             raise ValueError(f"max_queue={max_queue} must be >= 0")
         if request_timeout is not None and not request_timeout > 0:
             raise ValueError(f"request_timeout={request_timeout} must be > 0 seconds or None")
+        if speculative is not None and not isinstance(speculative, Ngram):
+            raise ValueError(f"speculative={speculative!r} must be a "
+                             "jquant.serve.speculative.Ngram or None")  # fmt: skip
+        self.speculative = speculative
         self.max_queue, self.request_timeout = max_queue, request_timeout
         self.tokenizer = tokenizer
         self.max_slots, self.max_context = max_slots, max_context
@@ -242,7 +255,8 @@ class Engine:
         self.runner = Runner(model, params, rows=max_slots, max_len=max_context,
                              page_size=page_size, num_pages=-(-kv_cache_tokens // page_size),
                              prefill_chunk=prefill_chunk, prefill_rows=prefill_rows,
-                             kv_cache=kv_cache, shard=shard, adapters=self.adapters)  # fmt: skip
+                             kv_cache=kv_cache, shard=shard, adapters=self.adapters,
+                             draft_tokens=speculative.num_tokens if speculative else 0)  # fmt: skip
         self.pool = PagePool(self.runner.num_pages, page_size, prefix_caching=prefix_caching)
         # Pages behind every layer's window can be given back (a model of sliding layers
         # only); a model with any full-attention layer keeps them all.
@@ -430,6 +444,8 @@ class Engine:
                 self._recent.popleft()
             recent = sum(n for _, n in self._recent)
             span = now - self._recent[0][0] if self._recent else 0.0
+            drafted = self._stats["spec_decode_draft_tokens_total"]
+            accepted = self._stats["spec_decode_accepted_tokens_total"]
             return {
                 "active_slots": len(active),
                 "queue_depth": len(self._waiting) + self._inbox.qsize(),
@@ -448,6 +464,10 @@ class Engine:
                 "preemptions_total": self._stats["preemptions_total"],
                 "timed_out_requests_total": self._stats["timed_out_requests_total"],
                 "tokens_per_second": recent / span if span > 0.5 else 0.0,
+                "spec_decode_drafts_total": self._stats["spec_decode_drafts_total"],
+                "spec_decode_draft_tokens_total": drafted,
+                "spec_decode_accepted_tokens_total": accepted,
+                "spec_decode_acceptance_rate": accepted / drafted if drafted else 0.0,
             }
 
     # ---- the loop ----------------------------------------------------------------------
@@ -682,6 +702,12 @@ class Engine:
             return
         reqs = rows
         positions = [len(r.prompt) + len(r.generated) - 1 for r in reqs]
+        # The verify program takes no token bitmask: a step with a constrained row decodes.
+        speculate = self.speculative and not any(r.matcher is not None for r in reqs)
+        drafts = self._drafts(reqs, positions) if speculate else []
+        if any(drafts):
+            self._speculate(reqs, positions, drafts, sampling)
+            return
         out = self.runner.decode(
             [r.seq.pages for r in reqs], [r.generated[-1] for r in reqs], positions, sampling,
             self._penalties(reqs), logprobs=True, bitmask=self._bitmask(reqs),
@@ -697,6 +723,53 @@ class Engine:
             self._recent.append((now, len(reqs)))
         for i, r in enumerate(reqs):
             self._isolated([r], self._accept, r, *self._sampled(out, i, r))
+
+    # ---- speculative decoding (`jquant.serve.speculative`) -------------------------------
+
+    def _drafts(self, reqs: list[_Request], positions: list[int]) -> list[list[int]]:
+        """Each row's n-gram drafts, at most `Ngram.num_tokens`, no more than its request may
+        still generate after the step's first token, nor than its pages hold: they grow to
+        the drafts' positions while the pool has free pages (speculation never preempts)."""
+        spec, size, out = self.speculative, self.pool.page_size, []
+        for r, p in zip(reqs, positions):
+            k = min(spec.num_tokens, r.params.max_tokens - len(r.generated) - 1)
+            d = (propose(r.prompt + r.generated, k=k, min_n=spec.min_n, max_n=spec.max_n)
+                 if k > 0 else [])  # fmt: skip
+            if d and not self.pool.extend(r.seq, p + 1 + len(d)):
+                d = d[: r.seq.capacity * size - p - 1]
+            out.append(d)
+        return out
+
+    def _speculate(self, reqs: list[_Request], positions: list[int], drafts: list[list[int]],
+                   sampling: Sampling) -> None:  # fmt: skip
+        """One verify step of every row (a row without drafts decodes its one token in it:
+        one forward per iteration), then each row's accepted drafts and the token after them
+        through `_accept`, one by one, until its request ends."""
+        out = self.runner.verify(
+            [r.seq.pages for r in reqs], [[r.generated[-1], *d] for r, d in zip(reqs, drafts)],
+            positions, sampling, self._penalties(reqs), logprobs=True,
+            adapters=self._slots(reqs),
+        )  # fmt: skip
+        size, counts = self.pool.page_size, []
+        for i, (r, p, d) in enumerate(zip(reqs, positions, drafts)):
+            m = accepted(d, out.tokens[i])
+            counts.append(m)
+            r.filled = p + 1 + m
+            if r.filled // size > p // size:  # a page just filled: findable by later prompts
+                self.pool.commit(r.seq, (r.prompt + r.generated + d)[: r.filled])
+        with self._lock:
+            self._stats["spec_decode_drafts_total"] += sum(1 for d in drafts if d)
+            self._stats["spec_decode_draft_tokens_total"] += sum(map(len, drafts))
+            self._stats["spec_decode_accepted_tokens_total"] += sum(counts)
+            self._recent.append((time.perf_counter(), sum(counts) + len(reqs)))
+        columns = [Sampled(*(x[:, j] for x in out)) for j in range(out.tokens.shape[1])]
+        for i, (r, m) in enumerate(zip(reqs, counts)):
+            for col in columns[: m + 1]:
+                if r.seq is None:  # ended (a stop, max_tokens or an error): drop the rest
+                    break
+                self._isolated([r], self._accept, r, *self._sampled(col, i, r))
+
+    # ---- handing tokens over -------------------------------------------------------------
 
     def _accept(self, req: _Request, token: int, logprob: float | None = None,
                 top: list[tuple[int, float]] | None = None) -> None:  # fmt: skip
@@ -814,6 +887,12 @@ def engine_report(engine: Engine) -> str:
     if engine.adapters is not None:
         line += (f" (with {len(engine.adapter_names)} LoRA adapters of rank "
                  f"{engine.adapters.rank}: {', '.join(engine.adapter_names)})")  # fmt: skip
+    if engine.speculative is not None:
+        spec, m = engine.speculative, engine.metrics()
+        line += (f"; speculative n-gram (n {spec.min_n}..{spec.max_n}) up to "
+                 f"{spec.num_tokens} tokens: {m['spec_decode_draft_tokens_total']} drafted, "
+                 f"{m['spec_decode_accepted_tokens_total']} accepted "
+                 f"({100 * m['spec_decode_acceptance_rate']:.1f}%)")  # fmt: skip
     if engine.mesh is not None:
         held = runner.per_device_bytes()  # this process's devices (all of them in one)
         line += (f"; tp={engine.mesh.devices.size}: {max(held.values()) / 1e6:.1f} MB per "

@@ -3,7 +3,7 @@
 Under JAX's multi-controller runtime every process must run the same compiled programs in
 the same order, each on its own devices of the global mesh. Process 0 holds the engine (its
 queue, its scheduling, the HTTP server); its runner is wrapped in a `Leader`, which before
-each call (`compile`, `prefill`, `decode`, `window_nll`) broadcasts the call and its
+each call (`compile`, `prefill`, `decode`, `verify`, `window_nll`) broadcasts the call and its
 arguments to the other processes. Those run `follow`: they hold the same `Runner` (the same
 model, loaded by each, placed by the same tensor-parallel rules on the same global mesh)
 and replay each call as it arrives, so the programs' collectives meet. The results are the
@@ -23,7 +23,7 @@ import pickle
 import jax
 import numpy as np
 
-CALLS = ("compile", "prefill", "decode", "window_nll")
+CALLS = ("compile", "prefill", "decode", "verify", "window_nll")
 _STOP = "stop"
 
 

@@ -15,7 +15,10 @@ Shapes are fixed buckets, all compiled by `Runner.compile`:
   block tables of ``P`` pages for ``P`` in a few width buckets (the key length is
   ``P * page_size``);
 - prefill: ``(R, C)`` tokens, ``R`` up to ``prefill_rows`` prompts at once, ``C`` from a
-  few chunk buckets up to ``prefill_chunk``, over the full table width.
+  few chunk buckets up to ``prefill_chunk``, over the full table width;
+- verify (speculative decoding, with ``draft_tokens = K > 0``): ``(R, 1 + K)`` tokens in the
+  decode step's row and width buckets, sampled after every column
+  (`jquant.serve.speculative`).
 
 With LoRA adapters (`jquant.serve.adapters`), each program also takes every row's adapter
 slot, so rows of different adapters, and of none, run in the same step.
@@ -109,6 +112,45 @@ def _window_nll(st, w, cache, tokens, tables):
     return -jnp.sum(picked, axis=-1), _placed(st, cache)
 
 
+# ---- speculative decoding: the verify program ---------------------------------------------
+
+
+def _per_column(p: Penalties, tokens) -> Penalties:
+    """``p`` for every column of ``tokens (R, S)``, flattened to ``R * S`` rows: column ``j``
+    counts ``tokens[:, 1 : j + 1]`` (the drafts before it) as generated."""
+    r, s = tokens.shape
+    drafts = jax.nn.one_hot(tokens[:, 1:], p.counts.shape[-1], dtype=jnp.int32)
+    before = jnp.cumsum(drafts, axis=1)
+    counts = p.counts[:, None, :] + 2 * jnp.pad(before, ((0, 0), (1, 0), (0, 0)))
+    rep = lambda x: jnp.repeat(x, s)  # noqa: E731
+    return Penalties(rep(p.presence), rep(p.frequency), rep(p.repetition),
+                     counts.reshape(r * s, -1))  # fmt: skip
+
+
+@functools.partial(jax.jit, static_argnames=("st",), donate_argnames=("cache",))
+def _verify(st, w, cache, tokens, tables, starts, sampling, penalties, adapters=None):
+    """Runs ``tokens (R, S)`` (each row's last accepted token, then ``S - 1`` drafts) from
+    positions ``starts`` and samples after every column as `_step` samples after its one:
+    column ``j`` with counter ``sampling.counter + j`` and the penalties counting the drafts
+    before it. Returns ``((tokens (R, S), logprob (R, S), top ids (R, S, k), top logprobs
+    (R, S, k)), cache)``. With LoRA adapters, ``adapters (R,)`` are the rows' slots."""
+    if adapters is not None:
+        w = bind_rows(w, adapters)
+    r, s = tokens.shape
+    x, cache = _hidden(st, w, cache, tokens, tables, starts)
+    logits = core.logits(st.model, w, x).astype(jnp.float32).reshape(r * s, -1)
+    active = (penalties.presence != 0) | (penalties.frequency != 0) | (penalties.repetition != 1)
+    scores = jax.lax.cond(jnp.any(active),
+                          lambda: penalize(logits, _per_column(penalties, tokens)),
+                          lambda: logits)  # fmt: skip
+    cols = jnp.arange(s, dtype=jnp.int32)
+    rows = Sampling(*(jnp.repeat(x, s) for x in sampling[:4]),
+                    (sampling.counter[:, None] + cols[None, :]).reshape(-1))  # fmt: skip
+    out = sample(scores, rows)
+    result = (out, *top_logprobs(logits, out))
+    return tuple(x.reshape(r, s, *x.shape[1:]) for x in result), _placed(st, cache)
+
+
 def _buckets(smallest: int, largest: int) -> tuple[int, ...]:
     """``smallest * 2**i`` below ``largest``, then ``largest``."""
     out, n = [], smallest
@@ -138,6 +180,8 @@ class Runner:
       shard: optional ``(params, cache) -> (params, cache)`` placing both on devices
         (tensor parallelism); the programs then run sharded (GSPMD), attention in XLA.
       adapters: an `AdapterSet` of LoRA adapters a step's rows may each use (None: none).
+      draft_tokens: drafts a verify step checks per row (speculative decoding); 0: no
+        verify programs.
 
     Attention takes the path `jquant.ops.attention_path()` names when the Runner is made
     (``"kernel"``: `jquant.kernels.paged_attention`, reading the pages in place).
@@ -146,8 +190,11 @@ class Runner:
     def __init__(self, model, params, *, rows: int, max_len: int, page_size: int = 16,
                  num_pages: int | None = None, prefill_chunk: int = 128,
                  prefill_rows: int = 4, kv_cache=None, shard=None,
-                 adapters: AdapterSet | None = None):  # fmt: skip
+                 adapters: AdapterSet | None = None, draft_tokens: int = 0):  # fmt: skip
         config: LlamaConfig = model.config
+        if draft_tokens < 0:
+            raise ValueError(f"Runner: draft_tokens={draft_tokens} must be >= 0")
+        self.draft_tokens = draft_tokens
         if min(rows, page_size, prefill_chunk, prefill_rows) < 1 or max_len < 2:
             raise ValueError(
                 f"Runner: rows={rows}, page_size={page_size}, prefill_chunk={prefill_chunk} "
@@ -181,13 +228,15 @@ class Runner:
                                       self.table_width)  # fmt: skip
         self.row_buckets = _buckets(1, rows)
         self._compiled: dict = {}
+        self._verifiers: dict = {}  # (rows, width) -> the compiled verify program
         self._zeros: dict = {}
         self.compile_seconds = 0.0
 
     @property
     def programs(self) -> list[tuple[int, int, int]]:
-        """The compiled programs: ``(rows, tokens per row, table width)`` each."""
-        return list(self._compiled)
+        """The compiled programs: ``(rows, tokens per row, table width)`` each (prefill and
+        decode, then verify)."""
+        return list(self._compiled) + [(r, 1 + self.draft_tokens, w) for r, w in self._verifiers]
 
     @property
     def stacked(self) -> bool:
@@ -229,8 +278,22 @@ class Runner:
             self.compile_seconds += time.perf_counter() - start
         return self._compiled[key]
 
+    def _verifier(self, rows: int, width: int):
+        key = (rows, width)
+        if key not in self._verifiers:
+            start = time.perf_counter()
+            z = np.zeros(rows, np.int32)
+            args = (np.zeros((rows, 1 + self.draft_tokens), np.int32),
+                    np.zeros((rows, width), np.int32), z, Sampling.greedy(rows),
+                    self._no_penalties(rows), self._slots(None, rows))  # fmt: skip
+            lowered = _verify.lower(self._static, self.params, self.cache, *args)
+            self._verifiers[key] = lowered.compile()
+            self.compile_seconds += time.perf_counter() - start
+        return self._verifiers[key]
+
     def compile(self) -> float:
-        """Compiles every decode and prefill program now; returns the seconds it took."""
+        """Compiles every decode, prefill and verify program now; returns the seconds it
+        took."""
         before = self.compile_seconds
         for width in self.width_buckets:
             for rows in self.row_buckets:
@@ -238,6 +301,10 @@ class Runner:
         for rows in self.prefill_row_buckets:
             for chunk in self.prefill_buckets:
                 self._program(rows, chunk, self.table_width)
+        if self.draft_tokens:
+            for width in self.width_buckets:
+                for rows in self.row_buckets:
+                    self._verifier(rows, width)
         return self.compile_seconds - before
 
     # ---- running ---------------------------------------------------------------------
@@ -362,6 +429,46 @@ class Runner:
                                   _pad_sampling(sampling, rows),
                                   self._penalties(penalties, rows),
                                   self._bitmask(bitmask, rows),
+                                  self._slots(adapters, rows))  # fmt: skip
+        return self._result(out, n, logprobs)
+
+    def verify(self, tables, tokens, positions, sampling: Sampling,
+               penalties: Penalties | None = None, *, logprobs: bool = False,
+               adapters=None):  # fmt: skip
+        """A speculative step: ``tokens[i]`` (the last accepted token, then at most
+        ``draft_tokens`` drafts) from ``positions[i]`` of the sequence with block table
+        ``tables[i]``, sampled after every column by row ``i`` of ``sampling`` (counter ``+
+        j`` at column ``j``) and of ``penalties`` (None: none), each column counting the
+        drafts before it as generated, with adapter slot ``adapters[i]`` (None: the base for
+        all). Returns ``(n, 1 + draft_tokens)`` ids; with
+        ``logprobs``, a `Sampled` of such arrays. Columns past a row's drafts are padding
+        (their samples mean nothing); their writes land past its drafts' positions, in its
+        own pages or nowhere, so the table must hold the drafts' positions only.
+
+        Runs like `decode`: the smallest row bucket, the narrowest width bucket that holds
+        the furthest draft."""
+        if not self.draft_tokens:
+            raise ValueError("verify: this Runner was built with draft_tokens=0")
+        n, s = len(tokens), 1 + self.draft_tokens
+        if any(not 1 <= len(t) <= s for t in tokens):
+            raise ValueError(f"verify: each row takes 1 to {s} tokens, got "
+                             f"{[len(t) for t in tokens]}")  # fmt: skip
+        rows = next(b for b in self.row_buckets if b >= n)
+        grid = np.zeros((rows, s), np.int32)
+        for i, t in enumerate(tokens):
+            grid[i, : len(t)], grid[i, len(t) :] = t, t[-1]
+        grid[n:] = grid[0]
+        furthest = max(p + len(t) - 1 for p, t in zip(positions, tokens))
+        if furthest >= self.max_len:
+            raise ValueError(f"verify: a row reaches position {furthest}; max_len is "
+                             f"{self.max_len}")  # fmt: skip
+        width = next(b for b in self.width_buckets if b > furthest // self.page_size)
+        positions = _pad(np.asarray(positions, np.int32), rows)
+        program = self._verifier(rows, width)
+        out, self.cache = program(self.params, self.cache, grid,
+                                  self._tables(tables, rows, width), positions,
+                                  _pad_sampling(sampling, rows),
+                                  self._penalties(penalties, rows),
                                   self._slots(adapters, rows))  # fmt: skip
         return self._result(out, n, logprobs)
 

@@ -77,6 +77,10 @@ _METRIC_HELP = {
     "requests_total": "Requests submitted to the engine.",
     "timed_out_requests_total": "Requests ended by the request timeout.",
     "tokens_per_second": "Recent decode throughput (tokens/s).",
+    "spec_decode_drafts_total": "Speculative decoding: rows of verify steps that had drafts.",
+    "spec_decode_draft_tokens_total": "Speculative decoding: draft tokens proposed.",
+    "spec_decode_accepted_tokens_total": "Speculative decoding: draft tokens accepted.",
+    "spec_decode_acceptance_rate": "Speculative decoding: accepted / proposed draft tokens.",
 }
 
 

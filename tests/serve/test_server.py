@@ -113,7 +113,9 @@ def test_models_health_and_metrics(client, base_url, engine):
     for name in ("jquant_active_slots", "jquant_queue_depth", "jquant_kv_cache_used_tokens",
                  "jquant_kv_cache_capacity_tokens", "jquant_generated_tokens_total",
                  "jquant_prompt_tokens_total", "jquant_requests_total",
-                 "jquant_tokens_per_second"):  # fmt: skip
+                 "jquant_tokens_per_second", "jquant_spec_decode_draft_tokens_total",
+                 "jquant_spec_decode_accepted_tokens_total",
+                 "jquant_spec_decode_acceptance_rate"):  # fmt: skip
         assert name in samples, name
     assert samples["jquant_kv_cache_capacity_tokens"] > 0
 
@@ -654,6 +656,8 @@ def test_cli_serve_answers_over_http(tiny_model, capsys, monkeypatch):
         (["--port", "70000"], "--port 70000 is not a TCP port"),
         (["--recipe", "no-such-recipe"], "no-such-recipe"),
         (["--coordinator", "127.0.0.1:1"], "--coordinator given alone"),
+        (["--speculative-ngram", "4", "--ngram-min", "3", "--ngram-max", "2"],
+         "--ngram-min 3 must be <= --ngram-max 2"),
         (["--coordinator", "nohost", "--num-processes", "2", "--process-id", "0"],
          "expected HOST:PORT"),
         (["--coordinator", "127.0.0.1:1", "--num-processes", "2", "--process-id", "2"],
