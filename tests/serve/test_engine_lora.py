@@ -102,6 +102,24 @@ def test_requests_of_different_adapters_share_steps_and_match_their_merged_model
     assert engine.runner.stacked  # the layers still run as one scan
 
 
+def test_speculative_verify_steps_keep_each_rows_adapter(setup):
+    """Speculation with adapters: the verify program binds every row's slot as decode does,
+    so each request still equals its merged model."""
+    from jquant.serve import Ngram
+
+    model, base, adapters = setup
+    rng = np.random.default_rng(1)
+    # Repeating prompts: the n-gram lookup finds drafts from the first step on.
+    prompts = [(rng.integers(4, 96, 4).tolist() * 3)[:n] for n in (12, 10, 11)]
+    names = ["x", "y", None]
+    refs = [_reference(setup, n, p) for p, n in zip(prompts, names)]
+    with Engine(model, base, Letters(), max_slots=4, max_context=64, prefill_chunk=16,
+                prefill_rows=2, page_size=16, adapters=adapters,
+                speculative=Ngram(num_tokens=3)) as eng:  # fmt: skip
+        assert _run(eng, list(zip(prompts, names))) == refs
+        assert eng.metrics()["spec_decode_draft_tokens_total"] > 0
+
+
 def test_the_prefix_cache_keeps_adapters_apart(setup, engine):
     prompt = np.random.default_rng(1).integers(4, 96, 40).tolist()  # 2 full pages of 16
     refs = {n: _reference(setup, n, prompt) for n in ("x", "y", None)}
