@@ -29,7 +29,7 @@ def _engine(mesh, notes=(), held=None):
                                    weight_bytes=98_765_432,
                                    per_device_bytes=lambda: held)  # fmt: skip
     return types.SimpleNamespace(runner=runner, max_slots=4, max_context=256, mesh=mesh,
-                                 tp_notes=list(notes), speculative=None)  # fmt: skip
+                                 tp_notes=list(notes), speculative=None, adapters=None)  # fmt: skip
 
 
 def test_engine_report_one_line_without_a_mesh():
