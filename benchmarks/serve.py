@@ -25,7 +25,9 @@ decode step. Results are merged into the JSON file; the markdown table is printe
 -e '.[bench]'``) on the same model, its weights requantized to each type by llama.cpp
 (``llama_model_quantize``; cached beside jquant's model cache). The clients, prompts and
 counting are the same; llama.cpp is asked for ``min_tokens`` instead of ``ignore_eos``. Both
-servers get all the machine's cores.
+servers get all the machine's cores. llama-cpp-python's server runs one completion at a time
+(no batching); it is started with ``--interrupt_requests False``, as its own default would
+abort the running stream whenever another request arrives.
 """
 
 from __future__ import annotations
@@ -97,7 +99,9 @@ def _start_llama_cpp(gguf: str, context: int) -> tuple:
     args = [sys.executable, "-m", "llama_cpp.server", "--model", gguf, "--model_alias", "bench",
             "--n_ctx", str(context), "--n_threads", str(os.cpu_count()),
             "--n_threads_batch", str(os.cpu_count()), "--host", "127.0.0.1",
-            "--port", str(port), "--verbose", "False"]  # fmt: skip
+            "--port", str(port), "--verbose", "False",
+            # Its default aborts the running stream whenever another request arrives.
+            "--interrupt_requests", "False"]  # fmt: skip
     start = time.perf_counter()
     proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=ROOT)
     url = f"http://127.0.0.1:{port}/v1"
