@@ -402,8 +402,9 @@ def test_sigterm_ends_queued_streams_at_once_and_running_ones_within_the_grace(l
         threads.append(threading.Thread(target=plain, daemon=True))
         threads[-1].start()
         deadline = time.monotonic() + 30
-        while engine.metrics()["queue_depth"] < 5 or any(
-                not r.generated for r in engine._running):  # fmt: skip
+        # All 7 submitted (a preempted stream can also make the queue 5 deep), 2 decoding.
+        while (engine.metrics()["requests_total"] < 7 or engine.metrics()["queue_depth"] < 5
+               or len(engine._running) < 2 or any(not r.generated for r in engine._running)):
             assert time.monotonic() < deadline, engine.metrics()
             time.sleep(0.01)
         signalled = time.monotonic()
