@@ -42,6 +42,7 @@ import functools
 import math
 import re
 import time
+import warnings
 from collections.abc import Callable
 from typing import Any
 
@@ -52,7 +53,10 @@ from flax import nnx
 from tqdm.auto import tqdm
 
 from jquant import algorithms, transform, tree
+from jquant._moe_settings import ExpertCalibration
 from jquant._tap import Tap, with_taps
+from jquant.calib import _experts
+from jquant.calib._layer import CALIBRATED as CALIBRATED
 from jquant.calib._layer import (
     _calibrate_layer,
     _gather,
@@ -69,9 +73,6 @@ from jquant.models import core
 from jquant.models.cache import NoCache
 from jquant.recipe import Recipe, Rule
 from jquant.tree import unwrap
-
-#: Algorithms that need the inputs' statistics (and so a calibration pass).
-CALIBRATED = ("gptq", "awq", "smoothquant")
 
 #: How `quantize_model` orders the calibration inside a decoder layer.
 SEQUENTIAL = ("layer", "module")
@@ -96,6 +97,11 @@ class LayerRow:
     info: dict[str, Any]
     # The id of the mesh device that solved it (None: the default device, no mesh).
     device: int | None = None
+    # An MoE expert stack (E, K, N) only: the calibration rows each expert received, and the
+    # experts quantized by `fallback_algorithm` (data-free) for having too few of them.
+    expert_tokens: list[int] | None = None
+    fallback_experts: list[int] | None = None
+    fallback_algorithm: str | None = None
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -279,11 +285,11 @@ def calibrate(
     out = make(acts.shape, acts.dtype)
     rows: list[LayerRow] = []
     layer_seconds: list[float] = []
-    folds = llama_folds(config)
-    graphdef = st.layer
+    moe = dict(experts=recipe.experts, tokens=samples * seq_len)
     bar = tqdm(range(config.num_layers), desc="calibrating", unit="layer", disable=not progress)
     for i in bar:
         t0 = time.perf_counter()
+        graphdef = st.layer_at(i)  # dense and MoE layers differ
         ctx = ctxs.at(config, i)
         stored = done(i) if done is not None else None
         if stored is not None:
@@ -294,9 +300,10 @@ def calibrate(
             devices: dict[str, int | None] = {}
             state, results = _calibrate_layer(
                 place.replicate(source.layer(i)), plan, acts, out, ctx, graphdef=graphdef,
-                folds=folds, sequential=sequential, placement=place, devices=devices,
+                folds=llama_folds(config, i), sequential=sequential, placement=place,
+                devices=devices, **moe,
             )  # fmt: skip
-            worst = _collect(f"layers/{i}/", plan, results, rows, {}, devices)
+            worst = _collect(f"layers/{i}/", plan, results, rows, {}, devices, **moe)
             keep(f"layers/{i}/", dict(tree.leaves(state)))
         acts, out = out, acts
         layer_seconds.append(time.perf_counter() - t0)
@@ -340,9 +347,10 @@ def _head_fn(model):
 
 
 def _collect(prefix: str, plan, results, rows: list[LayerRow], new: dict,
-             devices: dict | None = None) -> float:  # fmt: skip
-    """Host side of a quantize pass: checks infos, records rows and QArrays; returns the
-    largest output error."""
+             devices: dict | None = None, *, experts: ExpertCalibration | None = None,
+             tokens: int = 0) -> float:  # fmt: skip
+    """Host side of a quantize pass: checks infos, records rows and QArrays, warns about
+    experts that fell back; returns the largest output error."""
     worst = 0.0
     for rel, rule in plan.items():
         if rule is None:
@@ -350,17 +358,43 @@ def _collect(prefix: str, plan, results, rows: list[LayerRow], new: dict,
         path = prefix + rel
         q, info, (out_err, w_err) = results[rel]
         info = {k: np.asarray(v) for k, v in jax.device_get(info).items()}
-        algorithms.check_info(rule.algorithm, path, info)
-        info = {k: v.item() for k, v in info.items() if v.size == 1}
+        stack: dict[str, Any] = {}
+        if _experts.TOKENS in info:
+            info, stack = _expert_row(path, rule, info, experts or ExpertCalibration(), tokens)
+        else:
+            algorithms.check_info(rule.algorithm, path, info)
+            info = {k: v.item() for k, v in info.items() if v.size == 1}
         new[path] = q
         out_err, w_err = float(out_err), float(w_err)
         worst = max(worst, out_err)
         rows.append(LayerRow(
             path=path, algorithm=rule.algorithm, qtype=q.qtype, group_size=q.group_size,
             bits_per_weight=q.bits_per_weight, output_error=out_err, weight_error=w_err,
-            info=info, device=(devices or {}).get(rel),
+            info=info, device=(devices or {}).get(rel), **stack,
         ))  # fmt: skip
     return worst
+
+
+def _expert_row(path: str, rule: Rule, info: dict, experts: ExpertCalibration, tokens: int):
+    """An expert stack's infos checked expert by expert, and summarized as a row's: each
+    scalar's largest value over the calibrated experts (a flag: whether all had it); the
+    row's expert fields; a warning naming the experts that fell back."""
+    count, fell = info.pop(_experts.TOKENS), info.pop(_experts.FALLBACK)
+    for j, e in enumerate(np.flatnonzero(~fell)):
+        algorithms.check_info(rule.algorithm, f"{path} (expert {e})",
+                              {k: v[j] for k, v in info.items()})  # fmt: skip
+    summary = {k: bool(v.all()) if v.dtype == np.bool_ else v.max().item()
+               for k, v in info.items() if v.ndim == 1 and v.size}  # fmt: skip
+    low = [int(e) for e in np.flatnonzero(fell)]
+    if low:
+        seen = ", ".join(f"{e} ({int(count[e])} rows)" for e in low)
+        warnings.warn(
+            f"{path}: expert(s) {seen} received fewer than {experts.min_token_share:.2%} of "
+            f"the {tokens} calibration tokens; quantized by {experts.fallback} (data-free) "
+            f"instead of {rule.algorithm}", UserWarning, stacklevel=3,
+        )  # fmt: skip
+    return summary, dict(expert_tokens=[int(n) for n in count], fallback_experts=low,
+                         fallback_algorithm=experts.fallback if low else None)  # fmt: skip
 
 
 def quantize_with_inputs(
@@ -409,11 +443,17 @@ def _finish(params, new: dict[str, Any], recipe: Recipe):
 
 
 def report_summary(report: CalibrationReport) -> str:
-    """One line: kernels, mean and worst output error, time."""
+    """One line: kernels, mean and worst output error, time, and the experts that fell back
+    to a data-free algorithm."""
     errs = [r.output_error for r in report.rows]
     if not errs:
         return f"no kernel calibrated ({report.seconds:.1f} s)"
-    return (
+    line = (
         f"{len(errs)} kernels, output error mean {math.fsum(errs) / len(errs):.2e}, "
         f"worst {max(errs):.2e}; {report.seconds:.1f} s"
     )
+    low = [r for r in report.rows if r.fallback_experts]
+    if low:
+        line += (f"; experts quantized by {low[0].fallback_algorithm} for too few tokens: "
+                 + ", ".join(f"{r.path} {r.fallback_experts}" for r in low))  # fmt: skip
+    return line
