@@ -264,7 +264,8 @@ def calibrate(
         head_rule = tree.rule_for(recipe, "lm_head/kernel", leaves["lm_head/kernel"])
     del leaves
     samples, seq_len = (int(n) for n in tokens.shape)
-    batch = micro_batch or micro_batch_for(config, samples, seq_len, multiple=place.devices)
+    batch = micro_batch or micro_batch_for(config, samples, seq_len, multiple=place.devices,
+                                           every_expert=recipe.experts.tokens == "all")
     if samples % batch or batch % place.devices:
         raise ValueError(
             f"micro_batch {batch} must divide the {samples} calibration windows and be a "

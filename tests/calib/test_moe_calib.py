@@ -22,6 +22,7 @@ from flax import nnx
 from jquant import algorithms
 from jquant._tap import with_taps
 from jquant.calib import _layer, quantize_model
+from jquant.calib._experts import fallbacks
 from jquant.calib.driver import report_summary
 from jquant.calib.fold import apply_fold, llama_folds
 from jquant.calib.stats import Calibration
@@ -29,7 +30,7 @@ from jquant.eval.perplexity import perplexity
 from jquant.models import LlamaConfig, blocks, init_model
 from jquant.models.cache import NoCache
 from jquant.qarray import QArray
-from jquant.recipe import Recipe
+from jquant.recipe import ExpertCalibration, Recipe
 
 VOCAB = 96
 BASE = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_attention_heads=4,
@@ -75,8 +76,8 @@ def _model(family: str, *, dead: bool = False):
     return model, params
 
 
-def _recipe(name: str, **rule) -> Recipe:
-    return Recipe.from_dict({"name": name, "rules": [
+def _recipe(name: str, experts=None, **rule) -> Recipe:
+    return Recipe.from_dict({"name": name, "experts": experts or {}, "rules": [
         {"pattern": "(?i)embed|lm_head", "skip": True}, {"pattern": "kernel$", **rule}]})
 
 
@@ -88,6 +89,8 @@ RECIPES = {
                            algorithm="smoothquant"),
     "hqq": _recipe("hqq", weight="uint4", group_size=16, algorithm="hqq"),
 }  # fmt: skip
+ALL_TOKENS = {"gptq-all": _recipe("gptq-all", experts={"tokens": "all"}, weight="int4",
+                                  group_size=16, algorithm="gptq")}  # fmt: skip
 
 
 def _layer_input(model, params, tokens, i):
@@ -177,23 +180,24 @@ def quantized():
             model, params = _model(family, dead=dead)
             with warnings.catch_warnings(record=True) as seen:
                 warnings.simplefilter("always")
-                q, report = quantize_model(model, params, RECIPES[recipe], TOKENS,
-                                           progress=False)  # fmt: skip
+                q, report = quantize_model(model, params, {**RECIPES, **ALL_TOKENS}[recipe],
+                                           TOKENS, progress=False)  # fmt: skip
             cache[key] = model, params, q, report, [str(w.message) for w in seen]
         return cache[key]
 
     return get
 
 
-def test_gptq_of_each_expert_equals_gptq_on_its_numpy_hessian(quantized):
+@pytest.mark.parametrize("recipe", ["gptq", "gptq-all"])
+def test_gptq_of_each_expert_equals_gptq_on_its_numpy_hessian(quantized, recipe):
     """(b) Mixtral's layer 0 (inputs: the embeddings, so the float layer's routing is the
     calibration's): every expert slice of every stack is `gptq` run alone on that expert's
-    weight with the NumPy Hessian of its routed rows."""
-    model, params, q, report, _ = quantized("mixtral", "gptq")
+    weight with the NumPy Hessian of its routed rows (of every token, ``tokens: all``)."""
+    model, params, q, report, _ = quantized("mixtral", recipe)
     xm = _moe_input(model, params, TOKENS, 0)
     stacks = [_stack(params, 0, p) for p in ("gate_proj", "up_proj", "down_proj")]
     router = np.asarray(params["layers"][0]["mlp"]["gate"]["weight"].get_value(), np.float64)
-    rows = _np_expert_rows(xm, stacks, router, 2, every=False)
+    rows = _np_expert_rows(xm, stacks, router, 2, every=recipe == "gptq-all")
     rule = RECIPES["gptq"].rules[-1].resolve("w", 2)
     for path, w, which in zip(STACKS, stacks, (0, 0, 1)):
         got = q["layers"][0]["mlp"]["experts"][path.split("/")[2]]["kernel"].get_value()
@@ -209,6 +213,18 @@ def test_gptq_of_each_expert_equals_gptq_on_its_numpy_hessian(quantized):
                                           np.asarray(want.scale, np.float32))  # fmt: skip
     row = next(r for r in report.rows if r.path == "layers/0/mlp/experts/down_proj/kernel")
     assert row.expert_tokens == [len(r[0]) for r in rows] and row.fallback_experts == []
+
+
+def test_fallback_threshold():
+    """Fewer rows than ``min_token_share`` of the calibration tokens, or none at all, falls
+    back; a data-free rule never does."""
+    rule = RECIPES["gptq"].rules[-1]
+    share = ExpertCalibration(min_token_share=0.05, fallback="hqq")
+    assert fallbacks([0, 4, 5, 40], rule, share, 100, calibrated=True) == ("hqq", "hqq", None,
+                                                                          None)  # fmt: skip
+    assert fallbacks([0, 1], rule, ExpertCalibration(min_token_share=0.0), 100,
+                     calibrated=True) == ("rtn", None)  # fmt: skip
+    assert fallbacks([0, 1], rule, share, 100, calibrated=False) == (None, None)
 
 
 def test_an_expert_without_tokens_falls_back_to_rtn(quantized):
@@ -244,8 +260,8 @@ FOLD_FAMILIES = ["mixtral", "qwen2_moe", "qwen3_moe"]
 def test_moe_folds_leave_the_float_model_unchanged(family):
     """(d) Every fold of every layer (the MLP norm into the router, the experts' gate/up and
     the shared expert and its gate; each expert's up_proj into its down_proj with its own
-    scales) with random scales: the float logits do not move, and routing did change
-    parameters (the router's weight among them)."""
+    scales) with random scales: the float logits do not move, and the router's weight did
+    change."""
     model, params = _model(family)
     before = np.asarray(blocks.layerwise_forward(model, params, TOKENS))
     folded = jax.tree.map(lambda v: v, params)
@@ -260,10 +276,10 @@ def test_moe_folds_leave_the_float_model_unchanged(family):
             shape = shape[:1] + shape[2:] if fold.experts else shape[-1:]
             apply_fold(state, fold, jnp.asarray(rng.uniform(0.2, 5.0, shape), jnp.float32))
     after = np.asarray(blocks.layerwise_forward(model, folded, TOKENS))
+    np.testing.assert_allclose(after, before, rtol=0, atol=2e-5 * np.abs(before).max())
     i = model.config.moe_layers[0]
     router = lambda p: np.asarray(p["layers"][i]["mlp"]["gate"]["weight"].get_value())  # noqa: E731
     assert not np.allclose(router(folded), router(params))
-    np.testing.assert_allclose(after, before, rtol=0, atol=2e-5 * np.abs(before).max())
 
 
 def _sampled(model, params, rows: int, length: int, seed: int) -> np.ndarray:
@@ -333,3 +349,50 @@ def test_every_algorithm_quantizes_every_expert(quantized, family, recipe):
                                config.moe_intermediate_size or config.intermediate_size)
         assert not isinstance(mlp["gate"]["weight"].get_value(), QArray)  # the router: float
     assert np.isfinite(np.asarray(blocks.layerwise_forward(model, q, TOKENS))).all()
+
+
+def _write_hf(directory, family: str, params) -> None:
+    """An HF checkpoint directory as transformers' save_pretrained writes an MoE model: one
+    tensor per expert and projection, and config.json."""
+    import json
+
+    from safetensors.numpy import save_file
+
+    from jquant.models import params_to_hf
+
+    tensors = {}
+    for name, value in params_to_hf(params).items():
+        value = np.asarray(value)  # safetensors writes a transposed view's buffer as it is
+        if ".mlp.experts." in name:
+            layer, proj = name.split(".mlp.experts.")
+            for e in range(value.shape[0]):
+                tensors[f"{layer}.mlp.experts.{e}.{proj}"] = np.ascontiguousarray(value[e])
+        else:
+            tensors[name] = np.ascontiguousarray(value)
+    save_file(tensors, str(directory / "model.safetensors"))
+    config = {**BASE, **FAMILIES[family], "max_position_embeddings": 128}
+    (directory / "config.json").write_text(json.dumps(config))
+
+
+def test_streamed_moe_checkpoint_equals_the_in_memory_quantization(quantized, tmp_path):
+    """`quantize_to_disk` (tensors read lazily, a layer at a time, each with its own
+    structure: Qwen2-MoE's dense layer 0, then its MoE layer) writes exactly the arrays
+    `quantize_model` makes of the same model, AWQ + GPTQ."""
+    from jquant.calib.stream import quantize_to_disk
+    from jquant.io.packed import read_packed
+    from jquant.tree import leaves
+
+    _, params, q, report, _ = quantized("qwen2_moe", "awq+gptq")
+    (tmp_path / "src").mkdir()
+    _write_hf(tmp_path / "src", "qwen2_moe", params)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        out, streamed = quantize_to_disk(tmp_path / "src", RECIPES["awq+gptq"], tmp_path / "q",
+                                         tokens=TOKENS, progress=False)  # fmt: skip
+    got, _, _ = read_packed(out)
+    want = dict(leaves(q))
+    assert set(got) == set(want)
+    for path, value in want.items():
+        for a, b in zip(jax.tree.leaves(got[path]), jax.tree.leaves(value), strict=True):
+            np.testing.assert_array_equal(np.asarray(a), np.asarray(b), err_msg=path)
+    assert [r["expert_tokens"] for r in streamed["rows"]] == [r.expert_tokens for r in report.rows]
