@@ -233,3 +233,14 @@ def test_synthetic_checkpoint_loads_in_transformers(tmp_path, shape):
     )
     assert type(model).__name__ == synth.SHAPES[shape]["architectures"][0]
     assert all(not v for v in info.values()), info
+
+
+def test_moe_calibration_benchmark_rows():
+    """The MoE calibration benchmark on one family, one calibration size and one method:
+    float, RTN and GPTQ rows with finite perplexities, and its table."""
+    bench = _load("moe_calib")
+    rows = bench.run(["qwen2_moe"], [4], methods=("gptq",))
+    assert [(r["method"], r["windows"]) for r in rows] == [("float", 0), ("rtn", 0), ("gptq", 4)]
+    assert all(1.0 < r["perplexity"] < 96.0 for r in rows)
+    table = bench.format_table(rows)
+    assert table.count("\n") == len(rows) + 1 and "| qwen2_moe | gptq | 64 |" in table

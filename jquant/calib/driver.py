@@ -164,16 +164,18 @@ class ModelSource:
 
 def plan_rules(config, recipe: Recipe, leaves: dict[str, Any]):
     """``(rule by path, one {relative path: rule} per decoder layer)``; raises for a
-    calibrated rule on a tensor no calibration pass reaches."""
+    calibrated rule on a tensor no calibration pass reaches (a layer's matmul kernels are
+    its ``kernel`` leaves; an MoE router's ``weight`` is no `jquant.ops` matmul)."""
     recipe.check_matches(list(leaves))
     rules = {p: tree.rule_for(recipe, p, v) for p, v in leaves.items()}
     head_path = None if config.tie_word_embeddings else "lm_head/kernel"
     per_layer: list[dict[str, Rule]] = [{} for _ in range(config.num_layers)]
     for path, rule in rules.items():
         m = _LAYER.match(path)
-        if m and rule is not None:
+        seen = path == head_path or (m is not None and path.endswith("kernel"))
+        if m and rule is not None and (seen or rule.algorithm not in CALIBRATED):
             per_layer[int(m.group(1))][m.group(2)] = rule
-        elif rule is not None and rule.algorithm in CALIBRATED and path != head_path:
+        elif rule is not None and rule.algorithm in CALIBRATED and not seen:
             raise ValueError(
                 f"{path}: {rule.algorithm} needs the inputs of a matmul, and this tensor "
                 f"is not one the calibration pass sees (decoder-layer kernels and an "
@@ -297,7 +299,8 @@ def calibrate(
             _run_layer(graphdef, place.replicate(stored), acts, out, ctx)
             worst = float("nan")
         else:
-            plan = per_layer[i]
+            plan = {p: r for p, r in per_layer[i].items() if p.endswith("kernel")}
+            rest = {p: r for p, r in per_layer[i].items() if p not in plan}
             devices: dict[str, int | None] = {}
             state, results = _calibrate_layer(
                 place.replicate(source.layer(i)), plan, acts, out, ctx, graphdef=graphdef,
@@ -305,7 +308,7 @@ def calibrate(
                 devices=devices, **moe,
             )  # fmt: skip
             worst = _collect(f"layers/{i}/", plan, results, rows, {}, devices, **moe)
-            keep(f"layers/{i}/", dict(tree.leaves(state)))
+            keep(f"layers/{i}/", dict(tree.leaves(_data_free(state, rest, f"layers/{i}/"))))
         acts, out = out, acts
         layer_seconds.append(time.perf_counter() - t0)
         bar.set_postfix_str(f"worst output error {worst:.2e}")
@@ -327,6 +330,17 @@ def calibrate(
         rows=rows, layer_seconds=layer_seconds, seconds=time.perf_counter() - start,
         samples=samples, seq_len=seq_len,
     )  # fmt: skip
+
+
+def _data_free(state, rules: dict[str, Rule], prefix: str):
+    """``state`` with the leaves ``rules`` name (no matmul kernels: an MoE router's weight)
+    quantized by their data-free algorithms, after the layer's folds rescaled them."""
+    def quantize(path, value):
+        rule = rules.get(path)
+        return value if rule is None else algorithms.run(rule.algorithm, value, rule,
+                                                         path=prefix + path)  # fmt: skip
+
+    return tree.map_with_path(quantize, state) if rules else state
 
 
 @functools.partial(jax.jit, static_argnames=("st",))

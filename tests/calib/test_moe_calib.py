@@ -253,6 +253,34 @@ def test_an_expert_without_tokens_falls_back_to_rtn(quantized):
     assert np.isfinite(np.asarray(logits)).all()
 
 
+def _with_router_rule(algorithm: str) -> Recipe:
+    rules = RECIPES["gptq"].to_dict()["rules"]
+    router = {"pattern": "mlp/gate/weight$", "weight": "int8", "algorithm": algorithm}
+    return Recipe.from_dict({"name": "router", "rules": [rules[0], router, rules[1]]})
+
+
+def test_a_router_rule_is_data_free_or_an_error():
+    """The router is no matmul kernel the calibration pass sees: a data-free rule on it
+    quantizes it as `jquant.quantize` would (GPTQ folds nothing), a calibrated one is an
+    error naming it."""
+    from jquant import quantize
+
+    model, params = _model("mixtral")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        q, _ = quantize_model(model, params, _with_router_rule("rtn"), TOKENS, progress=False)
+    alone = quantize(params, Recipe.from_dict({"name": "r", "rules": [
+        _with_router_rule("rtn").rules[1].to_dict()]}))  # fmt: skip
+    for i in range(2):
+        got = q["layers"][i]["mlp"]["gate"]["weight"].get_value()
+        want = alone["layers"][i]["mlp"]["gate"]["weight"].get_value()
+        assert isinstance(got, QArray)
+        np.testing.assert_array_equal(got.codes(), want.codes())
+    with pytest.raises(ValueError, match="layers/0/mlp/gate/weight: gptq needs the inputs of "
+                                         "a matmul"):  # fmt: skip
+        quantize_model(model, params, _with_router_rule("gptq"), TOKENS, progress=False)
+
+
 FOLD_FAMILIES = ["mixtral", "qwen2_moe", "qwen3_moe"]
 
 
