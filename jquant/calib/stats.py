@@ -89,12 +89,8 @@ def from_routed(rows, group_sizes) -> Calibration:
     x = jnp.asarray(rows, jnp.float32)
     sizes = jnp.asarray(group_sizes, jnp.int32)
     e, m = sizes.shape[0], x.shape[0]
-    dims = jax.lax.RaggedDotDimensionNumbers(
-        dot_dimension_numbers=(((0,), (0,)), ((), ())), lhs_ragged_dimensions=[0],
-        rhs_group_dimensions=[],
-    )  # fmt: skip
-    sums = jax.lax.ragged_dot_general(x, x, sizes, dims, precision=jax.lax.Precision.HIGHEST)
     expert = jnp.searchsorted(jnp.cumsum(sizes), jnp.arange(m), side="right")  # e for past rows
+    sums = _gram_per_expert(x, expert, e, min(GRAM_ROWS, m))
     a = jnp.abs(x)
     count = sizes.astype(jnp.float32)
     n = jnp.maximum(count, 1.0)[:, None]
@@ -103,6 +99,42 @@ def from_routed(rows, group_sizes) -> Calibration:
         hessian=sums / n[:, :, None], mean_abs=jax.ops.segment_sum(a, expert, num_segments=e) / n,
         max_abs=jnp.where(count[:, None] > 0, top, 0.0), count=count,
     )  # fmt: skip
+
+
+#: Rows per block of `_gram_per_expert`.
+GRAM_ROWS = 256
+
+
+def _gram_per_expert(x, expert, e: int, block: int):
+    """``(E, K, K)``: each expert's ``Σ x xᵀ`` over its rows of ``x (M, K)``, sorted by
+    ``expert (M,)`` (``e`` for rows of none).
+
+    The rows go in blocks of ``block``, and every (block, expert) pair that shares rows is one
+    ``(block, K)ᵀ (block, K)`` product of the block's rows of that expert: at most
+    ``⌈M / block⌉ + E`` products, about the ``M K²`` of one Gram matrix. (XLA's CPU and GPU
+    ragged dot over a ragged contraction would expand the rows to ``(E, M, K)`` instead.)
+    """
+    m, k = x.shape
+    nb = -(-m // block)
+    x = jnp.pad(x, ((0, nb * block - m), (0, 0)))
+    expert = jnp.pad(expert, (0, nb * block - m), constant_values=e)
+    first, last = expert[::block], jnp.minimum(expert[block - 1 :: block], e - 1)
+    pairs = jnp.where(first < e, last - first + 1, 0)  # experts each block holds rows of
+    ends = jnp.cumsum(pairs)
+    p = jnp.arange(nb + e)
+    b = jnp.minimum(jnp.searchsorted(ends, p, side="right"), nb - 1)
+    which = first[b] + p - (ends - pairs)[b]
+
+    def add(total, args):
+        bi, ei, real = args
+        rows = jax.lax.dynamic_slice_in_dim(x, bi * block, block)
+        mine = (jax.lax.dynamic_slice_in_dim(expert, bi * block, block) == ei) & real
+        rows = jnp.where(mine[:, None], rows, 0.0)
+        gram = jnp.dot(rows.T, rows, precision=jax.lax.Precision.HIGHEST)
+        return total.at[jnp.minimum(ei, e - 1)].add(gram), None
+
+    total, _ = jax.lax.scan(add, jnp.zeros((e, k, k), jnp.float32), (b, which, p < ends[-1]))
+    return total
 
 
 def merge(a: Calibration, b: Calibration) -> Calibration:

@@ -169,6 +169,28 @@ def test_expert_statistics_equal_numpy_from_the_routed_rows(every):
             np.testing.assert_allclose(c.max_abs[e], np.abs(rows).max(0), rtol=2e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("block", [3, 256])
+def test_from_routed_against_numpy(monkeypatch, block):
+    """`stats.from_routed` on rows sorted by expert, with experts of no rows (first, middle,
+    last), rows past the groups, and blocks that hold several experts or cut one: each
+    expert's statistics are NumPy's over its rows, zeros for an empty one."""
+    from jquant.calib import stats
+
+    monkeypatch.setattr(stats, "GRAM_ROWS", block)
+    sizes = [0, 5, 0, 1, 9, 2, 0]
+    x = np.random.default_rng(4).standard_normal((sum(sizes) + 3, 6)).astype(np.float32)
+    got = stats.from_routed(jnp.asarray(x), jnp.asarray(sizes, jnp.int32))
+    start = 0
+    for e, n in enumerate(sizes):
+        rows = x[start : start + n].astype(np.float64)
+        start += n
+        assert float(got.count[e]) == n
+        np.testing.assert_allclose(got.hessian[e], _np_hessian(rows), rtol=1e-5, atol=1e-6)
+        want_abs = np.abs(rows).mean(0) if n else np.zeros(6)
+        np.testing.assert_allclose(got.mean_abs[e], want_abs, rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(got.max_abs[e], np.abs(rows).max(0) if n else np.zeros(6))
+
+
 @pytest.fixture(scope="module")
 def quantized():
     """(family, recipe) -> (model, float params, qparams, report, warnings), made once."""
