@@ -28,6 +28,7 @@ import jax.numpy as jnp
 import yaml
 
 from jquant import algorithms, qtypes
+from jquant._moe_settings import ExpertCalibration as ExpertCalibration
 from jquant.qarray import validate_group_size
 
 SCALE_DTYPES = {"bfloat16": jnp.bfloat16, "float16": jnp.float16, "float32": jnp.float32}
@@ -291,6 +292,9 @@ class Recipe:
     rules: tuple[Rule, ...]
     # Raise when a rule's pattern matches no parameter of the tree being quantized.
     require_match: bool = False
+    # How calibrated rules treat mixture-of-experts layers' experts (YAML: a mapping with
+    # tokens, min_token_share, fallback; see jquant._moe_settings).
+    experts: ExpertCalibration = dataclasses.field(default_factory=ExpertCalibration)
 
     def __post_init__(self):
         if not isinstance(self.name, str) or not self.name:
@@ -299,6 +303,12 @@ class Recipe:
             raise ValueError(f"recipe {self.name!r}: description must be a string")
         if not isinstance(self.require_match, bool):
             raise ValueError(f"recipe {self.name!r}: require_match must be true or false")
+        if not isinstance(self.experts, ExpertCalibration):
+            try:
+                experts = ExpertCalibration.from_dict(self.experts)
+            except (TypeError, ValueError) as e:
+                raise ValueError(f"recipe {self.name!r}: {e}") from None
+            object.__setattr__(self, "experts", experts)
         if isinstance(self.rules, Mapping) or not isinstance(self.rules, list | tuple):
             raise ValueError(f"recipe {self.name!r}: rules must be a list, got {self.rules!r}")
         rules = []
@@ -424,6 +434,8 @@ class Recipe:
             out["description"] = self.description
         if self.require_match:
             out["require_match"] = True
+        if self.experts.to_dict():
+            out["experts"] = self.experts.to_dict()
         out["rules"] = [r.to_dict() for r in self.rules]
         return out
 

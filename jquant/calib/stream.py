@@ -189,7 +189,8 @@ def quantize_to_disk(
         samples, seq_len = (int(n) for n in tokens.shape)
     batch, spill, need = _fit(config, samples, seq_len, calibrated=calibrated,
                               dtype=dtype, param_dtype=param_dtype, max_memory=max_memory,
-                              micro_batch=micro_batch, placement=place)  # fmt: skip
+                              micro_batch=micro_batch, placement=place,
+                              every_expert=recipe.experts.tokens == "all")  # fmt: skip
     fingerprint = {
         "source": str(source), "recipe": recipe.to_yaml(), "sequential": sequential,
         "dtype": jnp.dtype(dtype).name, "param_dtype": jnp.dtype(param_dtype).name,
@@ -352,10 +353,11 @@ def _rest(src: StreamSource, recipe: Recipe, head: dict[str, Any]):
 
 
 def _fit(config, samples, seq_len, *, calibrated, dtype, param_dtype, max_memory,
-         micro_batch, placement) -> tuple[int, bool, int]:  # fmt: skip
+         micro_batch, placement, every_expert=False) -> tuple[int, bool, int]:  # fmt: skip
     """``(micro-batch, spill activations to disk, estimated peak bytes)`` within the budget."""
     devices = placement.devices
-    first = micro_batch or (acts_.micro_batch_for(config, samples, seq_len, multiple=devices)
+    first = micro_batch or (acts_.micro_batch_for(config, samples, seq_len, multiple=devices,
+                                                  every_expert=every_expert)
                             if calibrated else 1)  # fmt: skip
     options = [(first, False), (first, True)]
     if micro_batch is None and calibrated:
@@ -365,8 +367,8 @@ def _fit(config, samples, seq_len, *, calibrated, dtype, param_dtype, max_memory
     for batch, spill in options:
         est = acts_.estimate(config, samples=samples if calibrated else 0, seq_len=seq_len,
                              batch=batch if calibrated else 0, compute_dtype=dtype,
-                             param_dtype=param_dtype, spill=spill,
-                             calibrated=calibrated)  # fmt: skip
+                             param_dtype=param_dtype, spill=spill, calibrated=calibrated,
+                             every_expert=every_expert)  # fmt: skip
         best = best or (batch, spill, est)
         if max_memory is None or est.total <= parse_bytes(max_memory):
             return batch, spill, est.total

@@ -40,6 +40,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from jquant import _tap, ops
 from jquant.models.config import LlamaConfig
 from jquant.qarray import QArray
 
@@ -52,13 +53,17 @@ def grouped_matmul(x: jax.Array, w: jax.Array | QArray, group_sizes: jax.Array) 
     """Rows of ``x (M, K)`` times their group's matrix of ``w (E, K, N)``: rows
     ``sum(group_sizes[:e]) ..`` ``+ group_sizes[e]`` use ``w[e]``. Returns ``(M, N)``.
 
-    ``w`` may be a QArray (dequantized to ``x.dtype`` first); ``group_sizes`` is int32
-    ``(E,)`` and sums to at most ``M`` (rows past the sum come back as zeros).
+    ``w`` may be a QArray (dequantized to ``x.dtype`` first) or a calibration `Tap`
+    (`jquant._tap.resolve_grouped`); ``group_sizes`` is int32 ``(E,)`` and sums to at most
+    ``M`` (rows past the sum come back as zeros).
 
     >>> x = jnp.ones((3, 2)); w = jnp.stack([jnp.eye(2), 2 * jnp.eye(2)])
     >>> grouped_matmul(x, w, jnp.array([1, 2], jnp.int32))[:, 0].tolist()
     [1.0, 2.0, 2.0]
     """
+    if isinstance(w, _tap.Tap):
+        w, output = _tap.resolve_grouped(x, w, group_sizes)
+        return output(grouped_matmul(x, w, group_sizes))
     return jax.lax.ragged_dot(x, _dense(w, x.dtype), group_sizes.astype(jnp.int32))
 
 
@@ -119,7 +124,7 @@ class SharedGate(nnx.Module):
         self.kernel = nnx.Param(init(rngs.params(), (d, 1), param_dtype))
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        return x @ _dense(self.kernel.get_value(), x.dtype)
+        return ops.qdot(x, self.kernel.get_value())
 
 
 class MoE(nnx.Module):
@@ -160,3 +165,12 @@ class MoE(nnx.Module):
             gate = jax.nn.sigmoid(self.shared_expert_gate(tokens))
             out = out + gate * self.shared_expert(tokens)
         return out.reshape(shape)
+
+
+def route_to_every_expert(module: nnx.Module) -> None:
+    """Makes every `MoE` block under ``module`` send each token to all of its experts (top-k
+    = E). Calibration runs its statistics passes so when a recipe calibrates each expert on
+    every token (``experts: {tokens: all}``); the outputs of such a pass are not the model's."""
+    for _, m in nnx.iter_modules(module):
+        if isinstance(m, MoE):
+            m.top_k = m.num_experts
