@@ -25,7 +25,7 @@ import os
 from pathlib import Path
 
 #: Names `load_corpus` accepts besides a path to a text file.
-CORPORA = ("pydoc-calib", "pydoc-eval", "python-code")
+CORPORA = ("python-mix", "pydoc-calib", "pydoc-eval", "python-code")
 
 #: The modules of `python-code`, sorted: pure Python, in the standard library of every
 #: supported Python (none is deprecated for removal), none patched by Linux distributions,
@@ -80,6 +80,10 @@ def load_corpus(name: str | os.PathLike) -> str:
         return text[:half] if name == "pydoc-calib" else text[half:]
     if name == "python-code":
         return _python_code_text()
+    if name == "python-mix":
+        from jquant.eval._mix import mix_text
+
+        return mix_text()
     path = Path(name).expanduser()
     if path.is_file():
         return path.read_text(encoding="utf-8")
