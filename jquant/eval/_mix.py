@@ -4,25 +4,31 @@ Built only from files of the Python installation's standard library
 (``sysconfig.get_paths()["stdlib"]``, site-packages never), read without importing anything,
 the same byte for byte for a given Python version (jquant's numbers come from Python 3.11.7).
 It holds nothing of the evaluation texts: neither `pydoc-eval` (the second half of the
-topics) nor the modules of `python-code` (`PYTHON_CODE_MODULES`, their docstrings included).
+topics) nor the modules of `python-code` (`PYTHON_CODE_MODULES`, their docstrings included),
+nor any `SPAN` characters in a row of either.
 
 Parts and their shares of the characters (`PARTS`):
 
-* prose, 55%: `pydoc-calib` (14%); the module, class and function docstrings of every
-  top-level standard-library module outside the code parts (20%, read with `ast`); IDLE's
-  notes (``idlelib/*.txt``), its help page without the HTML tags, the license and
-  ``email/architecture.rst`` (13%); the e-mail messages of ``test/test_email/data`` (8%);
+* prose, 58%: `pydoc-calib` (16%); the module, class and function docstrings of the
+  top-level standard-library modules (23%, read with `ast`; not those of `python-code`, of
+  the code part or of pydoc); IDLE's notes (``idlelib/*.txt``), its help page without the
+  HTML tags, the license and ``email/architecture.rst`` (14%); the e-mail messages of
+  ``test/test_email/data`` (5%);
 * code, 30%: the source of `MIX_CODE_MODULES` (parsing, networking, data formats, text,
   numbers, dates);
-* data, 15%: multilingual text (``test/cjkencodings/*-utf8.txt``), XML, TOML with its JSON,
+* data, 12%: multilingual text (``test/cjkencodings/*-utf8.txt``), XML, TOML with its JSON,
   decimal and math test cases, INI files, ``mime.types``, the exception hierarchy.
 
 Each part is its documents (files, modules) cut into pieces of about `PIECE` characters at
 line breaks, taken one piece of each document in turn; the parts are then interleaved piece
 by piece, always continuing the part furthest behind its share, so that every stretch of the
 text (every calibration window cut from it) holds the parts in about their shares. Pieces
-are joined by blank lines; the text is about `TOTAL` characters (about 110,000 SmolLM2
-tokens).
+are joined by blank lines; the text is about `TOTAL` characters (94,000 SmolLM2 tokens:
+128 disjoint windows of 512 and some to spare).
+
+The evaluation texts share some lines with the standard library (`pydoc-calib` repeats
+grammar rules and examples that `pydoc-eval` has too; code shares idioms), so every line
+that overlaps a `SPAN`-character substring of `pydoc-eval` or `python-code` is left out.
 """
 
 from __future__ import annotations
@@ -229,11 +235,16 @@ def _scrub(piece: str, hashes: set[int], texts: tuple[str, ...]) -> str:
 def mix_parts(root: Path | None = None) -> list[tuple[str, str]]:
     """``(part name, piece)`` in the order of the mix (see the module docstring).
 
+    Args:
+      root: the standard library's directory (default: this Python's).
+
     Raises:
       ValueError: a file the mix needs is not in the standard library at ``root``.
     """
-    root = _stdlib() if root is None else root
-    hashes, texts = _eval_windows()
+    return _mix_parts(_stdlib() if root is None else root, *_eval_windows())
+
+
+def _mix_parts(root: Path, hashes: set[int], texts: tuple[str, ...]) -> list[tuple[str, str]]:
     scrub = functools.partial(_scrub, hashes=hashes, texts=texts)
     queues = [_part_pieces(p.documents(root), int(p.share * TOTAL), scrub) for p in PARTS]
     taken = [0] * len(PARTS)  # characters of each part so far
@@ -253,5 +264,6 @@ def mix_parts(root: Path | None = None) -> list[tuple[str, str]]:
 @functools.cache
 def mix_text() -> str:
     """The `python-mix` corpus."""
-    text = "\n\n".join(piece for _, piece in mix_parts())
-    return _scrub(text, *_eval_windows())  # across the joins too
+    hashes, texts = _eval_windows()
+    text = "\n\n".join(piece for _, piece in _mix_parts(_stdlib(), hashes, texts))
+    return _scrub(text, hashes, texts)  # across the joins too
