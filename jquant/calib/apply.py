@@ -19,6 +19,7 @@ from typing import Any
 
 import jax
 
+from jquant.calib.data import DEFAULT_CORPUS
 from jquant.qarray import is_qarray
 from jquant.recipe import Recipe
 
@@ -68,7 +69,7 @@ def quantize_loaded(model, params, recipe: Recipe | str | None, *, report: bool 
 
 
 def apply_recipe(
-    model, params, recipe: Recipe | str, *, tokenizer=None, calib: str = "pydoc-calib",
+    model, params, recipe: Recipe | str, *, tokenizer=None, calib: str = DEFAULT_CORPUS,
     samples: int = 128, seq_len: int = 512, tokens=None, progress: bool = False,
 ) -> tuple[Any, Any, dict[str, Any]]:  # fmt: skip
     """``(model, quantized params, report dict)``: calibrated when ``recipe`` asks

@@ -37,6 +37,7 @@ from flax import nnx
 
 from jquant import transform, tree
 from jquant.calib import activations as acts_
+from jquant.calib.data import DEFAULT_CORPUS
 from jquant.calib.driver import SEQUENTIAL, calibrate, needs_calibration
 from jquant.recipe import Recipe
 from jquant.tree import unwrap
@@ -123,7 +124,7 @@ class StreamSource:
 
 
 def quantize_to_disk(
-    source, recipe: Recipe | str, output, *, tokens=None, calib: str = "pydoc-calib",
+    source, recipe: Recipe | str, output, *, tokens=None, calib: str = DEFAULT_CORPUS,
     samples: int = 128, seq_len: int = 512, max_memory: str | int | None = None,
     micro_batch: int | None = None, sequential: str = "layer", dtype=None,
     param_dtype=jnp.float32, resume: bool = True, overwrite: bool = False,
