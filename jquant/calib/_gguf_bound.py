@@ -58,12 +58,14 @@ def _packed(record, leaf, path: str) -> Callable[[], QArray]:
                                name=record.name)  # fmt: skip
         if record.tensor_type.name not in _AFFINE:
             return q
-        # The file's float16 d, and z = -m/d rounded; a z beyond float16 (a scale near 0
-        # beside a large minimum) keeps both float32, a third more than the file.
-        z = q.zero_point.astype(np.float16)
-        if not np.all(np.isfinite(z)):
+        # The file's float16 d, and z = -m/d rounded to float16. Where that moves some z by
+        # more than 1/64 of a step (a block far from 0: |z| past 64), both stay float32, a
+        # fifth more than the file's bytes.
+        z = np.asarray(q.zero_point, np.float32)
+        z16 = z.astype(np.float16)
+        if not np.all(np.abs(z16.astype(np.float32) - z) <= 2.0**-6):
             return q
-        return dataclasses.replace(q, scale=q.scale.astype(np.float16), zero_point=z)
+        return dataclasses.replace(q, scale=q.scale.astype(np.float16), zero_point=z16)
 
     return read
 
