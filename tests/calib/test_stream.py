@@ -185,7 +185,7 @@ def test_report_and_metadata(source, tmp_path):
     out, report = quantize_to_disk(path, RECIPE, tmp_path / "q", tokens=tokens, progress=False)
     stored = json.loads((out / "report.json").read_text())
     assert stored["micro_batch"] == report["micro_batch"] and stored["resumed_layers"] == []
-    assert 4 < report["quantized_bits_per_weight"] < 5
+    assert 4 < report["quantized_bits_per_weight"] < 8.1  # int4 g64 kernels, int8 table and head
 
 
 def test_a_run_killed_after_the_layers_resumes(source, tmp_path, monkeypatch):
