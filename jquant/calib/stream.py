@@ -37,6 +37,7 @@ from flax import nnx
 
 from jquant import transform, tree
 from jquant.calib import activations as acts_
+from jquant.calib._gguf_bound import within_gguf
 from jquant.calib.data import DEFAULT_CORPUS
 from jquant.calib.driver import SEQUENTIAL, calibrate, needs_calibration
 from jquant.recipe import Recipe
@@ -129,6 +130,7 @@ def quantize_to_disk(
     micro_batch: int | None = None, sequential: str = "layer", dtype=None,
     param_dtype=jnp.float32, resume: bool = True, overwrite: bool = False,
     spill_dir=None, placement: acts_.Placement | None = None, progress: bool = True,
+    allow_larger: bool = False,
 ) -> tuple[Path, dict[str, Any]]:  # fmt: skip
     """Quantizes a checkpoint layer by layer into a packed checkpoint, in bounded memory.
 
@@ -154,6 +156,10 @@ def quantize_to_disk(
       placement: run data-parallel over a mesh (`activations.Placement`); with several
         processes every process reads the checkpoint and process 0 writes the output.
       progress: show progress bars.
+      allow_larger: from a GGUF file, store the embedding table and LM head as the recipe
+        says even where that is larger than the file; by default they keep the file's
+        format where the recipe's is larger, or the run is refused where jquant has no
+        format equal to the file's (`jquant.calib._gguf_bound.within_gguf`).
 
     Returns:
       ``(path, report)``: the checkpoint and a report dict (as `jquant.calib.apply_recipe`'s,
@@ -172,6 +178,7 @@ def quantize_to_disk(
     ckpt = load_checkpoint(source, lazy=True)
     dtype = dtype or default_dtype()
     probe = StreamSource(ckpt, dtype=dtype, param_dtype=param_dtype)
+    recipe, kept = within_gguf(recipe, ckpt.source, probe.leaves(), allow_larger=allow_larger)
     src = StreamSource(ckpt, dtype=dtype, param_dtype=param_dtype,
                        untie=head_apart(recipe, probe.config))  # fmt: skip
     config = src.config
@@ -238,7 +245,7 @@ def quantize_to_disk(
             report["corpus"] = calib
         else:
             report = _data_free(src, recipe, keep, done, progress)
-        for name, leaves in _rest(src, recipe, head):  # a group at a time: 1 GB each at 8B
+        for name, leaves in _rest(src, recipe, head, kept):  # a group at a time: 1 GB each at 8B
             if writing and name not in writer.done:  # a resumed run may have written it
                 writer.write(name, leaves)
             sizes.add(leaves)
@@ -336,12 +343,15 @@ def _data_free(src: StreamSource, recipe: Recipe, keep, done, progress: bool) ->
             "rows": [dataclasses.asdict(r) for r in rows]}  # fmt: skip
 
 
-def _rest(src: StreamSource, recipe: Recipe, head: dict[str, Any]):
+def _rest(src: StreamSource, recipe: Recipe, head: dict[str, Any], kept: dict[str, Any]):
     """``(part name, leaves by path)`` of each group outside the layers (embedding, final
-    norm, an untied head), quantized by the recipe (a calibrated head as calibrated), read
-    and yielded one at a time."""
+    norm, an untied head), quantized by the recipe (a calibrated head as calibrated) or read
+    as `kept` says (path -> a function reading its QArray), read and yielded one at a time."""
     for name in ("embed_tokens", "norm", "lm_head"):
         if name == "lm_head" and src.config.tie_word_embeddings:
+            continue
+        if packed := {p: read() for p, read in kept.items() if p.startswith(name + "/")}:
+            yield name, packed
             continue
         if name == "lm_head" and head:
             yield name, dict(head)

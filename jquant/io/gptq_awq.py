@@ -264,8 +264,9 @@ def write_gptq(
     Raises:
       ValueError: a bad ``version``, an existing directory without ``overwrite``, or
         parameters with no GPTQ form, each listed with its format: a format other than
-        uint/int 2/3/4/8 (nf4, fp8, int5, ...), a quantized embedding, non-integer or
-        out-of-range zero points, scales float16 cannot hold.
+        uint/int 2/3/4/8 (nf4, fp8, int5, ...), non-integer or out-of-range zero points,
+        scales float16 cannot hold. A quantized embedding table is written dequantized, in
+        float32 (GPTQ quantizes linear layers only).
 
     Kernels of other bit widths or group sizes than the most common (mixed-precision
     recipes) are written with GPTQModel's per-module ``dynamic`` overrides
@@ -285,9 +286,8 @@ def write_gptq(
         if not isinstance(value, QArray):
             out.append((name, np.ascontiguousarray(np.asarray(value))))
             continue
-        if name == "model.embed_tokens.weight":
-            problems.append((name, f"quantized {value.qtype} embedding (GPTQ quantizes linear "
-                                   "layers only)"))  # fmt: skip
+        if name == "model.embed_tokens.weight":  # GPTQ quantizes linear layers only
+            out.append((name, np.asarray(value.dequantize(np.float32))))
             continue
         got = _as_uint(value)
         if isinstance(got, str):
