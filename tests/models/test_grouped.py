@@ -15,9 +15,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from jquant.kernels.grouped_matmul import num_tiles, tile_map
 
 from jquant import _grouped
-from jquant.kernels.grouped_matmul import num_tiles, tile_map
 from jquant.qarray import quantize_array
 
 dequantize_np = runpy.run_path(
@@ -133,7 +133,7 @@ def test_gradient_of_rows():
     np.testing.assert_allclose(jax.grad(loss)(jnp.asarray(x)), want, rtol=1e-5, atol=1e-4)
 
 
-@pytest.mark.parametrize("seed", range(20))
+@pytest.mark.parametrize("seed", range(12))
 def test_tile_map_covers_every_row_once(seed):
     """Random splits (zeros included) against a NumPy walk: the real tiles, in order, are
     each group cut into tm-row pieces; every row sits in its tile at its offset."""
