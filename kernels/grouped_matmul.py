@@ -37,11 +37,12 @@ from .quantized_matmul import (
     validate_inputs,
 )
 
-# Rows per tile: the mean group, as a power of two in [_MIN_TM, _MAX_TM]. Below 8 rows a
-# tile's weight dequantization dominates its dot, so padding the dot costs little; above
-# 128 the padding of partly filled tiles (up to tm - 1 rows per expert) costs more than a
-# second decode of the weight.
-_MIN_TM, _MAX_TM = 8, 128
+# Rows per tile (XLA path; the kernels raise it to their smallest tile): the mean group, as a
+# power of two up to _MAX_TM. At decode (mean group <= 1) a tile is one row: XLA:CPU fuses
+# the dequantization into a matrix-vector product but materializes the dequantized weight for
+# a product of a few rows, several times slower (benchmarks/moe_gmm.py); above 128 the padding
+# of partly filled tiles (up to tm - 1 rows per expert) costs more than decoding a weight again.
+_MAX_TM = 128
 
 
 class TileMap(NamedTuple):
@@ -62,7 +63,7 @@ def num_tiles(m: int, experts: int, tm: int) -> int:
 
 def tile_rows(m: int, experts: int) -> int:
     """Default rows per tile for M rows over E experts (the mean group size, rounded)."""
-    return max(_MIN_TM, min(_MAX_TM, next_pow2(-(-m // experts))))
+    return min(_MAX_TM, next_pow2(-(-m // experts)))
 
 
 def tile_map(group_sizes: jax.Array, m: int, tm: int) -> TileMap:
