@@ -37,8 +37,9 @@ from jquant.qarray import QArray
 def expert_weight(w: QArray, e: jax.Array) -> QArray:
     """Expert ``e``'s ``(K, N)`` QArray of a stack ``(E, K, N)`` (storage ``(E, N, Kbytes)``).
 
-    Parts with a leading expert axis are indexed; a part with a leading axis of 1 (a
-    per-tensor scale shared by the stack) serves every expert.
+    Parts with a leading expert axis (codes, scales, zero points, an act-order ``perm``
+    ``(E, k)``) are indexed; a part with a leading axis of 1 (a per-tensor scale shared by
+    the stack) serves every expert.
     """
     experts = w.qvalue.shape[0]
 
@@ -47,8 +48,6 @@ def expert_weight(w: QArray, e: jax.Array) -> QArray:
             return None
         if isinstance(a, QArray):  # a double-quantized scale: a stack itself
             return expert_weight(a, e) if a.qvalue.ndim == w.qvalue.ndim else a
-        if a.ndim < w.qvalue.ndim and a is not w.perm:
-            return a
         return jax.lax.dynamic_index_in_dim(a, e if a.shape[0] == experts else 0, 0, False)
 
     return dataclasses.replace(w, qvalue=pick(w.qvalue), scale=pick(w.scale),

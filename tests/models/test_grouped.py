@@ -8,6 +8,7 @@ the groups.
 
 from __future__ import annotations
 
+import dataclasses
 import runpy
 from pathlib import Path
 
@@ -113,6 +114,23 @@ def test_double_quantized_and_per_tensor_scales():
         want = np_grouped(x, np.asarray(q.dequantize(), np.float64), sizes)
         got = _grouped.grouped_matmul(jnp.asarray(x), q, jnp.asarray(sizes, jnp.int32))
         np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-4, err_msg=repr(q))
+
+
+def test_act_order_stack():
+    """A stack with per-expert ``perm`` (E, K): stored position j of expert e holds logical
+    input perm[e, j]; the reference undoes it in NumPy from the codes."""
+    x, w = _inputs(7)
+    rng = np.random.default_rng(8)
+    perms = np.stack([rng.permutation(K) for _ in range(E)]).astype(np.int32)
+    stored = np.stack([w[e][perms[e]] for e in range(E)])  # (E, K, N) in stored order
+    q = quantize_array(jnp.asarray(stored), "int4", axis=1, group_size=32)
+    logical = np.empty((E, K, N))
+    for e, wd in enumerate(np_dequantized(q)):
+        logical[e][perms[e]] = wd
+    qp = dataclasses.replace(q, perm=jnp.asarray(perms))
+    sizes = SIZES["mixed"]
+    got = _grouped.grouped_matmul(jnp.asarray(x), qp, jnp.asarray(sizes, jnp.int32))
+    np.testing.assert_allclose(got, np_grouped(x, logical, sizes), rtol=1e-5, atol=1e-4)
 
 
 def test_gradient_of_rows():
