@@ -209,8 +209,8 @@ def memory_report(
       dtype: the compute dtype, which the ``none`` cache format stores.
       experts_per_token: a mixture-of-experts model's top-k (default: ``config``'s
         ``num_experts_per_tok``); with it, ``active_elements`` / ``active_bytes`` count
-        ``k / E`` of each expert stack ``(E, K, N)``. A tree with expert stacks and no top-k
-        is an error: the active size is unknown.
+        ``k / E`` of each expert stack ``(E, K, N)``. Without it the active size is reported
+        as the total (and ``format`` prints no active row).
 
     >>> r = memory_report({"w": np.zeros((4096, 4096), np.float16)})
     >>> r.weight_bytes, r.by_format["float16"].bits_per_weight
@@ -238,9 +238,7 @@ def memory_report(
         if elements and _EXPERTS.search(path):
             e = leaf.shape[0]
             if experts_per_token is None:
-                raise ValueError(f"{path} is a stack of {e} experts: pass experts_per_token= "
-                                 "(or config= with num_experts_per_tok) to size what a "
-                                 "token reads")  # fmt: skip
+                continue  # the active size is unknown: reported as the total
             if not 1 <= experts_per_token <= e:
                 raise ValueError(f"experts_per_token={experts_per_token} is not in 1..{e} "
                                  f"(the experts of {path})")  # fmt: skip
