@@ -152,3 +152,26 @@ def test_params_only_quantize_refuses_rotation(tiny):
     _, _, params = _model(tiny, "llama", True)
     with pytest.raises(ValueError, match="needs the model"):
         jquant.quantize(params, Recipe.from_dict(HAD))
+
+
+@pytest.mark.parametrize("source,untie", [("tied", False), ("tied", True), ("untied", False)])
+def test_streamed_quantize_matches_in_memory(tiny_model, tiny_gguf, tmp_path, source, untie):
+    """``jquant quantize`` (layer by layer from disk) rotates as `quantize_loaded` does:
+    online (a tied source, untied or not by the recipe) or folded into table and head."""
+    from jquant import models
+    from jquant.calib.stream import quantize_to_disk
+
+    tiny_model = tiny_model if source == "tied" else str(tiny_gguf[0])
+    rules = [{"pattern": "embed", "skip": True}, {"pattern": "kernel$", "weight": "int8"}]
+    if untie:  # the head quantized apart from the tied table: the model is untied
+        rules = [{"pattern": "embed", "skip": True}, {"pattern": "lm_head", "weight": "int8"},
+                 *rules[1:]]  # fmt: skip
+    recipe = Recipe.from_dict({**HAD, "rules": rules})
+    model, params, _ = models.load(tiny_model)
+    qmodel, qparams = quantize_loaded(model, params, recipe)
+    path, _ = quantize_to_disk(tiny_model, recipe, tmp_path / "out", progress=False)
+    loaded, lparams, _, config = load_packed(path)
+    assert loaded.config == qmodel.config and config["jquant_rotation"]["seed"] == 1
+    np.testing.assert_allclose(np.asarray(forward(loaded, lparams, TOKENS)[0]),
+                               np.asarray(forward(qmodel, qparams, TOKENS)[0]),
+                               rtol=0, atol=1e-5)  # fmt: skip
