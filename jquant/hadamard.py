@@ -22,7 +22,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jquant import kernels
 from jquant.kernels._hadamard_matrix import factor, has_hadamard, random_signs
+from jquant.kernels.hadamard import DEFAULT_BLOCK_ROWS
+
+PATHS = ("auto", "xla", "kernel")
 
 __all__ = ["hadamard", "has_hadamard", "orthogonal_matrix", "rht", "rht_matrix"]
 
@@ -39,17 +43,52 @@ def _butterfly(x: jax.Array, p: int) -> jax.Array:
     return x
 
 
-def hadamard(x: jax.Array, axis: int = -1, *, transpose: bool = False) -> jax.Array:
+def _kernel_backend(rows: int, n: int, path: str) -> str | None:
+    """The backend whose Pallas kernel transforms ``rows`` rows of width ``n``, or None
+    (XLA): "auto" only on a TPU or GPU whose measured dispatch table allows it (kind
+    ``"hadamard"``), "kernel" always (interpret mode off the device)."""
+    if path not in PATHS:
+        raise ValueError(f"{path=} must be one of {PATHS}")
+    backend = kernels.normalize_backend(None)
+    if path == "kernel":
+        backend = backend if backend in ("tpu", "gpu") else "tpu"
+        if rows % DEFAULT_BLOCK_ROWS or not kernels.can_use_hadamard_kernel(n, backend):
+            raise ValueError(f"no {backend} Hadamard kernel for {rows} rows of width {n} "
+                             f"(rows a multiple of {DEFAULT_BLOCK_ROWS}, "
+                             "can_use_hadamard_kernel)")  # fmt: skip
+        return backend
+    if path == "xla" or backend not in ("tpu", "gpu"):
+        return None
+    if (rows % DEFAULT_BLOCK_ROWS or not kernels.can_use_hadamard_kernel(n, backend)
+            or not kernels.prefer_kernel(backend, "hadamard", rows)):  # fmt: skip
+        return None
+    return backend
+
+
+def hadamard(x: jax.Array, axis: int = -1, *, transpose: bool = False,
+             path: str = "auto") -> jax.Array:  # fmt: skip
     """``H @ x / √n`` along ``axis`` (``Hᵀ`` with ``transpose``), in ``x``'s dtype
     (computed in float32 at least).
 
+    Args:
+      path: "auto" (the XLA butterfly, or the Pallas kernel `jquant.kernels.hadamard`
+        where a measured dispatch table allows it), "xla", or "kernel" (forced; Pallas
+        interpret mode off a TPU or GPU).
+
     Raises:
-      ValueError: no Hadamard matrix of ``x.shape[axis]`` is known (`has_hadamard`).
+      ValueError: no Hadamard matrix of ``x.shape[axis]`` is known (`has_hadamard`), or
+        "kernel" where no kernel applies.
     """
     n = x.shape[axis]
     p, hm = factor(n)
     m = hm.shape[0]
     moved = jnp.moveaxis(x, axis, -1)
+    rows = int(np.prod(moved.shape[:-1]))
+    if (backend := _kernel_backend(rows, n, path)) is not None:
+        y = kernels.hadamard_transform(moved.reshape(rows, n), transpose=transpose,
+                                       backend=backend,
+                                       interpret=jax.default_backend() not in ("tpu", "gpu"))
+        return jnp.moveaxis(y.reshape(moved.shape), -1, axis)
     dtype = jnp.float64 if x.dtype == jnp.float64 else jnp.float32
     y = moved.reshape(-1, p, m).astype(dtype)
     if m > 1:

@@ -28,6 +28,7 @@ import jax.numpy as jnp
 import yaml
 
 from jquant import algorithms, qtypes
+from jquant._rotation import KINDS as ROTATION_KINDS
 from jquant.qarray import validate_group_size
 
 SCALE_DTYPES = {"bfloat16": jnp.bfloat16, "float16": jnp.float16, "float32": jnp.float32}
@@ -463,7 +464,6 @@ def _yaml_problem(e: yaml.YAMLError) -> str:
 
 
 ROTATION_KEYS = ("kind", "seed")
-ROTATION_KINDS = ("hadamard",)
 
 
 def _rotation(value, name: str) -> dict[str, Any]:

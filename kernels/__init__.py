@@ -1,4 +1,5 @@
-"""Pallas kernels for jquant's quantized matmuls and paged attention (installed as
+"""Pallas kernels for jquant's quantized matmuls, paged attention and the Hadamard
+transform (installed as
 `jquant.kernels`).
 
 Imports only jax and numpy, never jquant: the kernels are a leaf that jquant.ops calls.
@@ -12,6 +13,9 @@ from .dispatch_table import has_dispatch_table as has_dispatch_table
 from .dispatch_table import kernel_max_m as kernel_max_m
 from .dispatch_table import prefer_kernel as prefer_kernel
 from .dispatch_table import set_dispatch_table as set_dispatch_table
+from .hadamard import can_use_hadamard_kernel as can_use_hadamard_kernel
+from .hadamard import hadamard_reference as hadamard_reference
+from .hadamard import hadamard_transform as hadamard_transform
 from .paged_attention import can_use_paged_attention as can_use_paged_attention
 from .paged_attention import paged_attention as paged_attention
 from .paged_attention import paged_attention_reference as paged_attention_reference
