@@ -175,3 +175,16 @@ def test_streamed_quantize_matches_in_memory(tiny_model, tiny_gguf, tmp_path, so
     np.testing.assert_allclose(np.asarray(forward(loaded, lparams, TOKENS)[0]),
                                np.asarray(forward(qmodel, qparams, TOKENS)[0]),
                                rtol=0, atol=1e-5)  # fmt: skip
+
+
+def test_calibrated_recipe_rotates_first(tiny):
+    """GPTQ calibrates the rotated model (apply_recipe); quantize_model alone refuses."""
+    from jquant.calib import apply_recipe, quantize_model
+
+    _, model, params = _model(tiny, "llama", True)
+    tokens = np.random.default_rng(0).integers(0, 200, (4, 16))
+    qmodel, qparams, _ = apply_recipe(model, params, "w3a16-gptq-g64-had", tokens=tokens)
+    assert qmodel.config.rotation.seed == 0 and qmodel.config.rotation.residual_online
+    assert np.isfinite(np.asarray(forward(qmodel, qparams, TOKENS)[0])).all()
+    with pytest.raises(ValueError, match="rotates the model"):
+        quantize_model(model, params, "w3a16-gptq-g64-had", tokens)
