@@ -188,3 +188,19 @@ def test_calibrated_recipe_rotates_first(tiny):
     assert np.isfinite(np.asarray(forward(qmodel, qparams, TOKENS)[0])).all()
     with pytest.raises(ValueError, match="rotates the model"):
         quantize_model(model, params, "w3a16-gptq-g64-had", tokens)
+
+
+@pytest.mark.parametrize("fmt", ("gguf", "compressed-tensors", "gptq"))
+def test_export_refuses_a_rotated_model(tiny_model, tmp_path, capsys, fmt):
+    """Other formats cannot run the online transforms: exporting says so."""
+    from jquant.cli import main
+
+    recipe = tmp_path / "had.yaml"
+    recipe.write_text(Recipe.from_dict({**HAD, "rules": [
+        {"pattern": "embed", "skip": True},
+        {"pattern": "kernel$", "weight": "int4", "group_size": 32}]}).to_yaml())  # fmt: skip
+    out = tmp_path / ("m.gguf" if fmt == "gguf" else "out")
+    argv = ["export", tiny_model, "--recipe", str(recipe), "--format", fmt, "-o", str(out)]
+    assert main(argv) == 2
+    assert "the model is rotated" in capsys.readouterr().err
+    assert not out.exists()
