@@ -45,7 +45,8 @@ WEIGHT_ONLY_KINDS = QTYPES  # every format the weight-only kernels decode
 W8A8_KINDS = ("w8a8_int8", "w8a8_fp8")
 ATTENTION_KINDS = ("paged_attention",)
 GROUPED_KINDS = ("grouped_matmul",)
-KINDS = WEIGHT_ONLY_KINDS + W8A8_KINDS + ATTENTION_KINDS + GROUPED_KINDS
+TRANSFORM_KINDS = ("hadamard",)  # `kernels.hadamard`; M: the rows transformed
+KINDS = WEIGHT_ONLY_KINDS + W8A8_KINDS + ATTENTION_KINDS + GROUPED_KINDS + TRANSFORM_KINDS
 BACKENDS = ("tpu", "gpu")
 # Where the measured tables that ship with jquant live: <backend>.json, benchmark JSON.
 MEASURED_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "measured")

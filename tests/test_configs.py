@@ -12,13 +12,13 @@ from jquant.recipe import Recipe
 from jquant.transform import quantize
 
 SHIPPED = ["fp8", "gguf-q4_0", "gguf-q4_1", "gguf-q5_0", "gguf-q5_1", "gguf-q8_0", "mixed", "nf4",
-           "w3a16-gptq-g64", "w4a16-awq-g128", "w4a16-awq-gptq-uint4-g64",
+           "w3a16-gptq-g64", "w3a16-gptq-g64-had", "w4a16-awq-g128", "w4a16-awq-gptq-uint4-g64",
            "w4a16-awq-gptq-uint4-g64-emb8", "w4a16-gptq-g128", "w4a16-gptq-g64",
            "w4a16-gptq-uint4-g64", "w4a16-hqq-g64", "w4a16-mxfp4", "w4a16-nvfp4",
            "w4a16-rtn-g128", "w4a16-rtn-g64", "w4a16-uint4-g64", "w8a16", "w8a16-emb8", "w8a8",
            "w8a8-smoothquant"]  # fmt: skip
 # Recipes whose algorithms need calibration data: tests/calib/test_recipes.py runs them.
-CALIBRATED = ["w3a16-gptq-g64", "w4a16-awq-g128", "w4a16-awq-gptq-uint4-g64",
+CALIBRATED = ["w3a16-gptq-g64", "w3a16-gptq-g64-had", "w4a16-awq-g128", "w4a16-awq-gptq-uint4-g64",
               "w4a16-awq-gptq-uint4-g64-emb8", "w4a16-gptq-g128", "w4a16-gptq-g64",
               "w4a16-gptq-uint4-g64", "w8a8-smoothquant"]  # fmt: skip
 # How a recipe stores the embedding table and an untied head: (qtype, group size, scale

@@ -224,6 +224,12 @@ def quantize_model(
       ``(quantized params, CalibrationReport)``.
     """
     recipe = recipe if isinstance(recipe, Recipe) else Recipe.load(recipe)
+    if recipe.rotation is not None:
+        raise ValueError(
+            f"recipe {recipe.name!r} rotates the model, which changes the model as well as "
+            "its params: use jquant.calib.apply_recipe(model, params, recipe), or "
+            "jquant.rotate.rotate first"
+        )
     tokens = _check_tokens(tokens)
     _check_sequential(sequential)
     source = ModelSource(model, params)

@@ -73,14 +73,20 @@ class StreamSource:
         float32 keeps `jquant.models.load`'s numbers).
       untie: give the model its own LM head, a copy of a tied embedding (the recipe names
         the head apart from the embedding).
+      rotation_seed: rotate the model as it is read (`jquant.rotate`), with this seed;
+        None: as stored.
     """
 
-    def __init__(self, ckpt, *, dtype, param_dtype, untie: bool = False):
+    def __init__(self, ckpt, *, dtype, param_dtype, untie: bool = False,
+                 rotation_seed: int | None = None):  # fmt: skip
         from jquant.arch import LlamaConfig
         from jquant.models.llama import abstract_model
+        from jquant.rotate import rotate_config
 
         self.ckpt, self.dtype, self.param_dtype = ckpt, dtype, param_dtype
         config = LlamaConfig.from_hf(ckpt.config)
+        if rotation_seed is not None:
+            config = rotate_config(config, rotation_seed)
         self.tied_source = untie and config.tie_word_embeddings
         if self.tied_source:
             config = dataclasses.replace(config, tie_word_embeddings=False)
@@ -97,16 +103,32 @@ class StreamSource:
 
     def layer(self, i: int) -> nnx.State:
         from jquant.models.convert import layer_params_from_hf
+        from jquant.rotate import rotate_layer
 
-        return layer_params_from_hf(self.ckpt.tensors, self.config, i,
-                                    param_dtype=self.param_dtype)  # fmt: skip
+        state = layer_params_from_hf(self.ckpt.tensors, self.config, i,
+                                     param_dtype=self.param_dtype)  # fmt: skip
+        if self.config.rotation is not None:
+            nnx.replace_by_pure_dict(state, rotate_layer(nnx.to_pure_dict(state), self.config))
+        return state
 
     def part(self, name: str) -> nnx.State:
         """``embed_tokens``, ``norm`` or ``lm_head`` (read from disk on each call)."""
+        from jquant.rotate import rotate_globals
+
+        rotation = self.config.rotation
+        if rotation is None or rotation.residual_online:
+            return self._stored(name)
+        parts = {n: self._stored(n) for n in ("embed_tokens", "norm", "lm_head")}
+        rotated = rotate_globals({n: nnx.to_pure_dict(p) for n, p in parts.items()},
+                                 self.config)  # fmt: skip
+        nnx.replace_by_pure_dict(parts[name], rotated[name])
+        return parts[name]
+
+    def _stored(self, name: str) -> nnx.State:
         from jquant.models.convert import global_params_from_hf
 
         if name == "lm_head" and self.tied_source:
-            table = self.part("embed_tokens")["embedding"]
+            table = self._stored("embed_tokens")["embedding"]
             head = jax.tree.map(lambda v: v, self._abstract["lm_head"])
             head["kernel"].set_value(jnp.asarray(unwrap(table)).T)
             return head
@@ -118,9 +140,13 @@ class StreamSource:
 
     def hf_config(self) -> dict[str, Any]:
         """The checkpoint's config as written: untied when the recipe unties the head."""
+        from jquant.rotate import rotated_hf_config
+
         config = dict(self.ckpt.config)
         if self.tied_source:
             config["tie_word_embeddings"] = False
+        if self.config.rotation is not None:
+            config = rotated_hf_config(config, self.config)
         return config
 
 
@@ -177,10 +203,14 @@ def quantize_to_disk(
     place = placement or acts_.Placement()
     ckpt = load_checkpoint(source, lazy=True)
     dtype = dtype or default_dtype()
+    seed = None if recipe.rotation is None else recipe.rotation["seed"]
     probe = StreamSource(ckpt, dtype=dtype, param_dtype=param_dtype)
-    recipe, kept = within_gguf(recipe, ckpt.source, probe.leaves(), allow_larger=allow_larger)
+    # A rotated model's untied table and head are not the file's: none is kept from it.
+    recipe, kept = within_gguf(recipe, ckpt.source, probe.leaves(),
+                               allow_larger=allow_larger or seed is not None)  # fmt: skip
     src = StreamSource(ckpt, dtype=dtype, param_dtype=param_dtype,
-                       untie=head_apart(recipe, probe.config))  # fmt: skip
+                       untie=head_apart(recipe, probe.config), rotation_seed=seed)  # fmt: skip
+    rotated = dataclasses.replace(recipe, rotation=None)  # what quantizes the rotated layers
     config = src.config
     calibrated = needs_calibration(recipe)
     if calibrated and tokens is None:
@@ -234,7 +264,7 @@ def quantize_to_disk(
     try:
         if calibrated:
             report = calibrate(
-                src, recipe, tokens, keep=keep, progress=progress, micro_batch=batch,
+                src, rotated, tokens, keep=keep, progress=progress, micro_batch=batch,
                 sequential=sequential, placement=place,
                 activations=lambda shape, dt: acts_.Activations(
                     shape, dt, batch // place.processes, directory=spill_to, placement=place),
@@ -244,8 +274,8 @@ def quantize_to_disk(
             report["calibrated"] = True
             report["corpus"] = calib
         else:
-            report = _data_free(src, recipe, keep, done, progress)
-        for name, leaves in _rest(src, recipe, head, kept):  # a group at a time: 1 GB each at 8B
+            report = _data_free(src, rotated, keep, done, progress)
+        for name, leaves in _rest(src, rotated, head, kept):  # a group at a time: 1 GB each at 8B
             if writing and name not in writer.done:  # a resumed run may have written it
                 writer.write(name, leaves)
             sizes.add(leaves)

@@ -27,7 +27,7 @@ from jquant.qarray import QArray, from_codes
 
 from . import _gptq_layout as layout
 from ._checkpoint import check_tensors, expected_shapes
-from ._hf_export import config_json, refusal, staged, write_tokenizer
+from ._hf_export import config_json, refusal, refuse_rotated, staged, write_tokenizer
 from ._lazy import LazyTensors, TensorEntry
 from ._packed_writer import check_output_directory
 from ._safetensors import write_file
@@ -275,6 +275,7 @@ def write_gptq(
     """
     if version not in (1, 2):
         raise ValueError(f"version must be 1 or 2 (GPTQ v1 or v2 zero points), got {version!r}")
+    refuse_rotated(config, "write_gptq")
     target = check_output_directory(directory, overwrite=overwrite)
     out: list[tuple[str, np.ndarray]] = []
     problems: list[tuple[str, str]] = []
