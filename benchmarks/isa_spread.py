@@ -7,8 +7,8 @@ XLA:CPU's numerics differ by CPU (FMA contraction, vector width), and a calibrat
 (GPTQ's sequential rounding, the clip-ratio search) turns last-bit differences into other
 integer codes. Each ``--isa`` level runs in its own process with
 ``XLA_FLAGS=--xla_cpu_max_isa=LEVEL`` (a level above the CPU's own runs as the CPU's own):
-calibration as ``jquant quantize`` does it (`jquant.calib.apply_recipe`, the ``pydoc-calib``
-corpus), then perplexity as ``jquant eval`` computes it (`jquant.eval.evaluate`, windows of
+calibration as ``jquant quantize`` does it (`jquant.calib.apply_recipe`, its default corpus,
+``python-mix``), then perplexity as ``jquant eval`` computes it (`jquant.eval.evaluate`, windows of
 512 tokens of ``pydoc-eval``). It prints one row per level: perplexity, and the fraction of
 integer codes of all quantized weights that differ from the first level's. It never asserts.
 """

@@ -5,7 +5,7 @@
 
 Each recipe runs as its own process (``python -m jquant.cli quantize MODEL --recipe R -o
 DIR``), exactly as a user runs it: model loading, calibration (128 windows of 512 tokens of
-`pydoc-calib` by default), quantization and writing the packed checkpoint. Wall time is the
+`python-mix` by default), quantization and writing the packed checkpoint. Wall time is the
 child's; peak memory is the child's maximum resident set size (``os.wait4``). Quantization
 time alone (what the report JSON of the checkpoint records) is shown beside it. It prints a
 table and never asserts speed.

@@ -4,8 +4,10 @@
 
 For each recipe (a name, or a YAML file such as the allocations that ``jquant allocate``
 wrote into configs/examples/): ``jquant quantize smollm2-135m --recipe R -o DIR`` in a child
-process (calibrating on `pydoc-calib` where the recipe asks: 128 windows of 512 tokens),
-timed with its peak memory (benchmarks/quantize_time.py); then ``jquant eval DIR`` (the packed
+process (calibrating where the recipe asks on ``--calib``, 128 windows of 512 tokens: by
+default `pydoc-calib`, the text the published table was calibrated on, not the command's
+default `python-mix`; give another ``--out`` for another text), timed with its peak memory
+(benchmarks/quantize_time.py); then ``jquant eval DIR`` (the packed
 checkpoint, loaded without float weights) on each evaluation text: perplexity over the
 first 16,384 tokens in windows of 512 (docs/evaluation.md). The float row evaluates the
 model itself. Rows already in ``--out`` are kept and not run again, so an interrupted run
@@ -63,7 +65,7 @@ def evaluate(model: str, text: str, *, recipe: str | None = None) -> float:
     return json.loads(out)["perplexity"]
 
 
-def run_row(model: str, recipe: str, texts, tmp: Path) -> dict:
+def run_row(model: str, recipe: str, texts, tmp: Path, calib: str) -> dict:
     if recipe == "float":
         row = {"recipe": "float", "quantize_seconds": None, "peak_rss_mib": None}
         target = model
@@ -77,7 +79,7 @@ def run_row(model: str, recipe: str, texts, tmp: Path) -> dict:
         )
     else:
         target = tmp / "q"
-        row = _quantize_time().run_quantize(model, recipe, target)
+        row = _quantize_time().run_quantize(model, recipe, target, extra=("--calib", calib))
     row["perplexity"] = {t: evaluate(str(target), t) for t in texts}
     return row
 
@@ -167,6 +169,7 @@ def main(argv=None) -> int:
     p.add_argument("--model", default="smollm2-135m")
     p.add_argument("--recipes", default=RECIPES, help="comma-separated (float is added)")
     p.add_argument("--texts", default=",".join(TEXTS))
+    p.add_argument("--calib", default="pydoc-calib", help="calibration text (jquant --calib)")
     p.add_argument("--out", default="docs/results.json", help="rows (JSON); resumed from")
     p.add_argument("--plot", help="write perplexity vs model bytes here (PNG)")
     p.add_argument(
@@ -191,7 +194,7 @@ def main(argv=None) -> int:
             row = done.get(name)
             if row is None or set(row["perplexity"]) != set(texts):
                 print(f"== {name}", file=sys.stderr, flush=True)
-                row = run_row(args.model, name, texts, Path(tmp))
+                row = run_row(args.model, name, texts, Path(tmp), args.calib)
             rows.append(row)
             out.write_text(json.dumps(rows + [r for n, r in done.items() if n not in names],
                                       indent=2) + "\n")  # fmt: skip

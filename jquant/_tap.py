@@ -9,6 +9,10 @@ Tap; the handler returns the weight to use instead (the float kernel while stati
 are gathered, the kernel's QArray while quantizing). Handlers run at trace time, so they
 see tracers and must stay traceable.
 
+An MoE layer's expert stack ``(E, K, N)`` meets its Tap in
+`jquant.models.moe.grouped_matmul`, whose rows are sorted by expert: the handler then
+receives a `Routed` (the rows and how many belong to each expert) in place of ``x``.
+
 >>> import jax.numpy as jnp
 >>> from jquant import ops
 >>> from jquant._tap import Tap, tapping
@@ -28,7 +32,7 @@ import contextlib
 import dataclasses
 import threading
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 
@@ -44,6 +48,14 @@ class Rewired:
 
     weight: Any
     output: Callable[[jax.Array], jax.Array]
+
+
+class Routed(NamedTuple):
+    """What a handler receives for an expert stack's Tap: the rows of its grouped matmul."""
+
+    rows: jax.Array  # (M, K), sorted by expert
+    group_sizes: jax.Array  # (E,) int32: expert e owns the next group_sizes[e] rows
+
 
 _state = threading.local()
 
@@ -87,6 +99,28 @@ def resolve(x, tap: Tap, *, contracting_axis: int = -1):
     if isinstance(answer, Rewired):
         return answer.weight, answer.output
     return answer, _identity
+
+
+def resolve_grouped(rows, tap: Tap, group_sizes):
+    """``(weight, output)`` for an expert stack ``tap`` ``(E, K, N)`` multiplying ``rows
+    (M, K)`` sorted by expert (`jquant.models.moe.grouped_matmul`): the handler gets
+    ``Routed(rows, group_sizes)``."""
+    stack = getattr(_state, "stack", None)
+    if not stack:
+        raise ValueError(
+            f"{tap.path}: a calibration Tap reached a grouped matmul outside "
+            "jquant.calib.tapping(); taps only exist while a calibrated quantization runs"
+        )
+    answer = stack[-1](Routed(rows, group_sizes), tap)
+    if isinstance(answer, Rewired):
+        return answer.weight, answer.output
+    return answer, _identity
+
+
+def input_key(x) -> int:
+    """The identity of a handler's input (a `Routed`'s rows): matmuls that share an input
+    (q/k/v, gate/up, an expert stack's gate/up) give the same key."""
+    return id(x.rows if isinstance(x, Routed) else x)
 
 
 def _identity(y):

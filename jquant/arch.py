@@ -46,6 +46,9 @@ from jquant._families import Family as Family
 from jquant._families import layer_types as layer_types
 from jquant._param_shapes import param_shapes as param_shapes
 from jquant._rope import rope_inv_freq as rope_inv_freq
+from jquant._rotation import HF_KEY as ROTATION_KEY
+from jquant._rotation import Rotation as Rotation
+from jquant._rotation import rotation_blocker
 
 #: `model_type` values `LlamaConfig.from_hf` accepts.
 SUPPORTED_MODEL_TYPES = tuple(FAMILIES)
@@ -134,6 +137,8 @@ class LlamaConfig:
     moe_layers: tuple[int, ...] = ()  # which layers are MoE (the rest dense MLPs)
     shared_expert_intermediate_size: int = 0  # Qwen2-MoE: width of the shared expert every
     #   token also goes through (its output gated by a sigmoid); 0: none
+    rotation: Rotation | None = None  # what `jquant.rotate` left to do online; None: the
+    #   model is not rotated
 
     def __post_init__(self):
         for name in ("vocab_size", "hidden_size", "intermediate_size", "num_layers",
@@ -191,6 +196,8 @@ class LlamaConfig:
             )
         self._check_moe()
         self._check_ranges()
+        if self.rotation is not None and (why := rotation_blocker(self)):
+            raise ValueError(f"LlamaConfig: rotation is not possible: {why}")
 
     def _check_moe(self) -> None:
         """Mixture-of-experts fields consistent: top-k within the expert count, MoE layers
@@ -379,6 +386,7 @@ class LlamaConfig:
             rope_local_theta=(local_theta or 10000.0) if model_type == "gemma3_text" else None,
             **rope,
             **_moe_fields(config, model_type, layers),
+            rotation=Rotation.from_hf(config.get(ROTATION_KEY)),
         )
 
 

@@ -75,6 +75,13 @@ class MemoryReport:
     kv_width: int
     # Fraction of (weights + KV cache) added for activations, workspace and runtime.
     overhead: float
+    # What one token reads: every weight but the experts its router does not pick (a
+    # mixture-of-experts layer's stacks count k of their E experts); the totals if dense.
+    active_elements: int
+    active_bytes: int
+    # Experts each token is routed to, and experts per layer; 0 for a dense model.
+    experts_per_token: int = 0
+    experts: int = 0
 
     @property
     def weight_bytes(self) -> int:
@@ -102,15 +109,15 @@ class MemoryReport:
 
     def format(self) -> str:
         """A readable multi-line summary."""
-        lines = [f"{'format':<12}{'tensors':>8}{'weights':>14}{'MB':>10}{'bits/w':>8}"]
+        lines = [f"{'format':<12}{'tensors':>8}{'weights':>16}{'MB':>10}{'bits/w':>8}"]
         for name, u in sorted(self.by_format.items(), key=lambda kv: -kv[1].nbytes):
             lines.append(
-                f"{name:<12}{u.tensors:>8}{u.elements:>14,}{u.nbytes / 1e6:>10.2f}"
+                f"{name:<12}{u.tensors:>8}{u.elements:>16,}{u.nbytes / 1e6:>10.2f}"
                 f"{u.bits_per_weight:>8.3f}"
             )
         lines.append(
             f"{'total':<12}{sum(u.tensors for u in self.by_format.values()):>8}"
-            f"{self.weight_elements:>14,}{self.weight_bytes / 1e6:>10.2f}"
+            f"{self.weight_elements:>16,}{self.weight_bytes / 1e6:>10.2f}"
             f"{self.bits_per_weight:>8.3f}"
         )
         kv = (
@@ -118,6 +125,12 @@ class MemoryReport:
             f"{self.layers} layers x {self.kv_width} K/V width): "
             f"{self.kv_cache_bytes / 1e6:.2f} MB"
         )
+        if self.experts:
+            lines.append(
+                f"{'active':<12}{'':>8}{self.active_elements:>16,}"
+                f"{self.active_bytes / 1e6:>10.2f}  (per token: {self.experts_per_token} of "
+                f"{self.experts} experts)"
+            )
         lines += [
             "",
             kv if self.layers else "KV cache: unknown (no attention layers recognised)",
@@ -139,6 +152,8 @@ def _leaf_usage(leaf) -> tuple[str, int, int]:
     return dtype.name, math.prod(shape), math.prod(shape) * dtype.itemsize
 
 
+# A mixture-of-experts stack ``(E, K, N)``: jquant's ``.../experts/{gate,up,down}_proj/kernel``.
+_EXPERTS = re.compile(r"(?:^|/)experts/[^/]+/kernel$")
 _K_PROJ = re.compile(r"(?:^|/)layers/(\d+)/.*k_proj/kernel$")
 _K_NORM = re.compile(r"(?:^|/)layers/\d+/.*k_norm/scale$")
 _Q = re.compile(r"(?:^|/)layers/\d+/.*(q_proj/kernel|q_norm/scale)$")
@@ -174,6 +189,7 @@ def memory_report(
     config: Mapping | None = None,
     overhead: float = 0.1,
     dtype="bfloat16",
+    experts_per_token: int | None = None,
 ) -> MemoryReport:
     """Weighs a parameter tree (QArrays at their true storage) and sizes serving it.
 
@@ -191,6 +207,10 @@ def memory_report(
         num_key_value_heads, head_dim or hidden_size / num_attention_heads).
       overhead: fraction of (weights + KV cache) added for runtime overhead.
       dtype: the compute dtype, which the ``none`` cache format stores.
+      experts_per_token: a mixture-of-experts model's top-k (default: ``config``'s
+        ``num_experts_per_tok``); with it, ``active_elements`` / ``active_bytes`` count
+        ``k / E`` of each expert stack ``(E, K, N)``. Without it the active size is reported
+        as the total (and ``format`` prints no active row).
 
     >>> r = memory_report({"w": np.zeros((4096, 4096), np.float16)})
     >>> r.weight_bytes, r.by_format["float16"].bits_per_weight
@@ -205,12 +225,26 @@ def memory_report(
     if not 0 <= overhead < 10:
         raise ValueError(f"overhead={overhead!r} must be a fraction >= 0")
     leaves = tree.leaves(params)
+    if experts_per_token is None and config is not None:
+        experts_per_token = config.get("num_experts_per_tok")
     usage: dict[str, list[int]] = {}
-    for _, leaf in leaves:
+    idle = [0, 0]  # elements and bytes of the experts a token does not read
+    num_experts = set()
+    for path, leaf in leaves:
         name, elements, nbytes = _leaf_usage(leaf)
         if elements:
             u = usage.setdefault(name, [0, 0, 0])
             u[0], u[1], u[2] = u[0] + 1, u[1] + elements, u[2] + nbytes
+        if elements and _EXPERTS.search(path):
+            e = leaf.shape[0]
+            if experts_per_token is None:
+                continue  # the active size is unknown: reported as the total
+            if not 1 <= experts_per_token <= e:
+                raise ValueError(f"experts_per_token={experts_per_token} is not in 1..{e} "
+                                 f"(the experts of {path})")  # fmt: skip
+            num_experts.add(e)
+            idle[0] += elements * (e - experts_per_token) // e
+            idle[1] += nbytes * (e - experts_per_token) // e
     if config is not None:
         heads = config["num_attention_heads"]
         head_dim = head_dim or config.get("head_dim") or config["hidden_size"] // heads
@@ -231,10 +265,14 @@ def memory_report(
         raise ValueError(f"kv_width={kv_width} is not a multiple of head_dim={head_dim}")
     kv_heads = kv_width // head_dim if head_dim else 0
     kv_bytes = batch * context * fmt.bytes_per_token(kv_heads, head_dim, layers, dtype)
+    elements, nbytes = (sum(u[i] for u in usage.values()) for i in (1, 2))
     return MemoryReport(
         by_format={k: FormatUsage(tensors=v[0], elements=v[1], nbytes=v[2])
                    for k, v in usage.items()},
         batch=batch, context=context, kv_cache=kv_cache, kv_cache_bytes=kv_bytes,
         layers=layers, kv_width=kv_width, overhead=overhead,
+        active_elements=elements - idle[0], active_bytes=nbytes - idle[1],
+        experts_per_token=experts_per_token if num_experts else 0,
+        experts=max(num_experts, default=0),
     )  # fmt: skip
 

@@ -28,6 +28,8 @@ import jax.numpy as jnp
 import yaml
 
 from jquant import algorithms, qtypes
+from jquant._moe_settings import ExpertCalibration as ExpertCalibration
+from jquant._rotation import KINDS as ROTATION_KINDS
 from jquant.qarray import validate_group_size
 
 SCALE_DTYPES = {"bfloat16": jnp.bfloat16, "float16": jnp.float16, "float32": jnp.float32}
@@ -291,6 +293,12 @@ class Recipe:
     rules: tuple[Rule, ...]
     # Raise when a rule's pattern matches no parameter of the tree being quantized.
     require_match: bool = False
+    # How calibrated rules treat mixture-of-experts layers' experts (YAML: a mapping with
+    # tokens, min_token_share, fallback; see jquant._moe_settings).
+    experts: ExpertCalibration = dataclasses.field(default_factory=ExpertCalibration)
+    # Rotate the float model before it is quantized or calibrated (`jquant.rotate`):
+    # ``{"kind": "hadamard", "seed": 0}``; None: no rotation.
+    rotation: Mapping[str, Any] | None = None
 
     def __post_init__(self):
         if not isinstance(self.name, str) or not self.name:
@@ -299,6 +307,14 @@ class Recipe:
             raise ValueError(f"recipe {self.name!r}: description must be a string")
         if not isinstance(self.require_match, bool):
             raise ValueError(f"recipe {self.name!r}: require_match must be true or false")
+        if not isinstance(self.experts, ExpertCalibration):
+            try:
+                experts = ExpertCalibration.from_dict(self.experts)
+            except (TypeError, ValueError) as e:
+                raise ValueError(f"recipe {self.name!r}: {e}") from None
+            object.__setattr__(self, "experts", experts)
+        if self.rotation is not None:
+            object.__setattr__(self, "rotation", _rotation(self.rotation, self.name))
         if isinstance(self.rules, Mapping) or not isinstance(self.rules, list | tuple):
             raise ValueError(f"recipe {self.name!r}: rules must be a list, got {self.rules!r}")
         rules = []
@@ -424,6 +440,10 @@ class Recipe:
             out["description"] = self.description
         if self.require_match:
             out["require_match"] = True
+        if self.experts.to_dict():
+            out["experts"] = self.experts.to_dict()
+        if self.rotation is not None:
+            out["rotation"] = dict(self.rotation)
         out["rules"] = [r.to_dict() for r in self.rules]
         return out
 
@@ -453,6 +473,25 @@ def _yaml_problem(e: yaml.YAMLError) -> str:
         mark = e.problem_mark
         return f"{e.problem} at line {mark.line + 1}, column {mark.column + 1}"
     return " ".join(str(e).split())
+
+
+ROTATION_KEYS = ("kind", "seed")
+
+
+def _rotation(value, name: str) -> dict[str, Any]:
+    """A recipe's ``rotation`` entry checked, with its defaults filled in."""
+    where = f"recipe {name!r}: rotation"
+    if not isinstance(value, Mapping):
+        raise ValueError(f"{where} must be a mapping like {{kind: hadamard, seed: 0}}, "
+                         f"got {value!r}")  # fmt: skip
+    _check_keys(value, ROTATION_KEYS, where)
+    out = {"kind": value.get("kind", "hadamard"), "seed": value.get("seed", 0)}
+    if out["kind"] not in ROTATION_KINDS:
+        raise ValueError(f"{where}: kind={out['kind']!r} is not supported; supported: "
+                         f"{', '.join(ROTATION_KINDS)}")  # fmt: skip
+    if not _is_int(out["seed"]) or out["seed"] < 0:
+        raise ValueError(f"{where}: seed={out['seed']!r} must be an int >= 0")
+    return out
 
 
 def _check_keys(d: Mapping, allowed: tuple[str, ...], where: str):

@@ -91,6 +91,12 @@ def quantize(
     ('int4', True)
     """
     recipe = recipe if isinstance(recipe, Recipe) else Recipe.load(recipe)
+    if recipe.rotation is not None:
+        raise ValueError(
+            f"recipe {recipe.name!r} rotates the model (rotation: {dict(recipe.rotation)}), "
+            "which needs the model, not its parameters alone: use "
+            "jquant.calib.apply_recipe(model, params, recipe), or jquant.rotate.rotate first"
+        )
     flat, treedef = tree.flatten(params)
     recipe.check_matches([path for path, _ in flat])
     leaves, rows = [], []

@@ -1,5 +1,5 @@
-"""Pallas kernels for jquant's quantized matmuls and paged attention (installed as
-`jquant.kernels`).
+"""Pallas kernels for jquant's quantized matmuls (dense and MoE grouped), paged attention and
+the Hadamard transform (installed as `jquant.kernels`).
 
 Imports only jax and numpy, never jquant: the kernels are a leaf that jquant.ops calls.
 """
@@ -12,6 +12,12 @@ from .dispatch_table import has_dispatch_table as has_dispatch_table
 from .dispatch_table import kernel_max_m as kernel_max_m
 from .dispatch_table import prefer_kernel as prefer_kernel
 from .dispatch_table import set_dispatch_table as set_dispatch_table
+from .grouped_matmul import can_use_grouped_matmul as can_use_grouped_matmul
+from .grouped_matmul import grouped_matmul as grouped_matmul
+from .grouped_matmul import grouped_matmul_reference as grouped_matmul_reference
+from .hadamard import can_use_hadamard_kernel as can_use_hadamard_kernel
+from .hadamard import hadamard_reference as hadamard_reference
+from .hadamard import hadamard_transform as hadamard_transform
 from .paged_attention import can_use_paged_attention as can_use_paged_attention
 from .paged_attention import paged_attention as paged_attention
 from .paged_attention import paged_attention_reference as paged_attention_reference

@@ -107,12 +107,14 @@ def _expand_groups(s: jax.Array, gpb: int, gb: int, bkb: int) -> jax.Array:
                    preferred_element_type=jnp.float32)
 
 
-def _weight_only_kernel(*refs, qtype, n_planes, gpb, gb, has_zp, n_k):
+def _weight_only_kernel(*refs, qtype, n_planes, gpb, gb, has_zp, n_k, step=None):
+    # `step` (the K step) is passed in by a caller that runs this body under a condition:
+    # interpret mode reads program ids only outside one.
     x_refs = refs[:n_planes]
     w_ref, s_ref = refs[n_planes:n_planes + 2]
     zp_ref = refs[n_planes + 2] if has_zp else None
     o_ref, acc_ref = refs[-2:]
-    step = pl.program_id(2)
+    step = pl.program_id(2) if step is None else step
 
     @pl.when(step == 0)
     def _init():

@@ -7,10 +7,11 @@ published int4 kernels drop to about half of bf16 speed there. So `jquant.ops` r
 kernel only while M <= the table's limit for (backend, kind) and XLA above it.
 
 `kind` is the weight qtype for weight-only matmuls ("int4", "nf4", "mxfp4", ...),
-"w8a8_int8" / "w8a8_fp8" for the W8A8 kernels, and "paged_attention" for the paged-attention
+"w8a8_int8" / "w8a8_fp8" for the W8A8 kernels, "paged_attention" for the paged-attention
 kernel, whose M is the query tokens per row (1 at decode, the chunk at prefill; rows come
-from `benchmarks/paged_attention.py`). A limit of None means "the kernel at every M"; 0, or
-no entry, means "never under auto".
+from `benchmarks/paged_attention.py`), and "grouped_matmul" for the MoE grouped kernel,
+whose M is the routed rows (tokens times top-k; rows from `benchmarks/moe_gmm.py`). A limit
+of None means "the kernel at every M"; 0, or no entry, means "never under auto".
 
 **No unmeasured kernel by default.** The kernels have run in interpret mode and through
 `jax.export` only, so a backend gets kernels under "auto" only from a *measured* table: one
@@ -43,7 +44,9 @@ from ._formats import QTYPES
 WEIGHT_ONLY_KINDS = QTYPES  # every format the weight-only kernels decode
 W8A8_KINDS = ("w8a8_int8", "w8a8_fp8")
 ATTENTION_KINDS = ("paged_attention",)
-KINDS = WEIGHT_ONLY_KINDS + W8A8_KINDS + ATTENTION_KINDS
+GROUPED_KINDS = ("grouped_matmul",)
+TRANSFORM_KINDS = ("hadamard",)  # `kernels.hadamard`; M: the rows transformed
+KINDS = WEIGHT_ONLY_KINDS + W8A8_KINDS + ATTENTION_KINDS + GROUPED_KINDS + TRANSFORM_KINDS
 BACKENDS = ("tpu", "gpu")
 # Where the measured tables that ship with jquant live: <backend>.json, benchmark JSON.
 MEASURED_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "measured")

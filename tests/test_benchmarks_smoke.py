@@ -272,3 +272,14 @@ def test_speculative_benchmark_table(tiny_model, capsys):
     rows = [line for line in out.splitlines() if line.startswith(("| copy |", "| fresh |"))]
     assert len(rows) == 4 and "differs" not in out, out
     assert all(row.endswith("1.00x |") for row in rows[::2]) and "| 12 |" in rows[1]
+
+
+def test_moe_calibration_benchmark_rows():
+    """The MoE calibration benchmark on one family, one calibration size and one method:
+    float, RTN and GPTQ rows with finite perplexities, and its table."""
+    bench = _load("moe_calib")
+    rows = bench.run(["qwen2_moe"], [4], methods=("gptq",))
+    assert [(r["method"], r["windows"]) for r in rows] == [("float", 0), ("rtn", 0), ("gptq", 4)]
+    assert all(1.0 < r["perplexity"] < 96.0 for r in rows)
+    table = bench.format_table(rows)
+    assert table.count("\n") == len(rows) + 1 and "| qwen2_moe | gptq | 64 |" in table

@@ -31,7 +31,7 @@ def test_quantize_writes_a_checkpoint_that_every_command_reads(
     assert main(argv) == 0
     report = json.loads(capsys.readouterr().out)
     assert is_packed(out) and report["calibrated"] and report["samples"] == 4
-    assert 4.0 < report["quantized_bits_per_weight"] < 4.6
+    assert 4.0 < report["quantized_bits_per_weight"] < 8.1  # int4 g64 kernels, int8 table
     saved = json.loads((out / "report.json").read_text())
     assert len(saved["rows"]) == 7 * 2 and all(r["algorithm"] == "gptq" for r in saved["rows"])
 

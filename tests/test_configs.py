@@ -12,17 +12,20 @@ from jquant.recipe import Recipe
 from jquant.transform import quantize
 
 SHIPPED = ["fp8", "gguf-q4_0", "gguf-q4_1", "gguf-q5_0", "gguf-q5_1", "gguf-q8_0", "mixed", "nf4",
-           "w3a16-gptq-g64", "w4a16-awq-g128", "w4a16-awq-gptq-uint4-g64",
+           "w3a16-gptq-g64", "w3a16-gptq-g64-had", "w4a16-awq-g128", "w4a16-awq-gptq-uint4-g64",
            "w4a16-awq-gptq-uint4-g64-emb8", "w4a16-gptq-g128", "w4a16-gptq-g64",
            "w4a16-gptq-uint4-g64", "w4a16-hqq-g64", "w4a16-mxfp4", "w4a16-nvfp4",
            "w4a16-rtn-g128", "w4a16-rtn-g64", "w4a16-uint4-g64", "w8a16", "w8a16-emb8", "w8a8",
            "w8a8-smoothquant"]  # fmt: skip
 # Recipes whose algorithms need calibration data: tests/calib/test_recipes.py runs them.
-CALIBRATED = ["w3a16-gptq-g64", "w4a16-awq-g128", "w4a16-awq-gptq-uint4-g64",
+CALIBRATED = ["w3a16-gptq-g64", "w3a16-gptq-g64-had", "w4a16-awq-g128", "w4a16-awq-gptq-uint4-g64",
               "w4a16-awq-gptq-uint4-g64-emb8", "w4a16-gptq-g128", "w4a16-gptq-g64",
               "w4a16-gptq-uint4-g64", "w8a8-smoothquant"]  # fmt: skip
-# Recipes that quantize the embedding table (and so a tied head) to INT8, per row.
-EMB8 = ["w4a16-awq-gptq-uint4-g64-emb8", "w8a16-emb8"]
+# How a recipe stores the embedding table and an untied head: (qtype, group size, scale
+# dtype), or "bfloat16" (kept float in that dtype). The table is SmolLM2's largest tensor.
+TABLE = {name: ("int8", 32, "float16") if name.startswith("gguf-") else ("int8", None, "bfloat16")
+         for name in SHIPPED}  # fmt: skip
+TABLE["fp8"] = "bfloat16"
 PLAIN = [n for n in SHIPPED if n not in CALIBRATED]
 
 # recipe → (qtype, group_size, activation, double-quantized) of an MLP projection.
@@ -78,22 +81,16 @@ def test_shipped_loads_and_round_trips(name):
     assert r.name == name and r.description
     assert Recipe.from_yaml(r.to_yaml()) == r
     assert r.rules[0].matches("embed_tokens/embedding") and r.rules[1].matches("lm_head/kernel")
-    if name in EMB8:  # the table in INT8, an untied head alike (so a tied one stays tied)
-        assert r.rules[0].weight == r.rules[1].weight == "int8"
-    else:
-        assert r.rules[0].skip and r.rules[1].skip
+    # The table and an untied head alike (so a tied head stays tied).
+    assert r.rules[0].to_dict() | {"pattern": ""} == r.rules[1].to_dict() | {"pattern": ""}
 
 
 @pytest.mark.parametrize("name", PLAIN)
 def test_shipped_on_llama_paths(name, llama):
     q = quantize(llama, name)
-    if name in EMB8:
-        table, head = q["embed_tokens"]["embedding"], q["lm_head"]["kernel"]
-        assert (table.qtype, table.axis, table.group_size) == ("int8", -1, None)
-        assert (head.qtype, head.axis) == ("int8", -2)
-    else:
-        assert q["embed_tokens"]["embedding"] is llama["embed_tokens"]["embedding"]
-        assert q["lm_head"]["kernel"] is llama["lm_head"]["kernel"]
+    check_table(q["embed_tokens"]["embedding"], llama["embed_tokens"]["embedding"], TABLE[name],
+                axis=-1)  # fmt: skip
+    check_table(q["lm_head"]["kernel"], llama["lm_head"]["kernel"], TABLE[name], axis=-2)
     assert q["norm"]["scale"] is llama["norm"]["scale"]
     qtype, group, act, dq = EXPECT[name]
     for i in range(LAYERS):
@@ -108,11 +105,30 @@ def test_shipped_on_llama_paths(name, llama):
         attn_q = qlayer["self_attn"]["o_proj"]["kernel"]
         assert attn_q.qtype == ("fp8_e4m3" if name == "mixed" else qtype)
     quantized = sum(isinstance(x, QArray) for x in jax.tree.leaves(q, is_leaf=is_q))
-    assert quantized == 7 * LAYERS + (2 if name in EMB8 else 0)
+    assert quantized == 7 * LAYERS + (0 if TABLE[name] == "bfloat16" else 2)
 
 
 def is_q(x):
     return isinstance(x, QArray)
+
+
+def check_table(got, table, fmt, *, axis):
+    """``got``, the table (or head) ``table`` as stored by format ``fmt`` (see TABLE):
+    int8 along ``axis`` within half a step of the float values, or the values in bfloat16."""
+    if fmt == "bfloat16":
+        np.testing.assert_array_equal(np.asarray(got), np.asarray(table).astype(jnp.bfloat16))
+        return
+    qtype, group, scale_dtype = fmt
+    assert (got.qtype, got.axis, got.group_size) == (qtype, axis, group)
+    assert got.scale.dtype == jnp.dtype(scale_dtype)
+    w = np.asarray(table)
+    k = w.shape[axis]
+    g = group or k
+    blocks = np.moveaxis(w, axis, -1).reshape(-1, k // g, g)
+    step = np.abs(blocks).max(-1, keepdims=True) / 127  # symmetric absmax, 127 steps a side
+    err = np.abs(np.moveaxis(np.asarray(got.dequantize(jnp.float32)), axis, -1).reshape(
+        blocks.shape) - blocks)  # fmt: skip
+    assert np.all(err <= 0.51 * step + 1e-6)
 
 
 class Stock(nn.Module):
@@ -126,8 +142,10 @@ class Stock(nn.Module):
 def test_shipped_on_stock_linen(name):
     params = Stock().init(jax.random.key(0), jnp.zeros((1, 2), jnp.int32))
     q = quantize(params, name)["params"]
-    assert q["Embed_0"]["embedding"] is params["params"]["Embed_0"]["embedding"]
-    assert q["lm_head"]["kernel"] is params["params"]["lm_head"]["kernel"]
+    float_params = params["params"]
+    check_table(q["Embed_0"]["embedding"], float_params["Embed_0"]["embedding"], TABLE[name],
+                axis=-1)  # fmt: skip
+    check_table(q["lm_head"]["kernel"], float_params["lm_head"]["kernel"], TABLE[name], axis=-2)
     assert isinstance(q["Dense_0"]["kernel"], QArray) and isinstance(q["Dense_1"]["kernel"], QArray)
     assert q["Dense_0"]["bias"] is params["params"]["Dense_0"]["bias"]
 

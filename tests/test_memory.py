@@ -1,8 +1,11 @@
 """Memory report: true storage bytes and the serving estimate."""
 
+import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import nnx
 
+import jquant
 from jquant.memory import ACCELERATORS, memory_report
 from jquant.qarray import quantize_array
 
@@ -129,3 +132,65 @@ def test_report_counts_the_serving_cache_bytes(head_dim, kv_cache, code_bytes, s
 def test_quantized_cache_without_head_dim_is_refused():
     with pytest.raises(ValueError, match="head_dim"):
         memory_report(_llama_like(), kv_cache="int8")
+
+
+def test_mixture_of_experts_counts_total_and_active_weights():
+    """A tiny Qwen3-MoE-like model, layer 0 MoE and layer 1 dense: every weight counts in
+    the total; per token, k of the E experts of the MoE layer (and everything else).
+    Expected sizes come from the config's shapes by hand, not from the tree the report
+    walks."""
+    from jquant.models import LlamaConfig, init_model
+
+    v, d, f, fe, e, k, n = 32, 16, 40, 24, 6, 2, 2
+    config = LlamaConfig(model_type="qwen3_moe", vocab_size=v, hidden_size=d,
+                         intermediate_size=f, num_layers=n, num_heads=2, num_kv_heads=1,
+                         head_dim=8, num_experts=e, num_experts_per_tok=k,
+                         moe_intermediate_size=fe, moe_layers=(0,),
+                         tie_word_embeddings=False)  # fmt: skip
+    params = nnx.state(init_model(config, seed=0))
+    attn = d * 16 + 2 * d * 8 + 16 * d  # q, k, v, o
+    moe = attn + e * d + 3 * e * d * fe + 2 * d  # router, experts, two norms
+    dense = attn + 3 * d * f + 2 * d
+    total = 2 * v * d + d + moe + dense  # table, head, final norm
+    r = memory_report(params, experts_per_token=k)
+    assert r.weight_elements == total
+    assert r.active_elements == total - 3 * (e - k) * d * fe
+    assert r.active_bytes == 4 * r.active_elements  # float32
+    assert (r.experts, r.experts_per_token) == (e, k) and "2 of 6 experts" in r.format()
+    q = jquant.quantize(params, "w8a16")
+    rq = memory_report(q, config={"num_experts_per_tok": k, "num_attention_heads": 2,
+                                  "num_hidden_layers": n, "num_key_value_heads": 1,
+                                  "head_dim": 8, "hidden_size": d})  # fmt: skip
+    # int8 experts: one byte a weight and one bfloat16 scale per expert and output channel.
+    expert_bytes = 2 * (e * d * fe + 2 * e * fe) + (e * fe * d + 2 * e * d)
+    assert rq.weight_bytes - rq.active_bytes == expert_bytes * (e - k) // e
+    unknown = memory_report(params)  # no top-k: nothing to say of what a token reads
+    assert unknown.active_elements == total and "active" not in unknown.format()
+    with pytest.raises(ValueError, match="not in 1..6"):
+        memory_report(params, experts_per_token=7)
+
+
+def test_dense_model_active_equals_total():
+    r = memory_report({"layers/0/mlp/up_proj/kernel": np.zeros((8, 4), np.float32)})
+    assert (r.active_elements, r.active_bytes, r.experts) == (32, 128, 0)
+    assert "active" not in r.format()
+
+
+def test_qwen3_30b_a3b_total_and_active_from_its_config():
+    """Qwen3-30B-A3B priced abstractly: the counts its shapes give by hand (its model card
+    says 30.5B total and 3.3B activated; counted with both embedding tables, 3.35B)."""
+    from jquant.models import LlamaConfig, abstract_model
+
+    config = dict(model_type="qwen3_moe", vocab_size=151936, hidden_size=2048,
+                  intermediate_size=6144, num_hidden_layers=48, num_attention_heads=32,
+                  num_key_value_heads=4, head_dim=128, num_experts=128, num_experts_per_tok=8,
+                  moe_intermediate_size=768, tie_word_embeddings=False)  # fmt: skip
+    model = abstract_model(LlamaConfig.from_hf(config), param_dtype=jnp.bfloat16)
+    r = memory_report(nnx.state(model), config=config)
+    d, q, kv, e, k, f = 2048, 32 * 128, 4 * 128, 128, 8, 768
+    layer = 2 * d * q + 2 * d * kv + 2 * 128 + 2 * d + e * d  # attention, norms, router
+    total = 48 * (layer + 3 * e * d * f) + 2 * 151936 * d + d
+    active = 48 * (layer + 3 * k * d * f) + 2 * 151936 * d + d
+    assert (r.weight_elements, r.active_elements) == (total, active)
+    assert round(total / 1e9, 1) == 30.5 and round(active / 1e9, 2) == 3.35
+    assert r.active_bytes == 2 * active

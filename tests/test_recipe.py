@@ -9,6 +9,7 @@ FULL = {
     "name": "full",
     "description": "every field set",
     "require_match": True,
+    "experts": {"tokens": "all", "min_token_share": 0.01, "fallback": "hqq"},
     "rules": [
         {"pattern": "embed", "skip": True},
         {
@@ -155,6 +156,17 @@ def test_unknown_recipe_key_lists_allowed():
     ({"name": "x", "require_match": True, "rules": []}, "recipe 'x': no rules"),
     ({"name": "x", "rules": [{"pattern": "a", "skip": True}, {"pattern": "b", "skip": True}]},
      "recipe 'x': every rule is skip: true"),
+    ({"name": "x", "experts": {"tokens": "some"}, "rules": [{"pattern": "a", "weight": "int8"}]},
+     r"recipe 'x': experts: tokens='some' is not one of \['routed', 'all'\]"),
+    ({"name": "x", "experts": {"min_token_share": 1.5}, "rules": [{"pattern": "a",
+                                                                   "weight": "int8"}]},
+     r"recipe 'x': experts: min_token_share=1.5 must be a number in \[0, 1\)"),
+    ({"name": "x", "experts": {"fallback": "gptq"}, "rules": [{"pattern": "a", "weight": "int8"}]},
+     r"recipe 'x': experts: fallback='gptq' is not one of \['rtn', 'hqq'\]"),
+    ({"name": "x", "experts": {"share": 0.1}, "rules": [{"pattern": "a", "weight": "int8"}]},
+     r"recipe 'x': experts: unknown key\(s\) \['share'\]; allowed: tokens, min_token_share"),
+    ({"name": "x", "experts": "all", "rules": [{"pattern": "a", "weight": "int8"}]},
+     "recipe 'x': experts: expected a mapping"),
 ])  # fmt: skip
 def test_bad_recipe(d, message):
     with pytest.raises(ValueError, match=message):

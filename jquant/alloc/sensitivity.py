@@ -186,8 +186,9 @@ def collect(model, params: nnx.State, tokens, *, batch_size: int = 2,
                          f"{tokens.dtype}{list(tokens.shape)}")  # fmt: skip
     config = model.config
     tied = config.tie_word_embeddings
-    graphdef = blocks.layer_graphdef(model)
-    paths = tuple(_kernel_paths(blocks.layer_params(params, 0)))
+    graphdefs = [blocks.layer_graphdef(model, i) for i in range(config.num_layers)]
+    paths = [tuple(_kernel_paths(blocks.layer_params(params, i)))
+             for i in range(config.num_layers)]  # fmt: skip
     norm_gd = nnx.graphdef(model.norm)
     head_w = (params["embed_tokens"]["embedding"] if tied else params["lm_head"]["kernel"])
     head_w = tree.unwrap(head_w)
@@ -201,7 +202,7 @@ def collect(model, params: nnx.State, tokens, *, batch_size: int = 2,
         x, ctx = blocks.embed(model, params, ids)
         xs = [x]
         for i in range(config.num_layers):
-            xs.append(blocks.run_layer(graphdef, blocks.layer_params(params, i), xs[-1],
+            xs.append(blocks.run_layer(graphdefs[i], blocks.layer_params(params, i), xs[-1],
                                        ctx.at(config, i)))  # fmt: skip
         targets = jnp.concatenate([ids[:, 1:], ids[:, :1]], axis=1)
         valid = jnp.arange(ids.shape[1])[None, :] < ids.shape[1] - 1
@@ -214,9 +215,9 @@ def collect(model, params: nnx.State, tokens, *, batch_size: int = 2,
         _add(sums, gsq, "head", head_stats, head_gsq)
         for i in reversed(range(config.num_layers)):
             g, layer_gsq, seen = _layer_backward(
-                graphdef, blocks.layer_params(params, i), xs[i], ctx.at(config, i), g,
-                paths=paths)  # fmt: skip
-            for p in paths:
+                graphdefs[i], blocks.layer_params(params, i), xs[i], ctx.at(config, i), g,
+                paths=paths[i])  # fmt: skip
+            for p in paths[i]:
                 _add(sums, gsq, f"layers/{i}/{p}", seen[p], layer_gsq[p])
         rows += np.asarray(_row_grad_sq(g, ids, vocab=config.vocab_size), np.float64)
     kernels = {path: _kernel_stats(sums[path], gsq[path], predicted)

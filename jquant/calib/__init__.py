@@ -1,7 +1,7 @@
 """Calibrated post-training quantization: data, input statistics, scale folding, drivers.
 
 >>> model, params, tok = jquant.models.load("smollm2-135m")  # doctest: +SKIP
->>> tokens = jquant.calib.calibration_tokens(tok)  # 128 x 512 from pydoc-calib  # doctest: +SKIP
+>>> tokens = jquant.calib.calibration_tokens(tok)  # 128 x 512 from python-mix  # doctest: +SKIP
 >>> qparams, report = jquant.calib.quantize_model(model, params, "w4a16-gptq-g128", tokens)
 ...  # doctest: +SKIP
 >>> model, qparams, report = jquant.calib.apply_recipe(model, params, "w4a16-gptq-g128",

@@ -3,7 +3,8 @@ the kernels found in forward order and grouped by shared input (`_groups`), thei
 statistics gathered over micro-batches (`_gather`, accumulated in place), AWQ/SmoothQuant
 scales searched and folded (`_fold_scales`), every kernel solved by its rule's algorithm on
 the mesh's devices in turn (`_solve`, `_share`), and the quantized layer run on to give the
-next layer's inputs (`_run_layer`).
+next layer's inputs (`_run_layer`). An MoE layer's expert stacks are solved expert by expert
+(`jquant.calib._experts`).
 """
 
 from __future__ import annotations
@@ -17,12 +18,18 @@ import jax
 import jax.numpy as jnp
 
 from jquant import algorithms, tree
-from jquant._tap import Tap, tapping, with_taps
-from jquant.calib import stats
+from jquant._moe_settings import ExpertCalibration
+from jquant._tap import Routed, Tap, input_key, tapping, with_taps
+from jquant.calib import _experts, stats
 from jquant.calib.activations import Activations, Placement
 from jquant.calib.fold import Fold, apply_fold
 from jquant.qarray import QArray
 from jquant.recipe import Rule
+
+#: Algorithms that need the inputs' statistics (and so a calibration pass).
+CALIBRATED = ("gptq", "awq", "smoothquant")
+
+_ROUTED = ExpertCalibration()  # the default: each expert on the tokens routed to it
 
 
 class _Static:
@@ -90,13 +97,20 @@ def _tapped_pass(state, args, *, apply: _Static, plan: _Static, mode: str,
                 f"{tap.path}: the kernel is used by more than one matmul; "
                 "calibrated quantization needs one input per kernel"
             )
-        if id(x) not in seen:  # q/k/v (and gate/up) share one input: one Hessian
-            seen[id(x)] = (x, stats.from_inputs(x))
-        calib = seen[id(x)][1]
+        key = input_key(x)
+        if key not in seen:  # q/k/v (and gate/up) share one input: one Hessian
+            routed = isinstance(x, Routed)
+            seen[key] = (x, stats.from_routed(*x) if routed else stats.from_inputs(x))
+        calib = seen[key][1]
         rule = rules.get(tap.path)
         if mode == "stats" or rule is None:
             results[tap.path] = calib
             return tap.value
+        if isinstance(x, Routed):
+            raise ValueError(
+                f"{tap.path}: an expert stack is calibrated expert by expert by "
+                "jquant.calib.quantize_model (layer by layer), not in one tapped pass"
+            )
         out = algorithms.get(rule.algorithm)(tap.value, rule, path=tap.path, calibration=calib)
         q, info = algorithms.split_result(rule.algorithm, out)
         results[tap.path] = (q, info, _output_error(tap.value, q, calib))
@@ -128,7 +142,17 @@ _SEARCHES: dict[Any, Callable] = {}
 
 
 def _fold_scales(fold: Fold, kind: str, settings: dict, weights, rules, calib):
-    """The scale of one fold group, searched by AWQ or computed by SmoothQuant."""
+    """The scale of one fold group, searched by AWQ or computed by SmoothQuant.
+
+    Expert stacks among the consumers share the scale: they count as ``(K, E·N)`` kernels on
+    the statistics of every row they received (`stats.pooled`: the tokens that reached the
+    layer). A fold with a scale per expert (``fold.experts``, AWQ only: SmoothQuant folds
+    into norms) searches each expert on its own statistics.
+    """
+    if fold.experts:
+        return _expert_scales(settings, weights[0], rules[0], calib)
+    weights = [_experts.as_matrix(w) for w in weights]
+    calib = stats.pooled(calib)
     if kind == "smoothquant":
         from jquant.algorithms import smoothquant
 
@@ -148,6 +172,19 @@ def _fold_scales(fold: Fold, kind: str, settings: dict, weights, rules, calib):
     return _SEARCHES[key](weights, calib)
 
 
+def _expert_scales(settings: dict, w, rule: Rule, calib):
+    """AWQ's scales ``(E, N)``, one search per expert of ``w (E, K, N)`` on its statistics
+    (an expert with no rows gets ones: its loss is zero for every candidate)."""
+    from jquant.algorithms import awq
+
+    grid = int(settings.get("grid", 20))
+    key = ("awq-experts", grid, _settings(rule))
+    if key not in _SEARCHES:
+        one = lambda w_e, c_e: awq.search_scales([w_e], [rule], c_e, grid=grid)  # noqa: E731
+        _SEARCHES[key] = jax.jit(jax.vmap(one))
+    return _SEARCHES[key](w, calib)
+
+
 def _folds_for(folds, plan: dict[str, Rule | None]):
     """(fold, kind, settings) for every fold group a consumer's rule asks scales for."""
     out = []
@@ -163,11 +200,14 @@ def _folds_for(folds, plan: dict[str, Rule | None]):
     return out
 
 
-def _layer_apply(graphdef) -> _Static:
+def _layer_apply(graphdef, every_expert: bool = False) -> _Static:
+    """The layer as the statistics passes run it (``every_expert``: each token through
+    every expert, for a recipe's ``experts: {tokens: all}``)."""
     from jquant.models import blocks
 
-    return _Static(("layer", graphdef),
-                   lambda st, x, ctx: blocks.apply_layer(graphdef, st, x, ctx))  # fmt: skip
+    return _Static(("layer", graphdef, every_expert),
+                   lambda st, x, ctx: blocks.apply_layer(graphdef, st, x, ctx,
+                                                         every_expert=every_expert))  # fmt: skip
 
 
 def _run_layer(graphdef, state, acts: Activations, out: Activations, ctx) -> None:
@@ -183,7 +223,7 @@ def _groups(state, plan, apply: _Static, acts: Activations, ctx) -> list[tuple[s
     order: list[tuple[str, int]] = []
 
     def record(x, tap: Tap):
-        order.append((tap.path, id(x)))
+        order.append((tap.path, input_key(x)))
         return tap.value
 
     # A micro-batch over the mesh: ``acts.batch`` counts this process's windows only.
@@ -239,26 +279,50 @@ def _rule_key(rule: Rule) -> _Static:
     return _Static(_settings(rule), rule)
 
 
-def _solve(w, calib: stats.Calibration, *, rule: _Static, path: str):
+def _solve(w, calib: stats.Calibration, *, rule: _Static, path: str,
+           fallback: tuple[str | None, ...] | None = None):  # fmt: skip
     """One kernel quantized by its rule on its inputs' statistics:
     ``(qarray, info, (output error, weight error))``. An eager algorithm (GPTQ) is called
-    with concrete arrays, the others inside one ``jit``."""
+    with concrete arrays, the others inside one ``jit``. An expert stack (``fallback``:
+    `_experts.fallbacks`'s answer) is solved expert by expert (`_experts.solve`)."""
     r = rule.value
+    if fallback is not None:
+        return jax.block_until_ready(_experts.solve(w, calib, rule=r, path=path,
+                                                    fallback=fallback, quantize=_quantize))
     if not algorithms.runs_eagerly(r.algorithm):
         return _solve_traced(w, calib, rule=rule, path=path)
-    q, info = algorithms.split_result(
-        r.algorithm, algorithms.get(r.algorithm)(w, r, path=path, calibration=calib))
+    q, info = _quantize(w, calib, r, path)
     # Finished before the next kernel's host work starts: a sweep still running would hold
     # its buffers beside the next factorization (gate/up_proj's beside down_proj's at 8B).
     return jax.block_until_ready((q, info, _output_error_jit(w, q, calib)))
 
 
-@functools.partial(jax.jit, static_argnames=("rule", "path"))
-def _solve_traced(w, calib: stats.Calibration, *, rule: _Static, path: str):
+@functools.partial(jax.jit, static_argnames=("rule", "path", "fallback"))
+def _solve_traced(w, calib: stats.Calibration, *, rule: _Static, path: str,
+                  fallback: tuple[str | None, ...] | None = None):  # fmt: skip
     r = rule.value
+    if fallback is not None:
+        return _experts.solve(w, calib, rule=r, path=path, fallback=fallback,
+                              quantize=_quantize)  # fmt: skip
     q, info = algorithms.split_result(
         r.algorithm, algorithms.get(r.algorithm)(w, r, path=path, calibration=calib))
     return q, info, _output_error(w, q, calib)
+
+
+def _quantize(w, calib: stats.Calibration, rule: Rule, path: str):
+    """``(qarray, info)`` of one kernel: an eager algorithm on concrete arrays called as it
+    is, anything else through one ``jit`` per rule's settings."""
+    if algorithms.runs_eagerly(rule.algorithm) and not isinstance(w, jax.core.Tracer):
+        return algorithms.split_result(
+            rule.algorithm, algorithms.get(rule.algorithm)(w, rule, path=path, calibration=calib))
+    return _quantize_traced(w, calib, rule=_rule_key(rule), path=path)
+
+
+@functools.partial(jax.jit, static_argnames=("rule", "path"))
+def _quantize_traced(w, calib: stats.Calibration, *, rule: _Static, path: str):
+    r = rule.value
+    return algorithms.split_result(
+        r.algorithm, algorithms.get(r.algorithm)(w, r, path=path, calibration=calib))
 
 
 _output_error_jit = jax.jit(_output_error)
@@ -266,12 +330,15 @@ _output_error_jit = jax.jit(_output_error)
 
 def _calibrate_layer(state, plan, acts: Activations, out: Activations, ctx, *, graphdef,
                      folds, sequential: str, placement: Placement,
-                     devices: dict | None = None):  # fmt: skip
+                     devices: dict | None = None,
+                     experts: ExpertCalibration = _ROUTED, tokens: int = 0):  # fmt: skip
     """Calibrates one decoder layer (its float ``state``, folded in place) on ``acts`` and
     writes its quantized outputs into ``out``; returns ``(quantized state, results)``.
-    ``devices`` receives the id of the device that solved each kernel (None: default)."""
+    ``devices`` receives the id of the device that solved each kernel (None: default).
+    ``experts`` and ``tokens`` (the calibration tokens) say how expert stacks are
+    calibrated and when an expert falls back to a data-free algorithm."""
     devices = {} if devices is None else devices
-    apply = _layer_apply(graphdef)
+    apply = _layer_apply(graphdef, every_expert=experts.tokens == "all")
     results: dict[str, Any] = {}
     if not plan:
         _run_layer(graphdef, state, acts, out, ctx)
@@ -286,11 +353,12 @@ def _calibrate_layer(state, plan, acts: Activations, out: Activations, ctx, *, g
         values = dict(tree.leaves(state))
         for fold, kind, settings in wanted:
             consumers = [p for p in fold.consumers if plan.get(p) is not None]
-            head = head_of[consumers[0]]
+            heads = dict.fromkeys(head_of[p] for p in consumers)  # several in an MoE layer
             s = _fold_scales(fold, kind, settings, [values[p] for p in consumers],
-                             [plan[p] for p in consumers], calibs[head])  # fmt: skip
+                             [plan[p] for p in consumers], calibs[next(iter(heads))])  # fmt: skip
             apply_fold(state, fold, s)
-            calibs[head] = calibs[head].scaled(fold.expand(s))  # the consumers now see x / s
+            for head in heads:  # the consumers now see x / s
+                calibs[head] = calibs[head].scaled(fold.expand(s))
         if sequential == "module":  # later groups see the quantized kernels before them
             calibs = {groups[0][0]: calibs[groups[0][0]]}
     values = dict(tree.leaves(state))
@@ -313,6 +381,10 @@ def _calibrate_layer(state, plan, acts: Activations, out: Activations, ctx, *, g
             device = placement.solver(order.index(path))
             args = (values.pop(path), calibs[head])
             key = dict(rule=_rule_key(plan[path]), path=path)
+            if _experts.is_stack(args[0]):
+                key["fallback"] = _experts.fallbacks(
+                    args[1].count, plan[path], experts, tokens,
+                    calibrated=plan[path].algorithm in CALIBRATED)  # fmt: skip
             if placement.owns(device):
                 solved[path] = _solve(*placement.on(device, args), **key)
             else:

@@ -201,10 +201,12 @@ class Activations:
 
 
 def micro_batch_for(config, samples: int, seq_len: int, *, multiple: int = 1,
-                    budget: int = MICRO_BATCH_BYTES) -> int:  # fmt: skip
+                    budget: int = MICRO_BATCH_BYTES,
+                    every_expert: bool = False) -> int:  # fmt: skip
     """The largest divisor of ``samples`` that is a multiple of ``multiple`` (the devices a
     micro-batch is split over) and keeps each device's share within
-    `TOKENS_PER_MICRO_BATCH` tokens and ``budget`` bytes of intermediates.
+    `TOKENS_PER_MICRO_BATCH` tokens and ``budget`` bytes of intermediates (``every_expert``:
+    the statistics passes send each token through every expert, `window_bytes`).
 
     >>> from jquant.arch import LlamaConfig
     >>> c = LlamaConfig(vocab_size=8, hidden_size=576, intermediate_size=1536, num_layers=1,
@@ -215,7 +217,7 @@ def micro_batch_for(config, samples: int, seq_len: int, *, multiple: int = 1,
     Raises:
       ValueError: no such divisor (``samples`` not a multiple of ``multiple``).
     """
-    per_window = window_bytes(config, seq_len)
+    per_window = window_bytes(config, seq_len, every_expert=every_expert)
     limit = multiple * max(1, min(TOKENS_PER_MICRO_BATCH // seq_len, budget // per_window))
     fits = [d for d in range(multiple, min(samples, limit) + 1, multiple) if samples % d == 0]
     if not fits:
@@ -225,14 +227,45 @@ def micro_batch_for(config, samples: int, seq_len: int, *, multiple: int = 1,
     return max(fits)
 
 
-def window_bytes(config, seq_len: int) -> int:
+def window_bytes(config, seq_len: int, *, every_expert: bool = False) -> int:
     """Float32 bytes of one window's largest intermediates in a decoder layer: the
-    attention scores and probabilities, the MLP's three intermediate activations, and a few
+    attention scores and probabilities, the MLP's intermediates (`_mlp_floats`), and a few
     hidden-size tensors."""
-    d, f = config.hidden_size, config.intermediate_size
+    d = config.hidden_size
     q = config.num_heads * config.head_dim
     scores = 2 * config.num_heads * seq_len * seq_len
-    return 4 * seq_len * (6 * d + 3 * q + 3 * f) + 4 * scores
+    return 4 * seq_len * (6 * d + 3 * q + _mlp_floats(config, every_expert)) + 4 * scores
+
+
+def _mlp_floats(config, every_expert: bool) -> int:
+    """Floats per token of the widest layer's MLP intermediates: a dense MLP's three
+    activations; an MoE layer's rows sorted by expert (top-k copies of each token, every
+    expert with ``every_expert``), in and out, their three activations, and the shared
+    expert's."""
+    dense = 3 * config.intermediate_size
+    if not config.moe_layers:
+        return dense
+    rows = config.num_experts if every_expert else config.num_experts_per_tok
+    fe = config.moe_intermediate_size or config.intermediate_size
+    moe = rows * (2 * config.hidden_size + 3 * fe) + 3 * config.shared_expert_intermediate_size
+    return max(moe, dense if len(config.moe_layers) < config.num_layers else 0)
+
+
+def _mlp_parts(config) -> tuple[int, int, tuple]:
+    """``(parameters, statistics floats, (K, N) of each calibrated kernel)`` of the MLP of
+    the largest layer kind: a dense MLP, or an MoE layer (router, E experts, a shared expert;
+    one ``K x K`` matrix per expert and input)."""
+    d, f = config.hidden_size, config.intermediate_size
+    kinds = [] if len(config.moe_layers) == config.num_layers else [
+        (3 * d * f, d * d + f * f, ((d, f), (f, d)))]  # fmt: skip
+    if config.moe_layers:
+        e, fs = config.num_experts, config.shared_expert_intermediate_size
+        fe = config.moe_intermediate_size or f
+        params = e * (3 * d * fe + d) + (3 * d * fs + d if fs else 0)
+        stats = e * (d * d + fe * fe) + (d * d + fs * fs if fs else 0)
+        kernels = ((d, fe), (fe, d)) + (((d, fs), (fs, d)) if fs else ())
+        kinds.append((params, stats, kernels))
+    return max(kinds, key=lambda kind: kind[0])
 
 
 @dataclasses.dataclass(frozen=True)
@@ -269,13 +302,15 @@ class Estimate:
 
 
 def estimate(config, *, samples: int, seq_len: int, batch: int, compute_dtype,
-             param_dtype, spill: bool, calibrated: bool = True) -> Estimate:  # fmt: skip
+             param_dtype, spill: bool, calibrated: bool = True,
+             every_expert: bool = False) -> Estimate:  # fmt: skip
     """The peak memory of a layer-by-layer quantization, by part (an upper estimate).
 
-    While a layer is processed:
+    While a layer is processed (the largest kind, where dense and MoE layers mix):
 
     * the float layer twice (as read, and folded or being replaced by its QArrays);
-    * the statistics of one layer (a ``K x K`` float32 matrix per distinct kernel input);
+    * the statistics of one layer (a ``K x K`` float32 matrix per distinct kernel input, per
+      expert in an MoE layer);
     * GPTQ's working arrays for the kernel that needs the most (``K²`` floats for the
       factor, factored on the host in place, and six of the sweep's float32 arrays of
       ``K x N`` floats, or of the columns one sweep takes,
@@ -286,13 +321,14 @@ def estimate(config, *, samples: int, seq_len: int, batch: int, compute_dtype,
     Outside the layers: the largest parameter outside them (the embedding table, or an
     untied head) twice (as read, and its quantized or written copy), with the activations.
     """
-    d, f = config.hidden_size, config.intermediate_size
+    d = config.hidden_size
     q = config.num_heads * config.head_dim
     kv = config.num_kv_heads * config.head_dim
     p_item = jnp.dtype(param_dtype).itemsize
-    layer = (d * (q + 2 * kv) + q * d + 3 * d * f) * p_item
-    stats = 4 * (2 * d * d + q * q + f * f) if calibrated else 0
-    kernels = ((d, q), (d, kv), (q, d), (d, f), (f, d))  # (K, N) of q, k/v, o, gate/up, down
+    mlp_params, mlp_stats, mlp_kernels = _mlp_parts(config)
+    layer = (d * (q + 2 * kv) + q * d + mlp_params) * p_item
+    stats = 4 * (d * d + q * q + mlp_stats) if calibrated else 0
+    kernels = ((d, q), (d, kv), (q, d), *mlp_kernels)  # (K, N) of q, k/v, o and the MLP's
     # Besides H (in the statistics): the factor U, made in place from one copy of H by
     # LAPACK, and the sweep's float32 K x cols arrays, cols the columns of one eager sweep
     # (`_gptq_host.sweep_columns`: XLA's buffers for a sweep of Llama-3-8B's whole down_proj
@@ -300,7 +336,7 @@ def estimate(config, *, samples: int, seq_len: int, batch: int, compute_dtype,
     # an accelerator) holds about 7 K² in device memory instead.
     solve = max(4 * k * k + 6 * min(4 * k * n, SWEEP_BYTES) for k, n in kernels)
     solve = solve if calibrated else 0
-    micro = batch * window_bytes(config, seq_len)
+    micro = batch * window_bytes(config, seq_len, every_expert=every_expert)
     acts = 0 if spill else 2 * samples * seq_len * d * jnp.dtype(compute_dtype).itemsize
     outside = 2 * config.vocab_size * d * p_item
     return Estimate(fixed=FIXED_OVERHEAD, layer=2 * layer, statistics=stats, solve=solve,

@@ -3,7 +3,8 @@
 
 `quantize_loaded` quantizes without calibration (``jquant.quantize`` on the model's State);
 `apply_recipe` calibrates first when the recipe asks (`jquant.calib.quantize_model`) and
-reports either way. Both untie the LM head when the recipe names it apart from a tied
+reports either way. Both rotate the float model first when the recipe has a ``rotation``
+(`jquant.rotate`), and untie the LM head when the recipe names it apart from a tied
 embedding (`jquant.models.convert.prepare_head`), so they return the model as well.
 
 >>> model, params, tok = jquant.models.load("smollm2-135m")  # doctest: +SKIP
@@ -19,6 +20,7 @@ from typing import Any
 
 import jax
 
+from jquant.calib.data import DEFAULT_CORPUS
 from jquant.qarray import is_qarray
 from jquant.recipe import Recipe
 
@@ -45,6 +47,19 @@ def _recipe(recipe: Recipe | str) -> Recipe:
     return recipe if isinstance(recipe, Recipe) else Recipe.load(recipe)
 
 
+def prepare(model, params, recipe: Recipe):
+    """``(model, params, recipe)`` ready to quantize: rotated when the recipe asks (the
+    returned recipe no longer does), then untied when it names the head apart."""
+    from jquant.models.convert import prepare_head
+
+    if recipe.rotation is not None:
+        from jquant.rotate import rotate
+
+        model, params = rotate(model, params, seed=recipe.rotation["seed"])
+        recipe = dataclasses.replace(recipe, rotation=None)
+    return (*prepare_head(model, params, recipe), recipe)
+
+
 def quantize_loaded(model, params, recipe: Recipe | str | None, *, report: bool = False):
     """``(model, quantized params)`` (``(model, params, rows)`` with ``report``), without
     calibration; ``recipe`` None returns them as given (no rows). The model is untied when
@@ -53,14 +68,13 @@ def quantize_loaded(model, params, recipe: Recipe | str | None, *, report: bool 
     Raises:
       ValueError: ``params`` already quantized, or a rule that needs calibration.
     """
-    from jquant.models.convert import prepare_head
     from jquant.transform import quantize
 
     if recipe is None:
         return (model, params, None) if report else (model, params)
     recipe = _recipe(recipe)
     check_float(params, recipe)
-    model, params = prepare_head(model, params, recipe)
+    model, params, recipe = prepare(model, params, recipe)
     if report:
         qparams, rows = quantize(params, recipe, report=True)
         return model, qparams, rows
@@ -68,7 +82,7 @@ def quantize_loaded(model, params, recipe: Recipe | str | None, *, report: bool 
 
 
 def apply_recipe(
-    model, params, recipe: Recipe | str, *, tokenizer=None, calib: str = "pydoc-calib",
+    model, params, recipe: Recipe | str, *, tokenizer=None, calib: str = DEFAULT_CORPUS,
     samples: int = 128, seq_len: int = 512, tokens=None, progress: bool = False,
 ) -> tuple[Any, Any, dict[str, Any]]:  # fmt: skip
     """``(model, quantized params, report dict)``: calibrated when ``recipe`` asks
@@ -90,11 +104,10 @@ def apply_recipe(
       ``{"calibrated": True, "corpus": calib, **CalibrationReport.to_dict()}``.
     """
     from jquant import calib as calib_
-    from jquant.models.convert import prepare_head
     from jquant.transform import quantize
 
     recipe = _recipe(recipe)
-    model, params = prepare_head(model, params, recipe)
+    model, params, recipe = prepare(model, params, recipe)
     if not calib_.needs_calibration(recipe):
         start = time.perf_counter()
         qparams, rows = quantize(params, recipe, report=True)

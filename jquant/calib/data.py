@@ -1,7 +1,8 @@
 """Calibration text → token windows.
 
 `calibration_tokens` cuts ``samples`` windows of ``seq_len`` tokens from a corpus
-(default `pydoc-calib`, the half of Python's documentation that evaluation never sees).
+(default `python-mix`: prose, code and data from Python's standard library, none of it from
+an evaluation text; see `jquant.eval.load_corpus`).
 Windows are spread evenly over the text: consecutive and disjoint when the text holds
 ``samples * seq_len`` tokens, otherwise overlapping. Each window must still bring at
 least half a window of tokens no other window has seen (the text must hold
@@ -22,7 +23,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-DEFAULT_CORPUS = "pydoc-calib"
+DEFAULT_CORPUS = "python-mix"
 DEFAULT_SAMPLES = 128
 DEFAULT_SEQ_LEN = 512
 

@@ -42,6 +42,7 @@ import functools
 import math
 import re
 import time
+import warnings
 from collections.abc import Callable
 from typing import Any
 
@@ -52,7 +53,10 @@ from flax import nnx
 from tqdm.auto import tqdm
 
 from jquant import algorithms, transform, tree
+from jquant._moe_settings import ExpertCalibration
 from jquant._tap import Tap, with_taps
+from jquant.calib import _experts
+from jquant.calib._layer import CALIBRATED as CALIBRATED
 from jquant.calib._layer import (
     _calibrate_layer,
     _gather,
@@ -69,9 +73,6 @@ from jquant.models import core
 from jquant.models.cache import NoCache
 from jquant.recipe import Recipe, Rule
 from jquant.tree import unwrap
-
-#: Algorithms that need the inputs' statistics (and so a calibration pass).
-CALIBRATED = ("gptq", "awq", "smoothquant")
 
 #: How `quantize_model` orders the calibration inside a decoder layer.
 SEQUENTIAL = ("layer", "module")
@@ -96,6 +97,11 @@ class LayerRow:
     info: dict[str, Any]
     # The id of the mesh device that solved it (None: the default device, no mesh).
     device: int | None = None
+    # An MoE expert stack (E, K, N) only: the calibration rows each expert received, and the
+    # experts quantized by `fallback_algorithm` (data-free) for having too few of them.
+    expert_tokens: list[int] | None = None
+    fallback_experts: list[int] | None = None
+    fallback_algorithm: str | None = None
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -158,16 +164,18 @@ class ModelSource:
 
 def plan_rules(config, recipe: Recipe, leaves: dict[str, Any]):
     """``(rule by path, one {relative path: rule} per decoder layer)``; raises for a
-    calibrated rule on a tensor no calibration pass reaches."""
+    calibrated rule on a tensor no calibration pass reaches (a layer's matmul kernels are
+    its ``kernel`` leaves; an MoE router's ``weight`` is no `jquant.ops` matmul)."""
     recipe.check_matches(list(leaves))
     rules = {p: tree.rule_for(recipe, p, v) for p, v in leaves.items()}
     head_path = None if config.tie_word_embeddings else "lm_head/kernel"
     per_layer: list[dict[str, Rule]] = [{} for _ in range(config.num_layers)]
     for path, rule in rules.items():
         m = _LAYER.match(path)
-        if m and rule is not None:
+        seen = path == head_path or (m is not None and path.endswith("kernel"))
+        if m and rule is not None and (seen or rule.algorithm not in CALIBRATED):
             per_layer[int(m.group(1))][m.group(2)] = rule
-        elif rule is not None and rule.algorithm in CALIBRATED and path != head_path:
+        elif rule is not None and rule.algorithm in CALIBRATED and not seen:
             raise ValueError(
                 f"{path}: {rule.algorithm} needs the inputs of a matmul, and this tensor "
                 f"is not one the calibration pass sees (decoder-layer kernels and an "
@@ -216,6 +224,12 @@ def quantize_model(
       ``(quantized params, CalibrationReport)``.
     """
     recipe = recipe if isinstance(recipe, Recipe) else Recipe.load(recipe)
+    if recipe.rotation is not None:
+        raise ValueError(
+            f"recipe {recipe.name!r} rotates the model, which changes the model as well as "
+            "its params: use jquant.calib.apply_recipe(model, params, recipe), or "
+            "jquant.rotate.rotate first"
+        )
     tokens = _check_tokens(tokens)
     _check_sequential(sequential)
     source = ModelSource(model, params)
@@ -258,7 +272,8 @@ def calibrate(
         head_rule = tree.rule_for(recipe, "lm_head/kernel", leaves["lm_head/kernel"])
     del leaves
     samples, seq_len = (int(n) for n in tokens.shape)
-    batch = micro_batch or micro_batch_for(config, samples, seq_len, multiple=place.devices)
+    batch = micro_batch or micro_batch_for(config, samples, seq_len, multiple=place.devices,
+                                           every_expert=recipe.experts.tokens == "all")
     if samples % batch or batch % place.devices:
         raise ValueError(
             f"micro_batch {batch} must divide the {samples} calibration windows and be a "
@@ -279,25 +294,27 @@ def calibrate(
     out = make(acts.shape, acts.dtype)
     rows: list[LayerRow] = []
     layer_seconds: list[float] = []
-    folds = llama_folds(config)
-    graphdef = st.layer
+    moe = dict(experts=recipe.experts, tokens=samples * seq_len)
     bar = tqdm(range(config.num_layers), desc="calibrating", unit="layer", disable=not progress)
     for i in bar:
         t0 = time.perf_counter()
+        graphdef = st.layer_at(i)  # dense and MoE layers differ
         ctx = ctxs.at(config, i)
         stored = done(i) if done is not None else None
         if stored is not None:
             _run_layer(graphdef, place.replicate(stored), acts, out, ctx)
             worst = float("nan")
         else:
-            plan = per_layer[i]
+            plan = {p: r for p, r in per_layer[i].items() if p.endswith("kernel")}
+            rest = {p: r for p, r in per_layer[i].items() if p not in plan}
             devices: dict[str, int | None] = {}
             state, results = _calibrate_layer(
                 place.replicate(source.layer(i)), plan, acts, out, ctx, graphdef=graphdef,
-                folds=folds, sequential=sequential, placement=place, devices=devices,
+                folds=llama_folds(config, i), sequential=sequential, placement=place,
+                devices=devices, **moe,
             )  # fmt: skip
-            worst = _collect(f"layers/{i}/", plan, results, rows, {}, devices)
-            keep(f"layers/{i}/", dict(tree.leaves(state)))
+            worst = _collect(f"layers/{i}/", plan, results, rows, {}, devices, **moe)
+            keep(f"layers/{i}/", dict(tree.leaves(_data_free(state, rest, f"layers/{i}/"))))
         acts, out = out, acts
         layer_seconds.append(time.perf_counter() - t0)
         bar.set_postfix_str(f"worst output error {worst:.2e}")
@@ -321,6 +338,17 @@ def calibrate(
     )  # fmt: skip
 
 
+def _data_free(state, rules: dict[str, Rule], prefix: str):
+    """``state`` with the leaves ``rules`` name (no matmul kernels: an MoE router's weight)
+    quantized by their data-free algorithms, after the layer's folds rescaled them."""
+    def quantize(path, value):
+        rule = rules.get(path)
+        return value if rule is None else algorithms.run(rule.algorithm, value, rule,
+                                                         path=prefix + path)  # fmt: skip
+
+    return tree.map_with_path(quantize, state) if rules else state
+
+
 @functools.partial(jax.jit, static_argnames=("st",))
 def _embed(st, embed_params, tokens):
     _, ctxs = core.begin(st.config, NoCache(), jnp.ones(tokens.shape, jnp.bool_))
@@ -340,9 +368,10 @@ def _head_fn(model):
 
 
 def _collect(prefix: str, plan, results, rows: list[LayerRow], new: dict,
-             devices: dict | None = None) -> float:  # fmt: skip
-    """Host side of a quantize pass: checks infos, records rows and QArrays; returns the
-    largest output error."""
+             devices: dict | None = None, *, experts: ExpertCalibration | None = None,
+             tokens: int = 0) -> float:  # fmt: skip
+    """Host side of a quantize pass: checks infos, records rows and QArrays, warns about
+    experts that fell back; returns the largest output error."""
     worst = 0.0
     for rel, rule in plan.items():
         if rule is None:
@@ -350,17 +379,43 @@ def _collect(prefix: str, plan, results, rows: list[LayerRow], new: dict,
         path = prefix + rel
         q, info, (out_err, w_err) = results[rel]
         info = {k: np.asarray(v) for k, v in jax.device_get(info).items()}
-        algorithms.check_info(rule.algorithm, path, info)
-        info = {k: v.item() for k, v in info.items() if v.size == 1}
+        stack: dict[str, Any] = {}
+        if _experts.TOKENS in info:
+            info, stack = _expert_row(path, rule, info, experts or ExpertCalibration(), tokens)
+        else:
+            algorithms.check_info(rule.algorithm, path, info)
+            info = {k: v.item() for k, v in info.items() if v.size == 1}
         new[path] = q
         out_err, w_err = float(out_err), float(w_err)
         worst = max(worst, out_err)
         rows.append(LayerRow(
             path=path, algorithm=rule.algorithm, qtype=q.qtype, group_size=q.group_size,
             bits_per_weight=q.bits_per_weight, output_error=out_err, weight_error=w_err,
-            info=info, device=(devices or {}).get(rel),
+            info=info, device=(devices or {}).get(rel), **stack,
         ))  # fmt: skip
     return worst
+
+
+def _expert_row(path: str, rule: Rule, info: dict, experts: ExpertCalibration, tokens: int):
+    """An expert stack's infos checked expert by expert, and summarized as a row's: each
+    scalar's largest value over the calibrated experts (a flag: whether all had it); the
+    row's expert fields; a warning naming the experts that fell back."""
+    count, fell = info.pop(_experts.TOKENS), info.pop(_experts.FALLBACK)
+    for j, e in enumerate(np.flatnonzero(~fell)):
+        algorithms.check_info(rule.algorithm, f"{path} (expert {e})",
+                              {k: v[j] for k, v in info.items()})  # fmt: skip
+    summary = {k: bool(v.all()) if v.dtype == np.bool_ else v.max().item()
+               for k, v in info.items() if v.ndim == 1 and v.size}  # fmt: skip
+    low = [int(e) for e in np.flatnonzero(fell)]
+    if low:
+        seen = ", ".join(f"{e} ({int(count[e])} rows)" for e in low)
+        warnings.warn(
+            f"{path}: expert(s) {seen} received fewer than {experts.min_token_share:.2%} of "
+            f"the {tokens} calibration tokens; quantized by {experts.fallback} (data-free) "
+            f"instead of {rule.algorithm}", UserWarning, stacklevel=3,
+        )  # fmt: skip
+    return summary, dict(expert_tokens=[int(n) for n in count], fallback_experts=low,
+                         fallback_algorithm=experts.fallback if low else None)  # fmt: skip
 
 
 def quantize_with_inputs(
@@ -409,11 +464,17 @@ def _finish(params, new: dict[str, Any], recipe: Recipe):
 
 
 def report_summary(report: CalibrationReport) -> str:
-    """One line: kernels, mean and worst output error, time."""
+    """One line: kernels, mean and worst output error, time, and the experts that fell back
+    to a data-free algorithm."""
     errs = [r.output_error for r in report.rows]
     if not errs:
         return f"no kernel calibrated ({report.seconds:.1f} s)"
-    return (
+    line = (
         f"{len(errs)} kernels, output error mean {math.fsum(errs) / len(errs):.2e}, "
         f"worst {max(errs):.2e}; {report.seconds:.1f} s"
     )
+    low = [r for r in report.rows if r.fallback_experts]
+    if low:
+        line += (f"; experts quantized by {low[0].fallback_algorithm} for too few tokens: "
+                 + ", ".join(f"{r.path} {r.fallback_experts}" for r in low))  # fmt: skip
+    return line

@@ -37,6 +37,8 @@ from flax import nnx
 
 from jquant import transform, tree
 from jquant.calib import activations as acts_
+from jquant.calib._gguf_bound import within_gguf
+from jquant.calib.data import DEFAULT_CORPUS
 from jquant.calib.driver import SEQUENTIAL, calibrate, needs_calibration
 from jquant.recipe import Recipe
 from jquant.tree import unwrap
@@ -71,14 +73,20 @@ class StreamSource:
         float32 keeps `jquant.models.load`'s numbers).
       untie: give the model its own LM head, a copy of a tied embedding (the recipe names
         the head apart from the embedding).
+      rotation_seed: rotate the model as it is read (`jquant.rotate`), with this seed;
+        None: as stored.
     """
 
-    def __init__(self, ckpt, *, dtype, param_dtype, untie: bool = False):
+    def __init__(self, ckpt, *, dtype, param_dtype, untie: bool = False,
+                 rotation_seed: int | None = None):  # fmt: skip
         from jquant.arch import LlamaConfig
         from jquant.models.llama import abstract_model
+        from jquant.rotate import rotate_config
 
         self.ckpt, self.dtype, self.param_dtype = ckpt, dtype, param_dtype
         config = LlamaConfig.from_hf(ckpt.config)
+        if rotation_seed is not None:
+            config = rotate_config(config, rotation_seed)
         self.tied_source = untie and config.tie_word_embeddings
         if self.tied_source:
             config = dataclasses.replace(config, tie_word_embeddings=False)
@@ -95,16 +103,32 @@ class StreamSource:
 
     def layer(self, i: int) -> nnx.State:
         from jquant.models.convert import layer_params_from_hf
+        from jquant.rotate import rotate_layer
 
-        return layer_params_from_hf(self.ckpt.tensors, self.config, i,
-                                    param_dtype=self.param_dtype)  # fmt: skip
+        state = layer_params_from_hf(self.ckpt.tensors, self.config, i,
+                                     param_dtype=self.param_dtype)  # fmt: skip
+        if self.config.rotation is not None:
+            nnx.replace_by_pure_dict(state, rotate_layer(nnx.to_pure_dict(state), self.config))
+        return state
 
     def part(self, name: str) -> nnx.State:
         """``embed_tokens``, ``norm`` or ``lm_head`` (read from disk on each call)."""
+        from jquant.rotate import rotate_globals
+
+        rotation = self.config.rotation
+        if rotation is None or rotation.residual_online:
+            return self._stored(name)
+        parts = {n: self._stored(n) for n in ("embed_tokens", "norm", "lm_head")}
+        rotated = rotate_globals({n: nnx.to_pure_dict(p) for n, p in parts.items()},
+                                 self.config)  # fmt: skip
+        nnx.replace_by_pure_dict(parts[name], rotated[name])
+        return parts[name]
+
+    def _stored(self, name: str) -> nnx.State:
         from jquant.models.convert import global_params_from_hf
 
         if name == "lm_head" and self.tied_source:
-            table = self.part("embed_tokens")["embedding"]
+            table = self._stored("embed_tokens")["embedding"]
             head = jax.tree.map(lambda v: v, self._abstract["lm_head"])
             head["kernel"].set_value(jnp.asarray(unwrap(table)).T)
             return head
@@ -116,18 +140,23 @@ class StreamSource:
 
     def hf_config(self) -> dict[str, Any]:
         """The checkpoint's config as written: untied when the recipe unties the head."""
+        from jquant.rotate import rotated_hf_config
+
         config = dict(self.ckpt.config)
         if self.tied_source:
             config["tie_word_embeddings"] = False
+        if self.config.rotation is not None:
+            config = rotated_hf_config(config, self.config)
         return config
 
 
 def quantize_to_disk(
-    source, recipe: Recipe | str, output, *, tokens=None, calib: str = "pydoc-calib",
+    source, recipe: Recipe | str, output, *, tokens=None, calib: str = DEFAULT_CORPUS,
     samples: int = 128, seq_len: int = 512, max_memory: str | int | None = None,
     micro_batch: int | None = None, sequential: str = "layer", dtype=None,
     param_dtype=jnp.float32, resume: bool = True, overwrite: bool = False,
     spill_dir=None, placement: acts_.Placement | None = None, progress: bool = True,
+    allow_larger: bool = False,
 ) -> tuple[Path, dict[str, Any]]:  # fmt: skip
     """Quantizes a checkpoint layer by layer into a packed checkpoint, in bounded memory.
 
@@ -153,6 +182,10 @@ def quantize_to_disk(
       placement: run data-parallel over a mesh (`activations.Placement`); with several
         processes every process reads the checkpoint and process 0 writes the output.
       progress: show progress bars.
+      allow_larger: from a GGUF file, store the embedding table and LM head as the recipe
+        says even where that is larger than the file; by default they keep the file's
+        format where the recipe's is larger, or the run is refused where jquant has no
+        format equal to the file's (`jquant.calib._gguf_bound.within_gguf`).
 
     Returns:
       ``(path, report)``: the checkpoint and a report dict (as `jquant.calib.apply_recipe`'s,
@@ -170,9 +203,14 @@ def quantize_to_disk(
     place = placement or acts_.Placement()
     ckpt = load_checkpoint(source, lazy=True)
     dtype = dtype or default_dtype()
+    seed = None if recipe.rotation is None else recipe.rotation["seed"]
     probe = StreamSource(ckpt, dtype=dtype, param_dtype=param_dtype)
+    # A rotated model's untied table and head are not the file's: none is kept from it.
+    recipe, kept = within_gguf(recipe, ckpt.source, probe.leaves(),
+                               allow_larger=allow_larger or seed is not None)  # fmt: skip
     src = StreamSource(ckpt, dtype=dtype, param_dtype=param_dtype,
-                       untie=head_apart(recipe, probe.config))  # fmt: skip
+                       untie=head_apart(recipe, probe.config), rotation_seed=seed)  # fmt: skip
+    rotated = dataclasses.replace(recipe, rotation=None)  # what quantizes the rotated layers
     config = src.config
     calibrated = needs_calibration(recipe)
     if calibrated and tokens is None:
@@ -189,7 +227,8 @@ def quantize_to_disk(
         samples, seq_len = (int(n) for n in tokens.shape)
     batch, spill, need = _fit(config, samples, seq_len, calibrated=calibrated,
                               dtype=dtype, param_dtype=param_dtype, max_memory=max_memory,
-                              micro_batch=micro_batch, placement=place)  # fmt: skip
+                              micro_batch=micro_batch, placement=place,
+                              every_expert=recipe.experts.tokens == "all")  # fmt: skip
     fingerprint = {
         "source": str(source), "recipe": recipe.to_yaml(), "sequential": sequential,
         "dtype": jnp.dtype(dtype).name, "param_dtype": jnp.dtype(param_dtype).name,
@@ -225,7 +264,7 @@ def quantize_to_disk(
     try:
         if calibrated:
             report = calibrate(
-                src, recipe, tokens, keep=keep, progress=progress, micro_batch=batch,
+                src, rotated, tokens, keep=keep, progress=progress, micro_batch=batch,
                 sequential=sequential, placement=place,
                 activations=lambda shape, dt: acts_.Activations(
                     shape, dt, batch // place.processes, directory=spill_to, placement=place),
@@ -235,8 +274,8 @@ def quantize_to_disk(
             report["calibrated"] = True
             report["corpus"] = calib
         else:
-            report = _data_free(src, recipe, keep, done, progress)
-        for name, leaves in _rest(src, recipe, head):  # a group at a time: 1 GB each at 8B
+            report = _data_free(src, rotated, keep, done, progress)
+        for name, leaves in _rest(src, rotated, head, kept):  # a group at a time: 1 GB each at 8B
             if writing and name not in writer.done:  # a resumed run may have written it
                 writer.write(name, leaves)
             sizes.add(leaves)
@@ -334,12 +373,15 @@ def _data_free(src: StreamSource, recipe: Recipe, keep, done, progress: bool) ->
             "rows": [dataclasses.asdict(r) for r in rows]}  # fmt: skip
 
 
-def _rest(src: StreamSource, recipe: Recipe, head: dict[str, Any]):
+def _rest(src: StreamSource, recipe: Recipe, head: dict[str, Any], kept: dict[str, Any]):
     """``(part name, leaves by path)`` of each group outside the layers (embedding, final
-    norm, an untied head), quantized by the recipe (a calibrated head as calibrated), read
-    and yielded one at a time."""
+    norm, an untied head), quantized by the recipe (a calibrated head as calibrated) or read
+    as `kept` says (path -> a function reading its QArray), read and yielded one at a time."""
     for name in ("embed_tokens", "norm", "lm_head"):
         if name == "lm_head" and src.config.tie_word_embeddings:
+            continue
+        if packed := {p: read() for p, read in kept.items() if p.startswith(name + "/")}:
+            yield name, packed
             continue
         if name == "lm_head" and head:
             yield name, dict(head)
@@ -352,10 +394,11 @@ def _rest(src: StreamSource, recipe: Recipe, head: dict[str, Any]):
 
 
 def _fit(config, samples, seq_len, *, calibrated, dtype, param_dtype, max_memory,
-         micro_batch, placement) -> tuple[int, bool, int]:  # fmt: skip
+         micro_batch, placement, every_expert=False) -> tuple[int, bool, int]:  # fmt: skip
     """``(micro-batch, spill activations to disk, estimated peak bytes)`` within the budget."""
     devices = placement.devices
-    first = micro_batch or (acts_.micro_batch_for(config, samples, seq_len, multiple=devices)
+    first = micro_batch or (acts_.micro_batch_for(config, samples, seq_len, multiple=devices,
+                                                  every_expert=every_expert)
                             if calibrated else 1)  # fmt: skip
     options = [(first, False), (first, True)]
     if micro_batch is None and calibrated:
@@ -365,8 +408,8 @@ def _fit(config, samples, seq_len, *, calibrated, dtype, param_dtype, max_memory
     for batch, spill in options:
         est = acts_.estimate(config, samples=samples if calibrated else 0, seq_len=seq_len,
                              batch=batch if calibrated else 0, compute_dtype=dtype,
-                             param_dtype=param_dtype, spill=spill,
-                             calibrated=calibrated)  # fmt: skip
+                             param_dtype=param_dtype, spill=spill, calibrated=calibrated,
+                             every_expert=every_expert)  # fmt: skip
         best = best or (batch, spill, est)
         if max_memory is None or est.total <= parse_bytes(max_memory):
             return batch, spill, est.total

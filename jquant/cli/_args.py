@@ -61,7 +61,9 @@ def add_memory_args(p: argparse.ArgumentParser) -> None:
 
 def add_eval_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
-        "--corpus", default="pydoc-eval", help="pydoc-eval, python-code, pydoc-calib or a file"
+        "--corpus",
+        default="pydoc-eval",
+        help="pydoc-eval, python-code, pydoc-calib, python-mix or a file",
     )
     p.add_argument("--text", help="a text file to evaluate on (overrides --corpus)")
     p.add_argument("--seq-len", type=int_at_least(2), default=512, help="tokens per window")
@@ -77,10 +79,13 @@ def add_eval_args(p: argparse.ArgumentParser) -> None:
 
 
 def add_calib_args(p: argparse.ArgumentParser) -> None:
+    from jquant.calib.data import DEFAULT_CORPUS
+
     p.add_argument(
         "--calib",
-        default="pydoc-calib",
-        help="calibration text for calibrated recipes: pydoc-calib or a file",
+        default=DEFAULT_CORPUS,
+        help=f"calibration text for calibrated recipes: {DEFAULT_CORPUS} (default; prose, code "
+        "and data from Python's standard library), pydoc-calib or a file",
     )
     p.add_argument(
         "--calib-samples", type=int_at_least(1), default=128, help="calibration windows"

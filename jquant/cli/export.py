@@ -45,6 +45,10 @@ def run(args) -> int:
     model, params = quantize_loaded(model, params, recipe)
     # A recipe that quantizes the head apart from a tied embedding unties the model.
     config = {**config, "tie_word_embeddings": model.config.tie_word_embeddings}
+    if model.config.rotation is not None:  # the writers refuse it, naming why
+        from jquant.rotate import rotated_hf_config
+
+        config = rotated_hf_config(config, model.config)
     if gguf:
         out = write_gguf(params, config, tokenizer, args.output, overwrite=args.overwrite)
     elif args.format == "compressed-tensors":

@@ -30,7 +30,7 @@ def run(args) -> int:
     model, params, rows = quantize_loaded(model, params, recipe, report=True)
     report = memory_report(
         params, batch=args.batch, context=args.context, kv_cache=args.kv_cache, config=config,
-        dtype=model.dtype,
+        dtype=model.dtype, experts_per_token=model.config.num_experts_per_tok or None,
     )
     c = model.config
     sliding = sum(c.is_sliding(i) for i in range(c.num_layers))
@@ -41,6 +41,9 @@ def run(args) -> int:
             "sliding_layers": sliding,
             "sliding_window": c.sliding_window,
             "weight_bytes": report.weight_bytes,
+            "weights": report.weight_elements,
+            "active_weight_bytes": report.active_bytes,
+            "active_weights": report.active_elements,
             "bits_per_weight": report.bits_per_weight,
             "kv_cache_bytes": report.kv_cache_bytes,
             "total_bytes": report.total_bytes,

@@ -34,6 +34,10 @@ def add_parser(sub) -> None:
                    "the outputs of the kernels quantized before it (module)")  # fmt: skip
     p.add_argument("--param-dtype", choices=("float32", "bfloat16"), default="float32",
                    help="dtype float weights are read in (bfloat16 halves a layer)")  # fmt: skip
+    p.add_argument("--allow-larger", action="store_true",
+                   help="from a GGUF file, store the embedding table and LM head as the recipe "
+                   "says even where that is larger than the file's own format (by default "
+                   "they keep the file's format, or the run is refused)")  # fmt: skip
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     _args.add_distributed_args(p)
 
@@ -57,7 +61,7 @@ def run(args) -> int:
         seq_len=args.calib_seq_len, max_memory=args.max_memory, micro_batch=args.micro_batch,
         sequential=args.sequential, param_dtype=args.param_dtype, resume=not args.no_resume,
         overwrite=args.overwrite, placement=placement,
-        progress=not args.json and placement.process == 0,
+        progress=not args.json and placement.process == 0, allow_larger=args.allow_larger,
     )  # fmt: skip
     if args.json:
         print(json.dumps({k: v for k, v in report.items() if k != "rows"}, indent=2))

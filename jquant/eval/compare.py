@@ -14,6 +14,7 @@ import time
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
+from jquant.calib.data import DEFAULT_CORPUS
 from jquant.recipe import Recipe
 
 
@@ -36,7 +37,7 @@ def compare_recipes(names: Iterable[str | Recipe]) -> dict[str, Recipe | None]:
 def compare(
     model, params, tokenizer, recipes: Mapping[str, Recipe | None] | Iterable[str | Recipe],
     text: str, *, seq_len: int = 512, max_tokens: int | None = 16384, batch_size: int = 4,
-    decode_tokens: int = 32, calib: str = "pydoc-calib", calib_samples: int = 128,
+    decode_tokens: int = 32, calib: str = DEFAULT_CORPUS, calib_samples: int = 128,
     calib_seq_len: int = 512, progress: bool = False, log: Callable[[str], None] | None = None,
 ) -> list[dict[str, Any]]:  # fmt: skip
     """One row per recipe (float first): quantized (calibrated when the recipe asks, on one

@@ -4,17 +4,22 @@ Every named corpus ships with the Python standard library, so it is available of
 everywhere, byte for byte the same for a given Python version (jquant's numbers come from
 Python 3.11.7; another version gives other text and other numbers).
 
-The default text is Python's own documentation (`pydoc_data.topics`)::
+The first text is Python's own documentation (`pydoc_data.topics`)::
 
     text = "\\n\\n".join(topics[k] for k in sorted(topics))
 
 `pydoc-calib` is its first half by characters (calibration, training); `pydoc-eval` the
-second half (perplexity). Halves never overlap, so calibration never sees evaluation text.
+second half (perplexity). The halves do not overlap, though the documentation repeats itself
+(some grammar rules and examples of one half recur in the other).
 
 `python-code` is a second evaluation text of another kind: source code, not prose. It is
 the source files of the standard-library modules in `PYTHON_CODE_MODULES`, in that
 (sorted) order, joined by blank lines (read as Python reads them, newlines as ``\\n``,
 without importing the modules).
+
+`python-mix`, the default calibration text (`jquant.calib.data.DEFAULT_CORPUS`), mixes
+prose (`pydoc-calib`, docstrings, notes, e-mail), code and data from the standard library's
+files, and holds nothing of `pydoc-eval` or `python-code` (`jquant.eval._mix`).
 """
 
 from __future__ import annotations
@@ -25,7 +30,7 @@ import os
 from pathlib import Path
 
 #: Names `load_corpus` accepts besides a path to a text file.
-CORPORA = ("pydoc-calib", "pydoc-eval", "python-code")
+CORPORA = ("python-mix", "pydoc-calib", "pydoc-eval", "python-code")
 
 #: The modules of `python-code`, sorted: pure Python, in the standard library of every
 #: supported Python (none is deprecated for removal), none patched by Linux distributions,
@@ -65,11 +70,12 @@ def load_corpus(name: str | os.PathLike) -> str:
     """The text of a named corpus, or of a UTF-8 text file.
 
     Args:
-      name: one of `CORPORA` (``"pydoc-calib"``, ``"pydoc-eval"``, ``"python-code"``; see
-        the module docstring), or a path to a text file.
+      name: one of `CORPORA` (``"python-mix"``, ``"pydoc-calib"``, ``"pydoc-eval"``,
+        ``"python-code"``; see the module docstring), or a path to a text file.
 
     Raises:
-      ValueError: neither a known name nor an existing file.
+      ValueError: neither a known name nor an existing file; or a file of the standard
+        library that the corpus needs is missing.
 
     >>> "def " in load_corpus("python-code")
     True
@@ -80,6 +86,10 @@ def load_corpus(name: str | os.PathLike) -> str:
         return text[:half] if name == "pydoc-calib" else text[half:]
     if name == "python-code":
         return _python_code_text()
+    if name == "python-mix":
+        from jquant.eval._mix import mix_text
+
+        return mix_text()
     path = Path(name).expanduser()
     if path.is_file():
         return path.read_text(encoding="utf-8")

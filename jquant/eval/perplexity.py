@@ -148,16 +148,16 @@ def _nll_step(model, params: nnx.State):
     if type(module) is not Llama:
         graphdef = graphdef_of(model)
         return lambda windows: _window_nll(graphdef, params, windows)
-    layer = blocks.layer_graphdef(module)
-    layers = [blocks.layer_params(params, i) for i in range(module.config.num_layers)]
+    layers = [(blocks.layer_graphdef(module, i), blocks.layer_params(params, i))
+              for i in range(module.config.num_layers)]  # fmt: skip
     tied = module.config.tie_word_embeddings
     head_params = params["embed_tokens"] if tied else params["lm_head"]
     norm = nnx.graphdef(module.norm)
 
     def step(windows):
         x, ctx = blocks.embed(module, params, windows)
-        for i, state in enumerate(layers):
-            x = blocks.run_layer(layer, state, x, ctx.at(module.config, i))
+        for i, (graphdef, state) in enumerate(layers):  # dense and MoE layers differ
+            x = blocks.run_layer(graphdef, state, x, ctx.at(module.config, i))
         return _head_nll(norm, params["norm"], head_params, x, windows, tied=tied,
                          softcap=module.config.final_logit_softcap)  # fmt: skip
 

@@ -42,11 +42,27 @@ def write_tokenizer(directory: Path, tokenizer) -> None:
         (directory / "chat_template.jinja").write_text(tokenizer.chat_template, encoding="utf-8")
 
 
+def refuse_rotated(config: dict[str, Any], writer: str) -> None:
+    """ValueError naming ``writer`` when ``config`` is a rotated model's (`jquant.rotate`):
+    its online Hadamard transforms are jquant's, not part of the format written."""
+    from jquant.arch import ROTATION_KEY
+
+    if config.get(ROTATION_KEY) is not None:
+        raise ValueError(
+            f"{writer}: the model is rotated ({ROTATION_KEY}: {config[ROTATION_KEY]}); its "
+            "forward runs online Hadamard transforms the format cannot express. Export a "
+            "model quantized without a recipe rotation"
+        )
+
+
 def model_params(params, config: dict[str, Any], writer: str):
     """``({jquant path: value}, {jquant path: shape})`` of a parameter tree and the shapes
-    ``config`` implies; ValueError naming ``writer`` when their paths differ."""
+    ``config`` implies; ValueError naming ``writer`` when their paths differ or the model
+    is rotated (`refuse_rotated`)."""
     from jquant.arch import LlamaConfig, param_shapes
     from jquant.tree import leaves
+
+    refuse_rotated(config, writer)
 
     flat = dict(leaves(params))
     shapes = param_shapes(LlamaConfig.from_hf(config))

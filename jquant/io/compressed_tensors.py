@@ -285,7 +285,8 @@ def write_compressed_tensors(params, config: dict[str, Any], tokenizer, director
     ``pack-quantized``, ``fp8_e4m3`` ``float-quantized``; per group (``in`` a multiple of the
     group size), per channel or per tensor; ``nvfp4`` (E4M3 block scales of one per-tensor
     scale, as jquant quantizes it) and ``mxfp4`` weight-only kernels ``nvfp4-pack-quantized`` /
-    ``mxfp4-pack-quantized``. Float parameters keep their dtype. Everything is
+    ``mxfp4-pack-quantized``. Float parameters keep their dtype; a quantized embedding table
+    is written dequantized, in float32 (compressed-tensors quantizes linear layers). Everything is
     written into a temporary directory renamed into place at the end: an interrupted export
     leaves nothing that loads.
 
@@ -295,7 +296,7 @@ def write_compressed_tensors(params, config: dict[str, Any], tokenizer, director
     Raises:
       ValueError: parameters that do not match ``config``, or quantized ones compressed-tensors
         cannot hold (listed with their formats: nf4, fp8_e5m2, double-quantized scales,
-        non-integer zero points, quantized embeddings, an act-order ``perm``, ...), before
+        non-integer zero points, an act-order ``perm``, ...), before
         anything is written.
     """
     target = check_output_directory(directory, overwrite=overwrite)
@@ -306,14 +307,15 @@ def write_compressed_tensors(params, config: dict[str, Any], tokenizer, director
         if tuple(value.shape) != shapes[path]:
             raise ValueError(f"write_compressed_tensors: {path} has shape {tuple(value.shape)}, "
                              f"the config implies {shapes[path]}")  # fmt: skip
+        if isinstance(value, QArray) and not path.endswith("kernel"):
+            value = value.dequantize(np.float32)  # an embedding table: only linears quantize
         if not isinstance(value, QArray):
             value = np.asarray(value)
             arrays.append((name, value.T if path.endswith("kernel") else value))
             if path.endswith("kernel"):
                 floats.append(name[: -len(".weight")])
             continue
-        written = (_compress(value, name[: -len(".weight")]) if path.endswith("kernel")
-                   else "not a linear layer's weight")  # fmt: skip
+        written = _compress(value, name[: -len(".weight")])
         if isinstance(written, str):
             refused.append((path, f"{value.qtype}: {written}"))
             continue

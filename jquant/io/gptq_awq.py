@@ -27,7 +27,7 @@ from jquant.qarray import QArray, from_codes
 
 from . import _gptq_layout as layout
 from ._checkpoint import check_tensors, expected_shapes
-from ._hf_export import config_json, refusal, staged, write_tokenizer
+from ._hf_export import config_json, refusal, refuse_rotated, staged, write_tokenizer
 from ._lazy import LazyTensors, TensorEntry
 from ._packed_writer import check_output_directory
 from ._safetensors import write_file
@@ -264,8 +264,9 @@ def write_gptq(
     Raises:
       ValueError: a bad ``version``, an existing directory without ``overwrite``, or
         parameters with no GPTQ form, each listed with its format: a format other than
-        uint/int 2/3/4/8 (nf4, fp8, int5, ...), a quantized embedding, non-integer or
-        out-of-range zero points, scales float16 cannot hold.
+        uint/int 2/3/4/8 (nf4, fp8, int5, ...), non-integer or out-of-range zero points,
+        scales float16 cannot hold. A quantized embedding table is written dequantized, in
+        float32 (GPTQ quantizes linear layers only).
 
     Kernels of other bit widths or group sizes than the most common (mixed-precision
     recipes) are written with GPTQModel's per-module ``dynamic`` overrides
@@ -274,6 +275,7 @@ def write_gptq(
     """
     if version not in (1, 2):
         raise ValueError(f"version must be 1 or 2 (GPTQ v1 or v2 zero points), got {version!r}")
+    refuse_rotated(config, "write_gptq")
     target = check_output_directory(directory, overwrite=overwrite)
     out: list[tuple[str, np.ndarray]] = []
     problems: list[tuple[str, str]] = []
@@ -285,9 +287,8 @@ def write_gptq(
         if not isinstance(value, QArray):
             out.append((name, np.ascontiguousarray(np.asarray(value))))
             continue
-        if name == "model.embed_tokens.weight":
-            problems.append((name, f"quantized {value.qtype} embedding (GPTQ quantizes linear "
-                                   "layers only)"))  # fmt: skip
+        if name == "model.embed_tokens.weight":  # GPTQ quantizes linear layers only
+            out.append((name, np.asarray(value.dequantize(np.float32))))
             continue
         got = _as_uint(value)
         if isinstance(got, str):

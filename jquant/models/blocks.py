@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from jquant.models import core
+from jquant.models import core, moe
 from jquant.models.cache import NoCache
 from jquant.models.core import Contexts, LayerContext
 
@@ -43,21 +43,26 @@ def layer_params(params: nnx.State, i: int) -> nnx.State:
     return params["layers"][i]
 
 
-def layer_graphdef(model) -> nnx.GraphDef:
-    """The structure shared by every decoder layer of ``model``."""
-    return nnx.graphdef(model.layers[0])
+def layer_graphdef(model, i: int) -> nnx.GraphDef:
+    """The structure of decoder layer ``i`` of ``model`` (dense and MoE layers differ)."""
+    return nnx.graphdef(model.layers[i])
 
 
-def apply_layer(graphdef, layer_state: nnx.State, x, ctx: LayerContext) -> jax.Array:
+def apply_layer(graphdef, layer_state: nnx.State, x, ctx: LayerContext, *,
+                every_expert: bool = False) -> jax.Array:  # fmt: skip
     """Un-jitted: decoder layer ``graphdef`` with ``layer_state`` on ``x (B, S, D)`` without
     a cache; ``ctx`` is the layer's own (`Contexts.at`; a `Contexts` stands for its
-    full-attention layers' context)."""
+    full-attention layers' context). ``every_expert`` sends each token to every expert of
+    an MoE layer (`moe.route_to_every_expert`: calibration statistics, not the model)."""
     ctx = ctx.full if isinstance(ctx, Contexts) else ctx
-    y, _ = nnx.merge(graphdef, layer_state)(x, ctx, NoCache(), 0)
+    layer = nnx.merge(graphdef, layer_state)
+    if every_expert:
+        moe.route_to_every_expert(layer)
+    y, _ = layer(x, ctx, NoCache(), 0)
     return y
 
 
-run_layer = jax.jit(apply_layer, static_argnames=("graphdef",))
+run_layer = jax.jit(apply_layer, static_argnames=("graphdef", "every_expert"))
 run_layer.__doc__ = "Jitted `apply_layer`: one compilation per layer structure and shape."
 
 
@@ -87,6 +92,6 @@ def layerwise_forward(model, params: nnx.State, tokens, mask=None) -> jax.Array:
     """
     x, ctx = embed(model, params, tokens, mask)
     for i in range(model.config.num_layers):  # dense and MoE layers may differ in structure
-        graphdef = nnx.graphdef(model.layers[i])
+        graphdef = layer_graphdef(model, i)
         x = run_layer(graphdef, layer_params(params, i), x, ctx.at(model.config, i))
     return head(model, params, x)

@@ -42,6 +42,7 @@ import numpy as np
 from flax import nnx
 
 from jquant import ops
+from jquant.hadamard import rht
 from jquant.models import core
 from jquant.models.attention import apply_rope
 from jquant.models.cache import Cache
@@ -81,16 +82,21 @@ class Dense(nnx.Module):
 
 class Embed(nnx.Module):
     """Token embedding ``(V, D)``, times ``scale`` (Gemma: sqrt(D), rounded to the compute
-    dtype as transformers does); `attend` is the tied LM head (never scaled)."""
+    dtype as transformers does); `attend` is the tied LM head (never scaled). With
+    ``rotate_seed`` the looked-up rows are rotated (`jquant.hadamard.rht`): a rotated
+    model's residual stream whose tied table is kept as it was (`jquant.rotate`)."""
 
-    def __init__(self, vocab: int, dim: int, *, param_dtype, rngs: nnx.Rngs, scale: float = 1.0):
+    def __init__(self, vocab: int, dim: int, *, param_dtype, rngs: nnx.Rngs, scale: float = 1.0,
+                 rotate_seed: int | None = None):  # fmt: skip
         init = jax.nn.initializers.normal(0.02)
         self.embedding = nnx.Param(init(rngs.params(), (vocab, dim), param_dtype))
         self.scale = scale
+        self.rotate_seed = rotate_seed
 
     def __call__(self, ids: jax.Array, dtype) -> jax.Array:
         x = ops.qembed(ids, self.embedding.get_value(), dtype=dtype)
-        return x if self.scale == 1.0 else x * jnp.asarray(self.scale, dtype)
+        x = x if self.scale == 1.0 else x * jnp.asarray(self.scale, dtype)
+        return x if self.rotate_seed is None else rht(x, seed=self.rotate_seed)
 
     def attend(self, x: jax.Array) -> jax.Array:
         return ops.qattend(x, self.embedding.get_value(), preferred_element_type=jnp.float32)
@@ -101,14 +107,20 @@ class RMSNorm(nnx.Module):
 
     ``offset`` 0 is Llama's norm (the result cast to the compute dtype, then weighted);
     ``offset`` 1 is Gemma's (weighted in float32, then cast; a zero weight is the identity).
+    With ``unrotate_seed`` the input is first rotated back (`jquant.hadamard.rht`'s
+    inverse): the final norm of a rotated model whose residual is rotated online.
     """
 
-    def __init__(self, dim: int, *, eps: float, param_dtype, offset: float = 0.0):
+    def __init__(self, dim: int, *, eps: float, param_dtype, offset: float = 0.0,
+                 unrotate_seed: int | None = None):  # fmt: skip
         self.scale = nnx.Param(jnp.full((dim,), 1.0 - offset, param_dtype))
         self.eps = eps
         self.offset = offset
+        self.unrotate_seed = unrotate_seed
 
     def __call__(self, x: jax.Array) -> jax.Array:
+        if self.unrotate_seed is not None:
+            x = rht(x, seed=self.unrotate_seed, inverse=True)
         x32 = x.astype(jnp.float32)
         var = jnp.mean(x32 * x32, axis=-1, keepdims=True)
         y = x32 * jax.lax.rsqrt(var + jnp.float32(self.eps))
@@ -169,7 +181,9 @@ class Attention(nnx.Module):
 
 
 class MLP(nnx.Module):
-    """Gated MLP: ``down(act(gate(x)) * up(x))``: SwiGLU (SiLU), or GeGLU (Gemma's GELU)."""
+    """Gated MLP: ``down(act(gate(x)) * up(x))``: SwiGLU (SiLU), or GeGLU (Gemma's GELU).
+    In a rotated model (`jquant.rotate`) the product is rotated (`jquant.hadamard.rht`)
+    before ``down``, whose kernel holds the inverse rotation."""
 
     def __init__(self, config: LlamaConfig, *, param_dtype, rngs: nnx.Rngs):
         d, f = config.hidden_size, config.intermediate_size
@@ -178,9 +192,11 @@ class MLP(nnx.Module):
         self.up_proj = Dense(d, f, **kw)
         self.down_proj = Dense(f, d, **kw)
         self.act = config.hidden_act
+        self.rotate_seed = None if config.rotation is None else config.rotation.seed
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        return self.down_proj(_ACTIVATIONS[self.act](self.gate_proj(x)) * self.up_proj(x))
+        h = _ACTIVATIONS[self.act](self.gate_proj(x)) * self.up_proj(x)
+        return self.down_proj(h if self.rotate_seed is None else rht(h, seed=self.rotate_seed))
 
 
 class DecoderLayer(nnx.Module):
@@ -252,12 +268,15 @@ class Llama(nnx.Module):
         self.config = config
         self.dtype = dtype
         kw = dict(param_dtype=param_dtype, rngs=rngs)
+        online = config.rotation is not None and config.rotation.residual_online
+        seed = config.rotation.seed if online else None
         self.embed_tokens = Embed(config.vocab_size, config.hidden_size, scale=config.embed_scale,
-                                  **kw)  # fmt: skip
+                                  rotate_seed=seed, **kw)  # fmt: skip
         self.layers = nnx.List(
             [DecoderLayer(config, layer=i, **kw) for i in range(config.num_layers)]
         )
-        self.norm = _norm(config, config.hidden_size, param_dtype)
+        self.norm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps, param_dtype=param_dtype,
+                            offset=config.norm_offset, unrotate_seed=seed)  # fmt: skip
         if not config.tie_word_embeddings:
             self.lm_head = Dense(config.hidden_size, config.vocab_size, bias=False, **kw)
 

@@ -16,8 +16,9 @@ Routing, as transformers' ``MixtralTopKRouter`` / ``Qwen3MoeTopKRouter`` /
 The experts' weights are stacked along a leading expert axis, ``(E, K, N)`` in the Dense
 layout, float arrays or QArrays (each expert's ``(K, N)`` slice quantized along its own
 ``K``). Tokens are sorted by expert and multiplied by one `grouped_matmul` per projection
-(``jax.lax.ragged_dot``; a QArray stack is dequantized first), so the work is the routed
-tokens' only, not every token times every expert.
+(``jquant._grouped``): tiles of one expert's rows, each times that expert's weight
+(dequantized one expert at a time), so the work is the routed tokens' only, not every token
+times every expert, and no float copy of a QArray stack is made.
 
 Parameter paths of an MoE layer (beside the attention and norms of `jquant.models.llama`)::
 
@@ -40,6 +41,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from jquant import _grouped, _tap, ops
 from jquant.models.config import LlamaConfig
 from jquant.qarray import QArray
 
@@ -52,14 +54,19 @@ def grouped_matmul(x: jax.Array, w: jax.Array | QArray, group_sizes: jax.Array) 
     """Rows of ``x (M, K)`` times their group's matrix of ``w (E, K, N)``: rows
     ``sum(group_sizes[:e]) ..`` ``+ group_sizes[e]`` use ``w[e]``. Returns ``(M, N)``.
 
-    ``w`` may be a QArray (dequantized to ``x.dtype`` first); ``group_sizes`` is int32
-    ``(E,)`` and sums to at most ``M`` (rows past the sum come back as zeros).
+    ``w`` may be a QArray stack quantized along K (each expert dequantized to ``x.dtype``
+    as its rows need it) or a calibration `Tap` (`jquant._tap.resolve_grouped`);
+    ``group_sizes`` is int ``(E,)`` and sums to at most ``M`` (rows past the sum come back as
+    zeros). See `jquant._grouped.grouped_matmul`.
 
     >>> x = jnp.ones((3, 2)); w = jnp.stack([jnp.eye(2), 2 * jnp.eye(2)])
     >>> grouped_matmul(x, w, jnp.array([1, 2], jnp.int32))[:, 0].tolist()
     [1.0, 2.0, 2.0]
     """
-    return jax.lax.ragged_dot(x, _dense(w, x.dtype), group_sizes.astype(jnp.int32))
+    if isinstance(w, _tap.Tap):
+        w, output = _tap.resolve_grouped(x, w, group_sizes)
+        return output(grouped_matmul(x, w, group_sizes))
+    return _grouped.grouped_matmul(x, w, group_sizes)
 
 
 def route(logits: jax.Array, k: int, *, normalize: bool) -> tuple[jax.Array, jax.Array]:
@@ -119,7 +126,7 @@ class SharedGate(nnx.Module):
         self.kernel = nnx.Param(init(rngs.params(), (d, 1), param_dtype))
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        return x @ _dense(self.kernel.get_value(), x.dtype)
+        return ops.qdot(x, self.kernel.get_value())
 
 
 class MoE(nnx.Module):
@@ -160,3 +167,12 @@ class MoE(nnx.Module):
             gate = jax.nn.sigmoid(self.shared_expert_gate(tokens))
             out = out + gate * self.shared_expert(tokens)
         return out.reshape(shape)
+
+
+def route_to_every_expert(module: nnx.Module) -> None:
+    """Makes every `MoE` block under ``module`` send each token to all of its experts (top-k
+    = E). Calibration runs its statistics passes so when a recipe calibrates each expert on
+    every token (``experts: {tokens: all}``); the outputs of such a pass are not the model's."""
+    for _, m in nnx.iter_modules(module):
+        if isinstance(m, MoE):
+            m.top_k = m.num_experts

@@ -105,7 +105,7 @@ def test_each_layer_is_calibrated_on_the_outputs_of_the_quantized_layers_before_
     x, ctx = blocks.embed(model, params, tokens)
 
     def q_proj_trace(layer_params_0):
-        x1 = blocks.run_layer(blocks.layer_graphdef(model), layer_params_0, x, ctx)
+        x1 = blocks.run_layer(blocks.layer_graphdef(model, 0), layer_params_0, x, ctx)
         w = np.asarray(blocks.layer_params(params, 1)["input_layernorm"]["scale"].get_value())
         h = _rms_norm(np.asarray(x1), w, CONFIG.rms_norm_eps).reshape(-1, CONFIG.hidden_size)
         return float(np.sum(h * h) / len(h))
@@ -132,7 +132,7 @@ def test_an_untied_lm_head_is_calibrated_on_the_final_norm_output():
     assert isinstance(head, jquant.QArray)
     row = next(r for r in report.rows if r.path == "lm_head/kernel")
     h, ctx = blocks.embed(model, params, tokens)
-    h = blocks.run_layer(blocks.layer_graphdef(model), blocks.layer_params(qparams, 0), h, ctx)
+    h = blocks.run_layer(blocks.layer_graphdef(model, 0), blocks.layer_params(qparams, 0), h, ctx)
     w = np.asarray(params["norm"]["scale"].get_value())
     normed = _rms_norm(np.asarray(h), w, config.rms_norm_eps).reshape(-1, config.hidden_size)
     assert row.info["h_trace"] == pytest.approx(np.sum(normed**2) / len(normed), rel=1e-5)

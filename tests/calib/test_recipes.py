@@ -55,19 +55,15 @@ def test_calibrated_recipe_runs_with_its_formats(tiny, name):
     rows = [r for r in report.rows if r.path.startswith("layers/")]
     head = [r for r in report.rows if r.path == "lm_head/kernel"]
     assert len(rows) == 7 * CONFIG.num_layers
-    # An untied head is quantized on the final norm's outputs when the recipe names it.
-    assert len(head) == (1 if name.endswith("-emb8") else 0)
-    assert all(r.qtype == "int8" for r in head)
+    # An untied head is quantized (INT8) on the final norm's outputs: every recipe names it.
+    assert [r.qtype for r in head] == ["int8"]
     layer = qparams["layers"][1]
     for proj in ("gate_proj", "up_proj", "down_proj"):
         w = layer["mlp"][proj]["kernel"].get_value()
         assert isinstance(w, QArray)
         assert (w.qtype, w.group_size, w.activation) == (qtype, group, act)
     table = qparams["embed_tokens"]["embedding"].get_value()
-    if name.endswith("-emb8"):  # the tied table in INT8, one scale per row
-        assert (table.qtype, table.axis, table.group_size) == ("int8", -1, None)
-    else:
-        assert not isinstance(table, QArray)
+    assert (table.qtype, table.axis, table.group_size) == ("int8", -1, None)  # one scale a row
     assert all(r.algorithm == Recipe.load(name).rules[-1].algorithm for r in rows)
     if baseline is not None:
         _, rtn = quantize_model(model, params, baseline, tokens, progress=False)

@@ -58,7 +58,7 @@ def test_streamed_checkpoint_equals_the_in_memory_quantization(source, tmp_path)
     for p in expected:
         for a, b in zip(got[p], expected[p], strict=True):
             np.testing.assert_array_equal(a, b, err_msg=p)
-    assert report["calibrated"] and len(report["rows"]) == 7 * 2
+    assert report["calibrated"] and len(report["rows"]) == 7 * 2 + 1  # and the untied head
 
 
 def test_data_free_recipe_equals_quantize(source, tmp_path):
@@ -185,7 +185,7 @@ def test_report_and_metadata(source, tmp_path):
     out, report = quantize_to_disk(path, RECIPE, tmp_path / "q", tokens=tokens, progress=False)
     stored = json.loads((out / "report.json").read_text())
     assert stored["micro_batch"] == report["micro_batch"] and stored["resumed_layers"] == []
-    assert 4 < report["quantized_bits_per_weight"] < 5
+    assert 4 < report["quantized_bits_per_weight"] < 8.1  # int4 g64 kernels, int8 table and head
 
 
 def test_a_run_killed_after_the_layers_resumes(source, tmp_path, monkeypatch):

@@ -19,7 +19,7 @@ PYTHON_CODE_SHA256 = {
 
 
 def test_names():
-    assert set(CORPORA) == {"pydoc-calib", "pydoc-eval", "python-code"}
+    assert set(CORPORA) == {"python-mix", "pydoc-calib", "pydoc-eval", "python-code"}
 
 
 def test_pydoc_halves_split_the_joined_topics():
@@ -95,5 +95,6 @@ def test_path_to_a_text_file(tmp_path):
 
 
 def test_unknown_name_lists_the_names():
-    with pytest.raises(ValueError, match="'wikitext'.*pydoc-calib, pydoc-eval, python-code"):
+    names = "python-mix, pydoc-calib, pydoc-eval, python-code"
+    with pytest.raises(ValueError, match=f"'wikitext'.*{names}"):
         load_corpus("wikitext")

@@ -8,11 +8,11 @@ pure-torch modules, loaded from the unpacked sdist named by ``JQUANT_GPTQMODEL_S
 
 import itertools
 import json
-import re
 
 import ml_dtypes
 import numpy as np
 import pytest
+from safetensors.numpy import load_file
 
 from jquant import _perm
 from jquant.io import _gptq_layout as layout
@@ -662,9 +662,11 @@ def test_export_refuses_what_gptq_cannot_hold(tiny, tmp_path):
             write_gptq({**tensors, down: q}, _tiny_config(tiny), None, tmp_path / what)
         assert not (tmp_path / what).exists(), what
     embed = "model.embed_tokens.weight"
-    q = quantize_array(tensors[embed].T, "uint4", group_size=32)
-    with pytest.raises(ValueError, match=r"quantized uint4 embedding .*: " + re.escape(embed)):
-        write_gptq({**tensors, embed: q}, _tiny_config(tiny), None, tmp_path / "embed")
+    # A quantized table is written as its values, float32 (GPTQ quantizes linears only).
+    q = quantize_array(tensors[embed], "int8", axis=1)
+    write_gptq({**tensors, embed: q}, _tiny_config(tiny), None, tmp_path / "embed")
+    written = load_file(tmp_path / "embed" / "model.safetensors")[embed]
+    np.testing.assert_array_equal(written, np.asarray(q.dequantize(np.float32)))
     # float32 scales are written when rounding to float16 is asked for.
     q = quantize_array(w, "uint4", group_size=32, scale_dtype=np.float32)
     write_gptq({**tensors, down: q}, _tiny_config(tiny), None, tmp_path / "r", round_scales=True)
