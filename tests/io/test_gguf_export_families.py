@@ -84,7 +84,8 @@ def test_round_trip_through_load_gguf(tmp_path, tiny, tiny_tokenizer, arch, reci
             np.testing.assert_array_equal(got + np.float32(1), w + np.float32(1), err_msg=name)
         else:
             np.testing.assert_array_equal(got, np.asarray(value, np.float32), err_msg=name)
-    assert quantized == (0 if recipe is None else 2 * 7)
+    # 7 kernels a layer, and the recipe's Q8_0 table (and untied head).
+    assert quantized == (0 if recipe is None else 2 * 7 + (1 if ARCHS[arch] else 2))
     model2, params2 = params_from_hf(back.tensors, LlamaConfig.from_hf(back.config))
     ours, again = _logits(model, params, TOKENS), _logits(model2, params2, TOKENS)
     # Gemma's norms differ by float32 rounding of (1 + w) − 1; the others are bit for bit.
@@ -209,8 +210,9 @@ def test_llama_cpp_logits_are_jquants(tmp_path, tiny, tiny_tokenizer, arch):
 @pytest.mark.parametrize("arch", list(ARCHS))
 def test_llama_cpp_runs_quantized_export_as_jquant(tmp_path, tiny, tiny_tokenizer, arch, recipe):
     """The same with Q8_0/Q4_0 blocks: llama.cpp's quantized matmuls quantize activations to
-    8 bits, so the perplexity of 64 tokens is compared: within 0.5% of jquant's, as for Llama
-    (tests/io/test_gguf_export.py; measured at most 0.36%, gemma3 Q8_0)."""
+    8 bits, so the perplexity of 64 tokens is compared: within 1% of jquant's. With the
+    recipes' Q8_0 table the head is a quantized matmul too (its activations 8-bit in llama.cpp);
+    measured: at most 0.35% for nine of the ten, 0.50% for gemma3 Q4_0 (untied head)."""
     config, model, params = _family(tiny, arch, recipe)
     llm = _llama(write_gguf(params, config, tiny_tokenizer, tmp_path / "m.gguf"), n_ctx=64)
     tokens = [int(t) for t in np.random.default_rng(1).integers(3, 200, 64)]
@@ -218,7 +220,7 @@ def test_llama_cpp_runs_quantized_export_as_jquant(tmp_path, tiny, tiny_tokenize
     llm.eval(tokens)
     theirs = np.array(llm.scores[: len(tokens)], np.float32)
     ours = _logits(model, params, tokens)
-    assert math.exp(_nll(theirs, tokens)) == pytest.approx(math.exp(_nll(ours, tokens)), rel=5e-3)
+    assert math.exp(_nll(theirs, tokens)) == pytest.approx(math.exp(_nll(ours, tokens)), rel=1e-2)
 
 
 # ---- SentencePiece tokenizers -----------------------------------------------------------

@@ -237,12 +237,16 @@ def test_int4_g128_stays_packed_on_disk(tmp_path):
     on_disk = sum(p.stat().st_size for p in (path / packed.ARRAYS).rglob("*") if p.is_file())
     assert sorted(os.listdir(path / packed.ARRAYS)) == ["layers.00000.safetensors",
                                                         "model.safetensors"]  # fmt: skip
-    leaves = _leaves(params).values()
-    weights = sum(q.size for q in leaves if isinstance(q, QArray))
-    in_memory = sum(q.nbytes for q in leaves if isinstance(q, QArray))
-    floats = sum(x.nbytes for x in leaves if not isinstance(x, QArray))
-    assert 8 * in_memory / weights == pytest.approx(4.125)
-    bits = 8 * (on_disk - floats) / weights  # everything but the float leaves, overhead too
+    leaves = _leaves(params)
+    kernels = [q for k, q in leaves.items() if isinstance(q, QArray) and k.startswith("layers/")]
+    tables = [q for k, q in leaves.items() if isinstance(q, QArray) and not k.startswith("layers/")]
+    weights = sum(q.size for q in kernels)
+    floats = sum(x.nbytes for x in leaves.values() if not isinstance(x, QArray))
+    assert 8 * sum(q.nbytes for q in kernels) / weights == pytest.approx(4.125)
+    # The table and head: int8 per row, one bfloat16 scale per 512-wide row.
+    table_bytes = sum(q.nbytes for q in tables)
+    assert 8 * table_bytes / sum(q.size for q in tables) == pytest.approx(8 + 16 / 512)
+    bits = 8 * (on_disk - floats - table_bytes) / weights  # the kernels, overhead too
     print(f"int4 g128 on disk: {bits:.3f} bits/weight ({on_disk} bytes)")
     assert 4.125 < bits < 4.13  # two safetensors headers (~4 KB) on ~1.6 MB
 
