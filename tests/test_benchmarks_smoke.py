@@ -283,3 +283,21 @@ def test_moe_calibration_benchmark_rows():
     assert all(1.0 < r["perplexity"] < 96.0 for r in rows)
     table = bench.format_table(rows)
     assert table.count("\n") == len(rows) + 1 and "| qwen2_moe | gptq | 64 |" in table
+
+
+def test_moe_memory_benchmark_counts_by_hand():
+    """The MoE memory benchmark on a small Qwen3-MoE config against counts by hand: each
+    stack (E, K, N) under int4 g128 is E·K·N·(4 + 16/128) bits (bf16 scales), k of E active."""
+    bench = _load("moe_memory")
+    e, k, d, f = 8, 2, 256, 128
+    config = dict(architectures=["Qwen3MoeForCausalLM"], model_type="qwen3_moe",
+                  vocab_size=512, hidden_size=d, intermediate_size=384, moe_intermediate_size=f,
+                  num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                  head_dim=64, num_experts=e, num_experts_per_tok=k, norm_topk_prob=True,
+                  decoder_sparse_step=1, mlp_only_layers=[], tie_word_embeddings=False)  # fmt: skip
+    float_row = bench.price(config, None)
+    assert float_row["layer_gb"] * 1e9 == 3 * e * d * f * 2
+    row = bench.price(config, "w4a16-gptq-g128")  # priced by its format: no calibration
+    assert row["layer_gb"] * 1e9 == 3 * e * d * f * (4 + 16 / 128) / 8
+    assert row["layer_active_gb"] * 1e9 == 3 * k * d * f * (4 + 16 / 128) / 8
+    assert float_row["weights"] - float_row["active_weights"] == 2 * 3 * (e - k) * d * f
