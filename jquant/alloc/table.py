@@ -167,7 +167,8 @@ def measure(model, params, tokens, *, config: Mapping[str, Any] | None = None,
     covered = set(options)
     flat = dict(tree.leaves(params))
     fixed = sum(_leaf_bytes(v) for p, v in flat.items() if p not in covered)
-    stacks = {p: int(flat[p].shape[0]) for p in options if getattr(flat[p], "ndim", 0) == 3}
+    stacks = {p: int(flat[p].shape[0]) for p in options
+              if getattr(flat.get(p), "ndim", 0) == 3}  # fmt: skip
     table = Sensitivity(
         options=options,
         kernel_candidates={c.name: dict(c.settings) for c in kernel_candidates},
