@@ -8,18 +8,21 @@ softmax and top-k of the float router); each expert's squared output gradients f
 projection's output); a stack's price as the NumPy sum over its experts of each expert's
 cost, each expert quantized alone by `jquant.algorithms` (GPTQ, or RTN for an expert with no
 rows); the allocation's bytes against `jquant.memory_report` of the model its recipe
-quantizes. Models are tiny random Mixtral and Qwen2-MoE ones built from HF config dicts, the
+quantizes; ``jquant allocate --json`` on an MoE model for its rules and byte counts. Models are tiny random Mixtral and Qwen2-MoE ones built from HF config dicts, the
 routers scaled up so that the tokens spread over the experts.
 """
 
 from __future__ import annotations
 
+import json
 import math
+import re
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import yaml
 from flax import nnx
 
 from jquant import algorithms, alloc, memory_report, tree
@@ -50,11 +53,11 @@ PROJ = ("gate_proj", "up_proj", "down_proj")
 U4 = S.candidate("uint4-g16", weight="uint4", group_size=16, algorithm="gptq")
 
 
-def _model(family: str, *, dead: bool = False):
+def _model(family: str, *, dead: bool = False, **config):
     """(model, float params): weights N(0, 0.1), norms 1 + N(0, 0.2), routers N(0, 2). With
     ``dead``, experts 2 and 3 copy expert 0's router row: top-k keeps the lower index among
-    ties, so expert 3 never receives a token."""
-    model = init_model(LlamaConfig.from_hf({**BASE, **FAMILIES[family]}), seed=0)
+    ties, so expert 3 never receives a token. ``config`` overrides HF config keys."""
+    model = init_model(LlamaConfig.from_hf({**BASE, **FAMILIES[family], **config}), seed=0)
     params = nnx.state(model, nnx.Param)
     rng = np.random.default_rng(1)
     for path, var in nnx.to_flat_state(params):
@@ -292,3 +295,31 @@ def test_allocation_within_budget_quantizes_and_evaluates():
     text = np.random.default_rng(5).integers(3, VOCAB, 256).tolist()
     ppl = perplexity(model, q, text, seq_len=32, progress=False).perplexity
     assert math.isfinite(ppl) and ppl > 1.0
+
+
+def test_cli_allocate_prints_total_and_active_bytes(capsys, tiny_model, tmp_path, monkeypatch):
+    """``jquant allocate --json`` on a Mixtral model (loaded by a stub, with the tiny GGUF's
+    tokenizer; the default g64 candidates, so 64 wide): a rule per expert stack, the weights
+    within the budget, and the active bytes below them."""
+    from jquant import models
+    from jquant.cli import _args, main
+
+    monkeypatch.setenv("JQUANT_CACHE", str(tmp_path / "cache"))
+    _, _, tokenizer, tiny_config = models.load(tiny_model, with_config=True)
+    wide = dict(vocab_size=tiny_config["vocab_size"], hidden_size=64, intermediate_size=64,
+                head_dim=16)  # fmt: skip
+    model, params = _model("mixtral", **wide)
+    hf = {**BASE, **FAMILIES["mixtral"], **wide}
+    monkeypatch.setattr(_args, "load", lambda args: (model, params, tokenizer, hf))
+    text = tmp_path / "t.txt"
+    text.write_text(" ".join(f"word{i % 37} and {i % 11}, then" for i in range(300)))
+    recipe = tmp_path / "r.yaml"
+    assert main(["allocate", "mixtral-stub", "--target-bits", "7", "--calib", str(text),
+                 "--calib-samples", "2", "--calib-seq-len", "16", "--formats", "uint4-g64,int8",
+                 "--json", "-o", str(recipe)]) == 0  # fmt: skip
+    out = json.loads(capsys.readouterr().out)
+    stacks = [f"layers/{i}/mlp/experts/{p}/kernel" for i in (0, 1) for p in PROJ]
+    assert set(stacks) <= set(out["choice"])
+    assert out["active_bytes"] < out["weight_bytes"] <= out["budget_bytes"]
+    patterns = [r["pattern"] for r in yaml.safe_load(recipe.read_text())["rules"]]
+    assert all(f"^{re.escape(p)}$" in patterns for p in stacks)
