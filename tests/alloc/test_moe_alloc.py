@@ -8,8 +8,9 @@ softmax and top-k of the float router); each expert's squared output gradients f
 projection's output); a stack's price as the NumPy sum over its experts of each expert's
 cost, each expert quantized alone by `jquant.algorithms` (GPTQ, or RTN for an expert with no
 rows); the allocation's bytes against `jquant.memory_report` of the model its recipe
-quantizes; ``jquant allocate --json`` on an MoE model for its rules and byte counts. Models are tiny random Mixtral and Qwen2-MoE ones built from HF config dicts, the
-routers scaled up so that the tokens spread over the experts.
+quantizes; ``jquant allocate --json`` on an MoE model for its rules and byte counts. Models
+are tiny random Mixtral and Qwen2-MoE ones built from HF config dicts, the routers scaled up
+so that the tokens spread over the experts.
 """
 
 from __future__ import annotations
