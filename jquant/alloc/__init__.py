@@ -22,7 +22,8 @@ with a context and batch to serve (the memory report's KV cache and overhead sub
 The modules: `jquant.alloc.table` (`Sensitivity`, `measure`, the cache),
 `jquant.alloc.budget` (`budget_bytes`, `parse_size`, `find_device`),
 `jquant.alloc.allocation` (`allocate`, `Allocation`), `jquant.alloc.sensitivity` (the
-statistics and pricing) and `jquant.alloc.knapsack` (the solver).
+statistics and pricing), `jquant.alloc.experts` (a mixture-of-experts layer's expert stacks:
+one choice each, priced expert by expert) and `jquant.alloc.knapsack` (the solver).
 """
 
 from jquant.alloc.allocation import Allocation as Allocation

@@ -20,6 +20,11 @@ class Allocation:
     choice: dict[str, str]  # path -> candidate name
     predicted: float  # Δ mean cross-entropy (Δ log perplexity), summed over tensors
     weight_bytes: int  # every weight, float leaves included
+    # The weight bytes one token reads: of each expert stack ``k / E`` (rounded down as
+    # `jquant.memory_report` rounds it); ``weight_bytes`` for a model without experts.
+    active_bytes: int
+    experts_per_token: int  # a mixture-of-experts model's top-k k; 0 without experts
+    experts: int  # and its experts per stack E (the most of any stack); 0 without
     budget: int
     elements: int
     tied: bool
@@ -69,9 +74,11 @@ class Allocation:
 
     def summary(self) -> str:
         counts = ", ".join(f"{n} x{c}" for n, c in sorted(self.counts().items()))
-        return (f"{self.weight_bytes / 1e6:.2f} MB ({self.bits_per_weight:.3f} bits/weight) "
-                f"within {self.budget / 1e6:.2f} MB; predicted +{self.predicted_percent:.2f}% "
-                f"perplexity; {counts}")  # fmt: skip
+        active = (f", {self.active_bytes / 1e6:.2f} MB active per token ({self.experts_per_token}"
+                  f" of {self.experts} experts)" if self.experts else "")  # fmt: skip
+        return (f"{self.weight_bytes / 1e6:.2f} MB ({self.bits_per_weight:.3f} bits/weight)"
+                f"{active} within {self.budget / 1e6:.2f} MB; predicted "
+                f"+{self.predicted_percent:.2f}% perplexity; {counts}")  # fmt: skip
 
 
 def _path_order(path: str):
@@ -108,8 +115,14 @@ def allocate(table: Sensitivity, budget: int, *, resolution: int = 200_000) -> A
     picked: dict[str, str] = {}
     for lab, oi in zip(labels, choice.picks):
         picked.update(lab[oi])
+    k = table.experts_per_token
+    idle = sum(table.options[p][picked[p]].nbytes * (e - k) // e
+               for p, e in table.experts.items())  # fmt: skip
+    weight_bytes = choice.nbytes + table.fixed_bytes
     return Allocation(
-        choice=picked, predicted=choice.cost, weight_bytes=choice.nbytes + table.fixed_bytes,
+        choice=picked, predicted=choice.cost, weight_bytes=weight_bytes,
+        active_bytes=weight_bytes - idle, experts_per_token=k,
+        experts=max(table.experts.values(), default=0),
         budget=budget, elements=table.elements, tied=table.tied,
         kernel_candidates=table.kernel_candidates, table_candidates=table.table_candidates,
     )  # fmt: skip

@@ -24,6 +24,9 @@ The embedding table is a gather, whose "input" is one-hot: the cost of a change 
 summed over the positions holding token ``v``. A tied LM head sees the same ``ΔE`` as a
 matmul ``h Eᵀ`` and adds its own term.
 
+A mixture-of-experts layer's expert stack ``(E, K, N)`` is one tensor with statistics per
+expert, from the rows routed to each (`jquant.alloc.experts`).
+
 Summing the predicted costs of every tensor a recipe quantizes predicts the whole recipe's
 ``Δ log perplexity``; `docs/allocation.md` shows how well, on SmolLM2.
 """
@@ -43,7 +46,8 @@ from flax import nnx
 from tqdm.auto import tqdm
 
 from jquant import algorithms, tree
-from jquant._tap import Rewired, tapping, with_taps
+from jquant._tap import Rewired, Routed, tapping, with_taps
+from jquant.alloc import experts
 from jquant.calib import stats
 from jquant.models.convert import EMBED_PATH, HEAD_PATH
 from jquant.qarray import QArray
@@ -54,8 +58,10 @@ from jquant.recipe import Rule
 class KernelStats:
     """What the cost of one matmul kernel needs (see the module docstring)."""
 
-    calibration: stats.Calibration  # H = E[x xᵀ] and the other input statistics
-    grad_sq: np.ndarray  # (N,) G_j
+    # H = E[x xᵀ] and the other input statistics; per expert for an expert stack (an
+    # expert without rows has zeros, `jquant.calib.stats.from_routed`).
+    calibration: stats.Calibration
+    grad_sq: np.ndarray  # (N,) G_j; (E, N) for an expert stack, over each expert's rows
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -72,6 +78,9 @@ class Statistics:
     # Predicted tokens T, and the float model's mean cross-entropy on them.
     tokens: int
     loss: float
+    # Every position of the windows (T plus one per window): the calibration tokens an
+    # expert's share of rows is measured against.
+    positions: int
 
 
 @jax.custom_vjp
@@ -102,8 +111,9 @@ def _input_stats(x):
 
 
 def _kernel_paths(state) -> list[str]:
+    """Matmul kernels ``(K, N)`` and expert stacks ``(E, K, N)``."""
     return [path for path, value in tree.leaves(state)
-            if path.endswith("kernel") and getattr(value, "ndim", 0) == 2]  # fmt: skip
+            if path.endswith("kernel") and getattr(value, "ndim", 0) in (2, 3)]  # fmt: skip
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "paths"))
@@ -112,15 +122,21 @@ def _layer_backward(graphdef, state, x, ctx, g_out, *, paths):
     from jquant.models import blocks
 
     tapped = with_taps(state, set(paths))
-    widths = {p: _leaf(state, p).shape[-1] for p in paths}
-    probes = {p: jnp.zeros((widths[p],), jnp.float32) for p in paths}
+    shapes = {p: _leaf(state, p).shape for p in paths}
+    probes = {p: jnp.zeros(s[::2] if len(s) == 3 else s[-1:], jnp.float32)
+              for p, s in shapes.items()}  # fmt: skip
 
     def f(x, probes):
         seen: dict[str, Any] = {}
 
         def handler(xin, tap):
+            p = probes[tap.path]
+            if isinstance(xin, Routed):  # an expert stack: rows sorted by expert
+                seen[tap.path] = experts.routed_input_stats(xin.rows, xin.group_sizes)
+                rows = experts.row_experts(xin.group_sizes, xin.rows.shape[0])
+                return Rewired(tap.value, lambda y: experts.probe(y, p, rows))
             seen[tap.path] = _input_stats(xin)
-            return Rewired(tap.value, lambda y: _probe(y, probes[tap.path]))
+            return Rewired(tap.value, lambda y: _probe(y, p))
 
         with tapping(handler):
             y = blocks.apply_layer(graphdef, tapped, x, ctx)
@@ -195,7 +211,7 @@ def collect(model, params: nnx.State, tokens, *, batch_size: int = 2,
     sums: dict[str, list] = {}
     gsq: dict[str, np.ndarray] = {}
     rows = np.zeros((config.vocab_size, config.hidden_size), np.float64)
-    loss_sum, predicted = 0.0, 0
+    loss_sum, predicted, positions = 0.0, 0, 0
     batches = range(0, tokens.shape[0], batch_size)
     for start in tqdm(batches, desc="sensitivity", unit="batch", disable=not progress):
         ids = jnp.asarray(tokens[start:start + batch_size], jnp.int32)
@@ -212,6 +228,7 @@ def collect(model, params: nnx.State, tokens, *, batch_size: int = 2,
             softcap=config.final_logit_softcap)  # fmt: skip
         loss_sum += float(loss)
         predicted += int(ids.shape[0] * (ids.shape[1] - 1))
+        positions += int(ids.size)
         _add(sums, gsq, "head", head_stats, head_gsq)
         for i in reversed(range(config.num_layers)):
             g, layer_gsq, seen = _layer_backward(
@@ -228,6 +245,7 @@ def collect(model, params: nnx.State, tokens, *, batch_size: int = 2,
     return Statistics(
         kernels=kernels, embed_grad_sq=(rows / predicted).astype(np.float32),
         tied_head=head if tied else None, tokens=predicted, loss=loss_sum / predicted,
+        positions=positions,
     )  # fmt: skip
 
 
@@ -247,9 +265,11 @@ def _add(sums, gsq, key, input_stats, grad_sq):
 
 def _kernel_stats(acc, grad_sq, predicted: int) -> KernelStats:
     h, s, m, n = acc
+    d = np.maximum(n, 1.0)  # an expert without rows: zeros
     calib = stats.Calibration(
-        hessian=jnp.asarray(h / n, jnp.float32), mean_abs=jnp.asarray(s / n, jnp.float32),
-        max_abs=jnp.asarray(m, jnp.float32), count=jnp.float32(n),
+        hessian=jnp.asarray(h / d[..., None, None], jnp.float32),
+        mean_abs=jnp.asarray(s / d[..., None], jnp.float32),
+        max_abs=jnp.asarray(m, jnp.float32), count=jnp.asarray(n, jnp.float32),
     )  # fmt: skip
     return KernelStats(calibration=calib, grad_sq=(grad_sq / predicted).astype(np.float32))
 
@@ -295,25 +315,39 @@ class _Key:
     rule: Rule = dataclasses.field(compare=False, hash=False)
 
 
-def _delta(w, rule: Rule, path: str, calib):
-    """``(W - dequantized, nbytes)`` of ``w`` under a resolved rule (skip: a float cast)."""
+def _delta(w, rule: Rule, path: str, calib, *, positions: int = 0):
+    """``(W - dequantized, nbytes)`` of ``w`` under a resolved rule (skip: a float cast); an
+    expert stack expert by expert (`jquant.alloc.experts.stack_quantized`; ``positions``:
+    the calibration tokens)."""
     if rule.skip:
         dtype = jnp.float32 if rule.dtype is None else jnp.dtype(rule.dtype)
         w32 = jnp.asarray(w, jnp.float32)
         return w32 - w32.astype(dtype).astype(jnp.float32), math.prod(w.shape) * dtype.itemsize
+    if experts.is_stack(w):
+        q = experts.stack_quantized(w, rule, calib, positions=positions, quantize=_quantize)
+    else:
+        q, _ = _quantize(w, calib, rule, path)
+    return _residual(w, q), q.nbytes
+
+
+def _quantize(w, calib, rule: Rule, path: str):
+    """``(qarray, {})`` of a 2-D ``w`` by ``rule``'s algorithm, one ``jit`` per rule."""
     settings = {k: v for k, v in rule.to_dict().items() if k != "pattern"}
-    key = _Key(repr(sorted(settings.items())), rule)
-    dw, q = _quantize_delta(w, calib, key=key)
-    return dw, q.nbytes
+    return _quantize_jit(w, calib, key=_Key(repr(sorted(settings.items())), rule))
 
 
 @functools.partial(jax.jit, static_argnames=("key",))
-def _quantize_delta(w, calib, *, key: _Key):
+def _quantize_jit(w, calib, *, key: _Key):
     rule = key.rule
     out = algorithms.get(rule.algorithm)(w, rule, path="tensor", calibration=calib)
     q, _ = algorithms.split_result(rule.algorithm, out)
     assert isinstance(q, QArray)
-    return jnp.asarray(w, jnp.float32) - q.dequantize(jnp.float32), q
+    return q, {}
+
+
+@jax.jit
+def _residual(w, q: QArray):
+    return jnp.asarray(w, jnp.float32) - q.dequantize(jnp.float32)
 
 
 @jax.jit
@@ -341,7 +375,8 @@ def price(params: nnx.State, statistics: Statistics, kernel_candidates, table_ca
     """Every tensor's `Option` under every candidate: ``{path: {candidate name: Option}}``.
 
     Decoder kernels (and an untied head) get ``kernel_candidates`` with the statistics
-    ``collect`` gathered (GPTQ uses their ``H``); the embedding table gets
+    ``collect`` gathered (GPTQ uses their ``H``), an expert stack one candidate for all its
+    experts, priced expert by expert (`jquant.alloc.experts`); the embedding table gets
     ``table_candidates``. A tied model's table is priced twice: as the embedding (path
     ``embed_tokens/embedding``) and as the head (path ``lm_head/kernel``, the same ``ΔE``
     seen by the head's matmul); the allocator adds the two when the table stays shared.
@@ -355,8 +390,11 @@ def price(params: nnx.State, statistics: Statistics, kernel_candidates, table_ca
         ks = statistics.kernels[path]
         w = values[path]
         rule = cand.resolved(path)
-        dw, nbytes = _delta(w, rule, path, ks.calibration)
-        cost = _kernel_cost(dw, ks.calibration.hessian, jnp.asarray(ks.grad_sq))
+        dw, nbytes = _delta(w, rule, path, ks.calibration, positions=statistics.positions)
+        if experts.is_stack(w):
+            cost = experts.stack_cost(dw, *experts.cost_statistics(ks.calibration, ks.grad_sq))
+        else:
+            cost = _kernel_cost(dw, ks.calibration.hessian, jnp.asarray(ks.grad_sq))
         out.setdefault(path, {})[cand.name] = Option(cost=float(cost), nbytes=int(nbytes))
         bar.update()
     table = values[EMBED_PATH]

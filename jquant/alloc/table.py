@@ -89,6 +89,10 @@ class Sensitivity:
     config: dict[str, Any]
     loss: float
     tokens: int
+    # A mixture-of-experts model's expert stacks (path -> experts E; priced as one tensor
+    # each) and its top-k: a token reads k of each stack's E experts. Empty and 0 otherwise.
+    experts: dict[str, int]
+    experts_per_token: int
 
     def to_json(self) -> str:
         d = dataclasses.asdict(self)
@@ -163,13 +167,16 @@ def measure(model, params, tokens, *, config: Mapping[str, Any] | None = None,
     covered = set(options)
     flat = dict(tree.leaves(params))
     fixed = sum(_leaf_bytes(v) for p, v in flat.items() if p not in covered)
+    stacks = {p: int(flat[p].shape[0]) for p in options
+              if getattr(flat.get(p), "ndim", 0) == 3}  # fmt: skip
     table = Sensitivity(
         options=options,
         kernel_candidates={c.name: dict(c.settings) for c in kernel_candidates},
         table_candidates={c.name: dict(c.settings) for c in table_candidates},
         tied=bool(model.config.tie_word_embeddings), fixed_bytes=int(fixed),
         elements=int(report.weight_elements), config=config, loss=stats.loss,
-        tokens=stats.tokens,
+        tokens=stats.tokens, experts=stacks,
+        experts_per_token=int(model.config.num_experts_per_tok) if stacks else 0,
     )  # fmt: skip
     if cache:
         path.parent.mkdir(parents=True, exist_ok=True)

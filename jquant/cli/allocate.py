@@ -89,7 +89,7 @@ def run(args) -> int:
     if args.json:
         print(json.dumps({
             "recipe": args.output, "name": name, "budget_bytes": budget,
-            "weight_bytes": allocation.weight_bytes,
+            "weight_bytes": allocation.weight_bytes, "active_bytes": allocation.active_bytes,
             "bits_per_weight": allocation.bits_per_weight,
             "predicted_delta_percent": allocation.predicted_percent,
             "formats": allocation.counts(), "choice": allocation.choice,

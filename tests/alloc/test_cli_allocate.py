@@ -40,6 +40,7 @@ def test_allocated_recipe_quantizes_within_its_budget(capsys, tiny_model, text_f
     assert len(rules) == 7 * 2 + 2
     assert all(r["pattern"].startswith("^") and r["pattern"].endswith("$") for r in rules)
     assert out["weight_bytes"] <= out["budget_bytes"]
+    assert out["active_bytes"] == out["weight_bytes"]  # no experts: a token reads every weight
     assert out["bits_per_weight"] <= 6.0
     q = tmp_path / "q"
     assert main(["quantize", tiny_model, "--recipe", str(recipe), "--calib", text_file, *CALIB,

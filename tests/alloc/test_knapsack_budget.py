@@ -69,7 +69,8 @@ def _table(tied=True):
         kernel_candidates={"a": {"weight": "uint4", "group_size": 64},
                            "b": {"weight": "int8"}},
         table_candidates={"t4": {"weight": "uint4", "group_size": 64}, "t8": {"weight": "int8"}},
-        tied=tied, fixed_bytes=7, elements=200, config={}, loss=2.0, tokens=100,
+        tied=tied, fixed_bytes=7, elements=200, config={}, loss=2.0, tokens=100, experts={},
+        experts_per_token=0,
     )  # fmt: skip
 
 
