@@ -163,7 +163,8 @@ def shard_params(tree, logical_specs, mesh: Mesh):
       logical_specs: the same structure, with a ``PartitionSpec`` (or None:
         replicated) where ``tree`` has an array or a QArray; a QArray's spec is
         over its logical shape and is rewritten by :func:`storage_partition_spec`
-        (with ``mesh``'s axis sizes, so K may be split at group boundaries).
+        (with ``mesh``'s axis sizes, so K may be split at group boundaries); a QArray of
+        PartitionSpecs gives its storage leaves' specs as they are.
       mesh: the device mesh the spec's axis names refer to.
 
     Returns:
@@ -179,7 +180,9 @@ def shard_params(tree, logical_specs, mesh: Mesh):
     """
 
     def sharding_of(leaf, spec):
-        if isinstance(leaf, QArray):
+        if isinstance(spec, QArray):
+            specs = spec
+        elif isinstance(leaf, QArray):
             specs = storage_partition_spec(leaf, spec, mesh.shape)
         else:
             specs = spec or P()

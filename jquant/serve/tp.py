@@ -9,6 +9,11 @@ not fall on shard boundaries, heads that would be cut) stays replicated and is l
 notes. The programs then run under GSPMD: the compiler inserts the all-reduces, and the
 outputs equal the single-device run's up to float summation order.
 
+A mesh with an ``"ep"`` axis beside ``"tp"`` adds expert parallelism
+(`jquant._expert_parallel`): every MoE layer's expert stacks are split on their expert axis
+over ep (and on their hidden units over tp where groups allow); the rest is placed as above
+and replicated over ep.
+
 >>> engine = Engine(model, params, tokenizer, mesh=2)  # doctest: +SKIP
 >>> engine.tp_notes, engine.runner.per_device_bytes()  # doctest: +SKIP
 """
@@ -20,13 +25,15 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from jquant._expert_parallel import EP_AXIS, EXPERT_PATH, expert_specs
 from jquant.sharding import kv_cache_spec, make_tp_mesh, shard_params, tp_logical_specs
 
 AXIS = "tp"
 
 
 def as_mesh(mesh) -> Mesh:
-    """An int ``tp`` as a mesh over the first ``tp`` devices; a Mesh must have a "tp" axis."""
+    """An int ``tp`` as a mesh over the first ``tp`` devices; a Mesh must have a "tp" axis
+    (and may have an "ep" one)."""
     if isinstance(mesh, Mesh):
         if AXIS not in mesh.shape:
             raise ValueError(f"the mesh has axes {tuple(mesh.shape)}; serving needs one named "
@@ -54,6 +61,10 @@ def runner_sharder(mesh, config):
         if "head" in params:
             named["lm_head"] = params["head"]
         specs, leaf_notes = tp_logical_specs(named, tp, AXIS, config=config)
+        if EP_AXIS in mesh.shape:
+            leaf_notes = [n for n in leaf_notes if not EXPERT_PATH.search(n.split(" ")[0])]
+            specs, ep_notes = expert_specs(named, specs, mesh.shape[EP_AXIS], tp)
+            leaf_notes.extend(ep_notes)
         notes.extend(leaf_notes)
         placed = shard_params(named, specs, mesh)
         out = {"embed": placed["embed_tokens"], "layers": placed["layers"],
