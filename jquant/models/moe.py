@@ -18,7 +18,9 @@ layout, float arrays or QArrays (each expert's ``(K, N)`` slice quantized along 
 ``K``). Tokens are sorted by expert and multiplied by one `grouped_matmul` per projection
 (``jquant._grouped``): tiles of one expert's rows, each times that expert's weight
 (dequantized one expert at a time), so the work is the routed tokens' only, not every token
-times every expert, and no float copy of a QArray stack is made.
+times every expert, and no float copy of a QArray stack is made. Inside an
+`jquant._expert_parallel.expert_parallel` block (the serving runner's, under a mesh with an
+``"ep"`` axis) the routed experts run split over devices instead, with the same routing.
 
 Parameter paths of an MoE layer (beside the attention and norms of `jquant.models.llama`)::
 

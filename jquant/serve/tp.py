@@ -32,14 +32,29 @@ AXIS = "tp"
 
 
 def as_mesh(mesh) -> Mesh:
-    """An int ``tp`` as a mesh over the first ``tp`` devices; a Mesh must have a "tp" axis
-    (and may have an "ep" one)."""
+    """An int ``tp`` as a mesh over the first ``tp`` devices; axis sizes ``{"tp": N, "ep":
+    M}`` (`jquant.sharding.parse_mesh`) as a ``(tp, ep)`` mesh over the first ``N * M``; a
+    Mesh must have a "tp" axis (and may have an "ep" one)."""
     if isinstance(mesh, Mesh):
         if AXIS not in mesh.shape:
             raise ValueError(f"the mesh has axes {tuple(mesh.shape)}; serving needs one named "
                              f"{AXIS!r}")  # fmt: skip
         return mesh
-    return make_tp_mesh(int(mesh), AXIS)
+    if isinstance(mesh, dict) and EP_AXIS in mesh:
+        tp, ep, devices = mesh.get(AXIS, 1), mesh[EP_AXIS], jax.devices()
+        if min(tp, ep) < 1 or tp * ep > len(devices):
+            raise ValueError(f"tp={tp},ep={ep} needs {tp * ep} devices but {len(devices)} "
+                             "are available (tp and ep must be >= 1)")  # fmt: skip
+        return Mesh(np.array(devices[: tp * ep]).reshape(tp, ep), (AXIS, EP_AXIS))
+    return make_tp_mesh(int(mesh[AXIS] if isinstance(mesh, dict) else mesh), AXIS)
+
+
+def describe(mesh) -> str:
+    """``tp=N``, or ``tp=N,ep=M`` for a mesh with an "ep" axis."""
+    shape = getattr(mesh, "shape", {})
+    if EP_AXIS in shape:
+        return ",".join(f"{axis}={shape[axis]}" for axis in (AXIS, EP_AXIS))
+    return f"tp={mesh.devices.size}"
 
 
 def runner_sharder(mesh, config):
