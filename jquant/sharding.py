@@ -163,7 +163,8 @@ def shard_params(tree, logical_specs, mesh: Mesh):
       logical_specs: the same structure, with a ``PartitionSpec`` (or None:
         replicated) where ``tree`` has an array or a QArray; a QArray's spec is
         over its logical shape and is rewritten by :func:`storage_partition_spec`
-        (with ``mesh``'s axis sizes, so K may be split at group boundaries).
+        (with ``mesh``'s axis sizes, so K may be split at group boundaries); a QArray of
+        PartitionSpecs gives its storage leaves' specs as they are.
       mesh: the device mesh the spec's axis names refer to.
 
     Returns:
@@ -179,7 +180,9 @@ def shard_params(tree, logical_specs, mesh: Mesh):
     """
 
     def sharding_of(leaf, spec):
-        if isinstance(leaf, QArray):
+        if isinstance(spec, QArray):
+            specs = spec
+        elif isinstance(leaf, QArray):
             specs = storage_partition_spec(leaf, spec, mesh.shape)
         else:
             specs = spec or P()
@@ -387,17 +390,21 @@ def per_device_bytes(tree) -> dict[jax.Device, int]:
     return dict(sorted(held.items(), key=lambda item: item[0].id))
 
 
-def parse_tp_mesh(text: str) -> int:
-    """The tensor-parallel size of a mesh written ``tp=N`` (``jquant serve --mesh``).
+def parse_mesh(text: str) -> dict[str, int]:
+    """The axis sizes of a serving mesh written ``tp=N`` or ``tp=N,ep=M`` (``jquant serve
+    --mesh``): tensor parallel over N devices, and expert parallel over M (MoE models).
 
-    >>> parse_tp_mesh("tp=2")
-    2
+    >>> parse_mesh("tp=2"), parse_mesh("tp=2,ep=4")
+    ({'tp': 2}, {'tp': 2, 'ep': 4})
 
     Raises:
-      ValueError: anything but ``tp=N`` with N >= 1; the message starts with ``text``
-        (repr).
+      ValueError: anything else, or a size below 1; the message starts with ``text`` (repr).
     """
-    match = re.fullmatch(r"tp=([0-9]+)", text.strip())
-    if not match or int(match.group(1)) < 1:
-        raise ValueError(f"{text!r}: expected tp=N with N >= 1 devices, e.g. tp=2")
-    return int(match.group(1))
+    match = re.fullmatch(r"tp=([0-9]+)(?:,ep=([0-9]+))?", text.strip())
+    sizes = {} if not match else {"tp": int(match.group(1))}
+    if match and match.group(2) is not None:
+        sizes["ep"] = int(match.group(2))
+    if not sizes or min(sizes.values()) < 1:
+        raise ValueError(f"{text!r}: expected tp=N with N >= 1 devices, e.g. tp=2, or "
+                         "tp=N,ep=M (MoE experts split over M >= 1), e.g. tp=2,ep=4")  # fmt: skip
+    return sizes

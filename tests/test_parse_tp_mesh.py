@@ -1,26 +1,31 @@
-"""`jquant.sharding.parse_tp_mesh` (``jquant serve --mesh``) and `jquant.serve.engine_report`
+"""`jquant.sharding.parse_mesh` (``jquant serve --mesh``) and `jquant.serve.engine_report`
 (the line ``jquant serve`` prints about the engine's memory)."""
 
 from __future__ import annotations
 
 import types
 
+import numpy as np
 import pytest
 
 from jquant.serve import engine_report
-from jquant.sharding import parse_tp_mesh
+from jquant.sharding import parse_mesh
 
 
-@pytest.mark.parametrize("text, tp", [("tp=1", 1), (" tp=8 ", 8), ("tp=02", 2)])
-def test_parse_tp_mesh(text, tp):
-    assert parse_tp_mesh(text) == tp
+@pytest.mark.parametrize("text, axes", [("tp=1", {"tp": 1}), (" tp=8 ", {"tp": 8}),
+                                        ("tp=02", {"tp": 2}), ("tp=2,ep=4", {"tp": 2, "ep": 4}),
+                                        ("tp=1,ep=8", {"tp": 1, "ep": 8})])  # fmt: skip
+def test_parse_mesh(text, axes):
+    assert parse_mesh(text) == axes
 
 
-@pytest.mark.parametrize("text", ["tp=0", "dp=2", "tp=2,dp=1", "tp=", "tp=-1", "2", ""])
-def test_parse_tp_mesh_refuses_anything_else(text):
+@pytest.mark.parametrize("text", ["tp=0", "dp=2", "tp=2,dp=1", "tp=", "tp=-1", "2", "",
+                                  "ep=2", "tp=2,ep=0", "ep=2,tp=2", "tp=2,ep="])  # fmt: skip
+def test_parse_mesh_refuses_anything_else(text):
     with pytest.raises(ValueError) as e:
-        parse_tp_mesh(text)
-    assert str(e.value) == f"{text!r}: expected tp=N with N >= 1 devices, e.g. tp=2"
+        parse_mesh(text)
+    assert str(e.value) == (f"{text!r}: expected tp=N with N >= 1 devices, e.g. tp=2, or "
+                            "tp=N,ep=M (MoE experts split over M >= 1), e.g. tp=2,ep=4")
 
 
 def _engine(mesh, notes=(), held=None):
@@ -57,3 +62,9 @@ def test_engine_report_counts_the_whole_mesh_over_several_processes():
     """Over 2 processes this one holds one of the mesh's 2 devices: tp is the mesh's."""
     report = engine_report(_engine(_mesh(2), [], {"d0": 61_000_000}))
     assert report.endswith("; tp=2: 61.0 MB per device (0 tensors replicated)")
+
+
+def test_engine_report_names_the_expert_parallel_axis():
+    mesh = types.SimpleNamespace(shape={"tp": 2, "ep": 4}, devices=np.zeros((2, 4)))
+    report = engine_report(_engine(mesh, [], {"d0": 61_000_000}))
+    assert report.endswith("; tp=2,ep=4: 61.0 MB per device (0 tensors replicated)")

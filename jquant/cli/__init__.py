@@ -11,7 +11,7 @@
     jquant allocate MODEL (--target-bits B | --target-size 100MB | --fit DEVICE --context T
                            --batch N [--kv-cache F]) [--calib ...] [-o recipe.yaml] [--json]
     jquant serve MODEL [--recipe R] [--kv-cache F] [--host H] [--port P]
-                       [--max-slots N] [--max-context T] [--prefill-chunk C] [--mesh tp=N]
+                       [--max-slots N] [--max-context T] [--prefill-chunk C] [--mesh tp=N[,ep=M]]
                        [--served-model-name NAME]
 
 MODEL is a registry name (``smollm2-135m``), a local Hugging Face directory (float, or

@@ -1,10 +1,11 @@
-"""``jquant serve MODEL [--recipe R] [--kv-cache F] [--mesh tp=N] [--lora NAME=PATH] ...``:
+"""``jquant serve MODEL [--recipe R] [--kv-cache F] [--mesh tp=N[,ep=M]] [--lora NAME=PATH] ...``:
 serve the model over an OpenAI-compatible HTTP API (with LoRA adapters a request picks by
 model ``MODEL:NAME``); with ``--coordinator``, over several processes' devices
 (`jquant.serve.lockstep`)."""
 
 from __future__ import annotations
 
+import math
 import sys
 
 from jquant.cli import _args
@@ -33,7 +34,8 @@ def add_parser(sub) -> None:
                    "max-context); requests take pages as they need them")
     p.add_argument("--no-prefix-caching", dest="prefix_caching", action="store_false",
                    help="do not reuse the cached pages of a prompt prefix seen before")
-    p.add_argument("--mesh", help="tensor parallelism over devices: tp=N")
+    p.add_argument("--mesh", help="tensor parallelism over devices: tp=N; tp=N,ep=M also "
+                   "splits MoE experts over M (N * M devices)")
     p.add_argument("--speculative-ngram", type=_args.int_at_least(0), default=0, metavar="K",
                    help="speculative decoding by n-gram prompt lookup: up to K draft tokens "
                    "per step, copied from where the sequence's last tokens occurred before "
@@ -71,26 +73,27 @@ def run(args) -> int:
     from jquant.serve import lockstep
     from jquant.serve.engine import Engine, engine_report
     from jquant.serve.server import Server, create_app
-    from jquant.sharding import make_tp_mesh, parse_tp_mesh
+    from jquant.serve.tp import as_mesh
+    from jquant.sharding import parse_mesh
 
     if args.port > 65535:
         raise ValueError(f"--port {args.port} is not a TCP port (0 to 65535)")
-    tp = None
+    axes = None
     if args.mesh is not None:
         with _args.flag("--mesh"):
-            tp = parse_tp_mesh(args.mesh)
+            axes = parse_mesh(args.mesh)
     recipe = _args.recipe(args.recipe)
     with _args.flag("--lora"):
         adapters = _adapters(args.lora)  # before the model loads
     speculative = _speculative(args)
     multi = _args.join_processes(args)
     if multi:
-        if tp not in (None, jax.device_count()):
-            raise ValueError(f"--mesh tp={tp}: a multi-process server is tensor parallel "
-                             f"over every process's devices, tp={jax.device_count()}")  # fmt: skip
-        tp = jax.device_count()
-    if tp is not None:
-        make_tp_mesh(tp)  # enough devices? (before the model loads)
+        if axes is not None and math.prod(axes.values()) != jax.device_count():
+            raise ValueError(f"--mesh {args.mesh}: a multi-process server is parallel over "
+                             f"every process's devices, {jax.device_count()} (e.g. "
+                             f"tp={jax.device_count()})")  # fmt: skip
+        axes = axes or {"tp": jax.device_count()}
+    mesh = None if axes is None else as_mesh(axes)  # enough devices? (before the model loads)
     leader = not multi or jax.process_index() == 0
     sock = None
     if leader:  # fails before loading
@@ -107,7 +110,7 @@ def run(args) -> int:
                         kv_cache_tokens=args.kv_cache_tokens,
                         prefix_caching=args.prefix_caching,
                         kv_cache=None if args.kv_cache == "none" else args.kv_cache,
-                        mesh=tp, max_queue=args.max_queue,
+                        mesh=mesh, max_queue=args.max_queue,
                         request_timeout=args.request_timeout,
                         adapters=adapters or None, speculative=speculative)  # fmt: skip
         if not leader:

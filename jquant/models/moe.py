@@ -18,7 +18,9 @@ layout, float arrays or QArrays (each expert's ``(K, N)`` slice quantized along 
 ``K``). Tokens are sorted by expert and multiplied by one `grouped_matmul` per projection
 (``jquant._grouped``): tiles of one expert's rows, each times that expert's weight
 (dequantized one expert at a time), so the work is the routed tokens' only, not every token
-times every expert, and no float copy of a QArray stack is made.
+times every expert, and no float copy of a QArray stack is made. Inside an
+`jquant._expert_parallel.expert_parallel` block (the serving runner's, under a mesh with an
+``"ep"`` axis) the routed experts run split over devices instead, with the same routing.
 
 Parameter paths of an MoE layer (beside the attention and norms of `jquant.models.llama`)::
 
@@ -41,7 +43,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from jquant import _grouped, _tap, ops
+from jquant import _expert_parallel, _grouped, _tap, ops
 from jquant.models.config import LlamaConfig
 from jquant.qarray import QArray
 
@@ -80,14 +82,11 @@ def route(logits: jax.Array, k: int, *, normalize: bool) -> tuple[jax.Array, jax
 
 
 class ExpertDense(nnx.Module):
-    """E stacked Dense kernels ``(E, K, N)`` (arrays or a QArray), applied by `grouped_matmul`."""
+    """E stacked Dense kernels ``(E, K, N)`` (arrays or a QArray), applied by `Experts.mlp`."""
 
     def __init__(self, e: int, k: int, n: int, *, param_dtype, rngs: nnx.Rngs):
         init = jax.nn.initializers.normal(0.02)
         self.kernel = nnx.Param(init(rngs.params(), (e, k, n), param_dtype))
-
-    def __call__(self, x: jax.Array, group_sizes: jax.Array) -> jax.Array:
-        return grouped_matmul(x, self.kernel.get_value(), group_sizes)
 
 
 class Experts(nnx.Module):
@@ -102,8 +101,17 @@ class Experts(nnx.Module):
         self.act = act
 
     def __call__(self, x: jax.Array, group_sizes: jax.Array) -> jax.Array:
-        h = self.act(self.gate_proj(x, group_sizes)) * self.up_proj(x, group_sizes)
-        return self.down_proj(h, group_sizes)
+        return self.mlp(x, group_sizes, *self.stacks())
+
+    def stacks(self) -> tuple:
+        """The ``(gate, up, down)`` stacks' values."""
+        return tuple(p.kernel.get_value() for p in (self.gate_proj, self.up_proj,
+                                                    self.down_proj))  # fmt: skip
+
+    def mlp(self, x: jax.Array, group_sizes: jax.Array, gate, up, down) -> jax.Array:
+        """The experts' MLP on rows ``x`` sorted by expert, with the stacks given."""
+        h = self.act(grouped_matmul(x, gate, group_sizes)) * grouped_matmul(x, up, group_sizes)
+        return grouped_matmul(h, down, group_sizes)
 
 
 class Router(nnx.Module):
@@ -156,13 +164,18 @@ class MoE(nnx.Module):
         shape, k = x.shape, self.top_k
         tokens = x.reshape(-1, shape[-1])
         weights, experts = route(self.gate(tokens), k, normalize=self.normalize)
-        flat = experts.reshape(-1)  # token t's j-th choice at t * k + j
-        order = jnp.argsort(flat, stable=True)  # (T * k,) grouped by expert
-        source = order // k  # the token each sorted row comes from
-        sizes = jnp.bincount(flat, length=self.num_experts).astype(jnp.int32)
-        y = self.experts(tokens[source], sizes)
-        y = y * weights.reshape(-1)[order][:, None].astype(y.dtype)
-        out = jnp.zeros_like(tokens).at[source].add(y)
+        plan = _expert_parallel.current()
+        if plan is not None:  # experts split over devices: `jquant._expert_parallel`
+            out = _expert_parallel.routed(plan, tokens, weights, experts,
+                                          self.experts.stacks(), self.experts.mlp)  # fmt: skip
+        else:
+            flat = experts.reshape(-1)  # token t's j-th choice at t * k + j
+            order = jnp.argsort(flat, stable=True)  # (T * k,) grouped by expert
+            source = order // k  # the token each sorted row comes from
+            sizes = jnp.bincount(flat, length=self.num_experts).astype(jnp.int32)
+            y = self.experts(tokens[source], sizes)
+            y = y * weights.reshape(-1)[order][:, None].astype(y.dtype)
+            out = jnp.zeros_like(tokens).at[source].add(y)
         if self.shared_expert is not None:
             gate = jax.nn.sigmoid(self.shared_expert_gate(tokens))
             out = out + gate * self.shared_expert(tokens)

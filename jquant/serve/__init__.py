@@ -1,5 +1,6 @@
 """Serving: a continuous-batching engine over a slot KV cache (optionally int8 / fp8), an
-OpenAI-compatible HTTP server (`jquant serve`), and tensor parallelism over a device mesh.
+OpenAI-compatible HTTP server (`jquant serve`), and tensor parallelism (with expert parallelism
+for MoE models) over a device mesh.
 
 >>> from jquant.serve import Engine, SamplingParams  # doctest: +SKIP
 >>> with Engine(model, params, tokenizer, kv_cache="int8") as engine:  # doctest: +SKIP

@@ -192,7 +192,8 @@ class Engine:
       prefix_caching: reuse the cached pages of a prompt's leading full pages.
       kv_cache: KV cache format: None (the compute dtype), "int8" or "fp8".
       mesh: tensor parallelism: an int ``tp`` (devices) or a ``jax.sharding.Mesh`` with a
-        ``"tp"`` axis; None runs on one device.
+        ``"tp"`` axis; with an ``"ep"`` axis too (or ``{"tp": N, "ep": M}``), MoE experts
+        are split over ep (`jquant.serve.tp`); None runs on one device.
       max_queue: requests that may wait for a slot beyond the ``max_slots`` running (default
         ``8 * max_slots``); `submit` raises `QueueFull` past it.
       request_timeout: seconds after which a request still waiting or running ends with an
@@ -894,7 +895,9 @@ def engine_report(engine: Engine) -> str:
                  f"{m['spec_decode_accepted_tokens_total']} accepted "
                  f"({100 * m['spec_decode_acceptance_rate']:.1f}%)")  # fmt: skip
     if engine.mesh is not None:
+        from jquant.serve.tp import describe
+
         held = runner.per_device_bytes()  # this process's devices (all of them in one)
-        line += (f"; tp={engine.mesh.devices.size}: {max(held.values()) / 1e6:.1f} MB per "
+        line += (f"; {describe(engine.mesh)}: {max(held.values()) / 1e6:.1f} MB per "
                  f"device ({len(engine.tp_notes)} tensors replicated)")  # fmt: skip
     return "\n".join([line, *(f"  replicated: {note}" for note in engine.tp_notes)])

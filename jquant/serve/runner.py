@@ -36,6 +36,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jquant._attention_path import attention_path
+from jquant._expert_parallel import EP_AXIS, ExpertParallel, expert_parallel
 from jquant.models import core
 from jquant.models import sampling as _sampling
 from jquant.models.cache import KVFormat, PagedCache, PagedView, init_paged_cache, kv_format
@@ -66,12 +67,14 @@ class _Static:
     fmt: KVFormat
     cache_sharding: Any = None  # the cache's placement under tensor parallelism, kept per step
     attention: str = "auto"  # the attention path (`jquant.ops.set_attention_path`)
+    experts: Any = None  # the `ExpertParallel` plan of a mesh with an "ep" axis, else None
 
 
 def _hidden(st: _Static, w, cache: PagedCache, tokens, tables, starts):
     positions = starts[:, None] + jnp.arange(tokens.shape[1], dtype=jnp.int32)[None, :]
     view = PagedView(cache, tables, positions, fmt=st.fmt, attention=st.attention)
-    x, view = core.hidden(st.model, w, tokens, view)
+    with expert_parallel(st.experts):
+        x, view = core.hidden(st.model, w, tokens, view)
     return x, view.cache
 
 
@@ -178,7 +181,9 @@ class Runner:
       kv_cache: the cache format (a name in `jquant.models.cache.KV_CACHE_FORMATS`; None: the
         compute dtype).
       shard: optional ``(params, cache) -> (params, cache)`` placing both on devices
-        (tensor parallelism); the programs then run sharded (GSPMD), attention in XLA.
+        (tensor parallelism); the programs then run sharded (GSPMD), attention in XLA,
+        and MoE experts expert parallel where the placement's mesh has an "ep" axis
+        (`jquant._expert_parallel`).
       adapters: an `AdapterSet` of LoRA adapters a step's rows may each use (None: none).
       draft_tokens: drafts a verify step checks per row (speculative decoding); 0: no
         verify programs.
@@ -209,7 +214,7 @@ class Runner:
         self.fmt = kv_format(kv_cache)
         self.params = core.weights(params, config.num_layers)
         cache = init_paged_cache(config, self.num_pages, page_size, self.fmt, model.dtype)
-        cache_sharding, attention = None, attention_path()
+        cache_sharding, attention, experts = None, attention_path(), None
         if shard is not None:
             if attention == "kernel":
                 raise ValueError("Runner: the paged-attention kernel does not run on a "
@@ -217,11 +222,15 @@ class Runner:
             attention = "xla"
             self.params, cache = shard(self.params, cache)
             cache_sharding = jax.tree.map(lambda x: x.sharding, cache)
+            mesh = getattr(cache.k.sharding, "mesh", None)
+            if mesh is not None and EP_AXIS in mesh.shape:
+                experts = ExpertParallel(mesh)
         self.adapters = adapters
         if adapters is not None:
             self.params = adapters.attach(self.params)
         self.cache = cache
-        self._static = _Static(core.Static.of(model), self.fmt, cache_sharding, attention)
+        self._static = _Static(core.Static.of(model), self.fmt, cache_sharding, attention,
+                               experts)  # fmt: skip
         self.prefill_buckets = _buckets(min(16, prefill_chunk), min(prefill_chunk, max_len))
         self.prefill_row_buckets = _buckets(1, min(prefill_rows, rows))
         self.width_buckets = _buckets(min(-(-128 // page_size), self.table_width),

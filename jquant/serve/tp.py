@@ -9,6 +9,11 @@ not fall on shard boundaries, heads that would be cut) stays replicated and is l
 notes. The programs then run under GSPMD: the compiler inserts the all-reduces, and the
 outputs equal the single-device run's up to float summation order.
 
+A mesh with an ``"ep"`` axis beside ``"tp"`` adds expert parallelism
+(`jquant._expert_parallel`): every MoE layer's expert stacks are split on their expert axis
+over ep (and on their hidden units over tp where groups allow); the rest is placed as above
+and replicated over ep.
+
 >>> engine = Engine(model, params, tokenizer, mesh=2)  # doctest: +SKIP
 >>> engine.tp_notes, engine.runner.per_device_bytes()  # doctest: +SKIP
 """
@@ -20,19 +25,36 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from jquant._expert_parallel import EP_AXIS, EXPERT_PATH, expert_specs
 from jquant.sharding import kv_cache_spec, make_tp_mesh, shard_params, tp_logical_specs
 
 AXIS = "tp"
 
 
 def as_mesh(mesh) -> Mesh:
-    """An int ``tp`` as a mesh over the first ``tp`` devices; a Mesh must have a "tp" axis."""
+    """An int ``tp`` as a mesh over the first ``tp`` devices; axis sizes ``{"tp": N, "ep":
+    M}`` (`jquant.sharding.parse_mesh`) as a ``(tp, ep)`` mesh over the first ``N * M``; a
+    Mesh must have a "tp" axis (and may have an "ep" one)."""
     if isinstance(mesh, Mesh):
         if AXIS not in mesh.shape:
             raise ValueError(f"the mesh has axes {tuple(mesh.shape)}; serving needs one named "
                              f"{AXIS!r}")  # fmt: skip
         return mesh
-    return make_tp_mesh(int(mesh), AXIS)
+    if isinstance(mesh, dict) and EP_AXIS in mesh:
+        tp, ep, devices = mesh.get(AXIS, 1), mesh[EP_AXIS], jax.devices()
+        if min(tp, ep) < 1 or tp * ep > len(devices):
+            raise ValueError(f"tp={tp},ep={ep} needs {tp * ep} devices but {len(devices)} "
+                             "are available (tp and ep must be >= 1)")  # fmt: skip
+        return Mesh(np.array(devices[: tp * ep]).reshape(tp, ep), (AXIS, EP_AXIS))
+    return make_tp_mesh(int(mesh[AXIS] if isinstance(mesh, dict) else mesh), AXIS)
+
+
+def describe(mesh) -> str:
+    """``tp=N``, or ``tp=N,ep=M`` for a mesh with an "ep" axis."""
+    shape = getattr(mesh, "shape", {})
+    if EP_AXIS in shape:
+        return ",".join(f"{axis}={shape[axis]}" for axis in (AXIS, EP_AXIS))
+    return f"tp={mesh.devices.size}"
 
 
 def runner_sharder(mesh, config):
@@ -54,6 +76,10 @@ def runner_sharder(mesh, config):
         if "head" in params:
             named["lm_head"] = params["head"]
         specs, leaf_notes = tp_logical_specs(named, tp, AXIS, config=config)
+        if EP_AXIS in mesh.shape:
+            leaf_notes = [n for n in leaf_notes if not EXPERT_PATH.search(n.split(" ")[0])]
+            specs, ep_notes = expert_specs(named, specs, mesh.shape[EP_AXIS], tp)
+            leaf_notes.extend(ep_notes)
         notes.extend(leaf_notes)
         placed = shard_params(named, specs, mesh)
         out = {"embed": placed["embed_tokens"], "layers": placed["layers"],

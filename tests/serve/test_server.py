@@ -653,6 +653,7 @@ def test_cli_serve_answers_over_http(tiny_model, capsys, monkeypatch):
         (["--mesh", "tp=0"], "expected tp=N with N >= 1"),
         (["--mesh", "tp=2,dp=1"], "expected tp=N"),
         (["--mesh", "tp=64"], "tp=64 needs 64 devices"),  # checked before the model loads
+        (["--mesh", "tp=2,ep=64"], "tp=2,ep=64 needs 128 devices"),
         (["--port", "70000"], "--port 70000 is not a TCP port"),
         (["--recipe", "no-such-recipe"], "no-such-recipe"),
         (["--coordinator", "127.0.0.1:1"], "--coordinator given alone"),
