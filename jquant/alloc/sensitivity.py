@@ -35,8 +35,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import math
-from collections.abc import Mapping
 from typing import Any
 
 import jax
@@ -45,13 +43,10 @@ import numpy as np
 from flax import nnx
 from tqdm.auto import tqdm
 
-from jquant import algorithms, tree
-from jquant._tap import Rewired, Routed, tapping, with_taps
+from jquant import tree
+from jquant._tap import Rewired, Routed, input_key, tapping, with_taps
 from jquant.alloc import experts
 from jquant.calib import stats
-from jquant.models.convert import EMBED_PATH, HEAD_PATH
-from jquant.qarray import QArray
-from jquant.recipe import Rule
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -65,15 +60,13 @@ class KernelStats:
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
-class Statistics:
-    """Gradient and input statistics of a model on calibration tokens."""
+class Totals:
+    """What a `sweep` gathers beside the decoder kernels' statistics."""
 
-    # Decoder kernels and an untied head, by parameter path.
-    kernels: dict[str, KernelStats]
     # (V, D) C_vd / T: squared gradients at the embedding output, summed per token id.
     embed_grad_sq: np.ndarray
     # The tied head's statistics (the final norm's output and the logits' gradients), as
-    # for a kernel (D, V); None for an untied model (its head is in ``kernels``).
+    # for a kernel (D, V); None for an untied model (its head is a kernel of its own).
     tied_head: KernelStats | None
     # Predicted tokens T, and the float model's mean cross-entropy on them.
     tokens: int
@@ -81,6 +74,14 @@ class Statistics:
     # Every position of the windows (T plus one per window): the calibration tokens an
     # expert's share of rows is measured against.
     positions: int
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Statistics(Totals):
+    """Gradient and input statistics of a model on calibration tokens (`collect`)."""
+
+    # Decoder kernels and an untied head, by parameter path.
+    kernels: dict[str, KernelStats]
 
 
 @jax.custom_vjp
@@ -116,9 +117,28 @@ def _kernel_paths(state) -> list[str]:
             if path.endswith("kernel") and getattr(value, "ndim", 0) in (2, 3)]  # fmt: skip
 
 
+def _input_owners(graphdef, state, x, ctx, paths) -> dict[str, str]:
+    """Each kernel path -> the first of the paths whose matmuls read the same input (q/k/v,
+    gate/up, an expert stack's gate/up share one ``H``): traced once, nothing computed."""
+    from jquant.models import blocks
+
+    first: dict[int, str] = {}
+    owners: dict[str, str] = {}
+
+    def record(xin, tap):
+        owners[tap.path] = first.setdefault(input_key(xin), tap.path)
+        return tap.value
+
+    with tapping(record):
+        jax.eval_shape(lambda s, x: blocks.apply_layer(graphdef, s, x, ctx),
+                       with_taps(state, set(paths)), x)  # fmt: skip
+    return owners
+
+
 @functools.partial(jax.jit, static_argnames=("graphdef", "paths"))
 def _layer_backward(graphdef, state, x, ctx, g_out, *, paths):
-    """(∂L/∂x, {path: Σ g²}, {path: input stats}) of one decoder layer."""
+    """(∂L/∂x, {path: Σ g²}, {path: input stats}) of one decoder layer; the input stats
+    once per shared input, under the first path that reads it (`_input_owners`)."""
     from jquant.models import blocks
 
     tapped = with_taps(state, set(paths))
@@ -128,14 +148,19 @@ def _layer_backward(graphdef, state, x, ctx, g_out, *, paths):
 
     def f(x, probes):
         seen: dict[str, Any] = {}
+        first: set[int] = set()
 
         def handler(xin, tap):
             p = probes[tap.path]
+            owner = input_key(xin) not in first
+            first.add(input_key(xin))
             if isinstance(xin, Routed):  # an expert stack: rows sorted by expert
-                seen[tap.path] = experts.routed_input_stats(xin.rows, xin.group_sizes)
+                if owner:
+                    seen[tap.path] = experts.routed_input_stats(xin.rows, xin.group_sizes)
                 rows = experts.row_experts(xin.group_sizes, xin.rows.shape[0])
                 return Rewired(tap.value, lambda y: experts.probe(y, p, rows))
-            seen[tap.path] = _input_stats(xin)
+            if owner:
+                seen[tap.path] = _input_stats(xin)
             return Rewired(tap.value, lambda y: _probe(y, p))
 
         with tapping(handler):
@@ -182,233 +207,181 @@ def _row_grad_sq(g0, ids, *, vocab):
     return jax.ops.segment_sum(g * g, ids.reshape(-1), num_segments=vocab)
 
 
-def collect(model, params: nnx.State, tokens, *, batch_size: int = 2,
-            progress: bool = True) -> Statistics:  # fmt: skip
-    """Gradient and input statistics of a jquant Llama-family model on ``tokens``.
+def sweep(source, tokens, *, on_layer, batch_size: int = 2, activations=None,
+          progress: bool = True) -> Totals:  # fmt: skip
+    """Gathers the statistics of ``source``'s model on ``tokens`` one layer at a time.
+
+    A forward pass stores every decoder layer's input, then a backward pass runs from the
+    loss down, one layer at a time over every window: when the pass leaves layer ``i``, its
+    kernels' statistics are complete, and ``on_layer("layers/i/", state, {path:
+    KernelStats})`` receives them (paths relative to the prefix; ``state`` the layer's
+    float State) before the next layer's are started; an untied head comes last (prefix
+    ``"lm_head/"``, path ``"kernel"``). So at any time the process holds one layer's weights
+    and statistics, the activations and the embedding's and head's statistics, whatever
+    the depth of the model: what ``on_layer`` keeps is its own choice (`collect` keeps
+    everything, `jquant.alloc.measure` only the prices).
 
     Args:
-      model: the `jquant.models.Llama` (its structure and config).
-      params: its float parameter State.
+      source: the float model layer by layer (`jquant.calib.driver.ModelSource`, or a
+        checkpoint read from disk, `jquant.calib.stream.StreamSource`).
       tokens: int windows ``(samples, seq_len)``; every position but the last predicts the
         next token.
+      on_layer: called once per decoder layer (top first) and for an untied head.
       batch_size: windows per forward/backward pass.
-      progress: show a progress bar over the batches.
+      activations: ``(shape, dtype, batch) -> jquant.calib.activations.Activations``, the
+        host buffers of the layers' inputs and gradients (default: in memory; pass one
+        with a ``directory`` to keep them on disk).
+      progress: show a progress bar over the layers.
     """
+    from jquant.calib.activations import Activations
     from jquant.models import blocks
 
     tokens = np.asarray(tokens)
     if tokens.ndim != 2 or tokens.shape[1] < 2 or not np.issubdtype(tokens.dtype, np.integer):
         raise ValueError(f"sensitivity needs int token windows (samples, seq_len >= 2), got "
                          f"{tokens.dtype}{list(tokens.shape)}")  # fmt: skip
-    config = model.config
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+    config, model = source.config, source.model
+    layers = config.num_layers
     tied = config.tie_word_embeddings
-    graphdefs = [blocks.layer_graphdef(model, i) for i in range(config.num_layers)]
-    paths = [tuple(_kernel_paths(blocks.layer_params(params, i)))
-             for i in range(config.num_layers)]  # fmt: skip
-    norm_gd = nnx.graphdef(model.norm)
-    head_w = (params["embed_tokens"]["embedding"] if tied else params["lm_head"]["kernel"])
-    head_w = tree.unwrap(head_w)
-    sums: dict[str, list] = {}
-    gsq: dict[str, np.ndarray] = {}
-    rows = np.zeros((config.vocab_size, config.hidden_size), np.float64)
-    loss_sum, predicted, positions = 0.0, 0, 0
-    batches = range(0, tokens.shape[0], batch_size)
-    for start in tqdm(batches, desc="sensitivity", unit="batch", disable=not progress):
-        ids = jnp.asarray(tokens[start:start + batch_size], jnp.int32)
-        x, ctx = blocks.embed(model, params, ids)
-        xs = [x]
-        for i in range(config.num_layers):
-            xs.append(blocks.run_layer(graphdefs[i], blocks.layer_params(params, i), xs[-1],
-                                       ctx.at(config, i)))  # fmt: skip
-        targets = jnp.concatenate([ids[:, 1:], ids[:, :1]], axis=1)
-        valid = jnp.arange(ids.shape[1])[None, :] < ids.shape[1] - 1
-        valid = jnp.broadcast_to(valid, ids.shape)
-        loss, g, head_gsq, head_stats = _head_backward(
-            norm_gd, params["norm"], head_w, xs[-1], targets, valid, tied=tied,
-            softcap=config.final_logit_softcap)  # fmt: skip
-        loss_sum += float(loss)
-        predicted += int(ids.shape[0] * (ids.shape[1] - 1))
-        positions += int(ids.size)
-        _add(sums, gsq, "head", head_stats, head_gsq)
-        for i in reversed(range(config.num_layers)):
-            g, layer_gsq, seen = _layer_backward(
-                graphdefs[i], blocks.layer_params(params, i), xs[i], ctx.at(config, i), g,
-                paths=paths[i])  # fmt: skip
-            for p in paths[i]:
-                _add(sums, gsq, f"layers/{i}/{p}", seen[p], layer_gsq[p])
-        rows += np.asarray(_row_grad_sq(g, ids, vocab=config.vocab_size), np.float64)
-    kernels = {path: _kernel_stats(sums[path], gsq[path], predicted)
-               for path in sums if path != "head"}  # fmt: skip
-    head = _kernel_stats(sums["head"], gsq["head"], predicted)
-    if not tied:
-        kernels[HEAD_PATH] = head
-    return Statistics(
-        kernels=kernels, embed_grad_sq=(rows / predicted).astype(np.float32),
-        tied_head=head if tied else None, tokens=predicted, loss=loss_sum / predicted,
-        positions=positions,
-    )  # fmt: skip
+    make = activations or (lambda shape, dtype, batch: Activations(shape, dtype, batch))
+    shape = (tokens.shape[0], tokens.shape[1], config.hidden_size)
+    dtype = model.dtype
+    bar = tqdm(total=2 * layers + 3, desc="sensitivity", unit="pass", disable=not progress)
+    xs = [make(shape, dtype, batch_size) for _ in range(layers + 1)]
+    grads = make(shape, dtype, batch_size)  # ∂L/∂x at the current layer's output
+    try:
+        ids = {}
+        ctxs = {}
+        embed = {"embed_tokens": source.part("embed_tokens")}
+        for s in range(0, tokens.shape[0], batch_size):
+            ids[s] = jnp.asarray(tokens[s:s + batch_size], jnp.int32)
+            x, ctxs[s] = blocks.embed(model, embed, ids[s])
+            xs[0].write(s, x)
+        del embed
+        bar.update()
+        for i in range(layers):
+            graphdef, state = blocks.layer_graphdef(model, i), source.layer(i)
+            for s, x in xs[i].batches():
+                xs[i + 1].write(s, blocks.run_layer(graphdef, state, x,
+                                                    ctxs[s].at(config, i)))  # fmt: skip
+            del state
+            bar.update()
+        head_part = source.part("embed_tokens" if tied else "lm_head")
+        head_w = tree.unwrap(head_part["embedding"] if tied else head_part["kernel"])
+        norm_gd, norm = nnx.graphdef(model.norm), source.part("norm")
+        head_in: list = []
+        head_gsq = None
+        loss_sum, predicted = 0.0, 0
+        for s, x in xs[layers].batches():
+            b = ids[s]
+            targets = jnp.concatenate([b[:, 1:], b[:, :1]], axis=1)
+            valid = jnp.broadcast_to(jnp.arange(b.shape[1])[None, :] < b.shape[1] - 1, b.shape)
+            loss, g, gsq, head_stats = _head_backward(
+                norm_gd, norm, head_w, x, targets, valid, tied=tied,
+                softcap=config.final_logit_softcap)  # fmt: skip
+            loss_sum += float(loss)
+            predicted += int(b.shape[0] * (b.shape[1] - 1))
+            _add_inputs(head_in, head_stats)
+            head_gsq = _add_grad_sq(head_gsq, gsq)
+            grads.write(s, g)
+        del head_w, head_part
+        bar.update()
+        for i in reversed(range(layers)):
+            graphdef, state = blocks.layer_graphdef(model, i), source.layer(i)
+            paths = tuple(_kernel_paths(state))
+            batch = jax.ShapeDtypeStruct((min(batch_size, shape[0]), *shape[1:]), dtype)
+            owners = _input_owners(graphdef, state, batch, ctxs[0].at(config, i), paths)
+            inputs: dict[str, list] = {o: [] for o in set(owners.values())}
+            gsq: dict[str, Any] = dict.fromkeys(paths)
+            for (s, x), (_, g) in zip(xs[i].batches(), grads.batches(), strict=True):
+                g, layer_gsq, seen = _layer_backward(graphdef, state, x, ctxs[s].at(config, i),
+                                                     g, paths=paths)  # fmt: skip
+                grads.write(s, g)
+                for o, acc in inputs.items():
+                    _add_inputs(acc, seen[o])
+                for p in paths:
+                    gsq[p] = _add_grad_sq(gsq[p], layer_gsq[p])
+            xs[i].close()
+            calibs = {o: _calibration(acc) for o, acc in inputs.items()}
+            del inputs
+            on_layer(f"layers/{i}/", state, {
+                p: KernelStats(calibration=calibs[owners[p]], grad_sq=_mean(gsq[p], predicted))
+                for p in paths})  # fmt: skip
+            del state, calibs
+            bar.update()
+        rows = np.zeros((config.vocab_size, config.hidden_size), np.float32)
+        for s, g in grads.batches():
+            rows += np.asarray(_row_grad_sq(g, ids[s], vocab=config.vocab_size))
+        head = KernelStats(calibration=_calibration(head_in),
+                           grad_sq=_mean(head_gsq, predicted))  # fmt: skip
+        if not tied:
+            on_layer("lm_head/", source.part("lm_head"), {"kernel": head})
+        bar.update()
+    finally:
+        for buf in (*xs, grads):
+            buf.close()
+        bar.close()
+    return Totals(embed_grad_sq=(rows / predicted).astype(np.float32),
+                  tied_head=head if tied else None, tokens=predicted,
+                  loss=loss_sum / predicted, positions=int(tokens.size))  # fmt: skip
 
 
-def _add(sums, gsq, key, input_stats, grad_sq):
-    h, s, m, n = (np.asarray(a, np.float64) for a in input_stats)
-    if key not in sums:
-        sums[key] = [h, s, m, n]
-        gsq[key] = np.asarray(grad_sq, np.float64)
+def collect(model, params: nnx.State, tokens, *, batch_size: int = 2,
+            progress: bool = True) -> Statistics:  # fmt: skip
+    """Every kernel's statistics of a float jquant model on ``tokens``, kept in memory
+    (`sweep` over the model's layers; for small models and tests: the statistics of a
+    large model are hundreds of GB, which `jquant.alloc.measure` prices layer by layer
+    instead).
+
+    Args:
+      model: the jquant model (its structure and config).
+      params: its float parameter State.
+      tokens, batch_size, progress: as `sweep`'s.
+    """
+    from jquant.calib.driver import ModelSource
+
+    kernels: dict[str, KernelStats] = {}
+
+    def keep(prefix, state, stats):
+        kernels.update({prefix + p: ks for p, ks in stats.items()})
+
+    totals = sweep(ModelSource(model, params), tokens, on_layer=keep, batch_size=batch_size,
+                   progress=progress)  # fmt: skip
+    fields = {f.name: getattr(totals, f.name) for f in dataclasses.fields(Totals)}
+    return Statistics(kernels=kernels, **fields)
+
+
+def _add_inputs(acc: list, input_stats) -> None:
+    """Adds one batch's ``(Σ x xᵀ, Σ |x|, max |x|, rows)`` to ``acc`` (``Σ x xᵀ``, the one of
+    size ``K²`` per kernel or expert, in float32, the rest in float64)."""
+    h = np.asarray(input_stats[0], np.float32)
+    s, m, n = (np.asarray(a, np.float64) for a in input_stats[1:])
+    if not acc:
+        acc.extend([h.copy(), s, m, n])
         return
-    acc = sums[key]
     acc[0] += h
     acc[1] += s
     acc[2] = np.maximum(acc[2], m)
     acc[3] += n
-    gsq[key] += np.asarray(grad_sq, np.float64)
 
 
-def _kernel_stats(acc, grad_sq, predicted: int) -> KernelStats:
+def _add_grad_sq(total, grad_sq):
+    g = np.asarray(grad_sq, np.float64)
+    return g if total is None else total + g
+
+
+def _mean(grad_sq, predicted: int) -> np.ndarray:
+    return (grad_sq / predicted).astype(np.float32)
+
+
+def _calibration(acc) -> stats.Calibration:
+    """The `stats.Calibration` (means) of accumulated input sums."""
     h, s, m, n = acc
     d = np.maximum(n, 1.0)  # an expert without rows: zeros
-    calib = stats.Calibration(
-        hessian=jnp.asarray(h / d[..., None, None], jnp.float32),
+    return stats.Calibration(
+        hessian=jnp.asarray(h / d.astype(np.float32)[..., None, None]),
         mean_abs=jnp.asarray(s / d[..., None], jnp.float32),
         max_abs=jnp.asarray(m, jnp.float32), count=jnp.asarray(n, jnp.float32),
     )  # fmt: skip
-    return KernelStats(calibration=calib, grad_sq=(grad_sq / predicted).astype(np.float32))
-
-
-# ---- candidates and their costs -------------------------------------------------------
-
-
-@dataclasses.dataclass(frozen=True, kw_only=True)
-class Candidate:
-    """One way to store a tensor: a recipe rule's settings (without its pattern)."""
-
-    name: str
-    settings: Mapping[str, Any]
-
-    def rule(self, pattern: str = ".") -> Rule:
-        return Rule(pattern=pattern, **self.settings)
-
-    def resolved(self, path: str) -> Rule:
-        """The rule made concrete for a 2-D tensor at ``path`` (skip rules as they are)."""
-        rule = self.rule()
-        return rule if rule.skip else rule.resolve(path, 2)
-
-
-def candidate(name: str, **settings) -> Candidate:
-    """A `Candidate`; its settings are checked as a rule's are.
-
-    >>> candidate("int8", weight="int8").rule().weight
-    'int8'
-    """
-    c = Candidate(name=name, settings=dict(settings))
-    try:
-        c.rule()
-    except ValueError as e:
-        raise ValueError(f"candidate {name!r}: {e}") from None
-    return c
-
-
-@dataclasses.dataclass(frozen=True)
-class _Key:
-    """A hashable stand-in for a rule in jit's static arguments (keyed by its settings)."""
-
-    text: str
-    rule: Rule = dataclasses.field(compare=False, hash=False)
-
-
-def _delta(w, rule: Rule, path: str, calib, *, positions: int = 0):
-    """``(W - dequantized, nbytes)`` of ``w`` under a resolved rule (skip: a float cast); an
-    expert stack expert by expert (`jquant.alloc.experts.stack_quantized`; ``positions``:
-    the calibration tokens)."""
-    if rule.skip:
-        dtype = jnp.float32 if rule.dtype is None else jnp.dtype(rule.dtype)
-        w32 = jnp.asarray(w, jnp.float32)
-        return w32 - w32.astype(dtype).astype(jnp.float32), math.prod(w.shape) * dtype.itemsize
-    if experts.is_stack(w):
-        q = experts.stack_quantized(w, rule, calib, positions=positions, quantize=_quantize)
-    else:
-        q, _ = _quantize(w, calib, rule, path)
-    return _residual(w, q), q.nbytes
-
-
-def _quantize(w, calib, rule: Rule, path: str):
-    """``(qarray, {})`` of a 2-D ``w`` by ``rule``'s algorithm, one ``jit`` per rule."""
-    settings = {k: v for k, v in rule.to_dict().items() if k != "pattern"}
-    return _quantize_jit(w, calib, key=_Key(repr(sorted(settings.items())), rule))
-
-
-@functools.partial(jax.jit, static_argnames=("key",))
-def _quantize_jit(w, calib, *, key: _Key):
-    rule = key.rule
-    out = algorithms.get(rule.algorithm)(w, rule, path="tensor", calibration=calib)
-    q, _ = algorithms.split_result(rule.algorithm, out)
-    assert isinstance(q, QArray)
-    return q, {}
-
-
-@jax.jit
-def _residual(w, q: QArray):
-    return jnp.asarray(w, jnp.float32) - q.dequantize(jnp.float32)
-
-
-@jax.jit
-def _kernel_cost(dw, h, g):
-    """½ Σ_j g_j ΔW[:, j]ᵀ H ΔW[:, j] for ``ΔW (K, N)``."""
-    return 0.5 * jnp.sum(jnp.dot(h, dw, precision=jax.lax.Precision.HIGHEST) * dw * g[None, :])
-
-
-@jax.jit
-def _rows_cost(de, c):
-    """½ Σ C ⊙ ΔE² (the gather)."""
-    return 0.5 * jnp.sum(c * de * de)
-
-
-@dataclasses.dataclass(frozen=True, kw_only=True)
-class Option:
-    """A candidate for one tensor: its predicted cost (Δ mean CE) and its bytes."""
-
-    cost: float
-    nbytes: int
-
-
-def price(params: nnx.State, statistics: Statistics, kernel_candidates, table_candidates, *,
-          progress: bool = True) -> dict[str, dict[str, Option]]:  # fmt: skip
-    """Every tensor's `Option` under every candidate: ``{path: {candidate name: Option}}``.
-
-    Decoder kernels (and an untied head) get ``kernel_candidates`` with the statistics
-    ``collect`` gathered (GPTQ uses their ``H``), an expert stack one candidate for all its
-    experts, priced expert by expert (`jquant.alloc.experts`); the embedding table gets
-    ``table_candidates``. A tied model's table is priced twice: as the embedding (path
-    ``embed_tokens/embedding``) and as the head (path ``lm_head/kernel``, the same ``ΔE``
-    seen by the head's matmul); the allocator adds the two when the table stays shared.
-    """
-    values = dict(tree.leaves(params))
-    out: dict[str, dict[str, Option]] = {}
-    jobs = [(p, c) for p in statistics.kernels for c in kernel_candidates]
-    bar = tqdm(total=len(jobs) + len(table_candidates), desc="pricing", unit="option",
-               disable=not progress)  # fmt: skip
-    for path, cand in jobs:
-        ks = statistics.kernels[path]
-        w = values[path]
-        rule = cand.resolved(path)
-        dw, nbytes = _delta(w, rule, path, ks.calibration, positions=statistics.positions)
-        if experts.is_stack(w):
-            cost = experts.stack_cost(dw, *experts.cost_statistics(ks.calibration, ks.grad_sq))
-        else:
-            cost = _kernel_cost(dw, ks.calibration.hessian, jnp.asarray(ks.grad_sq))
-        out.setdefault(path, {})[cand.name] = Option(cost=float(cost), nbytes=int(nbytes))
-        bar.update()
-    table = values[EMBED_PATH]
-    c = jnp.asarray(statistics.embed_grad_sq)
-    for cand in table_candidates:
-        rule = cand.resolved(EMBED_PATH)
-        de, nbytes = _delta(table, rule, EMBED_PATH, None)
-        out.setdefault(EMBED_PATH, {})[cand.name] = Option(
-            cost=float(_rows_cost(de, c)), nbytes=int(nbytes))
-        if statistics.tied_head is not None:
-            head = statistics.tied_head
-            cost = _kernel_cost(de.T, head.calibration.hessian, jnp.asarray(head.grad_sq))
-            out.setdefault(HEAD_PATH, {})[cand.name] = Option(cost=float(cost),
-                                                             nbytes=int(nbytes))
-        bar.update()
-    bar.close()
-    return out

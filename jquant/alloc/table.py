@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 
 from jquant import settings, tree
-from jquant.alloc.sensitivity import Candidate, Option, candidate
+from jquant.alloc.pricing import Candidate, Option, candidate
 from jquant.io import _gguf_types
 from jquant.models.convert import EMBED_PATH, HEAD_PATH
 
@@ -109,12 +109,17 @@ class Sensitivity:
         return sum(min(b for _, b in g) for g in option_groups(self)[1]) + self.fixed_bytes
 
 
-def _fingerprint(params, tokens, kernel_cands, table_cands, extra) -> str:
+def _fingerprint(source, tokens, kernel_cands, table_cands, extra) -> str:
+    """A key of the weights (read one layer at a time), tokens, candidates and ``extra``."""
     h = hashlib.sha256()
-    for path, value in tree.leaves(params):
-        value = np.asarray(value)
-        h.update(f"{path}{value.shape}{value.dtype}".encode())
-        h.update(np.ascontiguousarray(value).tobytes())
+    parts = [("", source.part(n)) for n in ("embed_tokens", "norm", "lm_head")
+             if n != "lm_head" or not source.config.tie_word_embeddings]  # fmt: skip
+    layers = ((f"layers/{i}/", source.layer(i)) for i in range(source.config.num_layers))
+    for prefix, state in (*parts, *layers):
+        for path, value in tree.leaves(state):
+            value = np.asarray(value)
+            h.update(f"{prefix}{path}{value.shape}{value.dtype}".encode())
+            h.update(np.ascontiguousarray(value).tobytes())
     h.update(np.ascontiguousarray(tokens).tobytes())
     h.update(json.dumps([[c.name, dict(c.settings)] for c in (*kernel_cands, *table_cands)],
                         sort_keys=True).encode())  # fmt: skip
@@ -130,7 +135,7 @@ def cache_dir() -> Path:
 def measure(model, params, tokens, *, config: Mapping[str, Any] | None = None,
             kernel_candidates: Sequence[Candidate] = KERNEL_CANDIDATES,
             table_candidates: Sequence[Candidate] = TABLE_CANDIDATES, batch_size: int = 2,
-            cache: bool = True, progress: bool = True) -> Sensitivity:  # fmt: skip
+            cache: bool = True, spill_dir=None, progress: bool = True) -> Sensitivity:  # fmt: skip
     """Prices every tensor of a float jquant Llama-family model under every candidate.
 
     Args:
@@ -142,48 +147,87 @@ def measure(model, params, tokens, *, config: Mapping[str, Any] | None = None,
       batch_size: windows per forward/backward pass.
       cache: read and write the priced table under `cache_dir`, keyed by the weights, the
         tokens and the candidates.
+      spill_dir: keep the layers' activations in files under this directory (default: in
+        memory).
       progress: progress bars.
     """
-    from jquant.alloc import sensitivity
+    from jquant.calib.driver import ModelSource
+
+    return measure_source(ModelSource(model, params), tokens, config=config,
+                          kernel_candidates=kernel_candidates, table_candidates=table_candidates,
+                          batch_size=batch_size, cache=cache, spill_dir=spill_dir,
+                          progress=progress)  # fmt: skip
+
+
+def measure_source(source, tokens, *, config: Mapping[str, Any] | None = None,
+                   kernel_candidates: Sequence[Candidate] = KERNEL_CANDIDATES,
+                   table_candidates: Sequence[Candidate] = TABLE_CANDIDATES,
+                   batch_size: int = 2, cache: bool = True, spill_dir=None,
+                   progress: bool = True) -> Sensitivity:  # fmt: skip
+    """`measure` of a model given layer by layer: in memory (`jquant.calib.driver.ModelSource`)
+    or read from a checkpoint one layer at a time (`jquant.calib.stream.StreamSource`).
+
+    Each decoder layer is priced as soon as its statistics are complete
+    (`jquant.alloc.sensitivity.sweep`) and its statistics dropped, so the process holds one
+    layer's weights and statistics at a time, beside the layers' activations (on disk under
+    ``spill_dir``) and the embedding's statistics. The arguments are `measure`'s.
+    """
+    from jquant.alloc import pricing, sensitivity
+    from jquant.calib.activations import Activations
     from jquant.memory import memory_report
 
     for cands, what in ((kernel_candidates, "kernel"), (table_candidates, "table")):
         names = [c.name for c in cands]
         if not names or len(set(names)) != len(names):
             raise ValueError(f"{what} candidates need unique names, at least one: {names}")
-    config = dict(config) if config is not None else _hf_config(model.config)
-    key = _fingerprint(params, tokens, kernel_candidates, table_candidates,
-                       {"batch": batch_size})  # fmt: skip
-    path = cache_dir() / f"{key}.json"
-    if cache and path.is_file():
-        try:
-            return Sensitivity.from_json(path.read_text())
-        except (ValueError, TypeError, KeyError):
-            pass  # a stale or damaged cache entry is measured again
-    stats = sensitivity.collect(model, params, tokens, batch_size=batch_size, progress=progress)
-    options = sensitivity.price(params, stats, kernel_candidates, table_candidates,
-                                progress=progress)  # fmt: skip
-    report = memory_report(params)
-    covered = set(options)
-    flat = dict(tree.leaves(params))
-    fixed = sum(_leaf_bytes(v) for p, v in flat.items() if p not in covered)
-    stacks = {p: int(flat[p].shape[0]) for p in options
-              if getattr(flat.get(p), "ndim", 0) == 3}  # fmt: skip
-    table = Sensitivity(
+    model_config = source.config
+    config = dict(config) if config is not None else _hf_config(model_config)
+    if cache:
+        key = _fingerprint(source, tokens, kernel_candidates, table_candidates,
+                           {"batch": batch_size})  # fmt: skip
+        path = cache_dir() / f"{key}.json"
+        if path.is_file():
+            try:
+                return Sensitivity.from_json(path.read_text())
+            except (ValueError, TypeError, KeyError):
+                pass  # a stale or damaged cache entry is measured again
+    positions = int(np.asarray(tokens).size)
+    priced: dict[str, dict[str, Option]] = {}
+
+    def price_layer(prefix, state, stats):
+        values = dict(tree.leaves(state))
+        for rel, ks in stats.items():
+            priced[prefix + rel] = pricing.price_kernel(
+                values[rel], prefix + rel, ks, kernel_candidates, positions=positions)
+
+    def buffers(shape, dtype, batch):
+        return Activations(shape, dtype, batch, directory=spill_dir)
+
+    totals = sensitivity.sweep(source, tokens, on_layer=price_layer, batch_size=batch_size,
+                               activations=buffers, progress=progress)  # fmt: skip
+    table = tree.unwrap(source.part("embed_tokens")["embedding"])
+    options = {**priced, **pricing.price_table(table, totals, table_candidates)}
+    del table
+    leaves = source.leaves()
+    report = memory_report(leaves)
+    fixed = sum(_leaf_bytes(v) for p, v in leaves.items() if p not in options)
+    stacks = {p: int(leaves[p].shape[0]) for p in options
+              if getattr(leaves.get(p), "ndim", 0) == 3}  # fmt: skip
+    result = Sensitivity(
         options=options,
         kernel_candidates={c.name: dict(c.settings) for c in kernel_candidates},
         table_candidates={c.name: dict(c.settings) for c in table_candidates},
-        tied=bool(model.config.tie_word_embeddings), fixed_bytes=int(fixed),
-        elements=int(report.weight_elements), config=config, loss=stats.loss,
-        tokens=stats.tokens, experts=stacks,
-        experts_per_token=int(model.config.num_experts_per_tok) if stacks else 0,
+        tied=bool(model_config.tie_word_embeddings), fixed_bytes=int(fixed),
+        elements=int(report.weight_elements), config=config, loss=totals.loss,
+        tokens=totals.tokens, experts=stacks,
+        experts_per_token=int(model_config.num_experts_per_tok) if stacks else 0,
     )  # fmt: skip
     if cache:
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(".tmp")
-        tmp.write_text(table.to_json())
+        tmp.write_text(result.to_json())
         os.replace(tmp, path)
-    return table
+    return result
 
 
 def _hf_config(c) -> dict[str, Any]:

@@ -37,6 +37,8 @@ def add_parser(sub) -> None:
     p.add_argument("-o", "--output", help="write the recipe YAML here (default: print it)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --output")
     p.add_argument("--json", action="store_true", help="print the allocation as JSON")
+    p.add_argument("--spill-dir", help="keep the layers' activations in files here (default: "
+                   "in memory); the weights are read one layer at a time either way")
 
 
 def _check_budget_flags(args) -> None:
@@ -68,16 +70,15 @@ def run(args) -> int:
         kernel_candidates = request.select_candidates(args.formats, gguf=args.gguf)
     table_candidates = alloc.GGUF_TABLE_CANDIDATES if args.gguf else alloc.TABLE_CANDIDATES
     _args.check_calib(args)
-    model, params, tokenizer, config = _args.load(args)
-    if calib.is_quantized(params):
-        raise ValueError(f"{args.model} is already quantized; allocate starts from float weights")
+    source, tokenizer, config = _float_source(args)
     if tokenizer is None:
         raise ValueError(f"{args.model} has no tokenizer to encode the calibration text")
     tokens = calib.calibration_tokens(tokenizer, args.calib, samples=args.calib_samples,
                                       seq_len=args.calib_seq_len)  # fmt: skip
-    table = alloc.measure(model, params, tokens, config=config,
-                          kernel_candidates=kernel_candidates, table_candidates=table_candidates,
-                          progress=not args.json)  # fmt: skip
+    table = alloc.measure_source(source, tokens, config=config,
+                                 kernel_candidates=kernel_candidates,
+                                 table_candidates=table_candidates, spill_dir=args.spill_dir,
+                                 progress=not args.json)  # fmt: skip
     budget_kw = dict(target_bits=args.target_bits, target_size=args.target_size, fit=args.fit,
                      context=args.context, batch=args.batch)  # fmt: skip
     budget = alloc.budget_bytes(table, kv_cache=args.kv_cache, **budget_kw)
@@ -100,3 +101,25 @@ def run(args) -> int:
         where = f" -> {args.output}" if args.output else ""
         print(f"{args.model} [{name}]{where}: {allocation.summary()}", file=sys.stderr)
     return 0
+
+
+def _float_source(args):
+    """``(source, tokenizer, HF config)`` of ``args.model``, read one layer at a time
+    (`jquant.calib.stream.StreamSource`); refused when it is already quantized."""
+    import jax.numpy as jnp
+
+    from jquant import calib
+    from jquant.calib.stream import StreamSource
+    from jquant.io import MODELS, load_checkpoint
+    from jquant.io.packed import is_packed
+    from jquant.models.load import default_dtype
+
+    quantized = ValueError(f"{args.model} is already quantized; allocate starts from float "
+                           "weights")  # fmt: skip
+    if args.keep_packed or (args.model not in MODELS and is_packed(args.model)):
+        raise quantized
+    ckpt = load_checkpoint(args.model, lazy=True)
+    source = StreamSource(ckpt, dtype=default_dtype(), param_dtype=jnp.float32)
+    if calib.is_quantized(source.layer(0)):
+        raise quantized
+    return source, ckpt.tokenizer, source.hf_config()

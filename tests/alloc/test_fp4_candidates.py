@@ -6,8 +6,8 @@ from flax import nnx
 
 from jquant import tree
 from jquant.alloc import FP4_CANDIDATES, KERNEL_CANDIDATES, allocate, measure
+from jquant.alloc.pricing import candidate
 from jquant.alloc.request import select_candidates
-from jquant.alloc.sensitivity import candidate
 from jquant.models import LlamaConfig, init_model
 from jquant.models.convert import EMBED_PATH
 

@@ -9,7 +9,7 @@ import pytest
 from jquant import alloc
 from jquant.alloc import Sensitivity, allocate, budget_bytes
 from jquant.alloc.knapsack import BudgetError, solve
-from jquant.alloc.sensitivity import Option
+from jquant.alloc.pricing import Option
 from jquant.models.convert import EMBED_PATH, HEAD_PATH
 
 

@@ -27,6 +27,7 @@ import yaml
 from flax import nnx
 
 from jquant import algorithms, alloc, memory_report, tree
+from jquant.alloc import pricing as P
 from jquant.alloc import sensitivity as S
 from jquant.calib import quantize_model
 from jquant.eval.perplexity import perplexity
@@ -51,7 +52,7 @@ FAMILIES = {
 }  # fmt: skip
 TOKENS = np.random.default_rng(0).integers(3, VOCAB, (4, 16))
 PROJ = ("gate_proj", "up_proj", "down_proj")
-U4 = S.candidate("uint4-g16", weight="uint4", group_size=16, algorithm="gptq")
+U4 = P.candidate("uint4-g16", weight="uint4", group_size=16, algorithm="gptq")
 
 
 def _model(family: str, *, dead: bool = False, **config):
@@ -229,8 +230,8 @@ def test_stack_price_is_the_numpy_sum_over_experts(dead):
     are the experts' QArrays'. A skip candidate is priced the same way."""
     model, params = _model("mixtral", dead=dead)
     stats = S.collect(model, params, TOKENS, batch_size=2, progress=False)
-    bf16 = S.candidate("bf16", skip=True, dtype="bfloat16")
-    priced = S.price(params, stats, [U4, bf16], [S.candidate("i8", weight="int8")],
+    bf16 = P.candidate("bf16", skip=True, dtype="bfloat16")
+    priced = P.price(params, stats, [U4, bf16], [P.candidate("i8", weight="int8")],
                      progress=False)  # fmt: skip
     rule = U4.resolved("w")
     for p in PROJ:
@@ -272,10 +273,10 @@ def test_allocation_within_budget_quantizes_and_evaluates():
     equal to `jquant.memory_report`'s of the model its recipe quantizes, and that model's
     perplexity finite."""
     model, params = _model("qwen2_moe")
-    i8 = S.candidate("int8", weight="int8", algorithm="gptq")
+    i8 = P.candidate("int8", weight="int8", algorithm="gptq")
     table = alloc.measure(model, params, TOKENS, kernel_candidates=[U4, i8],
-                          table_candidates=[S.candidate("int8", weight="int8"),
-                                            S.candidate("bfloat16", skip=True, dtype="bfloat16")],
+                          table_candidates=[P.candidate("int8", weight="int8"),
+                                            P.candidate("bfloat16", skip=True, dtype="bfloat16")],
                           cache=False, progress=False)  # fmt: skip
     stacks = [f"layers/1/mlp/experts/{p}/kernel" for p in PROJ]
     assert table.experts == dict.fromkeys(stacks, 4) and table.experts_per_token == 2
@@ -299,11 +300,12 @@ def test_allocation_within_budget_quantizes_and_evaluates():
 
 
 def test_cli_allocate_prints_total_and_active_bytes(capsys, tiny_model, tmp_path, monkeypatch):
-    """``jquant allocate --json`` on a Mixtral model (loaded by a stub, with the tiny GGUF's
-    tokenizer; the default g64 candidates, so 64 wide): a rule per expert stack, the weights
-    within the budget, and the active bytes below them."""
+    """``jquant allocate --json`` on a Mixtral model (given by a stub as a source held in
+    memory, with the tiny GGUF's tokenizer; the default g64 candidates, so 64 wide): a rule
+    per expert stack, the weights within the budget, and the active bytes below them."""
     from jquant import models
-    from jquant.cli import _args, main
+    from jquant.calib.driver import ModelSource
+    from jquant.cli import allocate, main
 
     monkeypatch.setenv("JQUANT_CACHE", str(tmp_path / "cache"))
     _, _, tokenizer, tiny_config = models.load(tiny_model, with_config=True)
@@ -311,7 +313,8 @@ def test_cli_allocate_prints_total_and_active_bytes(capsys, tiny_model, tmp_path
                 head_dim=16)  # fmt: skip
     model, params = _model("mixtral", **wide)
     hf = {**BASE, **FAMILIES["mixtral"], **wide}
-    monkeypatch.setattr(_args, "load", lambda args: (model, params, tokenizer, hf))
+    monkeypatch.setattr(allocate, "_float_source",
+                        lambda args: (ModelSource(model, params), tokenizer, hf))
     text = tmp_path / "t.txt"
     text.write_text(" ".join(f"word{i % 37} and {i % 11}, then" for i in range(300)))
     recipe = tmp_path / "r.yaml"

@@ -9,6 +9,7 @@ from flax import nnx
 
 from jquant import ops, tree
 from jquant._tap import Rewired, Tap, tapping, with_taps
+from jquant.alloc import pricing as P
 from jquant.alloc import sensitivity as S
 from jquant.models import LlamaConfig, init_model
 from jquant.models.convert import EMBED_PATH, HEAD_PATH
@@ -107,10 +108,10 @@ def test_collect_input_second_moments_and_loss():
 def test_price_is_the_formula_on_numpy():
     model, params = _model(tied=True)
     stats = S.collect(model, params, _tokens(), batch_size=3, progress=False)
-    cands = [S.candidate("u4", weight="uint4", group_size=32, algorithm="gptq"),
-             S.candidate("bf16", skip=True, dtype="bfloat16")]
-    tcands = [S.candidate("i8", weight="int8")]
-    priced = S.price(params, stats, cands, tcands, progress=False)
+    cands = [P.candidate("u4", weight="uint4", group_size=32, algorithm="gptq"),
+             P.candidate("bf16", skip=True, dtype="bfloat16")]
+    tcands = [P.candidate("i8", weight="int8")]
+    priced = P.price(params, stats, cands, tcands, progress=False)
     path = "layers/1/mlp/down_proj/kernel"
     from jquant import algorithms
     from jquant.recipe import Rule
