@@ -18,6 +18,8 @@ from __future__ import annotations
 import json
 import math
 import re
+import runpy
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -31,10 +33,12 @@ from jquant.alloc import pricing as P
 from jquant.alloc import sensitivity as S
 from jquant.calib import quantize_model
 from jquant.eval.perplexity import perplexity
-from jquant.models import LlamaConfig, blocks, init_model
+from jquant.models import blocks
 from jquant.models.cache import NoCache
 from jquant.models.moe import MoE
 from jquant.recipe import Rule
+
+_tiny = runpy.run_path(str(Path(__file__).parents[1] / "tiny_moe.py"))
 
 VOCAB = 96
 BASE = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_attention_heads=4,
@@ -56,24 +60,8 @@ U4 = P.candidate("uint4-g16", weight="uint4", group_size=16, algorithm="gptq")
 
 
 def _model(family: str, *, dead: bool = False, **config):
-    """(model, float params): weights N(0, 0.1), norms 1 + N(0, 0.2), routers N(0, 2). With
-    ``dead``, experts 2 and 3 copy expert 0's router row: top-k keeps the lower index among
-    ties, so expert 3 never receives a token. ``config`` overrides HF config keys."""
-    model = init_model(LlamaConfig.from_hf({**BASE, **FAMILIES[family], **config}), seed=0)
-    params = nnx.state(model, nnx.Param)
-    rng = np.random.default_rng(1)
-    for path, var in nnx.to_flat_state(params):
-        shape = var.get_value().shape
-        if path[-1] == "scale":
-            value = 1.0 + 0.2 * rng.standard_normal(shape)
-        elif path[-1] == "weight":  # a router
-            value = 2.0 * rng.standard_normal(shape)
-            if dead:
-                value[2:] = value[0]
-        else:
-            value = 0.1 * rng.standard_normal(shape)
-        var.set_value(jnp.asarray(value, jnp.float32))
-    return model, params
+    """`random_moe` of ``family`` (``config`` overrides HF config keys)."""
+    return _tiny["random_moe"]({**BASE, **FAMILIES[family], **config}, dead=dead)
 
 
 def _moe_layers(model, params) -> list[int]:

@@ -11,7 +11,9 @@ tokens spread over the experts.
 
 from __future__ import annotations
 
+import runpy
 import warnings
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -27,10 +29,12 @@ from jquant.calib.driver import report_summary
 from jquant.calib.fold import apply_fold, llama_folds
 from jquant.calib.stats import Calibration
 from jquant.eval.perplexity import perplexity
-from jquant.models import LlamaConfig, blocks, init_model
+from jquant.models import blocks
 from jquant.models.cache import NoCache
 from jquant.qarray import QArray
 from jquant.recipe import ExpertCalibration, Recipe
+
+_tiny = runpy.run_path(str(Path(__file__).parents[1] / "tiny_moe.py"))
 
 VOCAB = 96
 BASE = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_attention_heads=4,
@@ -55,25 +59,8 @@ STACKS = tuple(f"mlp/experts/{p}_proj/kernel" for p in ("gate", "up", "down"))
 
 
 def _model(family: str, *, dead: bool = False):
-    """(model, float params): weights N(0, 0.1), norms 1 + N(0, 2), routers N(0, 2). With
-    ``dead``, experts 2 and 3 get copies of expert 0's router row: top-k keeps the lower
-    index among ties, so expert 3 (the third copy, k = 2) never receives a token."""
-    config = LlamaConfig.from_hf({**BASE, **FAMILIES[family]})
-    model = init_model(config, seed=0)
-    params = nnx.state(model, nnx.Param)
-    rng = np.random.default_rng(1)
-    for path, var in nnx.to_flat_state(params):
-        shape = var.get_value().shape
-        if path[-1] == "scale":
-            value = 1.0 + 0.2 * rng.standard_normal(shape)
-        elif path[-1] == "weight":  # a router
-            value = 2.0 * rng.standard_normal(shape)
-            if dead:
-                value[2:] = value[0]
-        else:
-            value = 0.1 * rng.standard_normal(shape)
-        var.set_value(jnp.asarray(value, jnp.float32))
-    return model, params
+    """`random_moe` of ``family``."""
+    return _tiny["random_moe"]({**BASE, **FAMILIES[family]}, dead=dead)
 
 
 def _recipe(name: str, experts=None, **rule) -> Recipe:
