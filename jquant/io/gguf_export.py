@@ -2,11 +2,14 @@
 
 `write_gguf` is the inverse of `jquant.io.load_gguf` for the jquant model types of
 `ARCHITECTURES`: ``llama`` and ``mistral`` (GGUF architecture ``llama``), ``qwen2`` (q/k/v
-biases), ``qwen3`` (q/k norms), ``gemma``, ``gemma2`` and ``gemma3_text`` (``gemma3``). Tensor
-names are llama.cpp's for the architecture (`jquant.io.gguf.gguf_name`: Gemma 2/3's sandwich
-norms); Q and K rows are permuted into llama.cpp's interleaved rotary order for ``llama`` only
-(what `jquant.io.gguf.unpermute_rope_rows` undoes); Gemma's RMSNorm weights are stored as
-``1 + w`` (float32), as llama.cpp's converter stores them and `load_gguf` takes off again. The
+biases), ``qwen3`` (q/k norms), ``gemma``, ``gemma2`` and ``gemma3_text`` (``gemma3``), and the
+mixture-of-experts ``mixtral`` (``llama`` with experts), ``qwen2_moe`` (``qwen2moe``),
+``qwen3_moe`` (``qwen3moe``) and ``olmoe`` (their routers, expert stacks, shared expert, keys
+and what is refused: `jquant.io._gguf_export_moe`). Tensor names are llama.cpp's for the
+architecture (`jquant.io.gguf.gguf_name`: Gemma 2/3's sandwich norms); Q and K rows are permuted
+into llama.cpp's interleaved rotary order for ``llama`` only (what
+`jquant.io.gguf.unpermute_rope_rows` undoes); Gemma's RMSNorm weights are stored as ``1 + w``
+(float32), as llama.cpp's converter stores them and `load_gguf` takes off again. The
 hyperparameters are the keys llama.cpp reads: Gemma 2's soft-caps, Gemma 2/3's sliding window
 (with the per-layer flags where the layers differ from llama.cpp's default pattern), Gemma 3's
 local RoPE base (``rope.freq_base_swa``) and final soft-cap. What llama.cpp would compute
@@ -18,13 +21,14 @@ SentencePiece BPE with scores derived from its merges.
 
 Every QArray is written from its own codes and scales, in the ggml type whose blocks hold the
 same numbers (`jquant.io._gguf_types`: int8/int4/int5 in groups of 32 with float16 scales as
-Q8_0/Q4_0/Q5_0, bit for bit; uint4/uint5 as Q4_1/Q5_1; what `load_gguf(packed=True)` reads
-from Q6_K back as Q6_K, bit for bit). A ``uint`` group ``(q − z)·d`` is
-stored as ``d·q + m`` with ``m = −z·d``: the product is taken in float32 (exact for float16
-``d`` and ``z``) and rounded to the nearest float16 (round half to even), so each value moves
-by at most half a float16 ulp of ``|z·d|``: ``2⁻¹¹·|z·d|``, or ``2⁻²⁵`` where ``m`` is
-subnormal. Nothing is requantized: a model with a tensor no ggml type holds is refused, every
-such tensor listed, before anything is written.
+Q8_0/Q4_0/Q5_0, bit for bit; uint4/uint5 as Q4_1/Q5_1; what `load_gguf(packed=True)` reads from
+Q6_K back as Q6_K, bit for bit; an expert stack ``(E, in, out)`` as one 3-D tensor, each
+expert's blocks after the previous expert's). A ``uint`` group ``(q − z)·d`` is stored as
+``d·q + m`` with ``m = −z·d``: the product is taken in float32 (exact for float16 ``d`` and
+``z``) and rounded to the nearest float16 (round half to even), so each value moves by at most
+half a float16 ulp of ``|z·d|``: ``2⁻¹¹·|z·d|``, or ``2⁻²⁵`` where ``m`` is subnormal. Nothing
+is requantized: a model with a tensor no ggml type holds is refused, every such tensor listed,
+before anything is written.
 
 >>> load = jquant.models.load
 >>> model, params, tok, config = load("smollm2-135m", with_config=True)  # doctest: +SKIP
