@@ -307,3 +307,24 @@ def test_expert_stacks_without_a_ggml_type_are_refused(tmp_path, tiny):
             assert f"layers/{i}/mlp/experts/{proj}_proj/kernel" in str(e.value)
     assert "int4 g64 bfloat16 scales: " in str(e.value)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_cli_export_writes_the_quantized_experts(tmp_path, tiny, tiny_tokenizer):
+    """``jquant export MOE.gguf --recipe gguf-q8_0 --format gguf``: the file holds the same
+    tensors, byte for byte, as `write_gguf` of the recipe applied in Python."""
+    from jquant.cli import main
+
+    config, _, model, params = _model(tiny, "qwen3_moe")
+    source = write_gguf(params, config, tiny_tokenizer, tmp_path / "src.gguf")
+    out = tmp_path / "cli.gguf"
+    assert main(["export", str(source), "--recipe", "gguf-q8_0", "--format", "gguf", "-o",
+                 str(out)]) == 0  # fmt: skip
+    _, qparams = quantize_loaded(model, params, "gguf-q8_0")
+    want = write_gguf(qparams, config, tiny_tokenizer, tmp_path / "py.gguf")
+    got = {t.name: t for t in gguf.GGUFReader(str(out)).tensors}
+    expected = {t.name: t for t in gguf.GGUFReader(str(want)).tensors}
+    assert set(got) == set(expected)
+    assert got["blk.1.ffn_down_exps.weight"].tensor_type == gguf.GGMLQuantizationType.Q8_0
+    for name, t in expected.items():
+        assert got[name].tensor_type == t.tensor_type, name
+        np.testing.assert_array_equal(np.asarray(got[name].data), np.asarray(t.data), name)
