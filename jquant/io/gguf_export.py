@@ -2,11 +2,14 @@
 
 `write_gguf` is the inverse of `jquant.io.load_gguf` for the jquant model types of
 `ARCHITECTURES`: ``llama`` and ``mistral`` (GGUF architecture ``llama``), ``qwen2`` (q/k/v
-biases), ``qwen3`` (q/k norms), ``gemma``, ``gemma2`` and ``gemma3_text`` (``gemma3``). Tensor
-names are llama.cpp's for the architecture (`jquant.io.gguf.gguf_name`: Gemma 2/3's sandwich
-norms); Q and K rows are permuted into llama.cpp's interleaved rotary order for ``llama`` only
-(what `jquant.io.gguf.unpermute_rope_rows` undoes); Gemma's RMSNorm weights are stored as
-``1 + w`` (float32), as llama.cpp's converter stores them and `load_gguf` takes off again. The
+biases), ``qwen3`` (q/k norms), ``gemma``, ``gemma2`` and ``gemma3_text`` (``gemma3``), and the
+mixture-of-experts ``mixtral`` (``llama`` with experts), ``qwen2_moe`` (``qwen2moe``),
+``qwen3_moe`` (``qwen3moe``) and ``olmoe`` (their routers, expert stacks, shared expert, keys
+and what is refused: `jquant.io._gguf_export_moe`). Tensor names are llama.cpp's for the
+architecture (`jquant.io.gguf.gguf_name`: Gemma 2/3's sandwich norms); Q and K rows are permuted
+into llama.cpp's interleaved rotary order for ``llama`` only (what
+`jquant.io.gguf.unpermute_rope_rows` undoes); Gemma's RMSNorm weights are stored as ``1 + w``
+(float32), as llama.cpp's converter stores them and `load_gguf` takes off again. The
 hyperparameters are the keys llama.cpp reads: Gemma 2's soft-caps, Gemma 2/3's sliding window
 (with the per-layer flags where the layers differ from llama.cpp's default pattern), Gemma 3's
 local RoPE base (``rope.freq_base_swa``) and final soft-cap. What llama.cpp would compute
@@ -18,13 +21,14 @@ SentencePiece BPE with scores derived from its merges.
 
 Every QArray is written from its own codes and scales, in the ggml type whose blocks hold the
 same numbers (`jquant.io._gguf_types`: int8/int4/int5 in groups of 32 with float16 scales as
-Q8_0/Q4_0/Q5_0, bit for bit; uint4/uint5 as Q4_1/Q5_1; what `load_gguf(packed=True)` reads
-from Q6_K back as Q6_K, bit for bit). A ``uint`` group ``(q − z)·d`` is
-stored as ``d·q + m`` with ``m = −z·d``: the product is taken in float32 (exact for float16
-``d`` and ``z``) and rounded to the nearest float16 (round half to even), so each value moves
-by at most half a float16 ulp of ``|z·d|``: ``2⁻¹¹·|z·d|``, or ``2⁻²⁵`` where ``m`` is
-subnormal. Nothing is requantized: a model with a tensor no ggml type holds is refused, every
-such tensor listed, before anything is written.
+Q8_0/Q4_0/Q5_0, bit for bit; uint4/uint5 as Q4_1/Q5_1; what `load_gguf(packed=True)` reads from
+Q6_K back as Q6_K, bit for bit; an expert stack ``(E, in, out)`` as one 3-D tensor, each
+expert's blocks after the previous expert's). A ``uint`` group ``(q − z)·d`` is stored as
+``d·q + m`` with ``m = −z·d``: the product is taken in float32 (exact for float16 ``d`` and
+``z``) and rounded to the nearest float16 (round half to even), so each value moves by at most
+half a float16 ulp of ``|z·d|``: ``2⁻¹¹·|z·d|``, or ``2⁻²⁵`` where ``m`` is subnormal. Nothing
+is requantized: a model with a tensor no ggml type holds is refused, every such tensor listed,
+before anything is written.
 
 >>> load = jquant.models.load
 >>> model, params, tok, config = load("smollm2-135m", with_config=True)  # doctest: +SKIP
@@ -46,7 +50,7 @@ from jquant._param_shapes import hf_name
 from jquant.arch import LlamaConfig
 from jquant.qarray import QArray
 
-from . import _gguf_types
+from . import _gguf_export_moe, _gguf_types
 from ._gguf_tokenizer_export import gguf_tokenizer_fields
 from ._hf_export import model_params
 from ._packed_writer import _fsync_dir
@@ -57,7 +61,8 @@ __all__ = ["write_gguf"]
 Q = gguf.GGMLQuantizationType
 #: jquant model type -> the GGUF architecture it is written as.
 ARCHITECTURES = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2", "qwen3": "qwen3",
-                 "gemma": "gemma", "gemma2": "gemma2", "gemma3_text": "gemma3"}  # fmt: skip
+                 "gemma": "gemma", "gemma2": "gemma2", "gemma3_text": "gemma3",
+                 **_gguf_export_moe.ARCHITECTURES}  # fmt: skip
 #: jquant model types written.
 MODEL_TYPES = tuple(ARCHITECTURES)
 _ROPE_KEYS = {"linear": {"rope_type", "type", "factor"},
@@ -137,9 +142,9 @@ def _two_level(q: QArray, n_head: int | None) -> tuple[str, np.ndarray] | None:
     codes, sc = np.asarray(q.codes()), np.asarray(s.codes())
     if n_head is not None:
         codes, sc, d = (permute_rope_rows(x, n_head) for x in (codes, sc, d))
-    rows = codes.shape[0]
+    rows = codes.shape[:-1]
     blocks = _q6_k(codes.reshape(-1, _gguf_types.SUPER), sc.reshape(-1, per), d.reshape(-1))
-    return ggml, blocks.reshape(rows, -1)
+    return ggml, blocks.reshape(*rows, -1)
 
 
 def _scale_f16(q: QArray) -> tuple[np.ndarray | None, str]:
@@ -170,10 +175,10 @@ def _quantized(q: QArray, leaf: str, n_head: int | None) -> tuple[str, np.ndarra
         return f"{_format(q)} with an act-order input permutation"
     ggml = _gguf_types.QUANT_TYPES.get((q.qtype, q.group_size))
     want_axis = -1 if leaf == "embedding" else -2
-    if ggml is None and q.axis == want_axis and q.ndim == 2 and q.activation is None:
+    if ggml is None and q.axis == want_axis and q.ndim in (2, 3) and q.activation is None:
         return _two_level(q, n_head) or _format(q)
-    if (ggml is None or isinstance(q.scale, QArray) or q.activation is not None or q.ndim != 2
-            or q.k % _gguf_types.GROUP):  # fmt: skip
+    if (ggml is None or isinstance(q.scale, QArray) or q.activation is not None
+            or q.ndim not in (2, 3) or q.k % _gguf_types.GROUP):  # fmt: skip
         return _format(q)
     if q.axis != want_axis:
         return f"{_format(q)} along axis {q.axis} (GGUF blocks run along axis {want_axis})"
@@ -191,10 +196,10 @@ def _quantized(q: QArray, leaf: str, n_head: int | None) -> tuple[str, np.ndarra
             m = (-(zero * d.astype(np.float32))).astype(np.float16)
         if not np.all(np.isfinite(m)):
             return f"{_format(q)}: a zero point times its scale exceeds float16"
-    rows = codes.shape[0]
+    rows = codes.shape[:-1]
     blocks = _blocks(ggml, codes.reshape(-1, _gguf_types.GROUP), d.reshape(-1),
                      None if m is None else m.reshape(-1))  # fmt: skip
-    return ggml, blocks.reshape(rows, -1)
+    return ggml, blocks.reshape(*rows, -1)
 
 
 def _float(x: np.ndarray, n_head: int | None) -> tuple[str, np.ndarray] | str:
@@ -218,7 +223,7 @@ def _check_config(config: dict[str, Any]) -> tuple[str, LlamaConfig]:
         raise ValueError(f"write_gguf: the model has model_type {kind!r} (GGUF export writes "
                          f"{', '.join(MODEL_TYPES)})")  # fmt: skip
     arch, problems = ARCHITECTURES[kind], []
-    if config.get("attention_bias") and arch != "qwen2":
+    if config.get("attention_bias") and arch not in ("qwen2", "qwen2moe"):
         problems.append("attention biases")
     if config.get("sliding_window") and arch not in _SWA_PATTERN:
         problems.append(f"sliding_window={config['sliding_window']} (llama.cpp's {arch} "
@@ -250,11 +255,13 @@ def _check_config(config: dict[str, Any]) -> tuple[str, LlamaConfig]:
             problems.append(f"query_pre_attn_scalar={cfg.query_pre_attn_scalar:g} (llama.cpp's "
                             f"{arch} scales queries by {scalar} ** -0.5 at {cfg.num_layers} "
                             "layers)")  # fmt: skip
-    if arch == "qwen2" and cfg.num_heads * cfg.head_dim != cfg.hidden_size:
-        problems.append(f"{cfg.num_heads} heads of {cfg.head_dim} (llama.cpp's qwen2 wants "
+    if arch in ("qwen2", "qwen2moe") and cfg.num_heads * cfg.head_dim != cfg.hidden_size:
+        problems.append(f"{cfg.num_heads} heads of {cfg.head_dim} (llama.cpp's {arch} wants "
                         f"heads × head_dim = hidden_size {cfg.hidden_size})")  # fmt: skip
     if arch in ("gemma", "gemma2") and not cfg.tie_word_embeddings:
         problems.append(f"an untied lm_head (llama.cpp's {arch} reuses the embedding)")
+    if kind in _gguf_export_moe.ARCHITECTURES:
+        problems += _gguf_export_moe.problems(cfg, arch)
     if problems:
         raise ValueError("write_gguf: the model has " + "; ".join(problems))
     return arch, cfg
@@ -301,6 +308,8 @@ def _metadata(w: gguf.GGUFWriter, config: dict[str, Any], cfg: LlamaConfig, name
         if sliding != [(i + 1) % n != 0 for i in range(cfg.num_layers)] and (
                 cfg.has_sliding or arch == "gemma2"):  # fmt: skip
             w.add_sliding_window_pattern(sliding)
+    if cfg.num_experts:
+        _gguf_export_moe.add_metadata(w, cfg)
     w.add_file_type(file_type)
     w.add_quantization_version(gguf.GGML_QUANT_VERSION)
 
@@ -309,7 +318,7 @@ def _file_type(tensors: list[tuple[str, str, np.ndarray]]) -> int:
     """`general.file_type`: the ggml type of most matrix elements, as llama.cpp names it."""
     count: dict[str, int] = {}
     for _, ggml, data in tensors:
-        if data.ndim == 2:
+        if data.ndim >= 2:  # matrices and expert stacks
             n = gguf.quant_shape_from_byte_shape(data.shape, Q[ggml]) if data.dtype == np.uint8 \
                 else data.shape  # fmt: skip
             count[ggml] = count.get(ggml, 0) + int(np.prod(n))
@@ -366,7 +375,7 @@ def write_gguf(params, config: dict[str, Any], tokenizer, path, *, overwrite: bo
             x = np.asarray(value)
             if arch in _GEMMA and keys[-1] == "scale":  # llama.cpp's Gemma norms hold 1 + w
                 x = x.astype(np.float32) + np.float32(1.0)
-            written = _float(x.T if keys[-1] == "kernel" else x, n_head)
+            written = _float(np.swapaxes(x, -1, -2) if keys[-1] == "kernel" else x, n_head)
         if isinstance(written, str):
             refused.append((p, written))
         else:

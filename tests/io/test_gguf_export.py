@@ -188,7 +188,8 @@ def test_act_order_kernel_is_refused(tmp_path, tiny):
 
 @pytest.mark.parametrize("change, message", [
     ({"model_type": "phi3"}, "model_type 'phi3' (GGUF export writes llama, mistral, qwen2, "
-                             "qwen3, gemma, gemma2, gemma3_text)"),
+                             "qwen3, gemma, gemma2, gemma3_text, mixtral, qwen2_moe, qwen3_moe, "
+                             "olmoe)"),
     ({"sliding_window": 8}, "sliding_window=8"),
     ({"rope_scaling": {"rope_type": "llama3", "factor": 8.0}}, "rope_scaling"),
 ])  # fmt: skip

@@ -148,7 +148,8 @@ def test_sliding_pattern_and_global_rope(tmp_path, tiny, tiny_tokenizer):
 
 @pytest.mark.parametrize("arch, change, message", [
     ("qwen2", {"model_type": "phi3"}, "model_type 'phi3' (GGUF export writes llama, mistral, "
-                                      "qwen2, qwen3, gemma, gemma2, gemma3_text)"),
+                                      "qwen2, qwen3, gemma, gemma2, gemma3_text, mixtral, "
+                                      "qwen2_moe, qwen3_moe, olmoe)"),
     ("gemma2", {"query_pre_attn_scalar": 32}, "query_pre_attn_scalar=32 (llama.cpp's gemma2 "
                                               "scales queries by 16 ** -0.5 at 2 layers)"),
     ("gemma2", {"attn_logit_softcapping": None}, "no attn_logit_softcapping"),
