@@ -13,6 +13,7 @@ from jquant import tree, vq
 from jquant.algorithms import gptvq
 from jquant.calib import quantize_model
 from jquant.calib.stats import from_inputs
+from jquant.io.packed import save_packed
 from jquant.models import LlamaConfig, blocks, init_model
 from jquant.recipe import Recipe, Rule
 
@@ -139,7 +140,7 @@ CONFIG = LlamaConfig(vocab_size=64, hidden_size=64, intermediate_size=96, num_la
                      num_heads=4, num_kv_heads=2)  # fmt: skip
 
 
-def test_calibrated_model_holds_vqarrays_and_runs():
+def test_calibrated_model_holds_vqarrays_and_runs(tmp_path):
     """A recipe naming vq2 for the attention and gate/up kernels (down_proj's K = 96 is not
     whole 64-row tiles: uint4 by gptq) quantizes a tiny Llama, and its logits are those of
     the float model with each VQArray replaced by its dequantized kernel."""
@@ -164,3 +165,9 @@ def test_calibrated_model_holds_vqarrays_and_runs():
     got = blocks.layerwise_forward(model, qparams, tokens)
     want = blocks.layerwise_forward(model, floats, tokens)
     np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-5)
+    config = dict(model_type="llama", vocab_size=64, hidden_size=64, intermediate_size=96,
+                  num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                  tie_word_embeddings=False)  # fmt: skip
+    with pytest.raises(ValueError, match=r"layers/0/\S+_proj/kernel is a vq2 VQArray"):
+        save_packed(tmp_path / "out", config=config, params=qparams)
+    assert not (tmp_path / "out").exists()
