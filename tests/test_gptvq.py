@@ -66,7 +66,7 @@ def _run(qtype, w, calibration, **args):
 
 
 @pytest.mark.parametrize("qtype, shape, block", [
-    ("vq2", (128, 64), 128), ("vq2", (128, 64), 16), ("vq3", (128, 64), 128),
+    ("vq2", (128, 64), 128), ("vq2", (128, 64), 64), ("vq3", (128, 64), 128),
 ])  # fmt: skip
 def test_sweep_matches_the_numpy_obs_reference(qtype, shape, block):
     w = jax.random.normal(jax.random.key(1), shape, jnp.float32)

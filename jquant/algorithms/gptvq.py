@@ -14,8 +14,9 @@ The algorithm, on the kernel ``W (K, N)`` and ``H = E[x xᵀ]`` of one layer:
 1. Codebooks, from the original ``W``: each tile's vectors (`jquant.vq.vectors`) are
    clustered by k-means weighted per coordinate by the Hessian diagonal ``H_kk`` of the
    coordinate's row (a vector's error in row ``k`` costs about ``H_kk`` times its square),
-   started from GPTVQ's Mahalanobis initialisation (the vectors sorted by Mahalanobis
-   distance to their weighted mean, ``E`` of them taken at evenly spaced ranks), then
+   started as GPTVQ's Mahalanobis initialisation is, with the covariance's diagonal only
+   (the vectors sorted by their standardized distance to the weighted mean, ``E`` of them
+   taken at evenly spaced ranks), then
    stored as int8 with a bfloat16 scale (`jquant.vq.quantize_codebook`); the sweep assigns
    against the stored values.
 2. ``U``, the upper Cholesky factor of ``(H + damp · mean(diag H) · I)⁻¹``, as GPTQ makes it
@@ -139,12 +140,12 @@ def _factor_traced(hessian, damp: float):
 
 
 def encode(weight, hessian, u, *, qtype, block_size: int = 128, iters: int = 25):
-    """The VQArray of ``weight (K, N)``: codebooks by :func:`fit_codebooks` from
-    ``diag(hessian)``, indices by :func:`sweep` with ``u`` (upper, ``UᵀU = H⁻¹`` damped)."""
+    """The VQArray of ``weight (K, N)`` by :func:`sweep` with ``u`` (upper, ``UᵀU = H⁻¹``
+    damped) and the importance ``diag(hessian)``."""
     qt = vq.check_kernel(qtype, weight.shape)
     importance = jnp.diagonal(_dead_fixed(hessian))
-    codes, scale = fit_codebooks(weight, importance, qtype=qt, iters=iters)
-    idx = sweep(weight, u, vq.lookup_table(codes, scale), block_size=block_size)
+    idx, codes, scale = sweep(weight, u, importance, qtype=qt, block_size=block_size,
+                              iters=iters)  # fmt: skip
     return vq.from_indices(idx, codes, scale, qtype=qt, k=weight.shape[0], dtype=weight.dtype)
 
 
@@ -166,47 +167,53 @@ def fit_codebooks(weight, importance, *, qtype, iters: int):
 def kmeans(points, weights, entries: int, iters: int):
     """Weighted k-means: centroids ``(T, E, d)`` of ``points (T, P, d)``, the distance of a
     point to a centroid ``Σ_i weights_i (x_i - c_i)²``; a centroid that loses all its points
-    stays where it was."""
+    stays where it was. The start: the points at ``E`` evenly spaced ranks of their
+    distance to the weighted mean, each coordinate in units of its weighted spread."""
     t, p, d = points.shape
     total = jnp.sum(weights, axis=1, keepdims=True)
     mean = jnp.sum(weights * points, axis=1, keepdims=True) / total
-    x = (points - mean) * jnp.sqrt(weights / jnp.mean(weights, axis=1, keepdims=True))
-    cov = jnp.einsum("tpi,tpj->tij", x, x) / p + 1e-12 * jnp.eye(d)
-    maha = jnp.sum(x * jnp.linalg.solve(cov, jnp.swapaxes(x, 1, 2)).swapaxes(1, 2), axis=-1)
+    var = jnp.sum(weights * (points - mean) ** 2, axis=1, keepdims=True) / total
+    spread = jnp.sum((points - mean) ** 2 / jnp.maximum(var, 1e-30), axis=-1)
     ranks = jnp.round(jnp.linspace(0, p - 1, entries)).astype(jnp.int32)
-    order = jnp.argsort(maha, axis=1)[:, ranks]  # (T, E)
+    order = jnp.argsort(spread, axis=1)[:, ranks]  # (T, E)
     books = jnp.take_along_axis(points, order[..., None], axis=1)
+    wx = weights * points
 
     def step(books, _):
-        dist = jnp.einsum("tpd,tped->tpe", weights, (points[:, :, None] - books[:, None]) ** 2)
-        onehot = jax.nn.one_hot(jnp.argmin(dist, axis=-1), entries, dtype=jnp.float32)
-        num = jnp.einsum("tpe,tpd->ted", onehot, weights * points)
-        den = jnp.einsum("tpe,tpd->ted", onehot, weights)
+        dist = jnp.sum(weights[:, :, None] * (points[:, :, None] - books[:, None]) ** 2, axis=-1)
+        mine = jnp.argmin(dist, axis=-1)[..., None] == jnp.arange(entries)  # (T, P, E)
+        # sums over P of broadcast products: XLA:CPU runs these faster than a batch of
+        # (E, P) @ (P, d) matmuls or a scatter-add
+        num, den = (jnp.sum(jnp.where(mine[..., None], a[:, :, None], 0.0), axis=1)
+                    for a in (wx, weights))  # fmt: skip
         return jnp.where(den > 0, num / jnp.where(den > 0, den, 1.0), books), None
 
     return jax.lax.scan(step, books, None, length=iters)[0]
 
 
-@partial(jax.jit, static_argnames=("block_size",))
-def sweep(weight, u, books, *, block_size: int = 128):
-    """Indices ``(N, K / d)`` of ``weight (K, N)`` into float ``books (Tk, Tn, E, d)`` by
-    GPTVQ's step 3 (module docstring), with ``u`` upper and ``UᵀU = H⁻¹``."""
+@partial(jax.jit, static_argnames=("qtype", "block_size", "iters"))
+def sweep(weight, u, importance, *, qtype, block_size: int = 128, iters: int = 25):
+    """GPTVQ's steps 1 and 3 (module docstring) on ``weight (K, N)`` with ``u`` upper,
+    ``UᵀU = H⁻¹``: ``(indices (N, K / d), int8 codebooks (Tk, Tn, E, d), their bfloat16
+    scales (Tk, Tn))``. Each row of tiles gets its codebooks when the sweep reaches it, from
+    its rows as updated by then, so they fit the weights they are assigned to."""
+    qt = vq.vector_format(qtype)
     k, n = weight.shape
-    t_k, t_n, e, d = books.shape
-    tile_k, tile_n = vq.tile_of(k, n, books.shape)
-    block = math.gcd(k, block_size * d)  # a divisor of K and a multiple of d
+    d, (tile_k, tile_n) = qt.vector_dim, qt.vector_tile
+    t_n = n // tile_n
+    block = tile_k * math.gcd(k // tile_k, max(1, block_size // tile_k))  # whole tile rows
     w = weight.astype(jnp.float32)
     u = u.astype(jnp.float32)
+    importance = importance.astype(jnp.float32)
     dot = partial(jnp.dot, precision=_HIGHEST)
 
-    def one_vector(i1, u1, s, carry):
+    def one_vector(u1, book, s, carry):
         w1, codes, errs = carry
         r = s * d
         rows = jax.lax.dynamic_slice_in_dim(u1, r, d)  # (d, block)
         a = jax.scipy.linalg.solve_triangular(
             jax.lax.dynamic_slice_in_dim(rows, r, d, axis=1), jnp.eye(d), lower=False).T
         ws = jax.lax.dynamic_slice_in_dim(w1, r, d)  # (d, N)
-        book = jax.lax.dynamic_index_in_dim(books, (i1 + r) // tile_k, keepdims=False)
         aw = dot(a, ws).reshape(d, t_n, tile_n).transpose(1, 2, 0)  # (Tn, tile_n, d)
         ac = dot(book, a.T)  # (Tn, E, d)
         dist = jnp.sum((aw[:, :, None, :] - ac[:, None, :, :]) ** 2, axis=-1)
@@ -217,14 +224,31 @@ def sweep(weight, u, books, *, block_size: int = 128):
         codes = codes.at[s].set(idx.reshape(n).astype(jnp.uint8))
         return w1, codes, jax.lax.dynamic_update_slice_in_dim(errs, err, r, axis=0)
 
+    def one_tile_row(u1, t, carry):
+        # the codebooks of tile row t from its rows as updated so far
+        rows = jax.lax.dynamic_slice_in_dim(carry[0], t * tile_k, tile_k)
+        imp = jax.lax.dynamic_slice_in_dim(carry[3], t * tile_k, tile_k)
+        codes, scale = fit_codebooks(rows, imp, qtype=qt, iters=iters)
+        book = vq.lookup_table(codes, scale)[0]
+        first = t * tile_k // d
+        w1, idx, errs = jax.lax.fori_loop(first, first + tile_k // d,
+                                          partial(one_vector, u1, book), carry[:3])
+        return w1, idx, errs, carry[3], carry[4].at[t].set(codes[0]), carry[5].at[t].set(scale[0])
+
     def one_block(errors, i1):
         u_cols = jax.lax.dynamic_slice_in_dim(u, i1, block, axis=1)  # (K, block)
         w1 = jax.lax.dynamic_slice_in_dim(w, i1, block) - dot(u_cols.T, errors)
         u1 = jax.lax.dynamic_slice_in_dim(u_cols, i1, block)
-        carry = (w1, jnp.zeros((block // d, n), jnp.uint8), jnp.zeros((block, n), jnp.float32))
-        _, codes, errs = jax.lax.fori_loop(0, block // d, partial(one_vector, i1, u1), carry)
-        return jax.lax.dynamic_update_slice_in_dim(errors, errs, i1, axis=0), codes
+        rows = block // tile_k
+        carry = (w1, jnp.zeros((block // d, n), jnp.uint8), jnp.zeros((block, n), jnp.float32),
+                 jax.lax.dynamic_slice_in_dim(importance, i1, block),
+                 jnp.zeros((rows, t_n, 2 ** (qt.bits * d), d), vq.CODEBOOK_DTYPE),
+                 jnp.zeros((rows, t_n), vq.CODEBOOK_SCALE_DTYPE))  # fmt: skip
+        _, idx, errs, _, codes, scale = jax.lax.fori_loop(0, rows, partial(one_tile_row, u1),
+                                                          carry)  # fmt: skip
+        return jax.lax.dynamic_update_slice_in_dim(errors, errs, i1, axis=0), (idx, codes, scale)
 
     errors = jnp.zeros((k, n), jnp.float32)
-    _, codes = jax.lax.scan(one_block, errors, jnp.arange(k // block) * block)
-    return codes.reshape(k // d, n).T
+    _, (idx, codes, scale) = jax.lax.scan(one_block, errors, jnp.arange(k // block) * block)
+    return (idx.reshape(k // d, n).T, codes.reshape(-1, *codes.shape[2:]),
+            scale.reshape(-1, t_n))
