@@ -11,26 +11,28 @@ trellis walk.
 
 The algorithm, on the kernel ``W (K, N)`` and ``H = E[x xᵀ]`` of one layer:
 
-1. Codebooks, from the original ``W``: each tile's vectors (`jquant.vq.vectors`) are
-   clustered by k-means weighted per coordinate by the Hessian diagonal ``H_kk`` of the
-   coordinate's row (a vector's error in row ``k`` costs about ``H_kk`` times its square),
-   started as GPTVQ's Mahalanobis initialisation is, with the covariance's diagonal only
-   (the vectors sorted by their standardized distance to the weighted mean, ``E`` of them
-   taken at evenly spaced ranks), then
-   stored as int8 with a bfloat16 scale (`jquant.vq.quantize_codebook`); the sweep assigns
-   against the stored values.
-2. ``U``, the upper Cholesky factor of ``(H + damp · mean(diag H) · I)⁻¹``, as GPTQ makes it
+1. ``U``, the upper Cholesky factor of ``(H + damp · mean(diag H) · I)⁻¹``, as GPTQ makes it
    (dead inputs ``H_kk = 0`` get ``H_kk = 1``, damp raised ×10 while it does not factor;
    the same helpers, on the host with LAPACK or traced).
+2. The rows are swept a row of tiles (``tile_k`` rows) at a time. On reaching one, its
+   tiles' codebooks are fitted to its rows as updated so far: k-means on each tile's vectors
+   (`jquant.vq.vectors`) weighted per coordinate by the Hessian diagonal ``H_kk`` of the
+   coordinate's row (an error in row ``k`` costs about ``H_kk`` times its square), started
+   as GPTVQ's Mahalanobis initialisation is, with the covariance's diagonal only (the
+   vectors sorted by their standardized distance to the weighted mean, ``E`` of them taken
+   at evenly spaced ranks), then stored as int8 with a bfloat16 scale
+   (`jquant.vq.quantize_codebook`); the rows are assigned against the stored values.
 3. Rows ``S = {i, .., i+d-1}`` in turn (``d`` = the vector length): with
    ``A = U_SS⁻ᵀ``, each column's vector ``w_S`` takes the entry ``c`` minimising
    ``‖A (w_S - c)‖²`` (= ``Δᵀ (H⁻¹_SS)⁻¹ Δ``, GPTQ's loss of changing those rows by ``Δ``,
    so the metric of the inverse Hessian's ``d × d`` block), ``e = A (w_S - c)`` and every
    later row ``j`` gets ``w_j -= U_Sjᵀ e``. With ``d = 1`` this is GPTQ's step exactly.
-   Updates are batched in blocks of rows as GPTQ does (``block_size``).
+   Updates to later blocks are batched as GPTQ batches them (blocks of whole tile rows,
+   about ``block_size`` rows).
 
-With ``H = I`` every off-diagonal ``U_ij`` is 0, nothing is fed forward and step 3 is a
-plain nearest-centroid assignment (`jquant.vq.assign`).
+With ``H = I`` every off-diagonal ``U_ij`` is 0, nothing is fed forward, the codebooks are
+those of the original rows and step 3 is a plain nearest-centroid assignment
+(`jquant.vq.assign`).
 """
 
 from __future__ import annotations
