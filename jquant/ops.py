@@ -22,6 +22,8 @@ Training wrappers are weights too: an ``ActQuantized`` (QAT of W8A8 / W4A8,
 its float value; a ``LoRAWeight`` (QLoRA, ``jquant.qat.lora``) computes
 ``x @ base + scale * (x @ a) @ b`` with its base through these same ops, and a
 ``MultiLoRAWeight`` (serving, ``jquant.serve.adapters``) the same with each row's own adapter.
+A ``VQArray`` (vector codebooks, ``jquant.vq``) has no fused kernel yet: every path
+dequantizes it to the activation dtype and multiplies.
 
 Which path runs is ``"auto"`` (a fused kernel where one applies and a measured
 dispatch table allows it, else XLA), ``"xla"`` or ``"kernel"`` (fail rather than fall
@@ -50,6 +52,7 @@ from jquant._dispatch import set_matmul_path as set_matmul_path
 from jquant._lora import LoRAWeight, MultiLoRAWeight
 from jquant._tap import Tap
 from jquant.qarray import QArray
+from jquant.vq import VQArray
 
 # ---- validation -------------------------------------------------------------------
 
@@ -130,6 +133,11 @@ def qdot_general(
         return _lora_dot(x, w, dimension_numbers, precision, preferred_element_type, op)
     if isinstance(w, MultiLoRAWeight):
         return _multi_lora_dot(x, w, dimension_numbers, precision, preferred_element_type, op)
+    if isinstance(w, VQArray):  # no fused kernel yet: dequantized to x's dtype, then a dot
+        x = _promote(x, w)
+        dims = _normalize_dims(dimension_numbers, x.ndim, w.ndim)
+        return _array_dot(x, w.dequantize(x.dtype), dims, precision,
+                          preferred_element_type or x.dtype, op=op)  # fmt: skip
     if not isinstance(w, QArray):
         return jax.lax.dot_general(
             x, w, dimension_numbers, precision=precision,
@@ -283,7 +291,7 @@ def qdot(x: jax.Array, w, *, precision=None, preferred_element_type=None) -> jax
     if isinstance(w, Tap):
         w, output = _resolve_tap(x, w, dims, "qdot")
         return output(qdot(x, w, precision=precision, preferred_element_type=out_dtype))
-    if isinstance(w, QArray | _act.ActQuantized | LoRAWeight | MultiLoRAWeight):
+    if isinstance(w, QArray | VQArray | _act.ActQuantized | LoRAWeight | MultiLoRAWeight):
         return qdot_general(x, w, dims, precision, out_dtype, op="qdot")
     return _array_dot(x, w, dims, precision, out_dtype, op="qdot")
 
@@ -311,7 +319,7 @@ def qeinsum(spec: str, x, w, *, precision=None, preferred_element_type=None) -> 
     >>> qeinsum("btd,dhk->bthk", jnp.ones((1, 5, 4)), w).shape
     (1, 5, 2, 3)
     """
-    if not isinstance(w, QArray | Tap | _act.ActQuantized | LoRAWeight):
+    if not isinstance(w, QArray | VQArray | Tap | _act.ActQuantized | LoRAWeight):
         return jnp.einsum(
             spec, x, w, precision=precision, preferred_element_type=preferred_element_type
         )

@@ -29,6 +29,11 @@ scale (and shifted by its zero point) onto a finite set of codes, and back:
     the block scale is ``e4m3(amax_block / 6 / g)``, an E4M3 code of 0 becomes 0.125
     (as compressed-tensors does), and the QArray's ``scale`` is itself a QArray of those
     E4M3 codes with the per-tensor ``g`` as its scale (see ``jquant._scales``).
+* ``vector`` formats (``vq2``, ``vq3``) store, for each run of ``vector_dim`` consecutive
+  weights along the contraction axis, the index of an entry of a learned codebook of
+  ``2 ** (bits * vector_dim)`` vectors, one codebook per ``vector_tile`` of the kernel; see
+  ``jquant.vq`` for their storage and ``jquant.algorithms.gptvq`` for their encoder. No
+  scalar ``encode`` / ``decode`` applies to them.
 * the ``log`` format ``log8`` stores only double-quantized scales (never a weight): a uint8
   code ``q`` with a per-block step ``s`` and offset ``z`` stands for ``2 ** ((q - z) * s)``,
   the uint8 identity in the log2 domain (see ``jquant._scales.double_quantize``).
@@ -51,7 +56,7 @@ from jquant.kernels._formats import NF4_CODEBOOK as NF4_CODEBOOK
 from jquant.kernels._formats import codebook_select as _codebook_select
 from jquant.kernels._formats import pack_width as _pack_width
 
-Kind = Literal["int", "uint", "float", "fp4", "codebook", "log"]
+Kind = Literal["int", "uint", "float", "fp4", "codebook", "vector", "log"]
 BlockScale = Literal["e8m0", "e4m3"]
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -78,6 +83,11 @@ class QType:
     # Block-scaled formats only: how a block's scale is stored: "e8m0" (a power of two,
     # float8_e8m0fnu) or "e4m3" (an FP8 E4M3 code times a float32 per-tensor scale).
     block_scale: BlockScale | None = None
+    # Vector formats only: weights per vector (consecutive along the contraction axis K).
+    vector_dim: int | None = None
+    # Vector formats only: (rows of K, columns of N) of a Dense kernel (K, N) that share one
+    # codebook; K and N must be multiples of them.
+    vector_tile: tuple[int, int] | None = None
 
     @property
     def scale_dtype(self) -> np.dtype | None:
@@ -156,6 +166,18 @@ QTYPES: dict[str, QType] = {
     )
 }  # fmt: skip
 
+# Vector-quantized formats (``jquant.vq``): 2 index bits per weight (pairs of weights, 16
+# entries) and 3 (pairs, 64 entries), each codebook shared by a tile of 2048 / 4096 weights.
+VECTOR_QTYPES: dict[str, QType] = {
+    q.name: q
+    for q in (
+        QType(name="vq2", bits=2, kind="vector", qmin=0, qmax=15, code_dtype=np.dtype(np.uint8),
+              vector_dim=2, vector_tile=(64, 32), experimental=True),
+        QType(name="vq3", bits=3, kind="vector", qmin=0, qmax=63, code_dtype=np.dtype(np.uint8),
+              vector_dim=2, vector_tile=(64, 64), experimental=True),
+    )
+}  # fmt: skip
+
 # Formats only a double-quantized scale uses (``get`` knows them; weights never take them).
 SCALE_QTYPES: dict[str, QType] = {
     "log8": QType(name="log8", bits=8, kind="log", qmin=0, qmax=255, code_dtype=np.dtype(np.uint8)),
@@ -170,10 +192,10 @@ def get(qtype: str | QType) -> QType:
     """
     if isinstance(qtype, QType):
         return qtype
-    try:
-        return QTYPES[qtype] if qtype in QTYPES else SCALE_QTYPES[qtype]
-    except (KeyError, TypeError):
-        raise ValueError(f"unknown qtype {qtype!r}; known: {', '.join(QTYPES)}") from None
+    for table in (QTYPES, VECTOR_QTYPES, SCALE_QTYPES):
+        if isinstance(qtype, str) and qtype in table:
+            return table[qtype]
+    raise ValueError(f"unknown qtype {qtype!r}; known: {', '.join([*QTYPES, *VECTOR_QTYPES])}")
 
 
 def encode(qtype: str | QType, x: jnp.ndarray) -> jnp.ndarray:
@@ -189,6 +211,8 @@ def encode(qtype: str | QType, x: jnp.ndarray) -> jnp.ndarray:
     qt = get(qtype)
     if qt.kind == "log":
         raise ValueError("log8 codes are made by jquant._scales.double_quantize only")
+    if qt.kind == "vector":
+        raise ValueError(f"{qt.name} codes index vectors: jquant.algorithms.gptvq makes them")
     x = jnp.asarray(x, jnp.float32)
     if qt.kind in ("int", "uint"):
         return jnp.clip(jnp.round(x), qt.qmin, qt.qmax).astype(qt.code_dtype)

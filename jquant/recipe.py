@@ -149,6 +149,13 @@ class Rule:
             self._fail(f"weight: {e}")
         if qt.kind == "log":
             self._fail(f"weight: {qt.name} stores double-quantized scales only, not weights")
+        if (qt.kind == "vector") != (self.algorithm == "gptvq"):
+            self._fail(f"weight: {qt.name} with algorithm={self.algorithm!r}: the vector "
+                       "formats (vq2, vq3) are made by algorithm: gptvq, and gptvq makes only them")
+        if qt.kind == "vector" and (self.group_size is not None or self.per_tensor
+                                    or self.double_quant or self.activation is not None):
+            self._fail(f"weight: {qt.name} fixes its codebook tiles {qt.vector_tile} and has no "
+                       "scalar scales: drop group_size, per_tensor, double_quant and activation")
         try:
             validate_group_size(qt, self.group_size, name=self.where)
         except ValueError as e:

@@ -28,6 +28,7 @@ from jquant import algorithms, tree
 from jquant.qarray import QArray
 from jquant.recipe import SCALE_DTYPES, Recipe, Rule
 from jquant.tree import path_str as path_str  # the path API lives in jquant.tree
+from jquant.vq import VQArray
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -115,7 +116,7 @@ def _quantize_leaf(path, leaf, recipe, calibration, report, unquantizable):
     """(new leaf, report row or None) for one leaf; records in ``unquantizable`` the
     leaves a quantizing rule matches but cannot quantize."""
     value = tree.unwrap(leaf)
-    if isinstance(value, QArray):  # already quantized: leave it, report what it is
+    if isinstance(value, QArray | VQArray):  # already quantized: leave it, report what it is
         return leaf, _row(path, value, value, None) if report else None
     rule = recipe.match(path)
     if rule is not None and not rule.skip and not (tree.is_array(value) and value.ndim >= 2):
@@ -161,7 +162,7 @@ def _as_float(value, rule: Rule):
 
 def _row(path, value, q, algorithm, *, status=None) -> ReportRow:
     float_nbytes = _nbytes(value)
-    if isinstance(q, QArray):
+    if isinstance(q, QArray | VQArray):
         shape, nbytes = tuple(q.shape), q.nbytes
         err = _rel_error(value, q) if value is not q else float("nan")
         return ReportRow(
@@ -179,7 +180,7 @@ def _row(path, value, q, algorithm, *, status=None) -> ReportRow:
 
 
 def _nbytes(x) -> int:
-    if isinstance(x, QArray):
+    if isinstance(x, QArray | VQArray):
         return x.nbytes
     return math.prod(x.shape) * np.dtype(x.dtype).itemsize
 

@@ -4,7 +4,8 @@ A parameter tree is a Flax Linen variable dict (FrozenDict too), a Flax NNX ``nn
 (whose leaves are ``nnx.Variable``s), or nested dicts/lists of arrays. Its **paths** join
 dict keys (and NNX state keys) with ``"/"`` and write list indices as numbers:
 ``"params/Dense_0/kernel"``, ``"layers/3/mlp/down_proj/kernel"``; recipes' patterns are
-searched in them. A QArray is one leaf (not its packed fields), and an ``nnx.Variable`` is
+searched in them. A QArray (or a VQArray, ``jquant.vq``) is one leaf (not its packed
+fields), and an ``nnx.Variable`` is
 one leaf whose *value* the functions below hand out and put back (:func:`unwrap`,
 :func:`rewrap`), keeping its type and metadata.
 
@@ -32,6 +33,7 @@ from flax import nnx
 
 from jquant.qarray import QArray, is_qarray
 from jquant.recipe import Recipe, Rule
+from jquant.vq import VQArray
 
 __all__ = [
     "decide", "flatten", "is_array", "is_leaf", "leaves", "map_with_path", "path_str",
@@ -61,9 +63,9 @@ def path_str(keys) -> str:
 
 
 def is_leaf(x) -> bool:
-    """Whether the walk stops at ``x``: an ``nnx.Variable`` or a QArray (``is_leaf=`` of
-    ``jax.tree_util``'s functions)."""
-    return isinstance(x, nnx.Variable) or is_qarray(x)
+    """Whether the walk stops at ``x``: an ``nnx.Variable``, a QArray or a VQArray
+    (``is_leaf=`` of ``jax.tree_util``'s functions)."""
+    return isinstance(x, nnx.Variable | VQArray) or is_qarray(x)
 
 
 def unwrap(leaf):
@@ -78,14 +80,14 @@ def rewrap(leaf, value):
 
 
 def is_array(x) -> bool:
-    """A numeric array that could be a weight: has ``shape`` and ``dtype``, is not a QArray,
-    and is not a PRNG key array (or another extended dtype).
+    """A numeric array that could be a weight: has ``shape`` and ``dtype``, is not a QArray
+    or VQArray, and is not a PRNG key array (or another extended dtype).
 
     >>> import jax.numpy as jnp
     >>> is_array(jnp.ones(3)), is_array(3), is_array(jax.random.key(0))
     (True, False, False)
     """
-    if isinstance(x, QArray) or not (hasattr(x, "shape") and hasattr(x, "dtype")):
+    if isinstance(x, QArray | VQArray) or not (hasattr(x, "shape") and hasattr(x, "dtype")):
         return False
     return not jax.dtypes.issubdtype(x.dtype, jax.dtypes.extended)
 

@@ -129,6 +129,7 @@ def run(name: str, weight, rule, *, path: str, calibration=None):
 
 from jquant.algorithms import awq as awq  # noqa: E402  (registers "awq")
 from jquant.algorithms import gptq as gptq  # noqa: E402  (registers "gptq")
+from jquant.algorithms import gptvq as gptvq  # noqa: E402  (registers "gptvq")
 from jquant.algorithms import hqq as hqq  # noqa: E402  (registers "hqq")
 from jquant.algorithms import rtn as rtn  # noqa: E402  (registers "rtn")
 from jquant.algorithms import smoothquant as smoothquant  # noqa: E402  (registers "smoothquant")

@@ -27,6 +27,7 @@ import numpy as np
 from jquant.arch import LlamaConfig, param_shapes
 from jquant.io._safetensors import DTYPE_CODES, dtype_code
 from jquant.qarray import QArray
+from jquant.vq import VQArray
 
 #: Version of the on-disk layout `jquant.io.packed` writes; bumped on any incompatible change.
 #: 1: the arrays in an orbax-checkpoint (read only); 2: in safetensors files, one per part.
@@ -65,6 +66,10 @@ def _check_leaf(value, path: str, expected: dict[str, tuple[int, ...]], who: str
 
 
 def _check_arrays(x, name: str, who: str) -> None:
+    if isinstance(x, VQArray):
+        raise ValueError(f"{who}: parameter {name} is a {x.qtype} VQArray (vector codebooks); "
+                         "packed checkpoints do not store vector formats yet: evaluate it in "
+                         "memory (jquant.calib.quantize_model, jquant.eval.perplexity)")
     if isinstance(x, QArray):
         for field in _DATA_FIELDS:
             if getattr(x, field) is not None:
